@@ -1,0 +1,98 @@
+"""chipmunk_compile: a torch.compile backend that makes diffusion transformers faster with
+Chipmunk dynamic column-sparse deltas, on any DiT, with no model edits.
+
+    model = torch.compile(model, backend="chipmunk", options={"config": "flux"})
+    for step in range(50):
+        out = model(latents, t, ...)          # each call advances the schedule
+    chipmunk_compile.reset(model)             # next generation (also detected automatically)
+    print(chipmunk_compile.inspect(model, *example_args))
+
+The backend is registered through the `torch_dynamo_backends` entry point; importing this
+package is only needed for the helpers below (it never registers the backend a second time).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .config import AttnConfig, ChipmunkConfig, GroupingConfig, MlpConfig, StepCacheConfig, list_presets
+from .report import RejectedRow, Report, SiteRow
+from .runtime import sessions_of
+
+__all__ = [
+    "AttnConfig", "ChipmunkConfig", "GroupingConfig", "MlpConfig", "StepCacheConfig", "Report",
+    "inspect", "list_presets", "register", "reset", "set_step", "clear_step", "stats",
+]
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Register the backend by name for environments where entry points are not installed."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "chipmunk" not in _COMPILER_FNS:
+        from .backend import chipmunk_backend
+
+        register_backend(compiler_fn=chipmunk_backend, name="chipmunk")
+
+
+def reset(model: Any) -> None:
+    """Start a new generation: step counter back to 0, every cache of `model` dropped."""
+    for session in sessions_of(model):
+        session.reset()
+
+
+def set_step(model: Any, step: int, branch: Optional[str] = None) -> None:
+    """Pin the step (and guidance branch) that the next calls of `model` run as.
+
+    Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking."""
+    sessions = sessions_of(model)
+    if not sessions:
+        raise ValueError("set_step: this model has not been compiled with backend='chipmunk' and called yet")
+    for session in sessions:
+        session.tracker.explicit = (int(step), branch)
+
+
+def clear_step(model: Any) -> None:
+    for session in sessions_of(model):
+        session.tracker.explicit = None
+
+
+def stats(model: Any) -> dict:
+    """Per-site step-type counts, the current step position and the cache memory of `model`."""
+    out = {"sites": [], "state_bytes": 0}
+    for session in sessions_of(model):
+        pos = session.position()
+        out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
+        out["state_bytes"] += session.state.nbytes()
+        for s in session.sites:
+            out["sites"].append({"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps)})
+        if session.step_cache is not None:
+            out["step_cache"] = session.step_cache.summary()
+    return out
+
+
+def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
+    """Trace `model(*args, **kwargs)` and report every matched site and rejected candidate.
+
+    The model runs once through Dynamo with its original ops (no chipmunk op, no Inductor)."""
+    from .rewrite import rewrite
+    from .runtime import Session
+
+    cfg = ChipmunkConfig.from_any(config)
+    report = Report()
+
+    def inspect_backend(gm, example_inputs, **_):
+        plan = rewrite(gm, cfg, Session(cfg, None), apply_changes=False)
+        report.graphs += 1
+        report.sites += [SiteRow(s.kind, s.pattern, s.path, s.layer, s.shapes, s.grouping) for s in plan.sites]
+        report.rejected += [RejectedRow(r.kind, r.pattern, r.path, r.reason, r.shapes) for r in plan.rejections]
+        return gm.forward
+
+    target = getattr(model, "_orig_mod", model)
+    compiled = torch.compile(target, backend=inspect_backend, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return report

@@ -1,0 +1,163 @@
+"""The `chipmunk` torch.compile backend (entry point `torch_dynamo_backends`).
+
+    torch.compile(model, backend="chipmunk", options={"config": "flux", "chipmunk.attn.top_keys": 0.1})
+
+Invariants:
+- The rewrite happens on the Dynamo (torch-level) FX graph, before Inductor; the placeholder set
+  is never changed. Options other than `config`, `compiler` and `chipmunk.*` go to Inductor as
+  config patches, together with the options of `mode`.
+- The returned wrapper is plain Python that runs on every call, outside any CUDA graph: it advances
+  the session's step tracker (entry graphs only, once per model call) and applies step caching;
+  then it calls the compiled graph. The ops read the step from the tracker; nothing syncs inside
+  the graph.
+- A graph without any site still goes through the same path and runs unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from .config import ChipmunkConfig
+from .rewrite import Plan, rewrite
+from .runtime import Session, install_diffusers_context_probe, session_for
+
+log = logging.getLogger("chipmunk_compile")
+_COMPILERS = ("inductor", "eager")
+
+
+def split_options(options: Optional[dict]) -> tuple[ChipmunkConfig, str, dict]:
+    """(chipmunk config, inner compiler name, Inductor config patches) from torch.compile options."""
+    opts = dict(options or {})
+    spec = opts.pop("config", None)
+    compiler = opts.pop("compiler", "inductor")
+    if compiler not in _COMPILERS:
+        raise ValueError(f"chipmunk: options['compiler'] must be one of {_COMPILERS}, got {compiler!r}")
+    nested: dict[str, Any] = {}
+    for key in [k for k in opts if k.startswith("chipmunk.")]:
+        value = opts.pop(key)
+        parts = key.split(".")[1:]
+        d = nested
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+    config = ChipmunkConfig.from_any(spec)
+    if nested:
+        config = config.merged(nested)
+    return config, compiler, opts
+
+
+def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], bool]:
+    """(the nn.Module whose forward Dynamo is tracing, whether this graph starts that forward)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        tx = None
+    if tx is None:
+        return None, True
+    code = getattr(tx, "f_code", None)
+    name = getattr(code, "co_name", "")
+    entry = not (name.startswith("torch_dynamo_resume") or name.startswith("__resume"))
+    f_locals = getattr(tx, "f_locals", {}) or {}
+    sources = [_source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    for local, value in f_locals.items():
+        if isinstance(value, torch.nn.Module) and any(s.startswith(f"L['{local}']") for s in sources):
+            return value, entry
+    for value in f_locals.values():
+        if isinstance(value, torch.nn.Module):
+            return value, entry
+    return None, entry
+
+
+def _source_name(node) -> str:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    return src.name if src is not None and hasattr(src, "name") else ""
+
+
+def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Indices of user inputs that look like a timestep/guidance signal: small (≤ 64 values),
+    at most 1-D, numeric, and not a parameter or buffer."""
+    out = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        src = _source_name(node)
+        if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[")):
+            continue
+        v = node.meta.get("example_value")
+        if not isinstance(v, torch.Tensor) or v.dim() > 1:
+            continue
+        numel = v.numel()
+        if not isinstance(numel, int) or numel > 64 or numel == 0:
+            continue
+        if v.dtype == torch.bool or v.is_complex():
+            continue
+        out.append(i)
+    return out
+
+
+def read_signature(args, indices: list[int]) -> Optional[tuple]:
+    if not indices:
+        return None
+    parts = [args[i].detach().reshape(-1).to(torch.float64) for i in indices if isinstance(args[i], torch.Tensor)]
+    if not parts:
+        return None
+    device = parts[0].device
+    flat = torch.cat([p.to(device) for p in parts])
+    return tuple(flat.cpu().tolist())  # one device→host copy per model call, outside the graph
+
+
+def _inner_compile(gm, example_inputs, compiler: str, patches: dict):
+    if compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                     options: Optional[dict] = None):
+    config, compiler, patches = split_options(options)
+    if mode:
+        import torch._inductor
+
+        patches = {**torch._inductor.list_mode_options(mode), **patches}
+    install_diffusers_context_probe()
+    owner, entry = find_owner(gm)
+    session = session_for(owner, config)
+    signals = step_signal_inputs(gm)
+    plan = rewrite(gm, config, session)
+    counters["chipmunk"]["graphs"] += 1
+    counters["chipmunk"]["attention_sites"] += sum(s.kind == "attention" for s in plan.sites)
+    counters["chipmunk"]["mlp_sites"] += sum(s.kind == "mlp" for s in plan.sites)
+    counters["chipmunk"]["rejected"] += len(plan.rejections)
+    log.info("chipmunk: %d sites rewritten, %d candidates left dense", len(plan.sites), len(plan.rejections))
+    compiled = _inner_compile(gm, example_inputs, compiler, patches)
+    _remember(session, plan)
+    step_cache = None
+    if config.step_cache.enabled:
+        from .step_cache import StepCache
+
+        step_cache = session.step_cache = session.step_cache or StepCache(config.step_cache)
+
+    def chipmunk_call(*args):
+        if entry:
+            session.begin_call(read_signature(args, signals))
+        if step_cache is not None and entry:
+            return step_cache(session, args, compiled)
+        return compiled(*args)
+
+    chipmunk_call._chipmunk_plan = plan
+    chipmunk_call._chipmunk_session = session
+    return chipmunk_call
+
+
+def _remember(session: Session, plan: Plan) -> None:
+    plans = getattr(session, "plans", None)
+    if plans is None:
+        plans = session.plans = []
+    plans.append(plan)

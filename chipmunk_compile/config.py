@@ -1,0 +1,219 @@
+"""Configuration of the chipmunk backend: dataclasses, presets, YAML and per-layer overrides.
+
+Invariants:
+- A `ChipmunkConfig` is fully validated in `__post_init__`; every op reads its numbers from the
+  config resolved for its site (`config.for_site(path)`), never from globals.
+- `ChipmunkConfig.from_any` accepts a preset name, a YAML path, a dict or a config, and always
+  returns a new object, so mutating the result never changes a preset.
+- Overrides are keyed by fnmatch globs over module paths (``transformer_blocks.0.attn``) and
+  apply in file order; later globs win.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+DELTA_MODES = ("self_normalized", "exact_normalizer")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+
+
+@dataclass
+class AttnConfig:
+    """Column-sparse attention (method.md §1)."""
+
+    enabled: bool = True
+    top_keys: float = 0.05  # fraction of key columns kept per query group
+    random_keys: float = 0.01  # extra random columns, as a fraction of the keys
+    group: int = 192  # consecutive (or spatially grouped) queries sharing one key set
+    first_n_dense_layers: int = 2
+    warmup_steps: int = 1  # plain dense steps before the first refresh
+    full_step_every: int = 10  # refresh (dense + new indices + cache) period
+    full_step_schedule: Optional[list[int]] = None  # explicit refresh steps; overrides the period
+    recompute_mask: bool = True  # False: indices picked at the first refresh only
+    min_tokens: int = 1024  # shorter attention stays dense
+    delta: str = "self_normalized"  # or "exact_normalizer" (method.md §1 "Normalization")
+    keep_text_keys: bool = True  # text tokens (when grouping knows them) are always attended
+
+    def __post_init__(self):
+        _check_fraction("attn.top_keys", self.top_keys)
+        _check_fraction("attn.random_keys", self.random_keys)
+        if self.group < 1:
+            raise ValueError(f"attn.group must be >= 1, got {self.group}")
+        if self.full_step_every < 1:
+            raise ValueError("attn.full_step_every must be >= 1")
+        if self.delta not in DELTA_MODES:
+            raise ValueError(f"attn.delta must be one of {DELTA_MODES}, got {self.delta!r}")
+        if self.full_step_schedule is not None:
+            self.full_step_schedule = sorted(int(s) for s in self.full_step_schedule)
+
+
+@dataclass
+class MlpConfig:
+    """Column-sparse MLP deltas (method.md §2)."""
+
+    enabled: bool = True
+    top_keys: float = 0.3  # fraction of hidden neurons recomputed per token block
+    random_keys: float = 0.05
+    block: int = 128  # tokens per block sharing one neuron set
+    first_n_dense_layers: int = 2
+    full_step_every: int = 10  # dense MLP period (steps 0, 10, 20, ...)
+    block_mask_cache: int = 2  # after the first period, new indices every this many steps
+    min_tokens: int = 1024
+
+    def __post_init__(self):
+        _check_fraction("mlp.top_keys", self.top_keys)
+        _check_fraction("mlp.random_keys", self.random_keys)
+        if self.block < 1 or self.full_step_every < 1 or self.block_mask_cache < 1:
+            raise ValueError("mlp.block, mlp.full_step_every and mlp.block_mask_cache must be >= 1")
+
+
+@dataclass
+class StepCacheConfig:
+    """Whole-call step caching stacked on the sparse ops (issue 4)."""
+
+    enabled: bool = False
+    skip_steps: Optional[list[int]] = None  # fixed schedule: steps whose call is skipped
+    threshold: float = 0.0  # adaptive: skip while accumulated relative input change < threshold
+    max_consecutive: int = 2  # adaptive: never skip more than this many calls in a row
+    warmup_steps: int = 2  # adaptive: never skip before this step
+
+    def __post_init__(self):
+        if self.skip_steps is not None:
+            self.skip_steps = sorted(int(s) for s in self.skip_steps)
+        if self.threshold < 0:
+            raise ValueError("step_cache.threshold must be >= 0")
+
+
+@dataclass
+class GroupingConfig:
+    """Spatial token grouping (issue 5): which queries share a group / MLP block."""
+
+    enabled: bool = True
+    grid: Optional[list[int]] = None  # (h, w) or (t, h, w) in tokens; None = infer from the graph
+    text_tokens: Optional[int] = None  # count of non-grid tokens; None = infer (N - prod(grid))
+    text_first: Optional[bool] = None  # where the non-grid tokens sit; None = infer
+    tile: Optional[list[int]] = None  # voxel/tile size; None = (8, 8) images, (4, 6, 8) video
+
+    def __post_init__(self):
+        if self.grid is not None and len(self.grid) not in (2, 3):
+            raise ValueError(f"grouping.grid must be (h, w) or (t, h, w), got {self.grid}")
+
+
+@dataclass
+class ChipmunkConfig:
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    mlp: MlpConfig = field(default_factory=MlpConfig)
+    step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    # "auto": pipeline signals (diffusers cache context, timestep value), else one call = one step;
+    # "calls": every call is a new step; "explicit": only chipmunk_compile.set_step().
+    step_signal: str = "auto"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = "default"
+    version: int = 1
+
+    def __post_init__(self):
+        if self.step_signal not in ("auto", "calls", "explicit"):
+            raise ValueError(f"step_signal must be auto, calls or explicit, got {self.step_signal!r}")
+        for glob, patch in self.overrides.items():
+            unknown = set(patch) - {"attn", "mlp"}
+            if unknown:
+                raise ValueError(f"override {glob!r}: only 'attn' and 'mlp' may be overridden, got {unknown}")
+            self._patched(patch)  # validate eagerly
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChipmunkConfig":
+        d = copy.deepcopy(dict(d))
+        base = d.pop("preset", None)
+        cfg = cls.from_any(base) if base else cls()
+        return cfg.merged(d)
+
+    @classmethod
+    def from_any(cls, spec: Any = None) -> "ChipmunkConfig":
+        if spec is None:
+            return cls()
+        if isinstance(spec, ChipmunkConfig):
+            return copy.deepcopy(spec)
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        if isinstance(spec, str):
+            if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+                return cls.from_dict(_load_yaml(spec))
+            path = os.path.join(PRESET_DIR, f"{spec}.yaml")
+            if not os.path.exists(path):
+                raise ValueError(f"unknown chipmunk preset {spec!r}; presets: {', '.join(list_presets())}")
+            return cls.from_dict({"name": spec, **_load_yaml(path)})
+        raise TypeError(f"cannot build a ChipmunkConfig from {type(spec).__name__}")
+
+    def merged(self, d: dict[str, Any]) -> "ChipmunkConfig":
+        """A new config with the nested dict `d` laid over this one (unknown keys raise)."""
+        out = self.to_dict()
+        for key, value in d.items():
+            if key not in out:
+                raise ValueError(f"unknown chipmunk config key {key!r}")
+            if isinstance(out[key], dict) and key != "overrides":
+                sub = _section_type(key)
+                names = {f.name for f in dataclasses.fields(sub)}
+                bad = set(value or {}) - names
+                if bad:
+                    raise ValueError(f"unknown keys in {key}: {sorted(bad)}")
+                out[key].update(value or {})
+            elif key == "overrides":
+                out[key].update(value or {})
+            else:
+                out[key] = value
+        return _from_plain(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- per-site view ------------------------------------------------------------------------
+    def _patched(self, patch: dict[str, Any]) -> tuple[AttnConfig, MlpConfig]:
+        attn = dataclasses.replace(self.attn, **patch.get("attn", {}))
+        mlp = dataclasses.replace(self.mlp, **patch.get("mlp", {}))
+        return attn, mlp
+
+    def for_site(self, module_path: str) -> tuple[AttnConfig, MlpConfig]:
+        """The attention and MLP settings for a site at `module_path`, overrides applied."""
+        attn, mlp = self.attn, self.mlp
+        for glob, patch in self.overrides.items():
+            if fnmatch.fnmatchcase(module_path, glob):
+                attn = dataclasses.replace(attn, **patch.get("attn", {}))
+                mlp = dataclasses.replace(mlp, **patch.get("mlp", {}))
+        return attn, mlp
+
+
+def _section_type(key: str):
+    return {"attn": AttnConfig, "mlp": MlpConfig, "step_cache": StepCacheConfig, "grouping": GroupingConfig}[key]
+
+
+def _from_plain(d: dict[str, Any]) -> ChipmunkConfig:
+    d = dict(d)
+    for key in ("attn", "mlp", "step_cache", "grouping"):
+        d[key] = _section_type(key)(**d[key])
+    return ChipmunkConfig(**d)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a chipmunk config file must hold a mapping")
+    return data
+
+
+def list_presets() -> list[str]:
+    return sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml"))

@@ -1,0 +1,138 @@
+"""Kernel implementations for chipmunk_compile: pure-PyTorch references and Triton kernels.
+
+Every op ``<op>`` has a reference ``<op>_ref`` (``<op>_ref.py``, imports without Triton: the CPU
+path and the test oracle) and, where it pays, a Triton kernel ``<op>`` (``<op>.py``) with the SAME
+signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementation to call:
+
+- Triton when Triton imports, every given tensor is on CUDA (compute capability >= 8.0), the dtype
+  is fp16/bf16/fp32 and, for attention ops, head_dim is 64 or 128;
+- the Triton kernel also on CPU when ``TRITON_INTERPRET=1`` and ``CHIPMUNK_KERNELS=triton``
+  (interpreter tests; note the interpreter mis-handles bf16 loads: test fp16/fp32 there);
+- otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
+  logging once per (name, reason) on the "chipmunk_compile" logger.
+``CHIPMUNK_KERNELS=ref`` forces the references everywhere (reason "forced_ref").
+``select_columns`` and ``mlp_block_means`` have no Triton version (torch.topk / a torch reduction
+are fine there); they always return the reference and count nothing.
+
+Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract):
+- attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
+  -> (o, lse, colsum|None). Triton: one pass with prev_lse; without prev_lse a second QK^T-only pass
+  computes the column sums (~1.5x dense). Pass prev_lse whenever a previous dense lse exists.
+- select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None)
+  -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)).
+- attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
+- mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
+  -> delta_packed (B, M, K); updates h_cache in place.
+- mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None) -> fresh y; updates
+  y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
+  once); a row-major w2 is transposed once per weight and cached.
+- mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C).
+- mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
+
+Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works;
+G a multiple of the kernels' BLOCK_M (64 or 128; so 128 or 192 with BLOCK_M 64) avoids masked
+tiles in attn_column_sparse — see benchmarks/bench_kernels.py --group for measured G choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+from .attn_column_sparse_ref import attn_column_sparse_ref
+from .attn_dense_colsum_ref import attn_dense_colsum_ref
+from .mlp_block_means_ref import mlp_block_means_ref
+from .mlp_h_cache import mlp_alloc_h_cache
+from .mlp_sparse_mm1_ref import mlp_sparse_mm1_ref
+from .mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
+from .select_columns_ref import select_columns_ref
+
+select_columns = select_columns_ref
+mlp_block_means = mlp_block_means_ref
+
+__all__ = [
+    "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
+    "mlp_sparse_mm2_ref", "select_columns_ref", "select_columns", "mlp_block_means", "mlp_alloc_h_cache",
+    "get_kernel", "REFS",
+]
+
+log = logging.getLogger("chipmunk_compile")
+
+REFS = {
+    "attn_dense_colsum": attn_dense_colsum_ref,
+    "attn_column_sparse": attn_column_sparse_ref,
+    "select_columns": select_columns_ref,
+    "mlp_sparse_mm1": mlp_sparse_mm1_ref,
+    "mlp_sparse_mm2": mlp_sparse_mm2_ref,
+    "mlp_block_means": mlp_block_means_ref,
+}
+_TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "mlp_sparse_mm1", "mlp_sparse_mm2"}
+_ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_logged: set = set()
+_impl_cache: dict = {}
+
+
+def _triton_importable() -> bool:
+    if "triton" not in _impl_cache:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _impl_cache["triton"] = True
+        except Exception:  # pragma: no cover - depends on the install
+            _impl_cache["triton"] = False
+    return _impl_cache["triton"]
+
+
+def _triton_impl(name: str):
+    mod = importlib.import_module(f"{__name__}.{name}")
+    return getattr(mod, name)
+
+
+def _fallback(name: str, reason: str):
+    from torch._dynamo.utils import counters
+
+    counters["chipmunk"][f"kernel_fallback:{name}:{reason}"] += 1
+    if (name, reason) not in _logged:
+        _logged.add((name, reason))
+        log.info("chipmunk kernels: %s uses the PyTorch reference (%s)", name, reason)
+    return REFS[name]
+
+
+def _reason(name: str, tensors, head_dim) -> str | None:
+    mode = os.environ.get("CHIPMUNK_KERNELS", "").lower()
+    if mode == "ref":
+        return "forced_ref"
+    if not _triton_importable():
+        return "no_triton"
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    forced = mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not forced:
+        if not ts or not all(t.is_cuda for t in ts):
+            return "not_cuda"
+        if torch.cuda.get_device_capability(ts[0].device)[0] < 8:
+            return "arch"
+    floats = [t for t in ts if t.is_floating_point()]
+    if floats and floats[0].dtype not in _DTYPES:
+        return "dtype"
+    if name in _ATTN_OPS:
+        hd = head_dim if head_dim is not None else (floats[0].shape[-1] if floats else None)
+        if hd not in (64, 128):
+            return "head_dim"
+    return None
+
+
+def get_kernel(name: str, *tensors, head_dim=None):
+    """Implementation of op ``name`` for these tensors: the Triton kernel or the counted reference."""
+    if name not in REFS:
+        raise KeyError(f"unknown chipmunk kernel {name!r}")
+    if name not in _TRITON_OPS:
+        return REFS[name]
+    reason = _reason(name, tensors, head_dim)
+    if reason is not None:
+        return _fallback(name, reason)
+    return _triton_impl(name)

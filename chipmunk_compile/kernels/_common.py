@@ -1,0 +1,47 @@
+"""Small helpers shared by the Triton launchers (imports Triton lazily; safe without it).
+
+Invariants:
+- ``interpreting()`` is True iff ``TRITON_INTERPRET=1``; launchers then use one small fixed config
+  (the interpreter is slow and autotuning there would multiply test time).
+- ``dot_precision(dtype)``: fp32 inputs use IEEE fp32 dots so the fp32 path matches the reference
+  tightly; fp16/bf16 inputs use the tensor cores with fp32 accumulation.
+- ``new_empty``/``empty_bnhd`` allocate outputs; CHIPMUNK_KERNELS_POISON=1 fills them with NaN so
+  tests catch elements a kernel failed to write.
+- ``ACTS`` lists the activation names every MLP kernel and reference accept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634
+ACTS = ("gelu", "gelu_tanh", "silu", "relu")
+# Integer codes passed to kernels as a constexpr.
+ACT_CODE = {name: i for i, name in enumerate(ACTS)}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def new_empty(*shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled when CHIPMUNK_KERNELS_POISON=1 (tests: catches unwritten outputs)."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    if os.environ.get("CHIPMUNK_KERNELS_POISON", "0") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def empty_bnhd(B: int, H: int, N: int, D: int, *, dtype, device) -> torch.Tensor:
+    """(B, H, N, D) view of a (B, N, H, D) buffer: the attention output layout of design.md."""
+    return new_empty(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)

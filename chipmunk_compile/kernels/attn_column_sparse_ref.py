@@ -1,0 +1,58 @@
+"""Reference (pure PyTorch) for column-sparse attention over per-query-group key sets.
+
+Contract (shared with the Triton kernel ``attn_column_sparse.py``):
+- q (B, Hq, N, D), k/v (B, Hkv, Nk, D), any strides; GQA kv head = h // (Hq // Hkv).
+- indices (B, Hq, ceil(N/G), K) int32, counts (B, Hq, ceil(N/G)) int32: group g of head h attends
+  exactly the key columns indices[b, h, g, :counts[b, h, g]] (entries past counts are ignored).
+- Default ("self-normalized", the published form): attn_S = softmax over S of (q k_S^T * scale) @ v_S.
+  With lse (B, Hq, N) fp32 given ("exact normalizer"): attn_S = sum_{j in S} exp(s_qj - lse_q) v_j.
+  A group with counts == 0 contributes 0.
+- Returns o = o_base + sign * attn_S (o_base None -> 0) in q.dtype, stored as a (B, N, Hq, D)
+  buffer; rows in original query order (perm only decides which queries form a group).
+- fp32 math, vectorized over the groups of one (b, h).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import empty_bnhd
+
+
+def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
+                           sign: float = 1.0, lse=None):
+    B, Hq, N, D = q.shape
+    rep = Hq // k.shape[1]
+    G = int(group)
+    Gc, K = indices.shape[2], indices.shape[3]
+    pad = Gc * G - N
+    order = torch.arange(N, device=q.device) if perm is None else perm.long()
+    # Row positions of each group (padded with row 0, masked out below).
+    rows = torch.cat([order, order.new_zeros(pad)]).view(Gc, G)
+    row_ok = (torch.arange(Gc * G, device=q.device) < N).view(Gc, G)
+    col_ok = torch.arange(K, device=q.device)[None, :] < counts.long()[..., None]  # (B,Hq,Gc,K)
+    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for h in range(Hq):
+            idx = indices[b, h].long().clamp_(0, k.shape[2] - 1)
+            qg = q[b, h].float()[rows]  # (Gc, G, D)
+            kg = k[b, h // rep].float()[idx]  # (Gc, K, D)
+            vg = v[b, h // rep].float()[idx]
+            s = torch.einsum("gqd,gkd->gqk", qg, kg) * scale
+            ok = col_ok[b, h][:, None, :]
+            if lse is None:
+                s = s.masked_fill(~ok, float("-inf"))
+                m = s.amax(dim=-1, keepdim=True).clamp_min(-1e30)  # all -inf rows (count 0) -> 0
+                p = torch.exp(s - m)
+                l = p.sum(dim=-1, keepdim=True)
+                p = torch.where(l > 0, p / l.clamp_min(1e-30), torch.zeros_like(p))
+            else:
+                p = torch.exp(s - lse[b, h].float()[rows][..., None]) * ok
+            a = torch.einsum("gqk,gkd->gqd", p, vg)[row_ok]  # (N, D) in group order
+            if o_base is not None:
+                base = o_base[b, h].float()[order]
+                a = base + sign * a
+            else:
+                a = sign * a
+            o[b, h, order] = a.to(q.dtype)
+    return o

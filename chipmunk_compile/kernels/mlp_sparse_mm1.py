@@ -1,0 +1,155 @@
+"""Triton: sparse-MLP first matmul over gathered neurons, fused activation, delta and cache writeback.
+
+Same signature and contract as ``mlp_sparse_mm1_ref.mlp_sparse_mm1_ref`` (read it first).
+
+Kernel invariants:
+- One program = (packed-column tile of BLOCK_N, BLOCK_M-row tile of one token block, batch b).
+  Tiles whose first packed column is >= counts only write zeros into delta_packed.
+- w_act / w_lin rows (fc1 output channels) are gathered by index (contiguous C-long rows, 16-byte
+  loads); x rows of the block are gathered through perm when given.
+- Epilogue: bias, activation (and the gated product) in fp32, round to the cache dtype, delta =
+  h_new - h_cache (fp32), store delta (packed) and h_new (into h_cache) — the writeback is fused,
+  each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
+  in-place update is race free.
+- Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
+  gathered weight rows of a column window stay in L2 while several token blocks use them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import new_empty, ACT_CODE, cdiv, dot_precision, interpreting
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:  # gelu (erf)
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 1:  # gelu tanh: 0.5 z (1 + tanh(u)) == z * sigmoid(2u)
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return z * tl.sigmoid(2.0 * u)
+    elif ACT == 2:  # silu
+        return z * tl.sigmoid(z)
+    else:  # relu
+        return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def _mlp_sparse_mm1_kernel(
+    X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,  #
+    sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,  #
+    M, C, KW, NB,  #
+    BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
+    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
+    GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    # Grouped order: GROUP_M row tiles, then the next packed-column tile.
+    NT_N = tl.cdiv(KW, BLOCK_N)
+    n_mt = NB * TPB
+    per_group = GROUP_M * NT_N
+    gid = pid // per_group
+    first_mt = gid * GROUP_M
+    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
+    mt = first_mt + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+    mb = mt // TPB
+    t = mt % TPB
+
+    loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = mb * BLK + loc
+    row_ok = (loc < BLK) & (pos < M)
+    if HAS_PERM:
+        ri = tl.load(PERM + pos, mask=row_ok, other=0)
+    else:
+        ri = pos
+    cnt = tl.load(CNT + b * scb + mb)
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dp_ptrs = DP + b * sdb + ri[:, None] * sdm + c[None, :] * sdk
+    st_mask = row_ok[:, None] & (c < KW)[None, :]
+    if pid_n * BLOCK_N >= cnt:
+        tl.store(dp_ptrs, tl.zeros([BLOCK_M, BLOCK_N], DP.dtype.element_ty), mask=st_mask)
+    else:
+        c_ok = c < cnt
+        j = tl.load(IDX + b * sib + mb * sim + c, mask=c_ok, other=0)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + b * sxb + ri[:, None] * sxm + offs_k[None, :] * sxc
+        wa_ptrs = WA + j[:, None] * swa_f + offs_k[None, :] * swa_c
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_WL:
+            wl_ptrs = WL + j[:, None] * swl_f + offs_k[None, :] * swl_c
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for kk in range(0, C, BLOCK_K):
+            k_ok = (kk + offs_k) < C
+            xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wa = tl.load(wa_ptrs, mask=k_ok[None, :], other=0.0)
+            acc = tl.dot(xa, tl.trans(wa), acc, input_precision=DOT_PREC)
+            if HAS_WL:
+                wl = tl.load(wl_ptrs, mask=k_ok[None, :], other=0.0)
+                acc2 = tl.dot(xa, tl.trans(wl), acc2, input_precision=DOT_PREC)
+                wl_ptrs += BLOCK_K * swl_c
+            x_ptrs += BLOCK_K * sxc
+            wa_ptrs += BLOCK_K * swa_c
+        if HAS_BA:
+            acc += tl.load(BA + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        hval = _act(acc, ACT)
+        if HAS_WL:
+            if HAS_BL:
+                acc2 += tl.load(BL + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            hval = hval * acc2
+        h_new = hval.to(HC.dtype.element_ty)
+        hc_ptrs = HC + b * shb + ri[:, None] * shm + j[None, :] * shf
+        hc_mask = row_ok[:, None] & c_ok[None, :]
+        old = tl.load(hc_ptrs, mask=hc_mask, other=0.0)
+        delta = tl.where(c_ok[None, :], h_new.to(tl.float32) - old.to(tl.float32), 0.0)
+        tl.store(dp_ptrs, delta.to(DP.dtype.element_ty), mask=st_mask)
+        tl.store(hc_ptrs, h_new, mask=hc_mask)
+
+
+def _configs():
+    out = []
+    for bm, bn, bk, w, s, gm in [(128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8),
+                                 (128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
+                                 num_stages=s))
+    return out
+
+
+_tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC"],
+                         restore_value=["HC"])(_mlp_sparse_mm1_kernel)
+
+
+def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int, perm=None):
+    B, M, C = x.shape
+    NB, KW = indices.shape[1], indices.shape[2]
+    assert NB == cdiv(M, block) and h_cache.shape == (B, M, w_act.shape[0])
+    delta = new_empty(B, M, KW, dtype=x.dtype, device=x.device)
+    idx = indices.to(torch.int32)
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    cnt = counts.to(torch.int32).contiguous()
+    pm = None if perm is None else perm.to(torch.int32).contiguous()
+    dummy = cnt
+    wl = w_lin if w_lin is not None else w_act
+    args = (
+        x, w_act, b_act if b_act is not None else dummy, wl, b_lin if b_lin is not None else dummy, idx, cnt,
+        h_cache, delta, pm if pm is not None else dummy,
+        *x.stride(), *w_act.stride(), *wl.stride(), *h_cache.stride(), *delta.stride(), idx.stride(0),
+        idx.stride(1), cnt.stride(0),
+        M, C, KW, NB,
+    )
+    flags = dict(BLK=int(block), ACT=ACT_CODE[act], HAS_BA=b_act is not None, HAS_WL=w_lin is not None,
+                 HAS_BL=b_lin is not None, HAS_PERM=pm is not None, DOT_PREC=dot_precision(x.dtype))
+    if interpreting():
+        grid = (cdiv(KW, 32) * NB * cdiv(block, 32), B)
+        _mlp_sparse_mm1_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, **flags)
+    else:
+        def grid(meta):
+            return (cdiv(KW, meta["BLOCK_N"]) * NB * cdiv(block, meta["BLOCK_M"]), B)
+        _tuned[grid](*args, **flags)
+    return delta
+

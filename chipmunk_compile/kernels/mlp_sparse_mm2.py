@@ -1,0 +1,138 @@
+"""Triton: sparse-MLP second matmul over gathered w2 columns, accumulating into the output cache.
+
+Same signature and contract as ``mlp_sparse_mm2_ref.mlp_sparse_mm2_ref`` (read it first).
+
+Kernel invariants:
+- One program = (BLOCK_N output channels, BLOCK_M-row tile of one token block, batch b); the
+  reduction runs over the block's first counts packed columns only (BLOCK_K at a time).
+- w2 is read as rows of w2ᵀ (F, Cout): row j = neuron j's fan-out, gathered by index. The fast
+  layout is w2.stride(0) == 1 (i.e. w2 = w2t.t() for a contiguous (F, Cout) w2t): then rows are
+  contiguous. Any other layout is transposed once and cached per weight tensor (weak reference,
+  invalidated when the weight's version counter moves) and counted under
+  counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"].
+- Epilogue: y = y_cache + acc in fp32, rounded once; stored to y_cache (in place) and to the fresh
+  output in the same epilogue. Programs write disjoint (row, channel) tiles: race free.
+- Program order is grouped with the token tiles fastest, so the concurrently running programs of
+  one output-channel slab share the gathered w2ᵀ rows in L2.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import new_empty, cdiv, dot_precision, interpreting
+
+
+@triton.jit
+def _mlp_sparse_mm2_kernel(
+    DP, W2T, IDX, CNT, YC, OUT, PERM,  #
+    sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
+    M, NOUT, NB,  #
+    BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    NT_N = tl.cdiv(NOUT, BLOCK_N)
+    n_mt = NB * TPB
+    per_group = GROUP_M * NT_N
+    gid = pid // per_group
+    first_mt = gid * GROUP_M
+    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
+    mt = first_mt + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+    mb = mt // TPB
+    t = mt % TPB
+
+    loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = mb * BLK + loc
+    row_ok = (loc < BLK) & (pos < M)
+    if HAS_PERM:
+        ri = tl.load(PERM + pos, mask=row_ok, other=0)
+    else:
+        ri = pos
+    cnt = tl.load(CNT + b * scb + mb)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < NOUT
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    idx_base = IDX + b * sib + mb * sim
+    a_base = DP + b * sdb + ri[:, None] * sdm
+    for kk in range(0, cnt, BLOCK_K):
+        c = kk + offs_k
+        c_ok = c < cnt
+        j = tl.load(idx_base + c, mask=c_ok, other=0)
+        a = tl.load(a_base + c[None, :] * sdk, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    mask = row_ok[:, None] & n_ok[None, :]
+    y_ptrs = YC + b * syb + ri[:, None] * sym + n[None, :] * syn
+    y = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(YC.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=mask)
+    tl.store(OUT + b * sob + ri[:, None] * som + n[None, :] * son, y, mask=mask)
+
+
+def _configs():
+    out = []
+    for bm, bn, bk, w, s, gm in [(128, 128, 64, 8, 4, 64), (128, 256, 64, 8, 3, 64), (128, 128, 64, 4, 4, 64),
+                                 (128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
+                                 num_stages=s))
+    return out
+
+
+_tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC"], restore_value=["YC"])(
+    _mlp_sparse_mm2_kernel)
+
+_W2T_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
+def w2_rows(w2: torch.Tensor) -> torch.Tensor:
+    """(F, Cout) view of w2 with contiguous rows; a cached transposed copy when w2 is row-major."""
+    if w2.stride(0) == 1:
+        return w2.t()
+    hit = _W2T_CACHE.get(w2)
+    if hit is not None and hit[0] == w2._version:
+        return hit[1]
+    from torch._dynamo.utils import counters
+
+    counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] += 1
+    w2t = w2.t().contiguous()
+    try:
+        _W2T_CACHE[w2] = (w2._version, w2t)
+    except TypeError:  # tensors that refuse weak references: no caching
+        pass
+    return w2t
+
+
+def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, perm=None):
+    B, M, _ = delta_packed.shape
+    NB = indices.shape[1]
+    NOUT = w2.shape[0]
+    assert NB == cdiv(M, block) and y_cache.shape == (B, M, NOUT)
+    w2t = w2_rows(w2)
+    out = new_empty(B, M, NOUT, dtype=y_cache.dtype, device=y_cache.device)
+    idx = indices.to(torch.int32)
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    cnt = counts.to(torch.int32).contiguous()
+    pm = None if perm is None else perm.to(torch.int32).contiguous()
+    args = (
+        delta_packed, w2t, idx, cnt, y_cache, out, pm if pm is not None else cnt,
+        *delta_packed.stride(), *w2t.stride(), *y_cache.stride(), *out.stride(), idx.stride(0), idx.stride(1),
+        cnt.stride(0),
+        M, NOUT, NB,
+    )
+    flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype))
+    if interpreting():
+        grid = (cdiv(NOUT, 32) * NB * cdiv(block, 32), B)
+        _mlp_sparse_mm2_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, **flags)
+    else:
+        def grid(meta):
+            return (cdiv(NOUT, meta["BLOCK_N"]) * NB * cdiv(block, meta["BLOCK_M"]), B)
+        _tuned[grid](*args, **flags)
+    return out

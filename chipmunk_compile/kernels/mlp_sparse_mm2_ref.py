@@ -1,0 +1,29 @@
+"""Reference (pure PyTorch) for the sparse-MLP second matmul accumulating into the output cache.
+
+Contract (shared with ``mlp_sparse_mm2.py``):
+- delta_packed (B, M, K) from mm1; w2 (Cout, F) any strides; y_cache (B, M, Cout);
+  indices/counts/block/perm exactly as given to mm1.
+- y_cache[b, r, :] += sum_{c < counts[b, m]} delta_packed[b, r, c] * w2[:, indices[b, m, c]]
+  accumulated in fp32 and rounded once to y_cache.dtype (updated in place).
+- Returns a fresh tensor equal to the updated y_cache (never the cache itself, so callers may
+  keep the result while the cache moves on).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mlp_sparse_mm1_ref import block_rows
+
+
+def mlp_sparse_mm2_ref(delta_packed, w2, indices, counts, y_cache, *, block: int, perm=None):
+    B, M, _ = delta_packed.shape
+    for b in range(B):
+        for m, rows in enumerate(block_rows(M, block, perm, delta_packed.device)):
+            cnt = int(counts[b, m])
+            if cnt <= 0:
+                continue
+            cols = indices[b, m, :cnt].long()
+            acc = delta_packed[b, rows, :cnt].float() @ w2[:, cols].float().T
+            y_cache[b, rows] = (y_cache[b, rows].float() + acc).to(y_cache.dtype)
+    return y_cache.clone()

@@ -1,0 +1,131 @@
+"""`chipmunk::mlp`: stateful column-sparse MLP deltas (method.md §2).
+
+h = act(x w_actᵀ + b_act) [* (x w_linᵀ + b_lin)],  y = h w2ᵀ + b2.
+
+Step types (host-side, `schedule.mlp_step_kind`):
+- dense:  exact; caches h, y and the per-token-block means of the pre-activation.
+- sparse: per block of `block` tokens, the neurons whose block-mean pre-activation moved most
+          since they were last refreshed (plus a few random ones) are recomputed:
+          `y_cache += (h_new − h_cache[S]) w2[:, S]ᵀ`, `h_cache[S] = h_new`; returns a copy of y_cache.
+          Only the selected neurons' reference means are refreshed, so the others accumulate drift.
+
+Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache);
+the output is always a fresh contiguous tensor of shape (*x.shape[:-1], w2.shape[0]). Caches are
+read only when a dense step of the current generation filled them; otherwise dense (counted).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.mlp_sparse_mm1_ref import apply_act
+from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
+from ._dispatch import kernel
+from .sites import fallback, lookup
+
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def _pre(x, w_act, b_act, w_lin, b_lin):
+    a = F.linear(x, w_act, b_act)
+    return a, (F.linear(x, w_lin, b_lin) if w_lin is not None else None)
+
+
+def _hidden(a, b, act):
+    h = apply_act(a, act)
+    return h * b if b is not None else h
+
+
+def _score_basis(xb, w_act, b_act, w_lin, b_lin):
+    """What the neuron selection tracks per token block: the block-mean pre-activation(s)."""
+    a, b = _pre(xb, w_act, b_act, w_lin, b_lin)
+    return a if b is None else torch.cat([a, b], dim=-1)
+
+
+@torch.library.custom_op("chipmunk::mlp", mutates_args=(), tags=_TAGS)
+def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tensor], b_lin: Optional[Tensor],
+        w2: Tensor, b2: Optional[Tensor], act: str, site: int) -> Tensor:
+    s = lookup(site)
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    if s is None:
+        a, b = _pre(x, w_act, b_act, w_lin, b_lin)
+        return F.linear(_hidden(a, b, act), w2, b2).contiguous()
+    cfg = s.cfg
+    x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
+    B, M, C = x3.shape
+    Fh = w_act.shape[0]
+    perm = s.perm_on(x.device)
+    st, pos = s.branch_state()
+    kind = mlp_step_kind(cfg, pos.step, s.layer)
+    st.ensure((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
+    n_blocks = -(-M // cfg.block)
+    basis_dim = Fh if w_lin is None else 2 * Fh
+    if kind == SPARSE and st.filled_generation != pos.generation:
+        fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")
+        kind = DENSE
+    bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x.device)
+    h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
+    y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
+    if kind == DENSE:
+        a, b = _pre(x3, w_act, b_act, w_lin, b_lin)
+        h = _hidden(a, b, act)
+        y = F.linear(h, w2, b2)
+        h_cache.copy_(h)
+        y_cache.copy_(y)
+        xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
+        bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
+        st.filled_generation = pos.generation
+        st.index_generation = -1
+        s.ran(DENSE)
+        return y.reshape(out_shape)
+    if mlp_recompute_indices(cfg, pos.step) or st.index_generation != pos.generation:
+        xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
+        basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
+        change = (basis - bm_cache).abs()
+        if w_lin is not None:
+            change = change[..., :Fh] + change[..., Fh:]
+        top = max(1, round(cfg.top_keys * Fh))
+        rnd = round(cfg.random_keys * Fh)
+        idx, cnt = kernel("select_columns", change)(change.unsqueeze(1), k=top, random_keys=rnd)
+        idx, cnt = idx.squeeze(1), cnt.squeeze(1)
+        # refresh the reference means of the selected neurons only (method.md §2, copy_indices)
+        _refresh_reference(bm_cache, basis, idx, cnt, Fh, gated=w_lin is not None)
+        idx_buf = st.tensor("indices", tuple(idx.shape), torch.int32, x.device)
+        cnt_buf = st.tensor("counts", tuple(cnt.shape), torch.int32, x.device)
+        idx_buf.copy_(idx)
+        cnt_buf.copy_(cnt)
+        st.index_generation = pos.generation
+    state = s.session.state
+    pre = f"s{s.id}__{st.branch}__".replace(".", "_")
+    idx_buf, cnt_buf = getattr(state, pre + "indices"), getattr(state, pre + "counts")
+    delta = kernel("mlp_sparse_mm1", x3, w_act)(
+        x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
+    y = kernel("mlp_sparse_mm2", delta, w2)(delta, w2, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
+    s.ran(SPARSE)
+    return y.reshape(out_shape)
+
+
+def _alloc_h(*shape, dtype, device):
+    from ..kernels import mlp_alloc_h_cache
+
+    return mlp_alloc_h_cache(*shape, dtype, device)
+
+
+def _refresh_reference(bm_cache, basis, idx, cnt, Fh, *, gated):
+    K = idx.shape[-1]
+    valid = torch.arange(K, device=idx.device)[None, None, :] < cnt[..., None]
+    cols = idx.long()
+    cols_all = [cols, cols + Fh] if gated else [cols]
+    for c in cols_all:
+        new = torch.gather(basis, 2, c)
+        old = torch.gather(bm_cache, 2, c)
+        bm_cache.scatter_(2, c, torch.where(valid, new, old))
+
+
+@mlp.register_fake
+def _(x, w_act, b_act, w_lin, b_lin, w2, b2, act, site):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))

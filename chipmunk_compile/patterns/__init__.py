@@ -1,0 +1,9 @@
+"""Pattern registry and the built-in attention / MLP patterns (see `registry.py`)."""
+
+from .registry import (  # noqa: F401
+    AttentionMatch, MatchContext, MlpMatch, Pattern, Rejection, register_pattern, registered_patterns,
+    unregister_pattern,
+)
+from . import attention as _attention  # noqa: F401  (registers sdpa, explicit)
+from . import mlp as _mlp  # noqa: F401  (registers mlp)
+from .fx_utils import is_call, is_method  # noqa: F401

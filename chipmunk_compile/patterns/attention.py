@@ -1,0 +1,199 @@
+"""Attention patterns: `F.scaled_dot_product_attention` and the explicit softmax(QKᵀ)V form.
+
+Invariants:
+- A match is self/joint attention only: query length == key length, non-causal, no dropout,
+  a constant scale, and a mask that is None or a boolean key-padding mask (broadcast over heads
+  and queries). Anything else that computes softmax attention becomes a `Rejection` with the reason.
+- Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
+- The attention probabilities must have no other user (they would be needed exactly).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+
+from .fx_utils import (
+    MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
+    module_path, shape_of, single_user, val,
+)
+from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
+
+
+def _reject(pattern: str, node: fx.Node, reason: str, shapes: dict) -> Rejection:
+    return Rejection("attention", pattern, node, reason, module_path(node), shapes)
+
+
+def _key_mask_ok(mask: fx.Node, batch, n_k) -> Optional[str]:
+    """None when `mask` is a boolean key-padding mask, else why not."""
+    mv = val(mask)
+    if not isinstance(mv, torch.Tensor):
+        return "attention mask is not a tensor"
+    if mv.dtype != torch.bool:
+        return f"additive {mv.dtype} attention mask (only boolean key-padding masks are exact)"
+    shape = tuple(mv.shape)
+    if len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and shape[3] == n_k and shape[0] in (1, batch):
+        return None
+    if len(shape) == 2 and shape[1] == n_k and shape[0] in (1, batch):
+        return None
+    return f"attention mask of shape {list(shape)} is not a key-padding mask (B, 1, 1, Nk)"
+
+
+def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=False, dropout_p=0.0):
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    if qs is None or ks is None or vs is None:
+        return _reject(pattern, node, "unknown q/k/v shapes", shapes)
+    if len(qs) not in (3, 4) or len(ks) != len(qs) or len(vs) != len(qs):
+        return _reject(pattern, node, f"q/k/v of rank {len(qs)} (expected 3 or 4)", shapes)
+    if is_causal is not False:
+        return _reject(pattern, node, "causal attention", shapes)
+    if not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+        return _reject(pattern, node, "attention dropout", shapes)
+    if scale is not None and not isinstance(scale, (int, float)):
+        return _reject(pattern, node, "non-constant softmax scale", shapes)
+    if qs[-2] != ks[-2]:
+        return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
+    if vs[-1] != qs[-1]:
+        return _reject(pattern, node, "value head dim differs from query head dim", shapes)
+    attn_cfg, _ = ctx.config.for_site(module_path(node))
+    if not attn_cfg.enabled:
+        return _reject(pattern, node, "disabled by config", shapes)
+    if qs[-2] < attn_cfg.min_tokens:
+        return _reject(pattern, node, f"too short ({qs[-2]} tokens < min_tokens {attn_cfg.min_tokens})", shapes)
+    return None
+
+
+def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
+    if not is_call(node, *SDPA):
+        return None
+    kw = fn_kwargs(node)
+    if kw is None:
+        return _reject("sdpa", node, "could not read SDPA arguments", {})
+    q, k, v = kw["query"], kw["key"], kw["value"]
+    shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
+    bad = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
+                         is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
+    if bad:
+        return bad
+    qs, ks = shapes["q"], shapes["k"]
+    if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
+        return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        if len(qs) != 4:
+            return _reject("sdpa", node, "masked 3-D attention", shapes)
+        why = _key_mask_ok(mask, qs[0], ks[-2])
+        if why:
+            return _reject("sdpa", node, why, shapes)
+        shapes["mask"] = shape_of(mask)
+    return AttentionMatch(
+        pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
+        scale=kw.get("scale"), squeeze_head=len(qs) == 3,
+    )
+
+
+_MUL = (operator.mul, torch.mul)
+_DIV = (operator.truediv, torch.div)
+_ADD = (operator.add, torch.add)
+
+
+def _const(x) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _transposed_key(kt: fx.Node) -> Optional[fx.Node]:
+    """`k` when `kt` is k with its last two dims swapped."""
+    if is_method(kt, "transpose") or is_call(kt, torch.transpose):
+        dims = sorted(int(d) % len(shape_of(kt)) for d in kt.args[1:3])
+        nd = len(shape_of(kt))
+        if dims == [nd - 2, nd - 1]:
+            return kt.args[0]
+    if is_method(kt, "permute"):
+        perm = kt.args[1:] if not isinstance(kt.args[1], (list, tuple)) else kt.args[1]
+        nd = len(perm)
+        if list(perm) == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return kt.args[0]
+    if is_call(kt, getattr) and kt.args[1] == "mT":
+        return kt.args[0]
+    return None
+
+
+def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
+    if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)):
+        return None
+    shape = shape_of(node)
+    dim = arg(node, 1, "dim", None)
+    if shape is None or dim is None or int(dim) % len(shape) != len(shape) - 1:
+        return None
+    chain = [node]
+    # -- walk up from the softmax: casts and constant scales, then QKᵀ ------------------------
+    s, scale = node.args[0], 1.0
+    while True:
+        if is_cast(s) and single_user(s):
+            chain.append(s)
+            s = s.args[0]
+        elif is_call(s, *_MUL) and single_user(s) and (_const(s.args[1]) is not None or _const(s.args[0]) is not None):
+            c = _const(s.args[1]) if _const(s.args[1]) is not None else _const(s.args[0])
+            chain.append(s)
+            s = s.args[0] if _const(s.args[1]) is not None else s.args[1]
+            scale *= c
+        elif is_call(s, *_DIV) and single_user(s) and _const(s.args[1]) is not None:
+            chain.append(s)
+            scale /= _const(s.args[1])
+            s = s.args[0]
+        else:
+            break
+    if is_call(s, *_ADD):
+        return _reject("explicit", node, "additive bias or mask on the attention scores", {"scores": shape})
+    if is_call(s, *MATMUL) and single_user(s):
+        q, kt = s.args[0], s.args[1]
+    elif is_call(s, torch.baddbmm) and single_user(s):
+        kw = fn_kwargs(s) or {}
+        if _const(kw.get("beta", 1)) != 0:
+            return _reject("explicit", node, "baddbmm adds a bias to the scores", {"scores": shape})
+        q, kt = kw.get("batch1"), kw.get("batch2")
+        scale *= _const(kw.get("alpha", 1.0)) or 1.0
+    else:
+        return None
+    chain.append(s)
+    k = _transposed_key(kt) if isinstance(kt, fx.Node) else None
+    if k is None:
+        return None
+    if single_user(kt):
+        chain.append(kt)
+    # -- walk down: casts / no-op dropout, then P·V ------------------------------------------
+    p = node
+    while single_user(p):
+        (u,) = p.users
+        if is_cast(u) or is_noop_dropout(u):
+            chain.append(u)
+            p = u
+            continue
+        break
+    if not single_user(p):
+        return _reject("explicit", node, "attention probabilities have other users", {"scores": shape})
+    (pv,) = p.users
+    if not (is_call(pv, *MATMUL) and pv.args[0] is p):
+        return None
+    v = pv.args[1]
+    chain.append(pv)
+    shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
+    bad = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
+    if bad:
+        return bad
+    if shapes["q"][:-2] != shapes["k"][:-2]:
+        return _reject("explicit", node, "broadcast q/k batch dims", shapes)
+    return AttentionMatch(
+        pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
+        squeeze_head=len(shapes["q"]) == 3,
+    )
+
+
+register_pattern(Pattern("sdpa", "attention", match_sdpa, priority=100,
+                         description="F.scaled_dot_product_attention, positional or keyword"))
+register_pattern(Pattern("explicit", "attention", match_explicit, priority=90,
+                         description="softmax(scale * Q Kᵀ) V with matmul/bmm/baddbmm"))

@@ -1,0 +1,107 @@
+"""Small helpers to read Dynamo FX graphs: call spellings, normalized arguments, fake values.
+
+Invariants: pure functions of nodes; nothing here edits a graph.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.operator_schemas import normalize_function
+
+
+def val(node: Any) -> Any:
+    """The fake value Dynamo recorded for `node` (None when unknown)."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def is_call(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def fn_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
+    """All arguments of a call_function node by name, or None when it cannot be normalized."""
+    try:
+        nf = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    except Exception:
+        nf = None
+    return dict(nf.kwargs) if nf is not None else None
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+LINEAR = (torch._C._nn.linear, F.linear)
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+MATMUL = (torch.matmul, operator.matmul, torch.bmm)
+SOFTMAX_FNS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
+DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+CASTS = ("to", "float", "half", "bfloat16", "type_as", "type", "contiguous")
+
+
+def is_linear(node: Any) -> bool:
+    return is_call(node, *LINEAR)
+
+
+def linear_parts(node: fx.Node) -> tuple[Any, Any, Any]:
+    kw = fn_kwargs(node) or {}
+    return kw.get("input", arg(node, 0, "input")), kw.get("weight", arg(node, 1, "weight")), kw.get("bias", arg(node, 2, "bias"))
+
+
+def is_noop_dropout(node: Any) -> bool:
+    """F.dropout with p == 0 or training=False (an identity at inference)."""
+    if is_call(node, *DROPOUT):
+        kw = fn_kwargs(node) or {}
+        p, training = kw.get("p", arg(node, 1, "p", 0.5)), kw.get("training", arg(node, 2, "train", True))
+        return (isinstance(p, (int, float)) and p == 0) or training is False
+    if is_method(node, "dropout"):
+        return False
+    return False
+
+
+def is_cast(node: Any) -> bool:
+    """A dtype/layout change that keeps values (softmax upcasts, `.to(q.dtype)`)."""
+    if is_method(node, *CASTS):
+        return all(not isinstance(a, torch.device) for a in node.args[1:])
+    return False
+
+
+def single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted module path of the innermost module that issued `node` ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return source_to_path(path)
+
+
+def source_to_path(name: str) -> str:
+    """`L['self'].blocks.0.attn` or `L['self']._modules['blocks']._modules['0']` -> `blocks.0.attn`."""
+    s = re.sub(r"^L\['[^']+'\]", "", name)
+    s = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    s = re.sub(r"\['([^']+)'\]", r".\1", s)
+    return s.lstrip(".")
+
+
+def shape_of(node: Any) -> Optional[tuple]:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None

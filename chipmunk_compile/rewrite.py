@@ -1,0 +1,184 @@
+"""Find Chipmunk sites in a Dynamo graph and replace them with `chipmunk::*` ops.
+
+Invariants:
+- Matching is pure (patterns return records); this module is the only graph writer.
+- Each matched site is replaced by exactly one `torch.ops.chipmunk.attention` or
+  `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
+  of a key-padding mask, weight slices, and for the parallel MLP form one dense linear + add), and
+  the matched nodes are erased once they have no users. Nothing else in the graph changes.
+- Placeholders are never added or removed (Dynamo re-reads them after the backend returns).
+- Layer index: the k-th attention site of the graph is layer k; an MLP site takes the layer of
+  the closest attention site before it (0 when none), so "first n layers dense" means blocks.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
+from .ops.sites import Site
+from .patterns import MatchContext, Rejection, registered_patterns
+from .patterns.fx_utils import module_path, shape_of
+from .runtime import Session
+
+
+@dataclass
+class Plan:
+    sites: list[Site] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    grouping: dict = field(default_factory=dict)
+
+
+def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
+    ctx = MatchContext(config)
+    patterns = registered_patterns()
+    matches, rejections = [], []
+    for node in list(gm.graph.nodes):
+        if node in ctx.claimed or node.op not in ("call_function", "call_method"):
+            continue
+        for pattern in patterns:
+            result = pattern.match(node, ctx)
+            if result is None:
+                continue
+            if isinstance(result, Rejection):
+                rejections.append(result)
+                break
+            if any(n in ctx.claimed for n in result.nodes):
+                continue
+            matches.append(result)
+            ctx.claimed.update(result.nodes)
+            break
+    return matches, rejections
+
+
+def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list]:
+    matches, rejections = find_matches(gm, config)
+    plan = Plan(rejections=rejections)
+    n_attn = 0
+    pairs = []
+    for m in matches:
+        path = module_path(m.anchor)
+        attn_cfg, mlp_cfg = config.for_site(path)
+        if m.kind == "attention":
+            layer, n_attn = n_attn, n_attn + 1
+            shapes = {"q": shape_of(m.q), "k": shape_of(m.k), "v": shape_of(m.v)}
+            if m.mask_node is not None:
+                shapes["mask"] = shape_of(m.mask_node)
+            site = Site("attention", m.pattern, path, layer, attn_cfg, session, shapes)
+        else:
+            layer = max(n_attn - 1, 0)
+            shapes = {"x": shape_of(m.x), "w_act": _wshape(m.w_act), "w2": shape_of(m.w2)}
+            site = Site("mlp", m.pattern, path, layer, mlp_cfg, session, shapes)
+            site.act = m.act
+        plan.sites.append(site)
+        pairs.append((m, site))
+    return plan, pairs
+
+
+def _wshape(spec) -> Optional[tuple]:
+    if isinstance(spec, tuple):
+        w, a, b = spec
+        s = shape_of(w)
+        return (b - a, *s[1:]) if s else None
+    return shape_of(spec)
+
+
+def apply(gm: fx.GraphModule, pairs: list) -> None:
+    replaced: dict = {}  # an earlier site's output may feed a later site directly
+    for m, site in pairs:
+        for name in ("q", "k", "v", "x", "mask_node"):
+            if getattr(m, name, None) in replaced:
+                setattr(m, name, replaced[getattr(m, name)])
+        if getattr(m, "cat_parts", None):
+            m.cat_parts = [replaced.get(p, p) for p in m.cat_parts]
+        old = m.output
+        new = _replace_attention(gm.graph, m, site) if m.kind == "attention" else _replace_mlp(gm.graph, m, site)
+        replaced[old] = new
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _copy_meta(new: fx.Node, old: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(set(nodes), key=lambda n: -order.get(n, -1)):
+        if n in order and not n.users:
+            graph.erase_node(n)
+
+
+def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
+    with graph.inserting_before(m.output):
+        q, k, v = m.q, m.k, m.v
+        if m.squeeze_head:
+            q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
+        key_mask = None
+        if m.mask_node is not None:
+            flat = graph.call_method("flatten", (m.mask_node, 1))
+            batch = graph.call_method("size", (q, 0))
+            key_mask = graph.call_method("expand", (flat, batch, -1))
+        new = graph.call_function(torch.ops.chipmunk.attention.default,
+                                  (q, k, v, key_mask, m.scale, site.id))
+        _copy_meta(new, m.output)
+        if m.squeeze_head:
+            new = graph.call_method("squeeze", (new, 1))
+    m.output.replace_all_uses_with(new)
+    _erase(graph, m.nodes)
+    return new
+
+
+def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):
+    """A node for `spec` (a node or a (node, start, stop) row slice), optionally column-sliced."""
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        w, a, b = spec
+        return graph.call_function(operator.getitem, (w, slice(a, b)))
+    if cols is not None:
+        return graph.call_function(operator.getitem, (spec, (slice(None), slice(*cols))))
+    return spec
+
+
+def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
+    with graph.inserting_before(m.output):
+        w_act, b_act = _slice(graph, m.w_act), _slice(graph, m.b_act)
+        w_lin, b_lin = _slice(graph, m.w_lin), _slice(graph, m.b_lin)
+        if m.cat_parts is None:
+            new = graph.call_function(torch.ops.chipmunk.mlp.default,
+                                      (m.x, w_act, b_act, w_lin, b_lin, m.w2, m.b2, m.act, site.id))
+            _copy_meta(new, m.output)
+        else:
+            other = m.cat_parts[1 - m.cat_index]
+            d_other = shape_of(other)[-1]
+            d_total = shape_of(m.w2)[-1]
+            if m.cat_index == 1:
+                cols_other, cols_mlp = (0, d_other), (d_other, d_total)
+            else:
+                cols_mlp, cols_other = (0, d_total - d_other), (d_total - d_other, d_total)
+            w2_mlp = _slice(graph, m.w2, cols_mlp)
+            w2_other = _slice(graph, m.w2, cols_other)
+            sparse = graph.call_function(torch.ops.chipmunk.mlp.default,
+                                         (m.x, w_act, b_act, w_lin, b_lin, w2_mlp, None, m.act, site.id))
+            dense = graph.call_function(torch._C._nn.linear, (other, w2_other, m.b2))
+            new = graph.call_function(operator.add, (dense, sparse))
+            _copy_meta(sparse, m.output)
+            _copy_meta(dense, m.output)
+    m.output.replace_all_uses_with(new)
+    _erase(graph, m.nodes)
+    return new
+
+
+def rewrite(gm: fx.GraphModule, config, session: Session, *, apply_changes: bool = True) -> Plan:
+    plan, pairs = plan_sites(gm, config, session)
+    if apply_changes and pairs:
+        apply(gm, pairs)
+    return plan

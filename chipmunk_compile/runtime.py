@@ -1,0 +1,219 @@
+"""Step tracking and per-model sessions: the host-side state the ops read.
+
+Invariants:
+- One `Session` per compiled root module (or per graph when no module is found). It owns the
+  `StepTracker`, the `ChipmunkState` module holding every cache buffer, and its sites.
+- `StepTracker.advance` runs once per model call, in the backend's Python wrapper, before the
+  compiled graph: the ops only read `(step, branch, generation)`; nothing in the graph syncs.
+- Step and branch come from the pipeline's own signals, in this order: an explicit
+  `set_step()`, the diffusers cache context (`transformer.cache_context("cond", step_index=...)`),
+  the values of the timestep-like inputs (same values again = another CFG branch of the same step;
+  back at the generation's first values, or moving against the schedule = a new generation), and
+  only without any signal one call = one step.
+- A new generation bumps `generation`; caches filled in an older generation are never read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("chipmunk_compile")
+
+_site_ids = itertools.count()
+SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def new_site_id() -> int:
+    return next(_site_ids)
+
+
+@dataclass
+class StepPosition:
+    step: int
+    branch: str
+    generation: int
+
+
+class StepTracker:
+    def __init__(self, mode: str = "auto"):
+        self.mode = mode
+        self.explicit: Optional[tuple[int, Optional[str]]] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.generation = getattr(self, "generation", -1) + 1
+        self.step = -1
+        self.branch_index = 0
+        self.branch = "0"
+        self._last_sig: Optional[tuple] = None
+        self._first_sig: Optional[tuple] = None
+        self._direction: Optional[tuple[int, int]] = None  # (component, sign) of the schedule
+        self._last_ctx_step: Optional[int] = None
+
+    @property
+    def position(self) -> StepPosition:
+        return StepPosition(max(self.step, 0), self.branch, self.generation)
+
+    def _new_generation(self) -> None:
+        explicit = self.explicit
+        self.reset()
+        self.explicit = explicit
+
+    def advance(self, signature: Optional[tuple] = None, context: Any = None) -> StepPosition:
+        if self.explicit is not None:
+            step, branch = self.explicit
+            if step < self.step and branch == self.branch or step == 0 and self.step > 0:
+                self._new_generation()
+            self.step, self.branch = step, branch or "0"
+            return self.position
+        name = getattr(context, "name", None) if context is not None else None
+        ctx_step = getattr(context, "step_index", None) if context is not None else None
+        if self.mode == "auto" and ctx_step is not None:
+            if self._last_ctx_step is not None and ctx_step < self._last_ctx_step:
+                self._new_generation()
+            self._last_ctx_step = ctx_step
+            self.step, self.branch = int(ctx_step), str(name)
+            return self.position
+        if self.mode == "auto" and signature is not None:
+            self._advance_by_signature(signature)
+        else:
+            self.step += 1
+            self.branch_index = 0
+        self.branch = str(name) if name is not None else str(self.branch_index)
+        return self.position
+
+    def _advance_by_signature(self, sig: tuple) -> None:
+        if self._last_sig is None:
+            self.step, self.branch_index, self._first_sig = 0, 0, sig
+        elif sig == self._last_sig:
+            self.branch_index += 1  # the same step again: another guidance branch
+        elif sig == self._first_sig or self._moves_backwards(sig):
+            self._new_generation()
+            self.step, self.branch_index, self._first_sig = 0, 0, sig
+        else:
+            if self._direction is None:
+                self._direction = _direction(self._last_sig, sig)
+            self.step += 1
+            self.branch_index = 0
+        self._last_sig = sig
+
+    def _moves_backwards(self, sig: tuple) -> bool:
+        if self._direction is None or len(sig) != len(self._last_sig):
+            return False
+        i, sign = self._direction
+        return (sig[i] - self._last_sig[i]) * sign < 0
+
+
+def _direction(a: tuple, b: tuple) -> Optional[tuple[int, int]]:
+    if len(a) != len(b):
+        return None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i, (1 if y > x else -1)
+    return None
+
+
+class ChipmunkState(torch.nn.Module):
+    """Owns every cache buffer of a session, as buffers named `<site>__<branch>__<name>`."""
+
+    def put(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.register_buffer(name, tensor, persistent=False)
+        return tensor
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def clear(self) -> None:
+        for name in list(self._buffers):
+            del self._buffers[name]
+
+
+class Session:
+    """Everything chipmunk keeps for one compiled model."""
+
+    def __init__(self, config, owner: Optional[torch.nn.Module]):
+        self.config = config
+        self.tracker = StepTracker(config.step_signal)
+        self.state = ChipmunkState()
+        self.sites: list[Any] = []
+        self.owner = weakref.ref(owner) if owner is not None else None
+        self.calls = 0
+        self.step_cache = None  # set by the backend when step caching is on
+
+    def position(self) -> StepPosition:
+        return self.tracker.position
+
+    def begin_call(self, signature: Optional[tuple]) -> StepPosition:
+        owner = self.owner() if self.owner is not None else None
+        context = _CONTEXTS.get(owner) if owner is not None else None
+        self.calls += 1
+        return self.tracker.advance(signature, context)
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self.state.clear()
+        for site in self.sites:
+            site.states.clear()
+        if self.step_cache is not None:
+            self.step_cache.reset()
+
+
+def session_for(owner: Optional[torch.nn.Module], config) -> Session:
+    """The session of `owner`, created on first use; the config of the first compile wins."""
+    if owner is None:
+        return Session(config, None)
+    with _lock:
+        session = _SESSIONS.get(owner)
+        if session is None or session.config.to_dict() != config.to_dict():
+            if session is not None:
+                log.info("chipmunk: new config for %s: caches dropped", type(owner).__name__)
+            session = Session(config, owner)
+            _SESSIONS[owner] = session
+        return session
+
+
+def sessions_of(model: Any) -> list[Session]:
+    mods = [model, getattr(model, "_orig_mod", None)]
+    if isinstance(model, torch.nn.Module):
+        mods += list(model.modules())
+    out, seen = [], set()
+    for m in mods:
+        if isinstance(m, torch.nn.Module) and m in _SESSIONS and id(_SESSIONS[m]) not in seen:
+            seen.add(id(_SESSIONS[m]))
+            out.append(_SESSIONS[m])
+    return out
+
+
+def install_diffusers_context_probe() -> None:
+    """Record `transformer.cache_context(...)` per module, without hooking the module itself.
+
+    diffusers' `ModelMixin.cache_context` imports `_set_cache_context` from `diffusers.hooks.hooks`
+    at call time, so wrapping that module attribute sees every context a pipeline sets.
+    """
+    try:
+        import diffusers.hooks.hooks as hooks
+    except Exception:  # diffusers absent or too old: the timestep signal still works
+        return
+    original = hooks._set_cache_context
+    if getattr(original, "_chipmunk_probe", False):
+        return
+
+    def _set_cache_context(module, context):
+        if context is None:
+            _CONTEXTS.pop(module, None)
+        else:
+            _CONTEXTS[module] = context
+        return original(module, context)
+
+    _set_cache_context._chipmunk_probe = True
+    hooks._set_cache_context = _set_cache_context

@@ -1,0 +1,16 @@
+"""Helpers for the kernel tests (imported by name: tests/kernels is on sys.path under pytest)."""
+
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in result (unwritten or invalid elements)"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# Relative-norm tolerances: fp32 runs IEEE dots (only summation order differs); fp16 rounds
+# inputs of the second matmul (P or delta) and the output to 11 bits; bf16 to 8 bits.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
