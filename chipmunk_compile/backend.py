@@ -140,15 +140,20 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     _remember(session, plan)
     step_cache = None
     if config.step_cache.enabled:
-        from .step_cache import StepCache
+        from .step_cache import StepCache, main_input_index
 
-        step_cache = session.step_cache = session.step_cache or StepCache(config.step_cache)
+        if session.step_cache is None:
+            session.step_cache = StepCache(config.step_cache)
+        step_cache = session.step_cache
+        main_input = main_input_index(gm, signals)
+        if not entry:  # a resumed frame: the model is split into several graphs
+            step_cache.multi_graph = True
 
     def chipmunk_call(*args):
         if entry:
             session.begin_call(read_signature(args, signals))
         if step_cache is not None and entry:
-            return step_cache(session, args, compiled)
+            return step_cache(session, args, compiled, main_input)
         return compiled(*args)
 
     chipmunk_call._chipmunk_plan = plan

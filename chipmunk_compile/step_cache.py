@@ -1,0 +1,94 @@
+"""Whole-call step caching, stacked on (or instead of) the sparse ops (issue 4).
+
+A skipped call returns the outputs of the last computed call of the same guidance branch.
+- fixed schedule (`step_cache.skip_steps`): those steps are skipped (the published 25-of-50 set);
+- adaptive (`step_cache.threshold > 0`): the relative L1 change of the model's main input since the
+  last computed call is accumulated; while the sum stays under the threshold the call is skipped,
+  at most `max_consecutive` in a row and never before `warmup_steps`.
+
+Invariants:
+- Only a session whose model runs as one graph is step-cached: with graph breaks, skipping one
+  graph would mix stale and fresh halves, so the call is computed and the fallback counted.
+- A call is only skipped when a computed output of the same branch and generation exists.
+- The adaptive rule reads one scalar per call on the host, outside the compiled graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .ops.sites import count, fallback
+
+
+@dataclass
+class _Entry:
+    step: int
+    generation: int
+    outputs: Any
+    ref_input: Optional[torch.Tensor]
+    accumulated: float = 0.0
+    consecutive: int = 0
+
+
+class StepCache:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.entries: dict[str, _Entry] = {}
+        self.skipped = 0
+        self.computed = 0
+        self.multi_graph = False
+
+    def reset(self) -> None:
+        self.entries.clear()
+
+    def summary(self) -> dict:
+        return {"skipped": self.skipped, "computed": self.computed}
+
+    def _should_skip(self, entry: Optional[_Entry], step: int, generation: int, x) -> bool:
+        if entry is None or entry.generation != generation or entry.step >= step:
+            return False
+        if self.cfg.skip_steps is not None:
+            return step in self.cfg.skip_steps
+        if self.cfg.threshold <= 0 or step < self.cfg.warmup_steps or entry.consecutive >= self.cfg.max_consecutive:
+            return False
+        if x is None or entry.ref_input is None or x.shape != entry.ref_input.shape:
+            return False
+        ref = entry.ref_input.float()
+        rel = ((x.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
+        entry.accumulated += rel
+        return entry.accumulated < self.cfg.threshold
+
+    def __call__(self, session, args, compiled, input_index: Optional[int] = None):
+        if self.multi_graph:
+            fallback("step_cache_graph_breaks", "the model compiled to several graphs; step caching is off")
+            return compiled(*args)
+        pos = session.position()
+        x = args[input_index] if input_index is not None else None
+        entry = self.entries.get(pos.branch)
+        if self._should_skip(entry, pos.step, pos.generation, x):
+            entry.consecutive += 1
+            self.skipped += 1
+            count("step_cache_skipped")
+            return entry.outputs
+        outputs = compiled(*args)
+        ref = x.detach().clone() if isinstance(x, torch.Tensor) else None
+        self.entries[pos.branch] = _Entry(pos.step, pos.generation, outputs, ref)
+        self.computed += 1
+        return outputs
+
+
+def main_input_index(gm: torch.fx.GraphModule, signal_indices: list[int]) -> Optional[int]:
+    """The largest floating user input of the graph (the latents), by its recorded fake value."""
+    best, best_numel = None, -1
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        ga = node.meta.get("grapharg")
+        src = getattr(getattr(ga, "source", None), "name", "") or ""
+        if i in signal_indices or any(t in src for t in ("_parameters[", "_buffers[", "._modules[")):
+            continue
+        v = node.meta.get("example_value")
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and isinstance(v.numel(), int) and v.numel() > best_numel:
+            best, best_numel = i, v.numel()
+    return best
