@@ -144,7 +144,7 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
         Kc = max(1, round(keep * Fh))
         idx = sorted_random_subsets((1, NB), Fh, Kc, dev)
         cnt = torch.full((1, NB), Kc, dtype=torch.int32, device=dev)
-        dp = torch.randn(1, M, Kc, device=dev, dtype=dt)
+        dp = torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc]  # as mm1 returns it
         t1 = bench(lambda: mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block))
         t2 = bench(lambda: mlp_sparse_mm2(dp, w2v, idx, cnt, yc, block=block))
         sf = 2.0 * M * C * Kc

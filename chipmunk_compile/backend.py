@@ -23,6 +23,7 @@ from torch._dynamo.utils import counters
 
 from .config import ChipmunkConfig
 from .rewrite import Plan, rewrite
+from .ops.sites import GraphInstances
 from .runtime import Session, install_diffusers_context_probe, session_for
 
 log = logging.getLogger("chipmunk_compile")
@@ -111,6 +112,15 @@ def read_signature(args, indices: list[int]) -> Optional[tuple]:
     return tuple(flat.cpu().tolist())  # one device→host copy per model call, outside the graph
 
 
+def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:
+    """Index of the first placeholder that is a module parameter (identifies the module instance)."""
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        src = _source_name(node)
+        if "_parameters" in src:
+            return i
+    return None
+
+
 def _inner_compile(gm, example_inputs, compiler: str, patches: dict):
     if compiler == "eager":
         return gm.forward
@@ -130,7 +140,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     owner, entry = find_owner(gm)
     session = session_for(owner, config)
     signals = step_signal_inputs(gm)
-    plan = rewrite(gm, config, session)
+    plan = rewrite(gm, config, session, example_inputs=example_inputs)
     counters["chipmunk"]["graphs"] += 1
     counters["chipmunk"]["attention_sites"] += sum(s.kind == "attention" for s in plan.sites)
     counters["chipmunk"]["mlp_sites"] += sum(s.kind == "mlp" for s in plan.sites)
@@ -138,6 +148,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     log.info("chipmunk: %d sites rewritten, %d candidates left dense", len(plan.sites), len(plan.rejections))
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
+    instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
+    for site in plan.sites:
+        site.graph = instances
+    param_input = first_parameter_input(gm)
     step_cache = None
     if config.step_cache.enabled:
         from .step_cache import StepCache, main_input_index
@@ -150,9 +164,12 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             step_cache.multi_graph = True
 
     def chipmunk_call(*args):
-        if entry:
+        ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
+        if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
             session.begin_call(read_signature(args, signals))
         if step_cache is not None and entry:
+            if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
+                step_cache.multi_graph = True
             return step_cache(session, args, compiled, main_input)
         return compiled(*args)
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
+from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
 from .patterns.fx_utils import module_path, shape_of
@@ -177,8 +178,10 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
     return new
 
 
-def rewrite(gm: fx.GraphModule, config, session: Session, *, apply_changes: bool = True) -> Plan:
+def rewrite(gm: fx.GraphModule, config, session: Session, *, apply_changes: bool = True,
+            example_inputs=None) -> Plan:
     plan, pairs = plan_sites(gm, config, session)
+    plan.grouping = assign_grouping(gm, example_inputs, pairs, config, session)
     if apply_changes and pairs:
         apply(gm, pairs)
     return plan

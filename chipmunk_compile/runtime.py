@@ -155,7 +155,7 @@ class Session:
 
     def begin_call(self, signature: Optional[tuple]) -> StepPosition:
         owner = self.owner() if self.owner is not None else None
-        context = _CONTEXTS.get(owner) if owner is not None else None
+        context = context_for(owner) if owner is not None else None
         self.calls += 1
         return self.tracker.advance(signature, context)
 
@@ -166,6 +166,24 @@ class Session:
             site.states.clear()
         if self.step_cache is not None:
             self.step_cache.reset()
+
+
+_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def context_for(module: torch.nn.Module) -> Any:
+    """The diffusers cache context set on `module` or on a model that contains it (regional
+    compilation compiles blocks, while pipelines set the context on the whole transformer)."""
+    ctx = _CONTEXTS.get(module)
+    if ctx is not None or not _CONTEXTS:
+        return ctx
+    root = _ROOTS.get(module)
+    if root is None:
+        for candidate in list(_CONTEXTS.keys()):
+            if candidate is not module and any(m is module for m in candidate.modules()):
+                root = _ROOTS[module] = candidate
+                break
+    return _CONTEXTS.get(root) if root is not None else None
 
 
 def session_for(owner: Optional[torch.nn.Module], config) -> Session:

@@ -98,7 +98,8 @@ def _attn_column_sparse_kernel(
 
 def _configs():
     out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3)]:
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+                         (64, 128, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     return out
 

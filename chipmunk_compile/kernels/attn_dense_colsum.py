@@ -30,6 +30,59 @@ from ._common import new_empty, LOG2E, cdiv, dot_precision, empty_bnhd, interpre
 
 
 @triton.jit
+def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi, skn, skd, svn, svd,
+          NK, qk_scale, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr,
+          DOT_PREC: tl.constexpr):
+    # One BLOCK_N key tile. TAIL=False tiles are fully inside Nk: no load masks, so the K/V loads
+    # stay vectorised and software-pipelined; only the last tile pays for masking.
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_in = cols < NK
+    if TAIL:
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=col_in[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_KMASK:
+        km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
+        s = tl.where((col_in & (km != 0))[None, :], s, float("-inf"))
+    elif TAIL:
+        s = tl.where(col_in[None, :], s, float("-inf"))
+    if COMPUTE_O:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TAIL:
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_in[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+        if WANT_COLSUM:
+            pr = p * tl.exp2(m_safe - ref2)[:, None]
+    else:
+        pr = tl.exp2(s - ref2[:, None])
+    if WANT_COLSUM:
+        # G is constexpr, so the group bookkeeping resolves at compile time.
+        if G % BLOCK_M == 0:  # the tile lies inside one group
+            tl.atomic_add(cs_base + g_lo * NK + cols, tl.sum(pr, 0), mask=col_in, sem="relaxed")
+        elif BLOCK_M <= G:  # at most two groups
+            cs0 = tl.sum(tl.where((grp == g_lo)[:, None], pr, 0.0), 0)
+            cs1 = tl.sum(tl.where((grp != g_lo)[:, None], pr, 0.0), 0)
+            tl.atomic_add(cs_base + g_lo * NK + cols, cs0, mask=col_in, sem="relaxed")
+            if g_hi > g_lo:
+                tl.atomic_add(cs_base + g_hi * NK + cols, cs1, mask=col_in, sem="relaxed")
+        else:
+            for g in range(g_lo, g_hi + 1):
+                cs = tl.sum(tl.where((grp == g)[:, None], pr, 0.0), 0)
+                tl.atomic_add(cs_base + g * NK + cols, cs, mask=col_in, sem="relaxed")
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_dense_colsum_kernel(
     Q, K, V, O, LSE, LSE_REF, COLSUM, KMASK, PERM,  #
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,  #
@@ -64,44 +117,21 @@ def _attn_dense_colsum_kernel(
         g_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // G
         grp = pos // G
         cs_base = COLSUM + pid_bh * NG * NK
-
-    for start_n in range(0, NK, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_in = cols < NK
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=col_in[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        col_ok = col_in
-        if HAS_KMASK:
-            km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
-            col_ok = col_ok & (km != 0)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        if COMPUTE_O:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_in[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-            if WANT_COLSUM:
-                pr = p * tl.exp2(m_safe - ref2)[:, None]
-        else:
-            pr = tl.exp2(s - ref2[:, None])
-        if WANT_COLSUM:
-            # G is constexpr, so the group bookkeeping resolves at compile time.
-            if G % BLOCK_M == 0:  # the tile lies inside one group
-                tl.atomic_add(cs_base + g_lo * NK + cols, tl.sum(pr, 0), mask=col_in, sem="relaxed")
-            elif BLOCK_M <= G:  # at most two groups
-                cs0 = tl.sum(tl.where((grp == g_lo)[:, None], pr, 0.0), 0)
-                cs1 = tl.sum(tl.where((grp != g_lo)[:, None], pr, 0.0), 0)
-                tl.atomic_add(cs_base + g_lo * NK + cols, cs0, mask=col_in, sem="relaxed")
-                if g_hi > g_lo:
-                    tl.atomic_add(cs_base + g_hi * NK + cols, cs1, mask=col_in, sem="relaxed")
-            else:
-                for g in range(g_lo, g_hi + 1):
-                    cs = tl.sum(tl.where((grp == g)[:, None], pr, 0.0), 0)
-                    tl.atomic_add(cs_base + g * NK + cols, cs, mask=col_in, sem="relaxed")
+    else:  # unused placeholders
+        ref2 = m_i
+        grp = pos
+        g_lo = 0
+        g_hi = 0
+        cs_base = LSE
+    n_full = (NK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
+                              skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
+                              WANT_COLSUM, False, DOT_PREC)
+    if n_full < NK:
+        m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, n_full, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
+                              skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
+                              WANT_COLSUM, True, DOT_PREC)
 
     if COMPUTE_O:
         o = acc / l_i[:, None]

@@ -11,6 +11,8 @@ Kernel invariants:
   h_new - h_cache (fp32), store delta (packed) and h_new (into h_cache) — the writeback is fused,
   each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
   in-place update is race free.
+- delta_packed rows are padded to a multiple of 64 elements (see the launcher); the pad columns
+  are never written nor read.
 - Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
   gathered weight rows of a column window stay in L2 while several token blocks use them.
 """
@@ -114,7 +116,7 @@ def _mlp_sparse_mm1_kernel(
 def _configs():
     out = []
     for bm, bn, bk, w, s, gm in [(128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8),
-                                 (128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64)]:
+                                 (128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64), (128, 256, 64, 8, 4, 64)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
                                  num_stages=s))
     return out
@@ -128,7 +130,11 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
     B, M, C = x.shape
     NB, KW = indices.shape[1], indices.shape[2]
     assert NB == cdiv(M, block) and h_cache.shape == (B, M, w_act.shape[0])
-    delta = new_empty(B, M, KW, dtype=x.dtype, device=x.device)
+    # Rows padded to a multiple of 64 elements: keeps delta rows 16-byte aligned so the stores here
+    # and mm2's loads stay vectorised (K = 3686 made mm2 5x slower). A plain contiguous tensor when
+    # K % 64 == 0; otherwise a (B, M, K) view of a (B, M, Kp) buffer whose pad is never read.
+    KWp = cdiv(KW, 64) * 64
+    delta = new_empty(B, M, KWp, dtype=x.dtype, device=x.device)[..., :KW]
     idx = indices.to(torch.int32)
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     cnt = counts.to(torch.int32).contiguous()

@@ -63,8 +63,17 @@ def _mlp_sparse_mm2_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     idx_base = IDX + b * sib + mb * sim
     a_base = DP + b * sdb + ri[:, None] * sdm
-    for kk in range(0, cnt, BLOCK_K):
+    # Full BLOCK_K tiles without column masks (keeps the loads 16-byte vectorised and
+    # software-pipelined), then one masked tail tile.
+    n_full = (cnt // BLOCK_K) * BLOCK_K
+    for kk in range(0, n_full, BLOCK_K):
         c = kk + offs_k
+        j = tl.load(idx_base + c)
+        a = tl.load(a_base + c[None, :] * sdk, mask=row_ok[:, None], other=0.0)
+        w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    if n_full < cnt:
+        c = n_full + offs_k
         c_ok = c < cnt
         j = tl.load(idx_base + c, mask=c_ok, other=0)
         a = tl.load(a_base + c[None, :] * sdk, mask=row_ok[:, None] & c_ok[None, :], other=0.0)

@@ -1,9 +1,9 @@
 """Top-k key-column selection per (batch, head, query group) from column sums (PyTorch only).
 
 Contract:
-- colsum (B, H, Gc, Nk) float. K = min(Nk, k + n_always + random_keys), n_always = always_keep.sum().
-- Selected set = always_keep columns (all of them) + ``random_keys`` random columns per row (uniform
-  among selectable, non-always columns; ``generator`` makes it reproducible) + the top columns by
+- colsum (B, H, Gc, Nk) float; with ``inplace=True`` an fp32 colsum is overwritten (scored in place). K = min(Nk, k + n_always + random_keys), n_always = always_keep.sum().
+- Selected set = always_keep columns (all of them) + ``random_keys`` random draws per row (uniform, with
+  replacement; blocked or duplicate draws fall back to top-k; ``generator`` makes it reproducible) + the top columns by
   colsum filling the rest. Masked keys (key_mask (B, Nk) False) are never selected.
 - Returns indices (B, H, Gc, K) int32 with the valid entries first, sorted ascending, entries past
   counts set to 0; counts (B, H, Gc) int32 = min(K, number of selectable keys).
@@ -16,26 +16,31 @@ from __future__ import annotations
 import torch
 
 
-def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None):
+def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
+                       inplace: bool = False):
     B, H, Gc, Nk = colsum.shape
     dev = colsum.device
     n_always = int(always_keep.sum()) if always_keep is not None else 0
     K = max(1, min(Nk, int(k) + n_always + int(random_keys)))
-    scores = colsum.float().clone()
+    # inplace: the caller's colsum is a temporary and is scored in place (a copy would double a
+    # (B, H, Gc, Nk) buffer that is GBs at video sizes)
+    scores = colsum if inplace and colsum.dtype == torch.float32 else colsum.float().clone()
     blocked = torch.zeros(B, 1, 1, Nk, dtype=torch.bool, device=dev)
     if key_mask is not None:
         blocked |= ~key_mask.bool().view(B, 1, 1, Nk)
     if always_keep is not None:
         ak = always_keep.bool().view(1, 1, 1, Nk)
     if random_keys > 0:
-        r = torch.rand(B, H, Gc, Nk, generator=generator, device=dev)
+        # random_keys draws with replacement: O(B·H·Gc·r) memory instead of a (B, H, Gc, Nk) field
+        # (7 GB at HunyuanVideo size). Duplicates and blocked draws just leave those slots to top-k.
+        pick = torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator, device=dev)
         excl = blocked if always_keep is None else (blocked | ak)
-        r = r.masked_fill(excl, -1.0)
-        pick = r.topk(min(int(random_keys), Nk), dim=-1).indices
-        scores.scatter_(-1, pick, torch.finfo(torch.float32).max)
+        ok = ~torch.gather(excl.expand(B, H, Gc, Nk), -1, pick)
+        boost = torch.where(ok, torch.finfo(torch.float32).max, torch.gather(scores, -1, pick))
+        scores.scatter_(-1, pick, boost)
     if always_keep is not None:
-        scores = scores.masked_fill(ak, float("inf"))
-    scores = scores.masked_fill(blocked, float("-inf"))
+        scores.masked_fill_(ak, float("inf"))
+    scores.masked_fill_(blocked, float("-inf"))
     vals, idx = scores.topk(K, dim=-1)
     valid = vals > float("-inf")
     idx = torch.where(valid, idx, torch.full_like(idx, Nk))  # invalid sort last

@@ -51,7 +51,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     group = cfg.group
     perm = s.perm_on(q.device)
     st, pos = s.branch_state()
-    kind = attn_step_kind(cfg, pos.step, s.layer)
+    kind = attn_step_kind(cfg, pos.step, s.current_layer())
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     B, H, N, D = q.shape
     n_groups = -(-N // group)
@@ -76,7 +76,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             top = max(1, round(cfg.top_keys * Nk))
             rnd = round(cfg.random_keys * Nk)
             keep = s.keep_on(q.device) if cfg.keep_text_keys else None
-            idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep, random_keys=rnd)
+            idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep, random_keys=rnd,
+                                                            generator=s.rng(q.device, pos.step), inplace=True)
             idx_buf = st.tensor("indices", tuple(idx.shape), torch.int32, q.device)
             cnt_buf = st.tensor("counts", (B, H, n_groups), torch.int32, q.device)
             idx_buf.copy_(idx)

@@ -60,7 +60,7 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     Fh = w_act.shape[0]
     perm = s.perm_on(x.device)
     st, pos = s.branch_state()
-    kind = mlp_step_kind(cfg, pos.step, s.layer)
+    kind = mlp_step_kind(cfg, pos.step, s.current_layer())
     st.ensure((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
     n_blocks = -(-M // cfg.block)
     basis_dim = Fh if w_lin is None else 2 * Fh
@@ -90,7 +90,8 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
             change = change[..., :Fh] + change[..., Fh:]
         top = max(1, round(cfg.top_keys * Fh))
         rnd = round(cfg.random_keys * Fh)
-        idx, cnt = kernel("select_columns", change)(change.unsqueeze(1), k=top, random_keys=rnd)
+        idx, cnt = kernel("select_columns", change)(change.unsqueeze(1), k=top, random_keys=rnd,
+                                                      generator=s.rng(x.device, pos.step), inplace=True)
         idx, cnt = idx.squeeze(1), cnt.squeeze(1)
         # refresh the reference means of the selected neurons only (method.md §2, copy_indices)
         _refresh_reference(bm_cache, basis, idx, cnt, Fh, gated=w_lin is not None)

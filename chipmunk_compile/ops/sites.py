@@ -85,6 +85,7 @@ class Site:
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
+    graph: Any = None  # GraphInstances of the compiled graph this site belongs to
 
     def __post_init__(self):
         self.id = new_site_id()
@@ -93,14 +94,32 @@ class Site:
 
     def branch_state(self) -> tuple[BranchState, Any]:
         pos = self.session.position()
-        st = self.states.get(pos.branch)
+        inst = self.graph.current if self.graph is not None else 0
+        key = pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
+        st = self.states.get(key)
         if st is None:
-            st = self.states[pos.branch] = BranchState(self, pos.branch)
+            st = self.states[key] = BranchState(self, key)
         return st, pos
+
+    def current_layer(self) -> int:
+        """The layer index, counting earlier block instances when one graph serves many blocks."""
+        if self.graph is None or self.graph.current == 0:
+            return self.layer
+        per = self.graph.attention_sites if self.graph.attention_sites else 1
+        return self.graph.current * per + self.layer
 
     def ran(self, kind: str) -> None:
         self.steps[kind] = self.steps.get(kind, 0) + 1
         count(f"{self.kind}_{kind}")
+
+    def rng(self, device, step: int) -> torch.Generator:
+        """Random-key draws seeded by (layer, step): generations repeat exactly, branches agree."""
+        gens = self.__dict__.setdefault("_gens", {})
+        gen = gens.get(device)
+        if gen is None:
+            gen = gens[device] = torch.Generator(device=device)
+        gen.manual_seed(1_000_003 * step + 7919 * self.current_layer() + (1 if self.kind == "mlp" else 0))
+        return gen
 
     def perm_on(self, device) -> Optional[torch.Tensor]:
         if self.perm is None:
@@ -115,6 +134,28 @@ class Site:
         if self.always_keep.device != device:
             self.always_keep = self.always_keep.to(device)
         return self.always_keep
+
+
+class GraphInstances:
+    """Which module instance a compiled graph is running for.
+
+    Under regional compilation (`compile_repeated_blocks`) one graph serves every block of a class;
+    the wrapper identifies the block by the storage of its first parameter argument and sets
+    `current` (0 for the first block seen, 1 for the next, ...). Sites key their caches by it."""
+
+    def __init__(self, attention_sites: int):
+        self.attention_sites = attention_sites
+        self.keys: dict[int, int] = {}
+        self.current = 0
+
+    def enter(self, key: int) -> int:
+        ordinal = self.keys.get(key)
+        if ordinal is None:
+            ordinal = self.keys[key] = len(self.keys)
+            if ordinal == 1:
+                log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
+        self.current = ordinal
+        return ordinal
 
 
 def lookup(site_id: int) -> Optional[Site]:

@@ -38,7 +38,8 @@ def _key_mask_ok(mask: fx.Node, batch, n_k) -> Optional[str]:
     shape = tuple(mv.shape)
     if len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and shape[3] == n_k and shape[0] in (1, batch):
         return None
-    if len(shape) == 2 and shape[1] == n_k and shape[0] in (1, batch):
+    # 2-D masks broadcast as (N, Nk) (a per-query mask), so only (1, Nk) is a key-padding mask
+    if len(shape) == 2 and shape[1] == n_k and shape[0] == 1:
         return None
     return f"attention mask of shape {list(shape)} is not a key-padding mask (B, 1, 1, Nk)"
 

@@ -94,8 +94,11 @@ def module_path(node: fx.Node) -> str:
 
 
 def source_to_path(name: str) -> str:
-    """`L['self'].blocks.0.attn` or `L['self']._modules['blocks']._modules['0']` -> `blocks.0.attn`."""
+    """`L['self'].blocks.0.attn`, `L['self']._modules['blocks']._modules['0']` or
+    `L['self'].__dict__['_modules']['blocks'].0.attn` -> `blocks.0.attn`."""
     s = re.sub(r"^L\['[^']+'\]", "", name)
+    # diffusers modules (custom __getattr__) appear as `.__dict__['_modules']['blocks']`
+    s = re.sub(r"\.__dict__\['_(?:modules|parameters|buffers)'\]", "", s)
     s = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", s)
     s = re.sub(r"\[(\d+)\]", r".\1", s)
     s = re.sub(r"\['([^']+)'\]", r".\1", s)

@@ -114,6 +114,8 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     if form is None:
         prev = h
         if _looks_activated(prev) and isinstance(prev.args[0], fx.Node) and is_linear(prev.args[0]):
+            if activation_of(prev) is not None:  # supported, but the first linear feeds more than it
+                return _reject(node, "the first linear's output has other users")
             return _reject(node, f"unsupported activation {getattr(prev.target, '__name__', prev.target)}")
         return None
     act, x, w_act, b_act, w_lin, b_lin, nodes = form
@@ -121,8 +123,10 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     x_shape = shape_of(x)
     shapes = {"x": x_shape, "w2": shape_of(w2)}
     _, mlp_cfg = ctx.config.for_site(module_path(node))
-    if x_shape is None or len(x_shape) < 2:
+    if x_shape is None:
         return _reject(node, "unknown input shape", shapes)
+    if len(x_shape) < 3:  # (B, C): a conditioning MLP (timestep / pooled embedders), no token axis
+        return _reject(node, f"no token dimension (input of rank {len(x_shape)})", shapes)
     if not mlp_cfg.enabled:
         return _reject(node, "disabled by config", shapes)
     tokens = x_shape[-2]

@@ -1,0 +1,550 @@
+"""Spatial token grouping (method.md §3) without model edits: a `perm` per site from the graph.
+
+Chipmunk's sparsity unit is a group of queries (attention) or a block of tokens (MLP) that share
+one set of key columns / neurons. Groups of spatially close tokens share far more than groups of
+raster-consecutive ones. Here the grouping is only a permutation (`Site.perm`, docs/design.md):
+query group g = queries perm[g*G:(g+1)*G]; outputs stay in the original order.
+
+Where the token grid comes from, in this order:
+1. a Conv2d/Conv3d patch embedding whose output is flattened/transposed into a (B, N, C)-like
+   token tensor (DiT, PixArt, SD3, Wan, HunyuanVideo, CogVideoX, Mochi). The view chain is
+   followed symbolically, so per-frame 2-D convs whose batch is later unflattened into frames
+   (CogVideoX, Mochi) give a t×h×w grid; size-1 axes are dropped (one video frame = an image).
+2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
+   are distinct integer positions filling a box. Its values are read once at compile time (the
+   backend's example inputs are real tensors); the order then follows the actual positions,
+   whatever order the tokens come in.
+3. `config.grouping.grid` (with `text_tokens` / `text_first`).
+Else no grouping (perm None; the reason is reported in `Site.grouping`).
+
+Order inside the image tokens (`tile_order`): 2-D grids in (8, 8) tiles, tile-major, each tile as
+four 4×4 sub-tiles (raster of sub-tiles, raster inside); 3-D grids in (4, 6, 8) voxels, voxel-major,
+raster inside (`config.grouping.tile` overrides; a tile axis longer than the grid is clamped to it).
+The part of the grid outside the full tiles (the "tail") follows in raster order, unpadded:
+the t-remainder slab, then the h-remainder, then the w-remainder (method.md §3).
+
+Non-grid ("text") tokens: a site with N_site = N_image + n tokens has n text tokens, before or after
+the image tokens. Their side comes from the graph (a torch.cat along the token axis that joins an
+N_image-token part with the rest, found upstream of the site's input), else from the config. The
+perm lists the image tokens first (so image groups start aligned to tiles), then the text tokens
+whole, in their original order; text never splits a tile. When the side is unknown or the evidence
+disagrees, the site is not grouped. `Site.always_keep` marks the text keys (attention sites, when
+`attn.keep_text_keys`). Sites whose token count matches neither case get no perm.
+
+Invariants: pure analysis of the graph and of example-input values; the graph is never changed.
+Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+DEFAULT_TILE_2D = (8, 8)
+DEFAULT_TILE_3D = (4, 6, 8)
+SUBTILE_2D = (4, 4)
+
+_CONV2D = {torch.conv2d, F.conv2d}
+_CONV3D = {torch.conv3d, F.conv3d}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_IDENTITY = {"contiguous", "to", "float", "half", "bfloat16", "type_as", "clone", "detach"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token orders
+# ---------------------------------------------------------------------------------------------
+def _raster(idx: torch.Tensor) -> torch.Tensor:
+    return idx.reshape(-1)
+
+
+def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Raster indices of a (h, w) or (t, h, w) grid in tile order, tail last (int64, (prod(grid),)).
+
+    2-D: full (8, 8) tiles tile-major, each as 4×4 sub-tiles in raster-of-sub-tile order; 3-D: full
+    (4, 6, 8) voxels voxel-major, raster inside. Then the tail in raster order: the slab beyond the
+    last full tile along the first axis, then along the second, then along the third."""
+    grid = tuple(int(g) for g in grid)
+    nd = len(grid)
+    if nd not in (2, 3):
+        raise ValueError(f"grid must be (h, w) or (t, h, w), got {grid}")
+    tile = tuple(int(t) for t in (tile or (DEFAULT_TILE_2D if nd == 2 else DEFAULT_TILE_3D)))
+    if len(tile) != nd:
+        raise ValueError(f"tile {tile} does not fit grid {grid}")
+    tile = tuple(max(1, min(t, g)) for t, g in zip(tile, grid))
+    idx = torch.arange(math.prod(grid)).reshape(grid)
+    full = tuple((g // t) * t for g, t in zip(grid, tile))
+    parts = []
+    body = idx[tuple(slice(0, f) for f in full)]
+    if body.numel():
+        if nd == 2:
+            (H, W), (th, tw) = full, tile
+            sh, sw = SUBTILE_2D
+            if th % sh == 0 and tw % sw == 0 and (th, tw) != (sh, sw):
+                v = body.reshape(H // th, th // sh, sh, W // tw, tw // sw, sw).permute(0, 3, 1, 4, 2, 5)
+            else:
+                v = body.reshape(H // th, th, W // tw, tw).permute(0, 2, 1, 3)
+        else:
+            (T, H, W), (tt, th, tw) = full, tile
+            v = body.reshape(T // tt, tt, H // th, th, W // tw, tw).permute(0, 2, 4, 1, 3, 5)
+        parts.append(v.reshape(-1))
+    # tail: for axis a, the tokens inside the full range on axes < a and beyond it on axis a
+    for a in range(nd):
+        sl = tuple(slice(0, full[i]) for i in range(a)) + (slice(full[a], grid[a]),)
+        parts.append(_raster(idx[sl]))
+    out = torch.cat(parts)
+    assert out.numel() == idx.numel()
+    return out
+
+
+def site_perm(n_site: int, img_order: torch.Tensor, n_text: int, text_first: bool) -> torch.Tensor:
+    """(n_site,) int32: image tokens in `img_order` (indices into the image stream) first, then the
+    n_text text tokens whole, in their original order."""
+    n_img = img_order.numel()
+    assert n_img + n_text == n_site
+    off, txt0 = (n_text, 0) if text_first else (0, n_img)
+    perm = torch.cat([img_order.long() + off, torch.arange(txt0, txt0 + n_text)])
+    return perm.to(torch.int32)
+
+
+def text_mask(n_site: int, n_text: int, text_first: bool) -> torch.Tensor:
+    keep = torch.zeros(n_site, dtype=torch.bool)
+    if n_text:
+        if text_first:
+            keep[:n_text] = True
+        else:
+            keep[n_site - n_text:] = True
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid inference
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GridInfo:
+    grid: tuple  # (h, w) or (t, h, w), size-1 axes dropped
+    source: str  # for reports
+    token_of_raster: Optional[torch.Tensor] = None  # image-stream token at each raster position
+    text_first: Optional[bool] = None  # when the source knows it
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.grid)
+
+    def describe(self) -> str:
+        return f"{self.source} {'×'.join(map(str, self.grid))}"
+
+
+def _val(node: Any) -> Any:
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _shape(node: Any) -> Optional[tuple]:
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in v.shape)
+    except Exception:  # symbolic sizes (dynamic shapes)
+        return None
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(s, int) for s in shape)
+
+
+# Layouts: a tensor's dims, each a tuple of atoms (label, size) in row-major order.
+def _reshape_layout(layout: list, out_shape: tuple) -> Optional[list]:
+    atoms = [a for d in layout for a in d if a[1] != 1]
+    out, i = [], 0
+    for s in out_shape:
+        dim = []
+        need = s
+        while need > 1:
+            if i >= len(atoms):
+                return None
+            label, size = atoms[i]
+            if size <= need and need % size == 0:
+                dim.append(atoms[i])
+                need //= size
+                i += 1
+            elif size % need == 0:  # split the atom: outer part here, inner part next
+                dim.append((label, need))
+                atoms[i] = (label + "'", size // need)
+                need = 1
+            else:
+                return None
+        out.append(tuple(dim))
+    return out if i == len(atoms) else None
+
+
+def _dims_arg(node: fx.Node, first: int) -> list:
+    rest = list(node.args[first:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    return rest
+
+
+def _step_layout(node: fx.Node, src: fx.Node, layout: list) -> Optional[list]:
+    """Layout of `node`'s output when it is a view-like op of `src`, else None."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if not node.args or node.args[0] is not src:
+        return None
+    nd = len(layout)
+    out_shape = _shape(node)
+    if out_shape is None:
+        return None
+    if name in _IDENTITY:
+        return layout if out_shape == tuple(math.prod(a[1] for a in d) for d in layout) else None
+    if name in ("transpose", "swapaxes"):
+        a, b = (int(x) % nd for x in node.args[1:3])
+        new = list(layout)
+        new[a], new[b] = new[b], new[a]
+        return new
+    if name == "permute":
+        dims = [int(d) % nd for d in _dims_arg(node, 1)]
+        return [layout[d] for d in dims]
+    if name in _RESHAPES:
+        return _reshape_layout(layout, out_shape)
+    return None
+
+
+def _token_grid(layout: list, spatial: set) -> Optional[tuple[tuple, bool]]:
+    """(grid, has_frames) when one dim holds all spatial atoms (plus at most one batch-split
+    frame atom) and nothing else; else None."""
+    for d in layout:
+        labels = [a[0] for a in d]
+        if not any(lab.rstrip("'") in spatial for lab in labels):
+            continue
+        if any(lab.startswith("c") for lab in labels):
+            return None
+        present = {lab.rstrip("'") for lab in labels}
+        if not spatial <= present or len(d) > 3:
+            return None
+        if any(lab.endswith("'") and lab.rstrip("'") in spatial for lab in labels):
+            return None  # a spatial axis was split: not a plain token grid
+        frames = [lab for lab in labels if lab.startswith("n")]
+        if len(frames) > 1:
+            return None
+        return tuple(a[1] for a in d), bool(frames)
+    return None
+
+
+def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
+    out = []
+    for node in gm.graph.nodes:
+        kind = None
+        if node.op == "call_function" and node.target in _CONV2D:
+            kind = "conv2d"
+        elif node.op == "call_function" and node.target in _CONV3D:
+            kind = "conv3d"
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            kind = {torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d"}.get(type(mod))
+        if kind is None:
+            continue
+        shape = _shape(node)
+        if shape is None or len(shape) not in (4, 5):
+            continue
+        spatial_sizes = shape[2:]
+        layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(spatial_sizes)]
+        spatial = {f"s{i}" for i, s in enumerate(spatial_sizes) if s > 1}
+        if len(spatial) < 1:
+            continue
+        # follow view-like users (breadth-first; the first token layout reached wins)
+        frontier = [(node, layout)]
+        found = None
+        seen = set()
+        while frontier and found is None:
+            nxt = []
+            for src, lay in frontier:
+                for user in src.users:
+                    if user in seen:
+                        continue
+                    seen.add(user)
+                    new = _step_layout(user, src, lay)
+                    if new is None:
+                        continue
+                    tg = _token_grid(new, spatial)
+                    if tg is not None and len(tg[0]) >= 2 and math.prod(tg[0]) >= 4:
+                        found = tg
+                        break
+                    nxt.append((user, new))
+                if found:
+                    break
+            frontier = nxt
+        if found is None:
+            continue
+        grid, frames = found
+        grid = tuple(g for g in grid if g > 1)
+        if len(grid) not in (2, 3):
+            continue
+        if frames:
+            src = f"{kind} patch embed (per frame) t×h×w"
+        else:
+            src = f"{kind} patch embed " + ("t×h×w" if len(grid) == 3 else "h×w")
+        out.append(GridInfo(grid, src))
+    return out
+
+
+def _input_name(node: fx.Node) -> str:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    name = getattr(src, "name", "") if src is not None else ""
+    if callable(name):
+        name = name()
+    keys = [k for k in name.replace('"', "'").split("'") if k and k[0].isalpha()] if name else []
+    return keys[-1] if keys else node.name
+
+
+def _is_param(node: fx.Node) -> bool:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    name = getattr(src, "name", "") if src is not None else ""
+    if callable(name):
+        name = name()
+    return "_parameters" in str(name) or "parameters_" in node.name
+
+
+def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor]]:
+    """(grid, raster index of each row) when the rows of ids (N, c) are distinct integer
+    positions filling a box with 2 or 3 non-constant columns."""
+    if ids.dim() == 3:
+        if not bool((ids == ids[:1]).all()):
+            return None
+        ids = ids[0]
+    if ids.dim() != 2 or ids.shape[-1] not in (3, 4) or ids.shape[0] < 4:
+        return None
+    x = ids.detach().cpu().double()
+    if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
+        return None
+    x = x.long()
+    lo, hi = x.min(0).values, x.max(0).values
+    ext = hi - lo + 1
+    axes = [i for i in range(x.shape[1]) if ext[i] > 1]
+    if len(axes) not in (2, 3):
+        return None
+    grid = tuple(int(ext[i]) for i in axes)
+    n = x.shape[0]
+    if math.prod(grid) != n:
+        return None
+    raster = torch.zeros(n, dtype=torch.long)
+    for i in axes:
+        raster = raster * int(ext[i]) + (x[:, i] - lo[i])
+    if torch.unique(raster).numel() != n:
+        return None
+    return grid, raster
+
+
+def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
+    if example_inputs is None:
+        return []
+    out = []
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(places, example_inputs):
+        if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.shape[-1] not in (3, 4):
+            continue
+        if isinstance(value, torch._subclasses.FakeTensor) or value.is_meta or _is_param(node):
+            continue
+        if value.is_complex() or value.dtype == torch.bool:
+            continue
+        try:
+            res = _ids_grid(value)
+        except Exception:
+            res = None
+        if res is None:
+            continue
+        grid, raster = res
+        token_of_raster = torch.empty_like(raster)
+        token_of_raster[raster] = torch.arange(raster.numel())
+        if torch.equal(token_of_raster, torch.arange(raster.numel())):
+            token_of_raster = None
+        axes = "t×h×w" if len(grid) == 3 else "h×w"
+        out.append(GridInfo(grid, f"position ids input {_input_name(node)} {axes}", token_of_raster))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text side from the graph
+# ---------------------------------------------------------------------------------------------
+def _cat_sides(node: fx.Node, n_site: int, n_img: int, limit: int = 200_000) -> set:
+    """Sides ("first"/"last"/"mixed") of the non-image tokens seen in torch.cat nodes upstream of
+    `node` that join an n_img-token part with others into n_site tokens along a token axis."""
+    sides: set = set()
+    seen = {node}
+    stack = [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n.op == "call_function" and n.target in _CAT:
+            side = _cat_side(n, n_site, n_img)
+            if side is not None:
+                sides.add(side)
+                continue  # the join is found on this path
+        for inp in n.all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return sides
+
+
+def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    out = _shape(n)
+    if not isinstance(parts, (list, tuple)) or out is None or not isinstance(dim, int):
+        return None
+    dim = dim % len(out)
+    if out[dim] != n_site or (dim == len(out) - 1 and len(out) > 2):
+        return None  # not the token axis (channel concats are on the last axis)
+    sizes = []
+    for p in parts:
+        s = _shape(p)
+        if s is None or len(s) != len(out):
+            return None
+        sizes.append(s[dim])
+    hits = [i for i, s in enumerate(sizes) if s == n_img]
+    if len(hits) != 1 or len(sizes) < 2:
+        return "mixed" if len(hits) > 1 else None
+    i = hits[0]
+    return "first" if i == len(sizes) - 1 else "last" if i == 0 else "mixed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment
+# ---------------------------------------------------------------------------------------------
+def _token_node(match) -> Optional[fx.Node]:
+    return match.q if match.kind == "attention" else match.x
+
+
+def _site_tokens(site) -> Optional[int]:
+    shape = site.shapes.get("q") if site.kind == "attention" else site.shapes.get("x")
+    if not shape or len(shape) < 2 or not isinstance(shape[-2], int):
+        return None
+    return int(shape[-2])
+
+
+def _pick(cands: list[GridInfo], counts: list[int]) -> Optional[GridInfo]:
+    """The candidate grid that explains the most sites (equal or text-extended token counts)."""
+    best, best_score = None, 0
+    for g in cands:
+        score = sum(2 if n == g.n else 1 if n > g.n else 0 for n in counts)
+        if score > best_score:
+            best, best_score = g, score
+    return best
+
+
+def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) -> tuple[Optional[GridInfo], str]:
+    """(grid info, why not) for the graph; `counts` are the sites' token counts."""
+    gcfg = config.grouping
+    conv = _pick(_conv_grids(gm), counts)
+    if conv is not None:
+        return conv, ""
+    ids = _pick(_id_grids(gm, example_inputs), counts)
+    if ids is not None:
+        return ids, ""
+    if gcfg.grid is not None:
+        grid = tuple(int(g) for g in gcfg.grid)
+        grid = tuple(g for g in grid if g > 1)
+        if len(grid) not in (2, 3):
+            return None, f"config.grouping.grid {list(gcfg.grid)} has {len(grid)} axes longer than 1 (need 2 or 3)"
+        return GridInfo(grid, "config " + ("t×h×w" if len(grid) == 3 else "h×w"), None, gcfg.text_first), ""
+    why = "no conv patch embedding, position-id input or config.grouping.grid"
+    if example_inputs is None:
+        why += " (input values not available)"
+    return None, why
+
+
+def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
+    """Set `perm`, `always_keep` and `grouping` on every site of `pairs` ((match, site) tuples).
+
+    Returns a summary dict (grid, source, tile, per-site decisions) for `Plan.grouping`."""
+    gcfg = config.grouping
+    sites = [s for _, s in pairs]
+    if not pairs:
+        return {}
+    if not gcfg.enabled:
+        for s in sites:
+            s.perm, s.always_keep, s.grouping = None, None, "none: grouping disabled"
+        return {"source": "none: grouping disabled"}
+    counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
+    info, why = infer_grid(gm, example_inputs, config, counts)
+    earlier = getattr(session, "_chipmunk_grid", None) if session is not None else None
+    if info is None and earlier is not None:  # e.g. a graph after a graph break
+        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first)
+    if info is None:
+        for s in sites:
+            s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
+        return {"source": f"none: {why}"}
+    if session is not None and "earlier graph" not in info.source:
+        session._chipmunk_grid = info
+    tile = gcfg.tile
+    if tile is not None and len(tile) != len(info.grid):
+        tile = None  # a preset's tile for the other dimensionality
+    tile = tuple(tile) if tile else (DEFAULT_TILE_2D if len(info.grid) == 2 else DEFAULT_TILE_3D)
+    eff_tile = tuple(max(1, min(t, g)) for t, g in zip(tile, info.grid))
+    raster = tile_order(info.grid, eff_tile)
+    img_order = raster if info.token_of_raster is None else info.token_of_raster[raster]
+    n_img = info.n
+    desc = f"{info.describe()}, tile {'×'.join(map(str, eff_tile))}"
+
+    # text side per token count: graph evidence from every site of that count, then config
+    # (the first few sites of a count suffice: deeper sites repeat the same joins, at higher cost)
+    sides_by_count: dict[int, set] = {}
+    looked: dict[int, int] = {}
+    for m, s in pairs:
+        n = _site_tokens(s)
+        if n is not None and n > n_img and looked.get(n, 0) < 3:
+            node = _token_node(m)
+            if isinstance(node, fx.Node):
+                found = _cat_sides(node, n, n_img)
+                sides_by_count.setdefault(n, set()).update(found)
+                looked[n] = looked.get(n, 0) + bool(found)
+    cache: dict = {}
+    decisions = []
+    for m, s in pairs:
+        n = _site_tokens(s)
+        perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache)
+        s.perm = perm
+        keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
+        s.always_keep = keep if keep_text else None
+        s.grouping = f"{desc}{note}" if perm is not None else f"none: {note}"
+        decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
+    return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+
+
+def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache):
+    if n is None:
+        return None, None, "unknown or symbolic token count"
+    if n < n_img or (n > n_img and gcfg.text_tokens is not None and n - n_img != gcfg.text_tokens):
+        extra = "" if n < n_img else f" + text_tokens {gcfg.text_tokens}"
+        return None, None, f"{n} tokens ≠ grid {n_img}{extra}"
+    n_text = n - n_img
+    if n_text == 0:
+        key = (n, 0, True)
+        if key not in cache:
+            cache[key] = site_perm(n, img_order, 0, True)
+        return cache[key], None, ""
+    graph_side = None
+    if sides:
+        if len(sides) > 1 or "mixed" in sides:
+            return None, None, f"{n_text} non-grid tokens on both sides / between image tokens"
+        graph_side = sides.pop() == "first"
+        sides.add("first" if graph_side else "last")
+    cfg_side = gcfg.text_first if gcfg.text_first is not None else info.text_first
+    if graph_side is not None and cfg_side is not None and graph_side != cfg_side:
+        return None, None, f"config text_first={cfg_side} contradicts the graph's concat order"
+    first = graph_side if graph_side is not None else cfg_side
+    if first is None:
+        return None, None, f"cannot tell whether the {n_text} non-grid tokens come before or after the image"
+    key = (n, n_text, first)
+    if key not in cache:
+        cache[key] = (site_perm(n, img_order, n_text, first), text_mask(n, n_text, first))
+    perm, keep = cache[key]
+    return perm, keep, f", text {n_text} {'first' if first else 'last'}"

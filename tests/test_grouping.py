@@ -1,0 +1,352 @@
+"""Spatial token grouping (chipmunk_compile/grouping.py): token orders, grid inference, hook-up.
+
+CPU only. Orders are checked directly; grid inference on tiny diffusers models (Flux ids, Wan conv3d,
+DiT / PixArt conv2d, SD3 joint attention); end to end, grouping with every key / neuron kept must
+reproduce the dense model exactly (the perm round-trips through the ops).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+
+import chipmunk_compile
+from chipmunk_compile import ChipmunkConfig
+from chipmunk_compile.grouping import site_perm, text_mask, tile_order
+from chipmunk_compile.rewrite import rewrite
+from chipmunk_compile.runtime import Session, sessions_of
+
+diffusers = pytest.importorskip("diffusers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Orders
+# ---------------------------------------------------------------------------------------------
+def _coords(grid, order):
+    return torch.stack(torch.unravel_index(order, tuple(grid)), dim=-1)  # (n, nd)
+
+
+def _is_perm(p, n):
+    return p.numel() == n and torch.equal(torch.sort(p.long()).values, torch.arange(n))
+
+
+@pytest.mark.parametrize("grid,tile", [((16, 24), (8, 8)), ((8, 12, 16), (4, 6, 8)), ((12, 18, 24), (4, 6, 8))])
+def test_full_tiles_are_boxes(grid, tile):
+    order = tile_order(grid, tile)
+    assert _is_perm(order, math.prod(grid))
+    size = math.prod(tile)
+    c = _coords(grid, order).view(-1, size, len(grid))
+    ext = c.amax(1) - c.amin(1) + 1
+    assert (ext == torch.tensor(tile)).all()  # every chunk of one tile is exactly one tile box
+    if len(grid) == 2:  # 4×4 sub-tiles inside each 8×8 tile, raster inside
+        sub = _coords(grid, order).view(-1, 16, 2)
+        assert ((sub.amax(1) - sub.amin(1) + 1) == 4).all()
+        assert torch.equal(order[:4], torch.tensor([0, 1, 2, 3]))
+        assert order[16].item() == 4  # second sub-tile starts at column 4 of row 0
+    else:  # raster inside a voxel
+        assert torch.equal(order[:8], torch.arange(8))
+
+
+@pytest.mark.parametrize("G", [64, 128, 192])
+def test_groups_are_compact(G):
+    grid = (16, 16)
+    order = tile_order(grid)
+    c = _coords(grid, order)
+    for g in range(0, order.numel(), G):
+        box = c[g:g + G].amax(0) - c[g:g + G].amin(0) + 1
+        assert box.prod() <= 2 * G  # whole tiles, at most 2x the group's area
+    grid = (8, 12, 16)
+    order = tile_order(grid)
+    c = _coords(grid, order)
+    for g in range(0, order.numel(), 192):  # one (4, 6, 8) voxel per group of 192
+        box = c[g:g + 192].amax(0) - c[g:g + 192].amin(0) + 1
+        assert box.tolist() == [4, 6, 8]
+
+
+@pytest.mark.parametrize("grid,tile", [((9, 13), (8, 8)), ((5, 9, 16), (4, 6, 8)), ((9, 15, 20), (4, 6, 8)),
+                                       ((3, 7, 9), (4, 6, 8))])
+def test_tail_in_raster_after_full_tiles(grid, tile):
+    """Grids not multiple of the tile (small analogues of Hunyuan's 33×45×80): full tiles first,
+    then the t-remainder slab, the h-remainder, the w-remainder, each in raster order; no padding."""
+    order = tile_order(grid, tile)
+    n = math.prod(grid)
+    assert _is_perm(order, n)
+    eff = [min(t, g) for t, g in zip(tile, grid)]
+    full = [(g // t) * t for g, t in zip(grid, eff)]
+    c = _coords(grid, order)
+    in_full = torch.ones(n, dtype=torch.bool)
+    for a, f in enumerate(full):
+        in_full &= c[:, a] < f
+    n_full = math.prod(full)
+    assert in_full[:n_full].all() and not in_full[n_full:].any()
+    tail = order[n_full:]
+    beyond = _coords(grid, tail) >= torch.tensor(full)  # (n_tail, nd)
+    region = beyond.int().argmax(1)  # slab = the first axis beyond its full range
+    assert torch.equal(region, torch.sort(region).values)  # slabs in axis order
+    for a in range(len(grid)):
+        r = tail[region == a]
+        assert torch.equal(r, torch.sort(r).values)  # raster inside each slab
+
+
+def test_hunyuan_720p_counts():
+    order = tile_order((33, 45, 80))
+    assert order.numel() == 118_800
+    c = _coords((33, 45, 80), order[:107_520]).view(560, 192, 3)
+    assert ((c.amax(1) - c.amin(1) + 1) == torch.tensor([4, 6, 8])).all()  # 560 voxels, 11,280-token tail
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_tokens_kept_whole(text_first):
+    img = tile_order((8, 16))
+    n_img, n_txt = img.numel(), 37
+    n = n_img + n_txt
+    perm = site_perm(n, img, n_txt, text_first)
+    assert perm.dtype == torch.int32 and _is_perm(perm, n)
+    txt_pos = torch.arange(n_txt) if text_first else torch.arange(n_img, n)
+    assert torch.equal(perm[n_img:].long(), txt_pos)  # text last in the perm, whole, original order
+    img_part = perm[:n_img].long() - (n_txt if text_first else 0)
+    assert torch.equal(img_part, img)  # image tiles start aligned at group 0
+    keep = text_mask(n, n_txt, text_first)
+    assert keep.sum() == n_txt and keep[txt_pos].all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid inference on tiny diffusers models
+# ---------------------------------------------------------------------------------------------
+LOOSE = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0}, "mlp": {"min_tokens": 1, "first_n_dense_layers": 0},
+         "step_signal": "calls"}
+
+
+def _plan(model, kwargs, config=None):
+    cfg = ChipmunkConfig.from_any(config or LOOSE)
+    plans = []
+
+    def backend(gm, example_inputs, **_):
+        plans.append(rewrite(gm, cfg, Session(cfg, None), apply_changes=False, example_inputs=example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    return [s for p in plans for s in p.sites]
+
+
+def _flux(H=6, W=10, n_txt=7, shuffle=None, layers=1):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=layers,
+                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                               pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    ids = torch.zeros(H, W, 3)
+    ids[..., 1] = torch.arange(H)[:, None]
+    ids[..., 2] = torch.arange(W)[None]
+    ids = ids.reshape(-1, 3)
+    x = torch.randn(1, H * W, 4)
+    if shuffle is not None:
+        ids, x = ids[shuffle], x[:, shuffle]
+    kw = dict(hidden_states=x, encoder_hidden_states=torch.randn(1, n_txt, 32), pooled_projections=torch.randn(1, 32),
+              timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(n_txt, 3))
+    return m, kw
+
+
+def _wan(T=3, H=8, W=10):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1,
+                              rope_max_seq_len=64).eval()
+    return m, dict(hidden_states=torch.randn(1, 4, T, H, W), timestep=torch.tensor([500]),
+                   encoder_hidden_states=torch.randn(1, 5, 32))
+
+
+def _dit(size=16, layers=1):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=layers,
+                              sample_size=size, patch_size=2, num_embeds_ada_norm=10).eval()
+    return m, dict(hidden_states=torch.randn(1, 4, size, size), timestep=torch.tensor([5]),
+                   class_labels=torch.tensor([1]))
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                 num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                 caption_channels=24).eval()
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([5]),
+                   encoder_hidden_states=torch.randn(1, 5, 24), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def _tokens(s):
+    return (s.shapes.get("q") or s.shapes.get("x"))[-2]
+
+
+def test_flux_position_ids():
+    sites = _plan(*_flux())
+    joint = [s for s in sites if s.kind == "attention"]
+    assert len(joint) == 2
+    for s in sites:
+        n = _tokens(s)
+        if n == 67:  # 7 text + 60 image tokens
+            assert s.grouping.startswith("position ids input img_ids h×w 6×10") and "text 7 first" in s.grouping
+            assert _is_perm(s.perm, 67) and torch.equal(s.perm[60:].long(), torch.arange(7))
+            if s.kind == "attention":
+                assert s.always_keep is not None and s.always_keep[:7].all() and not s.always_keep[7:].any()
+            else:
+                assert s.always_keep is None
+        elif n == 60:  # image-stream MLP: same image order
+            assert s.grouping.startswith("position ids input img_ids") and _is_perm(s.perm, 60)
+        else:  # the text-stream MLP
+            assert s.perm is None and s.grouping.startswith("none: 7 tokens")
+
+
+def test_flux_shuffled_ids_follow_positions():
+    H, W = 8, 12
+    g = torch.Generator().manual_seed(1)
+    shuffle = torch.randperm(H * W, generator=g)
+    ref = {s.kind: s for s in _plan(*_flux(H, W)) if _tokens(s) == H * W + 7}
+    shuf = {s.kind: s for s in _plan(*_flux(H, W, shuffle=shuffle)) if _tokens(s) == H * W + 7}
+    for kind in ref:
+        p_ref, p_shuf = ref[kind].perm.long(), shuf[kind].perm.long()
+        # token j of the shuffled image stream sits at raster position shuffle[j]
+        img_shuf = p_shuf[:H * W] - 7
+        assert torch.equal(shuffle[img_shuf], p_ref[:H * W] - 7)
+        assert torch.equal(p_shuf[H * W:], torch.arange(7))
+
+
+def test_wan_conv3d():
+    sites = _plan(*_wan())
+    attn = [s for s in sites if s.kind == "attention"]
+    assert len(attn) == 1  # the cross-attention is rejected
+    s = attn[0]
+    assert s.grouping.startswith("conv3d patch embed t×h×w 3×4×5") and _is_perm(s.perm, 60)
+    assert s.always_keep is None
+    mlp = [s for s in sites if s.kind == "mlp" and _tokens(s) == 60]
+    assert mlp and all(torch.equal(m.perm, s.perm) for m in mlp)
+
+
+def test_wan_single_frame_is_an_image():
+    sites = _plan(*_wan(T=1, H=32, W=32))
+    s = next(s for s in sites if s.kind == "attention")
+    assert s.grouping.startswith("conv3d patch embed h×w 16×16, tile 8×8")
+
+
+@pytest.mark.parametrize("make", [_dit, _pixart])
+def test_conv2d_patch_embed(make):
+    sites = _plan(*make())
+    s = next(s for s in sites if s.kind == "attention")
+    assert s.grouping.startswith("conv2d patch embed h×w") and _is_perm(s.perm, _tokens(s))
+
+
+def test_sd3_text_after_image():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 12, 16), encoder_hidden_states=torch.randn(1, 5, 32),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([3]))
+    s = next(s for s in _plan(m, kw) if s.kind == "attention")
+    assert s.grouping.startswith("conv2d patch embed h×w 6×8") and s.grouping.endswith("text 5 last")
+    assert torch.equal(s.perm[48:].long(), torch.arange(48, 53)) and s.always_keep[48:].all()
+
+
+def test_grouping_disabled_and_ambiguous_text():
+    m, kw = _dit()
+    cfg = {**LOOSE, "grouping": {"enabled": False}}
+    assert all(s.perm is None and s.grouping == "none: grouping disabled" for s in _plan(m, kw, cfg))
+
+    class Sandwich(torch.nn.Module):  # text tokens on both sides of the image tokens: not grouped
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(4, 32, 2, 2)
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x, a, b):
+            h = self.embed(x).flatten(2).transpose(1, 2)
+            h = torch.cat([a, h, b], dim=1)
+            q, k, v = self.qkv(h).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    sites = _plan(Sandwich(), dict(x=torch.randn(1, 4, 16, 16), a=torch.randn(1, 3, 32), b=torch.randn(1, 4, 32)))
+    assert sites[0].perm is None and "both sides" in sites[0].grouping
+
+
+class Packed(torch.nn.Module):
+    """Tokens arrive already packed (no conv, no ids): only config.grouping can group them."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 96)
+        self.out = torch.nn.Linear(32, 8)
+
+    def forward(self, tokens):
+        q, k, v = self.qkv(tokens).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_config_grid_fallback():
+    kw = dict(tokens=torch.randn(1, 5 + 9 * 13, 8))
+    (s,) = _plan(Packed(), kw)
+    assert s.perm is None and s.grouping.startswith("none: no conv patch embedding")
+    (s,) = _plan(Packed(), kw, {**LOOSE, "grouping": {"grid": [9, 13], "text_tokens": 5}})
+    assert s.perm is None and "before or after" in s.grouping  # side unknown: not guessed
+    (s,) = _plan(Packed(), kw, {**LOOSE, "grouping": {"grid": [9, 13], "text_tokens": 5, "text_first": True}})
+    assert s.grouping.startswith("config h×w 9×13, tile 8×8, text 5 first")
+    assert _is_perm(s.perm, 122) and torch.equal(s.perm[117:].long(), torch.arange(5)) and s.always_keep[:5].all()
+    (s,) = _plan(Packed(), kw, {**LOOSE, "grouping": {"grid": [9, 13], "text_tokens": 4, "text_first": True}})
+    assert s.perm is None  # token count does not add up
+
+
+def test_inspect_reports_grouping():
+    m, kw = _dit()
+    report = chipmunk_compile.inspect(m, config=LOOSE, **kw)
+    assert "conv2d patch embed h×w 8×8" in str(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: grouping + every key / neuron kept == dense
+# ---------------------------------------------------------------------------------------------
+FULL = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 1.0, "random_keys": 0.0, "group": 64,
+                 "full_step_every": 100},
+        "mlp": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 1.0, "random_keys": 0.0, "block": 64,
+                "full_step_every": 100},
+        "step_signal": "calls"}
+
+
+@pytest.mark.parametrize("name", ["dit", "flux_shuffled", "wan"])
+def test_grouped_full_budget_equals_dense(name):
+    if name == "dit":
+        m, kw = _dit(size=32, layers=2)
+        drift = "hidden_states"
+    elif name == "flux_shuffled":
+        m, kw = _flux(12, 20, shuffle=torch.randperm(240, generator=torch.Generator().manual_seed(0)))
+        drift = "hidden_states"
+    else:
+        m, kw = _wan(T=5, H=16, W=20)
+        drift = "hidden_states"
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="chipmunk", options={"config": FULL, "compiler": "eager"})
+    x0, noise = kw[drift].clone(), torch.randn_like(kw[drift])
+    with torch.no_grad():
+        for step in range(4):
+            kw[drift] = x0 + 0.05 * step * noise
+            ref = m(**kw)[0]
+            out = compiled(**kw)[0]
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    sites = sessions_of(m)[0].sites
+    grouped = [s for s in sites if s.perm is not None]
+    assert grouped and any(s.kind == "attention" for s in grouped)
+    assert all(s.steps.get("sparse", 0) > 0 for s in grouped)
+    perm = grouped[0].perm
+    assert not torch.equal(perm.long(), torch.arange(perm.numel()))  # a real reordering was exercised

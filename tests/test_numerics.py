@@ -1,0 +1,301 @@
+"""Numerics of compiled models against eager: dense steps, full-key sparse steps, cache reuse,
+real sparsity, batches, CFG branches, generations, resolution changes, key-padding masks, GQA,
+and one end-to-end run through Inductor."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chipmunk_compile
+from chipmunk_compile.runtime import sessions_of
+
+from helpers import FULL_KEYS, ccount, cfg, chip, fresh_dynamo, max_rel, step_counts  # noqa: F401
+
+C, H = 32, 2
+
+
+class Block(nn.Module):
+    def __init__(self, gqa=False):
+        super().__init__()
+        self.hkv = 1 if gqa else H
+        dk = C // H * self.hkv
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, dk), nn.Linear(C, dk)
+        self.o = nn.Linear(C, C)
+        self.fc1, self.fc2 = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        self.n1, self.n2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.gqa = gqa
+
+    def forward(self, x, mask=None):
+        b, n, _ = x.shape
+        y = self.n1(x)
+        q = self.q(y).view(b, n, H, -1).transpose(1, 2)
+        k = self.k(y).view(b, n, self.hkv, -1).transpose(1, 2)
+        v = self.v(y).view(b, n, self.hkv, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        x = x + self.o(a.transpose(1, 2).reshape(b, n, C))
+        return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))
+
+
+class Net(nn.Module):
+    def __init__(self, depth=3, gqa=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(gqa) for _ in range(depth)])
+        self.t_proj = nn.Linear(1, C)
+
+    def forward(self, x, t, mask=None):
+        x = x + self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :]
+        for b in self.blocks:
+            x = b(x, mask)
+        return x
+
+    eval_ = nn.Module.eval
+
+
+def latents(step, n=64, batch=1, seed=0, drift=0.02):
+    g = torch.Generator().manual_seed(seed)
+    base, direction = torch.randn(batch, n, C, generator=g), torch.randn(batch, n, C, generator=g)
+    return base + drift * step * direction
+
+
+def ts(step):
+    return torch.tensor([1000.0 - 50.0 * step])
+
+
+def run(model, compiled, steps, *, n=64, batch=1, seed=0, mask=None, drift=0.02, t_of=ts):
+    outs, refs = [], []
+    with torch.no_grad():
+        for i in range(steps):
+            x, t = latents(i, n, batch, seed, drift), t_of(i)
+            args = (x, t) if mask is None else (x, t, mask)
+            outs.append(compiled(*args))
+            refs.append(model(*args))
+    return outs, refs
+
+
+SPARSE = dict(attn={"group": 16, "top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4},
+              mlp={"block": 16, "top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4})
+
+
+def sparse_cfg(**over):
+    a = {**SPARSE["attn"], **over.get("attn", {})}
+    m = {**SPARSE["mlp"], **over.get("mlp", {})}
+    return cfg(attn=a, mlp=m)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_dense_steps_match_eager(fresh_dynamo):
+    m = Net().eval()
+    outs, refs = run(m, chip(m, cfg(attn={"first_n_dense_layers": 99}, mlp={"first_n_dense_layers": 99})), 3)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    assert step_counts(m) == {"attention_dense": 9, "mlp_dense": 9}
+    torch._dynamo.reset()
+    m = Net().eval()  # the default schedule: step 0 is dense for both ops
+    outs, refs = run(m, chip(m, sparse_cfg()), 1)
+    torch.testing.assert_close(outs[0], refs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_full_keys_sparse_steps_equal_dense(fresh_dynamo):
+    m = Net().eval()
+    conf = cfg(attn={"group": 16, **FULL_KEYS, "full_step_every": 5}, mlp={"block": 16, **FULL_KEYS, "full_step_every": 5})
+    outs, refs = run(m, chip(m, conf), 9, drift=0.1)
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    assert max(errs) < 1e-5, errs
+    sc = step_counts(m)
+    assert sc["attention_sparse"] == 3 * 6 and sc["attention_refresh"] == 3 * 2 and sc["attention_dense"] == 3
+    assert sc["mlp_sparse"] == 3 * 7 and sc["mlp_dense"] == 3 * 2
+    assert not any(k.startswith("fallback:") for k in fresh_dynamo["chipmunk"])
+
+
+def test_unchanged_inputs_reproduce_cached_output(fresh_dynamo):
+    m = Net().eval()
+    m.t_proj.weight.data.zero_()  # the timestep no longer changes the activations
+    cm = chip(m, sparse_cfg(attn={"top_keys": 0.1}, mlp={"top_keys": 0.1}))
+    outs, refs = run(m, cm, 6, drift=0.0)
+    sc = step_counts(m)
+    assert sc["attention_sparse"] > 0 and sc["mlp_sparse"] > 0
+    for o, r in zip(outs, refs):
+        assert max_rel(o, r) < 1e-5
+
+
+def test_real_sparsity_error_bounded(fresh_dynamo, capsys):
+    m = Net().eval()
+    cm = chip(m, sparse_cfg())
+    outs, refs = run(m, cm, 8, drift=0.02)
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    with capsys.disabled():
+        print("\nreal-sparsity relative max error per step:", " ".join(f"{e:.2e}" for e in errs))
+    assert errs[0] < 1e-5 and errs[4] < 1e-5  # dense MLP + refresh attention steps are exact
+    assert max(errs) < 0.05, errs
+    assert max(errs) > 1e-6, "sparse steps should not be exact with 25% keys"  # sparsity is real
+    sc = step_counts(m)
+    assert sc["attention_sparse"] == 3 * 5 and sc["mlp_sparse"] == 3 * 6
+
+
+def test_batch_matches_per_sample(fresh_dynamo):
+    """Selection is per (batch, head, group): a batch of 3 gives each sample's own sparse result."""
+    m = Net().eval()
+    conf = sparse_cfg()
+    batched, _ = run(m, chip(m, conf), 6, batch=3, seed=1)
+    singles = []
+    for b in range(3):
+        torch._dynamo.reset()
+        mb = Net().eval()
+        cb = chip(mb, conf)
+        with torch.no_grad():
+            singles.append([cb(latents(i, 64, 3, 1)[b:b + 1], ts(i)) for i in range(6)])
+    for i in range(6):
+        torch.testing.assert_close(batched[i], torch.cat([s[i] for s in singles]), rtol=1e-4, atol=1e-5)
+    assert max_rel(batched[5], m(latents(5, 64, 3, 1), ts(5))) > 1e-6
+
+
+def test_cfg_branches_have_separate_caches(fresh_dynamo):
+    conf = sparse_cfg()
+    m = Net().eval()
+    cm = chip(m, conf)
+    cond, uncond = [], []
+    with torch.no_grad():
+        for i in range(6):
+            cond.append(cm(latents(i, seed=1), ts(i)))
+            uncond.append(cm(latents(i, seed=2), ts(i)))  # equal timestep: the other branch
+    st = chipmunk_compile.stats(m)
+    assert st["step"] == 5 and st["branch"] == "1" and st["calls"] == 12
+    for s in st["sites"]:
+        assert sum(s["steps"].values()) == 12
+    site = sessions_of(m)[0].sites[0]
+    assert set(site.states) == {"0", "1"}
+    # each branch equals a model that only ever saw that branch
+    for seed, got in ((1, cond), (2, uncond)):
+        torch._dynamo.reset()
+        ms = Net().eval()
+        cs = chip(ms, conf)
+        with torch.no_grad():
+            alone = [cs(latents(i, seed=seed), ts(i)) for i in range(6)]
+        for a, b in zip(got, alone):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max_rel(cond[5], uncond[5]) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["reset", "automatic"])
+def test_second_generation_repeats_first(fresh_dynamo, how):
+    m = Net().eval()
+    cm = chip(m, sparse_cfg())
+    first, _ = run(m, cm, 6)
+    if how == "reset":
+        chipmunk_compile.reset(m)
+    second, _ = run(m, cm, 6)  # automatic: the timestep is back at its first value
+    assert chipmunk_compile.stats(m)["generation"] == 1
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not any(k.startswith("fallback:") for k in fresh_dynamo["chipmunk"])
+
+
+@pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic-dynamic"])
+def test_resolution_change(fresh_dynamo, dynamic):
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(), dynamic=dynamic)
+    for n in (64, 96, 64):
+        outs, refs = run(m, cm, 6, n=n)
+        assert [o.shape[1] for o in outs] == [n] * 6
+        errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+        assert errs[0] < 1e-5 and max(errs) < 0.05, (n, errs)
+        chipmunk_compile.reset(m)
+    assert not any(k.startswith("fallback:") for k in fresh_dynamo["chipmunk"])
+
+
+def _mask(batch, n):
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[0, n - 20:] = False
+    if batch > 1:
+        mask[1, :7] = False
+    return mask
+
+
+def test_key_padding_mask_exact(fresh_dynamo):
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(attn={"random_keys": 0.1}))
+    mask = _mask(2, 64)
+    m4 = mask.view(2, 1, 1, 64)
+    outs, refs = run(m, cm, 6, batch=2, mask=m4)
+    assert max(max_rel(o, r) for o, r in zip(outs, refs)) < 0.05
+    # the selected key columns of every attention site never contain a masked key
+    sess = sessions_of(m)[0]
+    n_checked = 0
+    for site in sess.sites:
+        if site.kind != "attention":
+            continue
+        pre = f"s{site.id}__0__"
+        idx, cnt = getattr(sess.state, pre + "indices"), getattr(sess.state, pre + "counts")
+        for b in range(2):
+            valid = torch.arange(idx.shape[-1])[None, None, :] < cnt[b][..., None]
+            chosen = idx[b].long()[valid]
+            assert mask[b][chosen].all()
+            n_checked += chosen.numel()
+    assert n_checked > 0
+    # masked keys are never attended: garbage k/v at masked positions changes no output, any step
+    from test_patterns import SdpaKeyPadding
+
+    outs = {}
+    for garbage in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same random key picks in both runs
+        mod = SdpaKeyPadding().eval()
+        c = chip(mod, sparse_cfg(attn={"random_keys": 0.1}))
+        outs[garbage] = []
+        with torch.no_grad():
+            for i in range(6):
+                g = torch.Generator().manual_seed(i)
+                q, k, v = (torch.randn(2, H, 64, 16, generator=g) for _ in range(3))
+                if garbage:
+                    k[~mask[:, None, :, None].expand_as(k)] = 1e3
+                    v[~mask[:, None, :, None].expand_as(v)] = -1e3
+                outs[garbage].append(c(q, k, v, m4, ts(i)))
+        assert step_counts(mod)["attention_sparse"] > 0
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_sparse_equals_repeated_heads(fresh_dynamo):
+    """GQA (enable_gqa, Hkv=1) gives exactly what the same model with k/v repeated per head gives."""
+    m = Net(gqa=True).eval()
+    outs, refs = run(m, chip(m, sparse_cfg()), 6)
+    rep = chipmunk_compile.inspect(m, latents(0), ts(0), config=sparse_cfg())
+    assert rep.count("attention") == 3 and rep.sites[0].shapes["k"] == (1, 1, 64, 16)
+
+    class Repeated(Net):
+        def forward(self, x, t, mask=None):
+            x = x + self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :]
+            for blk in self.blocks:
+                b, n, _ = x.shape
+                y = blk.n1(x)
+                q = blk.q(y).view(b, n, H, -1).transpose(1, 2)
+                k = blk.k(y).view(b, n, 1, -1).transpose(1, 2).repeat_interleave(H, 1)
+                v = blk.v(y).view(b, n, 1, -1).transpose(1, 2).repeat_interleave(H, 1)
+                a = F.scaled_dot_product_attention(q, k, v)
+                x = x + blk.o(a.transpose(1, 2).reshape(b, n, C))
+                x = x + blk.fc2(F.gelu(blk.fc1(blk.n2(x)), approximate="tanh"))
+            return x
+
+    torch._dynamo.reset()
+    r = Repeated(gqa=True).eval()
+    r.load_state_dict(m.state_dict())
+    outs_r, _ = run(r, chip(r, sparse_cfg()), 6)
+    for a, b in zip(outs, outs_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert max_rel(outs[5], refs[5]) > 1e-6
+
+
+@pytest.mark.slow
+def test_inductor_end_to_end(fresh_dynamo):
+    """The default inner compiler: dense step exact, full-key sparse steps equal dense."""
+    m = Net(depth=2).eval()
+    conf = cfg(attn={"group": 16, **FULL_KEYS, "full_step_every": 4}, mlp={"block": 16, **FULL_KEYS, "full_step_every": 4})
+    cm = chip(m, conf, compiler="inductor")
+    outs, refs = run(m, cm, 5, drift=0.1)
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    assert max(errs) < 1e-4, errs
+    sc = step_counts(m)
+    assert sc["attention_sparse"] == 2 * 2 and sc["mlp_sparse"] == 2 * 3
+    assert fresh_dynamo["chipmunk"]["graphs"] == 1

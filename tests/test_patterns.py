@@ -1,0 +1,505 @@
+"""Pattern matchers: one tiny hand-written module per supported spelling (matched, and the compiled
+model reproduces eager), and one per unsupported form (rejected with the reason, or ignored)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chipmunk_compile
+from chipmunk_compile.patterns.fx_utils import source_to_path
+
+from helpers import FULL_KEYS, ccount, cfg, chip, fresh_dynamo, max_rel, step_counts  # noqa: F401
+
+B, H, N, D = 2, 2, 32, 8
+C = H * D
+SMALL = cfg(attn={"group": 8, **FULL_KEYS}, mlp={"block": 8, **FULL_KEYS})
+
+
+def qkv(step, *, hq=H, hkv=H, nk=N, batch=B):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, hq, N, D, generator=g)
+    k = torch.randn(batch, hkv, nk, D, generator=g)
+    v = torch.randn(batch, hkv, nk, D, generator=g)
+    d = 0.05 * step
+    return q + d, k - d, v * (1 + d), torch.tensor([1000.0 - 100 * step])
+
+
+def tokens(step, m=N, c=C, batch=B):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, m, c, generator=g) * (1 + 0.05 * step), torch.tensor([1000.0 - 100 * step])
+
+
+def check(mod, make_args, *, attention=0, mlp=0, config=SMALL, steps=3, pattern=None, tol=1e-5):
+    """inspect() finds exactly the expected sites; the compiled model matches eager on every step
+    (dense, refresh and full-key sparse steps); the ops really ran."""
+    mod = mod.eval()
+    rep = chipmunk_compile.inspect(mod, *make_args(0), config=config)
+    assert (rep.count("attention"), rep.count("mlp")) == (attention, mlp), str(rep)
+    if pattern is not None:
+        assert {s.pattern for s in rep.sites} == {pattern}, str(rep)
+    cm = chip(mod, config)
+    with torch.no_grad():
+        for i in range(steps):
+            args = make_args(i)
+            out, ref = cm(*args), mod(*args)
+            assert max_rel(out, ref) < tol, (i, max_rel(out, ref))
+    sc = step_counts(mod)
+    if attention:
+        assert sc.get("attention_dense", 0) + sc.get("attention_refresh", 0) + sc.get("attention_sparse", 0) == attention * steps
+        assert steps < 3 or sc.get("attention_sparse", 0) > 0
+    if mlp:
+        assert sc.get("mlp_dense", 0) + sc.get("mlp_sparse", 0) == mlp * steps
+        assert steps < 2 or sc.get("mlp_sparse", 0) > 0
+    return rep
+
+
+def rejected(mod, args, config=SMALL):
+    rep = chipmunk_compile.inspect(mod.eval(), *args, config=config)
+    assert not rep.sites, str(rep)
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: supported spellings
+# ---------------------------------------------------------------------------------------------
+class SdpaPositional(nn.Module):
+    def forward(self, q, k, v, t):
+        return F.scaled_dot_product_attention(q, k, v, None, 0.0, False)
+
+
+class SdpaKeyword(nn.Module):
+    def forward(self, q, k, v, t):
+        return F.scaled_dot_product_attention(query=q, key=k, value=v, scale=0.3, dropout_p=0.0)
+
+
+class SdpaGqa(nn.Module):
+    def forward(self, q, k, v, t):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+class SdpaTransposedViews(nn.Module):
+    """The diffusers layout: (B, N, H*D) projections viewed and transposed to (B, H, N, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.out = nn.Linear(C, C)
+
+    def forward(self, x, t):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (y.view(b, n, H, D).transpose(1, 2) for y in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, n, C))
+
+
+@pytest.mark.parametrize("mod", [SdpaPositional, SdpaKeyword], ids=["positional", "keyword"])
+def test_sdpa(fresh_dynamo, mod):
+    rep = check(mod(), qkv, attention=1, pattern="sdpa")
+    assert rep.sites[0].shapes["q"] == (B, H, N, D)
+
+
+def test_sdpa_keyword_scale_passed(fresh_dynamo):
+    """The op must use scale=0.3, not 1/sqrt(D): a wrong scale fails the numerics in check()."""
+    check(SdpaKeyword(), qkv, attention=1, steps=1)
+
+
+def test_sdpa_gqa(fresh_dynamo):
+    rep = check(SdpaGqa(), lambda i: qkv(i, hq=4, hkv=2), attention=1)
+    assert rep.sites[0].shapes["k"] == (B, 2, N, D)
+
+
+def test_sdpa_transposed_views(fresh_dynamo):
+    check(SdpaTransposedViews(), tokens, attention=1)
+
+
+class SdpaKeyPadding(nn.Module):
+    def forward(self, q, k, v, mask, t):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _padding_args(i, shape=(B, 1, 1, N)):
+    q, k, v, t = qkv(i)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, N - 5:] = False
+    mask[1, :3] = False
+    return q, k, v, mask.view(*shape) if shape[0] == B else mask[:1].view(*shape), t
+
+
+def test_sdpa_bool_key_padding_mask(fresh_dynamo):
+    rep = check(SdpaKeyPadding(), _padding_args, attention=1)
+    assert rep.sites[0].shapes["mask"] == (B, 1, 1, N)
+
+
+def test_sdpa_broadcast_key_padding_masks(fresh_dynamo):
+    check(SdpaKeyPadding(), lambda i: _padding_args(i, (1, 1, 1, N)), attention=1)
+    torch._dynamo.reset()
+    check(SdpaKeyPadding(), lambda i: _padding_args(i, (1, N)), attention=1)
+
+
+class ExplicitMul(nn.Module):
+    def forward(self, q, k, v, t):
+        s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+class ExplicitMulLeft(nn.Module):
+    def forward(self, q, k, v, t):
+        s = 0.25 * (q @ k.transpose(-2, -1))
+        return F.softmax(s, dim=-1) @ v
+
+
+class ExplicitDiv(nn.Module):
+    def forward(self, q, k, v, t):
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        return torch.softmax(s, dim=-1) @ v
+
+
+class ExplicitBaddbmm(nn.Module):
+    """diffusers `Attention.get_attention_scores`: 3-D (B*H, N, D), baddbmm with beta=0."""
+
+    def forward(self, q, k, v, t):
+        q, k, v = (x.reshape(B * H, N, D) for x in (q, k, v))
+        empty = torch.empty(B * H, N, N, dtype=q.dtype)
+        s = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=0.3)
+        p = s.softmax(dim=-1)
+        return torch.bmm(p, v).reshape(B, H, N, D)
+
+
+class ExplicitUpcast(nn.Module):
+    def forward(self, q, k, v, t):
+        s = (q @ k.transpose(-1, -2)) * 0.35
+        p = s.float().softmax(dim=-1).to(q.dtype)
+        p = F.dropout(p, p=0.0)
+        return p @ v
+
+
+@pytest.mark.parametrize("mod", [ExplicitMul, ExplicitMulLeft, ExplicitDiv, ExplicitBaddbmm, ExplicitUpcast],
+                         ids=["mul", "mul-left", "div", "baddbmm", "upcast"])
+def test_explicit_attention(fresh_dynamo, mod):
+    check(mod(), qkv, attention=1, pattern="explicit")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: rejected / ignored
+# ---------------------------------------------------------------------------------------------
+def _reason(rep):
+    assert len(rep.rejected) == 1, str(rep)
+    return rep.rejected[0].reason
+
+
+class Causal(nn.Module):
+    def forward(self, q, k, v, t):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Dropout(nn.Module):
+    def forward(self, q, k, v, t):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+
+def test_reject_causal(fresh_dynamo):
+    assert "causal" in _reason(rejected(Causal(), qkv(0)))
+
+
+def test_reject_cross_attention(fresh_dynamo):
+    rep = rejected(SdpaPositional(), qkv(0, nk=12))
+    assert "cross-attention" in _reason(rep)
+    rep = rejected(ExplicitMul(), qkv(0, nk=12))
+    assert "cross-attention" in _reason(rep)
+
+
+def test_reject_dropout(fresh_dynamo):
+    assert "dropout" in _reason(rejected(Dropout(), qkv(0)))
+
+
+def test_reject_float_mask(fresh_dynamo):
+    q, k, v, t = qkv(0)
+    mask = torch.zeros(B, 1, 1, N)
+    assert "additive" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
+
+
+@pytest.mark.parametrize("shape", [(N, N), (B, H, N, N), (B, 1, N, N), (1, N, N)])
+def test_reject_non_key_padding_bool_masks(fresh_dynamo, shape):
+    q, k, v, t = qkv(0)
+    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) > 0.2
+    mask[..., 0] = True
+    assert "not a key-padding mask" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
+
+
+def test_reject_2d_mask_with_query_rows_equal_to_batch(fresh_dynamo):
+    """A 2-D SDPA mask broadcasts as (N, Nk): with N == B it is a per-query mask, not (B, Nk)."""
+    q, k, v, t = qkv(0, batch=N)
+    mask = torch.rand(N, N, generator=torch.Generator().manual_seed(0)) > 0.2
+    mask[:, 0] = True
+    assert "not a key-padding mask" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
+
+
+class ExplicitBias(nn.Module):
+    def forward(self, q, k, v, bias, t):
+        s = q @ k.transpose(-1, -2) * 0.3 + bias
+        return s.softmax(-1) @ v
+
+
+def test_reject_explicit_additive_bias(fresh_dynamo):
+    q, k, v, t = qkv(0)
+    assert "additive" in _reason(rejected(ExplicitBias(), (q, k, v, torch.randn(N, N), t)))
+
+
+def test_reject_too_short(fresh_dynamo):
+    rep = rejected(SdpaPositional(), qkv(0), config=cfg(attn={"min_tokens": 64}))
+    assert "too short" in _reason(rep)
+
+
+def test_disabled_by_override(fresh_dynamo):
+    rep = rejected(SdpaPositional(), qkv(0), config=cfg(attn={"enabled": False}))
+    assert "disabled" in _reason(rep)
+
+
+class LinearAttention(nn.Module):
+    """Sana-style ReLU linear attention: no softmax anywhere."""
+
+    def forward(self, q, k, v, t):
+        q, k = F.relu(q), F.relu(k)
+        kv = k.transpose(-1, -2) @ v
+        num = q @ kv
+        den = q @ k.sum(dim=-2, keepdim=True).transpose(-1, -2)
+        return num / (den + 1e-6)
+
+
+def test_linear_attention_never_matches(fresh_dynamo):
+    rep = rejected(LinearAttention(), qkv(0))
+    assert not rep.rejected
+
+
+class ProbsReused(nn.Module):
+    def forward(self, q, k, v, t):
+        p = (q @ k.transpose(-1, -2) * 0.3).softmax(-1)
+        return p @ v, p.mean()
+
+
+def test_explicit_probs_with_other_users(fresh_dynamo):
+    assert "other users" in _reason(rejected(ProbsReused(), qkv(0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP: supported forms
+# ---------------------------------------------------------------------------------------------
+class Mlp(nn.Module):
+    def __init__(self, act, bias=True, dropout=False, hidden=4 * C):
+        super().__init__()
+        self.fc1 = nn.Linear(C, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, C, bias=bias)
+        self.act, self.dropout = act, dropout
+
+    def forward(self, x, t):
+        h = self.act(self.fc1(x))
+        if self.dropout:
+            h = F.dropout(h, p=0.0, training=self.training)
+        return self.fc2(h)
+
+
+ACTS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+    "relu_module": nn.ReLU(),
+    "gelu_module": nn.GELU(approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_mlp_plain(fresh_dynamo, act, bias):
+    mod = Mlp(ACTS[act], bias=bias)
+    check(mod, tokens, mlp=1, pattern="mlp")
+    expected = {"relu_module": "relu", "gelu_module": "gelu_tanh"}.get(act, act)
+    plan_acts = {getattr(s, "act", None) for s in chipmunk_compile.runtime.sessions_of(mod)[0].sites}
+    assert plan_acts == {expected}
+
+
+def test_mlp_dropout_p0_between(fresh_dynamo):
+    check(Mlp(F.gelu, dropout=True), tokens, mlp=1)
+
+
+def test_mlp_4d_tokens(fresh_dynamo):
+    check(Mlp(F.gelu), lambda i: (tokens(i)[0].view(B, 2, N // 2, C), tokens(i)[1]), mlp=1)
+
+
+class Gated(nn.Module):
+    """diffusers GEGLU / SwiGLU: one linear producing both halves, `.chunk(2, -1)`."""
+
+    def __init__(self, act, act_first, bias=True):
+        super().__init__()
+        self.proj = nn.Linear(C, 2 * 3 * C, bias=bias)
+        self.out = nn.Linear(3 * C, C, bias=bias)
+        self.act, self.act_first = act, act_first
+
+    def forward(self, x, t):
+        a, b = self.proj(x).chunk(2, dim=-1)
+        h = self.act(a) * b if self.act_first else b * self.act(a)
+        return self.out(h)
+
+
+class GatedSecondHalf(Gated):
+    def forward(self, x, t):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(hidden * self.act(gate))  # diffusers GEGLU: the second half is activated
+
+
+@pytest.mark.parametrize("cls", [Gated, GatedSecondHalf], ids=["act-first-half", "act-second-half"])
+@pytest.mark.parametrize("act_first", [True, False], ids=["act*lin", "lin*act"])
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_mlp_gated_chunk(fresh_dynamo, cls, act_first, act):
+    check(cls(ACTS[act], act_first), tokens, mlp=1, pattern="mlp-gated")
+
+
+def test_mlp_gated_chunk_nobias(fresh_dynamo):
+    check(Gated(F.silu, True, bias=False), tokens, mlp=1, pattern="mlp-gated")
+
+
+class SwiGLU2(nn.Module):
+    def __init__(self, bias=False):
+        super().__init__()
+        self.w1 = nn.Linear(C, 3 * C, bias=bias)
+        self.w3 = nn.Linear(C, 3 * C, bias=bias)
+        self.w2 = nn.Linear(3 * C, C, bias=bias)
+
+    def forward(self, x, t):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_two_linear_swiglu(fresh_dynamo, bias):
+    check(SwiGLU2(bias), tokens, mlp=1, pattern="mlp-gated")
+
+
+class ParallelBlock(nn.Module):
+    """Flux / HunyuanVideo single block: proj_out(cat(attn, gelu(proj_mlp(x))))."""
+
+    def __init__(self, mlp_first=False):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj_mlp = nn.Linear(C, 4 * C)
+        self.proj_out = nn.Linear(C + 4 * C, C)
+        self.mlp_first = mlp_first
+
+    def forward(self, x, t):
+        b, n, _ = x.shape
+        q, k, v = (y.view(b, n, H, D).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C)
+        m = F.gelu(self.proj_mlp(x), approximate="tanh")
+        parts = [m, a] if self.mlp_first else [a, m]
+        return x + self.proj_out(torch.cat(parts, dim=2))
+
+
+@pytest.mark.parametrize("mlp_first", [False, True], ids=["attn-first", "mlp-first"])
+def test_mlp_parallel_cat(fresh_dynamo, mlp_first):
+    rep = check(ParallelBlock(mlp_first), tokens, attention=1, mlp=1)
+    assert [s.pattern for s in rep.sites] == ["sdpa", "mlp-parallel"]
+
+
+class TwoBlocks(nn.Module):
+    """Site output feeding the next site directly (mlp output -> next mlp input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Mlp(F.gelu), Mlp(F.silu)
+
+    def forward(self, x, t):
+        return self.b(self.a(x, t), t)
+
+
+def test_chained_sites(fresh_dynamo):
+    rep = check(TwoBlocks(), tokens, mlp=2)
+    assert [s.path for s in rep.sites] == ["a.fc2", "b.fc2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP: rejected / ignored
+# ---------------------------------------------------------------------------------------------
+def test_mlp_unsupported_activation(fresh_dynamo):
+    rep = rejected(Mlp(torch.sigmoid), tokens(0))
+    assert "unsupported activation" in _reason(rep)
+    rep = rejected(Mlp(F.mish), tokens(0))
+    assert "unsupported activation" in _reason(rep)
+
+
+class HiddenTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x, t):
+        h = F.gelu(self.fc1(x))
+        return self.fc2(h) + h.mean(dim=-1, keepdim=True)
+
+
+class PreActTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x, t):
+        a = self.fc1(x)
+        return self.fc2(F.gelu(a)) + a.mean(dim=-1, keepdim=True)
+
+
+def test_mlp_hidden_used_twice(fresh_dynamo):
+    rejected(HiddenTwice(), tokens(0))
+    rep = rejected(PreActTwice(), tokens(0))
+    assert "other users" in _reason(rep)
+
+
+def test_mlp_too_short_and_rank2(fresh_dynamo):
+    rep = rejected(Mlp(F.gelu), tokens(0), config=cfg(mlp={"min_tokens": 64}))
+    assert "too short" in _reason(rep)
+    x, t = tokens(0)
+    rep = rejected(Mlp(F.silu), (x[:, 0], t))  # (B, C): a conditioning MLP, no token axis
+    assert "no token dimension" in _reason(rep)
+
+
+def test_plain_linears_are_not_candidates(fresh_dynamo):
+    class TwoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(C, C), nn.Linear(C, C)
+
+        def forward(self, x, t):
+            return self.b(self.a(x) * 2.0)
+
+    rep = rejected(TwoLinears(), tokens(0))
+    assert not rep.rejected
+
+
+class Nothing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(C, C, 3, padding=1)
+        self.norm = nn.LayerNorm(C)
+
+    def forward(self, x, t):
+        return self.norm(self.conv(x.transpose(1, 2)).transpose(1, 2)) * t
+
+
+def test_nothing_to_match_runs_unchanged(fresh_dynamo):
+    mod = Nothing().eval()
+    cm = chip(mod, SMALL)
+    with torch.no_grad():
+        for i in range(3):
+            args = tokens(i)
+            torch.testing.assert_close(cm(*args), mod(*args), rtol=0, atol=0)
+    c = fresh_dynamo["chipmunk"]
+    assert c["graphs"] == 1 and c["attention_sites"] == 0 and c["mlp_sites"] == 0
+    assert chipmunk_compile.stats(mod)["sites"] == []
+
+
+def test_source_to_path_spellings():
+    assert source_to_path("L['self'].blocks.0.attn") == "blocks.0.attn"
+    assert source_to_path("L['self']._modules['blocks']._modules['0']._modules['attn']") == "blocks.0.attn"
+    assert source_to_path("L['self'].__dict__['_modules']['transformer_blocks'].0.ff.net.2") == "transformer_blocks.0.ff.net.2"
+    assert source_to_path("L['self']") == ""

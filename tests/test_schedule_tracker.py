@@ -1,0 +1,204 @@
+"""Step-type schedules and the StepTracker (timestep signatures, CFG branches, generations,
+diffusers cache contexts, explicit set_step), unit-level and through a compiled model."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile.config import AttnConfig, MlpConfig
+from chipmunk_compile.runtime import StepTracker
+from chipmunk_compile.schedule import (
+    DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind,
+)
+
+from helpers import chip, cfg, fresh_dynamo  # noqa: F401
+
+
+# -- schedule -----------------------------------------------------------------------------------
+def test_attn_schedule_period():
+    c = AttnConfig(first_n_dense_layers=2, warmup_steps=1, full_step_every=10)
+    kinds = [attn_step_kind(c, s, layer=5) for s in range(22)]
+    assert kinds[0] == DENSE
+    assert kinds[1] == REFRESH and kinds[10] == REFRESH and kinds[20] == REFRESH
+    assert all(kinds[s] == SPARSE for s in range(2, 10))
+    assert all(attn_step_kind(c, s, layer=1) == DENSE for s in range(22))
+
+
+def test_attn_schedule_explicit_and_disabled():
+    c = AttnConfig(first_n_dense_layers=0, full_step_schedule=[1, 10, 40])
+    kinds = {s: attn_step_kind(c, s, 0) for s in range(50)}
+    assert kinds[0] == DENSE
+    assert [s for s, k in kinds.items() if k == REFRESH] == [1, 10, 40]
+    assert kinds[20] == SPARSE  # a multiple of full_step_every but not scheduled
+    off = AttnConfig(enabled=False, first_n_dense_layers=0)
+    assert {attn_step_kind(off, s, 3) for s in range(20)} == {DENSE}
+
+
+def test_mlp_schedule():
+    c = MlpConfig(first_n_dense_layers=1, full_step_every=10, block_mask_cache=2)
+    assert [mlp_step_kind(c, s, 3) for s in (0, 1, 9, 10, 11)] == [DENSE, SPARSE, SPARSE, DENSE, SPARSE]
+    assert mlp_step_kind(c, 5, 0) == DENSE
+    assert all(mlp_recompute_indices(c, s) for s in range(1, 10))
+    assert [mlp_recompute_indices(c, s) for s in (11, 12, 13, 14)] == [False, True, False, True]
+
+
+# -- tracker, unit ------------------------------------------------------------------------------
+def _walk(tracker, sigs, ctx=None):
+    out = []
+    for s in sigs:
+        p = tracker.advance(s, ctx)
+        out.append((p.step, p.branch, p.generation))
+    return out
+
+
+def test_timestep_signature_steps():
+    t = StepTracker()
+    assert _walk(t, [(999.0,), (900.0,), (800.0,)]) == [(0, "0", 0), (1, "0", 0), (2, "0", 0)]
+
+
+def test_cfg_branches_equal_timesteps_one_step():
+    t = StepTracker()
+    got = _walk(t, [(999.0,), (999.0,), (900.0,), (900.0,), (800.0,), (800.0,)])
+    assert got == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0), (2, "0", 0), (2, "1", 0)]
+
+
+def test_new_generation_when_back_at_start():
+    t = StepTracker()
+    got = _walk(t, [(999.0,), (900.0,), (800.0,), (999.0,), (900.0,)])
+    assert got == [(0, "0", 0), (1, "0", 0), (2, "0", 0), (0, "0", 1), (1, "0", 1)]
+
+
+def test_new_generation_when_schedule_reverses():
+    t = StepTracker()
+    got = _walk(t, [(999.0,), (900.0,), (800.0,), (950.0,), (850.0,)])
+    assert got[3] == (0, "0", 1) and got[4] == (1, "0", 1)
+    # an increasing schedule (flow-matching t from 0 to 1) is fine too
+    t = StepTracker()
+    got = _walk(t, [(0.0,), (0.25,), (0.5,), (0.1,)])
+    assert [g[0] for g in got] == [0, 1, 2, 0] and got[-1][2] == 1
+
+
+def test_multi_value_signature():
+    t = StepTracker()  # (timestep, guidance): guidance constant, timestep decreasing
+    got = _walk(t, [(999.0, 3.5), (900.0, 3.5), (900.0, 3.5), (800.0, 3.5)])
+    assert got == [(0, "0", 0), (1, "0", 0), (1, "1", 0), (2, "0", 0)]
+
+
+def test_no_signature_one_call_one_step_and_calls_mode():
+    t = StepTracker()
+    assert [p[0] for p in _walk(t, [None, None, None])] == [0, 1, 2]
+    t = StepTracker("calls")
+    assert _walk(t, [(1.0,), (1.0,), (1.0,)]) == [(0, "0", 0), (1, "0", 0), (2, "0", 0)]
+
+
+def test_reset_bumps_generation():
+    t = StepTracker()
+    _walk(t, [(999.0,), (900.0,)])
+    t.reset()
+    assert _walk(t, [(900.0,)]) == [(0, "0", 1)]
+
+
+def test_cache_context_names_and_step_index():
+    t = StepTracker()
+    seq = []
+    for i in range(3):
+        for name in ("cond", "uncond"):
+            p = t.advance((123.0,), SimpleNamespace(name=name, step_index=i))  # timestep ignored
+            seq.append((p.step, p.branch, p.generation))
+    assert seq == [(0, "cond", 0), (0, "uncond", 0), (1, "cond", 0), (1, "uncond", 0), (2, "cond", 0), (2, "uncond", 0)]
+    p = t.advance((1.0,), SimpleNamespace(name="cond", step_index=0))
+    assert (p.step, p.branch, p.generation) == (0, "cond", 1)
+
+
+def test_cache_context_without_step_index_names_branch():
+    t = StepTracker()
+    ctx = lambda n: SimpleNamespace(name=n, step_index=None)  # noqa: E731
+    got = [t.advance(s, ctx(n)) for s, n in [((999.0,), "cond"), ((999.0,), "uncond"), ((900.0,), "cond")]]
+    assert [(p.step, p.branch) for p in got] == [(0, "cond"), (0, "uncond"), (1, "cond")]
+
+
+def test_explicit_set_step():
+    t = StepTracker()
+    t.explicit = (0, "cond")
+    assert _walk(t, [(5.0,)]) == [(0, "cond", 0)]
+    t.explicit = (0, "uncond")
+    assert _walk(t, [(6.0,)]) == [(0, "uncond", 0)]
+    t.explicit = (1, None)
+    assert _walk(t, [(7.0,)]) == [(1, "0", 0)]
+    t.explicit = (0, None)  # back to 0: a new generation
+    assert _walk(t, [(7.0,)]) == [(0, "0", 1)]
+    t.explicit = None
+    assert _walk(t, [(999.0,), (900.0,)])[-1][0] == 1
+
+
+# -- tracker through a compiled model ------------------------------------------------------------
+class TimeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, t):
+        return self.lin(x) * t.view(-1, 1, 1)
+
+
+def _pos(model):
+    s = chipmunk_compile.stats(model)
+    return s["step"], s["branch"], s["generation"], s["calls"]
+
+
+def test_compiled_model_tracks_timesteps(fresh_dynamo):
+    m = TimeNet()
+    cm = chip(m, cfg())
+    x = torch.randn(1, 4, 8)
+    seen = []
+    for t in (999.0, 999.0, 900.0, 900.0, 800.0, 999.0):
+        cm(x, torch.tensor([t]))
+        seen.append(_pos(m)[:3])
+    assert seen == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0), (2, "0", 0), (0, "0", 1)]
+    assert _pos(m)[3] == 6
+    chipmunk_compile.reset(m)
+    cm(x, torch.tensor([900.0]))
+    assert _pos(m)[:3] == (0, "0", 2)
+
+
+def test_compiled_model_diffusers_cache_context(fresh_dynamo):
+    from diffusers import ModelMixin
+    from diffusers.models.cache_utils import CacheMixin
+
+    class Net(ModelMixin, CacheMixin):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            return self.lin(x) * t.view(-1, 1, 1)
+
+    m = Net().eval()
+    cm = chip(m, cfg())
+    x = torch.randn(1, 4, 8)
+    seen = []
+    for i in range(2):
+        for name in ("cond", "uncond"):
+            with cm.cache_context(name, step_index=i):
+                cm(x, torch.tensor([500.0]))  # the same timestep every call: only the context tells
+            seen.append(_pos(m)[:2])
+    assert seen == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
+    cm(x, torch.tensor([400.0]))  # outside a context: back to the timestep signal
+    assert _pos(m)[1] == "0"
+
+
+def test_compiled_model_set_step(fresh_dynamo):
+    m = TimeNet()
+    with pytest.raises(ValueError):
+        chipmunk_compile.set_step(m, 3)
+    cm = chip(m, cfg())
+    x = torch.randn(1, 4, 8)
+    cm(x, torch.tensor([1.0]))
+    chipmunk_compile.set_step(m, 7, "cond")
+    cm(x, torch.tensor([2.0]))
+    assert _pos(m)[:2] == (7, "cond")
+    chipmunk_compile.clear_step(m)
+    cm(x, torch.tensor([0.5]))
+    assert _pos(m)[1] == "0"
