@@ -85,7 +85,7 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     report = Report()
 
     def inspect_backend(gm, example_inputs, **_):
-        plan = rewrite(gm, cfg, Session(cfg, None), apply_changes=False)
+        plan = rewrite(gm, cfg, Session(cfg, None), apply_changes=False, example_inputs=example_inputs)
         report.graphs += 1
         report.sites += [SiteRow(s.kind, s.pattern, s.path, s.layer, s.shapes, s.grouping) for s in plan.sites]
         report.rejected += [RejectedRow(r.kind, r.pattern, r.path, r.reason, r.shapes) for r in plan.rejections]

@@ -166,7 +166,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     def chipmunk_call(*args):
         ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
         if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
-            session.begin_call(read_signature(args, signals))
+            session.begin_call(lambda: read_signature(args, signals))
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
                 step_cache.multi_graph = True

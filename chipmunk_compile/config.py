@@ -34,7 +34,9 @@ class AttnConfig:
     enabled: bool = True
     top_keys: float = 0.05  # fraction of key columns kept per query group
     random_keys: float = 0.01  # extra random columns, as a fraction of the keys
-    group: int = 192  # consecutive (or spatially grouped) queries sharing one key set
+    # queries sharing one key set: the published CUDA kernel uses 192, our Triton kernels are
+    # fastest at 128 (one 128-row tile per group; benchmarks/results/bench_kernels_h200.csv)
+    group: int = 128
     first_n_dense_layers: int = 2
     warmup_steps: int = 1  # plain dense steps before the first refresh
     full_step_every: int = 10  # refresh (dense + new indices + cache) period

@@ -69,10 +69,13 @@ class StepTracker:
         self.reset()
         self.explicit = explicit
 
-    def advance(self, signature: Optional[tuple] = None, context: Any = None) -> StepPosition:
+    def advance(self, signature: Any = None, context: Any = None) -> StepPosition:
+        """Advance by one model call. `signature` is a tuple of step-signal values, or a
+        zero-argument callable producing it (read only when no better signal exists: reading
+        device values costs a device→host copy)."""
         if self.explicit is not None:
             step, branch = self.explicit
-            if step < self.step and branch == self.branch or step == 0 and self.step > 0:
+            if step < self.step:  # the pinned step went back: a new generation
                 self._new_generation()
             self.step, self.branch = step, branch or "0"
             return self.position
@@ -84,6 +87,8 @@ class StepTracker:
             self._last_ctx_step = ctx_step
             self.step, self.branch = int(ctx_step), str(name)
             return self.position
+        if callable(signature):
+            signature = signature() if self.mode == "auto" else None
         if self.mode == "auto" and signature is not None:
             self._advance_by_signature(signature)
         else:
@@ -153,7 +158,7 @@ class Session:
     def position(self) -> StepPosition:
         return self.tracker.position
 
-    def begin_call(self, signature: Optional[tuple]) -> StepPosition:
+    def begin_call(self, signature: Any) -> StepPosition:
         owner = self.owner() if self.owner is not None else None
         context = context_for(owner) if owner is not None else None
         self.calls += 1

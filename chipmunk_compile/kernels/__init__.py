@@ -29,9 +29,16 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C).
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
 
-Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works;
-G a multiple of the kernels' BLOCK_M (64 or 128; so 128 or 192 with BLOCK_M 64) avoids masked
-tiles in attn_column_sparse — see benchmarks/bench_kernels.py --group for measured G choices.
+Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works
+(G is a compile-time constant of the attention kernels: one compile + autotune per G).
+Measured on H200 (benchmarks/results/bench_kernels_h200.csv): G=128 is best or tied — FLUX 4352
+tokens at 85% sparsity 0.131 ms (G=128) vs 0.134 (G=192); 118800 tokens at 93% 31.2 ms (G=128) vs
+36.3 ms (G=192, where 128-row tiles half-fill the second tile of each group). Default G=128.
+mlp_sparse_mm1 returns delta_packed as a (B, M, K) view of a buffer whose rows are padded to a
+multiple of 64 elements (contiguous when K % 64 == 0): pass it straight to mlp_sparse_mm2 and do
+not assume contiguity; an index width K that is a multiple of 64 is ideal.
+Triton kernels autotune on the first call per shape key (a few seconds each; caches are restored
+after tuning, so the first call's in-place updates are still applied exactly once).
 """
 
 from __future__ import annotations

@@ -3,17 +3,25 @@
 Same signature and contract as ``attn_column_sparse_ref.attn_column_sparse_ref`` (read it first).
 
 Kernel invariants:
-- One program = one BLOCK_M-row tile of one query group g of one (b, h); a group of G rows is
-  covered by ceil(G / BLOCK_M) tiles (the last one masked when BLOCK_M does not divide G, which
-  wastes compute: prefer G % BLOCK_M == 0). G is a constexpr.
-- The loop runs over ceil(counts / BLOCK_N) tiles of the group's index list only; K/V rows are
-  gathered by index into dense tiles (pointer gathers, software-pipelined). Entries past counts
-  are masked to index 0 (always a valid row) and their scores set to -inf / weight 0, so the
-  index padding is never trusted.
-- Self-normalized mode: online softmax over S alone; a group with counts == 0 yields 0.
-  Exact-normalizer mode (lse given): p = exp2(s*log2e - lse*log2e), no max/renormalisation.
-- Epilogue: o = o_base + sign * attn_S in one store (o_base read as the accumulator init; the
-  output is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes).
+- Work items are BLOCK_M-row tiles of one query group g of one (b, h), numbered group-fastest then
+  (b, h) (a 1-D grid; concurrently running programs share the K/V of a few heads in L2). A group of
+  G rows is covered by ceil(G / BLOCK_M) tiles (the last one masked when BLOCK_M does not divide G:
+  prefer G % BLOCK_M == 0). G is a constexpr.
+- Wave tail: with P = NUM_SMS * OCC resident programs and T tiles, the last T % P tiles would run
+  as a short last wave on few SMs; when (T % P) * SPLIT <= P each of them is split into SPLIT
+  programs of BLOCK_M // SPLIT rows (same keys), so the tail takes ~1/SPLIT of a tile's time.
+  Every (row) is still owned by exactly one program: no cross-program reduction, deterministic.
+- The key loop runs over the group's first counts indices only: floor(counts / BLOCK_N) full
+  BLOCK_N tiles with no masks, then ceil(rem / TAIL_N) masked TAIL_N tiles (TAIL_N <= BLOCK_N, so
+  a ragged count wastes < TAIL_N columns of compute). K/V rows are gathered by index into dense
+  tiles (pointer gathers, software-pipelined). Masked entries load index 0 (always a valid row)
+  and get score -inf / weight 0, so the index padding is never trusted.
+- Scores stay raw (q.k) and are scaled inside the exp2 argument (qk_scale = scale * log2e, one FMA
+  per element). Self-normalized mode: online softmax over S alone; every loop step has >= 1 valid
+  column, so the running max is finite after the first step; counts == 0 yields 0.
+  Exact-normalizer mode (lse given): p = exp2(s * qk_scale - lse * log2e), no max/renormalisation.
+- Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
+  is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes).
 """
 
 from __future__ import annotations
@@ -26,25 +34,36 @@ import triton.language as tl
 
 from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting
 
+# Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
+_force_config = None
+_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=16, OCC=1, SPLIT=2)
+_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
+
+
+def _num_sms(device) -> int:
+    if interpreting() or device.type != "cuda":
+        return _interp_num_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tail_split(T: int, P: int, split: int) -> int:
+    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
+    rem = T % P
+    return rem if split > 1 and rem * split <= P else 0
+
 
 @triton.jit
-def _attn_column_sparse_kernel(
-    Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
-    sib, sih, sig, scb, sch,  #
-    N, HQ, KV_REP, NG, qk_scale, sign,  #
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    g = pid // TPG
-    t = pid % TPG
-    b = pid_bh // HQ
-    h = pid_bh % HQ
+def _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
+              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
+              sib, sih, sig, scb, sch,  #
+              N, HQ, KV_REP, qk_scale, sign, bh, g, row0,  #
+              G: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_LSE: tl.constexpr,  #
+              DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
+    b = bh // HQ
+    h = bh % HQ
     hk = h // KV_REP
-    loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    loc = row0 + tl.arange(0, ROWS)
     pos = g * G + loc
     row_ok = (loc < G) & (pos < N)
     if HAS_PERM:
@@ -57,15 +76,37 @@ def _attn_column_sparse_kernel(
     v_base = V + b * svb + hk * svh
     idx_base = IDX + b * sib + h * sih + g * sig
     cnt = tl.load(CNT + b * scb + h * sch + g)
+    n_full = (cnt // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     if HAS_LSE:
-        ref2 = tl.load(LSE + pid_bh * N + qi, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        ref2 = tl.load(LSE + bh * N + qi, mask=row_ok, other=float("inf")) * 1.4426950408889634
 
-    for start in range(0, cnt, BLOCK_N):
-        c = start + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_full, BLOCK_N):
+        j = tl.load(idx_base + start + offs_n)
+        k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
+        v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_LSE:
+            p = tl.exp2(s * qk_scale - ref2[:, None])
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        else:
+            if POS_SCALE:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s * qk_scale, 1))
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    offs_t = tl.arange(0, TAIL_N)
+    for start in range(n_full, cnt, TAIL_N):
+        c = start + offs_t
         c_ok = c < cnt
         j = tl.load(idx_base + c, mask=c_ok, other=0)
         k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
@@ -77,9 +118,8 @@ def _attn_column_sparse_kernel(
             acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
@@ -96,15 +136,67 @@ def _attn_column_sparse_kernel(
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _attn_column_sparse_kernel(
+    Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
+    sib, sih, sig, scb, sch,  #
+    N, HQ, KV_REP, NG, NBH, NUM_SMS, qk_scale, sign,  #
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    TAIL_N: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr,  #
+    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    POS_SCALE: tl.constexpr,
+):
+    TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
+    per_bh = NG * TPG
+    T = NBH * per_bh
+    P = NUM_SMS * OCC
+    rem = T % P
+    n_tail = 0
+    if SPLIT > 1:
+        if rem * SPLIT <= P:
+            n_tail = rem
+    t_main = T - n_tail
+    pid = tl.program_id(0)
+    if pid < t_main:
+        bh = pid // per_bh
+        r = pid % per_bh
+        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
+                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+    else:
+        qq = pid - t_main
+        tile = t_main + qq // SPLIT
+        bh = tile // per_bh
+        r = tile % per_bh
+        SUB: tl.constexpr = BLOCK_M // SPLIT
+        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
+                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
+                  (r % TPG) * BLOCK_M + (qq % SPLIT) * SUB,
+                  G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+
+
 def _configs():
     out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
-                         (64, 128, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    #          BLOCK_M, BLOCK_N, TAIL_N, warps, stages, OCC, SPLIT
+    for bm, bn, tn, w, s, occ, sp in [(128, 64, 16, 8, 3, 1, 2), (128, 128, 16, 8, 3, 1, 2),
+                                      (128, 64, 16, 8, 4, 1, 2), (128, 128, 32, 8, 2, 1, 2),
+                                      (64, 64, 16, 4, 3, 2, 1), (64, 128, 16, 4, 3, 2, 1)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TAIL_N": tn, "OCC": occ, "SPLIT": sp},
+                                 num_warps=w, num_stages=s))
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "DOT_PREC"])(
+def _grid(T, P_sms):
+    def grid(meta):
+        t = T(meta["BLOCK_M"])
+        return (t + _tail_split(t, P_sms * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+    return grid
+
+
+_tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "DOT_PREC", "NUM_SMS"])(
     _attn_column_sparse_kernel)
 
 
@@ -125,18 +217,23 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     pm = None if perm is None else perm.to(torch.int32).contiguous()
     lse_c = None if lse is None else lse.float().contiguous()
     ob = o_base
+    nsm = _num_sms(q.device)
     args = (
         q, k, v, o, ob if ob is not None else q, idx, cnt, lse_c if lse_c is not None else cnt,
         pm if pm is not None else cnt,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(ob.stride() if ob is not None else q.stride()),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-        N, Hq, Hq // Hkv, NG, scale * LOG2E, float(sign),
+        N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
     flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_LSE=lse_c is not None,
-                 DOT_PREC=dot_precision(q.dtype))
-    if interpreting():
-        _attn_column_sparse_kernel[(NG * cdiv(G, 32), B * Hq)](*args, BLOCK_M=32, BLOCK_N=32, **flags)
+                 DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
+    grid = _grid(lambda bm: B * Hq * NG * cdiv(G, bm), nsm)
+    cfg = _force_config
+    if interpreting() and cfg is None:
+        _attn_column_sparse_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
+    elif cfg is not None:
+        _attn_column_sparse_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                     num_stages=cfg.num_stages, **flags)
     else:
-        grid = lambda meta: (NG * cdiv(G, meta["BLOCK_M"]), B * Hq)  # noqa: E731
         _tuned[grid](*args, **flags)
     return o

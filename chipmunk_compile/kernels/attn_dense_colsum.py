@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_empty, LOG2E, cdiv, dot_precision, empty_bnhd, interpreting
+from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
 
 
 @triton.jit

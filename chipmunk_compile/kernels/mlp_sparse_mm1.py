@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_empty, ACT_CODE, cdiv, dot_precision, interpreting
+from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
 
 
 @triton.jit
@@ -40,29 +40,14 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _mlp_sparse_mm1_kernel(
+def _mm1_tile(
     X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,  #
     sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,  #
-    M, C, KW, NB,  #
+    M, C, KW, b, mb, t, col0,  #
     BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
-    GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    # Grouped order: GROUP_M row tiles, then the next packed-column tile.
-    NT_N = tl.cdiv(KW, BLOCK_N)
-    n_mt = NB * TPB
-    per_group = GROUP_M * NT_N
-    gid = pid // per_group
-    first_mt = gid * GROUP_M
-    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
-    mt = first_mt + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
-    mb = mt // TPB
-    t = mt % TPB
-
     loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = mb * BLK + loc
     row_ok = (loc < BLK) & (pos < M)
@@ -71,10 +56,10 @@ def _mlp_sparse_mm1_kernel(
     else:
         ri = pos
     cnt = tl.load(CNT + b * scb + mb)
-    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = col0 + tl.arange(0, BLOCK_N)
     dp_ptrs = DP + b * sdb + ri[:, None] * sdm + c[None, :] * sdk
     st_mask = row_ok[:, None] & (c < KW)[None, :]
-    if pid_n * BLOCK_N >= cnt:
+    if col0 >= cnt:
         tl.store(dp_ptrs, tl.zeros([BLOCK_M, BLOCK_N], DP.dtype.element_ty), mask=st_mask)
     else:
         c_ok = c < cnt
@@ -87,12 +72,19 @@ def _mlp_sparse_mm1_kernel(
             wl_ptrs = WL + j[:, None] * swl_f + offs_k[None, :] * swl_c
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kk in range(0, C, BLOCK_K):
-            k_ok = (kk + offs_k) < C
-            xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wa = tl.load(wa_ptrs, mask=k_ok[None, :], other=0.0)
+            if EVEN_K:
+                xa = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                wa = tl.load(wa_ptrs)
+            else:
+                k_ok = (kk + offs_k) < C
+                xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wa = tl.load(wa_ptrs, mask=k_ok[None, :], other=0.0)
             acc = tl.dot(xa, tl.trans(wa), acc, input_precision=DOT_PREC)
             if HAS_WL:
-                wl = tl.load(wl_ptrs, mask=k_ok[None, :], other=0.0)
+                if EVEN_K:
+                    wl = tl.load(wl_ptrs)
+                else:
+                    wl = tl.load(wl_ptrs, mask=((kk + offs_k) < C)[None, :], other=0.0)
                 acc2 = tl.dot(xa, tl.trans(wl), acc2, input_precision=DOT_PREC)
                 wl_ptrs += BLOCK_K * swl_c
             x_ptrs += BLOCK_K * sxc
@@ -113,16 +105,90 @@ def _mlp_sparse_mm1_kernel(
         tl.store(hc_ptrs, h_new, mask=hc_mask)
 
 
+@triton.jit
+def _mlp_sparse_mm1_kernel(
+    X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,  #
+    sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,  #
+    M, C, KW, NB, NBATCH, NUM_SMS,  #
+    BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
+    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
+    GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, KALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
+    EVEN_K: tl.constexpr = KALIGN % BLOCK_K == 0
+    NT_N = tl.cdiv(KW, BLOCK_N)
+    n_mt = NB * TPB
+    per_b = n_mt * NT_N
+    T = NBATCH * per_b
+    P = NUM_SMS * OCC
+    rem = T % P
+    n_tail = 0
+    if SPLIT > 1:
+        if rem * SPLIT <= P:
+            n_tail = rem
+    t_main = T - n_tail
+    pid = tl.program_id(0)
+    if pid < t_main:
+        tile = pid
+    else:
+        tile = t_main + (pid - t_main) // SPLIT
+    b = tile // per_b
+    r = tile % per_b
+    # Grouped order: GROUP_M row tiles, then the next packed-column tile.
+    per_group = GROUP_M * NT_N
+    first_mt = (r // per_group) * GROUP_M
+    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
+    mt = first_mt + (r % per_group) % gsize
+    pid_n = (r % per_group) // gsize
+    if pid < t_main:
+        _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
+                  sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
+                  M, C, KW, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
+                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+    else:
+        SUB: tl.constexpr = BLOCK_N // SPLIT
+        _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
+                  sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
+                  M, C, KW, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
+                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, SUB, BLOCK_K, EVEN_K, DOT_PREC)
+
+
 def _configs():
     out = []
-    for bm, bn, bk, w, s, gm in [(128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8),
-                                 (128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64), (128, 256, 64, 8, 4, 64)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
-                                 num_stages=s))
+    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
+    for bm, bn, bk, w, s, gm, occ, sp in [(128, 256, 64, 8, 3, 64, 1, 2), (128, 256, 64, 8, 4, 64, 1, 2),
+                                          (128, 128, 64, 8, 4, 64, 1, 2), (128, 256, 64, 8, 3, 8, 1, 2),
+                                          (128, 128, 64, 4, 4, 64, 1, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
+                                  "SPLIT": sp}, num_warps=w, num_stages=s))
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC"],
+def _tail_split(T: int, P: int, split: int) -> int:
+    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
+    rem = T % P
+    return rem if split > 1 and rem * split <= P else 0
+
+
+def _num_sms(device) -> int:
+    if interpreting() or device.type != "cuda":
+        return _interp_num_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2_align(n: int, cap: int = 256) -> int:
+    a = 1
+    while a < cap and n % (2 * a) == 0:
+        a *= 2
+    return a
+
+
+# Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
+_force_config = None
+_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
+_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
+
+_tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
                          restore_value=["HC"])(_mlp_sparse_mm1_kernel)
 
 
@@ -141,21 +207,28 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
     pm = None if perm is None else perm.to(torch.int32).contiguous()
     dummy = cnt
     wl = w_lin if w_lin is not None else w_act
+    nsm = _num_sms(x.device)
     args = (
         x, w_act, b_act if b_act is not None else dummy, wl, b_lin if b_lin is not None else dummy, idx, cnt,
         h_cache, delta, pm if pm is not None else dummy,
         *x.stride(), *w_act.stride(), *wl.stride(), *h_cache.stride(), *delta.stride(), idx.stride(0),
         idx.stride(1), cnt.stride(0),
-        M, C, KW, NB,
+        M, C, KW, NB, B, nsm,
     )
     flags = dict(BLK=int(block), ACT=ACT_CODE[act], HAS_BA=b_act is not None, HAS_WL=w_lin is not None,
-                 HAS_BL=b_lin is not None, HAS_PERM=pm is not None, DOT_PREC=dot_precision(x.dtype))
-    if interpreting():
-        grid = (cdiv(KW, 32) * NB * cdiv(block, 32), B)
-        _mlp_sparse_mm1_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, **flags)
+                 HAS_BL=b_lin is not None, HAS_PERM=pm is not None, KALIGN=_pow2_align(C),
+                 DOT_PREC=dot_precision(x.dtype))
+
+    def grid(meta):
+        T = B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(KW, meta["BLOCK_N"])
+        return (T + _tail_split(T, nsm * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+
+    cfg = _force_config
+    if cfg is not None:
+        _mlp_sparse_mm1_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages, **flags)
+    elif interpreting():
+        _mlp_sparse_mm1_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
     else:
-        def grid(meta):
-            return (cdiv(KW, meta["BLOCK_N"]) * NB * cdiv(block, meta["BLOCK_M"]), B)
         _tuned[grid](*args, **flags)
     return delta
-

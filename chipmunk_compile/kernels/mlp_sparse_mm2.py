@@ -24,31 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_empty, cdiv, dot_precision, interpreting
+from ._common import cdiv, dot_precision, interpreting, new_empty
 
 
 @triton.jit
-def _mlp_sparse_mm2_kernel(
+def _mm2_tile(
     DP, W2T, IDX, CNT, YC, OUT, PERM,  #
     sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
-    M, NOUT, NB,  #
+    M, NOUT, b, mb, t, col0,  #
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    NT_N = tl.cdiv(NOUT, BLOCK_N)
-    n_mt = NB * TPB
-    per_group = GROUP_M * NT_N
-    gid = pid // per_group
-    first_mt = gid * GROUP_M
-    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
-    mt = first_mt + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
-    mb = mt // TPB
-    t = mt % TPB
-
     loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = mb * BLK + loc
     row_ok = (loc < BLK) & (pos < M)
@@ -57,7 +43,7 @@ def _mlp_sparse_mm2_kernel(
     else:
         ri = pos
     cnt = tl.load(CNT + b * scb + mb)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = col0 + tl.arange(0, BLOCK_N)
     n_ok = n < NOUT
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -86,17 +72,81 @@ def _mlp_sparse_mm2_kernel(
     tl.store(OUT + b * sob + ri[:, None] * som + n[None, :] * son, y, mask=mask)
 
 
+@triton.jit
+def _mlp_sparse_mm2_kernel(
+    DP, W2T, IDX, CNT, YC, OUT, PERM,  #
+    sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
+    M, NOUT, NB, NBATCH, NUM_SMS,  #
+    BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
+    NT_N = tl.cdiv(NOUT, BLOCK_N)
+    n_mt = NB * TPB
+    per_b = n_mt * NT_N
+    T = NBATCH * per_b
+    P = NUM_SMS * OCC
+    rem = T % P
+    n_tail = 0
+    if SPLIT > 1:
+        if rem * SPLIT <= P:
+            n_tail = rem
+    t_main = T - n_tail
+    pid = tl.program_id(0)
+    if pid < t_main:
+        tile = pid
+    else:
+        tile = t_main + (pid - t_main) // SPLIT
+    b = tile // per_b
+    r = tile % per_b
+    per_group = GROUP_M * NT_N
+    first_mt = (r // per_group) * GROUP_M
+    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
+    mt = first_mt + (r % per_group) % gsize
+    pid_n = (r % per_group) // gsize
+    if pid < t_main:
+        _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
+                  sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
+                  M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
+                  BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+    else:
+        SUB: tl.constexpr = BLOCK_N // SPLIT
+        _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
+                  sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
+                  M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
+                  BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC)
+
+
 def _configs():
     out = []
-    for bm, bn, bk, w, s, gm in [(128, 128, 64, 8, 4, 64), (128, 256, 64, 8, 3, 64), (128, 128, 64, 4, 4, 64),
-                                 (128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w,
-                                 num_stages=s))
+    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
+    for bm, bn, bk, w, s, gm, occ, sp in [(128, 256, 64, 8, 3, 64, 1, 4), (128, 256, 64, 8, 4, 64, 1, 4),
+                                          (128, 128, 64, 8, 4, 64, 1, 2), (128, 256, 64, 8, 3, 8, 1, 4),
+                                          (128, 128, 64, 4, 4, 64, 1, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
+                                  "SPLIT": sp}, num_warps=w, num_stages=s))
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC"], restore_value=["YC"])(
-    _mlp_sparse_mm2_kernel)
+def _tail_split(T: int, P: int, split: int) -> int:
+    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
+    rem = T % P
+    return rem if split > 1 and rem * split <= P else 0
+
+
+def _num_sms(device) -> int:
+    if interpreting() or device.type != "cuda":
+        return _interp_num_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
+_force_config = None
+_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
+_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
+
+_tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
+                         restore_value=["YC"])(_mlp_sparse_mm2_kernel)
 
 _W2T_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
 
@@ -130,18 +180,25 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     cnt = counts.to(torch.int32).contiguous()
     pm = None if perm is None else perm.to(torch.int32).contiguous()
+    nsm = _num_sms(y_cache.device)
     args = (
         delta_packed, w2t, idx, cnt, y_cache, out, pm if pm is not None else cnt,
         *delta_packed.stride(), *w2t.stride(), *y_cache.stride(), *out.stride(), idx.stride(0), idx.stride(1),
         cnt.stride(0),
-        M, NOUT, NB,
+        M, NOUT, NB, B, nsm,
     )
     flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype))
-    if interpreting():
-        grid = (cdiv(NOUT, 32) * NB * cdiv(block, 32), B)
-        _mlp_sparse_mm2_kernel[grid](*args, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, **flags)
+
+    def grid(meta):
+        T = B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"])
+        return (T + _tail_split(T, nsm * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+
+    cfg = _force_config
+    if cfg is not None:
+        _mlp_sparse_mm2_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages, **flags)
+    elif interpreting():
+        _mlp_sparse_mm2_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
     else:
-        def grid(meta):
-            return (cdiv(NOUT, meta["BLOCK_N"]) * NB * cdiv(block, meta["BLOCK_M"]), B)
         _tuned[grid](*args, **flags)
     return out

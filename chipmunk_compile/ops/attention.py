@@ -34,6 +34,15 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
     return torch.empty(B, N, H, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
+def _sdpa(q, k, v, key_mask, scale):
+    """Exact attention through SDPA (cuDNN/flash on GPU), in the op's output layout."""
+    mask = key_mask[:, None, None, :] if key_mask is not None else None
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    out = _out_like(q, v)
+    out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa))
+    return out
+
+
 def _exact(q, k, v, key_mask, scale, group, perm):
     o, lse, _ = kernel("attn_dense_colsum", q, k, v, head_dim=q.shape[-1])(
         q, k, v, scale=scale, group=group, key_mask=key_mask, perm=perm, want_colsum=False)
@@ -48,10 +57,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         o, _ = _exact(q, k, v, key_mask, scale, 192, None)
         return o
     cfg = s.cfg
+    layer = s.current_layer()
+    if not cfg.enabled or layer < cfg.first_n_dense_layers:  # never sparse: no cache, no lse
+        s.ran(DENSE)
+        return _sdpa(q, k, v, key_mask, scale)
     group = cfg.group
     perm = s.perm_on(q.device)
     st, pos = s.branch_state()
-    kind = attn_step_kind(cfg, pos.step, s.current_layer())
+    kind = attn_step_kind(cfg, pos.step, layer)
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     B, H, N, D = q.shape
     n_groups = -(-N // group)

@@ -55,6 +55,10 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
         a, b = _pre(x, w_act, b_act, w_lin, b_lin)
         return F.linear(_hidden(a, b, act), w2, b2).contiguous()
     cfg = s.cfg
+    if not cfg.enabled or s.current_layer() < cfg.first_n_dense_layers:  # never sparse: no caches
+        s.ran(DENSE)
+        a, b = _pre(x, w_act, b_act, w_lin, b_lin)
+        return F.linear(_hidden(a, b, act), w2, b2).contiguous()
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
     B, M, C = x3.shape
     Fh = w_act.shape[0]
