@@ -5,6 +5,13 @@ linear, torch.compiled). Timings are medians of triton.testing.do_bench (CUDA ev
 GPU name and a table, writes CSV + JSON to $OUT (when set) or benchmarks/results/.
 
   python3 benchmarks/bench_kernels.py [--group 64 128 192] [--skip-long] [--quick]
+  python3 benchmarks/bench_kernels.py --sweep [--baseline-dir out/baseline]   # variant table
+
+--sweep times explicit kernel configs (each module's ``_force_config`` hook; the Config kwargs
+include the tail split SPLIT / occupancy OCC / TAIL_N knobs) on the FLUX shapes (attention keep
+0.15, G=128; MLP keep 0.3) and, with --baseline-dir, the autotuned kernels of an older copy of the
+kernel files (e.g. the previous commit's, for a before/after on one machine). --workers N first
+compiles every variant in N parallel processes (shared Triton cache), then times them serially.
 """
 
 from __future__ import annotations
@@ -164,19 +171,201 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
     record("mlp", "block_means (torch)", shape, bm)
 
 
+# ----------------------------------------------------------------------------------------------
+# Variant sweep: explicit configs, one table.
+
+
+def _cfg(w, s, **kw):
+    import triton
+
+    return triton.Config(kw, num_warps=w, num_stages=s)
+
+
+def sweep_variants():
+    """(section, label, module name, Config|None) — None: the module's autotuned launcher."""
+    mm1 = [("A 256x64 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("B 256x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("C 128x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("D 256x64 s3 gm8 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, OCC=1, SPLIT=2)),
+           ("E 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,
+                                            SPLIT=1)),
+           ("F 256x128 s2 gm64 sp2", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("G 128x128 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("H 256x64 s3 gm16 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2))]
+    mm2 = [("A 256x64 s3 gm64 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
+           ("B 256x64 s4 gm64 sp4", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
+           ("C 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,
+                                            SPLIT=1)),
+           ("D 256x64 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("E 256x64 s3 gm64 sp8", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=8)),
+           ("F 128x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("G 256x64 s3 gm8 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, OCC=1, SPLIT=4)),
+           ("H 256x128 s2 gm64 sp4", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=4))]
+    att = [("A m128 n64 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
+           ("B m128 n128 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=2)),
+           ("C m128 n64 t16 s4 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
+           ("D m128 n128 t32 s2 sp2", _cfg(8, 2, BLOCK_M=128, BLOCK_N=128, TAIL_N=32, OCC=1, SPLIT=2)),
+           ("E m64 n64 t16 w4 s3 occ2", _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, TAIL_N=16, OCC=2, SPLIT=1)),
+           ("F m128 n64 t64 s3 nosplit(~old)", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=64, OCC=1, SPLIT=1)),
+           ("G m128 n64 t16 s3 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=1)),
+           ("H m128 n64 t16 s3 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=4)),
+           ("I m128 n128 t16 s3 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=4)),
+           ("J m128 n64 t32 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=32, OCC=1, SPLIT=2))]
+    out = [("mm1", "autotuned", "mlp_sparse_mm1", None)] + [("mm1", n, "mlp_sparse_mm1", c) for n, c in mm1]
+    out += [("mm2", "autotuned", "mlp_sparse_mm2", None)] + [("mm2", n, "mlp_sparse_mm2", c) for n, c in mm2]
+    out += [("attn", "autotuned", "attn_column_sparse", None)] + [("attn", n, "attn_column_sparse", c) for n, c in att]
+    return out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _sweep_inputs(dev, dt, tiny=False):
+    torch.manual_seed(0)
+    M, C, Fh, block, keep = (4352, 3072, 12288, 128, 0.3) if not tiny else (300, 128, 512, 128, 0.3)
+    NB = math.ceil(M / block)
+    Kc = round(keep * Fh)
+    m = dict(x=torch.randn(1, M, C, device=dev, dtype=dt), w1=torch.randn(Fh, C, device=dev, dtype=dt) / math.sqrt(C),
+             b1=torch.randn(Fh, device=dev, dtype=dt), w2v=(torch.randn(C, Fh, device=dev, dtype=dt)
+                                                          / math.sqrt(Fh)).t().contiguous().t(),
+             hc=K.mlp_alloc_h_cache(1, M, Fh, dt, dev).normal_(), yc=torch.randn(1, M, C, device=dev, dtype=dt),
+             idx=sorted_random_subsets((1, NB), Fh, Kc, dev), cnt=torch.full((1, NB), Kc, dtype=torch.int32, device=dev),
+             dp=torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc], flops=2.0 * M * C * Kc)
+    B, H, N, D, G, keepa = (1, 24, 4352, 128, 128, 0.15) if not tiny else (1, 2, 300, 64, 128, 0.3)
+    q, k, v = (torch.randn(B, N, H, D, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
+    NG = math.ceil(N / G)
+    Ka = round(keepa * N)
+    a = dict(q=q, k=k, v=v, ob=torch.randn_like(q), idx=sorted_random_subsets((B, H, NG), N, Ka, dev),
+             cnt=torch.full((B, H, NG), Ka, dtype=torch.int32, device=dev), G=G, scale=D ** -0.5,
+             flops=4.0 * B * H * N * Ka * D)
+    return m, a
+
+
+def _sweep_call(mod, sec, m, a):
+    if sec == "mm1":
+        return lambda: mod.mlp_sparse_mm1(m["x"], m["w1"], m["b1"], None, None, m["idx"], m["cnt"], m["hc"],
+                                          act="gelu_tanh", block=128)
+    if sec == "mm2":
+        return lambda: mod.mlp_sparse_mm2(m["dp"], m["w2v"], m["idx"], m["cnt"], m["yc"], block=128)
+    return lambda: mod.attn_column_sparse(a["q"], a["k"], a["v"], a["idx"], a["cnt"], scale=a["scale"],
+                                          group=a["G"], o_base=a["ob"])
+
+
+def _sweep_modules(baseline_dir):
+    import importlib
+    import importlib.util
+
+    mods = {}
+    for name in ("mlp_sparse_mm1", "mlp_sparse_mm2", "attn_column_sparse"):
+        mods[("new", name)] = importlib.import_module(f"chipmunk_compile.kernels.{name}")
+        if baseline_dir:
+            spec = importlib.util.spec_from_file_location(f"_baseline_{name}", os.path.join(baseline_dir, name + ".py"))
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            mods[("old", name)] = mod
+    return mods
+
+
+def run_sweep(a, worker=None):
+    dev, dt = ("cpu", torch.float32) if a.dry else ("cuda", torch.bfloat16)
+    m, at = _sweep_inputs(dev, dt, tiny=a.dry)
+    mods = _sweep_modules(a.baseline_dir)
+    jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)]
+    if a.baseline_dir:
+        jobs = [("old", sec, "autotuned", mn, None) for sec, mn in
+                (("mm1", "mlp_sparse_mm1"), ("mm2", "mlp_sparse_mm2"), ("attn", "attn_column_sparse"))] + jobs
+    ref = {}
+    table = []
+    for i, (ver, sec, lab, mn, cfg) in enumerate(jobs):
+        if worker is not None and i % worker[1] != worker[0]:
+            continue
+        mod = mods[(ver, mn)]
+        if hasattr(mod, "_force_config"):
+            mod._force_config = cfg
+        fn = _sweep_call(mod, sec, m, at)
+        try:
+            if worker is not None:
+                fn()
+                _sync()
+                continue
+            # correctness vs the first variant of the section: same inputs (y_cache reset for mm2; for
+            # mm1 the updated h_cache, which every variant must leave at the same h_new)
+            if sec == "mm2":
+                yc0 = m["yc"].clone()
+            out = fn()
+            _sync()
+            chk = (m["hc"] if sec == "mm1" else out).float()
+            if sec == "mm2":
+                m["yc"].copy_(yc0)
+            err = 0.0 if sec not in ref else ((chk - ref[sec]).norm() / ref[sec].norm()).item()
+            ref.setdefault(sec, chk.clone())
+            ms = bench(fn, ms_budget=a.sweep_ms) if not a.dry else 1.0
+            tf = (m["flops"] if sec != "attn" else at["flops"]) / ms / 1e9
+            row = dict(section="sweep-" + sec, name=f"{ver} {lab}", shape="flux", ms=round(ms, 4),
+                       tflops=round(tf, 1), note=f"rel_err_vs_first={err:.1e}")
+            if cfg is None and hasattr(mod, "_tuned") and getattr(mod._tuned, "best_config", None) is not None:
+                row["note"] += f" best={mod._tuned.best_config}"
+            ROWS.append(row)
+            table.append(row)
+            print(f"{sec:5s} {ver} {lab:34s} {ms:8.4f} ms {tf:6.1f} TF/s  {row['note']}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{sec} {ver} {lab} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        finally:
+            if hasattr(mod, "_force_config"):
+                mod._force_config = None
+    if worker is None:
+        print("\n==== sweep summary (ms) ====")
+        for r in table:
+            print(f"{r['section']:12s} {r['name']:40s} {r['ms']:8.4f} {r['tflops']:7.1f}")
+
+
+def _precompile(a):
+    import subprocess
+
+    procs = []
+    for i in range(a.workers):
+        cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}"] + (["--dry"] if a.dry else [])
+        if a.baseline_dir:
+            cmd += ["--baseline-dir", a.baseline_dir]
+        procs.append(subprocess.Popen(cmd))
+    for p in procs:
+        p.wait()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--group", type=int, nargs="+", default=[192])
     ap.add_argument("--skip-long", action="store_true", help="skip the 118800-token attention shape")
     ap.add_argument("--quick", action="store_true", help="no sparsity sweeps")
-    ap.add_argument("--only", choices=["attn", "mlp", "all"], default="all")
+    ap.add_argument("--only", choices=["attn", "mlp", "all", "none"], default="all")
+    ap.add_argument("--sweep", action="store_true", help="time explicit kernel variants (see module doc)")
+    ap.add_argument("--sweep-ms", type=float, default=80.0)
+    ap.add_argument("--baseline-dir", default=None, help="older kernel files to time beside the current ones")
+    ap.add_argument("--workers", type=int, default=0, help="compile sweep variants in N processes first")
+    ap.add_argument("--precompile-only", action="store_true", help="with --workers: compile, then exit")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # CPU interpreter smoke test
     a = ap.parse_args()
+    if a.worker:
+        i, n = (int(t) for t in a.worker.split("/"))
+        run_sweep(a, worker=(i, n))
+        return
     dev, dt = "cuda", torch.bfloat16
     import triton
 
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if not a.dry else "cpu-interpreter"
     print(f"GPU: {gpu}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
+    if a.sweep:
+        if a.workers:
+            t0 = time.time()
+            _precompile(a)
+            print(f"precompiled in {time.time() - t0:.0f} s", flush=True)
+            if a.precompile_only:
+                return
+        run_sweep(a)
     sweep = [0.5, 0.3, 0.15, 0.1, 0.05] if not a.quick else []
     if a.only in ("attn", "all"):
         keeps = sorted(set([0.15] + sweep), reverse=True)
@@ -186,9 +375,11 @@ def main():
     if a.only in ("mlp", "all"):
         keeps = sorted(set([0.3] + sweep), reverse=True)
         mlp_section(4352, 3072, 12288, keeps, dt, dev)
+    if a.only == "none" and not a.sweep:
+        return
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, "bench_kernels")
+    stem = os.path.join(out_dir, "bench_kernels" + ("_sweep" if a.sweep and a.only == "none" else ""))
     keys = sorted({k for r in ROWS for k in r})
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["gpu"] + keys)

@@ -3,10 +3,11 @@
 Same signature and contract as ``mlp_sparse_mm1_ref.mlp_sparse_mm1_ref`` (read it first).
 
 Kernel invariants:
-- One program = (packed-column tile of BLOCK_N, BLOCK_M-row tile of one token block, batch b).
-  Tiles whose first packed column is >= counts only write zeros into delta_packed.
+- Work items are (BLOCK_M-row tile of one token block, packed-column tile of BLOCK_N, batch b) on a
+  1-D grid. Tiles whose first packed column is >= counts only write zeros into delta_packed.
 - w_act / w_lin rows (fc1 output channels) are gathered by index (contiguous C-long rows, 16-byte
-  loads); x rows of the block are gathered through perm when given.
+  loads); x rows of the block are gathered through perm when given. The K loop has no column
+  masks when C % BLOCK_K == 0 (KALIGN, the power-of-two alignment of C, is a constexpr).
 - Epilogue: bias, activation (and the gated product) in fp32, round to the cache dtype, delta =
   h_new - h_cache (fp32), store delta (packed) and h_new (into h_cache) — the writeback is fused,
   each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
@@ -15,6 +16,9 @@ Kernel invariants:
   are never written nor read.
 - Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
   gathered weight rows of a column window stay in L2 while several token blocks use them.
+- Wave tail: with P = NUM_SMS * OCC resident programs and T tiles, when (T % P) * SPLIT <= P the
+  last T % P tiles (a short last wave) are each split into SPLIT programs of BLOCK_N // SPLIT
+  columns; each (row, column) is still owned by exactly one program (no reduction, deterministic).
 """
 
 from __future__ import annotations

@@ -3,17 +3,22 @@
 Same signature and contract as ``mlp_sparse_mm2_ref.mlp_sparse_mm2_ref`` (read it first).
 
 Kernel invariants:
-- One program = (BLOCK_N output channels, BLOCK_M-row tile of one token block, batch b); the
-  reduction runs over the block's first counts packed columns only (BLOCK_K at a time).
+- Work items are (BLOCK_M-row tile of one token block, BLOCK_N output channels, batch b) on a 1-D
+  grid; the reduction runs over the block's first counts packed columns only: full BLOCK_K steps
+  without column masks, then one masked step.
 - w2 is read as rows of w2ᵀ (F, Cout): row j = neuron j's fan-out, gathered by index. The fast
   layout is w2.stride(0) == 1 (i.e. w2 = w2t.t() for a contiguous (F, Cout) w2t): then rows are
   contiguous. Any other layout is transposed once and cached per weight tensor (weak reference,
   invalidated when the weight's version counter moves) and counted under
   counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"].
 - Epilogue: y = y_cache + acc in fp32, rounded once; stored to y_cache (in place) and to the fresh
-  output in the same epilogue. Programs write disjoint (row, channel) tiles: race free.
+  output from the same registers. Programs write disjoint (row, channel) tiles: race free.
 - Program order is grouped with the token tiles fastest, so the concurrently running programs of
   one output-channel slab share the gathered w2ᵀ rows in L2.
+- Wave tail: with P = NUM_SMS * OCC resident programs and T tiles, when (T % P) * SPLIT <= P the
+  last T % P tiles (a short last wave: 408 = 3 * 132 + 12 tiles at FLUX shapes with 128x256
+  tiles) are each split into SPLIT programs of BLOCK_N // SPLIT channels, each over the full
+  reduction: no partial sums, so the result is deterministic and rounded once as before.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.mlp_sparse_mm1_ref import apply_act
+from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
 from ._dispatch import kernel
 from .sites import fallback, lookup
@@ -109,7 +110,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     idx_buf, cnt_buf = getattr(state, pre + "indices"), getattr(state, pre + "counts")
     delta = kernel("mlp_sparse_mm1", x3, w_act)(
         x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
-    y = kernel("mlp_sparse_mm2", delta, w2)(delta, w2, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
+    mm2 = kernel("mlp_sparse_mm2", delta, w2)
+    w2k = w2 if mm2 is mlp_sparse_mm2_ref else s.column_major(w2)  # the Triton mm2 gathers rows of w2ᵀ
+    y = mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
     s.ran(SPARSE)
     return y.reshape(out_shape)
 

@@ -121,6 +121,22 @@ class Site:
         gen.manual_seed(1_000_003 * step + 7919 * self.current_layer() + (1 if self.kind == "mlp" else 0))
         return gen
 
+    def column_major(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` with stride(0) == 1 (the layout the sparse mm2 gathers rows of `wᵀ` from): `w`
+        itself when it already is, else a copy made once per weight (keyed by storage, version,
+        shape and strides, so a regional-compile site keeps one per block) and reused."""
+        if w.stride(0) == 1:
+            return w
+        copies = self.__dict__.setdefault("_col_major", {})
+        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.device)
+        hit = copies.get(key)
+        if hit is None:
+            for stale in [k for k in copies if k[0] == key[0]]:  # the weight changed in place
+                del copies[stale]
+            count("w2_column_major_copy")
+            hit = copies[key] = w.t().contiguous().t()
+        return hit
+
     def perm_on(self, device) -> Optional[torch.Tensor]:
         if self.perm is None:
             return None
