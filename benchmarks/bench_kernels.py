@@ -231,7 +231,8 @@ def _sweep_inputs(dev, dt, tiny=False):
              b1=torch.randn(Fh, device=dev, dtype=dt), w2v=(torch.randn(C, Fh, device=dev, dtype=dt)
                                                           / math.sqrt(Fh)).t().contiguous().t(),
              hc=K.mlp_alloc_h_cache(1, M, Fh, dt, dev).normal_(), yc=torch.randn(1, M, C, device=dev, dtype=dt),
-             idx=sorted_random_subsets((1, NB), Fh, Kc, dev), cnt=torch.full((1, NB), Kc, dtype=torch.int32, device=dev),
+             idx=sorted_random_subsets((1, NB), Fh, Kc, dev),
+             cnt=torch.full((1, NB), Kc, dtype=torch.int32, device=dev),
              dp=torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc], flops=2.0 * M * C * Kc)
     B, H, N, D, G, keepa = (1, 24, 4352, 128, 128, 0.15) if not tiny else (1, 2, 300, 64, 128, 0.3)
     q, k, v = (torch.randn(B, N, H, D, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
@@ -272,7 +273,8 @@ def run_sweep(a, worker=None):
     dev, dt = ("cpu", torch.float32) if a.dry else ("cuda", torch.bfloat16)
     m, at = _sweep_inputs(dev, dt, tiny=a.dry)
     mods = _sweep_modules(a.baseline_dir)
-    jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)]
+    jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)
+            if cfg is None or a.sweep_set == "all"]
     if a.baseline_dir:
         jobs = [("old", sec, "autotuned", mn, None) for sec, mn in
                 (("mm1", "mlp_sparse_mm1"), ("mm2", "mlp_sparse_mm2"), ("attn", "attn_column_sparse"))] + jobs
@@ -302,6 +304,8 @@ def run_sweep(a, worker=None):
             err = 0.0 if sec not in ref else ((chk - ref[sec]).norm() / ref[sec].norm()).item()
             ref.setdefault(sec, chk.clone())
             ms = bench(fn, ms_budget=a.sweep_ms) if not a.dry else 1.0
+            if sec == "mm2":
+                m["yc"].copy_(yc0)
             tf = (m["flops"] if sec != "attn" else at["flops"]) / ms / 1e9
             row = dict(section="sweep-" + sec, name=f"{ver} {lab}", shape="flux", ms=round(ms, 4),
                        tflops=round(tf, 1), note=f"rel_err_vs_first={err:.1e}")
@@ -326,7 +330,8 @@ def _precompile(a):
 
     procs = []
     for i in range(a.workers):
-        cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}"] + (["--dry"] if a.dry else [])
+        cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}", "--sweep-set", a.sweep_set]
+        cmd += ["--dry"] if a.dry else []
         if a.baseline_dir:
             cmd += ["--baseline-dir", a.baseline_dir]
         procs.append(subprocess.Popen(cmd))
@@ -344,6 +349,10 @@ def main():
     ap.add_argument("--sweep-ms", type=float, default=80.0)
     ap.add_argument("--baseline-dir", default=None, help="older kernel files to time beside the current ones")
     ap.add_argument("--workers", type=int, default=0, help="compile sweep variants in N processes first")
+    ap.add_argument("--sweep-set", choices=["all", "auto"], default="all", help="auto: autotuned rows only")
+    ap.add_argument("--attn-keeps", type=float, nargs="+", default=None)
+    ap.add_argument("--mlp-keeps", type=float, nargs="+", default=None)
+    ap.add_argument("--no-dense-colsum", action="store_true")
     ap.add_argument("--precompile-only", action="store_true", help="with --workers: compile, then exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # CPU interpreter smoke test
@@ -368,12 +377,12 @@ def main():
         run_sweep(a)
     sweep = [0.5, 0.3, 0.15, 0.1, 0.05] if not a.quick else []
     if a.only in ("attn", "all"):
-        keeps = sorted(set([0.15] + sweep), reverse=True)
-        attn_section(1, 24, 4352, 128, keeps, a.group, dt, dev)
+        keeps = sorted(set([0.15] + sweep), reverse=True) if a.attn_keeps is None else a.attn_keeps
+        attn_section(1, 24, 4352, 128, keeps, a.group, dt, dev, with_dense_colsum=not a.no_dense_colsum)
         if not a.skip_long:
             attn_section(1, 24, 118800, 128, [0.07], a.group, dt, dev, with_dense_colsum=False, label="-long")
     if a.only in ("mlp", "all"):
-        keeps = sorted(set([0.3] + sweep), reverse=True)
+        keeps = sorted(set([0.3] + sweep), reverse=True) if a.mlp_keeps is None else a.mlp_keeps
         mlp_section(4352, 3072, 12288, keeps, dt, dev)
     if a.only == "none" and not a.sweep:
         return

@@ -28,6 +28,9 @@ from .runtime import Session, install_diffusers_context_probe, session_for
 
 log = logging.getLogger("chipmunk_compile")
 _COMPILERS = ("inductor", "eager")
+# torch.compile imports this module when it resolves backend="chipmunk", before the first call:
+# probing diffusers' cache_context now means the very first call already sees its branch name.
+install_diffusers_context_probe()
 
 
 def split_options(options: Optional[dict]) -> tuple[ChipmunkConfig, str, dict]:

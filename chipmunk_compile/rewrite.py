@@ -62,7 +62,14 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
     plan = Plan(rejections=rejections)
     n_attn = 0
     pairs = []
-    for m in matches:
+    # attention disabled by config still counts as a layer, so MLP layer numbers (and hence
+    # `first_n_dense_layers`) do not depend on whether attention is sparsified
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    disabled = [r for r in rejections if r.kind == "attention" and r.reason == "disabled by config"]
+    for m in sorted([*matches, *disabled], key=lambda item: order[item.anchor]):
+        if isinstance(m, Rejection):
+            n_attn += 1
+            continue
         path = module_path(m.anchor)
         attn_cfg, mlp_cfg = config.for_site(path)
         if m.kind == "attention":

@@ -53,6 +53,28 @@ def _tail_split(T: int, P: int, split: int) -> int:
 
 
 @triton.jit
+def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, qk_scale, skn, skd, svn, svd, offs_d,
+                     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    c_ok = c < cnt
+    j = tl.load(idx_base + c, mask=c_ok, other=0)
+    k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
+    v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(c_ok[None, :], s, float("-inf"))
+    if HAS_LSE:
+        p = tl.exp2(s - ref2[:, None])
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
               sib, sih, sig, scb, sch,  #
@@ -83,46 +105,39 @@ def _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     if HAS_LSE:
         ref2 = tl.load(LSE + bh * N + qi, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    else:
+        ref2 = m_i  # unused
 
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_full, BLOCK_N):
-        j = tl.load(idx_base + start + offs_n)
-        k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
-        v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_LSE:
-            p = tl.exp2(s * qk_scale - ref2[:, None])
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        else:
-            if POS_SCALE:
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if TAIL_N == BLOCK_N:
+        # One loop, every step masked (the form with the fewest shared-memory buffers).
+        for start in range(0, cnt, BLOCK_N):
+            m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_n, cnt, m_i, l_i, acc,
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC)
+    else:
+        for start in range(0, n_full, BLOCK_N):
+            j = tl.load(idx_base + start + offs_n)
+            k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
+            v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            if HAS_LSE:
+                p = tl.exp2(s * qk_scale - ref2[:, None])
+                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             else:
-                m_new = tl.maximum(m_i, tl.max(s * qk_scale, 1))
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-
-    offs_t = tl.arange(0, TAIL_N)
-    for start in range(n_full, cnt, TAIL_N):
-        c = start + offs_t
-        c_ok = c < cnt
-        j = tl.load(idx_base + c, mask=c_ok, other=0)
-        k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
-        v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        if HAS_LSE:
-            p = tl.exp2(s - ref2[:, None])
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+                if POS_SCALE:
+                    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s * qk_scale, 1))
+                p = tl.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                m_i = m_new
+        # Ragged rest in TAIL_N steps, not software-pipelined (no extra shared-memory stages).
+        offs_t = tl.arange(0, TAIL_N)
+        for start in tl.range(n_full, cnt, TAIL_N, num_stages=1):
+            m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_t, cnt, m_i, l_i, acc,
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC)
 
     if HAS_LSE:
         out = acc * sign
@@ -158,7 +173,14 @@ def _attn_column_sparse_kernel(
             n_tail = rem
     t_main = T - n_tail
     pid = tl.program_id(0)
-    if pid < t_main:
+    if SPLIT == 1:  # constexpr: one body only
+        bh = pid // per_bh
+        r = pid % per_bh
+        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
+                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+    elif pid < t_main:
         bh = pid // per_bh
         r = pid % per_bh
         _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
@@ -180,10 +202,11 @@ def _attn_column_sparse_kernel(
 
 def _configs():
     out = []
-    #          BLOCK_M, BLOCK_N, TAIL_N, warps, stages, OCC, SPLIT
-    for bm, bn, tn, w, s, occ, sp in [(128, 64, 16, 8, 3, 1, 2), (128, 128, 16, 8, 3, 1, 2),
-                                      (128, 64, 16, 8, 4, 1, 2), (128, 128, 32, 8, 2, 1, 2),
-                                      (64, 64, 16, 4, 3, 2, 1), (64, 128, 16, 4, 3, 2, 1)]:
+    # BLOCK_M, BLOCK_N, TAIL_N, warps, stages, OCC, SPLIT. TAIL_N == BLOCK_N and SPLIT == 1 is the
+    # previous kernel's schedule (its winner at FLUX 4352/G=128/85%: 64 x 32, 4 warps, 4 stages).
+    for bm, bn, tn, w, s, occ, sp in [(64, 32, 32, 4, 4, 3, 1), (64, 32, 16, 4, 4, 3, 1), (64, 32, 32, 4, 3, 3, 1),
+                                      (64, 64, 64, 4, 3, 2, 1), (64, 64, 16, 4, 3, 2, 1), (64, 64, 64, 4, 2, 2, 1),
+                                      (128, 64, 64, 8, 3, 1, 1), (128, 128, 16, 8, 3, 1, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TAIL_N": tn, "OCC": occ, "SPLIT": sp},
                                  num_warps=w, num_stages=s))
     return out

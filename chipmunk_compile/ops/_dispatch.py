@@ -1,9 +1,40 @@
-"""Kernel lookup for the ops: Triton when `kernels.get_kernel` allows it, else the reference."""
+"""Kernel lookup for the ops: Triton when `kernels.get_kernel` allows it, else the reference.
+
+The choice depends only on (name, device, dtype, head dim, CHIPMUNK_KERNELS/TRITON_INTERPRET), so it
+is memoized per such key: the ops call this on every step and the full check costs ~10 µs. A
+memoized fallback is still counted on every call, as `kernels.get_kernel` counts it.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
+from torch._dynamo.utils import counters
+
 from .. import kernels
+
+_memo: dict = {}
 
 
 def kernel(name: str, *tensors, head_dim=None):
-    return kernels.get_kernel(name, *tensors, head_dim=head_dim)
+    t = tensors[0]
+    key = (name, t.device, t.dtype, head_dim, os.environ.get("CHIPMUNK_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+    hit = _memo.get(key)
+    if hit is not None:
+        impl, fallback_key = hit
+        if fallback_key:
+            counters["chipmunk"][fallback_key] += 1
+        return impl
+    before = dict(counters["chipmunk"])
+    impl = kernels.get_kernel(name, *tensors, head_dim=head_dim)
+    new = [k for k, v in counters["chipmunk"].items() if k.startswith("kernel_fallback") and v != before.get(k, 0)]
+    _memo[key] = (impl, new[0] if new else None)
+    return impl
+
+
+def is_reference(impl) -> bool:
+    return getattr(impl, "__name__", "").endswith("_ref")
+
+
+__all__ = ["kernel", "is_reference", "torch"]

@@ -96,7 +96,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             idx_buf.copy_(idx)
             cnt_buf.copy_(cnt)
             st.index_generation = pos.generation
-        idx_buf, cnt_buf = _indices(st, q.device)
+        idx_buf, cnt_buf = st.get("indices"), st.get("counts")
         lse_buf.copy_(lse)
         st.lse_generation = pos.generation
         o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
@@ -107,19 +107,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         st.filled_generation = pos.generation
         s.ran(REFRESH)
         return o
-    idx_buf, cnt_buf = _indices(st, q.device)
+    idx_buf, cnt_buf = st.get("indices"), st.get("counts")
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
     o = kernel("attn_column_sparse", q, k, v, head_dim=D)(
         q, k, v, idx_buf, cnt_buf, scale=scale, group=group, perm=perm, o_base=o_cache, sign=1.0,
         lse=lse_buf if exact_norm else None)
     s.ran(SPARSE)
     return o
-
-
-def _indices(st, device):
-    state = st.site.session.state
-    pre = f"s{st.site.id}__{st.branch}__".replace(".", "_")
-    return getattr(state, pre + "indices"), getattr(state, pre + "counts")
 
 
 @attention.register_fake

@@ -90,24 +90,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     if mlp_recompute_indices(cfg, pos.step) or st.index_generation != pos.generation:
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
-        change = (basis - bm_cache).abs()
-        if w_lin is not None:
-            change = change[..., :Fh] + change[..., Fh:]
-        top = max(1, round(cfg.top_keys * Fh))
-        rnd = round(cfg.random_keys * Fh)
-        idx, cnt = kernel("select_columns", change)(change.unsqueeze(1), k=top, random_keys=rnd,
-                                                      generator=s.rng(x.device, pos.step), inplace=True)
-        idx, cnt = idx.squeeze(1), cnt.squeeze(1)
-        # refresh the reference means of the selected neurons only (method.md §2, copy_indices)
-        _refresh_reference(bm_cache, basis, idx, cnt, Fh, gated=w_lin is not None)
-        idx_buf = st.tensor("indices", tuple(idx.shape), torch.int32, x.device)
-        cnt_buf = st.tensor("counts", tuple(cnt.shape), torch.int32, x.device)
-        idx_buf.copy_(idx)
-        cnt_buf.copy_(cnt)
+        _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step)
         st.index_generation = pos.generation
-    state = s.session.state
-    pre = f"s{s.id}__{st.branch}__".replace(".", "_")
-    idx_buf, cnt_buf = getattr(state, pre + "indices"), getattr(state, pre + "counts")
+    idx_buf, cnt_buf = st.get("indices"), st.get("counts")
     delta = kernel("mlp_sparse_mm1", x3, w_act)(
         x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
     mm2 = kernel("mlp_sparse_mm2", delta, w2)
@@ -123,15 +108,27 @@ def _alloc_h(*shape, dtype, device):
     return mlp_alloc_h_cache(*shape, dtype, device)
 
 
-def _refresh_reference(bm_cache, basis, idx, cnt, Fh, *, gated):
-    K = idx.shape[-1]
-    valid = torch.arange(K, device=idx.device)[None, None, :] < cnt[..., None]
-    cols = idx.long()
-    cols_all = [cols, cols + Fh] if gated else [cols]
-    for c in cols_all:
-        new = torch.gather(basis, 2, c)
-        old = torch.gather(bm_cache, 2, c)
-        bm_cache.scatter_(2, c, torch.where(valid, new, old))
+def _select_neurons(st, s, basis, bm_cache, Fh: int, gated: bool, step: int) -> None:
+    """Per token block: the `top_keys` neurons whose block-mean pre-activation moved most since
+    they were last picked, plus `random_keys` random draws; writes `indices`/`counts` and refreshes
+    the picked neurons' reference means only (the others keep drifting; method.md §2)."""
+    cfg, device = s.cfg, basis.device
+    change = (basis - bm_cache).abs_()
+    if gated:
+        change = change[..., :Fh] + change[..., Fh:]
+    B, nb, _ = change.shape
+    top, rnd = max(1, round(cfg.top_keys * Fh)), round(cfg.random_keys * Fh)
+    K = min(Fh, top + rnd)
+    if rnd:  # draws with replacement; a duplicate or top-k overlap just leaves a slot to top-k
+        pick = torch.randint(0, Fh, (B, nb, rnd), generator=s.rng(device, step), device=device)
+        change.scatter_(2, pick, float("inf"))
+    idx = change.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values  # sorted: L2 reuse in mm1/mm2
+    st.tensor("indices", (B, nb, K), torch.int32, device).copy_(idx)
+    if st.get("counts") is None:
+        st.tensor("counts", (B, nb), torch.int32, device).fill_(K)
+    for off in ((0, Fh) if gated else (0,)):
+        cols = idx + off if off else idx
+        bm_cache.scatter_(2, cols, basis.gather(2, cols))
 
 
 @mlp.register_fake

@@ -49,14 +49,21 @@ class BranchState:
         self.index_generation = -1
         self.lse_generation = -1
         self.index_step = -1
+        self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
 
     def tensor(self, name: str, shape, dtype, device, *, alloc=None) -> torch.Tensor:
+        """The cache `name`, allocated on first use for the current key (see `ensure`)."""
+        t = self.cache.get(name)
+        if t is not None:
+            return t
         full = f"s{self.site.id}__{self.branch}__{name}".replace(".", "_")
-        t = getattr(self.site.session.state, full, None)
-        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-            t = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
-            self.site.session.state.put(full, t)
+        t = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
+        self.site.session.state.put(full, t)  # owned (and counted) by the session's state module
+        self.cache[name] = t
         return t
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        return self.cache.get(name)
 
     def ensure(self, key: tuple) -> bool:
         """True when the caches fit `key` (shapes, dtype, device); else marks them empty."""
@@ -65,6 +72,7 @@ class BranchState:
                 count("realloc")
                 log.info("chipmunk: site %s branch %s: new shapes %s, caches restart", self.site.path, self.branch, key)
             self.key = key
+            self.cache.clear()
             self.filled_generation = self.index_generation = self.lse_generation = -1
             return False
         return True

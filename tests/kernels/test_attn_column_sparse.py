@@ -122,3 +122,19 @@ def test_gpu_bf16_real_shapes(N, G, Hq, Hkv, use_lse):
     o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
     o_r = attn_column_sparse_ref(q, k, v, idx, cnt, **kw)
     assert rel_err(o, o_r) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("meta", [dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=32, OCC=1, SPLIT=1),   # one masked loop
+                                  dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=16, OCC=1, SPLIT=1),   # main + tail loop
+                                  dict(BLOCK_M=32, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)])  # split wave tail
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_triton_schedule_variants(triton_mode, monkeypatch, meta, use_lse):
+    """Every schedule the autotuner may pick (loop form, tail split) computes the same function."""
+    from chipmunk_compile.kernels import attn_column_sparse as mod
+
+    monkeypatch.setattr(mod, "_INTERP_META", meta)
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 77, 90, 64, 48, torch.float32, 0.45, True, seed=5,
+                                               zero_count=True)
+    kw = dict(scale=0.125, group=48, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
+    o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
+    assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.float32]

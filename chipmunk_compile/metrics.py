@@ -1,4 +1,4 @@
-"""Image and latent fidelity metrics for comparing a sped-up sampler against dense.
+"""Image and latent fidelity metrics for comparing a sped-up sampler against dense (PSNR, SSIM, relative error).
 
 Invariants: inputs are image batches (B, C, H, W) in [-1, 1] (or latents of any shape for
 `relative_error`); every metric is computed in float64 per image and averaged; identical inputs

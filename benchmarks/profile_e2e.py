@@ -1,0 +1,51 @@
+"""Profile a few sparse steps of a reduced-depth diffusers DiT under backend="chipmunk".
+
+    python benchmarks/profile_e2e.py --model flux --blocks 4
+
+Prints the top CUDA kernels and CPU ops by time for the baseline (Inductor) and for chipmunk,
+and the wall time per step; explains where a step's time goes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench_e2e import build, inputs, timestep
+
+
+def steps(compiled, name, kw, n, start=0, total=50):
+    with torch.no_grad():
+        for i in range(start, start + n):
+            compiled(**kw, timestep=timestep(name, i, total, "cuda", torch.bfloat16), return_dict=False)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="flux")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=22)
+    args = ap.parse_args()
+    model = build(args.model, args.blocks)
+    kw = inputs(args.model, model)
+    cfg = {"preset": "flux", "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
+    for label, backend, opts in (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg})):
+        torch._dynamo.reset()
+        c = torch.compile(model, backend=backend, options=opts)
+        steps(c, args.model, kw, 4)  # compile, dense, refresh, first sparse (autotune)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps(c, args.model, kw, 3, start=4)
+        torch.cuda.synchronize()
+        print(f"## {label}: {(time.perf_counter() - t0) / 3 * 1e3:.1f} ms per sparse step (wall, {args.blocks}+{args.blocks} blocks)")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            steps(c, args.model, kw, 2, start=7)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        if label == "chipmunk":
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
