@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import grouped_tile, wave_tail_tile
 from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
 
 
@@ -123,27 +124,10 @@ def _mlp_sparse_mm1_kernel(
     NT_N = tl.cdiv(KW, BLOCK_N)
     n_mt = NB * TPB
     per_b = n_mt * NT_N
-    T = NBATCH * per_b
-    P = NUM_SMS * OCC
-    rem = T % P
-    n_tail = 0
-    if SPLIT > 1:
-        if rem * SPLIT <= P:
-            n_tail = rem
-    t_main = T - n_tail
     pid = tl.program_id(0)
-    if pid < t_main:
-        tile = pid
-    else:
-        tile = t_main + (pid - t_main) // SPLIT
+    tile, t_main = wave_tail_tile(pid, NBATCH * per_b, NUM_SMS * OCC, SPLIT)
     b = tile // per_b
-    r = tile % per_b
-    # Grouped order: GROUP_M row tiles, then the next packed-column tile.
-    per_group = GROUP_M * NT_N
-    first_mt = (r // per_group) * GROUP_M
-    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
-    mt = first_mt + (r % per_group) % gsize
-    pid_n = (r % per_group) // gsize
+    mt, pid_n = grouped_tile(tile % per_b, n_mt, NT_N, GROUP_M)
     if pid < t_main:
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,

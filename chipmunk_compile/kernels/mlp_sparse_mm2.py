@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import grouped_tile, wave_tail_tile
 from ._common import cdiv, dot_precision, interpreting, new_empty
 
 
@@ -89,26 +90,10 @@ def _mlp_sparse_mm2_kernel(
     NT_N = tl.cdiv(NOUT, BLOCK_N)
     n_mt = NB * TPB
     per_b = n_mt * NT_N
-    T = NBATCH * per_b
-    P = NUM_SMS * OCC
-    rem = T % P
-    n_tail = 0
-    if SPLIT > 1:
-        if rem * SPLIT <= P:
-            n_tail = rem
-    t_main = T - n_tail
     pid = tl.program_id(0)
-    if pid < t_main:
-        tile = pid
-    else:
-        tile = t_main + (pid - t_main) // SPLIT
+    tile, t_main = wave_tail_tile(pid, NBATCH * per_b, NUM_SMS * OCC, SPLIT)
     b = tile // per_b
-    r = tile % per_b
-    per_group = GROUP_M * NT_N
-    first_mt = (r // per_group) * GROUP_M
-    gsize = tl.minimum(n_mt - first_mt, GROUP_M)
-    mt = first_mt + (r % per_group) % gsize
-    pid_n = (r % per_group) // gsize
+    mt, pid_n = grouped_tile(tile % per_b, n_mt, NT_N, GROUP_M)
     if pid < t_main:
         _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
