@@ -25,6 +25,7 @@ from .config import ChipmunkConfig
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .runtime import Session, install_diffusers_context_probe, session_for
+from .step_cache import StepCache, main_input_index
 
 log = logging.getLogger("chipmunk_compile")
 _COMPILERS = ("inductor", "eager")
@@ -149,20 +150,19 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     counters["chipmunk"]["mlp_sites"] += sum(s.kind == "mlp" for s in plan.sites)
     counters["chipmunk"]["rejected"] += len(plan.rejections)
     log.info("chipmunk: %d sites rewritten, %d candidates left dense", len(plan.sites), len(plan.rejections))
+    # read placeholder metadata before compile_fx, which takes ownership of (and may change) gm
+    param_input = first_parameter_input(gm)
+    main_input = main_input_index(gm, signals)
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
     for site in plan.sites:
         site.graph = instances
-    param_input = first_parameter_input(gm)
     step_cache = None
     if config.step_cache.enabled:
-        from .step_cache import StepCache, main_input_index
-
         if session.step_cache is None:
             session.step_cache = StepCache(config.step_cache)
         step_cache = session.step_cache
-        main_input = main_input_index(gm, signals)
         if not entry:  # a resumed frame: the model is split into several graphs
             step_cache.multi_graph = True
 
