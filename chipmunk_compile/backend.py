@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from .config import ChipmunkConfig
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
+from .patterns.fx_utils import source_name
 from .runtime import Session, install_diffusers_context_probe, session_for
 from .step_cache import StepCache, main_input_index
 
@@ -69,7 +70,7 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     name = getattr(code, "co_name", "")
     entry = not (name.startswith("torch_dynamo_resume") or name.startswith("__resume"))
     f_locals = getattr(tx, "f_locals", {}) or {}
-    sources = [_source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    sources = [source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
     for local, value in f_locals.items():
         if isinstance(value, torch.nn.Module) and any(s.startswith(f"L['{local}']") for s in sources):
             return value, entry
@@ -79,18 +80,12 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     return None, entry
 
 
-def _source_name(node) -> str:
-    ga = node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
-    return src.name if src is not None and hasattr(src, "name") else ""
-
-
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
     """Indices of user inputs that look like a timestep/guidance signal: small (≤ 64 values),
     at most 1-D, numeric, and not a parameter or buffer."""
     out = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        src = _source_name(node)
+        src = source_name(node)
         if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[")):
             continue
         v = node.meta.get("example_value")
@@ -119,7 +114,7 @@ def read_signature(args, indices: list[int]) -> Optional[tuple]:
 def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:
     """Index of the first placeholder that is a module parameter (identifies the module instance)."""
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        src = _source_name(node)
+        src = source_name(node)
         if "_parameters" in src:
             return i
     return None

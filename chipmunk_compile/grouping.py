@@ -45,6 +45,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .patterns.fx_utils import source_name
+
 DEFAULT_TILE_2D = (8, 8)
 DEFAULT_TILE_3D = (4, 6, 8)
 SUBTILE_2D = (4, 4)
@@ -295,22 +297,13 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
 
 
 def _input_name(node: fx.Node) -> str:
-    ga = node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
-    name = getattr(src, "name", "") if src is not None else ""
-    if callable(name):
-        name = name()
+    name = source_name(node)
     keys = [k for k in name.replace('"', "'").split("'") if k and k[0].isalpha()] if name else []
     return keys[-1] if keys else node.name
 
 
 def _is_param(node: fx.Node) -> bool:
-    ga = node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
-    name = getattr(src, "name", "") if src is not None else ""
-    if callable(name):
-        name = name()
-    return "_parameters" in str(name) or "parameters_" in node.name
+    return "_parameters" in source_name(node) or "parameters_" in node.name
 
 
 def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor]]:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .ops.sites import count, fallback
+from .patterns.fx_utils import source_name
 
 
 @dataclass
@@ -84,8 +85,7 @@ def main_input_index(gm: torch.fx.GraphModule, signal_indices: list[int]) -> Opt
     """The largest floating user input of the graph (the latents), by its recorded fake value."""
     best, best_numel = None, -1
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        ga = node.meta.get("grapharg")
-        src = getattr(getattr(ga, "source", None), "name", "") or ""
+        src = source_name(node)
         if i in signal_indices or any(t in src for t in ("_parameters[", "_buffers[", "._modules[")):
             continue
         v = node.meta.get("example_value")

@@ -248,3 +248,23 @@ def model_context(name: str):
             yield
     else:
         yield
+
+
+class TinyBlock(torch.nn.Module):
+    """A pre-norm DiT block: SDPA self-attention + gelu-tanh MLP (one attention and one MLP site)."""
+
+    def __init__(self, d: int = 64, heads: int = 4, mult: int = 4):
+        super().__init__()
+        nn = torch.nn
+        self.h = heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, mult * d), nn.Linear(mult * d, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))

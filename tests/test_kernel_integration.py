@@ -7,33 +7,16 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import chipmunk_compile
-from helpers import fresh_dynamo  # noqa: F401
-
-
-class Block(nn.Module):
-    def __init__(self, d=128, h=2):
-        super().__init__()
-        self.h = h
-        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-        x = x + self.o(a)
-        return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))
+from helpers import TinyBlock, fresh_dynamo  # noqa: F401
 
 
 class TinyDiT(nn.Module):
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.blocks = nn.ModuleList([TinyBlock(128, heads=2, mult=2) for _ in range(2)])
         self.t = nn.Linear(1, 128)
 
     def forward(self, x, t):

@@ -6,31 +6,15 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import chipmunk_compile
-from helpers import fresh_dynamo  # noqa: F401
-
-
-class Block(nn.Module):
-    def __init__(self, d=64, h=4):
-        super().__init__()
-        self.h = h
-        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
-        return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))
+from helpers import TinyBlock, fresh_dynamo  # noqa: F401
 
 
 class Stack(nn.Module):
     def __init__(self, layers=4):
         super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(layers)])
+        self.blocks = nn.ModuleList([TinyBlock() for _ in range(layers)])
 
     def forward(self, x):
         for b in self.blocks:

@@ -1,4 +1,4 @@
-"""Tile scheduling helpers shared by the persistent-style Triton GEMM kernels (mm1, mm2).
+"""Tile scheduling helpers shared by the persistent-style Triton kernels (mm1, mm2, column-sparse attention).
 
 Invariants (both are `@triton.jit`, inlined into the kernels):
 - `wave_tail_tile`: programs [0, t_main) own one tile each; when the last wave is short (T % P

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import wave_tail_tile
 from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
@@ -164,15 +165,8 @@ def _attn_column_sparse_kernel(
 ):
     TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     per_bh = NG * TPG
-    T = NBH * per_bh
-    P = NUM_SMS * OCC
-    rem = T % P
-    n_tail = 0
-    if SPLIT > 1:
-        if rem * SPLIT <= P:
-            n_tail = rem
-    t_main = T - n_tail
     pid = tl.program_id(0)
+    tile, t_main = wave_tail_tile(pid, NBH * per_bh, NUM_SMS * OCC, SPLIT)
     if SPLIT == 1:  # constexpr: one body only
         bh = pid // per_bh
         r = pid % per_bh
@@ -189,7 +183,6 @@ def _attn_column_sparse_kernel(
                   G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
     else:
         qq = pid - t_main
-        tile = t_main + qq // SPLIT
         bh = tile // per_bh
         r = tile % per_bh
         SUB: tl.constexpr = BLOCK_M // SPLIT

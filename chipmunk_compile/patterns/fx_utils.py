@@ -93,6 +93,15 @@ def module_path(node: fx.Node) -> str:
     return source_to_path(path)
 
 
+def source_name(node: fx.Node) -> str:
+    """The Dynamo source of a placeholder (`L['self']._modules['blocks']...`), '' when unknown.
+
+    Only available inside the backend: Dynamo drops `meta["grapharg"]` once the backend returns."""
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(src, "name", "") if src is not None else ""
+    return (name() if callable(name) else name) or ""
+
+
 def source_to_path(name: str) -> str:
     """`L['self'].blocks.0.attn`, `L['self']._modules['blocks']._modules['0']` or
     `L['self'].__dict__['_modules']['blocks'].0.attn` -> `blocks.0.attn`."""
