@@ -1,29 +1,55 @@
 """End-to-end speed of diffusers DiTs: Inductor (cuDNN SDPA) vs backend="chipmunk".
 
-    python benchmarks/bench_e2e.py --model flux                 # FLUX.1-dev size, 1280x768, 50 steps
-    python benchmarks/bench_e2e.py --model wan --blocks 4 --steps 12
+    python benchmarks/bench_e2e.py --model flux                         # FLUX.1-dev size, 1280x768
+    python benchmarks/bench_e2e.py --model hunyuan-video --blocks 2,3   # extrapolated to 20 + 40 blocks
+    python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
 
-Random weights built directly on the GPU in bf16 (no downloads). Each variant is compiled, run
-once as a warm-up generation, then a timed generation: every transformer call is timed with CUDA
-events and labelled with its step kind. Video models may be built with fewer blocks than the
-published model (`--blocks`); then the per-block cost is measured from two block counts and the
-published depth is extrapolated — the output says so. Timesteps decrease like a sampler's, so the
-chipmunk schedule follows the pipeline signal exactly as in real use.
-Results append to benchmarks/results/e2e.jsonl (and $OUT when set).
+What is measured, and how:
+- Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
+  resolution; the timestep of step s is that of an `--steps`-step sampler (decreasing).
+- Step kinds: every step s has a label, the attention and MLP step kinds of the chipmunk schedule
+  at layer 10 (a representative sparse layer), plus "+sel" / "+reuse" on sparse MLP steps that pick
+  new neuron indices / reuse the last ones. Steps of one kind cost the same, so not all `--steps`
+  steps are timed: the coverage sequence is the real step indices s = 0, 1, ... kept while their
+  label has been kept fewer than `--reps` times (default 2).
+- Variants: "inductor+cudnn" = torch.compile(model) with SDPA priority cuDNN > Flash > efficient >
+  math; "chipmunk" = torch.compile(model, backend="chipmunk", options={"config": preset}) under the
+  same SDPA priority; with --default-sdpa also "inductor+default-sdpa" = plain torch.compile(model)
+  with PyTorch's own SDPA choice. Each: torch._dynamo.reset(), compile, then the coverage sequence
+  three times in a row: pass 1 compiles and warms up (its wall time is "compile s"), pass 2 warms up
+  again (lets the backend record CUDA graphs per step kind), pass 3 is timed: each step, all its CFG
+  calls, between CUDA events, synchronized per step. "peak GiB" = max_memory_allocated in pass 3.
+  For chipmunk every call pins its step and CFG branch with chipmunk_compile.set_step(s, branch=c),
+  so the schedule runs exactly the coverage step indices; each pass starts again at step 0, which
+  the backend takes as a new generation (no chipmunk_compile.reset, which would drop the graphs).
+- Totals: the `--steps` total of a variant = sum over s in 0..steps-1 of its pass-3 median for
+  label(s). Speedup = inductor+cudnn total / chipmunk total.
+- Depth: `--blocks n` builds n layers, or for FLUX / HunyuanVideo n double + 2n single blocks (the
+  published 1:2 ratio of 19/38 and 20/40); the result is the reduced model's, as measured.
+  `--blocks n1,n2` measures both depths and extrapolates each label's median linearly to the
+  published depth (a unit = one layer, or one double + two single blocks): per_unit = (T(n2) -
+  T(n1)) / (n2 - n1), full = T(n1) + (N_pub - n1) * per_unit; the output says so and also prints
+  the measured numbers. Take n1 >= first_n_dense_layers (2 in the presets) so both depths hold the
+  same dense-only layers and the added units are sparse ones.
+One JSON row per run appends to benchmarks/results/e2e.jsonl (and $OUT/e2e.jsonl when OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
+import statistics
 import time
+from collections import Counter, defaultdict
 
 import torch
 
 import chipmunk_compile as cc
 from chipmunk_compile.config import ChipmunkConfig
-from chipmunk_compile.schedule import attn_step_kind, mlp_step_kind
+from chipmunk_compile.schedule import SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind
 
 # published sizes (diffusers configs) and resolutions
 MODELS = {
@@ -37,9 +63,13 @@ MODELS = {
                           extra_layers=("num_single_layers", 40), config=dict(), preset="hunyuan-video"),
     "mochi": dict(cls="MochiTransformer3DModel", layers=("num_layers", 48), config=dict(), preset="mochi", cfg_calls=2),
 }
+BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
+LAYER = 10  # the representative sparse layer whose step kinds label a step
 
 
+# -- models ---------------------------------------------------------------------------------------
 def build(name: str, blocks: int | None, device="cuda", dtype=torch.bfloat16):
+    """The model at published size, or with `blocks` units (n layers; n double + 2n single)."""
     import diffusers
 
     spec = MODELS[name]
@@ -47,7 +77,7 @@ def build(name: str, blocks: int | None, device="cuda", dtype=torch.bfloat16):
     if blocks is not None:
         cfg[spec["layers"][0]] = blocks
         if "extra_layers" in spec:
-            cfg[spec["extra_layers"][0]] = blocks
+            cfg[spec["extra_layers"][0]] = 2 * blocks  # the published 1:2 ratio (19/38, 20/40)
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = getattr(diffusers, spec["cls"])(**cfg).eval()
@@ -85,89 +115,323 @@ def timestep(name, i, steps, device, dtype):
     return torch.full((1,), t * scale, device=device, dtype=dtype)
 
 
-def generation(model, name, kw, steps, cfg_calls, device, dtype):
-    times = []
+def published_units(name: str) -> int:
+    """The published depth in `--blocks` units (layers, or double blocks each with two singles)."""
+    return MODELS[name]["layers"][1]
+
+
+def depth_text(name: str, blocks: int | None) -> str:
+    """'2 double + 4 single blocks', 'published depth, 40 layers', ..."""
+    n = published_units(name) if blocks is None else blocks
+    what = f"{n} double + {2 * n} single blocks" if "extra_layers" in MODELS[name] else f"{n} layer{'s' * (n != 1)}"
+    return f"published depth, {what}" if blocks is None else what
+
+
+def parse_blocks(text: str | None) -> list[int] | None:
+    """'2' -> [2]; '1,2' -> [1, 2] (two distinct counts, ascending); None -> None (published depth)."""
+    if text is None:
+        return None
+    counts = sorted(int(x) for x in text.split(",") if x.strip())
+    if len(counts) not in (1, 2) or len(set(counts)) != len(counts) or counts[0] < 1:
+        raise ValueError(f"--blocks takes one count or two distinct counts, got {text!r}")
+    return counts
+
+
+# -- schedule: labels, coverage, totals, extrapolation (pure) ------------------------------------
+def step_label(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> str:
+    mlp = mlp_step_kind(cfg.mlp, step, layer)
+    label = f"attn:{attn_step_kind(cfg.attn, step, layer)}/mlp:{mlp}"
+    if mlp == SPARSE:
+        label += "+sel" if mlp_recompute_indices(cfg.mlp, step) else "+reuse"
+    return label
+
+
+def step_labels(preset, steps: int, layer: int = LAYER) -> list[str]:
+    cfg = ChipmunkConfig.from_any(preset)
+    return [step_label(cfg, s, layer) for s in range(steps)]
+
+
+def coverage(preset, steps: int, reps: int = 2) -> list[int]:
+    """Step indices, in order, each kept while its label has been kept fewer than `reps` times."""
+    kept, seq = Counter(), []
+    for s, label in enumerate(step_labels(preset, steps)):
+        if kept[label] < reps:
+            kept[label] += 1
+            seq.append(s)
+    return seq
+
+
+def medians_by_label(times: dict[int, float], labels: list[str]) -> dict[str, float]:
+    by = defaultdict(list)
+    for s, ms in sorted(times.items()):
+        by[labels[s]].append(ms)
+    return {label: statistics.median(v) for label, v in by.items()}
+
+
+def total_from_medians(medians: dict[str, float], labels: list[str]) -> float:
+    return sum(medians[label] for label in labels)
+
+
+def extrapolate(m1: dict[str, float], n1: int, m2: dict[str, float], n2: int, n_pub: int) -> dict[str, float]:
+    """Per label, linear in depth through (n1, m1) and (n2, m2), evaluated at n_pub."""
+    out = {}
+    for label in m1:
+        per_unit = (m2[label] - m1[label]) / (n2 - n1)
+        fixed = m1[label] - n1 * per_unit
+        out[label] = fixed + n_pub * per_unit
+    return out
+
+
+def min_dense_layers(preset) -> int:
+    cfg = ChipmunkConfig.from_any(preset)
+    return max(cfg.attn.first_n_dense_layers if cfg.attn.enabled else 0,
+               cfg.mlp.first_n_dense_layers if cfg.mlp.enabled else 0)
+
+
+# -- running ---------------------------------------------------------------------------------------
+class StepPin:
+    """Pins chipmunk's step and CFG branch before every call. The very first call of a fresh
+    compile has no session yet (set_step raises); it must be step 0, branch "0", which is what
+    automatic tracking gives that call."""
+
+    def __init__(self, compiled):
+        self.compiled, self.first = compiled, True
+
+    def __call__(self, step: int, call: int) -> None:
+        first, self.first = self.first, False
+        try:
+            cc.set_step(self.compiled, step, branch=str(call))
+        except ValueError:
+            if not (first and step == 0 and call == 0):
+                raise
+
+
+def time_step(fn) -> float:
+    """Milliseconds of `fn()` on the GPU between CUDA events, synchronized."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def run_pass(model, step_kwargs, seq, cfg_calls, pin=None) -> dict[int, float]:
+    """One pass over the step indices `seq`; ms per step (all its CFG calls)."""
+    times = {}
     with torch.no_grad():
-        for i in range(steps):
-            t = timestep(name, i, steps, device, dtype)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for c in range(cfg_calls):
-                model(**kw, timestep=t, return_dict=False)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        for s in seq:
+            kw = step_kwargs(s)
+
+            def one_step():
+                for c in range(cfg_calls):
+                    if pin is not None:
+                        pin(s, c)
+                    model(**kw)
+
+            times[s] = time_step(one_step)
     return times
 
 
-def run_variant(name, model, kw, steps, cfg_calls, backend, options):
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, options=options) if backend else model
-    t0 = time.perf_counter()
+def compile_variant(variant: str, model, preset):
+    if variant == CHIPMUNK:
+        return torch.compile(model, backend="chipmunk", options={"config": preset})
+    return torch.compile(model)
+
+
+def sdpa_context(variant: str):
+    if variant == DEFAULT_SDPA:
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):  # cuDNN first: the best dense baseline
-        generation(compiled, name, kw, 2, cfg_calls, "cuda", torch.bfloat16)  # compile + warm-up
+    return sdpa_kernel(order, set_priority=True)  # cuDNN first: the best dense baseline
+
+
+def chipmunk_counters(before: dict) -> dict:
+    from torch._dynamo.utils import counters
+
+    now = counters["chipmunk"]
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+
+
+def stats_summary(compiled) -> dict:
+    """cc.stats folded to per-site-kind step counts (over all three passes)."""
+    try:
+        st = cc.stats(compiled)
+    except Exception as e:  # never lose the timings to a reporting helper
+        return {"error": repr(e)}
+    steps: dict = {}
+    for site in st["sites"]:
+        d = steps.setdefault(site["kind"], {})
+        for k, v in site["steps"].items():
+            d[k] = d.get(k, 0) + v
+    return dict(calls=st.get("calls"), generation=st.get("generation"), sites=len(st["sites"]),
+                state_gib=st["state_bytes"] / 2**30, site_steps=steps)
+
+
+def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset) -> dict:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = compile_variant(variant, model, preset)
+    pin = StepPin(compiled) if variant == CHIPMUNK else None
+    before = dict(counters["chipmunk"])
+    with sdpa_context(variant):
+        t0 = time.perf_counter()
+        run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # pass 1: compile + warm-up
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-        if backend == "chipmunk":
-            cc.reset(compiled)
+        run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # pass 2: warm-up (CUDA graphs per kind)
         torch.cuda.reset_peak_memory_stats()
-        times = generation(compiled, name, kw, steps, cfg_calls, "cuda", torch.bfloat16)
-    return dict(times_ms=times, compile_s=compile_s, peak_gb=torch.cuda.max_memory_allocated() / 2**30)
+        times = run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # pass 3: timed
+    medians = medians_by_label(times, labels)
+    res = dict(medians_ms=medians, total_ms=total_from_medians(medians, labels), compile_s=compile_s,
+               peak_gb=torch.cuda.max_memory_allocated() / 2**30, times_ms={str(s): t for s, t in times.items()})
+    if variant == CHIPMUNK:
+        res.update(counters=chipmunk_counters(before), stats=stats_summary(compiled))
+        cc.clear_step(compiled)
+    return res
 
 
-def kinds(preset: str, steps: int, layer: int = 10):
-    cfg = ChipmunkConfig.from_any(preset)
-    return [f"attn:{attn_step_kind(cfg.attn, s, layer)}/mlp:{mlp_step_kind(cfg.mlp, s, layer)}" for s in range(steps)]
+def free_gpu() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
-def summarize(label, times, k):
-    by = {}
-    for t, kind in zip(times, k):
-        by.setdefault(kind, []).append(t)
-    med = {kind: sorted(v)[len(v) // 2] for kind, v in by.items()}
-    return {"label": label, "total_ms": sum(times), "per_kind_median_ms": med}
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="flux", choices=sorted(MODELS))
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--blocks", type=int, default=None, help="build this many blocks (video models)")
-    ap.add_argument("--frames", type=int, default=None, help="latent frames (video models)")
-    ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
-    args = ap.parse_args()
-    spec = MODELS[args.model]
-    preset = args.config or spec["preset"]
-    cfg_calls = spec.get("cfg_calls", 1)
-    model = build(args.model, args.blocks)
+def measure(args, variants, blocks, preset, seq, labels) -> dict:
+    """Build the model at `blocks` depth and run every variant on it; frees the model after."""
+    model = build(args.model, blocks)
     kw = inputs(args.model, model, frames=args.frames)
-    gpu = torch.cuda.get_device_name()
-    print(f"# {args.model} on {gpu}, torch {torch.__version__}, blocks={args.blocks or 'published'}, "
-          f"steps={args.steps}, calls/step={cfg_calls}, preset={preset}", flush=True)
-    results = {}
-    results["inductor+cudnn"] = run_variant(args.model, model, kw, args.steps, cfg_calls, "inductor", None)
-    print("baseline done", flush=True)
-    results["chipmunk"] = run_variant(args.model, model, kw, args.steps, cfg_calls, "chipmunk", {"config": preset})
-    k = kinds(preset, args.steps)
-    base, chip = results["inductor+cudnn"], results["chipmunk"]
-    sb, sc = summarize("inductor+cudnn", base["times_ms"], k), summarize("chipmunk", chip["times_ms"], k)
-    print(f"{'variant':<16}{'total ms':>10}{'compile s':>11}{'peak GiB':>10}  per-step-kind median ms")
-    for s, r in ((sb, base), (sc, chip)):
-        kinds_txt = ", ".join(f"{kk}={v:.1f}" for kk, v in s["per_kind_median_ms"].items())
-        print(f"{s['label']:<16}{s['total_ms']:>10.1f}{r['compile_s']:>11.1f}{r['peak_gb']:>10.1f}  {kinds_txt}")
-    speedup = sb["total_ms"] / sc["total_ms"]
-    print(f"speedup {speedup:.3f}x over {args.steps} steps ({args.model}, {gpu})")
-    row = dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=args.blocks, steps=args.steps, preset=preset,
-               baseline=sb, chipmunk=sc, speedup=speedup, compile_s={k_: r["compile_s"] for k_, r in results.items()},
-               peak_gb={k_: r["peak_gb"] for k_, r in results.items()}, stats=None)
-    for d in [os.path.join(os.path.dirname(__file__), "results"), os.environ.get("OUT")]:
+    cfg_calls = MODELS[args.model].get("cfg_calls", 1)
+
+    def step_kwargs(s):
+        return dict(kw, timestep=timestep(args.model, s, args.steps, "cuda", torch.bfloat16), return_dict=False)
+
+    out = {}
+    for variant in variants:
+        out[variant] = run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset)
+        print(f"  {variant} done on {depth_text(args.model, blocks)}", flush=True)
+    del model, kw, step_kwargs
+    free_gpu()
+    return out
+
+
+def extrapolated(measured: dict, n1: int, n2: int, n_pub: int, labels: list[str]) -> dict:
+    out = {}
+    for variant in measured[n1]:
+        med = extrapolate(measured[n1][variant]["medians_ms"], n1, measured[n2][variant]["medians_ms"], n2, n_pub)
+        out[variant] = dict(medians_ms=med, total_ms=total_from_medians(med, labels), compile_s=None, peak_gb=None)
+    return out
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def print_table(title: str, results: dict, labels: list[str]) -> None:
+    count = Counter(labels)
+    print(f"\n## {title}")
+    print(f"{'variant':<24}{'total ms':>11}{'compile s':>11}{'peak GiB':>10}  "
+          "per-step-kind median ms (x steps of that kind)")
+    for variant, r in results.items():
+        comp = f"{r['compile_s']:>11.1f}" if r["compile_s"] is not None else f"{'-':>11}"
+        peak = f"{r['peak_gb']:>10.1f}" if r["peak_gb"] is not None else f"{'-':>10}"
+        kinds = ", ".join(f"{k} x{count[k]}={v:.1f}" for k, v in r["medians_ms"].items())
+        print(f"{variant:<24}{r['total_ms']:>11.1f}{comp}{peak}  {kinds}")
+
+
+def speedups(final: dict) -> dict:
+    out = {"speedup": final[BASELINE]["total_ms"] / final[CHIPMUNK]["total_ms"]}
+    if DEFAULT_SDPA in final:
+        out["speedup_vs_default_sdpa"] = final[DEFAULT_SDPA]["total_ms"] / final[CHIPMUNK]["total_ms"]
+    return out
+
+
+def write_row(row: dict) -> None:
+    for d in [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), os.environ.get("OUT")]:
         if d:
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, "e2e.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def depth_statement(name: str, counts: list[int] | None) -> str:
+    if counts is None:
+        return f"measured at the {depth_text(name, None)}"
+    if len(counts) == 1:
+        return (f"MEASURED on a reduced model ({depth_text(name, counts[0])}), NOT at the "
+                f"{depth_text(name, None)}; not extrapolated")
+    n1, n2 = counts
+    return (f"EXTRAPOLATED to the {depth_text(name, None)} from measured reduced models "
+            f"with blocks={n1} ({depth_text(name, n1)}) and blocks={n2} ({depth_text(name, n2)}), "
+            f"linearly per step kind")
+
+
+def final_results(name, counts, measured, labels) -> dict:
+    """The extrapolated results (two block counts) or the measured ones (one or none)."""
+    if counts is not None and len(counts) == 2:
+        return extrapolated(measured, *counts, published_units(name), labels)
+    return measured[(counts or [None])[0]]
+
+
+def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
+    for n, res in measured.items():
+        print_table(f"measured: {depth_text(args.model, n)}", res, labels)
+    if final is not measured.get((counts or [None])[0]):
+        print_table(f"EXTRAPOLATED to the {depth_text(args.model, None)} from blocks={counts}", final, labels)
+    sp = speedups(final)
+    print(f"\nspeedup {sp['speedup']:.3f}x ({BASELINE} total / chipmunk total)"
+          + (f"; {sp['speedup_vs_default_sdpa']:.3f}x over {DEFAULT_SDPA}" if DEFAULT_SDPA in final else ""))
+    print(f"{args.model}: {depth_statement(args.model, counts)}")
+    print(f"GPU {gpu}, torch {torch.__version__}")
+    print(f"{args.steps}-step total computed from per-kind medians over steps {seq}")
+
+
+def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
+    last = list(measured)[-1]  # compile time and peak memory: of the last (deepest) measured model
+    return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
+                steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
+                extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
+                medians_ms={v: r["medians_ms"] for v, r in final.items()},
+                total_ms={v: r["total_ms"] for v, r in final.items()}, **speedups(final),
+                compile_s={v: r["compile_s"] for v, r in measured[last].items()},
+                peak_gb={v: r["peak_gb"] for v, r in measured[last].items()}, compile_peak_blocks=last,
+                measured={str(n): res for n, res in measured.items()},
+                chipmunk_counters=measured[last][CHIPMUNK].get("counters"),
+                chipmunk_stats=measured[last][CHIPMUNK].get("stats"))
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="flux", choices=sorted(MODELS))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--blocks", default=None,
+                    help="reduced depth: 'n' (measured) or 'n1,n2' (extrapolated to the published depth); "
+                         "a unit = one layer, or for flux/hunyuan-video one double + two single blocks")
+    ap.add_argument("--frames", type=int, default=None, help="latent frames (video models)")
+    ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
+    ap.add_argument("--default-sdpa", action="store_true", help="also time plain torch.compile with default SDPA")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    counts = parse_blocks(args.blocks)
+    spec = MODELS[args.model]
+    preset = args.config or spec["preset"]
+    labels = step_labels(preset, args.steps)
+    seq = coverage(preset, args.steps, args.reps)
+    variants = [BASELINE] + ([DEFAULT_SDPA] if args.default_sdpa else []) + [CHIPMUNK]
+    gpu = torch.cuda.get_device_name()
+    print(f"# {args.model} on {gpu}, torch {torch.__version__}, steps={args.steps}, "
+          f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}", flush=True)
+    if counts is not None and len(counts) == 2 and counts[0] < min_dense_layers(preset):
+        print(f"WARNING: blocks={counts[0]} < first_n_dense_layers={min_dense_layers(preset)}: the two depths hold "
+              f"different dense-only layers, so the extrapolation mixes dense and sparse per-unit costs", flush=True)
+    measured = {n: measure(args, variants, n, preset, seq, labels) for n in (counts or [None])}
+    final = final_results(args.model, counts, measured, labels)
+    print_results(args, counts, measured, final, labels, seq, gpu)
+    write_row(json_row(args, counts, preset, measured, final, labels, seq, gpu))
 
 
 if __name__ == "__main__":

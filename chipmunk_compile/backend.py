@@ -8,8 +8,9 @@ Invariants:
   config patches, together with the options of `mode`.
 - The returned wrapper is plain Python that runs on every call, outside any CUDA graph: it advances
   the session's step tracker (entry graphs only, once per model call) and applies step caching;
-  then it calls the compiled graph. The ops read the step from the tracker; nothing syncs inside
-  the graph.
+  then it calls the compiled graph through a `GraphRunner` (graphs.py), which records one CUDA
+  graph per step signature on CUDA inputs (config `cuda_graphs`). The ops read the step from the
+  tracker; nothing syncs inside the graph.
 - A graph without any site still goes through the same path and runs unchanged.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from .config import ChipmunkConfig
+from .graphs import GraphRunner, mutates_inputs, static_input_indices
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import source_name
@@ -148,11 +150,15 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # read placeholder metadata before compile_fx, which takes ownership of (and may change) gm
     param_input = first_parameter_input(gm)
     main_input = main_input_index(gm, signals)
+    static, mutates = static_input_indices(gm), mutates_inputs(gm)
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
     for site in plan.sites:
         site.graph = instances
+    if config.cuda_graphs and not patches.get("triton.cudagraphs"):
+        # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
+        compiled = GraphRunner(compiled, static, mutates, plan.sites, session, instances)
     step_cache = None
     if config.step_cache.enabled:
         if session.step_cache is None:

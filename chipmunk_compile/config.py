@@ -120,6 +120,9 @@ class ChipmunkConfig:
     # "auto": pipeline signals (diffusers cache context, timestep value), else one call = one step;
     # "calls": every call is a new step; "explicit": only chipmunk_compile.set_step().
     step_signal: str = "auto"
+    # record each step kind of a compiled graph as one CUDA graph and replay it (graphs.py); only
+    # for CUDA inputs, and off when Inductor's own cudagraphs (mode="reduce-overhead") are on
+    cuda_graphs: bool = True
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = "default"
     version: int = 1

@@ -33,6 +33,16 @@ _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakK
 _lock = threading.Lock()
 
 
+# While the graph runner records a CUDA graph: the list the ops append their deferred commits to
+# (graphs.py). None otherwise. Recording happens on the calling thread, one graph at a time.
+RECORDING: Optional[list] = None
+
+
+class NeedsEagerCall(RuntimeError):
+    """Raised inside a recording when the call would allocate persistent state: the runner drops
+    the recording and runs the call eagerly instead."""
+
+
 def new_site_id() -> int:
     return next(_site_ids)
 
@@ -154,6 +164,24 @@ class Session:
         self.owner = weakref.ref(owner) if owner is not None else None
         self.calls = 0
         self.step_cache = None  # set by the backend when step caching is on
+        self.graph_pool = None  # CUDA-graph memory pool shared by the session's recordings
+        self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
+
+    def device_step(self, device, step: int) -> torch.Tensor:
+        """The current step as a 1-element int64 tensor on `device` (read by random draws inside
+        recorded graphs). Written outside any recording: the graph runner calls this before each
+        capture and replay, so during a recording the value is already current."""
+        entry = self._device_steps.get(device)
+        if entry is None:
+            if RECORDING is not None:
+                raise NeedsEagerCall("device step tensor not allocated before recording")
+            entry = self._device_steps[device] = [torch.zeros(1, dtype=torch.int64, device=device), 0]
+        if entry[1] != step:
+            if RECORDING is not None:
+                raise NeedsEagerCall("device step tensor not prepared before recording")
+            entry[0].fill_(step)
+            entry[1] = step
+        return entry[0]
 
     def position(self) -> StepPosition:
         return self.tracker.position

@@ -307,3 +307,26 @@ def test_inductor_end_to_end(fresh_dynamo):
     sc = step_counts(m)
     assert sc["attention_sparse"] == 2 * 2 and sc["mlp_sparse"] == 2 * 3
     assert fresh_dynamo["chipmunk"]["graphs"] == 1
+
+
+def test_kept_indices_refresh_rebuilds_cache(fresh_dynamo):
+    """recompute_mask: false (the FLUX preset): later refreshes keep the first refresh's indices,
+    return the exact output (through SDPA) and rebuild the cache against it."""
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(attn={"recompute_mask": False}))
+    site = None
+    kept = []
+    outs, refs = [], []
+    with torch.no_grad():
+        for i in range(10):
+            x, t = latents(i), ts(i)
+            outs.append(cm(x, t))
+            refs.append(m(x, t))
+            site = site or next(s for s in sessions_of(m)[0].sites if s.kind == "attention")
+            if i in (1, 4, 8):
+                kept.append(site.states["0"].cache["indices"].clone())
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    assert errs[4] < 1e-5 and errs[8] < 1e-5, errs  # refresh attention + dense MLP: exact
+    assert 1e-6 < max(errs) < 0.05, errs
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], kept[2])
+    assert step_counts(m)["attention_refresh"] == 3 * 3

@@ -18,7 +18,7 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
   -> (o, lse, colsum|None). Triton: one pass with prev_lse; without prev_lse a second QK^T-only pass
   computes the column sums (~1.5x dense). Pass prev_lse whenever a previous dense lse exists.
-- select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None)
+- select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None, n_always=None, draws=None)
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)).
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)

@@ -21,6 +21,7 @@ Kernel invariants:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -30,10 +31,22 @@ from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting, new_e
 
 
 @triton.jit
+def _colsum(pr, MMA: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Column sums of a [BLOCK_M, BLOCK_N] probability tile. MMA: on tensor cores, as prᵀ·1 with a
+    [BLOCK_M, 16] ones operand (pr rounded to the input dtype, fp32 accumulation; all 16 result
+    columns are equal, so the max over them is exact); else a reduction over rows (cross-warp)."""
+    if MMA:
+        ones = tl.full([BLOCK_M, 16], 1.0, DT)
+        return tl.max(tl.dot(tl.trans(pr.to(DT)), ones), 1)
+    else:
+        return tl.sum(pr, 0)
+
+
+@triton.jit
 def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi, skn, skd, svn, svd,
           NK, qk_scale, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr,
-          DOT_PREC: tl.constexpr):
+          DOT_PREC: tl.constexpr, MMA: tl.constexpr):
     # One BLOCK_N key tile. TAIL=False tiles are fully inside Nk: no load masks, so the K/V loads
     # stay vectorised and software-pipelined; only the last tile pays for masking.
     offs_d = tl.arange(0, HEAD_DIM)
@@ -68,16 +81,16 @@ def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, gr
     if WANT_COLSUM:
         # G is constexpr, so the group bookkeeping resolves at compile time.
         if G % BLOCK_M == 0:  # the tile lies inside one group
-            tl.atomic_add(cs_base + g_lo * NK + cols, tl.sum(pr, 0), mask=col_in, sem="relaxed")
+            tl.atomic_add(cs_base + g_lo * NK + cols, _colsum(pr, MMA, q.dtype, BLOCK_M), mask=col_in, sem="relaxed")
         elif BLOCK_M <= G:  # at most two groups
-            cs0 = tl.sum(tl.where((grp == g_lo)[:, None], pr, 0.0), 0)
-            cs1 = tl.sum(tl.where((grp != g_lo)[:, None], pr, 0.0), 0)
+            cs0 = _colsum(tl.where((grp == g_lo)[:, None], pr, 0.0), MMA, q.dtype, BLOCK_M)
+            cs1 = _colsum(tl.where((grp != g_lo)[:, None], pr, 0.0), MMA, q.dtype, BLOCK_M)
             tl.atomic_add(cs_base + g_lo * NK + cols, cs0, mask=col_in, sem="relaxed")
             if g_hi > g_lo:
                 tl.atomic_add(cs_base + g_hi * NK + cols, cs1, mask=col_in, sem="relaxed")
         else:
             for g in range(g_lo, g_hi + 1):
-                cs = tl.sum(tl.where((grp == g)[:, None], pr, 0.0), 0)
+                cs = _colsum(tl.where((grp == g)[:, None], pr, 0.0), MMA, q.dtype, BLOCK_M)
                 tl.atomic_add(cs_base + g * NK + cols, cs, mask=col_in, sem="relaxed")
     return m_i, l_i, acc
 
@@ -89,7 +102,7 @@ def _attn_dense_colsum_kernel(
     N, NK, HQ, KV_REP, NG, qk_scale,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr,  #
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, COLSUM_MMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -116,7 +129,7 @@ def _attn_dense_colsum_kernel(
         g_lo = (pid_m * BLOCK_M) // G
         g_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // G
         grp = pos // G
-        cs_base = COLSUM + pid_bh * NG * NK
+        cs_base = COLSUM + pid_bh.to(tl.int64) * NG * NK  # > 2**31 elements at video sizes
     else:  # unused placeholders
         ref2 = m_i
         grp = pos
@@ -127,17 +140,21 @@ def _attn_dense_colsum_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
                               skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, False, DOT_PREC)
+                              WANT_COLSUM, False, DOT_PREC, COLSUM_MMA)
     if n_full < NK:
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, n_full, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
                               skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, True, DOT_PREC)
+                              WANT_COLSUM, True, DOT_PREC, COLSUM_MMA)
 
     if COMPUTE_O:
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
         tl.store(LSE + pid_bh * N + qi, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+# Column sums on tensor cores (_colsum MMA) or by a row reduction; CHIPMUNK_COLSUM_MMA=0/1 overrides.
+COLSUM_MMA_DEFAULT = "0"
 
 
 def _configs():
@@ -147,7 +164,8 @@ def _configs():
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC"],
+_tuned = triton.autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
+                                                           "COLSUM_MMA"],
                          reset_to_zero=["COLSUM"])(_attn_dense_colsum_kernel)
 
 
@@ -163,7 +181,8 @@ def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, c
         N, Nk, Hq, Hq // Hkv, NG, scale * LOG2E,
     )
     flags = dict(G=G, HEAD_DIM=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None, COMPUTE_O=compute_o,
-                 WANT_COLSUM=want_colsum, DOT_PREC=dot_precision(q.dtype))
+                 WANT_COLSUM=want_colsum, DOT_PREC=dot_precision(q.dtype),
+                 COLSUM_MMA=want_colsum and os.environ.get("CHIPMUNK_COLSUM_MMA", COLSUM_MMA_DEFAULT) == "1")
     if interpreting():
         _attn_dense_colsum_kernel[(cdiv(N, 32), B * Hq)](*args, BLOCK_M=32, BLOCK_N=32, **flags)
     else:

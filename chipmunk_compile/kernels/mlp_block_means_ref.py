@@ -18,7 +18,7 @@ def mlp_block_means_ref(x, *, block: int, perm=None):
     pad = nb * block - M
     if pad:
         xf = torch.cat([xf, xf.new_zeros(B, pad, C)], dim=1)
-    sums = xf.view(B, nb, block, C).sum(dim=2)
-    n = torch.full((nb,), float(block), device=x.device)
-    n[-1] = block - pad
-    return (sums / n[None, :, None]).to(x.dtype)
+    means = xf.view(B, nb, block, C).sum(dim=2) / block
+    if pad:  # the last block holds block - pad real rows (scalar ops only: no host->device copy)
+        means[:, -1] *= block / (block - pad)
+    return means.to(x.dtype)

@@ -3,8 +3,9 @@
 Contract:
 - colsum (B, H, Gc, Nk) float; with ``inplace=True`` an fp32 colsum is overwritten (scored in place). K = min(Nk, k + n_always + random_keys), n_always = always_keep.sum().
 - Selected set = always_keep columns (all of them) + ``random_keys`` random draws per row (uniform, with
-  replacement; blocked or duplicate draws fall back to top-k; ``generator`` makes it reproducible) + the top columns by
-  colsum filling the rest. Masked keys (key_mask (B, Nk) False) are never selected.
+  replacement; blocked or duplicate draws fall back to top-k; ``draws`` (B, H, Gc, random_keys) int64
+  gives them, else ``generator`` makes torch.randint reproducible) + the top columns by colsum filling the rest.
+  ``n_always`` (= always_keep.sum()) may be given to avoid a device→host read (needed inside CUDA graphs). Masked keys (key_mask (B, Nk) False) are never selected.
 - Returns indices (B, H, Gc, K) int32 with the valid entries first, sorted ascending, entries past
   counts set to 0; counts (B, H, Gc) int32 = min(K, number of selectable keys).
 - Implemented as one torch.topk over boosted scores (+inf always, float-max random, -inf masked);
@@ -17,10 +18,13 @@ import torch
 
 
 def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
-                       inplace: bool = False):
+                       inplace: bool = False, n_always=None, draws=None):
     B, H, Gc, Nk = colsum.shape
     dev = colsum.device
-    n_always = int(always_keep.sum()) if always_keep is not None else 0
+    if always_keep is None:
+        n_always = 0
+    elif n_always is None:
+        n_always = int(always_keep.sum())
     K = max(1, min(Nk, int(k) + n_always + int(random_keys)))
     # inplace: the caller's colsum is a temporary and is scored in place (a copy would double a
     # (B, H, Gc, Nk) buffer that is GBs at video sizes)
@@ -33,7 +37,7 @@ def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, rando
     if random_keys > 0:
         # random_keys draws with replacement: O(B·H·Gc·r) memory instead of a (B, H, Gc, Nk) field
         # (7 GB at HunyuanVideo size). Duplicates and blocked draws just leave those slots to top-k.
-        pick = torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator, device=dev)
+        pick = draws if draws is not None else torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator, device=dev)
         excl = blocked if always_keep is None else (blocked | ak)
         ok = ~torch.gather(excl.expand(B, H, Gc, Nk), -1, pick)
         boost = torch.where(ok, torch.finfo(torch.float32).max, torch.gather(scores, -1, pick))

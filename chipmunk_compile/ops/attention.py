@@ -4,6 +4,7 @@ Step types (decided on the host by `schedule.attn_step_kind`, never by reading a
 - dense:   exact attention; stores the row log-sum-exp for the next refresh's column sums.
 - refresh: exact attention + per-group column sums (normalized with the previous dense lse) →
            top-k key columns per (batch, head, query group) → `o_cache = o − attn_S(q, k, v)`.
+           When the indices are kept (`recompute_mask: false`) the exact output comes from SDPA.
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
-from .sites import fallback, lookup
+from .sites import POLICIES, fallback, lookup
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
@@ -49,6 +50,31 @@ def _exact(q, k, v, key_mask, scale, group, perm):
     return o, lse
 
 
+def decide(s, st, pos) -> tuple:
+    """(kind, new indices?, previous lse valid?, cache-not-filled fallback?) — host state only."""
+    cfg = s.cfg
+    kind = attn_step_kind(cfg, pos.step, s.current_layer())
+    unfilled = kind == SPARSE and st.filled_generation != pos.generation
+    if unfilled:
+        kind = REFRESH
+    need_idx = kind == REFRESH and (cfg.recompute_mask or st.index_generation != pos.generation)
+    prev_lse = kind == REFRESH and st.lse_generation == pos.generation
+    return kind, need_idx, prev_lse, unfilled
+
+
+def commit(s, st, decision, generation: int) -> None:
+    kind, need_idx = decision[0], decision[1]
+    if kind == DENSE or need_idx or s.cfg.delta == "exact_normalizer":
+        st.lse_generation = generation  # these paths store this step's lse (the SDPA refresh does not)
+    if kind == REFRESH:
+        st.filled_generation = generation
+        if need_idx:
+            st.index_generation = generation
+
+
+POLICIES["attention"] = (decide, commit)
+
+
 @torch.library.custom_op("chipmunk::attention", mutates_args=(), tags=_TAGS)
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: Optional[float], site: int) -> Tensor:
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -56,64 +82,66 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     if s is None:
         o, _ = _exact(q, k, v, key_mask, scale, 192, None)
         return o
-    cfg = s.cfg
-    layer = s.current_layer()
-    if not cfg.enabled or layer < cfg.first_n_dense_layers:  # never sparse: no cache, no lse
-        s.ran(DENSE)
+    if s.always_dense():  # never sparse: no cache, no lse
+        s.finish(None, DENSE, s.session.position())
         return _sdpa(q, k, v, key_mask, scale)
+    cfg = s.cfg
     group = cfg.group
     perm = s.perm_on(q.device)
     st, pos = s.branch_state()
-    kind = attn_step_kind(cfg, pos.step, layer)
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
+    d = decide(s, st, pos)
+    kind, need_idx, prev_lse, unfilled = d
     B, H, N, D = q.shape
     n_groups = -(-N // group)
     lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device)
-    if kind == SPARSE and st.filled_generation != pos.generation:
+    if unfilled:
         fallback("attn_cache_not_filled", "a sparse step ran before this branch's refresh step")
-        kind = REFRESH
     if kind == DENSE:
         o, lse = _exact(q, k, v, key_mask, scale, group, perm)
         lse_buf.copy_(lse)
-        st.lse_generation = pos.generation
-        s.ran(DENSE)
+        s.finish(st, d, pos)
         return o
     exact_norm = cfg.delta == "exact_normalizer"
-    if kind == REFRESH:
-        need_idx = cfg.recompute_mask or st.index_generation != pos.generation
-        prev = lse_buf if st.lse_generation == pos.generation else None
-        o, lse, colsum = kernel("attn_dense_colsum", q, k, v, head_dim=D)(
-            q, k, v, scale=scale, group=group, key_mask=key_mask, perm=perm, prev_lse=prev, want_colsum=need_idx)
-        if need_idx:
-            Nk = k.shape[-2]
-            top = max(1, round(cfg.top_keys * Nk))
-            rnd = round(cfg.random_keys * Nk)
-            keep = s.keep_on(q.device) if cfg.keep_text_keys else None
-            idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep, random_keys=rnd,
-                                                            generator=s.rng(q.device, pos.step), inplace=True)
-            idx_buf = st.tensor("indices", tuple(idx.shape), torch.int32, q.device)
-            cnt_buf = st.tensor("counts", (B, H, n_groups), torch.int32, q.device)
-            idx_buf.copy_(idx)
-            cnt_buf.copy_(cnt)
-            st.index_generation = pos.generation
-        idx_buf, cnt_buf = st.get("indices"), st.get("counts")
-        lse_buf.copy_(lse)
-        st.lse_generation = pos.generation
-        o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
-        built = kernel("attn_column_sparse", q, k, v, head_dim=D)(
-            q, k, v, idx_buf, cnt_buf, scale=scale, group=group, perm=perm, o_base=o, sign=-1.0,
-            lse=lse_buf if exact_norm else None)
-        o_cache.copy_(built)
-        st.filled_generation = pos.generation
-        s.ran(REFRESH)
-        return o
-    idx_buf, cnt_buf = st.get("indices"), st.get("counts")
+
+    def column_sparse(o_base, sign):  # o_base ± attn_S(q, k, v) over the stored key columns
+        return kernel("attn_column_sparse", q, k, v, head_dim=D)(
+            q, k, v, st.get("indices"), st.get("counts"), scale=scale, group=group, perm=perm, o_base=o_base,
+            sign=sign, lse=lse_buf if exact_norm else None)
+
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
-    o = kernel("attn_column_sparse", q, k, v, head_dim=D)(
-        q, k, v, idx_buf, cnt_buf, scale=scale, group=group, perm=perm, o_base=o_cache, sign=1.0,
-        lse=lse_buf if exact_norm else None)
-    s.ran(SPARSE)
+    if kind == SPARSE:
+        o = column_sparse(o_cache, 1.0)
+        s.finish(st, d, pos)
+        return o
+    if not need_idx and not exact_norm:
+        # indices kept (recompute_mask: false) and no lse needed: the exact output comes from SDPA
+        # (cuDNN), which beats our dense kernel; only the cache is rebuilt
+        o = _sdpa(q, k, v, key_mask, scale)
+    else:
+        o, lse, colsum = kernel("attn_dense_colsum", q, k, v, head_dim=D)(
+            q, k, v, scale=scale, group=group, key_mask=key_mask, perm=perm, prev_lse=lse_buf if prev_lse else None,
+            want_colsum=need_idx)
+        if need_idx:
+            _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step)
+        lse_buf.copy_(lse)
+    o_cache.copy_(column_sparse(o, -1.0))
+    s.finish(st, d, pos)
     return o
+
+
+def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int) -> None:
+    """Top-k key columns (+ always-kept text keys, + random draws) per (batch, head, group) into
+    the state's `indices` / `counts`."""
+    cfg, device = s.cfg, colsum.device
+    top, rnd = max(1, round(cfg.top_keys * Nk)), round(cfg.random_keys * Nk)
+    keep = s.keep_on(device) if cfg.keep_text_keys else None
+    draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
+    idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
+                                                n_always=s.keep_count() if keep is not None else 0,
+                                                random_keys=rnd, draws=draws, inplace=True)
+    st.tensor("indices", tuple(idx.shape), torch.int32, device).copy_(idx)
+    st.tensor("counts", lead, torch.int32, device).copy_(cnt)
 
 
 @attention.register_fake

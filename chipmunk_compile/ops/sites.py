@@ -8,10 +8,20 @@ Invariants:
   place. A shape change (new resolution or batch) reallocates and restarts that site dense.
 - A cache is read only if it was filled in the current generation (`filled`); otherwise the op
   runs the exact path and counts the fallback.
+- Every host decision of an op is `decide(site, state, position)` (a pure function of host state)
+  and every host-state update it makes is `commit(site, state, decision, generation)`; an op ends
+  with `Site.finish`, which commits at once or, while a CUDA graph is being recorded, records the
+  commit for the graph runner (graphs.py) to apply after each replay.
+- `BranchState.epoch` changes whenever its caches are dropped (new shapes, reset), so a recorded
+  graph is never replayed against buffers it did not capture. Allocating a cache that did not
+  exist yet keeps the epoch: no recorded graph can use it (its recording would have deferred).
+- Random draws are a hash of (a device step tensor, layer, site kind, position): reproducible,
+  identical across branches, and valid inside CUDA graphs (no host seed is baked in).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,6 +29,7 @@ from typing import Any, Optional
 import torch
 from torch._dynamo.utils import counters
 
+from .. import runtime
 from ..runtime import SITES, Session, new_site_id
 
 log = logging.getLogger("chipmunk_compile")
@@ -39,11 +50,19 @@ def fallback(reason: str, detail: str = "") -> None:
         log.warning("chipmunk: falling back to the exact path (%s)%s", reason, f": {detail}" if detail else "")
 
 
+_epochs = itertools.count(1)
+
+# kind -> (decide, commit), registered by the op modules (ops/attention.py, ops/mlp.py)
+POLICIES: dict[str, tuple] = {}
+ALWAYS_DENSE = "always_dense"  # decision of a site that never runs sparse (no state at all)
+
+
 class BranchState:
     """Caches of one site for one guidance branch."""
 
     def __init__(self, site: "Site", branch: str):
         self.site, self.branch = site, branch
+        self.epoch = next(_epochs)
         self.key: Optional[tuple] = None
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
         self.index_generation = -1
@@ -56,6 +75,8 @@ class BranchState:
         t = self.cache.get(name)
         if t is not None:
             return t
+        if runtime.RECORDING is not None:  # persistent memory must not come from a graph's pool
+            raise runtime.NeedsEagerCall(f"cache {name!r} of {self.site.path} is not allocated yet")
         full = f"s{self.site.id}__{self.branch}__{name}".replace(".", "_")
         t = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
         self.site.session.state.put(full, t)  # owned (and counted) by the session's state module
@@ -72,6 +93,7 @@ class BranchState:
                 count("realloc")
                 log.info("chipmunk: site %s branch %s: new shapes %s, caches restart", self.site.path, self.branch, key)
             self.key = key
+            self.epoch = next(_epochs)
             self.cache.clear()
             self.filled_generation = self.index_generation = self.lse_generation = -1
             return False
@@ -100,14 +122,48 @@ class Site:
         SITES[self.id] = self
         self.session.sites.append(self)
 
+    def _state_key(self, pos) -> str:
+        inst = self.graph.current if self.graph is not None else 0
+        return pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
+
     def branch_state(self) -> tuple[BranchState, Any]:
         pos = self.session.position()
-        inst = self.graph.current if self.graph is not None else 0
-        key = pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
+        key = self._state_key(pos)
         st = self.states.get(key)
         if st is None:
+            if runtime.RECORDING is not None:
+                raise runtime.NeedsEagerCall(f"{self.path}: first call of branch {key}")
             st = self.states[key] = BranchState(self, key)
         return st, pos
+
+    def always_dense(self) -> bool:
+        return not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
+
+    def signature(self, pos) -> Optional[tuple]:
+        """What this site will do on the call at `pos` (its state's epoch and its decision), or
+        None when it cannot be known without running the op (no state yet for this branch)."""
+        if self.always_dense():
+            return (ALWAYS_DENSE,)
+        st = self.states.get(self._state_key(pos))
+        if st is None or st.key is None:
+            return None
+        return (st.epoch, POLICIES[self.kind][0](self, st, pos))
+
+    def finish(self, st: Optional[BranchState], decision, pos) -> None:
+        """End of an op call: count it, and commit its host-state update (or hand the commit to
+        the graph runner while a CUDA graph is being recorded)."""
+        kind = decision if st is None else decision[0]
+        count(f"{self.kind}_{kind}")
+        if runtime.RECORDING is not None:
+            runtime.RECORDING.append((self, st, decision, pos.generation))
+        else:
+            self.commit(st, decision, pos.generation)
+
+    def commit(self, st: Optional[BranchState], decision, generation: int) -> None:
+        kind = decision if st is None else decision[0]
+        self.steps[kind] = self.steps.get(kind, 0) + 1
+        if st is not None:
+            POLICIES[self.kind][1](self, st, decision, generation)
 
     def current_layer(self) -> int:
         """The layer index, counting earlier block instances when one graph serves many blocks."""
@@ -116,18 +172,12 @@ class Site:
         per = self.graph.attention_sites if self.graph.attention_sites else 1
         return self.graph.current * per + self.layer
 
-    def ran(self, kind: str) -> None:
-        self.steps[kind] = self.steps.get(kind, 0) + 1
-        count(f"{self.kind}_{kind}")
-
-    def rng(self, device, step: int) -> torch.Generator:
-        """Random-key draws seeded by (layer, step): generations repeat exactly, branches agree."""
-        gens = self.__dict__.setdefault("_gens", {})
-        gen = gens.get(device)
-        if gen is None:
-            gen = gens[device] = torch.Generator(device=device)
-        gen.manual_seed(1_000_003 * step + 7919 * self.current_layer() + (1 if self.kind == "mlp" else 0))
-        return gen
+    def random_ints(self, shape: tuple, high: int, device, step: int) -> torch.Tensor:
+        """Uniform draws in [0, high) of `shape`: a hash of (step, layer, site kind, position).
+        The step is read from the session's device step tensor, so a recorded CUDA graph draws
+        new numbers on every replay; generations repeat exactly and branches agree."""
+        salt = 2 * self.current_layer() + (1 if self.kind == "mlp" else 0)
+        return hash_ints(self.session.device_step(device, step), salt, shape, high)
 
     def column_major(self, w: torch.Tensor) -> torch.Tensor:
         """`w` with stride(0) == 1 (the layout the sparse mm2 gathers rows of `wᵀ` from): `w`
@@ -139,6 +189,8 @@ class Site:
         key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.device)
         hit = copies.get(key)
         if hit is None:
+            if runtime.RECORDING is not None:
+                raise runtime.NeedsEagerCall("column-major weight copy not made yet")
             for stale in [k for k in copies if k[0] == key[0]]:  # the weight changed in place
                 del copies[stale]
             count("w2_column_major_copy")
@@ -158,6 +210,13 @@ class Site:
         if self.always_keep.device != device:
             self.always_keep = self.always_keep.to(device)
         return self.always_keep
+
+    def keep_count(self) -> int:
+        """Number of always-kept keys, counted once on the host (never a device sync per call)."""
+        n = self.__dict__.get("_keep_count")
+        if n is None or n[0] is not self.always_keep:
+            n = self.__dict__["_keep_count"] = (self.always_keep, int(self.always_keep.sum()) if self.always_keep is not None else 0)
+        return n[1]
 
 
 class GraphInstances:
@@ -180,6 +239,24 @@ class GraphInstances:
                 log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
         self.current = ordinal
         return ordinal
+
+
+_M32 = 0xFFFFFFFF
+
+
+def hash_ints(step: torch.Tensor, salt: int, shape: tuple, high: int) -> torch.Tensor:
+    """Counter-based pseudo-random ints in [0, high): a 32-bit integer hash (two xorshift-multiply
+    rounds) of (position, salt, step). int64 arithmetic that never overflows: every product is
+    below 2**62. `step` is a 1-element int64 tensor on the target device."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    x = torch.arange(n, device=step.device, dtype=torch.int64)
+    x = (x * 0x9E3779B1 + (salt * 0x85EBCA6B + step * 0xC2B2AE35)) & _M32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (x >> 16) ^ x
+    return (x % int(high)).view(shape)
 
 
 def lookup(site_id: int) -> Optional[Site]:

@@ -70,9 +70,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("mma", ["0", "1"], ids=["rowsum", "mma-colsum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_matches_ref(triton_mode, case, dtype):
+def test_triton_matches_ref(triton_mode, case, dtype, mma, monkeypatch):
+    monkeypatch.setenv("CHIPMUNK_COLSUM_MMA", mma)  # both column-sum implementations
     B, Hq, Hkv, N, Nk, G, masked, permuted, prev = case
     q, k, v, km, perm, prev_lse = _inputs(B, Hq, Hkv, N, Nk, 64, dtype, masked, permuted, seed=N)
     kw = dict(scale=0.125, group=G, key_mask=km, perm=perm, prev_lse=prev_lse if prev else None)

@@ -1,0 +1,257 @@
+"""Whole-call CUDA graphs, one per step signature: once recorded, a step runs no Python op code.
+
+A chipmunk step launches several kernels per site from Python; on FLUX that is ~600 launches and
+more host time than GPU time. Every host decision of a compiled graph is a pure function of host
+state, so the runner can name, before the call, everything the call will do — its *signature*:
+(branch, block instance, non-static input shapes/strides/dtypes and scalars, and per site the
+state epoch and the decision of `decide`). Per signature:
+- 1st call: eager (allocates caches, compiles and tunes kernels);
+- 2nd call: recorded into a CUDA graph, then replayed. During the recording the ops defer their
+  host-state commits (runtime.RECORDING); an op that would allocate persistent memory raises
+  NeedsEagerCall, the recording is dropped and the call runs eagerly (counted);
+- later calls: copy non-static inputs into the recorded input buffers, write the device step,
+  replay, apply the recorded commits and counter increments, return clones of the outputs.
+
+Invariants:
+- Parameters/buffers (static inputs) are checked by address on every replay; a moved one drops
+  the graph. Graphs that mutate an input are never recorded.
+- Nothing persistent lives in the graph pool: caches, the device step and the recorded input
+  buffers are allocated outside any recording; outputs are cloned right after each replay, so
+  graphs of one session can share one memory pool (they never run concurrently).
+- A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
+  epoch is part of the signature, and stale graphs are evicted.
+`EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
+re-runs the call and checks that every op makes the recorded decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from . import runtime
+from .ops.sites import count, fallback
+from .patterns.fx_utils import source_name
+
+log = logging.getLogger("chipmunk_compile")
+EMULATE = False  # tests: emulate CUDA graphs on CPU (see module docstring)
+MAX_GRAPHS = 32  # per compiled graph; the oldest recording is evicted beyond this
+
+
+def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
+    """Placeholders that are module parameters or buffers (stable addresses across calls)."""
+    out = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        src = source_name(node)
+        if "_parameters[" in src or "_buffers[" in src:
+            out.append(i)
+    return out
+
+
+def mutates_inputs(gm: torch.fx.GraphModule) -> bool:
+    """True when some node writes into a placeholder (in-place op or copy_ on it)."""
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or not n.args:
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and n.args[0] in placeholders:
+            return True
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None and schema.is_mutable and any(a in placeholders for a in n.args):
+            return True
+    return False
+
+
+class _Recorded:
+    """One signature's graph: input buffers, outputs, deferred commits, counter increments."""
+
+    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_ptrs: list):
+        self.graph, self.args, self.outputs = graph, args, outputs
+        self.commits, self.counted, self.static_ptrs = commits, counted, static_ptrs
+
+
+class _CudaGraph:
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def record(self, fn: Callable, args: list):
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            out = fn(*args)
+        return out, False  # recorded, not executed
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _EmulatedGraph:
+    """CPU stand-in: recording executes the call; a replay re-executes it with commits deferred
+    and asserts that every op decided exactly what the recording decided."""
+
+    def __init__(self, pool):
+        self.fn = self.args = self.outputs = self.commits = None
+
+    def record(self, fn: Callable, args: list):
+        self.fn, self.args = fn, args
+        return fn(*args), True
+
+    def replay(self) -> None:
+        saved, runtime.RECORDING = runtime.RECORDING, []
+        before = Counter(counters["chipmunk"])
+        try:
+            new = self.fn(*self.args)
+            got = [(id(s), id(st), d) for s, st, d, _ in runtime.RECORDING]
+        finally:
+            runtime.RECORDING = saved
+            _restore(before)
+        want = [(id(s), id(st), d) for s, st, d in self.commits]
+        if got != want:
+            raise AssertionError(f"chipmunk graph replay: ops decided {got}, the recording decided {want}")
+        for dst, src in zip(_tensors(self.outputs), _tensors(new)):
+            dst.copy_(src)
+
+
+def _tensors(out) -> list:
+    seq = out if isinstance(out, (list, tuple)) else [out]
+    return [t for t in seq if isinstance(t, torch.Tensor)]
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+    return out
+
+
+def _restore(before: Counter) -> None:
+    c = counters["chipmunk"]
+    c.clear()
+    c.update(before)
+
+
+class GraphRunner:
+    """Calls a compiled graph, through recorded CUDA graphs where possible (module docstring)."""
+
+    def __init__(self, compiled: Callable, static: list[int], mutates: bool, sites: list, session, instances):
+        """`static`/`mutates`: `static_input_indices(gm)` and `mutates_inputs(gm)`, read before
+        the inner compiler takes ownership of the graph."""
+        self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
+        self.static = static
+        self.static_set = set(static)
+        self.enabled = bool(sites) and not mutates
+        self.device: Any = None
+        self.graphs: dict = {}
+        self.seen: set = set()
+        self.failed: set = set()
+
+    def __call__(self, *args):
+        key = self._signature(args) if self.enabled else None
+        if key is None:
+            return self.compiled(*args)
+        rec = self.graphs.get(key)
+        if rec is not None:
+            if all(args[i].data_ptr() == p for i, p in rec.static_ptrs):
+                return self._replay(rec, args)
+            del self.graphs[key]
+            count("graph_static_input_moved")
+        if key in self.seen and key not in self.failed:
+            return self._record(key, args)
+        self.seen.add(key)
+        count("graph_eager_calls")
+        return self.compiled(*args)
+
+    def _signature(self, args) -> Optional[tuple]:
+        if self.device is None:
+            self.device = _device_of(args)
+            if self.device is None:
+                self.enabled = False
+                return None
+        pos = self.session.position()
+        sites = []
+        for s in self.sites:
+            sig = s.signature(pos)
+            if sig is None:
+                return None
+            sites.append(sig)
+        meta = []
+        for i, a in enumerate(args):
+            if i in self.static_set:
+                continue
+            meta.append((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a)
+        return pos.branch, self.instances.current, tuple(meta), tuple(sites)
+
+    def _record(self, key, args):
+        pos = self.session.position()
+        static_args = [a if (i in self.static_set or not isinstance(a, torch.Tensor)) else a.clone()
+                       for i, a in enumerate(args)]
+        self.session.device_step(self.device, pos.step)
+        if self.session.graph_pool is None and not EMULATE:
+            self.session.graph_pool = torch.cuda.graph_pool_handle()
+        graph = (_EmulatedGraph if EMULATE else _CudaGraph)(self.session.graph_pool)
+        before = Counter(counters["chipmunk"])
+        runtime.RECORDING = commits = []
+        try:
+            outputs, executed = graph.record(self.compiled, static_args)
+        except runtime.NeedsEagerCall as e:
+            runtime.RECORDING = None
+            _restore(before)
+            log.info("chipmunk: step recording deferred (%s)", e)
+            count("graph_record_deferred")
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 — any capture failure: this signature stays eager
+            runtime.RECORDING = None
+            _restore(before)
+            self.failed.add(key)
+            where = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-4:])
+            count(f"graph_record_failed:{type(e).__name__}")
+            fallback("cuda_graph_record_failed", f"{type(e).__name__}: {e}\n{where}")
+            return self.compiled(*args)
+        finally:
+            runtime.RECORDING = None
+        counted = Counter(counters["chipmunk"])
+        counted.subtract(before)
+        rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
+                        [(i, args[i].data_ptr()) for i in self.static if isinstance(args[i], torch.Tensor)])
+        if EMULATE:
+            graph.outputs, graph.commits = outputs, rec.commits
+        if not executed:
+            graph.replay()
+        self._commit(rec, pos, count_calls=False)
+        if len(self.graphs) >= MAX_GRAPHS:
+            del self.graphs[next(iter(self.graphs))]
+        self.graphs[key] = rec
+        count("graph_recorded")
+        return _clone(outputs)
+
+    def _replay(self, rec: _Recorded, args):
+        pos = self.session.position()
+        for i, a in enumerate(args):
+            dst = rec.args[i]
+            if isinstance(a, torch.Tensor) and dst is not a and i not in self.static_set:
+                dst.copy_(a)
+        self.session.device_step(self.device, pos.step)
+        rec.graph.replay()
+        self._commit(rec, pos, count_calls=True)
+        count("graph_replays")
+        return _clone(rec.outputs)
+
+    @staticmethod
+    def _commit(rec: _Recorded, pos, count_calls: bool) -> None:
+        for site, st, decision in rec.commits:
+            site.commit(st, decision, pos.generation)
+        if count_calls:
+            counters["chipmunk"].update(rec.counted)
+
+
+def _device_of(args) -> Optional[torch.device]:
+    for a in args:
+        if isinstance(a, torch.Tensor) and (a.is_cuda or EMULATE):
+            return a.device
+    return None
