@@ -118,3 +118,21 @@ def test_static_inputs_and_mutation_detection():
     torch._dynamo.reset()
     torch.compile(M(), backend=backend)(torch.randn(2, 4), torch.zeros(3))
     assert len(seen["static"]) == 2 and seen["mutates"]
+
+
+def test_step_cache_over_recorded_graphs(fresh_dynamo, monkeypatch):
+    """Step caching skips calls before the runner: skipped steps return the last computed output
+    (a clone of the graph's output, never graph-pool memory) and computed steps replay."""
+    conf = {**RANDOM, "step_cache": {"enabled": True, "skip_steps": [3, 5, 6, 9]}}
+    outs = {}
+    for emulate in (False, True):
+        monkeypatch.setattr(graphs, "EMULATE", emulate)
+        torch._dynamo.reset()
+        counters.clear()
+        m = Net().eval()
+        outs[emulate] = _generation(chip(m, conf), steps=12, branches=1) + _generation(chip(m, conf), steps=12,
+                                                                                        branches=1)
+        assert ccount("step_cache_skipped") == 8
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ccount("graph_replays") > 0

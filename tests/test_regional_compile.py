@@ -47,3 +47,25 @@ def test_regional_equals_whole_model(fresh_dynamo):
     assert len(attn) == 1  # one graph, one site ...
     assert sum(attn[0]["steps"].values()) == 4 * 8  # ... serving 4 blocks for 8 steps
     assert attn[0]["steps"]["dense"] == 2 * 8 + 2  # blocks 0-1 always dense, blocks 2-3 at step 0
+
+
+def test_regional_with_step_graphs_equals_whole_model(fresh_dynamo, monkeypatch):
+    """Recorded step graphs under regional compilation: one recording per block instance and step
+    kind, replays bit-identical to whole-model compilation without graphs (emulated on CPU)."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=OPTIONS)
+    with torch.no_grad():
+        want = [whole(x + 0.05 * s * drift) for s in range(10)]
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    regional = copy.deepcopy(model)
+    for block in regional.blocks:
+        block.compile(backend="chipmunk", options=OPTIONS)
+    with torch.no_grad():
+        for s in range(10):
+            assert torch.equal(regional(x + 0.05 * s * drift), want[s]), s
+    assert counters["chipmunk"]["graph_replays"] > 0
