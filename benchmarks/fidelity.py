@@ -37,6 +37,9 @@ SETTINGS = {
     "chipmunk-exact-normalizer": {"preset": "flux", "attn": {"delta": "exact_normalizer"}},
     "chipmunk-sparser": {"preset": "flux", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}},
     "chipmunk-denser": {"preset": "flux", "attn": {"top_keys": 0.3}, "mlp": {"top_keys": 0.5}},
+    # where the quality goes: more key columns, MLP unchanged
+    "chipmunk-attn30": {"preset": "flux", "attn": {"top_keys": 0.3}},
+    "chipmunk-attn50": {"preset": "flux", "attn": {"top_keys": 0.5}},
     # the flux preset picks key columns once (step 1); this re-picks them at every refresh
     "chipmunk-recompute": {"preset": "flux", "attn": {"recompute_mask": True}},
     "attention-only": {"preset": "flux", "mlp": {"enabled": False}},
