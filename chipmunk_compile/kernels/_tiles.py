@@ -6,10 +6,37 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   which then get the same `tile` and tell their piece apart by (pid - t_main) % SPLIT.
 - `grouped_tile`: GROUP_M row tiles run before the next column tile, so programs running at the
   same time gather the same (sorted) weight rows and hit them in L2.
+Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
+tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting
+
+INTERP_NUM_SMS = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
+
+
+def num_sms(device) -> int:
+    if interpreting() or device.type != "cuda":
+        return INTERP_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tail_split(T: int, P: int, split: int) -> int:
+    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
+    rem = T % P
+    return rem if split > 1 and rem * split <= P else 0
+
+
+def wave_grid(tiles, nsm: int):
+    """Triton grid for `tiles(meta)` tiles on `nsm` SMs with meta["OCC"] programs per SM."""
+    def grid(meta):
+        t = tiles(meta)
+        return (t + tail_split(t, nsm * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+    return grid
 
 
 @triton.jit

@@ -32,25 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import wave_tail_tile
+from ._tiles import num_sms, wave_grid, wave_tail_tile
 from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=16, OCC=1, SPLIT=2)
-_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
 
 
-def _num_sms(device) -> int:
-    if interpreting() or device.type != "cuda":
-        return _interp_num_sms
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _tail_split(T: int, P: int, split: int) -> int:
-    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
-    rem = T % P
-    return rem if split > 1 and rem * split <= P else 0
 
 
 @triton.jit
@@ -205,13 +194,6 @@ def _configs():
     return out
 
 
-def _grid(T, P_sms):
-    def grid(meta):
-        t = T(meta["BLOCK_M"])
-        return (t + _tail_split(t, P_sms * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
-    return grid
-
-
 _tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "DOT_PREC", "NUM_SMS"])(
     _attn_column_sparse_kernel)
 
@@ -233,7 +215,7 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     pm = None if perm is None else perm.to(torch.int32).contiguous()
     lse_c = None if lse is None else lse.float().contiguous()
     ob = o_base
-    nsm = _num_sms(q.device)
+    nsm = num_sms(q.device)
     args = (
         q, k, v, o, ob if ob is not None else q, idx, cnt, lse_c if lse_c is not None else cnt,
         pm if pm is not None else cnt,
@@ -243,7 +225,7 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     )
     flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
-    grid = _grid(lambda bm: B * Hq * NG * cdiv(G, bm), nsm)
+    grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
     cfg = _force_config
     if interpreting() and cfg is None:
         _attn_column_sparse_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)

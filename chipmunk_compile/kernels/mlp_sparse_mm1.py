@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import grouped_tile, wave_tail_tile
+from ._tiles import grouped_tile, num_sms, wave_grid, wave_tail_tile
 from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
 
 
@@ -153,16 +153,6 @@ def _configs():
     return out
 
 
-def _tail_split(T: int, P: int, split: int) -> int:
-    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
-    rem = T % P
-    return rem if split > 1 and rem * split <= P else 0
-
-
-def _num_sms(device) -> int:
-    if interpreting() or device.type != "cuda":
-        return _interp_num_sms
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pow2_align(n: int, cap: int = 256) -> int:
@@ -175,7 +165,6 @@ def _pow2_align(n: int, cap: int = 256) -> int:
 # Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
-_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
 
 _tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
                          restore_value=["HC"])(_mlp_sparse_mm1_kernel)
@@ -196,7 +185,7 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
     pm = None if perm is None else perm.to(torch.int32).contiguous()
     dummy = cnt
     wl = w_lin if w_lin is not None else w_act
-    nsm = _num_sms(x.device)
+    nsm = num_sms(x.device)
     args = (
         x, w_act, b_act if b_act is not None else dummy, wl, b_lin if b_lin is not None else dummy, idx, cnt,
         h_cache, delta, pm if pm is not None else dummy,
@@ -208,9 +197,7 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
                  HAS_BL=b_lin is not None, HAS_PERM=pm is not None, KALIGN=_pow2_align(C),
                  DOT_PREC=dot_precision(x.dtype))
 
-    def grid(meta):
-        T = B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(KW, meta["BLOCK_N"])
-        return (T + _tail_split(T, nsm * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+    grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(KW, meta["BLOCK_N"]), nsm)
 
     cfg = _force_config
     if cfg is not None:

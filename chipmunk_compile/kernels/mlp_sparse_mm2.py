@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import grouped_tile, wave_tail_tile
+from ._tiles import grouped_tile, num_sms, wave_grid, wave_tail_tile
 from ._common import cdiv, dot_precision, interpreting, new_empty
 
 
@@ -119,22 +119,11 @@ def _configs():
     return out
 
 
-def _tail_split(T: int, P: int, split: int) -> int:
-    """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
-    rem = T % P
-    return rem if split > 1 and rem * split <= P else 0
-
-
-def _num_sms(device) -> int:
-    if interpreting() or device.type != "cuda":
-        return _interp_num_sms
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
-_interp_num_sms = 3  # the interpreter "GPU": small, so tests exercise the split wave tail
 
 _tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
                          restore_value=["YC"])(_mlp_sparse_mm2_kernel)
@@ -171,7 +160,7 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     cnt = counts.to(torch.int32).contiguous()
     pm = None if perm is None else perm.to(torch.int32).contiguous()
-    nsm = _num_sms(y_cache.device)
+    nsm = num_sms(y_cache.device)
     args = (
         delta_packed, w2t, idx, cnt, y_cache, out, pm if pm is not None else cnt,
         *delta_packed.stride(), *w2t.stride(), *y_cache.stride(), *out.stride(), idx.stride(0), idx.stride(1),
@@ -180,9 +169,7 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
     )
     flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype))
 
-    def grid(meta):
-        T = B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"])
-        return (T + _tail_split(T, nsm * meta["OCC"], meta["SPLIT"]) * (meta["SPLIT"] - 1),)
+    grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
 
     cfg = _force_config
     if cfg is not None:

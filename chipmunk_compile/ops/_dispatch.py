@@ -33,8 +33,4 @@ def kernel(name: str, *tensors, head_dim=None):
     return impl
 
 
-def is_reference(impl) -> bool:
-    return getattr(impl, "__name__", "").endswith("_ref")
-
-
-__all__ = ["kernel", "is_reference", "torch"]
+__all__ = ["kernel"]

@@ -67,7 +67,6 @@ class BranchState:
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
         self.index_generation = -1
         self.lse_generation = -1
-        self.index_step = -1
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
 
     def tensor(self, name: str, shape, dtype, device, *, alloc=None) -> torch.Tensor:
