@@ -31,6 +31,16 @@ What is measured, and how:
   T(n1)) / (n2 - n1), full = T(n1) + (N_pub - n1) * per_unit; the output says so and also prints
   the measured numbers. Take n1 >= first_n_dense_layers (2 in the presets) so both depths hold the
   same dense-only layers and the added units are sparse ones.
+- Text mask (`--text-mask`, hunyuan-video and mochi; every one of the 256 text tokens is valid):
+  "ones" (default) passes encoder_attention_mask=ones(1, 256, bool). HunyuanVideo's forward turns it
+  into a (B, 1, 1, N) boolean attn_mask that reaches SDPA in every block (all true, but SDPA cannot
+  know that, so it leaves the unmasked kernels); the token refiner gets a (B, 1, 256, 256) one.
+  "none" (hunyuan-video only): the forward requires encoder_attention_mask and always builds that
+  attn_mask, so the inputs keep the all-ones mask and every attention processor is wrapped to drop
+  it: SDPA gets attn_mask=None. Exact because an all-true mask changes nothing (checked on the
+  inputs). Mochi's joint attention already calls SDPA without a mask (it gathers the valid text
+  tokens with torch.nonzero) and its forward fails on encoder_attention_mask=None, so "none" is
+  refused there. The choice is printed and stored in the JSON row ("text_mask"; null for others).
 One JSON row per run appends to benchmarks/results/e2e.jsonl (and $OUT/e2e.jsonl when OUT is set).
 """
 
@@ -63,6 +73,7 @@ MODELS = {
                           extra_layers=("num_single_layers", 40), config=dict(), preset="hunyuan-video"),
     "mochi": dict(cls="MochiTransformer3DModel", layers=("num_layers", 48), config=dict(), preset="mochi", cfg_calls=2),
 }
+TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
 LAYER = 10  # the representative sparse layer whose step kinds label a step
 
@@ -73,6 +84,8 @@ def build(name: str, blocks: int | None, device="cuda", dtype=torch.bfloat16):
     import diffusers
 
     spec = MODELS[name]
+    if name == "mochi":  # its attention keeps the valid text tokens with nonzero(): one graph needs this
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
     cfg = dict(spec["config"])
     if blocks is not None:
         cfg[spec["layers"][0]] = blocks
@@ -107,6 +120,78 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         return dict(hidden_states=r(1, 12, f, 60, 106), encoder_hidden_states=r(1, 256, 4096),
                     encoder_attention_mask=torch.ones(1, 256, device=device, dtype=torch.bool))
     raise ValueError(name)
+
+
+MOCHI_NO_NONE = (
+    "--text-mask none is not possible for mochi through MochiTransformer3DModel.forward: encoder_attention_mask is "
+    "required (the caption pooler and MochiAttnProcessor2_0 index it, None raises), and there is no mask to drop: "
+    "the joint attention gathers the valid text tokens with torch.nonzero and calls SDPA with attn_mask=None "
+    "(only the one-query caption pooler passes a boolean mask)")
+
+
+def resolve_text_mask(name: str, choice: str | None) -> str | None:
+    """The --text-mask setting of a run: "ones" (default) or "none" for models that take a text mask,
+    None for the others (where setting it is an error)."""
+    if name not in TEXT_MASK_MODELS:
+        if choice is not None:
+            raise ValueError(f"--text-mask applies to {' and '.join(TEXT_MASK_MODELS)} only; {name} takes no text mask")
+        return None
+    choice = choice or "ones"
+    if choice not in ("ones", "none"):
+        raise ValueError(f"--text-mask is 'ones' or 'none', got {choice!r}")
+    if choice == "none" and name == "mochi":
+        raise ValueError(MOCHI_NO_NONE)
+    return choice
+
+
+def text_mask_text(name: str, text_mask: str | None) -> str:
+    if text_mask is None:
+        return "text mask: n/a"
+    if text_mask == "ones":
+        what = ("all-true boolean attn_mask reaches SDPA" if name == "hunyuan-video"
+                else "SDPA gets no attn_mask in the joint attention")
+        return f"text mask: ones (encoder_attention_mask all ones; {what})"
+    return "text mask: none (encoder_attention_mask all ones, attention processors drop the mask: SDPA attn_mask=None)"
+
+
+class MaskFreeAttnProcessor:
+    """An attention processor of HunyuanVideo (HunyuanVideoAttnProcessor2_0 in the blocks,
+    AttnProcessor2_0 in the token refiner) called with attention_mask=None. The explicit signature
+    matters: diffusers' Attention.forward passes on only the keyword arguments __call__ names."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=None, **extra)
+
+
+MASK_FREE_OK = ("HunyuanVideoAttnProcessor2_0", "AttnProcessor2_0", "MaskFreeAttnProcessor")
+
+
+def apply_text_mask(name: str, model, kw: dict, text_mask: str | None) -> dict:
+    """Makes `model` (in place) and its inputs `kw` follow --text-mask; returns `kw`. "ones" and None
+    change nothing. "none" (hunyuan-video): HunyuanVideoTransformer3DModel.forward requires
+    encoder_attention_mask (it calls .sum() on it) and always builds a boolean (B, 1, 1, N) attn_mask
+    from it (and a (B, 1, L, L) one for the token refiner), so the inputs keep the all-ones mask and
+    every attention processor drops the mask."""
+    if text_mask in (None, "ones"):
+        return kw
+    if name != "hunyuan-video":
+        raise ValueError(MOCHI_NO_NONE if name == "mochi" else f"--text-mask none: {name} takes no text mask")
+    mask = kw["encoder_attention_mask"]
+    if not bool(mask.bool().all()):
+        raise ValueError("--text-mask none drops the attention mask, which is exact only when every text token "
+                         "is valid; encoder_attention_mask has padding")
+    procs = model.attn_processors
+    wrong = {k: type(p).__name__ for k, p in procs.items()
+             if type(p).__name__ not in MASK_FREE_OK}
+    if wrong:
+        raise ValueError(f"--text-mask none knows the processors {MASK_FREE_OK[:2]} only, got {wrong}")
+    model.set_attn_processor({k: p if isinstance(p, MaskFreeAttnProcessor) else MaskFreeAttnProcessor(p)
+                              for k, p in procs.items()})
+    return kw
 
 
 def timestep(name, i, steps, device, dtype):
@@ -303,7 +388,7 @@ def free_gpu() -> None:
 def measure(args, variants, blocks, preset, seq, labels) -> dict:
     """Build the model at `blocks` depth and run every variant on it; frees the model after."""
     model = build(args.model, blocks)
-    kw = inputs(args.model, model, frames=args.frames)
+    kw = apply_text_mask(args.model, model, inputs(args.model, model, frames=args.frames), args.text_mask)
     cfg_calls = MODELS[args.model].get("cfg_calls", 1)
 
     def step_kwargs(s):
@@ -382,6 +467,7 @@ def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
     print(f"\nspeedup {sp['speedup']:.3f}x ({BASELINE} total / chipmunk total)"
           + (f"; {sp['speedup_vs_default_sdpa']:.3f}x over {DEFAULT_SDPA}" if DEFAULT_SDPA in final else ""))
     print(f"{args.model}: {depth_statement(args.model, counts)}")
+    print(text_mask_text(args.model, args.text_mask))
     print(f"GPU {gpu}, torch {torch.__version__}")
     print(f"{args.steps}-step total computed from per-kind medians over steps {seq}")
 
@@ -389,6 +475,7 @@ def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
 def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
     last = list(measured)[-1]  # compile time and peak memory: of the last (deepest) measured model
     return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
+                text_mask=args.text_mask,
                 steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
                 extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
                 medians_ms={v: r["medians_ms"] for v, r in final.items()},
@@ -411,7 +498,15 @@ def parse_args():
     ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
     ap.add_argument("--default-sdpa", action="store_true", help="also time plain torch.compile with default SDPA")
-    return ap.parse_args()
+    ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
+                    help="hunyuan-video/mochi: 'ones' (default) passes the all-ones encoder_attention_mask as is; "
+                         "'none' (hunyuan-video only) makes attention run with attn_mask=None (same result)")
+    args = ap.parse_args()
+    try:
+        args.text_mask = resolve_text_mask(args.model, args.text_mask)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
 
 
 def main():
@@ -424,7 +519,8 @@ def main():
     variants = [BASELINE] + ([DEFAULT_SDPA] if args.default_sdpa else []) + [CHIPMUNK]
     gpu = torch.cuda.get_device_name()
     print(f"# {args.model} on {gpu}, torch {torch.__version__}, steps={args.steps}, "
-          f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}", flush=True)
+          f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}, "
+          f"{text_mask_text(args.model, args.text_mask)}", flush=True)
     if counts is not None and len(counts) == 2 and counts[0] < min_dense_layers(preset):
         print(f"WARNING: blocks={counts[0]} < first_n_dense_layers={min_dense_layers(preset)}: the two depths hold "
               f"different dense-only layers, so the extrapolation mixes dense and sparse per-unit costs", flush=True)

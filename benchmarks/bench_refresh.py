@@ -1,17 +1,25 @@
-"""Refresh-step attention cost: dense + column sums vs cuDNN SDPA, both column-sum implementations.
+"""Refresh-step attention cost against cuDNN SDPA, piece by piece and as the op runs it.
 
-    python benchmarks/bench_refresh.py            # FLUX 1x24x4352x128 and Wan 1x40x75600x128, bf16
+    python benchmarks/bench_refresh.py                       # FLUX, HunyuanVideo and Wan shapes, bf16
+    python benchmarks/bench_refresh.py --shapes flux --old   # also the one-pass dense+colsum kernel
 
-A refresh step computes the exact output, its lse and per-(head, query group) column sums of the
-attention probabilities (normalized with the previous step's lse). The target (issue 3) is
-<= 1.25x the cuDNN dense time. Rows: cuDNN SDPA, our dense kernel without column sums, and dense +
-column sums with the row-reduction ("rowsum") and tensor-core ("mma") column sums
-(CHIPMUNK_COLSUM_MMA). Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/
-(and $OUT) named after the GPU.
+A refresh step computes the exact output and its lse, per-(head, query group) column sums of the
+attention probabilities, top-k key columns from them, and the cache `o - attn_S(q, k, v)`. The
+target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
+- cudnn_sdpa: F.scaled_dot_product_attention under the cuDNN backend (the baseline);
+- exact_lse: the op's exact attention with lse (`ops.exact_attention`: cuDNN with its lse);
+- colsum S=...: column sums from S sampled queries per 128-query group (`attn_colsum_sampled`,
+  autotuned over both reductions; "sum only" / "mma only" pin one, for the first S);
+- select: top-k selection at the model preset's key fraction; cache_build: the column-sparse pass;
+- refresh S=...: all four as the op runs them (the number to hold against the target);
+- with --old: last session's path, our one-pass dense + column-sum kernel (stale lse) + select + cache.
+Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/ (and $OUT) named after the GPU,
+written after each shape.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -22,47 +30,90 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 from bench_kernels import bench  # noqa: E402
 
+from chipmunk_compile.kernels import select_columns  # noqa: E402
+from chipmunk_compile.kernels.attn_colsum_sampled import attn_colsum_sampled  # noqa: E402
+from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
 from chipmunk_compile.kernels.attn_dense_colsum import attn_dense_colsum  # noqa: E402
+from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  # noqa: E402
 
-SHAPES = {"flux": (1, 24, 4352, 128), "wan": (1, 40, 75600, 128)}
+# shape, kept key fraction of the model's preset
+SHAPES = {"flux": ((1, 24, 4352, 128), 0.165), "hunyuan-video": ((1, 24, 118800, 128), 0.06),
+          "wan": ((1, 40, 75600, 128), 0.11)}
+GROUP = 128
 
 
-def main():
+def refresh_pieces(q, k, v, scale, top, samples):
+    o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
+    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples)
+    idx, cnt = select_columns(cs, k=top, inplace=True)
+    del cs
+    return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
+
+
+def old_refresh(q, k, v, scale, top, prev):
+    o, _, cs = attn_dense_colsum(q, k, v, scale=scale, group=GROUP, prev_lse=prev)
+    idx, cnt = select_columns(cs, k=top, inplace=True)
+    del cs
+    return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
+
+
+def measure(name, samples_list, old):
+    (B, H, N, D), frac = SHAPES[name]
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+               for _ in range(3))
+    scale, top = D ** -0.5, round(frac * N)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        res = {"cudnn_sdpa": bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))}
+    o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
+    res["exact_lse"] = bench(lambda: exact_attention_lse(q, k, v, None, scale, GROUP, None))
+    library = next((c for key, c in _choice.items() if key[0] == tuple(q.shape)), "kernel")
+    for S in samples_list:
+        res[f"colsum S={S}"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=S))
+    for pin in ("sum", "mma"):  # each reduction alone (the op autotunes over both)
+        os.environ["CHIPMUNK_COLSUM_REDUCE"] = pin
+        S = samples_list[0]
+        res[f"colsum S={S} {pin} only"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP,
+                                                                            samples=S))
+    os.environ.pop("CHIPMUNK_COLSUM_REDUCE")
+    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0])
+    res["select"] = bench(lambda: select_columns(cs, k=top, inplace=True))  # scores in place, as the op does
+    idx, cnt = select_columns(cs, k=top)
+    del cs
+    res["cache_build"] = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o,
+                                                          sign=-1.0))
+    del idx, cnt
+    for S in samples_list:
+        res[f"refresh S={S}"] = bench(lambda: refresh_pieces(q, k, v, scale, top, S))
+    if old:
+        res["old refresh (dense+colsum kernel)"] = bench(lambda: old_refresh(q, k, v, scale, top, lse))
+    del q, k, v, o, lse
+    torch.cuda.empty_cache()
+    return res, library, f"{B}x{H}x{N}x{D}", top
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--samples", type=int, nargs="*", default=[32, 16, 64, 128])
+    ap.add_argument("--old", action="store_true")
+    args = ap.parse_args(argv)
     gpu = torch.cuda.get_device_name()
     rows = []
-    for name, (B, H, N, D) in SHAPES.items():
-        g = torch.Generator("cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-                   for _ in range(3))
-        scale = D ** -0.5
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            cudnn = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
-        _, prev, _ = attn_dense_colsum(q, k, v, scale=scale, group=128, want_colsum=False)
-        results = {"cudnn_sdpa": cudnn,
-                   "triton_dense": bench(lambda: attn_dense_colsum(q, k, v, scale=scale, group=128, want_colsum=False))}
-        for mma in ("0", "1"):
-            os.environ["CHIPMUNK_COLSUM_MMA"] = mma
-            label = "dense+colsum " + ("mma" if mma == "1" else "rowsum")
-            results[label] = bench(lambda: attn_dense_colsum(q, k, v, scale=scale, group=128, prev_lse=prev))
-            _, _, cs = attn_dense_colsum(q, k, v, scale=scale, group=128, prev_lse=prev)
-            results.setdefault("_colsums", []).append(cs)
-        a, b = results.pop("_colsums")
-        agree = ((a - b).norm() / b.norm()).item()
-        del a, b
-        for label, ms in results.items():
-            rows.append(dict(gpu=gpu, shape=f"{name} {B}x{H}x{N}x{D}", kernel=label, ms=round(ms, 4),
-                             x_cudnn=round(ms / cudnn, 3)))
-            print(f"{name:5s} {label:24s} {ms:10.4f} ms  {ms / cudnn:6.3f}x cuDNN", flush=True)
-        print(f"{name:5s} rowsum vs mma column sums: relative difference {agree:.2e}")
-        del q, k, v
-        torch.cuda.empty_cache()
+    for name in args.shapes:
+        res, library, shape, top = measure(name, args.samples, args.old)
+        base = res["cudnn_sdpa"]
+        for label, ms in res.items():
+            rows.append(dict(gpu=gpu, model=name, shape=shape, top_k=top, kernel=label, ms=round(ms, 4),
+                             x_cudnn=round(ms / base, 3), exact_lse_library=library))
+            print(f"{name:13s} {label:36s} {ms:10.4f} ms  {ms / base:6.3f}x cuDNN", flush=True)
         _write(rows, gpu)  # after each shape: a time limit still leaves the finished ones
-    os.environ.pop("CHIPMUNK_COLSUM_MMA", None)
-    print(f"GPU {gpu}, torch {torch.__version__}")
+    print(f"GPU {gpu}, torch {torch.__version__}; exact lse from: {library}")
 
 
 def _write(rows, gpu):
-    tag = gpu.split()[-1].lower()
+    # "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200: the first word naming a chip
+    tag = next((w for w in gpu.split() if w[:1].isalpha() and any(c.isdigit() for c in w)), gpu.split()[-1]).lower()
     for d in [os.path.join(os.path.dirname(__file__), "results"), os.environ.get("OUT")]:
         if d:
             os.makedirs(d, exist_ok=True)

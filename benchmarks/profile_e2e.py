@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from bench_e2e import build, inputs, timestep
+from bench_e2e import apply_text_mask, build, inputs, resolve_text_mask, text_mask_text, timestep
 
 
 def steps(compiled, name, kw, n, start=0, total=50):
@@ -26,9 +26,16 @@ def main():
     ap.add_argument("--model", default="flux")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--rows", type=int, default=22)
+    ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
+                    help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
+    try:
+        args.text_mask = resolve_text_mask(args.model, args.text_mask)
+    except ValueError as e:
+        ap.error(str(e))
+    print(f"# {args.model}, {text_mask_text(args.model, args.text_mask)}")
     model = build(args.model, args.blocks)
-    kw = inputs(args.model, model)
+    kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
     cfg = {"preset": "flux", "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
     for label, backend, opts in (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg})):
         torch._dynamo.reset()

@@ -23,7 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from .config import ChipmunkConfig
-from .graphs import GraphRunner, mutates_inputs, static_input_indices
+from .graphs import GraphRunner, graph_blockers, static_input_indices
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import source_name
@@ -150,7 +150,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # read placeholder metadata before compile_fx, which takes ownership of (and may change) gm
     param_input = first_parameter_input(gm)
     main_input = main_input_index(gm, signals)
-    static, mutates = static_input_indices(gm), mutates_inputs(gm)
+    static, blockers = static_input_indices(gm), graph_blockers(gm)
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
@@ -158,7 +158,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         site.graph = instances
     if config.cuda_graphs and not patches.get("triton.cudagraphs"):
         # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
-        compiled = GraphRunner(compiled, static, mutates, plan.sites, session, instances)
+        compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances)
     step_cache = None
     if config.step_cache.enabled:
         if session.step_cache is None:

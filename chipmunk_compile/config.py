@@ -45,12 +45,17 @@ class AttnConfig:
     min_tokens: int = 1024  # shorter attention stays dense
     delta: str = "self_normalized"  # or "exact_normalizer" (method.md §1 "Normalization")
     keep_text_keys: bool = True  # text tokens (when grouping knows them) are always attended
+    # queries per group whose exact probabilities rank the key columns at a refresh (evenly spread
+    # over the group; >= group: all of them). Costs colsum_queries/group of a QKᵀ pass.
+    colsum_queries: int = 32
 
     def __post_init__(self):
         _check_fraction("attn.top_keys", self.top_keys)
         _check_fraction("attn.random_keys", self.random_keys)
         if self.group < 1:
             raise ValueError(f"attn.group must be >= 1, got {self.group}")
+        if self.colsum_queries < 1:
+            raise ValueError(f"attn.colsum_queries must be >= 1, got {self.colsum_queries}")
         if self.full_step_every < 1:
             raise ValueError("attn.full_step_every must be >= 1")
         if self.delta not in DELTA_MODES:

@@ -14,7 +14,8 @@ state epoch and the decision of `decide`). Per signature:
 
 Invariants:
 - Parameters/buffers (static inputs) are checked by address on every replay; a moved one drops
-  the graph. Graphs that mutate an input are never recorded.
+  the graph. Graphs that mutate an input or have data-dependent shapes (host syncs) are never
+  recorded (counted as graph_disabled:<reason>).
 - Nothing persistent lives in the graph pool: caches, the device step and the recorded input
   buffers are allocated outside any recording; outputs are cloned right after each replay, so
   graphs of one session can share one memory pool (they never run concurrently).
@@ -51,6 +52,28 @@ def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
         if "_parameters[" in src or "_buffers[" in src:
             out.append(i)
     return out
+
+
+def data_dependent_shapes(gm: torch.fx.GraphModule) -> bool:
+    """True when a value's shape or a scalar depends on tensor data (nonzero, masked_select,
+    .item(), ... traced with unbacked symbols): running it syncs with the host, which a CUDA graph
+    capture cannot do (a failed capture can also leave the CUDA RNG in capture mode)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for n in gm.graph.nodes:
+        v = n.meta.get("example_value", n.meta.get("val"))
+        try:
+            if v is not None and free_unbacked_symbols(v):
+                return True
+        except Exception:  # noqa: BLE001 — exotic meta values: not a data-dependent shape
+            continue
+    return False
+
+
+def graph_blockers(gm: torch.fx.GraphModule) -> list[str]:
+    """Why this graph must not be recorded (empty: it may be)."""
+    return [name for name, test in (("mutates_inputs", mutates_inputs), ("data_dependent_shapes", data_dependent_shapes))
+            if test(gm)]
 
 
 def mutates_inputs(gm: torch.fx.GraphModule) -> bool:
@@ -139,13 +162,16 @@ def _restore(before: Counter) -> None:
 class GraphRunner:
     """Calls a compiled graph, through recorded CUDA graphs where possible (module docstring)."""
 
-    def __init__(self, compiled: Callable, static: list[int], mutates: bool, sites: list, session, instances):
-        """`static`/`mutates`: `static_input_indices(gm)` and `mutates_inputs(gm)`, read before
-        the inner compiler takes ownership of the graph."""
+    def __init__(self, compiled: Callable, static: list[int], blockers: list[str], sites: list, session, instances):
+        """`static`/`blockers`: `static_input_indices(gm)` and `graph_blockers(gm)`, read before
+        the inner compiler takes ownership of the graph; any blocker keeps every call eager."""
         self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
         self.static = static
         self.static_set = set(static)
-        self.enabled = bool(sites) and not mutates
+        self.enabled = bool(sites) and not blockers
+        for reason in blockers if sites else ():
+            count(f"graph_disabled:{reason}")
+            log.info("chipmunk: no CUDA graphs for this compiled graph (%s)", reason)
         self.device: Any = None
         self.graphs: dict = {}
         self.seen: set = set()

@@ -43,3 +43,51 @@ def test_parse_blocks_rejects_bad_counts():
     for bad in ("2,2", "0", "1,2,3"):
         with pytest.raises(ValueError):
             be.parse_blocks(bad)
+
+
+def test_resolve_text_mask():
+    assert be.resolve_text_mask("hunyuan-video", None) == "ones" and be.resolve_text_mask("mochi", None) == "ones"
+    assert be.resolve_text_mask("hunyuan-video", "none") == "none" and be.resolve_text_mask("flux", None) is None
+    with pytest.raises(ValueError, match="not possible for mochi"):
+        be.resolve_text_mask("mochi", "none")
+    with pytest.raises(ValueError, match="no text mask"):
+        be.resolve_text_mask("wan", "ones")
+
+
+def test_hunyuan_text_mask_none_drops_attn_mask_exactly(monkeypatch):
+    """--text-mask none on a tiny HunyuanVideoTransformer3DModel (1 refiner, 1 double, 1 single block):
+    the all-ones mask reaches SDPA as boolean attn_masks; after apply_text_mask(.., "none") SDPA gets
+    attn_mask=None in every call and the output is unchanged. Padding changes the output (the mask
+    is not inert), and "none" refuses inputs with padding."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import hunyuan, hunyuan_inputs
+
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = hunyuan()
+    kw = hunyuan_inputs(900.0, text_valid=8)  # 8 of 8 text tokens valid, 2x8x8 = 128 video tokens
+    kw["encoder_attention_mask"] = torch.ones(1, 8, dtype=torch.bool)  # as bench_e2e.inputs
+    with torch.no_grad():
+        ones = model(**kw)[0]
+        masks_ones, masks[:] = list(masks), []
+        padded = model(**dict(kw, encoder_attention_mask=torch.arange(8)[None] < 5))[0]
+        masks.clear()
+        assert be.apply_text_mask("hunyuan-video", model, kw, "none") is kw
+        none = model(**kw)[0]
+
+    # "ones": refiner (1, heads=2, 8, 8), double and single block (1, 1, 1, 136) boolean masks, all true
+    assert len(masks_ones) == 3 and all(m is not None and m.dtype == torch.bool and bool(m.all()) for m in masks_ones)
+    assert sorted(tuple(m.shape) for m in masks_ones) == [(1, 1, 1, 136), (1, 1, 1, 136), (1, 2, 8, 8)]
+    assert len(masks) == 3 and all(m is None for m in masks), masks
+    assert torch.allclose(none, ones, rtol=1e-5, atol=1e-6), (none - ones).abs().max()
+    assert not torch.allclose(padded, ones, rtol=1e-3, atol=1e-4)
+    assert all(isinstance(p, be.MaskFreeAttnProcessor) for p in model.attn_processors.values())
+
+    with pytest.raises(ValueError, match="padding"):
+        be.apply_text_mask("hunyuan-video", hunyuan(), dict(kw, encoder_attention_mask=torch.arange(8)[None] < 5), "none")

@@ -120,6 +120,45 @@ def test_static_inputs_and_mutation_detection():
     assert len(seen["static"]) == 2 and seen["mutates"]
 
 
+def test_data_dependent_shapes_keep_every_call_eager(fresh_dynamo, monkeypatch):
+    """A graph whose shapes depend on data (Mochi keeps its valid text tokens with nonzero()) syncs
+    with the host: the runner never tries to record it (a failed capture can leave the CUDA RNG in
+    capture mode), counts why once, and the results equal the plain compiled ones."""
+    from helpers import TinyBlock
+
+    class Gathered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TinyBlock()
+
+        def forward(self, x, keep):
+            return self.block(x) * x[:, keep.nonzero().squeeze(-1)].mean()
+
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    seen = {}
+
+    def probe(gm, example_inputs, **_):
+        seen["dd"] = graphs.data_dependent_shapes(gm)
+        return gm.forward
+
+    x, keep = torch.randn(1, 40, 64), torch.ones(40, dtype=torch.bool)
+    torch.compile(Gathered(), backend=probe, fullgraph=True)(x, keep)
+    assert seen["dd"] and not graphs.data_dependent_shapes(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
+    outs = {}
+    for emulate in (False, True):
+        monkeypatch.setattr(graphs, "EMULATE", emulate)
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        cm = chip(Gathered().eval(), sparse_cfg())
+        with torch.no_grad():
+            outs[emulate] = [cm(x + 0.01 * i, keep) for i in range(4)]
+        assert ccount("graph_recorded") == 0 and ccount("graph_replays") == 0
+    assert ccount("graph_disabled:data_dependent_shapes") >= 1
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_step_cache_over_recorded_graphs(fresh_dynamo, monkeypatch):
     """Step caching skips calls before the runner: skipped steps return the last computed output
     (a clone of the graph's output, never graph-pool memory) and computed steps replay."""

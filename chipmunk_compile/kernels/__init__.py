@@ -18,6 +18,9 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
   -> (o, lse, colsum|None). Triton: one pass with prev_lse; without prev_lse a second QK^T-only pass
   computes the column sums (~1.5x dense). Pass prev_lse whenever a previous dense lse exists.
+- attn_colsum_sampled(q, k, lse, *, scale, group, samples, key_mask=None, perm=None) -> colsum (B, Hq, Gc, Nk)
+  from `samples` evenly spread queries per group and the exact lse of the same step (QKᵀ only,
+  samples/G of a dense QKᵀ pass). The refresh steps use it after cuDNN attention returned o and lse.
 - select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None, n_always=None, draws=None)
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)).
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
@@ -49,6 +52,7 @@ import os
 
 import torch
 
+from .attn_colsum_sampled_ref import attn_colsum_sampled_ref
 from .attn_column_sparse_ref import attn_column_sparse_ref
 from .attn_dense_colsum_ref import attn_dense_colsum_ref
 from .mlp_block_means_ref import mlp_block_means_ref
@@ -61,7 +65,7 @@ select_columns = select_columns_ref
 mlp_block_means = mlp_block_means_ref
 
 __all__ = [
-    "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
+    "attn_colsum_sampled_ref", "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
     "mlp_sparse_mm2_ref", "select_columns_ref", "select_columns", "mlp_block_means", "mlp_alloc_h_cache",
     "get_kernel", "REFS",
 ]
@@ -71,13 +75,14 @@ log = logging.getLogger("chipmunk_compile")
 REFS = {
     "attn_dense_colsum": attn_dense_colsum_ref,
     "attn_column_sparse": attn_column_sparse_ref,
+    "attn_colsum_sampled": attn_colsum_sampled_ref,
     "select_columns": select_columns_ref,
     "mlp_sparse_mm1": mlp_sparse_mm1_ref,
     "mlp_sparse_mm2": mlp_sparse_mm2_ref,
     "mlp_block_means": mlp_block_means_ref,
 }
-_TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "mlp_sparse_mm1", "mlp_sparse_mm2"}
-_ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse"}
+_TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "mlp_sparse_mm1", "mlp_sparse_mm2"}
+_ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set = set()
 _impl_cache: dict = {}

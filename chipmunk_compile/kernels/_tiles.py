@@ -6,6 +6,9 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   which then get the same `tile` and tell their piece apart by (pid - t_main) % SPLIT.
 - `grouped_tile`: GROUP_M row tiles run before the next column tile, so programs running at the
   same time gather the same (sorted) weight rows and hit them in L2.
+- `load_rows`: rows `cols` of a (N, HEAD_DIM) K or V slice; only the TAIL tile (the one crossing
+  N) is load-masked, so the others stay vectorised and software-pipelined. `key_allowed`: the
+  tile's columns that exist and are not masked out by a (B, N) int8 key mask.
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter).
 """
@@ -60,3 +63,20 @@ def grouped_tile(r, n_mt, NT_N, GROUP_M: tl.constexpr):
     first_mt = (r // per_group) * GROUP_M
     gsize = tl.minimum(n_mt - first_mt, GROUP_M)
     return first_mt + (r % per_group) % gsize, (r % per_group) // gsize
+
+
+@triton.jit
+def load_rows(base, cols, col_in, stride_n, stride_d, HEAD_DIM: tl.constexpr, TAIL: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = base + cols[:, None] * stride_n + offs_d[None, :] * stride_d
+    if TAIL:
+        x = tl.load(ptrs, mask=col_in[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def key_allowed(KMASK, b, cols, col_in, NK):
+    km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
+    return col_in & (km != 0)

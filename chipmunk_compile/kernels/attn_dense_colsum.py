@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
+from ._tiles import key_allowed, load_rows
 
 
 @triton.jit
@@ -47,19 +48,13 @@ def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, gr
           NK, qk_scale, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr,
           DOT_PREC: tl.constexpr, MMA: tl.constexpr):
-    # One BLOCK_N key tile. TAIL=False tiles are fully inside Nk: no load masks, so the K/V loads
-    # stay vectorised and software-pipelined; only the last tile pays for masking.
-    offs_d = tl.arange(0, HEAD_DIM)
+    # One BLOCK_N key tile (TAIL: the one crossing Nk, the only one with masked loads).
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    if TAIL:
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=col_in[:, None], other=0.0)
-    else:
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd)
+    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
-        km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
-        s = tl.where((col_in & (km != 0))[None, :], s, float("-inf"))
+        s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
     elif TAIL:
         s = tl.where(col_in[None, :], s, float("-inf"))
     if COMPUTE_O:
@@ -68,10 +63,7 @@ def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, gr
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TAIL:
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_in[:, None], other=0.0)
-        else:
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd)
+        v = load_rows(v_base, cols, col_in, svn, svd, HEAD_DIM, TAIL)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
         if WANT_COLSUM:

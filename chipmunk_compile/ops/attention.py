@@ -1,10 +1,12 @@
 """`chipmunk::attention`: stateful column-sparse attention (method.md §1).
 
 Step types (decided on the host by `schedule.attn_step_kind`, never by reading a tensor):
-- dense:   exact attention; stores the row log-sum-exp for the next refresh's column sums.
-- refresh: exact attention + per-group column sums (normalized with the previous dense lse) →
-           top-k key columns per (batch, head, query group) → `o_cache = o − attn_S(q, k, v)`.
-           When the indices are kept (`recompute_mask: false`) the exact output comes from SDPA.
+- dense:   exact attention through SDPA (cuDNN/flash on GPU); nothing is stored.
+- refresh: exact attention with its lse (`exact_attention.exact_attention_lse`: cuDNN when it can)
+           → per-group column sums from `attn.colsum_queries` sampled queries per group, normalized
+           with that exact lse → top-k key columns per (batch, head, query group) →
+           `o_cache = o − attn_S(q, k, v)`. When the indices are kept (`recompute_mask: false`) and
+           no lse is needed, the exact output comes from plain SDPA.
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
+from .exact_attention import exact_attention_lse
 from .sites import POLICIES, fallback, lookup
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -39,33 +42,27 @@ def _sdpa(q, k, v, key_mask, scale):
     """Exact attention through SDPA (cuDNN/flash on GPU), in the op's output layout."""
     mask = key_mask[:, None, None, :] if key_mask is not None else None
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    if o.transpose(1, 2).is_contiguous() and o.shape == q.shape[:3] + v.shape[-1:]:
+        return o  # already a fresh (B, N, H, D) buffer
     out = _out_like(q, v)
-    out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa))
+    out.copy_(o)
     return out
 
 
-def _exact(q, k, v, key_mask, scale, group, perm):
-    o, lse, _ = kernel("attn_dense_colsum", q, k, v, head_dim=q.shape[-1])(
-        q, k, v, scale=scale, group=group, key_mask=key_mask, perm=perm, want_colsum=False)
-    return o, lse
-
-
 def decide(s, st, pos) -> tuple:
-    """(kind, new indices?, previous lse valid?, cache-not-filled fallback?) — host state only."""
+    """(kind, new indices?, cache-not-filled fallback?) — host state only."""
     cfg = s.cfg
     kind = attn_step_kind(cfg, pos.step, s.current_layer())
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
     if unfilled:
         kind = REFRESH
     need_idx = kind == REFRESH and (cfg.recompute_mask or st.index_generation != pos.generation)
-    prev_lse = kind == REFRESH and st.lse_generation == pos.generation
-    return kind, need_idx, prev_lse, unfilled
+    return kind, need_idx, unfilled
 
 
 def commit(s, st, decision, generation: int) -> None:
     kind, need_idx = decision[0], decision[1]
-    if kind == DENSE or need_idx or s.cfg.delta == "exact_normalizer":
-        st.lse_generation = generation  # these paths store this step's lse (the SDPA refresh does not)
     if kind == REFRESH:
         st.filled_generation = generation
         if need_idx:
@@ -80,8 +77,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = lookup(site)
     if s is None:
-        o, _ = _exact(q, k, v, key_mask, scale, 192, None)
-        return o
+        return _sdpa(q, k, v, key_mask, scale)
     if s.always_dense():  # never sparse: no cache, no lse
         s.finish(None, DENSE, s.session.position())
         return _sdpa(q, k, v, key_mask, scale)
@@ -91,23 +87,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     st, pos = s.branch_state()
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     d = decide(s, st, pos)
-    kind, need_idx, prev_lse, unfilled = d
+    kind, need_idx, unfilled = d
     B, H, N, D = q.shape
     n_groups = -(-N // group)
-    lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device)
+    exact_norm = cfg.delta == "exact_normalizer"
+    lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device) if exact_norm else None
     if unfilled:
         fallback("attn_cache_not_filled", "a sparse step ran before this branch's refresh step")
     if kind == DENSE:
-        o, lse = _exact(q, k, v, key_mask, scale, group, perm)
-        lse_buf.copy_(lse)
+        o = _sdpa(q, k, v, key_mask, scale)
         s.finish(st, d, pos)
         return o
-    exact_norm = cfg.delta == "exact_normalizer"
 
     def column_sparse(o_base, sign):  # o_base ± attn_S(q, k, v) over the stored key columns
         return kernel("attn_column_sparse", q, k, v, head_dim=D)(
             q, k, v, st.get("indices"), st.get("counts"), scale=scale, group=group, perm=perm, o_base=o_base,
-            sign=sign, lse=lse_buf if exact_norm else None)
+            sign=sign, lse=lse_buf)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
     if kind == SPARSE:
@@ -115,16 +110,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         s.finish(st, d, pos)
         return o
     if not need_idx and not exact_norm:
-        # indices kept (recompute_mask: false) and no lse needed: the exact output comes from SDPA
-        # (cuDNN), which beats our dense kernel; only the cache is rebuilt
+        # indices kept (recompute_mask: false) and no lse needed: plain SDPA; only the cache is rebuilt
         o = _sdpa(q, k, v, key_mask, scale)
     else:
-        o, lse, colsum = kernel("attn_dense_colsum", q, k, v, head_dim=D)(
-            q, k, v, scale=scale, group=group, key_mask=key_mask, perm=perm, prev_lse=lse_buf if prev_lse else None,
-            want_colsum=need_idx)
+        o, lse = exact_attention_lse(q, k, v, key_mask, scale, group, perm)
         if need_idx:
+            colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
+                q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
+                out_dtype=torch.float16)  # half the bytes for the top-k passes; the ranking needs no more
             _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step)
-        lse_buf.copy_(lse)
+        if exact_norm:
+            lse_buf.copy_(lse)
     o_cache.copy_(column_sparse(o, -1.0))
     s.finish(st, d, pos)
     return o

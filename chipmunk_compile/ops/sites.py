@@ -66,7 +66,6 @@ class BranchState:
         self.key: Optional[tuple] = None
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
         self.index_generation = -1
-        self.lse_generation = -1
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
 
     def tensor(self, name: str, shape, dtype, device, *, alloc=None) -> torch.Tensor:
@@ -94,7 +93,7 @@ class BranchState:
             self.key = key
             self.epoch = next(_epochs)
             self.cache.clear()
-            self.filled_generation = self.index_generation = self.lse_generation = -1
+            self.filled_generation = self.index_generation = -1
             return False
         return True
 

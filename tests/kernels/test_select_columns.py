@@ -33,6 +33,29 @@ def test_topk_sorted_masked_always_random():
                 assert set(top.tolist()) <= set(sel.tolist())
 
 
+def test_unmasked_path_always_random_and_draws():
+    """No key mask (the fast path): always-kept + drawn columns + top-k fill K distinct sorted slots."""
+    g = torch.Generator().manual_seed(3)
+    B, H, Gc, Nk, k = 1, 2, 3, 50, 7
+    cs = torch.rand(B, H, Gc, Nk, generator=g)
+    ak = torch.zeros(Nk, dtype=torch.bool)
+    ak[[0, 1]] = True
+    draws = torch.randint(0, Nk, (B, H, Gc, 3), generator=g)
+    draws[..., 0] = 1  # an always-kept column drawn: that slot goes to top-k
+    idx, cnt = select_columns_ref(cs.clone(), k=k, always_keep=ak, random_keys=3, n_always=2, draws=draws)
+    K = k + 2 + 3
+    assert (cnt == K).all() and idx.shape[-1] == K
+    for h in range(H):
+        for gi in range(Gc):
+            sel = idx[0, h, gi].long()
+            assert (sel[1:] > sel[:-1]).all()
+            want = {0, 1} | set(draws[0, h, gi].tolist())
+            rest = cs[0, h, gi].clone()
+            rest[list(want)] = -1
+            want |= set(rest.topk(K - len(want)).indices.tolist())
+            assert set(sel.tolist()) == want
+
+
 def test_counts_when_few_keys_and_no_extras():
     cs = torch.rand(1, 1, 2, 10)
     km = torch.zeros(1, 10, dtype=torch.bool)

@@ -1,0 +1,72 @@
+"""Reference (pure PyTorch) for per-query-group column sums estimated from sampled queries.
+
+A refresh step needs, per (batch, head, query group), a ranking of key columns by their attention
+mass. Summing the probabilities of every query costs a second QKᵀ pass over all queries (half the
+FLOPs of attention). Queries of one group are spatial neighbours that share their important keys
+(the premise of the grouping), so a few queries per group rank the columns almost as well: with S
+of G queries the pass costs S/G of that.
+
+Contract (shared with the Triton kernel ``attn_colsum_sampled.py``):
+- q (B, Hq, N, D), k (B, Hkv, Nk, D), any strides, Hq % Hkv == 0 (kv head = h // (Hq // Hkv)).
+- lse (B, Hq, N) fp32: the exact natural-log softmax normalizer of every query (from the dense
+  attention of the same step), so every sampled probability is exact.
+- Group g = query positions g*G .. g*G+G-1 of the query order (perm order when perm is given:
+  position p is query perm[p]); the last group may be short.
+- ``sample_offsets(G, samples)`` picks the sampled positions inside a group: S = min(samples, G,
+  MAX_SAMPLES) offsets, padded with -1 to a power of two >= 16 (the kernel's slot count).
+  samples >= G (and G <= MAX_SAMPLES) means every query. With stride s = G / S (G % S == 0) the
+  offsets are j·s + (j mod s): one per stride window, shifted by one position per window, so a
+  row-major s×s sub-tile of the grouping (4×4 for images at S = G/4) gets one sample in every row
+  and every column rather than a single column (on the trained tiny DiT: +2.5% sparse-step error
+  against every query at S=32, +14% with plain j·s; benchmarks/colsum_sampling.py). Otherwise
+  floor(j·G/S).
+- Returns colsum (B, Hq, ceil(N/G), Nk) in out_dtype (fp32 default; fp16 halves the buffer and
+  the selection's passes over it), summed in fp32: colsum[b,h,g,j] = sum over the sampled queries i of
+  group g (positions < N) of exp(s_ij - lse_i), s = scale * q·k. Unscaled: only the ranking within
+  a (b, h, g) row is used.
+- key_mask (B, Nk) bool: False keys get probability 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_SAMPLES = 128  # one kernel tile of sampled rows per group at most
+
+
+def sample_offsets(group: int, samples: int) -> list[int]:
+    """Offsets of the sampled queries inside a group, padded with -1 to the kernel's slot count."""
+    G = int(group)
+    if G < 1 or samples < 1:
+        raise ValueError(f"group and samples must be >= 1, got {group}, {samples}")
+    S = min(int(samples), G, MAX_SAMPLES)
+    s = G // S
+    offs = [j * s + j % s for j in range(S)] if G % S == 0 else [(j * G) // S for j in range(S)]
+    slots = max(16, 1 << (S - 1).bit_length())
+    return offs + [-1] * (slots - S)
+
+
+def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
+                            out_dtype=torch.float32):
+    B, Hq, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    G = int(group)
+    NG = math.ceil(N / G)
+    offs = torch.tensor([o for o in sample_offsets(G, samples) if o >= 0], dtype=torch.long)
+    pos = (torch.arange(NG)[:, None] * G + offs[None, :]).reshape(-1)  # (NG * S,) positions
+    valid = pos < N
+    pos = pos.clamp(max=N - 1)
+    rows = perm.long().cpu()[pos] if perm is not None else pos
+    rows, valid = rows.to(q.device), valid.to(q.device)
+    colsum = torch.zeros(B, Hq, NG, Nk, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(Hq):
+            s = (q[b, h, rows].float() @ k[b, h // rep].float().T) * scale  # (NG*S, Nk)
+            if key_mask is not None:
+                s = s.masked_fill(~key_mask[b].bool()[None, :], float("-inf"))
+            p = torch.exp(s - lse[b, h, rows].float()[:, None]) * valid[:, None]
+            colsum[b, h] = p.view(NG, -1, Nk).sum(dim=1)
+    return colsum.to(out_dtype)

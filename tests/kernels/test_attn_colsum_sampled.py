@@ -1,0 +1,122 @@
+"""attn_colsum_sampled: offsets, reference vs naive / full column sums, Triton (interpreter / GPU) vs reference."""
+
+import math
+
+import pytest
+import torch
+from kernel_testutils import DEV, TOL, rel_err
+
+from chipmunk_compile.kernels import attn_colsum_sampled_ref, attn_dense_colsum_ref, get_kernel
+from chipmunk_compile.kernels.attn_colsum_sampled_ref import MAX_SAMPLES, sample_offsets
+
+
+def _inputs(B, Hq, Hkv, N, Nk, D, dtype, masked, permuted, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2)  # permuted view, like diffusers
+    k = torch.randn(B, Nk, Hkv, D, generator=g).transpose(1, 2)
+    km = (torch.rand(B, Nk, generator=g) > 0.3) if masked else None
+    if km is not None:
+        km[:, 0] = True
+    perm = torch.randperm(N, generator=g).to(torch.int32) if permuted else None
+    rep = Hq // Hkv
+    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double().repeat_interleave(rep, 1)) * 0.125
+    if km is not None:
+        s = s.masked_fill(~km[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1).float()
+    to = dict(device=DEV)
+    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), lse.to(**to),
+            None if km is None else km.to(**to), None if perm is None else perm.to(**to))
+
+
+@pytest.mark.parametrize("G,S", [(128, 32), (128, 128), (192, 64), (100, 32), (8, 32), (300, 200), (7, 3)])
+def test_sample_offsets(G, S):
+    offs = sample_offsets(G, S)
+    used = [o for o in offs if o >= 0]
+    n = min(S, G, MAX_SAMPLES)
+    assert len(used) == n and used == sorted(set(used)) and 0 <= used[0] and used[-1] < G
+    assert len(offs) >= 16 and len(offs) & (len(offs) - 1) == 0 and len(offs) < 2 * max(n, 16)
+    assert all(o == -1 for o in offs[n:])
+    if S >= G and G <= MAX_SAMPLES:
+        assert used == list(range(G))  # every query
+
+
+def test_sample_offsets_rejects_bad_input():
+    with pytest.raises(ValueError):
+        sample_offsets(0, 4)
+    with pytest.raises(ValueError):
+        sample_offsets(128, 0)
+
+
+@pytest.mark.parametrize("masked,permuted", [(False, False), (True, True)])
+def test_ref_all_queries_equals_full_column_sums(masked, permuted):
+    q, k, lse, km, perm = _inputs(2, 4, 2, 45, 39, 64, torch.float32, masked, permuted)
+    v = torch.randn_like(k)
+    G = 16
+    cs = attn_colsum_sampled_ref(q, k, lse, scale=0.125, group=G, samples=G, key_mask=km, perm=perm)
+    _, _, full = attn_dense_colsum_ref(q, k, v, scale=0.125, group=G, key_mask=km, perm=perm)
+    assert cs.shape == full.shape == (2, 4, math.ceil(45 / G), 39)
+    assert rel_err(cs, full) < 1e-5
+    if km is not None:
+        assert (cs.masked_select(~km[:, None, None, :].expand_as(cs)) == 0).all()
+
+
+def test_ref_samples_only_the_offsets():
+    q, k, lse, _, perm = _inputs(1, 2, 2, 40, 33, 64, torch.float32, False, True)
+    G, S = 16, 4
+    cs = attn_colsum_sampled_ref(q, k, lse, scale=0.125, group=G, samples=S, perm=perm)
+    offs = [o for o in sample_offsets(G, S) if o >= 0]
+    assert offs == [0, 5, 10, 15]  # a diagonal of each 4x4 window
+    p = torch.exp(torch.einsum("bhnd,bhkd->bhnk", q, k) * 0.125 - lse[..., None])
+    for g in range(3):
+        rows = [perm[g * G + o].item() for o in offs if g * G + o < 40]  # last group: 8 queries, 2 sampled
+        assert rel_err(cs[:, :, g], p[:, :, rows].sum(2)) < 1e-5
+
+
+CASES = [
+    # B, Hq, Hkv, N, Nk, G, S, masked, permuted
+    (1, 2, 2, 70, 70, 32, 16, False, False),     # two groups per interpreter tile
+    (1, 4, 2, 45, 83, 48, 16, True, True),       # GQA, short last group, key tail, mask, perm
+    (2, 2, 1, 29, 31, 16, 16, True, False),      # every query (S = G), batch 2
+    (1, 2, 2, 200, 150, 64, 32, False, True),
+    (1, 2, 2, 130, 300, 128, 128, False, False),  # one group per tile, all 128 queries
+    (1, 2, 2, 90, 61, 100, 3, False, True),      # G not a power of two, 3 of 16 slots used
+]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_ref(triton_mode, case, dtype, reduce, monkeypatch):
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    B, Hq, Hkv, N, Nk, G, S, masked, permuted = case
+    q, k, lse, km, perm = _inputs(B, Hq, Hkv, N, Nk, 64, dtype, masked, permuted, seed=N)
+    kw = dict(scale=0.125, group=G, samples=S, key_mask=km, perm=perm)
+    fn = get_kernel("attn_colsum_sampled", q, k, head_dim=64)
+    assert fn is not attn_colsum_sampled_ref
+    cs = fn(q, k, lse, **kw)
+    cs_r = attn_colsum_sampled_ref(q, k, lse, **kw)
+    assert cs.shape == cs_r.shape
+    assert rel_err(cs, cs_r) < max(TOL[dtype], 1e-5) * 2  # also: no NaN-poisoned element left
+    half = fn(q, k, lse, **kw, out_dtype=torch.float16)
+    assert half.dtype == torch.float16 and rel_err(half, cs_r) < 2e-3
+
+
+def test_triton_key_split_covers_every_column(triton_mode, monkeypatch):
+    """Few rows and many key tiles: the key axis is split over programs; every column is written once."""
+    from chipmunk_compile.kernels import attn_colsum_sampled as mod
+
+    assert mod.key_splits(1, 2, 10, 3) == 3 and mod.key_splits(100, 8, 10, 132) == 1
+    q, k, lse, _, _ = _inputs(1, 1, 1, 20, 200, 64, torch.float32, False, False)
+    cs = mod.attn_colsum_sampled(q, k, lse, scale=0.125, group=32, samples=16)
+    assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, scale=0.125, group=32, samples=16)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+@pytest.mark.parametrize("N,G,S,Hq,Hkv", [(4352, 128, 32, 4, 4), (4352, 128, 128, 4, 2), (1000, 192, 64, 2, 2)])
+def test_gpu_bf16_real_shapes(N, G, S, Hq, Hkv, reduce, monkeypatch):
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    q, k, lse, km, perm = _inputs(1, Hq, Hkv, N, N, 128, torch.bfloat16, True, True, seed=1)
+    kw = dict(scale=0.125, group=G, samples=S, key_mask=km, perm=perm)
+    cs = get_kernel("attn_colsum_sampled", q, k)(q, k, lse, **kw)
+    assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **kw)) < 2e-2

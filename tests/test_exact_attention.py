@@ -1,0 +1,91 @@
+"""ops.exact_attention: library choice, counted fallback, output layout and lse (CPU + GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from chipmunk_compile.ops import exact_attention as ea
+
+
+def _qkv(B=1, H=2, N=40, D=64, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2).to(device, dtype) for _ in range(3))
+    return q, k, v
+
+
+def _truth(q, k, v, scale):
+    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double()) * scale
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale), torch.logsumexp(s, -1)
+
+
+@pytest.fixture
+def fake_libraries(monkeypatch):
+    """Pretend to be on CUDA with a broken first library and a working second one (returning (B, H, N, D)
+    contiguous output, another layout than the op's)."""
+    calls = []
+
+    def broken(q, k, v, scale):
+        calls.append("broken")
+        raise RuntimeError("no kernel for this shape")
+
+    def good(q, k, v, scale):
+        calls.append("good")
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+        lse = torch.logsumexp(torch.einsum("bhnd,bhkd->bhnk", q, k) * scale, -1)
+        return o, lse[..., None]  # (B, H, N, 1), as some libraries return it
+
+    monkeypatch.setattr(ea, "LIBRARIES", {"broken": broken, "good": good})
+    monkeypatch.setattr(ea, "_library_usable", lambda q, k, key_mask: True)
+    monkeypatch.setattr(ea, "_choice", {})
+    counters.clear()
+    return calls
+
+
+def test_fallback_is_counted_and_remembered(fake_libraries):
+    q, k, v = _qkv()
+    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
+    o2, _ = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
+    assert fake_libraries == ["broken", "good", "good"]  # the broken library is tried once per key
+    assert counters["chipmunk"]["exact_lse_fallback:broken"] == 1
+    o_t, lse_t = _truth(q, k, v, 0.125)
+    assert o.transpose(1, 2).is_contiguous() and o.shape == q.shape  # the op's (B, N, H, D) layout
+    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.equal(o, o2)
+    assert lse.shape == (1, 2, 40) and torch.allclose(lse.double(), lse_t, atol=1e-5)
+
+
+def test_all_libraries_failing_uses_our_kernel(fake_libraries, monkeypatch):
+    monkeypatch.setattr(ea, "LIBRARIES", {"broken": ea.LIBRARIES["broken"]})
+    q, k, v = _qkv(seed=1)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
+    o_t, lse_t = _truth(q, k, v, 0.125)
+    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
+    ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
+    assert counters["chipmunk"]["exact_lse_fallback:broken"] == 1  # "kernel" remembered: not retried
+
+
+def test_wrong_lse_shape_is_rejected(fake_libraries, monkeypatch):
+    monkeypatch.setattr(ea, "LIBRARIES", {"bad": lambda q, k, v, scale: (q.clone(), torch.zeros(3))})
+    q, k, v = _qkv(seed=2)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
+    assert counters["chipmunk"]["exact_lse_fallback:bad"] == 1
+    assert torch.allclose(lse.double(), _truth(q, k, v, 0.125)[1], atol=1e-5)
+
+
+def test_masks_and_gqa_never_reach_the_libraries():
+    q, k, v = _qkv()
+    assert not ea._library_usable(q.cuda() if torch.cuda.is_available() else q, k, torch.ones(1, 40, dtype=torch.bool))
+    assert not ea._library_usable(q, k[:, :1], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_library_lse_matches_reference(dtype):
+    counters.clear()
+    q, k, v = _qkv(1, 4, 4352, 128, "cuda", dtype)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 128 ** -0.5, 128, None)
+    o_t, lse_t = _truth(q, k, v, 128 ** -0.5)
+    assert not any(key.startswith("exact_lse_fallback") for key in counters["chipmunk"])  # cuDNN worked
+    assert o.transpose(1, 2).is_contiguous()
+    assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
+    assert (lse.double() - lse_t).abs().max().item() < 2e-2
