@@ -11,6 +11,10 @@ Invariants:
   graph would mix stale and fresh halves, so the call is computed and the fallback counted.
 - A call is only skipped when a computed output of the same branch and generation exists.
 - The adaptive rule reads one scalar per call on the host, outside the compiled graph.
+- A step on which some sparse site's schedule refreshes (attention refresh, MLP dense step) is
+  never skipped (counted as step_cache_kept_refresh): skipping it would leave chipmunk's caches
+  and indices stale until the next refresh (found with the adaptive rule, which skipped every
+  even step, steps 10..40 included: 20-22 dB instead of 31 on the trained tiny DiT).
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ import torch
 
 from .ops.sites import count, fallback
 from .patterns.fx_utils import source_name
+from .schedule import DENSE, REFRESH, attn_step_kind, mlp_step_kind
+
+_PAST_DENSE_LAYERS = 1 << 30  # a layer number past every first_n_dense_layers
+
+
+def refreshes_at(sites, step: int) -> bool:
+    """True when a site that can be sparse runs its refresh (attention) or dense step (MLP) at `step`."""
+    for s in sites:
+        cfg = s.cfg
+        if not cfg.enabled:
+            continue
+        if s.kind == "attention" and attn_step_kind(cfg, step, _PAST_DENSE_LAYERS) == REFRESH:
+            return True
+        if s.kind == "mlp" and mlp_step_kind(cfg, step, _PAST_DENSE_LAYERS) == DENSE:
+            return True
+    return False
 
 
 @dataclass
@@ -69,7 +89,11 @@ class StepCache:
         pos = session.position()
         x = args[input_index] if input_index is not None else None
         entry = self.entries.get(pos.branch)
-        if self._should_skip(entry, pos.step, pos.generation, x):
+        skip = self._should_skip(entry, pos.step, pos.generation, x)
+        if skip and refreshes_at(session.sites, pos.step):
+            count("step_cache_kept_refresh")
+            skip = False
+        if skip:
             entry.consecutive += 1
             self.skipped += 1
             count("step_cache_skipped")

@@ -1,0 +1,477 @@
+"""Speed/fidelity Pareto sweep (issue 4): step caching alone, chipmunk alone, and chipmunk + step caching.
+
+    python benchmarks/fidelity_pareto.py                          # whole grid, tiny DiT, 8 images
+    python benchmarks/fidelity_pareto.py --settings 'sc-*' --resume   # a subset, keeping earlier rows
+    python benchmarks/fidelity_pareto.py --replot                 # fronts and plot from the saved JSON
+    python benchmarks/fidelity_pareto.py --list                   # the grid
+
+Generates the same seeded images as benchmarks/fidelity.py (its TinyRunner and run()) densely once
+and then with every setting of GRID; per setting: PSNR/SSIM against dense per image (mean, spread,
+standard error of the mean), latent error, FLOPs ratio against dense, and wall time. Each setting
+belongs to one family by its config (sparse ops on/off, step cache on/off); per family the Pareto
+front of (FLOPs ratio low, mean PSNR high) is extracted. The summary names the lowest-FLOPs chipmunk
+setting at or above --target dB and compares every chipmunk + step caching point with the fronts of
+the two single methods at its FLOPs: against the best point costing no more, and against the front
+interpolated between its neighbouring points (paired per-image PSNR differences with their standard
+error). Rows are written after every setting, so an interrupted sweep can go on with --resume
+(--dense-cache FILE keeps the dense reference between runs).
+Results: benchmarks/results/fidelity_pareto.{csv,json,png} (the plot uses matplotlib when
+installed, else PIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.fidelity import OFF, PUBLISHED_SKIPS, RESULTS  # noqa: E402
+
+STEPCACHE, CHIPMUNK, COMBO = "stepcache", "chipmunk", "chipmunk+stepcache"
+FAMILIES = (STEPCACHE, CHIPMUNK, COMBO)
+COLORS = {STEPCACHE: "#1f77b4", CHIPMUNK: "#d62728", COMBO: "#2ca02c"}
+
+
+def _cm(attn=None, mlp=None, sc=None):
+    """A chipmunk config on the flux preset: attn/mlp patches (None: preset), sc: step_cache patch."""
+    cfg = {"preset": "flux"}
+    if attn:
+        cfg["attn"] = attn
+    if mlp:
+        cfg["mlp"] = mlp
+    if sc:
+        cfg["step_cache"] = {"enabled": True, **sc}
+    return cfg
+
+
+def _sc(**sc):
+    return {**OFF, "step_cache": {"enabled": True, **sc}}
+
+
+AOFF = {"enabled": False}
+# name -> chipmunk config. Names: a<attn top_keys>/aoff, m<mlp top_keys>, e<period> = full_step_every
+# (both ops), ae<p>/me<p> one op only, t<threshold> = adaptive step caching, fixed25 = published skips.
+GRID = {
+    # step caching alone: the published schedule and adaptive thresholds (at most 2 skips in a row)
+    "sc-fixed25": _sc(skip_steps=PUBLISHED_SKIPS),
+    "sc-t0.02": _sc(threshold=0.02),
+    "sc-t0.05": _sc(threshold=0.05),
+    "sc-t0.08": _sc(threshold=0.08),
+    "sc-t0.12": _sc(threshold=0.12),
+    "sc-t0.20": _sc(threshold=0.2),
+    "sc-t0.30-c3": _sc(threshold=0.3, max_consecutive=3),
+    # chipmunk alone: the flux preset (a.165 m.30 e10), sparser MLP without attention sparsity
+    # (attention is where the error comes from), and attention with more refreshes or more keys
+    "cm-a.165-m.30": _cm(),
+    "cm-aoff-m.30": _cm(AOFF),
+    "cm-aoff-m.15": _cm(AOFF, {"top_keys": 0.15}),
+    "cm-aoff-m.15-me20": _cm(AOFF, {"top_keys": 0.15, "full_step_every": 20}),
+    "cm-aoff-m.05": _cm(AOFF, {"top_keys": 0.05}),
+    "cm-a.165-m.30-ae5": _cm({"full_step_every": 5}),  # attention refreshed twice as often
+    "cm-a.50-m.30": _cm({"top_keys": 0.5}),
+    # chipmunk + step caching: the published schedule (it never skips a multiple of 10, i.e. a chipmunk
+    # refresh step at full_step_every 10) and adaptive caching (free to skip refresh steps)
+    "cmsc-a.165-m.30-fixed25": _cm(sc={"skip_steps": PUBLISHED_SKIPS}),
+    "cmsc-aoff-m.30-fixed25": _cm(AOFF, sc={"skip_steps": PUBLISHED_SKIPS}),
+    "cmsc-aoff-m.15-fixed25": _cm(AOFF, {"top_keys": 0.15}, sc={"skip_steps": PUBLISHED_SKIPS}),
+    "cmsc-aoff-m.30-t0.05": _cm(AOFF, sc={"threshold": 0.05}),
+    "cmsc-aoff-m.30-t0.12": _cm(AOFF, sc={"threshold": 0.12}),
+    "cmsc-aoff-m.15-t0.08": _cm(AOFF, {"top_keys": 0.15}, sc={"threshold": 0.08}),
+}
+
+
+# -- pure helpers (tests/test_fidelity_pareto.py) ---------------------------------------------------
+def family_of(config: dict) -> str:
+    """stepcache / chipmunk / chipmunk+stepcache, from which of sparse ops and step caching are on."""
+    sparse = any((config.get(op) or {}).get("enabled", True) for op in ("attn", "mlp"))
+    cached = bool((config.get("step_cache") or {}).get("enabled", False))
+    if cached and sparse:
+        return COMBO
+    if cached:
+        return STEPCACHE
+    if sparse:
+        return CHIPMUNK
+    raise ValueError("setting with neither sparse ops nor step caching (that is dense)")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, quality) points (lower cost and higher quality are
+    better), by increasing cost. Of equal points only the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def best_within(points: list[tuple[float, float]], cost: float, tol: float = 1e-9):
+    """Index of the highest-quality point costing at most `cost` (the front's value there), or None."""
+    ok = [i for i, (c, _) in enumerate(points) if c <= cost + tol]
+    return max(ok, key=lambda i: (points[i][1], -points[i][0])) if ok else None
+
+
+def cheapest_at_least(points: list[tuple[float, float]], quality: float):
+    """Index of the lowest-cost point with quality >= `quality`, or None."""
+    ok = [i for i, (_, q) in enumerate(points) if q >= quality]
+    return min(ok, key=lambda i: (points[i][0], -points[i][1])) if ok else None
+
+
+def interp_front(points: list[tuple[float, float]], front: list[int], cost: float):
+    """The front drawn as straight segments between its points (`front`: indices by increasing cost,
+    as from pareto_front), at `cost`: (i, j, w) with value w * q_i + (1 - w) * q_j; held flat right
+    of the last point; None left of the first."""
+    if not front or cost < points[front[0]][0]:
+        return None
+    for a, b in zip(front, front[1:]):
+        ca, cb = points[a][0], points[b][0]
+        if cost <= cb:
+            return a, b, (cb - cost) / (cb - ca)
+    return front[-1], front[-1], 1.0
+
+
+def mean_sem(values: list[float]) -> tuple[float, float, float]:
+    """Mean, sample standard deviation and standard error of the mean (0 spread for one value)."""
+    vals = [float(v) for v in values]
+    m = statistics.fmean(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return m, sd, sd / math.sqrt(len(vals))
+
+
+def paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences a - b (same images in the same order)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values of different lengths: {len(a)} vs {len(b)}")
+    m, _, se = mean_sem([x - y for x, y in zip(a, b)])
+    return m, se
+
+
+# -- analysis of measured rows ---------------------------------------------------------------------
+def _usable(rows, family):
+    """Rows of `family` with a FLOPs ratio and a finite PSNR (a setting that skipped nothing equals dense)."""
+    return [r for r in rows if r["family"] == family and r.get("flops_ratio") is not None
+            and math.isfinite(r["psnr_db"])]
+
+
+def fronts_of(rows: list[dict]) -> dict[str, list[str]]:
+    out = {}
+    for fam in FAMILIES:
+        fr = _usable(rows, fam)
+        idx = pareto_front([(r["flops_ratio"], r["psnr_db"]) for r in fr])
+        out[fam] = [fr[i]["setting"] for i in idx]
+    return out
+
+
+def compare(row: dict, rows: list[dict], family: str) -> dict:
+    """`row` against `family`'s front at its FLOPs, with paired per-image PSNR differences: against the
+    best point costing no more (strict dominance) and against the front interpolated between its
+    neighbouring points (per image, same weights)."""
+    fr = _usable(rows, family)
+    pts = [(r["flops_ratio"], r["psnr_db"]) for r in fr]
+    i = best_within(pts, row["flops_ratio"])
+    if i is None:
+        return {"against": family, "reference": None, "note": f"cheaper than every {family} point"}
+    ref = fr[i]
+    d, se = paired_delta(row["psnr_per_image"], ref["psnr_per_image"])
+    out = {"against": family, "reference": ref["setting"], "ref_psnr_db": ref["psnr_db"],
+           "ref_flops_ratio": ref["flops_ratio"], "delta_db": d, "delta_sem": se, "above": d > 0}
+    a, b, w = interp_front(pts, pareto_front(pts), row["flops_ratio"])
+    ref_per = [w * x + (1 - w) * y for x, y in zip(fr[a]["psnr_per_image"], fr[b]["psnr_per_image"])]
+    d, se = paired_delta(row["psnr_per_image"], ref_per)
+    out.update(interp_between=[fr[a]["setting"], fr[b]["setting"]], interp_psnr_db=w * pts[a][1] + (1 - w) * pts[b][1],
+               interp_delta_db=d, interp_delta_sem=se, interp_above=d > 0)
+    return out
+
+
+def summarize(rows: list[dict], target: float) -> dict:
+    cm = _usable(rows, CHIPMUNK)
+    i = cheapest_at_least([(r["flops_ratio"], r["psnr_db"]) for r in cm], target)
+    best = None
+    if i is not None:
+        r = cm[i]
+        best = {"setting": r["setting"], "psnr_db": r["psnr_db"], "psnr_sem": r["psnr_sem"],
+                "flops_ratio": r["flops_ratio"], "config": r["config"]}
+    combos = [{"setting": r["setting"], "psnr_db": r["psnr_db"], "flops_ratio": r["flops_ratio"],
+               "vs": [compare(r, rows, fam) for fam in (STEPCACHE, CHIPMUNK)]}
+              for r in _usable(rows, COMBO)]
+    return {"target_db": target, "best_chipmunk_at_target": best, "combo_vs_fronts": combos,
+            "fronts": fronts_of(rows)}
+
+
+# -- measurement -----------------------------------------------------------------------------------
+def measure(runner, name, config, ref_img, ref_tok, args, dense_flops) -> dict:
+    from benchmarks.fidelity import run
+    from chipmunk_compile.metrics import psnr, relative_error, ssim
+
+    img, tok, secs, flops = run(runner, name, config, args.steps, args.seed, args.compiler, dense_flops)
+    per_psnr = [psnr(img[i:i + 1], ref_img[i:i + 1]) for i in range(len(img))]
+    per_ssim = [ssim(img[i:i + 1], ref_img[i:i + 1]) for i in range(len(img))]
+    finite = [p for p in per_psnr if math.isfinite(p)] or [math.inf]
+    m, sd, se = mean_sem(finite)
+    sm, _, sse = mean_sem(per_ssim)
+    return {"setting": name, "family": family_of(config), "psnr_db": m, "psnr_std": sd, "psnr_sem": se,
+            "psnr_min": min(finite), "psnr_max": max(finite), "ssim": sm, "ssim_sem": sse,
+            "latent_rel_err": relative_error(tok, ref_tok), "flops_ratio": flops, "seconds": secs,
+            "psnr_per_image": per_psnr, "ssim_per_image": per_ssim, "config": config}
+
+
+def code_hash() -> str:
+    """Short hash of chipmunk_compile's sources, stored per row (the package may change between runs)."""
+    h = hashlib.sha256()
+    pkg = os.path.join(ROOT, "chipmunk_compile")
+    for dirpath, _, files in sorted(os.walk(pkg)):
+        for name in sorted(files):
+            if name.endswith((".py", ".yaml")):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()[:12]
+
+
+def git_state() -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain").splitlines()}
+
+
+CSV_FIELDS = ["setting", "family", "psnr_db", "psnr_std", "psnr_sem", "psnr_min", "psnr_max", "ssim", "ssim_sem",
+              "latent_rel_err", "flops_ratio", "seconds", "on_front", "config"]
+
+
+def write(stem: str, meta: dict, rows: list[dict], target: float) -> dict:
+    summary = summarize(rows, target)
+    on_front = {s for names in summary["fronts"].values() for s in names}
+    for r in rows:
+        r["on_front"] = r["setting"] in on_front
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "summary": summary}, f, indent=1)
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "config": json.dumps(r["config"], separators=(",", ":"))})
+    return summary
+
+
+# -- plot --------------------------------------------------------------------------------------------
+def _staircase(pts, x_end=1.0):
+    """(x, y) polyline of a front: the quality reached at each cost (a step up at every front point),
+    held to `x_end`."""
+    xs, ys = [], []
+    for k, (x, y) in enumerate(pts):
+        if k:
+            xs.append(x)
+            ys.append(pts[k - 1][1])
+        xs.append(x)
+        ys.append(y)
+    if pts and x_end > pts[-1][0]:
+        xs.append(x_end)
+        ys.append(pts[-1][1])
+    return xs, ys
+
+
+def plot(rows: list[dict], summary: dict, path: str, title: str) -> str:
+    """The three families with ±SEM bars and their fronts; returns the library used."""
+    rows = [r for fam in FAMILIES for r in _usable(rows, fam)]
+    by = {r["setting"]: r for r in rows}
+    fronts = {fam: [(by[s]["flops_ratio"], by[s]["psnr_db"]) for s in names]
+              for fam, names in summary["fronts"].items()}
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_pil(rows, fronts, summary["target_db"], path, title)
+        return "PIL"
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for fam in FAMILIES:
+        rs = [r for r in rows if r["family"] == fam]
+        if not rs:
+            continue
+        ax.errorbar([r["flops_ratio"] for r in rs], [r["psnr_db"] for r in rs], yerr=[r["psnr_sem"] for r in rs],
+                    fmt="o", ms=5, capsize=2, color=COLORS[fam], alpha=0.85, label=f"{fam} (±SEM)")
+        for r in rs:
+            ax.annotate(r["setting"].split("-", 1)[1], (r["flops_ratio"], r["psnr_db"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=COLORS[fam])
+        if fronts[fam]:
+            ax.plot(*_staircase(fronts[fam]), "-", color=COLORS[fam], lw=1.5, alpha=0.7)
+    ax.axhline(summary["target_db"], color="gray", ls="--", lw=1)
+    ax.set_xlabel("FLOPs ratio vs dense (lower = faster)")
+    ax.set_ylabel("PSNR vs dense [dB] (mean over images)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return "matplotlib"
+
+
+def _plot_pil(rows, fronts, target, path, title):
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 960, 640, 60, 20, 50, 50
+    xs = [r["flops_ratio"] for r in rows] + [1.0]
+    ys = [r["psnr_db"] + s * r["psnr_sem"] for r in rows for s in (-1, 1)] + [target]
+    x0, x1 = math.floor(min(xs) * 10 - 0.5) / 10, math.ceil(max(xs) * 10) / 10
+    y0, y1 = math.floor(min(ys) / 2) * 2, math.ceil(max(ys) / 2) * 2
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    for k in range(round((x1 - x0) * 10) + 1):
+        x = x0 + k / 10
+        d.line([(px(x), T), (px(x), H - B)], fill="#e6e6e6")
+        d.text((px(x) - 8, H - B + 5), f"{x:.1f}", fill="black")
+    for y in range(int(y0), int(y1) + 1, 2):
+        d.line([(L, py(y)), (W - R, py(y))], fill="#e6e6e6")
+        d.text((L - 25, py(y) - 6), f"{y}", fill="black")
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    d.line([(L, py(target)), (W - R, py(target))], fill="gray", width=1)
+    d.text((L + 4, py(target) - 14), f"{target:g} dB", fill="gray")
+    d.text((W // 2 - 120, H - 25), "FLOPs ratio vs dense (lower = faster)", fill="black")
+    d.text((L, 6), title, fill="black")
+    d.text((5, T - 18), "PSNR vs dense [dB], mean over images, bars = ±SEM", fill="black")
+    for fam in FAMILIES:
+        c = COLORS[fam]
+        if fronts.get(fam):
+            sx, sy = _staircase(fronts[fam])
+            d.line([(px(a), py(b)) for a, b in zip(sx, sy)], fill=c, width=2)
+        for r in rows:
+            if r["family"] != fam:
+                continue
+            x, y, e = px(r["flops_ratio"]), py(r["psnr_db"]), r["psnr_sem"]
+            d.line([(x, py(r["psnr_db"] - e)), (x, py(r["psnr_db"] + e))], fill=c)
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
+            d.text((x + 5, y - 12), r["setting"].split("-", 1)[1], fill=c)
+    for k, fam in enumerate(FAMILIES):  # legend, lower right
+        y = H - B - 62 + 18 * k
+        d.ellipse([W - R - 230, y + 2, W - R - 222, y + 10], fill=COLORS[fam])
+        d.text((W - R - 215, y), f"{fam} (line: Pareto front)", fill="black")
+    im.save(path)
+
+
+# -- main --------------------------------------------------------------------------------------------
+def print_table(rows, summary):
+    print(f"\n{'setting':<28}{'family':<20}{'PSNR dB':>9}{'±SEM':>6}{'sd':>6}{'SSIM':>8}{'FLOPs':>7}{'s':>7}  front")
+    for r in sorted(rows, key=lambda r: (FAMILIES.index(r["family"]), r["flops_ratio"])):
+        print(f"{r['setting']:<28}{r['family']:<20}{r['psnr_db']:>9.2f}{r['psnr_sem']:>6.2f}{r['psnr_std']:>6.2f}"
+              f"{r['ssim']:>8.4f}{r['flops_ratio']:>7.3f}{r['seconds']:>7.0f}  {'*' if r['on_front'] else ''}")
+    for fam, names in summary["fronts"].items():
+        print(f"front {fam}: {' -> '.join(names)}")
+    b = summary["best_chipmunk_at_target"]
+    print(f"lowest-FLOPs chipmunk >= {summary['target_db']} dB: " +
+          (f"{b['setting']} {b['psnr_db']:.2f}±{b['psnr_sem']:.2f} dB @ {b['flops_ratio']:.3f}" if b else "none"))
+    for c in summary["combo_vs_fronts"]:
+        parts = [f"vs {v['against']}: " + (f"{v['reference']} {v['delta_db']:+.2f}±{v['delta_sem']:.2f} dB, "
+                                          f"interpolated {'..'.join(dict.fromkeys(v['interp_between']))} "
+                                          f"{v['interp_delta_db']:+.2f}±{v['interp_delta_sem']:.2f} dB"
+                                          if v["reference"] else v["note"]) for v in c["vs"]]
+        print(f"{c['setting']} ({c['psnr_db']:.2f} dB @ {c['flops_ratio']:.3f}): {'; '.join(parts)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, nargs="*", default=[0, 1, 2, 3, 5, 6, 7, 8],
+                    help="one image per entry (same class twice = two noise draws)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--settings", nargs="*", default=None, help="names or globs of GRID (default: all)")
+    ap.add_argument("--target", type=float, default=30.0, help="PSNR goal in dB (issue 4: 30)")
+    ap.add_argument("--compiler", default=None, help="inner compiler: inductor (GPU default) or eager (CPU default)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of the existing JSON, run only new settings")
+    ap.add_argument("--replot", action="store_true", help="recompute fronts, summary and plot from the JSON only")
+    ap.add_argument("--list", action="store_true", help="print the grid and exit")
+    ap.add_argument("--dense-cache", default=None,
+                    help="torch file of the dense reference: loaded if there (same classes/steps/seed), else saved")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, cfg in GRID.items():
+            print(f"{name:<28}{family_of(cfg):<20}{json.dumps(cfg)}")
+        return
+    stem = os.path.join(args.out, "fidelity_pareto")
+    names = list(GRID) if args.settings is None else \
+        list(dict.fromkeys(n for p in args.settings for n in GRID if fnmatch.fnmatchcase(n, p)))  # in given order
+    if not names:
+        ap.error(f"no setting matches {args.settings}; see --list")
+    old = {}
+    if args.resume or args.replot:
+        with open(stem + ".json") as f:
+            saved = json.load(f)
+        old = {r["setting"]: r for r in saved["rows"]}
+    if args.replot:
+        rows, meta = list(old.values()), saved["meta"]
+        summary = write(stem, meta, rows, args.target)
+        lib = plot(rows, summary, stem + ".png", _title(meta))
+        print_table(rows, summary)
+        print(f"wrote {stem}.csv/.json/.png ({lib})")
+        return
+
+    import torch
+
+    from benchmarks.fidelity import TinyRunner, dense_call_flops, run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args.compiler = args.compiler or ("inductor" if device == "cuda" else "eager")
+    runner = TinyRunner(device, dtype, args.classes, args.guidance)
+    meta = {"model": runner.name, "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+            "steps": args.steps, "seed": args.seed, "classes": args.classes, "guidance": args.guidance,
+            "compiler": args.compiler, "torch": torch.__version__, "git": git_state()}
+    if old and (saved["meta"]["classes"], saved["meta"]["steps"], saved["meta"]["seed"]) != \
+            (args.classes, args.steps, args.seed):
+        sys.exit("--resume: the saved rows used other classes/steps/seed")
+    rows = list(old.values())
+    todo = [n for n in names if n not in old]
+    dense_flops = dense_call_flops(runner.one_dense_call())
+    print(f"# pareto sweep on {runner.name}, {device}, {len(args.classes)} images, {args.steps} steps, "
+          f"{len(todo)} settings to run", flush=True)
+    key = {k: meta[k] for k in ("classes", "steps", "seed", "guidance", "device")}
+    cached = torch.load(args.dense_cache) if args.dense_cache and os.path.exists(args.dense_cache) else None
+    if cached is not None and cached["key"] == key:
+        ref_img, ref_tok, ref_s = cached["images"], cached["tokens"], cached["seconds"]
+        print(f"dense: from {args.dense_cache}", flush=True)
+    else:
+        ref_img, ref_tok, ref_s, _ = run(runner, "dense", None, args.steps, args.seed, args.compiler, dense_flops)
+        print(f"dense: {ref_s:.1f} s", flush=True)
+        if args.dense_cache:
+            torch.save({"key": key, "images": ref_img, "tokens": ref_tok, "seconds": ref_s}, args.dense_cache)
+    meta["dense_seconds"] = ref_s
+    os.makedirs(args.out, exist_ok=True)
+    code = code_hash()
+    meta["code"] = code
+    for name in todo:
+        r = measure(runner, name, GRID[name], ref_img, ref_tok, args, dense_flops)
+        r["code"] = code
+        rows.append(r)
+        print(f"{name:<28}{r['psnr_db']:>7.2f} ±{r['psnr_sem']:.2f} dB  SSIM {r['ssim']:.4f}  "
+              f"FLOPs {r['flops_ratio']:.3f}  {r['seconds']:.0f} s", flush=True)
+        summary = write(stem, meta, rows, args.target)  # after every setting: an interrupted sweep resumes
+    summary = write(stem, meta, rows, args.target)
+    lib = plot(rows, summary, stem + ".png", _title(meta))
+    print_table(rows, summary)
+    print(f"wrote {stem}.csv/.json/.png ({lib})")
+
+
+def _title(meta):
+    return (f"{meta['model']} on {meta['device']}: {len(meta['classes'])} images, {meta['steps']} steps, "
+            f"PSNR vs dense against FLOPs; lines = Pareto fronts")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Step caching (step_cache.py): refresh steps of the sparse sites are never skipped, with the fixed
+schedule or the adaptive rule, so chipmunk's caches and indices never go stale."""
+
+import torch
+
+from chipmunk_compile.step_cache import refreshes_at
+
+from helpers import ccount, chip, fresh_dynamo  # noqa: F401
+from test_numerics import Net, latents, sparse_cfg, ts
+
+STEPS = 10  # sparse_cfg: attention refreshes at 1, 4, 8; MLP dense steps at 0, 4, 8
+
+
+def _run(step_cache):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cm = chip(Net().eval(), {**sparse_cfg(), "step_cache": step_cache})
+    with torch.no_grad():
+        outs = [cm(latents(i, seed=1), ts(i)) for i in range(STEPS)]
+    return outs, {k: ccount(k) for k in ("attention_refresh", "mlp_dense", "step_cache_skipped",
+                                         "step_cache_kept_refresh")}
+
+
+def test_refreshes_at_follows_the_schedules():
+    class S:
+        def __init__(self, kind, cfg):
+            self.kind, self.cfg = kind, cfg
+
+    from chipmunk_compile import ChipmunkConfig
+
+    c = ChipmunkConfig.from_any(sparse_cfg())
+    attn, mlp = S("attention", c.attn), S("mlp", c.mlp)
+    assert [s for s in range(STEPS) if refreshes_at([attn], s)] == [1, 4, 8]
+    assert [s for s in range(STEPS) if refreshes_at([mlp], s)] == [0, 4, 8]
+    c.mlp.enabled = False
+    assert not refreshes_at([mlp], 4)
+
+
+def test_fixed_schedule_keeps_refresh_steps(fresh_dynamo):
+    _, plain = _run({"enabled": False})
+    outs, c = _run({"enabled": True, "skip_steps": [2, 3, 4, 5, 6, 7]})
+    assert c["step_cache_kept_refresh"] == 1 and c["step_cache_skipped"] == 5  # step 4 computed
+    assert c["attention_refresh"] == plain["attention_refresh"] and c["mlp_dense"] == plain["mlp_dense"]
+    assert outs[3] is outs[2] and outs[4] is not outs[3]
+
+
+def test_adaptive_rule_keeps_refresh_steps(fresh_dynamo):
+    """A threshold no change reaches would skip every step after warm-up; the refreshes still run."""
+    _, plain = _run({"enabled": False})
+    _, c = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100})
+    assert c["step_cache_skipped"] > 0 and c["step_cache_kept_refresh"] >= 2
+    assert c["attention_refresh"] == plain["attention_refresh"] and c["mlp_dense"] == plain["mlp_dense"]
