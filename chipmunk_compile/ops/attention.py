@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
-from .exact_attention import exact_attention_lse
+from .exact_attention import exact_attention_lse, in_bnhd
 from .sites import POLICIES, fallback, lookup
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -42,12 +42,7 @@ def _sdpa(q, k, v, key_mask, scale):
     """Exact attention through SDPA (cuDNN/flash on GPU), in the op's output layout."""
     mask = key_mask[:, None, None, :] if key_mask is not None else None
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
-    if o.transpose(1, 2).is_contiguous() and o.shape == q.shape[:3] + v.shape[-1:]:
-        return o  # already a fresh (B, N, H, D) buffer
-    out = _out_like(q, v)
-    out.copy_(o)
-    return out
+    return in_bnhd(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa))
 
 
 def decide(s, st, pos) -> tuple:

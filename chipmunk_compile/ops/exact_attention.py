@@ -42,7 +42,8 @@ def _flash(q, k, v, scale):
 LIBRARIES = {"cudnn": _cudnn, "flash": _flash}
 
 
-def _in_bnhd(o: torch.Tensor) -> torch.Tensor:
+def in_bnhd(o: torch.Tensor) -> torch.Tensor:
+    """o itself when it is already a (B, N, H, D) buffer seen as (B, H, N, D), else a copy that is."""
     if o.transpose(1, 2).is_contiguous():
         return o
     B, H, N, D = o.shape
@@ -56,7 +57,7 @@ def _library_result(name, q, k, v, scale):
     B, H, N, D = q.shape
     if tuple(o.shape) != (B, H, N, v.shape[-1]) or lse.numel() != B * H * N or lse.dtype != torch.float32:
         raise RuntimeError(f"{name} returned o {tuple(o.shape)}, lse {tuple(lse.shape)} {lse.dtype}")
-    return _in_bnhd(o), lse.reshape(B, H, N)
+    return in_bnhd(o), lse.reshape(B, H, N)
 
 
 def _reference_path(q, k, v, key_mask, scale, group, perm):
