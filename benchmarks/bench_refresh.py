@@ -10,7 +10,8 @@ target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
 - exact_lse: the op's exact attention with lse (`ops.exact_attention`: cuDNN with its lse);
 - colsum S=...: column sums from S sampled queries per 128-query group (`attn_colsum_sampled`,
   autotuned over both reductions; "sum only" / "mma only" pin one, for the first S);
-- select: top-k selection at the model preset's key fraction; cache_build: the column-sparse pass;
+- select: top-k selection at the model preset's key fraction (the Triton radix select; beside it
+  the reference and the unsorted torch.topk + sort used before); cache_build: the column-sparse pass;
 - refresh S=...: all four as the op runs them (the number to hold against the target);
 - with --old: last session's path, our one-pass dense + column-sum kernel (stale lse) + select + cache.
 Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/ (and $OUT) named after the GPU,
@@ -30,10 +31,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 from bench_kernels import bench  # noqa: E402
 
-from chipmunk_compile.kernels import select_columns  # noqa: E402
+from chipmunk_compile.kernels import select_columns_ref  # noqa: E402
 from chipmunk_compile.kernels.attn_colsum_sampled import attn_colsum_sampled  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
 from chipmunk_compile.kernels.attn_dense_colsum import attn_dense_colsum  # noqa: E402
+from chipmunk_compile.kernels.select_columns import select_columns  # noqa: E402
 from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  # noqa: E402
 
 # shape, kept key fraction of the model's preset
@@ -78,7 +80,14 @@ def measure(name, samples_list, old):
     os.environ.pop("CHIPMUNK_COLSUM_REDUCE")
     cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0])
     res["select"] = bench(lambda: select_columns(cs, k=top, inplace=True))  # scores in place, as the op does
+    res["select reference (stable sort)"] = bench(lambda: select_columns_ref(cs, k=top, inplace=True))
+    res["select torch.topk (before the kernel)"] = bench(
+        lambda: cs.topk(top, dim=-1, sorted=False)[1].to(torch.int32).sort(dim=-1)[0])
     idx, cnt = select_columns(cs, k=top)
+    ref_idx, ref_cnt = select_columns_ref(cs, k=top)
+    same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+    print(f"{name}: radix select == reference: {same}", flush=True)
+    del ref_idx, ref_cnt
     del cs
     res["cache_build"] = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o,
                                                           sign=-1.0))

@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity_pareto.py                          # whole grid, tiny DiT, 8 images
     python benchmarks/fidelity_pareto.py --settings 'sc-*' --resume   # a subset, keeping earlier rows
+    python benchmarks/fidelity_pareto.py --settings 'cmsc-*' --resume --rerun   # replace those rows
     python benchmarks/fidelity_pareto.py --replot                 # fronts and plot from the saved JSON
     python benchmarks/fidelity_pareto.py --list                   # the grid
 
@@ -394,6 +395,7 @@ def main(argv=None):
     ap.add_argument("--target", type=float, default=30.0, help="PSNR goal in dB (issue 4: 30)")
     ap.add_argument("--compiler", default=None, help="inner compiler: inductor (GPU default) or eager (CPU default)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of the existing JSON, run only new settings")
+    ap.add_argument("--rerun", action="store_true", help="with --resume: run the named settings again, replacing their rows")
     ap.add_argument("--replot", action="store_true", help="recompute fronts, summary and plot from the JSON only")
     ap.add_argument("--list", action="store_true", help="print the grid and exit")
     ap.add_argument("--dense-cache", default=None,
@@ -436,8 +438,8 @@ def main(argv=None):
     if old and (saved["meta"]["classes"], saved["meta"]["steps"], saved["meta"]["seed"]) != \
             (args.classes, args.steps, args.seed):
         sys.exit("--resume: the saved rows used other classes/steps/seed")
-    rows = list(old.values())
-    todo = [n for n in names if n not in old]
+    todo = [n for n in names if n not in old or args.rerun]
+    rows = [r for r in old.values() if r["setting"] not in todo]
     dense_flops = dense_call_flops(runner.one_dense_call())
     print(f"# pareto sweep on {runner.name}, {device}, {len(args.classes)} images, {args.steps} steps, "
           f"{len(todo)} settings to run", flush=True)

@@ -11,8 +11,8 @@ signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementat
 - otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
   logging once per (name, reason) on the "chipmunk_compile" logger.
 ``CHIPMUNK_KERNELS=ref`` forces the references everywhere (reason "forced_ref").
-``select_columns`` and ``mlp_block_means`` have no Triton version (torch.topk / a torch reduction
-are fine there); they always return the reference and count nothing.
+``mlp_block_means`` has no Triton version (a torch reduction is fine there); it always returns the
+reference and counts nothing.
 
 Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract):
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
@@ -61,12 +61,11 @@ from .mlp_sparse_mm1_ref import mlp_sparse_mm1_ref
 from .mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from .select_columns_ref import select_columns_ref
 
-select_columns = select_columns_ref
 mlp_block_means = mlp_block_means_ref
 
 __all__ = [
     "attn_colsum_sampled_ref", "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
-    "mlp_sparse_mm2_ref", "select_columns_ref", "select_columns", "mlp_block_means", "mlp_alloc_h_cache",
+    "mlp_sparse_mm2_ref", "select_columns_ref", "mlp_block_means", "mlp_alloc_h_cache",
     "get_kernel", "REFS",
 ]
 
@@ -81,7 +80,8 @@ REFS = {
     "mlp_sparse_mm2": mlp_sparse_mm2_ref,
     "mlp_block_means": mlp_block_means_ref,
 }
-_TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "mlp_sparse_mm1", "mlp_sparse_mm2"}
+_TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "select_columns", "mlp_sparse_mm1",
+               "mlp_sparse_mm2"}
 _ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set = set()

@@ -5,8 +5,8 @@ Invariants:
   (the interpreter is slow and autotuning there would multiply test time).
 - ``dot_precision(dtype)``: fp32 inputs use IEEE fp32 dots so the fp32 path matches the reference
   tightly; fp16/bf16 inputs use the tensor cores with fp32 accumulation.
-- ``new_empty``/``empty_bnhd`` allocate outputs; CHIPMUNK_KERNELS_POISON=1 fills them with NaN so
-  tests catch elements a kernel failed to write.
+- ``new_empty``/``empty_bnhd`` allocate outputs; CHIPMUNK_KERNELS_POISON=1 fills them with NaN (integer
+  outputs: their min) so tests catch elements a kernel failed to write.
 - ``ACTS`` lists the activation names every MLP kernel and reference accept.
 """
 
@@ -35,10 +35,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 def new_empty(*shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled when CHIPMUNK_KERNELS_POISON=1 (tests: catches unwritten outputs)."""
+    """torch.empty, or NaN-filled (integers: their min) when CHIPMUNK_KERNELS_POISON=1 (tests: catches
+    unwritten outputs)."""
     t = torch.empty(*shape, dtype=dtype, device=device)
     if os.environ.get("CHIPMUNK_KERNELS_POISON", "0") == "1":
-        t.fill_(float("nan"))
+        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)
     return t
 
 

@@ -9,10 +9,11 @@ Contract:
   ``n_always`` (= always_keep.sum()) may be given to avoid a device→host read (needed inside CUDA graphs). Masked keys (key_mask (B, Nk) False) are never selected.
 - Returns indices (B, H, Gc, K) int32 with the valid entries first, sorted ascending, entries past
   counts set to 0; counts (B, H, Gc) int32 = min(K, number of selectable keys).
-- Implemented as one unsorted torch.topk over boosted scores (+inf always, float-max random, -inf
-  masked) and an int32 sort of the picked indices; without a key mask the -inf pass and the
-  validity count are skipped (all K picks are valid). At video sizes this is ~0.4x of a cuDNN
-  attention call on H100 (benchmarks/bench_refresh.py), so passes over the scores matter.
+- Among equal scores the lowest column ids are selected (deterministic, and the same set as the
+  Triton twin ``select_columns.py``, a radix select + in-order compaction with no sort).
+- Implemented as a stable descending sort of the boosted scores (+inf always, float-max random,
+  -inf masked) and an int32 sort of the first K ids: the CPU path and the oracle (an unsorted
+  torch.topk, used before the kernel, costs 0.16-0.19x a cuDNN attention call at video sizes).
 """
 
 from __future__ import annotations
@@ -20,43 +21,56 @@ from __future__ import annotations
 import torch
 
 
-def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
-                       inplace: bool = False, n_always=None, draws=None):
-    B, H, Gc, Nk = colsum.shape
-    dev = colsum.device
+def selection_width(colsum, k: int, always_keep, random_keys: int, n_always) -> tuple[int, int]:
+    """(K, n_always): the index width K = min(Nk, k + n_always + random_keys), at least 1."""
     if always_keep is None:
         n_always = 0
     elif n_always is None:
         n_always = int(always_keep.sum())
-    K = max(1, min(Nk, int(k) + n_always + int(random_keys)))
+    return max(1, min(colsum.shape[-1], int(k) + n_always + int(random_keys))), n_always
+
+
+def boost_random_draws(scores, key_mask, always_keep, random_keys: int, generator=None, draws=None) -> None:
+    """Raise `random_keys` random columns per row to the dtype's max score, in place.
+
+    Draws are uniform with replacement: O(B·H·Gc·r) memory instead of a (B, H, Gc, Nk) field (7 GB
+    at HunyuanVideo size). Masked or always-kept draws, and duplicates, leave their slot to top-k."""
+    B, H, Gc, Nk = scores.shape
+    pick = draws if draws is not None else torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator,
+                                                         device=scores.device)
+    excl = torch.zeros(B, 1, 1, Nk, dtype=torch.bool, device=scores.device)
+    if key_mask is not None:
+        excl |= ~key_mask.bool().view(B, 1, 1, Nk)
+    if always_keep is not None:
+        excl |= always_keep.bool().view(1, 1, 1, Nk)
+    ok = ~torch.gather(excl.expand(B, H, Gc, Nk), -1, pick)
+    boost = torch.where(ok, torch.finfo(scores.dtype).max, torch.gather(scores, -1, pick))
+    scores.scatter_(-1, pick, boost)
+
+
+def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
+                       inplace: bool = False, n_always=None, draws=None):
+    B, H, Gc, Nk = colsum.shape
+    dev = colsum.device
+    K, n_always = selection_width(colsum, k, always_keep, random_keys, n_always)
     # inplace: the caller's colsum is a temporary and is scored in place (a copy would double a
     # (B, H, Gc, Nk) buffer that is GBs at video sizes)
     in_place = inplace and colsum.dtype in (torch.float32, torch.float16)
     scores = colsum if in_place else colsum.float().clone()
-    blocked = torch.zeros(B, 1, 1, Nk, dtype=torch.bool, device=dev)
-    if key_mask is not None:  # without a key mask nothing is blocked and no -inf pass is made
-        blocked |= ~key_mask.bool().view(B, 1, 1, Nk)
-    if always_keep is not None:
-        ak = always_keep.bool().view(1, 1, 1, Nk)
     if random_keys > 0:
-        # random_keys draws with replacement: O(B·H·Gc·r) memory instead of a (B, H, Gc, Nk) field
-        # (7 GB at HunyuanVideo size). Duplicates and blocked draws just leave those slots to top-k.
-        pick = draws if draws is not None else torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator, device=dev)
-        excl = blocked if always_keep is None else (blocked | ak)
-        ok = ~torch.gather(excl.expand(B, H, Gc, Nk), -1, pick)
-        boost = torch.where(ok, torch.finfo(scores.dtype).max, torch.gather(scores, -1, pick))
-        scores.scatter_(-1, pick, boost)
+        boost_random_draws(scores, key_mask, always_keep, random_keys, generator, draws)
     if always_keep is not None:
-        scores.masked_fill_(ak, float("inf"))
-    if key_mask is None:
-        # nothing is blocked: every one of the K picks is valid (column sums are finite, >= 0)
-        idx = scores.topk(K, dim=-1, sorted=False)[1].to(torch.int32)
+        scores.masked_fill_(always_keep.bool().view(1, 1, 1, Nk), float("inf"))
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask.bool().view(B, 1, 1, Nk), float("-inf"))
+    # a stable descending sort: among equal scores the lowest column ids win (as in the Triton kernel)
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :K], idx[..., :K].to(torch.int32)
+    if key_mask is None:  # nothing is blocked: every one of the K picks is valid
         counts = torch.full((B, H, Gc), K, dtype=torch.int32, device=dev)
         return idx.sort(dim=-1)[0].contiguous(), counts
-    scores.masked_fill_(blocked, float("-inf"))
-    vals, idx = scores.topk(K, dim=-1, sorted=False)
     valid = vals > float("-inf")
-    idx = torch.where(valid, idx.to(torch.int32), Nk)  # invalid sort last
+    idx = torch.where(valid, idx, Nk)  # invalid sort last
     idx, _ = idx.sort(dim=-1)
     counts = valid.sum(dim=-1).to(torch.int32)
     return torch.where(idx >= Nk, 0, idx).contiguous(), counts

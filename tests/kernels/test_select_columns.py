@@ -1,8 +1,12 @@
-"""select_columns: properties of the selected index sets (pure PyTorch, no Triton)."""
+"""select_columns: properties of the reference's index sets; the Triton radix select against it."""
 
+import math
+
+import pytest
 import torch
 
-from chipmunk_compile.kernels import get_kernel, select_columns, select_columns_ref
+from chipmunk_compile.kernels import get_kernel, select_columns_ref
+from chipmunk_compile.kernels.select_columns_ref import boost_random_draws
 
 
 def test_topk_sorted_masked_always_random():
@@ -13,7 +17,7 @@ def test_topk_sorted_masked_always_random():
     ak = torch.zeros(Nk, dtype=torch.bool)
     ak[[1, 5, 7]] = True
     km[:, 5] = False  # masked beats always_keep
-    idx, cnt = select_columns(cs, k=6, key_mask=km, always_keep=ak, random_keys=2,
+    idx, cnt = select_columns_ref(cs, k=6, key_mask=km, always_keep=ak, random_keys=2,
                               generator=torch.Generator().manual_seed(1))
     K = 6 + 3 + 2
     assert idx.shape == (B, H, Gc, K) and idx.dtype == torch.int32 and cnt.dtype == torch.int32
@@ -68,5 +72,116 @@ def test_counts_when_few_keys_and_no_extras():
     assert torch.equal(idx.long(), ref) and (cnt == 4).all()
 
 
-def test_dispatch_returns_reference():
+def test_dispatch_returns_reference_on_cpu():
     assert get_kernel("select_columns", torch.zeros(1)) is select_columns_ref
+
+
+# ---- Triton radix select (interpreter on CPU, GPU below) against the reference ----
+
+def _scores(shape, dtype, kind, g):
+    if kind == "distinct":  # a permutation of distinct values: exactly representable in fp16
+        n = shape[-1]
+        return torch.stack([torch.randperm(n, generator=g) for _ in range(math.prod(shape[:-1]))]).view(shape).to(
+            dtype) / 8
+    if kind == "ties":  # few distinct values: the k-th score is tied
+        return torch.randint(0, 6, shape, generator=g).to(dtype) / 4
+    return torch.randn(shape, generator=g).to(dtype)  # signed values: the key transform's negative half
+
+
+def _effective(cs, km, ak, rnd, draws):
+    """The scores the selection ranks: random draws boosted, always-kept +inf, masked -inf."""
+    eff = cs.clone()
+    if rnd:
+        boost_random_draws(eff, km, ak, rnd, draws=draws)
+    eff = eff.float()
+    if ak is not None:
+        eff = eff.masked_fill(ak, float("inf"))
+    if km is not None:
+        eff = eff.masked_fill(~km[:, None, None, :], float("-inf"))
+    return eff
+
+
+def _check_against_ref(eff, idx, cnt, ref_idx, ref_cnt, *, exact):
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and idx.shape == ref_idx.shape
+    assert torch.equal(cnt, ref_cnt)
+    if exact:  # both break ties by the lowest column id
+        assert torch.equal(idx, ref_idx)
+    for row in range(cnt.numel()):
+        c = int(cnt.view(-1)[row])
+        sel, ref = idx.view(-1, idx.shape[-1])[row], ref_idx.view(-1, idx.shape[-1])[row]
+        assert (sel[c:] == 0).all() and (sel[1:c] > sel[:max(c - 1, 0)]).all()
+        s = eff.reshape(-1, eff.shape[-1])[row]
+        assert torch.equal(s[sel[:c].long()].sort()[0], s[ref[:c].long()].sort()[0])  # same score multiset
+        if c:  # ties at the threshold go to the lowest column ids
+            t = s[sel[:c].long()].min()
+            tied = (s == t).nonzero().view(-1)
+            taken = sel[:c][s[sel[:c].long()] == t].long()
+            assert torch.equal(taken, tied[:len(taken)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd", [
+    ("distinct", 300, 37, False, False, 0),
+    ("distinct", 300, 37, True, True, 3),
+    ("signed", 257, 64, True, False, 0),
+    ("ties", 200, 50, False, True, 0),
+    ("ties", 131, 20, True, True, 2),
+    ("distinct", 5000, 700, True, False, 0),  # several CHUNKs, ragged last one
+    ("distinct", 40, 45, False, False, 0),  # K >= Nk: every column
+])
+def test_triton_matches_reference(triton_mode, dtype, kind, Nk, k, masked, always, rnd):
+    from chipmunk_compile.kernels.select_columns import select_columns
+
+    g = torch.Generator().manual_seed(Nk + k)
+    B, H, Gc = (1, 1, 2) if Nk > 1000 else (2, 2, 3)
+    cs = _scores((B, H, Gc, Nk), dtype, kind, g)
+    km = (torch.rand(B, Nk, generator=g) > 0.4) if masked else None
+    if km is not None:
+        km[-1] = False  # a batch with no selectable key: counts 0, indices 0
+    ak = None
+    if always:
+        ak = torch.zeros(Nk, dtype=torch.bool)
+        ak[[0, 3, Nk - 1]] = True
+    draws = torch.randint(0, Nk, (B, H, Gc, rnd), generator=g) if rnd else None
+    assert get_kernel("select_columns", cs) is select_columns
+    idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
+    ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
+    _check_against_ref(_effective(cs, km, ak, rnd, draws), idx, cnt, ref_idx, ref_cnt, exact=True)
+    if km is not None:
+        assert (cnt[-1] == 0).all() and (idx[-1] == 0).all()
+
+
+def test_triton_inplace_contract(triton_mode):
+    """inplace=False leaves the caller's scores alone even with random draws; inplace=True may boost them."""
+    from chipmunk_compile.kernels.select_columns import select_columns
+
+    g = torch.Generator().manual_seed(5)
+    cs = _scores((1, 2, 2, 100), torch.float16, "distinct", g)
+    draws = torch.randint(0, 100, (1, 2, 2, 4), generator=g)
+    before = cs.clone()
+    select_columns(cs, k=10, random_keys=4, draws=draws)
+    assert torch.equal(cs, before)
+    idx, _ = select_columns(cs, k=10, random_keys=4, draws=draws, inplace=True)
+    assert set(draws[0, 0, 0].tolist()) <= set(idx[0, 0, 0].tolist())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Nk,frac,masked", [(75600, 0.11, False), (118800, 0.06, True), (4352, 0.165, False)])
+def test_gpu_real_shapes(dtype, Nk, frac, masked):
+    from chipmunk_compile.kernels.select_columns import select_columns
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cs = torch.rand(1, 3, 5, Nk, device="cuda", generator=g).to(dtype)
+    km = torch.rand(1, Nk, device="cuda", generator=g) > 0.01 if masked else None
+    ak = torch.zeros(Nk, dtype=torch.bool, device="cuda")
+    ak[-256:] = True  # text tokens
+    k, rnd = round(frac * Nk), round(0.01 * Nk)
+    draws = torch.randint(0, Nk, (1, 3, 5, rnd), device="cuda", generator=g)
+    assert get_kernel("select_columns", cs) is select_columns
+    idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
+    ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd,
+                                          draws=draws)
+    eff = _effective(cs, km, ak, rnd, draws)
+    _check_against_ref(eff.cpu(), idx.cpu(), cnt.cpu(), ref_idx.cpu(), ref_cnt.cpu(), exact=True)

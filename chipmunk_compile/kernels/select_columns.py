@@ -1,0 +1,140 @@
+"""Triton: top-k key-column selection per (batch, head, query group) by radix select + compaction.
+
+Same signature and contract as ``select_columns_ref.select_columns_ref`` (read it first), except
+for which of several equal scores fills the last slots: the reference lets torch.topk pick among
+ties, this kernel takes the lowest column ids. The selected score multiset is the same.
+
+Kernel invariants (one program per row (b, h, group); a row is Nk scores, contiguous):
+- Scores become order-preserving unsigned keys of BITS = 16 (fp16/bf16) or 32 (fp32) bits (sign
+  bit set for positives, all bits flipped for negatives). Always-kept columns get the largest key
+  (above +inf, like the reference's +inf boost); key-masked columns are not candidates at all.
+  Random draws are boosted to the dtype's max in the scores beforehand (``boost_random_draws``,
+  shared with the reference), so they rank above every real score and below the always-kept ones.
+- Radix select, RADIX bits per pass from the top: a masked ``tl.histogram`` of the next digit of
+  the candidates that match the prefix found so far, then the digit holding the `need`-th largest
+  key. BITS / RADIX passes give the exact key T of the K-th largest candidate and the number of
+  ties at T to take (K = min(k + n_always + random_keys, Nk, candidates)).
+- Compaction pass: columns with key > T, and the first `need` ones with key == T, are written in
+  column order (cumsum positions), so indices come out sorted ascending with no sort; slots past
+  counts are zeroed. No host sync, no allocation besides the outputs: safe under CUDA graphs.
+- Every pass re-reads the row (BITS / RADIX + 1 reads); a row is ~150 KB at video sizes and the
+  programs running at once keep theirs in L2, so only the first read goes to HBM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import new_empty
+from .select_columns_ref import boost_random_draws, selection_width
+
+RADIX = 8
+
+
+@triton.jit
+def _keys(S, AK, KM, row, b, offs, Nk, BITS: tl.constexpr, HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
+    """(order-preserving unsigned key, is-candidate) of columns offs of one row."""
+    inb = offs < Nk
+    if BITS == 16:
+        raw = tl.load(S + row * Nk + offs, mask=inb, other=0).to(tl.int16, bitcast=True)
+        u = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
+        neg = (u >> 15) != 0
+        key = tl.where(neg, u ^ 0xFFFF, u | 0x8000)
+        top = 0xFFFF
+    else:
+        raw = tl.load(S + row * Nk + offs, mask=inb, other=0).to(tl.int32, bitcast=True)
+        u = raw.to(tl.uint32, bitcast=True)
+        neg = (u >> 31) != 0
+        key = tl.where(neg, ~u, u | 0x80000000)
+        top = 0xFFFFFFFF
+    ok = inb
+    if HAS_AK:
+        ak = tl.load(AK + offs, mask=inb, other=0)
+        key = tl.where(ak != 0, top, key)
+    if HAS_KM:
+        km = tl.load(KM + b * Nk + offs, mask=inb, other=0)
+        ok = ok & (km != 0)
+    return key, ok
+
+
+@triton.jit
+def _select_columns_kernel(S, AK, KM, IDX, CNT, Nk, K, ROWS_PER_B,
+                           BITS: tl.constexpr, RADIX: tl.constexpr, CHUNK: tl.constexpr,
+                           HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // ROWS_PER_B
+    NBINS: tl.constexpr = 1 << RADIX
+    NPASS: tl.constexpr = BITS // RADIX
+    bins = tl.arange(0, NBINS)
+    arange = tl.arange(0, CHUNK)
+
+    prefix = tl.zeros([], tl.uint32)
+    need = tl.zeros([], tl.int32)
+    n_take = tl.zeros([], tl.int32)
+    for p in tl.static_range(NPASS):
+        shift: tl.constexpr = BITS - RADIX * (p + 1)
+        hist = tl.zeros([NBINS], tl.int32)
+        for start in range(0, Nk, CHUNK):
+            key, ok = _keys(S, AK, KM, row, b, start + arange, Nk, BITS, HAS_AK, HAS_KM)
+            if p > 0:
+                ok = ok & ((key >> (shift + RADIX)) == prefix)
+            digit = ((key >> shift) & (NBINS - 1)).to(tl.int32)
+            hist += tl.histogram(digit, NBINS, mask=ok)
+        if p == 0:
+            n_take = tl.minimum(tl.sum(hist), K)  # candidates may be fewer than K
+            need = tl.maximum(n_take, 1)
+        # count_ge[d] = number of candidates (matching the prefix) with digit >= d: non-increasing in d
+        count_ge = tl.sum(hist) - tl.cumsum(hist, 0) + hist
+        d_star = tl.sum((count_ge >= need).to(tl.int32)) - 1
+        above = tl.sum(tl.where(bins > d_star, hist, 0))
+        need -= above
+        prefix = (prefix << RADIX) | d_star.to(tl.uint32)
+
+    # Compaction in column order: key > T, then the first `need` ties at T.
+    idx_row = IDX + row * K
+    written = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    for start in range(0, Nk, CHUNK):
+        offs = start + arange
+        key, ok = _keys(S, AK, KM, row, b, offs, Nk, BITS, HAS_AK, HAS_KM)
+        eq = ok & (key == prefix)
+        tie_rank = ties + tl.cumsum(eq.to(tl.int32), 0)  # 1-based among ties so far
+        take = ok & ((key > prefix) | (eq & (tie_rank <= need)))  # no candidates: ok is all False
+        pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(idx_row + pos, offs.to(tl.int32), mask=take)
+        written += tl.sum(take.to(tl.int32))
+        ties += tl.sum(eq.to(tl.int32))
+    for start in range(0, K, CHUNK):
+        offs = start + arange
+        tl.store(idx_row + offs, tl.zeros([CHUNK], tl.int32), mask=(offs >= n_take) & (offs < K))
+    tl.store(CNT + row, n_take)
+
+
+def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
+                   inplace: bool = False, n_always=None, draws=None):
+    B, H, Gc, Nk = colsum.shape
+    K, n_always = selection_width(colsum, k, always_keep, random_keys, n_always)
+    scores = colsum
+    if colsum.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        scores = colsum.float()
+    if random_keys > 0:
+        if not inplace and scores is colsum:
+            scores = colsum.clone()
+        boost_random_draws(scores, key_mask, always_keep, random_keys, generator, draws)
+    scores = scores if scores.is_contiguous() else scores.contiguous()
+    idx = new_empty(B, H, Gc, K, dtype=torch.int32, device=colsum.device)
+    cnt = new_empty(B, H, Gc, dtype=torch.int32, device=colsum.device)
+    ak = always_keep.to(torch.int8).contiguous() if always_keep is not None else cnt
+    km = key_mask.to(torch.int8).contiguous() if key_mask is not None else cnt
+    bits = 32 if scores.dtype == torch.float32 else 16
+    if B * H * Gc:
+        _select_columns_kernel[(B * H * Gc,)](
+            scores, ak, km, idx, cnt, Nk, K, H * Gc, BITS=bits, RADIX=RADIX, CHUNK=_chunk(Nk),
+            HAS_AK=always_keep is not None, HAS_KM=key_mask is not None, num_warps=8 if Nk >= 16384 else 4)
+    return idx, cnt
+
+
+def _chunk(Nk: int) -> int:
+    return 4096 if Nk >= 16384 else max(16, triton.next_power_of_2(min(Nk, 2048)))
