@@ -11,7 +11,9 @@ target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
 - colsum S=...: column sums from S sampled queries per 128-query group (`attn_colsum_sampled`,
   autotuned over both reductions; "sum only" / "mma only" pin one, for the first S);
 - select: top-k selection at the model preset's key fraction (the Triton radix select; beside it
-  the reference and the unsorted torch.topk + sort used before); cache_build: the column-sparse pass;
+  the reference and the unsorted torch.topk + sort used before), on the column sums of the random
+  q/k (flat: the radix select's worst case) and on skewed stand-in sums (like a trained model's);
+  cache_build: the column-sparse pass;
 - refresh S=...: all four as the op runs them (the number to hold against the target);
 - with --old: last session's path, our one-pass dense + column-sum kernel (stale lse) + select + cache.
 Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/ (and $OUT) named after the GPU,
@@ -88,6 +90,13 @@ def measure(name, samples_list, old):
     same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
     print(f"{name}: radix select == reference: {same}", flush=True)
     del ref_idx, ref_cnt
+    # Random q/k give flat column sums (p90/p50 ~1.4), the radix select's worst case; a trained
+    # model's are skewed (tiny DiT: p90/p50 2-12). rand**4 (p90/p50 ~10) stands in for those.
+    skewed = (torch.rand(cs.shape, device=cs.device, generator=g) ** 4 * 3).half()
+    res["select, skewed sums"] = bench(lambda: select_columns(skewed, k=top, inplace=True))
+    res["select torch.topk, skewed sums"] = bench(
+        lambda: skewed.topk(top, dim=-1, sorted=False)[1].to(torch.int32).sort(dim=-1)[0])
+    del skewed
     del cs
     res["cache_build"] = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o,
                                                           sign=-1.0))

@@ -80,8 +80,10 @@ GRID = {
     "cm-aoff-m.05": _cm(AOFF, {"top_keys": 0.05}),
     "cm-a.165-m.30-ae5": _cm({"full_step_every": 5}),  # attention refreshed twice as often
     "cm-a.50-m.30": _cm({"top_keys": 0.5}),
+    "cm-a.165-m.30-g64": _cm({"group": 64}),  # query groups of one 8x8 tile instead of two
+    "cm-a.165-m.30-r.01": _cm({"random_keys": 0.01}),  # + 1% random keys (the video presets' extra)
     # chipmunk + step caching: the published schedule (it never skips a multiple of 10, i.e. a chipmunk
-    # refresh step at full_step_every 10) and adaptive caching (free to skip refresh steps)
+    # refresh step at full_step_every 10) and adaptive caching (which never skips a refresh step either)
     "cmsc-a.165-m.30-fixed25": _cm(sc={"skip_steps": PUBLISHED_SKIPS}),
     "cmsc-aoff-m.30-fixed25": _cm(AOFF, sc={"skip_steps": PUBLISHED_SKIPS}),
     "cmsc-aoff-m.15-fixed25": _cm(AOFF, {"top_keys": 0.15}, sc={"skip_steps": PUBLISHED_SKIPS}),
