@@ -120,7 +120,8 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     if colsum.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         scores = colsum.float()
     if random_keys > 0:
-        if not inplace and scores is colsum:
+        # boosted in place only where the reference would be (inplace and fp16/fp32), else in a copy
+        if scores is colsum and not (inplace and colsum.dtype in (torch.float16, torch.float32)):
             scores = colsum.clone()
         boost_random_draws(scores, key_mask, always_keep, random_keys, generator, draws)
     scores = scores if scores.is_contiguous() else scores.contiguous()
