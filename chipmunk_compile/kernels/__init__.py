@@ -22,7 +22,9 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   from `samples` evenly spread queries per group and the exact lse of the same step (QKᵀ only,
   samples/G of a dense QKᵀ pass). The refresh steps use it after cuDNN attention returned o and lse.
 - select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None, n_always=None, draws=None)
-  -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)).
+  -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)), ascending, score ties to the lowest column ids.
+  Triton: radix select (two 8-bit histogram passes for fp16/bf16 sums, four for fp32) + one
+  compaction pass; no sort, no host sync.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
   -> delta_packed (B, M, K); updates h_cache in place.
