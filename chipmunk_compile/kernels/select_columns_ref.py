@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+SLAB = 1 << 26  # score elements sorted at once by the reference
+
 
 def selection_width(colsum, k: int, always_keep, random_keys: int, n_always) -> tuple[int, int]:
     """(K, n_always): the index width K = min(Nk, k + n_always + random_keys), at least 1."""
@@ -63,9 +65,16 @@ def select_columns_ref(colsum, *, k: int, key_mask=None, always_keep=None, rando
         scores.masked_fill_(always_keep.bool().view(1, 1, 1, Nk), float("inf"))
     if key_mask is not None:
         scores.masked_fill_(~key_mask.bool().view(B, 1, 1, Nk), float("-inf"))
-    # a stable descending sort: among equal scores the lowest column ids win (as in the Triton kernel)
-    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
-    vals, idx = vals[..., :K], idx[..., :K].to(torch.int32)
+    # a stable descending sort: among equal scores the lowest column ids win (as in the Triton kernel);
+    # rows in slabs of ~SLAB elements, so the sort's int64 ids stay small at video sizes (GBs per call)
+    rows = scores.reshape(-1, Nk)
+    vals = torch.empty(rows.shape[0], K, dtype=scores.dtype, device=dev)
+    idx = torch.empty(rows.shape[0], K, dtype=torch.int32, device=dev)
+    step = max(1, SLAB // Nk)
+    for r in range(0, rows.shape[0], step):
+        v, i = rows[r:r + step].sort(dim=-1, descending=True, stable=True)
+        vals[r:r + step], idx[r:r + step] = v[:, :K], i[:, :K]
+    vals, idx = vals.view(B, H, Gc, K), idx.view(B, H, Gc, K)
     if key_mask is None:  # nothing is blocked: every one of the K picks is valid
         counts = torch.full((B, H, Gc), K, dtype=torch.int32, device=dev)
         return idx.sort(dim=-1)[0].contiguous(), counts
