@@ -54,6 +54,11 @@ def refresh_pieces(q, k, v, scale, top, samples):
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
 
 
+def topk_sorted(scores, top):
+    """The selection the op used before the radix select: unsorted torch.topk + an int32 sort."""
+    return scores.topk(top, dim=-1, sorted=False)[1].to(torch.int32).sort(dim=-1)[0]
+
+
 def old_refresh(q, k, v, scale, top, prev):
     o, _, cs = attn_dense_colsum(q, k, v, scale=scale, group=GROUP, prev_lse=prev)
     idx, cnt = select_columns(cs, k=top, inplace=True)
@@ -83,8 +88,7 @@ def measure(name, samples_list, old):
     cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0])
     res["select"] = bench(lambda: select_columns(cs, k=top, inplace=True))  # scores in place, as the op does
     res["select reference (stable sort)"] = bench(lambda: select_columns_ref(cs, k=top, inplace=True))
-    res["select torch.topk (before the kernel)"] = bench(
-        lambda: cs.topk(top, dim=-1, sorted=False)[1].to(torch.int32).sort(dim=-1)[0])
+    res["select torch.topk (before the kernel)"] = bench(lambda: topk_sorted(cs, top))
     idx, cnt = select_columns(cs, k=top)
     ref_idx, ref_cnt = select_columns_ref(cs, k=top)
     same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
@@ -94,8 +98,7 @@ def measure(name, samples_list, old):
     # model's are skewed (tiny DiT: p90/p50 2-12). rand**4 (p90/p50 ~10) stands in for those.
     skewed = (torch.rand(cs.shape, device=cs.device, generator=g) ** 4 * 3).half()
     res["select, skewed sums"] = bench(lambda: select_columns(skewed, k=top, inplace=True))
-    res["select torch.topk, skewed sums"] = bench(
-        lambda: skewed.topk(top, dim=-1, sorted=False)[1].to(torch.int32).sort(dim=-1)[0])
+    res["select torch.topk, skewed sums"] = bench(lambda: topk_sorted(skewed, top))
     del skewed
     del cs
     res["cache_build"] = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o,

@@ -23,12 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-
-def sorted_subsets(lead, n, k, g):
-    """Sorted random column ids, one in each of k equal buckets of [0, n)."""
-    r = torch.rand(*lead, k, device="cuda", generator=g)
-    return ((torch.arange(k, device="cuda") + r) * (n / k)).floor().clamp_(max=n - 1).to(torch.int32)
+from bench_kernels import sorted_random_subsets  # noqa: E402
 
 
 def csp(g):
@@ -38,7 +33,7 @@ def csp(g):
     q, k, v = (torch.randn(1, N, H, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
                for _ in range(3))
     NG = -(-N // 128)
-    idx = sorted_subsets((1, H, NG), N, K, g)
+    idx = sorted_random_subsets((1, H, NG), N, K, "cuda")
     cnt = torch.full((1, H, NG), K, dtype=torch.int32, device="cuda")
     perm = torch.randperm(N, device="cuda", generator=g).to(torch.int32)
     M._force_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "TAIL_N": 16, "OCC": 1, "SPLIT": 2},
@@ -55,7 +50,7 @@ def mm1(g):
     w = torch.randn(F, C, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     b = torch.zeros(F, device="cuda", dtype=torch.bfloat16)
     nb, K = -(-T // blk), round(0.35 * F)
-    idx = sorted_subsets((1, nb), F, K, g)
+    idx = sorted_random_subsets((1, nb), F, K, "cuda")
     cnt = torch.full((1, nb), K, dtype=torch.int32, device="cuda")
     h = mlp_alloc_h_cache(1, T, F, torch.bfloat16, "cuda")
     M._force_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 64, "OCC": 1,
