@@ -3,12 +3,16 @@
 Contract (shared with ``mlp_sparse_mm1.py``):
 - x (B, M, C); w_act/w_lin (F, C); b_act/b_lin (F,) or None; h_cache (B, M, F) any strides
   (``mlp_alloc_h_cache`` gives the preferred neuron-major layout).
-- Token block m = rows perm[m*block:(m+1)*block] (or contiguous rows); indices (B, ceil(M/block), K)
-  int32, counts (B, ceil(M/block)) int32.
-- For c < counts[b, m], j = indices[b, m, c]:
+- Grouped positions: position p of the grouped token order is x row r = perm[p] (r = p without
+  perm); token block m = positions m*block .. (m+1)*block - 1. indices (B, ceil(M/block), K) int32,
+  counts (B, ceil(M/block)) int32.
+- h_cache and delta_packed are indexed by grouped position p, not by x row: the kernels then read
+  and write a token block's cache rows contiguously whatever the permutation (a dense step stores
+  h[:, perm] into h_cache). Only x (and mm2's y_cache) are indexed by row.
+- For c < counts[b, m], j = indices[b, m, c], r = perm[p]:
   h_new = act(x_r . w_act[j] + b_act[j]) [* (x_r . w_lin[j] + b_lin[j])] computed in fp32 and rounded
-  to h_cache.dtype; delta_packed[b, r, c] = h_new - h_cache[b, r, j] (fp32 difference, rounded to
-  x.dtype); then h_cache[b, r, j] = h_new (in place). delta_packed[b, r, c] = 0 for c >= counts.
+  to h_cache.dtype; delta_packed[b, p, c] = h_new - h_cache[b, p, j] (fp32 difference, rounded to
+  x.dtype); then h_cache[b, p, j] = h_new (in place). delta_packed[b, p, c] = 0 for c >= counts.
 - Rounding h_new before the difference keeps y_cache == fc2(h_cache) up to delta rounding only.
 """
 
@@ -38,13 +42,20 @@ def block_rows(M: int, block: int, perm, device) -> list:
     return [order[i * block:(i + 1) * block] for i in range(math.ceil(M / block))]
 
 
+def block_positions(M: int, block: int, device) -> list:
+    """Grouped-position index tensor of each token block (where its h_cache / delta rows live)."""
+    return [torch.arange(i * block, min((i + 1) * block, M), device=device) for i in range(math.ceil(M / block))]
+
+
 def mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int,
                        perm=None):
     B, M, C = x.shape
     K = indices.shape[-1]
     delta = torch.zeros(B, M, K, dtype=x.dtype, device=x.device)
+    places = block_positions(M, block, x.device)
     for b in range(B):
         for m, rows in enumerate(block_rows(M, block, perm, x.device)):
+            at = places[m]
             cnt = int(counts[b, m])
             if cnt <= 0:
                 continue
@@ -54,7 +65,7 @@ def mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, 
             if w_lin is not None:
                 h = h * (xr @ w_lin[cols].float().T + (b_lin[cols].float() if b_lin is not None else 0.0))
             h = h.to(h_cache.dtype)
-            old = h_cache[b][rows[:, None], cols[None, :]]
-            delta[b, rows, :cnt] = (h.float() - old.float()).to(x.dtype)
-            h_cache[b][rows[:, None], cols[None, :]] = h
+            old = h_cache[b][at[:, None], cols[None, :]]
+            delta[b, at, :cnt] = (h.float() - old.float()).to(x.dtype)
+            h_cache[b][at[:, None], cols[None, :]] = h
     return delta

@@ -54,7 +54,7 @@ def _mm2_tile(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     idx_base = IDX + b * sib + mb * sim
-    a_base = DP + b * sdb + ri[:, None] * sdm
+    a_base = DP + b * sdb + pos[:, None] * sdm  # delta rows are grouped positions (mm1's contract)
     # Full BLOCK_K tiles without column masks (keeps the loads 16-byte vectorised and
     # software-pipelined), then one masked tail tile.
     n_full = (cnt // BLOCK_K) * BLOCK_K

@@ -9,7 +9,8 @@ Step types (host-side, `schedule.mlp_step_kind`):
           `y_cache += (h_new − h_cache[S]) w2[:, S]ᵀ`, `h_cache[S] = h_new`; returns a copy of y_cache.
           Only the selected neurons' reference means are refreshed, so the others accumulate drift.
 
-Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache);
+Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache), with
+h_cache's rows in the grouped token order (row p holds token perm[p]) and y_cache's in model order;
 the output is always a fresh contiguous tensor of shape (*x.shape[:-1], w2.shape[0]). Caches are
 read only when a dense step of the current generation filled them; otherwise dense (counted).
 """
@@ -102,7 +103,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
         a, b = _pre(x3, w_act, b_act, w_lin, b_lin)
         h = _hidden(a, b, act)
         y = F.linear(h, w2, b2)
-        h_cache.copy_(h)
+        # h_cache rows are grouped positions (the kernels' contract): one gather here on the dense
+        # step keeps every sparse step's cache read-modify-write contiguous.
+        h_cache.copy_(h if perm is None else h.index_select(1, perm.long()))
         y_cache.copy_(y)
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))

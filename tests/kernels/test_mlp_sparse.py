@@ -53,30 +53,42 @@ def test_ref_full_selection_equals_dense_delta(act, gated):
     idx, cnt = _indices(B, math.ceil(M / blk), Fh, 1.0, g, full=True)
     h_old = _dense_h(x_old, w_act, b_act, w_lin, b_lin, act)
     hc = mlp_alloc_h_cache(B, M, Fh, torch.float64, DEV)
-    hc.copy_(h_old)
+    hc.copy_(h_old[:, perm.long()])  # h_cache rows are grouped positions: row p holds token perm[p]
     yc = F.linear(h_old, w2)
     delta = mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, idx, cnt, hc, act=act, block=blk, perm=perm)
     h_new = _dense_h(x, w_act, b_act, w_lin, b_lin, act)
-    assert rel_err(delta, h_new - h_old) < 1e-5  # refs compute in fp32; full set: packed column c == neuron c
-    assert rel_err(hc, h_new) < 1e-5
+    # refs compute in fp32; full set: packed column c == neuron c; delta rows are grouped positions too
+    assert rel_err(delta, (h_new - h_old)[:, perm.long()]) < 1e-5
+    assert rel_err(hc, h_new[:, perm.long()]) < 1e-5
     y = mlp_sparse_mm2_ref(delta, w2, idx, cnt, yc, block=blk, perm=perm)
     assert rel_err(y, F.linear(h_new, w2)) < 1e-5 and rel_err(yc, y) == 0
     assert y.data_ptr() != yc.data_ptr()
 
 
-def test_ref_sparse_update_keeps_invariant():
-    """After a sparse step, y_cache == fc2(h_cache) still holds (rolling MLP cache invariant)."""
+@pytest.mark.parametrize("permuted", [False, True])
+def test_ref_sparse_update_keeps_invariant(permuted):
+    """After a sparse step, y_cache == fc2(h_cache) still holds (rolling MLP cache invariant), with
+    h_cache in grouped order (row p = token perm[p]) and y_cache in token order."""
     g = torch.Generator().manual_seed(1)
     B, M, C, Fh, Co, blk = 1, 50, 16, 32, 8, 16
     w_act, b_act, _, _, w2 = _weights(C, Fh, Co, torch.float64, False, True, g)
     x = torch.randn(B, M, C, generator=g, dtype=torch.float64).to(DEV)
+    perm = torch.randperm(M, generator=g).int().to(DEV) if permuted else None
+    unperm = torch.arange(M) if perm is None else torch.argsort(perm.long().cpu())
     hc = mlp_alloc_h_cache(B, M, Fh, torch.float64, DEV)
     hc.copy_(torch.randn(B, M, Fh, generator=g, dtype=torch.float64))
-    yc = F.linear(hc, w2)
+    yc = F.linear(hc[:, unperm.to(DEV)], w2)
     idx, cnt = _indices(B, math.ceil(M / blk), Fh, 0.4, g)
-    d = mlp_sparse_mm1_ref(x, w_act, b_act, None, None, idx, cnt, hc, act="gelu_tanh", block=blk)
-    y = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc, block=blk)
-    assert rel_err(y, F.linear(hc, w2)) < 1e-5
+    d = mlp_sparse_mm1_ref(x, w_act, b_act, None, None, idx, cnt, hc, act="gelu_tanh", block=blk, perm=perm)
+    y = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc, block=blk, perm=perm)
+    assert rel_err(y, F.linear(hc[:, unperm.to(DEV)], w2)) < 1e-5
+    # the selected neurons of every token now hold exactly their new activation
+    h_true = F.gelu(F.linear(x, w_act, b_act), approximate="tanh")
+    order = torch.arange(M) if perm is None else perm.long().cpu()
+    for m in range(cnt.shape[1]):
+        p = torch.arange(m * blk, min((m + 1) * blk, M))
+        cols = idx[0, m, :int(cnt[0, m])].long()
+        assert rel_err(hc[0][p[:, None], cols], h_true[0][order[p][:, None], cols]) < 1e-5
     K = idx.shape[-1]
     for m in range(cnt.shape[1]):
         assert (d[0, m * blk:(m + 1) * blk, int(cnt[0, m]):K] == 0).all()
