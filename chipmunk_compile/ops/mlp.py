@@ -100,12 +100,7 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
     y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
     if kind == DENSE:
-        a, b = _pre(x3, w_act, b_act, w_lin, b_lin)
-        h = _hidden(a, b, act)
-        y = F.linear(h, w2, b2)
-        # h_cache rows are grouped positions (the kernels' contract): one gather here on the dense
-        # step keeps every sparse step's cache read-modify-write contiguous.
-        h_cache.copy_(h if perm is None else h.index_select(1, perm.long()))
+        y = _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache)
         y_cache.copy_(y)
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
@@ -123,6 +118,45 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     y = mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
     s.finish(st, d, pos)
     return y.reshape(out_shape)
+
+
+_INPLACE_ACT = {
+    "gelu": lambda t: torch.ops.aten.gelu_(t),
+    "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
+    "silu": lambda t: F.silu(t, inplace=True),
+    "relu": lambda t: t.relu_(),
+}
+
+
+def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache) -> Tensor:
+    """Exact MLP of a dense step that leaves h in h_cache (rows in grouped order) and returns y.
+
+    h_cache rows are grouped positions (the kernels' contract) so that every sparse step's cache
+    read-modify-write is contiguous. With the neuron-major cache (`mlp_alloc_h_cache`), fc1 runs
+    transposed, hᵀ = w_act · x_gᵀ, straight into the cache and the activation is applied in place:
+    no temporary h, no gather or transposing copy of the (M, F) activation, which is the largest
+    tensor of the step. Rounding is the same as the plain path (fc1 rounded, activation rounded)."""
+    xg = x3 if perm is None else x3.index_select(1, perm.long())
+    B, M, _ = x3.shape
+    hT = h_cache.transpose(1, 2)
+    if not all(hT[b].is_contiguous() for b in range(B)):  # another cache layout: the plain path
+        a, g = _pre(xg, w_act, b_act, w_lin, b_lin)
+        h_cache.copy_(_hidden(a, g, act))
+    else:
+        for b in range(B):
+            if b_act is not None:
+                torch.addmm(b_act[:, None], w_act, xg[b].t(), out=hT[b])
+            else:
+                torch.mm(w_act, xg[b].t(), out=hT[b])
+            _INPLACE_ACT[act](hT[b])
+            if w_lin is not None:
+                hT[b].mul_(torch.addmm(b_lin[:, None], w_lin, xg[b].t()) if b_lin is not None
+                           else torch.mm(w_lin, xg[b].t()))
+    ys = [F.linear(h_cache[b], w2, b2) for b in range(B)]  # h_cache[b]: a transposed operand, no copy
+    yg = ys[0].unsqueeze(0) if B == 1 else torch.stack(ys)
+    if perm is None:
+        return yg
+    return torch.empty_like(yg).index_copy_(1, perm.long(), yg)
 
 
 def _alloc_h(*shape, dtype, device):
