@@ -27,7 +27,8 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   compaction pass; no sort, no host sync.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
-  -> delta_packed (B, M, K); updates h_cache in place.
+  -> delta_packed (B, M, K); updates h_cache in place. h_cache and delta_packed rows are positions
+  in the grouped order (row p = token perm[p]); x and mm2's y_cache rows are tokens.
 - mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None) -> fresh y; updates
   y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
   once); a row-major w2 is transposed once per weight and cached.

@@ -1,8 +1,9 @@
 """Allocation of the sparse-MLP activation cache in the layout the kernels prefer.
 
 Invariant: the returned tensor has logical shape (B, M, F) and physical layout (B, F, M)
-(neuron-major per batch, the method's column-major cache): the 128 rows of one token block for one
-neuron are contiguous, so mm1's gathered read-modify-write of h_cache[b, rows, j] is coalesced.
+(neuron-major per batch, the method's column-major cache). Rows are positions in the grouped token
+order (mm1's contract), so the 128 rows of one token block for one neuron are contiguous and mm1's
+gathered read-modify-write of h_cache[b, block rows, j] is coalesced under any permutation.
 Any other (B, M, F) layout is still accepted by the kernels, only slower.
 """
 
