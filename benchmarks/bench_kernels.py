@@ -209,7 +209,16 @@ def sweep_variants():
                                             SPLIT=1)),
            ("F 256x128 s2 gm64 sp2", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
            ("G 128x128 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("H 256x64 s3 gm16 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2))]
+           ("H 256x64 s3 gm16 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2)),
+           # one warpgroup per 64-row tile, two programs per SM: one's epilogue overlaps the other's loop
+           ("I m64 256x64 w4 s2 occ2", _cfg(4, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
+           ("J m64 256x64 w4 s3", _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("K m64 128x64 w4 s3 occ2", _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
+           ("L 256x32 s6", _cfg(8, 6, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
+           # one warpgroup on a 128x128 tile with a deep pipeline (mm2's best, session 5)
+           ("M 128x64 w4 s5", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("N 128x64 w4 s6", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("O 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2))]
     mm2 = [("A 256x64 s3 gm64 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
            ("B 256x64 s4 gm64 sp4", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
            ("C 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,
@@ -218,7 +227,14 @@ def sweep_variants():
            ("E 256x64 s3 gm64 sp8", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=8)),
            ("F 128x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
            ("G 256x64 s3 gm8 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, OCC=1, SPLIT=4)),
-           ("H 256x128 s2 gm64 sp4", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=4))]
+           ("H 256x128 s2 gm64 sp4", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=4)),
+           ("I m64 128x64 w4 s4 occ2", _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
+           ("J m64 256x64 w4 s3", _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("K 128x64 w4 s5", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("L 128x64 w4 s3 occ2", _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
+           ("M 128x64 w4 s6", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("N 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
+           ("O 128x64 w4 s5 gm16", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2))]
     att = [("A m128 n64 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
            ("B m128 n128 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=2)),
            ("C m128 n64 t16 s4 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
@@ -292,7 +308,7 @@ def run_sweep(a, worker=None):
     m, at = _sweep_inputs(dev, dt, tiny=a.dry)
     mods = _sweep_modules(a.baseline_dir)
     jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)
-            if cfg is None or a.sweep_set == "all"]
+            if (cfg is None or a.sweep_set == "all") and sec in a.sweep_sections]
     if a.baseline_dir:
         jobs = [("old", sec, "autotuned", mn, None) for sec, mn in
                 (("mm1", "mlp_sparse_mm1"), ("mm2", "mlp_sparse_mm2"), ("attn", "attn_column_sparse"))] + jobs
@@ -348,7 +364,8 @@ def _precompile(a):
 
     procs = []
     for i in range(a.workers):
-        cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}", "--sweep-set", a.sweep_set]
+        cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}", "--sweep-set", a.sweep_set,
+               "--sweep-sections", *a.sweep_sections]
         cmd += ["--dry"] if a.dry else []
         if a.baseline_dir:
             cmd += ["--baseline-dir", a.baseline_dir]
@@ -368,6 +385,7 @@ def main():
     ap.add_argument("--baseline-dir", default=None, help="older kernel files to time beside the current ones")
     ap.add_argument("--workers", type=int, default=0, help="compile sweep variants in N processes first")
     ap.add_argument("--sweep-set", choices=["all", "auto"], default="all", help="auto: autotuned rows only")
+    ap.add_argument("--sweep-sections", nargs="+", choices=["mm1", "mm2", "attn"], default=["mm1", "mm2", "attn"])
     ap.add_argument("--attn-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--mlp-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--no-dense-colsum", action="store_true")

@@ -71,6 +71,9 @@ GRID = {
     "sc-t0.12": _sc(threshold=0.12),
     "sc-t0.20": _sc(threshold=0.2),
     "sc-t0.30-c3": _sc(threshold=0.3, max_consecutive=3),
+    # the low-FLOPs end, where skipped calls compound their error
+    "sc-t0.40-c3": _sc(threshold=0.4, max_consecutive=3),
+    "sc-t0.50-c4": _sc(threshold=0.5, max_consecutive=4),
     # chipmunk alone: the flux preset (a.165 m.30 e10), sparser MLP without attention sparsity
     # (attention is where the error comes from), and attention with more refreshes or more keys
     "cm-a.165-m.30": _cm(),
@@ -90,6 +93,10 @@ GRID = {
     "cmsc-aoff-m.30-t0.05": _cm(AOFF, sc={"threshold": 0.05}),
     "cmsc-aoff-m.30-t0.12": _cm(AOFF, sc={"threshold": 0.12}),
     "cmsc-aoff-m.15-t0.08": _cm(AOFF, {"top_keys": 0.15}, sc={"threshold": 0.08}),
+    # the same low-FLOPs end reached by stacking: sparse MLP deltas on the calls that do run
+    "cmsc-aoff-m.30-t0.20": _cm(AOFF, sc={"threshold": 0.2}),
+    "cmsc-aoff-m.30-t0.30-c3": _cm(AOFF, sc={"threshold": 0.3, "max_consecutive": 3}),
+    "cmsc-aoff-m.15-t0.30-c3": _cm(AOFF, {"top_keys": 0.15}, sc={"threshold": 0.3, "max_consecutive": 3}),
 }
 
 

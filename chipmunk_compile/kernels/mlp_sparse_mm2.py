@@ -110,10 +110,12 @@ def _mlp_sparse_mm2_kernel(
 def _configs():
     out = []
     #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
-    # H200 FLUX sweep: 128x128x64, 4 warps, 4 stages best (0.280 ms); 128x256 tiles: 0.418 ms without
-    # the wave-tail split (408 tiles = 3.09 waves), 0.292-0.301 with it; 128x128 with 8 warps 0.427.
-    for bm, bn, bk, w, s, gm, occ, sp in [(128, 128, 64, 4, 4, 64, 1, 2), (128, 256, 128, 8, 2, 64, 1, 4),
-                                          (128, 256, 64, 8, 3, 64, 1, 8), (128, 256, 64, 8, 4, 64, 1, 4)]:
+    # H200 FLUX sweep: 128x128x64, 4 warps, 4 stages 0.280 ms; the same with 5 / 6 stages 0.224 /
+    # 0.226 ms (benchmarks/results/bench_kernels_h200_sweep_session5.csv: one warpgroup needs the
+    # deeper pipeline to hide the gathered w2 rows); 128x256 tiles: 0.418 ms without the wave-tail
+    # split (408 tiles = 3.09 waves), 0.292-0.301 with it; 128x128 with 8 warps 0.427.
+    for bm, bn, bk, w, s, gm, occ, sp in [(128, 128, 64, 4, 5, 64, 1, 2), (128, 128, 64, 4, 6, 64, 1, 2),
+                                          (128, 128, 64, 4, 4, 64, 1, 2), (128, 256, 128, 8, 2, 64, 1, 4)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
                                   "SPLIT": sp}, num_warps=w, num_stages=s))
     return out
