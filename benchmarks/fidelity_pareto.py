@@ -81,6 +81,11 @@ GRID = {
     "cm-aoff-m.15": _cm(AOFF, {"top_keys": 0.15}),
     "cm-aoff-m.15-me20": _cm(AOFF, {"top_keys": 0.15, "full_step_every": 20}),
     "cm-aoff-m.05": _cm(AOFF, {"top_keys": 0.05}),
+    # neurons ranked by their estimated effect on the MLP output (mlp.score: output) instead of
+    # by their pre-activation change (the published rule)
+    "cm-aoff-m.30-so": _cm(AOFF, {"score": "output"}),
+    "cm-aoff-m.15-so": _cm(AOFF, {"top_keys": 0.15, "score": "output"}),
+    "cm-aoff-m.05-so": _cm(AOFF, {"top_keys": 0.05, "score": "output"}),
     "cm-a.165-m.30-ae5": _cm({"full_step_every": 5}),  # attention refreshed twice as often
     "cm-a.50-m.30": _cm({"top_keys": 0.5}),
     "cm-a.165-m.30-g64": _cm({"group": 64}),  # query groups of one 8x8 tile instead of two

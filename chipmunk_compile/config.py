@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 DELTA_MODES = ("self_normalized", "exact_normalizer")
+MLP_SCORES = ("preact", "output")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -76,8 +77,14 @@ class MlpConfig:
     full_step_every: int = 10  # dense MLP period (steps 0, 10, 20, ...)
     block_mask_cache: int = 2  # after the first period, new indices every this many steps
     min_tokens: int = 1024
+    # neuron ranking per token block: "preact" = |change of the block-mean pre-activation| (the
+    # published rule); "output" = |change of act(block mean)| x ||w2[:, j]||, the neuron's estimated
+    # contribution to the change of the MLP output
+    score: str = "preact"
 
     def __post_init__(self):
+        if self.score not in MLP_SCORES:
+            raise ValueError(f"mlp.score must be one of {MLP_SCORES}, got {self.score!r}")
         _check_fraction("mlp.top_keys", self.top_keys)
         _check_fraction("mlp.random_keys", self.random_keys)
         if self.block < 1 or self.full_step_every < 1 or self.block_mask_cache < 1:

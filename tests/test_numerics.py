@@ -132,6 +132,18 @@ def test_real_sparsity_error_bounded(fresh_dynamo, capsys):
     assert sc["attention_sparse"] == 3 * 5 and sc["mlp_sparse"] == 3 * 6
 
 
+def test_output_score_sparse_steps_bounded(fresh_dynamo):
+    """mlp.score = "output" ranks neurons by their effect on the output; same schedule, same bound."""
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(mlp={"score": "output"}))
+    outs, refs = run(m, cm, 8, drift=0.02)
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    assert errs[0] < 1e-5 and errs[4] < 1e-5
+    assert 1e-6 < max(errs) < 0.05, errs
+    assert step_counts(m)["mlp_sparse"] == 3 * 6
+    assert not any(k.startswith("fallback:") for k in fresh_dynamo["chipmunk"])
+
+
 def test_batch_matches_per_sample(fresh_dynamo):
     """Selection is per (batch, head, group): a batch of 3 gives each sample's own sparse result."""
     m = Net().eval()

@@ -104,12 +104,14 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
         y_cache.copy_(y)
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
+        if cfg.score == "output":  # per dense step: follows weight updates between generations
+            st.tensor("w2_col_norm", (Fh,), torch.float32, x.device).copy_(w2.float().norm(dim=0))
         s.finish(st, d, pos)
         return y.reshape(out_shape)
     if recompute:
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
-        _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step)
+        _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step, act)
     idx_buf, cnt_buf = st.get("indices"), st.get("counts")
     delta = kernel("mlp_sparse_mm1", x3, w_act)(
         x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
@@ -165,18 +167,32 @@ def _alloc_h(*shape, dtype, device):
     return mlp_alloc_h_cache(*shape, dtype, device)
 
 
-def _select_neurons(st, s, basis, bm_cache, Fh: int, gated: bool, step: int) -> None:
-    """Per token block: the `top_keys` neurons whose block-mean pre-activation moved most since
-    they were last picked, plus `random_keys` random draws; writes `indices`/`counts` and refreshes
-    the picked neurons' reference means only (the others keep drifting; method.md §2).
+def _neuron_change(st, basis, bm_cache, Fh: int, gated: bool, score: str, act: str) -> Tensor:
+    """(B, nb, Fh) fp32 ranking score of every neuron per token block (a fresh tensor).
+
+    "preact": |Δ block-mean pre-activation| (summed over both halves when gated; method.md §2).
+    "output": |Δ act(block mean)| (the gated product when gated) times ||w2[:, j]||: how much
+    the neuron's stale cache entry moves the MLP output, so that a large pre-activation change in
+    the flat part of the activation, or into a neuron with small fan-out weights, ranks low."""
+    if score == "output":
+        def h(t):
+            return _hidden(t[..., :Fh], t[..., Fh:] if gated else None, act)
+
+        return (h(basis) - h(bm_cache)).abs_().mul_(st.get("w2_col_norm"))
+    change = (basis - bm_cache).abs_()
+    return change[..., :Fh] + change[..., Fh:] if gated else change
+
+
+def _select_neurons(st, s, basis, bm_cache, Fh: int, gated: bool, step: int, act: str) -> None:
+    """Per token block: the `top_keys` neurons whose score (`_neuron_change`) is largest since they
+    were last picked, plus `random_keys` random draws; writes `indices`/`counts` and refreshes the
+    picked neurons' reference means only (the others keep drifting; method.md §2).
 
     The picked set is a mask (top-k scattered), compacted by a cumulative sum into ascending
     indices (ascending: L2 reuse of weight rows in mm1/mm2): 1.3x faster on an H200 than sorting
     the top-k indices (benchmarks/results/bench_select.csv), and no host sync."""
     cfg, device = s.cfg, basis.device
-    change = (basis - bm_cache).abs_()
-    if gated:
-        change = change[..., :Fh] + change[..., Fh:]
+    change = _neuron_change(st, basis, bm_cache, Fh, gated, cfg.score, act)
     B, nb, _ = change.shape
     top, rnd = max(1, round(cfg.top_keys * Fh)), round(cfg.random_keys * Fh)
     K = min(Fh, top + rnd)
