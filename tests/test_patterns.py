@@ -378,6 +378,30 @@ def test_mlp_two_linear_swiglu(fresh_dynamo, bias):
     check(SwiGLU2(bias), tokens, mlp=1, pattern="mlp-gated")
 
 
+class Fp32Activation(nn.Module):
+    """Activations evaluated in fp32 between casts (diffusers' FP32SiLU in Lumina's feed-forward)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.w1 = nn.Linear(C, (6 if form == "geglu" else 3) * C)
+        self.w3 = nn.Linear(C, 3 * C)
+        self.w2 = nn.Linear(3 * C, C)
+        self.form = form
+
+    def forward(self, x, t):
+        if self.form == "plain":
+            return self.w2(F.gelu(self.w1(x).float(), approximate="tanh").to(x.dtype))
+        if self.form == "swiglu":
+            return self.w2(F.silu(self.w1(x).float()).to(x.dtype) * self.w3(x))
+        hidden, gate = self.w1(x).chunk(2, dim=-1)  # GEGLU with the gate in fp32
+        return self.w2(hidden * F.gelu(gate.float()).to(x.dtype))
+
+
+@pytest.mark.parametrize("form,pattern", [("plain", "mlp"), ("swiglu", "mlp-gated"), ("geglu", "mlp-gated")])
+def test_mlp_fp32_activation_casts(fresh_dynamo, form, pattern):
+    check(Fp32Activation(form), tokens, mlp=1, pattern=pattern)
+
+
 class ParallelBlock(nn.Module):
     """Flux / HunyuanVideo single block: proj_out(cat(attn, gelu(proj_mlp(x))))."""
 

@@ -7,6 +7,9 @@ Forms (anchored on the second linear):
 - parallel: y = W2 · cat(other, act(W1 x + b1)) + b2 (diffusers Flux / HunyuanVideo single blocks):
             W2 is split by columns; the `other` part stays a dense linear, the MLP part is sparse.
 
+Casts (`.float()`, `.to(dtype)`) around the activation and the gate are looked through: an
+activation evaluated in fp32 and rounded back (diffusers' FP32SiLU, Lumina) is what the kernels do.
+
 Invariants: every intermediate between the first and second linear has exactly one user (the
 hidden activation is not needed elsewhere), and the activation is one the kernels implement.
 """
@@ -139,23 +142,42 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     )
 
 
+def _activation_through_casts(h, nodes: list) -> Optional[tuple[str, fx.Node]]:
+    """activation_of(h) seen through single-user casts on both sides of the activation, as in
+    `silu(a.float()).to(a.dtype)` (diffusers' FP32SiLU); the casts join `nodes`. The kernels
+    evaluate every activation in fp32 and round once to the activation dtype, which is what
+    such a cast pair spells out."""
+    peeled: list = []
+    inner = _peel(h, peeled)
+    a = activation_of(inner)
+    if a is None:
+        return None
+    name, pre = a
+    pre = _peel(pre, peeled) if single_user(pre) else pre
+    nodes += peeled + [inner]
+    return name, pre
+
+
 def _hidden_form(h):
     """Decompose the hidden activation h: (act, x, w_act, b_act, w_lin, b_lin, nodes) or None."""
-    a = activation_of(h)
+    casts: list = []
+    a = _activation_through_casts(h, casts)
     if a is not None:  # plain: act(linear(x)) — or act applied to one chunk half (rare; gated below)
         name, pre = a
         if is_linear(pre) and single_user(pre):
             x, w, b = linear_parts(pre)
-            return name, x, w, b, None, None, [h, pre]
+            return name, x, w, b, None, None, _unique([h, pre] + casts)
         return None
     if not (is_call(h, *_MUL) and len(h.args) == 2 and all(isinstance(t, fx.Node) for t in h.args)):
         return None
     for act_side in (0, 1):
         g, other = h.args[act_side], h.args[1 - act_side]
-        a = activation_of(g)
-        if a is None or not single_user(g):
+        casts = []
+        a = _activation_through_casts(g, casts) if single_user(g) else None
+        if a is None:
             continue
         name, pre = a
+        other = _peel(other, casts) if single_user(other) else other
         half_a, half_b = _chunk_half(pre), _chunk_half(other)
         if half_a and half_b and half_a[0] is half_b[0] and half_a[1] != half_b[1]:
             lin = half_a[0]
@@ -168,13 +190,18 @@ def _hidden_form(h):
             w_act, w_lin = (w, ia * f, (ia + 1) * f), (w, ib * f, (ib + 1) * f)
             b_act = (b, ia * f, (ia + 1) * f) if b is not None else None
             b_lin = (b, ib * f, (ib + 1) * f) if b is not None else None
-            return name, x, w_act, b_act, w_lin, b_lin, [h, g, pre, other, ch, lin]
+            return name, x, w_act, b_act, w_lin, b_lin, _unique([h, g, pre, other, ch, lin] + casts)
         if is_linear(pre) and is_linear(other) and single_user(pre) and single_user(other):
             x1, w1, b1 = linear_parts(pre)
             x3, w3, b3 = linear_parts(other)
             if x1 is x3:
-                return name, x1, w1, b1, w3, b3, [h, g, pre, other]
+                return name, x1, w1, b1, w3, b3, _unique([h, g, pre, other] + casts)
     return None
+
+
+def _unique(nodes: list) -> list:
+    seen: set = set()
+    return [n for n in nodes if not (n in seen or seen.add(n))]
 
 
 register_pattern(Pattern("mlp", "mlp", match_mlp, priority=100,
