@@ -11,6 +11,9 @@ Invariants:
   back at the generation's first values, or moving against the schedule = a new generation), and
   only without any signal one call = one step.
 - A new generation bumps `generation`; caches filled in an older generation are never read.
+- A session whose module lies inside another session's module (a submodule frame compiled on its
+  own after a graph break: an MoE feed-forward, say) follows that enclosing session's step: it
+  has no timestep input of its own, and it may be entered by several frames per model call.
 """
 
 from __future__ import annotations
@@ -166,6 +169,8 @@ class Session:
         self.step_cache = None  # set by the backend when step caching is on
         self.graph_pool = None  # CUDA-graph memory pool shared by the session's recordings
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
+        self._parent: Optional["weakref.ref[Session]"] = None
+        self._parent_checked_at = -1  # number of sessions when the enclosing one was last looked for
 
     def device_step(self, device, step: int) -> torch.Tensor:
         """The current step as a 1-element int64 tensor on `device` (read by random draws inside
@@ -183,10 +188,35 @@ class Session:
             entry[1] = step
         return entry[0]
 
+    def enclosing(self) -> Optional["Session"]:
+        """The outermost other session whose module contains this session's module, if any."""
+        parent = self._parent() if self._parent is not None else None
+        if parent is not None or self.owner is None or self._parent_checked_at == len(_SESSIONS):
+            return parent
+        self._parent_checked_at = len(_SESSIONS)
+        owner = self.owner()
+        best, size = None, 0
+        for module, session in list(_SESSIONS.items()):
+            if session is self or module is owner:
+                continue
+            mods = list(module.modules())
+            if len(mods) > size and any(m is owner for m in mods):
+                best, size = session, len(mods)
+        if best is not None:
+            self._parent = weakref.ref(best)
+            log.info("chipmunk: %s follows the steps of %s", type(owner).__name__,
+                     type(best.owner()).__name__ if best.owner is not None else "?")
+        return best
+
     def position(self) -> StepPosition:
-        return self.tracker.position
+        parent = self.enclosing()
+        return parent.position() if parent is not None else self.tracker.position
 
     def begin_call(self, signature: Any) -> StepPosition:
+        parent = self.enclosing()
+        if parent is not None:  # the enclosing model's call already advanced the step
+            self.calls += 1
+            return parent.position()
         owner = self.owner() if self.owner is not None else None
         context = context_for(owner) if owner is not None else None
         self.calls += 1

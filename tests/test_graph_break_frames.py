@@ -1,0 +1,76 @@
+"""Models that Dynamo splits into frames of their own: a submodule frame (an MoE-style
+feed-forward that graph-breaks, as in HiDream) gets a session of its own; it follows the steps of
+the enclosing block's session instead of counting its own calls (it has no timestep input, and
+several of its frames may start per model call)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chipmunk_compile
+from chipmunk_compile.runtime import sessions_of
+from helpers import cfg, chip, fresh_dynamo, max_rel  # noqa: F401
+
+C, H = 32, 2
+
+
+class FeedForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        torch._dynamo.graph_break()  # data-dependent routing in a real MoE
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class MoeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(C, C) for _ in range(4))
+        self.ff = FeedForward()
+
+    def forward(self, x, temb):
+        b, n, _ = x.shape
+        x = x + temb
+        q, k, v = (lin(x).view(b, n, H, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+        return x + self.ff(x)
+
+
+class MoeNet(nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([MoeBlock() for _ in range(depth)])
+        self.t_proj = nn.Linear(1, C)
+
+    def forward(self, x, t):
+        temb = self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :]
+        for blk in self.blocks:
+            x = blk(x, temb)
+        return x
+
+
+def test_submodule_frame_follows_enclosing_steps(fresh_dynamo):
+    model = MoeNet().eval()
+    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4, "first_n_dense_layers": 0}
+    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
+    g = torch.Generator().manual_seed(0)
+    base, drift = torch.randn(1, 64, C, generator=g), torch.randn(1, 64, C, generator=g)
+    errs = []
+    with torch.no_grad():
+        for step in range(6):
+            x, t = base + 0.02 * step * drift, torch.tensor([1000.0 - 50.0 * step])
+            errs.append(max_rel(compiled(x, t), model(x, t)))
+    sessions = sessions_of(model)
+    nested = [s for s in sessions if any(site.kind == "mlp" for site in s.sites)]
+    assert len(sessions) == 2 and len(nested) == 1 and nested[0].enclosing() is not None
+    steps = {}
+    for site in chipmunk_compile.stats(model)["sites"]:
+        for kind, n in site["steps"].items():
+            steps[(site["kind"], kind)] = steps.get((site["kind"], kind), 0) + n
+    assert steps[("mlp", "dense")] == 3 * 2 and steps[("mlp", "sparse")] == 3 * 4  # dense at steps 0 and 4
+    # step 1 refreshes attention exactly, so its error is the sparse MLP's; step 4 is exact
+    assert errs[1] > 1e-6 and errs[0] < 1e-5 and errs[4] < 1e-5, errs
+    assert max(errs) < 0.05, errs
