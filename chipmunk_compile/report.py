@@ -47,6 +47,11 @@ class Report:
             lines.append("rejected:")
             lines.append(_table(["kind", "pattern", "module", "reason", "shapes"],
                                 [[r.kind, r.pattern, r.path or "<top>", r.reason, _fmt(r.shapes)] for r in self.rejected]))
+        for kind, what in (("attention", "softmax attention (SDPA or explicit softmax(QKᵀ)V)"),
+                           ("mlp", "linear → activation → linear MLP")):
+            if not any(r.kind == kind for r in (*self.sites, *self.rejected)):
+                lines.append(f"no {what} found: a linear attention, a convolutional feed-forward or a "
+                             f"fused kernel stays as it is (README: Adding an architecture)")
         return "\n".join(lines)
 
     __repr__ = __str__

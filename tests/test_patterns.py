@@ -273,6 +273,10 @@ class LinearAttention(nn.Module):
 def test_linear_attention_never_matches(fresh_dynamo):
     rep = rejected(LinearAttention(), qkv(0))
     assert not rep.rejected
+    # the report says that nothing of either kind was found, instead of an empty table
+    assert "no softmax attention" in str(rep) and "no linear → activation → linear MLP" in str(rep)
+    found = str(check(SdpaPositional(), qkv, attention=1))
+    assert "no softmax attention" not in found and "no linear → activation" in found
 
 
 class ProbsReused(nn.Module):
