@@ -152,38 +152,28 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
         idx = sorted_random_subsets((1, NB), Fh, Kc, dev)
         cnt = torch.full((1, NB), Kc, dtype=torch.int32, device=dev)
         dp = torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc]  # as mm1 returns it
-        t1 = bench(lambda: mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block))
-        t2 = bench(lambda: mlp_sparse_mm2(dp, w2v, idx, cnt, yc, block=block))
         sf = 2.0 * M * C * Kc
         tag = f"keep={keep:.2f}"
-        record("mlp", f"mm1 {tag}", shape, t1, flops=sf)
-        record("mlp", f"mm2 {tag}", shape, t2, flops=sf)
-
-        def both():
-            d = mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block)
-            mlp_sparse_mm2(d, w2v, idx, cnt, yc, block=block)
-
-        tb = bench(both)
-        record("mlp", f"mm1+mm2 {tag}", shape, tb, baseline_ms=base, flops=2 * sf,
-               target=">=2.8x dense" if abs(keep - 0.3) < 1e-6 else None, note=f"1/d={1 / keep:.1f}x")
-        if abs(keep - 0.3) < 1e-6 and M == 4352:
+        flux_keep = abs(keep - 0.3) < 1e-6
+        orders = [("", None, f"1/d={1 / keep:.1f}x")]
+        if flux_keep and M == 4352:
             # As the backend runs FLUX 1280x768: 512 text tokens first, the 48x80 image grid in
             # 8x8 tiles of 4x4 sub-tiles (x rows and y_cache rows gathered through the permutation).
             from chipmunk_compile.grouping import site_perm, tile_order
 
-            perm = site_perm(M, tile_order((48, 80), (8, 8)), 512, True).to(dev)
-            t1p = bench(lambda: mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block,
-                                               perm=perm))
-            t2p = bench(lambda: mlp_sparse_mm2(dp, w2v, idx, cnt, yc, block=block, perm=perm))
-            record("mlp", f"mm1 {tag} grouped", shape, t1p, flops=sf)
-            record("mlp", f"mm2 {tag} grouped", shape, t2p, flops=sf)
+            orders.append((" grouped", site_perm(M, tile_order((48, 80), (8, 8)), 512, True).to(dev),
+                           "FLUX 8x8 tile permutation"))
+        for suffix, perm, note in orders:
+            def mm1():
+                return mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block, perm=perm)
 
-            def both_p():
-                d = mlp_sparse_mm1(x, w1, b1, None, None, idx, cnt, hc, act="gelu_tanh", block=block, perm=perm)
-                mlp_sparse_mm2(d, w2v, idx, cnt, yc, block=block, perm=perm)
+            def mm2(d):
+                return mlp_sparse_mm2(d, w2v, idx, cnt, yc, block=block, perm=perm)
 
-            record("mlp", f"mm1+mm2 {tag} grouped", shape, bench(both_p), baseline_ms=base, flops=2 * sf,
-                   target=">=2.8x dense", note="FLUX 8x8 tile permutation")
+            record("mlp", f"mm1 {tag}{suffix}", shape, bench(mm1), flops=sf)
+            record("mlp", f"mm2 {tag}{suffix}", shape, bench(lambda: mm2(dp)), flops=sf)
+            record("mlp", f"mm1+mm2 {tag}{suffix}", shape, bench(lambda: mm2(mm1())), baseline_ms=base,
+                   flops=2 * sf, target=">=2.8x dense" if flux_keep else None, note=note)
     # select / means helpers (PyTorch) for reference
     bm = bench(lambda: K.mlp_block_means(x, block=block))
     record("mlp", "block_means (torch)", shape, bm)
