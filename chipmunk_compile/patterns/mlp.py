@@ -166,7 +166,7 @@ def _hidden_form(h):
         name, pre = a
         if is_linear(pre) and single_user(pre):
             x, w, b = linear_parts(pre)
-            return name, x, w, b, None, None, _unique([h, pre] + casts)
+            return name, x, w, b, None, None, [h, pre] + casts
         return None
     if not (is_call(h, *_MUL) and len(h.args) == 2 and all(isinstance(t, fx.Node) for t in h.args)):
         return None
@@ -190,18 +190,13 @@ def _hidden_form(h):
             w_act, w_lin = (w, ia * f, (ia + 1) * f), (w, ib * f, (ib + 1) * f)
             b_act = (b, ia * f, (ia + 1) * f) if b is not None else None
             b_lin = (b, ib * f, (ib + 1) * f) if b is not None else None
-            return name, x, w_act, b_act, w_lin, b_lin, _unique([h, g, pre, other, ch, lin] + casts)
+            return name, x, w_act, b_act, w_lin, b_lin, [h, g, pre, other, ch, lin] + casts
         if is_linear(pre) and is_linear(other) and single_user(pre) and single_user(other):
             x1, w1, b1 = linear_parts(pre)
             x3, w3, b3 = linear_parts(other)
             if x1 is x3:
-                return name, x1, w1, b1, w3, b3, _unique([h, g, pre, other] + casts)
+                return name, x1, w1, b1, w3, b3, [h, g, pre, other] + casts
     return None
-
-
-def _unique(nodes: list) -> list:
-    seen: set = set()
-    return [n for n in nodes if not (n in seen or seen.add(n))]
 
 
 register_pattern(Pattern("mlp", "mlp", match_mlp, priority=100,
