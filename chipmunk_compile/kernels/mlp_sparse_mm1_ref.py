@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 
 
-def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
+def apply_act(z: torch.Tensor, act: str, *, inplace: bool = False) -> torch.Tensor:
+    """The named activation of z; with inplace=True z itself is overwritten and returned."""
     if act == "gelu":
-        return F.gelu(z)
+        return torch.ops.aten.gelu_(z) if inplace else F.gelu(z)
     if act == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
+        return torch.ops.aten.gelu_(z, approximate="tanh") if inplace else F.gelu(z, approximate="tanh")
     if act == "silu":
-        return F.silu(z)
+        return F.silu(z, inplace=inplace)
     if act == "relu":
-        return F.relu(z)
+        return F.relu(z, inplace=inplace)
     raise ValueError(f"unknown activation {act!r}")
 
 

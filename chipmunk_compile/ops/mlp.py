@@ -122,12 +122,11 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     return y.reshape(out_shape)
 
 
-_INPLACE_ACT = {
-    "gelu": lambda t: torch.ops.aten.gelu_(t),
-    "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
-    "silu": lambda t: F.silu(t, inplace=True),
-    "relu": lambda t: t.relu_(),
-}
+def _linear_t(x2, w, bias, out=None) -> Tensor:
+    """(x2 wᵀ + bias)ᵀ = w x2ᵀ + bias[:, None], shape (F, M), optionally into `out`."""
+    if bias is None:
+        return torch.mm(w, x2.t(), out=out)
+    return torch.addmm(bias[:, None], w, x2.t(), out=out)
 
 
 def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache) -> Tensor:
@@ -146,14 +145,9 @@ def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache
         h_cache.copy_(_hidden(a, g, act))
     else:
         for b in range(B):
-            if b_act is not None:
-                torch.addmm(b_act[:, None], w_act, xg[b].t(), out=hT[b])
-            else:
-                torch.mm(w_act, xg[b].t(), out=hT[b])
-            _INPLACE_ACT[act](hT[b])
+            apply_act(_linear_t(xg[b], w_act, b_act, out=hT[b]), act, inplace=True)
             if w_lin is not None:
-                hT[b].mul_(torch.addmm(b_lin[:, None], w_lin, xg[b].t()) if b_lin is not None
-                           else torch.mm(w_lin, xg[b].t()))
+                hT[b].mul_(_linear_t(xg[b], w_lin, b_lin))
     ys = [F.linear(h_cache[b], w2, b2) for b in range(B)]  # h_cache[b]: a transposed operand, no copy
     yg = ys[0].unsqueeze(0) if B == 1 else torch.stack(ys)
     if perm is None:
