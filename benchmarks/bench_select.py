@@ -19,7 +19,9 @@ the sparse MLP kernels want), shape (B, nb, K), int32 by default:
   e_topk_mask      topk(sorted=False) -> boolean mask (scatter) -> the same compaction (extra variant)
 Compaction writes columns in increasing order, so c/d/e need no final sort.
 
-"full_select_<v>" times the whole neuron selection of ops/mlp.py::_select_neurons (non-gated MLP,
+"full_select_fused" times what ops/mlp.py::_select_neurons runs now: the one-launch Triton kernel
+kernels/mlp_select_neurons.py (checked equal to the others on tie-free inputs).
+"full_select_<v>" times the earlier torch neuron selection of ops/mlp.py::_select_neurons (non-gated MLP,
 FLUX) with variant a and with the fastest alternative (the fastest exact with ties, and the fastest
 of all when that is d_kth_threshold): change = |basis - bm_cache|, +inf at
 `random_keys`*F random columns per block (torch.randint), the selection, the copy into the int32
@@ -126,6 +128,16 @@ def full_select(basis, bm_cache, idx_buf, K: int, rnd: int, select) -> None:
     bm_cache.scatter_(2, idx, basis.gather(2, idx))
 
 
+def fused_select(basis, bm_cache, idx_buf, K: int, rnd: int) -> None:
+    """The selection ops/mlp.py runs now: one `mlp_select_neurons` launch (score, random draws,
+    radix select, compaction and the bm_cache refresh; Triton on CUDA, else the reference)."""
+    from chipmunk_compile.kernels import get_kernel
+
+    B, nb, F = basis.shape
+    draws = torch.randint(0, F, (B, nb, rnd), device=basis.device) if rnd else None
+    get_kernel("mlp_select_neurons", basis)(basis, bm_cache, idx_buf, draws=draws)
+
+
 # -- inputs ----------------------------------------------------------------------------------------
 def tie_free(B, nb, F, device, seed=0):
     """Random scores with no ties in any row: a random permutation of 0..F-1 per row, scaled."""
@@ -176,6 +188,11 @@ def check_full_select(B, nb, F, K, rnd, device) -> None:
         torch.manual_seed(123)  # the same random draws for every variant
         full_select(basis, bm, idx, K, rnd, fn)
         results[name] = (idx, bm)
+    basis, bm = select_inputs(B, nb, F, device)
+    idx = torch.empty(B, nb, K, dtype=torch.int32, device=device)
+    torch.manual_seed(123)
+    fused_select(basis, bm, idx, K, rnd)
+    results["fused"] = (idx, bm)
     ref_idx, ref_bm = results[CURRENT]
     basis, bm0 = select_inputs(B, nb, F, device)
     picked = torch.zeros_like(bm0, dtype=torch.bool).scatter_(2, ref_idx.long(), True)
@@ -268,6 +285,9 @@ def bench_full_select(B, nb, F, names, iters, warmup) -> list[dict]:
         call = lambda fn=VARIANTS[name]: full_select(basis, bm, idx, K, rnd, fn)
         rows.append(row(B, nb, F, K, f"full_select_{name}", time_eager(call, setup, iters, warmup),
                         time_graph(call, setup, iters, warmup)))
+    call = lambda: fused_select(basis, bm, idx, K, rnd)
+    rows.append(row(B, nb, F, K, "full_select_fused", time_eager(call, setup, iters, warmup),
+                    time_graph(call, setup, iters, warmup)))
     return rows
 
 

@@ -53,9 +53,12 @@ QUICK = ["chipmunk", "chipmunk-exact-normalizer", "stepcache", "chipmunk+stepcac
 
 
 def dense_call_flops(fn) -> float:
+    """FLOPs of one dense call. SDPA runs its math backend here: FlopCounterMode has no formula for
+    the CPU flash kernel (it counted attention as 0 on CPU), while the math path is plain matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return float(counter.get_total_flops())
 

@@ -90,6 +90,11 @@ GRID = {
     "cm-a.50-m.30": _cm({"top_keys": 0.5}),
     "cm-a.165-m.30-g64": _cm({"group": 64}),  # query groups of one 8x8 tile instead of two
     "cm-a.165-m.30-r.01": _cm({"random_keys": 0.01}),  # + 1% random keys (the video presets' extra)
+    "cm-a.165-m.30-cq128": _cm({"colsum_queries": 128}),  # columns ranked by all 128 queries, not 32
+    # the attention quality guard: layers whose top 16.5% keys hold less than this share of the
+    # attention mass at their first selection stay dense
+    "cm-a.165-m.30-mm.60": _cm({"min_mass": 0.6}),
+    "cm-a.165-m.30-mm.70": _cm({"min_mass": 0.7}),
     # chipmunk + step caching: the published schedule (it never skips a multiple of 10, i.e. a chipmunk
     # refresh step at full_step_every 10) and adaptive caching (which never skips a refresh step either)
     "cmsc-a.165-m.30-fixed25": _cm(sc={"skip_steps": PUBLISHED_SKIPS}),

@@ -92,3 +92,18 @@ def test_summary_fronts_and_comparisons(tmp_path):
     assert (tmp_path / "p.csv").read_text().count("\n") == len(rows) + 1
     assert fp.plot(rows, summary, str(tmp_path / "p.png"), "t") in ("PIL", "matplotlib")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_dense_call_flops_counts_cpu_attention():
+    # The FLOPs ratios of the fidelity benchmarks divide by this count: on CPU, SDPA's flash kernel
+    # has no FlopCounterMode formula, and attention used to count as 0.
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.fidelity import dense_call_flops
+
+    B, H, N, D = 1, 2, 96, 32
+    q = torch.randn(B, H, N, D)
+    w = torch.randn(D, D)
+    flops = dense_call_flops(lambda: F.scaled_dot_product_attention(q, q, q) @ w)
+    assert flops == 4 * B * H * N * N * D + 2 * B * H * N * D * D

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from chipmunk_compile.config import MlpConfig
-from chipmunk_compile.ops.mlp import _neuron_change
+from chipmunk_compile.kernels.mlp_select_neurons_ref import neuron_scores
+from chipmunk_compile.ops.mlp import _output_score
 
 
 class _State:
@@ -21,8 +22,8 @@ def test_output_score_weighs_activation_slope_and_fan_out():
     ref = torch.tensor([[[-9.0, 1.0, 1.0]]])
     now = torch.tensor([[[-6.0, 1.5, 1.5]]])
     st = _State(w2_col_norm=torch.tensor([1.0, 1.0, 0.0]))
-    pre = _neuron_change(st, now, ref, 3, False, "preact", "gelu_tanh")
-    out = _neuron_change(st, now, ref, 3, False, "output", "gelu_tanh")
+    pre = neuron_scores(now, ref, gated=False)
+    out = _output_score(st, now, ref, 3, False, "gelu_tanh")
     assert pre[0, 0, 0] > pre[0, 0, 1]  # the published rule prefers neuron 0
     assert out[0, 0, 1] > 100 * out[0, 0, 0]  # the output rule prefers neuron 1 by far
     assert out[0, 0, 2] == 0
@@ -34,8 +35,8 @@ def test_output_score_gated_uses_the_product():
     ref = torch.tensor([[[0.0, 2.0, 1.0, 1.0]]])  # a | b halves
     now = torch.tensor([[[0.0, 2.0, 5.0, 1.0]]])  # only b of neuron 0 moves, but silu(0) = 0
     st = _State(w2_col_norm=torch.ones(Fh))
-    out = _neuron_change(st, now, ref, Fh, True, "output", "silu")
-    pre = _neuron_change(st, now, ref, Fh, True, "preact", "silu")
+    out = _output_score(st, now, ref, Fh, True, "silu")
+    pre = neuron_scores(now, ref, gated=True)
     assert out[0, 0, 0] == 0 and pre[0, 0, 0] == 4.0  # h = silu(a) * b does not move
 
 

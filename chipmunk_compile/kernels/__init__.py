@@ -33,6 +33,9 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
   once); a row-major w2 is transposed once per weight and cached.
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C).
+- mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None) -> None: the
+  K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes their
+  reference means in bm_cache. Triton: one launch, the row in registers, 8-bit radix select.
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
 
 Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works
@@ -60,6 +63,7 @@ from .attn_column_sparse_ref import attn_column_sparse_ref
 from .attn_dense_colsum_ref import attn_dense_colsum_ref
 from .mlp_block_means_ref import mlp_block_means_ref
 from .mlp_h_cache import mlp_alloc_h_cache
+from .mlp_select_neurons_ref import mlp_select_neurons_ref
 from .mlp_sparse_mm1_ref import mlp_sparse_mm1_ref
 from .mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from .select_columns_ref import select_columns_ref
@@ -68,7 +72,7 @@ mlp_block_means = mlp_block_means_ref
 
 __all__ = [
     "attn_colsum_sampled_ref", "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
-    "mlp_sparse_mm2_ref", "select_columns_ref", "mlp_block_means", "mlp_alloc_h_cache",
+    "mlp_sparse_mm2_ref", "mlp_select_neurons_ref", "select_columns_ref", "mlp_block_means", "mlp_alloc_h_cache",
     "get_kernel", "REFS",
 ]
 
@@ -82,9 +86,10 @@ REFS = {
     "mlp_sparse_mm1": mlp_sparse_mm1_ref,
     "mlp_sparse_mm2": mlp_sparse_mm2_ref,
     "mlp_block_means": mlp_block_means_ref,
+    "mlp_select_neurons": mlp_select_neurons_ref,
 }
 _TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "select_columns", "mlp_sparse_mm1",
-               "mlp_sparse_mm2"}
+               "mlp_sparse_mm2", "mlp_select_neurons"}
 _ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set = set()

@@ -10,6 +10,10 @@ Step types (decided on the host by `schedule.attn_step_kind`, never by reading a
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
+Quality guard (`attn.min_mass`): a layer's first key selection also measures the share of the
+attention mass its kept columns hold (`captured_mass`, a device scalar); with min_mass > 0 a layer
+below it runs dense from then on (`too_diffuse`, counted and logged).
+
 Invariants: the output is always a fresh tensor of logical shape (B, Hq, N, D) stored as
 (B, N, Hq, D); the op never returns or aliases a cache. Caches of a branch are read only after
 a refresh of the current generation filled them; otherwise the exact path runs (counted).
@@ -19,17 +23,20 @@ and its host-side step decision runs on every call.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import runtime
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
 from .sites import POLICIES, fallback, lookup
 
+log = logging.getLogger("chipmunk_compile")
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
@@ -46,9 +53,12 @@ def _sdpa(q, k, v, key_mask, scale):
 
 
 def decide(s, st, pos) -> tuple:
-    """(kind, new indices?, cache-not-filled fallback?) — host state only."""
+    """(kind, new indices?, cache-not-filled fallback?) — host state only (the guard's verdict
+    reads its device measurement once per layer, before any graph records that layer's steps)."""
     cfg = s.cfg
     kind = attn_step_kind(cfg, pos.step, s.current_layer())
+    if kind != DENSE and too_diffuse(s):
+        return DENSE, False, False
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
     if unfilled:
         kind = REFRESH
@@ -90,6 +100,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     if unfilled:
         fallback("attn_cache_not_filled", "a sparse step ran before this branch's refresh step")
     if kind == DENSE:
+        if too_diffuse(s):
+            fallback("attn_diffuse", "a layer's top keys hold less than attn.min_mass of its attention "
+                     "(chipmunk_compile.stats() lists the measured shares)")
         o = _sdpa(q, k, v, key_mask, scale)
         s.finish(st, d, pos)
         return o
@@ -127,12 +140,57 @@ def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int) -> None:
     cfg, device = s.cfg, colsum.device
     top, rnd = max(1, round(cfg.top_keys * Nk)), round(cfg.random_keys * Nk)
     keep = s.keep_on(device) if cfg.keep_text_keys else None
+    layer = s.current_layer()
+    if layer not in s.attn_mass and runtime.RECORDING is None:  # before the selection scores colsum in place
+        s.attn_mass[layer] = captured_mass(colsum, top, keep)
     draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
                                                 n_always=s.keep_count() if keep is not None else 0,
                                                 random_keys=rnd, draws=draws, inplace=True)
     st.tensor("indices", tuple(idx.shape), torch.int32, device).copy_(idx)
     st.tensor("counts", lead, torch.int32, device).copy_(cnt)
+
+
+def captured_mass(colsum: Tensor, top: int, always_keep: Optional[Tensor] = None, rows: int = 256) -> Tensor:
+    """Mean share of the column-sum mass held by the always-kept columns plus the `top` largest
+    others, over at most `rows` evenly spaced (batch, head, group) rows: a 0-dim fp32 device
+    tensor (no sync). Flat attention gives ~top/Nk, concentrated attention close to 1."""
+    Nk = colsum.shape[-1]
+    flat = colsum.reshape(-1, Nk)
+    if flat.shape[0] > rows:
+        flat = flat.index_select(0, torch.linspace(0, flat.shape[0] - 1, rows, device=flat.device).long())
+    flat = flat.float()
+    total = flat.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    kept = torch.zeros_like(total)
+    if always_keep is not None:
+        kept = flat[:, always_keep].sum(-1)
+        flat = flat.masked_fill(always_keep, 0.0)
+    kept = kept + flat.topk(min(top, Nk), dim=-1, sorted=False).values.sum(-1)
+    return (kept / total).clamp(max=1.0).mean()
+
+
+def too_diffuse(s) -> bool:
+    """The guard's verdict for the site's current layer (`attn.min_mass`): True when its measured
+    mass share is below min_mass. Read from the device once per layer (one sync, at the first call
+    after the layer's first selection, outside any CUDA graph) and kept for the session."""
+    if s.cfg.min_mass <= 0:
+        return False
+    layer = s.current_layer()
+    verdict = s.attn_diffuse.get(layer)
+    if verdict is None:
+        mass = s.attn_mass.get(layer)
+        if mass is None or runtime.RECORDING is not None or _capturing(mass):
+            return False
+        verdict = s.attn_diffuse[layer] = float(mass) < s.cfg.min_mass
+        if verdict:
+            log.warning("chipmunk: %s (layer %d): its top %.1f%% keys hold %.2f of the attention mass "
+                        "< attn.min_mass %.2f: the layer stays dense", s.path, layer, 100 * s.cfg.top_keys,
+                        float(mass), s.cfg.min_mass)
+    return verdict
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @attention.register_fake

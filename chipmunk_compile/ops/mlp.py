@@ -161,49 +161,35 @@ def _alloc_h(*shape, dtype, device):
     return mlp_alloc_h_cache(*shape, dtype, device)
 
 
-def _neuron_change(st, basis, bm_cache, Fh: int, gated: bool, score: str, act: str) -> Tensor:
-    """(B, nb, Fh) fp32 ranking score of every neuron per token block (a fresh tensor).
+def _output_score(st, basis, bm_cache, Fh: int, gated: bool, act: str) -> Tensor:
+    """(B, nb, Fh) fp32 `mlp.score: output` ranking: |Δ act(block mean)| (the gated product when
+    gated) times ||w2[:, j]||: how much the neuron's stale cache entry moves the MLP output, so that
+    a large pre-activation change in the flat part of the activation, or into a neuron with small
+    fan-out weights, ranks low. ("preact", the published |Δ block-mean pre-activation|, is computed
+    inside the selection kernel.)"""
+    def h(t):
+        return _hidden(t[..., :Fh], t[..., Fh:] if gated else None, act)
 
-    "preact": |Δ block-mean pre-activation| (summed over both halves when gated; method.md §2).
-    "output": |Δ act(block mean)| (the gated product when gated) times ||w2[:, j]||: how much
-    the neuron's stale cache entry moves the MLP output, so that a large pre-activation change in
-    the flat part of the activation, or into a neuron with small fan-out weights, ranks low."""
-    if score == "output":
-        def h(t):
-            return _hidden(t[..., :Fh], t[..., Fh:] if gated else None, act)
-
-        return (h(basis) - h(bm_cache)).abs_().mul_(st.get("w2_col_norm"))
-    change = (basis - bm_cache).abs_()
-    return change[..., :Fh] + change[..., Fh:] if gated else change
+    return (h(basis) - h(bm_cache)).abs_().mul_(st.get("w2_col_norm"))
 
 
 def _select_neurons(st, s, basis, bm_cache, Fh: int, gated: bool, step: int, act: str) -> None:
-    """Per token block: the `top_keys` neurons whose score (`_neuron_change`) is largest since they
-    were last picked, plus `random_keys` random draws; writes `indices`/`counts` and refreshes the
-    picked neurons' reference means only (the others keep drifting; method.md §2).
-
-    The picked set is a mask (top-k scattered), compacted by a cumulative sum into ascending
-    indices (ascending: L2 reuse of weight rows in mm1/mm2): 1.3x faster on an H200 than sorting
-    the top-k indices (benchmarks/results/bench_select.csv), and no host sync."""
+    """Per token block: the `top_keys` neurons whose score is largest since they were last picked,
+    plus `random_keys` random draws, into `indices`/`counts`, refreshing the picked neurons'
+    reference means only (the others keep drifting; method.md §2). One `mlp_select_neurons` call
+    (ascending indices for L2 reuse of weight rows in mm1/mm2, no host sync)."""
     cfg, device = s.cfg, basis.device
-    change = _neuron_change(st, basis, bm_cache, Fh, gated, cfg.score, act)
-    B, nb, _ = change.shape
+    B, nb, _ = basis.shape
     top, rnd = max(1, round(cfg.top_keys * Fh)), round(cfg.random_keys * Fh)
     K = min(Fh, top + rnd)
-    if rnd:  # draws with replacement; a duplicate or top-k overlap just leaves a slot to top-k
-        pick = s.random_ints((B, nb, rnd), Fh, device, step)
-        change.scatter_(2, pick, float("inf"))
-    mask = torch.zeros_like(change, dtype=torch.bool).scatter_(2, change.topk(K, dim=-1, sorted=False).indices, True)
-    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, K).long()  # unpicked -> spare slot K
-    wide = st.get("indices_wide")
-    if wide is None:
-        wide = st.tensor("indices_wide", (B, nb, K + 1), torch.int32, device)
-        st.cache["indices"] = wide[..., :K]
+    # draws with replacement; a duplicate or top-k overlap just leaves a slot to top-k
+    draws = s.random_ints((B, nb, rnd), Fh, device, step) if rnd else None
+    score = _output_score(st, basis, bm_cache, Fh, gated, act) if cfg.score == "output" else None
+    idx = st.get("indices")
+    if idx is None:
+        idx = st.tensor("indices", (B, nb, K), torch.int32, device)
         st.tensor("counts", (B, nb), torch.int32, device).fill_(K)
-    cols = torch.arange(Fh, dtype=torch.int32, device=device).expand(B, nb, Fh)
-    wide.scatter_(2, slot, cols)
-    both = mask if not gated else torch.cat([mask, mask], dim=-1)
-    bm_cache.copy_(torch.where(both, basis, bm_cache))
+    kernel("mlp_select_neurons", basis)(basis, bm_cache, idx, gated=gated, score=score, draws=draws)
 
 
 @mlp.register_fake

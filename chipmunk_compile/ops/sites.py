@@ -114,6 +114,9 @@ class Site:
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
     graph: Any = None  # GraphInstances of the compiled graph this site belongs to
+    # attention quality guard, per layer (one site serves many layers under regional compilation):
+    attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
+    attn_diffuse: dict = field(default_factory=dict)  # layer -> bool verdict, once read
 
     def __post_init__(self):
         self.id = new_site_id()

@@ -1,0 +1,47 @@
+"""Neuron selection of a sparse MLP step, per (batch, token block) (PyTorch only).
+
+Contract (the Triton twin ``mlp_select_neurons.py`` has the same signature and result):
+- basis (B, nb, Fb) fp32: this step's block-mean pre-activation(s); bm_cache (B, nb, Fb) fp32: the
+  reference means of the neurons' last refresh. Fb = Fh, or 2·Fh when ``gated`` (the activation
+  half first, then the linear half).
+- Score of neuron j: ``score[..., j]`` when a (B, nb, Fh) fp32 ``score`` is given (e.g. the output
+  score of ops/mlp.py), else |basis − bm_cache| (summed over both halves when gated). Scores are
+  expected ≥ 0; NaN ranks highest.
+- ``draws`` (B, nb, r) int64: neurons forced in (their score becomes +inf); repeats are harmless.
+- Selected = the K = indices.shape[-1] (≤ Fh) highest scores; among equal scores the lowest neuron
+  ids. ``indices`` (B, nb, K) int32 (last dim contiguous) receives them in ascending order: the
+  sparse kernels walk weight rows in order (L2 reuse), and no slot is ever left unwritten.
+- ``bm_cache`` is updated in place for the selected neurons only (both halves when gated): the
+  others keep drifting until they are picked (method.md §2). Returns None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def neuron_scores(basis, bm_cache, *, gated: bool, score=None, draws=None) -> torch.Tensor:
+    """(B, nb, Fh) fp32 ranking scores, a fresh tensor."""
+    if score is not None:
+        ch = score.float().clone()
+    else:
+        ch = (basis - bm_cache).abs_()
+        if gated:
+            Fh = basis.shape[-1] // 2
+            ch = ch[..., :Fh] + ch[..., Fh:]
+    if draws is not None and draws.numel():
+        ch.scatter_(-1, draws, float("inf"))
+    return ch
+
+
+def mlp_select_neurons_ref(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None) -> None:
+    ch = neuron_scores(basis, bm_cache, gated=gated, score=score, draws=draws)
+    K = indices.shape[-1]
+    if K > ch.shape[-1]:
+        raise ValueError(f"mlp_select_neurons: K={K} exceeds the {ch.shape[-1]} neurons")
+    top = torch.sort(ch, dim=-1, descending=True, stable=True).indices[..., :K]
+    idx = top.sort(dim=-1).values
+    indices.copy_(idx)
+    mask = torch.zeros_like(ch, dtype=torch.bool).scatter_(-1, idx, True)
+    both = torch.cat([mask, mask], dim=-1) if gated else mask
+    bm_cache.copy_(torch.where(both, basis, bm_cache))
