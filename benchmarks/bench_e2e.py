@@ -321,6 +321,24 @@ def run_pass(model, step_kwargs, seq, cfg_calls, pin=None) -> dict[int, float]:
     return times
 
 
+def with_overrides(preset, items: list[str]):
+    """The preset itself, or {"preset": preset, section: {key: value}} with every SECTION.KEY=VALUE
+    of `items` laid over it (validated here, before any model is built)."""
+    if not items:
+        return preset
+    import yaml
+
+    cfg: dict = {"preset": preset}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name and value):
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. attn.full_step_every=5")
+        cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+    ChipmunkConfig.from_any(cfg)
+    return cfg
+
+
 def compile_variant(variant: str, model, preset):
     if variant == CHIPMUNK:
         return torch.compile(model, backend="chipmunk", options={"config": preset})
@@ -514,6 +532,9 @@ def parse_args():
                          "a unit = one layer, or for flux/hunyuan-video one double + two single blocks")
     ap.add_argument("--frames", type=int, default=None, help="latent frames (video models)")
     ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one key of the preset, e.g. attn.full_step_every=5 or attn.min_mass=0.7 "
+                         "(repeatable; values are YAML)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
     ap.add_argument("--default-sdpa", action="store_true", help="also time plain torch.compile with default SDPA")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
@@ -531,7 +552,7 @@ def main():
     args = parse_args()
     counts = parse_blocks(args.blocks)
     spec = MODELS[args.model]
-    preset = args.config or spec["preset"]
+    preset = with_overrides(args.config or spec["preset"], args.set)
     labels = step_labels(preset, args.steps)
     seq = coverage(preset, args.steps, args.reps)
     variants = [BASELINE] + ([DEFAULT_SDPA] if args.default_sdpa else []) + [CHIPMUNK]

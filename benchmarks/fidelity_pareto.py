@@ -95,6 +95,7 @@ GRID = {
     # attention mass at their first selection stay dense
     "cm-a.165-m.30-mm.60": _cm({"min_mass": 0.6}),
     "cm-a.165-m.30-mm.70": _cm({"min_mass": 0.7}),
+    "cm-a.165-m.30-ae5-mm.70": _cm({"full_step_every": 5, "min_mass": 0.7}),  # both levers
     # chipmunk + step caching: the published schedule (it never skips a multiple of 10, i.e. a chipmunk
     # refresh step at full_step_every 10) and adaptive caching (which never skips a refresh step either)
     "cmsc-a.165-m.30-fixed25": _cm(sc={"skip_steps": PUBLISHED_SKIPS}),

@@ -91,3 +91,14 @@ def test_hunyuan_text_mask_none_drops_attn_mask_exactly(monkeypatch):
 
     with pytest.raises(ValueError, match="padding"):
         be.apply_text_mask("hunyuan-video", hunyuan(), dict(kw, encoder_attention_mask=torch.arange(8)[None] < 5), "none")
+
+
+def test_set_overrides_lay_keys_over_the_preset():
+    assert be.with_overrides("flux", []) == "flux"
+    cfg = be.with_overrides("flux", ["attn.full_step_every=5", "attn.min_mass=0.7"])
+    assert cfg == {"preset": "flux", "attn": {"full_step_every": 5, "min_mass": 0.7}}
+    # the schedule of the overridden config drives the step labels: attention refreshes at 5, 15, ...
+    assert be.step_labels(cfg, 20)[5] != be.step_labels("flux", 20)[5]
+    for bad in (["attn.full_step_every"], ["full_step_every=5"], ["attn.min_mass=2"]):
+        with pytest.raises((SystemExit, ValueError)):
+            be.with_overrides("flux", bad)
