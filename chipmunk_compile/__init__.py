@@ -62,8 +62,8 @@ def clear_step(model: Any) -> None:
 
 def stats(model: Any) -> dict:
     """Per-site step-type counts, the current step position and the cache memory of `model`; for
-    attention sites also the share of the attention mass their kept keys held at each layer's
-    first selection (`attn_mass`) and the layers the `attn.min_mass` guard keeps dense."""
+    attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
+    keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
     out = {"sites": [], "state_bytes": 0}
     for session in sessions_of(model):
         pos = session.position()

@@ -49,10 +49,10 @@ class AttnConfig:
     # queries per group whose exact probabilities rank the key columns at a refresh (evenly spread
     # over the group; >= group: all of them). Costs colsum_queries/group of a QKᵀ pass.
     colsum_queries: int = 32
-    # quality guard: at a layer's first key selection, the share of the (sampled) attention mass its
-    # top_keys columns hold is measured (always; `stats()` reports it). Below min_mass the layer
-    # stays dense from then on (counted `fallback:attn_diffuse`, logged): its attention is too
-    # diffuse for column-sparse deltas. 0 = off (default: the published presets keep every layer).
+    # quality guard (> 0): at a layer's first key selection, the share of the (sampled) attention
+    # mass its kept columns hold is measured (`stats()` reports it); below min_mass the layer stays
+    # dense from then on (counted `fallback:attn_diffuse`, logged): its attention is too diffuse for
+    # column-sparse deltas. 0 = off, nothing measured (the published presets keep every layer).
     min_mass: float = 0.0
 
     def __post_init__(self):

@@ -10,9 +10,9 @@ Step types (decided on the host by `schedule.attn_step_kind`, never by reading a
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
-Quality guard (`attn.min_mass`): a layer's first key selection also measures the share of the
-attention mass its kept columns hold (`captured_mass`, a device scalar); with min_mass > 0 a layer
-below it runs dense from then on (`too_diffuse`, counted and logged).
+Quality guard (`attn.min_mass` > 0; off by default): a layer's first key selection also measures
+the share of the attention mass its kept columns hold (`captured_mass`, a device scalar); a layer
+below min_mass runs dense from then on (`too_diffuse`, counted and logged).
 
 Invariants: the output is always a fresh tensor of logical shape (B, Hq, N, D) stored as
 (B, N, Hq, D); the op never returns or aliases a cache. Caches of a branch are read only after
@@ -141,7 +141,7 @@ def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int) -> None:
     top, rnd = max(1, round(cfg.top_keys * Nk)), round(cfg.random_keys * Nk)
     keep = s.keep_on(device) if cfg.keep_text_keys else None
     layer = s.current_layer()
-    if layer not in s.attn_mass and runtime.RECORDING is None:  # before the selection scores colsum in place
+    if cfg.min_mass > 0 and layer not in s.attn_mass and runtime.RECORDING is None:  # before colsum is scored in place
         s.attn_mass[layer] = captured_mass(colsum, top, keep)
     draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
