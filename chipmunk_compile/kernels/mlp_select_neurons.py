@@ -99,6 +99,7 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     scratch = torch.empty(B * nb * BLOCK if r else 1, dtype=torch.float32, device=basis.device)
     sc = score if score is not None else basis
     dr = draws if draws is not None else indices
+    dr = dr if dr.stride(-1) == 1 else dr.contiguous()
     warps = 4 if interpreting() else max(4, min(16, BLOCK // 1024))
     _mlp_select_neurons_kernel[(B * nb,)](
         basis, bm_cache, sc, dr, scratch, indices, Fh, K, r, nb,
