@@ -35,7 +35,8 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C).
 - mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None) -> None: the
   K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes their
-  reference means in bm_cache. Triton: one launch, the row in registers, 8-bit radix select.
+  reference means in bm_cache. Triton: one launch, the row in registers, the K-th largest key
+  found bit by bit (32 block-wide counts), compaction by cumsum.
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
 
 Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works

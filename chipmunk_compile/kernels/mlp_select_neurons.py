@@ -7,7 +7,7 @@ neurons, which made a selection step ~5-7 ms slower than an index-reuse step on 
 
 Kernel invariants:
 - A row (Fh ≤ BLOCK scores) lives in registers from its load to its last store: the score, the
-  radix select and the compaction never re-read it. Random draws go through a per-row scratch row
+  selection and the compaction never re-read it. Random draws go through a per-row scratch row
   (store the scores, barrier, store +inf at the draws, barrier, reload): a scatter into registers
   does not exist.
 - Scores become order-preserving uint32 keys (sign bit set for positives, all bits flipped for
