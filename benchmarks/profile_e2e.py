@@ -8,6 +8,7 @@ and the wall time per step; explains where a step's time goes."""
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -19,6 +20,28 @@ def steps(compiled, name, kw, n, start=0, total=50):
     with torch.no_grad():
         for i in range(start, start + n):
             compiled(**kw, timestep=timestep(name, i, total, "cuda", torch.bfloat16), return_dict=False)
+
+
+KERNEL_KINDS = (  # first match wins; names as CUPTI reports them
+    ("chipmunk triton", re.compile(r"^_(attn|mlp|select)")),
+    ("cuBLAS gemm", re.compile(r"nvjet|gemm|xmma|cutlass", re.I)),
+    ("cuDNN/flash sdpa", re.compile(r"cudnn|flash|fmha", re.I)),
+    ("inductor triton", re.compile(r"^triton_")),
+    ("aten elementwise/copy", re.compile(r"elementwise|copy|fill|Memcpy|Memset", re.I)),
+    ("aten reduce/scan/topk/gather", re.compile(r"reduce|scan|topk|gather|sort|radix", re.I)),
+)
+
+
+def kernel_split(prof, n_steps: int) -> str:
+    """GPU time per step by kernel kind: where a step's time goes, summed over kernels."""
+    totals: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, rx in KERNEL_KINDS if rx.search(evt.name)), "other")
+        totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3 / n_steps
+    lines = [f"{k:32s} {v:8.2f} ms/step" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step"])
 
 
 def main():
@@ -50,6 +73,7 @@ def main():
             steps(c, args.model, kw, 2, start=7)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(kernel_split(prof, n_steps=2))
         if label == "chipmunk":
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 

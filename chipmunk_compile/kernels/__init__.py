@@ -11,8 +11,6 @@ signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementat
 - otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
   logging once per (name, reason) on the "chipmunk_compile" logger.
 ``CHIPMUNK_KERNELS=ref`` forces the references everywhere (reason "forced_ref").
-``mlp_block_means`` has no Triton version (a torch reduction is fine there); it always returns the
-reference and counts nothing.
 
 Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract):
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
@@ -32,7 +30,8 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
 - mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None) -> fresh y; updates
   y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
   once); a row-major w2 is transposed once per weight and cached.
-- mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C).
+- mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C). Triton: one read of x (the
+  torch chain of gather, fp32 copy, reduction and cast made four passes).
 - mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None) -> None: the
   K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes their
   reference means in bm_cache. Triton: one launch, the row in registers, the K-th largest key
@@ -69,11 +68,9 @@ from .mlp_sparse_mm1_ref import mlp_sparse_mm1_ref
 from .mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from .select_columns_ref import select_columns_ref
 
-mlp_block_means = mlp_block_means_ref
-
 __all__ = [
     "attn_colsum_sampled_ref", "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
-    "mlp_sparse_mm2_ref", "mlp_select_neurons_ref", "select_columns_ref", "mlp_block_means", "mlp_alloc_h_cache",
+    "mlp_sparse_mm2_ref", "mlp_select_neurons_ref", "select_columns_ref", "mlp_alloc_h_cache",
     "get_kernel", "REFS",
 ]
 
@@ -90,7 +87,7 @@ REFS = {
     "mlp_select_neurons": mlp_select_neurons_ref,
 }
 _TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "select_columns", "mlp_sparse_mm1",
-               "mlp_sparse_mm2", "mlp_select_neurons"}
+               "mlp_sparse_mm2", "mlp_select_neurons", "mlp_block_means"}
 _ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set = set()
