@@ -174,9 +174,14 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
             record("mlp", f"mm2 {tag}{suffix}", shape, bench(lambda: mm2(dp)), flops=sf)
             record("mlp", f"mm1+mm2 {tag}{suffix}", shape, bench(lambda: mm2(mm1())), baseline_ms=base,
                    flops=2 * sf, target=">=2.8x dense" if flux_keep else None, note=note)
-    # select / means helpers (PyTorch) for reference
-    bm = bench(lambda: K.mlp_block_means(x, block=block))
-    record("mlp", "block_means (torch)", shape, bm)
+    # the selection's block means: the Triton kernel against the torch chain it replaced
+    from chipmunk_compile.kernels.mlp_block_means import mlp_block_means
+
+    for suffix, perm, _ in orders:
+        ref_ms = bench(lambda: K.mlp_block_means_ref(x, block=block, perm=perm))
+        record("mlp", f"block_means (torch){suffix}", shape, ref_ms)
+        record("mlp", f"block_means (triton){suffix}", shape, bench(lambda: mlp_block_means(x, block=block, perm=perm)),
+               baseline_ms=ref_ms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +213,9 @@ def sweep_variants():
            # one warpgroup on a 128x128 tile with a deep pipeline (mm2's best, session 5)
            ("M 128x64 w4 s5", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
            ("N 128x64 w4 s6", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("O 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2))]
+           ("O 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
+           # C with a deeper pipeline: two warpgroups on a 128x128 tile compile without register spills
+           ("P 128x64 s5 gm64 sp2", _cfg(8, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2))]
     mm2 = [("A 256x64 s3 gm64 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
            ("B 256x64 s4 gm64 sp4", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
            ("C 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,

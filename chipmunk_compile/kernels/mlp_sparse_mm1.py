@@ -18,7 +18,7 @@ Kernel invariants:
   each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
   in-place update is race free.
 - delta_packed rows are padded to a multiple of 64 elements (see the launcher); the pad columns
-  are never written nor read.
+  may be written (zeros) and are never read.
 - Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
   gathered weight rows of a column window stay in L2 while several token blocks use them.
 - Wave tail: with P = NUM_SMS * OCC resident programs and T tiles, when (T % P) * SPLIT <= P the
@@ -53,7 +53,7 @@ def _act(z, ACT: tl.constexpr):
 def _mm1_tile(
     X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,  #
     sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,  #
-    M, C, KW, b, mb, t, col0,  #
+    M, C, KWP, b, mb, t, col0,  #
     BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
     EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -68,7 +68,10 @@ def _mm1_tile(
     cnt = tl.load(CNT + b * scb + mb)
     c = col0 + tl.arange(0, BLOCK_N)
     dp_ptrs = DP + b * sdb + pos[:, None] * sdm + c[None, :] * sdk
-    st_mask = row_ok[:, None] & (c < KW)[None, :]
+    # delta columns up to the padded row width KWP (a multiple of 64) are written, pad included
+    # (zeros, never read): with no column mask at KW the stores stay 16-byte vectors (masked at
+    # K = 4300 they were 2-byte stores, 256 per thread and tile)
+    st_mask = row_ok[:, None] & (c < KWP)[None, :]
     if col0 >= cnt:
         tl.store(dp_ptrs, tl.zeros([BLOCK_M, BLOCK_N], DP.dtype.element_ty), mask=st_mask)
     else:
@@ -119,7 +122,7 @@ def _mm1_tile(
 def _mlp_sparse_mm1_kernel(
     X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,  #
     sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,  #
-    M, C, KW, NB, NBATCH, NUM_SMS,  #
+    M, C, KW, KWP, NB, NBATCH, NUM_SMS,  #
     BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
     GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, KALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -136,13 +139,13 @@ def _mlp_sparse_mm1_kernel(
     if pid < t_main:
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
-                  M, C, KW, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
+                  M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
                   BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
-                  M, C, KW, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
+                  M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
                   BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, SUB, BLOCK_K, EVEN_K, DOT_PREC)
 
 
@@ -151,8 +154,11 @@ def _configs():
     #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
     # H200 FLUX sweep (benchmarks/results/bench_kernels_h200_sweep.csv): 128x256x64, 8 warps, 4 stages,
     # GROUP_M 64 best (0.280 ms); 3 stages 0.291, GROUP_M 16 0.292, GROUP_M 8 0.306, 128x128 0.30-0.31.
+    # 128x128 tiles on 8 warps: the only tile of these that ptxas compiles without spilling (64
+    # accumulator registers per thread; 128x256 on 8 warps spills ~380 bytes per thread in the epilogue).
     for bm, bn, bk, w, s, gm, occ, sp in [(128, 256, 64, 8, 4, 64, 1, 2), (128, 256, 64, 8, 3, 64, 1, 2),
-                                          (128, 256, 64, 8, 3, 16, 1, 2), (128, 128, 64, 4, 4, 64, 1, 2)]:
+                                          (128, 256, 64, 8, 3, 16, 1, 2), (128, 128, 64, 4, 4, 64, 1, 2),
+                                          (128, 128, 64, 8, 4, 64, 1, 2), (128, 128, 64, 8, 5, 64, 1, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
                                   "SPLIT": sp}, num_warps=w, num_stages=s))
     return out
@@ -196,7 +202,7 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
         h_cache, delta, pm if pm is not None else dummy,
         *x.stride(), *w_act.stride(), *wl.stride(), *h_cache.stride(), *delta.stride(), idx.stride(0),
         idx.stride(1), cnt.stride(0),
-        M, C, KW, NB, B, nsm,
+        M, C, KW, KWp, NB, B, nsm,
     )
     flags = dict(BLK=int(block), ACT=ACT_CODE[act], HAS_BA=b_act is not None, HAS_WL=w_lin is not None,
                  HAS_BL=b_lin is not None, HAS_PERM=pm is not None, KALIGN=_pow2_align(C),

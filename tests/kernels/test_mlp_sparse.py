@@ -131,6 +131,11 @@ def test_triton_matches_ref(triton_mode, case, dtype):
     d = mm1(x, w_act, b_act, w_lin, b_lin, idx, cnt, hc, act=act, block=blk, perm=perm)
     d_r = mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, idx, cnt, hc_r, act=act, block=blk, perm=perm)
     assert rel_err(d, d_r) < TOL[dtype] and rel_err(hc, hc_r) < TOL[dtype]
+    # delta rows are padded to 64 elements; the kernel may write the pad, but only zeros, never past it
+    Kp = d.stride(1)
+    padded = d.as_strided((B, M, Kp), d.stride())
+    pad = padded[..., d.shape[-1]:]
+    assert Kp % 64 == 0 and ((pad == 0) | pad.isnan()).all()  # NaN: poisoned and not written
     yc = torch.randn(B, M, Co, generator=g).to(DEV, dtype)
     yc_r = yc.clone()
     mm2 = get_kernel("mlp_sparse_mm2", d_r, w2, yc)
