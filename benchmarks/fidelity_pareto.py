@@ -44,10 +44,9 @@ COLORS = {STEPCACHE: "#1f77b4", CHIPMUNK: "#d62728", COMBO: "#2ca02c"}
 
 
 def _cm(attn=None, mlp=None, sc=None):
-    """A chipmunk config on the flux preset: attn/mlp patches (None: preset), sc: step_cache patch."""
-    cfg = {"preset": "flux"}
-    if attn:
-        cfg["attn"] = attn
+    """A chipmunk config on the flux preset with the published attention refresh period (10; the
+    preset itself refreshes every 5 since these rows showed it): attn/mlp patches, sc: step_cache patch."""
+    cfg = {"preset": "flux", "attn": {"full_step_every": 10, **(attn or {})}}
     if mlp:
         cfg["mlp"] = mlp
     if sc:
@@ -96,6 +95,10 @@ GRID = {
     "cm-a.165-m.30-mm.60": _cm({"min_mass": 0.6}),
     "cm-a.165-m.30-mm.70": _cm({"min_mass": 0.7}),
     "cm-a.165-m.30-ae5-mm.70": _cm({"full_step_every": 5, "min_mass": 0.7}),  # both levers
+    # text keys ranked like any other column instead of always kept (the published FLUX rule: pure
+    # top-k over all columns, method.md §1): the attention density drops from 16.5% + text to 16.5%
+    "cm-a.165-m.30-nt": _cm({"keep_text_keys": False}),
+    "cm-a.165-m.30-ae5-nt": _cm({"full_step_every": 5, "keep_text_keys": False}),
     # chipmunk + step caching: the published schedule (it never skips a multiple of 10, i.e. a chipmunk
     # refresh step at full_step_every 10) and adaptive caching (which never skips a refresh step either)
     "cmsc-a.165-m.30-fixed25": _cm(sc={"skip_steps": PUBLISHED_SKIPS}),

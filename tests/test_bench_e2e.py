@@ -24,7 +24,13 @@ def test_flux_labels_split_index_reuse():
     labels = be.step_labels("flux", 50)
     assert labels[0] == "attn:dense/mlp:dense" and labels[1].startswith("attn:refresh")
     assert labels[11].endswith("+reuse") and labels[12].endswith("+sel") and labels[3].endswith("+sel")
-    assert be.coverage("flux", 50) == [0, 1, 2, 3, 10, 11, 13, 20]
+    # the preset refreshes attention every 5 steps; MLP dense steps stay every 10
+    assert labels[5] == "attn:refresh/mlp:sparse+sel" and labels[15] == "attn:refresh/mlp:sparse+reuse"
+    assert labels[10] == "attn:refresh/mlp:dense"
+    assert be.coverage("flux", 50) == [0, 1, 2, 3, 5, 10, 11, 13, 15, 20, 25]
+    published = be.with_overrides("flux", ["attn.full_step_every=10"])  # the published schedule
+    assert be.step_labels(published, 50)[5] == "attn:sparse/mlp:sparse+sel"
+    assert be.coverage(published, 50) == [0, 1, 2, 3, 10, 11, 13, 20]
 
 
 def test_total_and_extrapolation_exact_on_linear_data():
@@ -95,9 +101,9 @@ def test_hunyuan_text_mask_none_drops_attn_mask_exactly(monkeypatch):
 
 def test_set_overrides_lay_keys_over_the_preset():
     assert be.with_overrides("flux", []) == "flux"
-    cfg = be.with_overrides("flux", ["attn.full_step_every=5", "attn.min_mass=0.7"])
-    assert cfg == {"preset": "flux", "attn": {"full_step_every": 5, "min_mass": 0.7}}
-    # the schedule of the overridden config drives the step labels: attention refreshes at 5, 15, ...
+    cfg = be.with_overrides("flux", ["attn.full_step_every=10", "attn.min_mass=0.7"])
+    assert cfg == {"preset": "flux", "attn": {"full_step_every": 10, "min_mass": 0.7}}
+    # the schedule of the overridden config drives the step labels: no attention refresh at 5, 15, ...
     assert be.step_labels(cfg, 20)[5] != be.step_labels("flux", 20)[5]
     for bad in (["attn.full_step_every"], ["full_step_every=5"], ["attn.min_mass=2"]):
         with pytest.raises((SystemExit, ValueError)):
