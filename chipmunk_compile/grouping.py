@@ -9,12 +9,15 @@ Where the token grid comes from, in this order:
 1. a Conv2d/Conv3d patch embedding whose output is flattened/transposed into a (B, N, C)-like
    token tensor (DiT, PixArt, SD3, Wan, HunyuanVideo, CogVideoX, Mochi). The view chain is
    followed symbolically, so per-frame 2-D convs whose batch is later unflattened into frames
-   (CogVideoX, Mochi) give a t×h×w grid; size-1 axes are dropped (one video frame = an image).
+   (CogVideoX, Mochi; Allegro, which does it after the (B*T, hw, C) token layout) give a t×h×w
+   grid; size-1 axes are dropped (one video frame = an image).
 2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
    are distinct integer positions filling a box. Its values are read once at compile time (the
    backend's example inputs are real tensors); the order then follows the actual positions,
    whatever order the tokens come in.
-3. `config.grouping.grid` (with `text_tokens` / `text_first`).
+3. a (B, C, H, W) / (B, C, T, H, W) latent input patchified by views before a linear embedding
+   (CogView4, Lumina2): the same view walk, from the graph input.
+4. `config.grouping.grid` (with `text_tokens` / `text_first`).
 Else no grouping (perm None; the reason is reported in `Site.grouping`).
 
 Order inside the image tokens (`tile_order`): 2-D grids in (8, 8) tiles, tile-major, each tile as
@@ -260,39 +263,81 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
         spatial = {f"s{i}" for i, s in enumerate(spatial_sizes) if s > 1}
         if len(spatial) < 1:
             continue
-        # follow view-like users (breadth-first; the first token layout reached wins)
-        frontier = [(node, layout)]
-        found = None
-        seen = set()
-        while frontier and found is None:
-            nxt = []
-            for src, lay in frontier:
-                for user in src.users:
-                    if user in seen:
-                        continue
-                    seen.add(user)
-                    new = _step_layout(user, src, lay)
-                    if new is None:
-                        continue
-                    tg = _token_grid(new, spatial)
-                    if tg is not None and len(tg[0]) >= 2 and math.prod(tg[0]) >= 4:
-                        found = tg
+        for grid, frames in _follow_views(node, layout, spatial):
+            grid = tuple(g for g in grid if g > 1)
+            if len(grid) not in (2, 3):
+                continue
+            if frames:
+                src = f"{kind} patch embed (per frame) t×h×w"
+            else:
+                src = f"{kind} patch embed " + ("t×h×w" if len(grid) == 3 else "h×w")
+            out.append(GridInfo(grid, src))
+    return out
+
+
+def _follow_views(conv: fx.Node, layout: list, spatial: set, extra_depth: int = 4) -> list[tuple[tuple, bool]]:
+    """Token grids reached from a conv output through view-like users (breadth-first).
+
+    The first token layout reached is a candidate. When it still has the batch (or batch x frames,
+    for a per-frame 2-D conv) as a dim of its own, the walk goes on a few more view steps: a later
+    unflatten of the batch into frames that are then merged into the token dim (Allegro:
+    (B*T, hw, C) -> (B, T, hw, C) -> (B, T*hw, C)) gives a t×h×w candidate too, listed first. Only
+    a rank-3 (batch, tokens, channels) layout counts for that, so a (B*N, C) flattening of batch
+    and tokens is never taken for frames. `_pick` chooses by the sites' token counts."""
+    frontier = [(conv, layout)]
+    first, framed = None, None
+    seen: set = set()
+    depth = 0
+    while frontier and framed is None and (first is None or depth <= extra_depth):
+        nxt = []
+        for src, lay in frontier:
+            for user in src.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                new = _step_layout(user, src, lay)
+                if new is None:
+                    continue
+                tg = _token_grid(new, spatial)
+                if tg is not None and len(tg[0]) >= 2 and math.prod(tg[0]) >= 4:
+                    if first is None:
+                        first = tg
+                        if tg[1]:  # frames already merged into the tokens (CogVideoX, Mochi)
+                            return [tg]
+                    elif tg[1] and len(new) == 3:
+                        framed = tg
                         break
-                    nxt.append((user, new))
-                if found:
-                    break
-            frontier = nxt
-        if found is None:
+                nxt.append((user, new))
+            if framed is not None:
+                break
+        frontier = nxt
+        if first is not None:
+            depth += 1
+    return [g for g in (framed, first) if g is not None]
+
+
+def _patchify_grids(gm: fx.GraphModule) -> list[GridInfo]:
+    """Grids of image/video latent inputs patchified by views alone (CogView4, Lumina2: (B, C, H, W)
+    -> (B, C, H/p, p, W/p, p) -> permute -> (B, HW/p², C·p²) before a linear embedding): the same
+    symbolic walk as for conv outputs, from a rank-4 (B, C, H, W) or rank-5 (B, C, T, H, W) graph
+    input (not a parameter). A token dim made of the outer parts of the split spatial axes is the
+    grid; the patch pixels go with the channels."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or _is_param(node):
             continue
-        grid, frames = found
-        grid = tuple(g for g in grid if g > 1)
-        if len(grid) not in (2, 3):
+        shape = _shape(node)
+        if shape is None or len(shape) not in (4, 5):
             continue
-        if frames:
-            src = f"{kind} patch embed (per frame) t×h×w"
-        else:
-            src = f"{kind} patch embed " + ("t×h×w" if len(grid) == 3 else "h×w")
-        out.append(GridInfo(grid, src))
+        layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(shape[2:])]
+        spatial = {f"s{i}" for i, s in enumerate(shape[2:]) if s > 1}
+        if len(spatial) < 2:
+            continue
+        for grid, _ in _follow_views(node, layout, spatial):
+            grid = tuple(g for g in grid if g > 1)
+            if len(grid) in (2, 3):
+                axes = "t×h×w" if len(grid) == 3 else "h×w"
+                out.append(GridInfo(grid, f"patchified input {_input_name(node)} {axes}"))
     return out
 
 
@@ -442,13 +487,16 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
     ids = _pick(_id_grids(gm, example_inputs), counts)
     if ids is not None:
         return ids, ""
+    patchified = _pick(_patchify_grids(gm), counts)
+    if patchified is not None:
+        return patchified, ""
     if gcfg.grid is not None:
         grid = tuple(int(g) for g in gcfg.grid)
         grid = tuple(g for g in grid if g > 1)
         if len(grid) not in (2, 3):
             return None, f"config.grouping.grid {list(gcfg.grid)} has {len(grid)} axes longer than 1 (need 2 or 3)"
         return GridInfo(grid, "config " + ("t×h×w" if len(grid) == 3 else "h×w"), None, gcfg.text_first), ""
-    why = "no conv patch embedding, position-id input or config.grouping.grid"
+    why = "no conv patch embedding, position-id input, patchified latent input or config.grouping.grid"
     if example_inputs is None:
         why += " (input values not available)"
     return None, why

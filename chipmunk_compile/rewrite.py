@@ -66,12 +66,17 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
     # `first_n_dense_layers`) do not depend on whether attention is sparsified
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     disabled = [r for r in rejections if r.kind == "attention" and r.reason == "disabled by config"]
+    calls: dict = {}
     for m in sorted([*matches, *disabled], key=lambda item: order[item.anchor]):
         if isinstance(m, Rejection):
             n_attn += 1
             continue
-        path = module_path(m.anchor)
-        attn_cfg, mlp_cfg = config.for_site(path)
+        module = module_path(m.anchor)
+        attn_cfg, mlp_cfg = config.for_site(module)  # overrides match the module, whatever the call
+        # a module called more than once (CogView4 runs one `ff` on the image and on the text
+        # tokens) gives one site per call: the second and later calls are named path#1, path#2, ...
+        k = calls[(m.kind, module)] = calls.get((m.kind, module), -1) + 1
+        path = module if k == 0 else f"{module}#{k}"
         if m.kind == "attention":
             layer, n_attn = n_attn, n_attn + 1
             shapes = {"q": shape_of(m.q), "k": shape_of(m.k), "v": shape_of(m.v)}

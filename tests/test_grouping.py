@@ -246,6 +246,55 @@ def test_conv2d_patch_embed(make):
     assert s.grouping.startswith("conv2d patch embed h×w") and _is_perm(s.perm, _tokens(s))
 
 
+def test_allegro_per_frame_conv_unflattened_into_frames():
+    """Allegro embeds each frame with a 2-D conv, (B*T, C, H, W) -> (B*T, hw, D), and only later
+    unflattens the batch into frames merged into the tokens, (B, T*hw, D): a t×h×w grid, not an
+    h×w grid with T*hw - hw "text" tokens (which left it ungrouped)."""
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(0)
+    m = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+                                  in_channels=4, out_channels=4, num_layers=1, cross_attention_dim=32,
+                                  sample_height=16, sample_width=20, sample_frames=3, caption_channels=24).eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 3, 16, 20), encoder_hidden_states=torch.randn(1, 5, 24),
+              timestep=torch.tensor([500]))
+    sites = [s for s in _plan(m, kw) if _tokens(s) == 3 * 8 * 10]
+    assert {s.kind for s in sites} == {"attention", "mlp"}
+    for s in sites:
+        assert s.grouping.startswith("conv2d patch embed (per frame) t×h×w 3×8×10"), s.grouping
+        assert torch.equal(s.perm.long(), tile_order((3, 8, 10)))
+
+
+def test_cogview4_patchified_input_and_a_module_called_twice():
+    """CogView4 patchifies the latent with views before a linear embedding (no conv): the grid comes
+    from the input's view chain; its one `ff` runs on the image and on the text tokens: two sites,
+    the second named path#1."""
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+                                   num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=16,
+                                   pos_embed_max_size=16, sample_size=16, rope_axes_dim=(8, 8)).eval()
+    size = torch.tensor([[128, 128]])
+    kw = dict(hidden_states=torch.randn(1, 4, 12, 16), encoder_hidden_states=torch.randn(1, 6, 32),
+              timestep=torch.tensor([500]), original_size=size, target_size=size, crop_coords=torch.tensor([[0, 0]]))
+    sites = _plan(m, kw)
+    attn = next(s for s in sites if s.kind == "attention")
+    assert attn.grouping.startswith("patchified input hidden_states h×w 6×8") and attn.grouping.endswith("text 6 first")
+    assert torch.equal(attn.perm[:48].long() - 6, tile_order((6, 8))) and attn.always_keep[:6].all()
+    ff = sorted((s for s in sites if s.kind == "mlp" and "ff" in s.path), key=lambda s: s.path)
+    assert [s.path for s in ff] == ["transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff.net.2#1"]
+    assert [_tokens(s) for s in ff] == [48, 6] and ff[0].perm is not None and ff[1].perm is None
+
+
+def test_batch_two_image_is_not_taken_for_frames():
+    """A DiT at batch 2 keeps its h×w grid: the batch is never read as frames."""
+    m, kw = _dit()
+    kw = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    s = next(s for s in _plan(m, kw) if s.kind == "attention")
+    assert s.grouping.startswith("conv2d patch embed h×w 8×8") and _is_perm(s.perm, 64)
+
+
 def test_sd3_text_after_image():
     from diffusers import SD3Transformer2DModel
 
