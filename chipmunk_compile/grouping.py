@@ -152,13 +152,12 @@ def _val(node: Any) -> Any:
 
 
 def _shape(node: Any) -> Optional[tuple]:
+    """Static shape, or None. Symbolic sizes (dynamic shapes) give None: int() on a SymInt would
+    specialize it and add a guard, so the symbolic graph would recompile at the next size."""
     v = _val(node)
-    if not isinstance(v, torch.Tensor):
+    if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
         return None
-    try:
-        return tuple(int(s) for s in v.shape)
-    except Exception:  # symbolic sizes (dynamic shapes)
-        return None
+    return tuple(v.shape)
 
 
 def _static(shape) -> bool:
