@@ -366,6 +366,39 @@ def test_mlp_gated_chunk_nobias(fresh_dynamo):
     check(Gated(F.silu, True, bias=False), tokens, mlp=1, pattern="mlp-gated")
 
 
+class GatedSliced(Gated):
+    """Flux2's SwiGLU, fused into the first linear: the halves are slices, not a chunk."""
+
+    def __init__(self, act, act_first, bias=True, index="ellipsis"):
+        super().__init__(act, act_first, bias)
+        self.index = index
+
+    def forward(self, x, t):
+        y = self.proj(x)
+        half = y.shape[-1] // 2
+        if self.index == "ellipsis":
+            a, b = y[..., :half], y[..., half:]
+        else:  # every dim spelled out, the second half as an explicit stop
+            a, b = y[:, :, :half], y[:, :, half:2 * half]
+        return self.out(self.act(a) * b if self.act_first else b * self.act(a))
+
+
+@pytest.mark.parametrize("index", ["ellipsis", "full"])
+@pytest.mark.parametrize("act_first", [True, False], ids=["act*lin", "lin*act"])
+def test_mlp_gated_sliced_halves(fresh_dynamo, index, act_first):
+    check(GatedSliced(F.silu, act_first, index=index), tokens, mlp=1, pattern="mlp-gated")
+
+
+class GatedOddSlices(Gated):
+    def forward(self, x, t):
+        y = self.proj(x)
+        return self.out(F.silu(y[..., 1:3 * C + 1]) * y[..., 3 * C:])  # overlapping slices, not the halves
+
+
+def test_mlp_sliced_but_not_halves_is_not_gated(fresh_dynamo):
+    check(GatedOddSlices(F.silu, True), tokens, mlp=0)
+
+
 class SwiGLU2(nn.Module):
     def __init__(self, bias=False):
         super().__init__()

@@ -3,7 +3,8 @@
 Forms (anchored on the second linear):
 - plain:    y = W2 · act(W1 x + b1) + b2, act in gelu / gelu-tanh / silu / relu
 - gated:    y = W2 · (act(a) * b) + b2, with a and b either the two halves of one linear
-            (`proj(x).chunk(2, -1)`, diffusers GEGLU / SwiGLU) or two linears of the same x
+            (`proj(x).chunk(2, -1)`, diffusers GEGLU / SwiGLU, or its two halves sliced, Flux2) or
+            two linears of the same x
 - parallel: y = W2 · cat(other, act(W1 x + b1)) + b2 (diffusers Flux / HunyuanVideo single blocks):
             W2 is split by columns; the `other` part stays a dense linear, the MLP part is sparse.
 
@@ -67,20 +68,41 @@ def _peel(h: fx.Node, chain: list) -> fx.Node:
     return h
 
 
-def _chunk_half(node) -> Optional[tuple[fx.Node, int]]:
-    """(linear node, half index) when `node` is `linear(x).chunk(2, dim=-1)[i]`."""
-    if not (is_call(node, operator.getitem) and isinstance(node.args[1], int)):
+def _chunk_half(node) -> Optional[tuple[fx.Node, int, Optional[fx.Node]]]:
+    """(linear node, half index, chunk node or None) when `node` is one half of a linear's output
+    along its last dim: `linear(x).chunk(2, dim=-1)[i]` (diffusers GEGLU / SwiGLU) or a slice
+    `linear(x)[..., :F/2]` / `[..., F/2:]` (Flux2's SwiGLU, fused into the first linear)."""
+    if not is_call(node, operator.getitem) or not isinstance(node.args[0], fx.Node):
         return None
-    ch = node.args[0]
-    if not (is_method(ch, "chunk") or is_call(ch, torch.chunk)):
+    src, idx = node.args[0], node.args[1]
+    if isinstance(idx, int):
+        if not (is_method(src, "chunk") or is_call(src, torch.chunk)):
+            return None
+        chunks = arg(src, 1, "chunks")
+        dim = arg(src, 2, "dim", 0)
+        lin = src.args[0]
+        shape = shape_of(lin)
+        if chunks != 2 or shape is None or int(dim) % len(shape) != len(shape) - 1 or not is_linear(lin):
+            return None
+        return lin, idx, src
+    shape = shape_of(src)
+    if not is_linear(src) or shape is None or not isinstance(shape[-1], int) or shape[-1] % 2:
         return None
-    chunks = arg(ch, 1, "chunks")
-    dim = arg(ch, 2, "dim", 0)
-    lin = ch.args[0]
-    shape = shape_of(lin)
-    if chunks != 2 or shape is None or int(dim) % len(shape) != len(shape) - 1 or not is_linear(lin):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    last = idx[-1] if idx else None
+    lead = idx[:-1]
+    full = slice(None, None, None)
+    if not isinstance(last, slice) or last.step not in (None, 1):
         return None
-    return lin, int(node.args[1])
+    if not (lead == (Ellipsis,) or (len(idx) == len(shape) and all(i == full for i in lead))):
+        return None
+    f, half = shape[-1], shape[-1] // 2
+    start, stop = last.start or 0, f if last.stop is None else last.stop
+    if (start, stop) == (0, half):
+        return src, 0, None
+    if (start, stop) == (half, f):
+        return src, 1, None
+    return None
 
 
 def _reject(node, reason, shapes=None) -> Rejection:
@@ -180,9 +202,10 @@ def _hidden_form(h):
         other = _peel(other, casts) if single_user(other) else other
         half_a, half_b = _chunk_half(pre), _chunk_half(other)
         if half_a and half_b and half_a[0] is half_b[0] and half_a[1] != half_b[1]:
-            lin = half_a[0]
-            ch = pre.args[0]
-            if len(lin.users) != 1 or len(ch.users) != 2:
+            lin, ch = half_a[0], half_a[2]
+            if ch is not None and (len(lin.users) != 1 or len(ch.users) != 2):
+                return None
+            if ch is None and len(lin.users) != 2:  # the two slices are its only users
                 return None
             x, w, b = linear_parts(lin)
             f = shape_of(lin)[-1] // 2
@@ -190,7 +213,7 @@ def _hidden_form(h):
             w_act, w_lin = (w, ia * f, (ia + 1) * f), (w, ib * f, (ib + 1) * f)
             b_act = (b, ia * f, (ia + 1) * f) if b is not None else None
             b_lin = (b, ib * f, (ib + 1) * f) if b is not None else None
-            return name, x, w_act, b_act, w_lin, b_lin, [h, g, pre, other, ch, lin] + casts
+            return name, x, w_act, b_act, w_lin, b_lin, [h, g, pre, other, *([ch] if ch is not None else []), lin] + casts
         if is_linear(pre) and is_linear(other) and single_user(pre) and single_user(other):
             x1, w1, b1 = linear_parts(pre)
             x3, w3, b3 = linear_parts(other)
