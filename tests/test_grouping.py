@@ -287,6 +287,18 @@ def test_cogview4_patchified_input_and_a_module_called_twice():
     assert [_tokens(s) for s in ff] == [48, 6] and ff[0].perm is not None and ff[1].perm is None
 
 
+def test_cogvideox_per_frame_conv_with_text_first():
+    """CogVideoX: per-frame 2-D conv, frames merged into the tokens after the text (8 first)."""
+    from helpers import MODELS
+
+    spec = MODELS["cogvideox"]
+    sites = [s for s in _plan(spec.build(), spec.inputs(500.0)) if _tokens(s) == 8 + 3 * 8 * 8]
+    assert {s.kind for s in sites} == {"attention", "mlp"}
+    for s in sites:
+        assert s.grouping.startswith("conv2d patch embed (per frame) t×h×w 3×8×8"), s.grouping
+        assert s.grouping.endswith("text 8 first") and torch.equal(s.perm[192:].long(), torch.arange(8))
+
+
 def test_batch_two_image_is_not_taken_for_frames():
     """A DiT at batch 2 keeps its h×w grid: the batch is never read as frames."""
     m, kw = _dit()
