@@ -254,28 +254,21 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
             kind = {torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d"}.get(type(mod))
         if kind is None:
             continue
-        shape = _shape(node)
-        if shape is None or len(shape) not in (4, 5):
-            continue
-        spatial_sizes = shape[2:]
-        layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(spatial_sizes)]
-        spatial = {f"s{i}" for i, s in enumerate(spatial_sizes) if s > 1}
-        if len(spatial) < 1:
-            continue
-        for grid, frames in _follow_views(node, layout, spatial):
-            grid = tuple(g for g in grid if g > 1)
-            if len(grid) not in (2, 3):
-                continue
-            if frames:
-                src = f"{kind} patch embed (per frame) t×h×w"
-            else:
-                src = f"{kind} patch embed " + ("t×h×w" if len(grid) == 3 else "h×w")
+        for grid, frames in _follow_views(node, min_spatial=1):
+            src = f"{kind} patch embed (per frame) t×h×w" if frames else f"{kind} patch embed {_axes(grid)}"
             out.append(GridInfo(grid, src))
     return out
 
 
-def _follow_views(conv: fx.Node, layout: list, spatial: set, extra_depth: int = 4) -> list[tuple[tuple, bool]]:
-    """Token grids reached from a conv output through view-like users (breadth-first).
+def _axes(grid: tuple) -> str:
+    return "t×h×w" if len(grid) == 3 else "h×w"
+
+
+def _follow_views(start: fx.Node, min_spatial: int, extra_depth: int = 4) -> list[tuple[tuple, bool]]:
+    """(grid, has_frames) token grids reached from `start`, an (N, C, *spatial) tensor of static
+    shape with at least `min_spatial` spatial axes longer than 1 (a conv output or a latent
+    input), through view-like users (breadth-first). Grids have their size-1 axes dropped and
+    2 or 3 axes.
 
     The first token layout reached is a candidate. When it still has the batch (or batch x frames,
     for a per-frame 2-D conv) as a dim of its own, the walk goes on a few more view steps: a later
@@ -283,7 +276,14 @@ def _follow_views(conv: fx.Node, layout: list, spatial: set, extra_depth: int = 
     (B*T, hw, C) -> (B, T, hw, C) -> (B, T*hw, C)) gives a t×h×w candidate too, listed first. Only
     a rank-3 (batch, tokens, channels) layout counts for that, so a (B*N, C) flattening of batch
     and tokens is never taken for frames. `_pick` chooses by the sites' token counts."""
-    frontier = [(conv, layout)]
+    shape = _shape(start)
+    if shape is None or len(shape) not in (4, 5):
+        return []
+    layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(shape[2:])]
+    spatial = {f"s{i}" for i, s in enumerate(shape[2:]) if s > 1}
+    if len(spatial) < min_spatial:
+        return []
+    frontier = [(start, layout)]
     first, framed = None, None
     seen: set = set()
     depth = 0
@@ -302,7 +302,7 @@ def _follow_views(conv: fx.Node, layout: list, spatial: set, extra_depth: int = 
                     if first is None:
                         first = tg
                         if tg[1]:  # frames already merged into the tokens (CogVideoX, Mochi)
-                            return [tg]
+                            return _squeezed([tg])
                     elif tg[1] and len(new) == 3:
                         framed = tg
                         break
@@ -312,7 +312,17 @@ def _follow_views(conv: fx.Node, layout: list, spatial: set, extra_depth: int = 
         frontier = nxt
         if first is not None:
             depth += 1
-    return [g for g in (framed, first) if g is not None]
+    return _squeezed([g for g in (framed, first) if g is not None])
+
+
+def _squeezed(cands: list) -> list[tuple[tuple, bool]]:
+    """(grid, has_frames) candidates with size-1 axes dropped; grids of 2 or 3 axes only."""
+    out = []
+    for grid, frames in cands:
+        grid = tuple(g for g in grid if g > 1)
+        if len(grid) in (2, 3):
+            out.append((grid, frames))
+    return out
 
 
 def _patchify_grids(gm: fx.GraphModule) -> list[GridInfo]:
@@ -325,18 +335,8 @@ def _patchify_grids(gm: fx.GraphModule) -> list[GridInfo]:
     for node in gm.graph.nodes:
         if node.op != "placeholder" or _is_param(node):
             continue
-        shape = _shape(node)
-        if shape is None or len(shape) not in (4, 5):
-            continue
-        layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(shape[2:])]
-        spatial = {f"s{i}" for i, s in enumerate(shape[2:]) if s > 1}
-        if len(spatial) < 2:
-            continue
-        for grid, _ in _follow_views(node, layout, spatial):
-            grid = tuple(g for g in grid if g > 1)
-            if len(grid) in (2, 3):
-                axes = "t×h×w" if len(grid) == 3 else "h×w"
-                out.append(GridInfo(grid, f"patchified input {_input_name(node)} {axes}"))
+        for grid, _ in _follow_views(node, min_spatial=2):
+            out.append(GridInfo(grid, f"patchified input {_input_name(node)} {_axes(grid)}"))
     return out
 
 
@@ -403,7 +403,7 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
         token_of_raster[raster] = torch.arange(raster.numel())
         if torch.equal(token_of_raster, torch.arange(raster.numel())):
             token_of_raster = None
-        axes = "t×h×w" if len(grid) == 3 else "h×w"
+        axes = _axes(grid)
         out.append(GridInfo(grid, f"position ids input {_input_name(node)} {axes}", token_of_raster))
     return out
 
@@ -494,7 +494,7 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
         grid = tuple(g for g in grid if g > 1)
         if len(grid) not in (2, 3):
             return None, f"config.grouping.grid {list(gcfg.grid)} has {len(grid)} axes longer than 1 (need 2 or 3)"
-        return GridInfo(grid, "config " + ("t×h×w" if len(grid) == 3 else "h×w"), None, gcfg.text_first), ""
+        return GridInfo(grid, f"config {_axes(grid)}", None, gcfg.text_first), ""
     why = "no conv patch embedding, position-id input, patchified latent input or config.grouping.grid"
     if example_inputs is None:
         why += " (input values not available)"
