@@ -14,3 +14,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # Relative-norm tolerances: fp32 runs IEEE dots (only summation order differs); fp16 rounds
 # inputs of the second matmul (P or delta) and the output to 11 bits; bf16 to 8 bits.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def compile_for_hopper(script: str, *args) -> None:
+    """Run `script` (which calls triton.compile for sm_90 and asserts on the PTX) in a subprocess
+    without TRITON_INTERPRET, which changes how Triton builds a kernel; fails with its stderr.
+    The interpreter accepts code the GPU compiler rejects, so CI compiles for the GPU with no GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

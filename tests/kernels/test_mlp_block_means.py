@@ -1,12 +1,8 @@
 """mlp_block_means: the one-read Triton kernel against the reference (mean of each block's rows)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from kernel_testutils import rel_err
+from kernel_testutils import compile_for_hopper, rel_err
 
 from chipmunk_compile.kernels import get_kernel, mlp_block_means_ref
 
@@ -65,10 +61,7 @@ assert ".entry" in out.asm["ptx"]
 @pytest.mark.parametrize("has_perm", [0, 1])
 def test_compiles_for_hopper_without_a_gpu(has_perm):
     """What the interpreter accepts the GPU compiler may reject: compile for sm_90 here (no GPU)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(has_perm)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    compile_for_hopper(_COMPILE_FOR_HOPPER, has_perm)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_testutils import compile_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, mlp_select_neurons_ref
 from chipmunk_compile.kernels.mlp_select_neurons_ref import neuron_scores
@@ -131,13 +132,5 @@ assert ".entry" in out.asm["ptx"]
 @pytest.mark.parametrize("gated,has_score,block_r", [(0, 0, 1024), (1, 1, 0)])
 def test_compiles_for_hopper_without_a_gpu(gated, has_score, block_r):
     """The interpreter accepts code the GPU compiler rejects (e.g. a constexpr re-bound in a static
-    loop): compile the kernel for sm_90 here, with no GPU, so CI catches that. In a subprocess
-    without TRITON_INTERPRET, which changes how Triton builds the kernel."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(gated), str(has_score), str(block_r)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    loop): compile the kernel for sm_90 here, with no GPU, so CI catches that."""
+    compile_for_hopper(_COMPILE_FOR_HOPPER, gated, has_score, block_r)
