@@ -36,7 +36,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.fidelity import OFF, PUBLISHED_SKIPS, RESULTS  # noqa: E402
+from benchmarks.fidelity import OFF, PUBLISHED_SKIPS, RESULTS, _flux  # noqa: E402
 
 STEPCACHE, CHIPMUNK, COMBO = "stepcache", "chipmunk", "chipmunk+stepcache"
 FAMILIES = (STEPCACHE, CHIPMUNK, COMBO)
@@ -44,14 +44,13 @@ COLORS = {STEPCACHE: "#1f77b4", CHIPMUNK: "#d62728", COMBO: "#2ca02c"}
 
 
 def _cm(attn=None, mlp=None, sc=None):
-    """A chipmunk config on the flux preset with the published attention refresh period (10; the
-    preset itself refreshes every 5 since these rows showed it): attn/mlp patches, sc: step_cache patch."""
-    cfg = {"preset": "flux", "attn": {"full_step_every": 10, **(attn or {})}}
-    if mlp:
-        cfg["mlp"] = mlp
+    """A chipmunk config on the flux preset with the published attention refresh period (fidelity's
+    `_flux`; the preset itself refreshes every 5 since these rows showed it): attn/mlp patches,
+    sc: step_cache patch."""
+    rest = {"mlp": mlp} if mlp else {}
     if sc:
-        cfg["step_cache"] = {"enabled": True, **sc}
-    return cfg
+        rest["step_cache"] = {"enabled": True, **sc}
+    return _flux(attn, **rest)
 
 
 def _sc(**sc):
