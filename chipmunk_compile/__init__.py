@@ -90,8 +90,10 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     cfg = ChipmunkConfig.from_any(config)
     report = Report()
 
+    session = Session(cfg, None)  # one for all graphs: a grid seen before a graph break carries over
+
     def inspect_backend(gm, example_inputs, **_):
-        plan = rewrite(gm, cfg, Session(cfg, None), apply_changes=False, example_inputs=example_inputs)
+        plan = rewrite(gm, cfg, session, apply_changes=False, example_inputs=example_inputs)
         report.graphs += 1
         report.sites += [SiteRow(s.kind, s.pattern, s.path, s.layer, s.shapes, s.grouping) for s in plan.sites]
         report.rejected += [RejectedRow(r.kind, r.pattern, r.path, r.reason, r.shapes) for r in plan.rejections]

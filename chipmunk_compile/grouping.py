@@ -17,8 +17,14 @@ Where the token grid comes from, in this order:
    whatever order the tokens come in.
 3. a (B, C, H, W) / (B, C, T, H, W) latent input patchified by views before a linear embedding
    (CogView4, Lumina2): the same view walk, from the graph input.
-4. `config.grouping.grid` (with `text_tokens` / `text_first`).
-Else no grouping (perm None; the reason is reported in `Site.grouping`).
+4. a reshape that merges 2-3 grid axes into the token axis (`_merged_grids`): a (B, T, H, W, C)
+   channels-last token tensor flattened (Cosmos, Kandinsky 5), or a rotary table / coordinate
+   tensor built on the grid in the graph and flattened to one row per token (Qwen-Image, LTX-Video).
+5. the candidates of 1-3 seen in an earlier graph of the same model that had no sites (a patchify
+   or position-id computation before a graph break: Lumina2, Z-Image, HiDream).
+6. `config.grouping.grid` (with `text_tokens` / `text_first`).
+Else no grouping (perm None; the reason is reported in `Site.grouping`). A site graph that finds
+no grid of its own reuses the grid of the model's previous site graph.
 
 Order inside the image tokens (`tile_order`): 2-D grids in (8, 8) tiles, tile-major, each tile as
 four 4×4 sub-tiles (raster of sub-tiles, raster inside); 3-D grids in (4, 6, 8) voxels, voxel-major,
@@ -340,6 +346,71 @@ def _patchify_grids(gm: fx.GraphModule) -> list[GridInfo]:
     return out
 
 
+def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
+    """Grids seen where a reshape merges 2-3 adjacent axes (size-1 axes aside) into one token axis
+    of a site's size or less: tokens built channels-last from a (B, T, H, W, C) latent (Cosmos,
+    Kandinsky 5) or a rotary table / coordinate tensor laid out on the grid and then flattened to
+    one row per token (Qwen-Image (1, h, w, d) -> (hw, d); LTX-Video (B, 3, t, h, w) -> (B, 3, thw)).
+    Rows of such a merge are in raster order of the merged axes, and the site's tokens are in the
+    same order when the rotary rows meet them one for one.
+
+    Guards against shape coincidences: the merged size is a site's token count or a part of a
+    torch.cat that builds one (text + image), at least 4; each axis is wholly inside the merge; no other axis of the merge's input has a
+    site's token count of at least a quarter of the merged size (a head merge (B, N, H, D) ->
+    (B, N, H·D) has its tokens beside it; a short text count equal to a rotary width is no sign).
+    Distinct grids are listed once, by first appearance; `_pick` then scores them by the sites."""
+    if not counts:
+        return []
+    top, sizes = max(counts), set(counts)
+    joined = _joined_parts(gm, sizes)
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if name not in ("view", "reshape", "flatten") or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src, dst = _shape(node.args[0]), _shape(node)
+        if src is None or dst is None or len(src) <= len(dst):
+            continue
+        layout = _reshape_layout([((f"a{i}", s),) for i, s in enumerate(src)], dst)
+        if layout is None:
+            continue
+        for d in layout:
+            grid = tuple(a[1] for a in d)
+            n = math.prod(grid)
+            if len(grid) not in (2, 3) or any("'" in a[0] for a in d) or not 4 <= n <= top:
+                continue
+            merged = {int(a[0][1:]) for a in d}
+            if any(s in sizes and 4 * s >= n for i, s in enumerate(src) if i not in merged):
+                continue  # its tokens are beside the merge
+            if n not in sizes and n not in joined:
+                continue  # neither a site's tokens nor the image part of a joined sequence
+            if grid not in seen:
+                seen.add(grid)
+                out.append(GridInfo(grid, f"merged axes {node.name} {_axes(grid)}"))
+    return out
+
+
+def _joined_parts(gm: fx.GraphModule, sizes: set) -> set:
+    """Token counts of the parts of every torch.cat (not along the last axis) whose result has a
+    site's token count: the image part of a joint text + image sequence is one of them."""
+    parts: set = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CAT or not node.args:
+            continue
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = _shape(node)
+        if out is None or not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
+            continue
+        dim %= len(out)
+        if out[dim] not in sizes or (dim == len(out) - 1 and len(out) > 2):
+            continue
+        for p in node.args[0]:
+            s = _shape(p)
+            if s is not None and len(s) == len(out):
+                parts.add(s[dim])
+    return parts
+
+
 def _input_name(node: fx.Node) -> str:
     name = source_name(node)
     keys = [k for k in name.replace('"', "'").split("'") if k and k[0].isalpha()] if name else []
@@ -489,6 +560,9 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
     patchified = _pick(_patchify_grids(gm), counts)
     if patchified is not None:
         return patchified, ""
+    merged = _pick(_merged_grids(gm, counts), counts)
+    if merged is not None:
+        return merged, ""
     if gcfg.grid is not None:
         grid = tuple(int(g) for g in gcfg.grid)
         grid = tuple(g for g in grid if g > 1)
@@ -508,6 +582,10 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     gcfg = config.grouping
     sites = [s for _, s in pairs]
     if not pairs:
+        if session is not None and gcfg.enabled:  # a graph before a break may show the grid
+            cands = _conv_grids(gm) + _id_grids(gm, example_inputs) + _patchify_grids(gm)
+            if cands:  # the latest few, for `_pick` by the token counts of a later graph's sites
+                session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
         return {}
     if not gcfg.enabled:
         for s in sites:
@@ -516,6 +594,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
     info, why = infer_grid(gm, example_inputs, config, counts)
     earlier = getattr(session, "_chipmunk_grid", None) if session is not None else None
+    if info is None and earlier is None:  # candidates of an earlier graph without sites
+        earlier = _pick(getattr(session, "_chipmunk_grid_cands", None) or [], counts)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first)
     if info is None:

@@ -1,7 +1,8 @@
 """benchmarks/arch_zoo.py on a few of its architectures: each runs through inspect and the
 compiled backend, dense steps are exact, sparse steps really ran and stay close. Flux2's SwiGLU
 (halves sliced out of one linear), Allegro's per-frame conv grid and CogView4's patchified
-latent are the forms that were missed before."""
+latent, Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, and
+Z-Image's grid seen in a graph before a graph break are the forms that were missed before."""
 
 import os
 import sys
@@ -17,11 +18,16 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("flux2", 2, "position ids input img_ids h×w 12×12"),
     ("allegro", 3, "conv2d patch embed (per frame) t×h×w"),
     ("cogview4", 4, "patchified input hidden_states h×w"),
+    ("qwen_image", 4, "merged axes freqs h×w 10×10, tile 8×8, text 8 first"),
+    ("ltx_video", 3, "merged axes flatten t×h×w 3×8×8"),
+    ("z_image", 4, "patchified input x h×w (earlier graph) 8×8, tile 8×8, text 32"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
     assert row["status"] == "ok", row["note"]
     assert row["mlp"] == mlp_sites and row["attn"] >= 1
     assert grouping in row["grouping"]
-    assert float(row["dense_err"]) < 1e-5 and 0 < float(row["sparse_err"]) < 0.1
+    assert float(row["dense_err"]) < 1e-5
+    # sparse steps ran and beat reusing the previous output (Z-Image's output moves 0.38 per call)
+    assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
     assert row["sparse_steps"] > 0 and not row["fallbacks"]

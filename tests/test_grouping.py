@@ -369,6 +369,39 @@ def test_config_grid_fallback():
     assert s.perm is None  # token count does not add up
 
 
+class RopeTable(torch.nn.Module):
+    """Packed tokens (no conv, no ids input) with a rotary table laid out on the (h, w) grid and
+    flattened to one row per token in the graph (Qwen-Image, LTX-Video): the merge gives the grid."""
+
+    def __init__(self, h, w, d=16, heads=2):
+        super().__init__()
+        self.h, self.w, self.heads, self.d = h, w, heads, d
+        self.qkv = torch.nn.Linear(8, 3 * heads * d)
+        self.out = torch.nn.Linear(heads * d, 8)
+
+    def forward(self, tokens):
+        rows = torch.arange(self.h, dtype=torch.float32)[:, None, None].expand(self.h, self.w, self.d // 2)
+        cols = torch.arange(self.w, dtype=torch.float32)[None, :, None].expand(self.h, self.w, self.d // 2)
+        table = torch.cat([rows, cols], -1).reshape(self.h * self.w, self.d)  # (hw, d), raster rows
+        q, k, v = self.qkv(tokens).view(1, -1, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        q, k = q * torch.cos(table), k * torch.cos(table)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_grid_from_a_merged_rotary_table():
+    (s,) = _plan(RopeTable(6, 10), dict(tokens=torch.randn(1, 60, 8)))
+    assert s.grouping.startswith("merged axes table h×w 6×10, tile 6×8"), s.grouping
+    assert torch.equal(s.perm.long(), tile_order((6, 10), (6, 8)))
+
+
+def test_head_merge_is_not_a_grid():
+    """32 tokens and heads x dim = 2 x 16 = 32: the (B, N, H, D) -> (B, N, H·D) merge has the
+    site's size, but its tokens stand beside it, so it is no grid."""
+    (s,) = _plan(Packed(), dict(tokens=torch.randn(1, 32, 8)))
+    assert s.perm is None and s.grouping.startswith("none: no conv patch embedding"), s.grouping
+
+
 def test_inspect_reports_grouping():
     m, kw = _dit()
     report = chipmunk_compile.inspect(m, config=LOOSE, **kw)
