@@ -75,7 +75,13 @@ MODELS = {
     "hunyuan-video": dict(cls="HunyuanVideoTransformer3DModel", layers=("num_layers", 20),
                           extra_layers=("num_single_layers", 40), config=dict(), preset="hunyuan-video"),
     "mochi": dict(cls="MochiTransformer3DModel", layers=("num_layers", 48), config=dict(), preset="mochi", cfg_calls=2),
+    # FLUX.2-dev (diffusers' defaults: 8 double + 48 single blocks, 48 heads of 128, SwiGLU MLPs; the
+    # single blocks project q/k/v and the MLP input with one fused linear). No preset of its own yet:
+    # FLUX.1's, whose sparsity levels were chosen on a FLUX.1-like model.
+    "flux2": dict(cls="Flux2Transformer2DModel", layers=("num_layers", 8), extra_layers=("num_single_layers", 48),
+                  config=dict(), preset="flux"),
 }
+FLOW_TIME = ("flux", "flux2")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
 LAYER = 10  # the representative sparse layer whose step kinds label a step
@@ -93,7 +99,7 @@ def build(name: str, blocks: int | None, device="cuda", dtype=torch.bfloat16):
     if blocks is not None:
         cfg[spec["layers"][0]] = blocks
         if "extra_layers" in spec:
-            cfg[spec["extra_layers"][0]] = 2 * blocks  # the published 1:2 ratio (19/38, 20/40)
+            cfg[spec["extra_layers"][0]] = extra_ratio(name) * blocks  # the published ratio (19/38, 20/40, 8/48)
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = getattr(diffusers, spec["cls"])(**cfg).eval()
@@ -110,6 +116,13 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         return dict(hidden_states=r(1, h * w, 64), encoder_hidden_states=r(1, 512, 4096), pooled_projections=r(1, 768),
                     img_ids=img_ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),
                     guidance=torch.full((1,), 3.5, device=device, dtype=dtype))
+    if name == "flux2":  # 1024x1024: 64x64 tokens of 128 channels, 512 text tokens; ids (t, h, w, l)
+        h = w = 1024 // 16
+        img_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), torch.zeros(1))
+        txt_ids = torch.cartesian_prod(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.arange(512).float())
+        return dict(hidden_states=r(1, h * w, 128), encoder_hidden_states=r(1, 512, 15360),
+                    img_ids=img_ids[None].to(device, dtype), txt_ids=txt_ids[None].to(device, dtype),
+                    guidance=torch.full((1,), 4.0, device=device, dtype=dtype))
     if name == "wan":
         f = frames or 21
         return dict(hidden_states=r(1, 16, f, 90, 160), encoder_hidden_states=r(1, 512, 4096))
@@ -199,7 +212,7 @@ def apply_text_mask(name: str, model, kw: dict, text_mask: str | None) -> dict:
 
 def timestep(name, i, steps, device, dtype):
     t = 1.0 - i / steps
-    scale = 1.0 if name == "flux" else 1000.0
+    scale = 1.0 if name in FLOW_TIME else 1000.0
     return torch.full((1,), t * scale, device=device, dtype=dtype)
 
 
@@ -208,10 +221,18 @@ def published_units(name: str) -> int:
     return MODELS[name]["layers"][1]
 
 
+def extra_ratio(name: str) -> int:
+    """Single blocks per double block at the published depth (2 for FLUX.1 and HunyuanVideo, 6 for
+    FLUX.2): one `--blocks` unit is one double block and this many single blocks."""
+    spec = MODELS[name]
+    return spec["extra_layers"][1] // spec["layers"][1] if "extra_layers" in spec else 0
+
+
 def depth_text(name: str, blocks: int | None) -> str:
     """'2 double + 4 single blocks', 'published depth, 40 layers', ..."""
     n = published_units(name) if blocks is None else blocks
-    what = f"{n} double + {2 * n} single blocks" if "extra_layers" in MODELS[name] else f"{n} layer{'s' * (n != 1)}"
+    what = (f"{n} double + {extra_ratio(name) * n} single blocks" if "extra_layers" in MODELS[name]
+            else f"{n} layer{'s' * (n != 1)}")
     return f"published depth, {what}" if blocks is None else what
 
 

@@ -4,8 +4,9 @@ Invariants:
 - Matching is pure (patterns return records); this module is the only graph writer.
 - Each matched site is replaced by exactly one `torch.ops.chipmunk.attention` or
   `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
-  of a key-padding mask, weight slices, and for the parallel MLP form one dense linear + add), and
-  the matched nodes are erased once they have no users. Nothing else in the graph changes.
+  of a key-padding mask, weight slices, for the parallel MLP form one dense linear + add, and for a
+  first linear fused with other projections one dense linear per other column range), and the
+  matched nodes are erased once they have no users. Nothing else in the graph changes.
 - Placeholders are never added or removed (Dynamo re-reads them after the backend returns).
 - Layer index: the k-th attention site of the graph is layer k; an MLP site takes the layer of
   the closest attention site before it (0 when none), so "first n layers dense" means blocks.
@@ -109,6 +110,8 @@ def apply(gm: fx.GraphModule, pairs: list) -> None:
                 setattr(m, name, replaced[getattr(m, name)])
         if getattr(m, "cat_parts", None):
             m.cat_parts = [replaced.get(p, p) for p in m.cat_parts]
+        if getattr(m, "first_rest", None):
+            m.first_rest = [(n, replaced.get(x, x), *r) for n, x, *r in m.first_rest]
         old = m.output
         new = _replace_attention(gm.graph, m, site) if m.kind == "attention" else _replace_mlp(gm.graph, m, site)
         replaced[old] = new
@@ -161,7 +164,23 @@ def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):
     return spec
 
 
+def _split_fused_first_linear(graph: fx.Graph, m) -> None:
+    """Each other column range of a fused first linear becomes its own dense linear over those
+    weight rows (Flux2's q/k/v), so the fused linear, MLP columns included, can be erased."""
+    for node, x, w, b, start, stop in m.first_rest:
+        with graph.inserting_before(node):
+            dense = graph.call_function(torch._C._nn.linear,
+                                        (x, _slice(graph, (w, start, stop)),
+                                         _slice(graph, (b, start, stop)) if b is not None else None))
+            _copy_meta(dense, node)
+            for key in ("example_value", "val"):  # same shape as the column range it replaces
+                if key in node.meta:
+                    dense.meta[key] = node.meta[key]
+        node.replace_all_uses_with(dense)
+
+
 def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
+    _split_fused_first_linear(graph, m)
     with graph.inserting_before(m.output):
         w_act, b_act = _slice(graph, m.w_act), _slice(graph, m.b_act)
         w_lin, b_lin = _slice(graph, m.w_lin), _slice(graph, m.b_lin)

@@ -1,6 +1,7 @@
 """benchmarks/arch_zoo.py on a few of its architectures: each runs through inspect and the
 compiled backend, dense steps are exact, sparse steps really ran and stay close. Flux2's SwiGLU
-(halves sliced out of one linear), Allegro's per-frame conv grid and CogView4's patchified
+(halves sliced out of one linear; in its single blocks, out of the linear that also projects
+q/k/v), Allegro's per-frame conv grid and CogView4's patchified
 latent, Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, and
 Z-Image's grid seen in a graph before a graph break are the forms that were missed before."""
 
@@ -15,7 +16,7 @@ from helpers import fresh_dynamo  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("name,mlp_sites,grouping", [
-    ("flux2", 2, "position ids input img_ids h×w 12×12"),
+    ("flux2", 3, "position ids input img_ids h×w 12×12"),
     ("allegro", 3, "conv2d patch embed (per frame) t×h×w"),
     ("cogview4", 4, "patchified input hidden_states h×w"),
     ("qwen_image", 4, "merged axes freqs h×w 10×10, tile 8×8, text 8 first"),

@@ -108,3 +108,12 @@ def test_set_overrides_lay_keys_over_the_preset():
     for bad in (["attn.full_step_every"], ["full_step_every=5"], ["attn.min_mass=2"]):
         with pytest.raises((SystemExit, ValueError)):
             be.with_overrides("flux", bad)
+
+
+def test_block_units_follow_each_models_published_ratio():
+    """One --blocks unit is one double block and the published number of singles per double."""
+    assert be.depth_text("flux", 2) == "2 double + 4 single blocks"
+    assert be.depth_text("flux2", 2) == "2 double + 12 single blocks"
+    assert be.depth_text("flux2", None) == "published depth, 8 double + 48 single blocks"
+    assert be.depth_text("wan", 3) == "3 layers"
+    assert [be.extra_ratio(m) for m in ("flux", "hunyuan-video", "flux2", "wan")] == [2, 2, 6, 0]

@@ -399,6 +399,68 @@ def test_mlp_sliced_but_not_halves_is_not_gated(fresh_dynamo):
     check(GatedOddSlices(F.silu, True), tokens, mlp=0)
 
 
+class FusedParallel(nn.Module):
+    """Flux2's single block: one linear projects q/k/v and both SwiGLU halves; the output linear
+    takes cat(attention, MLP hidden)."""
+
+    F_ = 3 * C
+
+    def __init__(self, bias=False, spelling="split"):
+        super().__init__()
+        self.proj = nn.Linear(C, 3 * C + 2 * self.F_, bias=bias)
+        self.out = nn.Linear(C + self.F_, C, bias=bias)
+        self.spelling = spelling
+
+    def forward(self, x, t):
+        y = self.proj(x)
+        if self.spelling == "split":
+            qkv_, m = y.split([3 * C, 2 * self.F_], dim=-1)
+            a, b = m[..., :self.F_], m[..., self.F_:]
+        else:  # slices of the fused output itself, the MLP part first
+            m = y[..., :2 * self.F_]
+            qkv_ = y[..., 2 * self.F_:]
+            a, b = m.chunk(2, dim=-1)
+        q, k, v = (t_.unflatten(-1, (H, D)).transpose(1, 2) for t_ in qkv_.chunk(3, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.out(torch.cat([o, F.silu(a) * b], dim=-1))
+
+
+@pytest.mark.parametrize("spelling", ["split", "slices"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_fused_with_qkv(fresh_dynamo, bias, spelling):
+    """The MLP halves are found inside the fused projection; q/k/v get a dense linear of their own
+    rows and the fused linear (MLP columns included) is gone from the graph."""
+    from chipmunk_compile.rewrite import rewrite
+    from chipmunk_compile.runtime import Session
+
+    mod = FusedParallel(bias, spelling)
+    check(mod, tokens, attention=1, mlp=1, pattern=None)
+    widths = []
+
+    def backend(gm, example_inputs, **_):
+        config = chipmunk_compile.ChipmunkConfig.from_any(SMALL)
+        rewrite(gm, config, Session(config, None), example_inputs=example_inputs)
+        widths.extend(n.meta["example_value"].shape[-1] for n in gm.graph.nodes
+                      if n.op == "call_function" and n.target is torch._C._nn.linear and "example_value" in n.meta)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(mod.eval(), backend=backend)(*tokens(0))
+    assert 3 * C + 2 * FusedParallel.F_ not in widths and 3 * C in widths, widths
+
+
+class FusedWholeUsed(FusedParallel):
+    def forward(self, x, t):
+        y = self.proj(x)
+        a, b = y[..., 3 * C:3 * C + self.F_], y[..., 3 * C + self.F_:]
+        return self.out(torch.cat([y[..., :C] + y.mean(-1, keepdim=True), F.silu(a) * b], dim=-1))
+
+
+def test_mlp_fused_linear_needed_whole_is_left_alone(fresh_dynamo):
+    check(FusedWholeUsed(), tokens, mlp=0)
+
+
 class SwiGLU2(nn.Module):
     def __init__(self, bias=False):
         super().__init__()

@@ -7,12 +7,17 @@ Forms (anchored on the second linear):
             two linears of the same x
 - parallel: y = W2 · cat(other, act(W1 x + b1)) + b2 (diffusers Flux / HunyuanVideo single blocks):
             W2 is split by columns; the `other` part stays a dense linear, the MLP part is sparse.
+- fused first linear: the gated halves are column ranges of a linear that also projects other
+            things (Flux2 single blocks: `lin(x).split([3D, 2F], -1)`, q/k/v first); every other
+            column range becomes a dense linear over its weight rows (`MlpMatch.first_rest`).
 
 Casts (`.float()`, `.to(dtype)`) around the activation and the gate are looked through: an
 activation evaluated in fp32 and rounded back (diffusers' FP32SiLU, Lumina) is what the kernels do.
 
 Invariants: every intermediate between the first and second linear has exactly one user (the
-hidden activation is not needed elsewhere), and the activation is one the kernels implement.
+hidden activation is not needed elsewhere) — except a fused first linear and its chunk / split,
+whose other users must each be a column range of it — and the activation is one the kernels
+implement.
 """
 
 from __future__ import annotations
@@ -68,41 +73,85 @@ def _peel(h: fx.Node, chain: list) -> fx.Node:
     return h
 
 
-def _chunk_half(node) -> Optional[tuple[fx.Node, int, Optional[fx.Node]]]:
-    """(linear node, half index, chunk node or None) when `node` is one half of a linear's output
-    along its last dim: `linear(x).chunk(2, dim=-1)[i]` (diffusers GEGLU / SwiGLU) or a slice
-    `linear(x)[..., :F/2]` / `[..., F/2:]` (Flux2's SwiGLU, fused into the first linear)."""
-    if not is_call(node, operator.getitem) or not isinstance(node.args[0], fx.Node):
+def _last_dim(node: fx.Node, pos: int, name: str, default) -> bool:
+    dim = arg(node, pos, name, default)
+    shape = shape_of(node.args[0])
+    return isinstance(dim, int) and shape is not None and dim % len(shape) == len(shape) - 1
+
+
+def _column_range(node, depth: int = 0) -> Optional[tuple[fx.Node, int, int, list]]:
+    """(linear, start, stop, via) when `node` is the columns [start, stop) of a linear's output
+    (last dim), reached through at most three getitems of a chunk / split part or of a last-dim
+    slice: `lin(x).chunk(2, -1)[i]` (GEGLU / SwiGLU), `lin(x)[..., :F/2]` (Flux2's SwiGLU),
+    `lin(x).split([3D, 2F], -1)[1][..., :F]` (Flux2's single blocks: qkv and MLP input in one
+    linear). via: the getitem / chunk / split nodes passed, outermost first."""
+    if is_linear(node):
+        shape = shape_of(node)
+        return (node, 0, shape[-1], []) if shape and isinstance(shape[-1], int) else None
+    if depth > 2 or not is_call(node, operator.getitem) or not isinstance(node.args[0], fx.Node):
         return None
     src, idx = node.args[0], node.args[1]
-    if isinstance(idx, int):
-        if not (is_method(src, "chunk") or is_call(src, torch.chunk)):
+    if isinstance(idx, int):  # one part of a chunk / split along the last dim
+        if is_method(src, "chunk") or is_call(src, torch.chunk):
+            ok = _last_dim(src, 2, "dim", 0)
+        elif is_method(src, "split") or is_call(src, torch.split):
+            ok = _last_dim(src, 2, "dim", 0)
+        else:
             return None
-        chunks = arg(src, 1, "chunks")
-        dim = arg(src, 2, "dim", 0)
-        lin = src.args[0]
-        shape = shape_of(lin)
-        if chunks != 2 or shape is None or int(dim) % len(shape) != len(shape) - 1 or not is_linear(lin):
+        parts = src.meta.get("example_value", src.meta.get("val"))
+        if not ok or not isinstance(parts, (list, tuple)):
             return None
-        return lin, idx, src
+        widths = [t.shape[-1] for t in parts]
+        if not all(isinstance(w, int) for w in widths) or not -len(widths) <= idx < len(widths):
+            return None
+        inner = _column_range(src.args[0], depth + 1)
+        if inner is None:
+            return None
+        lin, s0, _, via = inner
+        a = s0 + sum(widths[:idx % len(widths)])
+        return lin, a, a + widths[idx], [node, src] + via
     shape = shape_of(src)
-    if not is_linear(src) or shape is None or not isinstance(shape[-1], int) or shape[-1] % 2:
-        return None
     idx = idx if isinstance(idx, tuple) else (idx,)
     last = idx[-1] if idx else None
     lead = idx[:-1]
     full = slice(None, None, None)
-    if not isinstance(last, slice) or last.step not in (None, 1):
+    if shape is None or not isinstance(shape[-1], int) or not isinstance(last, slice) or last.step not in (None, 1):
         return None
     if not (lead == (Ellipsis,) or (len(idx) == len(shape) and all(i == full for i in lead))):
         return None
-    f, half = shape[-1], shape[-1] // 2
-    start, stop = last.start or 0, f if last.stop is None else last.stop
-    if (start, stop) == (0, half):
-        return src, 0, None
-    if (start, stop) == (half, f):
-        return src, 1, None
-    return None
+    width = shape[-1]
+    start, stop = last.start or 0, width if last.stop is None else last.stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= width):
+        return None
+    inner = _column_range(src, depth + 1)
+    if inner is None:
+        return None
+    lin, s0, _, via = inner
+    return lin, s0 + start, s0 + stop, [node] + via
+
+
+def _fused_rest(lin: fx.Node, owned: set) -> Optional[list]:
+    """The other column ranges of a first linear whose output also feeds something else (Flux2:
+    the attention's q/k/v): [(node, start, stop)] for every getitem of `lin` (or of a chunk /
+    split of it) outside `owned`, each to become a dense linear over those weight rows. None when
+    some other user is not such a column range (the whole output is needed elsewhere)."""
+    rest, stack, seen = [], [lin], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_method(u, "chunk", "split") or is_call(u, torch.chunk, torch.split):
+                stack.append(u)  # its parts are visited as its users
+                continue
+            if u in owned:
+                continue
+            r = _column_range(u)
+            if r is None or r[0] is not lin:
+                return None
+            rest.append((u, r[1], r[2]))
+    return rest
 
 
 def _reject(node, reason, shapes=None) -> Rejection:
@@ -143,7 +192,7 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
                 return _reject(node, "the first linear's output has other users")
             return _reject(node, f"unsupported activation {getattr(prev.target, '__name__', prev.target)}")
         return None
-    act, x, w_act, b_act, w_lin, b_lin, nodes = form
+    act, x, w_act, b_act, w_lin, b_lin, nodes, rest = form
     chain += nodes
     x_shape = shape_of(x)
     shapes = {"x": x_shape, "w2": shape_of(w2)}
@@ -160,7 +209,7 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     return MlpMatch(
         pattern="mlp-parallel" if cat_parts else ("mlp-gated" if w_lin is not None else "mlp"),
         anchor=node, output=node, x=x, w_act=w_act, b_act=b_act, w2=w2, b2=b2, act=act,
-        nodes=chain, w_lin=w_lin, b_lin=b_lin, cat_parts=cat_parts, cat_index=cat_index,
+        nodes=chain, w_lin=w_lin, b_lin=b_lin, cat_parts=cat_parts, cat_index=cat_index, first_rest=rest,
     )
 
 
@@ -181,14 +230,15 @@ def _activation_through_casts(h, nodes: list) -> Optional[tuple[str, fx.Node]]:
 
 
 def _hidden_form(h):
-    """Decompose the hidden activation h: (act, x, w_act, b_act, w_lin, b_lin, nodes) or None."""
+    """Decompose the hidden activation h: (act, x, w_act, b_act, w_lin, b_lin, nodes, rest) or
+    None; rest: the first linear's other column ranges (see `_fused_rest`), usually []."""
     casts: list = []
     a = _activation_through_casts(h, casts)
     if a is not None:  # plain: act(linear(x)) — or act applied to one chunk half (rare; gated below)
         name, pre = a
         if is_linear(pre) and single_user(pre):
             x, w, b = linear_parts(pre)
-            return name, x, w, b, None, None, [h, pre] + casts
+            return name, x, w, b, None, None, [h, pre] + casts, []
         return None
     if not (is_call(h, *_MUL) and len(h.args) == 2 and all(isinstance(t, fx.Node) for t in h.args)):
         return None
@@ -200,25 +250,31 @@ def _hidden_form(h):
             continue
         name, pre = a
         other = _peel(other, casts) if single_user(other) else other
-        half_a, half_b = _chunk_half(pre), _chunk_half(other)
-        if half_a and half_b and half_a[0] is half_b[0] and half_a[1] != half_b[1]:
-            lin, ch = half_a[0], half_a[2]
-            if ch is not None and (len(lin.users) != 1 or len(ch.users) != 2):
-                return None
-            if ch is None and len(lin.users) != 2:  # the two slices are its only users
+        ra, rb = _column_range(pre), _column_range(other)
+        if ra and rb and ra[0] is rb[0] and not is_linear(pre) and not is_linear(other):
+            lin, (a0, a1), (b0, b1) = ra[0], ra[1:3], rb[1:3]
+            if a1 - a0 != b1 - b0 or not (a1 <= b0 or b1 <= a0):
+                return None  # not two disjoint ranges of one width: not a gate
+            inner = [h, g, pre, other] + casts
+            owned = set(inner) | set(ra[3]) | set(rb[3])
+            for n in set(ra[3]) | set(rb[3]):  # parts and slices feed only this MLP
+                if is_call(n, operator.getitem) and any(u not in owned for u in n.users):
+                    return None
+            rest = _fused_rest(lin, owned)
+            if rest is None:
                 return None
             x, w, b = linear_parts(lin)
-            f = shape_of(lin)[-1] // 2
-            ia, ib = half_a[1], half_b[1]
-            w_act, w_lin = (w, ia * f, (ia + 1) * f), (w, ib * f, (ib + 1) * f)
-            b_act = (b, ia * f, (ia + 1) * f) if b is not None else None
-            b_lin = (b, ib * f, (ib + 1) * f) if b is not None else None
-            return name, x, w_act, b_act, w_lin, b_lin, [h, g, pre, other, *([ch] if ch is not None else []), lin] + casts
+            w_act, w_lin = (w, a0, a1), (w, b0, b1)
+            b_act = (b, a0, a1) if b is not None else None
+            b_lin = (b, b0, b1) if b is not None else None
+            nodes = inner + list(ra[3]) + list(rb[3]) + [r[0] for r in rest] + [lin]
+            rest = [(node, x, w, b, start, stop) for node, start, stop in rest]
+            return name, x, w_act, b_act, w_lin, b_lin, list(dict.fromkeys(nodes)), rest
         if is_linear(pre) and is_linear(other) and single_user(pre) and single_user(other):
             x1, w1, b1 = linear_parts(pre)
             x3, w3, b3 = linear_parts(other)
             if x1 is x3:
-                return name, x1, w1, b1, w3, b3, [h, g, pre, other] + casts
+                return name, x1, w1, b1, w3, b3, [h, g, pre, other] + casts, []
     return None
 
 

@@ -64,6 +64,9 @@ class MlpMatch:
     # parallel form: second linear takes cat(others..., h) along the last dim
     cat_parts: Optional[list[fx.Node]] = None
     cat_index: int = -1  # position of h among cat_parts
+    # fused first linear (Flux2 single blocks): its other column ranges, (node, x, w, b, start, stop)
+    # each, become dense linears over those weight rows; the fused linear itself is erased
+    first_rest: list = field(default_factory=list)
     kind: str = "mlp"
 
 
