@@ -1,9 +1,9 @@
 """benchmarks/arch_zoo.py on a few of its architectures: each runs through inspect and the
-compiled backend, dense steps are exact, sparse steps really ran and stay close. Flux2's SwiGLU
-(halves sliced out of one linear; in its single blocks, out of the linear that also projects
-q/k/v), Allegro's per-frame conv grid and CogView4's patchified
-latent, Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, and
-Z-Image's grid seen in a graph before a graph break are the forms that were missed before."""
+compiled backend, dense steps are exact, sparse steps really ran and stay close. The forms that
+were missed before: Flux2's SwiGLU (halves sliced out of one linear; in its single blocks, out of
+the linear that also projects q/k/v), Allegro's per-frame conv grid, CogView4's patchified latent,
+Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, and Z-Image's
+grid seen in a graph before a graph break."""
 
 import os
 import sys
