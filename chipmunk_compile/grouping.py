@@ -34,7 +34,8 @@ the t-remainder slab, then the h-remainder, then the w-remainder (method.md §3)
 
 Non-grid ("text") tokens: a site with N_site = N_image + n tokens has n text tokens, before or after
 the image tokens. Their side comes from the graph (a torch.cat along the token axis that joins an
-N_image-token part with the rest, found upstream of the site's input), else from the config. The
+N_image-token part with the rest, or a slice write of N_image tokens into a token buffer, found
+upstream of the site's input), else from the config. The
 perm lists the image tokens first (so image groups start aligned to tiles), then the text tokens
 whole, in their original order; text never splits a tile. When the side is unknown or the evidence
 disagrees, the site is not grouped. `Site.always_keep` marks the text keys (attention sites, when
@@ -47,6 +48,7 @@ Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -495,11 +497,34 @@ def _cat_sides(node: fx.Node, n_site: int, n_img: int, limit: int = 200_000) -> 
             if side is not None:
                 sides.add(side)
                 continue  # the join is found on this path
+        written = [_setitem_side(u, n, n_site, n_img) for u in n.users
+                   if u.op == "call_function" and u.target is operator.setitem and u.args[0] is n]
+        if any(w is not None for w in written):  # a buffer the tokens are written into (Lumina2)
+            sides.update(w for w in written if w is not None)
+            continue
         for inp in n.all_input_nodes:
             if inp not in seen:
                 seen.add(inp)
                 stack.append(inp)
     return sides
+
+
+def _setitem_side(u: fx.Node, buf: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+    """Side of the non-image tokens when `buf[..., a:b, :] = image_tokens` writes n_img tokens
+    into a (B, n_site, C) or (n_site, C) buffer (Lumina2 fills its joint sequence per batch item:
+    `joint[i, :n_txt] = text[i]; joint[i, n_txt:n] = image[i]`); None for other writes."""
+    shape = _shape(buf)
+    idx = u.args[1] if len(u.args) > 1 else None
+    if shape is None or len(shape) not in (2, 3) or shape[-2] != n_site:
+        return None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    axis = len(shape) - 2
+    if len(idx) <= axis or not isinstance(idx[axis], slice) or idx[axis].step not in (None, 1):
+        return None
+    a, b = idx[axis].start or 0, n_site if idx[axis].stop is None else idx[axis].stop
+    if not (isinstance(a, int) and isinstance(b, int)) or b - a != n_img or not 0 <= a < b <= n_site:
+        return None
+    return "last" if a == 0 else "first" if b == n_site else "mixed"
 
 
 def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:

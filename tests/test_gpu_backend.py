@@ -32,33 +32,62 @@ def _inputs(t: float, h=32, w=32, text=16):
                 img_ids=ids.to(torch.bfloat16), txt_ids=torch.zeros(text, 3, **bf), return_dict=False)
 
 
+def _flux2():
+    """FLUX.2's layout: SwiGLU MLPs, and single blocks whose one linear projects q/k/v and the MLP
+    input (the fused-first-linear MLP form)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                                   axes_dims_rope=(16, 16, 16, 16)).eval().cuda().to(torch.bfloat16)
+
+
+def _flux2_inputs(t: float, h=32, w=32, text=16):
+    g = torch.Generator("cuda").manual_seed(1)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    z = torch.zeros(1)
+    img_ids = torch.cartesian_prod(z, torch.arange(h).float(), torch.arange(w).float(), z)[None]
+    txt_ids = torch.cartesian_prod(z, z, z, torch.arange(text).float())[None]
+    return dict(hidden_states=torch.randn(1, h * w, 16, generator=g, **bf),
+                encoder_hidden_states=torch.randn(1, text, 64, generator=g, **bf), timestep=torch.full((1,), t, **bf),
+                img_ids=img_ids.to(**bf), txt_ids=txt_ids.to(**bf), guidance=torch.full((1,), 4.0, **bf),
+                return_dict=False)
+
+
+MODELS = {"flux": (_flux, _inputs), "flux2": (_flux2, _flux2_inputs)}
 CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2},
        "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3}}
 
 
-def _run(model, steps=8, **compile_kw):
+def _run(model, steps=8, make_inputs=_inputs, **compile_kw):
     torch._dynamo.reset()
     c = torch.compile(model, backend="chipmunk", **compile_kw)
     outs = []
     with torch.no_grad():
         for i in range(steps):
             torch.compiler.cudagraph_mark_step_begin()
-            x = _inputs(1.0 - i / steps)
+            x = make_inputs(1.0 - i / steps)
             x["hidden_states"] = x["hidden_states"] + 0.01 * i
             outs.append(c(**x)[0].float().clone())
     return outs, c
 
 
-def test_triton_path_matches_reference_path(monkeypatch):
-    model = _flux()
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_triton_path_matches_reference_path(monkeypatch, name):
+    build, make_inputs = MODELS[name]
+    model = build()
     monkeypatch.setenv("CHIPMUNK_KERNELS", "ref")
-    ref, _ = _run(model, options={"config": CFG})
+    ref, _ = _run(model, make_inputs=make_inputs, options={"config": CFG})
     monkeypatch.delenv("CHIPMUNK_KERNELS")
     counters.clear()
-    tri, c = _run(model, options={"config": CFG})
-    assert not any(k.startswith("kernel_fallback") for k in counters["chipmunk"]), dict(counters["chipmunk"])
-    kinds = {k for s in chipmunk_compile.stats(c)["sites"] for k in s["steps"]}
+    tri, c = _run(model, make_inputs=make_inputs, options={"config": CFG})
+    assert not any(k.startswith(("kernel_fallback", "fallback")) for k in counters["chipmunk"]), dict(counters["chipmunk"])
+    sites = chipmunk_compile.stats(c)["sites"]
+    kinds = {k for s in sites for k in s["steps"]}
     assert kinds == {"dense", "refresh", "sparse"}
+    if name == "flux2":  # both double-block feed-forwards and every single block's fused MLP
+        assert sum(s["kind"] == "mlp" for s in sites) == 2 + 2, sites
     for i, (a, b) in enumerate(zip(tri, ref)):
         err = ((a - b).norm() / b.norm()).item()
         print(f"step {i}: triton vs reference rel err {err:.2e}")

@@ -342,6 +342,36 @@ def test_grouping_disabled_and_ambiguous_text():
     assert sites[0].perm is None and "both sides" in sites[0].grouping
 
 
+class WrittenJoint(torch.nn.Module):
+    """Text and image tokens written into a zero buffer by slices, per batch item (Lumina2), not
+    concatenated: the write of the image tokens tells their side."""
+
+    def __init__(self, text_first):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, 32, 2, 2)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.text_first = text_first
+
+    def forward(self, x, text):
+        img = self.embed(x).flatten(2).transpose(1, 2)
+        n_img, n_txt = img.shape[1], text.shape[1]
+        joint = img.new_zeros(1, n_img + n_txt, 32)
+        t0, i0 = (0, n_txt) if self.text_first else (n_img, 0)
+        joint[0, t0:t0 + n_txt] = text[0]
+        joint[0, i0:i0 + n_img] = img[0]
+        q, k, v = self.qkv(joint).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_side_from_slice_writes(text_first):
+    (s,) = _plan(WrittenJoint(text_first), dict(x=torch.randn(1, 4, 12, 16), text=torch.randn(1, 5, 32)))
+    side = "first" if text_first else "last"
+    assert s.grouping.startswith("conv2d patch embed h×w 6×8") and s.grouping.endswith(f"text 5 {side}"), s.grouping
+    txt = torch.arange(5) if text_first else torch.arange(48, 53)
+    assert _is_perm(s.perm, 53) and torch.equal(s.perm[48:].long(), txt)
+
+
 class Packed(torch.nn.Module):
     """Tokens arrive already packed (no conv, no ids): only config.grouping can group them."""
 

@@ -413,6 +413,11 @@ class FusedParallel(nn.Module):
 
     def forward(self, x, t):
         y = self.proj(x)
+        if self.spelling == "plain":  # one activated range, no gate; an unused tail of the projection
+            qkv_, m = y[..., :3 * C], y[..., 3 * C:3 * C + self.F_]
+            q, k, v = (t_.unflatten(-1, (H, D)).transpose(1, 2) for t_ in qkv_.chunk(3, dim=-1))
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            return self.out(torch.cat([o, F.gelu(m, approximate="tanh")], dim=-1))
         if self.spelling == "split":
             qkv_, m = y.split([3 * C, 2 * self.F_], dim=-1)
             a, b = m[..., :self.F_], m[..., self.F_:]
@@ -425,7 +430,7 @@ class FusedParallel(nn.Module):
         return self.out(torch.cat([o, F.silu(a) * b], dim=-1))
 
 
-@pytest.mark.parametrize("spelling", ["split", "slices"])
+@pytest.mark.parametrize("spelling", ["split", "slices", "plain"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mlp_fused_with_qkv(fresh_dynamo, bias, spelling):
     """The MLP halves are found inside the fused projection; q/k/v get a dense linear of their own

@@ -7,9 +7,10 @@ Forms (anchored on the second linear):
             two linears of the same x
 - parallel: y = W2 · cat(other, act(W1 x + b1)) + b2 (diffusers Flux / HunyuanVideo single blocks):
             W2 is split by columns; the `other` part stays a dense linear, the MLP part is sparse.
-- fused first linear: the gated halves are column ranges of a linear that also projects other
-            things (Flux2 single blocks: `lin(x).split([3D, 2F], -1)`, q/k/v first); every other
-            column range becomes a dense linear over its weight rows (`MlpMatch.first_rest`).
+- fused first linear: the hidden pre-activation (or both gated halves) is a column range of a
+            linear that also projects other things (Flux2 single blocks: `lin(x).split([3D, 2F],
+            -1)`, q/k/v first); every other column range becomes a dense linear over its weight
+            rows (`MlpMatch.first_rest`).
 
 Casts (`.float()`, `.to(dtype)`) around the activation and the gate are looked through: an
 activation evaluated in fp32 and rounded back (diffusers' FP32SiLU, Lumina) is what the kernels do.
@@ -234,12 +235,25 @@ def _hidden_form(h):
     None; rest: the first linear's other column ranges (see `_fused_rest`), usually []."""
     casts: list = []
     a = _activation_through_casts(h, casts)
-    if a is not None:  # plain: act(linear(x)) — or act applied to one chunk half (rare; gated below)
+    if a is not None:  # plain: act(linear(x)), or act of a column range of a fused linear
         name, pre = a
         if is_linear(pre) and single_user(pre):
             x, w, b = linear_parts(pre)
             return name, x, w, b, None, None, [h, pre] + casts, []
-        return None
+        r = _column_range(pre)
+        if r is None or not single_user(pre):
+            return None
+        lin, start, stop, via = r
+        owned = {h, *casts, *via}
+        if any(u not in owned for n in via if is_call(n, operator.getitem) for u in n.users):
+            return None
+        rest = _fused_rest(lin, owned)
+        if rest is None:
+            return None
+        x, w, b = linear_parts(lin)
+        nodes = [h, *casts, *via, *(n for n, _, _ in rest), lin]
+        return (name, x, (w, start, stop), (b, start, stop) if b is not None else None, None, None,
+                list(dict.fromkeys(nodes)), [(n, x, w, b, s0, s1) for n, s0, s1 in rest])
     if not (is_call(h, *_MUL) and len(h.args) == 2 and all(isinstance(t, fx.Node) for t in h.args)):
         return None
     for act_side in (0, 1):
