@@ -150,32 +150,24 @@ def make_wan(t, size, layers, heads, dim, gen):
 
 
 def make_trained_tiny_dit(gen):
-    """The project's trained tiny DiT (examples/tiny_dit), when it exists."""
+    """The project's trained tiny DiT (examples/tiny_dit: a FluxTransformer2DModel on 2x2-packed
+    64x64 pixels, class tokens in place of text), on a real training image of class 1 along the
+    rectified-flow path x_t = (1 - t) x_0 + t noise (its own convention: t in [0, 1])."""
     try:
+        from examples.tiny_dit.data import generate_batch
         from examples.tiny_dit.model import load_pretrained
-    except Exception as e:  # not trained / not written yet
-        return None, f"examples.tiny_dit.model.load_pretrained unavailable ({type(e).__name__}: {e})"
-    try:
         m = load_pretrained().eval().float()
-    except Exception as e:
-        return None, f"load_pretrained() failed ({type(e).__name__}: {e})"
-    cfg = getattr(m, "config", None)
-    size = int(getattr(cfg, "sample_size", 0) or getattr(m, "sample_size", 0) or 32)
-    ch = int(getattr(cfg, "in_channels", 0) or getattr(m, "in_channels", 0) or 4)
-    data = smooth_field((1, ch, size, size), 8, gen)
-    try:  # a real image from the training set is better data than a smooth field
-        from examples.tiny_dit.data import IMAGE_SIZE, render_batch  # type: ignore
-        if ch == 3 and size == IMAGE_SIZE:
-            data = render_batch(1, seed=0)[0][:1]
-    except Exception:
-        pass
+    except Exception as e:  # weights missing or the example changed
+        return None, f"examples.tiny_dit unavailable ({type(e).__name__}: {e})"
+    images, labels = generate_batch(1, seed=0, labels=torch.tensor([1]))
+    data = m.patchify(images)
     noise = torch.randn(data.shape, generator=gen)
+    cond, ids = m.class_condition(labels), m.position_ids()
 
     def inputs(s):
         x = (1 - s) * data + s * noise
-        kw = dict(hidden_states=x, timestep=torch.tensor([int(s * 999)]), class_labels=torch.tensor([1]))
-        return kw
-    return (m, inputs, f"trained tiny DiT ({type(m).__name__})"), ""
+        return dict(hidden_states=x, timestep=torch.tensor([float(s)]), **cond, **ids, return_dict=False)
+    return (m.transformer, inputs, f"trained tiny DiT (FLUX layout, {data.shape[1]} image tokens, class 1)"), ""
 
 
 # ---------------------------------------------------------------------------------------------

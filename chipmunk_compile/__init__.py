@@ -66,6 +66,7 @@ def stats(model: Any) -> dict:
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
     out = {"sites": [], "state_bytes": 0}
     for session in sessions_of(model):
+        session.prune()
         pos = session.position()
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()

@@ -179,6 +179,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
 
     chipmunk_call._chipmunk_plan = plan
     chipmunk_call._chipmunk_session = session
+    session.watch(chipmunk_call, plan.sites)
     return chipmunk_call
 
 

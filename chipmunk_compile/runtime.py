@@ -171,6 +171,32 @@ class Session:
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = -1  # number of sessions when the enclosing one was last looked for
+        self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
+
+    def watch(self, compiled: Any, sites: list) -> None:
+        """Free `sites` (registry entries, caches) once `compiled`, the function the backend
+        returned for their graph, is garbage-collected: after torch._dynamo.reset() a model
+        compiled again would otherwise keep the first compile's caches too (twice the memory).
+        The finalizer only records the ids (it may run inside any allocation); `prune` frees them
+        at the next compile or report."""
+        ids = [s.id for s in sites]
+        if ids:
+            weakref.finalize(compiled, self._dead_sites.extend, ids)
+
+    def prune(self) -> int:
+        """Forget the sites of freed graphs; returns how many."""
+        if not self._dead_sites:
+            return 0
+        dead, self._dead_sites[:] = set(self._dead_sites), []
+        self.sites = [s for s in self.sites if s.id not in dead]
+        prefixes = tuple(f"s{i}__" for i in dead)
+        for name in [n for n in self.state._buffers if n.startswith(prefixes)]:
+            del self.state._buffers[name]
+        for i in dead:
+            SITES.pop(i, None)
+        self.plans = [p for p in getattr(self, "plans", []) if not any(s.id in dead for s in p.sites)]
+        log.info("chipmunk: %d sites of freed graphs released", len(dead))
+        return len(dead)
 
     def device_step(self, device, step: int) -> torch.Tensor:
         """The current step as a 1-element int64 tensor on `device` (read by random draws inside
@@ -255,6 +281,8 @@ def session_for(owner: Optional[torch.nn.Module], config) -> Session:
         return Session(config, None)
     with _lock:
         session = _SESSIONS.get(owner)
+        if session is not None:
+            session.prune()
         if session is None or session.config.to_dict() != config.to_dict():
             if session is not None:
                 log.info("chipmunk: new config for %s: caches dropped", type(owner).__name__)
