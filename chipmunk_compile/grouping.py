@@ -27,8 +27,11 @@ Else no grouping (perm None; the reason is reported in `Site.grouping`). A site 
 no grid of its own reuses the grid of the model's previous site graph.
 
 Order inside the image tokens (`tile_order`): 2-D grids in (8, 8) tiles, tile-major, each tile as
-four 4×4 sub-tiles (raster of sub-tiles, raster inside); 3-D grids in (4, 6, 8) voxels, voxel-major,
-raster inside (`config.grouping.tile` overrides; a tile axis longer than the grid is clamped to it).
+four 4×4 sub-tiles (raster of sub-tiles, raster inside), and when a site's group (attention) or
+block (MLP) is k > 1 tiles, the tiles go in r×c boxes that divide the tile grid so every group is
+a box (`super_tile`; e.g. 3×1 for groups of 192 on FLUX's 10-tile-wide grid); 3-D grids in
+(4, 6, 8) voxels, voxel-major, raster inside (`config.grouping.tile` overrides; a tile axis longer
+than the grid is clamped to it).
 The part of the grid outside the full tiles (the "tail") follows in raster order, unpadded:
 the t-remainder slab, then the h-remainder, then the w-remainder (method.md §3).
 
@@ -76,12 +79,30 @@ def _raster(idx: torch.Tensor) -> torch.Tensor:
     return idx.reshape(-1)
 
 
-def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None) -> torch.Tensor:
+def super_tile(tiles: Sequence[int], tile: Sequence[int], group: Optional[int]) -> Optional[tuple[int, int]]:
+    """(r, c): tiles per group as an r×c box of 2-D tiles, when a group of `group` tokens is k > 1
+    whole tiles and some r×c = k divides the tile grid `tiles` = (rows, cols); the box closest to
+    square wins (then the wider). None: tiles stay in plain tile-major order. Groups of 3 tiles on a
+    4-tile-wide grid would otherwise straddle tile rows (not compact: worse than raster rows)."""
+    area = tile[0] * tile[1]
+    if not group or group % area or group // area < 2:
+        return None
+    k = group // area
+    fits = [(r, k // r) for r in range(1, k + 1) if k % r == 0 and tiles[0] % r == 0 and tiles[1] % (k // r) == 0]
+    if not fits:
+        return None
+    return min(fits, key=lambda rc: (max(rc[0] * tile[0], rc[1] * tile[1]) / min(rc[0] * tile[0], rc[1] * tile[1]),
+                                     rc[0]))
+
+
+def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None, group: Optional[int] = None) -> torch.Tensor:
     """Raster indices of a (h, w) or (t, h, w) grid in tile order, tail last (int64, (prod(grid),)).
 
-    2-D: full (8, 8) tiles tile-major, each as 4×4 sub-tiles in raster-of-sub-tile order; 3-D: full
-    (4, 6, 8) voxels voxel-major, raster inside. Then the tail in raster order: the slab beyond the
-    last full tile along the first axis, then along the second, then along the third."""
+    2-D: full (8, 8) tiles tile-major, each as 4×4 sub-tiles in raster-of-sub-tile order; with
+    `group` (the site's tokens per query group / MLP block) a multiple k > 1 of the tile area, the
+    tiles go in r×c boxes (`super_tile`) so that every group is a box; 3-D: full (4, 6, 8) voxels
+    voxel-major, raster inside. Then the tail in raster order: the slab beyond the last full tile
+    along the first axis, then along the second, then along the third."""
     grid = tuple(int(g) for g in grid)
     nd = len(grid)
     if nd not in (2, 3):
@@ -102,6 +123,11 @@ def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None) -> tor
                 v = body.reshape(H // th, th // sh, sh, W // tw, tw // sw, sw).permute(0, 3, 1, 4, 2, 5)
             else:
                 v = body.reshape(H // th, th, W // tw, tw).permute(0, 2, 1, 3)
+            nh, nw = H // th, W // tw
+            rc = super_tile((nh, nw), (th, tw), group)
+            if rc is not None:  # tiles (each one contiguous run) in r×c boxes
+                r, c = rc
+                v = v.reshape(nh // r, r, nw // c, c, th * tw).permute(0, 2, 1, 3, 4)
         else:
             (T, H, W), (tt, th, tw) = full, tile
             v = body.reshape(T // tt, tt, H // th, th, W // tw, tw).permute(0, 2, 4, 1, 3, 5)
@@ -634,8 +660,14 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         tile = None  # a preset's tile for the other dimensionality
     tile = tuple(tile) if tile else (DEFAULT_TILE_2D if len(info.grid) == 2 else DEFAULT_TILE_3D)
     eff_tile = tuple(max(1, min(t, g)) for t, g in zip(tile, info.grid))
-    raster = tile_order(info.grid, eff_tile)
-    img_order = raster if info.token_of_raster is None else info.token_of_raster[raster]
+    orders: dict = {}
+
+    def img_order_for(group):
+        if group not in orders:
+            raster = tile_order(info.grid, eff_tile, group)
+            orders[group] = raster if info.token_of_raster is None else info.token_of_raster[raster]
+        return orders[group]
+
     n_img = info.n
     desc = f"{info.describe()}, tile {'×'.join(map(str, eff_tile))}"
 
@@ -655,16 +687,22 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     decisions = []
     for m, s in pairs:
         n = _site_tokens(s)
-        perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache)
+        group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
+        rc = super_tile(tuple(g // t for g, t in zip(info.grid, eff_tile)), eff_tile, group) \
+            if len(eff_tile) == 2 else None
+        stacked = rc is not None and rc[0] > 1  # 1×c boxes are plain tile-major order already
+        perm, keep, note = _decide(n, n_img, img_order_for(group if stacked else None), sides_by_count.get(n, set()),
+                                   info, gcfg, cache, group if stacked else None)
         s.perm = perm
         keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         s.always_keep = keep if keep_text else None
-        s.grouping = f"{desc}{note}" if perm is not None else f"none: {note}"
+        boxes = f", {rc[0]}×{rc[1]} tiles per group" if stacked else ""
+        s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
 
 
-def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache):
+def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=None):
     if n is None:
         return None, None, "unknown or symbolic token count"
     if n < n_img or (n > n_img and gcfg.text_tokens is not None and n - n_img != gcfg.text_tokens):
@@ -672,7 +710,7 @@ def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache):
         return None, None, f"{n} tokens ≠ grid {n_img}{extra}"
     n_text = n - n_img
     if n_text == 0:
-        key = (n, 0, True)
+        key = (n, 0, True, order_key)
         if key not in cache:
             cache[key] = site_perm(n, img_order, 0, True)
         return cache[key], None, ""
@@ -688,7 +726,7 @@ def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache):
     first = graph_side if graph_side is not None else cfg_side
     if first is None:
         return None, None, f"cannot tell whether the {n_text} non-grid tokens come before or after the image"
-    key = (n, n_text, first)
+    key = (n, n_text, first, order_key)
     if key not in cache:
         cache[key] = (site_perm(n, img_order, n_text, first), text_mask(n, n_text, first))
     perm, keep = cache[key]

@@ -66,6 +66,27 @@ def test_groups_are_compact(G):
         assert box.tolist() == [4, 6, 8]
 
 
+@pytest.mark.parametrize("grid,G,box", [((48, 80), 192, (24, 8)), ((16, 24), 128, (16, 8)),
+                                        ((32, 32), 256, (16, 16))])
+def test_groups_of_several_tiles_are_boxes(grid, G, box):
+    """FLUX's 48×80 grid has 10 tiles per row: groups of 3 tiles would straddle tile rows in plain
+    tile-major order (a 1280-cell bounding box); stacked 3×1 they are 24×8 boxes."""
+    order = tile_order(grid, (8, 8), G)
+    assert _is_perm(order, math.prod(grid))
+    c = _coords(grid, order)
+    for g in range(0, (order.numel() // G) * G, G):
+        assert tuple((c[g:g + G].amax(0) - c[g:g + G].amin(0) + 1).tolist()) == box
+    assert torch.equal(tile_order((32, 32), (8, 8), 128), tile_order((32, 32), (8, 8)))  # 1×2: unchanged
+
+
+def test_site_group_of_three_tiles():
+    cfg = {**LOOSE, "attn": {**LOOSE["attn"], "group": 192}}
+    s = next(s for s in _plan(*_flux(H=24, W=8), cfg) if s.kind == "attention")
+    assert "tile 8×8, 3×1 tiles per group, text 7 first" in s.grouping, s.grouping
+    c = _coords((24, 8), s.perm[:192].long() - 7)
+    assert (c.amax(0) - c.amin(0) + 1).tolist() == [24, 8]
+
+
 @pytest.mark.parametrize("grid,tile", [((9, 13), (8, 8)), ((5, 9, 16), (4, 6, 8)), ((9, 15, 20), (4, 6, 8)),
                                        ((3, 7, 9), (4, 6, 8))])
 def test_tail_in_raster_after_full_tiles(grid, tile):
