@@ -28,8 +28,8 @@ no grid of its own reuses the grid of the model's previous site graph.
 
 Order inside the image tokens (`tile_order`): 2-D grids in (8, 8) tiles, tile-major, each tile as
 four 4×4 sub-tiles (raster of sub-tiles, raster inside), and when a site's group (attention) or
-block (MLP) is k > 1 tiles, the tiles go in r×c boxes that divide the tile grid so every group is
-a box (`super_tile`; e.g. 3×1 for groups of 192 on FLUX's 10-tile-wide grid); 3-D grids in
+block (MLP) is k > 1 tiles, the tiles go in groups of k that are r×c boxes, as many as fit
+(`tile_groups`; e.g. 3×1 boxes for groups of 192 on FLUX's 10-tile-wide grid); 3-D grids in
 (4, 6, 8) voxels, voxel-major, raster inside (`config.grouping.tile` overrides; a tile axis longer
 than the grid is clamped to it).
 The part of the grid outside the full tiles (the "tail") follows in raster order, unpadded:
@@ -79,20 +79,45 @@ def _raster(idx: torch.Tensor) -> torch.Tensor:
     return idx.reshape(-1)
 
 
-def super_tile(tiles: Sequence[int], tile: Sequence[int], group: Optional[int]) -> Optional[tuple[int, int]]:
-    """(r, c): tiles per group as an r×c box of 2-D tiles, when a group of `group` tokens is k > 1
-    whole tiles and some r×c = k divides the tile grid `tiles` = (rows, cols); the box closest to
-    square wins (then the wider). None: tiles stay in plain tile-major order. Groups of 3 tiles on a
-    4-tile-wide grid would otherwise straddle tile rows (not compact: worse than raster rows)."""
+def _box_shapes(k: int, tile: Sequence[int], rows: int, cols: int) -> list[tuple[int, int]]:
+    """r×c boxes of k tiles that fit a rows×cols region, closest to square first (then wider)."""
+    fits = [(r, k // r) for r in range(1, k + 1) if k % r == 0 and r <= rows and k // r <= cols]
+    return sorted(fits, key=lambda rc: (max(rc[0] * tile[0], rc[1] * tile[1]) / min(rc[0] * tile[0], rc[1] * tile[1]),
+                                        rc[0]))
+
+
+def _pack_tiles(r0: int, c0: int, rows: int, cols: int, k: int, tile: Sequence[int], out: list) -> None:
+    """Tile ids (row, col) of the region in groups of k that are boxes: the best box shape over
+    the largest sub-region it tiles, then the strip to its right and the strip below, each packed
+    the same way; tiles no box fits go last in raster order."""
+    shapes = _box_shapes(k, tile, rows, cols)
+    if not shapes:
+        out += [(r0 + i, c0 + j) for i in range(rows) for j in range(cols)]
+        return
+    r, c = shapes[0]
+    R, C = rows - rows % r, cols - cols % c
+    for bi in range(0, R, r):
+        for bj in range(0, C, c):
+            out += [(r0 + bi + i, c0 + bj + j) for i in range(r) for j in range(c)]
+    if cols > C:
+        _pack_tiles(r0, c0 + C, R, cols - C, k, tile, out)
+    if rows > R:
+        _pack_tiles(r0 + R, c0, rows - R, cols, k, tile, out)
+
+
+def tile_groups(tiles: Sequence[int], tile: Sequence[int], group: Optional[int]) -> Optional[list]:
+    """The order of the 2-D tiles when a group of `group` tokens is k > 1 whole tiles: groups of k
+    consecutive tiles are r×c boxes (`_pack_tiles`), as many as fit. None when `group` is not such
+    a multiple or the order is plain tile-major anyway (1×k boxes on a grid k divides). Groups of
+    3 tiles on a 4-tile-wide grid would otherwise straddle tile rows (not compact: worse than
+    raster rows on the trained tiny DiT)."""
     area = tile[0] * tile[1]
     if not group or group % area or group // area < 2:
         return None
-    k = group // area
-    fits = [(r, k // r) for r in range(1, k + 1) if k % r == 0 and tiles[0] % r == 0 and tiles[1] % (k // r) == 0]
-    if not fits:
-        return None
-    return min(fits, key=lambda rc: (max(rc[0] * tile[0], rc[1] * tile[1]) / min(rc[0] * tile[0], rc[1] * tile[1]),
-                                     rc[0]))
+    order: list = []
+    _pack_tiles(0, 0, tiles[0], tiles[1], group // area, tile, order)
+    flat = [i * tiles[1] + j for i, j in order]
+    return None if flat == list(range(len(flat))) else flat
 
 
 def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None, group: Optional[int] = None) -> torch.Tensor:
@@ -100,7 +125,7 @@ def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None, group:
 
     2-D: full (8, 8) tiles tile-major, each as 4×4 sub-tiles in raster-of-sub-tile order; with
     `group` (the site's tokens per query group / MLP block) a multiple k > 1 of the tile area, the
-    tiles go in r×c boxes (`super_tile`) so that every group is a box; 3-D: full (4, 6, 8) voxels
+    tiles go in groups of k that are boxes (`tile_groups`); 3-D: full (4, 6, 8) voxels
     voxel-major, raster inside. Then the tail in raster order: the slab beyond the last full tile
     along the first axis, then along the second, then along the third."""
     grid = tuple(int(g) for g in grid)
@@ -123,11 +148,9 @@ def tile_order(grid: Sequence[int], tile: Optional[Sequence[int]] = None, group:
                 v = body.reshape(H // th, th // sh, sh, W // tw, tw // sw, sw).permute(0, 3, 1, 4, 2, 5)
             else:
                 v = body.reshape(H // th, th, W // tw, tw).permute(0, 2, 1, 3)
-            nh, nw = H // th, W // tw
-            rc = super_tile((nh, nw), (th, tw), group)
-            if rc is not None:  # tiles (each one contiguous run) in r×c boxes
-                r, c = rc
-                v = v.reshape(nh // r, r, nw // c, c, th * tw).permute(0, 2, 1, 3, 4)
+            order = tile_groups((H // th, W // tw), (th, tw), group)
+            if order is not None:  # tiles (each one contiguous run) in groups that are boxes
+                v = v.reshape(-1, th * tw)[torch.tensor(order)]
         else:
             (T, H, W), (tt, th, tw) = full, tile
             v = body.reshape(T // tt, tt, H // th, th, W // tw, tw).permute(0, 2, 4, 1, 3, 5)
@@ -688,15 +711,14 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
-        rc = super_tile(tuple(g // t for g, t in zip(info.grid, eff_tile)), eff_tile, group) \
-            if len(eff_tile) == 2 else None
-        stacked = rc is not None and rc[0] > 1  # 1×c boxes are plain tile-major order already
-        perm, keep, note = _decide(n, n_img, img_order_for(group if stacked else None), sides_by_count.get(n, set()),
-                                   info, gcfg, cache, group if stacked else None)
+        tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
+        boxed = len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None
+        perm, keep, note = _decide(n, n_img, img_order_for(group if boxed else None), sides_by_count.get(n, set()),
+                                   info, gcfg, cache, group if boxed else None)
         s.perm = perm
         keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         s.always_keep = keep if keep_text else None
-        boxes = f", {rc[0]}×{rc[1]} tiles per group" if stacked else ""
+        boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if boxed else ""
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}

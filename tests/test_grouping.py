@@ -66,25 +66,31 @@ def test_groups_are_compact(G):
         assert box.tolist() == [4, 6, 8]
 
 
-@pytest.mark.parametrize("grid,G,box", [((48, 80), 192, (24, 8)), ((16, 24), 128, (16, 8)),
-                                        ((32, 32), 256, (16, 16))])
-def test_groups_of_several_tiles_are_boxes(grid, G, box):
+@pytest.mark.parametrize("grid,G", [((48, 80), 192), ((16, 24), 128), ((32, 32), 256), ((32, 32), 192)])
+def test_groups_of_several_tiles_are_boxes(grid, G):
     """FLUX's 48×80 grid has 10 tiles per row: groups of 3 tiles would straddle tile rows in plain
-    tile-major order (a 1280-cell bounding box); stacked 3×1 they are 24×8 boxes."""
+    tile-major order (up to a 1280-cell bounding box); here every group is a 1×3 or 3×1 box of
+    tiles (1×3 over the first nine tile columns, 3×1 down the last). On 4×4 tiles, groups of 3 are
+    1×3 boxes over three tile columns and a 3×1 box in the last; one tile is left over."""
     order = tile_order(grid, (8, 8), G)
     assert _is_perm(order, math.prod(grid))
     c = _coords(grid, order)
-    for g in range(0, (order.numel() // G) * G, G):
-        assert tuple((c[g:g + G].amax(0) - c[g:g + G].amin(0) + 1).tolist()) == box
+    n_full = (order.numel() // G) * G
+    k = G // 64
+    boxes = {(8 * r, 8 * (k // r)) for r in range(1, k + 1) if k % r == 0}
+    shapes = [tuple((c[g:g + G].amax(0) - c[g:g + G].amin(0) + 1).tolist()) for g in range(0, n_full, G)]
+    assert all(s in boxes for s in shapes), shapes
+    assert max(a * b for a, b in shapes) == G  # boxes of exactly G cells: no gaps
     assert torch.equal(tile_order((32, 32), (8, 8), 128), tile_order((32, 32), (8, 8)))  # 1×2: unchanged
 
 
-def test_site_group_of_three_tiles():
-    cfg = {**LOOSE, "attn": {**LOOSE["attn"], "group": 192}}
-    s = next(s for s in _plan(*_flux(H=24, W=8), cfg) if s.kind == "attention")
-    assert "tile 8×8, 3×1 tiles per group, text 7 first" in s.grouping, s.grouping
-    c = _coords((24, 8), s.perm[:192].long() - 7)
-    assert (c.amax(0) - c.amin(0) + 1).tolist() == [24, 8]
+def test_site_groups_of_two_tiles_on_three_tile_columns():
+    """16×24 tokens = 2×3 tiles at the default group of 128: the third group is the last tile
+    column (a 2×1 box), not the third tile of row 0 with the first of row 1."""
+    s = next(s for s in _plan(*_flux(H=16, W=24)) if s.kind == "attention")
+    assert "tile 8×8, 2-tile groups as boxes, text 7 first" in s.grouping, s.grouping
+    c = _coords((16, 24), s.perm[256:384].long() - 7)
+    assert (c.amax(0) - c.amin(0) + 1).tolist() == [16, 8]
 
 
 @pytest.mark.parametrize("grid,tile", [((9, 13), (8, 8)), ((5, 9, 16), (4, 6, 8)), ((9, 15, 20), (4, 6, 8)),
