@@ -93,14 +93,10 @@ def _column_range(node, depth: int = 0) -> Optional[tuple[fx.Node, int, int, lis
         return None
     src, idx = node.args[0], node.args[1]
     if isinstance(idx, int):  # one part of a chunk / split along the last dim
-        if is_method(src, "chunk") or is_call(src, torch.chunk):
-            ok = _last_dim(src, 2, "dim", 0)
-        elif is_method(src, "split") or is_call(src, torch.split):
-            ok = _last_dim(src, 2, "dim", 0)
-        else:
+        if not (is_method(src, "chunk", "split") or is_call(src, torch.chunk, torch.split)):
             return None
-        parts = src.meta.get("example_value", src.meta.get("val"))
-        if not ok or not isinstance(parts, (list, tuple)):
+        parts = src.meta.get("example_value", src.meta.get("val"))  # the parts' widths
+        if not _last_dim(src, 2, "dim", 0) or not isinstance(parts, (list, tuple)):
             return None
         widths = [t.shape[-1] for t in parts]
         if not all(isinstance(w, int) for w in widths) or not -len(widths) <= idx < len(widths):
