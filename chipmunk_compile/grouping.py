@@ -442,23 +442,13 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
 
 
 def _joined_parts(gm: fx.GraphModule, sizes: set) -> set:
-    """Token counts of the parts of every torch.cat (not along the last axis) whose result has a
-    site's token count: the image part of a joint text + image sequence is one of them."""
+    """Token counts of the parts of every torch.cat along a token axis whose result has a site's
+    token count: the image part of a joint text + image sequence is one of them."""
     parts: set = set()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _CAT or not node.args:
-            continue
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        out = _shape(node)
-        if out is None or not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
-            continue
-        dim %= len(out)
-        if out[dim] not in sizes or (dim == len(out) - 1 and len(out) > 2):
-            continue
-        for p in node.args[0]:
-            s = _shape(p)
-            if s is not None and len(s) == len(out):
-                parts.add(s[dim])
+        cat = _token_cat(node)
+        if cat is not None and cat[0] in sizes:
+            parts.update(p for p in cat[1] if p is not None)
     return parts
 
 
@@ -576,21 +566,28 @@ def _setitem_side(u: fx.Node, buf: fx.Node, n_site: int, n_img: int) -> Optional
     return "last" if a == 0 else "first" if b == n_site else "mixed"
 
 
-def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+def _token_cat(n: fx.Node) -> Optional[tuple[int, list]]:
+    """(joined token count, each part's token count or None when unknown) when `n` is a torch.cat
+    along a token axis (not the last axis of a rank > 2 tensor: channel concats), else None."""
+    if n.op != "call_function" or n.target not in _CAT:
+        return None
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
     out = _shape(n)
     if not isinstance(parts, (list, tuple)) or out is None or not isinstance(dim, int):
         return None
     dim = dim % len(out)
-    if out[dim] != n_site or (dim == len(out) - 1 and len(out) > 2):
-        return None  # not the token axis (channel concats are on the last axis)
-    sizes = []
-    for p in parts:
-        s = _shape(p)
-        if s is None or len(s) != len(out):
-            return None
-        sizes.append(s[dim])
+    if dim == len(out) - 1 and len(out) > 2:
+        return None
+    shapes = [_shape(p) for p in parts]
+    return out[dim], [s[dim] if s is not None and len(s) == len(out) else None for s in shapes]
+
+
+def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+    cat = _token_cat(n)
+    if cat is None or cat[0] != n_site or None in cat[1]:
+        return None
+    sizes = cat[1]
     hits = [i for i, s in enumerate(sizes) if s == n_img]
     if len(hits) != 1 or len(sizes) < 2:
         return "mixed" if len(hits) > 1 else None
@@ -622,21 +619,18 @@ def _pick(cands: list[GridInfo], counts: list[int]) -> Optional[GridInfo]:
     return best
 
 
+def _graph_sources(gm: fx.GraphModule, example_inputs) -> tuple:
+    """The grid sources that need no site token counts, in priority order (called lazily)."""
+    return (lambda: _conv_grids(gm), lambda: _id_grids(gm, example_inputs), lambda: _patchify_grids(gm))
+
+
 def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) -> tuple[Optional[GridInfo], str]:
     """(grid info, why not) for the graph; `counts` are the sites' token counts."""
     gcfg = config.grouping
-    conv = _pick(_conv_grids(gm), counts)
-    if conv is not None:
-        return conv, ""
-    ids = _pick(_id_grids(gm, example_inputs), counts)
-    if ids is not None:
-        return ids, ""
-    patchified = _pick(_patchify_grids(gm), counts)
-    if patchified is not None:
-        return patchified, ""
-    merged = _pick(_merged_grids(gm, counts), counts)
-    if merged is not None:
-        return merged, ""
+    for source in (*_graph_sources(gm, example_inputs), lambda: _merged_grids(gm, counts)):
+        info = _pick(source(), counts)
+        if info is not None:
+            return info, ""
     if gcfg.grid is not None:
         grid = tuple(int(g) for g in gcfg.grid)
         grid = tuple(g for g in grid if g > 1)
@@ -657,7 +651,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     sites = [s for _, s in pairs]
     if not pairs:
         if session is not None and gcfg.enabled:  # a graph before a break may show the grid
-            cands = _conv_grids(gm) + _id_grids(gm, example_inputs) + _patchify_grids(gm)
+            cands = [g for source in _graph_sources(gm, example_inputs) for g in source()]
             if cands:  # the latest few, for `_pick` by the token counts of a later graph's sites
                 session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
         return {}
@@ -683,12 +677,16 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         tile = None  # a preset's tile for the other dimensionality
     tile = tuple(tile) if tile else (DEFAULT_TILE_2D if len(info.grid) == 2 else DEFAULT_TILE_3D)
     eff_tile = tuple(max(1, min(t, g)) for t, g in zip(tile, info.grid))
+    tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
     orders: dict = {}
 
-    def img_order_for(group):
+    def order_for(group):
+        """(image order, key of that order: the group size when its tiles go in boxes, else None)."""
         if group not in orders:
-            raster = tile_order(info.grid, eff_tile, group)
-            orders[group] = raster if info.token_of_raster is None else info.token_of_raster[raster]
+            boxed = len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None
+            key = group if boxed else None
+            raster = tile_order(info.grid, eff_tile, key)
+            orders[group] = (raster if info.token_of_raster is None else info.token_of_raster[raster], key)
         return orders[group]
 
     n_img = info.n
@@ -711,14 +709,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
-        tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
-        boxed = len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None
-        perm, keep, note = _decide(n, n_img, img_order_for(group if boxed else None), sides_by_count.get(n, set()),
-                                   info, gcfg, cache, group if boxed else None)
+        img_order, key = order_for(group)
+        perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache, key)
         s.perm = perm
         keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         s.always_keep = keep if keep_text else None
-        boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if boxed else ""
+        boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}

@@ -151,8 +151,9 @@ class ChipmunkState(torch.nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def clear(self) -> None:
-        for name in list(self._buffers):
+    def clear(self, prefixes: tuple = ("",)) -> None:
+        """Drop the buffers whose names start with one of `prefixes` (default: all)."""
+        for name in [n for n in self._buffers if n.startswith(prefixes)]:
             del self._buffers[name]
 
 
@@ -189,9 +190,7 @@ class Session:
             return 0
         dead, self._dead_sites[:] = set(self._dead_sites), []
         self.sites = [s for s in self.sites if s.id not in dead]
-        prefixes = tuple(f"s{i}__" for i in dead)
-        for name in [n for n in self.state._buffers if n.startswith(prefixes)]:
-            del self.state._buffers[name]
+        self.state.clear(tuple(f"s{i}__" for i in dead))
         for i in dead:
             SITES.pop(i, None)
         self.plans = [p for p in getattr(self, "plans", []) if not any(s.id in dead for s in p.sites)]
