@@ -49,7 +49,7 @@ SPARSE = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 0.25,
                   "full_step_every": 4, "block": 16},
           "step_signal": "calls"}
 CALLS = 5
-COLUMNS = ["model", "status", "attn", "mlp", "rejected", "graphs", "grouping", "dense_err", "sparse_err",
+COLUMNS = ["model", "status", "attn", "mlp", "rejected", "graphs", "grouping", "grouped", "dense_err", "sparse_err",
            "out_change", "sparse_steps", "fallbacks", "seconds", "note"]
 
 
@@ -475,9 +475,12 @@ def measure(key: str) -> dict:
                     refs.append(_first_tensor(case.model(**kw)))
                     errs.append(_rel(_first_tensor(compiled(**kw)), refs[-1]))
         steps: dict[str, int] = {}
-        for s in chipmunk_compile.stats(case.model)["sites"]:
+        compiled_sites = chipmunk_compile.stats(case.model)["sites"]
+        for s in compiled_sites:
             for k, v in s["steps"].items():
                 steps[k] = steps.get(k, 0) + v
+        # grouping as the compiled model got it (inspect traces once; compile may split frames)
+        row["grouped"] = f"{sum(not (s['grouping'] or 'none').startswith('none') for s in compiled_sites)}/{len(compiled_sites)}"
         fb = {k: v for k, v in counters["chipmunk"].items() if k.startswith("fallback")}
         row.update(status="ok", dense_err=f"{errs[0]:.1e}", sparse_err=f"{max(errs[1:]):.1e}",
                    out_change=f"{max(_rel(a, b) for a, b in zip(refs[1:], refs)):.1e}",
@@ -516,7 +519,8 @@ def main():
         w.writeheader()
         w.writerows(rows)
     md = (f"Tiny random-weight diffusers transformers through chipmunk (torch {torch.__version__}, diffusers "
-          f"{diffusers.__version__}, CPU float32; `python benchmarks/arch_zoo.py`). dense_err: call 0 vs eager; "
+          f"{diffusers.__version__}, CPU float32; `python benchmarks/arch_zoo.py`). grouping: what inspect() found; "
+          f"grouped: sites with a grid in the compiled model / its sites; dense_err: call 0 vs eager; "
           f"sparse_err: max over calls 1-{CALLS - 1} (top_keys 0.25 attn / 0.3 MLP); out_change: eager output change "
           f"between calls; sparse_steps: site-calls that ran sparse.\n\n" + _markdown(rows))
     with open(os.path.join(args.out, "arch_zoo.md"), "w") as f:

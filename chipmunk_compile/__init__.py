@@ -61,7 +61,7 @@ def clear_step(model: Any) -> None:
 
 
 def stats(model: Any) -> dict:
-    """Per-site step-type counts, the current step position and the cache memory of `model`; for
+    """Per-site step-type counts and token grouping, the current step position and the cache memory of `model`; for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
     out = {"sites": [], "state_bytes": 0}
@@ -71,7 +71,8 @@ def stats(model: Any) -> dict:
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()
         for s in session.sites:
-            row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps)}
+            row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps),
+                   "grouping": getattr(s, "grouping", None)}
             if s.attn_mass:  # the attention guard's measurement per layer (a host read, here only)
                 row["attn_mass"] = {layer: round(float(m), 4) for layer, m in sorted(s.attn_mass.items())}
                 row["dense_by_guard"] = sorted(layer for layer, v in s.attn_diffuse.items() if v)

@@ -18,7 +18,8 @@ Invariants:
   recorded (counted as graph_disabled:<reason>).
 - Nothing persistent lives in the graph pool: caches, the device step and the recorded input
   buffers are allocated outside any recording; outputs are cloned right after each replay, so
-  graphs of one session can share one memory pool (they never run concurrently).
+  graphs of one session can share one memory pool (they never run concurrently), taken anew
+  once no graph recorded into it is alive (`shared_pool`).
 - A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
   epoch is part of the signature, and stale graphs are evicted.
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
@@ -89,6 +90,19 @@ def mutates_inputs(gm: torch.fx.GraphModule) -> bool:
         if schema is not None and schema.is_mutable and any(a in placeholders for a in n.args):
             return True
     return False
+
+
+def shared_pool(session) -> Any:
+    """The session's CUDA-graph memory pool, or a new one when no live graph uses the old one.
+
+    PyTorch releases a private pool when the last graph recorded into it is destroyed (here: after
+    torch._dynamo.reset() freed a compiled model's graphs and the model was compiled again).
+    Capturing into the released id then fails inside the caching allocator ("INTERNAL ASSERT
+    use_count > 0" or "already recording to mempool_id" on the H200), so the step graphs of the
+    new compile would all run eagerly."""
+    if session.graph_pool is None or not len(session.graph_pool_users):
+        session.graph_pool = torch.cuda.graph_pool_handle()
+    return session.graph_pool
 
 
 class _Recorded:
@@ -218,9 +232,8 @@ class GraphRunner:
         static_args = [a if (i in self.static_set or not isinstance(a, torch.Tensor)) else a.clone()
                        for i, a in enumerate(args)]
         self.session.device_step(self.device, pos.step)
-        if self.session.graph_pool is None and not EMULATE:
-            self.session.graph_pool = torch.cuda.graph_pool_handle()
-        graph = (_EmulatedGraph if EMULATE else _CudaGraph)(self.session.graph_pool)
+        graph = _EmulatedGraph(None) if EMULATE else _CudaGraph(shared_pool(self.session))
+        self.session.graph_pool_users.add(graph)
         before = Counter(counters["chipmunk"])
         runtime.RECORDING = commits = []
         try:

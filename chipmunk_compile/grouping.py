@@ -643,6 +643,31 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
     return None, why
 
 
+def _seen(session, attr: str):
+    """What an earlier graph left on `session`, or on the session of a model that contains this
+    one (a block compiled as its own frame after the model's graph break has a session of its own)."""
+    while session is not None:
+        found = getattr(session, attr, None)
+        if found is not None:
+            return found
+        enclosing = getattr(session, "enclosing", None)
+        session = enclosing() if enclosing is not None else None
+    return None
+
+
+def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
+    """Remember the grids a graph shows (a graph before a break: the patch embedding) for the
+    sites of a later graph, which `_pick` matches by token counts; on the outermost compiled model's
+    session, which every nested frame's session reads through `_seen`."""
+    if session is None or not gcfg.enabled:
+        return
+    cands = [g for source in _graph_sources(gm, example_inputs) for g in source()]
+    while (enclosing := getattr(session, "enclosing", lambda: None)()) is not None:
+        session = enclosing  # kept by the outermost model: a submodule's frame (a rotary embedder) may show it
+    if cands:  # the latest few
+        session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
+
+
 def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
     """Set `perm`, `always_keep` and `grouping` on every site of `pairs` ((match, site) tuples).
 
@@ -650,10 +675,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     gcfg = config.grouping
     sites = [s for _, s in pairs]
     if not pairs:
-        if session is not None and gcfg.enabled:  # a graph before a break may show the grid
-            cands = [g for source in _graph_sources(gm, example_inputs) for g in source()]
-            if cands:  # the latest few, for `_pick` by the token counts of a later graph's sites
-                session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
+        _keep_candidates(gm, example_inputs, gcfg, session)
         return {}
     if not gcfg.enabled:
         for s in sites:
@@ -661,9 +683,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         return {"source": "none: grouping disabled"}
     counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
     info, why = infer_grid(gm, example_inputs, config, counts)
-    earlier = getattr(session, "_chipmunk_grid", None) if session is not None else None
+    if info is None:  # its sites (e.g. a text encoder's) are not on the grid a later graph may use
+        _keep_candidates(gm, example_inputs, gcfg, session)
+    earlier = _seen(session, "_chipmunk_grid")
     if info is None and earlier is None:  # candidates of an earlier graph without sites
-        earlier = _pick(getattr(session, "_chipmunk_grid_cands", None) or [], counts)
+        earlier = _pick(_seen(session, "_chipmunk_grid_cands") or [], counts)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first)
     if info is None:

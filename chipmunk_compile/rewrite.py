@@ -25,7 +25,7 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
 from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
-from .patterns.fx_utils import module_path, shape_of
+from .patterns.fx_utils import module_path, shape_of, val
 from .runtime import Session
 
 
@@ -105,7 +105,7 @@ def _wshape(spec) -> Optional[tuple]:
 def apply(gm: fx.GraphModule, pairs: list) -> None:
     replaced: dict = {}  # an earlier site's output may feed a later site directly
     for m, site in pairs:
-        for name in ("q", "k", "v", "x", "mask_node"):
+        for name in ("q", "k", "v", "x", "mask_node", "key_mask", "query_mask"):
             if getattr(m, name, None) in replaced:
                 setattr(m, name, replaced[getattr(m, name)])
         if getattr(m, "cat_parts", None):
@@ -137,19 +137,30 @@ def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
         q, k, v = m.q, m.k, m.v
         if m.squeeze_head:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
-        key_mask = None
-        if m.mask_node is not None:
-            flat = graph.call_method("flatten", (m.mask_node, 1))
-            batch = graph.call_method("size", (q, 0))
-            key_mask = graph.call_method("expand", (flat, batch, -1))
+        batch = graph.call_method("size", (q, 0)) if m.mask_node is not None else None
+        key_src = m.key_mask
+        if key_src is None and m.query_mask is None:
+            key_src = m.mask_node  # a pattern that only names the mask: a (B, 1, 1, Nk) key mask
+        key_mask = _padding_vector(graph, key_src, batch) if key_src is not None else None
         new = graph.call_function(torch.ops.chipmunk.attention.default,
                                   (q, k, v, key_mask, m.scale, site.id))
         _copy_meta(new, m.output)
+        if m.query_mask is not None:  # padded queries attend to nothing: SDPA's row is zero
+            rows = graph.call_method("reshape", (_padding_vector(graph, m.query_mask, batch), batch, 1, -1, 1))
+            new = graph.call_function(torch.where, (rows, new, 0.0))
         if m.squeeze_head:
             new = graph.call_method("squeeze", (new, 1))
     m.output.replace_all_uses_with(new)
     _erase(graph, m.nodes)
     return new
+
+
+def _padding_vector(graph: fx.Graph, src: fx.Node, batch: fx.Node) -> fx.Node:
+    """(B, N) bool from a padding source (a (B or 1, 1, 1, N) mask or a vector)."""
+    flat = graph.call_method("flatten", (src, 1))
+    if getattr(val(src), "dtype", None) != torch.bool:
+        flat = graph.call_method("bool", (flat,))
+    return graph.call_method("expand", (flat, batch, -1))
 
 
 def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):

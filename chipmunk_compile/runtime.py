@@ -169,6 +169,7 @@ class Session:
         self.calls = 0
         self.step_cache = None  # set by the backend when step caching is on
         self.graph_pool = None  # CUDA-graph memory pool shared by the session's recordings
+        self.graph_pool_users: "weakref.WeakSet" = weakref.WeakSet()  # live graphs recorded into it
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = -1  # number of sessions when the enclosing one was last looked for

@@ -2,8 +2,9 @@
 compiled backend, dense steps are exact, sparse steps really ran and stay close. The forms that
 were missed before: Flux2's SwiGLU (halves sliced out of one linear; in its single blocks, out of
 the linear that also projects q/k/v), Allegro's per-frame conv grid, CogView4's patchified latent,
-Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, and Z-Image's
-grid seen in a graph before a graph break."""
+Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, Z-Image's
+grid seen in a graph before a graph break, and HunyuanVideo 1.5's attention mask (the outer
+product of a padding vector) with its conv grid from the graph before its data-dependent break."""
 
 import os
 import sys
@@ -22,6 +23,7 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("qwen_image", 4, "merged axes freqs h×w 10×10, tile 8×8, text 8 first"),
     ("ltx_video", 3, "merged axes flatten t×h×w 3×8×8"),
     ("z_image", 4, "patchified input x h×w (earlier graph) 8×8, tile 8×8, text 32"),
+    ("hunyuan_video15", 5, "conv3d patch embed t×h×w (earlier graph) 3×8×8, tile 3×6×8"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
@@ -32,3 +34,25 @@ def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     # sparse steps ran and beat reusing the previous output (Z-Image's output moves 0.38 per call)
     assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
     assert row["sparse_steps"] > 0 and not row["fallbacks"]
+
+
+@pytest.mark.parametrize("name,attn_grouped,source", [
+    ("hunyuan_video15", 1, "conv3d patch embed t×h×w (earlier graph) 3×8×8"),
+    ("lumina2", 3, "patchified input hidden_states h×w (earlier graph) 8×8"),
+])
+def test_compiled_frames_share_the_models_grid(fresh_dynamo, name, attn_grouped, source):
+    """Compiled (not inspected), a model split into frames keeps one grid: HunyuanVideo 1.5's blocks
+    run as frames of their own after its data-dependent graph break (each block with its own
+    session), and Lumina2's patchified grid shows in the frame of its rotary embedder, a submodule
+    with a session of its own. The grid reaches the sites of the other frames."""
+    import torch
+
+    import chipmunk_compile
+
+    case = arch_zoo.MODELS[name][1]()
+    c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
+    with torch.no_grad():
+        c(**case.kwargs)
+    attn = [s for s in chipmunk_compile.stats(c)["sites"] if s["kind"] == "attention"]
+    grouped = [s["grouping"] for s in attn if not s["grouping"].startswith("none")]
+    assert len(grouped) == attn_grouped and all(g.startswith(source) for g in grouped), attn

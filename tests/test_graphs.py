@@ -175,3 +175,99 @@ def test_step_cache_over_recorded_graphs(fresh_dynamo, monkeypatch):
     for a, b in zip(outs[False], outs[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert ccount("graph_replays") > 0
+
+
+def test_pool_renewed_once_its_graphs_are_gone(monkeypatch):
+    """PyTorch releases a private pool with its last graph; recording into the stale id failed on
+    the H200 after a re-compile (every step graph then ran eagerly). The session keeps its pool
+    while a graph recorded into it lives, and takes a new one after."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+
+    class Graph:  # stands in for a recorded _CudaGraph
+        pass
+
+    session = chipmunk_compile.runtime.Session(chipmunk_compile.ChipmunkConfig(), None)
+    first = graphs.shared_pool(session)
+    g1, g2 = Graph(), Graph()
+    session.graph_pool_users.add(g1)
+    assert graphs.shared_pool(session) == first  # shared while a recording lives
+    session.graph_pool_users.add(g2)
+    del g1
+    assert graphs.shared_pool(session) == first
+    del g2  # e.g. torch._dynamo.reset() freed the compiled graph and its recordings
+    second = graphs.shared_pool(session)
+    assert second != first
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that read tensor data on the host (a sync a CUDA graph capture cannot do),
+    issued while a step is being recorded or replayed."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default,
+             torch.ops.aten.lift_fresh.default)  # torch.tensor(host data): a host-to-device copy on GPU
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.active = [], False
+
+    def note(self, what: str) -> None:
+        import traceback
+
+        here = [f for f in traceback.extract_stack() if "chipmunk_compile" in f.filename]
+        self.seen.append((what, f"{here[-1].filename.split('/')[-1]}:{here[-1].lineno}" if here else "?"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if chipmunk_compile.runtime.RECORDING is not None:
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+            if func in self.READS or bool_index:
+                self.note(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_recorded_steps_never_read_device_data(fresh_dynamo, monkeypatch):
+    """The reference kernels are also the GPU path for what the Triton kernels do not cover (head
+    dims other than 64/128, ...): a step that runs them must record into a CUDA graph, so no kernel
+    on the dense, refresh or sparse path may read tensor data on the host (found on the H200: the
+    column-sparse reference's boolean row mask, the MLP references' int(counts), the sampled
+    column sums' offsets built on the host and the permutation moved there). Every kernel
+    the ops call runs under a dispatch mode that records such reads (Dynamo itself refuses to trace
+    under a mode, so it is entered per kernel call)."""
+    import sys
+
+    from chipmunk_compile.ops import _dispatch
+
+    mode = _HostReads()
+
+    def watched(name, *tensors, **kw):
+        impl = _dispatch.kernel(name, *tensors, **kw)
+
+        def run(*args, **kwargs):
+            mode.active = True
+            try:
+                with mode:
+                    return impl(*args, **kwargs)
+            finally:
+                mode.active = False
+        return run
+
+    # int()/bool()/.item() of a tensor inside a custom op's kernel do not reach the mode: watch them
+    for method in ("__int__", "__bool__", "__float__", "__index__", "item", "tolist"):
+        def reading(self, *a, _orig=getattr(torch.Tensor, method), _name=method, **k):
+            if chipmunk_compile.runtime.RECORDING is not None and mode.active:
+                mode.note(f"Tensor.{_name}")
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, method, reading)
+    for name in ("attention", "exact_attention", "mlp"):  # the op modules (their package exports the ops)
+        monkeypatch.setattr(sys.modules[f"chipmunk_compile.ops.{name}"], "kernel", watched)
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    counters.clear()
+    m = Net().eval()
+    cm = chip(m, RANDOM)
+    outs = [_generation(cm) for _ in range(2)]
+    assert counters["chipmunk"]["graph_replays"] > 0 and outs
+    kinds = step_counts(m)
+    assert kinds.get("attention_sparse") and kinds.get("attention_refresh") and kinds.get("mlp_sparse"), kinds
+    assert not mode.seen, sorted(set(mode.seen))

@@ -11,6 +11,9 @@ signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementat
 - otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
   logging once per (name, reason) on the "chipmunk_compile" logger.
 ``CHIPMUNK_KERNELS=ref`` forces the references everywhere (reason "forced_ref").
+References never read tensor data on the host nor build tensors from host data (no ``int(t)``,
+boolean-mask indexing, ``.cpu()``, ``torch.tensor(list)``): on GPU they are the fallback inside
+recorded step graphs, which a host sync would break (``tests/test_graphs.py`` checks it).
 
 Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract):
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)

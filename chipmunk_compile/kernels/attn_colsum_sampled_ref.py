@@ -48,6 +48,16 @@ def sample_offsets(group: int, samples: int) -> list[int]:
     return offs + [-1] * (slots - S)
 
 
+def _offsets_on(group: int, samples: int, device) -> torch.Tensor:
+    """`sample_offsets` without its padding, computed on `device` (no host-to-device copy, which a
+    CUDA graph recording of this path, the GPU fallback, cannot do)."""
+    G = int(group)
+    S = min(int(samples), G, MAX_SAMPLES)
+    j = torch.arange(S, device=device)
+    s = G // S
+    return j * s + j % s if G % S == 0 else (j * G) // S
+
+
 def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
                             out_dtype=torch.float32):
     B, Hq, N, D = q.shape
@@ -55,12 +65,11 @@ def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int
     rep = Hq // Hkv
     G = int(group)
     NG = math.ceil(N / G)
-    offs = torch.tensor([o for o in sample_offsets(G, samples) if o >= 0], dtype=torch.long)
-    pos = (torch.arange(NG)[:, None] * G + offs[None, :]).reshape(-1)  # (NG * S,) positions
+    offs = _offsets_on(G, samples, q.device)
+    pos = (torch.arange(NG, device=q.device)[:, None] * G + offs[None, :]).reshape(-1)  # (NG * S,) positions
     valid = pos < N
     pos = pos.clamp(max=N - 1)
-    rows = perm.long().cpu()[pos] if perm is not None else pos
-    rows, valid = rows.to(q.device), valid.to(q.device)
+    rows = perm.long()[pos] if perm is not None else pos
     colsum = torch.zeros(B, Hq, NG, Nk, dtype=torch.float32, device=q.device)
     for b in range(B):
         for h in range(Hq):

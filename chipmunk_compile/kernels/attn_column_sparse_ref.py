@@ -29,7 +29,6 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
     order = torch.arange(N, device=q.device) if perm is None else perm.long()
     # Row positions of each group (padded with row 0, masked out below).
     rows = torch.cat([order, order.new_zeros(pad)]).view(Gc, G)
-    row_ok = (torch.arange(Gc * G, device=q.device) < N).view(Gc, G)
     col_ok = torch.arange(K, device=q.device)[None, :] < counts.long()[..., None]  # (B,Hq,Gc,K)
     o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
     for b in range(B):
@@ -48,7 +47,9 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
                 p = torch.where(l > 0, p / l.clamp_min(1e-30), torch.zeros_like(p))
             else:
                 p = torch.exp(s - lse[b, h].float()[rows][..., None]) * ok
-            a = torch.einsum("gqk,gkd->gqd", p, vg)[row_ok]  # (N, D) in group order
+            # (N, D) in group order: the padded rows come last (a slice, not a mask: no host sync,
+            # so a CUDA graph can record this path, the GPU fallback for head dims the kernel lacks)
+            a = torch.einsum("gqk,gkd->gqd", p, vg).reshape(Gc * G, D)[:N]
             if o_base is not None:
                 base = o_base[b, h].float()[order]
                 a = base + sign * a

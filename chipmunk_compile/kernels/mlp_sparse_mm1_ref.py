@@ -48,25 +48,34 @@ def block_positions(M: int, block: int, device) -> list:
     return [torch.arange(i * block, min((i + 1) * block, M), device=device) for i in range(math.ceil(M / block))]
 
 
+def safe_columns(indices_row, counts_one):
+    """(cols, ok) for one token block without reading counts on the host (so a CUDA graph can
+    record it): all K entries, those past counts pointed at the block's first column, which the
+    callers then write with that column's own value (duplicate writes of equal values)."""
+    K = indices_row.shape[-1]
+    ok = torch.arange(K, device=indices_row.device) < counts_one
+    cols = torch.where(ok, indices_row.long(), indices_row[..., :1].long())
+    return cols, ok
+
+
 def mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int,
                        perm=None):
     B, M, C = x.shape
-    K = indices.shape[-1]
-    delta = torch.zeros(B, M, K, dtype=x.dtype, device=x.device)
+    F_ = h_cache.shape[-1]
     places = block_positions(M, block, x.device)
+    delta = torch.zeros(B, M, indices.shape[-1], dtype=x.dtype, device=x.device)
     for b in range(B):
         for m, rows in enumerate(block_rows(M, block, perm, x.device)):
             at = places[m]
-            cnt = int(counts[b, m])
-            if cnt <= 0:
-                continue
-            cols = indices[b, m, :cnt].long()
+            cols, ok = safe_columns(indices[b, m].clamp(0, F_ - 1), counts[b, m])
             xr = x[b, rows].float()
             h = apply_act(xr @ w_act[cols].float().T + (b_act[cols].float() if b_act is not None else 0.0), act)
             if w_lin is not None:
                 h = h * (xr @ w_lin[cols].float().T + (b_lin[cols].float() if b_lin is not None else 0.0))
             h = h.to(h_cache.dtype)
             old = h_cache[b][at[:, None], cols[None, :]]
-            delta[b, at, :cnt] = (h.float() - old.float()).to(x.dtype)
-            h_cache[b][at[:, None], cols[None, :]] = h
+            delta[b, at] = torch.where(ok, h.float() - old.float(), 0.0).to(x.dtype)
+            # past counts: the first column's value, the new one when the block has any column
+            first = torch.where(counts[b, m] > 0, h[:, :1], old[:, :1])
+            h_cache[b][at[:, None], cols[None, :]] = torch.where(ok, h, first)
     return delta

@@ -2,8 +2,10 @@
 
 Invariants:
 - A match is self/joint attention only: query length == key length, non-causal, no dropout,
-  a constant scale, and a mask that is None or a boolean key-padding mask (broadcast over heads
-  and queries). Anything else that computes softmax attention becomes a `Rejection` with the reason.
+  a constant scale, and a mask that is None, a boolean key-padding mask (broadcast over heads
+  and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
+  keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
+  else that computes softmax attention becomes a `Rejection` with the reason.
 - Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
 - The attention probabilities must have no other user (they would be needed exactly).
 """
@@ -21,6 +23,7 @@ from .fx_utils import (
     MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
     module_path, shape_of, single_user, val,
 )
+from .padding_mask import padding_vectors
 from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
 
 
@@ -84,16 +87,21 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
         return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
     mask = kw.get("attn_mask")
+    key_mask = query_mask = None
     if mask is not None:
         if len(qs) != 4:
             return _reject("sdpa", node, "masked 3-D attention", shapes)
         why = _key_mask_ok(mask, qs[0], ks[-2])
-        if why:
+        if why is None:
+            key_mask = mask
+        elif (vectors := padding_vectors(mask, ks[-2])) is not None:
+            key_mask, query_mask = vectors
+        else:
             return _reject("sdpa", node, why, shapes)
         shapes["mask"] = shape_of(mask)
     return AttentionMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
-        scale=kw.get("scale"), squeeze_head=len(qs) == 3,
+        key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
     )
 
 

@@ -40,8 +40,12 @@ class AttentionMatch:
     k: fx.Node
     v: fx.Node
     nodes: list[fx.Node]  # nodes that go away once `output` has no more users
-    key_mask: Optional[fx.Node] = None  # (B, Nk)-shaped after `mask_transform`
     mask_node: Optional[fx.Node] = None  # original mask argument, when present
+    # padding read from the mask: `node.flatten(1).bool()` is (B or 1, N); a padded key is never
+    # attended, a padded query's output row is zero. Without key_mask, mask_node (when set) must
+    # itself be a (B, 1, 1, Nk) key-padding mask.
+    key_mask: Optional[fx.Node] = None
+    query_mask: Optional[fx.Node] = None
     scale: Optional[float] = None  # None: 1/sqrt(D)
     squeeze_head: bool = False  # 3-D (B*H, N, D) attention, given to the op as (B*H, 1, N, D)
     kind: str = "attention"
