@@ -583,16 +583,65 @@ def _token_cat(n: fx.Node) -> Optional[tuple[int, list]]:
     return out[dim], [s[dim] if s is not None and len(s) == len(out) else None for s in shapes]
 
 
-def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+def _flat_token_cat(n: fx.Node, depth: int = 4) -> Optional[tuple[int, list]]:
+    """`_token_cat` with parts that are themselves token concats (of the same rank and axis)
+    replaced by their parts: HiDream joins cat([cat([image, text_a]), text_b])."""
     cat = _token_cat(n)
-    if cat is None or cat[0] != n_site or None in cat[1]:
-        return None
-    sizes = cat[1]
+    if cat is None or depth == 0:
+        return cat
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    out: list = []
+    for p, size in zip(parts, cat[1]):
+        inner = _flat_token_cat(p, depth - 1) if isinstance(p, fx.Node) and _same_axis(p, n) else None
+        out.extend(inner[1] if inner is not None and inner[0] == size else [size])
+    return cat[0], out
+
+
+def _same_axis(inner: fx.Node, outer: fx.Node) -> bool:
+    def axis(c):
+        dim = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
+        rank = len(_shape(c) or ())
+        return (dim % rank, rank) if isinstance(dim, int) and rank else None
+    return inner.op == "call_function" and inner.target in _CAT and axis(inner) == axis(outer)
+
+
+def _side_of(sizes: list, n_img: int) -> Optional[str]:
     hits = [i for i, s in enumerate(sizes) if s == n_img]
     if len(hits) != 1 or len(sizes) < 2:
         return "mixed" if len(hits) > 1 else None
     i = hits[0]
     return "first" if i == len(sizes) - 1 else "last" if i == 0 else "mixed"
+
+
+def remember_joins(gm: fx.GraphModule, session) -> None:
+    """Keep the token concats of this graph, flattened, on the outermost session: a later graph
+    whose sites get the joined sequence as an input (HiDream's single-stream blocks, compiled as
+    frames of their own) takes its text side from them."""
+    if session is None:
+        return
+    joins = []
+    for node in gm.graph.nodes:
+        cat = _flat_token_cat(node)
+        if cat is not None and None not in cat[1] and len(cat[1]) > 1:
+            joins.append((cat[0], tuple(cat[1])))
+    while (enclosing := getattr(session, "enclosing", lambda: None)()) is not None:
+        session = enclosing
+    if joins:
+        kept = [j for j in getattr(session, "_chipmunk_token_joins", []) if j not in joins]
+        session._chipmunk_token_joins = (kept + joins)[-64:]
+
+
+def _earlier_sides(session, n_site: int, n_img: int) -> set:
+    """Sides of the non-image tokens from earlier graphs' concats that built n_site tokens."""
+    return {side for total, sizes in (_seen(session, "_chipmunk_token_joins") or [])
+            if total == n_site and (side := _side_of(list(sizes), n_img)) is not None}
+
+
+def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+    cat = _flat_token_cat(n)
+    if cat is None or cat[0] != n_site or None in cat[1]:
+        return None
+    return _side_of(cat[1], n_img)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +723,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     Returns a summary dict (grid, source, tile, per-site decisions) for `Plan.grouping`."""
     gcfg = config.grouping
     sites = [s for _, s in pairs]
+    if gcfg.enabled:
+        remember_joins(gm, session)
     if not pairs:
         _keep_candidates(gm, example_inputs, gcfg, session)
         return {}
@@ -728,6 +779,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
                 found = _cat_sides(node, n, n_img)
                 sides_by_count.setdefault(n, set()).update(found)
                 looked[n] = looked.get(n, 0) + bool(found)
+    from_earlier = set()  # counts whose side comes from an earlier graph's concat
+    for n in [c for c, found in sides_by_count.items() if not found]:
+        sides_by_count[n] = _earlier_sides(session, n, n_img)
+        if sides_by_count[n]:
+            from_earlier.add(n)
     cache: dict = {}
     decisions = []
     for m, s in pairs:
@@ -739,6 +795,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         s.always_keep = keep if keep_text else None
         boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
+        if perm is not None and n in from_earlier:
+            note += " (concat in an earlier graph)"
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}

@@ -399,6 +399,60 @@ def test_text_side_from_slice_writes(text_first):
     assert _is_perm(s.perm, 53) and torch.equal(s.perm[48:].long(), txt)
 
 
+class NestedJoin(torch.nn.Module):
+    """HiDream's single-stream join: cat([cat([image, text_a]), text_b]); with `broken`, the
+    attention block is a frame of its own after a graph break, so the join is in another graph."""
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, 32, 2, 2)
+        self.block = _Block()
+        self.broken = broken
+
+    def forward(self, x, a, b):
+        h = self.embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([torch.cat([h, a], dim=1), b], dim=1)
+        if self.broken:
+            torch._dynamo.graph_break()
+        return self.block(h)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, h):
+        q, k, v = self.qkv(h).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_text_side_of_nested_concats():
+    """The image part of a joined sequence may sit inside a nested concat."""
+    kw = dict(x=torch.randn(1, 4, 12, 16), a=torch.randn(1, 3, 32), b=torch.randn(1, 4, 32))
+    (s,) = _plan(NestedJoin(), kw)
+    assert s.grouping.startswith("conv2d patch embed h×w 6×8") and s.grouping.endswith("text 7 last"), s.grouping
+    assert _is_perm(s.perm, 55) and torch.equal(s.perm[48:].long(), torch.arange(48, 55))
+
+
+def test_text_side_from_a_concat_in_an_earlier_graph():
+    """HiDream's single-stream blocks get the joined sequence as an input: the concat (and the
+    patch embedding) are in the graph before the break. Inspected and compiled alike."""
+    import chipmunk_compile
+
+    kw = dict(x=torch.randn(1, 4, 12, 16), a=torch.randn(1, 3, 32), b=torch.randn(1, 4, 32))
+    want = "conv2d patch embed h×w (earlier graph) 6×8, tile 6×8, text 7 last (concat in an earlier graph)"
+    torch._dynamo.reset()
+    rep = chipmunk_compile.inspect(NestedJoin(broken=True), **kw, config=LOOSE)
+    assert [s.grouping for s in rep.sites] == [want], str(rep)
+    torch._dynamo.reset()
+    m = NestedJoin(broken=True)
+    c = torch.compile(m, backend="chipmunk", options={"config": LOOSE, "compiler": "eager"})
+    with torch.no_grad():
+        c(**kw)
+    assert [s["grouping"] for s in chipmunk_compile.stats(m)["sites"]] == [want]
+
+
 class Packed(torch.nn.Module):
     """Tokens arrive already packed (no conv, no ids): only config.grouping can group them."""
 
