@@ -20,8 +20,10 @@ Where the token grid comes from, in this order:
 4. a reshape that merges 2-3 grid axes into the token axis (`_merged_grids`): a (B, T, H, W, C)
    channels-last token tensor flattened (Cosmos, Kandinsky 5), or a rotary table / coordinate
    tensor built on the grid in the graph and flattened to one row per token (Qwen-Image, LTX-Video).
-5. the candidates of 1-3 seen in an earlier graph of the same model that had no sites (a patchify
-   or position-id computation before a graph break: Lumina2, Z-Image, HiDream).
+5. the candidates of 1-3 seen in an earlier graph of the same model that found no grid for its
+   own sites (a patchify or position-id computation before a graph break: Lumina2, Z-Image,
+   HiDream, HunyuanVideo 1.5), kept on the outermost model's session, which the sessions of its
+   submodules' frames read too.
 6. `config.grouping.grid` (with `text_tokens` / `text_first`).
 Else no grouping (perm None; the reason is reported in `Site.grouping`). A site graph that finds
 no grid of its own reuses the grid of the model's previous site graph.
@@ -37,12 +39,15 @@ the t-remainder slab, then the h-remainder, then the w-remainder (method.md §3)
 
 Non-grid ("text") tokens: a site with N_site = N_image + n tokens has n text tokens, before or after
 the image tokens. Their side comes from the graph (a torch.cat along the token axis that joins an
-N_image-token part with the rest, or a slice write of N_image tokens into a token buffer, found
-upstream of the site's input), else from the config. The
+N_image-token part with the rest, nested concats flattened, or a slice write of N_image tokens
+into a token buffer, found upstream of the site's input; else a concat of N_site tokens in an
+earlier graph of the model), else from the config. The
 perm lists the image tokens first (so image groups start aligned to tiles), then the text tokens
 whole, in their original order; text never splits a tile. When the side is unknown or the evidence
 disagrees, the site is not grouped. `Site.always_keep` marks the text keys (attention sites, when
 `attn.keep_text_keys`). Sites whose token count matches neither case get no perm.
+A site whose token count is symbolic (dynamic shapes) gets a `CallGrouping` instead: the grid,
+image order and text side are fixed here, the perm is built per count on that count's first call.
 
 Invariants: pure analysis of the graph and of example-input values; the graph is never changed.
 Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it once).
@@ -215,6 +220,14 @@ def _shape(node: Any) -> Optional[tuple]:
     if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
         return None
     return tuple(v.shape)
+
+
+def _dims(node: Any) -> Optional[tuple]:
+    """Shape with None for each symbolic size (read without specializing it), or None."""
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else None for d in v.shape)
 
 
 def _static(shape) -> bool:
@@ -566,20 +579,20 @@ def _setitem_side(u: fx.Node, buf: fx.Node, n_site: int, n_img: int) -> Optional
     return "last" if a == 0 else "first" if b == n_site else "mixed"
 
 
-def _token_cat(n: fx.Node) -> Optional[tuple[int, list]]:
-    """(joined token count, each part's token count or None when unknown) when `n` is a torch.cat
+def _token_cat(n: fx.Node) -> Optional[tuple[Optional[int], list]]:
+    """(joined token count, each part's token count; None where unknown or symbolic) when `n` is a torch.cat
     along a token axis (not the last axis of a rank > 2 tensor: channel concats), else None."""
     if n.op != "call_function" or n.target not in _CAT:
         return None
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-    out = _shape(n)
+    out = _dims(n)
     if not isinstance(parts, (list, tuple)) or out is None or not isinstance(dim, int):
         return None
     dim = dim % len(out)
     if dim == len(out) - 1 and len(out) > 2:
         return None
-    shapes = [_shape(p) for p in parts]
+    shapes = [_dims(p) for p in parts]
     return out[dim], [s[dim] if s is not None and len(s) == len(out) else None for s in shapes]
 
 
@@ -622,7 +635,7 @@ def remember_joins(gm: fx.GraphModule, session) -> None:
     joins = []
     for node in gm.graph.nodes:
         cat = _flat_token_cat(node)
-        if cat is not None and None not in cat[1] and len(cat[1]) > 1:
+        if cat is not None and cat[0] is not None and None not in cat[1] and len(cat[1]) > 1:
             joins.append((cat[0], tuple(cat[1])))
     while (enclosing := getattr(session, "enclosing", lambda: None)()) is not None:
         session = enclosing
@@ -637,9 +650,11 @@ def _earlier_sides(session, n_site: int, n_img: int) -> set:
             if total == n_site and (side := _side_of(list(sizes), n_img)) is not None}
 
 
-def _cat_side(n: fx.Node, n_site: int, n_img: int) -> Optional[str]:
+def _cat_side(n: fx.Node, n_site: Optional[int], n_img: int) -> Optional[str]:
+    """Side of a concat that joins the n_img image tokens with others into n_site tokens; with
+    n_site None (a symbolic site count), of a symbolic-length concat whose one part is the image."""
     cat = _flat_token_cat(n)
-    if cat is None or cat[0] != n_site or None in cat[1]:
+    if cat is None or cat[0] != n_site or (n_site is not None and None in cat[1]):
         return None
     return _side_of(cat[1], n_img)
 
@@ -659,7 +674,11 @@ def _site_tokens(site) -> Optional[int]:
 
 
 def _pick(cands: list[GridInfo], counts: list[int]) -> Optional[GridInfo]:
-    """The candidate grid that explains the most sites (equal or text-extended token counts)."""
+    """The candidate grid that explains the most sites (equal or text-extended token counts).
+    With no concrete count (every site symbolic), the one grid the candidates agree on, if any."""
+    if not counts:
+        grids = {g.grid for g in cands}
+        return cands[-1] if len(grids) == 1 else None
     best, best_score = None, 0
     for g in cands:
         score = sum(2 if n == g.n else 1 if n > g.n else 0 for n in counts)
@@ -772,15 +791,15 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     sides_by_count: dict[int, set] = {}
     looked: dict[int, int] = {}
     for m, s in pairs:
-        n = _site_tokens(s)
-        if n is not None and n > n_img and looked.get(n, 0) < 3:
+        n = _site_tokens(s)  # None: a symbolic count, whose concats have symbolic lengths too
+        if (n is None or n > n_img) and looked.get(n, 0) < 3:
             node = _token_node(m)
             if isinstance(node, fx.Node):
                 found = _cat_sides(node, n, n_img)
                 sides_by_count.setdefault(n, set()).update(found)
                 looked[n] = looked.get(n, 0) + bool(found)
     from_earlier = set()  # counts whose side comes from an earlier graph's concat
-    for n in [c for c, found in sides_by_count.items() if not found]:
+    for n in [c for c, found in sides_by_count.items() if not found and c is not None]:
         sides_by_count[n] = _earlier_sides(session, n, n_img)
         if sides_by_count[n]:
             from_earlier.add(n)
@@ -790,16 +809,70 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
         img_order, key = order_for(group)
+        keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
+        boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
+        if n is None and s.shapes:  # symbolic count: the permutation is built per call (CallGrouping)
+            side, why = _symbolic_side(sides_by_count.get(None, set()), info, gcfg)
+            s.perm, s.always_keep = None, None
+            s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens)
+            where = f", text {'first' if side else 'last'}" if side is not None else f" ({why})"
+            s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}"
+            decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
+            continue
         perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache, key)
         s.perm = perm
-        keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         s.always_keep = keep if keep_text else None
-        boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
         if perm is not None and n in from_earlier:
             note += " (concat in an earlier graph)"
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+
+
+def _symbolic_side(sides: set, info: GridInfo, gcfg) -> tuple[Optional[bool], str]:
+    """(text first?, why unknown) for the sites of a symbolic count, from the graph's
+    symbolic-length concats, else config / the grid source."""
+    if len(sides) > 1 or "mixed" in sides:
+        return None, "text on both sides in the graph's concats"
+    graph = None if not sides else next(iter(sides)) == "first"
+    cfg = gcfg.text_first if gcfg.text_first is not None else info.text_first
+    if graph is not None and cfg is not None and graph != cfg:
+        return None, f"config text_first={cfg} contradicts the graph's concat order"
+    side = graph if graph is not None else cfg
+    return side, "" if side is not None else "text side from earlier concats of the call's count"
+
+
+class CallGrouping:
+    """Grouping of a site whose token count is symbolic (Dynamo's dynamic shapes): the grid and
+    the image order are known at compile time, the count only per call. `for_count(n, session)`
+    builds (perm, always_keep) for n once and caches them on the host; n == n_img has no text,
+    n > n_img needs the text side (from the graph, the config, or an earlier graph's concat of n
+    tokens); otherwise (None, None): that call runs ungrouped, as any unknown layout does."""
+
+    def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens):
+        self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
+        self.keep_text, self.text_tokens = keep_text, text_tokens
+        self.cache: dict = {}
+
+    def for_count(self, n: int, session) -> tuple:
+        hit = self.cache.get(n)
+        if hit is None:
+            hit = self.cache[n] = self._build(n, session)
+        return hit
+
+    def _build(self, n: int, session) -> tuple:
+        n_text = n - self.n_img
+        if n_text < 0 or (n_text and self.text_tokens is not None and n_text != self.text_tokens):
+            return None, None
+        if n_text == 0:
+            return site_perm(n, self.img_order, 0, True), None
+        first = self.text_first
+        if first is None:
+            sides = _earlier_sides(session, n, self.n_img)
+            if len(sides) != 1 or "mixed" in sides:
+                return None, None
+            first = sides.pop() == "first"
+        return site_perm(n, self.img_order, n_text, first), (text_mask(n, n_text, first) if self.keep_text else None)
 
 
 def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=None):

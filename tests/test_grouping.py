@@ -453,6 +453,48 @@ def test_text_side_from_a_concat_in_an_earlier_graph():
     assert [s["grouping"] for s in chipmunk_compile.stats(m)["sites"]] == [want]
 
 
+class VariableText(torch.nn.Module):
+    """Image tokens from a conv, text of a length Dynamo treats as symbolic (mark_dynamic), joined
+    image first: the site's token count is symbolic, its grid and text side are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, 32, 2, 2)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x, text):
+        h = torch.cat([self.embed(x).flatten(2).transpose(1, 2), text], dim=1)
+        q, k, v = self.qkv(h).view(1, h.shape[1], 3, 2, 16).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_symbolic_token_count_grouped_per_call():
+    """One graph serves every text length: each call gets the permutation of its own count
+    (text last, kept whole), built once per count; outputs match eager on every step kind."""
+    import chipmunk_compile
+    from helpers import FULL_KEYS, chip, max_rel, step_counts
+
+    torch._dynamo.reset()
+    cfg = {**LOOSE, "attn": {**LOOSE["attn"], "group": 16, **FULL_KEYS}, "mlp": {"enabled": False}}
+    m = VariableText().eval()
+    cm = chip(m, cfg)
+    x = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, n_txt in enumerate([5, 5, 5, 7, 7, 7, 9, 9]):  # a new count refreshes its caches
+            text = torch.randn(1, n_txt, 32, generator=torch.Generator().manual_seed(i))
+            torch._dynamo.mark_dynamic(text, 1)
+            assert max_rel(cm(x * (1 + 0.01 * i), text), m(x * (1 + 0.01 * i), text)) < 1e-5
+    (site,) = chipmunk_compile.runtime.sessions_of(m)[0].sites
+    assert site.grouping.startswith("conv2d patch embed h×w 6×8") and "per call (symbolic token count), text last" in site.grouping
+    assert sorted(site.call_grouping.cache) == [53, 55, 57]
+    for n, (perm, keep) in site.call_grouping.cache.items():
+        assert _is_perm(perm, n) and torch.equal(perm[48:].long(), torch.arange(48, n))
+        assert keep is not None and keep[48:].all() and not keep[:48].any()
+    assert step_counts(m).get("attention_sparse", 0) > 0
+
+
 class Packed(torch.nn.Module):
     """Tokens arrive already packed (no conv, no ids): only config.grouping can group them."""
 

@@ -88,7 +88,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         return _sdpa(q, k, v, key_mask, scale)
     cfg = s.cfg
     group = cfg.group
-    perm = s.perm_on(q.device)
+    perm = s.perm_on(q.device, q.shape[-2])
     st, pos = s.branch_state()
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     d = decide(s, st, pos)
@@ -139,13 +139,13 @@ def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int) -> None:
     the state's `indices` / `counts`."""
     cfg, device = s.cfg, colsum.device
     top, rnd = max(1, round(cfg.top_keys * Nk)), round(cfg.random_keys * Nk)
-    keep = s.keep_on(device) if cfg.keep_text_keys else None
+    keep = s.keep_on(device, Nk) if cfg.keep_text_keys else None
     layer = s.current_layer()
     if cfg.min_mass > 0 and layer not in s.attn_mass and runtime.RECORDING is None:  # before colsum is scored in place
         s.attn_mass[layer] = captured_mass(colsum, top, keep)
     draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
-                                                n_always=s.keep_count() if keep is not None else 0,
+                                                n_always=s.keep_count(Nk) if keep is not None else 0,
                                                 random_keys=rnd, draws=draws, inplace=True)
     st.tensor("indices", tuple(idx.shape), torch.int32, device).copy_(idx)
     st.tensor("counts", lead, torch.int32, device).copy_(cnt)

@@ -87,7 +87,7 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
     B, M, C = x3.shape
     Fh = w_act.shape[0]
-    perm = s.perm_on(x.device)
+    perm = s.perm_on(x.device, M)
     st, pos = s.branch_state()
     st.ensure((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
     d = decide(s, st, pos)

@@ -110,6 +110,7 @@ class Site:
     perm: Optional[torch.Tensor] = None  # spatial query/token order (grouping)
     always_keep: Optional[torch.Tensor] = None  # (Nk,) bool: keys every group attends (text)
     grouping: str = ""  # where the grouping came from, for reports
+    call_grouping: Any = None  # grouping.CallGrouping when the token count is symbolic (perm per call)
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
@@ -198,26 +199,38 @@ class Site:
             hit = copies[key] = w.t().contiguous().t()
         return hit
 
-    def perm_on(self, device) -> Optional[torch.Tensor]:
-        if self.perm is None:
-            return None
-        if self.perm.device != device:
-            self.perm = self.perm.to(device)
-        return self.perm
+    def _for_count(self, n: Optional[int]) -> tuple:
+        """(perm, always_keep) of a call with n tokens: the compile-time ones, or for a symbolic
+        count those `call_grouping` builds for n (host tensors, made on the call's first run)."""
+        if self.call_grouping is None or n is None:
+            return self.perm, self.always_keep
+        return self.call_grouping.for_count(int(n), self.session)
 
-    def keep_on(self, device) -> Optional[torch.Tensor]:
-        if self.always_keep is None:
-            return None
-        if self.always_keep.device != device:
-            self.always_keep = self.always_keep.to(device)
-        return self.always_keep
+    def _on(self, t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+        if t is None or t.device == device:
+            return t
+        copies = self.__dict__.setdefault("_device_copies", {})
+        hit = copies.get((id(t), device))
+        if hit is None or hit[0] is not t:
+            if runtime.RECORDING is not None:
+                raise runtime.NeedsEagerCall("grouping permutation not on the device yet")
+            hit = copies[(id(t), device)] = (t, t.to(device))
+        return hit[1]
 
-    def keep_count(self) -> int:
-        """Number of always-kept keys, counted once on the host (never a device sync per call)."""
-        n = self.__dict__.get("_keep_count")
-        if n is None or n[0] is not self.always_keep:
-            n = self.__dict__["_keep_count"] = (self.always_keep, int(self.always_keep.sum()) if self.always_keep is not None else 0)
-        return n[1]
+    def perm_on(self, device, n: Optional[int] = None) -> Optional[torch.Tensor]:
+        return self._on(self._for_count(n)[0], device)
+
+    def keep_on(self, device, n: Optional[int] = None) -> Optional[torch.Tensor]:
+        return self._on(self._for_count(n)[1], device)
+
+    def keep_count(self, n: Optional[int] = None) -> int:
+        """Number of always-kept keys, counted once per mask on the host (never a device sync per call)."""
+        keep = self._for_count(n)[1]
+        counts = self.__dict__.setdefault("_keep_counts", {})
+        hit = counts.get(id(keep))
+        if hit is None or hit[0] is not keep:
+            hit = counts[id(keep)] = (keep, int(keep.sum()) if keep is not None else 0)
+        return hit[1]
 
 
 class GraphInstances:
