@@ -72,7 +72,7 @@ def stats(model: Any) -> dict:
         out["state_bytes"] += session.state.nbytes()
         for s in session.sites:
             row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps),
-                   "grouping": getattr(s, "grouping", None)}
+                   "grouping": s.grouping}
             if s.attn_mass:  # the attention guard's measurement per layer (a host read, here only)
                 row["attn_mass"] = {layer: round(float(m), 4) for layer, m in sorted(s.attn_mass.items())}
                 row["dense_by_guard"] = sorted(layer for layer, v in s.attn_diffuse.items() if v)

@@ -582,18 +582,28 @@ def _setitem_side(u: fx.Node, buf: fx.Node, n_site: int, n_img: int) -> Optional
 def _token_cat(n: fx.Node) -> Optional[tuple[Optional[int], list]]:
     """(joined token count, each part's token count; None where unknown or symbolic) when `n` is a torch.cat
     along a token axis (not the last axis of a rank > 2 tensor: channel concats), else None."""
-    if n.op != "call_function" or n.target not in _CAT:
-        return None
+    axis = _cat_axis(n)
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    if axis is None or not isinstance(parts, (list, tuple)):
+        return None
+    dim, rank = axis
+    if dim == rank - 1 and rank > 2:
+        return None
+    out = _dims(n)
+    shapes = [_dims(p) for p in parts]
+    return out[dim], [s[dim] if s is not None and len(s) == rank else None for s in shapes]
+
+
+def _cat_axis(n: Any) -> Optional[tuple[int, int]]:
+    """(concat dim, rank) of a torch.cat node, else None; read from the ranks, so symbolic sizes
+    are fine."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in _CAT:
+        return None
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
     out = _dims(n)
-    if not isinstance(parts, (list, tuple)) or out is None or not isinstance(dim, int):
+    if out is None or not out or not isinstance(dim, int):
         return None
-    dim = dim % len(out)
-    if dim == len(out) - 1 and len(out) > 2:
-        return None
-    shapes = [_dims(p) for p in parts]
-    return out[dim], [s[dim] if s is not None and len(s) == len(out) else None for s in shapes]
+    return dim % len(out), len(out)
 
 
 def _flat_token_cat(n: fx.Node, depth: int = 4) -> Optional[tuple[int, list]]:
@@ -605,17 +615,9 @@ def _flat_token_cat(n: fx.Node, depth: int = 4) -> Optional[tuple[int, list]]:
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     out: list = []
     for p, size in zip(parts, cat[1]):
-        inner = _flat_token_cat(p, depth - 1) if isinstance(p, fx.Node) and _same_axis(p, n) else None
+        inner = _flat_token_cat(p, depth - 1) if _cat_axis(p) == _cat_axis(n) else None
         out.extend(inner[1] if inner is not None and inner[0] == size else [size])
     return cat[0], out
-
-
-def _same_axis(inner: fx.Node, outer: fx.Node) -> bool:
-    def axis(c):
-        dim = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
-        rank = len(_shape(c) or ())
-        return (dim % rank, rank) if isinstance(dim, int) and rank else None
-    return inner.op == "call_function" and inner.target in _CAT and axis(inner) == axis(outer)
 
 
 def _side_of(sizes: list, n_img: int) -> Optional[str]:
@@ -637,8 +639,7 @@ def remember_joins(gm: fx.GraphModule, session) -> None:
         cat = _flat_token_cat(node)
         if cat is not None and cat[0] is not None and None not in cat[1] and len(cat[1]) > 1:
             joins.append((cat[0], tuple(cat[1])))
-    while (enclosing := getattr(session, "enclosing", lambda: None)()) is not None:
-        session = enclosing
+    session = _outermost(session)
     if joins:
         kept = [j for j in getattr(session, "_chipmunk_token_joins", []) if j not in joins]
         session._chipmunk_token_joins = (kept + joins)[-64:]
@@ -711,16 +712,25 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
     return None, why
 
 
-def _seen(session, attr: str):
-    """What an earlier graph left on `session`, or on the session of a model that contains this
-    one (a block compiled as its own frame after the model's graph break has a session of its own)."""
+def _outward(session):
+    """`session`, then the sessions of the models that contain its module, innermost first (a
+    block compiled as its own frame after the model's graph break has a session of its own)."""
     while session is not None:
-        found = getattr(session, attr, None)
-        if found is not None:
-            return found
+        yield session
         enclosing = getattr(session, "enclosing", None)
         session = enclosing() if enclosing is not None else None
-    return None
+
+
+def _outermost(session):
+    """The session of the outermost compiled model around `session` (None stays None)."""
+    for session in _outward(session):
+        pass
+    return session
+
+
+def _seen(session, attr: str):
+    """What an earlier graph left on `session` or on an enclosing model's session."""
+    return next((found for s in _outward(session) if (found := getattr(s, attr, None)) is not None), None)
 
 
 def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
@@ -730,8 +740,7 @@ def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
     if session is None or not gcfg.enabled:
         return
     cands = [g for source in _graph_sources(gm, example_inputs) for g in source()]
-    while (enclosing := getattr(session, "enclosing", lambda: None)()) is not None:
-        session = enclosing  # kept by the outermost model: a submodule's frame (a rotary embedder) may show it
+    session = _outermost(session)  # a submodule's frame (a rotary embedder) may show the grid
     if cands:  # the latest few
         session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
 
@@ -812,10 +821,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         keep_text = s.kind == "attention" and getattr(s.cfg, "keep_text_keys", False)
         boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
         if n is None and s.shapes:  # symbolic count: the permutation is built per call (CallGrouping)
-            side, why = _symbolic_side(sides_by_count.get(None, set()), info, gcfg)
+            side, conflict = _text_side(sides_by_count.get(None, set()), info, gcfg, "text tokens")
             s.perm, s.always_keep = None, None
-            s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens)
-            where = f", text {'first' if side else 'last'}" if side is not None else f" ({why})"
+            s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict))
+            where = (f", text {'first' if side else 'last'}" if side is not None else
+                     f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
@@ -829,17 +839,16 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
 
 
-def _symbolic_side(sides: set, info: GridInfo, gcfg) -> tuple[Optional[bool], str]:
-    """(text first?, why unknown) for the sites of a symbolic count, from the graph's
-    symbolic-length concats, else config / the grid source."""
+def _text_side(sides: set, info: GridInfo, gcfg, what: str) -> tuple[Optional[bool], str]:
+    """(text first?, "") from the graph's concat evidence `sides`, else the config / grid source;
+    (None, why) when they conflict; (None, "") when nothing tells. `what` names the text tokens."""
     if len(sides) > 1 or "mixed" in sides:
-        return None, "text on both sides in the graph's concats"
+        return None, f"{what} on both sides / between image tokens"
     graph = None if not sides else next(iter(sides)) == "first"
     cfg = gcfg.text_first if gcfg.text_first is not None else info.text_first
     if graph is not None and cfg is not None and graph != cfg:
         return None, f"config text_first={cfg} contradicts the graph's concat order"
-    side = graph if graph is not None else cfg
-    return side, "" if side is not None else "text side from earlier concats of the call's count"
+    return (graph if graph is not None else cfg), ""
 
 
 class CallGrouping:
@@ -847,11 +856,13 @@ class CallGrouping:
     the image order are known at compile time, the count only per call. `for_count(n, session)`
     builds (perm, always_keep) for n once and caches them on the host; n == n_img has no text,
     n > n_img needs the text side (from the graph, the config, or an earlier graph's concat of n
-    tokens); otherwise (None, None): that call runs ungrouped, as any unknown layout does."""
+    tokens, unless the graph's own evidence conflicts); otherwise (None, None): that call runs
+    ungrouped, as any unknown layout does."""
 
-    def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens):
+    def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
+                 text_conflict: bool = False):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
-        self.keep_text, self.text_tokens = keep_text, text_tokens
+        self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
@@ -862,7 +873,7 @@ class CallGrouping:
 
     def _build(self, n: int, session) -> tuple:
         n_text = n - self.n_img
-        if n_text < 0 or (n_text and self.text_tokens is not None and n_text != self.text_tokens):
+        if n_text < 0 or (n_text and (self.text_conflict or self.text_tokens is not None and n_text != self.text_tokens)):
             return None, None
         if n_text == 0:
             return site_perm(n, self.img_order, 0, True), None
@@ -887,16 +898,9 @@ def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=N
         if key not in cache:
             cache[key] = site_perm(n, img_order, 0, True)
         return cache[key], None, ""
-    graph_side = None
-    if sides:
-        if len(sides) > 1 or "mixed" in sides:
-            return None, None, f"{n_text} non-grid tokens on both sides / between image tokens"
-        graph_side = sides.pop() == "first"
-        sides.add("first" if graph_side else "last")
-    cfg_side = gcfg.text_first if gcfg.text_first is not None else info.text_first
-    if graph_side is not None and cfg_side is not None and graph_side != cfg_side:
-        return None, None, f"config text_first={cfg_side} contradicts the graph's concat order"
-    first = graph_side if graph_side is not None else cfg_side
+    first, conflict = _text_side(sides, info, gcfg, f"{n_text} non-grid tokens")
+    if conflict:
+        return None, None, conflict
     if first is None:
         return None, None, f"cannot tell whether the {n_text} non-grid tokens come before or after the image"
     key = (n, n_text, first, order_key)

@@ -495,6 +495,30 @@ def test_symbolic_token_count_grouped_per_call():
     assert step_counts(m).get("attention_sparse", 0) > 0
 
 
+def test_symbolic_token_count_with_conflicting_side_stays_ungrouped():
+    """Graph says text last, config says first: no call with text tokens is grouped (an earlier
+    graph's concat of the call's count must not settle what the graph itself contradicts)."""
+    import chipmunk_compile
+    from helpers import FULL_KEYS, chip, max_rel
+
+    torch._dynamo.reset()
+    cfg = {**LOOSE, "attn": {**LOOSE["attn"], "group": 16, **FULL_KEYS}, "mlp": {"enabled": False},
+           "grouping": {"text_first": True}}
+    m = VariableText().eval()
+    cm = chip(m, cfg)
+    x = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, n_txt in enumerate([5, 5, 7]):
+            if n_txt == 7:  # as if an earlier graph had joined 48 image + 7 text tokens
+                chipmunk_compile.runtime.sessions_of(m)[0]._chipmunk_token_joins = [(55, (48, 7))]
+            text = torch.randn(1, n_txt, 32, generator=torch.Generator().manual_seed(i))
+            torch._dynamo.mark_dynamic(text, 1)
+            assert max_rel(cm(x, text), m(x, text)) < 1e-5
+    (site,) = chipmunk_compile.runtime.sessions_of(m)[0].sites
+    assert "contradicts the graph's concat order" in site.grouping, site.grouping
+    assert site.call_grouping.cache == {53: (None, None), 55: (None, None)}
+
+
 class Packed(torch.nn.Module):
     """Tokens arrive already packed (no conv, no ids): only config.grouping can group them."""
 

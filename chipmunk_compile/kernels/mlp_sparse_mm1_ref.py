@@ -48,11 +48,13 @@ def block_positions(M: int, block: int, device) -> list:
     return [torch.arange(i * block, min((i + 1) * block, M), device=device) for i in range(math.ceil(M / block))]
 
 
-def safe_columns(indices_row, counts_one):
+def safe_columns(indices_row, counts_one, n_cols: int):
     """(cols, ok) for one token block without reading counts on the host (so a CUDA graph can
-    record it): all K entries, those past counts pointed at the block's first column, which the
-    callers then write with that column's own value (duplicate writes of equal values)."""
+    record it): all K entries clamped into range(n_cols), those past counts pointed at the block's
+    first column, which the callers then write with that column's own value (duplicate writes of
+    equal values)."""
     K = indices_row.shape[-1]
+    indices_row = indices_row.clamp(0, n_cols - 1)
     ok = torch.arange(K, device=indices_row.device) < counts_one
     cols = torch.where(ok, indices_row.long(), indices_row[..., :1].long())
     return cols, ok
@@ -61,13 +63,12 @@ def safe_columns(indices_row, counts_one):
 def mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int,
                        perm=None):
     B, M, C = x.shape
-    F_ = h_cache.shape[-1]
     places = block_positions(M, block, x.device)
     delta = torch.zeros(B, M, indices.shape[-1], dtype=x.dtype, device=x.device)
     for b in range(B):
         for m, rows in enumerate(block_rows(M, block, perm, x.device)):
             at = places[m]
-            cols, ok = safe_columns(indices[b, m].clamp(0, F_ - 1), counts[b, m])
+            cols, ok = safe_columns(indices[b, m], counts[b, m], h_cache.shape[-1])
             xr = x[b, rows].float()
             h = apply_act(xr @ w_act[cols].float().T + (b_act[cols].float() if b_act is not None else 0.0), act)
             if w_lin is not None:
