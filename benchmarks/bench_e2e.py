@@ -3,6 +3,7 @@
     python benchmarks/bench_e2e.py --model flux                         # FLUX.1-dev size, 1280x768
     python benchmarks/bench_e2e.py --model hunyuan-video --blocks 2,3   # extrapolated to 20 + 40 blocks
     python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
+    python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
@@ -75,6 +76,11 @@ MODELS = {
     "hunyuan-video": dict(cls="HunyuanVideoTransformer3DModel", layers=("num_layers", 20),
                           extra_layers=("num_single_layers", 40), config=dict(), preset="hunyuan-video"),
     "mochi": dict(cls="MochiTransformer3DModel", layers=("num_layers", 48), config=dict(), preset="mochi", cfg_calls=2),
+    # HunyuanVideo 1.5 text-to-video (diffusers' defaults: 54 layers, 16 heads of 128, 65 input channels),
+    # 720p 121 frames = a 31 x 45 x 80 latent. No preset of its own: HunyuanVideo's. Its baseline
+    # attends over the valid key prefix (benchmarks/hunyuan15_baseline.py); chipmunk runs the stock model.
+    "hunyuan-video-1.5": dict(cls="HunyuanVideo15Transformer3DModel", layers=("num_layers", 54),
+                              config=dict(task_type="t2v"), preset="hunyuan-video"),
     # FLUX.2-dev (diffusers' defaults: 8 double + 48 single blocks, 48 heads of 128, SwiGLU MLPs; the
     # single blocks project q/k/v and the MLP input with one fused linear). No preset of its own yet:
     # FLUX.1's, whose sparsity levels were chosen on a FLUX.1-like model.
@@ -83,6 +89,7 @@ MODELS = {
 }
 FLOW_TIME = ("flux", "flux2")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
+HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
 LAYER = 10  # the representative sparse layer whose step kinds label a step
 
@@ -131,6 +138,13 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         return dict(hidden_states=r(1, 16, f, 90, 160), encoder_hidden_states=r(1, 256, 4096),
                     encoder_attention_mask=torch.ones(1, 256, device=device, dtype=torch.bool), pooled_projections=r(1, 768),
                     guidance=torch.full((1,), 6.0, device=device, dtype=dtype) * 1000)
+    if name == "hunyuan-video-1.5":  # padded prompts: HV15_VALID of the 1000 MLLM / 256 byT5 tokens valid
+        f = frames or 31
+        text, byt5 = (torch.zeros(1, n, device=device, dtype=torch.long) for n in (1000, 256))
+        text[:, :HV15_VALID[0]], byt5[:, :HV15_VALID[1]] = 1, 1
+        return dict(hidden_states=r(1, 65, f, 45, 80), encoder_hidden_states=r(1, 1000, 3584), encoder_attention_mask=text,
+                    encoder_hidden_states_2=r(1, 256, 1472), encoder_attention_mask_2=byt5,
+                    image_embeds=torch.zeros(1, 729, 1152, device=device, dtype=dtype))
     if name == "mochi":
         f = frames or 28
         return dict(hidden_states=r(1, 12, f, 60, 106), encoder_hidden_states=r(1, 256, 4096),
@@ -436,6 +450,23 @@ def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset) -> 
     return res
 
 
+def baseline_attention(name: str, model, kw: dict):
+    """The baselines' attention where diffusers' own is not the fastest exact one: hunyuan-video-1.5
+    attends over its valid key prefix (hunyuan15_baseline.py). Returns the processors to restore, or None."""
+    if name != "hunyuan-video-1.5":
+        return None
+    import hunyuan15_baseline
+
+    return hunyuan15_baseline.use_prefix_baseline(model, kw)
+
+
+def baseline_text(name: str) -> str:
+    if name != "hunyuan-video-1.5":
+        return "baseline attention: the model's own"
+    return (f"baseline attention: exact, unmasked SDPA over the valid key prefix (video + {HV15_VALID[1]} byT5 + "
+            f"{HV15_VALID[0]} MLLM tokens; padded queries zero), not diffusers' N x N boolean mask; chipmunk: stock model")
+
+
 def free_gpu() -> None:
     torch._dynamo.reset()
     gc.collect()
@@ -453,7 +484,10 @@ def measure(args, variants, blocks, preset, seq, labels) -> dict:
 
     out = {}
     for variant in variants:
+        stock = baseline_attention(args.model, model, kw) if variant != CHIPMUNK else None
         out[variant] = run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset)
+        if stock is not None:
+            model.set_attn_processor(stock)
         print(f"  {variant} done on {depth_text(args.model, blocks)}", flush=True)
     del model, kw, step_kwargs
     free_gpu()
@@ -532,7 +566,7 @@ def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
 def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
     last = list(measured)[-1]  # compile time and peak memory: of the last (deepest) measured model
     return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
-                text_mask=args.text_mask,
+                text_mask=args.text_mask, baseline_attention=baseline_text(args.model),
                 steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
                 extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
                 medians_ms={v: r["medians_ms"] for v, r in final.items()},
@@ -580,7 +614,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"# {args.model} on {gpu}, torch {torch.__version__}, steps={args.steps}, "
           f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}, "
-          f"{text_mask_text(args.model, args.text_mask)}", flush=True)
+          f"{text_mask_text(args.model, args.text_mask)}; {baseline_text(args.model)}", flush=True)
     if counts is not None and len(counts) == 2 and counts[0] < min_dense_layers(preset):
         print(f"WARNING: blocks={counts[0]} < first_n_dense_layers={min_dense_layers(preset)}: the two depths hold "
               f"different dense-only layers, so the extrapolation mixes dense and sparse per-unit costs", flush=True)

@@ -158,7 +158,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         site.graph = instances
     if config.cuda_graphs and not patches.get("triton.cudagraphs"):
         # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
-        compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances)
+        compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances,
+                               max_bytes=config.cuda_graphs_max_gib * 2**30)
     step_cache = None
     if config.step_cache.enabled:
         if session.step_cache is None:

@@ -141,11 +141,16 @@ class ChipmunkConfig:
     # record each step kind of a compiled graph as one CUDA graph and replay it (graphs.py); only
     # for CUDA inputs, and off when Inductor's own cudagraphs (mode="reduce-overhead") are on
     cuda_graphs: bool = True
+    # budget per device for what live step recordings hold (their input buffers and outputs): a
+    # recording past it is not made, that step runs eagerly (graphs.py; counted)
+    cuda_graphs_max_gib: float = 4.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = "default"
     version: int = 1
 
     def __post_init__(self):
+        if not self.cuda_graphs_max_gib >= 0:
+            raise ValueError(f"cuda_graphs_max_gib must be >= 0, got {self.cuda_graphs_max_gib!r}")
         if self.step_signal not in ("auto", "calls", "explicit"):
             raise ValueError(f"step_signal must be auto, calls or explicit, got {self.step_signal!r}")
         for glob, patch in self.overrides.items():

@@ -22,6 +22,13 @@ Invariants:
   once no graph recorded into it is alive (`shared_pool`).
 - A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
   epoch is part of the signature, and stale graphs are evicted.
+- Memory budget: each recording holds its input buffers and its outputs for good (the outputs'
+  blocks stay allocated in the pool). Their bytes, measured on the signature's first (eager) call,
+  are summed over every live recording on the device; a recording that would take the sum past
+  `cuda_graphs_max_gib` is not made and its signature stays eager (`graph_disabled:memory_budget`).
+  That is what keeps a model whose blocks run as separate frames (HunyuanVideo 1.5 after its
+  data-dependent break: one recording per block and step kind, ~0.9 GB each at 720p) in memory;
+  calls that large are not launch-bound, so running them eagerly costs nothing measurable.
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
 re-runs the call and checks that every op makes the recorded decision.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import weakref
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -43,6 +51,16 @@ from .patterns.fx_utils import source_name
 log = logging.getLogger("chipmunk_compile")
 EMULATE = False  # tests: emulate CUDA graphs on CPU (see module docstring)
 MAX_GRAPHS = 32  # per compiled graph; the oldest recording is evicted beyond this
+_RUNNERS: "weakref.WeakSet" = weakref.WeakSet()  # every live GraphRunner (the memory budget is per device)
+
+
+def _nbytes(values) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(values))
+
+
+def held_bytes(device) -> int:
+    """Bytes that the live recordings on `device` hold (input buffers + outputs)."""
+    return sum(rec.nbytes for r in list(_RUNNERS) if r.device == device for rec in list(r.graphs.values()))
 
 
 def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
@@ -108,9 +126,10 @@ def shared_pool(session) -> Any:
 class _Recorded:
     """One signature's graph: input buffers, outputs, deferred commits, counter increments."""
 
-    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_ptrs: list):
+    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_ptrs: list, nbytes: int):
         self.graph, self.args, self.outputs = graph, args, outputs
         self.commits, self.counted, self.static_ptrs = commits, counted, static_ptrs
+        self.nbytes = nbytes
 
 
 class _CudaGraph:
@@ -176,10 +195,15 @@ def _restore(before: Counter) -> None:
 class GraphRunner:
     """Calls a compiled graph, through recorded CUDA graphs where possible (module docstring)."""
 
-    def __init__(self, compiled: Callable, static: list[int], blockers: list[str], sites: list, session, instances):
+    def __init__(self, compiled: Callable, static: list[int], blockers: list[str], sites: list, session, instances,
+                 max_bytes: float = float("inf")):
         """`static`/`blockers`: `static_input_indices(gm)` and `graph_blockers(gm)`, read before
-        the inner compiler takes ownership of the graph; any blocker keeps every call eager."""
+        the inner compiler takes ownership of the graph; any blocker keeps every call eager.
+        `max_bytes`: the device's budget for the input buffers and outputs of live recordings."""
         self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
+        self.max_bytes = max_bytes
+        self.first_bytes: dict = {}  # signature -> bytes its recording would hold (from the eager call)
+        _RUNNERS.add(self)
         self.static = static
         self.static_set = set(static)
         self.enabled = bool(sites) and not blockers
@@ -202,10 +226,29 @@ class GraphRunner:
             del self.graphs[key]
             count("graph_static_input_moved")
         if key in self.seen and key not in self.failed:
+            if not self._within_budget(key):
+                return self.compiled(*args)
             return self._record(key, args)
         self.seen.add(key)
         count("graph_eager_calls")
-        return self.compiled(*args)
+        out = self.compiled(*args)
+        self.first_bytes[key] = self._input_bytes(args) + _nbytes(out)
+        return out
+
+    def _input_bytes(self, args) -> int:
+        return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
+
+    def _within_budget(self, key) -> bool:
+        """False (and the signature stays eager, counted once) when recording it would take the
+        live recordings on this device past the budget."""
+        need, held = self.first_bytes.get(key, 0), held_bytes(self.device)
+        if held + need <= self.max_bytes:
+            return True
+        self.failed.add(key)
+        count("graph_disabled:memory_budget")
+        log.info("chipmunk: step not recorded: its buffers (%.2f GiB) would take the recordings past "
+                 "cuda_graphs_max_gib (%.2f GiB held)", need / 2**30, held / 2**30)
+        return False
 
     def _signature(self, args) -> Optional[tuple]:
         if self.device is None:
@@ -257,7 +300,8 @@ class GraphRunner:
         counted = Counter(counters["chipmunk"])
         counted.subtract(before)
         rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
-                        [(i, args[i].data_ptr()) for i in self.static if isinstance(args[i], torch.Tensor)])
+                        [(i, args[i].data_ptr()) for i in self.static if isinstance(args[i], torch.Tensor)],
+                        self._input_bytes(static_args) + _nbytes(outputs))
         if EMULATE:
             graph.outputs, graph.commits = outputs, rec.commits
         if not executed:

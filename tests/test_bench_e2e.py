@@ -117,3 +117,63 @@ def test_block_units_follow_each_models_published_ratio():
     assert be.depth_text("flux2", None) == "published depth, 8 double + 48 single blocks"
     assert be.depth_text("wan", 3) == "3 layers"
     assert [be.extra_ratio(m) for m in ("flux", "hunyuan-video", "flux2", "wan")] == [2, 2, 6, 0]
+
+
+def _hunyuan15(in_channels=4, out_channels=4):
+    import torch
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=64, num_layers=2, num_refiner_layers=1,
+        mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(16, 24, 24),
+        target_size=16, task_type="t2v").eval()
+
+
+def _hunyuan15_inputs(text_valid=7, byt5_valid=2, image=False):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    text, byt5 = torch.zeros(1, 12), torch.zeros(1, 4)
+    text[:, :text_valid], byt5[:, :byt5_valid] = 1, 1
+    return dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.full((1,), 500.0),
+                encoder_hidden_states=torch.randn(1, 12, 16, generator=g), encoder_attention_mask=text,
+                encoder_hidden_states_2=torch.randn(1, 4, 8, generator=g), encoder_attention_mask_2=byt5,
+                image_embeds=torch.randn(1, 3, 12, generator=g) if image else torch.zeros(1, 3, 12))
+
+
+@pytest.mark.parametrize("text_valid,byt5_valid,image", [(7, 2, False), (12, 0, False), (3, 4, True)])
+def test_hunyuan15_prefix_baseline_equals_the_stock_model(text_valid, byt5_valid, image):
+    """The hunyuan-video-1.5 baseline (unmasked attention over the valid key prefix, padded rows zero)
+    computes what diffusers' N x N-masked processor computes; a prefix one token off does not."""
+    import hunyuan15_baseline as hb
+
+    model = _hunyuan15()
+    kw = _hunyuan15_inputs(text_valid, byt5_valid, image)
+    L = hb.valid_prefix_length(model, kw)
+    assert L == 2 * 8 * 8 + (3 if image else 0) + byt5_valid + text_valid
+    assert hb.prefix_is_exact(model, kw) < 1e-5
+    stock = model.attn_processors
+    assert hb.use_prefix_baseline(model, kw) == stock
+    blocks = {k: p for k, p in model.attn_processors.items() if isinstance(p, hb.PrefixKeysProcessor)}
+    assert len(blocks) == 2 and all(p.valid == L for p in blocks.values())  # the blocks; the refiner keeps its own
+    model.set_attn_processor(stock)
+    wrong = hb.valid_prefix_length
+    try:
+        hb.valid_prefix_length = lambda m, k: wrong(m, k) - 1
+        assert hb.prefix_is_exact(model, kw) > 1e-4  # exact: ~3e-7
+    finally:
+        hb.valid_prefix_length = wrong
+
+
+def test_hunyuan15_published_inputs():
+    """bench_e2e's hunyuan-video-1.5 inputs at 720p / 121 frames: 31 x 45 x 80 video tokens and the
+    padded prompts' valid tokens form the baseline's key prefix."""
+    import torch
+    import hunyuan15_baseline as hb
+
+    kw = be.inputs("hunyuan-video-1.5", None, device="cpu", dtype=torch.float32)
+    model = _hunyuan15(in_channels=65, out_channels=32)
+    assert kw["hidden_states"].shape == (1, 65, 31, 45, 80)
+    assert hb.valid_prefix_length(model, kw) == 31 * 45 * 80 + be.HV15_VALID[1] + be.HV15_VALID[0]
+    assert "prefix" in be.baseline_text("hunyuan-video-1.5") and be.baseline_attention("flux", None, {}) is None

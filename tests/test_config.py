@@ -128,3 +128,12 @@ def test_split_options():
     assert compiler == "inductor" and patches == {} and config == ChipmunkConfig()
     with pytest.raises(ValueError, match="compiler"):
         split_options({"compiler": "tvm"})
+
+
+def test_cuda_graphs_budget_is_validated():
+    from chipmunk_compile.config import ChipmunkConfig
+
+    assert ChipmunkConfig.from_any({"cuda_graphs_max_gib": 0.5}).cuda_graphs_max_gib == 0.5
+    assert ChipmunkConfig().cuda_graphs_max_gib == 4.0
+    with pytest.raises(ValueError, match="cuda_graphs_max_gib"):
+        ChipmunkConfig.from_any({"cuda_graphs_max_gib": -1})

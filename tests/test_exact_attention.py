@@ -72,9 +72,41 @@ def test_wrong_lse_shape_is_rejected(fake_libraries, monkeypatch):
     assert torch.allclose(lse.double(), _truth(q, k, v, 0.125)[1], atol=1e-5)
 
 
-def test_masks_and_gqa_never_reach_the_libraries():
+def _masked_truth(q, k, v, key_mask, scale):
+    bias = torch.zeros(key_mask.shape, dtype=torch.float64, device=q.device).masked_fill(~key_mask, float("-inf"))
+    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double()) * scale + bias[:, None, None, :]
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+
+def test_key_masks_reach_only_the_libraries_that_take_them(fake_libraries, monkeypatch):
+    """A masked call skips the unmasked-only libraries (not a fallback: not counted) and hands the mask
+    to the first that takes it, as a 0/-inf bias broadcast over heads and queries."""
+    calls = []
+
+    def unmasked_only(q, k, v, scale, key_mask=None):
+        calls.append("unmasked_only")
+        raise AssertionError("never called with a mask")
+
+    def with_bias(q, k, v, scale, key_mask=None):
+        calls.append("with_bias")
+        bias = ea.key_mask_bias(key_mask, q, k)
+        assert bias.shape == (*q.shape[:3], k.shape[-2]) and bias.stride()[1:3] == (0, 0)
+        s = torch.einsum("bhnd,bhkd->bhnk", q, k) * scale + bias
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+    monkeypatch.setattr(ea, "LIBRARIES", {"unmasked_only": unmasked_only, "with_bias": with_bias})
+    monkeypatch.setattr(ea, "MASKED", {"with_bias"})
+    q, k, v = _qkv(B=2, seed=3)
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[0, 25:], key_mask[1, :7] = False, False
+    o, lse = ea.exact_attention_lse(q, k, v, key_mask, 0.125, 16, None)
+    assert calls == ["with_bias"] and not counters["chipmunk"]
+    o_t, lse_t = _masked_truth(q, k, v, key_mask, 0.125)
+    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
+
+
+def test_gqa_never_reaches_the_libraries():
     q, k, v = _qkv()
-    assert not ea._library_usable(q.cuda() if torch.cuda.is_available() else q, k, torch.ones(1, 40, dtype=torch.bool))
     assert not ea._library_usable(q, k[:, :1], None)
 
 
@@ -87,5 +119,19 @@ def test_gpu_library_lse_matches_reference(dtype):
     o_t, lse_t = _truth(q, k, v, 128 ** -0.5)
     assert not any(key.startswith("exact_lse_fallback") for key in counters["chipmunk"])  # cuDNN worked
     assert o.transpose(1, 2).is_contiguous()
+    assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
+    assert (lse.double() - lse_t).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_masked_library_lse_matches_reference():
+    """cuDNN with the key mask as a bias, HunyuanVideo 1.5's padding layout (valid keys first)."""
+    counters.clear()
+    q, k, v = _qkv(2, 4, 4352, 128, "cuda", torch.bfloat16)
+    key_mask = torch.ones(2, 4352, dtype=torch.bool, device="cuda")
+    key_mask[0, 4000:], key_mask[1, 4100:] = False, False
+    o, lse = ea.exact_attention_lse(q, k, v, key_mask, 128 ** -0.5, 128, None)
+    o_t, lse_t = _masked_truth(q, k, v, key_mask, 128 ** -0.5)
+    assert not any(key.startswith("exact_lse_fallback") for key in counters["chipmunk"])  # cuDNN took the mask
     assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
     assert (lse.double() - lse_t).abs().max().item() < 2e-2

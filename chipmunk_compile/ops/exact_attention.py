@@ -2,9 +2,11 @@
 
 A refresh step needs the exact output and every query's lse (the column sums that pick the new
 key columns are normalized with it). Order of preference on CUDA: cuDNN
-(`aten._scaled_dot_product_cudnn_attention` with compute_log_sumexp), then flash
-(`aten._scaled_dot_product_flash_attention`), then our `attn_dense_colsum` kernel without column
-sums (Triton, or the reference on CPU), which is also the only one taking GQA and key masks.
+(`aten._scaled_dot_product_cudnn_attention` with compute_log_sumexp; a boolean key mask goes in as
+an additive bias of 0 / -inf broadcast over heads and queries), then flash
+(`aten._scaled_dot_product_flash_attention`, unmasked calls only), then our `attn_dense_colsum`
+kernel without column sums (Triton, or the reference on CPU), which is also the only one taking GQA.
+A key mask must leave every batch element at least one valid key (a padding mask does).
 
 Invariants:
 - The first call per (shapes, strides, dtype, device) tries the libraries in order and remembers
@@ -29,17 +31,28 @@ log = logging.getLogger("chipmunk_compile")
 _choice: dict = {}
 
 
-def _cudnn(q, k, v, scale):
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+def key_mask_bias(key_mask, q, k):
+    """(B, H, Nq, Nk) additive bias, 0 for valid keys and -inf for masked ones: one (B, Nk) row,
+    broadcast by strides (no Nq x Nk tensor is materialized)."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[-2]
+    bias = torch.zeros(B, 1, 1, Nk, dtype=q.dtype, device=q.device)
+    return bias.masked_fill_(~key_mask.bool()[:, None, None, :], float("-inf")).expand(B, H, Nq, Nk)
+
+
+def _cudnn(q, k, v, scale, key_mask=None):
+    bias = None if key_mask is None else key_mask_bias(key_mask, q, k)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False, scale=scale)
     return out[0], out[1]
 
 
-def _flash(q, k, v, scale):
+def _flash(q, k, v, scale, key_mask=None):
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
     return out[0], out[1]
 
 
 LIBRARIES = {"cudnn": _cudnn, "flash": _flash}
+MASKED = {"cudnn"}  # the libraries above that take a key mask; the others are skipped for masked calls
 
 
 def in_bnhd(o: torch.Tensor) -> torch.Tensor:
@@ -52,8 +65,8 @@ def in_bnhd(o: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _library_result(name, q, k, v, scale):
-    o, lse = LIBRARIES[name](q, k, v, scale)
+def _library_result(name, q, k, v, scale, key_mask):
+    o, lse = LIBRARIES[name](q, k, v, scale, key_mask) if key_mask is not None else LIBRARIES[name](q, k, v, scale)
     B, H, N, D = q.shape
     if tuple(o.shape) != (B, H, N, v.shape[-1]) or lse.numel() != B * H * N or lse.dtype != torch.float32:
         raise RuntimeError(f"{name} returned o {tuple(o.shape)}, lse {tuple(lse.shape)} {lse.dtype}")
@@ -67,19 +80,22 @@ def _reference_path(q, k, v, key_mask, scale, group, perm):
 
 
 def _library_usable(q, k, key_mask) -> bool:
-    return q.is_cuda and key_mask is None and q.shape[1] == k.shape[1]
+    return q.is_cuda and q.shape[1] == k.shape[1]
 
 
 def exact_attention_lse(q, k, v, key_mask, scale: float, group: int, perm):
     """(o, lse) of exact softmax attention; see the module docstring for which library runs."""
     if not _library_usable(q, k, key_mask):
         return _reference_path(q, k, v, key_mask, scale, group, perm)
-    key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, q.device)
+    masked = key_mask is not None
+    key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, q.device, masked)
     chosen = _choice.get(key)
     if chosen is None:
         for name in LIBRARIES:
+            if masked and name not in MASKED:
+                continue
             try:
-                result = _library_result(name, q, k, v, scale)
+                result = _library_result(name, q, k, v, scale, key_mask)
             except Exception as exc:  # unsupported shape/arch/version: next library
                 counters["chipmunk"][f"exact_lse_fallback:{name}"] += 1
                 log.info("chipmunk: exact attention with lse: %s failed for %s (%s)", name, key[:2], exc)
@@ -90,4 +106,4 @@ def exact_attention_lse(q, k, v, key_mask, scale: float, group: int, perm):
         return _reference_path(q, k, v, key_mask, scale, group, perm)
     if chosen == "kernel":
         return _reference_path(q, k, v, key_mask, scale, group, perm)
-    return _library_result(chosen, q, k, v, scale)
+    return _library_result(chosen, q, k, v, scale, key_mask)
