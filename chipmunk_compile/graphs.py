@@ -21,7 +21,11 @@ Invariants:
   graphs of one session can share one memory pool (they never run concurrently), taken anew
   once no graph recorded into it is alive (`shared_pool`).
 - A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
-  epoch is part of the signature, and stale graphs are evicted.
+  epoch is part of the signature, and stale graphs are evicted: the least recently used one once
+  a compiled graph holds MAX_GRAPHS recordings per module instance it serves (one graph serves
+  every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
+  fixed number of slots, which re-recorded on every call), and any not used for that many calls
+  when the memory budget below is short.
 - Memory budget: each recording holds its input buffers and its outputs for good (the outputs'
   blocks stay allocated in the pool). Their bytes, measured on the signature's first (eager) call,
   are summed over every live recording on the device; a recording that would take the sum past
@@ -50,7 +54,7 @@ from .patterns.fx_utils import source_name
 
 log = logging.getLogger("chipmunk_compile")
 EMULATE = False  # tests: emulate CUDA graphs on CPU (see module docstring)
-MAX_GRAPHS = 32  # per compiled graph; the oldest recording is evicted beyond this
+MAX_GRAPHS = 32  # per compiled graph and module instance it serves; the least recently used is evicted beyond
 _RUNNERS: "weakref.WeakSet" = weakref.WeakSet()  # every live GraphRunner (the memory budget is per device)
 
 
@@ -130,6 +134,7 @@ class _Recorded:
         self.graph, self.args, self.outputs = graph, args, outputs
         self.commits, self.counted, self.static_ptrs = commits, counted, static_ptrs
         self.nbytes = nbytes
+        self.last_used = 0  # the runner's call count at its last recording or replay
 
 
 class _CudaGraph:
@@ -203,6 +208,7 @@ class GraphRunner:
         self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
         self.max_bytes = max_bytes
         self.first_bytes: dict = {}  # signature -> bytes its recording would hold (from the eager call)
+        self.calls = 0
         _RUNNERS.add(self)
         self.static = static
         self.static_set = set(static)
@@ -219,9 +225,11 @@ class GraphRunner:
         key = self._signature(args) if self.enabled else None
         if key is None:
             return self.compiled(*args)
+        self.calls += 1
         rec = self.graphs.get(key)
         if rec is not None:
             if all(args[i].data_ptr() == p for i, p in rec.static_ptrs):
+                rec.last_used = self.calls
                 return self._replay(rec, args)
             del self.graphs[key]
             count("graph_static_input_moved")
@@ -235,6 +243,9 @@ class GraphRunner:
         self.first_bytes[key] = self._input_bytes(args) + _nbytes(out)
         return out
 
+    def _capacity(self) -> int:
+        return MAX_GRAPHS * max(1, len(self.instances.keys))
+
     def _input_bytes(self, args) -> int:
         return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
 
@@ -242,6 +253,11 @@ class GraphRunner:
         """False (and the signature stays eager, counted once) when recording it would take the
         live recordings on this device past the budget."""
         need, held = self.first_bytes.get(key, 0), held_bytes(self.device)
+        if held + need > self.max_bytes:  # make room from this runner's unused recordings first
+            for k in [k for k, r in self.graphs.items() if self.calls - r.last_used > self._capacity()]:
+                del self.graphs[k]
+                count("graph_evicted")
+            held = held_bytes(self.device)
         if held + need <= self.max_bytes:
             return True
         self.failed.add(key)
@@ -307,8 +323,10 @@ class GraphRunner:
         if not executed:
             graph.replay()
         self._commit(rec, pos, count_calls=False)
-        if len(self.graphs) >= MAX_GRAPHS:
-            del self.graphs[next(iter(self.graphs))]
+        if len(self.graphs) >= self._capacity():
+            del self.graphs[min(self.graphs, key=lambda k: self.graphs[k].last_used)]
+            count("graph_evicted")
+        rec.last_used = self.calls
         self.graphs[key] = rec
         count("graph_recorded")
         return _clone(outputs)

@@ -69,3 +69,27 @@ def test_regional_with_step_graphs_equals_whole_model(fresh_dynamo, monkeypatch)
         for s in range(10):
             assert torch.equal(regional(x + 0.05 * s * drift), want[s]), s
     assert counters["chipmunk"]["graph_replays"] > 0
+
+
+def test_step_graphs_of_many_blocks_are_replayed_not_rerecorded(fresh_dynamo, monkeypatch):
+    """One compiled graph serving more blocks than MAX_GRAPHS: its recordings (one per block and step
+    kind) all stay, so every signature is recorded once and then replayed (a fixed number of slots
+    cycled by the blocks re-recorded on every call: 320 recordings and 6 replays here)."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 4)
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    torch.manual_seed(0)
+    model = Stack(layers=12).eval()
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    for block in model.blocks:
+        block.compile(backend="chipmunk", options=OPTIONS)
+    counters.clear()
+    with torch.no_grad():
+        for s in range(10):
+            model(x + 0.05 * s * drift)
+    c = counters["chipmunk"]
+    signatures = c["graph_eager_calls"]  # each signature's first call runs eagerly
+    assert c["graph_recorded"] <= signatures and "graph_evicted" not in c, dict(c)
+    assert c["graph_replays"] >= 12 * 10 - 2 * signatures, dict(c)
