@@ -1,6 +1,6 @@
 """Which diffusers transformers chipmunk understands, and how exactly: a zoo of tiny random models.
 
-    python benchmarks/arch_zoo.py                          # all 29 models below (CPU, ~3-5 min)
+    python benchmarks/arch_zoo.py                          # all 54 models (here and arch_zoo_newer.py; CPU, ~6-8 min)
     python benchmarks/arch_zoo.py --models flux wan sana   # a few (names: keys of MODELS)
     python benchmarks/arch_zoo.py --out /tmp/zoo           # results elsewhere
 
@@ -31,14 +31,16 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import chipmunk_compile  # noqa: E402
+from arch_zoo_newer import NEWER_MODELS  # noqa: E402
+from zoo_common import Case, _build, _grid_ids, _r  # noqa: E402,F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0}, "mlp": {"min_tokens": 0, "first_n_dense_layers": 0},
@@ -51,34 +53,6 @@ SPARSE = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 0.25,
 CALLS = 5
 COLUMNS = ["model", "status", "attn", "mlp", "rejected", "graphs", "grouping", "grouped", "dense_err", "sparse_err",
            "out_change", "sparse_steps", "fallbacks", "seconds", "note"]
-
-
-@dataclass
-class Case:
-    model: torch.nn.Module
-    kwargs: dict
-    latent: str = "hidden_states"  # the input that drifts from call to call
-    timestep: str = "timestep"  # the input that goes down from call to call
-    patches: dict = field(default_factory=dict)  # torch._dynamo.config patches
-
-
-def _r(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _build(cls_name, **config):
-    import diffusers
-
-    torch.manual_seed(0)
-    return getattr(diffusers, cls_name)(**config).eval()
-
-
-def _grid_ids(h, w):
-    """Flux-style (h*w, 3) position ids: (0, row, col)."""
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None]
-    return ids.reshape(-1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +374,7 @@ MODELS = {
     "omnigen": ("OmniGenTransformer2DModel", omnigen),
     "wan_vace": ("WanVACETransformer3DModel", wan_vace),
 }
+MODELS.update(NEWER_MODELS)  # diffusers' newer transformers (arch_zoo_newer.py)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -674,15 +674,28 @@ def _site_tokens(site) -> Optional[int]:
     return int(shape[-2])
 
 
+def _site_score(n: int, grid_n: int) -> int:
+    """How well a grid of `grid_n` tokens explains a site of `n`: 3 exactly, 2 as the larger part
+    of it (grid + fewer other tokens: text), 1 as a minority of it, 0 not at all. The middle grade
+    keeps the grid of a model with several patch embeddings (Helios, FramePack: one per history
+    length, joined into one sequence) from going to the smallest one, which every site exceeds:
+    with that one the rest of the sequence would be taken for text."""
+    if n == grid_n:
+        return 3
+    if n > grid_n:
+        return 2 if n - grid_n < grid_n else 1
+    return 0
+
+
 def _pick(cands: list[GridInfo], counts: list[int]) -> Optional[GridInfo]:
-    """The candidate grid that explains the most sites (equal or text-extended token counts).
+    """The candidate grid that explains the sites best (`_site_score` summed over them).
     With no concrete count (every site symbolic), the one grid the candidates agree on, if any."""
     if not counts:
         grids = {g.grid for g in cands}
         return cands[-1] if len(grids) == 1 else None
     best, best_score = None, 0
     for g in cands:
-        score = sum(2 if n == g.n else 1 if n > g.n else 0 for n in counts)
+        score = sum(_site_score(n, g.n) for n in counts)
         if score > best_score:
             best, best_score = g, score
     return best

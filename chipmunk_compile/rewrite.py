@@ -15,11 +15,13 @@ Invariants:
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
 from .grouping import assign_grouping
@@ -44,7 +46,11 @@ def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
         if node in ctx.claimed or node.op not in ("call_function", "call_method"):
             continue
         for pattern in patterns:
-            result = pattern.match(node, ctx)
+            try:
+                result = pattern.match(node, ctx)
+            except GuardOnDataDependentSymNode as e:  # a size only known at run time: that candidate stays dense
+                why = str(e).splitlines()[0][:160]
+                result = Rejection(pattern.kind, pattern.name, node, f"data-dependent sizes ({why})", module_path(node))
             if result is None:
                 continue
             if isinstance(result, Rejection):
@@ -91,7 +97,24 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             site.act = m.act
         plan.sites.append(site)
         pairs.append((m, site))
+    if n_attn == 0:
+        _layers_from_blocks([s for s in plan.sites if s.kind == "mlp"])
     return plan, pairs
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|#|$)")
+
+
+def _layers_from_blocks(sites: list) -> None:
+    """With no attention layer to count (every attention of the graph rejected: PRX's image queries
+    attend to text + image keys), number MLP sites by their block, the path up to its first index
+    (`transformer_blocks.3`), in graph order, instead of all at layer 0, where
+    `first_n_dense_layers` kept every one dense. Block-relative paths (regional compilation) stay."""
+    blocks: dict = {}
+    for s in sites:
+        m = _BLOCK.match(s.path)
+        if m:
+            s.layer = blocks.setdefault(m.group(1), len(blocks))
 
 
 def _wshape(spec) -> Optional[tuple]:

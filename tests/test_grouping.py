@@ -621,3 +621,20 @@ def test_grouped_full_budget_equals_dense(name):
     assert all(s.steps.get("sparse", 0) > 0 for s in grouped)
     perm = grouped[0].perm
     assert not torch.equal(perm.long(), torch.arange(perm.numel()))  # a real reordering was exercised
+
+
+def test_several_patch_embeddings_pick_the_grid_that_is_most_of_the_sequence():
+    """Helios / FramePack embed the current chunk and each history length with its own conv and join
+    them into one sequence: candidate grids of 4, 9, 36 and 108 tokens for sites of 157 (+ a small
+    text MLP of 8). The 108-token grid is most of every site; the old rule (every site exceeds the
+    4-token grid) took the smallest and the other 153 tokens for text."""
+    from chipmunk_compile.grouping import GridInfo, _pick
+
+    cands = [GridInfo((1, 2, 2)[1:], "conv3d"), GridInfo((3, 3), "conv3d"), GridInfo((6, 6), "conv3d"),
+             GridInfo((3, 6, 6), "conv3d")]
+    assert _pick(cands, [157, 157, 157, 8]).grid == (3, 6, 6)
+    # one candidate still groups a site whose text outnumbers the image (a low-resolution FLUX)
+    assert _pick([GridInfo((16, 16), "ids")], [256 + 512]).grid == (16, 16)
+    # an exact match beats a larger part; the larger part beats a minority
+    assert _pick([GridInfo((8, 8), "a"), GridInfo((10, 10), "b")], [100, 100]).grid == (10, 10)
+    assert _pick([GridInfo((4, 4), "a"), GridInfo((8, 8), "b")], [80, 80]).grid == (8, 8)

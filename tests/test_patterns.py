@@ -631,3 +631,95 @@ def test_source_to_path_spellings():
     assert source_to_path("L['self']._modules['blocks']._modules['0']._modules['attn']") == "blocks.0.attn"
     assert source_to_path("L['self'].__dict__['_modules']['transformer_blocks'].0.ff.net.2") == "transformer_blocks.0.ff.net.2"
     assert source_to_path("L['self']") == ""
+
+
+class CrossSameLength(nn.Module):
+    """Cross-attention whose context happens to have as many tokens as the queries (8 audio tokens
+    attending to 8 text tokens): queries from x, keys and values from another sequence."""
+
+    def __init__(self, from_context=True):
+        super().__init__()
+        self.from_context = from_context
+        self.norm = nn.LayerNorm(C)
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x, ctx, t):
+        b, n, _ = x.shape
+        h = self.norm(x)
+        src = ctx if self.from_context else h
+        q, k, v = (y.view(b, -1, H, D).transpose(1, 2) for y in (self.to_q(h), self.to_k(src), self.to_v(src)))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+
+
+def test_reject_cross_attention_of_equal_lengths(fresh_dynamo):
+    x, t = tokens(0)
+    ctx = torch.randn(B, N, C, generator=torch.Generator().manual_seed(5))
+    rep = chipmunk_compile.inspect(CrossSameLength().eval(), x, ctx, t, config=SMALL)
+    assert rep.count("attention") == 0 and "different token streams" in _reason(rep), str(rep)
+    # the same module attending to its own tokens is self-attention
+    assert chipmunk_compile.inspect(CrossSameLength(False).eval(), x, ctx, t, config=SMALL).count("attention") == 1
+
+
+
+def test_a_candidate_with_data_dependent_sizes_stays_dense(fresh_dynamo, monkeypatch):
+    """A size only known at run time (unbacked, e.g. FramePack's text length under
+    capture_scalar_outputs) raises inside a pattern's checks: that candidate is rejected with the
+    reason and the graph still compiles, instead of failing the whole backend."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    from chipmunk_compile import rewrite as rw
+    from chipmunk_compile.patterns.registry import Pattern
+
+    real = rw.registered_patterns()
+
+    def raising(match):
+        def checked(node, ctx):  # the real pattern, raising where it would have decided
+            if match(node, ctx) is not None:
+                raise GuardOnDataDependentSymNode(sympy.true, "Could not guard on data-dependent expression Ne(u0, u1)")
+            return None
+        return checked
+
+    monkeypatch.setattr(rw, "registered_patterns", lambda: [
+        Pattern(p.name, p.kind, raising(p.match) if p.kind == "attention" else p.match) for p in real])
+    mod = SdpaTransposedViews().eval()
+    x, t = tokens(0)
+    rep = chipmunk_compile.inspect(mod, x, t, config=SMALL)
+    assert rep.count("attention") == 0 and "data-dependent sizes" in _reason(rep), str(rep)
+    with torch.no_grad():
+        assert torch.allclose(chip(mod, SMALL)(x, t), mod(x, t), atol=1e-6)
+
+
+class BlockWithCrossOnly(nn.Module):
+    """A block whose only attention is rejected (queries attend to more keys than they are) and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
+
+    def forward(self, x, ctx):
+        b, n, _ = x.shape
+        q = x.view(b, n, H, D).transpose(1, 2)
+        kv = torch.cat([ctx, x], 1).view(b, -1, H, D).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).reshape(b, n, C)
+        return x + self.ff(x)
+
+
+class CrossOnlyStack(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([BlockWithCrossOnly() for _ in range(n)])
+
+    def forward(self, x, ctx, t):
+        for blk in self.blocks:
+            x = blk(x, ctx)
+        return x
+
+
+def test_mlp_layers_count_blocks_when_every_attention_is_rejected(fresh_dynamo):
+    """No attention layer to count: the MLPs are numbered by their block (0, 1, 2), so
+    first_n_dense_layers keeps the first blocks dense, not every block."""
+    x, t = tokens(0)
+    ctx = torch.randn(B, 8, C, generator=torch.Generator().manual_seed(5))
+    rep = chipmunk_compile.inspect(CrossOnlyStack().eval(), x, ctx, t, config=SMALL)
+    assert rep.count("attention") == 0 and [s.layer for s in rep.sites] == [0, 1, 2], str(rep)

@@ -18,12 +18,14 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .fx_utils import (
     MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
     module_path, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
+from .token_streams import distinct_streams
 from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
 
 
@@ -59,14 +61,18 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
         return _reject(pattern, node, "attention dropout", shapes)
     if scale is not None and not isinstance(scale, (int, float)):
         return _reject(pattern, node, "non-constant softmax scale", shapes)
-    if qs[-2] != ks[-2]:
+    # sizes may be unbacked symbols (capture_scalar_outputs): what cannot be decided is not equal
+    if not guard_or_false(qs[-2] == ks[-2]):
         return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
+    if distinct_streams(q, k):
+        return _reject(pattern, node, f"cross-attention (queries and keys projected from different token streams, "
+                                      f"{qs[-2]} tokens each)", shapes)
     if vs[-1] != qs[-1]:
         return _reject(pattern, node, "value head dim differs from query head dim", shapes)
     attn_cfg, _ = ctx.config.for_site(module_path(node))
     if not attn_cfg.enabled:
         return _reject(pattern, node, "disabled by config", shapes)
-    if qs[-2] < attn_cfg.min_tokens:
+    if guard_or_false(qs[-2] < attn_cfg.min_tokens):
         return _reject(pattern, node, f"too short ({qs[-2]} tokens < min_tokens {attn_cfg.min_tokens})", shapes)
     return None
 

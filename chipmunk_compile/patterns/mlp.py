@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, linear_parts,
@@ -201,7 +202,9 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     if not mlp_cfg.enabled:
         return _reject(node, "disabled by config", shapes)
     tokens = x_shape[-2]
-    if tokens < mlp_cfg.min_tokens:
+    if guard_or_false(tokens == 1):  # (B, 1, C): a conditioning MLP that keeps a size-1 token axis
+        return _reject(node, "no token dimension (one token)", shapes)
+    if guard_or_false(tokens < mlp_cfg.min_tokens):
         return _reject(node, f"too short ({tokens} tokens < min_tokens {mlp_cfg.min_tokens})", shapes)
     return MlpMatch(
         pattern="mlp-parallel" if cat_parts else ("mlp-gated" if w_lin is not None else "mlp"),

@@ -1,0 +1,398 @@
+"""Arch-zoo cases of diffusers' newer transformers (added in session 10, diffusers 0.42.1).
+
+Same conventions as `arch_zoo.py`, which measures them with its own (`python benchmarks/arch_zoo.py
+--models flux3 helios`): 1-2 layers per block type (refiner/text blocks at 1), 2 heads of dim 16,
+float32, CPU, ~60-260 latent tokens and ~8 text tokens, random weights. Where a model zero-initialises
+a modulation or gate (its blocks would be identities at random init), the case re-initialises it with
+small noise. Choices that matter for what is measured are commented at the case: ChronoEdit and
+WanAnimate take 512 text tokens (their processors split image and text context at 512); audio and
+gist-token counts differ from the text count, so a cross-attention never has equal lengths by chance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo_common import Case, _build, _grid_ids, _r  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------
+# images: Flux-like joint attention and newer MMDiTs
+# ---------------------------------------------------------------------------------------------
+def flux3():
+    # per-mode blocks (image, image_cond, txt: num_layers each) + joint single blocks; 4-axis (t, h, w, l) RoPE
+    m = _build("Flux3Transformer2DModel", in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=1,
+               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, timestep_channels=32,
+               axes_dims_rope=(4, 4, 4, 4))
+    h = w = 12
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))
+    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        timestep=torch.tensor([1.0]), img_ids=img_ids, txt_ids=txt_ids, return_dict=False))
+
+
+def qwen_image21():
+    # single-stream over [text, target image]; text is block-causal (bool tril mask), the image queries attend to
+    # everything unmasked. img_mask marks the VLM image slots: each slot stands for 2x2 latent tokens.
+    m = _build("QwenImage21Transformer2DModel", patch_size=1, in_channels=16, out_channels=4, num_layers=2,
+               attention_head_dim=16, num_attention_heads=2, context_in_dim=16, mlp_ratio=3, axes_dims_rope=(8, 4, 4))
+    h = w = 12
+    n_txt = 8
+    img_mask = torch.zeros(1, n_txt + h * w // 4, dtype=torch.bool)
+    img_mask[:, n_txt:] = True
+    return Case(m, dict(hidden_states=_r(1, h * w, 16), encoder_hidden_states=_r(1, n_txt, 16, seed=2),
+                        timestep=torch.tensor([1.0]), img_shapes=[[(1, h, w)]], img_mask=img_mask,
+                        return_dict=False))
+
+
+def hunyuan_image():
+    m = _build("HunyuanImageTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+               patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(8, 8))
+    mask = torch.zeros(1, 8, dtype=torch.long)
+    mask[:, :5] = 1
+    return Case(m, dict(hidden_states=_r(1, 4, 12, 12), timestep=torch.tensor([1000.0]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), encoder_attention_mask=mask, return_dict=False))
+
+
+def longcat_image():
+    m = _build("LongCatImageTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+               axes_dims_rope=[4, 6, 6])
+    h = w = 12
+    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
+                        return_dict=False))
+
+
+def ovis_image():
+    m = _build("OvisImageTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+               num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+               axes_dims_rope=(4, 6, 6))
+    h = w = 12
+    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
+                        return_dict=False))
+
+
+def bria():
+    m = _build("BriaTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6])
+    h = w = 12
+    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
+                        return_dict=False))
+
+
+def bria_fibo():
+    # one text-encoder layer per block (num_layers + num_single_layers), projected to inner_dim // 2 and
+    # concatenated onto the context stream
+    m = _build("BriaFiboTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
+               text_encoder_dim=16)
+    h = w = 12
+    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        text_encoder_layers=[_r(1, 8, 16, seed=3), _r(1, 8, 16, seed=4)],
+                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
+                        return_dict=False))
+
+
+def bria_fibo2():
+    # Z-Image-style single stream [gist tokens, image]; a Perceiver squeezes the 12 text tokens into 8 gist tokens
+    # (text length != gist count, else the Perceiver's cross-attention has Nq == Nk and passes as self-attention);
+    # layer 1 is an injection block (gated cross-attention to its own text bundle). encoder_hidden_states is
+    # (B, 1 + len(injection_layer_ids), text_len, cap_feat_dim).
+    m = _build("BriaFibo2Transformer2DModel", in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1,
+               n_heads=2, cap_feat_dim=16, injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=8,
+               max_num_gist_tokens=8, gist_step=8, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6),
+               axes_lens=(16, 32, 32))
+    for name, p in m.named_parameters():  # zero-initialised cross-attention gate: the injection would be a no-op
+        if name.endswith("cross_attn_gate"):
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(5))
+    return Case(m, dict(hidden_states=_r(1, 4, 24, 24), timestep=torch.tensor([0.9]),
+                        encoder_hidden_states=_r(1, 2, 12, 16, seed=2), return_dict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# images: single-stream, packed sequences, MoE, U-Net blocks
+# ---------------------------------------------------------------------------------------------
+def _renorm(m, pattern, std=0.1, seed=5):
+    """Re-init zero-initialised modulation parameters (else every block is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for name, p in m.named_parameters():
+        if pattern in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            n += 1
+    assert n, pattern
+    return m
+
+
+def prx():
+    m = _build("PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32,
+               mlp_ratio=2.0, num_heads=2, depth=2, axes_dim=[8, 8])
+    _renorm(m, "modulation.lin")  # Modulation zero-initialises its Linear: gates 0 -> identity blocks
+    # text-only K/V concat (image queries attend to [text, image] keys); optional bool text mask
+    return Case(m, dict(hidden_states=_r(1, 4, 24, 24), timestep=torch.tensor([1.0]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), attention_mask=torch.ones(1, 8, dtype=torch.bool),
+                        return_dict=False))
+
+
+def glm_image():
+    m = _build("GlmImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+               attention_head_dim=16, num_attention_heads=2, text_embed_dim=16, time_embed_dim=32, condition_dim=16,
+               prior_vq_quantizer_codebook_size=64)
+    h = w = 24
+    n = (h // 2) * (w // 2)
+    return Case(m, dict(hidden_states=_r(1, 4, h, w), encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        prior_token_id=torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(3)),
+                        prior_token_drop=torch.zeros(1, n, dtype=torch.bool), timestep=torch.tensor([500]),
+                        target_size=torch.tensor([[128.0, 128.0]]), crop_coords=torch.tensor([[0.0, 0.0]]),
+                        return_dict=False))
+
+
+def ernie_image():
+    m = _build("ErnieImageTransformer2DModel", hidden_size=32, num_attention_heads=2, num_layers=2,
+               ffn_hidden_size=64, in_channels=4, out_channels=4, patch_size=2, text_in_dim=16,
+               rope_axes_dim=(4, 6, 6))
+    _renorm(m, "adaLN_modulation.1")  # zero-initialised: gates 0 -> identity blocks
+    _renorm(m, "final_linear", seed=6)  # zero-initialised: output would be 0
+    # sequence-first layout [S, B, H]; bool key-padding mask from text_lens ([img, text] order)
+    return Case(m, dict(hidden_states=_r(1, 4, 24, 24), timestep=torch.tensor([500.0]),
+                        text_bth=_r(1, 8, 16, seed=2), text_lens=torch.tensor([8]), return_dict=False))
+
+
+def krea2():
+    m = _build("Krea2Transformer2DModel", in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+               num_key_value_heads=1, intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=32,
+               num_text_layers=3, text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=64,
+               num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6))
+    h = w = 12  # packed latents; GQA 2 q heads / 1 kv head (real model: 48/12)
+    pos = torch.cat([torch.zeros(8, 3), _grid_ids(h, w)])  # text rows all-zero, then image grid
+    return Case(m, dict(hidden_states=_r(1, h * w, 16), encoder_hidden_states=_r(1, 8, 3, 32, seed=2),
+                        timestep=torch.tensor([0.9]), position_ids=pos,
+                        encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool), return_dict=False))
+
+
+def ideogram4():
+    m = _build("Ideogram4Transformer2DModel", in_channels=16, num_layers=2, attention_head_dim=16,
+               num_attention_heads=2, intermediate_size=64, adaln_dim=32, llm_features_dim=24, rope_theta=10000,
+               mrope_section=(3, 3, 2))
+    n_txt, h, w = 8, 12, 12  # one packed sequence: 8 text tokens then 144 image tokens
+    L = n_txt + h * w
+    pos = torch.cat([torch.stack([torch.arange(n_txt)] * 3, -1).float(), _grid_ids(h, w) + n_txt])[None]
+    indicator = torch.full((1, L), 2, dtype=torch.long)
+    indicator[:, :n_txt] = 3
+    # segment_ids -> a full (B, 1, L, L) bool block-diagonal mask (all True for one sample)
+    return Case(m, dict(hidden_states=_r(1, L, 16), timestep=torch.tensor([0.1]),
+                        encoder_hidden_states=_r(1, L, 24, seed=2), position_ids=pos,
+                        segment_ids=torch.zeros(1, L, dtype=torch.long), indicator=indicator, return_dict=False))
+
+
+def nucleus_moe_image(moe=True, capacity=1.0):
+    # layer 0 dense SwiGLU FF, layer 1 expert-choice MoE (2 experts + shared expert); the args are for ablations
+    # (capacity=2.0: every expert takes every token, so the routing is continuous)
+    m = _build("NucleusMoEImageTransformer2DModel", patch_size=2, in_channels=16, num_layers=2,
+               attention_head_dim=16, num_attention_heads=2, num_key_value_heads=2, joint_attention_dim=16,
+               axes_dims_rope=(4, 6, 6), mlp_ratio=6.0,  # dense inner = int(dim*ratio*2/3)//128*128: 0 below 6
+               moe_enabled=moe, dense_moe_strategy="leave_first_block_dense", num_experts=2,
+               moe_intermediate_dim=64, capacity_factors=capacity)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # packed expert weights are torch.empty (uninitialised)
+        for name, p in m.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-2] ** -0.5)
+    h = w = 12
+    return Case(m, dict(hidden_states=_r(1, h * w, 16), img_shapes=[(1, h, w)],
+                        encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.bool), timestep=torch.tensor([0.9]),
+                        return_dict=False))
+
+
+def dreamlite():
+    # U-Net spatial transformer: self-attn + cross-attn + GEGLU FF per block (layer_norm: timestep unused)
+    m = _build("DreamLiteTransformer2DModel", num_attention_heads=2, attention_head_dim=16, in_channels=8,
+               out_channels=8, num_layers=2, norm_num_groups=4, cross_attention_dim=16, qk_norm="rms_norm",
+               ff_mult=2)
+    return Case(m, dict(hidden_states=_r(1, 8, 12, 12), encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        timestep=torch.tensor([500]), return_dict=False))
+
+
+def joyimage_edit():
+    m = _build("JoyImageEditTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32,
+               num_attention_heads=2, text_dim=16, mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6])
+    # edit mode: 2 items (target + reference) of 1 frame each, (B, N, C, T, H, W) -> 2 x 8 x 8 tokens
+    return Case(m, dict(hidden_states=_r(1, 2, 4, 1, 16, 16), timestep=torch.tensor([500.0]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), return_dict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# video
+# ---------------------------------------------------------------------------------------------
+def ltx2_video():
+    # audio-video model: video + audio self-attn, text cross-attn for both, a2v / v2a cross-attn, 2 FFNs per block
+    m = _build("LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+               audio_num_attention_heads=2, audio_attention_head_dim=16, audio_cross_attention_dim=32,
+               num_layers=2, caption_channels=16)
+    # 12 audio tokens != 8 text tokens: with equal counts the audio->text cross-attention (audio_attn2) would pass
+    # the backend's query-length == key-length test for self-attention
+    f, h, w, n_audio = 3, 8, 8, 12
+    return Case(m, dict(hidden_states=_r(1, f * h * w, 4), audio_hidden_states=_r(1, n_audio, 4, seed=4),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), audio_encoder_hidden_states=_r(1, 8, 16, seed=3),
+                        timestep=torch.tensor([1000.0]), encoder_attention_mask=torch.ones(1, 8),
+                        audio_encoder_attention_mask=torch.ones(1, 8), num_frames=f, height=h, width=w,
+                        audio_num_frames=n_audio, return_dict=False))
+
+
+def sana_video():
+    # self-attention is ReLU linear attention (SanaLinearAttnProcessor3_0); FFN is GLUMBTempConv (convs)
+    m = _build("SanaVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+               cross_attention_dim=32, caption_channels=16, mlp_ratio=2.5, sample_size=16, patch_size=(1, 2, 2),
+               rope_max_seq_len=64)
+    return Case(m, dict(hidden_states=_r(1, 4, 3, 16, 16), encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        timestep=torch.tensor([500]), return_dict=False))
+
+
+def kandinsky6():
+    # video + audio fused blocks; 1 text block per modality, 2 fused visual blocks
+    m = _build("Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16,
+               time_dim=32, patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+               axes_dims=(4, 6, 6), visual_cond=True, in_audio_dim=4, out_audio_dim=4, text_token_padding=True,
+               ca_rope=True, cross_gates=True, fix_modulation=True)  # the flags the released checkpoints set
+    t, h, w = 3, 16, 16  # channels-last latents (B, T, H, W, C), C = 2*in_visual_dim + 1 with visual_cond
+    mask = torch.zeros(1, 8, dtype=torch.bool)  # boolean text padding mask (text_token_padding checkpoints)
+    mask[:, :6] = True
+    # 12 audio tokens != 8 text tokens (see ltx2_video)
+    return Case(m, dict(hidden_states=_r(1, t, h, w, 9), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        pooled_projections=_r(1, 16, seed=3), timestep=torch.tensor([1000.0]),
+                        audio_hidden_states=_r(1, 12, 4, seed=4), encoder_attention_mask=mask, return_dict=False))
+
+
+def chronoedit():
+    # Wan-2.1 i2v-style (CLIP image tokens through add_k/add_v); 2 latent frames = ChronoEdit's
+    # (input image, edited image) pair, which takes the temporal-skip RoPE branch. The Wan attention processor
+    # splits image / text context at a hard-coded 512 text tokens, so the text here is 512 tokens (as the
+    # pipelines pad it); with fewer the image branch would attend over an empty key set.
+    m = _build("ChronoEditTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+               in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=16, added_kv_proj_dim=32,
+               rope_max_seq_len=64, rope_temporal_skip_len=8)
+    return Case(m, dict(hidden_states=_r(1, 4, 2, 16, 16), timestep=torch.tensor([1000]),
+                        encoder_hidden_states=_r(1, 512, 32, seed=2),
+                        encoder_hidden_states_image=_r(1, 4, 16, seed=3), return_dict=False))
+
+
+def motif_video():
+    # 1 dual-stream block, 1 single-stream encoder block, 1 single-stream decoder block; text cross-attn on
+    mask = torch.zeros(1, 8, dtype=torch.long)
+    mask[:, :5] = 1
+    m = _build("MotifVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, num_layers=1, num_single_layers=2, num_decoder_layers=1, mlp_ratio=2.0,
+               patch_size=2, patch_size_t=1, text_embed_dim=16, image_embed_dim=12, rope_axes_dim=(4, 6, 6),
+               enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True)
+    return Case(m, dict(hidden_states=_r(1, 4, 3, 16, 16), timestep=torch.tensor([1000]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), encoder_attention_mask=mask,
+                        image_embeds=_r(1, 4, 12, seed=3), return_dict=False))
+
+
+def helios():
+    # autoregressive video: current chunk (3 frames) + short / mid (2x) / long (4x) history tokens in front
+    m = _build("HeliosTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+               in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+               rope_dim=(4, 6, 6))
+    h = w = 12  # 3*6*6 = 108 current + 36 short + 9 mid + 4 long = 157 tokens
+    return Case(m, dict(hidden_states=_r(1, 4, 3, h, w), timestep=torch.tensor([1000]),
+                        encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        indices_hidden_states=torch.arange(7, 10)[None],
+                        indices_latents_history_short=torch.arange(6, 7)[None],
+                        indices_latents_history_mid=torch.arange(4, 6)[None],
+                        indices_latents_history_long=torch.arange(0, 4)[None],
+                        latents_history_short=_r(1, 4, 1, h, w, seed=3), latents_history_mid=_r(1, 4, 2, h, w, seed=4),
+                        latents_history_long=_r(1, 4, 4, h, w, seed=5), return_dict=False))
+
+
+def wan_animate():
+    # Wan 2.1 i2v blocks + pose latents + face motion encoder / face adapter cross-attn (after block 0)
+    m = _build("WanAnimateTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+               in_channels=12, latent_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+               image_dim=16, added_kv_proj_dim=32, rope_max_seq_len=64, motion_encoder_channel_sizes={"8": 8, "4": 8},
+               motion_encoder_size=8, motion_style_dim=16, motion_dim=4, motion_encoder_dim=16,
+               face_encoder_hidden_dim=16, face_encoder_num_heads=2, inject_face_latents_blocks=2,
+               motion_encoder_batch_size=8)
+    # text padded to 512 tokens: see chronoedit(). 5 face frames -> 2 after the face encoder's two stride-2 convs, +1 pad frame = 3 latent frames
+    return Case(m, dict(hidden_states=_r(1, 12, 3, 16, 16), timestep=torch.tensor([1000]),
+                        encoder_hidden_states=_r(1, 512, 32, seed=2), encoder_hidden_states_image=_r(1, 4, 16, seed=3),
+                        pose_hidden_states=_r(1, 4, 2, 16, 16, seed=4), face_pixel_values=_r(1, 3, 5, 8, 8, seed=5),
+                        return_dict=False))
+
+
+def hunyuan_video_framepack():
+    # HunyuanVideo blocks + clean / 2x / 4x history latents (packed in front) + SigLIP image tokens
+    mask = torch.zeros(1, 8, dtype=torch.long)
+    mask[:, :5] = 1
+    m = _build("HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0,
+               patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+               rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)
+    # frame indices are 1-D (the RoPE meshgrids them directly)
+    h = w = 12  # 108 current + 72 clean + 9 (2x) + 4 (4x) = 193 latent tokens
+    return Case(m, dict(hidden_states=_r(1, 4, 3, h, w), timestep=torch.tensor([1000.0]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), encoder_attention_mask=mask,
+                        pooled_projections=_r(1, 8, seed=3), image_embeds=_r(1, 4, 16, seed=4),
+                        indices_latents=torch.arange(7, 10), guidance=torch.tensor([6000.0]),
+                        latents_clean=_r(1, 4, 2, h, w, seed=5), indices_latents_clean=torch.tensor([0, 6]),
+                        latents_history_2x=_r(1, 4, 2, h, w, seed=6), indices_latents_history_2x=torch.arange(4, 6),
+                        latents_history_4x=_r(1, 4, 4, h, w, seed=7), indices_latents_history_4x=torch.arange(0, 4),
+                        return_dict=False))
+
+
+def consisid():
+    # CogVideoX-style expert blocks + identity branch: local facial extractor (perceiver) and a perceiver
+    # cross-attention after every cross_attn_interval-th block; hand-written softmax(q@k^T) attention there
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    m = _build("ConsisIDTransformer3DModel", num_attention_heads=2, attention_head_dim=16, in_channels=4,
+               out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+               sample_height=16, sample_frames=9, patch_size=2, max_text_seq_length=8,
+               use_rotary_positional_embeddings=True, is_train_face=True, cross_attn_interval=2,
+               cross_attn_dim_head=16, cross_attn_num_heads=2, LFE_id_dim=8, LFE_vit_dim=16, LFE_depth=2,
+               LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4,
+               LFE_output_dim=21, LFE_ff_mult=2, LFE_num_scale=2)  # output dim = int(inner_dim * 2 / 3)
+    f, h, w = 3, 16, 16
+    rope = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (h // 2, w // 2)), grid_size=(h // 2, w // 2),
+                                   temporal_size=f, device=torch.device("cpu"))
+    return Case(m, dict(hidden_states=_r(1, f, 4, h, w), encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        timestep=torch.tensor([1000]), image_rotary_emb=rope, id_cond=_r(1, 8, seed=3),
+                        id_vit_hidden=[_r(1, 6, 16, seed=4), _r(1, 6, 16, seed=5)], return_dict=False))
+
+
+NEWER_MODELS = {
+    "flux3": ("Flux3Transformer2DModel", flux3),
+    "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
+    "hunyuan_image": ("HunyuanImageTransformer2DModel", hunyuan_image),
+    "longcat_image": ("LongCatImageTransformer2DModel", longcat_image),
+    "ovis_image": ("OvisImageTransformer2DModel", ovis_image),
+    "bria": ("BriaTransformer2DModel", bria),
+    "bria_fibo": ("BriaFiboTransformer2DModel", bria_fibo),
+    "bria_fibo2": ("BriaFibo2Transformer2DModel", bria_fibo2),
+    "prx": ("PRXTransformer2DModel", prx),
+    "glm_image": ("GlmImageTransformer2DModel", glm_image),
+    "ernie_image": ("ErnieImageTransformer2DModel", ernie_image),
+    "krea2": ("Krea2Transformer2DModel", krea2),
+    "ideogram4": ("Ideogram4Transformer2DModel", ideogram4),
+    "nucleus_moe_image": ("NucleusMoEImageTransformer2DModel", nucleus_moe_image),
+    "dreamlite": ("DreamLiteTransformer2DModel", dreamlite),
+    "joyimage_edit": ("JoyImageEditTransformer3DModel", joyimage_edit),
+    "ltx2_video": ("LTX2VideoTransformer3DModel", ltx2_video),
+    "sana_video": ("SanaVideoTransformer3DModel", sana_video),
+    "kandinsky6": ("Kandinsky6Transformer3DModel", kandinsky6),
+    "chronoedit": ("ChronoEditTransformer3DModel", chronoedit),
+    "motif_video": ("MotifVideoTransformer3DModel", motif_video),
+    "helios": ("HeliosTransformer3DModel", helios),
+    "wan_animate": ("WanAnimateTransformer3DModel", wan_animate),
+    "hunyuan_video_framepack": ("HunyuanVideoFramepackTransformer3DModel", hunyuan_video_framepack),
+    "consisid": ("ConsisIDTransformer3DModel", consisid),
+}

@@ -1,0 +1,96 @@
+"""Do an attention's queries and keys come from different token streams?
+
+Self and joint attention project queries and keys from the same tokens; cross-attention projects
+its keys from another sequence (text, audio, learned latents). Comparing lengths tells them apart
+only while the lengths differ: 8 text tokens attending to 8 audio tokens look like self-attention.
+
+Rule: from q (and from k) walk up the graph through ops whose output is one of their inputs
+rearranged or rescaled (views, transposes, casts, norms, rotary products, chunks, concatenations:
+`_upstream`) to the first linear projection on every path; from each projection's input walk on up
+the same way to collect the chain of tensors it was made from. Queries and keys come from different
+streams when both walks reached a projection on every path and the two chains share no node.
+
+Invariant: conservative. Any path that cannot be followed (q or k is a graph input, an indexing or
+expanding op, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
+length rule alone.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .fx_utils import is_call, is_linear, is_method, linear_parts, val
+
+_CAT = (torch.cat, torch.concat, torch.stack)
+_LIMIT = 256  # nodes visited per walk
+
+
+def _numel(node) -> Optional[int]:
+    v = val(node)
+    return v.numel() if isinstance(v, torch.Tensor) else None
+
+
+def _upstream(node: fx.Node) -> Optional[list]:
+    """The inputs `node`'s output is made of, or None when it is not a token-preserving op."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if node.target is operator.getitem:
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
+    if is_call(node, *_CAT) or is_method(node, "cat"):
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        return [p for p in parts if isinstance(p, fx.Node)] if isinstance(parts, (list, tuple)) else None
+    v = val(node)
+    if isinstance(v, (tuple, list)):  # chunk / split / unbind: pieces of the first input
+        first = node.args[0] if node.args else None
+        return [first] if isinstance(first, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    # compared without guards: sizes may be symbolic, even unbacked
+    same = [a for a in node.all_input_nodes if _numel(a) is not None and statically_known_true(_numel(a) == v.numel())]
+    return same or None
+
+
+def _projection_inputs(start) -> Optional[set]:
+    """Inputs of the first linear projection on every path up from `start` (None: a path without one)."""
+    found, todo, seen = set(), [start], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > _LIMIT:
+            return None
+        if is_linear(n):
+            found.add(linear_parts(n)[0])
+            continue
+        ups = _upstream(n)
+        if ups is None:
+            return None
+        todo.extend(ups)
+    return found or None
+
+
+def _chain(starts) -> set:
+    """`starts` and every node they are made of by token-preserving ops (not through projections)."""
+    out, todo = set(), list(starts)
+    while todo and len(out) < _LIMIT:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in out:
+            continue
+        out.add(n)
+        if not is_linear(n):
+            todo.extend(_upstream(n) or [])
+    return out
+
+
+def distinct_streams(q, k) -> bool:
+    """True when q and k are provably projected from different token streams (module docstring)."""
+    qs, ks = _projection_inputs(q), _projection_inputs(k)
+    if qs is None or ks is None:
+        return False
+    return not (_chain(qs) & _chain(ks))
