@@ -24,6 +24,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("ltx_video", 3, "merged axes flatten t×h×w 3×8×8"),
     ("z_image", 4, "patchified input x h×w (earlier graph) 8×8, tile 8×8, text 32"),
     ("hunyuan_video15", 5, "conv3d patch embed t×h×w (earlier graph) 3×8×8, tile 3×6×8"),
+    # four conv patch embeddings (chunk + three history lengths) joined: the chunk's grid, histories first
+    ("helios", 3, "conv3d patch embed t×h×w 3×6×6, tile 3×6×6, text 49 first"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
