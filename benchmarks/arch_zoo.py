@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import chipmunk_compile  # noqa: E402
 from arch_zoo_newer import NEWER_MODELS  # noqa: E402
-from zoo_common import Case, _build, _grid_ids, _r  # noqa: E402,F401
+from zoo_common import Case, _build, _flux_inputs, _grid_ids, _r  # noqa: E402,F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0}, "mlp": {"min_tokens": 0, "first_n_dense_layers": 0},
@@ -62,10 +62,7 @@ def flux():
     m = _build("FluxTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                axes_dims_rope=(4, 6, 6))
-    h = w = 12
-    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
-                        pooled_projections=_r(1, 32, seed=3), timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w),
-                        txt_ids=torch.zeros(8, 3), return_dict=False))
+    return Case(m, _flux_inputs(pooled_projections=_r(1, 32, seed=3)))
 
 
 def sd3():

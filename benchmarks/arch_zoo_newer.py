@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo_common import Case, _build, _grid_ids, _r  # noqa: F401
+from zoo_common import Case, _build, _flux_inputs, _grid_ids, _r  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,29 +59,20 @@ def longcat_image():
     m = _build("LongCatImageTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                axes_dims_rope=[4, 6, 6])
-    h = w = 12
-    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
-                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
-                        return_dict=False))
+    return Case(m, _flux_inputs())
 
 
 def ovis_image():
     m = _build("OvisImageTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=1,
                num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                axes_dims_rope=(4, 6, 6))
-    h = w = 12
-    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
-                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
-                        return_dict=False))
+    return Case(m, _flux_inputs())
 
 
 def bria():
     m = _build("BriaTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6])
-    h = w = 12
-    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
-                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
-                        return_dict=False))
+    return Case(m, _flux_inputs())
 
 
 def bria_fibo():
@@ -90,11 +81,7 @@ def bria_fibo():
     m = _build("BriaFiboTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
                text_encoder_dim=16)
-    h = w = 12
-    return Case(m, dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
-                        text_encoder_layers=[_r(1, 8, 16, seed=3), _r(1, 8, 16, seed=4)],
-                        timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3),
-                        return_dict=False))
+    return Case(m, _flux_inputs(text_encoder_layers=[_r(1, 8, 16, seed=3), _r(1, 8, 16, seed=4)]))
 
 
 def bria_fibo2():

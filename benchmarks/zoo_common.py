@@ -38,3 +38,11 @@ def _grid_ids(h, w):
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None]
     return ids.reshape(-1, 3)
+
+
+def _flux_inputs(h: int = 12, w: int = 12, **extra) -> dict:
+    """Inputs of a FLUX-like transformer: h*w packed image tokens of 4 channels with (0, row, col)
+    ids, 8 text tokens of width 32 with zero ids, t = 1; `extra` adds model-specific ones."""
+    return dict(hidden_states=_r(1, h * w, 4), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                timestep=torch.tensor([1.0]), img_ids=_grid_ids(h, w), txt_ids=torch.zeros(8, 3), return_dict=False,
+                **extra)
