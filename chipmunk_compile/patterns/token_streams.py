@@ -18,6 +18,7 @@ length rule alone.
 from __future__ import annotations
 
 import operator
+from collections import deque
 from typing import Optional
 
 import torch
@@ -76,10 +77,12 @@ def _projection_inputs(start) -> Optional[set]:
 
 
 def _chain(starts) -> set:
-    """`starts` and every node they are made of by token-preserving ops (not through projections)."""
-    out, todo = set(), list(starts)
+    """`starts` and every node they are made of by token-preserving ops (not through projections),
+    nearest first: a residual stream goes up through every earlier block, and a shared ancestor of
+    q's and k's projection inputs sits a step or two above them."""
+    out, todo = set(), deque(starts)
     while todo and len(out) < _LIMIT:
-        n = todo.pop()
+        n = todo.popleft()
         if not isinstance(n, fx.Node) or n in out:
             continue
         out.add(n)
