@@ -80,12 +80,9 @@ def valid_prefix_length(model, kw: dict) -> int:
 def prefix_is_exact(model, kw: dict) -> float:
     """Max |stock - prefix| over the model output (run it on a small model in fp32): the check that
     the baseline computes what diffusers computes. Restores the stock processors."""
-    stock = model.attn_processors
-    blocks = {k: p for k, p in stock.items() if type(p).__name__ == "HunyuanVideo15AttnProcessor2_0"}
     with torch.no_grad():
         ref = model(**kw, return_dict=False)[0]
-        model.set_attn_processor({k: PrefixKeysProcessor(valid_prefix_length(model, kw)) if k in blocks else p
-                                  for k, p in stock.items()})
+        stock = use_prefix_baseline(model, kw)
         try:
             out = model(**kw, return_dict=False)[0]
         finally:
@@ -95,7 +92,7 @@ def prefix_is_exact(model, kw: dict) -> float:
 
 def use_prefix_baseline(model, kw: dict) -> dict:
     """Installs PrefixKeysProcessor in every transformer block (the token refiner keeps its own small
-    masked attention); returns the stock processors for `restore`."""
+    masked attention); returns the stock processors, to restore with `model.set_attn_processor`."""
     stock = model.attn_processors
     L = valid_prefix_length(model, kw)
     model.set_attn_processor({k: PrefixKeysProcessor(L) if type(p).__name__ == "HunyuanVideo15AttnProcessor2_0" else p

@@ -25,18 +25,18 @@ def fake_libraries(monkeypatch):
     contiguous output, another layout than the op's)."""
     calls = []
 
-    def broken(q, k, v, scale):
+    def broken(q, k, v, scale, key_mask=None):
         calls.append("broken")
         raise RuntimeError("no kernel for this shape")
 
-    def good(q, k, v, scale):
+    def good(q, k, v, scale, key_mask=None):
         calls.append("good")
         o = F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
         lse = torch.logsumexp(torch.einsum("bhnd,bhkd->bhnk", q, k) * scale, -1)
         return o, lse[..., None]  # (B, H, N, 1), as some libraries return it
 
     monkeypatch.setattr(ea, "LIBRARIES", {"broken": broken, "good": good})
-    monkeypatch.setattr(ea, "_library_usable", lambda q, k, key_mask: True)
+    monkeypatch.setattr(ea, "_library_usable", lambda q, k: True)
     monkeypatch.setattr(ea, "_choice", {})
     counters.clear()
     return calls
@@ -65,7 +65,7 @@ def test_all_libraries_failing_uses_our_kernel(fake_libraries, monkeypatch):
 
 
 def test_wrong_lse_shape_is_rejected(fake_libraries, monkeypatch):
-    monkeypatch.setattr(ea, "LIBRARIES", {"bad": lambda q, k, v, scale: (q.clone(), torch.zeros(3))})
+    monkeypatch.setattr(ea, "LIBRARIES", {"bad": lambda q, k, v, scale, key_mask=None: (q.clone(), torch.zeros(3))})
     q, k, v = _qkv(seed=2)
     o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
     assert counters["chipmunk"]["exact_lse_fallback:bad"] == 1
@@ -107,7 +107,7 @@ def test_key_masks_reach_only_the_libraries_that_take_them(fake_libraries, monke
 
 def test_gqa_never_reaches_the_libraries():
     q, k, v = _qkv()
-    assert not ea._library_usable(q, k[:, :1], None)
+    assert not ea._library_usable(q, k[:, :1])
 
 
 @pytest.mark.gpu

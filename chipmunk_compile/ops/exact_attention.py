@@ -66,7 +66,7 @@ def in_bnhd(o: torch.Tensor) -> torch.Tensor:
 
 
 def _library_result(name, q, k, v, scale, key_mask):
-    o, lse = LIBRARIES[name](q, k, v, scale, key_mask) if key_mask is not None else LIBRARIES[name](q, k, v, scale)
+    o, lse = LIBRARIES[name](q, k, v, scale, key_mask)
     B, H, N, D = q.shape
     if tuple(o.shape) != (B, H, N, v.shape[-1]) or lse.numel() != B * H * N or lse.dtype != torch.float32:
         raise RuntimeError(f"{name} returned o {tuple(o.shape)}, lse {tuple(lse.shape)} {lse.dtype}")
@@ -79,13 +79,13 @@ def _reference_path(q, k, v, key_mask, scale, group, perm):
     return o, lse
 
 
-def _library_usable(q, k, key_mask) -> bool:
+def _library_usable(q, k) -> bool:
     return q.is_cuda and q.shape[1] == k.shape[1]
 
 
 def exact_attention_lse(q, k, v, key_mask, scale: float, group: int, perm):
     """(o, lse) of exact softmax attention; see the module docstring for which library runs."""
-    if not _library_usable(q, k, key_mask):
+    if not _library_usable(q, k):
         return _reference_path(q, k, v, key_mask, scale, group, perm)
     masked = key_mask is not None
     key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, q.device, masked)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import is_call, is_linear, is_method, linear_parts, val
+from .fx_utils import is_call, is_linear, linear_parts, val
 
 _CAT = (torch.cat, torch.concat, torch.stack)
 _LIMIT = 256  # nodes visited per walk
@@ -42,7 +42,7 @@ def _upstream(node: fx.Node) -> Optional[list]:
         return None
     if node.target is operator.getitem:
         return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
-    if is_call(node, *_CAT) or is_method(node, "cat"):
+    if is_call(node, *_CAT):
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
         return [p for p in parts if isinstance(p, fx.Node)] if isinstance(parts, (list, tuple)) else None
     v = val(node)
