@@ -22,11 +22,14 @@ Kernel invariants:
   Exact-normalizer mode (lse given): p = exp2(s * qk_scale - lse * log2e), no max/renormalisation.
 - Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
   is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes).
+- Long key lists on Hopper go to the Gluon kernel (``attn_column_sparse_hopper.py``, same
+  contract): ``use_hopper_kernel`` decides from host-known shapes only (no host read).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -198,8 +201,31 @@ _tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE
     _attn_column_sparse_kernel)
 
 
+# Index capacity from which the Gluon kernel wins (H200: ~5% at 7-11% of 75-119k keys; Triton wins
+# at FLUX's ~700 keys, where its autotuned small tiles and wave-tail split pay). CHIPMUNK_GLUON=0 turns it off.
+HOPPER_MIN_KEYS = 2048
+
+
+def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) -> bool:
+    if _force_config is not None or interpreting() or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
+        return False
+    if indices.shape[-1] < HOPPER_MIN_KEYS:
+        return False
+    from . import attn_column_sparse_hopper as hopper
+
+    return hopper.supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base) is None
+
+
 def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
                        sign: float = 1.0, lse=None):
+    if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
+        from torch._dynamo.utils import counters
+
+        from .attn_column_sparse_hopper import attn_column_sparse_hopper
+
+        counters["chipmunk"]["kernel_gluon:attn_column_sparse"] += 1  # eager calls and recordings, not replays
+        return attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
+                                         o_base=o_base, sign=sign)
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
