@@ -71,6 +71,15 @@ if HAVE_GLUON:
         _cp_async_load(smem, base + j[:, None].to(gl.int64) * stride + offs_d[None, :], mask=ok[:, None])
 
     @gluon.jit
+    def _group_rows(PERM, pos0, N, BLOCK_M: gl.constexpr, HAS_PERM: gl.constexpr, layout: gl.constexpr):
+        # Token rows of the tile's grouped positions pos0 .. pos0 + BLOCK_M (masked past N).
+        pos = pos0 + gl.arange(0, BLOCK_M, layout=layout)
+        ok = pos < N
+        if HAS_PERM:
+            return gl.load(PERM + pos, mask=ok, other=0), ok
+        return pos, ok
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, col0, cnt, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         if col0 + BLOCK_N > cnt:  # ragged last tile: columns past the count never count
             cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -138,13 +147,7 @@ if HAVE_GLUON:
         jk, okk = _load_idx(idx_base, cnt, STAGES, BLOCK_N, ld_layout)
 
         # Q tile (gathered through the permutation) into shared memory, meanwhile.
-        loc = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-        pos = g * G + loc
-        row_ok = pos < N
-        if HAS_PERM:
-            qi = gl.load(PERM + pos, mask=row_ok, other=0)
-        else:
-            qi = pos
+        qi, row_ok = _group_rows(PERM, g * G + row0, N, BLOCK_M, HAS_PERM, gl.SliceLayout(1, ld_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
         q = gl.load(Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + qi[:, None].to(gl.int64) * sqn
                     + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -192,13 +195,7 @@ if HAVE_GLUON:
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc * (sign / gl.where(l_o > 0, l_o, 1.0))[:, None]
-        locs = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        pos_o = g * G + locs
-        ok_o = pos_o < N
-        if HAS_PERM:
-            qo = gl.load(PERM + pos_o, mask=ok_o, other=0)
-        else:
-            qo = pos_o
+        qo, ok_o = _group_rows(PERM, g * G + row0, N, BLOCK_M, HAS_PERM, gl.SliceLayout(1, o_layout))
         dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         if HAS_OB:
             ob = gl.load(OB + b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn
