@@ -145,8 +145,9 @@ def ernie_image():
                rope_axes_dim=(4, 6, 6))
     _renorm(m, "adaLN_modulation.1")  # zero-initialised: gates 0 -> identity blocks
     _renorm(m, "final_linear", seed=6)  # zero-initialised: output would be 0
-    # sequence-first layout [S, B, H]; bool key-padding mask from text_lens ([img, text] order)
-    return Case(m, dict(hidden_states=_r(1, 4, 24, 24), timestep=torch.tensor([500.0]),
+    # sequence-first layout [S, B, H]; bool key-padding mask from text_lens ([img, text] order);
+    # 16x16 image tokens: a sequence-first MLP needs 256 tokens (patterns/mlp.py)
+    return Case(m, dict(hidden_states=_r(1, 4, 32, 32), timestep=torch.tensor([500.0]),
                         text_bth=_r(1, 8, 16, seed=2), text_lens=torch.tensor([8]), return_dict=False))
 
 

@@ -92,7 +92,10 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             site = Site("attention", m.pattern, path, layer, attn_cfg, session, shapes)
         else:
             layer = max(n_attn - 1, 0)
-            shapes = {"x": shape_of(m.x), "w_act": _wshape(m.w_act), "w2": shape_of(m.w2)}
+            x_shape = shape_of(m.x)
+            if m.token_axis == 0:  # the op sees (B, S, C)
+                x_shape = (x_shape[1], x_shape[0], *x_shape[2:])
+            shapes = {"x": x_shape, "w_act": _wshape(m.w_act), "w2": shape_of(m.w2)}
             site = Site("mlp", m.pattern, path, layer, mlp_cfg, session, shapes)
             site.act = m.act
         plan.sites.append(site)
@@ -215,13 +218,27 @@ def _split_fused_first_linear(graph: fx.Graph, m) -> None:
 
 def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
     _split_fused_first_linear(graph, m)
+    seq_first = m.token_axis == 0
     with graph.inserting_before(m.output):
         w_act, b_act = _slice(graph, m.w_act), _slice(graph, m.b_act)
         w_lin, b_lin = _slice(graph, m.w_lin), _slice(graph, m.b_lin)
+        x = m.x
+        if seq_first:  # (S, B, C) -> (B, S, C): a view; the op reads strided rows
+            x = graph.call_function(torch.transpose, (m.x, 0, 1))
+            _copy_meta(x, m.output)
+
+        def sparse_mlp(w2, b2):
+            op = graph.call_function(torch.ops.chipmunk.mlp.default, (x, w_act, b_act, w_lin, b_lin, w2, b2, m.act,
+                                                                     site.id))
+            _copy_meta(op, m.output)
+            if not seq_first:
+                return op
+            back = graph.call_function(torch.transpose, (op, 0, 1))
+            _copy_meta(back, m.output)
+            return back
+
         if m.cat_parts is None:
-            new = graph.call_function(torch.ops.chipmunk.mlp.default,
-                                      (m.x, w_act, b_act, w_lin, b_lin, m.w2, m.b2, m.act, site.id))
-            _copy_meta(new, m.output)
+            new = sparse_mlp(m.w2, m.b2)
         else:
             other = m.cat_parts[1 - m.cat_index]
             d_other = shape_of(other)[-1]
@@ -232,11 +249,9 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
                 cols_mlp, cols_other = (0, d_total - d_other), (d_total - d_other, d_total)
             w2_mlp = _slice(graph, m.w2, cols_mlp)
             w2_other = _slice(graph, m.w2, cols_other)
-            sparse = graph.call_function(torch.ops.chipmunk.mlp.default,
-                                         (m.x, w_act, b_act, w_lin, b_lin, w2_mlp, None, m.act, site.id))
+            sparse = sparse_mlp(w2_mlp, None)
             dense = graph.call_function(torch._C._nn.linear, (other, w2_other, m.b2))
             new = graph.call_function(operator.add, (dense, sparse))
-            _copy_meta(sparse, m.output)
             _copy_meta(dense, m.output)
     m.output.replace_all_uses_with(new)
     _erase(graph, m.nodes)

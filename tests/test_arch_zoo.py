@@ -3,8 +3,9 @@ compiled backend, dense steps are exact, sparse steps really ran and stay close.
 were missed before: Flux2's SwiGLU (halves sliced out of one linear; in its single blocks, out of
 the linear that also projects q/k/v), Allegro's per-frame conv grid, CogView4's patchified latent,
 Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, Z-Image's
-grid seen in a graph before a graph break, and HunyuanVideo 1.5's attention mask (the outer
-product of a padding vector) with its conv grid from the graph before its data-dependent break."""
+grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (the outer
+product of a padding vector) with its conv grid from the graph before its data-dependent break,
+and ERNIE-Image's sequence-first feed-forwards."""
 
 import os
 import sys
@@ -26,6 +27,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("hunyuan_video15", 5, "conv3d patch embed t×h×w (earlier graph) 3×8×8, tile 3×6×8"),
     # four conv patch embeddings (chunk + three history lengths) joined: the chunk's grid, histories first
     ("helios", 3, "conv3d patch embed t×h×w 3×6×6, tile 3×6×6, text 49 first"),
+    # sequence-first (S, B, C) feed-forwards, grouped with the attention's 16×16 grid
+    ("ernie_image", 2, "conv2d patch embed h×w 16×16, tile 8×8, text 8 last"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)

@@ -334,6 +334,19 @@ def test_mlp_4d_tokens(fresh_dynamo):
     check(Mlp(F.gelu), lambda i: (tokens(i)[0].view(B, 2, N // 2, C), tokens(i)[1]), mlp=1)
 
 
+def test_mlp_sequence_first(fresh_dynamo):
+    """(S, B, C) with a short second axis (ERNIE-Image): token blocks run along S, through a
+    transposed view; below 256 tokens the same layout reads as (B, S, C) as before."""
+    def seq_first(i, m=256):
+        x, t = tokens(i, m=m)
+        return x.transpose(0, 1).contiguous(), t
+
+    rep = check(Mlp(F.gelu), seq_first, mlp=1)
+    assert rep.sites[0].shapes["x"] == (B, 256, C)
+    short = chipmunk_compile.inspect(Mlp(F.gelu).eval(), *seq_first(0, m=64), config=SMALL)
+    assert short.sites[0].shapes["x"] == (64, B, C)
+
+
 class Gated(nn.Module):
     """diffusers GEGLU / SwiGLU: one linear producing both halves, `.chunk(2, -1)`."""
 

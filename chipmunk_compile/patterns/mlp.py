@@ -152,6 +152,14 @@ def _fused_rest(lin: fx.Node, owned: set) -> Optional[list]:
     return rest
 
 
+# A rank-3 input whose middle axis is at most SEQ_FIRST_MAX_BATCH long and whose first axis has at
+# least SEQ_FIRST_MIN_TOKENS (and min_tokens) is read as sequence-first (S, B, C): generation batches
+# (CFG, a few prompts) are short, latents are long, and a (B, 1, C) conditioning MLP with a batch of
+# 256 is not a generation workload.
+SEQ_FIRST_MAX_BATCH = 16
+SEQ_FIRST_MIN_TOKENS = 256
+
+
 def _reject(node, reason, shapes=None) -> Rejection:
     return Rejection("mlp", "mlp", node, reason, module_path(node), shapes or {})
 
@@ -201,7 +209,11 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
         return _reject(node, f"no token dimension (input of rank {len(x_shape)})", shapes)
     if not mlp_cfg.enabled:
         return _reject(node, "disabled by config", shapes)
-    tokens = x_shape[-2]
+    tokens, token_axis = x_shape[-2], -2
+    if len(x_shape) == 3 and guard_or_false(tokens <= SEQ_FIRST_MAX_BATCH) and \
+            guard_or_false(x_shape[0] >= max(mlp_cfg.min_tokens, SEQ_FIRST_MIN_TOKENS)):
+        # (S, B, C), sequence first (ERNIE-Image): the op sees its (B, S, C) transpose.
+        tokens, token_axis = x_shape[0], 0
     if guard_or_false(tokens == 1):  # (B, 1, C): a conditioning MLP that keeps a size-1 token axis
         return _reject(node, "no token dimension (one token)", shapes)
     if guard_or_false(tokens < mlp_cfg.min_tokens):
@@ -210,6 +222,7 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
         pattern="mlp-parallel" if cat_parts else ("mlp-gated" if w_lin is not None else "mlp"),
         anchor=node, output=node, x=x, w_act=w_act, b_act=b_act, w2=w2, b2=b2, act=act,
         nodes=chain, w_lin=w_lin, b_lin=b_lin, cat_parts=cat_parts, cat_index=cat_index, first_rest=rest,
+        token_axis=token_axis,
     )
 
 

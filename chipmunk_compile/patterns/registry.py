@@ -71,6 +71,8 @@ class MlpMatch:
     # fused first linear (Flux2 single blocks): its other column ranges, (node, x, w, b, start, stop)
     # each, become dense linears over those weight rows; the fused linear itself is erased
     first_rest: list = field(default_factory=list)
+    # 0: sequence-first input (S, B, C) (ERNIE-Image), handed to the op as its (B, S, C) transpose
+    token_axis: int = -2
     kind: str = "mlp"
 
 
