@@ -27,7 +27,7 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   Triton: radix select (two 8-bit histogram passes for fp16/bf16 sums, four for fp32) + one
   compaction pass; no sort, no host sync.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
-  On sm_90, index lists of >= 2048 keys per group go to the Gluon kernel
+  On sm_90, index lists of >= 2048 keys per group (head dim 128) go to the Gluon kernel
   (``attn_column_sparse_hopper.py``, same contract; ``CHIPMUNK_GLUON=0`` turns it off; counted as
   ``kernel_gluon:attn_column_sparse``): 3-7% faster than the Triton kernel there, slower below.
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
