@@ -205,8 +205,17 @@ if HAVE_GLUON:
                  out.to(dtype), mask=ok_o[:, None])
 
 
-def _unit_last_stride(*ts) -> bool:
-    return all(t.stride(-1) == 1 for t in ts if t is not None)
+def layout_reason(*ts) -> str | None:
+    """cp.async gathers 16-byte rows: each tensor needs a unit-stride head dim, a 16-byte aligned base
+    and row strides of whole 16-byte units (else the compiler would reject the copies)."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.stride(-1) != 1:
+            return "head dim not contiguous"
+        if t.data_ptr() % 16 or any(st % (16 // t.element_size()) for st in t.stride()[:-1]):
+            return "rows not 16-byte aligned"
+    return None
 
 
 def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> str | None:
@@ -225,9 +234,7 @@ def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> st
         return "head dim"
     if int(group) % 64:
         return "group not a multiple of 64"
-    if not _unit_last_stride(q, k, v, o_base):
-        return "head dim not contiguous"
-    return None
+    return layout_reason(q, k, v, o_base)
 
 
 def _layouts(dtype, head_dim, block_m, block_n):

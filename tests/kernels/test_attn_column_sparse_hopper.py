@@ -64,6 +64,15 @@ def test_supported_gives_reasons_and_cpu_calls_stay_on_triton(monkeypatch):
     assert not dispatch.use_hopper_kernel(g, g, g, gi, scale=0.1, group=128)
 
 
+def test_layout_reason_catches_what_cp_async_cannot_copy():
+    buf = torch.zeros(1, 300, 2, 130, dtype=torch.float16)
+    assert hopper.layout_reason(buf[..., :128].transpose(1, 2)) == "rows not 16-byte aligned"  # row stride 130
+    assert hopper.layout_reason(buf.view(-1)[1:1 + 300 * 256].view(1, 300, 2, 128)) == "rows not 16-byte aligned"
+    assert hopper.layout_reason(buf.transpose(-1, -2)) == "head dim not contiguous"
+    ok = torch.zeros(1, 300, 2, 128, dtype=torch.float16)
+    assert hopper.layout_reason(ok.transpose(1, 2), None) is None
+
+
 def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
