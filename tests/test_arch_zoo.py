@@ -5,7 +5,7 @@ the linear that also projects q/k/v), Allegro's per-frame conv grid, CogView4's 
 Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, Z-Image's
 grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (the outer
 product of a padding vector) with its conv grid from the graph before its data-dependent break,
-and ERNIE-Image's sequence-first feed-forwards."""
+ERNIE-Image's sequence-first feed-forwards and PRX's image queries over text + image keys."""
 
 import os
 import sys
@@ -29,6 +29,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("helios", 3, "conv3d patch embed t×h×w 3×6×6, tile 3×6×6, text 49 first"),
     # sequence-first (S, B, C) feed-forwards, grouped with the attention's 16×16 grid
     ("ernie_image", 2, "conv2d patch embed h×w 16×16, tile 8×8, text 8 last"),
+    # image queries over cat(text keys, image keys): attention sites (row asserts attn >= 1)
+    ("prx", 2, "merged axes img_2 h×w 12×12, tile 8×8"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)

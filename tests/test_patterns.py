@@ -736,3 +736,67 @@ def test_mlp_layers_count_blocks_when_every_attention_is_rejected(fresh_dynamo):
     ctx = torch.randn(B, 8, C, generator=torch.Generator().manual_seed(5))
     rep = chipmunk_compile.inspect(CrossOnlyStack().eval(), x, ctx, t, config=SMALL)
     assert rep.count("attention") == 0 and [s.layer for s in rep.sites] == [0, 1, 2], str(rep)
+
+
+class JointKeys(nn.Module):
+    """PRX: image queries attend to cat(text keys, image keys); the text has its own projections."""
+
+    def __init__(self, text_first=True, own_keys=True):
+        super().__init__()
+        self.text_first, self.own_keys = text_first, own_keys
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
+        self.txt_k, self.txt_v = nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x, ctx, t):
+        b, n, _ = x.shape
+        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
+        q = heads(self.to_q(x))
+        src = x if self.own_keys else ctx.flip(1)  # not own keys: a second context stream
+        ki, vi = heads(self.to_k(src)), heads(self.to_v(src))
+        kt, vt = heads(self.txt_k(ctx)), heads(self.txt_v(ctx))
+        k = torch.cat((kt, ki) if self.text_first else (ki, kt), dim=2)
+        v = torch.cat((vt, vi) if self.text_first else (vi, vt), dim=2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first):
+    """Queries over cat(text keys, own keys) are matched (exact at full keys); the text keys are
+    always kept, the own keys ranked; a concatenation of other streams only stays cross-attention."""
+    n_txt = 8
+
+    def args(i):
+        x, t = tokens(i)
+        return x, torch.randn(B, n_txt, C, generator=torch.Generator().manual_seed(7)), t
+
+    mod = JointKeys(text_first)
+    check(mod, args, attention=1)
+    (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
+    offset = n_txt if text_first else 0
+    assert site.key_offset == offset
+    keep, count = site.key_keep_on("cpu", N, N + n_txt)
+    assert count == n_txt and not keep[offset:offset + N].any() and keep.sum() == n_txt
+    other = chipmunk_compile.inspect(JointKeys(text_first, own_keys=False).eval(), *args(0), config=SMALL)
+    assert other.count("attention") == 0 and "cross-attention" in _reason(other), str(other)
+
+
+def test_joint_keys_keep_the_other_streams_keys(fresh_dynamo):
+    """At 10% of the keys, every query group still attends all 8 text keys (kept like text)."""
+    n_txt = 8
+
+    def args(i):
+        x, t = tokens(i)
+        return x, torch.randn(B, n_txt, C, generator=torch.Generator().manual_seed(7)), t
+
+    mod = JointKeys(text_first=True).eval()
+    cm = chip(mod, cfg(attn={"group": 8, "top_keys": 0.1, "random_keys": 0.0, "warmup_steps": 0}))
+    with torch.no_grad():
+        for i in range(3):
+            cm(*args(i))
+    (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
+    (st,) = site.states.values()
+    idx, cnt = st.get("indices"), st.get("counts")
+    assert (cnt == n_txt + round(0.1 * (N + n_txt))).all()
+    for row, c in zip(idx.reshape(-1, idx.shape[-1]), cnt.reshape(-1)):
+        chosen = set(row[:c].tolist())
+        assert set(range(n_txt)) <= chosen and max(chosen) < N + n_txt

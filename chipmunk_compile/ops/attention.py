@@ -126,7 +126,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
                 q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
                 out_dtype=torch.float16)  # half the bytes for the top-k passes; the ranking needs no more
-            _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step)
+            _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step, N)
         if exact_norm:
             lse_buf.copy_(lse)
     o_cache.copy_(column_sparse(o, -1.0))
@@ -134,18 +134,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     return o
 
 
-def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int) -> None:
+def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int, n_q: int) -> None:
     """Top-k key columns (+ always-kept text keys, + random draws) per (batch, head, group) into
     the state's `indices` / `counts`."""
     cfg, device = s.cfg, colsum.device
     top, rnd = max(1, round(cfg.top_keys * Nk)), round(cfg.random_keys * Nk)
-    keep = s.keep_on(device, Nk) if cfg.keep_text_keys else None
+    keep, n_keep = s.key_keep_on(device, n_q, Nk) if cfg.keep_text_keys else (None, 0)
     layer = s.current_layer()
     if cfg.min_mass > 0 and layer not in s.attn_mass and runtime.RECORDING is None:  # before colsum is scored in place
         s.attn_mass[layer] = captured_mass(colsum, top, keep)
     draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
-                                                n_always=s.keep_count(Nk) if keep is not None else 0,
+                                                n_always=n_keep if keep is not None else 0,
                                                 random_keys=rnd, draws=draws, inplace=True)
     st.tensor("indices", tuple(idx.shape), torch.int32, device).copy_(idx)
     st.tensor("counts", lead, torch.int32, device).copy_(cnt)

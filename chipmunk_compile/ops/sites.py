@@ -111,6 +111,8 @@ class Site:
     always_keep: Optional[torch.Tensor] = None  # (Nk,) bool: keys every group attends (text)
     grouping: str = ""  # where the grouping came from, for reports
     call_grouping: Any = None  # grouping.CallGrouping when the token count is symbolic (perm per call)
+    # joint keys (queries over cat(other streams, own tokens)): where the own tokens start in the keys
+    key_offset: Optional[int] = None
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
@@ -222,6 +224,20 @@ class Site:
 
     def keep_on(self, device, n: Optional[int] = None) -> Optional[torch.Tensor]:
         return self._on(self._for_count(n)[1], device)
+
+    def key_keep_on(self, device, n_q: int, n_k: int) -> tuple[Optional[torch.Tensor], int]:
+        """(always-kept key mask of n_k keys on `device`, its count). For joint keys the other
+        streams' keys (text) are kept like text tokens, with the queries' own mask at key_offset."""
+        if self.key_offset is None or n_k == n_q:
+            return self.keep_on(device, n_k), self.keep_count(n_k)
+        own = self._for_count(n_q)[1]
+        masks = self.__dict__.setdefault("_joint_keep", {})
+        hit = masks.get((n_q, n_k))
+        if hit is None or hit[0] is not own:
+            keep = torch.ones(n_k, dtype=torch.bool)
+            keep[self.key_offset:self.key_offset + n_q] = False if own is None else own
+            hit = masks[(n_q, n_k)] = (own, keep, int(keep.sum()))
+        return self._on(hit[1], device), hit[2]
 
     def keep_count(self, n: Optional[int] = None) -> int:
         """Number of always-kept keys, counted once per mask on the host (never a device sync per call)."""

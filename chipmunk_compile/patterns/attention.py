@@ -1,7 +1,10 @@
 """Attention patterns: `F.scaled_dot_product_attention` and the explicit softmax(QKᵀ)V form.
 
 Invariants:
-- A match is self/joint attention only: query length == key length, non-causal, no dropout,
+- A match is self/joint attention only: query length == key length, or queries over joint keys
+  (the keys are a concatenation along the sequence of the queries' own projected tokens and other
+  streams' tokens, PRX's image queries over text + image keys; `key_offset` says where the own
+  tokens sit, shown by `token_streams.joint_key_streams`); non-causal, no dropout,
   a constant scale, and a mask that is None, a boolean key-padding mask (broadcast over heads
   and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
   keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
@@ -25,7 +28,7 @@ from .fx_utils import (
     module_path, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
-from .token_streams import distinct_streams
+from .token_streams import distinct_streams, joint_key_streams
 from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
 
 
@@ -62,9 +65,12 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
     if scale is not None and not isinstance(scale, (int, float)):
         return _reject(pattern, node, "non-constant softmax scale", shapes)
     # sizes may be unbacked symbols (capture_scalar_outputs): what cannot be decided is not equal
+    key_offset = None
     if not guard_or_false(qs[-2] == ks[-2]):
-        return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
-    if distinct_streams(q, k):
+        key_offset = _joint_key_offset(q, k, qs[-2])
+        if key_offset is None:
+            return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
+    elif distinct_streams(q, k):
         return _reject(pattern, node, f"cross-attention (queries and keys projected from different token streams, "
                                       f"{qs[-2]} tokens each)", shapes)
     if vs[-1] != qs[-1]:
@@ -74,7 +80,35 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
         return _reject(pattern, node, "disabled by config", shapes)
     if guard_or_false(qs[-2] < attn_cfg.min_tokens):
         return _reject(pattern, node, f"too short ({qs[-2]} tokens < min_tokens {attn_cfg.min_tokens})", shapes)
-    return None
+    return key_offset
+
+
+_AXIS_SWAPS = ("contiguous", "transpose", "permute")
+
+
+def _joint_key_offset(q, k, n_q) -> Optional[int]:
+    """Offset of q's own tokens in k when k = cat(parts, dim=sequence) with one part of n_q tokens
+    projected from q's token stream and every other part from another stream; else None."""
+    n_k = shape_of(k)[-2]
+    for _ in range(6):  # through casts, copies and axis swaps (diffusers' dispatch: (B,N,H,D) <-> (B,H,N,D))
+        if isinstance(k, fx.Node) and (is_cast(k) or any(is_method(k, m) for m in _AXIS_SWAPS)
+                                       or is_call(k, torch.transpose, torch.permute)):
+            k = k.args[0]
+    if not isinstance(k, fx.Node) or not is_call(k, torch.cat, torch.concat):
+        return None
+    parts, ks = arg(k, 0, "tensors"), shape_of(k)
+    if ks is None or not isinstance(parts, (list, tuple)):
+        return None
+    dim = int(arg(k, 1, "dim", 0)) % len(ks)
+    if ks[dim] != n_k:  # concatenated along the key axis (its position may differ before the swaps)
+        return None
+    sizes = [shape_of(p)[dim] if isinstance(p, fx.Node) and shape_of(p) is not None else None for p in parts]
+    if not all(isinstance(n, int) for n in sizes):
+        return None
+    own = joint_key_streams(q, parts)
+    if own is None or sizes[own] != n_q:
+        return None
+    return sum(sizes[:own])
 
 
 def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
@@ -85,10 +119,10 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         return _reject("sdpa", node, "could not read SDPA arguments", {})
     q, k, v = kw["query"], kw["key"], kw["value"]
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    bad = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
-                         is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
-    if bad:
-        return bad
+    key_offset = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
+                                is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
+    if isinstance(key_offset, Rejection):
+        return key_offset
     qs, ks = shapes["q"], shapes["k"]
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
         return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
@@ -100,7 +134,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         why = _key_mask_ok(mask, qs[0], ks[-2])
         if why is None:
             key_mask = mask
-        elif (vectors := padding_vectors(mask, ks[-2])) is not None:
+        elif key_offset is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
             key_mask, query_mask = vectors
         else:
             return _reject("sdpa", node, why, shapes)
@@ -108,6 +142,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     return AttentionMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
         key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
+        key_offset=key_offset,
     )
 
 
@@ -197,14 +232,14 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     v = pv.args[1]
     chain.append(pv)
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    bad = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
-    if bad:
-        return bad
+    key_offset = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
+    if isinstance(key_offset, Rejection):
+        return key_offset
     if shapes["q"][:-2] != shapes["k"][:-2]:
         return _reject("explicit", node, "broadcast q/k batch dims", shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3,
+        squeeze_head=len(shapes["q"]) == 3, key_offset=key_offset,
     )
 
 

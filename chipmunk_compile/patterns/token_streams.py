@@ -56,8 +56,10 @@ def _upstream(node: fx.Node) -> Optional[list]:
     return same or None
 
 
-def _projection_inputs(start) -> Optional[set]:
-    """Inputs of the first linear projection on every path up from `start` (None: a path without one)."""
+def _projection_inputs(start, every_path: bool = True) -> Optional[set]:
+    """Inputs of the first linear projection on every path up from `start` (None: a path without
+    one). With every_path False, paths that cannot be followed (a rotary table computed from
+    position ids) are dropped: the projections reached on the others."""
     found, todo, seen = set(), [start], set()
     while todo:
         n = todo.pop()
@@ -71,7 +73,9 @@ def _projection_inputs(start) -> Optional[set]:
             continue
         ups = _upstream(n)
         if ups is None:
-            return None
+            if every_path:
+                return None
+            continue
         todo.extend(ups)
     return found or None
 
@@ -97,3 +101,24 @@ def distinct_streams(q, k) -> bool:
     if qs is None or ks is None:
         return False
     return not (_chain(qs) & _chain(ks))
+
+
+def joint_key_streams(q, parts) -> Optional[int]:
+    """Index of the one part of a key concatenation projected from q's token stream, when every
+    other part is projected from another one; None when that is not shown. Walks drop the paths they
+    cannot follow (rotary tables), so both sides of the verdict need projections actually reached:
+    the own part shares a chain node with q, every other part shares none."""
+    qs = _projection_inputs(q, every_path=False)
+    if qs is None:
+        return None
+    q_chain = _chain(qs)
+    own = None
+    for i, p in enumerate(parts):
+        ps = _projection_inputs(p, every_path=False)
+        if ps is None:
+            return None
+        if _chain(ps) & q_chain:
+            if own is not None:
+                return None
+            own = i
+    return own
