@@ -741,9 +741,9 @@ def test_mlp_layers_count_blocks_when_every_attention_is_rejected(fresh_dynamo):
 class JointKeys(nn.Module):
     """PRX: image queries attend to cat(text keys, image keys); the text has its own projections."""
 
-    def __init__(self, text_first=True, own_keys=True):
+    def __init__(self, text_first=True, own_keys=True, rope=False):
         super().__init__()
-        self.text_first, self.own_keys = text_first, own_keys
+        self.text_first, self.own_keys, self.rope = text_first, own_keys, rope
         self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
         self.txt_k, self.txt_v = nn.Linear(C, C), nn.Linear(C, C)
 
@@ -756,11 +756,20 @@ class JointKeys(nn.Module):
         kt, vt = heads(self.txt_k(ctx)), heads(self.txt_v(ctx))
         k = torch.cat((kt, ki) if self.text_first else (ki, kt), dim=2)
         v = torch.cat((vt, vi) if self.text_first else (vi, vt), dim=2)
+        if self.rope:  # complex rotary product applied to the joint keys after the concatenation
+            q, k = _rope(q), _rope(k)
         return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
 
 
-@pytest.mark.parametrize("text_first", [True, False])
-def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first):
+def _rope(x):
+    angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, x.shape[-1] // 2)
+    table = torch.polar(torch.ones_like(angles), angles)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * table).flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("text_first,rope", [(True, False), (False, False), (True, True)])
+def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first, rope):
     """Queries over cat(text keys, own keys) are matched (exact at full keys); the text keys are
     always kept, the own keys ranked; a concatenation of other streams only stays cross-attention."""
     n_txt = 8
@@ -769,7 +778,7 @@ def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first):
         x, t = tokens(i)
         return x, torch.randn(B, n_txt, C, generator=torch.Generator().manual_seed(7)), t
 
-    mod = JointKeys(text_first)
+    mod = JointKeys(text_first, rope=rope)
     check(mod, args, attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
     offset = n_txt if text_first else 0

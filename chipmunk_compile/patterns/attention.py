@@ -28,7 +28,7 @@ from .fx_utils import (
     module_path, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
-from .token_streams import distinct_streams, joint_key_streams
+from .token_streams import distinct_streams, joint_key_streams, key_concat
 from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
 
 
@@ -83,25 +83,14 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
     return key_offset
 
 
-_AXIS_SWAPS = ("contiguous", "transpose", "permute")
-
-
 def _joint_key_offset(q, k, n_q) -> Optional[int]:
     """Offset of q's own tokens in k when k = cat(parts, dim=sequence) with one part of n_q tokens
     projected from q's token stream and every other part from another stream; else None."""
-    n_k = shape_of(k)[-2]
-    for _ in range(6):  # through casts, copies and axis swaps (diffusers' dispatch: (B,N,H,D) <-> (B,H,N,D))
-        if isinstance(k, fx.Node) and (is_cast(k) or any(is_method(k, m) for m in _AXIS_SWAPS)
-                                       or is_call(k, torch.transpose, torch.permute)):
-            k = k.args[0]
-    if not isinstance(k, fx.Node) or not is_call(k, torch.cat, torch.concat):
+    found = key_concat(k, shape_of(k)[-2])
+    if found is None:
         return None
-    parts, ks = arg(k, 0, "tensors"), shape_of(k)
-    if ks is None or not isinstance(parts, (list, tuple)):
-        return None
-    dim = int(arg(k, 1, "dim", 0)) % len(ks)
-    if ks[dim] != n_k:  # concatenated along the key axis (its position may differ before the swaps)
-        return None
+    cat, dim = found
+    parts = arg(cat, 0, "tensors")
     sizes = [shape_of(p)[dim] if isinstance(p, fx.Node) and shape_of(p) is not None else None for p in parts]
     if not all(isinstance(n, int) for n in sizes):
         return None

@@ -42,6 +42,8 @@ def _upstream(node: fx.Node) -> Optional[list]:
         return None
     if node.target is operator.getitem:
         return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
+    if is_call(node, torch.view_as_complex, torch.view_as_real):  # pairs of the last dim: same tokens
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
     if is_call(node, *_CAT):
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
         return [p for p in parts if isinstance(p, fx.Node)] if isinstance(parts, (list, tuple)) else None
@@ -101,6 +103,29 @@ def distinct_streams(q, k) -> bool:
     if qs is None or ks is None:
         return False
     return not (_chain(qs) & _chain(ks))
+
+
+def key_concat(k, n_k: int) -> Optional[tuple[fx.Node, int]]:
+    """(cat node, its dim) when k is, through token-preserving single-input ops (casts, views, axis
+    swaps, a rotary product with a table), a concatenation of n_k tokens along one axis; else None."""
+    node = k
+    for _ in range(16):
+        if is_call(node, torch.cat, torch.concat):
+            shape = val(node).shape if isinstance(val(node), torch.Tensor) else None
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if shape is None or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+                return None
+            dim %= len(shape)
+            return (node, dim) if shape[dim] == n_k else None
+        ups = _upstream(node)
+        if not ups:
+            return None
+        first = node.args[0] if node.args else None
+        if len(ups) > 1 and first not in ups:  # follow the data operand (type_as(x, ref): x)
+            return None
+        node = first if len(ups) > 1 else ups[0]
+    return None
 
 
 def joint_key_streams(q, parts) -> Optional[int]:
