@@ -8,6 +8,8 @@ Invariants:
 - ``new_empty``/``empty_bnhd`` allocate outputs; CHIPMUNK_KERNELS_POISON=1 fills them with NaN (integer
   outputs: their min) so tests catch elements a kernel failed to write.
 - ``ACTS`` lists the activation names every MLP kernel and reference accept.
+- ``int32_index_args`` gives the column-sparse launchers int32 indices/counts with a unit last
+  stride and an int32 contiguous permutation (no copy when they already are).
 """
 
 from __future__ import annotations
@@ -46,3 +48,10 @@ def new_empty(*shape, dtype, device) -> torch.Tensor:
 def empty_bnhd(B: int, H: int, N: int, D: int, *, dtype, device) -> torch.Tensor:
     """(B, H, N, D) view of a (B, N, H, D) buffer: the attention output layout of design.md."""
     return new_empty(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)
+
+
+def int32_index_args(indices, counts, perm):
+    """(indices, counts, perm) as the column-sparse attention kernels read them."""
+    idx = indices if indices.stride(-1) == 1 else indices.contiguous()
+    cnt = counts if counts.stride(-1) == 1 else counts.contiguous()
+    return idx.to(torch.int32), cnt.to(torch.int32), None if perm is None else perm.to(torch.int32).contiguous()

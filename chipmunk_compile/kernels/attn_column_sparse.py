@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import num_sms, wave_grid, wave_tail_tile
-from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting
+from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, int32_index_args, interpreting
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
 _force_config = None
@@ -233,12 +233,7 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
     o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
-    idx = indices if indices.stride(-1) == 1 else indices.contiguous()
-    idx = idx.to(torch.int32)
-    cnt = counts.to(torch.int32)
-    if cnt.stride(-1) != 1:
-        cnt = cnt.contiguous()
-    pm = None if perm is None else perm.to(torch.int32).contiguous()
+    idx, cnt, pm = int32_index_args(indices, counts, perm)
     lse_c = None if lse is None else lse.float().contiguous()
     ob = o_base
     nsm = num_sms(q.device)

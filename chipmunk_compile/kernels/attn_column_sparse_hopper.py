@@ -51,7 +51,7 @@ try:  # Gluon ships with Triton >= 3.5; without it every call takes the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from ._common import LOG2E, empty_bnhd
+from ._common import LOG2E, empty_bnhd, int32_index_args
 
 BLOCK_M = 128  # rows per program, 16 per warp; groups that are not a multiple of 128 take 64-row tiles
 BLOCK_N = 128
@@ -257,11 +257,7 @@ def attn_column_sparse_hopper(q, k, v, indices, counts, *, scale: float, group: 
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
     o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
-    idx = indices if indices.stride(-1) == 1 and indices.dtype == torch.int32 else indices.to(torch.int32).contiguous()
-    cnt = counts.to(torch.int32)
-    if cnt.stride(-1) != 1:
-        cnt = cnt.contiguous()
-    pm = None if perm is None else perm.to(torch.int32).contiguous()
+    idx, cnt, pm = int32_index_args(indices, counts, perm)
     ob = o_base
     obs = ob.stride() if ob is not None else q.stride()
     q_l, kv_l = _layouts(q.dtype, D, block_m, block_n)

@@ -145,7 +145,7 @@ def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int, n_q: int) 
         s.attn_mass[layer] = captured_mass(colsum, top, keep)
     draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
-                                                n_always=n_keep if keep is not None else 0,
+                                                n_always=n_keep,
                                                 random_keys=rnd, draws=draws, inplace=True)
     st.tensor("indices", tuple(idx.shape), torch.int32, device).copy_(idx)
     st.tensor("counts", lead, torch.int32, device).copy_(cnt)

@@ -89,8 +89,7 @@ def _joint_key_offset(q, k, n_q) -> Optional[int]:
     found = key_concat(k, shape_of(k)[-2])
     if found is None:
         return None
-    cat, dim = found
-    parts = arg(cat, 0, "tensors")
+    parts, dim = found
     sizes = [shape_of(p)[dim] if isinstance(p, fx.Node) and shape_of(p) is not None else None for p in parts]
     if not all(isinstance(n, int) for n in sizes):
         return None

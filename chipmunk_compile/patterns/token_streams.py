@@ -105,8 +105,8 @@ def distinct_streams(q, k) -> bool:
     return not (_chain(qs) & _chain(ks))
 
 
-def key_concat(k, n_k: int) -> Optional[tuple[fx.Node, int]]:
-    """(cat node, its dim) when k is, through token-preserving single-input ops (casts, views, axis
+def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
+    """(the concatenated parts, the axis) when k is, through token-preserving single-input ops (casts, views, axis
     swaps, a rotary product with a table), a concatenation of n_k tokens along one axis; else None."""
     node = k
     for _ in range(16):
@@ -117,7 +117,7 @@ def key_concat(k, n_k: int) -> Optional[tuple[fx.Node, int]]:
             if shape is None or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
                 return None
             dim %= len(shape)
-            return (node, dim) if shape[dim] == n_k else None
+            return (list(parts), dim) if shape[dim] == n_k else None
         ups = _upstream(node)
         if not ups:
             return None
