@@ -5,7 +5,8 @@
 Correctness first (small shapes against the reference: ragged counts, count 0, permutation,
 o_base, GQA, head dims 64/128, fp16/bf16; the large shapes against the Triton kernel), then
 medians (CUDA events, triton.testing.do_bench) of cuDNN dense, the Triton kernel, the Gluon kernel
-per configuration (CSP_CONFIGS="STAGESxBLOCK_MxBLOCK_N,...") and the dispatched
+per configuration (CSP_CONFIGS="STAGESxBLOCK_MxBLOCK_N,...", CSP_SHAPES="FLUX,..." to keep some
+cases) and the dispatched
 ``attn_column_sparse``, which picks between them by index capacity (HOPPER_MIN_KEYS).
 Rows go to benchmarks/results/bench_csp_hopper_h200.csv.
 """
@@ -78,6 +79,9 @@ def speed():
               ("HunyuanVideo 93%", 1, 24, 118800, 0.07), ("HunyuanVideo 6%", 1, 24, 118800, 0.06),
               ("Wan 11%", 1, 40, 75600, 0.11)]
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    only = os.environ.get("CSP_SHAPES")  # comma-separated prefixes of the case names
+    if only:
+        shapes = [s for s in shapes if any(s[0].startswith(p) for p in only.split(","))]
     for name, B, Hh, N, keep in shapes:
         D, G = 128, 128
         q, k, v, idx, cnt = inputs(B, Hh, Hh, N, D, keep, G, torch.bfloat16)

@@ -40,16 +40,21 @@ from chipmunk_compile.kernels.attn_dense_colsum import attn_dense_colsum  # noqa
 from chipmunk_compile.kernels.select_columns import select_columns  # noqa: E402
 from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  # noqa: E402
 
-# shape, kept key fraction of the model's preset
-SHAPES = {"flux": ((1, 24, 4352, 128), 0.165), "hunyuan-video": ((1, 24, 118800, 128), 0.06),
-          "wan": ((1, 40, 75600, 128), 0.11)}
+# shape, (top, random) key fractions of the model's preset
+SHAPES = {"flux": ((1, 24, 4352, 128), (0.165, 0.0)), "hunyuan-video": ((1, 24, 118800, 128), (0.05, 0.01)),
+          "wan": ((1, 40, 75600, 128), (0.10, 0.01))}
 GROUP = 128
+SUMS = torch.float16  # the op's column-sum dtype (until session 11 this benchmark timed fp32 sums)
+# radix schedules (first digit, later digits) timed for the select rows; the first is the module's
+RADIXES = [None, (8, 8), (6, 5)]
 
 
-def refresh_pieces(q, k, v, scale, top, samples):
+def refresh_pieces(q, k, v, scale, top, rnd, samples):
+    """The op's refresh (ops/attention.py): cuDNN output + lse, fp16 sampled column sums, top-k
+    with random draws, cache = o - attn_S."""
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
-    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples)
-    idx, cnt = select_columns(cs, k=top, inplace=True)
+    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS)
+    idx, cnt = select_columns(cs, k=top, random_keys=rnd, inplace=True)
     del cs
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
 
@@ -67,37 +72,44 @@ def old_refresh(q, k, v, scale, top, prev):
 
 
 def measure(name, samples_list, old):
-    (B, H, N, D), frac = SHAPES[name]
+    (B, H, N, D), (frac, rfrac) = SHAPES[name]
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
                for _ in range(3))
-    scale, top = D ** -0.5, round(frac * N)
+    scale, top, rnd = D ** -0.5, round(frac * N), round(rfrac * N)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         res = {"cudnn_sdpa": bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))}
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     res["exact_lse"] = bench(lambda: exact_attention_lse(q, k, v, None, scale, GROUP, None))
     library = next((c for key, c in _choice.items() if key[0] == tuple(q.shape)), "kernel")
     for S in samples_list:
-        res[f"colsum S={S}"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=S))
+        res[f"colsum S={S}"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=S,
+                                                                  out_dtype=SUMS))
     for pin in ("sum", "mma"):  # each reduction alone (the op autotunes over both)
         os.environ["CHIPMUNK_COLSUM_REDUCE"] = pin
         S = samples_list[0]
         res[f"colsum S={S} {pin} only"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP,
-                                                                            samples=S))
+                                                                            samples=S, out_dtype=SUMS))
     os.environ.pop("CHIPMUNK_COLSUM_REDUCE")
-    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0])
-    res["select"] = bench(lambda: select_columns(cs, k=top, inplace=True))  # scores in place, as the op does
+    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0], out_dtype=SUMS)
+    top += rnd  # the select rows time the top-k alone, at the preset's total width
+    for r in RADIXES:  # scores in place, as the op does
+        res["select" + (f" radix {r[0]}+{r[1]}n" if r else "")] = bench(
+            lambda: select_columns(cs, k=top, inplace=True, radix=r))
     res["select reference (stable sort)"] = bench(lambda: select_columns_ref(cs, k=top, inplace=True))
     res["select torch.topk (before the kernel)"] = bench(lambda: topk_sorted(cs, top))
-    idx, cnt = select_columns(cs, k=top)
     ref_idx, ref_cnt = select_columns_ref(cs, k=top)
-    same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
-    print(f"{name}: radix select == reference: {same}", flush=True)
+    for r in RADIXES:
+        idx, cnt = select_columns(cs, k=top, radix=r)
+        same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+        print(f"{name}: radix select {r or 'default'} == reference: {same}", flush=True)
     del ref_idx, ref_cnt
     # Random q/k give flat column sums (p90/p50 ~1.4), the radix select's worst case; a trained
     # model's are skewed (tiny DiT: p90/p50 2-12). rand**4 (p90/p50 ~10) stands in for those.
     skewed = (torch.rand(cs.shape, device=cs.device, generator=g) ** 4 * 3).half()
-    res["select, skewed sums"] = bench(lambda: select_columns(skewed, k=top, inplace=True))
+    for r in RADIXES:
+        res["select, skewed sums" + (f" radix {r[0]}+{r[1]}n" if r else "")] = bench(
+            lambda: select_columns(skewed, k=top, inplace=True, radix=r))
     res["select torch.topk, skewed sums"] = bench(lambda: topk_sorted(skewed, top))
     del skewed
     del cs
@@ -105,7 +117,7 @@ def measure(name, samples_list, old):
                                                           sign=-1.0))
     del idx, cnt
     for S in samples_list:
-        res[f"refresh S={S}"] = bench(lambda: refresh_pieces(q, k, v, scale, top, S))
+        res[f"refresh S={S}"] = bench(lambda: refresh_pieces(q, k, v, scale, top - rnd, rnd, S))
     if old:
         res["old refresh (dense+colsum kernel)"] = bench(lambda: old_refresh(q, k, v, scale, top, lse))
     del q, k, v, o, lse

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from chipmunk_compile.config import list_presets
 from bench_e2e import apply_text_mask, build, inputs, resolve_text_mask, text_mask_text, timestep
 
 
@@ -59,7 +60,8 @@ def main():
     print(f"# {args.model}, {text_mask_text(args.model, args.text_mask)}")
     model = build(args.model, args.blocks)
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
-    cfg = {"preset": "flux", "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
+    preset = args.model if args.model in list_presets() else "default"  # the model's preset, as bench_e2e.py
+    cfg = {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
     for label, backend, opts in (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg})):
         torch._dynamo.reset()
         c = torch.compile(model, backend=backend, options=opts)

@@ -10,15 +10,17 @@ Kernel invariants (one program per row (b, h, group); a row is Nk scores, contig
   (above +inf, like the reference's +inf boost); key-masked columns are not candidates at all.
   Random draws are boosted to the dtype's max in the scores beforehand (``boost_random_draws``,
   shared with the reference), so they rank above every real score and below the always-kept ones.
-- Radix select, RADIX bits per pass from the top: a masked ``tl.histogram`` of the next digit of
-  the candidates that match the prefix found so far, then the digit holding the `need`-th largest
-  key. BITS / RADIX passes give the exact key T of the K-th largest candidate and the number of
-  ties at T to take (K = min(k + n_always + random_keys, Nk, candidates)).
+- Radix select from the top, one digit per pass (RADIX0 bits, then RADIX bits each, ``RADIX``): a
+  masked ``tl.histogram`` of the next digit of the candidates that match the prefix found so far,
+  then the digit holding the `need`-th largest key. The passes give the exact key T of the K-th
+  largest candidate and the number of ties at T to take (K = min(k + n_always + random_keys, Nk,
+  candidates)).
 - Compaction pass: columns with key > T, and the first `need` ones with key == T, are written in
-  column order (cumsum positions), so indices come out sorted ascending with no sort; slots past
-  counts are zeroed. No host sync, no allocation besides the outputs: safe under CUDA graphs.
-- Every pass re-reads the row (BITS / RADIX + 1 reads); a row is ~150 KB at video sizes and the
-  programs running at once keep theirs in L2, so only the first read goes to HBM.
+  column order (positions from one scan of both counts packed in an int32), so indices come out
+  sorted ascending with no sort; slots past counts are zeroed. No host sync, no allocation besides
+  the outputs: safe under CUDA graphs.
+- Every pass re-reads the row (passes + 1 reads); a row is ~240 KB of fp16 at video sizes and
+  mostly comes from L2 after the first read.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import triton.language as tl
 from ._common import new_empty
 from .select_columns_ref import boost_random_draws, selection_width
 
-RADIX = 8
+# (first digit, later digits) in bits, per key width. tl.histogram lowers to one warp ballot per
+# digit bit plus, per 32 bins, a mask product and a popcount per element, so narrower digits are
+# cheaper per pass: the schedule trades passes against bins (chosen on the H200, bench_refresh.py).
+RADIX = {16: (4, 6), 32: (8, 8)}
 
 
 @triton.jit
@@ -60,52 +65,64 @@ def _keys(S, AK, KM, row, b, offs, Nk, BITS: tl.constexpr, HAS_AK: tl.constexpr,
 
 
 @triton.jit
+def _digit_pass(S, AK, KM, row, b, Nk, K, prefix, need, arange, FIRST: tl.constexpr, WIDTH: tl.constexpr,
+                SHIFT: tl.constexpr, BITS: tl.constexpr, CHUNK: tl.constexpr, HAS_AK: tl.constexpr,
+                HAS_KM: tl.constexpr):
+    """One radix pass: the WIDTH-bit digit at SHIFT of the K-th largest candidate key matching the
+    prefix found so far. Returns (prefix with that digit appended, `need` left at it, hist total)."""
+    NBINS: tl.constexpr = 1 << WIDTH
+    bins = tl.arange(0, NBINS)
+    hist = tl.zeros([NBINS], tl.int32)
+    for start in range(0, Nk, CHUNK):
+        key, ok = _keys(S, AK, KM, row, b, start + arange, Nk, BITS, HAS_AK, HAS_KM)
+        if not FIRST:
+            ok = ok & ((key >> (SHIFT + WIDTH)) == prefix)
+        digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
+        hist += tl.histogram(digit, NBINS, mask=ok)
+    total = tl.sum(hist)
+    if FIRST:
+        need = tl.maximum(tl.minimum(total, K), 1)  # candidates may be fewer than K
+    # count_ge[d] = number of candidates (matching the prefix) with digit >= d: non-increasing in d
+    count_ge = total - tl.cumsum(hist, 0) + hist
+    d_star = tl.sum((count_ge >= need).to(tl.int32)) - 1
+    need -= tl.sum(tl.where(bins > d_star, hist, 0))
+    return (prefix << WIDTH) | d_star.to(tl.uint32), need, total
+
+
+@triton.jit
 def _select_columns_kernel(S, AK, KM, IDX, CNT, Nk, K, ROWS_PER_B,
-                           BITS: tl.constexpr, RADIX: tl.constexpr, CHUNK: tl.constexpr,
+                           BITS: tl.constexpr, RADIX0: tl.constexpr, RADIX: tl.constexpr, CHUNK: tl.constexpr,
                            HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // ROWS_PER_B
-    NBINS: tl.constexpr = 1 << RADIX
-    NPASS: tl.constexpr = BITS // RADIX
-    bins = tl.arange(0, NBINS)
     arange = tl.arange(0, CHUNK)
 
-    prefix = tl.zeros([], tl.uint32)
-    need = tl.zeros([], tl.int32)
-    n_take = tl.zeros([], tl.int32)
-    for p in tl.static_range(NPASS):
-        shift = BITS - RADIX * (p + 1)
-        hist = tl.zeros([NBINS], tl.int32)
-        for start in range(0, Nk, CHUNK):
-            key, ok = _keys(S, AK, KM, row, b, start + arange, Nk, BITS, HAS_AK, HAS_KM)
-            if p > 0:
-                ok = ok & ((key >> (shift + RADIX)) == prefix)
-            digit = ((key >> shift) & (NBINS - 1)).to(tl.int32)
-            hist += tl.histogram(digit, NBINS, mask=ok)
-        if p == 0:
-            n_take = tl.minimum(tl.sum(hist), K)  # candidates may be fewer than K
-            need = tl.maximum(n_take, 1)
-        # count_ge[d] = number of candidates (matching the prefix) with digit >= d: non-increasing in d
-        count_ge = tl.sum(hist) - tl.cumsum(hist, 0) + hist
-        d_star = tl.sum((count_ge >= need).to(tl.int32)) - 1
-        above = tl.sum(tl.where(bins > d_star, hist, 0))
-        need -= above
-        prefix = (prefix << RADIX) | d_star.to(tl.uint32)
+    prefix, need, total = _digit_pass(S, AK, KM, row, b, Nk, K, tl.zeros([], tl.uint32), tl.zeros([], tl.int32),
+                                      arange, True, RADIX0, BITS - RADIX0, BITS, CHUNK, HAS_AK, HAS_KM)
+    n_take = tl.minimum(total, K)
+    for p in tl.static_range(1, 1 + (BITS - RADIX0) // RADIX):
+        prefix, need, total = _digit_pass(S, AK, KM, row, b, Nk, K, prefix, need, arange, False, RADIX,
+                                          BITS - RADIX0 - RADIX * p, BITS, CHUNK, HAS_AK, HAS_KM)
 
-    # Compaction in column order: key > T, then the first `need` ties at T.
+    # Compaction in column order: key > T, then the first `need` ties at T. One scan per chunk:
+    # the counts of both kinds packed in one int32 (CHUNK < 2^16), instead of a scan per kind.
     idx_row = IDX + row * K
-    written = tl.zeros([], tl.int32)
-    ties = tl.zeros([], tl.int32)
+    gts = tl.zeros([], tl.int32)  # columns with key > T before this chunk
+    ties = tl.zeros([], tl.int32)  # columns with key == T before this chunk
     for start in range(0, Nk, CHUNK):
         offs = start + arange
         key, ok = _keys(S, AK, KM, row, b, offs, Nk, BITS, HAS_AK, HAS_KM)
+        gt = ok & (key > prefix)  # no candidates: ok is all False
         eq = ok & (key == prefix)
-        tie_rank = ties + tl.cumsum(eq.to(tl.int32), 0)  # 1-based among ties so far
-        take = ok & ((key > prefix) | (eq & (tie_rank <= need)))  # no candidates: ok is all False
-        pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+        packed = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
+        ties_incl = ties + (packed >> 16)  # 1-based rank of a tie among all ties so far
+        take = gt | (eq & (ties_incl <= need))
+        # position = taken before this chunk + gts in it up to here + ties taken in it up to here - 1
+        pos = gts + (packed & 0xFFFF) + tl.minimum(ties_incl, need) - 1
         tl.store(idx_row + pos, offs.to(tl.int32), mask=take)
-        written += tl.sum(take.to(tl.int32))
-        ties += tl.sum(eq.to(tl.int32))
+        total = tl.sum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
+        gts += total & 0xFFFF
+        ties += total >> 16
     for start in range(0, K, CHUNK):
         offs = start + arange
         tl.store(idx_row + offs, tl.zeros([CHUNK], tl.int32), mask=(offs >= n_take) & (offs < K))
@@ -113,7 +130,7 @@ def _select_columns_kernel(S, AK, KM, IDX, CNT, Nk, K, ROWS_PER_B,
 
 
 def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
-                   inplace: bool = False, n_always=None, draws=None):
+                   inplace: bool = False, n_always=None, draws=None, radix: tuple | None = None):
     B, H, Gc, Nk = colsum.shape
     K, n_always = selection_width(colsum, k, always_keep, random_keys, n_always)
     scores = colsum
@@ -130,9 +147,11 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     ak = always_keep.to(torch.int8).contiguous() if always_keep is not None else cnt
     km = key_mask.to(torch.int8).contiguous() if key_mask is not None else cnt
     bits = 32 if scores.dtype == torch.float32 else 16
+    r0, r = radix or RADIX[bits]
+    assert 1 <= r0 <= bits and r >= 1 and (bits - r0) % r == 0, f"radix {r0}+{r}*n must make {bits} bits"
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
-            scores, ak, km, idx, cnt, Nk, K, H * Gc, BITS=bits, RADIX=RADIX, CHUNK=_chunk(Nk),
+            scores, ak, km, idx, cnt, Nk, K, H * Gc, BITS=bits, RADIX0=r0, RADIX=r, CHUNK=_chunk(Nk),
             HAS_AK=always_keep is not None, HAS_KM=key_mask is not None, num_warps=4)
     return idx, cnt
 
