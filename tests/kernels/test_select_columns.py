@@ -165,6 +165,27 @@ def test_triton_inplace_contract(triton_mode):
     assert set(draws[0, 0, 0].tolist()) <= set(idx[0, 0, 0].tolist())
 
 
+
+@pytest.mark.parametrize("dtype,radix", [(torch.float16, (8, 8)), (torch.float16, (6, 5)), (torch.float16, (4, 6)),
+                                         (torch.float32, (7, 5))])
+def test_triton_radix_schedules(triton_mode, dtype, radix):
+    """Every digit schedule finds the same threshold and tie count: ties across several chunks,
+    a masked batch, always-kept columns."""
+    from chipmunk_compile.kernels.select_columns import select_columns
+
+    g = torch.Generator().manual_seed(11)
+    cs = _scores((2, 1, 2, 5000), dtype, "ties", g)
+    km = torch.rand(2, 5000, generator=g) > 0.3
+    ak = torch.zeros(5000, dtype=torch.bool)
+    ak[[2, 4999]] = True
+    for k in (1, 1500, 3600):
+        idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, radix=radix)
+        ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak)
+        _check_against_ref(_effective(cs, km, ak, 0, None), idx, cnt, ref_idx, ref_cnt, exact=True)
+    with pytest.raises(AssertionError, match="must make 16 bits"):
+        select_columns(cs.half(), k=3, radix=(5, 5))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
