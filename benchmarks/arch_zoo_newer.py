@@ -45,6 +45,18 @@ def qwen_image21():
                         return_dict=False))
 
 
+def qwen_image21_cached():
+    # the pipeline's denoising steps after the first: the target image's queries attend to the text prefix's
+    # cached keys (filled by one "extract" call) concatenated with their own, under a key-padding mask
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    case = qwen_image21()
+    cache = QwenImage21KVCache(2)
+    with torch.no_grad():
+        case.model(**case.kwargs, kv_cache=cache, kv_cache_mode="extract")
+    return Case(case.model, dict(case.kwargs, kv_cache=cache, kv_cache_mode="cached"))
+
+
 def hunyuan_image():
     m = _build("HunyuanImageTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2,
                attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
@@ -360,6 +372,7 @@ def consisid():
 NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
+    "qwen_image21_cached": ("QwenImage21Transformer2DModel (KV-cached steps)", qwen_image21_cached),
     "hunyuan_image": ("HunyuanImageTransformer2DModel", hunyuan_image),
     "longcat_image": ("LongCatImageTransformer2DModel", longcat_image),
     "ovis_image": ("OvisImageTransformer2DModel", ovis_image),

@@ -5,7 +5,8 @@ the linear that also projects q/k/v), Allegro's per-frame conv grid, CogView4's 
 Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis, Z-Image's
 grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (the outer
 product of a padding vector) with its conv grid from the graph before its data-dependent break,
-ERNIE-Image's sequence-first feed-forwards and PRX's image queries over text + image keys."""
+ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + image keys, and
+Qwen-Image 2.1's KV-cached steps (image queries over cached prefix keys + their own)."""
 
 import os
 import sys
@@ -31,6 +32,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("ernie_image", 2, "conv2d patch embed h×w 16×16, tile 8×8, text 8 last"),
     # image queries over cat(text keys, image keys): attention sites (row asserts attn >= 1)
     ("prx", 2, "merged axes img_2 h×w 12×12, tile 8×8"),
+    # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys)
+    ("qwen_image21_cached", 3, "none"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)

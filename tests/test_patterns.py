@@ -809,3 +809,55 @@ def test_joint_keys_keep_the_other_streams_keys(fresh_dynamo):
     for row, c in zip(idx.reshape(-1, idx.shape[-1]), cnt.reshape(-1)):
         chosen = set(row[:c].tolist())
         assert set(range(n_txt)) <= chosen and max(chosen) < N + n_txt
+
+
+class CachedPrefixKeys(nn.Module):
+    """Qwen-Image 2.1's KV-cached steps: the image queries attend to cat(cached prefix keys, own
+    keys); the prefix's keys are a graph input (computed by an earlier call), not a projection."""
+
+    def __init__(self, own_in_graph=True, prefix_from_x=False):
+        super().__init__()
+        self.own_in_graph, self.prefix_from_x = own_in_graph, prefix_from_x
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x, k_prefix, v_prefix, t):
+        b, n, _ = x.shape
+        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
+        q = heads(self.to_q(x))
+        k_own = heads(self.to_k(x)) if self.own_in_graph else k_prefix[:, :, :n]
+        if self.prefix_from_x:  # "cached" keys that are the queries' own input tokens: not other keys
+            k_prefix = heads(x)
+        k = torch.cat((k_prefix, k_own), dim=2)
+        v = torch.cat((v_prefix, heads(self.to_v(x))), dim=2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+
+
+def _prefix_args(n_prefix):
+    def args(i):
+        x, t = tokens(i)
+        g = torch.Generator().manual_seed(9)
+        return x, torch.randn(B, H, n_prefix, D, generator=g), torch.randn(B, H, n_prefix, D, generator=g), t
+    return args
+
+
+@pytest.mark.parametrize("n_prefix", [8, N])
+def test_cached_prefix_keys(fresh_dynamo, n_prefix):
+    """Queries over cat(cached keys, own keys) are matched and exact at full keys; a short cached
+    prefix (text) is always kept, a long one (reference-image tokens) is ranked with the own keys."""
+    mod = CachedPrefixKeys()
+    check(mod, _prefix_args(n_prefix), attention=1)
+    (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
+    assert site.key_offset == n_prefix
+    keep, count = site.key_keep_on("cpu", N, N + n_prefix)
+    if n_prefix <= N // 4:
+        assert count == n_prefix and keep[:n_prefix].all() and not keep[n_prefix:].any()
+    else:
+        assert keep is None and count == 0
+
+
+@pytest.mark.parametrize("variant", [dict(own_in_graph=False), dict(prefix_from_x=True)])
+def test_cached_prefix_keys_rejected_when_not_shown(fresh_dynamo, variant):
+    """Own keys that are graph inputs too, or a "prefix" made of the queries' own input tokens,
+    stay cross-attention."""
+    rep = chipmunk_compile.inspect(CachedPrefixKeys(**variant).eval(), *_prefix_args(N)(0), config=SMALL)
+    assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)

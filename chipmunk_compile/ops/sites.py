@@ -227,16 +227,20 @@ class Site:
 
     def key_keep_on(self, device, n_q: int, n_k: int) -> tuple[Optional[torch.Tensor], int]:
         """(always-kept key mask of n_k keys on `device`, its count). For joint keys the other
-        streams' keys (text) are kept like text tokens, with the queries' own mask at key_offset."""
+        streams' keys are kept like text tokens when they are short (at most n_q // 4: text), and
+        ranked like the queries' own keys when longer (a cached prefix of reference-image tokens:
+        keeping all of them would leave little to skip); the queries' own mask sits at key_offset."""
         if self.key_offset is None or n_k == n_q:
             return self.keep_on(device, n_k), self.keep_count(n_k)
         own = self._for_count(n_q)[1]
         masks = self.__dict__.setdefault("_joint_keep", {})
         hit = masks.get((n_q, n_k))
         if hit is None or hit[0] is not own:
-            keep = torch.ones(n_k, dtype=torch.bool)
+            keep = torch.full((n_k,), n_k - n_q <= n_q // 4, dtype=torch.bool)
             keep[self.key_offset:self.key_offset + n_q] = False if own is None else own
             hit = masks[(n_q, n_k)] = (own, keep, int(keep.sum()))
+        if hit[2] == 0:
+            return None, 0
         return self._on(hit[1], device), hit[2]
 
     def keep_count(self, n: Optional[int] = None) -> int:

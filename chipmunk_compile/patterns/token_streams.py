@@ -13,6 +13,11 @@ streams when both walks reached a projection on every path and the two chains sh
 Invariant: conservative. Any path that cannot be followed (q or k is a graph input, an indexing or
 expanding op, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
 length rule alone.
+
+Joint keys (`joint_key_streams`): k = cat(parts) with exactly one part from q's stream; every other
+part is projected from another stream or is precomputed, i.e. made of graph inputs by
+token-preserving ops with no projection on the way and no input in q's chain (a KV cache filled by
+an earlier call).
 """
 
 from __future__ import annotations
@@ -128,11 +133,35 @@ def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
     return None
 
 
+def precomputed(node, exclude: set = frozenset()) -> bool:
+    """True when `node` is made of graph inputs (or parameters/buffers) by token-preserving ops, with
+    no projection on the way and none of the inputs in `exclude` (the queries' chain): keys computed
+    before this graph ran, as a KV cache holds them."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > _LIMIT or is_linear(n):
+            return False
+        if n.op in ("placeholder", "get_attr"):
+            if n in exclude:
+                return False
+            continue
+        ups = _upstream(n)
+        if ups is None:
+            return False
+        todo.extend(ups)
+    return bool(seen)
+
+
 def joint_key_streams(q, parts) -> Optional[int]:
     """Index of the one part of a key concatenation projected from q's token stream, when every
-    other part is projected from another one; None when that is not shown. Walks drop the paths they
-    cannot follow (rotary tables), so both sides of the verdict need projections actually reached:
-    the own part shares a chain node with q, every other part shares none."""
+    other part is projected from another one or is precomputed (a KV cache: a graph input); None
+    when that is not shown. Walks drop the paths they cannot follow (rotary tables), so both sides
+    of the verdict need projections actually reached: the own part shares a chain node with q,
+    every other part shares none (or is precomputed)."""
     qs = _projection_inputs(q, every_path=False)
     if qs is None:
         return None
@@ -141,6 +170,8 @@ def joint_key_streams(q, parts) -> Optional[int]:
     for i, p in enumerate(parts):
         ps = _projection_inputs(p, every_path=False)
         if ps is None:
+            if precomputed(p, q_chain):
+                continue
             return None
         if _chain(ps) & q_chain:
             if own is not None:
