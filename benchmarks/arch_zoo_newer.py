@@ -57,6 +57,23 @@ def qwen_image21_cached():
     return Case(case.model, dict(case.kwargs, kv_cache=cache, kv_cache_mode="cached"))
 
 
+def flux2_kv_cached():
+    # FLUX.2 Klein's KV pipeline after its first step: [text, image] queries; the reference image's keys, cached
+    # by one "extract" call, sit between the text and image keys (the own keys split in two slices)
+    m = _build("Flux2Transformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
+               axes_dims_rope=(4, 4, 4, 4))
+    h = w = 12
+    ids = lambda t0: torch.cartesian_prod(torch.tensor([t0]), torch.arange(h), torch.arange(w), torch.arange(1))[None]
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))[None]
+    kw = dict(encoder_hidden_states=_r(1, 8, 32, seed=2), txt_ids=txt_ids, timestep=torch.tensor([1.0]),
+              guidance=torch.tensor([1.0]), return_dict=False)
+    with torch.no_grad():
+        _, cache = m(hidden_states=torch.cat([_r(1, h * w, 4, seed=3), _r(1, h * w, 4)], 1),
+                     img_ids=torch.cat([ids(10), ids(0)], 1), kv_cache_mode="extract", num_ref_tokens=h * w, **kw)
+    return Case(m, dict(kw, hidden_states=_r(1, h * w, 4), img_ids=ids(0), kv_cache=cache, kv_cache_mode="cached"))
+
+
 def hunyuan_image():
     m = _build("HunyuanImageTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2,
                attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
@@ -373,6 +390,7 @@ NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
     "qwen_image21_cached": ("QwenImage21Transformer2DModel (KV-cached steps)", qwen_image21_cached),
+    "flux2_kv_cached": ("Flux2Transformer2DModel (Klein KV-cached steps)", flux2_kv_cached),
     "hunyuan_image": ("HunyuanImageTransformer2DModel", hunyuan_image),
     "longcat_image": ("LongCatImageTransformer2DModel", longcat_image),
     "ovis_image": ("OvisImageTransformer2DModel", ovis_image),

@@ -6,7 +6,8 @@ Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis
 grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (the outer
 product of a padding vector) with its conv grid from the graph before its data-dependent break,
 ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + image keys, and
-Qwen-Image 2.1's KV-cached steps (image queries over cached prefix keys + their own)."""
+the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and
+FLUX.2 Klein (cached reference keys between the own text and image keys)."""
 
 import os
 import sys
@@ -34,6 +35,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("prx", 2, "merged axes img_2 h×w 12×12, tile 8×8"),
     # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys)
     ("qwen_image21_cached", 3, "none"),
+    # KV-cached steps: [text, image] queries over cat(own text keys, cached reference keys, own image keys)
+    ("flux2_kv_cached", 3, "position ids input ids h×w (earlier graph) 12×12"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)

@@ -704,7 +704,7 @@ def test_a_candidate_with_data_dependent_sizes_stays_dense(fresh_dynamo, monkeyp
 
 
 class BlockWithCrossOnly(nn.Module):
-    """A block whose only attention is rejected (queries attend to more keys than they are) and an MLP."""
+    """A block whose only attention is rejected (causal) and an MLP."""
 
     def __init__(self):
         super().__init__()
@@ -713,8 +713,8 @@ class BlockWithCrossOnly(nn.Module):
     def forward(self, x, ctx):
         b, n, _ = x.shape
         q = x.view(b, n, H, D).transpose(1, 2)
-        kv = torch.cat([ctx, x], 1).view(b, -1, H, D).transpose(1, 2)
-        x = x + F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).reshape(b, n, C)
+        kv = (x + ctx.mean(1, keepdim=True)).view(b, -1, H, D).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(q, kv, kv, is_causal=True).transpose(1, 2).reshape(b, n, C)
         return x + self.ff(x)
 
 
@@ -782,7 +782,7 @@ def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first, rop
     check(mod, args, attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
     offset = n_txt if text_first else 0
-    assert site.key_offset == offset
+    assert site.key_segments == ((0, offset, N),)
     keep, count = site.key_keep_on("cpu", N, N + n_txt)
     assert count == n_txt and not keep[offset:offset + N].any() and keep.sum() == n_txt
     other = chipmunk_compile.inspect(JointKeys(text_first, own_keys=False).eval(), *args(0), config=SMALL)
@@ -847,7 +847,7 @@ def test_cached_prefix_keys(fresh_dynamo, n_prefix):
     mod = CachedPrefixKeys()
     check(mod, _prefix_args(n_prefix), attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
-    assert site.key_offset == n_prefix
+    assert site.key_segments == ((0, n_prefix, N),)
     keep, count = site.key_keep_on("cpu", N, N + n_prefix)
     if n_prefix <= N // 4:
         assert count == n_prefix and keep[:n_prefix].all() and not keep[n_prefix:].any()
@@ -860,4 +860,40 @@ def test_cached_prefix_keys_rejected_when_not_shown(fresh_dynamo, variant):
     """Own keys that are graph inputs too, or a "prefix" made of the queries' own input tokens,
     stay cross-attention."""
     rep = chipmunk_compile.inspect(CachedPrefixKeys(**variant).eval(), *_prefix_args(N)(0), config=SMALL)
+    assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)
+
+
+class CachedKeysBetweenOwn(nn.Module):
+    """FLUX.2 Klein's KV-cached steps: the queries are [text, image]; the cached reference keys are
+    put between the own text and image keys: cat(k[:T], k_ref, k[T:])."""
+
+    def __init__(self, n_txt, swapped=False):
+        super().__init__()
+        self.n_txt, self.swapped = n_txt, swapped
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x, k_ref, v_ref, t):
+        b, n, _ = x.shape
+        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        T = self.n_txt
+        first, last = (k[:, :, T:], k[:, :, :T]) if self.swapped else (k[:, :, :T], k[:, :, T:])
+        k = torch.cat((first, k_ref, last), dim=2)
+        v = torch.cat((v[:, :, :T], v_ref, v[:, :, T:]), dim=2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+
+
+def test_cached_keys_between_own_slices(fresh_dynamo):
+    """Own keys split in two slices around cached keys are matched, exact at full keys, with both
+    runs placed; slices out of order stay cross-attention."""
+    n_txt, n_ref = 8, N
+    mod = CachedKeysBetweenOwn(n_txt)
+    check(mod, _prefix_args(n_ref), attention=1)
+    (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
+    assert site.key_segments == ((0, 0, n_txt), (n_txt, n_txt + n_ref, N - n_txt))
+    site.always_keep = torch.arange(N) < n_txt  # the grouping's text tokens among the queries
+    keep, count = site.key_keep_on("cpu", N, N + n_ref)
+    assert count == n_txt and keep[:n_txt].all() and not keep[n_txt:].any()  # long cached part: ranked
+    rep = chipmunk_compile.inspect(CachedKeysBetweenOwn(n_txt, swapped=True).eval(), *_prefix_args(n_ref)(0),
+                                   config=SMALL)
     assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)

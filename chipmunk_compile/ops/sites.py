@@ -111,8 +111,9 @@ class Site:
     always_keep: Optional[torch.Tensor] = None  # (Nk,) bool: keys every group attends (text)
     grouping: str = ""  # where the grouping came from, for reports
     call_grouping: Any = None  # grouping.CallGrouping when the token count is symbolic (perm per call)
-    # joint keys (queries over cat(other streams, own tokens)): where the own tokens start in the keys
-    key_offset: Optional[int] = None
+    # joint keys (queries over cat(other streams, own tokens)): (query start, key start, length) runs
+    # of the own tokens in the keys
+    key_segments: Optional[tuple] = None
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
@@ -229,15 +230,16 @@ class Site:
         """(always-kept key mask of n_k keys on `device`, its count). For joint keys the other
         streams' keys are kept like text tokens when they are short (at most n_q // 4: text), and
         ranked like the queries' own keys when longer (a cached prefix of reference-image tokens:
-        keeping all of them would leave little to skip); the queries' own mask sits at key_offset."""
-        if self.key_offset is None or n_k == n_q:
+        keeping all of them would leave little to skip); the queries' own mask sits at key_segments."""
+        if self.key_segments is None or n_k == n_q:
             return self.keep_on(device, n_k), self.keep_count(n_k)
         own = self._for_count(n_q)[1]
         masks = self.__dict__.setdefault("_joint_keep", {})
         hit = masks.get((n_q, n_k))
         if hit is None or hit[0] is not own:
             keep = torch.full((n_k,), n_k - n_q <= n_q // 4, dtype=torch.bool)
-            keep[self.key_offset:self.key_offset + n_q] = False if own is None else own
+            for q0, k0, n in self.key_segments:
+                keep[k0:k0 + n] = False if own is None else own[q0:q0 + n]
             hit = masks[(n_q, n_k)] = (own, keep, int(keep.sum()))
         if hit[2] == 0:
             return None, 0

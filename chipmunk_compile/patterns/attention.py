@@ -3,8 +3,10 @@
 Invariants:
 - A match is self/joint attention only: query length == key length, or queries over joint keys
   (the keys are a concatenation along the sequence of the queries' own projected tokens and other
-  streams' tokens, PRX's image queries over text + image keys; `key_offset` says where the own
-  tokens sit, shown by `token_streams.joint_key_streams`); non-causal, no dropout,
+  streams' tokens, PRX's image queries over text + image keys, or over a KV cache's keys; the
+  own tokens may be split in slices around the others, as FLUX.2's cached reference keys between
+  its text and image keys; `key_segments` says where the own tokens sit, shown by
+  `token_streams.joint_key_streams`); non-causal, no dropout,
   a constant scale, and a mask that is None, a boolean key-padding mask (broadcast over heads
   and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
   keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
@@ -65,10 +67,10 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
     if scale is not None and not isinstance(scale, (int, float)):
         return _reject(pattern, node, "non-constant softmax scale", shapes)
     # sizes may be unbacked symbols (capture_scalar_outputs): what cannot be decided is not equal
-    key_offset = None
+    key_segments = None
     if not guard_or_false(qs[-2] == ks[-2]):
-        key_offset = _joint_key_offset(q, k, qs[-2])
-        if key_offset is None:
+        key_segments = _joint_key_segments(q, k, qs[-2])
+        if key_segments is None:
             return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
     elif distinct_streams(q, k):
         return _reject(pattern, node, f"cross-attention (queries and keys projected from different token streams, "
@@ -80,12 +82,14 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
         return _reject(pattern, node, "disabled by config", shapes)
     if guard_or_false(qs[-2] < attn_cfg.min_tokens):
         return _reject(pattern, node, f"too short ({qs[-2]} tokens < min_tokens {attn_cfg.min_tokens})", shapes)
-    return key_offset
+    return key_segments
 
 
-def _joint_key_offset(q, k, n_q) -> Optional[int]:
-    """Offset of q's own tokens in k when k = cat(parts, dim=sequence) with one part of n_q tokens
-    projected from q's token stream and every other part from another stream; else None."""
+def _joint_key_segments(q, k, n_q) -> Optional[tuple]:
+    """(query start, key start, length) runs of q's own tokens in k when k = cat(parts,
+    dim=sequence) with every part from another stream (or precomputed) except the own ones: one
+    part of n_q tokens, or slices of one tensor along that axis covering 0..n_q in order (FLUX.2's
+    cached reference keys between the own text and image keys); else None."""
     found = key_concat(k, shape_of(k)[-2])
     if found is None:
         return None
@@ -94,9 +98,39 @@ def _joint_key_offset(q, k, n_q) -> Optional[int]:
     if not all(isinstance(n, int) for n in sizes):
         return None
     own = joint_key_streams(q, parts)
-    if own is None or sizes[own] != n_q:
+    if not own:
         return None
-    return sum(sizes[:own])
+    starts = [sum(sizes[:i]) for i in range(len(parts))]
+    if len(own) == 1:
+        return ((0, starts[own[0]], n_q),) if sizes[own[0]] == n_q else None
+    runs = [_token_slice(parts[i], dim) for i in own]
+    if any(r is None for r in runs) or len({src for src, _ in runs}) != 1:
+        return None
+    q_starts = [a for _, a in runs]
+    if q_starts[0] != 0 or any(q_starts[j] + sizes[i] != q_starts[j + 1] for j, i in enumerate(own[:-1])):
+        return None
+    if q_starts[-1] + sizes[own[-1]] != n_q:
+        return None
+    return tuple((a, starts[i], sizes[i]) for a, i in zip(q_starts, own))
+
+
+def _token_slice(part, dim) -> Optional[tuple]:
+    """(source, start) when `part` is source[..., a:b, ...] on axis `dim` (unit step) and whole on
+    every other axis; else None."""
+    if not (isinstance(part, fx.Node) and part.target is operator.getitem and isinstance(part.args[0], fx.Node)):
+        return None
+    src, idx = part.args
+    shape = shape_of(src)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if shape is None or len(idx) != dim + 1 or any(i != slice(None) for i in idx[:dim]):
+        return None
+    sl = idx[dim]
+    if not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    a = 0 if sl.start is None else sl.start
+    if not isinstance(a, int) or not isinstance(shape[dim], int):
+        return None
+    return src, (a + shape[dim] if a < 0 else a)
 
 
 def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
@@ -107,10 +141,10 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         return _reject("sdpa", node, "could not read SDPA arguments", {})
     q, k, v = kw["query"], kw["key"], kw["value"]
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    key_offset = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
+    key_segments = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
                                 is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
-    if isinstance(key_offset, Rejection):
-        return key_offset
+    if isinstance(key_segments, Rejection):
+        return key_segments
     qs, ks = shapes["q"], shapes["k"]
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
         return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
@@ -122,7 +156,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         why = _key_mask_ok(mask, qs[0], ks[-2])
         if why is None:
             key_mask = mask
-        elif key_offset is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
+        elif key_segments is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
             key_mask, query_mask = vectors
         else:
             return _reject("sdpa", node, why, shapes)
@@ -130,7 +164,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     return AttentionMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
         key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
-        key_offset=key_offset,
+        key_segments=key_segments,
     )
 
 
@@ -220,14 +254,14 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     v = pv.args[1]
     chain.append(pv)
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    key_offset = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
-    if isinstance(key_offset, Rejection):
-        return key_offset
+    key_segments = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
+    if isinstance(key_segments, Rejection):
+        return key_segments
     if shapes["q"][:-2] != shapes["k"][:-2]:
         return _reject("explicit", node, "broadcast q/k batch dims", shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3, key_offset=key_offset,
+        squeeze_head=len(shapes["q"]) == 3, key_segments=key_segments,
     )
 
 

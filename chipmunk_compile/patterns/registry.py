@@ -49,8 +49,9 @@ class AttentionMatch:
     scale: Optional[float] = None  # None: 1/sqrt(D)
     squeeze_head: bool = False  # 3-D (B*H, N, D) attention, given to the op as (B*H, 1, N, D)
     # joint keys (PRX: image queries over cat(text keys, image keys)): where the queries' own tokens
-    # start in the longer key sequence; None when the keys are the queries' own tokens
-    key_offset: Optional[int] = None
+    # sit in the longer key sequence, as (query start, key start, length) runs; None when the keys
+    # are the queries' own tokens
+    key_segments: Optional[tuple] = None
     kind: str = "attention"
 
 

@@ -156,17 +156,17 @@ def precomputed(node, exclude: set = frozenset()) -> bool:
     return bool(seen)
 
 
-def joint_key_streams(q, parts) -> Optional[int]:
-    """Index of the one part of a key concatenation projected from q's token stream, when every
+def joint_key_streams(q, parts) -> Optional[list]:
+    """Indices of the parts of a key concatenation projected from q's token stream, when every
     other part is projected from another one or is precomputed (a KV cache: a graph input); None
     when that is not shown. Walks drop the paths they cannot follow (rotary tables), so both sides
-    of the verdict need projections actually reached: the own part shares a chain node with q,
+    of the verdict need projections actually reached: an own part shares a chain node with q,
     every other part shares none (or is precomputed)."""
     qs = _projection_inputs(q, every_path=False)
     if qs is None:
         return None
     q_chain = _chain(qs)
-    own = None
+    own = []
     for i, p in enumerate(parts):
         ps = _projection_inputs(p, every_path=False)
         if ps is None:
@@ -174,7 +174,5 @@ def joint_key_streams(q, parts) -> Optional[int]:
                 continue
             return None
         if _chain(ps) & q_chain:
-            if own is not None:
-                return None
-            own = i
-    return own
+            own.append(i)
+    return own or None
