@@ -811,25 +811,39 @@ def test_joint_keys_keep_the_other_streams_keys(fresh_dynamo):
         assert set(range(n_txt)) <= chosen and max(chosen) < N + n_txt
 
 
-class CachedPrefixKeys(nn.Module):
+class _QKVOut(nn.Module):
+    """q/k/v/out projections of width C and the (B, N, C) -> (B, H, N, D) head split."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
+
+    @staticmethod
+    def heads(y):
+        return y.view(y.shape[0], -1, H, D).transpose(1, 2)
+
+    def attend(self, q, k, v):
+        b, _, n, _ = q.shape
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+
+
+class CachedPrefixKeys(_QKVOut):
     """Qwen-Image 2.1's KV-cached steps: the image queries attend to cat(cached prefix keys, own
     keys); the prefix's keys are a graph input (computed by an earlier call), not a projection."""
 
     def __init__(self, own_in_graph=True, prefix_from_x=False):
         super().__init__()
         self.own_in_graph, self.prefix_from_x = own_in_graph, prefix_from_x
-        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
 
     def forward(self, x, k_prefix, v_prefix, t):
-        b, n, _ = x.shape
-        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
+        n, heads = x.shape[1], self.heads
         q = heads(self.to_q(x))
         k_own = heads(self.to_k(x)) if self.own_in_graph else k_prefix[:, :, :n]
         if self.prefix_from_x:  # "cached" keys that are the queries' own input tokens: not other keys
             k_prefix = heads(x)
         k = torch.cat((k_prefix, k_own), dim=2)
         v = torch.cat((v_prefix, heads(self.to_v(x))), dim=2)
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+        return self.attend(q, k, v)
 
 
 def _prefix_args(n_prefix):
@@ -863,24 +877,21 @@ def test_cached_prefix_keys_rejected_when_not_shown(fresh_dynamo, variant):
     assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)
 
 
-class CachedKeysBetweenOwn(nn.Module):
+class CachedKeysBetweenOwn(_QKVOut):
     """FLUX.2 Klein's KV-cached steps: the queries are [text, image]; the cached reference keys are
     put between the own text and image keys: cat(k[:T], k_ref, k[T:])."""
 
     def __init__(self, n_txt, swapped=False):
         super().__init__()
         self.n_txt, self.swapped = n_txt, swapped
-        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
 
     def forward(self, x, k_ref, v_ref, t):
-        b, n, _ = x.shape
-        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+        q, k, v = self.heads(self.to_q(x)), self.heads(self.to_k(x)), self.heads(self.to_v(x))
         T = self.n_txt
         first, last = (k[:, :, T:], k[:, :, :T]) if self.swapped else (k[:, :, :T], k[:, :, T:])
         k = torch.cat((first, k_ref, last), dim=2)
         v = torch.cat((v[:, :, :T], v_ref, v[:, :, T:]), dim=2)
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
+        return self.attend(q, k, v)
 
 
 def test_cached_keys_between_own_slices(fresh_dynamo):
