@@ -60,9 +60,15 @@ def qwen_image21_cached():
 def flux2_kv_cached():
     # FLUX.2 Klein's KV pipeline after its first step: [text, image] queries; the reference image's keys, cached
     # by one "extract" call, sit between the text and image keys (the own keys split in two slices)
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
     m = _build("Flux2Transformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
                axes_dims_rope=(4, 4, 4, 4))
+    for block in m.transformer_blocks:  # the KV processors, as the Klein KV pipeline installs them
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in m.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
     h = w = 12
     ids = lambda t0: torch.cartesian_prod(torch.tensor([t0]), torch.arange(h), torch.arange(w), torch.arange(1))[None]
     txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))[None]

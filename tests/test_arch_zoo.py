@@ -36,7 +36,7 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys)
     ("qwen_image21_cached", 3, "none"),
     # KV-cached steps: [text, image] queries over cat(own text keys, cached reference keys, own image keys)
-    ("flux2_kv_cached", 3, "position ids input ids h×w (earlier graph) 12×12"),
+    ("flux2_kv_cached", 3, "position ids input img_ids h×w 12×12, tile 8×8, text 8 first"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
