@@ -90,7 +90,7 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             if m.mask_node is not None:
                 shapes["mask"] = shape_of(m.mask_node)
             site = Site("attention", m.pattern, path, layer, attn_cfg, session, shapes)
-            site.key_segments = m.key_segments
+            site.key_layout = m.key_layout
         else:
             layer = max(n_attn - 1, 0)
             x_shape = shape_of(m.x)

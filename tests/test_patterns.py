@@ -782,7 +782,7 @@ def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first, rop
     check(mod, args, attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
     offset = n_txt if text_first else 0
-    assert site.key_segments == ((0, offset, N),)
+    assert site.key_runs(N, N + n_txt) == ((0, offset, N),)
     keep, count = site.key_keep_on("cpu", N, N + n_txt)
     assert count == n_txt and not keep[offset:offset + N].any() and keep.sum() == n_txt
     other = chipmunk_compile.inspect(JointKeys(text_first, own_keys=False).eval(), *args(0), config=SMALL)
@@ -846,9 +846,9 @@ class CachedPrefixKeys(_QKVOut):
         return self.attend(q, k, v)
 
 
-def _prefix_args(n_prefix):
+def _prefix_args(n_prefix, m=N):
     def args(i):
-        x, t = tokens(i)
+        x, t = tokens(i, m=m)
         g = torch.Generator().manual_seed(9)
         return x, torch.randn(B, H, n_prefix, D, generator=g), torch.randn(B, H, n_prefix, D, generator=g), t
     return args
@@ -861,7 +861,7 @@ def test_cached_prefix_keys(fresh_dynamo, n_prefix):
     mod = CachedPrefixKeys()
     check(mod, _prefix_args(n_prefix), attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
-    assert site.key_segments == ((0, n_prefix, N),)
+    assert site.key_runs(N, N + n_prefix) == ((0, n_prefix, N),)
     keep, count = site.key_keep_on("cpu", N, N + n_prefix)
     if n_prefix <= N // 4:
         assert count == n_prefix and keep[:n_prefix].all() and not keep[n_prefix:].any()
@@ -901,10 +901,47 @@ def test_cached_keys_between_own_slices(fresh_dynamo):
     mod = CachedKeysBetweenOwn(n_txt)
     check(mod, _prefix_args(n_ref), attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
-    assert site.key_segments == ((0, 0, n_txt), (n_txt, n_txt + n_ref, N - n_txt))
+    assert site.key_runs(N, N + n_ref) == ((0, 0, n_txt), (n_txt, n_txt + n_ref, N - n_txt))
     site.always_keep = torch.arange(N) < n_txt  # the grouping's text tokens among the queries
     keep, count = site.key_keep_on("cpu", N, N + n_ref)
     assert count == n_txt and keep[:n_txt].all() and not keep[n_txt:].any()  # long cached part: ranked
     rep = chipmunk_compile.inspect(CachedKeysBetweenOwn(n_txt, swapped=True).eval(), *_prefix_args(n_ref)(0),
                                    config=SMALL)
+    assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)
+
+
+@pytest.mark.parametrize("mod", [lambda: CachedPrefixKeys(), lambda: CachedKeysBetweenOwn(8)])
+def test_cached_keys_with_symbolic_token_counts(fresh_dynamo, mod):
+    """Compiled with dynamic shapes, as Dynamo recompiles a KV pipeline's steps after the token count
+    changed: the sites are still matched, exact at full keys at two token counts, and their runs
+    follow each call's lengths."""
+    mod = mod().eval()
+    cm = chip(mod, SMALL, dynamic=True)
+    with torch.no_grad():
+        for m in (N, N + 16):
+            for i in range(3):
+                args = _prefix_args(N, m=m)(i)
+                assert max_rel(cm(*args), mod(*args)) < 1e-5, (m, i)
+    sites = [s for s in chipmunk_compile.runtime.sessions_of(mod)[0].sites if s.kind == "attention"]
+    assert sites and all(s.key_layout is not None for s in sites)
+    runs = sites[0].key_runs(N + 16, 2 * N + 16)
+    assert runs in (((0, N, N + 16),), ((0, 0, 8), (8, N + 8, N + 8)))
+    sc = step_counts(mod)
+    assert sc.get("attention_sparse", 0) > 0
+
+
+class SlicedQueriesOverAllKeys(_QKVOut):
+    """FLUX.2 Klein's "extract" step: [text, image] queries, cut out of the joint [text, reference,
+    image] sequence, over all its keys. The key slices are not the queries' own sequence in order."""
+
+    def forward(self, x, t):
+        T, R = 8, 8
+        q, k, v = self.heads(self.to_q(x)), self.heads(self.to_k(x)), self.heads(self.to_v(x))
+        q = torch.cat((q[:, :, :T], q[:, :, T + R:]), dim=2)
+        k = torch.cat((k[:, :, :T], k[:, :, T:T + R], k[:, :, T + R:]), dim=2)
+        return self.attend(q, k, v)
+
+
+def test_sliced_queries_over_all_keys_rejected(fresh_dynamo):
+    rep = chipmunk_compile.inspect(SlicedQueriesOverAllKeys().eval(), *tokens(0), config=SMALL)
     assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)

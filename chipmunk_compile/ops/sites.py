@@ -111,9 +111,9 @@ class Site:
     always_keep: Optional[torch.Tensor] = None  # (Nk,) bool: keys every group attends (text)
     grouping: str = ""  # where the grouping came from, for reports
     call_grouping: Any = None  # grouping.CallGrouping when the token count is symbolic (perm per call)
-    # joint keys (queries over cat(other streams, own tokens)): (query start, key start, length) runs
-    # of the own tokens in the keys
-    key_segments: Optional[tuple] = None
+    # joint keys (queries over cat(other streams, own tokens)): the concatenation's parts in key
+    # order (patterns.attention._joint_key_layout); `key_runs` places them for a call's lengths
+    key_layout: Optional[tuple] = None
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
@@ -226,19 +226,43 @@ class Site:
     def keep_on(self, device, n: Optional[int] = None) -> Optional[torch.Tensor]:
         return self._on(self._for_count(n)[1], device)
 
+    def key_runs(self, n_q: int, n_k: int) -> Optional[tuple]:
+        """(query start, key start, length) runs of the queries' own tokens among n_k keys, from
+        key_layout; the one other part of symbolic size takes what the others leave. None when the
+        lengths do not fit the layout."""
+        static = sum(size for kind, size, _ in self.key_layout if kind == "other" and size is not None)
+        free = any(kind == "other" and size is None for kind, size, _ in self.key_layout)
+        rest = n_k - n_q - static
+        if rest < 0 or (rest and not free):
+            return None
+        runs, pos = [], 0
+        for kind, a, b in self.key_layout:
+            if kind == "other":
+                pos += rest if a is None else a
+            else:
+                n = (n_q if b is None else b) - a
+                runs.append((a, pos, n))
+                pos += n
+        return tuple(runs) if pos == n_k else None
+
     def key_keep_on(self, device, n_q: int, n_k: int) -> tuple[Optional[torch.Tensor], int]:
         """(always-kept key mask of n_k keys on `device`, its count). For joint keys the other
         streams' keys are kept like text tokens when they are short (at most n_q // 4: text), and
         ranked like the queries' own keys when longer (a cached prefix of reference-image tokens:
-        keeping all of them would leave little to skip); the queries' own mask sits at key_segments."""
-        if self.key_segments is None or n_k == n_q:
+        keeping all of them would leave little to skip); the queries' own mask goes to their runs."""
+        if self.key_layout is None or n_k == n_q:
             return self.keep_on(device, n_k), self.keep_count(n_k)
         own = self._for_count(n_q)[1]
         masks = self.__dict__.setdefault("_joint_keep", {})
         hit = masks.get((n_q, n_k))
         if hit is None or hit[0] is not own:
-            keep = torch.full((n_k,), n_k - n_q <= n_q // 4, dtype=torch.bool)
-            for q0, k0, n in self.key_segments:
+            runs = self.key_runs(n_q, n_k)
+            if runs is None:  # cannot happen for a graph the layout was read from; rank every key
+                fallback("attn_key_layout", f"{n_k} keys for {n_q} queries do not fit the joint-key layout")
+                runs, keep = (), torch.zeros(n_k, dtype=torch.bool)
+            else:
+                keep = torch.full((n_k,), n_k - n_q <= n_q // 4, dtype=torch.bool)
+            for q0, k0, n in runs:
                 keep[k0:k0 + n] = False if own is None else own[q0:q0 + n]
             hit = masks[(n_q, n_k)] = (own, keep, int(keep.sum()))
         if hit[2] == 0:

@@ -5,7 +5,7 @@ Invariants:
   (the keys are a concatenation along the sequence of the queries' own projected tokens and other
   streams' tokens, PRX's image queries over text + image keys, or over a KV cache's keys; the
   own tokens may be split in slices around the others, as FLUX.2's cached reference keys between
-  its text and image keys; `key_segments` says where the own tokens sit, shown by
+  its text and image keys; `key_layout` says where the own tokens sit (sizes may be symbolic), shown by
   `token_streams.joint_key_streams`); non-causal, no dropout,
   a constant scale, and a mask that is None, a boolean key-padding mask (broadcast over heads
   and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from .fx_utils import (
     MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
@@ -67,10 +67,10 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
     if scale is not None and not isinstance(scale, (int, float)):
         return _reject(pattern, node, "non-constant softmax scale", shapes)
     # sizes may be unbacked symbols (capture_scalar_outputs): what cannot be decided is not equal
-    key_segments = None
+    key_layout = None
     if not guard_or_false(qs[-2] == ks[-2]):
-        key_segments = _joint_key_segments(q, k, qs[-2])
-        if key_segments is None:
+        key_layout = _joint_key_layout(q, k, qs[-2])
+        if key_layout is None:
             return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
     elif distinct_streams(q, k):
         return _reject(pattern, node, f"cross-attention (queries and keys projected from different token streams, "
@@ -82,55 +82,63 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
         return _reject(pattern, node, "disabled by config", shapes)
     if guard_or_false(qs[-2] < attn_cfg.min_tokens):
         return _reject(pattern, node, f"too short ({qs[-2]} tokens < min_tokens {attn_cfg.min_tokens})", shapes)
-    return key_segments
+    return key_layout
 
 
-def _joint_key_segments(q, k, n_q) -> Optional[tuple]:
-    """(query start, key start, length) runs of q's own tokens in k when k = cat(parts,
-    dim=sequence) with every part from another stream (or precomputed) except the own ones: one
-    part of n_q tokens, or slices of one tensor along that axis covering 0..n_q in order (FLUX.2's
-    cached reference keys between the own text and image keys); else None."""
+def _joint_key_layout(q, k, n_q) -> Optional[tuple]:
+    """The key concatenation's parts in key order, ("own", q_start, q_stop or None) for q's own
+    tokens and ("other", size or None, None) for other streams' (or precomputed) keys, when k =
+    cat(parts, dim=sequence) with every part from another stream except the own ones: one part of
+    n_q tokens, or slices of one n_q-token tensor along that axis covering it in order (FLUX.2's
+    cached reference keys between the own text and image keys); else None. Sizes may be symbolic (a
+    recompile after the token count changed): at most one other part may have a size known only at
+    run time, where `Site.key_runs` resolves it from the call's query and key lengths."""
     found = key_concat(k, shape_of(k)[-2])
     if found is None:
         return None
     parts, dim = found
-    sizes = [shape_of(p)[dim] if isinstance(p, fx.Node) and shape_of(p) is not None else None for p in parts]
-    if not all(isinstance(n, int) for n in sizes):
+    shapes = [shape_of(p) if isinstance(p, fx.Node) else None for p in parts]
+    if any(s is None for s in shapes):
         return None
     own = joint_key_streams(q, parts)
     if not own:
         return None
-    starts = [sum(sizes[:i]) for i in range(len(parts))]
     if len(own) == 1:
-        return ((0, starts[own[0]], n_q),) if sizes[own[0]] == n_q else None
-    runs = [_token_slice(parts[i], dim) for i in own]
-    if any(r is None for r in runs) or len({src for src, _ in runs}) != 1:
+        if not statically_known_true(shapes[own[0]][dim] == n_q):
+            return None
+        runs = {own[0]: (0, None)}
+    else:
+        slices = [_token_slice(parts[i], dim) for i in own]
+        if any(r is None for r in slices) or len({src for src, _, _ in slices}) != 1:
+            return None
+        src = slices[0][0]  # the sliced tensor is the queries' own sequence: n_q tokens, cut in order
+        if not statically_known_true(shape_of(src)[dim] == n_q) or slices[0][1] != 0 or slices[-1][2] is not None:
+            return None
+        if any(a[2] is None or a[2] != b[1] for a, b in zip(slices, slices[1:])):
+            return None
+        runs = {i: (a, b) for i, (_, a, b) in zip(own, slices)}
+    sizes = [d if isinstance(d := s[dim], int) else None for s in shapes]
+    if sum(sizes[i] is None for i in range(len(parts)) if i not in runs) > 1:
         return None
-    q_starts = [a for _, a in runs]
-    if q_starts[0] != 0 or any(q_starts[j] + sizes[i] != q_starts[j + 1] for j, i in enumerate(own[:-1])):
-        return None
-    if q_starts[-1] + sizes[own[-1]] != n_q:
-        return None
-    return tuple((a, starts[i], sizes[i]) for a, i in zip(q_starts, own))
+    return tuple(("own", *runs[i]) if i in runs else ("other", sizes[i], None) for i in range(len(parts)))
 
 
 def _token_slice(part, dim) -> Optional[tuple]:
-    """(source, start) when `part` is source[..., a:b, ...] on axis `dim` (unit step) and whole on
-    every other axis; else None."""
+    """(source, start, stop or None) when `part` is source[..., a:b, ...] on axis `dim` with static
+    bounds and unit step, whole on every other axis; else None."""
     if not (isinstance(part, fx.Node) and part.target is operator.getitem and isinstance(part.args[0], fx.Node)):
         return None
     src, idx = part.args
-    shape = shape_of(src)
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if shape is None or len(idx) != dim + 1 or any(i != slice(None) for i in idx[:dim]):
+    if shape_of(src) is None or len(idx) != dim + 1 or any(i != slice(None) for i in idx[:dim]):
         return None
     sl = idx[dim]
     if not isinstance(sl, slice) or sl.step not in (None, 1):
         return None
-    a = 0 if sl.start is None else sl.start
-    if not isinstance(a, int) or not isinstance(shape[dim], int):
+    a, b = 0 if sl.start is None else sl.start, sl.stop
+    if not isinstance(a, int) or a < 0 or not (b is None or (isinstance(b, int) and b > a)):
         return None
-    return src, (a + shape[dim] if a < 0 else a)
+    return src, a, b
 
 
 def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
@@ -141,10 +149,10 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         return _reject("sdpa", node, "could not read SDPA arguments", {})
     q, k, v = kw["query"], kw["key"], kw["value"]
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    key_segments = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
+    key_layout = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
                                 is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
-    if isinstance(key_segments, Rejection):
-        return key_segments
+    if isinstance(key_layout, Rejection):
+        return key_layout
     qs, ks = shapes["q"], shapes["k"]
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
         return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
@@ -156,7 +164,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
         why = _key_mask_ok(mask, qs[0], ks[-2])
         if why is None:
             key_mask = mask
-        elif key_segments is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
+        elif key_layout is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
             key_mask, query_mask = vectors
         else:
             return _reject("sdpa", node, why, shapes)
@@ -164,7 +172,7 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     return AttentionMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
         key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
-        key_segments=key_segments,
+        key_layout=key_layout,
     )
 
 
@@ -254,14 +262,14 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     v = pv.args[1]
     chain.append(pv)
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    key_segments = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
-    if isinstance(key_segments, Rejection):
-        return key_segments
+    key_layout = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
+    if isinstance(key_layout, Rejection):
+        return key_layout
     if shapes["q"][:-2] != shapes["k"][:-2]:
         return _reject("explicit", node, "broadcast q/k batch dims", shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3, key_segments=key_segments,
+        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout,
     )
 
 

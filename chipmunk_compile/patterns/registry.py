@@ -48,10 +48,10 @@ class AttentionMatch:
     query_mask: Optional[fx.Node] = None
     scale: Optional[float] = None  # None: 1/sqrt(D)
     squeeze_head: bool = False  # 3-D (B*H, N, D) attention, given to the op as (B*H, 1, N, D)
-    # joint keys (PRX: image queries over cat(text keys, image keys)): where the queries' own tokens
-    # sit in the longer key sequence, as (query start, key start, length) runs; None when the keys
-    # are the queries' own tokens
-    key_segments: Optional[tuple] = None
+    # joint keys (PRX: image queries over cat(text keys, image keys)): the key concatenation's parts
+    # in order, ("own", q_start, q_stop) / ("other", size, None), sizes None where symbolic (see
+    # attention._joint_key_layout); None when the keys are the queries' own tokens
+    key_layout: Optional[tuple] = None
     kind: str = "attention"
 
 
