@@ -674,6 +674,18 @@ def _site_tokens(site) -> Optional[int]:
     return int(shape[-2])
 
 
+def _site_token_hints(sites) -> list[int]:
+    """The token counts of the call a graph was compiled for, where the sites' counts are symbolic."""
+    out = []
+    for site in sites:
+        shape = site.shapes.get("q") if site.kind == "attention" else site.shapes.get("x")
+        if shape and len(shape) >= 2 and isinstance(shape[-2], torch.SymInt):
+            hint = getattr(shape[-2].node, "hint", None)
+            if isinstance(hint, int):
+                out.append(hint)
+    return out
+
+
 def _site_score(n: int, grid_n: int) -> int:
     """How well a grid of `grid_n` tokens explains a site of `n`: 3 exactly, 2 as the larger part
     of it (grid + fewer other tokens: text), 1 as a minority of it, 0 not at all. The middle grade
@@ -774,7 +786,9 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             s.perm, s.always_keep, s.grouping = None, None, "none: grouping disabled"
         return {"source": "none: grouping disabled"}
     counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
-    info, why = infer_grid(gm, example_inputs, config, counts)
+    # symbolic counts (a recompile after the resolution changed) count with the sizes of the call that
+    # compiled the graph, so its own grid is picked before an earlier graph's of another resolution
+    info, why = infer_grid(gm, example_inputs, config, counts + _site_token_hints(sites))
     if info is None:  # its sites (e.g. a text encoder's) are not on the grid a later graph may use
         _keep_candidates(gm, example_inputs, gcfg, session)
     earlier = _seen(session, "_chipmunk_grid")
@@ -827,6 +841,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
+    # text side per site path, kept across graphs: a recompile with symbolic counts shows no concat
+    # lengths, but the same module joins text and image the same way at every resolution
+    outer = _outermost(session)
+    remembered_sides = getattr(outer, "_chipmunk_text_sides", {}) if outer is not None else {}
+    if outer is not None:
+        outer._chipmunk_text_sides = remembered_sides
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
@@ -835,6 +855,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         boxes = f", {group // math.prod(eff_tile)}-tile groups as boxes" if key else ""
         if n is None and s.shapes:  # symbolic count: the permutation is built per call (CallGrouping)
             side, conflict = _text_side(sides_by_count.get(None, set()), info, gcfg, "text tokens")
+            if side is None and not conflict:  # the side this site's text took in an earlier graph
+                side = remembered_sides.get(s.path)
             s.perm, s.always_keep = None, None
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict))
             where = (f", text {'first' if side else 'last'}" if side is not None else
@@ -843,6 +865,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
         perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache, key)
+        if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
+            remembered_sides[s.path] = bool(keep[0])
         s.perm = perm
         s.always_keep = keep if keep_text else None
         if perm is not None and n in from_earlier:

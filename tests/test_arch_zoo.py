@@ -69,3 +69,35 @@ def test_compiled_frames_share_the_models_grid(fresh_dynamo, name, attn_grouped,
     attn = [s for s in chipmunk_compile.stats(c)["sites"] if s["kind"] == "attention"]
     grouped = [s["grouping"] for s in attn if not s["grouping"].startswith("none")]
     assert len(grouped) == attn_grouped and all(g.startswith(source) for g in grouped), attn
+
+
+def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
+    """A second resolution recompiles with symbolic token counts: its sites take the grid of that
+    graph's own position ids (not the first resolution's) and the text side the same modules had
+    in the first graph; a third resolution runs ungrouped (no grid of its size), never wrongly."""
+    import torch
+
+    import chipmunk_compile
+    from zoo_common import _r
+
+    case = arch_zoo.MODELS["flux2"][1]()
+    c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
+    kw = dict(case.kwargs)
+
+    def at(h, w):
+        kw.update(hidden_states=_r(1, h * w, 4),
+                  img_ids=torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))[None])
+        with torch.no_grad():
+            return c(**kw)[0], case.model(**kw)[0]
+
+    at(12, 12)
+    at(8, 10)
+    out, ref = at(6, 6)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+    session = chipmunk_compile.runtime.sessions_of(c)[0]
+    per_call = [s for s in session.sites if s.kind == "attention" and s.call_grouping is not None]
+    assert per_call and all("8×10" in s.grouping for s in per_call), [s.grouping for s in per_call]
+    for s in per_call:
+        perm, keep = s.call_grouping.for_count(8 + 80, session)
+        assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any()
+        assert s.call_grouping.for_count(8 + 36, session) == (None, None)
