@@ -657,7 +657,12 @@ def _cat_side(n: fx.Node, n_site: Optional[int], n_img: int) -> Optional[str]:
     cat = _flat_token_cat(n)
     if cat is None or cat[0] != n_site or (n_site is not None and None in cat[1]):
         return None
-    return _side_of(cat[1], n_img)
+    side = _side_of(cat[1], n_img)
+    if n_site is None and side in (None, "mixed") and cat[1].count(None) == 1:
+        # the one part of symbolic length is the image (a recompile after the resolution changed);
+        # a static part of the old image size (FLUX.2's cached reference keys) is not
+        side = _side_of([-1 if size is None else 0 for size in cat[1]], -1)
+    return side
 
 
 # ---------------------------------------------------------------------------------------------

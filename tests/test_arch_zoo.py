@@ -101,3 +101,37 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
         perm, keep = s.call_grouping.for_count(8 + 80, session)
         assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any()
         assert s.call_grouping.for_count(8 + 36, session) == (None, None)
+
+
+def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
+    """FLUX.2 Klein's KV flow through one compiled model: the extract step (two images: no grid),
+    then cached steps, a recompile with symbolic token counts. Their attention sites are matched and
+    grouped per call with the text first, although the cached reference keys (as many as the image
+    tokens) sit between the text and image keys; outputs stay close to eager."""
+    import torch
+
+    import chipmunk_compile
+    from arch_zoo_newer import flux2_kv_cached
+    from zoo_common import _r
+
+    case = flux2_kv_cached()  # its processors and inputs; the flow below extracts its own cache
+    m, kw = case.model, dict(case.kwargs)
+    ids0 = kw.pop("img_ids")
+    kw.pop("kv_cache"), kw.pop("kv_cache_mode")
+    lat, ref_lat = kw.pop("hidden_states"), _r(1, 144, 4, seed=3)
+    ref_ids = ids0.clone()
+    ref_ids[..., 0] = 10
+    c = torch.compile(m, backend="chipmunk", options={"config": arch_zoo.SPARSE, "compiler": "eager"})
+    with torch.no_grad():
+        _, cache = c(hidden_states=torch.cat([ref_lat, lat], 1), img_ids=torch.cat([ref_ids, ids0], 1),
+                     kv_cache_mode="extract", num_ref_tokens=144, **kw)
+        for i in range(4):
+            x = dict(kw, hidden_states=lat + 0.01 * i, img_ids=ids0, kv_cache=cache, kv_cache_mode="cached")
+            out, ref = c(**x)[0], m(**x)[0]
+            assert ((out - ref).norm() / ref.norm()).item() < 0.1
+    session = chipmunk_compile.runtime.sessions_of(c)[0]
+    cached = [s for s in session.sites if s.kind == "attention" and s.key_layout is not None]
+    assert cached, [s.grouping for s in session.sites]
+    for s in cached:
+        perm, keep = s.call_grouping.for_count(8 + 144, session) if s.call_grouping else (s.perm, s.always_keep)
+        assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any(), s.grouping
