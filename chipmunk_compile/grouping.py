@@ -672,23 +672,22 @@ def _token_node(match) -> Optional[fx.Node]:
     return match.q if match.kind == "attention" else match.x
 
 
-def _site_tokens(site) -> Optional[int]:
+def _site_token_dim(site):
+    """The site's token count as traced: an int, a SymInt, or None without a token axis."""
     shape = site.shapes.get("q") if site.kind == "attention" else site.shapes.get("x")
-    if not shape or len(shape) < 2 or not isinstance(shape[-2], int):
-        return None
-    return int(shape[-2])
+    return shape[-2] if shape and len(shape) >= 2 else None
+
+
+def _site_tokens(site) -> Optional[int]:
+    n = _site_token_dim(site)
+    return int(n) if isinstance(n, int) else None
 
 
 def _site_token_hints(sites) -> list[int]:
     """The token counts of the call a graph was compiled for, where the sites' counts are symbolic."""
-    out = []
-    for site in sites:
-        shape = site.shapes.get("q") if site.kind == "attention" else site.shapes.get("x")
-        if shape and len(shape) >= 2 and isinstance(shape[-2], torch.SymInt):
-            hint = getattr(shape[-2].node, "hint", None)
-            if isinstance(hint, int):
-                out.append(hint)
-    return out
+    dims = [_site_token_dim(s) for s in sites]
+    hints = [getattr(n.node, "hint", None) for n in dims if isinstance(n, torch.SymInt)]
+    return [h for h in hints if isinstance(h, int)]
 
 
 def _site_score(n: int, grid_n: int) -> int:

@@ -114,15 +114,16 @@ def _select_columns_kernel(S, AK, KM, IDX, CNT, Nk, K, ROWS_PER_B,
         key, ok = _keys(S, AK, KM, row, b, offs, Nk, BITS, HAS_AK, HAS_KM)
         gt = ok & (key > prefix)  # no candidates: ok is all False
         eq = ok & (key == prefix)
-        packed = tl.cumsum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
+        flags = gt.to(tl.int32) | (eq.to(tl.int32) << 16)
+        packed = tl.cumsum(flags, 0)
         ties_incl = ties + (packed >> 16)  # 1-based rank of a tie among all ties so far
         take = gt | (eq & (ties_incl <= need))
         # position = taken before this chunk + gts in it up to here + ties taken in it up to here - 1
         pos = gts + (packed & 0xFFFF) + tl.minimum(ties_incl, need) - 1
         tl.store(idx_row + pos, offs.to(tl.int32), mask=take)
-        total = tl.sum(gt.to(tl.int32) | (eq.to(tl.int32) << 16), 0)
-        gts += total & 0xFFFF
-        ties += total >> 16
+        in_chunk = tl.sum(flags, 0)
+        gts += in_chunk & 0xFFFF
+        ties += in_chunk >> 16
     for start in range(0, K, CHUNK):
         offs = start + arange
         tl.store(idx_row + offs, tl.zeros([CHUNK], tl.int32), mask=(offs >= n_take) & (offs < K))

@@ -14,7 +14,8 @@ Invariant: conservative. Any path that cannot be followed (q or k is a graph inp
 expanding op, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
 length rule alone.
 
-Joint keys (`joint_key_streams`): k = cat(parts) with exactly one part from q's stream; every other
+Joint keys (`joint_key_streams`): k = cat(parts) with one or more parts from q's stream (the
+caller checks that they are its whole sequence, in order); every other
 part is projected from another stream or is precomputed, i.e. made of graph inputs by
 token-preserving ops with no projection on the way and no input in q's chain (a KV cache filled by
 an earlier call).
