@@ -9,12 +9,14 @@ target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
 - cudnn_sdpa: F.scaled_dot_product_attention under the cuDNN backend (the baseline);
 - exact_lse: the op's exact attention with lse (`ops.exact_attention`: cuDNN with its lse);
 - colsum S=...: column sums from S sampled queries per 128-query group (`attn_colsum_sampled`,
-  autotuned over both reductions; "sum only" / "mma only" pin one, for the first S);
+  autotuned over both reductions; "sum only" / "mma only" pin one, for the first S); "fp8 scores":
+  from e4m3-rounded q/k, as the op runs them at >= 16384 keys (attn.colsum_fp8);
 - select: top-k selection at the model preset's key fraction (the Triton radix select; beside it
   the reference and the unsorted torch.topk + sort used before), on the column sums of the random
   q/k (flat: the radix select's worst case) and on skewed stand-in sums (like a trained model's);
   cache_build: the column-sparse pass;
-- refresh S=...: all four as the op runs them (the number to hold against the target);
+- refresh S=...: all four as the op runs them (fp8 scores included; the number to hold against the
+  target);
 - with --old: last session's path, our one-pass dense + column-sum kernel (stale lse) + select + cache.
 Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/ (and $OUT) named after the GPU,
 written after each shape.
@@ -33,11 +35,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 from bench_kernels import bench  # noqa: E402
 
+from chipmunk_compile.config import AttnConfig  # noqa: E402
 from chipmunk_compile.kernels import select_columns_ref  # noqa: E402
 from chipmunk_compile.kernels.attn_colsum_sampled import attn_colsum_sampled  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
 from chipmunk_compile.kernels.attn_dense_colsum import attn_dense_colsum  # noqa: E402
 from chipmunk_compile.kernels.select_columns import select_columns  # noqa: E402
+from chipmunk_compile.ops.attention import colsum_fp8  # noqa: E402
 from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  # noqa: E402
 
 # shape, (top, random) key fractions of the model's preset
@@ -50,10 +54,11 @@ RADIXES = [None, (8, 8), (6, 5)]
 
 
 def refresh_pieces(q, k, v, scale, top, rnd, samples):
-    """The op's refresh (ops/attention.py): cuDNN output + lse, fp16 sampled column sums, top-k
-    with random draws, cache = o - attn_S."""
+    """The op's refresh (ops/attention.py): cuDNN output + lse, fp16 sampled column sums (e4m3
+    scores where the op takes them), top-k with random draws, cache = o - attn_S."""
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
-    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS)
+    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS,
+                             qk_fp8=colsum_fp8(AttnConfig(), k))
     idx, cnt = select_columns(cs, k=top, random_keys=rnd, inplace=True)
     del cs
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
@@ -82,9 +87,13 @@ def measure(name, samples_list, old):
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     res["exact_lse"] = bench(lambda: exact_attention_lse(q, k, v, None, scale, GROUP, None))
     library = next((c for key, c in _choice.items() if key[0] == tuple(q.shape)), "kernel")
+    fp8 = colsum_fp8(AttnConfig(), k)
     for S in samples_list:
         res[f"colsum S={S}"] = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=S,
                                                                   out_dtype=SUMS))
+        if fp8:  # what the op runs at this key count (attn.colsum_fp8), the e4m3 copy of k included
+            res[f"colsum S={S} fp8 scores"] = bench(lambda: attn_colsum_sampled(
+                q, k, lse, scale=scale, group=GROUP, samples=S, out_dtype=SUMS, qk_fp8=True))
     for pin in ("sum", "mma"):  # each reduction alone (the op autotunes over both)
         os.environ["CHIPMUNK_COLSUM_REDUCE"] = pin
         S = samples_list[0]

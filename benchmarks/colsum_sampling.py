@@ -13,6 +13,7 @@ steps r+1 .. r+W are sparse (o_cache + attn_S). Error = ‖o_sparse − o_dense�
 over the window, sites and refresh steps. Arms:
   S=all     — every query of the group, exact lse (the best ranking this selection rule can make);
   S=<n>     — n sampled queries per group, exact lse (what the op runs);
+  S=<n> fp8 — the same with scores from q and k rounded to float8 e4m3 (attn.colsum_fp8);
   stale-lse — every query, normalized with the previous step's lse (last session's one-pass kernel).
 `overlap` = |picked ∩ picked(S=all)| / |picked(S=all)|, mean over groups.
 
@@ -52,8 +53,9 @@ def pick(arm, prev, cur, *, scale, perm, top, keep):
         _, lse_prev, _ = attn_dense_colsum_ref(*prev, scale=scale, group=GROUP, perm=perm, want_colsum=False)
         _, _, cs = attn_dense_colsum_ref(q, k, v, scale=scale, group=GROUP, perm=perm, prev_lse=lse_prev)
     else:
-        S = GROUP if arm == "S=all" else int(arm[2:])
-        cs = attn_colsum_sampled_ref(q, k, lse, scale=scale, group=GROUP, samples=S, perm=perm)
+        name, _, fmt = arm.partition(" ")
+        S = GROUP if name == "S=all" else int(name[2:])
+        cs = attn_colsum_sampled_ref(q, k, lse, scale=scale, group=GROUP, samples=S, perm=perm, qk_fp8=fmt == "fp8")
     idx, cnt = select_columns_ref(cs, k=top, always_keep=keep)
     return o, idx, cnt
 
@@ -128,7 +130,8 @@ def main(argv=None):
     ap.add_argument("--models", default="tiny-dit,flux-medium")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
-    arms = ["S=all"] + [f"S={s}" for s in args.samples.split(",")] + ["stale-lse"]
+    sampled = [f"S={s}" for s in args.samples.split(",")]
+    arms = ["S=all"] + sampled + [f"{a} fp8" for a in sampled if a in ("S=32", "S=16")] + ["stale-lse"]
     refreshes = [int(r) for r in args.refreshes.split(",")]
     rows, t0 = [], time.time()
     for name in args.models.split(","):

@@ -49,6 +49,11 @@ class AttnConfig:
     # queries per group whose exact probabilities rank the key columns at a refresh (evenly spread
     # over the group; >= group: all of them). Costs colsum_queries/group of a QKᵀ pass.
     colsum_queries: int = 32
+    # their scores from q and k rounded to float8 e4m3, where keys are many (>= 16384) and the GPU
+    # has fp8 tensor cores (sm_89+; the CPU reference emulates it): 31% less column-sum time at the
+    # HunyuanVideo shape, unchanged sparse-step error on the tiny DiT (benchmarks/colsum_precision.py,
+    # benchmarks/colsum_sampling.py). False: scores in the input dtype.
+    colsum_fp8: bool = True
     # quality guard (> 0): at a layer's first key selection, the share of the (sampled) attention
     # mass its kept columns hold is measured (`stats()` reports it); below min_mass the layer stays
     # dense from then on (counted `fallback:attn_diffuse`, logged): its attention is too diffuse for

@@ -54,3 +54,35 @@ def test_triton_kernels_match_references_through_the_ops(fresh_dynamo, monkeypat
     assert kinds == {"dense", "refresh", "sparse"}
     for a, b in zip(tri, ref):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs Triton's interpreter (set by tests/conftest.py without a GPU)")
+def test_fp8_column_scores_through_the_ops(fresh_dynamo, monkeypatch):
+    """attn.colsum_fp8 past the key threshold: refreshes rank columns by e4m3 scores, on the kernel
+    and on the reference alike (same outputs)."""
+    import importlib
+
+    attention = importlib.import_module("chipmunk_compile.ops.attention")  # the module, not the op it exports
+    decisions = []
+    decide = attention.colsum_fp8
+    monkeypatch.setattr(attention, "COLSUM_FP8_MIN_KEYS", 100)
+    monkeypatch.setattr(attention, "colsum_fp8", lambda cfg, k: decisions.append(decide(cfg, k)) or decisions[-1])
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    x = torch.randn(2, 150, 128)
+    ref, _, _ = _run(model, x, "ref", monkeypatch)
+    tri, tri_counts, _ = _run(model, x, "triton", monkeypatch)
+    assert decisions and all(decisions)
+    assert not any(k.startswith("kernel_fallback") for k in tri_counts), tri_counts
+    for a, b in zip(tri, ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_colsum_fp8_needs_many_keys_and_the_option():
+    from chipmunk_compile.config import AttnConfig
+    from chipmunk_compile.ops.attention import COLSUM_FP8_MIN_KEYS, colsum_fp8
+
+    many, few = torch.empty(1, 2, COLSUM_FP8_MIN_KEYS, 8), torch.empty(1, 2, COLSUM_FP8_MIN_KEYS - 1, 8)
+    assert colsum_fp8(AttnConfig(), many) and not colsum_fp8(AttnConfig(), few)
+    assert not colsum_fp8(AttnConfig(colsum_fp8=False), many)

@@ -16,6 +16,13 @@ Kernel invariants:
   input dtype, as FlashAttention's P·V).
 - Sums accumulate in fp32 and are stored in the output's dtype (fp16 halves the buffer and the
   top-k passes over it; sums lie in [0, samples], so fp16 keeps 11 bits where the top-k looks).
+- QK_FP8 (the reference's qk_fp8): k arrives as an e4m3 copy made by the launcher, q rows are
+  cast once per program (round to nearest, saturating at ±448, as torch's cast after a clamp; the
+  interpreter's in-kernel cast does not round to nearest, so there q arrives cast too). The key
+  tiles, the stream this kernel is bound by (each program reads all keys of its head), are half
+  the bytes and the QKᵀ runs at the fp8 tensor-core rate: 47.0 -> 33.0 ms at the HunyuanVideo shape
+  on the H200 (S=32, e4m3 copy of k 0.7 ms included); no gain at FLUX's 4352 keys. Half-precision
+  exponentials (ex2.approx.f16x2, two per instruction) gave nothing on top: not exp-bound.
 - The key axis is split over grid axis 2 when (row tiles × heads) alone would not fill the GPU;
   tiles fully inside Nk load without masks (vectorised, pipelined), only the last one is masked.
 """
@@ -31,16 +38,26 @@ import triton.language as tl
 
 from ._common import LOG2E, cdiv, dot_precision, interpreting, new_empty
 from ._tiles import key_allowed, load_rows, num_sms
-from .attn_colsum_sampled_ref import sample_offsets
+from .attn_colsum_sampled_ref import sample_offsets, to_e4m3
+
+
+@triton.jit
+def _fp8(x):
+    """e4m3 operand for the scores (saturating: e4m3 has no inf, and a plain cast of |x| > 448 is NaN)."""
+    if x.dtype == tl.float8e4nv:
+        return x
+    return tl.clamp(x.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
 
 
 @triton.jit
 def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
                  SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, QK_FP8: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
     k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
+    if QK_FP8:
+        k = _fp8(k)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
@@ -53,18 +70,20 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
 @triton.jit
 def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, skn, skd, NK, NG, qk_scale,
                      SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, QK_FP8: tl.constexpr):
     # Transposed tile: sᵀ = k·qᵀ (BLOCK_N × BLOCK_M), so the probabilities are the A operand of the
     # group reduction pᵀ·member (member[r, g] = 1 if row r belongs to local group g): the
     # FlashAttention P·V pattern, kept in registers, instead of a cross-row reduction.
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
     k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
+    if QK_FP8:
+        k = _fp8(k)
     st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         st = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[:, None], st, float("-inf"))
-    pt = tl.exp2(st - lse2[None, :])
-    cs = tl.dot(pt.to(member.dtype), member, input_precision=DOT_PREC)  # (BLOCK_N, 16)
+    pt = tl.exp2(st - lse2[None, :]).to(member.dtype)
+    cs = tl.dot(pt, member, input_precision=DOT_PREC)  # (BLOCK_N, 16)
     lg = tl.arange(0, 16)
     ptrs = cs_base + (g0 + lg)[None, :].to(tl.int64) * NK + cols[:, None]
     tl.store(ptrs, cs.to(cs_base.dtype.element_ty), mask=(lg < BLOCK_M // SLOTS)[None, :] & (g0 + lg < NG)[None, :] & col_in[:, None])
@@ -77,6 +96,7 @@ def _attn_colsum_sampled_kernel(
     N, NK, HQ, KV_REP, NG, G, qk_scale,  #
     SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, MMA_REDUCE: tl.constexpr,
+    QK_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,6 +115,8 @@ def _attn_colsum_sampled_kernel(
         qi = tl.where(ok, pos, 0)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=ok[:, None], other=0.0)
+    if QK_FP8:
+        q = _fp8(q)
     lse2 = tl.load(LSE + pid_bh * N + qi, mask=ok, other=float("inf")) * 1.4426950408889634
     gs = pid_m * (BLOCK_M // SLOTS) + tl.arange(0, BLOCK_M // SLOTS)
     k_base = K + b * skb + hk * skh
@@ -107,23 +129,26 @@ def _attn_colsum_sampled_kernel(
     t_full = tl.minimum(t_hi, NK // BLOCK_N)
     if MMA_REDUCE:
         qt = tl.trans(q)
-        member = ((tl.arange(0, BLOCK_M) // SLOTS)[:, None] == tl.arange(0, 16)[None, :]).to(q.dtype)
+        if QK_FP8:  # q is e4m3 by now; the probabilities are rounded to fp16 for the reduction
+            member = ((tl.arange(0, BLOCK_M) // SLOTS)[:, None] == tl.arange(0, 16)[None, :]).to(tl.float16)
+        else:
+            member = ((tl.arange(0, BLOCK_M) // SLOTS)[:, None] == tl.arange(0, 16)[None, :]).to(Q.dtype.element_ty)
         g0 = pid_m * (BLOCK_M // SLOTS)
         for t in range(t_lo, t_full):
             _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, QK_FP8)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t_full * BLOCK_N, skn, skd, NK, NG,
-                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
+                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, QK_FP8)
     else:
         for t in range(t_lo, t_full):
             _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG, qk_scale, SLOTS,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, QK_FP8)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, QK_FP8)
 
 
 def _configs():
@@ -147,7 +172,7 @@ def _tuned(pin: str):
     autotuner (and tuning cache) per choice, so a pinned run never reuses another's pick."""
     if pin not in _tuners:
         configs = [c for c in _configs() if pin not in ("sum", "mma") or c.kwargs["MMA_REDUCE"] == (pin == "mma")]
-        _tuners[pin] = triton.autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "HAS_KMASK",
+        _tuners[pin] = triton.autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "HAS_KMASK", "QK_FP8",
                                                             "DOT_PREC"],
                                        prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
     return _tuners[pin]
@@ -169,7 +194,7 @@ def key_splits(row_tiles: int, bh: int, key_tiles: int, nsm: int) -> int:
 
 
 def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
-                        out_dtype=torch.float32):
+                        out_dtype=torch.float32, qk_fp8: bool = False):
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
@@ -178,6 +203,10 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     offs = _offsets(G, samples, q.device)
     slots = offs.numel()
     colsum = new_empty(B, Hq, NG, Nk, dtype=out_dtype, device=q.device)
+    if qk_fp8:
+        k = to_e4m3(k)
+        if interpreting():  # the interpreter's in-kernel e4m3 cast does not round to nearest
+            q = to_e4m3(q)
     lse_c = lse.reshape(B * Hq, N)
     if lse_c.dtype != torch.float32 or not lse_c.is_contiguous():
         lse_c = lse_c.float().contiguous()
@@ -186,7 +215,7 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     args = (q, k, lse_c, offs, pm if pm is not None else offs, km, colsum, *q.stride(), *k.stride(),
             N, Nk, Hq, Hq // Hkv, NG, G, scale * LOG2E)
     flags = dict(SLOTS=slots, HEAD_DIM=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
-                 DOT_PREC=dot_precision(q.dtype))
+                 DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8)
     nsm = num_sms(q.device)
 
     def grid(meta):

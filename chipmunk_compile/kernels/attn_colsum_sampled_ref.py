@@ -25,6 +25,9 @@ Contract (shared with the Triton kernel ``attn_colsum_sampled.py``):
   group g (positions < N) of exp(s_ij - lse_i), s = scale * q·k. Unscaled: only the ranking within
   a (b, h, g) row is used.
 - key_mask (B, Nk) bool: False keys get probability 0.
+- qk_fp8: the scores come from q and k rounded to float8 e4m3 (``to_e4m3``; products summed in
+  fp32). The ranking needs no more, and the kernel's QKᵀ then moves half the key bytes and runs at
+  twice the tensor-core rate (benchmarks/colsum_precision.py).
 """
 
 from __future__ import annotations
@@ -58,8 +61,15 @@ def _offsets_on(group: int, samples: int, device) -> torch.Tensor:
     return j * s + j % s if G % S == 0 else (j * G) // S
 
 
+def to_e4m3(x):
+    """x rounded to float8 e4m3 (nearest, saturating at ±448: a plain cast of a larger value is NaN)."""
+    return x if x.dtype == torch.float8_e4m3fn else x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
 def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
-                            out_dtype=torch.float32):
+                            out_dtype=torch.float32, qk_fp8: bool = False):
+    if qk_fp8:
+        q, k = to_e4m3(q), to_e4m3(k)
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     rep = Hq // Hkv

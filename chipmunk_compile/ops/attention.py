@@ -125,13 +125,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         if need_idx:
             colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
                 q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
-                out_dtype=torch.float16)  # half the bytes for the top-k passes; the ranking needs no more
+                out_dtype=torch.float16,  # half the bytes for the top-k passes; the ranking needs no more
+                qk_fp8=colsum_fp8(cfg, k))
             _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step, N)
         if exact_norm:
             lse_buf.copy_(lse)
     o_cache.copy_(column_sparse(o, -1.0))
     s.finish(st, d, pos)
     return o
+
+
+COLSUM_FP8_MIN_KEYS = 16384  # below, the e4m3 copy of k and the short key loop cost more than they save
+
+
+def colsum_fp8(cfg, k: Tensor) -> bool:
+    """Whether a refresh ranks columns by e4m3 scores (attn.colsum_fp8): many keys, and fp8 tensor
+    cores on a GPU (sm_89+; the CPU reference emulates the rounding)."""
+    if not cfg.colsum_fp8 or k.shape[-2] < COLSUM_FP8_MIN_KEYS:
+        return False
+    return not k.is_cuda or torch.cuda.get_device_capability(k.device) >= (8, 9)
 
 
 def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int, n_q: int) -> None:

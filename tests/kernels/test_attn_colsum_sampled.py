@@ -7,7 +7,7 @@ import torch
 from kernel_testutils import DEV, TOL, rel_err
 
 from chipmunk_compile.kernels import attn_colsum_sampled_ref, attn_dense_colsum_ref, get_kernel
-from chipmunk_compile.kernels.attn_colsum_sampled_ref import MAX_SAMPLES, sample_offsets
+from chipmunk_compile.kernels.attn_colsum_sampled_ref import MAX_SAMPLES, sample_offsets, to_e4m3
 
 
 def _inputs(B, Hq, Hkv, N, Nk, D, dtype, masked, permuted, seed=0):
@@ -101,6 +101,37 @@ def test_triton_matches_ref(triton_mode, case, dtype, reduce, monkeypatch):
     assert half.dtype == torch.float16 and rel_err(half, cs_r) < 2e-3
 
 
+def test_ref_fp8_scores_round_q_and_k_and_saturate():
+    """qk_fp8: the scores are those of e4m3-rounded q and k; values past e4m3's ±448 saturate
+    instead of turning into NaN (e4m3 has no inf)."""
+    q, k, lse, km, perm = _inputs(1, 2, 2, 96, 80, 64, torch.float32, True, True)
+    kw = dict(scale=0.125, group=32, samples=16, key_mask=km, perm=perm)
+    rounded = lambda x: to_e4m3(x).float()  # noqa: E731
+    exact = attn_colsum_sampled_ref(q, k, lse, **kw)
+    cs = attn_colsum_sampled_ref(q, k, lse, **kw, qk_fp8=True)
+    assert torch.equal(cs, attn_colsum_sampled_ref(rounded(q), rounded(k), lse, **kw))
+    assert 1e-3 < rel_err(cs, exact) < 0.3  # rounded, yet close
+    big = k.clone()
+    big[0, 0, 3] = 1e4
+    assert to_e4m3(big).float().abs().max().item() == 448.0
+    assert torch.isfinite(attn_colsum_sampled_ref(q, big, lse, **kw, qk_fp8=True)).all()
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES[:4])
+def test_triton_fp8_scores_match_ref(triton_mode, case, dtype, reduce, monkeypatch):
+    """The kernel's e4m3 scores equal the reference's rounding (the mma reduction also rounds p to fp16)."""
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    B, Hq, Hkv, N, Nk, G, S, masked, permuted = case
+    q, k, lse, km, perm = _inputs(B, Hq, Hkv, N, Nk, 64, dtype, masked, permuted, seed=N)
+    kw = dict(scale=0.125, group=G, samples=S, key_mask=km, perm=perm, qk_fp8=True)
+    cs = get_kernel("attn_colsum_sampled", q, k, head_dim=64)(q, k, lse, **kw)
+    cs_r = attn_colsum_sampled_ref(q, k, lse, **kw)
+    assert rel_err(cs, cs_r) < (1e-5 if reduce == "sum" else 2e-3)
+    assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **{**kw, "qk_fp8": False})) > 1e-3  # fp8 did happen
+
+
 def test_triton_key_split_covers_every_column(triton_mode, monkeypatch):
     """Few rows and many key tiles: the key axis is split over programs; every column is written once."""
     from chipmunk_compile.kernels import attn_colsum_sampled as mod
@@ -118,5 +149,16 @@ def test_gpu_bf16_real_shapes(N, G, S, Hq, Hkv, reduce, monkeypatch):
     monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
     q, k, lse, km, perm = _inputs(1, Hq, Hkv, N, N, 128, torch.bfloat16, True, True, seed=1)
     kw = dict(scale=0.125, group=G, samples=S, key_mask=km, perm=perm)
+    cs = get_kernel("attn_colsum_sampled", q, k)(q, k, lse, **kw)
+    assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **kw)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+def test_gpu_bf16_fp8_scores(reduce, monkeypatch):
+    """On the GPU q is cast to e4m3 inside the kernel (round to nearest, as torch's cast)."""
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    q, k, lse, km, perm = _inputs(1, 4, 2, 20000, 20000, 128, torch.bfloat16, True, True, seed=2)
+    kw = dict(scale=0.125, group=128, samples=32, key_mask=km, perm=perm, qk_fp8=True)
     cs = get_kernel("attn_colsum_sampled", q, k)(q, k, lse, **kw)
     assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **kw)) < 2e-2
