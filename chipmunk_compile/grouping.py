@@ -12,9 +12,11 @@ Where the token grid comes from, in this order:
    (CogVideoX, Mochi; Allegro, which does it after the (B*T, hw, C) token layout) give a t×h×w
    grid; size-1 axes are dropped (one video frame = an image).
 2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
-   are distinct integer positions filling a box. Its values are read once at compile time (the
-   backend's example inputs are real tensors); the order then follows the actual positions,
-   whatever order the tokens come in.
+   are distinct integer positions filling a box, or whose rows at one end do, after or before a
+   minority of other rows (a joint text + image table, Krea 2; the side of those rows is then the
+   text side the grid knows). Its values are read once at compile time (the backend's example
+   inputs are real tensors); the order then follows the actual positions, whatever order the
+   tokens come in.
 3. a (B, C, H, W) / (B, C, T, H, W) latent input patchified by views before a linear embedding
    (CogView4, Lumina2): the same view walk, from the graph input.
 4. a reshape that merges 2-3 grid axes into the token axis (`_merged_grids`): a (B, T, H, W, C)
@@ -23,7 +25,11 @@ Where the token grid comes from, in this order:
 5. the candidates of 1-3 seen in an earlier graph of the same model that found no grid for its
    own sites (a patchify or position-id computation before a graph break: Lumina2, Z-Image,
    HiDream, HunyuanVideo 1.5), kept on the outermost model's session, which the sessions of its
-   submodules' frames read too.
+   submodules' frames read too; from a graph without sites also a rotary table of per-axis tables
+   expanded over the grid and flattened to one row per token (`_table_grids`; NucleusMoE's
+   rotary embedder runs in a graph of its own), or gathered row by row with index vectors that the
+   graph computes from its inputs (`_indexed_table_grids`: evaluated at compile time and read as
+   position ids; Qwen-Image 2.1).
 6. `config.grouping.grid` (with `text_tokens` / `text_first`).
 Else no grouping (perm None; the reason is reported in `Site.grouping`). A site graph that finds
 no grid of its own reuses the grid of the model's previous site graph.
@@ -57,6 +63,8 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -454,6 +462,132 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     return out
 
 
+def _broadcast_table(part: Any, depth: int = 3) -> bool:
+    """A part of a rotary table: a per-axis table broadcast over the grid by `expand` (through views)."""
+    for _ in range(depth):
+        if not isinstance(part, fx.Node) or part.op != "call_method":
+            return False
+        if part.target == "expand":
+            return True
+        if part.target not in ("view", "reshape", "contiguous"):
+            return False
+        part = part.args[0]
+    return False
+
+
+def _table_grids(gm: fx.GraphModule) -> list[GridInfo]:
+    """Grids of rotary tables built in a graph without sites (a rotary embedder behind a graph
+    break, NucleusMoE): per-axis tables expanded over (t, h, w) / (h, w), joined along their last
+    axis and flattened to one row per token, (…, h, w, d) -> (h·w, d). Only this construction
+    counts here (no site token counts to check a merge against); the sites of a later graph still
+    pick such a grid by their counts (`_pick`)."""
+    out = []
+    for node in gm.graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if name not in ("view", "reshape", "flatten") or not node.args:
+            continue
+        src, dst = node.args[0], _shape(node)
+        axis = _cat_axis(src)
+        shape = _shape(src)
+        if axis is None or shape is None or dst is None or len(dst) != 2 or axis[0] != len(shape) - 1:
+            continue
+        grid = tuple(g for g in shape[:-1] if g > 1)
+        if dst != (math.prod(shape[:-1]), shape[-1]) or len(grid) not in (2, 3) or math.prod(grid) < 16:
+            continue
+        if all(_broadcast_table(p) for p in src.args[0]) and grid not in {g.grid for g in out}:
+            out.append(GridInfo(grid, f"rotary table {node.name} {_axes(grid)}"))
+    return out
+
+
+# What an index computation may contain to be evaluated at compile time (`_index_values`): building
+# and indexing small integer tensors, never a mutation of a graph input.
+_INDEX_FUNCS = {torch.tensor, torch.arange, torch.zeros, torch.ones, torch.full, torch.cat, torch.stack, torch.where,
+                torch.repeat_interleave, operator.getitem, operator.setitem, operator.add, operator.sub,
+                operator.mul, operator.floordiv, operator.mod, operator.neg}
+_INDEX_METHODS = {"clone", "to", "long", "int", "view", "reshape", "flatten", "expand", "repeat", "unsqueeze",
+                  "squeeze", "contiguous", "repeat_interleave", "flip", "add", "sub", "mul"}
+_FRESH = {"clone", "tensor", "zeros", "ones", "full", "arange"}
+
+
+def _index_values(gm: fx.GraphModule, example_inputs, targets: list, limit: int = 64) -> Optional[list]:
+    """The values of `targets` (nodes of integer index tensors) computed from the graph's real
+    example inputs by evaluating only their ancestors, when those are few and harmless (graph
+    inputs, `_INDEX_FUNCS` / `_INDEX_METHODS`, slice writes only into tensors made in the graph)."""
+    need, todo = {}, list(targets)
+    while todo:
+        n = todo.pop()
+        if n in need:
+            continue
+        need[n] = True
+        if len(need) > limit:
+            return None
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
+        for u in n.users:  # a slice write into n happens before n is read: evaluate it too
+            if u.op == "call_function" and u.target is operator.setitem and u.args[0] is n:
+                if name not in _FRESH:
+                    return None  # a write into a graph input or into a view of another tensor
+                todo.append(u)
+        if n.op == "placeholder":
+            continue
+        if not (n.op == "call_function" and n.target in _INDEX_FUNCS or n.op == "call_method" and name in _INDEX_METHODS):
+            return None
+        todo += [a for a in n.all_input_nodes]
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is None or len(example_inputs) < len(places):
+        return None
+    env = {p: v for p, v in zip(places, example_inputs)}
+    if any(isinstance(env[p], torch.Tensor) and (isinstance(env[p], torch._subclasses.FakeTensor) or env[p].is_meta)
+           for p in places if p in need):
+        return None
+    load = lambda a: fx.node.map_arg(a, lambda x: env[x])  # noqa: E731
+    try:
+        for n in gm.graph.nodes:
+            if n not in need or n.op == "placeholder":
+                continue
+            args, kwargs = load(n.args), load(n.kwargs)
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+    except Exception:
+        return None
+    return [env[t] for t in targets]
+
+
+def _indexed_table_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
+    """Grids of rotary tables gathered row by row: cat([T_0[i_0], T_1[i_1], ...], -1) with integer
+    index vectors i_a of one length (Qwen-Image 2.1 builds them from the image shapes and a mask of
+    the image tokens). The index vectors, evaluated at compile time, are position ids (N, 2-4):
+    read like a position-id input (`_ids_grid`, text rows split off)."""
+    out = []
+    for node in gm.graph.nodes:
+        axis = _cat_axis(node)
+        if axis is None or axis[0] != axis[1] - 1 or not 2 <= len(node.args[0]) <= 4:
+            continue
+        idx = []
+        for part in node.args[0]:
+            if not (isinstance(part, fx.Node) and part.op == "call_function" and part.target is operator.getitem
+                    and isinstance(part.args[1], fx.Node)):
+                break
+            v = _val(part.args[1])
+            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.dtype not in (torch.int32, torch.int64):
+                break
+            idx.append(part.args[1])
+        if len(idx) != len(node.args[0]) or len({_shape(i) for i in idx}) != 1:
+            continue
+        vals = _index_values(gm, example_inputs, idx)
+        if vals is None:
+            continue
+        res = _ids_grid(torch.stack([v.long() for v in vals], -1))
+        if res is None:
+            continue
+        grid, raster, n_other, other_first = res
+        token_of_raster = torch.empty_like(raster)
+        token_of_raster[raster] = torch.arange(raster.numel())
+        if torch.equal(token_of_raster, torch.arange(raster.numel())):
+            token_of_raster = None
+        joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
+        out.append(GridInfo(grid, f"rotary index {node.name}{joint} {_axes(grid)}", token_of_raster, other_first))
+    return out
+
+
 def _joined_parts(gm: fx.GraphModule, sizes: set) -> set:
     """Token counts of the parts of every torch.cat along a token axis whose result has a site's
     token count: the image part of a joint text + image sequence is one of them."""
@@ -475,19 +609,9 @@ def _is_param(node: fx.Node) -> bool:
     return "_parameters" in source_name(node) or "parameters_" in node.name
 
 
-def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor]]:
-    """(grid, raster index of each row) when the rows of ids (N, c) are distinct integer
-    positions filling a box with 2 or 3 non-constant columns."""
-    if ids.dim() == 3:
-        if not bool((ids == ids[:1]).all()):
-            return None
-        ids = ids[0]
-    if ids.dim() != 2 or ids.shape[-1] not in (3, 4) or ids.shape[0] < 4:
-        return None
-    x = ids.detach().cpu().double()
-    if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
-        return None
-    x = x.long()
+def _box(x: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor]]:
+    """(grid, raster index of each row) when the integer rows x (n, c) are distinct positions
+    filling a box with 2 or 3 non-constant columns."""
     lo, hi = x.min(0).values, x.max(0).values
     ext = hi - lo + 1
     axes = [i for i in range(x.shape[1]) if ext[i] > 1]
@@ -503,6 +627,50 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor]]:
     if torch.unique(raster).numel() != n:
         return None
     return grid, raster
+
+
+def _box_sizes(x: torch.Tensor) -> torch.Tensor:
+    """For every k: the box volume of rows x[k:] over its non-constant columns (cumulative
+    min/max from the end), or 0 when that suffix has not 2 or 3 such columns."""
+    rev = x.flip(0)
+    ext = (rev.cummax(0).values - rev.cummin(0).values + 1).flip(0)
+    spread = (ext > 1).sum(1)
+    vol = torch.where(ext > 1, ext, torch.ones_like(ext)).prod(1)
+    return torch.where((spread == 2) | (spread == 3), vol, torch.zeros_like(vol))
+
+
+def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor, int, Optional[bool]]]:
+    """(grid, raster index of each grid row, number of other rows, other rows first?) for position
+    ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's img_ids), or a
+    run of rows at one end does and the rest are a minority of other positions (text rows of a
+    joint table, e.g. Krea 2: text at the origin, then the image grid), the largest such run."""
+    if ids.dim() == 3:
+        if not bool((ids == ids[:1]).all()):
+            return None
+        ids = ids[0]
+    if ids.dim() != 2 or ids.shape[-1] not in (3, 4) or ids.shape[0] < 4:
+        return None
+    x = ids.detach().cpu().double()
+    if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
+        return None
+    x = x.long()
+    whole = _box(x)
+    if whole is not None:
+        return (*whole, 0, None)
+    n = x.shape[0]
+    for first in (True, False):  # other rows before the grid (a suffix is the grid), then after it
+        sizes = _box_sizes(x) if first else _box_sizes(x.flip(0)).flip(0).roll(1)
+        if not first:  # sizes[j] = box volume of x[:j] (roll: x[:n] at index 0 is the whole, excluded)
+            sizes[0] = 0
+        k = torch.arange(n)
+        part = n - k if first else k
+        ok = (sizes == part) & (part * 2 > n) & (part < n)
+        for j in (ok.nonzero().flatten().tolist() if first else ok.nonzero().flatten().flip(0).tolist()):
+            rows = x[j:] if first else x[:j]
+            box = _box(rows)
+            if box is not None:
+                return (*box, n - rows.shape[0], first)
+    return None
 
 
 def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
@@ -523,13 +691,15 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
             res = None
         if res is None:
             continue
-        grid, raster = res
+        grid, raster, n_other, other_first = res
         token_of_raster = torch.empty_like(raster)
         token_of_raster[raster] = torch.arange(raster.numel())
         if torch.equal(token_of_raster, torch.arange(raster.numel())):
             token_of_raster = None
         axes = _axes(grid)
-        out.append(GridInfo(grid, f"position ids input {_input_name(node)} {axes}", token_of_raster))
+        joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
+        out.append(GridInfo(grid, f"position ids input {_input_name(node)}{joint} {axes}", token_of_raster,
+                            other_first))
     return out
 
 
@@ -762,16 +932,48 @@ def _seen(session, attr: str):
     return next((found for s in _outward(session) if (found := getattr(s, attr, None)) is not None), None)
 
 
+# Grid candidates per compiled root model, for frames whose sessions share no enclosing session: a
+# model whose own forward yields no graph (it only calls submodules, between graph breaks) gets no
+# session, so its rotary embedder's frame and its blocks' frames have sessions unrelated by
+# `enclosing` (NucleusMoE). The root is the outermost module on the Python stack that contains the
+# frame's module, read while the frame compiles (the model's forward is running then).
+_ROOT_CANDS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _stack_root(session) -> Optional[torch.nn.Module]:
+    """The outermost nn.Module on the call stack whose submodules include `session`'s module."""
+    owner = session.owner() if session is not None and session.owner is not None else None
+    if owner is None:
+        return None
+    root, frame = None, sys._getframe(1)
+    while frame is not None:
+        me = frame.f_locals.get("self") if frame.f_code.co_name in ("forward", "__call__", "_call_impl",
+                                                                     "_wrapped_call_impl") else None
+        if isinstance(me, torch.nn.Module) and me is not owner and me is not root:
+            if any(m is owner for m in me.modules()):
+                root = me
+        frame = frame.f_back
+    return root
+
+
+def _root_candidates(session) -> list:
+    root = _stack_root(session)
+    return _ROOT_CANDS.setdefault(root, []) if root is not None else []
+
+
 def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
     """Remember the grids a graph shows (a graph before a break: the patch embedding) for the
     sites of a later graph, which `_pick` matches by token counts; on the outermost compiled model's
     session, which every nested frame's session reads through `_seen`."""
     if session is None or not gcfg.enabled:
         return
-    cands = [g for source in _graph_sources(gm, example_inputs) for g in source()]
-    session = _outermost(session)  # a submodule's frame (a rotary embedder) may show the grid
+    extra = (lambda: _table_grids(gm), lambda: _indexed_table_grids(gm, example_inputs))
+    cands = [g for source in (*_graph_sources(gm, example_inputs), *extra) for g in source()]
+    outer = _outermost(session)  # a submodule's frame (a rotary embedder) may show the grid
     if cands:  # the latest few
-        session._chipmunk_grid_cands = (getattr(session, "_chipmunk_grid_cands", []) + cands)[-16:]
+        outer._chipmunk_grid_cands = (getattr(outer, "_chipmunk_grid_cands", []) + cands)[-16:]
+        kept = _root_candidates(session)
+        kept[:] = (kept + cands)[-16:]
 
 
 def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
@@ -797,7 +999,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         _keep_candidates(gm, example_inputs, gcfg, session)
     earlier = _seen(session, "_chipmunk_grid")
     if info is None and earlier is None:  # candidates of an earlier graph without sites
-        earlier = _pick(_seen(session, "_chipmunk_grid_cands") or [], counts)
+        earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session), counts)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first)
     if info is None:

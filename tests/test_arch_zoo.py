@@ -7,7 +7,8 @@ grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (th
 product of a padding vector) with its conv grid from the graph before its data-dependent break,
 ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + image keys, and
 the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and
-FLUX.2 Klein (cached reference keys between the own text and image keys)."""
+FLUX.2 Klein (cached reference keys between the own text and image keys), and Krea 2's grid in
+the image rows of its joint text + image position ids."""
 
 import os
 import sys
@@ -33,10 +34,13 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("ernie_image", 2, "conv2d patch embed h×w 16×16, tile 8×8, text 8 last"),
     # image queries over cat(text keys, image keys): attention sites (row asserts attn >= 1)
     ("prx", 2, "merged axes img_2 h×w 12×12, tile 8×8"),
-    # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys)
-    ("qwen_image21_cached", 3, "none"),
+    # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys); the grid
+    # from the rotary index vectors its embedder computes in a graph of its own
+    ("qwen_image21_cached", 3, "rotary index cat after 8 other rows h×w (earlier graph) 12×12"),
     # KV-cached steps: [text, image] queries over cat(own text keys, cached reference keys, own image keys)
     ("flux2_kv_cached", 3, "position ids input img_ids h×w 12×12, tile 8×8, text 8 first"),
+    # one joint id table: 8 text rows at the origin, then the image grid
+    ("krea2", 5, "position ids input position_ids after 8 other rows h×w 12×12"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
@@ -52,6 +56,9 @@ def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
 @pytest.mark.parametrize("name,attn_grouped,source", [
     ("hunyuan_video15", 1, "conv3d patch embed t×h×w (earlier graph) 3×8×8"),
     ("lumina2", 3, "patchified input hidden_states h×w (earlier graph) 8×8"),
+    # the rotary table of its embedder's frame; the model's own forward makes no graph (no session
+    # to share), so the grid is kept for the outermost module on the stack
+    ("nucleus_moe_image", 2, "rotary table freqs h×w (earlier graph) 12×12"),
 ])
 def test_compiled_frames_share_the_models_grid(fresh_dynamo, name, attn_grouped, source):
     """Compiled (not inspected), a model split into frames keeps one grid: HunyuanVideo 1.5's blocks

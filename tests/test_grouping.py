@@ -249,6 +249,93 @@ def test_flux_shuffled_ids_follow_positions():
         assert torch.equal(p_shuf[H * W:], torch.arange(7))
 
 
+def _grid_ids(h, w, t0=0):
+    return torch.stack([torch.full((h * w,), t0), torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)], -1)
+
+
+@pytest.mark.parametrize("other_first", [True, False])
+def test_joint_position_ids_split_off_the_other_rows(other_first):
+    """A joint (text + image) id table: the grid is the run of rows at one end that fills a box,
+    in token order of that run; the other rows' side is the text side the grid knows."""
+    from chipmunk_compile.grouping import _ids_grid
+
+    img, text = _grid_ids(6, 10), torch.zeros(7, 3, dtype=torch.long)  # Krea 2: text at the origin
+    grid, raster, n_other, first = _ids_grid(torch.cat([text, img] if other_first else [img, text]).float())
+    assert (grid, n_other, first) == ((6, 10), 7, other_first) and torch.equal(raster, torch.arange(60))
+    diag = torch.arange(5)[:, None].expand(5, 3)  # Ideogram 4: text on the diagonal, grid shifted past it
+    assert _ids_grid(torch.cat([diag, img + 5]))[:1] == ((6, 10),)
+    assert _ids_grid(img)[2:] == (0, None)  # a plain grid is whole
+    assert _ids_grid(torch.cat([torch.zeros(61, 3, dtype=torch.long), img])) is None  # others are not a minority
+    assert _ids_grid(torch.cat([text, img, text])) is None  # other rows on both sides
+
+
+def _dynamo_graph(fn, *args):
+    """(graph, its example inputs: in placeholder order, which need not be the argument order)."""
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def test_rotary_table_grid_of_a_graph_without_sites():
+    """Per-axis tables expanded over the grid, joined on their last axis and flattened to a row per
+    token: a grid (kept for later graphs' sites); other flattens are not."""
+    from chipmunk_compile.grouping import _table_grids
+
+    def table(t, h, w):
+        parts = [t[:1].view(1, 1, 1, -1).expand(1, 6, 10, -1), h[:6].view(1, 6, 1, -1).expand(1, 6, 10, -1),
+                 w[:10].view(1, 1, 10, -1).expand(1, 6, 10, -1)]
+        return torch.cat(parts, dim=-1).reshape(60, -1)
+
+    def not_table(x):  # a batch of token rows flattened: no broadcast tables
+        return torch.cat([x, x], dim=-1).reshape(2 * 77, -1)
+
+    tabs = (torch.randn(16, 2), torch.randn(16, 3), torch.randn(16, 3))
+    found = _table_grids(_dynamo_graph(table, *tabs)[0])
+    assert [g.grid for g in found] == [(6, 10)] and found[0].source.startswith("rotary table")
+    assert _table_grids(_dynamo_graph(not_table, torch.randn(2, 77, 8))[0]) == []
+
+
+def test_rotary_index_grid_is_evaluated_from_the_inputs():
+    """Tables gathered row by row by index vectors the graph computes from its inputs (text
+    positions, then image rows written through a mask): the vectors are evaluated at compile time
+    and read as position ids; a computation that writes into a graph input is not evaluated."""
+    from chipmunk_compile.grouping import _indexed_table_grids
+
+    h, w, n_txt = 6, 10, 5
+
+    def table(mask, t0, t1, t2):
+        frame = torch.tensor(list(range(n_txt)) + [n_txt] * (h * w))
+        hi, wi = frame.clone(), frame.clone()
+        hi[mask] = torch.tensor([r for r in range(h) for _ in range(w)])
+        wi[mask] = torch.tensor([c for _ in range(h) for c in range(w)])
+        return torch.cat([t0[frame], t1[hi], t2[wi]], dim=-1)
+
+    def gathers(t0, t1, t2, ids):  # ids (N, 3): a grid input
+        return torch.cat([t0[ids[:, 0]], t1[ids[:, 1]], t2[ids[:, 2]]], dim=-1)
+
+    def writes_input(mask, t0, t1, t2, ids):  # the same, after a write into it
+        ids[mask, 0] = 0
+        return gathers(t0, t1, t2, ids)
+
+    mask = torch.arange(n_txt + h * w) >= n_txt
+    tabs = (torch.randn(64, 2), torch.randn(64, 3), torch.randn(64, 3))
+    found = _indexed_table_grids(*_dynamo_graph(table, mask, *tabs))
+    assert [(g.grid, g.text_first) for g in found] == [((h, w), True)] and "after 5 other rows" in found[0].source
+    grid_ids = torch.stack([torch.zeros(h * w), torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)], -1)
+    grid_ids = grid_ids.long()
+    assert [g.grid for g in _indexed_table_grids(*_dynamo_graph(gathers, *tabs, grid_ids))] == [(h, w)]
+    gm, inputs = _dynamo_graph(writes_input, mask[n_txt:], *tabs, grid_ids.clone())  # (running it writes)
+    inputs = [grid_ids.clone() if t.dtype == torch.long and t.dim() == 2 else t for t in inputs]
+    assert _indexed_table_grids(gm, inputs) == []
+    assert any(torch.equal(t, grid_ids) for t in inputs)  # not written by the evaluation
+
+
 def test_wan_conv3d():
     sites = _plan(*_wan())
     attn = [s for s in sites if s.kind == "attention"]
