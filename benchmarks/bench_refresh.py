@@ -53,12 +53,12 @@ SUMS = torch.float16  # the op's column-sum dtype (until session 11 this benchma
 RADIXES = [None, (8, 8), (6, 5)]
 
 
-def refresh_pieces(q, k, v, scale, top, rnd, samples):
+def refresh_pieces(q, k, v, scale, top, rnd, samples, qk_fp8=None):
     """The op's refresh (ops/attention.py): cuDNN output + lse, fp16 sampled column sums (e4m3
-    scores where the op takes them), top-k with random draws, cache = o - attn_S."""
+    scores where the op takes them, or as qk_fp8 says), top-k with random draws, cache = o - attn_S."""
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS,
-                             qk_fp8=colsum_fp8(AttnConfig(), k))
+                             qk_fp8=colsum_fp8(AttnConfig(), k) if qk_fp8 is None else qk_fp8)
     idx, cnt = select_columns(cs, k=top, random_keys=rnd, inplace=True)
     del cs
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
@@ -76,14 +76,23 @@ def old_refresh(q, k, v, scale, top, prev):
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
 
 
-def measure(name, samples_list, old):
+def inputs(name):
+    """q, k, v (bf16, diffusers' strided layout), scale, top and random key counts, a generator,
+    and the cuDNN SDPA time of the shape."""
     (B, H, N, D), (frac, rfrac) = SHAPES[name]
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
                for _ in range(3))
-    scale, top, rnd = D ** -0.5, round(frac * N), round(rfrac * N)
+    scale = D ** -0.5
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        res = {"cudnn_sdpa": bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))}
+        dense = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+    return q, k, v, scale, round(frac * N), round(rfrac * N), g, dense
+
+
+def measure(name, samples_list, old):
+    q, k, v, scale, top, rnd, g, dense = inputs(name)
+    (B, H, N, D), _ = SHAPES[name]
+    res = {"cudnn_sdpa": dense}
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     res["exact_lse"] = bench(lambda: exact_attention_lse(q, k, v, None, scale, GROUP, None))
     library = next((c for key, c in _choice.items() if key[0] == tuple(q.shape)), "kernel")

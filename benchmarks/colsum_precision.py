@@ -1,17 +1,18 @@
-"""Column sums at reduced precision: fp8 (e4m3) scores and/or half-precision exponentials.
+"""Column sums from fp8 (e4m3) scores against bf16 ones (attn.colsum_fp8).
 
     python benchmarks/colsum_precision.py                     # FLUX, HunyuanVideo and Wan shapes, bf16
     python benchmarks/colsum_precision.py --shapes flux
 
 The column sums of a refresh step only rank key columns (a top-k per query group), so they need
-neither bf16 products nor fp32 exponentials. Per shape and variant (`attn_colsum_sampled`'s
-`qk_fp8` / `exp_half`) this prints and records:
+no bf16 products. Per shape and variant (`attn_colsum_sampled`'s `qk_fp8`) this prints and records:
 - the column-sum time and the whole refresh as the op runs it (bench_refresh.refresh_pieces), both
   against cuDNN SDPA;
 - the ranking: the share of the exact (bf16 products, fp32 sums) column mass that the variant's
   top-k captures, relative to the exact top-k's share (1.0 = same ranking quality), on random q/k
   with sharpened scores (`--temp`, softmax over q·k·scale·temp) on the first rows.
-Medians from triton.testing.do_bench; CSV to benchmarks/results/colsum_precision_<gpu>.csv.
+Medians from triton.testing.do_bench; CSV to benchmarks/results/colsum_precision_<gpu>.csv (the
+committed one also has rows of half-precision exponentials, ex2.approx.f16x2, tried in session 13
+and removed: no faster).
 """
 
 from __future__ import annotations
@@ -22,28 +23,17 @@ import os
 import sys
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import bench  # noqa: E402
-from bench_refresh import GROUP, SHAPES, SUMS  # noqa: E402
+from bench_refresh import GROUP, SHAPES, SUMS, inputs, refresh_pieces  # noqa: E402
 
 from chipmunk_compile.kernels import attn_colsum_sampled as colsum_mod  # noqa: E402
 from chipmunk_compile.kernels.attn_colsum_sampled import attn_colsum_sampled  # noqa: E402
-from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
-from chipmunk_compile.kernels.select_columns import select_columns  # noqa: E402
 from chipmunk_compile.ops.exact_attention import exact_attention_lse  # noqa: E402
 
-VARIANTS = {"bf16": {}, "fp8": {"qk_fp8": True}, "fp8+exp_half": {"qk_fp8": True, "exp_half": True}}
-
-
-def refresh(q, k, v, scale, top, rnd, samples, flags):
-    o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
-    cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS, **flags)
-    idx, cnt = select_columns(cs, k=top, random_keys=rnd, inplace=True)
-    del cs
-    return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
+VARIANTS = {"bf16": {}, "fp8": {"qk_fp8": True}}
 
 
 def captured(truth, approx, top, rows=256):
@@ -56,19 +46,13 @@ def captured(truth, approx, top, rows=256):
 
 
 def measure(name, samples, temp):
-    (B, H, N, D), (frac, rfrac) = SHAPES[name]
-    g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-               for _ in range(3))
-    scale, top, rnd = D ** -0.5, round(frac * N), round(rfrac * N)
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        dense = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+    q, k, v, scale, top, rnd, _, dense = inputs(name)
     _, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     rows = []
     for vname, flags in VARIANTS.items():
         cs_ms = bench(lambda: attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples,
                                                   out_dtype=SUMS, **flags))
-        ref_ms = bench(lambda: refresh(q, k, v, scale, top, rnd, samples, flags))
+        ref_ms = bench(lambda: refresh_pieces(q, k, v, scale, top, rnd, samples, qk_fp8=bool(flags)))
         best = getattr(colsum_mod._tuned(os.environ.get("CHIPMUNK_COLSUM_REDUCE", "")), "best_config", None)
         rows.append(dict(shape=name, variant=vname, samples=samples, colsum_ms=round(cs_ms, 3),
                          colsum_x_cudnn=round(cs_ms / dense, 4), refresh_ms=round(ref_ms, 3),

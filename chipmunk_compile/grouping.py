@@ -576,15 +576,8 @@ def _indexed_table_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
         if vals is None:
             continue
         res = _ids_grid(torch.stack([v.long() for v in vals], -1))
-        if res is None:
-            continue
-        grid, raster, n_other, other_first = res
-        token_of_raster = torch.empty_like(raster)
-        token_of_raster[raster] = torch.arange(raster.numel())
-        if torch.equal(token_of_raster, torch.arange(raster.numel())):
-            token_of_raster = None
-        joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
-        out.append(GridInfo(grid, f"rotary index {node.name}{joint} {_axes(grid)}", token_of_raster, other_first))
+        if res is not None:
+            out.append(_ids_info(res, f"rotary index {node.name}"))
     return out
 
 
@@ -689,18 +682,20 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
             res = _ids_grid(value)
         except Exception:
             res = None
-        if res is None:
-            continue
-        grid, raster, n_other, other_first = res
-        token_of_raster = torch.empty_like(raster)
-        token_of_raster[raster] = torch.arange(raster.numel())
-        if torch.equal(token_of_raster, torch.arange(raster.numel())):
-            token_of_raster = None
-        axes = _axes(grid)
-        joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
-        out.append(GridInfo(grid, f"position ids input {_input_name(node)}{joint} {axes}", token_of_raster,
-                            other_first))
+        if res is not None:
+            out.append(_ids_info(res, f"position ids input {_input_name(node)}"))
     return out
+
+
+def _ids_info(res: tuple, what: str) -> GridInfo:
+    """GridInfo of an `_ids_grid` result; `what` names the source."""
+    grid, raster, n_other, other_first = res
+    token_of_raster = torch.empty_like(raster)
+    token_of_raster[raster] = torch.arange(raster.numel())
+    if torch.equal(token_of_raster, torch.arange(raster.numel())):
+        token_of_raster = None
+    joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
+    return GridInfo(grid, f"{what}{joint} {_axes(grid)}", token_of_raster, other_first)
 
 
 # ---------------------------------------------------------------------------------------------
