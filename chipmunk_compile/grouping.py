@@ -61,6 +61,7 @@ Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import sys
@@ -73,6 +74,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .patterns.fx_utils import source_name
+
+log = logging.getLogger("chipmunk_compile")
 
 DEFAULT_TILE_2D = (8, 8)
 DEFAULT_TILE_3D = (4, 6, 8)
@@ -1094,8 +1097,11 @@ class CallGrouping:
     the image order are known at compile time, the count only per call. `for_count(n, session)`
     builds (perm, always_keep) for n once and caches them on the host; n == n_img has no text,
     n > n_img needs the text side (from the graph, the config, or an earlier graph's concat of n
-    tokens, unless the graph's own evidence conflicts); otherwise (None, None): that call runs
-    ungrouped, as any unknown layout does."""
+    tokens, unless the graph's own evidence conflicts) and fewer other tokens than image tokens
+    (as `_site_score` asks of a grid at compile time: a larger resolution than the compiled grid's
+    must not pass its extra image tokens off as text); otherwise (None, None): that call runs
+    ungrouped, as any unknown layout does, counted per count as `grouping_ungrouped_count` and
+    logged once."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False):
@@ -1107,11 +1113,15 @@ class CallGrouping:
         hit = self.cache.get(n)
         if hit is None:
             hit = self.cache[n] = self._build(n, session)
+            if hit[0] is None:
+                _ungrouped(n, self.n_img)
         return hit
 
     def _build(self, n: int, session) -> tuple:
         n_text = n - self.n_img
-        if n_text < 0 or (n_text and (self.text_conflict or self.text_tokens is not None and n_text != self.text_tokens)):
+        if n_text < 0 or n_text >= self.n_img:
+            return None, None
+        if n_text and (self.text_conflict or self.text_tokens is not None and n_text != self.text_tokens):
             return None, None
         if n_text == 0:
             return site_perm(n, self.img_order, 0, True), None
@@ -1122,6 +1132,21 @@ class CallGrouping:
                 return None, None
             first = sides.pop() == "first"
         return site_perm(n, self.img_order, n_text, first), (text_mask(n, n_text, first) if self.keep_text else None)
+
+
+_logged_counts: set = set()
+
+
+def _ungrouped(n: int, n_img: int) -> None:
+    """Count (and log once per count) a symbolic-count call that runs ungrouped."""
+    from torch._dynamo.utils import counters
+
+    counters["chipmunk"]["grouping_ungrouped_count"] += 1
+    if n not in _logged_counts:
+        _logged_counts.add(n)
+        log.info("chipmunk: %d tokens do not fit this graph's %d-token grid (a resolution other than the one "
+                 "that compiled it?): those calls run ungrouped; torch.compile(..., dynamic=False) gives every "
+                 "resolution a graph and a grid of its own", n, n_img)
 
 
 def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=None):

@@ -81,7 +81,8 @@ def test_compiled_frames_share_the_models_grid(fresh_dynamo, name, attn_grouped,
 def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
     """A second resolution recompiles with symbolic token counts: its sites take the grid of that
     graph's own position ids (not the first resolution's) and the text side the same modules had
-    in the first graph; a third resolution runs ungrouped (no grid of its size), never wrongly."""
+    in the first graph; a third resolution runs ungrouped (no grid of its size), never wrongly, and
+    is counted."""
     import torch
 
     import chipmunk_compile
@@ -97,10 +98,14 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
         with torch.no_grad():
             return c(**kw)[0], case.model(**kw)[0]
 
+    from torch._dynamo.utils import counters
+
     at(12, 12)
     at(8, 10)
+    counters["chipmunk"].clear()
     out, ref = at(6, 6)
     assert torch.isfinite(out).all() and out.shape == ref.shape
+    assert counters["chipmunk"]["grouping_ungrouped_count"] > 0  # counted (and logged), not silent
     session = chipmunk_compile.runtime.sessions_of(c)[0]
     per_call = [s for s in session.sites if s.kind == "attention" and s.call_grouping is not None]
     assert per_call and all("8×10" in s.grouping for s in per_call), [s.grouping for s in per_call]
@@ -108,6 +113,8 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
         perm, keep = s.call_grouping.for_count(8 + 80, session)
         assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any()
         assert s.call_grouping.for_count(8 + 36, session) == (None, None)
+        # a larger resolution: its extra image tokens are not taken for text (no minority of others)
+        assert s.call_grouping.for_count(8 + 168, session) == (None, None)
 
 
 def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
