@@ -168,7 +168,14 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if not entry:  # a resumed frame: the model is split into several graphs
             step_cache.multi_graph = True
 
+    # the position-id input whose values give a new token count its grid (grouping.CallGrouping)
+    ids_inputs = {s.call_grouping.ids_input for s in plan.sites
+                  if s.call_grouping is not None and s.call_grouping.ids_input is not None}
+    ids_input = ids_inputs.pop() if len(ids_inputs) == 1 else None
+
     def chipmunk_call(*args):
+        if ids_input is not None:  # a reference only; read on a new count's first call
+            session._chipmunk_call_ids = args[ids_input]
         ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
         if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
             session.begin_call(lambda: read_signature(args, signals))

@@ -209,6 +209,7 @@ class GridInfo:
     source: str  # for reports
     token_of_raster: Optional[torch.Tensor] = None  # image-stream token at each raster position
     text_first: Optional[bool] = None  # when the source knows it
+    input_index: Optional[int] = None  # the graph input it was read from (a position-id input)
 
     @property
     def n(self) -> int:
@@ -674,7 +675,7 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
         return []
     out = []
     places = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(places, example_inputs):
+    for i, (node, value) in enumerate(zip(places, example_inputs)):
         if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.shape[-1] not in (3, 4):
             continue
         if isinstance(value, torch._subclasses.FakeTensor) or value.is_meta or _is_param(node):
@@ -687,6 +688,7 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
             res = None
         if res is not None:
             out.append(_ids_info(res, f"position ids input {_input_name(node)}"))
+            out[-1].input_index = i
     return out
 
 
@@ -1006,21 +1008,13 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         return {"source": f"none: {why}"}
     if session is not None and "earlier graph" not in info.source:
         session._chipmunk_grid = info
-    tile = gcfg.tile
-    if tile is not None and len(tile) != len(info.grid):
-        tile = None  # a preset's tile for the other dimensionality
-    tile = tuple(tile) if tile else (DEFAULT_TILE_2D if len(info.grid) == 2 else DEFAULT_TILE_3D)
-    eff_tile = tuple(max(1, min(t, g)) for t, g in zip(tile, info.grid))
-    tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
+    eff_tile = _effective_tile(gcfg.tile, info.grid)
     orders: dict = {}
 
     def order_for(group):
         """(image order, key of that order: the group size when its tiles go in boxes, else None)."""
         if group not in orders:
-            boxed = len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None
-            key = group if boxed else None
-            raster = tile_order(info.grid, eff_tile, key)
-            orders[group] = (raster if info.token_of_raster is None else info.token_of_raster[raster], key)
+            orders[group] = image_order(info, gcfg.tile, group)
         return orders[group]
 
     n_img = info.n
@@ -1062,10 +1056,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             if side is None and not conflict:  # the side this site's text took in an earlier graph
                 side = remembered_sides.get(s.path)
             s.perm, s.always_keep = None, None
-            s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict))
+            s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
+                                           ids_input=info.input_index, tile=gcfg.tile, group=group)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
-            s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}"
+            per_call = "; grid of each new count from its call's ids" if info.input_index is not None else ""
+            s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
         perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache, key)
@@ -1078,6 +1074,23 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+
+
+def _effective_tile(tile_cfg, grid: tuple) -> tuple:
+    """The tile for `grid`: the config's (if of the grid's dimensionality) or the default, each
+    axis clamped to the grid."""
+    tile = tile_cfg if tile_cfg is not None and len(tile_cfg) == len(grid) else None
+    tile = tuple(tile) if tile else (DEFAULT_TILE_2D if len(grid) == 2 else DEFAULT_TILE_3D)
+    return tuple(max(1, min(t, g)) for t, g in zip(tile, grid))
+
+
+def image_order(info: GridInfo, tile_cfg, group) -> tuple:
+    """(image-token order of the grid, the group size when its tiles go in boxes else None)."""
+    eff_tile = _effective_tile(tile_cfg, info.grid)
+    tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
+    key = group if len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None else None
+    raster = tile_order(info.grid, eff_tile, key)
+    return (raster if info.token_of_raster is None else info.token_of_raster[raster]), key
 
 
 def _text_side(sides: set, info: GridInfo, gcfg, what: str) -> tuple[Optional[bool], str]:
@@ -1093,45 +1106,70 @@ def _text_side(sides: set, info: GridInfo, gcfg, what: str) -> tuple[Optional[bo
 
 
 class CallGrouping:
-    """Grouping of a site whose token count is symbolic (Dynamo's dynamic shapes): the grid and
-    the image order are known at compile time, the count only per call. `for_count(n, session)`
-    builds (perm, always_keep) for n once and caches them on the host; n == n_img has no text,
-    n > n_img needs the text side (from the graph, the config, or an earlier graph's concat of n
-    tokens, unless the graph's own evidence conflicts) and fewer other tokens than image tokens
-    (as `_site_score` asks of a grid at compile time: a larger resolution than the compiled grid's
-    must not pass its extra image tokens off as text); otherwise (None, None): that call runs
-    ungrouped, as any unknown layout does, counted per count as `grouping_ungrouped_count` and
-    logged once."""
+    """Grouping of a site whose token count is symbolic (Dynamo's dynamic shapes): the image order
+    and text side are known at compile time, the count only per call. `for_count(n, session)`
+    builds (perm, always_keep) for n once, on that count's first call, and caches them on the host
+    (a perm never changes for a count, so recorded CUDA graphs and the caches keep one order).
+    When the graph's grid came from a position-id input (`ids_input`), the first call of a count
+    reads that input's values (`session._chipmunk_call_ids`, set by the backend per call; one host
+    copy per new count, never while a CUDA graph records) and takes its grid: a later resolution
+    is grouped on its own grid (an aspect ratio of an earlier count keeps that count's perm).
+    Otherwise the compile-time grid: n == n_img has no text, n > n_img needs the text side (from
+    the graph, the config, or an earlier graph's concat of n tokens, unless the graph's own
+    evidence conflicts) and fewer other tokens than image tokens (as `_site_score` asks of a grid
+    at compile time: a larger resolution must not pass its extra image tokens off as text).
+    A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
+    does, counted as `grouping_ungrouped_count` and logged once per count."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
-                 text_conflict: bool = False):
+                 text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
+        self.ids_input, self.tile, self.group = ids_input, tile, group
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
         hit = self.cache.get(n)
         if hit is None:
-            hit = self.cache[n] = self._build(n, session)
+            hit = self._from_call_ids(n, session) or self._build(n, self.n_img, self.img_order, self.text_first,
+                                                                 session)
+            self.cache[n] = hit
             if hit[0] is None:
                 _ungrouped(n, self.n_img)
         return hit
 
-    def _build(self, n: int, session) -> tuple:
-        n_text = n - self.n_img
-        if n_text < 0 or n_text >= self.n_img:
+    def _from_call_ids(self, n: int, session) -> Optional[tuple]:
+        """(perm, keep) on the grid of this call's position ids, or None (no ids, no grid in them)."""
+        ids = getattr(session, "_chipmunk_call_ids", None) if self.ids_input is not None else None
+        if not isinstance(ids, torch.Tensor):
+            return None
+        from . import runtime
+
+        if runtime.RECORDING is not None:  # reading values syncs: the count's first call runs eagerly
+            raise runtime.NeedsEagerCall("grid of a new token count not read yet")
+        res = _ids_grid(ids)
+        if res is None:
+            return None
+        info = _ids_info(res, "position ids")
+        order, _ = image_order(info, self.tile, self.group)
+        first = self.text_first if self.text_first is not None else info.text_first
+        hit = self._build(n, info.n, order, first, session)
+        return hit if hit[0] is not None else None
+
+    def _build(self, n: int, n_img: int, img_order, first: Optional[bool], session) -> tuple:
+        n_text = n - n_img
+        if n_text < 0 or n_text >= n_img:
             return None, None
         if n_text and (self.text_conflict or self.text_tokens is not None and n_text != self.text_tokens):
             return None, None
         if n_text == 0:
-            return site_perm(n, self.img_order, 0, True), None
-        first = self.text_first
+            return site_perm(n, img_order, 0, True), None
         if first is None:
-            sides = _earlier_sides(session, n, self.n_img)
+            sides = _earlier_sides(session, n, n_img)
             if len(sides) != 1 or "mixed" in sides:
                 return None, None
             first = sides.pop() == "first"
-        return site_perm(n, self.img_order, n_text, first), (text_mask(n, n_text, first) if self.keep_text else None)
+        return site_perm(n, img_order, n_text, first), (text_mask(n, n_text, first) if self.keep_text else None)
 
 
 _logged_counts: set = set()

@@ -81,11 +81,14 @@ def test_compiled_frames_share_the_models_grid(fresh_dynamo, name, attn_grouped,
 def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
     """A second resolution recompiles with symbolic token counts: its sites take the grid of that
     graph's own position ids (not the first resolution's) and the text side the same modules had
-    in the first graph; a third resolution runs ungrouped (no grid of its size), never wrongly, and
-    is counted."""
+    in the first graph; a third resolution reuses that graph and is grouped on the grid of its own
+    call's position ids (read once, on that count's first call). A count that no grid explains
+    runs ungrouped, counted."""
     import torch
+    from torch._dynamo.utils import counters
 
     import chipmunk_compile
+    from chipmunk_compile.grouping import GridInfo, image_order
     from zoo_common import _r
 
     case = arch_zoo.MODELS["flux2"][1]()
@@ -98,23 +101,25 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
         with torch.no_grad():
             return c(**kw)[0], case.model(**kw)[0]
 
-    from torch._dynamo.utils import counters
-
     at(12, 12)
     at(8, 10)
     counters["chipmunk"].clear()
     out, ref = at(6, 6)
     assert torch.isfinite(out).all() and out.shape == ref.shape
-    assert counters["chipmunk"]["grouping_ungrouped_count"] > 0  # counted (and logged), not silent
+    assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
     session = chipmunk_compile.runtime.sessions_of(c)[0]
     per_call = [s for s in session.sites if s.kind == "attention" and s.call_grouping is not None]
-    assert per_call and all("8×10" in s.grouping for s in per_call), [s.grouping for s in per_call]
+    assert per_call and all("8×10" in s.grouping and "from its call's ids" in s.grouping for s in per_call)
     for s in per_call:
-        perm, keep = s.call_grouping.for_count(8 + 80, session)
-        assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any()
-        assert s.call_grouping.for_count(8 + 36, session) == (None, None)
-        # a larger resolution: its extra image tokens are not taken for text (no minority of others)
-        assert s.call_grouping.for_count(8 + 168, session) == (None, None)
+        cg = s.call_grouping
+        for h, w in ((8, 10), (6, 6)):  # each count on its own grid, text (8 tokens) first
+            perm, keep = cg.for_count(8 + h * w, session)
+            order, _ = image_order(GridInfo((h, w), ""), cg.tile, cg.group)
+            assert torch.equal(perm[:h * w].long(), order + 8) and torch.equal(perm[h * w:].long(), torch.arange(8))
+            assert keep[:8].all() and not keep[8:].any()
+        # more other tokens than any grid here explains (6×6 ids of the last call, 8×10 compiled)
+        assert cg.for_count(8 + 168, session) == (None, None)
+    assert counters["chipmunk"]["grouping_ungrouped_count"] > 0  # counted (and logged), not silent
 
 
 def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
