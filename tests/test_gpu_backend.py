@@ -234,3 +234,33 @@ def test_kv_cached_steps_triton_matches_reference(monkeypatch):
         err = ((a - b).norm() / b.norm()).item()
         print(f"step {i}: triton vs reference rel err {err:.2e}")
         assert err < 3e-2
+
+
+def test_three_resolutions_group_each_count_under_step_graphs(monkeypatch):
+    """FLUX.2 at three resolutions in one process (Inductor, step graphs): the third reuses the
+    graph recompiled with symbolic counts and is grouped on the grid of its own call's ids, read
+    on that count's first call (eager: never while a step graph records). Every resolution's
+    generation matches the reference path, and the third one's joint attention is grouped."""
+    def generations():
+        torch._dynamo.reset()
+        c = torch.compile(_flux2(), backend="chipmunk", options={"config": CFG})
+        outs = []
+        with torch.no_grad():
+            for h, w in ((32, 32), (24, 40), (16, 16)):
+                for i in range(6):
+                    x = _flux2_inputs(1.0 - i / 6, h=h, w=w)
+                    x["hidden_states"] = x["hidden_states"] + 0.01 * i
+                    outs.append(c(**x)[0].float().clone())
+        return outs, c
+
+    monkeypatch.setenv("CHIPMUNK_KERNELS", "ref")
+    ref, _ = generations()
+    monkeypatch.delenv("CHIPMUNK_KERNELS")
+    counters.clear()
+    tri, c = generations()
+    assert counters["chipmunk"]["graph_replays"] > 0, dict(counters["chipmunk"])
+    session = chipmunk_compile.runtime.sessions_of(c)[0]
+    per_call = [s for s in session.sites if s.kind == "attention" and s.call_grouping is not None]
+    assert per_call and all(s.call_grouping.cache[16 + 16 * 16][0] is not None for s in per_call)
+    for i, (a, b) in enumerate(zip(tri, ref)):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2, i
