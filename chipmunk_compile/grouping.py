@@ -73,6 +73,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import runtime
 from .patterns.fx_utils import source_name
 
 log = logging.getLogger("chipmunk_compile")
@@ -655,15 +656,13 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor, int, Opt
     if whole is not None:
         return (*whole, 0, None)
     n = x.shape[0]
-    for first in (True, False):  # other rows before the grid (a suffix is the grid), then after it
-        sizes = _box_sizes(x) if first else _box_sizes(x.flip(0)).flip(0).roll(1)
-        if not first:  # sizes[j] = box volume of x[:j] (roll: x[:n] at index 0 is the whole, excluded)
-            sizes[0] = 0
-        k = torch.arange(n)
-        part = n - k if first else k
-        ok = (sizes == part) & (part * 2 > n) & (part < n)
-        for j in (ok.nonzero().flatten().tolist() if first else ok.nonzero().flatten().flip(0).tolist()):
-            rows = x[j:] if first else x[:j]
+    k = torch.arange(n)
+    # other rows before the grid (the grid is a suffix x[j:]), then after it (a prefix x[:j+1]);
+    # vol[j] is that run's box volume, part[j] its length; the longest run that fills its box wins
+    for first, vol, part in ((True, _box_sizes(x), n - k), (False, _box_sizes(x.flip(0)).flip(0), k + 1)):
+        ok = ((vol == part) & (part * 2 > n) & (part < n)).nonzero().flatten().tolist()
+        for j in (ok if first else ok[::-1]):
+            rows = x[j:] if first else x[:j + 1]
             box = _box(rows)
             if box is not None:
                 return (*box, n - rows.shape[0], first)
@@ -1143,8 +1142,6 @@ class CallGrouping:
         ids = getattr(session, "_chipmunk_call_ids", None) if self.ids_input is not None else None
         if not isinstance(ids, torch.Tensor):
             return None
-        from . import runtime
-
         if runtime.RECORDING is not None:  # reading values syncs: the count's first call runs eagerly
             raise runtime.NeedsEagerCall("grid of a new token count not read yet")
         res = _ids_grid(ids)
@@ -1176,10 +1173,10 @@ _logged_counts: set = set()
 
 
 def _ungrouped(n: int, n_img: int) -> None:
-    """Count (and log once per count) a symbolic-count call that runs ungrouped."""
-    from torch._dynamo.utils import counters
+    """Count and log, once per token count (its perm is cached), a count whose calls run ungrouped."""
+    from .ops.sites import count
 
-    counters["chipmunk"]["grouping_ungrouped_count"] += 1
+    count("grouping_ungrouped_count")
     if n not in _logged_counts:
         _logged_counts.add(n)
         log.info("chipmunk: %d tokens do not fit this graph's %d-token grid (a resolution other than the one "

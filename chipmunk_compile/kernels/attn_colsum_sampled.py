@@ -43,7 +43,8 @@ from .attn_colsum_sampled_ref import sample_offsets, to_e4m3
 
 @triton.jit
 def _fp8(x):
-    """e4m3 operand for the scores (saturating: e4m3 has no inf, and a plain cast of |x| > 448 is NaN)."""
+    """The q rows as e4m3 (saturating: e4m3 has no inf, and a plain cast of |x| > 448 is NaN); the
+    interpreter's q arrives cast already."""
     if x.dtype == tl.float8e4nv:
         return x
     return tl.clamp(x.to(tl.float32), -448.0, 448.0).to(tl.float8e4nv)
@@ -52,12 +53,10 @@ def _fp8(x):
 @triton.jit
 def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
                  SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, QK_FP8: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
-    if QK_FP8:
-        k = _fp8(k)
+    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
@@ -70,15 +69,13 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
 @triton.jit
 def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, skn, skd, NK, NG, qk_scale,
                      SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, QK_FP8: tl.constexpr):
+                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
     # Transposed tile: sᵀ = k·qᵀ (BLOCK_N × BLOCK_M), so the probabilities are the A operand of the
     # group reduction pᵀ·member (member[r, g] = 1 if row r belongs to local group g): the
     # FlashAttention P·V pattern, kept in registers, instead of a cross-row reduction.
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
-    if QK_FP8:
-        k = _fp8(k)
+    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
     st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         st = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[:, None], st, float("-inf"))
@@ -136,19 +133,19 @@ def _attn_colsum_sampled_kernel(
         g0 = pid_m * (BLOCK_M // SLOTS)
         for t in range(t_lo, t_full):
             _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, QK_FP8)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t_full * BLOCK_N, skn, skd, NK, NG,
-                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, QK_FP8)
+                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
     else:
         for t in range(t_lo, t_full):
             _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG, qk_scale, SLOTS,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, QK_FP8)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, QK_FP8)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
 
 
 def _configs():
