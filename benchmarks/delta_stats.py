@@ -152,8 +152,9 @@ class Collector:
     Big (B, H, N, N) buffers are reused across steps and sites (fresh allocations of that size cost
     more than the arithmetic on this CPU)."""
 
-    def __init__(self, fracs=FRACS, group=GROUP, seed=0, row_stride=(8, 4)):
+    def __init__(self, fracs=FRACS, group=GROUP, seed=0, row_stride=(8, 4), device="cpu"):
         self.fracs = tuple(fracs)
+        self.device = torch.device(device)
         self.group = group
         self.row_stride = {"attention": row_stride[0], "mlp": row_stride[1]}
         self.sites: list[dict] = []  # idx -> {"kind", "path", "layer", "perm", "scale", "grouping"}
@@ -167,7 +168,7 @@ class Collector:
 
     def buffer(self, shape) -> torch.Tensor:
         lst = self._free.setdefault(tuple(shape), [])
-        return lst.pop() if lst else torch.empty(shape)
+        return lst.pop() if lst else torch.empty(shape, device=self.device)
 
     def release(self, t: torch.Tensor) -> None:
         self._free.setdefault(tuple(t.shape), []).append(t)
@@ -181,7 +182,7 @@ class Collector:
         """The arms' group matrices stacked along the group axis (cached per site)."""
         key = (path, arms, n)
         if key not in self._mats:
-            self._mats[key] = torch.cat([group_matrix(n, self.group, p) for p in perms])
+            self._mats[key] = torch.cat([group_matrix(n, self.group, p) for p in perms]).to(self.device)
         return self._mats[key]
 
     def _measure(self, kind, meta, cur: torch.Tensor, pool_dims: int):
@@ -293,7 +294,7 @@ class CaptureBackend:
                 with gm.graph.inserting_before(m.output):
                     gm.graph.call_function(_rec_attention, (idx, m.q, m.k))
             else:
-                acts = [n for n in m.nodes if isinstance(n, fx.Node) and activation_of(n) is not None]
+                acts = list(dict.fromkeys(n for n in m.nodes if isinstance(n, fx.Node) and activation_of(n) is not None))
                 if len(acts) != 1:
                     print(f"  (skipping MLP site {site.path}: {len(acts)} activation nodes)")
                     continue
@@ -485,8 +486,14 @@ def draw_png(rows, per_step, fracs, path, title):
 # Main
 # ---------------------------------------------------------------------------------------------
 def _title(meta):
-    return (f"Chipmunk delta concentration, trained tiny DiT (1024 img + 8 txt tokens), groups of {meta['group']}, "
+    return (f"Chipmunk delta concentration, trained tiny DiT ({meta.get('n_img', 1024)} img + 8 txt tokens), "
+            f"groups of {meta['group']}, "
             f"{meta['steps']} RF steps, classes {meta['classes']}; oracle = top columns of the same delta")
+
+
+def _weights_suffix(weights) -> str:
+    """'' for the shipped model, '_<file stem>' for other weights (their results sit beside it)."""
+    return "" if weights is None else "_" + os.path.splitext(os.path.basename(weights))[0]
 
 
 def main(argv=None):
@@ -500,11 +507,14 @@ def main(argv=None):
     ap.add_argument("--row-stride", default="8,4",
                     help="the per-row/per-token bound is computed on every n-th row (attention,mlp)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--weights", default=None,
+                    help="tiny DiT weights (.safetensors beside its .json; default: the shipped 64x64 model)")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp32 too: same statistic, faster)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing delta_stats.json")
     args = ap.parse_args(argv)
     if args.replot:
-        base = os.path.join(args.out, "delta_stats")
+        base = os.path.join(args.out, "delta_stats" + _weights_suffix(args.weights))
         with open(base + ".json") as f:
             d = json.load(f)
         m = d["meta"]
@@ -520,13 +530,13 @@ def main(argv=None):
     fracs = tuple(float(f) for f in args.fracs.split(","))
 
     global COLLECTOR
-    from examples.tiny_dit.model import load_pretrained
+    from examples.tiny_dit.model import WEIGHTS_PATH, load_pretrained
     from examples.tiny_dit.sampler import sample_classes
 
     t0 = time.time()
-    model = load_pretrained(dtype=torch.float32)
+    model = load_pretrained(args.device, torch.float32, args.weights or WEIGHTS_PATH)
     COLLECTOR = col = Collector(fracs, args.group, seed=args.seed,
-                                row_stride=tuple(int(x) for x in args.row_stride.split(",")))
+                                row_stride=tuple(int(x) for x in args.row_stride.split(",")), device=args.device)
     torch._dynamo.reset()
     compiled = torch.compile(model.transformer, backend=CaptureBackend(col), dynamic=False)
     print(f"trained tiny DiT, classes {classes}, {args.steps} steps, seed {args.seed}, G={args.group}, "
@@ -545,12 +555,15 @@ def main(argv=None):
     rows, per_step = aggregate(col)
     print_table(rows, fracs)
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "delta_stats")
+    base = os.path.join(args.out, "delta_stats" + _weights_suffix(args.weights))
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    meta = {"model": "examples/tiny_dit (trained, FluxTransformer2DModel 3 double + 4 single blocks)",
+    n_img = model.config.num_image_tokens
+    meta = {"model": f"examples/tiny_dit (trained, FluxTransformer2DModel 3 double + 4 single blocks, "
+                     f"{n_img} image tokens)", "weights": os.path.basename(args.weights or WEIGHTS_PATH),
+            "n_img": n_img, "device": args.device,
             "classes": classes, "steps": args.steps, "seed": args.seed, "group": args.group, "fracs": fracs,
             "row_stride": args.row_stride,
             "sites": [{k: v for k, v in m.items() if k != "perm"} for m in col.sites],

@@ -11,6 +11,8 @@ Invariants:
   graph would mix stale and fresh halves, so the call is computed and the fallback counted.
 - A call is only skipped when a computed output of the same branch and generation exists.
 - The adaptive rule reads one scalar per call on the host, outside the compiled graph.
+- `summary()["skipped_steps"]` lists, per guidance branch, the steps skipped in that branch's
+  latest generation (the schedule the adaptive rule produced), so a user sees where it skipped.
 - A step on which some sparse site's schedule refreshes (attention refresh, MLP dense step) is
   never skipped (counted as step_cache_kept_refresh): skipping it would leave chipmunk's caches
   and indices stale until the next refresh (found with the adaptive rule, which skipped every
@@ -61,12 +63,24 @@ class StepCache:
         self.skipped = 0
         self.computed = 0
         self.multi_graph = False
+        self.skipped_steps: dict[str, list[int]] = {}  # branch -> steps skipped in its latest generation
+        self._generation: dict[str, int] = {}
 
     def reset(self) -> None:
         self.entries.clear()
+        self.skipped_steps.clear()
+        self._generation.clear()
 
     def summary(self) -> dict:
-        return {"skipped": self.skipped, "computed": self.computed}
+        return {"skipped": self.skipped, "computed": self.computed,
+                "skipped_steps": {b: list(s) for b, s in self.skipped_steps.items()}}
+
+    def _record(self, branch: str, generation: int, step: int, skipped: bool) -> None:
+        if self._generation.get(branch) != generation:
+            self._generation[branch] = generation
+            self.skipped_steps[branch] = []
+        if skipped:
+            self.skipped_steps[branch].append(step)
 
     def _should_skip(self, entry: Optional[_Entry], step: int, generation: int, x) -> bool:
         if entry is None or entry.generation != generation or entry.step >= step:
@@ -93,6 +107,7 @@ class StepCache:
         if skip and refreshes_at(session.sites, pos.step):
             count("step_cache_kept_refresh")
             skip = False
+        self._record(pos.branch, pos.generation, pos.step, skip)
         if skip:
             entry.consecutive += 1
             self.skipped += 1

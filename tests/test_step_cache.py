@@ -11,7 +11,7 @@ from test_numerics import Net, latents, sparse_cfg, ts
 STEPS = 10  # sparse_cfg: attention refreshes at 1, 4, 8; MLP dense steps at 0, 4, 8
 
 
-def _run(step_cache):
+def _run(step_cache, with_model=False):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
@@ -19,8 +19,8 @@ def _run(step_cache):
     cm = chip(Net().eval(), {**sparse_cfg(), "step_cache": step_cache})
     with torch.no_grad():
         outs = [cm(latents(i, seed=1), ts(i)) for i in range(STEPS)]
-    return outs, {k: ccount(k) for k in ("attention_refresh", "mlp_dense", "step_cache_skipped",
-                                         "step_cache_kept_refresh")}
+    c = {k: ccount(k) for k in ("attention_refresh", "mlp_dense", "step_cache_skipped", "step_cache_kept_refresh")}
+    return (outs, c, cm) if with_model else (outs, c)
 
 
 def test_refreshes_at_follows_the_schedules():
@@ -40,8 +40,17 @@ def test_refreshes_at_follows_the_schedules():
 
 def test_fixed_schedule_keeps_refresh_steps(fresh_dynamo):
     _, plain = _run({"enabled": False})
-    outs, c = _run({"enabled": True, "skip_steps": [2, 3, 4, 5, 6, 7]})
+    outs, c, cm = _run({"enabled": True, "skip_steps": [2, 3, 4, 5, 6, 7]}, with_model=True)
     assert c["step_cache_kept_refresh"] == 1 and c["step_cache_skipped"] == 5  # step 4 computed
+    import chipmunk_compile
+
+    sc = chipmunk_compile.stats(cm)["step_cache"]
+    assert list(sc["skipped_steps"].values()) == [[2, 3, 5, 6, 7]] and sc["skipped"] == 5
+    with torch.no_grad():  # a second generation: its own list, the counters go on
+        for i in range(STEPS):
+            cm(latents(i, seed=2), ts(i))
+    sc = chipmunk_compile.stats(cm)["step_cache"]
+    assert list(sc["skipped_steps"].values()) == [[2, 3, 5, 6, 7]] and sc["skipped"] == 10
     assert c["attention_refresh"] == plain["attention_refresh"] and c["mlp_dense"] == plain["mlp_dense"]
     assert outs[3] is outs[2] and outs[4] is not outs[3]
 
@@ -49,6 +58,19 @@ def test_fixed_schedule_keeps_refresh_steps(fresh_dynamo):
 def test_adaptive_rule_keeps_refresh_steps(fresh_dynamo):
     """A threshold no change reaches would skip every step after warm-up; the refreshes still run."""
     _, plain = _run({"enabled": False})
-    _, c = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100})
+    _, c = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100, "warmup_steps": 2})
     assert c["step_cache_skipped"] > 0 and c["step_cache_kept_refresh"] >= 2
     assert c["attention_refresh"] == plain["attention_refresh"] and c["mlp_dense"] == plain["mlp_dense"]
+
+
+def test_adaptive_rule_computes_the_warmup_steps(fresh_dynamo):
+    """The adaptive rule never skips before `warmup_steps` (default 7: the published schedule's first
+    skip), however small the input change."""
+    import chipmunk_compile
+
+    _, c, cm = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100}, with_model=True)
+    skipped = list(chipmunk_compile.stats(cm)["step_cache"]["skipped_steps"].values())[0]
+    assert skipped == [7, 9]  # 8 is a refresh step (kept)
+    _, c, cm = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100, "warmup_steps": 3},
+                    with_model=True)
+    assert list(chipmunk_compile.stats(cm)["step_cache"]["skipped_steps"].values())[0] == [3, 5, 6, 7, 9]
