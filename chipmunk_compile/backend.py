@@ -172,10 +172,16 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     ids_inputs = {s.call_grouping.ids_input for s in plan.sites
                   if s.call_grouping is not None and s.call_grouping.ids_input is not None}
     ids_input = ids_inputs.pop() if len(ids_inputs) == 1 else None
+    # the conv-embedded input whose size gives a new token count its grid (shapes only)
+    conv_inputs = {s.call_grouping.shape_input for s in plan.sites
+                   if s.call_grouping is not None and s.call_grouping.shape_input is not None}
+    conv_input = conv_inputs.pop() if len(conv_inputs) == 1 else None
 
     def chipmunk_call(*args):
         if ids_input is not None:  # a reference only; read on a new count's first call
             session._chipmunk_call_ids = args[ids_input]
+        if conv_input is not None:
+            session._chipmunk_call_conv_input = args[conv_input]
         ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
         if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
             session.begin_call(lambda: read_signature(args, signals))

@@ -54,6 +54,8 @@ disagrees, the site is not grouped. `Site.always_keep` marks the text keys (atte
 `attn.keep_text_keys`). Sites whose token count matches neither case get no perm.
 A site whose token count is symbolic (dynamic shapes) gets a `CallGrouping` instead: the grid,
 image order and text side are fixed here, the perm is built per count on that count's first call.
+When the grid came from position-id inputs, that call's ids give the count its grid; when it came
+from a conv patch embedding, the size of that conv's input in the call does (conv arithmetic).
 
 Invariants: pure analysis of the graph and of example-input values; the graph is never changed.
 Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it once).
@@ -211,6 +213,8 @@ class GridInfo:
     token_of_raster: Optional[torch.Tensor] = None  # image-stream token at each raster position
     text_first: Optional[bool] = None  # when the source knows it
     input_index: Optional[int] = None  # the graph input it was read from (a position-id input)
+    conv: Optional[tuple] = None  # (kernel, stride, padding, dilation) of the patch-embedding conv
+    # whose output dims, size-1 axes dropped, are `grid` in order: a new input size gives a new grid
 
     @property
     def n(self) -> int:
@@ -337,10 +341,66 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
             kind = {torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d"}.get(type(mod))
         if kind is None:
             continue
+        params, shape = conv_params(gm, node), _shape(node)
         for grid, frames in _follow_views(node, min_spatial=1):
             src = f"{kind} patch embed (per frame) t×h×w" if frames else f"{kind} patch embed {_axes(grid)}"
-            out.append(GridInfo(grid, src))
+            own = not frames and shape is not None and grid == tuple(d for d in shape[2:] if d > 1)
+            out.append(GridInfo(grid, src, conv=params if own else None))
     return out
+
+
+def _ints(v: Any, n: int) -> Optional[tuple]:
+    if isinstance(v, int):
+        return (v,) * n
+    if isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, int) for x in v):
+        return tuple(v)
+    return None
+
+
+def conv_params(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
+    """(kernel, stride, padding, dilation) of a conv2d/conv3d node (function or module), each a
+    tuple per spatial axis, or None (string padding, symbolic weight, anything unusual)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        n = mod.weight.dim() - 2
+        vals = (tuple(mod.weight.shape[2:]), mod.stride, mod.padding, mod.dilation)
+    else:
+        weight = _shape(node.args[1]) if len(node.args) > 1 else _shape(node.kwargs.get("weight"))
+        if weight is None:
+            return None
+        n = len(weight) - 2
+        names = ("stride", "padding", "dilation")
+        rest = [node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(k, 0 if k == "padding" else 1)
+                for i, k in enumerate(names)]
+        vals = (weight[2:], *rest)
+    out = tuple(_ints(v, n) for v in vals)
+    return out if all(v is not None for v in out) else None
+
+
+def conv_out_grid(conv: tuple, spatial: Sequence[int]) -> tuple:
+    """The token grid a conv with `conv` params makes of an input with `spatial` sizes (size-1
+    axes dropped, as GridInfo.grid)."""
+    kernel, stride, pad, dil = conv
+    out = [(x + 2 * p - d * (k - 1) - 1) // s + 1 for x, k, s, p, d in zip(spatial, kernel, stride, pad, dil)]
+    return tuple(d for d in out if d > 1)
+
+
+def _conv_input(gm: fx.GraphModule, conv: tuple) -> Optional[int]:
+    """Index of the graph input that the one conv with params `conv` reads (through casts), or None
+    when there is no such conv, several, or its input is computed."""
+    found = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        is_conv = node.op == "call_function" and node.target in (_CONV2D | _CONV3D) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (torch.nn.Conv2d, torch.nn.Conv3d)))
+        if not is_conv or conv_params(gm, node) != conv:
+            continue
+        src = node.args[0]
+        while isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.args and (
+                (src.target if src.op == "call_method" else getattr(src.target, "__name__", None)) in _IDENTITY):
+            src = src.args[0]
+        found.add(placeholders.index(src) if isinstance(src, fx.Node) and src.op == "placeholder" else None)
+    return found.pop() if len(found) == 1 else None
 
 
 def _axes(grid: tuple) -> str:
@@ -1000,7 +1060,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     if info is None and earlier is None:  # candidates of an earlier graph without sites
         earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session), counts)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
-        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first)
+        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
+                        conv=earlier.conv)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
@@ -1038,6 +1099,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
+    # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
+    shape_input = _conv_input(gm, info.conv) if info.conv is not None and info.input_index is None else None
     # text side per site path, kept across graphs: a recompile with symbolic counts shows no concat
     # lengths, but the same module joins text and image the same way at every resolution
     outer = _outermost(session)
@@ -1056,10 +1119,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
                 side = remembered_sides.get(s.path)
             s.perm, s.always_keep = None, None
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
-                                           ids_input=info.input_index, tile=gcfg.tile, group=group)
+                                           ids_input=info.input_index, tile=gcfg.tile, group=group,
+                                           shape_input=shape_input, conv=info.conv)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
-            per_call = "; grid of each new count from its call's ids" if info.input_index is not None else ""
+            per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
+                        "; grid of each new count from its conv input's size" if shape_input is not None else "")
             s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
@@ -1117,21 +1182,26 @@ class CallGrouping:
     the graph, the config, or an earlier graph's concat of n tokens, unless the graph's own
     evidence conflicts) and fewer other tokens than image tokens (as `_site_score` asks of a grid
     at compile time: a larger resolution must not pass its extra image tokens off as text).
+    When it came from a conv patch embedding (`shape_input`, `conv`), the first call of a count
+    takes the grid from the size of that conv's input (`session._chipmunk_call_conv_input`, shapes
+    only: no host copy, no sync).
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
-                 text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None):
+                 text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
+                 shape_input: Optional[int] = None, conv: Optional[tuple] = None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.ids_input, self.tile, self.group = ids_input, tile, group
+        self.shape_input, self.conv = shape_input, conv
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
         hit = self.cache.get(n)
         if hit is None:
-            hit = self._from_call_ids(n, session) or self._build(n, self.n_img, self.img_order, self.text_first,
-                                                                 session)
+            hit = (self._from_call_ids(n, session) or self._from_conv_input(n, session)
+                   or self._build(n, self.n_img, self.img_order, self.text_first, session))
             self.cache[n] = hit
             if hit[0] is None:
                 _ungrouped(n, self.n_img)
@@ -1151,6 +1221,18 @@ class CallGrouping:
         order, _ = image_order(info, self.tile, self.group)
         first = self.text_first if self.text_first is not None else info.text_first
         hit = self._build(n, info.n, order, first, session)
+        return hit if hit[0] is not None else None
+
+    def _from_conv_input(self, n: int, session) -> Optional[tuple]:
+        """(perm, keep) on the grid the conv makes of this call's input size, or None."""
+        x = getattr(session, "_chipmunk_call_conv_input", None) if self.shape_input is not None else None
+        if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
+            return None
+        grid = conv_out_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):])
+        if len(grid) < 2:
+            return None
+        order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)
+        hit = self._build(n, math.prod(grid), order, self.text_first, session)
         return hit if hit[0] is not None else None
 
     def _build(self, n: int, n_img: int, img_order, first: Optional[bool], session) -> tuple:

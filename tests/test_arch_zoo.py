@@ -122,6 +122,47 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
     assert counters["chipmunk"]["grouping_ungrouped_count"] > 0  # counted (and logged), not silent
 
 
+@pytest.mark.parametrize("key,sizes", [("sd3", ((24, 24), (16, 24), (12, 12))),
+                                       ("wan", ((3, 16, 16), (3, 12, 16), (2, 8, 8)))])
+def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes):
+    """A conv patch embedding (SD3's conv2d, Wan's conv3d): the graph recompiled with symbolic token
+    counts groups each new count on the grid the conv makes of that call's input size (shapes
+    only), with the text side of the first graph; nothing runs ungrouped."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import chipmunk_compile
+    from chipmunk_compile.grouping import GridInfo, image_order, site_perm
+    from zoo_common import _r
+
+    case = arch_zoo.MODELS[key][1]()
+    c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
+    kw = dict(case.kwargs)
+    counters["chipmunk"].clear()
+    for size in sizes:
+        kw["hidden_states"] = _r(1, 4, *size)
+        with torch.no_grad():
+            out = c(**kw)[0]
+        assert out.shape[-len(size):] == size and torch.isfinite(out).all()
+    assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
+    sites = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites
+             if s.kind == "attention" and s.call_grouping is not None and s.call_grouping.shape_input is not None]
+    assert sites and all("from its conv input's size" in s.grouping for s in sites)
+    assert all(hit[0] is not None for s in sites for hit in s.call_grouping.cache.values())
+    for size in sizes[1:]:  # a later size may recompile once more (Wan: the frame count): any graph's sites
+        grid = tuple(d for d in (size[:-2] + (size[-2] // 2, size[-1] // 2)) if d > 1)  # 2x2 patches
+        n_img = grid[0] * grid[1] * (grid[2] if len(grid) == 3 else 1)
+        checked = 0
+        for s in sites:
+            cg = s.call_grouping
+            for n, (perm, _) in cg.cache.items():
+                if n_img <= n < 2 * n_img:
+                    order, _ = image_order(GridInfo(grid, ""), cg.tile, cg.group)
+                    assert torch.equal(perm, site_perm(n, order, n - n_img, bool(cg.text_first))), (size, s.path)
+                    checked += 1
+        assert checked, (size, [list(s.call_grouping.cache) for s in sites])
+
+
 def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
     """FLUX.2 Klein's KV flow through one compiled model: the extract step (two images: no grid),
     then cached steps, a recompile with symbolic token counts. Their attention sites are matched and
