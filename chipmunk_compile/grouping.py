@@ -55,7 +55,8 @@ disagrees, the site is not grouped. `Site.always_keep` marks the text keys (atte
 A site whose token count is symbolic (dynamic shapes) gets a `CallGrouping` instead: the grid,
 image order and text side are fixed here, the perm is built per count on that count's first call.
 When the grid came from position-id inputs, that call's ids give the count its grid; when it came
-from a conv patch embedding, the size of that conv's input in the call does (conv arithmetic).
+from a conv patch embedding or a latent patchified by views, the size of that input in the call
+does (conv arithmetic on shapes).
 
 Invariants: pure analysis of the graph and of example-input values; the graph is never changed.
 Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it once).
@@ -215,6 +216,8 @@ class GridInfo:
     input_index: Optional[int] = None  # the graph input it was read from (a position-id input)
     conv: Optional[tuple] = None  # (kernel, stride, padding, dilation) of the patch-embedding conv
     # whose output dims, size-1 axes dropped, are `grid` in order: a new input size gives a new grid
+    # (a latent patchified by views counts as a conv with kernel = stride = patch)
+    size_input: Optional[str] = None  # that patchified input's name (a conv is found by its params)
 
     @property
     def n(self) -> int:
@@ -385,6 +388,14 @@ def conv_out_grid(conv: tuple, spatial: Sequence[int]) -> tuple:
     return tuple(d for d in out if d > 1)
 
 
+def _named_input(gm: fx.GraphModule, name: str) -> Optional[int]:
+    """Index of the one non-parameter tensor input named `name` (its source name), or None (a
+    symbolic size read from that input has the same source name: it is not a tensor)."""
+    idx = [i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+           if not _is_param(n) and isinstance(_val(n), torch.Tensor) and _input_name(n) == name]
+    return idx[0] if len(idx) == 1 else None
+
+
 def _conv_input(gm: fx.GraphModule, conv: tuple) -> Optional[int]:
     """Index of the graph input that the one conv with params `conv` reads (through casts), or None
     when there is no such conv, several, or its input is computed."""
@@ -478,9 +489,25 @@ def _patchify_grids(gm: fx.GraphModule) -> list[GridInfo]:
     for node in gm.graph.nodes:
         if node.op != "placeholder" or _is_param(node):
             continue
+        spatial = _shape(node)[2:] if _shape(node) is not None else ()
         for grid, _ in _follow_views(node, min_spatial=2):
-            out.append(GridInfo(grid, f"patchified input {_input_name(node)} {_axes(grid)}"))
+            rule = _patch_rule(spatial, grid)
+            out.append(GridInfo(grid, f"patchified input {_input_name(node)} {_axes(grid)}", conv=rule,
+                                size_input=_input_name(node) if rule is not None else None))
     return out
+
+
+def _patch_rule(spatial: tuple, grid: tuple) -> Optional[tuple]:
+    """Conv params (kernel = stride = patch per axis) that turn `spatial` into `grid`, or None."""
+    long = [i for i, d in enumerate(spatial) if d > 1]
+    if len(long) != len(grid) or any(spatial[i] % g for i, g in zip(long, grid)):
+        return None
+    patch = [1] * len(spatial)
+    for i, g in zip(long, grid):
+        patch[i] = spatial[i] // g
+    n = len(spatial)
+    rule = (tuple(patch), tuple(patch), (0,) * n, (1,) * n)
+    return rule if conv_out_grid(rule, spatial) == grid else None
 
 
 def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
@@ -1061,7 +1088,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session), counts)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
-                        conv=earlier.conv)
+                        conv=earlier.conv, size_input=earlier.size_input)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
@@ -1100,7 +1127,9 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     cache: dict = {}
     decisions = []
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
-    shape_input = _conv_input(gm, info.conv) if info.conv is not None and info.input_index is None else None
+    shape_input = None
+    if info.conv is not None and info.input_index is None:
+        shape_input = _named_input(gm, info.size_input) if info.size_input else _conv_input(gm, info.conv)
     # text side per site path, kept across graphs: a recompile with symbolic counts shows no concat
     # lengths, but the same module joins text and image the same way at every resolution
     outer = _outermost(session)
@@ -1120,11 +1149,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             s.perm, s.always_keep = None, None
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
-                                           shape_input=shape_input, conv=info.conv)
+                                           shape_input=shape_input, conv=info.conv, img_grid=info.grid)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
-                        "; grid of each new count from its conv input's size" if shape_input is not None else "")
+                        f"; grid of each new count from its {'input' if info.size_input else 'conv input'}'s size"
+                        if shape_input is not None else "")
             s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
@@ -1182,19 +1212,21 @@ class CallGrouping:
     the graph, the config, or an earlier graph's concat of n tokens, unless the graph's own
     evidence conflicts) and fewer other tokens than image tokens (as `_site_score` asks of a grid
     at compile time: a larger resolution must not pass its extra image tokens off as text).
-    When it came from a conv patch embedding (`shape_input`, `conv`), the first call of a count
-    takes the grid from the size of that conv's input (`session._chipmunk_call_conv_input`, shapes
-    only: no host copy, no sync).
+    When it came from a conv patch embedding or a latent input patchified by views (`shape_input`,
+    `conv`), the first call of a count takes the grid from the size of that input
+    (`session._chipmunk_call_conv_input`, shapes only: no host copy, no sync), if it has as many
+    axes as the compiled grid.
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
-                 shape_input: Optional[int] = None, conv: Optional[tuple] = None):
+                 shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.ids_input, self.tile, self.group = ids_input, tile, group
         self.shape_input, self.conv = shape_input, conv
+        self.grid_axes = len(img_grid) if img_grid is not None else None
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
@@ -1229,7 +1261,7 @@ class CallGrouping:
         if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
             return None
         grid = conv_out_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):])
-        if len(grid) < 2:
+        if len(grid) != self.grid_axes:  # e.g. one frame compiled, several now: the token order is unknown
             return None
         order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)
         hit = self._build(n, math.prod(grid), order, self.text_first, session)

@@ -123,11 +123,15 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
 
 
 @pytest.mark.parametrize("key,sizes", [("sd3", ((24, 24), (16, 24), (12, 12))),
-                                       ("wan", ((3, 16, 16), (3, 12, 16), (2, 8, 8)))])
+                                       ("wan", ((3, 16, 16), (3, 12, 16), (2, 8, 8))),
+                                       ("auraflow", ((16, 16), (12, 16), (12, 12)))])
 def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes):
-    """A conv patch embedding (SD3's conv2d, Wan's conv3d): the graph recompiled with symbolic token
-    counts groups each new count on the grid the conv makes of that call's input size (shapes
-    only), with the text side of the first graph; nothing runs ungrouped."""
+    """A conv patch embedding (SD3's conv2d, Wan's conv3d) or a latent patchified by views
+    (AuraFlow): the graph recompiled with symbolic token counts groups each new count on the grid
+    that call's input size makes (shapes only), with the text side of the first graph; nothing
+    runs ungrouped."""
+    import math
+
     import torch
     from torch._dynamo.utils import counters
 
@@ -147,16 +151,24 @@ def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes)
     assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
     sites = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites
              if s.kind == "attention" and s.call_grouping is not None and s.call_grouping.shape_input is not None]
-    assert sites and all("from its conv input's size" in s.grouping for s in sites)
+    assert sites and all("input's size" in s.grouping for s in sites)
     assert all(hit[0] is not None for s in sites for hit in s.call_grouping.cache.values())
+    def grid_of(size):  # 2x2 patches, size-1 axes dropped
+        return tuple(d for d in (size[:-2] + (size[-2] // 2, size[-1] // 2)) if d > 1)
+
+    static = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites
+              if s.kind == "attention" and s.call_grouping is None and s.perm is not None]
+    counts = {s.perm.numel() for s in static}
+    assert len(counts) == 1, counts
+    n_text = counts.pop() - math.prod(grid_of(sizes[0]))  # the other tokens of the first graph's sites
     for size in sizes[1:]:  # a later size may recompile once more (Wan: the frame count): any graph's sites
-        grid = tuple(d for d in (size[:-2] + (size[-2] // 2, size[-1] // 2)) if d > 1)  # 2x2 patches
-        n_img = grid[0] * grid[1] * (grid[2] if len(grid) == 3 else 1)
+        grid = grid_of(size)
+        n_img = math.prod(grid)
         checked = 0
         for s in sites:
             cg = s.call_grouping
             for n, (perm, _) in cg.cache.items():
-                if n_img <= n < 2 * n_img:
+                if n == n_img + n_text:
                     order, _ = image_order(GridInfo(grid, ""), cg.tile, cg.group)
                     assert torch.equal(perm, site_perm(n, order, n - n_img, bool(cg.text_first))), (size, s.path)
                     checked += 1
