@@ -57,6 +57,8 @@ import torch.fx as fx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from examples.tiny_dit.model import weights_tag  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FRACS = (0.05, 0.10, 0.15, 0.25)
 GROUP = 128
@@ -491,11 +493,6 @@ def _title(meta):
             f"{meta['steps']} RF steps, classes {meta['classes']}; oracle = top columns of the same delta")
 
 
-def _weights_suffix(weights) -> str:
-    """'' for the shipped model, '_<file stem>' for other weights (their results sit beside it)."""
-    return "" if weights is None else "_" + os.path.splitext(os.path.basename(weights))[0]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 class, 25 steps (~2 min; bigger steps than the default)")
@@ -514,7 +511,7 @@ def main(argv=None):
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing delta_stats.json")
     args = ap.parse_args(argv)
     if args.replot:
-        base = os.path.join(args.out, "delta_stats" + _weights_suffix(args.weights))
+        base = os.path.join(args.out, "delta_stats" + weights_tag(args.weights))
         with open(base + ".json") as f:
             d = json.load(f)
         m = d["meta"]
@@ -555,7 +552,7 @@ def main(argv=None):
     rows, per_step = aggregate(col)
     print_table(rows, fracs)
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "delta_stats" + _weights_suffix(args.weights))
+    base = os.path.join(args.out, "delta_stats" + weights_tag(args.weights))
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()

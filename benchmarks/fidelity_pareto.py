@@ -461,7 +461,9 @@ def main(argv=None):
         for name, cfg in GRID.items():
             print(f"{name:<28}{family_of(cfg):<20}{json.dumps(cfg)}")
         return
-    stem = os.path.join(args.out, "fidelity_pareto" + _weights_suffix(args.weights))
+    from examples.tiny_dit.model import weights_tag
+
+    stem = os.path.join(args.out, "fidelity_pareto" + weights_tag(args.weights))
     names = list(GRID) if args.settings is None else \
         list(dict.fromkeys(n for p in args.settings for n in GRID if fnmatch.fnmatchcase(n, p)))  # in given order
     if not names:
@@ -524,13 +526,6 @@ def main(argv=None):
     lib = plot(rows, summary, stem + ".png", _title(meta))
     print_table(rows, summary)
     print(f"wrote {stem}.csv/.json/.png ({lib})")
-
-
-def _weights_suffix(weights) -> str:
-    """'' for the shipped model, '_<file stem>' for other weights (their results sit beside it)."""
-    if weights is None:
-        return ""
-    return "_" + os.path.splitext(os.path.basename(weights))[0]
 
 
 def _title(meta):

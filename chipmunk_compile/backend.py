@@ -130,6 +130,12 @@ def _inner_compile(gm, example_inputs, compiler: str, patches: dict):
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
+def _call_grouping_input(sites, attr: str) -> Optional[int]:
+    """The one graph-input index that the sites' per-call groupings name as `attr`, else None."""
+    found = {getattr(s.call_grouping, attr) for s in sites if s.call_grouping is not None} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
 def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                      options: Optional[dict] = None):
     config, compiler, patches = split_options(options)
@@ -168,14 +174,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if not entry:  # a resumed frame: the model is split into several graphs
             step_cache.multi_graph = True
 
-    # the position-id input whose values give a new token count its grid (grouping.CallGrouping)
-    ids_inputs = {s.call_grouping.ids_input for s in plan.sites
-                  if s.call_grouping is not None and s.call_grouping.ids_input is not None}
-    ids_input = ids_inputs.pop() if len(ids_inputs) == 1 else None
-    # the conv-embedded input whose size gives a new token count its grid (shapes only)
-    conv_inputs = {s.call_grouping.shape_input for s in plan.sites
-                   if s.call_grouping is not None and s.call_grouping.shape_input is not None}
-    conv_input = conv_inputs.pop() if len(conv_inputs) == 1 else None
+    # the graph inputs that give a new token count its grid (grouping.CallGrouping): position ids
+    # (values) and a conv-embedded or patchified latent (shape only)
+    ids_input = _call_grouping_input(plan.sites, "ids_input")
+    conv_input = _call_grouping_input(plan.sites, "shape_input")
 
     def chipmunk_call(*args):
         if ids_input is not None:  # a reference only; read on a new count's first call

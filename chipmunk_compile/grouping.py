@@ -286,9 +286,14 @@ def _dims_arg(node: fx.Node, first: int) -> list:
     return rest
 
 
+def _op_name(node: fx.Node) -> Optional[str]:
+    """The method or function name of a call node."""
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+
+
 def _step_layout(node: fx.Node, src: fx.Node, layout: list) -> Optional[list]:
     """Layout of `node`'s output when it is a view-like op of `src`, else None."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    name = _op_name(node)
     if not node.args or node.args[0] is not src:
         return None
     nd = len(layout)
@@ -331,17 +336,19 @@ def _token_grid(layout: list, spatial: set) -> Optional[tuple[tuple, bool]]:
     return None
 
 
+def _conv_kind(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """'conv2d' / 'conv3d' for a conv call (function or module), else None."""
+    if node.op == "call_function":
+        return "conv2d" if node.target in _CONV2D else "conv3d" if node.target in _CONV3D else None
+    if node.op == "call_module":
+        return {torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d"}.get(type(gm.get_submodule(node.target)))
+    return None
+
+
 def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
     out = []
     for node in gm.graph.nodes:
-        kind = None
-        if node.op == "call_function" and node.target in _CONV2D:
-            kind = "conv2d"
-        elif node.op == "call_function" and node.target in _CONV3D:
-            kind = "conv3d"
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            kind = {torch.nn.Conv2d: "conv2d", torch.nn.Conv3d: "conv3d"}.get(type(mod))
+        kind = _conv_kind(gm, node)
         if kind is None:
             continue
         params, shape = conv_params(gm, node), _shape(node)
@@ -402,13 +409,11 @@ def _conv_input(gm: fx.GraphModule, conv: tuple) -> Optional[int]:
     found = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in gm.graph.nodes:
-        is_conv = node.op == "call_function" and node.target in (_CONV2D | _CONV3D) or (
-            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (torch.nn.Conv2d, torch.nn.Conv3d)))
-        if not is_conv or conv_params(gm, node) != conv:
+        if _conv_kind(gm, node) is None or conv_params(gm, node) != conv:
             continue
         src = node.args[0]
         while isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.args and (
-                (src.target if src.op == "call_method" else getattr(src.target, "__name__", None)) in _IDENTITY):
+                _op_name(src) in _IDENTITY):
             src = src.args[0]
         found.add(placeholders.index(src) if isinstance(src, fx.Node) and src.op == "placeholder" else None)
     return found.pop() if len(found) == 1 else None

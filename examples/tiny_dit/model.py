@@ -251,6 +251,12 @@ def load_pretrained(device="cpu", dtype=torch.float32, weights_path: str = WEIGH
     return TinyDiT.from_pretrained(weights_path, device=device, dtype=dtype)
 
 
+def weights_tag(weights_path: str | None) -> str:
+    """'' for the shipped 64x64 model (None), '_<file stem>' for other weights: the suffix of the
+    result files a benchmark writes for them."""
+    return "" if weights_path is None else "_" + os.path.splitext(os.path.basename(weights_path))[0]
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -43,6 +43,13 @@ def attention_backend(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (training, and sampling: the flash kernel takes half precision only)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def save_split(model: TinyDiT, out: str) -> None:
     """fp16 state dict in two files of about equal size + ``tiny_flux.json``."""
     from safetensors.torch import save_file
@@ -97,7 +104,7 @@ def main(argv=None):
     warmup = 200
     budget = args.minutes * 60
     log, step, start = [], 0, time.time()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
     ids = model.position_ids(device)
     low_grid = model.config.grid_size // 2
     low_ids = {"img_ids": make_img_ids(low_grid, low_grid, device), "txt_ids": ids["txt_ids"]}
@@ -139,9 +146,7 @@ def main(argv=None):
         json.dump({"steps": step, "seconds": time.time() - start, "batch": args.batch,
                    "image_size": args.image_size, "low_res_minutes": args.low_res_minutes, "log": log}, f)
     labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(2)
-    # the flash kernel takes half precision only: sample under the same autocast as training
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), amp, attention_backend(device):
+    with torch.no_grad(), autocast(device), attention_backend(device):
         imgs = sample_classes(ema, labels, steps=args.sample_steps, seed=1)
     image_grid(imgs, nrow=NUM_CLASSES).save(os.path.join(args.out, "samples.png"))
 
