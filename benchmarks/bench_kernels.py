@@ -196,42 +196,31 @@ def _cfg(w, s, **kw):
 
 def sweep_variants():
     """(section, label, module name, Config|None) — None: the module's autotuned launcher."""
-    mm1 = [("A 256x64 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("B 256x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("C 128x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("D 256x64 s3 gm8 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, OCC=1, SPLIT=2)),
-           ("E 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,
-                                            SPLIT=1)),
-           ("F 256x128 s2 gm64 sp2", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("G 128x128 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("H 256x64 s3 gm16 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2)),
-           # one warpgroup per 64-row tile, two programs per SM: one's epilogue overlaps the other's loop
-           ("I m64 256x64 w4 s2 occ2", _cfg(4, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
-           ("J m64 256x64 w4 s3", _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("K m64 128x64 w4 s3 occ2", _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
-           ("L 256x32 s6", _cfg(8, 6, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
-           # one warpgroup on a 128x128 tile with a deep pipeline (mm2's best, session 5)
-           ("M 128x64 w4 s5", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("N 128x64 w4 s6", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("O 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
-           # C with a deeper pipeline: two warpgroups on a 128x128 tile compile without register spills
-           ("P 128x64 s5 gm64 sp2", _cfg(8, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2))]
-    mm2 = [("A 256x64 s3 gm64 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
-           ("B 256x64 s4 gm64 sp4", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4)),
-           ("C 256x64 s3 gm64 nosplit", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1,
-                                            SPLIT=1)),
-           ("D 256x64 s3 gm64 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("E 256x64 s3 gm64 sp8", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=8)),
-           ("F 128x64 s4 gm64 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("G 256x64 s3 gm8 sp4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, OCC=1, SPLIT=4)),
-           ("H 256x128 s2 gm64 sp4", _cfg(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=64, OCC=1, SPLIT=4)),
-           ("I m64 128x64 w4 s4 occ2", _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
-           ("J m64 256x64 w4 s3", _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("K 128x64 w4 s5", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("L 128x64 w4 s3 occ2", _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2)),
-           ("M 128x64 w4 s6", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("N 128x32 w4 s8", _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=64, OCC=1, SPLIT=2)),
-           ("O 128x64 w4 s5 gm16", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2))]
+    # EPI_SUB: the epilogue in that many column slices (fewer live registers; see the modules)
+    mm1 = [("A 256x64 s4 epi4", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=4)),
+           ("B 256x64 s3 epi4", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=4)),
+           ("C 256x64 s4 epi2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2)),
+           ("D 256x64 s4 epi1", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1)),
+           ("E 128x64 s5 epi2", _cfg(8, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2)),
+           ("F 128x64 s5 epi1", _cfg(8, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1)),
+           ("G 256x64 s4 epi4 gm16", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, OCC=1, SPLIT=2,
+                                          EPI_SUB=4)),
+           ("H 128x64 w4 s4 epi2", _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2,
+                                        EPI_SUB=2))]
+    mm2 = [("A 128x64 w4 s5 epi1", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2,
+                                        EPI_SUB=1)),
+           ("B 128x64 w4 s5 epi2", _cfg(4, 5, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2,
+                                        EPI_SUB=2)),
+           ("C 256x64 s4 sp4 epi2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4,
+                                         EPI_SUB=2)),
+           ("D 256x64 s3 sp4 epi2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4,
+                                         EPI_SUB=2)),
+           ("E 256x64 s4 sp4 epi1", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4,
+                                         EPI_SUB=1)),
+           ("F 128x64 w4 s6 epi1", _cfg(4, 6, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2,
+                                        EPI_SUB=1)),
+           ("G 256x64 s4 sp2 epi2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2,
+                                         EPI_SUB=2))]
     att = [("A m128 n64 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
            ("B m128 n128 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=2)),
            ("C m128 n64 t16 s4 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
@@ -253,9 +242,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _sweep_inputs(dev, dt, tiny=False):
+def _sweep_inputs(dev, dt, tiny=False, keep=0.3):
     torch.manual_seed(0)
-    M, C, Fh, block, keep = (4352, 3072, 12288, 128, 0.3) if not tiny else (300, 128, 512, 128, 0.3)
+    M, C, Fh, block = (4352, 3072, 12288, 128) if not tiny else (300, 128, 512, 128)
     NB = math.ceil(M / block)
     Kc = round(keep * Fh)
     m = dict(x=torch.randn(1, M, C, device=dev, dtype=dt), w1=torch.randn(Fh, C, device=dev, dtype=dt) / math.sqrt(C),
@@ -302,7 +291,7 @@ def _sweep_modules(baseline_dir):
 
 def run_sweep(a, worker=None):
     dev, dt = ("cpu", torch.float32) if a.dry else ("cuda", torch.bfloat16)
-    m, at = _sweep_inputs(dev, dt, tiny=a.dry)
+    m, at = _sweep_inputs(dev, dt, tiny=a.dry, keep=a.sweep_mlp_keep)
     mods = _sweep_modules(a.baseline_dir)
     jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)
             if (cfg is None or a.sweep_set == "all") and sec in a.sweep_sections]
@@ -338,7 +327,8 @@ def run_sweep(a, worker=None):
             if sec == "mm2":
                 m["yc"].copy_(yc0)
             tf = (m["flops"] if sec != "attn" else at["flops"]) / ms / 1e9
-            row = dict(section="sweep-" + sec, name=f"{ver} {lab}", shape="flux", ms=round(ms, 4),
+            shape = f"flux keep={a.sweep_mlp_keep}" if sec != "attn" else "flux"
+            row = dict(section="sweep-" + sec, name=f"{ver} {lab}", shape=shape, ms=round(ms, 4),
                        tflops=round(tf, 1), note=f"rel_err_vs_first={err:.1e}")
             if cfg is None and hasattr(mod, "_tuned") and getattr(mod._tuned, "best_config", None) is not None:
                 row["note"] += f" best={mod._tuned.best_config}"
@@ -383,6 +373,7 @@ def main():
     ap.add_argument("--workers", type=int, default=0, help="compile sweep variants in N processes first")
     ap.add_argument("--sweep-set", choices=["all", "auto"], default="all", help="auto: autotuned rows only")
     ap.add_argument("--sweep-sections", nargs="+", choices=["mm1", "mm2", "attn"], default=["mm1", "mm2", "attn"])
+    ap.add_argument("--sweep-mlp-keep", type=float, default=0.3, help="kept neuron fraction of the mm1/mm2 sweep")
     ap.add_argument("--attn-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--mlp-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--no-dense-colsum", action="store_true")

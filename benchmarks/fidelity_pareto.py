@@ -129,6 +129,13 @@ GRID = {
     "cm-a.165-moff-ae5": _cm({"full_step_every": 5}, MOFF),
     "cmsc-a.165-moff-fixed25": _cm(None, MOFF, sc={"skip_steps": PUBLISHED_SKIPS}),
     "cmsc-a.165-moff-t0.12-w7": _cm(None, MOFF, sc={"threshold": 0.12, "warmup_steps": 7}),
+    # the low-FLOPs end with the 7-step warm-up, for step caching alone and stacked with each op
+    "sc-t0.40-c3-w7": _sc(threshold=0.4, max_consecutive=3, warmup_steps=7),
+    "sc-t0.50-c4-w7": _sc(threshold=0.5, max_consecutive=4, warmup_steps=7),
+    "cmsc-a.165-m.30-t0.30-c3-w7": _cm(sc={"threshold": 0.3, "max_consecutive": 3, "warmup_steps": 7}),
+    "cmsc-aoff-m.30-t0.30-c3-w7": _cm(AOFF, sc={"threshold": 0.3, "max_consecutive": 3, "warmup_steps": 7}),
+    "cmsc-a.165-moff-t0.30-c3-w7": _cm(None, MOFF, sc={"threshold": 0.3, "max_consecutive": 3, "warmup_steps": 7}),
+    "cmsc-a.165-moff-t0.20-w7": _cm(None, MOFF, sc={"threshold": 0.2, "warmup_steps": 7}),
 }
 
 

@@ -10,7 +10,8 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   N) is load-masked, so the others stay vectorised and software-pipelined. `key_allowed`: the
   tile's columns that exist and are not masked out by a (B, N) int8 key mask.
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
-tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter).
+tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
+`pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it).
 """
 
 import torch
@@ -32,6 +33,15 @@ def tail_split(T: int, P: int, split: int) -> int:
     """Number of (final) tiles split into `split` programs: the T % P tiles of a short last wave."""
     rem = T % P
     return rem if split > 1 and rem * split <= P else 0
+
+
+def pow2_align(n: int, cap: int = 256) -> int:
+    """Largest power of two <= cap dividing n: a constexpr that tells a kernel which tile widths
+    divide a dimension (those loops and loads then need no masks)."""
+    a = 1
+    while a < cap and n % (2 * a) == 0:
+        a *= 2
+    return a
 
 
 def wave_grid(tiles, nsm: int):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import grouped_tile, num_sms, wave_grid, wave_tail_tile
+from ._tiles import grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
 from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
 
 
@@ -56,7 +56,7 @@ def _mm1_tile(
     M, C, KWP, b, mb, t, col0,  #
     BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
-    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
     loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = mb * BLK + loc
@@ -67,55 +67,103 @@ def _mm1_tile(
         ri = pos
     cnt = tl.load(CNT + b * scb + mb)
     c = col0 + tl.arange(0, BLOCK_N)
-    dp_ptrs = DP + b * sdb + pos[:, None] * sdm + c[None, :] * sdk
     # delta columns up to the padded row width KWP (a multiple of 64) are written, pad included
     # (zeros, never read): with no column mask at KW the stores stay 16-byte vectors (masked at
     # K = 4300 they were 2-byte stores, 256 per thread and tile)
     st_mask = row_ok[:, None] & (c < KWP)[None, :]
     if col0 >= cnt:
+        dp_ptrs = DP + b * sdb + pos[:, None] * sdm + c[None, :] * sdk
         tl.store(dp_ptrs, tl.zeros([BLOCK_M, BLOCK_N], DP.dtype.element_ty), mask=st_mask)
     else:
         c_ok = c < cnt
         j = tl.load(IDX + b * sib + mb * sim + c, mask=c_ok, other=0)
         offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + b * sxb + ri[:, None] * sxm + offs_k[None, :] * sxc
-        wa_ptrs = WA + j[:, None] * swa_f + offs_k[None, :] * swa_c
+        # Row bases stay [rows, 1] and the column offsets are rebuilt each step: loop-carried
+        # [rows, BLOCK_K] pointer tensors (64-bit, one per pipeline stage) held ~128 registers
+        # per thread and made the epilogue spill.
+        x_rows = X + b * sxb + ri[:, None] * sxm
+        wa_rows = WA + j[:, None] * swa_f
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_WL:
-            wl_ptrs = WL + j[:, None] * swl_f + offs_k[None, :] * swl_c
+            wl_rows = WL + j[:, None] * swl_f
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kk in range(0, C, BLOCK_K):
+            kc = kk + offs_k
             if EVEN_K:
-                xa = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                wa = tl.load(wa_ptrs)
+                xa = tl.load(x_rows + kc[None, :] * sxc, mask=row_ok[:, None], other=0.0)
+                wa = tl.load(wa_rows + kc[None, :] * swa_c)
             else:
-                k_ok = (kk + offs_k) < C
-                xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wa = tl.load(wa_ptrs, mask=k_ok[None, :], other=0.0)
+                k_ok = kc < C
+                xa = tl.load(x_rows + kc[None, :] * sxc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wa = tl.load(wa_rows + kc[None, :] * swa_c, mask=k_ok[None, :], other=0.0)
             acc = tl.dot(xa, tl.trans(wa), acc, input_precision=DOT_PREC)
             if HAS_WL:
                 if EVEN_K:
-                    wl = tl.load(wl_ptrs)
+                    wl = tl.load(wl_rows + kc[None, :] * swl_c)
                 else:
-                    wl = tl.load(wl_ptrs, mask=((kk + offs_k) < C)[None, :], other=0.0)
+                    wl = tl.load(wl_rows + kc[None, :] * swl_c, mask=(kc < C)[None, :], other=0.0)
                 acc2 = tl.dot(xa, tl.trans(wl), acc2, input_precision=DOT_PREC)
-                wl_ptrs += BLOCK_K * swl_c
-            x_ptrs += BLOCK_K * sxc
-            wa_ptrs += BLOCK_K * swa_c
-        if HAS_BA:
-            acc += tl.load(BA + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        hval = _act(acc, ACT)
-        if HAS_WL:
-            if HAS_BL:
-                acc2 += tl.load(BL + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-            hval = hval * acc2
-        h_new = hval.to(HC.dtype.element_ty)
-        hc_ptrs = HC + b * shb + pos[:, None] * shm + j[None, :] * shf
-        hc_mask = row_ok[:, None] & c_ok[None, :]
-        old = tl.load(hc_ptrs, mask=hc_mask, other=0.0)
-        delta = tl.where(c_ok[None, :], h_new.to(tl.float32) - old.to(tl.float32), 0.0)
-        tl.store(dp_ptrs, delta.to(DP.dtype.element_ty), mask=st_mask)
-        tl.store(hc_ptrs, h_new, mask=hc_mask)
+        if not HAS_WL:
+            acc2 = acc  # unused by the epilogue
+        # the epilogue in column slices (EPI_SUB of them): fewer temporaries live beside the
+        # accumulator (128x128 on 8 warps spilled 264 bytes per thread in one piece, none in two)
+        if EPI_SUB == 1:
+            _mm1_epilogue(acc, acc2, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                          KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, BLOCK_N)
+        else:
+            H: tl.constexpr = BLOCK_N // 2
+            a0, a1 = _halves(acc, BLOCK_M, H)
+            g0, g1 = _halves(acc2, BLOCK_M, H)
+            if EPI_SUB == 2:
+                _mm1_epilogue(a0, g0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                              KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, H)
+                _mm1_epilogue(a1, g1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                              KWP, b, mb, pos, row_ok, cnt, col0 + H, ACT, HAS_BA, HAS_WL, HAS_BL, H)
+            else:
+                Q: tl.constexpr = H // 2
+                for half in tl.static_range(2):
+                    ah = a0 if half == 0 else a1
+                    gh = g0 if half == 0 else g1
+                    q0, q1 = _halves(ah, BLOCK_M, Q)
+                    r0, r1 = _halves(gh, BLOCK_M, Q)
+                    _mm1_epilogue(q0, r0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                                  KWP, b, mb, pos, row_ok, cnt, col0 + half * H, ACT, HAS_BA, HAS_WL, HAS_BL, Q)
+                    _mm1_epilogue(q1, r1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                                  KWP, b, mb, pos, row_ok, cnt, col0 + half * H + Q, ACT, HAS_BA, HAS_WL,
+                                  HAS_BL, Q)
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, H: tl.constexpr):
+    """Columns [0, H) and [H, 2H) of a (ROWS, 2H) register tile."""
+    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, H]), (0, 2, 1)))
+
+@triton.jit
+def _mm1_epilogue(acc, acc2, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,  #
+                  KWP, b, mb, pos, row_ok, cnt, col0,  #
+                  ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Columns [col0, col0 + BLOCK_N) of a tile: bias, activation, delta against the cache, stores."""
+    c = col0 + tl.arange(0, BLOCK_N)
+    c_ok = c < cnt
+    j = tl.load(IDX + b * sib + mb * sim + c, mask=c_ok, other=0)
+    if HAS_BA:
+        acc += tl.load(BA + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    hval = _act(acc, ACT)
+    if HAS_WL:
+        if HAS_BL:
+            acc2 += tl.load(BL + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        hval = hval * acc2
+    h_new = hval.to(HC.dtype.element_ty)
+    # offsets, not pointer tiles: 64-bit pointers for a whole tile cost 2 * BLOCK_M * BLOCK_N /
+    # threads registers, and the K loop's accumulator is still live here
+    hc_off = pos[:, None] * shm + j[None, :] * shf
+    hc_mask = row_ok[:, None] & c_ok[None, :]
+    old = tl.load(HC + b * shb + hc_off, mask=hc_mask, other=0.0)
+    delta = tl.where(c_ok[None, :], h_new.to(tl.float32) - old.to(tl.float32), 0.0)
+    st_mask = row_ok[:, None] & (c < KWP)[None, :]
+    tl.store(DP + b * sdb + pos[:, None] * sdm + c[None, :] * sdk, delta.to(DP.dtype.element_ty), mask=st_mask)
+    tl.store(HC + b * shb + hc_off, h_new, mask=hc_mask)
 
 
 @triton.jit
@@ -126,6 +174,7 @@ def _mlp_sparse_mm1_kernel(
     BLK: tl.constexpr, ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_WL: tl.constexpr, HAS_BL: tl.constexpr,  #
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
     GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, KALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    EPI_SUB: tl.constexpr,
 ):
     TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
     EVEN_K: tl.constexpr = KALIGN % BLOCK_K == 0
@@ -140,43 +189,34 @@ def _mlp_sparse_mm1_kernel(
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
                   M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
-                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
+                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC, EPI_SUB)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
                   M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
-                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, SUB, BLOCK_K, EVEN_K, DOT_PREC)
+                  BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, SUB, BLOCK_K, EVEN_K, DOT_PREC, EPI_SUB)
 
 
 def _configs():
     out = []
-    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
-    # H200 FLUX sweep (benchmarks/results/bench_kernels_h200_sweep.csv): 128x256x64, 8 warps, 4 stages,
-    # GROUP_M 64 best (0.280 ms); 3 stages 0.291, GROUP_M 16 0.292, GROUP_M 8 0.306, 128x128 0.30-0.31.
-    # 128x128 tiles on 8 warps: the only tile of these that compiles without spills for sm_90 (Triton
-    # 3.9 + ptxas, no GPU; 128x256 on 8 warps spills 240-380 bytes per thread in the epilogue). On the
-    # H200 it times at 0.250 against 0.247 ms for 128x256 (bench_kernels_h200_session7.csv).
-    for bm, bn, bk, w, s, gm, occ, sp in [(128, 256, 64, 8, 4, 64, 1, 2), (128, 256, 64, 8, 3, 64, 1, 2),
-                                          (128, 256, 64, 8, 3, 16, 1, 2), (128, 128, 64, 4, 4, 64, 1, 2),
-                                          (128, 128, 64, 8, 4, 64, 1, 2), (128, 128, 64, 8, 5, 64, 1, 2)]:
+    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT, EPI_SUB
+    # H200 FLUX sweeps (bench_kernels_h200_sweep.csv, _session7.csv): 128x256x64 on 8 warps, 4 stages,
+    # GROUP_M 64 was best (0.247-0.280 ms) while its epilogue spilled; 128x128 on 8 warps 0.250.
+    # Compiled for sm_90 with the strides specialized as at run time: 128x256 spills 144 bytes per
+    # thread in one epilogue piece and none in 2 or 4 column slices; 128x128 none in either.
+    for bm, bn, bk, w, s, gm, occ, sp, es in [(128, 256, 64, 8, 4, 64, 1, 2, 1), (128, 256, 64, 8, 4, 64, 1, 2, 2),
+                                              (128, 256, 64, 8, 3, 64, 1, 2, 1), (128, 256, 64, 8, 3, 16, 1, 2, 1),
+                                              (128, 128, 64, 4, 4, 64, 1, 2, 1), (128, 128, 64, 8, 4, 64, 1, 2, 1),
+                                              (128, 128, 64, 8, 5, 64, 1, 2, 1), (128, 128, 64, 8, 5, 64, 1, 2, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
-                                  "SPLIT": sp}, num_warps=w, num_stages=s))
+                                  "SPLIT": sp, "EPI_SUB": es}, num_warps=w, num_stages=s))
     return out
-
-
-
-
-def _pow2_align(n: int, cap: int = 256) -> int:
-    a = 1
-    while a < cap and n % (2 * a) == 0:
-        a *= 2
-    return a
 
 
 # Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
 _force_config = None
-_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
+_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2)
 
 _tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
                          restore_value=["HC"])(_mlp_sparse_mm1_kernel)
@@ -206,7 +246,7 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
         M, C, KW, KWp, NB, B, nsm,
     )
     flags = dict(BLK=int(block), ACT=ACT_CODE[act], HAS_BA=b_act is not None, HAS_WL=w_lin is not None,
-                 HAS_BL=b_lin is not None, HAS_PERM=pm is not None, KALIGN=_pow2_align(C),
+                 HAS_BL=b_lin is not None, HAS_PERM=pm is not None, KALIGN=pow2_align(C),
                  DOT_PREC=dot_precision(x.dtype))
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(KW, meta["BLOCK_N"]), nsm)

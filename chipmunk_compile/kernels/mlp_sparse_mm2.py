@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import grouped_tile, num_sms, wave_grid, wave_tail_tile
+from ._tiles import grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
 from ._common import cdiv, dot_precision, interpreting, new_empty
 
 
@@ -39,7 +39,7 @@ def _mm2_tile(
     sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
     M, NOUT, b, mb, t, col0,  #
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
     loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = mb * BLK + loc
@@ -62,7 +62,10 @@ def _mm2_tile(
         c = kk + offs_k
         j = tl.load(idx_base + c)
         a = tl.load(a_base + c[None, :] * sdk, mask=row_ok[:, None], other=0.0)
-        w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
+        if EVEN_N:
+            w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn)
+        else:
+            w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     if n_full < cnt:
         c = n_full + offs_k
@@ -71,10 +74,23 @@ def _mm2_tile(
         a = tl.load(a_base + c[None, :] * sdk, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
-    mask = row_ok[:, None] & n_ok[None, :]
-    y_ptrs = YC + b * syb + ri[:, None] * sym + n[None, :] * syn
-    y = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(YC.dtype.element_ty)
-    tl.store(y_ptrs, y, mask=mask)
+    if EPI_SUB == 1:
+        _mm2_epilogue(acc, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, BLOCK_N)
+    else:  # two column halves: fewer temporaries live beside the accumulator
+        H: tl.constexpr = BLOCK_N // 2
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, H]), (0, 2, 1)))
+        _mm2_epilogue(a0, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, H)
+        _mm2_epilogue(a1, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0 + H, NOUT, H)
+
+
+@triton.jit
+def _mm2_epilogue(acc, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, BLOCK_N: tl.constexpr):
+    """Channels [col0, col0 + BLOCK_N): y = y_cache + acc, into the cache and the fresh output."""
+    n = col0 + tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (n < NOUT)[None, :]
+    y_off = ri[:, None] * sym + n[None, :] * syn  # offsets, not a tile of 64-bit pointers
+    y = (tl.load(YC + b * syb + y_off, mask=mask, other=0.0).to(tl.float32) + acc).to(YC.dtype.element_ty)
+    tl.store(YC + b * syb + y_off, y, mask=mask)
     tl.store(OUT + b * sob + ri[:, None] * som + n[None, :] * son, y, mask=mask)
 
 
@@ -85,7 +101,9 @@ def _mlp_sparse_mm2_kernel(
     M, NOUT, NB, NBATCH, NUM_SMS,  #
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    NALIGN: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
+    EVEN_N: tl.constexpr = NALIGN % BLOCK_N == 0
     TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
     NT_N = tl.cdiv(NOUT, BLOCK_N)
     n_mt = NB * TPB
@@ -98,34 +116,34 @@ def _mlp_sparse_mm2_kernel(
         _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
                   M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
-                  BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+                  BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
         _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
                   M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
-                  BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC)
+                  BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB)
 
 
 def _configs():
     out = []
-    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT
+    #         BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, OCC, SPLIT, EPI_SUB
     # H200 FLUX sweep: 128x128x64, 4 warps, 4 stages 0.280 ms; the same with 5 / 6 stages 0.224 /
     # 0.226 ms (benchmarks/results/bench_kernels_h200_sweep_session5.csv: one warpgroup needs the
     # deeper pipeline to hide the gathered w2 rows); 128x256 tiles: 0.418 ms without the wave-tail
-    # split (408 tiles = 3.09 waves), 0.292-0.301 with it; 128x128 with 8 warps 0.427.
-    for bm, bn, bk, w, s, gm, occ, sp in [(128, 128, 64, 4, 5, 64, 1, 2), (128, 128, 64, 4, 6, 64, 1, 2),
-                                          (128, 128, 64, 4, 4, 64, 1, 2), (128, 256, 128, 8, 2, 64, 1, 4)]:
+    # split (408 tiles = 3.09 waves), 0.292-0.301 with it (then spilling 88 bytes per thread in the
+    # epilogue; none in two column halves); 128x128 with 8 warps 0.427.
+    for bm, bn, bk, w, s, gm, occ, sp, es in [(128, 128, 64, 4, 5, 64, 1, 2, 1), (128, 128, 64, 4, 6, 64, 1, 2, 1),
+                                              (128, 128, 64, 4, 5, 64, 1, 2, 2), (128, 256, 64, 8, 4, 64, 1, 4, 2),
+                                              (128, 256, 64, 8, 3, 64, 1, 4, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
-                                  "SPLIT": sp}, num_warps=w, num_stages=s))
+                                  "SPLIT": sp, "EPI_SUB": es}, num_warps=w, num_stages=s))
     return out
-
-
 
 
 # Bench/test hook: a triton.Config that bypasses autotuning (None: autotune / interpreter meta).
 _force_config = None
-_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2)
+_INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2)
 
 _tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
                          restore_value=["YC"])(_mlp_sparse_mm2_kernel)
@@ -169,7 +187,8 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
         cnt.stride(0),
         M, NOUT, NB, B, nsm,
     )
-    flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype))
+    flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype),
+                 NALIGN=pow2_align(NOUT))
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
 

@@ -145,6 +145,37 @@ def test_triton_matches_ref(triton_mode, case, dtype):
     assert y.data_ptr() != yc.data_ptr()
 
 
+@pytest.mark.parametrize("epi_sub", [1, 2, 4])
+def test_epilogue_slices_match_ref(triton_mode, epi_sub):
+    """The epilogue in 1, 2 or 4 column slices (and in the split wave tail's narrower tiles) writes
+    the same delta, cache and output as the reference: every slice gets its own columns' indices."""
+    import triton
+
+    from chipmunk_compile.kernels import mlp_sparse_mm1 as k1, mlp_sparse_mm2 as k2
+
+    B, M, C, Fh, Co, blk = 2, 77, 32, 96, 40, 32
+    g = torch.Generator().manual_seed(epi_sub)
+    w_act, b_act, w_lin, b_lin, w2 = _weights(C, Fh, Co, torch.float32, True, True, g)
+    x = torch.randn(B, M, C, generator=g).to(DEV)
+    perm = torch.randperm(M, generator=g).int().to(DEV)
+    idx, cnt = _indices(B, math.ceil(M / blk), Fh, 0.5, g)
+    hc = mlp_alloc_h_cache(B, M, Fh, torch.float32, DEV)
+    hc.copy_(torch.randn(B, M, Fh, generator=g))
+    hc_r, yc = hc.clone(), torch.randn(B, M, Co, generator=g).to(DEV)
+    yc_r = yc.clone()
+    meta = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=epi_sub)
+    k1._force_config = k2._force_config = triton.Config(meta, num_warps=4, num_stages=2)
+    try:
+        d = k1.mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, idx, cnt, hc, act="silu", block=blk, perm=perm)
+        y = k2.mlp_sparse_mm2(d, w2, idx, cnt, yc, block=blk, perm=perm)
+    finally:
+        k1._force_config = k2._force_config = None
+    d_r = mlp_sparse_mm1_ref(x, w_act, b_act, w_lin, b_lin, idx, cnt, hc_r, act="silu", block=blk, perm=perm)
+    y_r = mlp_sparse_mm2_ref(d_r, w2, idx, cnt, yc_r, block=blk, perm=perm)
+    assert rel_err(d, d_r) < TOL[torch.float32] and rel_err(hc, hc_r) < TOL[torch.float32]
+    assert rel_err(y, y_r) < TOL[torch.float32] and rel_err(yc, y_r) < TOL[torch.float32]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True])
 def test_gpu_bf16_real_shapes(gated):
@@ -170,3 +201,69 @@ def test_gpu_bf16_real_shapes(gated):
     y = get_kernel("mlp_sparse_mm2", d_r)(d_r, w2, idx, cnt, yc, block=blk, perm=perm)
     y_r = mlp_sparse_mm2_ref(d_r, w2, idx, cnt, yc_r, block=blk, perm=perm)
     assert rel_err(y, y_r) < TOL[dt]
+
+
+# Compiles one configuration for sm_90 with its integer arguments specialized as Triton does at
+# run time for FLUX's MLP (4352 tokens, 3072 -> 12288, 30% of the neurons: 3686 packed columns, rows
+# padded to 3712): 1 becomes a constant, multiples of 16 are marked divisible by 16. Prints ptxas'
+# spill-store bytes.
+_SPILLS_ON_HOPPER = """
+import json, re, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia.compiler as nv
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+mod, meta, warps, stages = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+M, C, F, KW, KWP, NB = 4352, 3072, 12288, 3686, 3712, 34
+common = dict(sdb=M * KWP, sdm=KWP, sdk=1, sib=NB * KW, sim=KW, scb=NB, M=M, NB=NB, NBATCH=1, NUM_SMS=132)
+if mod == "mm1":
+    from chipmunk_compile.kernels.mlp_sparse_mm1 import _mlp_sparse_mm1_kernel as k
+    ptrs = dict(X="*bf16", WA="*bf16", BA="*bf16", WL="*bf16", BL="*bf16", IDX="*i32", CNT="*i32", HC="*bf16",
+                DP="*bf16", PERM="*i32")
+    ints = dict(common, sxb=M * C, sxm=C, sxc=1, swa_f=C, swa_c=1, swl_f=C, swl_c=1, shb=F * M, shm=1, shf=M,
+                C=C, KW=KW, KWP=KWP)
+    flags = dict(BLK=128, ACT=1, HAS_BA=True, HAS_WL=False, HAS_BL=False, HAS_PERM=True, KALIGN=256, DOT_PREC="tf32")
+else:
+    from chipmunk_compile.kernels.mlp_sparse_mm2 import _mlp_sparse_mm2_kernel as k
+    ptrs = dict(DP="*bf16", W2T="*bf16", IDX="*i32", CNT="*i32", YC="*bf16", OUT="*bf16", PERM="*i32")
+    ints = dict(common, swf=C, swn=1, syb=M * C, sym=C, syn=1, sob=M * C, som=C, son=1, NOUT=C)
+    flags = dict(BLK=128, HAS_PERM=True, DOT_PREC="tf32", NALIGN=256)
+assert set(k.arg_names) == set(ptrs) | set(ints) | set(flags) | set(meta), set(k.arg_names) ^ (set(ptrs) | set(ints) | set(flags) | set(meta))
+consts = {**flags, **meta, **{n: 1 for n, v in ints.items() if v == 1}}
+sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in k.arg_names}
+div16 = [i for i, n in enumerate(k.arg_names) if n in ptrs or (n in ints and ints[n] % 16 == 0 and ints[n] != 1)]
+out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div16}),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+try:
+    ptxas = nv.get_ptxas(90).path
+except TypeError:  # older Triton: no arch argument
+    ptxas = nv.get_ptxas().path
+with tempfile.TemporaryDirectory() as d:
+    open(d + "/k.ptx", "w").write(out.asm["ptx"])
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"], capture_output=True, text=True)
+m = re.search(r"(\\d+) bytes spill stores", r.stderr)
+assert m, r.stderr[-2000:]
+print("SPILL_STORES", m.group(1))
+"""
+
+
+@pytest.mark.parametrize("mod,meta,warps,stages", [
+    ("mm1", dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=4), 8, 4),
+    ("mm1", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2), 8, 5),
+    ("mm2", dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4, EPI_SUB=2), 8, 4),
+    ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1), 4, 5),
+])
+def test_fast_configs_compile_for_hopper_without_spills(mod, meta, warps, stages):
+    """The H200's chosen tiles keep their epilogue in registers (no local-memory spills): a
+    whole-tile pointer tensor or a one-piece 128x256 epilogue spilled 88-380 bytes per thread.
+    Compiled for sm_90 here, with no GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SPILLS_ON_HOPPER, mod, json.dumps(meta), str(warps), str(stages)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SPILL_STORES 0" in r.stdout, r.stdout
