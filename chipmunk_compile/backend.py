@@ -27,6 +27,7 @@ from .graphs import GraphRunner, graph_blockers, static_input_indices
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import source_name
+from .grouping import outermost_session
 from .runtime import Session, install_diffusers_context_probe, session_for
 from .step_cache import StepCache, main_input_index
 
@@ -178,12 +179,17 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # (values) and a conv-embedded or patchified latent (shape only)
     ids_input = _call_grouping_input(plan.sites, "ids_input")
     conv_input = _call_grouping_input(plan.sites, "shape_input")
+    # a graph without sites that takes the model's latent: its size gives later graphs their grid
+    latent_input = (plan.grouping or {}).get("latent_input")
+    outer = outermost_session(session)
 
     def chipmunk_call(*args):
         if ids_input is not None:  # a reference only; read on a new count's first call
             session._chipmunk_call_ids = args[ids_input]
         if conv_input is not None:
             session._chipmunk_call_conv_input = args[conv_input]
+        if latent_input is not None:  # a reference only; its shape is read when a graph compiles
+            outer._chipmunk_call_latent = args[latent_input]
         ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
         if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
             session.begin_call(lambda: read_signature(args, signals))

@@ -900,7 +900,7 @@ def remember_joins(gm: fx.GraphModule, session) -> None:
         cat = _flat_token_cat(node)
         if cat is not None and cat[0] is not None and None not in cat[1] and len(cat[1]) > 1:
             joins.append((cat[0], tuple(cat[1])))
-    session = _outermost(session)
+    session = outermost_session(session)
     if joins:
         kept = [j for j in getattr(session, "_chipmunk_token_joins", []) if j not in joins]
         session._chipmunk_token_joins = (kept + joins)[-64:]
@@ -1011,7 +1011,7 @@ def _outward(session):
         session = enclosing() if enclosing is not None else None
 
 
-def _outermost(session):
+def outermost_session(session):
     """The session of the outermost compiled model around `session` (None stays None)."""
     for session in _outward(session):
         pass
@@ -1060,11 +1060,67 @@ def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
         return
     extra = (lambda: _table_grids(gm), lambda: _indexed_table_grids(gm, example_inputs))
     cands = [g for source in (*_graph_sources(gm, example_inputs), *extra) for g in source()]
-    outer = _outermost(session)  # a submodule's frame (a rotary embedder) may show the grid
+    outer = outermost_session(session)  # a submodule's frame (a rotary embedder) may show the grid
     if cands:  # the latest few
         outer._chipmunk_grid_cands = (getattr(outer, "_chipmunk_grid_cands", []) + cands)[-16:]
         kept = _root_candidates(session)
         kept[:] = (kept + cands)[-16:]
+    recipe = next((g for g in cands if g.conv is not None and g.input_index is None), None)
+    if recipe is not None and getattr(outer, "_chipmunk_latent_recipe", None) is None:
+        outer._chipmunk_latent_recipe = recipe  # the first model-level latent seen: see _latent_input
+
+
+def _latent_input(gm: fx.GraphModule, session) -> Optional[int]:
+    """Index of this graph's input that is the latent of the remembered recipe (a latent patchified
+    by views or fed to a patch-embedding conv, seen in the model's first graph with a grid), or None.
+    The backend keeps a reference to it per call (`_chipmunk_call_latent` on the outermost session):
+    a later graph compiled for a new resolution takes its grid from that call's latent size, also
+    when the graph that shows the patchify recompiled with symbolic sizes and shows no grid."""
+    recipe = _seen(session, "_chipmunk_latent_recipe")
+    if recipe is None:
+        return None
+    idx = _named_input(gm, recipe.size_input) if recipe.size_input else _conv_input(gm, recipe.conv)
+    if idx is None:
+        return None
+    node = [n for n in gm.graph.nodes if n.op == "placeholder"][idx]
+    v = _val(node)
+    return idx if isinstance(v, torch.Tensor) and v.dim() == 2 + len(recipe.conv[0]) else None
+
+
+def _input_latent_grid(gm: fx.GraphModule, session, counts: list[int]) -> Optional[GridInfo]:
+    """The remembered recipe's grid on this graph's latent input, from its sizes at compile time
+    (hints of symbolic sizes, read without specializing them), if the sites' counts fit it; its
+    `size_input` then gives each later count its own grid per call."""
+    recipe, idx = _seen(session, "_chipmunk_latent_recipe"), _latent_input(gm, session)
+    if recipe is None or idx is None:
+        return None
+    v = _val([n for n in gm.graph.nodes if n.op == "placeholder"][idx])
+    dims = [d if isinstance(d, int) else getattr(d.node, "hint", None) for d in v.shape[2:]]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    grid = conv_out_grid(recipe.conv, dims)
+    if len(grid) != len(recipe.grid):
+        return None
+    cand = GridInfo(grid, recipe.source.split(" (")[0], conv=recipe.conv, size_input=recipe.size_input)
+    return _pick([cand], counts)
+
+
+def _latent_recorded(session) -> bool:
+    return _seen(session, "_chipmunk_latent_recipe") is not None and _seen(session, "_chipmunk_call_latent") is not None
+
+
+def _call_latent_grid(session, counts: list[int]) -> Optional[GridInfo]:
+    """The remembered recipe's grid on the latent of the current call (recorded by an earlier graph
+    of this model call), if the sites' token counts fit it."""
+    recipe, x = _seen(session, "_chipmunk_latent_recipe"), _seen(session, "_chipmunk_call_latent")
+    if recipe is None or not isinstance(x, torch.Tensor) or x.dim() != 2 + len(recipe.conv[0]):
+        return None
+    grid = conv_out_grid(recipe.conv, tuple(int(d) for d in x.shape[2:]))
+    if len(grid) != len(recipe.grid):
+        return None
+    cand = GridInfo(grid, recipe.source.split(" (")[0] + ", this call's size", conv=recipe.conv,
+                    size_input=recipe.size_input)
+    return _pick([cand], counts)
 
 
 def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
@@ -1077,7 +1133,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         remember_joins(gm, session)
     if not pairs:
         _keep_candidates(gm, example_inputs, gcfg, session)
-        return {}
+        idx = _latent_input(gm, session) if gcfg.enabled else None
+        return {"latent_input": idx} if idx is not None else {}
     if not gcfg.enabled:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, "none: grouping disabled"
@@ -1090,7 +1147,17 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         _keep_candidates(gm, example_inputs, gcfg, session)
     earlier = _seen(session, "_chipmunk_grid")
     if info is None and earlier is None:  # candidates of an earlier graph without sites
-        earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session), counts)
+        earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session),
+                        counts or _site_token_hints(sites))
+    sized = counts + _site_token_hints(sites)
+    if info is None:
+        # the latent of this call, an input of this graph (whose walk from it found nothing:
+        # symbolic sizes) or recorded by an earlier graph of the same model call, has the grid of
+        # this resolution; an earlier graph's grid (another resolution) only if it explains the
+        # sites better
+        latent = _input_latent_grid(gm, session, sized) or (_call_latent_grid(session, counts) if counts else None)
+        if latent is not None and (earlier is None or latent.grid != earlier.grid):
+            earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
                         conv=earlier.conv, size_input=earlier.size_input)
@@ -1135,12 +1202,15 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     shape_input = None
     if info.conv is not None and info.input_index is None:
         shape_input = _named_input(gm, info.size_input) if info.size_input else _conv_input(gm, info.conv)
+    # no such input here (the patchify ran in an earlier graph): the latent that graph recorded
+    call_latent = shape_input is None and info.conv is not None and _latent_recorded(session)
     # text side per site path, kept across graphs: a recompile with symbolic counts shows no concat
     # lengths, but the same module joins text and image the same way at every resolution
-    outer = _outermost(session)
+    outer = outermost_session(session)
     remembered_sides = getattr(outer, "_chipmunk_text_sides", {}) if outer is not None else {}
+    remembered_text = getattr(outer, "_chipmunk_text_counts", {}) if outer is not None else {}
     if outer is not None:
-        outer._chipmunk_text_sides = remembered_sides
+        outer._chipmunk_text_sides, outer._chipmunk_text_counts = remembered_sides, remembered_text
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
@@ -1154,22 +1224,33 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             s.perm, s.always_keep = None, None
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
-                                           shape_input=shape_input, conv=info.conv, img_grid=info.grid)
+                                           shape_input=shape_input, conv=info.conv, img_grid=info.grid,
+                                           call_latent=call_latent)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
                         f"; grid of each new count from its {'input' if info.size_input else 'conv input'}'s size"
-                        if shape_input is not None else "")
+                        if shape_input is not None else
+                        "; grid of each new count from the call's latent (an earlier graph's input)"
+                        if call_latent else "")
             s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
-        perm, keep, note = _decide(n, n_img, img_order, sides_by_count.get(n, set()), info, gcfg, cache, key)
+        sides = sides_by_count.get(n, set())
+        if not sides and n is not None and n - n_img == remembered_text.get(s.path):
+            # no concat of n tokens in this graph or an earlier one (it recompiled with symbolic
+            # lengths): the side this module's text took at an earlier resolution, as many tokens
+            sides = {"first" if remembered_sides[s.path] else "last"}
+            side_note = " (text side of this module at an earlier resolution)"
+        else:
+            side_note = " (concat in an earlier graph)" if n in from_earlier else ""
+        perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
-            remembered_sides[s.path] = bool(keep[0])
+            remembered_sides[s.path], remembered_text[s.path] = bool(keep[0]), int(keep.sum())
         s.perm = perm
         s.always_keep = keep if keep_text else None
-        if perm is not None and n in from_earlier:
-            note += " (concat in an earlier graph)"
+        if perm is not None:
+            note += side_note
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
@@ -1220,17 +1301,19 @@ class CallGrouping:
     When it came from a conv patch embedding or a latent input patchified by views (`shape_input`,
     `conv`), the first call of a count takes the grid from the size of that input
     (`session._chipmunk_call_conv_input`, shapes only: no host copy, no sync), if it has as many
-    axes as the compiled grid.
+    axes as the compiled grid; when an earlier graph of the model call took that latent
+    (`call_latent`), from the size of the latent it recorded (`_chipmunk_call_latent`).
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
-                 shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None):
+                 shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
+                 call_latent: bool = False):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.ids_input, self.tile, self.group = ids_input, tile, group
-        self.shape_input, self.conv = shape_input, conv
+        self.shape_input, self.conv, self.call_latent = shape_input, conv, call_latent
         self.grid_axes = len(img_grid) if img_grid is not None else None
         self.cache: dict = {}
 
@@ -1262,7 +1345,8 @@ class CallGrouping:
 
     def _from_conv_input(self, n: int, session) -> Optional[tuple]:
         """(perm, keep) on the grid the conv makes of this call's input size, or None."""
-        x = getattr(session, "_chipmunk_call_conv_input", None) if self.shape_input is not None else None
+        x = (getattr(session, "_chipmunk_call_conv_input", None) if self.shape_input is not None else
+             _seen(session, "_chipmunk_call_latent") if self.call_latent else None)
         if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
             return None
         grid = conv_out_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):])

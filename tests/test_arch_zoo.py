@@ -175,6 +175,47 @@ def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes)
         assert checked, (size, [list(s.call_grouping.cache) for s in sites])
 
 
+def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo):
+    """Lumina2 patchifies its latent in a graph of its own (the rotary embedder) before a graph
+    break; at a new resolution that graph recompiles with symbolic sizes and shows no grid, and the
+    blocks' graph recompiles with the new token counts. The latent that graph takes, recorded per
+    call, gives the blocks their new grid; the text side is the one each module had before, for as
+    many text tokens. Every size is grouped on its own grid, none runs ungrouped."""
+    import math
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    import chipmunk_compile
+    from chipmunk_compile.grouping import GridInfo, image_order, site_perm
+    from zoo_common import _r
+
+    case = arch_zoo.MODELS["lumina2"][1]()
+    c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
+    kw = dict(case.kwargs)
+    counters["chipmunk"].clear()
+    n_text = kw["encoder_hidden_states"].shape[1]
+    for size in ((16, 16), (12, 16), (12, 12)):
+        before = sum(len(ses.sites) for ses in chipmunk_compile.runtime.sessions_of(c))
+        kw["hidden_states"] = _r(1, 4, *size)
+        with torch.no_grad():
+            out = c(**kw)[0]
+        assert out.shape[-2:] == size and torch.isfinite(out).all()
+        grid = (size[0] // 2, size[1] // 2)
+        new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites][before:]
+        blocks = [s for s in new if s.kind == "attention" and s.path.startswith("layers.")]
+        assert blocks, (size, [s.path for s in new])
+        for s in blocks:  # image + text tokens, text first: the joint blocks
+            n = math.prod(grid) + n_text
+            cg = s.call_grouping
+            order, _ = image_order(GridInfo(grid, ""), cg.tile if cg else s.session.config.grouping.tile,
+                                   cg.group if cg else s.cfg.group)
+            perm = s.perm if cg is None else cg.for_count(n, s.session)[0]
+            assert perm is not None and torch.equal(perm, site_perm(n, order, n_text, True)), (size, s.grouping)
+            assert "×".join(map(str, grid)) in s.grouping, (size, s.grouping)
+    assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
+
+
 def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
     """FLUX.2 Klein's KV flow through one compiled model: the extract step (two images: no grid),
     then cached steps, a recompile with symbolic token counts. Their attention sites are matched and
