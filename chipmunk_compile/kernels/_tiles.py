@@ -8,7 +8,8 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   same time gather the same (sorted) weight rows and hit them in L2.
 - `load_rows`: rows `cols` of a (N, HEAD_DIM) K or V slice; only the TAIL tile (the one crossing
   N) is load-masked, so the others stay vectorised and software-pipelined. `key_allowed`: the
-  tile's columns that exist and are not masked out by a (B, N) int8 key mask.
+  tile's columns that exist and are not masked out by a (B, N) int8 key mask. `column_halves`:
+  the two column halves of a register tile, for epilogues done in slices.
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
 `pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it).
@@ -90,3 +91,10 @@ def load_rows(base, cols, col_in, stride_n, stride_d, HEAD_DIM: tl.constexpr, TA
 def key_allowed(KMASK, b, cols, col_in, NK):
     km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
     return col_in & (km != 0)
+
+
+@triton.jit
+def column_halves(x, ROWS: tl.constexpr, H: tl.constexpr):
+    """Columns [0, H) and [H, 2H) of a (ROWS, 2H) register tile (an epilogue done in slices keeps
+    fewer temporaries live beside the accumulator)."""
+    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, H]), (0, 2, 1)))

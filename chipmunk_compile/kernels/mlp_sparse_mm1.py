@@ -16,7 +16,10 @@ Kernel invariants:
 - Epilogue: bias, activation (and the gated product) in fp32, round to the cache dtype, delta =
   h_new - h_cache (fp32), store delta (packed) and h_new (into h_cache) — the writeback is fused,
   each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
-  in-place update is race free.
+  in-place update is race free. With EPI_SUB = 2 or 4 the epilogue runs on that many column slices
+  of the accumulator, each loading its own indices; its offsets are int tiles beside one base
+  pointer, not tiles of 64-bit pointers (compiled for sm_90 with the strides specialized as at run
+  time, the 128x256 tile spilled 144 bytes per thread in one piece and none in slices).
 - delta_packed rows are padded to a multiple of 64 elements (see the launcher); the pad columns
   may be written (zeros) and are never read.
 - Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
@@ -32,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
+from ._tiles import column_halves, grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
 from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
 
 
@@ -112,8 +115,8 @@ def _mm1_tile(
                           KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, BLOCK_N)
         else:
             H: tl.constexpr = BLOCK_N // 2
-            a0, a1 = _halves(acc, BLOCK_M, H)
-            g0, g1 = _halves(acc2, BLOCK_M, H)
+            a0, a1 = column_halves(acc, BLOCK_M, H)
+            g0, g1 = column_halves(acc2, BLOCK_M, H)
             if EPI_SUB == 2:
                 _mm1_epilogue(a0, g0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
                               KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, H)
@@ -124,19 +127,14 @@ def _mm1_tile(
                 for half in tl.static_range(2):
                     ah = a0 if half == 0 else a1
                     gh = g0 if half == 0 else g1
-                    q0, q1 = _halves(ah, BLOCK_M, Q)
-                    r0, r1 = _halves(gh, BLOCK_M, Q)
+                    q0, q1 = column_halves(ah, BLOCK_M, Q)
+                    r0, r1 = column_halves(gh, BLOCK_M, Q)
                     _mm1_epilogue(q0, r0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
                                   KWP, b, mb, pos, row_ok, cnt, col0 + half * H, ACT, HAS_BA, HAS_WL, HAS_BL, Q)
                     _mm1_epilogue(q1, r1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
                                   KWP, b, mb, pos, row_ok, cnt, col0 + half * H + Q, ACT, HAS_BA, HAS_WL,
                                   HAS_BL, Q)
 
-
-@triton.jit
-def _halves(x, ROWS: tl.constexpr, H: tl.constexpr):
-    """Columns [0, H) and [H, 2H) of a (ROWS, 2H) register tile."""
-    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, H]), (0, 2, 1)))
 
 @triton.jit
 def _mm1_epilogue(acc, acc2, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,  #
