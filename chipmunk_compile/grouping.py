@@ -218,6 +218,9 @@ class GridInfo:
     # whose output dims, size-1 axes dropped, are `grid` in order: a new input size gives a new grid
     # (a latent patchified by views counts as a conv with kernel = stride = patch)
     size_input: Optional[str] = None  # that patchified input's name (a conv is found by its params)
+    # the grid of this very call's latent (not of an earlier resolution): tokens past it are not
+    # image tokens, however many (padding, text, reference images)
+    exact: bool = False
 
     @property
     def n(self) -> int:
@@ -1119,7 +1122,7 @@ def _call_latent_grid(session, counts: list[int]) -> Optional[GridInfo]:
     if len(grid) != len(recipe.grid):
         return None
     cand = GridInfo(grid, recipe.source.split(" (")[0] + ", this call's size", conv=recipe.conv,
-                    size_input=recipe.size_input)
+                    size_input=recipe.size_input, exact=True)
     return _pick([cand], counts)
 
 
@@ -1160,7 +1163,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
-                        conv=earlier.conv, size_input=earlier.size_input)
+                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
@@ -1237,9 +1240,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
         sides = sides_by_count.get(n, set())
-        if not sides and n is not None and n - n_img == remembered_text.get(s.path):
+        if not sides and n is not None and n > n_img and s.path in remembered_sides and (
+                info.exact or n - n_img == remembered_text.get(s.path)):
             # no concat of n tokens in this graph or an earlier one (it recompiled with symbolic
             # lengths): the side this module's text took at an earlier resolution, as many tokens
+            # (or any number past an exact grid: HiDream pads non-square images, then the text)
             sides = {"first" if remembered_sides[s.path] else "last"}
             side_note = " (text side of this module at an earlier resolution)"
         else:
@@ -1353,12 +1358,14 @@ class CallGrouping:
         if len(grid) != self.grid_axes:  # e.g. one frame compiled, several now: the token order is unknown
             return None
         order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)
-        hit = self._build(n, math.prod(grid), order, self.text_first, session)
+        hit = self._build(n, math.prod(grid), order, self.text_first, session, exact=True)
         return hit if hit[0] is not None else None
 
-    def _build(self, n: int, n_img: int, img_order, first: Optional[bool], session) -> tuple:
+    def _build(self, n: int, n_img: int, img_order, first: Optional[bool], session, exact: bool = False) -> tuple:
+        """`exact`: the grid is this call's own (from its latent's size), so the other tokens may
+        outnumber the image's (padding, text); otherwise they must be fewer."""
         n_text = n - n_img
-        if n_text < 0 or n_text >= n_img:
+        if n_text < 0 or (n_text >= n_img and not exact):
             return None, None
         if n_text and (self.text_conflict or self.text_tokens is not None and n_text != self.text_tokens):
             return None, None

@@ -175,12 +175,15 @@ def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes)
         assert checked, (size, [list(s.call_grouping.cache) for s in sites])
 
 
-def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo):
-    """Lumina2 patchifies its latent in a graph of its own (the rotary embedder) before a graph
-    break; at a new resolution that graph recompiles with symbolic sizes and shows no grid, and the
-    blocks' graph recompiles with the new token counts. The latent that graph takes, recorded per
-    call, gives the blocks their new grid; the text side is the one each module had before, for as
-    many text tokens. Every size is grouped on its own grid, none runs ungrouped."""
+@pytest.mark.parametrize("key", ["lumina2", "z_image"])
+def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo, key):
+    """Lumina2 and Z-Image patchify their latent in a graph before a graph break; at a new
+    resolution that graph recompiles with symbolic sizes and shows no grid (Z-Image's whole model
+    then recompiles as one graph with symbolic counts). The latent that graph takes, recorded per
+    call (or the recompiled graph's own latent input), gives the blocks their new grid; the text
+    side is the one each module had before. Z-Image pads its image tokens to a multiple of 32
+    before its 32 text tokens: on the call's exact grid the pad goes with the text. Every size is
+    grouped on its own grid, none runs ungrouped."""
     import math
 
     import torch
@@ -190,28 +193,35 @@ def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo):
     from chipmunk_compile.grouping import GridInfo, image_order, site_perm
     from zoo_common import _r
 
-    case = arch_zoo.MODELS["lumina2"][1]()
+    case = arch_zoo.MODELS[key][1]()
     c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
     kw = dict(case.kwargs)
+    name = case.latent or "hidden_states"
     counters["chipmunk"].clear()
-    n_text = kw["encoder_hidden_states"].shape[1]
+    lead = (kw[name][0] if key == "z_image" else kw[name]).shape[:-2]
     for size in ((16, 16), (12, 16), (12, 12)):
         before = sum(len(ses.sites) for ses in chipmunk_compile.runtime.sessions_of(c))
-        kw["hidden_states"] = _r(1, 4, *size)
+        latent = _r(*lead, *size)
+        kw[name] = [latent] if key == "z_image" else latent
         with torch.no_grad():
             out = c(**kw)[0]
+        out = out[0] if isinstance(out, (list, tuple)) else out
         assert out.shape[-2:] == size and torch.isfinite(out).all()
         grid = (size[0] // 2, size[1] // 2)
+        n_img = math.prod(grid)
+        if key == "lumina2":  # text first, as many tokens as the prompt
+            n, first = n_img + kw["encoder_hidden_states"].shape[1], True
+        else:  # image padded to a multiple of 32, then the prompt padded to 32
+            n, first = -(-n_img // 32) * 32 + 32, False
         new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites][before:]
         blocks = [s for s in new if s.kind == "attention" and s.path.startswith("layers.")]
         assert blocks, (size, [s.path for s in new])
-        for s in blocks:  # image + text tokens, text first: the joint blocks
-            n = math.prod(grid) + n_text
+        for s in blocks:  # image + text tokens: the joint blocks
             cg = s.call_grouping
             order, _ = image_order(GridInfo(grid, ""), cg.tile if cg else s.session.config.grouping.tile,
                                    cg.group if cg else s.cfg.group)
             perm = s.perm if cg is None else cg.for_count(n, s.session)[0]
-            assert perm is not None and torch.equal(perm, site_perm(n, order, n_text, True)), (size, s.grouping)
+            assert perm is not None and torch.equal(perm, site_perm(n, order, n - n_img, first)), (size, s.grouping)
             assert "×".join(map(str, grid)) in s.grouping, (size, s.grouping)
     assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
 
