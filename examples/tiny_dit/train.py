@@ -109,7 +109,9 @@ def main(argv=None):
     low_grid = model.config.grid_size // 2
     low_ids = {"img_ids": make_img_ids(low_grid, low_grid, device), "txt_ids": ids["txt_ids"]}
     last_size = None
-    while time.time() - start < budget:
+    # every requested phase trains at least one step, however slow the machine (a loaded CPU can
+    # spend a short budget on the first step alone)
+    while time.time() - start < budget or last_size != args.image_size:
         low = time.time() - start < args.low_res_minutes * 60
         size = args.image_size // 2 if low else args.image_size
         images, labels = generate_batch(args.batch, seed=args.seed * 1_000_003 + step, device=device, size=size)
