@@ -1082,12 +1082,18 @@ def _latent_input(gm: fx.GraphModule, session) -> Optional[int]:
     recipe = _seen(session, "_chipmunk_latent_recipe")
     if recipe is None:
         return None
-    idx = _named_input(gm, recipe.size_input) if recipe.size_input else _conv_input(gm, recipe.conv)
+    return _latent_index(gm, recipe)
+
+
+def _latent_index(gm: fx.GraphModule, info: GridInfo) -> Optional[int]:
+    """Index of the graph input that `info`'s conv (or patchify by views) reads: found by name or
+    by the conv, and only a (B, C, *spatial) tensor with the conv's spatial rank (a later graph's
+    token tensor may carry the latent's name)."""
+    idx = _named_input(gm, info.size_input) if info.size_input else _conv_input(gm, info.conv)
     if idx is None:
         return None
-    node = [n for n in gm.graph.nodes if n.op == "placeholder"][idx]
-    v = _val(node)
-    return idx if isinstance(v, torch.Tensor) and v.dim() == 2 + len(recipe.conv[0]) else None
+    v = _val([n for n in gm.graph.nodes if n.op == "placeholder"][idx])
+    return idx if isinstance(v, torch.Tensor) and v.dim() == 2 + len(info.conv[0]) else None
 
 
 def _input_latent_grid(gm: fx.GraphModule, session, counts: list[int]) -> Optional[GridInfo]:
@@ -1158,7 +1164,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         # symbolic sizes) or recorded by an earlier graph of the same model call, has the grid of
         # this resolution; an earlier graph's grid (another resolution) only if it explains the
         # sites better
-        latent = _input_latent_grid(gm, session, sized) or (_call_latent_grid(session, counts) if counts else None)
+        latent = _input_latent_grid(gm, session, sized) or _call_latent_grid(session, sized)
         if latent is not None and (earlier is None or latent.grid != earlier.grid):
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
@@ -1204,7 +1210,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
     shape_input = None
     if info.conv is not None and info.input_index is None:
-        shape_input = _named_input(gm, info.size_input) if info.size_input else _conv_input(gm, info.conv)
+        shape_input = _latent_index(gm, info)
     # no such input here (the patchify ran in an earlier graph): the latent that graph recorded
     call_latent = shape_input is None and info.conv is not None and _latent_recorded(session)
     # text side per site path, kept across graphs: a recompile with symbolic counts shows no concat

@@ -226,6 +226,30 @@ def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo, key):
     assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
 
 
+def test_symbolic_sites_take_the_grid_of_the_calls_latent(fresh_dynamo):
+    """HiDream's attention, recompiled with symbolic token counts at a third resolution (its
+    patchify runs in an earlier graph, which recompiled too), takes its grid from the latent of
+    the call that compiled it (6×6 at 12×12), per call: not the first resolution's 8×8."""
+    import torch
+
+    import chipmunk_compile
+    from zoo_common import _r
+
+    case = arch_zoo.MODELS["hidream"][1]()
+    c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
+    kw = dict(case.kwargs)
+    for size in ((16, 16), (12, 16), (12, 12)):
+        before = sum(len(ses.sites) for ses in chipmunk_compile.runtime.sessions_of(c))
+        kw["hidden_states"] = _r(1, 4, *size)
+        with torch.no_grad():
+            c(**kw)
+    new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites][before:]
+    attn = [s for s in new if s.kind == "attention"]
+    assert attn and all(s.call_grouping is not None and s.call_grouping.call_latent for s in attn), \
+        [s.grouping for s in attn]
+    assert all("this call's size" in s.grouping and "6×6" in s.grouping for s in attn), [s.grouping for s in attn]
+
+
 def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
     """FLUX.2 Klein's KV flow through one compiled model: the extract step (two images: no grid),
     then cached steps, a recompile with symbolic token counts. Their attention sites are matched and
