@@ -54,7 +54,7 @@ def mm1(g):
     cnt = torch.full((1, nb), K, dtype=torch.int32, device="cuda")
     h = mlp_alloc_h_cache(1, T, F, torch.bfloat16, "cuda")
     M._force_config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 64, "OCC": 1,
-                                     "SPLIT": 2, "EPI_SUB": 4}, num_warps=8, num_stages=4)
+                                     "SPLIT": 2, "EPI_SUB": 2}, num_warps=8, num_stages=4)
     return lambda: M.mlp_sparse_mm1(x, w, b, None, None, idx, cnt, h, act="gelu_tanh", block=blk)
 
 

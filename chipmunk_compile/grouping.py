@@ -1100,18 +1100,15 @@ def _input_latent_grid(gm: fx.GraphModule, session, counts: list[int]) -> Option
     """The remembered recipe's grid on this graph's latent input, from its sizes at compile time
     (hints of symbolic sizes, read without specializing them), if the sites' counts fit it; its
     `size_input` then gives each later count its own grid per call."""
-    recipe, idx = _seen(session, "_chipmunk_latent_recipe"), _latent_input(gm, session)
-    if recipe is None or idx is None:
+    recipe = _seen(session, "_chipmunk_latent_recipe")
+    idx = _latent_index(gm, recipe) if recipe is not None else None
+    if idx is None:
         return None
     v = _val([n for n in gm.graph.nodes if n.op == "placeholder"][idx])
     dims = [d if isinstance(d, int) else getattr(d.node, "hint", None) for d in v.shape[2:]]
     if not all(isinstance(d, int) for d in dims):
         return None
-    grid = conv_out_grid(recipe.conv, dims)
-    if len(grid) != len(recipe.grid):
-        return None
-    cand = GridInfo(grid, recipe.source.split(" (")[0], conv=recipe.conv, size_input=recipe.size_input)
-    return _pick([cand], counts)
+    return _recipe_grid(recipe, dims, counts, exact=False)
 
 
 def _latent_recorded(session) -> bool:
@@ -1124,12 +1121,24 @@ def _call_latent_grid(session, counts: list[int]) -> Optional[GridInfo]:
     recipe, x = _seen(session, "_chipmunk_latent_recipe"), _seen(session, "_chipmunk_call_latent")
     if recipe is None or not isinstance(x, torch.Tensor) or x.dim() != 2 + len(recipe.conv[0]):
         return None
-    grid = conv_out_grid(recipe.conv, tuple(int(d) for d in x.shape[2:]))
-    if len(grid) != len(recipe.grid):
+    return _recipe_grid(recipe, tuple(int(d) for d in x.shape[2:]), counts, exact=True)
+
+
+def _recipe_grid(recipe: GridInfo, spatial, counts: list[int], exact: bool) -> Optional[GridInfo]:
+    """The recipe's conv applied to a latent of `spatial` sizes, as a candidate the sites' counts
+    must fit (`exact`: the sizes are this call's, not the compiling call's)."""
+    grid = _conv_grid(recipe.conv, spatial, len(recipe.grid))
+    if grid is None:
         return None
-    cand = GridInfo(grid, recipe.source.split(" (")[0] + ", this call's size", conv=recipe.conv,
-                    size_input=recipe.size_input, exact=True)
-    return _pick([cand], counts)
+    source = recipe.source.split(" (")[0] + (", this call's size" if exact else "")
+    return _pick([GridInfo(grid, source, conv=recipe.conv, size_input=recipe.size_input, exact=exact)], counts)
+
+
+def _conv_grid(conv: tuple, spatial, axes: Optional[int]) -> Optional[tuple]:
+    """`conv_out_grid`, or None when it has another number of axes than the compiled grid (one
+    frame compiled, several now: the token order is unknown)."""
+    grid = conv_out_grid(conv, spatial)
+    return grid if len(grid) == axes else None
 
 
 def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
@@ -1360,8 +1369,8 @@ class CallGrouping:
              _seen(session, "_chipmunk_call_latent") if self.call_latent else None)
         if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
             return None
-        grid = conv_out_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):])
-        if len(grid) != self.grid_axes:  # e.g. one frame compiled, several now: the token order is unknown
+        grid = _conv_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):], self.grid_axes)
+        if grid is None:
             return None
         order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)
         hit = self._build(n, math.prod(grid), order, self.text_first, session, exact=True)

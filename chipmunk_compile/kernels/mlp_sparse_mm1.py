@@ -16,10 +16,10 @@ Kernel invariants:
 - Epilogue: bias, activation (and the gated product) in fp32, round to the cache dtype, delta =
   h_new - h_cache (fp32), store delta (packed) and h_new (into h_cache) — the writeback is fused,
   each (row, neuron) is read and written once. Programs touch disjoint (row, neuron) sets, so the
-  in-place update is race free. With EPI_SUB = 2 or 4 the epilogue runs on that many column slices
+  in-place update is race free. With EPI_SUB = 2 the epilogue runs on the two column halves
   of the accumulator, each loading its own indices; its offsets are int tiles beside one base
   pointer, not tiles of 64-bit pointers (compiled for sm_90 with the strides specialized as at run
-  time, the 128x256 tile spilled 144 bytes per thread in one piece and none in slices).
+  time, the 128x256 tile spilled 144 bytes per thread in one piece and none in halves).
 - delta_packed rows are padded to a multiple of 64 elements (see the launcher); the pad columns
   may be written (zeros) and are never read.
 - Program order is grouped (GROUP_M token tiles share one sweep over the packed columns) so the
@@ -108,7 +108,7 @@ def _mm1_tile(
                 acc2 = tl.dot(xa, tl.trans(wl), acc2, input_precision=DOT_PREC)
         if not HAS_WL:
             acc2 = acc  # unused by the epilogue
-        # the epilogue in column slices (EPI_SUB of them): fewer temporaries live beside the
+        # the epilogue in two column halves with EPI_SUB = 2: fewer temporaries live beside the
         # accumulator (128x128 on 8 warps spilled 264 bytes per thread in one piece, none in two)
         if EPI_SUB == 1:
             _mm1_epilogue(acc, acc2, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
@@ -117,23 +117,10 @@ def _mm1_tile(
             H: tl.constexpr = BLOCK_N // 2
             a0, a1 = column_halves(acc, BLOCK_M, H)
             g0, g1 = column_halves(acc2, BLOCK_M, H)
-            if EPI_SUB == 2:
-                _mm1_epilogue(a0, g0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
-                              KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, H)
-                _mm1_epilogue(a1, g1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
-                              KWP, b, mb, pos, row_ok, cnt, col0 + H, ACT, HAS_BA, HAS_WL, HAS_BL, H)
-            else:
-                Q: tl.constexpr = H // 2
-                for half in tl.static_range(2):
-                    ah = a0 if half == 0 else a1
-                    gh = g0 if half == 0 else g1
-                    q0, q1 = column_halves(ah, BLOCK_M, Q)
-                    r0, r1 = column_halves(gh, BLOCK_M, Q)
-                    _mm1_epilogue(q0, r0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
-                                  KWP, b, mb, pos, row_ok, cnt, col0 + half * H, ACT, HAS_BA, HAS_WL, HAS_BL, Q)
-                    _mm1_epilogue(q1, r1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
-                                  KWP, b, mb, pos, row_ok, cnt, col0 + half * H + Q, ACT, HAS_BA, HAS_WL,
-                                  HAS_BL, Q)
+            _mm1_epilogue(a0, g0, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                          KWP, b, mb, pos, row_ok, cnt, col0, ACT, HAS_BA, HAS_WL, HAS_BL, H)
+            _mm1_epilogue(a1, g1, BA, BL, IDX, HC, DP, shb, shm, shf, sdb, sdm, sdk, sib, sim,
+                          KWP, b, mb, pos, row_ok, cnt, col0 + H, ACT, HAS_BA, HAS_WL, HAS_BL, H)
 
 
 @triton.jit

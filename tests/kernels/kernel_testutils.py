@@ -16,10 +16,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-def compile_for_hopper(script: str, *args) -> None:
+def compile_for_hopper(script: str, *args) -> str:
     """Run `script` (which calls triton.compile for sm_90 and asserts on the PTX) in a subprocess
     without TRITON_INTERPRET, which changes how Triton builds a kernel; fails with its stderr.
-    The interpreter accepts code the GPU compiler rejects, so CI compiles for the GPU with no GPU."""
+    The interpreter accepts code the GPU compiler rejects, so CI compiles for the GPU with no GPU.
+    Returns the script's stdout."""
     import os
     import subprocess
     import sys
@@ -28,3 +29,4 @@ def compile_for_hopper(script: str, *args) -> None:
     r = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
