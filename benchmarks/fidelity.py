@@ -35,9 +35,9 @@ OFF = {"attn": {"enabled": False}, "mlp": {"enabled": False}}
 
 
 def _flux(attn=None, **rest):
-    """The flux preset with the published attention refresh period (10), as fidelity.csv was measured
-    (the preset itself now refreshes attention every 5 steps)."""
-    return {"preset": "flux", "attn": {"full_step_every": 10, **(attn or {})}, **rest}
+    """The flux preset with the published attention refresh period (10) and no residual forecast, as
+    fidelity.csv was measured (the preset itself now refreshes attention every 5 steps and forecasts)."""
+    return {"preset": "flux", "attn": {"full_step_every": 10, "extrapolate": 0.0, **(attn or {})}, **rest}
 
 
 SETTINGS = {

@@ -137,6 +137,29 @@ GRID = {
     "cmsc-a.165-moff-t0.30-c3-w7": _cm(None, MOFF, sc={"threshold": 0.3, "max_consecutive": 3, "warmup_steps": 7}),
     "cmsc-a.165-moff-t0.20-w7": _cm(None, MOFF, sc={"threshold": 0.2, "warmup_steps": 7}),
 }
+# the residual forecast (attn.extrapolate 1, "-x1"): the unselected keys' share of the attention
+# output follows its slope between refreshes instead of staying as the last refresh left it;
+# "-rm": new indices at every refresh (the preset keeps the first ones)
+_X1 = {"extrapolate": 1.0}
+_SC_X1 = {"t0.20-w7": {"threshold": 0.2, "warmup_steps": 7},
+          "t0.30-c3-w7": {"threshold": 0.3, "max_consecutive": 3, "warmup_steps": 7},
+          "t0.50-c4-w7": {"threshold": 0.5, "max_consecutive": 4, "warmup_steps": 7},
+          "fixed25": {"skip_steps": PUBLISHED_SKIPS}}
+for _p, _a in {"": {}, "-ae5": {"full_step_every": 5}, "-rm": {"recompute_mask": True},
+               "-rm-ae5": {"recompute_mask": True, "full_step_every": 5}}.items():
+    GRID[f"cm-a.165-moff{_p}-x1"] = _cm({**_a, **_X1}, MOFF)
+    GRID[f"cm-a.165-m.30{_p}-x1"] = _cm({**_a, **_X1})
+    for _t, _sc_cfg in _SC_X1.items():
+        GRID[f"cmsc-a.165-moff{_p}-x1-{_t}"] = _cm({**_a, **_X1}, MOFF, sc=_sc_cfg)
+        if _p == "-rm":  # fewer keys, for the low-FLOPs end
+            GRID[f"cmsc-a.10-moff{_p}-x1-{_t}"] = _cm({**_a, **_X1, "top_keys": 0.10}, MOFF, sc=_sc_cfg)
+# skipped calls forecast from the last two computed ones (step_cache.extrapolate 1, "-f1", TaylorSeer's
+# first order), for step caching alone and stacked on the attention forecast
+for _t, _sc_cfg in {**_SC_X1, "t0.12-w7": {"threshold": 0.12, "warmup_steps": 7},
+                    "t0.05-w7": {"threshold": 0.05, "warmup_steps": 7}}.items():
+    GRID[f"sc-{_t}-f1"] = _sc(**_sc_cfg, extrapolate=1.0)
+    GRID[f"cmsc-a.165-moff-rm-x1-{_t}-f1"] = _cm({"recompute_mask": True, **_X1}, MOFF,
+                                                sc={**_sc_cfg, "extrapolate": 1.0})
 
 
 # -- pure helpers (tests/test_fidelity_pareto.py) ---------------------------------------------------

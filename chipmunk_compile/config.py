@@ -59,9 +59,17 @@ class AttnConfig:
     # dense from then on (counted `fallback:attn_diffuse`, logged): its attention is too diffuse for
     # column-sparse deltas. 0 = off, nothing measured (the published presets keep every layer).
     min_mass: float = 0.0
+    # forecast of the cached residual (o - attn_S) on sparse steps: o_cache + e * min(t - t_ref, span)
+    # * slope, the slope taken between the last two refreshes of a generation, span steps apart
+    # (with the previous indices when a refresh picks new ones). 0 = the published hold (the cache
+    # stays as the refresh left it), 1 = first-order extrapolation; values between damp it. Costs
+    # one (B, N, H, D) buffer per site and branch and one slope read in the sparse kernel's epilogue.
+    extrapolate: float = 0.0
 
     def __post_init__(self):
         _check_fraction("attn.top_keys", self.top_keys)
+        if not 0.0 <= self.extrapolate <= 2.0:
+            raise ValueError(f"attn.extrapolate must be in [0, 2], got {self.extrapolate!r}")
         _check_fraction("attn.min_mass", self.min_mass)
         _check_fraction("attn.random_keys", self.random_keys)
         if self.group < 1:
@@ -113,12 +121,18 @@ class StepCacheConfig:
     # adaptive: never skip before this step. 7 as the published 25-of-50 schedule (its first skip):
     # on the 4096-token tiny DiT, skipping steps 2-3 cost 8-13 dB (fidelity_pareto_tiny_flux_128)
     warmup_steps: int = 7
+    # a skipped call's outputs forecast from the last two computed calls of its branch (first order,
+    # in step units, as TaylorSeer): last + e * (t - t_last) / (t_last - t_prev) * (last - prev).
+    # 0 = reuse the last outputs as they are; 1 = linear; between: damped. One more output copy per branch.
+    extrapolate: float = 0.0
 
     def __post_init__(self):
         if self.skip_steps is not None:
             self.skip_steps = sorted(int(s) for s in self.skip_steps)
         if self.threshold < 0:
             raise ValueError("step_cache.threshold must be >= 0")
+        if not 0.0 <= self.extrapolate <= 2.0:
+            raise ValueError(f"step_cache.extrapolate must be in [0, 2], got {self.extrapolate!r}")
 
 
 @dataclass

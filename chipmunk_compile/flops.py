@@ -1,7 +1,8 @@
 """FLOP accounting for chipmunk sites from `chipmunk_compile.stats`-style step counts.
 
 Invariants: counts multiply-adds as 2 FLOPs; attention = QKᵀ + PV over the kept keys; a refresh
-step costs a dense pass plus its cache-building sparse pass plus the column-sum pass (≈ QKᵀ); an MLP
+step costs a dense pass plus its cache-building sparse pass plus the column-sum pass (≈ QKᵀ), plus
+one more sparse pass when it forecasts the residual across new indices (attn.extrapolate); an MLP
 sparse step costs its kept fraction of the dense GEMMs; selection, block means and elementwise work
 are ignored (small). Used to report the FLOPs ratio of a generation against dense.
 """
@@ -33,7 +34,9 @@ def site_step_flops(site, kind: str) -> float:
     cfg = site.cfg
     if site.kind == "attention":
         keep = min(1.0, cfg.top_keys + cfg.random_keys)
-        return {"dense": dense, "refresh": dense * (1.5 + keep), "sparse": dense * keep}[kind]
+        # a refresh that forecasts (attn.extrapolate) with new indices also takes the old indices' residual
+        extra = keep if getattr(cfg, "extrapolate", 0) > 0 and cfg.recompute_mask else 0.0
+        return {"dense": dense, "refresh": dense * (1.5 + keep + extra), "sparse": dense * keep}[kind]
     keep = min(1.0, cfg.top_keys + cfg.random_keys)
     return dense if kind == "dense" else dense * keep
 

@@ -1,6 +1,9 @@
 """Whole-call step caching, stacked on (or instead of) the sparse ops (issue 4).
 
-A skipped call returns the outputs of the last computed call of the same guidance branch.
+A skipped call returns the outputs of the last computed call of the same guidance branch, or with
+`step_cache.extrapolate` = e > 0 their first-order forecast from the last two computed calls of that
+branch and generation (TaylorSeer's order 1, in step units): last + e·(t − t_last)/(t_last −
+t_prev)·(last − prev), for every floating tensor output (others are returned as they are).
 - fixed schedule (`step_cache.skip_steps`): those steps are skipped (the published 25-of-50 set);
 - adaptive (`step_cache.threshold > 0`): the relative L1 change of the model's main input since the
   last computed call is accumulated; while the sum stays under the threshold the call is skipped,
@@ -54,6 +57,8 @@ class _Entry:
     ref_input: Optional[torch.Tensor]
     accumulated: float = 0.0
     consecutive: int = 0
+    prev_step: Optional[int] = None  # the computed call before, same branch and generation
+    prev_outputs: Any = None
 
 
 class StepCache:
@@ -112,12 +117,36 @@ class StepCache:
             entry.consecutive += 1
             self.skipped += 1
             count("step_cache_skipped")
-            return entry.outputs
+            return self._forecast(entry, pos.step)
         outputs = compiled(*args)
         ref = x.detach().clone() if isinstance(x, torch.Tensor) else None
-        self.entries[pos.branch] = _Entry(pos.step, pos.generation, outputs, ref)
+        new = _Entry(pos.step, pos.generation, outputs, ref)
+        if self.cfg.extrapolate > 0 and entry is not None and entry.generation == pos.generation \
+                and entry.step < pos.step:
+            new.prev_step, new.prev_outputs = entry.step, entry.outputs
+        self.entries[pos.branch] = new
         self.computed += 1
         return outputs
+
+    def _forecast(self, entry: _Entry, step: int):
+        if self.cfg.extrapolate <= 0 or entry.prev_outputs is None:
+            return entry.outputs
+        count("step_cache_forecast")
+        c = self.cfg.extrapolate * (step - entry.step) / (entry.step - entry.prev_step)
+
+        def one(last, prev):
+            if isinstance(last, torch.Tensor) and last.is_floating_point() and isinstance(prev, torch.Tensor) \
+                    and prev.shape == last.shape:
+                return torch.lerp(last, prev, -c)  # last + c * (last - prev)
+            return last
+        return _tree_zip(one, entry.outputs, entry.prev_outputs)
+
+
+def _tree_zip(fn, a, b):
+    """fn over the leaves of two outputs of a compiled graph (tensors in tuples/lists)."""
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        return type(a)(_tree_zip(fn, x, y) for x, y in zip(a, b))
+    return fn(a, b)
 
 
 def main_input_index(gm: torch.fx.GraphModule, signal_indices: list[int]) -> Optional[int]:

@@ -24,11 +24,13 @@ def test_flux_labels_split_index_reuse():
     labels = be.step_labels("flux", 50)
     assert labels[0] == "attn:dense/mlp:dense" and labels[1].startswith("attn:refresh")
     assert labels[11].endswith("+reuse") and labels[12].endswith("+sel") and labels[3].endswith("+sel")
-    # the preset refreshes attention every 5 steps; MLP dense steps stay every 10
-    assert labels[5] == "attn:refresh/mlp:sparse+sel" and labels[15] == "attn:refresh/mlp:sparse+reuse"
-    assert labels[10] == "attn:refresh/mlp:dense"
-    assert be.coverage("flux", 50) == [0, 1, 2, 3, 5, 10, 11, 13, 15, 20, 25]
-    published = be.with_overrides("flux", ["attn.full_step_every=10"])  # the published schedule
+    # the preset refreshes attention every 5 steps; MLP dense steps stay every 10; the residual
+    # forecast runs from the second refresh (step 5, which measures the slope) on
+    assert labels[5] == "attn:refresh+fore/mlp:sparse+sel" and labels[15] == "attn:refresh+fore/mlp:sparse+reuse"
+    assert labels[10] == "attn:refresh+fore/mlp:dense"
+    assert labels[4] == "attn:sparse/mlp:sparse+sel" and labels[6] == "attn:sparse+fore/mlp:sparse+sel"
+    assert be.coverage("flux", 50) == [0, 1, 2, 3, 5, 6, 7, 10, 11, 13, 15, 20, 25]
+    published = be.with_overrides("flux", ["attn.full_step_every=10", "attn.extrapolate=0"])  # the published schedule
     assert be.step_labels(published, 50)[5] == "attn:sparse/mlp:sparse+sel"
     assert be.coverage(published, 50) == [0, 1, 2, 3, 10, 11, 13, 20]
 

@@ -26,19 +26,22 @@ def _generation(cm, steps=10, branches=2):
     return outs
 
 
-def _run(emulate: bool, monkeypatch, generations=2):
+def _run(emulate: bool, monkeypatch, generations=2, config=RANDOM):
     monkeypatch.setattr(graphs, "EMULATE", emulate)
     torch._dynamo.reset()
     counters.clear()
     m = Net().eval()
-    cm = chip(m, RANDOM)
+    cm = chip(m, config)
     outs = [_generation(cm) for _ in range(generations)]
     return step_counts(m), outs, dict(counters["chipmunk"])  # counted now: a reset frees the sites
 
 
-def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch):
-    sc0, eager, c0 = _run(False, monkeypatch)
-    sc1, graphed, c1 = _run(True, monkeypatch)
+@pytest.mark.parametrize("forecast", [False, True])
+def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch, forecast):
+    config = sparse_cfg(attn={"random_keys": 0.1, "extrapolate": 1.0}, mlp=RANDOM["mlp"]) if forecast else RANDOM
+    gens = 3 if forecast else 2  # the forecast splits the sparse steps over two signatures
+    sc0, eager, c0 = _run(False, monkeypatch, gens, config=config)
+    sc1, graphed, c1 = _run(True, monkeypatch, gens, config=config)
     for gen_e, gen_g in zip(eager, graphed):
         for a, b in zip(gen_e, gen_g):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -342,3 +342,75 @@ def test_kept_indices_refresh_rebuilds_cache(fresh_dynamo):
     assert 1e-6 < max(errs) < 0.05, errs
     assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], kept[2])
     assert step_counts(m)["attention_refresh"] == 3 * 3
+
+
+def _attention_errors(extrapolate, recompute, steps=12, drift=0.05, delta="self_normalized"):
+    """Per-step max relative error against eager, the first attention site's branch state after
+    steps 1 and 4 (the first two refreshes), and that state at the end."""
+    torch._dynamo.reset()
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(attn={"top_keys": 0.25, "recompute_mask": recompute, "extrapolate": extrapolate,
+                                  "delta": delta}, mlp={"enabled": False}))
+    errs, snaps, st = [], {}, None
+    with torch.no_grad():
+        for i in range(steps):
+            x, t = latents(i, drift=drift), ts(i)
+            errs.append(max_rel(cm(x, t), m(x, t)))
+            site = next(s for s in sessions_of(m)[0].sites if s.kind == "attention" and s.states)
+            st = site.states["0"]
+            if i in (1, 4):
+                snaps[i] = {k: v.clone() for k, v in st.cache.items()}
+    return errs, snaps, st
+
+
+@pytest.mark.parametrize("recompute,delta", [(False, "self_normalized"), (True, "self_normalized"),
+                                             (True, "exact_normalizer")])
+def test_residual_forecast(fresh_dynamo, recompute, delta):
+    """attn.extrapolate: the second refresh measures the cached residual's slope per step (with kept
+    indices exactly (cache_4 - cache_1) / 3), sparse steps forecast the residual with it, and on
+    smoothly drifting inputs that cuts the sparse-step error against holding the cache."""
+    hold, _, _ = _attention_errors(0.0, recompute, delta=delta)
+    fore, snaps, st = _attention_errors(1.0, recompute, delta=delta)
+    assert "r_slope" not in snaps[1] or st.slope_generation == 0
+    slope, cache1, cache4 = st.cache["r_slope"], snaps[1]["o_cache"], snaps[4]["o_cache"]
+    if not recompute:
+        torch.testing.assert_close(snaps[4]["r_slope"], (cache4 - cache1) / 3, rtol=1e-5, atol=1e-6)
+    else:  # the slope comes from the previous indices' residual, not from the new cache
+        assert not torch.allclose(snaps[4]["r_slope"], (cache4 - cache1) / 3, rtol=1e-3, atol=1e-5)
+    assert st.cache["t_ref_span"].tolist() == [8.0, 4.0] and slope.abs().max() > 0
+    for i in (0, 1, 4, 8):  # dense and refresh steps are exact either way
+        assert fore[i] < 1e-5 and hold[i] < 1e-5
+    assert all(abs(a - b) < 1e-7 for a, b in zip(fore[:4], hold[:4]))  # no slope before the 2nd refresh
+    sparse = [i for i in range(5, 12) if i != 8]
+    gain = sum(hold[i] for i in sparse) / sum(fore[i] for i in sparse)
+    print(f"\nforecast gain {gain:.2f}")
+    assert gain > 1.5, (gain, hold, fore)
+
+
+def test_residual_forecast_horizon(fresh_dynamo, monkeypatch):
+    """The forecast coefficient is e·min(t − t_ref, span), read on the device: with refreshes at 1, 3
+    and 9 it runs 1, 2 and is then held at the measured 2-step span up to step 8; after the refresh at
+    9 (span 6) it runs 1, 2 again. Each forecast call is counted."""
+    import sys
+
+    attention_op = sys.modules["chipmunk_compile.ops.attention"]  # the package exports the op itself
+    coefs = []
+    real = attention_op.kernel
+
+    def spy(name, *tensors, **kw):
+        impl = real(name, *tensors, **kw)
+
+        def run(*args, **kwargs):
+            if kwargs.get("slope_coef") is not None:
+                coefs.append((float(kwargs["slope_coef"]), kwargs["o_slope"].shape))
+            return impl(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(attention_op, "kernel", spy)
+    m = Net(depth=1).eval()
+    cm = chip(m, sparse_cfg(attn={"full_step_schedule": [1, 3, 9], "extrapolate": 0.5}, mlp={"enabled": False}))
+    with torch.no_grad():
+        for i in range(12):
+            cm(latents(i), ts(i))
+    assert [c for c, _ in coefs] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0]  # steps 4-8, 10-11
+    assert ccount("attention_forecast") == 7

@@ -74,3 +74,20 @@ def test_adaptive_rule_computes_the_warmup_steps(fresh_dynamo):
     _, c, cm = _run({"enabled": True, "threshold": 1e9, "max_consecutive": 100, "warmup_steps": 3},
                     with_model=True)
     assert list(chipmunk_compile.stats(cm)["step_cache"]["skipped_steps"].values())[0] == [3, 5, 6, 7, 9]
+
+
+def test_forecast_extrapolates_the_last_two_computed_calls(fresh_dynamo):
+    """step_cache.extrapolate 1: a skipped call returns last + (t - t_last)/(t_last - t_prev)·(last -
+    prev) of its branch's last two computed calls (computed here: 0, 1, 4, 8, 9), which on smoothly
+    drifting inputs lands closer to the computed output than reusing the last one."""
+    plain, _ = _run({"enabled": False})
+    reuse, _ = _run({"enabled": True, "skip_steps": [2, 3, 5, 6, 7]})
+    outs, c = _run({"enabled": True, "skip_steps": [2, 3, 5, 6, 7], "extrapolate": 1.0})
+    assert c["step_cache_skipped"] == 5 and ccount("step_cache_forecast") == 5
+    for i in (0, 1, 4, 8, 9):  # computed calls are not touched
+        torch.testing.assert_close(outs[i], plain[i], rtol=0, atol=0)
+    for t, last, prev in ((2, 1, 0), (3, 1, 0), (5, 4, 1), (6, 4, 1), (7, 4, 1)):
+        want = outs[last] + (t - last) / (last - prev) * (outs[last] - outs[prev])
+        torch.testing.assert_close(outs[t], want, rtol=1e-5, atol=1e-6)
+    err = lambda o: sum(float((o[t] - plain[t]).norm()) for t in (2, 3, 5, 6, 7))  # noqa: E731
+    assert err(outs) < 0.5 * err(reuse), (err(outs), err(reuse))

@@ -26,7 +26,8 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)), ascending, score ties to the lowest column ids.
   Triton: radix select (two 8-bit histogram passes for fp16/bf16 sums, four for fp32) + one
   compaction pass; no sort, no host sync.
-- attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None) -> o.
+- attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
+  o_slope=None, slope_coef=None) -> o.
   On sm_90, index lists of >= 2048 keys per group (head dim 128) go to the Gluon kernel
   (``attn_column_sparse_hopper.py``, same contract; ``CHIPMUNK_GLUON=0`` turns it off; counted as
   ``kernel_gluon:attn_column_sparse``): 3-7% faster than the Triton kernel there, slower below.

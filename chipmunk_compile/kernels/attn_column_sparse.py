@@ -21,7 +21,10 @@ Kernel invariants:
   column, so the running max is finite after the first step; counts == 0 yields 0.
   Exact-normalizer mode (lse given): p = exp2(s * qk_scale - lse * log2e), no max/renormalisation.
 - Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
-  is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes).
+  is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes); with the residual
+  forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs stay valid),
+  o_slope read beside o_base at the same offsets. Where that cannot be (other strides, the Gluon
+  kernel) the sum is formed first (``slope_into_base``).
 - Long key lists on Hopper go to the Gluon kernel (``attn_column_sparse_hopper.py``, same
   contract): ``use_hopper_kernel`` decides from host-known shapes only (no host read).
 """
@@ -68,13 +71,13 @@ def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, q
 
 
 @triton.jit
-def _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
+def _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
               sib, sih, sig, scb, sch,  #
               N, HQ, KV_REP, qk_scale, sign, bh, g, row0,  #
               G: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_LSE: tl.constexpr,  #
-              DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
+              TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr,  #
+              HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
     b = bh // HQ
     h = bh % HQ
     hk = h // KV_REP
@@ -137,23 +140,26 @@ def _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
     else:
         out = acc * (sign / tl.where(l_i > 0, l_i, 1.0))[:, None]
     if HAS_OB:
-        ob = tl.load(OB + b * sbb + h * sbh + qi[:, None] * sbn + offs_d[None, :] * sbd, mask=row_ok[:, None],
-                     other=0.0)
+        ob_offs = b * sbb + h * sbh + qi[:, None] * sbn + offs_d[None, :] * sbd
+        ob = tl.load(OB + ob_offs, mask=row_ok[:, None], other=0.0)
         out += ob.to(tl.float32)
+        if HAS_SLOPE:  # o_slope shares o_base's strides (checked on the host)
+            os_ = tl.load(OS + ob_offs, mask=row_ok[:, None], other=0.0)
+            out += tl.load(COEF) * os_.to(tl.float32)
     tl.store(O + b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
 
 
 @triton.jit
 def _attn_column_sparse_kernel(
-    Q, K, V, O, OB, IDX, CNT, LSE, PERM,  #
+    Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
     sib, sih, sig, scb, sch,  #
     N, HQ, KV_REP, NG, NBH, NUM_SMS, qk_scale, sign,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     TAIL_N: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr,  #
-    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    POS_SCALE: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     per_bh = NG * TPG
@@ -162,27 +168,27 @@ def _attn_column_sparse_kernel(
     if SPLIT == 1:  # constexpr: one body only
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
-                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
     elif pid < t_main:
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
-                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
     else:
         qq = pid - t_main
         bh = tile // per_bh
         r = tile % per_bh
         SUB: tl.constexpr = BLOCK_M // SPLIT
-        _csp_rows(Q, K, V, O, OB, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
                   (r % TPG) * BLOCK_M + (qq % SPLIT) * SUB,
-                  G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
 
 
 def _configs():
@@ -197,7 +203,8 @@ def _configs():
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "DOT_PREC", "NUM_SMS"])(
+_tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "DOT_PREC",
+                                                       "NUM_SMS"])(
     _attn_column_sparse_kernel)
 
 
@@ -217,8 +224,13 @@ def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) 
 
 
 def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                       sign: float = 1.0, lse=None):
+                       sign: float = 1.0, lse=None, o_slope=None, slope_coef=None):
+    if o_slope is not None and (o_base is None or o_slope.stride() != o_base.stride()):
+        o_base = slope_into_base(o_base, o_slope, slope_coef)
+        o_slope = None
     if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
+        if o_slope is not None:  # the Gluon epilogue reads o_base only
+            o_base, o_slope = slope_into_base(o_base, o_slope, slope_coef), None
         from torch._dynamo.utils import counters
 
         from .attn_column_sparse_hopper import attn_column_sparse_hopper
@@ -237,14 +249,17 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     lse_c = None if lse is None else lse.float().contiguous()
     ob = o_base
     nsm = num_sms(q.device)
+    coef = slope_coef.reshape(1).float() if o_slope is not None else cnt
     args = (
-        q, k, v, o, ob if ob is not None else q, idx, cnt, lse_c if lse_c is not None else cnt,
+        q, k, v, o, ob if ob is not None else q, o_slope if o_slope is not None else q, coef,
+        idx, cnt, lse_c if lse_c is not None else cnt,
         pm if pm is not None else cnt,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(ob.stride() if ob is not None else q.stride()),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
-    flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_LSE=lse_c is not None,
+    flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_SLOPE=o_slope is not None,
+                 HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
     cfg = _force_config
@@ -256,3 +271,9 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     else:
         _tuned[grid](*args, **flags)
     return o
+
+
+def slope_into_base(o_base, o_slope, slope_coef):
+    """o_base + slope_coef * o_slope as one tensor, where the epilogue cannot read the slope itself."""
+    base = o_base if o_base is not None else torch.zeros_like(o_slope)
+    return torch.addcmul(base, o_slope, slope_coef.reshape(()))  # 0-dim fp32: the result keeps base's dtype

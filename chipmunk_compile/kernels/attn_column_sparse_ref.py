@@ -7,8 +7,10 @@ Contract (shared with the Triton kernel ``attn_column_sparse.py``):
 - Default ("self-normalized", the published form): attn_S = softmax over S of (q k_S^T * scale) @ v_S.
   With lse (B, Hq, N) fp32 given ("exact normalizer"): attn_S = sum_{j in S} exp(s_qj - lse_q) v_j.
   A group with counts == 0 contributes 0.
-- Returns o = o_base + sign * attn_S (o_base None -> 0) in q.dtype, stored as a (B, N, Hq, D)
-  buffer; rows in original query order (perm only decides which queries form a group).
+- Returns o = o_base + slope_coef * o_slope + sign * attn_S (o_base / o_slope None -> 0; o_slope
+  (B, Hq, N, D) any strides, slope_coef a 1-element fp32 device tensor: the residual forecast of
+  ops/attention.py, read on the device) in q.dtype, stored as a (B, N, Hq, D) buffer; rows in
+  original query order (perm only decides which queries form a group).
 - fp32 math, vectorized over the groups of one (b, h).
 """
 
@@ -20,8 +22,9 @@ from ._common import empty_bnhd
 
 
 def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                           sign: float = 1.0, lse=None):
+                           sign: float = 1.0, lse=None, o_slope=None, slope_coef=None):
     B, Hq, N, D = q.shape
+    coef = slope_coef.reshape(()).float() if o_slope is not None else None
     rep = Hq // k.shape[1]
     G = int(group)
     Gc, K = indices.shape[2], indices.shape[3]
@@ -50,10 +53,10 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
             # (N, D) in group order: the padded rows come last (a slice, not a mask: no host sync,
             # so a CUDA graph can record this path, the GPU fallback for head dims the kernel lacks)
             a = torch.einsum("gqk,gkd->gqd", p, vg).reshape(Gc * G, D)[:N]
+            a = sign * a
             if o_base is not None:
-                base = o_base[b, h].float()[order]
-                a = base + sign * a
-            else:
-                a = sign * a
+                a = a + o_base[b, h].float()[order]
+            if o_slope is not None:
+                a = a + coef * o_slope[b, h].float()[order]
             o[b, h, order] = a.to(q.dtype)
     return o

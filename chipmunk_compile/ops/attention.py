@@ -10,6 +10,15 @@ Step types (decided on the host by `schedule.attn_step_kind`, never by reading a
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
+Residual forecast (`attn.extrapolate` = e > 0): the cached residual r = o − attn_S (what the
+unselected keys contribute) drifts between refreshes; holding it fixed is the method's main error.
+A refresh after the first of a generation also measures r's slope per step against the previous
+refresh, with the previous indices when it picks new ones (an extra attn_S call), and sparse steps
+use `o_cache + e·min(t − t_ref, span)·slope` (span = the interval the slope was measured over:
+beyond it the forecast is held, not extrapolated further; counted `attention_forecast`). Steps are
+read from the session's device step and t_ref/span are device scalars, so a recorded CUDA graph
+forecasts correctly at every step it replays.
+
 Quality guard (`attn.min_mass` > 0; off by default): a layer's first key selection also measures
 the share of the attention mass its kept columns hold (`captured_mass`, a device scalar); a layer
 below min_mass runs dense from then on (`too_diffuse`, counted and logged).
@@ -34,7 +43,7 @@ from .. import runtime
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
-from .sites import POLICIES, fallback, lookup
+from .sites import POLICIES, count, fallback, lookup
 
 log = logging.getLogger("chipmunk_compile")
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -63,15 +72,21 @@ def decide(s, st, pos) -> tuple:
     if unfilled:
         kind = REFRESH
     need_idx = kind == REFRESH and (cfg.recompute_mask or st.index_generation != pos.generation)
-    return kind, need_idx, unfilled
+    # forecast: a refresh measures the slope when an earlier refresh of this generation left a
+    # cache; a sparse step applies it once a refresh has measured it
+    fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation if kind == REFRESH
+                                    else kind == SPARSE and st.slope_generation == pos.generation)
+    return kind, need_idx, unfilled, fore
 
 
 def commit(s, st, decision, generation: int) -> None:
-    kind, need_idx = decision[0], decision[1]
+    kind, need_idx, fore = decision[0], decision[1], decision[3]
     if kind == REFRESH:
         st.filled_generation = generation
         if need_idx:
             st.index_generation = generation
+        if fore:
+            st.slope_generation = generation
 
 
 POLICIES["attention"] = (decide, commit)
@@ -92,7 +107,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     st, pos = s.branch_state()
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     d = decide(s, st, pos)
-    kind, need_idx, unfilled = d
+    kind, need_idx, unfilled, fore = d
     B, H, N, D = q.shape
     n_groups = -(-N // group)
     exact_norm = cfg.delta == "exact_normalizer"
@@ -107,21 +122,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
         s.finish(st, d, pos)
         return o
 
-    def column_sparse(o_base, sign):  # o_base ± attn_S(q, k, v) over the stored key columns
+    def column_sparse(o_base, sign, **slope):  # o_base (+ coef·o_slope) ± attn_S(q, k, v) over the stored keys
         return kernel("attn_column_sparse", q, k, v, head_dim=D)(
             q, k, v, st.get("indices"), st.get("counts"), scale=scale, group=group, perm=perm, o_base=o_base,
-            sign=sign, lse=lse_buf)
+            sign=sign, lse=lse_buf, **slope)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
+    if cfg.extrapolate > 0:
+        slope = st.tensor("r_slope", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
+        t_ref_span = st.tensor("t_ref_span", (2,), torch.float32, q.device)  # last refresh step, its distance to the one before
+        # 0-dim views, so the arithmetic below stays in the cache's dtype
+        t_now, t_ref, span = s.session.device_step(q.device, pos.step)[0].float(), t_ref_span[0], t_ref_span[1]
     if kind == SPARSE:
-        o = column_sparse(o_cache, 1.0)
+        if fore:  # never further ahead than the interval the slope was measured over (then held)
+            count("attention_forecast")
+            forecast = {"o_slope": slope, "slope_coef": torch.minimum(t_now - t_ref, span) * cfg.extrapolate}
+        else:
+            forecast = {}
+        o = column_sparse(o_cache, 1.0, **forecast)  # the kernel's epilogue adds coef·slope
         s.finish(st, d, pos)
         return o
+    r_old = None
     if not need_idx and not exact_norm:
         # indices kept (recompute_mask: false) and no lse needed: plain SDPA; only the cache is rebuilt
         o = _sdpa(q, k, v, key_mask, scale)
     else:
         o, lse = exact_attention_lse(q, k, v, key_mask, scale, group, perm)
+        if need_idx and fore:  # the residual under the indices the cache was built with
+            r_old = column_sparse(o, -1.0)
         if need_idx:
             colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
                 q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
@@ -130,7 +158,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step, N)
         if exact_norm:
             lse_buf.copy_(lse)
-    o_cache.copy_(column_sparse(o, -1.0))
+    r_new = column_sparse(o, -1.0)
+    if fore:  # slope per step of the residual since the previous refresh, under one index set
+        slope.copy_(((r_new if r_old is None else r_old) - o_cache) / (t_now - t_ref))
+        span.fill_(t_now - t_ref)
+    o_cache.copy_(r_new)
+    if cfg.extrapolate > 0:
+        t_ref.fill_(t_now)
     s.finish(st, d, pos)
     return o
 

@@ -66,6 +66,7 @@ class BranchState:
         self.key: Optional[tuple] = None
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
         self.index_generation = -1
+        self.slope_generation = -1  # generation whose second refresh measured the residual's slope
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
 
     def tensor(self, name: str, shape, dtype, device, *, alloc=None) -> torch.Tensor:
@@ -93,7 +94,7 @@ class BranchState:
             self.key = key
             self.epoch = next(_epochs)
             self.cache.clear()
-            self.filled_generation = self.index_generation = -1
+            self.filled_generation = self.index_generation = self.slope_generation = -1
             return False
         return True
 

@@ -138,3 +138,48 @@ def test_triton_schedule_variants(triton_mode, monkeypatch, meta, use_lse):
     kw = dict(scale=0.125, group=48, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
     o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
     assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.float32]
+
+
+def _slope(q, seed=7):
+    """A residual slope in the cache layout ((B, N, Hq, D) storage) and its device coefficient."""
+    B, Hq, N, D = q.shape
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2).to(dtype=q.dtype, device=q.device)
+    return s, torch.tensor([2.5], device=q.device)
+
+
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_ref_slope_term(use_lse):
+    """o = o_base + coef * o_slope + sign * attn_S (the residual forecast's sparse step)."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 50, 40, 32, 16, torch.float32, 0.4, True)
+    slope, coef = _slope(q)
+    kw = dict(scale=0.2, group=16, perm=perm, sign=1.0, lse=lse if use_lse else None)
+    o = attn_column_sparse_ref(q, k, v, idx, cnt, o_base=ob, o_slope=slope, slope_coef=coef, **kw)
+    ref = _naive(q, k, v, idx, cnt, 0.2, 16, perm, ob + 2.5 * slope, 1.0, kw["lse"])
+    assert rel_err(o, ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("same_strides", [True, False])
+def test_triton_slope_matches_ref(triton_mode, dtype, same_strides):
+    """The epilogue reads o_slope beside o_base and coef from the device; a slope with other strides
+    than o_base is summed into it first (slope_into_base). Both against the reference."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 77, 90, 64, 48, dtype, 0.45, True, zero_count=True)
+    slope, coef = _slope(q)
+    if not same_strides:
+        slope = slope.contiguous()
+    kw = dict(scale=0.125, group=48, perm=perm, o_base=ob, sign=1.0, o_slope=slope, slope_coef=coef)
+    o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
+    o_r = attn_column_sparse_ref(q, k, v, idx, cnt, **kw)
+    assert rel_err(o, o_r) < TOL[dtype]
+    without = attn_column_sparse_ref(q, k, v, idx, cnt, **{**kw, "o_slope": None, "slope_coef": None})
+    assert rel_err(o, without) > 10 * TOL[dtype]  # the slope term is really there
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_slope_real_shape():
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 4, 4352, 4352, 128, 128, torch.bfloat16, 0.15, True, seed=3)
+    slope, coef = _slope(q)
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=1.0, o_slope=slope, slope_coef=coef)
+    o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
+    assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
