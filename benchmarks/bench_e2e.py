@@ -9,8 +9,8 @@ What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
   resolution; the timestep of step s is that of an `--steps`-step sampler (decreasing).
 - Step kinds: every step s has a label, the attention and MLP step kinds of the chipmunk schedule
-  at layer 10 (a representative sparse layer), plus "+fore" on attention steps that run the residual
-  forecast (attn.extrapolate), and "+sel" / "+reuse" on sparse MLP steps that pick
+  at layer 10 (a representative sparse layer), plus "+fore" on steps that run a forecast
+  (attn.extrapolate, mlp.extrapolate), and "+sel" / "+reuse" on sparse MLP steps that pick
   new neuron indices / reuse the last ones. Steps of one kind cost the same, so not all `--steps`
   steps are timed: the coverage sequence is the real step indices s = 0, 1, ... kept while their
   label has been kept fewer than `--reps` times (default 2).
@@ -64,7 +64,7 @@ import torch
 
 import chipmunk_compile as cc
 from chipmunk_compile.config import ChipmunkConfig
-from chipmunk_compile.schedule import REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind
+from chipmunk_compile.schedule import DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind
 
 # published sizes (diffusers configs) and resolutions
 MODELS = {
@@ -272,10 +272,20 @@ def attn_forecasts(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> bool:
     return earlier >= (2 if kind == SPARSE else 1)
 
 
+def mlp_forecasts(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> bool:
+    """Whether the MLP of `step` runs the error forecast (mlp.extrapolate): a dense step after the
+    generation's first (which measures the rate), or a sparse step after its second dense step."""
+    kind = mlp_step_kind(cfg.mlp, step, layer)
+    if cfg.mlp.extrapolate <= 0 or not cfg.mlp.enabled or layer < cfg.mlp.first_n_dense_layers:
+        return False
+    earlier = sum(mlp_step_kind(cfg.mlp, s, layer) == DENSE for s in range(step))
+    return earlier >= (2 if kind == SPARSE else 1)
+
+
 def step_label(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> str:
     mlp = mlp_step_kind(cfg.mlp, step, layer)
     label = f"attn:{attn_step_kind(cfg.attn, step, layer)}" + ("+fore" if attn_forecasts(cfg, step, layer) else "")
-    label += f"/mlp:{mlp}"
+    label += f"/mlp:{mlp}" + ("+fore" if mlp_forecasts(cfg, step, layer) else "")
     if mlp == SPARSE:
         label += "+sel" if mlp_recompute_indices(cfg.mlp, step) else "+reuse"
     return label

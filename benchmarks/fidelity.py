@@ -23,7 +23,7 @@ import time
 import torch
 
 import chipmunk_compile
-from chipmunk_compile.flops import site_dense_flops, site_step_flops
+from chipmunk_compile.flops import site_dense_flops, site_ran_flops
 from chipmunk_compile.metrics import psnr, relative_error, ssim
 from chipmunk_compile.runtime import sessions_of
 
@@ -155,7 +155,7 @@ def run(runner, name, config, steps, seed, compiler, dense_flops):
         skipped = sum(ses.step_cache.skipped for ses in sessions if ses.step_cache is not None)
         computed = calls - skipped
         site_dense_per_call = sum(site_dense_flops(s) * sum(s.steps.values()) for s in sites) / max(computed, 1)
-        ran = sum(n * site_step_flops(s, k) for s in sites for k, n in s.steps.items())
+        ran = sum(site_ran_flops(s) for s in sites)
         rest = max(dense_flops - site_dense_per_call, 0.0)
         flops = (computed * rest + ran) / (calls * dense_flops)
     return images.float().cpu(), tokens.float().cpu(), seconds, flops

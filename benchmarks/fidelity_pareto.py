@@ -153,6 +153,11 @@ for _p, _a in {"": {}, "-ae5": {"full_step_every": 5}, "-rm": {"recompute_mask":
         GRID[f"cmsc-a.165-moff{_p}-x1-{_t}"] = _cm({**_a, **_X1}, MOFF, sc=_sc_cfg)
         if _p == "-rm":  # fewer keys, for the low-FLOPs end
             GRID[f"cmsc-a.10-moff{_p}-x1-{_t}"] = _cm({**_a, **_X1, "top_keys": 0.10}, MOFF, sc=_sc_cfg)
+# the MLP error forecast (mlp.extrapolate 1, "-mx1") on top: the stale neurons' error rate, measured
+# at each dense MLP step after the first, added to the sparse steps' output
+GRID["cm-a.165-m.30-ae5-x1-mx1"] = _cm({"full_step_every": 5, **_X1}, {"extrapolate": 1.0})
+GRID["cm-aoff-m.30-mx1"] = _cm(AOFF, {"extrapolate": 1.0})
+GRID["cm-aoff-m.15-mx1"] = _cm(AOFF, {"top_keys": 0.15, "extrapolate": 1.0})
 # skipped calls forecast from the last two computed ones (step_cache.extrapolate 1, "-f1", TaylorSeer's
 # first order), for step caching alone and stacked on the attention forecast
 for _t, _sc_cfg in {**_SC_X1, "t0.12-w7": {"threshold": 0.12, "warmup_steps": 7},

@@ -100,8 +100,15 @@ class MlpConfig:
     # published rule); "output" = |change of act(block mean)| x ||w2[:, j]||, the neuron's estimated
     # contribution to the change of the MLP output
     score: str = "preact"
+    # forecast of the stale neurons' error (off by default): a dense step after the first of a
+    # generation also runs the sparse path and stores rate = (y_dense - y_sparse) / (steps since the
+    # last dense step); sparse steps add e * min(t - t_dense, span) * rate to their output. Costs
+    # one output-sized buffer per site and branch, a sparse pass per dense step, an add per sparse step.
+    extrapolate: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.extrapolate <= 2.0:
+            raise ValueError(f"mlp.extrapolate must be in [0, 2], got {self.extrapolate!r}")
         if self.score not in MLP_SCORES:
             raise ValueError(f"mlp.score must be one of {MLP_SCORES}, got {self.score!r}")
         _check_fraction("mlp.top_keys", self.top_keys)

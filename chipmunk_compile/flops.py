@@ -1,9 +1,10 @@
 """FLOP accounting for chipmunk sites from `chipmunk_compile.stats`-style step counts.
 
 Invariants: counts multiply-adds as 2 FLOPs; attention = QKᵀ + PV over the kept keys; a refresh
-step costs a dense pass plus its cache-building sparse pass plus the column-sum pass (≈ QKᵀ), plus
-one more sparse pass when it forecasts the residual across new indices (attn.extrapolate); an MLP
-sparse step costs its kept fraction of the dense GEMMs; selection, block means and elementwise work
+step costs a dense pass plus its cache-building sparse pass plus the column-sum pass (≈ QKᵀ); an MLP
+sparse step costs its kept fraction of the dense GEMMs; the forecasts' extra sparse passes (the
+old indices' residual at an attention refresh, the sparse path at an MLP dense step) are counted
+per site as they ran (`Site.extra_sparse_passes`); selection, block means and elementwise work
 are ignored (small). Used to report the FLOPs ratio of a generation against dense.
 """
 
@@ -34,18 +35,21 @@ def site_step_flops(site, kind: str) -> float:
     cfg = site.cfg
     if site.kind == "attention":
         keep = min(1.0, cfg.top_keys + cfg.random_keys)
-        # a refresh that forecasts (attn.extrapolate) with new indices also takes the old indices' residual
-        extra = keep if getattr(cfg, "extrapolate", 0) > 0 and cfg.recompute_mask else 0.0
-        return {"dense": dense, "refresh": dense * (1.5 + keep + extra), "sparse": dense * keep}[kind]
+        return {"dense": dense, "refresh": dense * (1.5 + keep), "sparse": dense * keep}[kind]
     keep = min(1.0, cfg.top_keys + cfg.random_keys)
     return dense if kind == "dense" else dense * keep
+
+
+def site_ran_flops(site) -> float:
+    """FLOPs a site ran over its calls: its step kinds plus the forecasts' extra sparse passes."""
+    extra = getattr(site, "extra_sparse_passes", 0) * site_step_flops(site, "sparse")
+    return sum(n * site_step_flops(site, k) for k, n in site.steps.items()) + extra
 
 
 def sites_flops_ratio(sites) -> float:
     """(FLOPs the sites ran) / (FLOPs of the same calls all dense)."""
     ran = total = 0.0
     for s in sites:
-        for kind, n in s.steps.items():
-            ran += n * site_step_flops(s, kind)
-            total += n * site_dense_flops(s)
+        ran += site_ran_flops(s)
+        total += sum(s.steps.values()) * site_dense_flops(s)
     return ran / total if total else 1.0

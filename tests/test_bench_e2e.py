@@ -33,6 +33,11 @@ def test_flux_labels_split_index_reuse():
     published = be.with_overrides("flux", ["attn.full_step_every=10", "attn.extrapolate=0"])  # the published schedule
     assert be.step_labels(published, 50)[5] == "attn:sparse/mlp:sparse+sel"
     assert be.coverage(published, 50) == [0, 1, 2, 3, 10, 11, 13, 20]
+    # the MLP error forecast: measured at the second dense step (10), applied from step 11 on
+    mlp_fore = be.with_overrides("flux", ["mlp.extrapolate=1"])
+    mlp_labels = be.step_labels(mlp_fore, 21)
+    assert mlp_labels[0].endswith("mlp:dense") and mlp_labels[9].endswith("mlp:sparse+sel")
+    assert mlp_labels[10].endswith("mlp:dense+fore") and mlp_labels[11].endswith("mlp:sparse+fore+reuse")
 
 
 def test_total_and_extrapolation_exact_on_linear_data():

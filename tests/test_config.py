@@ -73,6 +73,7 @@ def test_yaml_must_be_mapping(tmp_path):
     {"attn": {"extrapolate": 3.0}},
     {"mlp": {"block": 0}},
     {"mlp": {"top_keys": 2.0}},
+    {"mlp": {"extrapolate": -1.0}},
     {"step_cache": {"threshold": -1.0}},
     {"step_cache": {"extrapolate": 5.0}},
     {"grouping": {"grid": [1, 2, 3, 4]}},

@@ -38,7 +38,8 @@ def _run(emulate: bool, monkeypatch, generations=2, config=RANDOM):
 
 @pytest.mark.parametrize("forecast", [False, True])
 def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch, forecast):
-    config = sparse_cfg(attn={"random_keys": 0.1, "extrapolate": 1.0}, mlp=RANDOM["mlp"]) if forecast else RANDOM
+    config = sparse_cfg(attn={"random_keys": 0.1, "extrapolate": 1.0},
+                        mlp={**RANDOM["mlp"], "extrapolate": 1.0}) if forecast else RANDOM
     gens = 3 if forecast else 2  # the forecast splits the sparse steps over two signatures
     sc0, eager, c0 = _run(False, monkeypatch, gens, config=config)
     sc1, graphed, c1 = _run(True, monkeypatch, gens, config=config)

@@ -377,6 +377,7 @@ def test_residual_forecast(fresh_dynamo, recompute, delta):
         torch.testing.assert_close(snaps[4]["r_slope"], (cache4 - cache1) / 3, rtol=1e-5, atol=1e-6)
     else:  # the slope comes from the previous indices' residual, not from the new cache
         assert not torch.allclose(snaps[4]["r_slope"], (cache4 - cache1) / 3, rtol=1e-3, atol=1e-5)
+        assert st.site.extra_sparse_passes == 2  # that residual, at refreshes 4 and 8 (FLOP accounting)
     assert st.cache["t_ref_span"].tolist() == [8.0, 4.0] and slope.abs().max() > 0
     for i in (0, 1, 4, 8):  # dense and refresh steps are exact either way
         assert fore[i] < 1e-5 and hold[i] < 1e-5
@@ -414,3 +415,37 @@ def test_residual_forecast_horizon(fresh_dynamo, monkeypatch):
             cm(latents(i), ts(i))
     assert [c for c, _ in coefs] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0]  # steps 4-8, 10-11
     assert ccount("attention_forecast") == 7
+
+
+def _mlp_errors(extrapolate, steps=12, drift=0.05):
+    torch._dynamo.reset()
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(attn={"enabled": False}, mlp={"top_keys": 0.25, "extrapolate": extrapolate}))
+    errs, st = [], None
+    with torch.no_grad():
+        for i in range(steps):
+            x, t = latents(i, drift=drift), ts(i)
+            errs.append(max_rel(cm(x, t), m(x, t)))
+            st = next(s for s in sessions_of(m)[0].sites if s.kind == "mlp" and s.states).states["0"]
+    return errs, st, m
+
+
+def test_mlp_error_forecast(fresh_dynamo):
+    """mlp.extrapolate: a dense step after the first (4, 8) also runs the sparse path and stores the
+    per-step rate of the error it would have made; later sparse steps add rate·min(t − t_dense, span).
+    Dense outputs stay exact, nothing is forecast before the rate exists (steps 1-4), and on smoothly
+    drifting inputs the sparse steps after it err less than holding the stale neurons."""
+    hold, _, _ = _mlp_errors(0.0)
+    fore, st, m = _mlp_errors(1.0)
+    assert st.cache["t_dense_span"].tolist() == [8.0, 4.0] and st.cache["y_rate"].abs().max() > 0
+    for i in (0, 4, 8):
+        assert fore[i] < 1e-5 and hold[i] < 1e-5
+    assert all(abs(a - b) < 1e-7 for a, b in zip(fore[:5], hold[:5]))
+    assert ccount("mlp_forecast") == 3 * 6  # 3 blocks x steps 5-7, 9-11
+    # FLOP accounting: each MLP site ran the sparse path at dense steps 4 and 8 on top of its steps
+    mlp_sites = [s for s in sessions_of(m)[0].sites if s.kind == "mlp"]
+    assert len(mlp_sites) == 3 and all(s.extra_sparse_passes == 2 for s in mlp_sites)
+    sparse = [5, 6, 7, 9, 10, 11]
+    gain = sum(hold[i] for i in sparse) / sum(fore[i] for i in sparse)
+    print(f"\nmlp forecast gain {gain:.2f}")
+    assert gain > 1.5, (gain, hold, fore)

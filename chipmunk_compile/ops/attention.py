@@ -87,6 +87,8 @@ def commit(s, st, decision, generation: int) -> None:
             st.index_generation = generation
         if fore:
             st.slope_generation = generation
+            if need_idx:  # the residual under the previous indices was taken too
+                s.extra_sparse_passes += 1
 
 
 POLICIES["attention"] = (decide, commit)

@@ -9,6 +9,14 @@ Step types (host-side, `schedule.mlp_step_kind`):
           `y_cache += (h_new − h_cache[S]) w2[:, S]ᵀ`, `h_cache[S] = h_new`; returns a copy of y_cache.
           Only the selected neurons' reference means are refreshed, so the others accumulate drift.
 
+Error forecast (`mlp.extrapolate` = e > 0): the neurons a sparse step does not recompute keep
+stale activations, so the output error grows over a dense period. A dense step after the first of
+a generation also runs the sparse path first and stores rate = (y_dense − y_sparse) / (steps since
+the previous dense step); sparse steps return `y + e·min(t − t_dense, span)·rate` (span = that
+distance; counted `mlp_forecast`). Steps come from the session's device step and t_dense/span are
+device scalars, so recorded CUDA graphs forecast at every step they replay. The caches keep the
+invariant below: the forecast is added to the returned output only.
+
 Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache), with
 h_cache's rows in the grouped token order (row p holds token perm[p]) and y_cache's in model order;
 the output is always a fresh contiguous tensor of shape (*x.shape[:-1], w2.shape[0]). Caches are
@@ -27,7 +35,7 @@ from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
 from ._dispatch import kernel
-from .sites import POLICIES, fallback, lookup
+from .sites import POLICIES, count, fallback, lookup
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
@@ -49,21 +57,28 @@ def _score_basis(xb, w_act, b_act, w_lin, b_lin):
 
 
 def decide(s, st, pos) -> tuple:
-    """(kind, new neuron indices?, cache-not-filled fallback?) — host state only."""
+    """(kind, new neuron indices?, cache-not-filled fallback?, error forecast?) — host state only."""
     cfg = s.cfg
     kind = mlp_step_kind(cfg, pos.step, s.current_layer())
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
     if unfilled:
         kind = DENSE
     recompute = kind == SPARSE and (mlp_recompute_indices(cfg, pos.step) or st.index_generation != pos.generation)
-    return kind, recompute, unfilled
+    # forecast: a dense step measures the rate when this generation's caches and some neuron
+    # indices exist; a sparse step applies it once a dense step has measured it
+    fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation and "indices" in st.cache
+                                    if kind == DENSE else st.slope_generation == pos.generation)
+    return kind, recompute, unfilled, fore
 
 
 def commit(s, st, decision, generation: int) -> None:
-    kind, recompute = decision[0], decision[1]
+    kind, recompute, fore = decision[0], decision[1], decision[3]
     if kind == DENSE:
         st.filled_generation = generation
         st.index_generation = -1
+        if fore:
+            st.slope_generation = generation
+            s.extra_sparse_passes += 1  # the sparse path ran before the dense one
     elif recompute:
         st.index_generation = generation
 
@@ -91,7 +106,7 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     st, pos = s.branch_state()
     st.ensure((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
     d = decide(s, st, pos)
-    kind, recompute, unfilled = d
+    kind, recompute, unfilled, fore = d
     n_blocks = -(-M // cfg.block)
     basis_dim = Fh if w_lin is None else 2 * Fh
     if unfilled:
@@ -99,8 +114,20 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x.device)
     h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
     y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
+    if cfg.extrapolate > 0:
+        rate = st.tensor("y_rate", (B, M, w2.shape[0]), x.dtype, x.device)
+        t_dense_span = st.tensor("t_dense_span", (2,), torch.float32, x.device)  # last dense step, its distance to the one before
+        # 0-dim views, so the arithmetic below stays in the cache's dtype
+        t_now, t_dense, span = s.session.device_step(x.device, pos.step)[0].float(), t_dense_span[0], t_dense_span[1]
     if kind == DENSE:
+        y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
+            if fore else None  # what the sparse path would have returned now (caches are rebuilt below)
         y = _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache)
+        if fore:
+            rate.copy_((y - y_sparse) / (t_now - t_dense))
+            span.fill_(t_now - t_dense)
+        if cfg.extrapolate > 0:
+            t_dense.fill_(t_now)
         y_cache.copy_(y)
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
@@ -112,14 +139,24 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
         _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step, act)
+    y = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache)
+    if fore:  # never further ahead than the dense period the rate was measured over (then held)
+        count("mlp_forecast")
+        y = torch.addcmul(y, rate, torch.minimum(t_now - t_dense, span) * cfg.extrapolate)
+    s.finish(st, d, pos)
+    return y.reshape(out_shape)
+
+
+def _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) -> Tensor:
+    """The sparse step over the stored neuron indices: h_cache[S] and y_cache move by the selected
+    neurons' change; returns a fresh copy of y_cache."""
+    cfg = s.cfg
     idx_buf, cnt_buf = st.get("indices"), st.get("counts")
     delta = kernel("mlp_sparse_mm1", x3, w_act)(
         x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
     mm2 = kernel("mlp_sparse_mm2", delta, w2)
     w2k = w2 if mm2 is mlp_sparse_mm2_ref else s.column_major(w2)  # the Triton mm2 gathers rows of w2ᵀ
-    y = mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
-    s.finish(st, d, pos)
-    return y.reshape(out_shape)
+    return mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
 
 
 def _linear_t(x2, w, bias, out=None) -> Tensor:

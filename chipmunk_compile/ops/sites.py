@@ -118,6 +118,9 @@ class Site:
     id: int = -1
     states: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
+    # sparse passes beyond each step kind's own (a forecast's: old-index residual at an attention
+    # refresh, the sparse path at an MLP dense step), for FLOP accounting
+    extra_sparse_passes: int = 0
     graph: Any = None  # GraphInstances of the compiled graph this site belongs to
     # attention quality guard, per layer (one site serves many layers under regional compilation):
     attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
