@@ -93,3 +93,25 @@ def test_step_graphs_of_many_blocks_are_replayed_not_rerecorded(fresh_dynamo, mo
     signatures = c["graph_eager_calls"]  # each signature's first call runs eagerly
     assert c["graph_recorded"] <= signatures and "graph_evicted" not in c, dict(c)
     assert c["graph_replays"] >= 12 * 10 - 2 * signatures, dict(c)
+
+
+def test_regional_forecasts_equal_whole_model(fresh_dynamo):
+    """The residual and MLP-error forecasts keep their slope, rate and step scalars per block
+    instance: regional compilation equals whole-model compilation step for step, and forecasts ran."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    cfg = copy.deepcopy(OPTIONS)
+    cfg["config"]["attn"].update(full_step_every=3, extrapolate=1.0)
+    cfg["config"]["mlp"].update(full_step_every=3, extrapolate=1.0)
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=cfg)
+    regional = copy.deepcopy(model)
+    for block in regional.blocks:
+        block.compile(backend="chipmunk", options=cfg)
+    with torch.no_grad():
+        for step in range(10):
+            xs = x + 0.05 * step * drift
+            assert torch.equal(whole(xs), regional(xs)), step
+    assert counters["chipmunk"]["attention_forecast"] > 0 and counters["chipmunk"]["mlp_forecast"] > 0
