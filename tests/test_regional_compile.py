@@ -27,14 +27,20 @@ OPTIONS = {"config": {"attn": {"min_tokens": 0, "group": 64, "top_keys": 0.2, "r
                       "step_signal": "calls"}, "compiler": "eager"}
 
 
-def test_regional_equals_whole_model(fresh_dynamo):
+def _whole_and_regional(options):
+    """(eager model, input, drift direction, whole-model compiled copy, per-block compiled copy)."""
     torch.manual_seed(0)
     model = Stack().eval()
     x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
-    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=OPTIONS)
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=options)
     regional = copy.deepcopy(model)
     for block in regional.blocks:
-        block.compile(backend="chipmunk", options=OPTIONS)
+        block.compile(backend="chipmunk", options=options)
+    return model, x, drift, whole, regional
+
+
+def test_regional_equals_whole_model(fresh_dynamo):
+    model, x, drift, whole, regional = _whole_and_regional(OPTIONS)
     with torch.no_grad():
         for step in range(8):
             xs = x + 0.05 * step * drift  # (a constant shift would vanish in the LayerNorms)
@@ -100,16 +106,10 @@ def test_regional_forecasts_equal_whole_model(fresh_dynamo):
     instance: regional compilation equals whole-model compilation step for step, and forecasts ran."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = Stack().eval()
-    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
     cfg = copy.deepcopy(OPTIONS)
     cfg["config"]["attn"].update(full_step_every=3, extrapolate=1.0)
     cfg["config"]["mlp"].update(full_step_every=3, extrapolate=1.0)
-    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=cfg)
-    regional = copy.deepcopy(model)
-    for block in regional.blocks:
-        block.compile(backend="chipmunk", options=cfg)
+    _, x, drift, whole, regional = _whole_and_regional(cfg)
     with torch.no_grad():
         for step in range(10):
             xs = x + 0.05 * step * drift
