@@ -262,30 +262,23 @@ def parse_blocks(text: str | None) -> list[int] | None:
 
 
 # -- schedule: labels, coverage, totals, extrapolation (pure) ------------------------------------
-def attn_forecasts(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> bool:
-    """Whether the attention of `step` runs the residual forecast (attn.extrapolate): a sparse step
-    after the generation's second refresh, or a refresh after its first (which measures the slope)."""
-    kind = attn_step_kind(cfg.attn, step, layer)
-    if cfg.attn.extrapolate <= 0 or kind not in (SPARSE, REFRESH):
+def _forecasts(step_kind, op_cfg, step: int, layer: int, measuring: str) -> bool:
+    """Whether an op's forecast (`extrapolate`) runs at `step`: a measuring step (attention refresh,
+    MLP dense step) after the generation's first one, or a sparse step after its second."""
+    if op_cfg.extrapolate <= 0 or not op_cfg.enabled or layer < op_cfg.first_n_dense_layers:
         return False
-    earlier = sum(attn_step_kind(cfg.attn, s, layer) == REFRESH for s in range(step))
-    return earlier >= (2 if kind == SPARSE else 1)
-
-
-def mlp_forecasts(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> bool:
-    """Whether the MLP of `step` runs the error forecast (mlp.extrapolate): a dense step after the
-    generation's first (which measures the rate), or a sparse step after its second dense step."""
-    kind = mlp_step_kind(cfg.mlp, step, layer)
-    if cfg.mlp.extrapolate <= 0 or not cfg.mlp.enabled or layer < cfg.mlp.first_n_dense_layers:
+    kind = step_kind(op_cfg, step, layer)
+    if kind not in (SPARSE, measuring):
         return False
-    earlier = sum(mlp_step_kind(cfg.mlp, s, layer) == DENSE for s in range(step))
+    earlier = sum(step_kind(op_cfg, s, layer) == measuring for s in range(step))
     return earlier >= (2 if kind == SPARSE else 1)
 
 
 def step_label(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> str:
     mlp = mlp_step_kind(cfg.mlp, step, layer)
-    label = f"attn:{attn_step_kind(cfg.attn, step, layer)}" + ("+fore" if attn_forecasts(cfg, step, layer) else "")
-    label += f"/mlp:{mlp}" + ("+fore" if mlp_forecasts(cfg, step, layer) else "")
+    label = f"attn:{attn_step_kind(cfg.attn, step, layer)}"
+    label += "+fore" if _forecasts(attn_step_kind, cfg.attn, step, layer, REFRESH) else ""
+    label += f"/mlp:{mlp}" + ("+fore" if _forecasts(mlp_step_kind, cfg.mlp, step, layer, DENSE) else "")
     if mlp == SPARSE:
         label += "+sel" if mlp_recompute_indices(cfg.mlp, step) else "+reuse"
     return label

@@ -344,23 +344,28 @@ def test_kept_indices_refresh_rebuilds_cache(fresh_dynamo):
     assert step_counts(m)["attention_refresh"] == 3 * 3
 
 
-def _attention_errors(extrapolate, recompute, steps=12, drift=0.05, delta="self_normalized"):
-    """Per-step max relative error against eager, the first attention site's branch state after
-    steps 1 and 4 (the first two refreshes), and that state at the end."""
+def _forecast_run(kind, config, steps=12, drift=0.05, snap_at=()):
+    """Per-step max relative error against eager, the first `kind` site's branch state after the
+    steps in `snap_at` (copies of its caches) and at the end, and the eager model."""
     torch._dynamo.reset()
     m = Net().eval()
-    cm = chip(m, sparse_cfg(attn={"top_keys": 0.25, "recompute_mask": recompute, "extrapolate": extrapolate,
-                                  "delta": delta}, mlp={"enabled": False}))
+    cm = chip(m, config)
     errs, snaps, st = [], {}, None
     with torch.no_grad():
         for i in range(steps):
             x, t = latents(i, drift=drift), ts(i)
             errs.append(max_rel(cm(x, t), m(x, t)))
-            site = next(s for s in sessions_of(m)[0].sites if s.kind == "attention" and s.states)
-            st = site.states["0"]
-            if i in (1, 4):
+            st = next(s for s in sessions_of(m)[0].sites if s.kind == kind and s.states).states["0"]
+            if i in snap_at:
                 snaps[i] = {k: v.clone() for k, v in st.cache.items()}
-    return errs, snaps, st
+    return errs, snaps, st, m
+
+
+def _attention_errors(extrapolate, recompute, delta="self_normalized"):
+    """_forecast_run of sparse attention alone, snapshots after steps 1 and 4 (the first two refreshes)."""
+    config = sparse_cfg(attn={"top_keys": 0.25, "recompute_mask": recompute, "extrapolate": extrapolate,
+                              "delta": delta}, mlp={"enabled": False})
+    return _forecast_run("attention", config, snap_at=(1, 4))[:3]
 
 
 @pytest.mark.parametrize("recompute,delta", [(False, "self_normalized"), (True, "self_normalized"),
@@ -417,16 +422,9 @@ def test_residual_forecast_horizon(fresh_dynamo, monkeypatch):
     assert ccount("attention_forecast") == 7
 
 
-def _mlp_errors(extrapolate, steps=12, drift=0.05):
-    torch._dynamo.reset()
-    m = Net().eval()
-    cm = chip(m, sparse_cfg(attn={"enabled": False}, mlp={"top_keys": 0.25, "extrapolate": extrapolate}))
-    errs, st = [], None
-    with torch.no_grad():
-        for i in range(steps):
-            x, t = latents(i, drift=drift), ts(i)
-            errs.append(max_rel(cm(x, t), m(x, t)))
-            st = next(s for s in sessions_of(m)[0].sites if s.kind == "mlp" and s.states).states["0"]
+def _mlp_errors(extrapolate):
+    errs, _, st, m = _forecast_run("mlp", sparse_cfg(attn={"enabled": False},
+                                                     mlp={"top_keys": 0.25, "extrapolate": extrapolate}))
     return errs, st, m
 
 

@@ -43,6 +43,7 @@ from .. import runtime
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
+from .forecast import Forecast
 from .sites import POLICIES, count, fallback, lookup
 
 log = logging.getLogger("chipmunk_compile")
@@ -130,15 +131,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             sign=sign, lse=lse_buf, **slope)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
-    if cfg.extrapolate > 0:
-        slope = st.tensor("r_slope", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
-        t_ref_span = st.tensor("t_ref_span", (2,), torch.float32, q.device)  # last refresh step, its distance to the one before
-        # 0-dim views, so the arithmetic below stays in the cache's dtype
-        t_now, t_ref, span = s.session.device_step(q.device, pos.step)[0].float(), t_ref_span[0], t_ref_span[1]
+    fc = Forecast(s, st, pos, "r_slope", "t_ref_span", (B, N, H, D), q.dtype, q.device) if cfg.extrapolate > 0 else None
     if kind == SPARSE:
-        if fore:  # never further ahead than the interval the slope was measured over (then held)
+        if fore:
             count("attention_forecast")
-            forecast = {"o_slope": slope, "slope_coef": torch.minimum(t_now - t_ref, span) * cfg.extrapolate}
+            forecast = {"o_slope": fc.slope.transpose(1, 2), "slope_coef": fc.coef(cfg.extrapolate)}
         else:
             forecast = {}
         o = column_sparse(o_cache, 1.0, **forecast)  # the kernel's epilogue adds coef·slope
@@ -162,11 +159,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             lse_buf.copy_(lse)
     r_new = column_sparse(o, -1.0)
     if fore:  # slope per step of the residual since the previous refresh, under one index set
-        slope.copy_(((r_new if r_old is None else r_old) - o_cache) / (t_now - t_ref))
-        span.fill_(t_now - t_ref)
+        fc.measure((r_new if r_old is None else r_old).transpose(1, 2), o_cache.transpose(1, 2))
     o_cache.copy_(r_new)
-    if cfg.extrapolate > 0:
-        t_ref.fill_(t_now)
+    if fc is not None:
+        fc.mark()
     s.finish(st, d, pos)
     return o
 

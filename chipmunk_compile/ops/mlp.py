@@ -35,6 +35,7 @@ from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
 from ._dispatch import kernel
+from .forecast import Forecast
 from .sites import POLICIES, count, fallback, lookup
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -114,20 +115,16 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x.device)
     h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
     y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
-    if cfg.extrapolate > 0:
-        rate = st.tensor("y_rate", (B, M, w2.shape[0]), x.dtype, x.device)
-        t_dense_span = st.tensor("t_dense_span", (2,), torch.float32, x.device)  # last dense step, its distance to the one before
-        # 0-dim views, so the arithmetic below stays in the cache's dtype
-        t_now, t_dense, span = s.session.device_step(x.device, pos.step)[0].float(), t_dense_span[0], t_dense_span[1]
+    fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x.dtype, x.device) \
+        if cfg.extrapolate > 0 else None
     if kind == DENSE:
         y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
             if fore else None  # what the sparse path would have returned now (caches are rebuilt below)
         y = _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache)
-        if fore:
-            rate.copy_((y - y_sparse) / (t_now - t_dense))
-            span.fill_(t_now - t_dense)
-        if cfg.extrapolate > 0:
-            t_dense.fill_(t_now)
+        if fore:  # the rate per step at which the sparse path's error grew since the last dense step
+            fc.measure(y, y_sparse)
+        if fc is not None:
+            fc.mark()
         y_cache.copy_(y)
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
@@ -140,9 +137,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
         _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step, act)
     y = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache)
-    if fore:  # never further ahead than the dense period the rate was measured over (then held)
+    if fore:
         count("mlp_forecast")
-        y = torch.addcmul(y, rate, torch.minimum(t_now - t_dense, span) * cfg.extrapolate)
+        y = torch.addcmul(y, fc.slope, fc.coef(cfg.extrapolate))
     s.finish(st, d, pos)
     return y.reshape(out_shape)
 

@@ -1,0 +1,40 @@
+"""First-order forecast state of one site branch, shared by `attn.extrapolate` and `mlp.extrapolate`.
+
+A quantity q (the attention's cached residual, the MLP's stale-neuron error) is measured at the
+steps that compute it exactly; between them it is forecast as q_ref + e·min(t − t_ref, span)·slope.
+
+Invariants:
+- `slope` is a cache buffer of the branch (named by the op, so reports and tests see it); `t_ref`
+  (the last measuring step) and `span` (its distance to the measuring step before) are two fp32
+  device scalars in one more buffer. t is the session's device step, so a recorded CUDA graph
+  forecasts correctly at every step it replays; no value is read on the host.
+- Arithmetic is on 0-dim tensors, so results keep the buffers' dtype.
+- Whether a step measures or forecasts is the op's host decision (`decide`); this class only
+  does the device work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Forecast:
+    def __init__(self, site, st, pos, slope_name: str, times_name: str, shape: tuple, dtype, device):
+        self.slope = st.tensor(slope_name, shape, dtype, device)
+        times = st.tensor(times_name, (2,), torch.float32, device)  # (t_ref, span)
+        self.t_ref, self.span = times[0], times[1]
+        self.t_now = site.session.device_step(device, pos.step)[0].float()
+
+    def coef(self, e: float) -> Tensor:
+        """e·min(t − t_ref, span): never further ahead than the interval the slope was measured over."""
+        return torch.minimum(self.t_now - self.t_ref, self.span) * e
+
+    def measure(self, now: Tensor, before: Tensor) -> None:
+        """slope = (now − before) / (t − t_ref): the change per step since the last measuring step."""
+        self.slope.copy_((now - before) / (self.t_now - self.t_ref))
+        self.span.fill_(self.t_now - self.t_ref)
+
+    def mark(self) -> None:
+        """This step is the latest measuring step."""
+        self.t_ref.fill_(self.t_now)
