@@ -116,6 +116,13 @@ def attn_section(B, H, N, D, keeps, groups, dt, dev, *, with_dense_colsum=True, 
             record("attn" + label, f"csp keep={keep:.2f} G={G}", shape, ms, baseline_ms=base, flops=sf, target=tgt,
                    note=f"1/d={1 / keep:.1f}x")
             best.setdefault(keep, []).append((ms, G))
+            if keep == 0.15 and G == groups[0]:  # the forecast epilogue (attn.extrapolate): + coef * o_slope
+                o_slope, coef = torch.randn_like(q), torch.full((1,), 0.5, device=dev)
+                ms_s = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=G, o_base=o_base,
+                                                        o_slope=o_slope, slope_coef=coef))
+                record("attn" + label, f"csp keep={keep:.2f} G={G} +slope", shape, ms_s, baseline_ms=base, flops=sf,
+                       note=f"forecast epilogue: {ms_s / ms:.3f}x the row above")
+                del o_slope
             del idx, cnt
     for keep, lst in best.items():
         ms, G = min(lst)

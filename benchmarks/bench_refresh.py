@@ -11,7 +11,8 @@ target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
 - colsum S=...: column sums from S sampled queries per 128-query group (`attn_colsum_sampled`,
   autotuned over both reductions; "sum only" / "mma only" pin one, for the first S); "fp8 scores":
   from e4m3-rounded q/k, as the op runs them at >= 16384 keys (attn.colsum_fp8);
-- select: top-k selection at the model preset's key fraction (the Triton radix select; beside it
+- select: top-k selection at the model preset's key fraction (the Triton kernel: sampled threshold
+  at >= 16384 keys, else radix select; beside it its plain radix select, two other digit schedules,
   the reference and the unsorted torch.topk + sort used before), on the column sums of the random
   q/k (flat: the radix select's worst case) and on skewed stand-in sums (like a trained model's);
   cache_build: the column-sparse pass;
@@ -49,8 +50,17 @@ SHAPES = {"flux": ((1, 24, 4352, 128), (0.165, 0.0)), "hunyuan-video": ((1, 24, 
           "wan": ((1, 40, 75600, 128), (0.10, 0.01))}
 GROUP = 128
 SUMS = torch.float16  # the op's column-sum dtype (until session 11 this benchmark timed fp32 sums)
-# radix schedules (first digit, later digits) timed for the select rows; the first is the module's
-RADIXES = [None, (8, 8), (6, 5)]
+# select variants timed: the module's default (sampled threshold from 512 columns at >= 16384),
+# two other sample sizes, its plain radix select (first digit, later digits), two other schedules
+SELECTS = {"": {}, " sample 256": {"sample": 256}, " sample 1024": {"sample": 1024}, " radix only 4+6n": {"sample": 0},
+           " radix 8+8n": {"radix": (8, 8)}, " radix 6+5n": {"radix": (6, 5)}}
+
+
+def mean_passes(scores, top):
+    """Mean histogram passes per row of the sampled path (0 where it is off), on a copy."""
+    passes = torch.zeros(scores.shape[:-1].numel(), dtype=torch.int32, device=scores.device)
+    select_columns(scores.clone(), k=top, passes=passes)
+    return passes.float().mean().item()
 
 
 def refresh_pieces(q, k, v, scale, top, rnd, samples, qk_fp8=None):
@@ -111,24 +121,24 @@ def measure(name, samples_list, old):
     os.environ.pop("CHIPMUNK_COLSUM_REDUCE")
     cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples_list[0], out_dtype=SUMS)
     top += rnd  # the select rows time the top-k alone, at the preset's total width
-    for r in RADIXES:  # scores in place, as the op does
-        res["select" + (f" radix {r[0]}+{r[1]}n" if r else "")] = bench(
-            lambda: select_columns(cs, k=top, inplace=True, radix=r))
+    for label, kw in SELECTS.items():  # scores in place, as the op does
+        res["select" + label] = bench(lambda: select_columns(cs, k=top, inplace=True, **kw))
     res["select reference (stable sort)"] = bench(lambda: select_columns_ref(cs, k=top, inplace=True))
     res["select torch.topk (before the kernel)"] = bench(lambda: topk_sorted(cs, top))
     ref_idx, ref_cnt = select_columns_ref(cs, k=top)
-    for r in RADIXES:
-        idx, cnt = select_columns(cs, k=top, radix=r)
+    for label, kw in SELECTS.items():
+        idx, cnt = select_columns(cs, k=top, **kw)
         same = torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
-        print(f"{name}: radix select {r or 'default'} == reference: {same}", flush=True)
+        print(f"{name}: select{label or ' (default)'} == reference: {same}", flush=True)
     del ref_idx, ref_cnt
     # Random q/k give flat column sums (p90/p50 ~1.4), the radix select's worst case; a trained
     # model's are skewed (tiny DiT: p90/p50 2-12). rand**4 (p90/p50 ~10) stands in for those.
     skewed = (torch.rand(cs.shape, device=cs.device, generator=g) ** 4 * 3).half()
-    for r in RADIXES:
-        res["select, skewed sums" + (f" radix {r[0]}+{r[1]}n" if r else "")] = bench(
-            lambda: select_columns(skewed, k=top, inplace=True, radix=r))
+    for label, kw in SELECTS.items():
+        res["select, skewed sums" + label] = bench(lambda: select_columns(skewed, k=top, inplace=True, **kw))
     res["select torch.topk, skewed sums"] = bench(lambda: topk_sorted(skewed, top))
+    print(f"{name}: sampled select, mean histogram passes per row: flat sums {mean_passes(cs, top):.2f}, "
+          f"skewed sums {mean_passes(skewed, top):.2f} (then one compaction pass)", flush=True)
     del skewed
     del cs
     res["cache_build"] = bench(lambda: attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o,

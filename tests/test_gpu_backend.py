@@ -134,17 +134,20 @@ def test_reduce_overhead_partitions_around_ops():
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("kernels,forecast", [("triton", False), ("ref", False), ("triton", True)])
+@pytest.mark.parametrize("kernels,forecast", [("triton", ""), ("ref", ""), ("triton", "attn"), ("triton", "attn+mlp")])
 def test_step_graphs_match_eager_and_replay(monkeypatch, kernels, forecast):
     """Whole-call CUDA graphs per step signature (graphs.py): same outputs as running the ops
     eagerly, over two generations; later steps are replays, nothing fell back, no recording failed.
     The reference kernels too (they run for head dims the Triton kernels lack): every step kind,
     refresh steps of the second generation included, must record without a host read. With the
     residual forecast (attn.extrapolate), replayed sparse steps must read the step from the device
-    (refreshes at 1, 4, 8: forecast steps 5-7 and 9-11, each a replay of one graph)."""
+    (refreshes at 1, 4, 8: forecast steps 5-7 and 9-11, each a replay of one graph); with the MLP
+    forecast (mlp.extrapolate) too, its dense steps run the sparse path beside the dense one."""
     if kernels == "ref":
         monkeypatch.setenv("CHIPMUNK_KERNELS", "ref")
-    cfg = {**CFG, "attn": {**CFG["attn"], "extrapolate": 1.0, "full_step_every": 4}} if forecast else CFG
+    cfg = CFG
+    for op in filter(None, forecast.split("+")):
+        cfg = {**cfg, op: {**cfg[op], "extrapolate": 1.0, "full_step_every": 4}}
     model = _flux()
     counters.clear()
     eager, _ = _run(model, steps=12, options={"config": {**cfg, "cuda_graphs": False}})

@@ -24,13 +24,16 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   samples/G of a dense QKᵀ pass). The refresh steps use it after cuDNN attention returned o and lse.
 - select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None, n_always=None, draws=None)
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)), ascending, score ties to the lowest column ids.
-  Triton: radix select (two 8-bit histogram passes for fp16/bf16 sums, four for fp32) + one
-  compaction pass; no sort, no host sync.
+  Triton: radix select (4+6+6-bit histogram passes for fp16/bf16 sums, four 8-bit ones for fp32),
+  for long 16-bit rows a sampled bracket around the threshold first (usually 2 passes, exact
+  either way), then one compaction pass; no sort, no host sync.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
   o_slope=None, slope_coef=None) -> o.
-  On sm_90, index lists of >= 2048 keys per group (head dim 128) go to the Gluon kernel
-  (``attn_column_sparse_hopper.py``, same contract; ``CHIPMUNK_GLUON=0`` turns it off; counted as
-  ``kernel_gluon:attn_column_sparse``): 3-7% faster than the Triton kernel there, slower below.
+  On sm_90, index lists of >= 2048 keys per group (head dim 128) may go to the Gluon kernel
+  (``attn_column_sparse_hopper.py``, same contract; counted as ``kernel_gluon:attn_column_sparse``):
+  the first call of each such shape times both kernels and keeps the faster (counted as
+  ``kernel_choice:attn_column_sparse:<kernel>``; ``CHIPMUNK_GLUON=1`` forces Gluon, ``0`` forbids
+  it). Gluon was 3-7% faster there on one H200 and 1.56x slower on another (CUDA 13 driver).
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
   -> delta_packed (B, M, K); updates h_cache in place. h_cache and delta_packed rows are positions
   in the grouped order (row p = token perm[p]); x and mm2's y_cache rows are tokens.

@@ -10,13 +10,20 @@ Invariants:
 - ``ACTS`` lists the activation names every MLP kernel and reference accept.
 - ``int32_index_args`` gives the column-sparse launchers int32 indices/counts with a unit last
   stride and an int32 contiguous permutation (no copy when they already are).
+- ``faster_choice`` times interchangeable kernels once per key and process (CUDA events, outside
+  any graph capture; during a capture it returns the default unmeasured and measures nothing) and
+  returns the same choice for that key ever after: a later call never syncs the host.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 ACTS = ("gelu", "gelu_tanh", "silu", "relu")
@@ -55,3 +62,38 @@ def int32_index_args(indices, counts, perm):
     idx = indices if indices.stride(-1) == 1 else indices.contiguous()
     cnt = counts if counts.stride(-1) == 1 else counts.contiguous()
     return idx.to(torch.int32), cnt.to(torch.int32), None if perm is None else perm.to(torch.int32).contiguous()
+
+
+_CHOICES: dict = {}  # key -> name of the faster run, measured once per process
+
+
+def cuda_event_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median CUDA-event time of fn after one untimed call (which compiles or tunes it)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def faster_choice(key, runs: dict[str, Callable[[], object]], default: str, *, timer=cuda_event_ms) -> str:
+    """The name of the fastest of ``runs`` (interchangeable calls on the caller's real inputs) for
+    ``key``: timed on its first call, remembered after. Under a CUDA-graph capture, unmeasured keys
+    get ``default`` (timing there would sync the host) and stay unmeasured."""
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return default
+    ms = {name: timer(fn) for name, fn in runs.items()}
+    best = min(ms, key=ms.get)
+    _CHOICES[key] = best
+    log.info("chipmunk: %s -> %s (%s)", key, best, ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()))
+    from torch._dynamo.utils import counters
+
+    counters["chipmunk"][f"kernel_choice:{key[0]}:{best}"] += 1
+    return best

@@ -25,8 +25,12 @@ Kernel invariants:
   forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs stay valid),
   o_slope read beside o_base at the same offsets. Where that cannot be (other strides, the Gluon
   kernel) the sum is formed first (``slope_into_base``).
-- Long key lists on Hopper go to the Gluon kernel (``attn_column_sparse_hopper.py``, same
-  contract): ``use_hopper_kernel`` decides from host-known shapes only (no host read).
+- Long key lists on Hopper may go to the Gluon kernel (``attn_column_sparse_hopper.py``, same
+  contract): ``use_hopper_kernel`` says whether a call qualifies, from host-known shapes only.
+  Which of the two runs a qualifying call is measured on the first call of each shape
+  (``faster_choice``; CHIPMUNK_GLUON=1 forces Gluon, 0 forbids it): the Gluon kernel was 3-7%
+  faster at 75-119k keys on the H200 of sessions 11-15 and 1.56x slower on the H200 of session 17
+  (same code, same Triton 3.6, CUDA 13 driver), so no fixed rule holds on every machine.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import num_sms, wave_grid, wave_tail_tile
-from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, int32_index_args, interpreting
+from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
 _force_config = None
@@ -229,15 +233,32 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
         o_base = slope_into_base(o_base, o_slope, slope_coef)
         o_slope = None
     if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
-        if o_slope is not None:  # the Gluon epilogue reads o_base only
-            o_base, o_slope = slope_into_base(o_base, o_slope, slope_coef), None
         from torch._dynamo.utils import counters
 
         from .attn_column_sparse_hopper import attn_column_sparse_hopper
 
+        def gluon():
+            ob = slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base  # reads o_base only
+            return attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
+                                             o_base=ob, sign=sign)
+
+        def portable():
+            return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
+                                              o_base=o_base, sign=sign, o_slope=o_slope, slope_coef=slope_coef)
+
+        pick = "gluon" if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
+            ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
+             perm is not None, o_base is not None, o_slope is not None), {"gluon": gluon, "triton": portable}, "gluon")
+        if pick == "triton":
+            return portable()
         counters["chipmunk"]["kernel_gluon:attn_column_sparse"] += 1  # eager calls and recordings, not replays
-        return attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
-                                         o_base=o_base, sign=sign)
+        return gluon()
+    return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
+                                      sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef)
+
+
+def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
+                               o_slope=None, slope_coef=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)

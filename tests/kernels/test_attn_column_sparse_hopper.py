@@ -116,9 +116,13 @@ def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
 def test_gpu_dispatcher_routes_long_key_lists_here(monkeypatch):
-    """attn_column_sparse sends long index lists to this kernel and gives the Triton kernel's result."""
+    """attn_column_sparse sends long index lists to this kernel (CHIPMUNK_GLUON=1: always; unset:
+    when it timed faster on the first call of the shape) and gives the Triton kernel's result."""
+    from chipmunk_compile.kernels import _common
+
     q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 9000, 128, 128, 0.25, torch.bfloat16, seed=3)
     assert idx.shape[-1] >= dispatch.HOPPER_MIN_KEYS
+    monkeypatch.setenv("CHIPMUNK_GLUON", "1")
     calls = []
     real = hopper.attn_column_sparse_hopper
     monkeypatch.setattr(hopper, "attn_column_sparse_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -134,6 +138,15 @@ def test_gpu_dispatcher_routes_long_key_lists_here(monkeypatch):
     assert calls == [1]
     assert rel_err(o, o_triton) < TOL[torch.bfloat16]
     assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
+    monkeypatch.delenv("CHIPMUNK_GLUON")
+    monkeypatch.setattr(_common, "_CHOICES", {})
+    counters.clear()
+    o_auto = dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)  # times both, then runs the faster
+    (choice,) = [key for key in counters["chipmunk"] if key.startswith("kernel_choice:attn_column_sparse:")]
+    assert len(_common._CHOICES) == 1 and choice.endswith(next(iter(_common._CHOICES.values())))
+    assert rel_err(o_auto, o_triton) < TOL[torch.bfloat16]
+    dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)
+    assert sum(counters["chipmunk"][c] for c in counters["chipmunk"] if c.startswith("kernel_choice")) == 1
 
 
 @pytest.mark.gpu

@@ -42,3 +42,29 @@ def test_forced_triton_and_guards(monkeypatch):
 def test_h_cache_layout():
     h = K.mlp_alloc_h_cache(2, 10, 6, torch.float16, "cpu")
     assert h.shape == (2, 10, 6) and h.stride() == (60, 1, 10)
+
+
+def test_faster_choice_measures_once_per_key_and_never_under_capture(monkeypatch):
+    """The faster run wins, the choice is kept (later calls time nothing), each key is measured on
+    its own, and a call during a CUDA-graph capture gets the default without being measured."""
+    from chipmunk_compile.kernels import _common
+
+    monkeypatch.setattr(_common, "_CHOICES", {})
+    counters.clear()
+    timed = []
+
+    def timer(fn):
+        timed.append(fn())
+        return {"a": 2.0, "b": 1.0, "c": 0.5}[timed[-1]]
+
+    runs = {"a": lambda: "a", "b": lambda: "b"}
+    assert _common.faster_choice(("op", 1), runs, "a", timer=timer) == "b"
+    assert timed == ["a", "b"]
+    assert _common.faster_choice(("op", 1), {"a": lambda: "a", "c": lambda: "c"}, "a", timer=timer) == "b"
+    assert timed == ["a", "b"]  # remembered: nothing timed again
+    assert _common.faster_choice(("op", 2), {"a": lambda: "a", "c": lambda: "c"}, "a", timer=timer) == "c"
+    assert counters["chipmunk"]["kernel_choice:op:b"] == 1 and counters["chipmunk"]["kernel_choice:op:c"] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _common.faster_choice(("op", 3), runs, "a", timer=timer) == "a"
+    assert ("op", 3) not in _common._CHOICES and timed == ["a", "b", "a", "c"]

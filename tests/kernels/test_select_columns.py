@@ -1,9 +1,11 @@
-"""select_columns: properties of the reference's index sets; the Triton radix select against it."""
+"""select_columns: properties of the reference's index sets; the Triton kernel (radix select, sampled
+threshold) against it."""
 
 import math
 
 import pytest
 import torch
+from kernel_testutils import compile_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, select_columns_ref
 from chipmunk_compile.kernels.select_columns_ref import boost_random_draws
@@ -186,6 +188,79 @@ def test_triton_radix_schedules(triton_mode, dtype, radix):
         select_columns(cs.half(), k=3, radix=(5, 5))
 
 
+def _sampled_bracket_hits(row, k, sample, z, bins):
+    """Python model of the kernel's sampled bracket on one row of effective scores (fp16 keys):
+    (window holds the k-th largest, shift). Tells the tests which path a case takes."""
+    u = row.half().view(torch.int16).to(torch.int32) & 0xFFFF
+    keys = torch.where(row == float("inf"), 0xFFFF, torch.where(u >> 15 != 0, u ^ 0xFFFF, u | 0x8000))
+    keys = torch.where(row == float("-inf"), -1, keys)  # not candidates
+    nk = row.numel()
+    srt = keys[(torch.arange(sample) * nk) // sample].clamp(min=0).sort(descending=True).values
+    r = k * sample / nk
+    m = z * math.sqrt(r) + 2
+    hi_rank, lo_rank = math.floor(r - m), math.ceil(r + m)
+    t_hi = 0xFFFF if hi_rank < 0 else int(srt[hi_rank])
+    t_lo = 0 if lo_rank >= sample else int(srt[lo_rank])
+    shift = 0
+    while (t_hi >> shift) - (t_lo >> shift) >= bins - 2:  # two bins count the keys below and above
+        shift += 1
+    lo, hi = (t_lo >> shift) << shift, (((t_hi >> shift) + 1) << shift) - 1
+    take = min(int((keys >= 0).sum()), k)
+    above, inside = int((keys > hi).sum()), int(((keys >= lo) & (keys <= hi)).sum())
+    return above < take <= above + inside, shift
+
+
+@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd,sample,path", [
+    ("signed", 3000, 400, False, False, 0, 256, "hit"),
+    ("lognormal", 3000, 200, True, True, 3, 256, "hit, refined"),
+    ("ties", 2000, 500, True, True, 2, 64, "hit"),
+    ("signed", 300, 37, False, False, 0, 16, None),
+    ("distinct", 40, 45, False, False, 0, 16, "hit"),  # K >= Nk: every column
+    ("adversarial", 3000, 1000, False, False, 0, 256, "miss"),
+])
+def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, always, rnd, sample, path):
+    """The sampled-bracket path (16-bit scores) selects exactly what the reference does, whether
+    the window holds the K-th largest at once, needs further bits, or misses and starts over
+    ("adversarial": only the sampled columns score 100, so the bracket holds them alone and lies
+    above the K-th largest)."""
+    from chipmunk_compile.kernels import select_columns as sc_mod
+
+    g = torch.Generator().manual_seed(Nk + k)
+    B, H, Gc = 2, 1, 2
+    gen = "signed" if kind in ("lognormal", "adversarial") else kind
+    cs = _scores((B, H, Gc, Nk), torch.float32, gen, g)
+    if kind == "lognormal":  # spread over many exponents: the window needs a shift
+        cs = (2 * cs).exp()
+    if kind == "adversarial":
+        cs[..., (torch.arange(sample) * Nk) // sample] = 100.0
+    cs = cs.half()
+    km = (torch.rand(B, Nk, generator=g) > 0.3) if masked else None
+    ak = None
+    if always:
+        ak = torch.zeros(Nk, dtype=torch.bool)
+        ak[[0, 5, Nk - 1]] = True
+    draws = torch.randint(0, Nk, (B, H, Gc, rnd), generator=g) if rnd else None
+    eff = _effective(cs, km, ak, rnd, draws)
+    K = min(Nk, k + (3 if always else 0) + rnd)
+    if path is not None:
+        outcomes = [_sampled_bracket_hits(row, K, sample, sc_mod.SAMPLE_Z, 1 << sc_mod.WINDOW_BITS)
+                    for row in eff.view(-1, Nk)]
+        assert all(h == path.startswith("hit") for h, _ in outcomes), outcomes
+        if path == "hit, refined":
+            assert all(shift > 0 for _, shift in outcomes), outcomes
+    passes = torch.zeros(B * H * Gc, dtype=torch.int32)
+    idx, cnt = sc_mod.select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws,
+                                     sample=sample, passes=passes)
+    if path is not None:  # the window pass, then the bits it left open (6 per pass), or all 16 after a miss
+        expect = [1 + (math.ceil(shift / sc_mod.WINDOW_BITS) if hit else math.ceil(16 / sc_mod.WINDOW_BITS))
+                  for hit, shift in outcomes]
+        assert passes.tolist() == expect
+    ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
+    _check_against_ref(eff, idx, cnt, ref_idx, ref_cnt, exact=True)
+    with pytest.raises(AssertionError, match="power of two"):
+        sc_mod.select_columns(cs, k=3, sample=100)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -221,3 +296,26 @@ def test_reference_sorts_in_slabs(monkeypatch):
     monkeypatch.setattr(ref_mod, "SLAB", 2 * 90 + 1)  # 2 rows per slab, a short last slab
     slabs = select_columns_ref(cs.clone(), k=17, key_mask=km)
     assert torch.equal(whole[0], slabs[0]) and torch.equal(whole[1], slabs[1])
+
+
+_COMPILE_FOR_HOPPER = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from chipmunk_compile.kernels.select_columns import _select_columns_kernel as k
+sample, count_passes, has_ak, has_km = (int(a) for a in sys.argv[1:])
+types = ["*fp16", "*i8", "*i8", "*i32", "*i32", "*i32", "i32", "i32", "i32"]
+sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
+consts = {"BITS": 16, "RADIX0": 4, "RADIX": 6, "CHUNK": 2048, "SAMPLE": sample, "Z": 4.0, "WBITS": 6,
+          "HAS_AK": bool(has_ak), "HAS_KM": bool(has_km), "COUNT_PASSES": bool(count_passes)}
+out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": 4})
+assert ".entry" in out.asm["ptx"]
+"""
+
+
+@pytest.mark.parametrize("sample,count_passes,has_ak,has_km", [(2048, 0, 1, 1), (2048, 1, 0, 0), (0, 0, 1, 0)])
+def test_compiles_for_hopper_without_a_gpu(sample, count_passes, has_ak, has_km):
+    """The interpreter runs code the GPU compiler may reject (run-time loops over run-time shifts,
+    constexpr arithmetic): compile the kernel for sm_90 here, with no GPU, so CI catches that."""
+    compile_for_hopper(_COMPILE_FOR_HOPPER, sample, count_passes, has_ak, has_km)
