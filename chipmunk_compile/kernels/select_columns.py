@@ -285,8 +285,8 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
         "sample: a power of two >= 16, for 16-bit scores"
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
-            scores, ak, km, idx, cnt, passes if passes is not None else cnt, Nk, K, H * Gc, BITS=bits, RADIX0=r0, RADIX=r, CHUNK=_chunk(Nk),
-            SAMPLE=sample, Z=SAMPLE_Z, WBITS=WINDOW_BITS, HAS_AK=always_keep is not None,
+            scores, ak, km, idx, cnt, passes if passes is not None else cnt, Nk, K, H * Gc, BITS=bits, RADIX0=r0,
+            RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z, WBITS=WINDOW_BITS, HAS_AK=always_keep is not None,
             HAS_KM=key_mask is not None, COUNT_PASSES=passes is not None and sample > 0, num_warps=4)
     return idx, cnt
 
