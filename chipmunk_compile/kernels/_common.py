@@ -10,6 +10,8 @@ Invariants:
 - ``ACTS`` lists the activation names every MLP kernel and reference accept.
 - ``int32_index_args`` gives the column-sparse launchers int32 indices/counts with a unit last
   stride and an int32 contiguous permutation (no copy when they already are).
+- ``launch`` runs a kernel the one way a launcher may: a forced ``triton.Config`` (benchmark and
+  test hook) if set, else the interpreter's fixed small config, else the autotuned wrapper.
 - ``faster_choice`` times interchangeable kernels once per key and process (CUDA events, outside
   any graph capture; during a capture it returns the default unmeasured and measures nothing) and
   returns the same choice for that key ever after: a later call never syncs the host.
@@ -62,6 +64,18 @@ def int32_index_args(indices, counts, perm):
     idx = indices if indices.stride(-1) == 1 else indices.contiguous()
     cnt = counts if counts.stride(-1) == 1 else counts.contiguous()
     return idx.to(torch.int32), cnt.to(torch.int32), None if perm is None else perm.to(torch.int32).contiguous()
+
+
+def launch(kernel, tuned, grid, args, flags: dict, *, force_config=None, interp_meta: dict) -> None:
+    """kernel[grid(meta)](*args, **flags) with meta from force_config, interp_meta under the
+    interpreter, or the autotuner (``tuned``, the autotuned wrapper of ``kernel``)."""
+    if force_config is not None:
+        kernel[grid(force_config.kwargs)](*args, **force_config.kwargs, num_warps=force_config.num_warps,
+                                          num_stages=force_config.num_stages, **flags)
+    elif interpreting():
+        kernel[grid(interp_meta)](*args, **interp_meta, **flags)
+    else:
+        tuned[grid](*args, **flags)
 
 
 _CHOICES: dict = {}  # key -> name of the faster run, measured once per process

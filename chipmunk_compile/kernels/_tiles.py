@@ -5,11 +5,14 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   tiles and SPLIT * (T % P) <= P programs), each of those tail tiles is split over SPLIT programs,
   which then get the same `tile` and tell their piece apart by (pid - t_main) % SPLIT.
 - `grouped_tile`: GROUP_M row tiles run before the next column tile, so programs running at the
-  same time gather the same (sorted) weight rows and hit them in L2.
+  same time gather the same (sorted) weight rows and hit them in L2. `token_block_tile` composes
+  both for the sparse-MLP kernels (batch, token block, row tile in it, first column).
 - `load_rows`: rows `cols` of a (N, HEAD_DIM) K or V slice; only the TAIL tile (the one crossing
   N) is load-masked, so the others stay vectorised and software-pipelined. `key_allowed`: the
   tile's columns that exist and are not masked out by a (B, N) int8 key mask. `column_halves`:
-  the two column halves of a register tile, for epilogues done in slices.
+  the two column halves of a register tile, for epilogues done in slices. `block_rows`: the rows
+  of one tile of a token block (attention query group or MLP token block), in grouped order and
+  as tokens (through the permutation).
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
 `pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it).
@@ -98,3 +101,34 @@ def column_halves(x, ROWS: tl.constexpr, H: tl.constexpr):
     """Columns [0, H) and [H, 2H) of a (ROWS, 2H) register tile (an epilogue done in slices keeps
     fewer temporaries live beside the accumulator)."""
     return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, H]), (0, 2, 1)))
+
+
+@triton.jit
+def block_rows(PERM, block, row0, BLK, M, ROWS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """(positions in the grouped order, in-range mask, token rows) of rows row0 + [0, ROWS) of
+    block `block` (BLK rows each, M in all); a position is its token when there is no permutation."""
+    loc = row0 + tl.arange(0, ROWS)
+    pos = block * BLK + loc
+    row_ok = (loc < BLK) & (pos < M)
+    if HAS_PERM:
+        rows = tl.load(PERM + pos, mask=row_ok, other=0)
+    else:
+        rows = pos
+    return pos, row_ok, rows
+
+
+@triton.jit
+def token_block_tile(NB, NCOLS, NBATCH, NUM_SMS, BLK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's (pid, t_main, batch, token block, row tile in the block, first column) over
+    NBATCH x NB blocks of BLK rows x NCOLS columns, in BLOCK_M x BLOCK_N tiles (wave tail and
+    grouped order as above; a split tail program adds its piece's offset to the first column)."""
+    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
+    NT_N = tl.cdiv(NCOLS, BLOCK_N)
+    n_mt = NB * TPB
+    per_b = n_mt * NT_N
+    pid = tl.program_id(0)
+    tile, t_main = wave_tail_tile(pid, NBATCH * per_b, NUM_SMS * OCC, SPLIT)
+    b = tile // per_b
+    mt, pid_n = grouped_tile(tile % per_b, n_mt, NT_N, GROUP_M)
+    return pid, t_main, b, mt // TPB, mt % TPB, pid_n * BLOCK_N

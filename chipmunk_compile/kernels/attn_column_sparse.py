@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import num_sms, wave_grid, wave_tail_tile
-from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting
+from ._tiles import block_rows, num_sms, wave_grid, wave_tail_tile
+from ._common import (LOG2E, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting,
+                      launch)
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
 _force_config = None
@@ -85,13 +86,7 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
     b = bh // HQ
     h = bh % HQ
     hk = h // KV_REP
-    loc = row0 + tl.arange(0, ROWS)
-    pos = g * G + loc
-    row_ok = (loc < G) & (pos < N)
-    if HAS_PERM:
-        qi = tl.load(PERM + pos, mask=row_ok, other=0)
-    else:
-        qi = pos
+    pos, row_ok, qi = block_rows(PERM, g, row0, G, N, ROWS, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     k_base = K + b * skb + hk * skh
@@ -283,14 +278,8 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
                  HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
-    cfg = _force_config
-    if interpreting() and cfg is None:
-        _attn_column_sparse_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
-    elif cfg is not None:
-        _attn_column_sparse_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                     num_stages=cfg.num_stages, **flags)
-    else:
-        _tuned[grid](*args, **flags)
+    launch(_attn_column_sparse_kernel, _tuned, grid, args, flags, force_config=_force_config,
+           interp_meta=_INTERP_META)
     return o
 
 

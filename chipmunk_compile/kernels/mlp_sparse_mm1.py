@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import column_halves, grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
-from ._common import ACT_CODE, cdiv, dot_precision, interpreting, new_empty
+from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
+from ._common import ACT_CODE, cdiv, dot_precision, launch, new_empty
 
 
 @triton.jit
@@ -61,13 +61,7 @@ def _mm1_tile(
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  #
     EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
-    loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = mb * BLK + loc
-    row_ok = (loc < BLK) & (pos < M)
-    if HAS_PERM:
-        ri = tl.load(PERM + pos, mask=row_ok, other=0)
-    else:
-        ri = pos
+    pos, row_ok, ri = block_rows(PERM, mb, t * BLOCK_M, BLK, M, BLOCK_M, HAS_PERM)
     cnt = tl.load(CNT + b * scb + mb)
     c = col0 + tl.arange(0, BLOCK_N)
     # delta columns up to the padded row width KWP (a multiple of 64) are written, pad included
@@ -161,25 +155,18 @@ def _mlp_sparse_mm1_kernel(
     GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, KALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
     EPI_SUB: tl.constexpr,
 ):
-    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
     EVEN_K: tl.constexpr = KALIGN % BLOCK_K == 0
-    NT_N = tl.cdiv(KW, BLOCK_N)
-    n_mt = NB * TPB
-    per_b = n_mt * NT_N
-    pid = tl.program_id(0)
-    tile, t_main = wave_tail_tile(pid, NBATCH * per_b, NUM_SMS * OCC, SPLIT)
-    b = tile // per_b
-    mt, pid_n = grouped_tile(tile % per_b, n_mt, NT_N, GROUP_M)
+    pid, t_main, b, mb, t, col0 = token_block_tile(NB, KW, NBATCH, NUM_SMS, BLK, BLOCK_M, BLOCK_N, GROUP_M, OCC, SPLIT)
     if pid < t_main:
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
-                  M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
+                  M, C, KWP, b, mb, t, col0,
                   BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC, EPI_SUB)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
         _mm1_tile(X, WA, BA, WL, BL, IDX, CNT, HC, DP, PERM,
                   sxb, sxm, sxc, swa_f, swa_c, swl_f, swl_c, shb, shm, shf, sdb, sdm, sdk, sib, sim, scb,
-                  M, C, KWP, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
+                  M, C, KWP, b, mb, t, col0 + ((pid - t_main) % SPLIT) * SUB,
                   BLK, ACT, HAS_BA, HAS_WL, HAS_BL, HAS_PERM, BLOCK_M, SUB, BLOCK_K, EVEN_K, DOT_PREC, EPI_SUB)
 
 
@@ -236,12 +223,5 @@ def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, a
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(KW, meta["BLOCK_N"]), nsm)
 
-    cfg = _force_config
-    if cfg is not None:
-        _mlp_sparse_mm1_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages, **flags)
-    elif interpreting():
-        _mlp_sparse_mm1_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
-    else:
-        _tuned[grid](*args, **flags)
+    launch(_mlp_sparse_mm1_kernel, _tuned, grid, args, flags, force_config=_force_config, interp_meta=_INTERP_META)
     return delta

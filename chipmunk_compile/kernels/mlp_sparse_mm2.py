@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import column_halves, grouped_tile, num_sms, pow2_align, wave_grid, wave_tail_tile
-from ._common import cdiv, dot_precision, interpreting, new_empty
+from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
+from ._common import cdiv, dot_precision, launch, new_empty
 
 
 @triton.jit
@@ -43,13 +43,7 @@ def _mm2_tile(
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
-    loc = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = mb * BLK + loc
-    row_ok = (loc < BLK) & (pos < M)
-    if HAS_PERM:
-        ri = tl.load(PERM + pos, mask=row_ok, other=0)
-    else:
-        ri = pos
+    pos, row_ok, ri = block_rows(PERM, mb, t * BLOCK_M, BLK, M, BLOCK_M, HAS_PERM)
     cnt = tl.load(CNT + b * scb + mb)
     n = col0 + tl.arange(0, BLOCK_N)
     n_ok = n < NOUT
@@ -106,24 +100,18 @@ def _mlp_sparse_mm2_kernel(
     NALIGN: tl.constexpr, EPI_SUB: tl.constexpr,
 ):
     EVEN_N: tl.constexpr = NALIGN % BLOCK_N == 0
-    TPB: tl.constexpr = (BLK + BLOCK_M - 1) // BLOCK_M
-    NT_N = tl.cdiv(NOUT, BLOCK_N)
-    n_mt = NB * TPB
-    per_b = n_mt * NT_N
-    pid = tl.program_id(0)
-    tile, t_main = wave_tail_tile(pid, NBATCH * per_b, NUM_SMS * OCC, SPLIT)
-    b = tile // per_b
-    mt, pid_n = grouped_tile(tile % per_b, n_mt, NT_N, GROUP_M)
+    pid, t_main, b, mb, t, col0 = token_block_tile(NB, NOUT, NBATCH, NUM_SMS, BLK, BLOCK_M, BLOCK_N, GROUP_M, OCC,
+                                                   SPLIT)
     if pid < t_main:
         _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
-                  M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N,
+                  M, NOUT, b, mb, t, col0,
                   BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
         _mm2_tile(DP, W2T, IDX, CNT, YC, OUT, PERM,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
-                  M, NOUT, b, mt // TPB, mt % TPB, pid_n * BLOCK_N + ((pid - t_main) % SPLIT) * SUB,
+                  M, NOUT, b, mb, t, col0 + ((pid - t_main) % SPLIT) * SUB,
                   BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB)
 
 
@@ -194,12 +182,5 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
 
-    cfg = _force_config
-    if cfg is not None:
-        _mlp_sparse_mm2_kernel[grid(cfg.kwargs)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages, **flags)
-    elif interpreting():
-        _mlp_sparse_mm2_kernel[grid(_INTERP_META)](*args, **_INTERP_META, **flags)
-    else:
-        _tuned[grid](*args, **flags)
+    launch(_mlp_sparse_mm2_kernel, _tuned, grid, args, flags, force_config=_force_config, interp_meta=_INTERP_META)
     return out
