@@ -214,6 +214,7 @@ def _sampled_bracket_hits(row, k, sample, z, bins):
     ("signed", 3000, 400, False, False, 0, 256, "hit"),
     ("lognormal", 3000, 200, True, True, 3, 256, "hit, refined"),
     ("ties", 2000, 500, True, True, 2, 64, "hit"),
+    ("signed", 3000, 400, True, False, 0, 256, "hit"),  # and a batch with no selectable key
     ("signed", 300, 37, False, False, 0, 16, None),
     ("distinct", 40, 45, False, False, 0, 16, "hit"),  # K >= Nk: every column
     ("adversarial", 3000, 1000, False, False, 0, 256, "miss"),
@@ -239,12 +240,15 @@ def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, alw
     if always:
         ak = torch.zeros(Nk, dtype=torch.bool)
         ak[[0, 5, Nk - 1]] = True
+    elif masked:
+        km[-1] = False  # a batch with no selectable key: the sampled path misses, counts 0, indices 0
     draws = torch.randint(0, Nk, (B, H, Gc, rnd), generator=g) if rnd else None
     eff = _effective(cs, km, ak, rnd, draws)
     K = min(Nk, k + (3 if always else 0) + rnd)
     if path is not None:
-        outcomes = [_sampled_bracket_hits(row, K, sample, sc_mod.SAMPLE_Z, 1 << sc_mod.WINDOW_BITS)
-                    for row in eff.view(-1, Nk)]
+        selectable = (eff.view(-1, Nk) > float("-inf")).any(-1)
+        outcomes = [_sampled_bracket_hits(row, K, sample, sc_mod.SAMPLE_Z, 1 << sc_mod.WINDOW_BITS) if ok
+                    else (path.startswith("hit"), 0) for row, ok in zip(eff.view(-1, Nk), selectable)]
         assert all(h == path.startswith("hit") for h, _ in outcomes), outcomes
         if path == "hit, refined":
             assert all(shift > 0 for _, shift in outcomes), outcomes
@@ -252,11 +256,13 @@ def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, alw
     idx, cnt = sc_mod.select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws,
                                      sample=sample, passes=passes)
     if path is not None:  # the window pass, then the bits it left open (6 per pass), or all 16 after a miss
-        expect = [1 + (math.ceil(shift / sc_mod.WINDOW_BITS) if hit else math.ceil(16 / sc_mod.WINDOW_BITS))
-                  for hit, shift in outcomes]
+        expect = [1 + (math.ceil(shift / sc_mod.WINDOW_BITS) if hit and ok else math.ceil(16 / sc_mod.WINDOW_BITS))
+                  for (hit, shift), ok in zip(outcomes, selectable)]
         assert passes.tolist() == expect
     ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
     _check_against_ref(eff, idx, cnt, ref_idx, ref_cnt, exact=True)
+    if masked and not always:
+        assert (cnt[-1] == 0).all() and (idx[-1] == 0).all()
     with pytest.raises(AssertionError, match="power of two"):
         sc_mod.select_columns(cs, k=3, sample=100)
 
