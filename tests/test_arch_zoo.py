@@ -6,7 +6,8 @@ Qwen-Image's rotary table and LTX-Video's coordinates merged into the token axis
 grid seen in a graph before a graph break, HunyuanVideo 1.5's attention mask (the outer
 product of a padding vector) with its conv grid from the graph before its data-dependent break,
 ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + image keys, and
-the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and
+the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and its
+prefill (image queries, the tail of the joint sequence, over all of its keys), and
 FLUX.2 Klein (cached reference keys between the own text and image keys), and Krea 2's grid in
 the image rows of its joint text + image position ids."""
 
@@ -37,6 +38,9 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     # KV-cached steps: image queries over cat(cached text keys (a graph input), own keys); the grid
     # from the rotary index vectors its embedder computes in a graph of its own
     ("qwen_image21_cached", 3, "rotary index cat after 8 other rows h×w (earlier graph) 12×12"),
+    # its prefill (every step without the KV cache): image queries cut as the tail of the joint
+    # [text, image] sequence, over all of its keys
+    ("qwen_image21", 3, "rotary index cat after 8 other rows h×w (earlier graph) 12×12"),
     # KV-cached steps: [text, image] queries over cat(own text keys, cached reference keys, own image keys)
     ("flux2_kv_cached", 3, "position ids input img_ids h×w 12×12, tile 8×8, text 8 first"),
     # one joint id table: 8 text rows at the origin, then the image grid

@@ -945,3 +945,49 @@ class SlicedQueriesOverAllKeys(_QKVOut):
 def test_sliced_queries_over_all_keys_rejected(fresh_dynamo):
     rep = chipmunk_compile.inspect(SlicedQueriesOverAllKeys().eval(), *tokens(0), config=SMALL)
     assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)
+
+
+class TailQueriesOverAllKeys(_QKVOut):
+    """Qwen-Image 2.1's prefill (its steps without a KV cache): every token's keys, the last tokens'
+    queries, cut from the same projection (before or after the head split)."""
+
+    def __init__(self, n_prefix, cut="heads", stop=None, other_stream=False, drop_key=False):
+        super().__init__()
+        self.n_prefix, self.cut, self.stop, self.other_stream, self.drop_key = n_prefix, cut, stop, other_stream, drop_key
+
+    def forward(self, x, t):
+        P, heads = self.n_prefix, self.heads
+        src = x.flip(1) if self.other_stream else x  # another token stream of the same length
+        if self.cut == "tokens":
+            q = heads(self.to_q(src)[:, P:self.stop])
+        else:
+            q = heads(self.to_q(src))[:, :, P:self.stop]
+        k, v = heads(self.to_k(x)), heads(self.to_v(x))
+        if self.drop_key:
+            k, v = k[:, :, 1:], v[:, :, 1:]
+        return self.attend(q, k, v)
+
+
+@pytest.mark.parametrize("cut,n_prefix", [("heads", 8), ("tokens", 8), ("heads", 20)])
+def test_tail_queries_over_all_keys(fresh_dynamo, cut, n_prefix):
+    """Queries cut as the tail of the keys' own sequence are matched, exact at full keys, with the
+    prefix placed before their own keys: kept like text when short, ranked when long."""
+    mod = TailQueriesOverAllKeys(n_prefix, cut)
+    check(mod, tokens, attention=1)
+    (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
+    n_q = N - n_prefix
+    assert site.key_layout == (("other", n_prefix, None), ("own", 0, None))
+    assert site.key_runs(n_q, N) == ((0, n_prefix, n_q),)
+    keep, count = site.key_keep_on("cpu", n_q, N)
+    if n_prefix <= n_q // 4:
+        assert count == n_prefix and keep[:n_prefix].all() and not keep[n_prefix:].any()
+    else:
+        assert keep is None and count == 0
+
+
+@pytest.mark.parametrize("variant", [dict(stop=N - 4), dict(other_stream=True), dict(drop_key=True)])
+def test_tail_queries_rejected_when_not_shown(fresh_dynamo, variant):
+    """A slice that is not the tail, queries projected from another stream of the same length, or
+    keys missing a token of the queries' sequence: not the keys' own tail, so cross-attention."""
+    rep = chipmunk_compile.inspect(TailQueriesOverAllKeys(8, **variant).eval(), *tokens(0), config=SMALL)
+    assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)

@@ -30,7 +30,7 @@ from .fx_utils import (
     module_path, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
-from .token_streams import distinct_streams, joint_key_streams, key_concat
+from .token_streams import distinct_streams, joint_key_streams, key_concat, projected_from, token_slice_of
 from .registry import AttentionMatch, MatchContext, Pattern, Rejection, register_pattern
 
 
@@ -69,7 +69,7 @@ def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=Fals
     # sizes may be unbacked symbols (capture_scalar_outputs): what cannot be decided is not equal
     key_layout = None
     if not guard_or_false(qs[-2] == ks[-2]):
-        key_layout = _joint_key_layout(q, k, qs[-2])
+        key_layout = _joint_key_layout(q, k, qs[-2]) or _query_tail_layout(q, k, qs[-2], ks[-2])
         if key_layout is None:
             return _reject(pattern, node, f"cross-attention (query length {qs[-2]} != key length {ks[-2]})", shapes)
     elif distinct_streams(q, k):
@@ -121,6 +121,30 @@ def _joint_key_layout(q, k, n_q) -> Optional[tuple]:
     if sum(sizes[i] is None for i in range(len(parts)) if i not in runs) > 1:
         return None
     return tuple(("own", *runs[i]) if i in runs else ("other", sizes[i], None) for i in range(len(parts)))
+
+
+def _query_tail_layout(q, k, n_q, n_k) -> Optional[tuple]:
+    """(("other", n_k - n_q, None), ("own", 0, None)) when the queries are the last n_q of the n_k
+    tokens the keys are, in order: q is cut, as src[..., n_k - n_q:, ...] on the token axis, from a
+    projection of n_k tokens whose input, token for token, is also the keys' projection input (a
+    KV-cache prefill: every token's keys, the last tokens' queries); else None."""
+    cut = token_slice_of(q)
+    if cut is None:
+        return None
+    idx = cut.args[1] if isinstance(cut.args[1], tuple) else (cut.args[1],)
+    found = _token_slice(cut, len(idx) - 1)
+    if found is None:
+        return None
+    src, start, stop = found
+    n_src = shape_of(src)[len(idx) - 1]
+    if not (isinstance(n_q, int) and isinstance(n_k, int) and statically_known_true(n_src == n_k)):
+        return None
+    if start != n_k - n_q or stop not in (None, n_k):
+        return None
+    x = projected_from(src)
+    if x is None or x is not projected_from(k) or shape_of(x) is None:
+        return None
+    return (("other", start, None), ("own", 0, None))
 
 
 def _token_slice(part, dim) -> Optional[tuple]:

@@ -14,6 +14,10 @@ Invariant: conservative. Any path that cannot be followed (q or k is a graph inp
 expanding op, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
 length rule alone.
 
+Queries cut from their keys' sequence (`token_slice_of`, `projected_from`): the prefill of a KV
+cache attends the last tokens' queries to every token's keys; q is a slice of a projection whose
+input also makes k, token for token.
+
 Joint keys (`joint_key_streams`): k = cat(parts) with one or more parts from q's stream (the
 caller checks that they are its whole sequence, in order); every other
 part is projected from another stream or is precomputed, i.e. made of graph inputs by
@@ -111,11 +115,24 @@ def distinct_streams(q, k) -> bool:
     return not (_chain(qs) & _chain(ks))
 
 
+def _up_token_ops(node, steps: int = 16):
+    """node, then what it is made of through token-preserving single-input ops (casts, views, axis
+    swaps, a rotary product with a table: the data operand), nearest first, at most `steps`."""
+    for _ in range(steps):
+        yield node
+        ups = _upstream(node)
+        if not ups:
+            return
+        first = node.args[0] if node.args else None
+        if len(ups) > 1 and first not in ups:  # follow the data operand (type_as(x, ref): x)
+            return
+        node = first if len(ups) > 1 else ups[0]
+
+
 def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
     """(the concatenated parts, the axis) when k is, through token-preserving single-input ops (casts, views, axis
     swaps, a rotary product with a table), a concatenation of n_k tokens along one axis; else None."""
-    node = k
-    for _ in range(16):
+    for node in _up_token_ops(k):
         if is_call(node, torch.cat, torch.concat):
             shape = val(node).shape if isinstance(val(node), torch.Tensor) else None
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -124,13 +141,27 @@ def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
                 return None
             dim %= len(shape)
             return (list(parts), dim) if shape[dim] == n_k else None
-        ups = _upstream(node)
-        if not ups:
+    return None
+
+
+def token_slice_of(q) -> Optional[fx.Node]:
+    """The nearest tensor indexing above q through token-preserving single-input ops (where q's
+    tokens were cut from a longer sequence), or None."""
+    for node in _up_token_ops(q):
+        if node.target is operator.getitem and isinstance(val(node.args[0]), torch.Tensor):
+            return node
+    return None
+
+
+def projected_from(node) -> Optional[fx.Node]:
+    """The input of the linear projection `node` is made of through token-preserving single-input
+    ops that keep every token (no indexing that drops any), or None."""
+    for n in _up_token_ops(node):
+        if is_linear(n):
+            return linear_parts(n)[0]
+        if n.target is operator.getitem and isinstance(val(n.args[0]), torch.Tensor) and not statically_known_true(
+                _numel(n.args[0]) == _numel(n)):
             return None
-        first = node.args[0] if node.args else None
-        if len(ups) > 1 and first not in ups:  # follow the data operand (type_as(x, ref): x)
-            return None
-        node = first if len(ups) > 1 else ups[0]
     return None
 
 
