@@ -991,3 +991,31 @@ def test_tail_queries_rejected_when_not_shown(fresh_dynamo, variant):
     keys missing a token of the queries' sequence: not the keys' own tail, so cross-attention."""
     rep = chipmunk_compile.inspect(TailQueriesOverAllKeys(8, **variant).eval(), *tokens(0), config=SMALL)
     assert rep.count("attention") == 0 and "cross-attention" in _reason(rep), str(rep)
+
+
+class TailQueriesQuarterPrefix(TailQueriesOverAllKeys):
+    """The prefix a quarter of the sequence: under dynamic shapes the cut's start is symbolic."""
+
+    def forward(self, x, t):
+        self.n_prefix = x.shape[1] // 4
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("mod", [lambda: TailQueriesOverAllKeys(8), lambda: TailQueriesQuarterPrefix(0)])
+def test_tail_queries_with_symbolic_token_counts(fresh_dynamo, mod):
+    """Compiled with dynamic shapes (a fixed prefix, then one that grows with the sequence): still
+    matched, exact at full keys at two token counts, the prefix placed per call."""
+    mod = mod().eval()
+    cm = chip(mod, SMALL, dynamic=True)
+    with torch.no_grad():
+        for m in (N, N + 16):
+            for i in range(3):
+                x, t = tokens(i, m=m)
+                assert max_rel(cm(x, t), mod(x, t)) < 1e-5, (m, i)
+    (site,) = [s for s in chipmunk_compile.runtime.sessions_of(mod)[0].sites if s.kind == "attention"]
+    n_k = N + 16
+    quarter = isinstance(mod, TailQueriesQuarterPrefix)
+    assert site.key_layout[0] == ("other", None if quarter else 8, None)  # None: sized per call
+    n_prefix = n_k // 4 if quarter else 8
+    assert site.key_runs(n_k - n_prefix, n_k) == ((0, n_prefix, n_k - n_prefix),)
+    assert step_counts(mod).get("attention_sparse", 0) > 0

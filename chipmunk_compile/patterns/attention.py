@@ -129,22 +129,23 @@ def _query_tail_layout(q, k, n_q, n_k) -> Optional[tuple]:
     projection of n_k tokens whose input, token for token, is also the keys' projection input (a
     KV-cache prefill: every token's keys, the last tokens' queries); else None."""
     cut = token_slice_of(q)
-    if cut is None:
+    if cut is None or not isinstance(cut.args[0], fx.Node) or shape_of(cut.args[0]) is None:
         return None
-    idx = cut.args[1] if isinstance(cut.args[1], tuple) else (cut.args[1],)
-    found = _token_slice(cut, len(idx) - 1)
-    if found is None:
+    src, idx = cut.args
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    dim, sl = len(idx) - 1, idx[-1]
+    if any(i != slice(None) for i in idx[:dim]) or not isinstance(sl, slice) or sl.step not in (None, 1):
         return None
-    src, start, stop = found
-    n_src = shape_of(src)[len(idx) - 1]
-    if not (isinstance(n_q, int) and isinstance(n_k, int) and statically_known_true(n_src == n_k)):
+    # sizes and the start may be symbolic (a recompile after the prefix length changed)
+    start, stop = (val(b) if isinstance(b, fx.Node) else b for b in (sl.start, sl.stop))
+    if start is None or not statically_known_true(shape_of(src)[dim] == n_k):
         return None
-    if start != n_k - n_q or stop not in (None, n_k):
+    if not statically_known_true(start == n_k - n_q) or not (stop is None or statically_known_true(stop >= n_k)):
         return None
     x = projected_from(src)
     if x is None or x is not projected_from(k) or shape_of(x) is None:
         return None
-    return (("other", start, None), ("own", 0, None))
+    return (("other", start if isinstance(start, int) else None, None), ("own", 0, None))
 
 
 def _token_slice(part, dim) -> Optional[tuple]:
