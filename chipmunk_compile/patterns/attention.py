@@ -128,14 +128,10 @@ def _query_tail_layout(q, k, n_q, n_k) -> Optional[tuple]:
     tokens the keys are, in order: q is cut, as src[..., n_k - n_q:, ...] on the token axis, from a
     projection of n_k tokens whose input, token for token, is also the keys' projection input (a
     KV-cache prefill: every token's keys, the last tokens' queries); else None."""
-    cut = token_slice_of(q)
-    if cut is None or not isinstance(cut.args[0], fx.Node) or shape_of(cut.args[0]) is None:
+    found = _axis_slice(token_slice_of(q))
+    if found is None:
         return None
-    src, idx = cut.args
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    dim, sl = len(idx) - 1, idx[-1]
-    if any(i != slice(None) for i in idx[:dim]) or not isinstance(sl, slice) or sl.step not in (None, 1):
-        return None
+    src, dim, sl = found
     # sizes and the start may be symbolic (a recompile after the prefix length changed)
     start, stop = (val(b) if isinstance(b, fx.Node) else b for b in (sl.start, sl.stop))
     if start is None or not statically_known_true(shape_of(src)[dim] == n_k):
@@ -148,18 +144,28 @@ def _query_tail_layout(q, k, n_q, n_k) -> Optional[tuple]:
     return (("other", start if isinstance(start, int) else None, None), ("own", 0, None))
 
 
-def _token_slice(part, dim) -> Optional[tuple]:
-    """(source, start, stop or None) when `part` is source[..., a:b, ...] on axis `dim` with static
-    bounds and unit step, whole on every other axis; else None."""
+def _axis_slice(part) -> Optional[tuple]:
+    """(source, axis, slice) when `part` is source[:, ..., :, a:b] with unit step: whole on every
+    axis before the sliced one; else None."""
     if not (isinstance(part, fx.Node) and part.target is operator.getitem and isinstance(part.args[0], fx.Node)):
         return None
     src, idx = part.args
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if shape_of(src) is None or len(idx) != dim + 1 or any(i != slice(None) for i in idx[:dim]):
+    dim, sl = len(idx) - 1, idx[-1]
+    if shape_of(src) is None or any(i != slice(None) for i in idx[:dim]):
         return None
-    sl = idx[dim]
     if not isinstance(sl, slice) or sl.step not in (None, 1):
         return None
+    return src, dim, sl
+
+
+def _token_slice(part, dim) -> Optional[tuple]:
+    """(source, start, stop or None) when `part` is source[..., a:b, ...] on axis `dim` with static
+    bounds and unit step, whole on every other axis; else None."""
+    found = _axis_slice(part)
+    if found is None or found[1] != dim:
+        return None
+    src, _, sl = found
     a, b = 0 if sl.start is None else sl.start, sl.stop
     if not isinstance(a, int) or a < 0 or not (b is None or (isinstance(b, int) and b > a)):
         return None
