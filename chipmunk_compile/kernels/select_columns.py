@@ -81,25 +81,21 @@ def _keys(S, AK, KM, row, b, offs, Nk, BITS: tl.constexpr, HAS_AK: tl.constexpr,
 
 
 @triton.jit
-def _digit_pass(S, AK, KM, row, b, Nk, K, prefix, need, arange, FIRST: tl.constexpr, WIDTH: tl.constexpr,
-                SHIFT: tl.constexpr, BITS: tl.constexpr, CHUNK: tl.constexpr, HAS_AK: tl.constexpr,
-                HAS_KM: tl.constexpr):
-    """One radix pass: the WIDTH-bit digit at SHIFT of the K-th largest candidate key matching the
-    prefix found so far. Returns (prefix with that digit appended, `need` left at it, hist total)."""
+def _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, WIDTH: tl.constexpr, BITS: tl.constexpr,
+                      CHUNK: tl.constexpr, HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
+    """The radix select's first pass: the top WIDTH-bit digit of the K-th largest candidate key.
+    Returns (that digit, `need` left at it, number of candidates); later digits: `_refine_pass`."""
     NBINS: tl.constexpr = 1 << WIDTH
     bins = tl.arange(0, NBINS)
     hist = tl.zeros([NBINS], tl.int32)
     for start in range(0, Nk, CHUNK):
         key, ok = _keys(S, AK, KM, row, b, start + arange, Nk, BITS, HAS_AK, HAS_KM)
-        if not FIRST:
-            ok = ok & ((key >> (SHIFT + WIDTH)) == prefix)
-        digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
+        digit = ((key >> (BITS - WIDTH)) & (NBINS - 1)).to(tl.int32)
         hist += tl.histogram(digit, NBINS, mask=ok)
     total = tl.sum(hist)
-    if FIRST:
-        need = tl.maximum(tl.minimum(total, K), 1)  # candidates may be fewer than K
+    need = tl.maximum(tl.minimum(total, K), 1)  # candidates may be fewer than K
     d_star, need = _pick_digit(hist, bins, need)
-    return (prefix << WIDTH) | d_star.to(tl.uint32), need, total
+    return d_star.to(tl.uint32), need, total
 
 
 @triton.jit
@@ -130,8 +126,9 @@ def _window_pass(S, AK, KM, row, b, Nk, lo, hi, shift, arange, BITS: tl.constexp
 @triton.jit
 def _refine_pass(S, AK, KM, row, b, Nk, prefix, shift, width, need, arange, BITS: tl.constexpr,
                  CHUNK: tl.constexpr, NBINS: tl.constexpr, HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
-    """_digit_pass with run-time digit position: the `width`-bit digit at `shift` (width <= log2
-    NBINS) of the `need`-th largest candidate with key >> (shift + width) == prefix."""
+    """One radix pass: the `width`-bit digit at `shift` (width <= log2 NBINS; constexpr in the radix
+    select, run-time after the sampled window) of the `need`-th largest candidate with key >>
+    (shift + width) == prefix. Returns (prefix with that digit appended, `need` left at it)."""
     bins = tl.arange(0, NBINS)
     hist = tl.zeros([NBINS], tl.int32)
     for start in range(0, Nk, CHUNK):
@@ -222,13 +219,11 @@ def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, Nk, K, ROWS_PER_B,
         if COUNT_PASSES:
             tl.store(PASSES + row, passes)
     else:
-        prefix, need, total = _digit_pass(S, AK, KM, row, b, Nk, K, tl.zeros([], tl.uint32),
-                                          tl.zeros([], tl.int32), arange, True, RADIX0, BITS - RADIX0, BITS, CHUNK,
-                                          HAS_AK, HAS_KM)
+        prefix, need, total = _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, RADIX0, BITS, CHUNK, HAS_AK, HAS_KM)
         n_take = tl.minimum(total, K)
         for p in tl.static_range(1, 1 + (BITS - RADIX0) // RADIX):
-            prefix, need, total = _digit_pass(S, AK, KM, row, b, Nk, K, prefix, need, arange, False, RADIX,
-                                              BITS - RADIX0 - RADIX * p, BITS, CHUNK, HAS_AK, HAS_KM)
+            prefix, need = _refine_pass(S, AK, KM, row, b, Nk, prefix, BITS - RADIX0 - RADIX * p, RADIX, need, arange,
+                                        BITS, CHUNK, 1 << RADIX, HAS_AK, HAS_KM)
 
     # Compaction in column order: key > T, then the first `need` ties at T. One scan per chunk:
     # the counts of both kinds packed in one int32 (CHUNK < 2^16), instead of a scan per kind.
