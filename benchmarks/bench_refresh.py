@@ -16,8 +16,9 @@ target (issue 3) is <= 1.25x the cuDNN dense time. Rows:
   the reference and the unsorted torch.topk + sort used before), on the column sums of the random
   q/k (flat: the radix select's worst case) and on skewed stand-in sums (like a trained model's);
   cache_build: the column-sparse pass;
-- refresh S=...: all four as the op runs them (fp8 scores included; the number to hold against the
-  target);
+- refresh S=...: all four as the op runs them (fp8 scores included, random draws hashed inside the
+  select kernel; the number to hold against the target); "draws as a tensor": the same with the
+  draws hashed by torch ops and boosted by a scatter, as the op ran until session 18;
 - with --old: last session's path, our one-pass dense + column-sum kernel (stale lse) + select + cache.
 Medians from triton.testing.do_bench; CSV/JSON to benchmarks/results/ (and $OUT) named after the GPU,
 written after each shape.
@@ -26,6 +27,7 @@ written after each shape.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -41,6 +43,7 @@ from chipmunk_compile.kernels import select_columns_ref  # noqa: E402
 from chipmunk_compile.kernels.attn_colsum_sampled import attn_colsum_sampled  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
 from chipmunk_compile.kernels.attn_dense_colsum import attn_dense_colsum  # noqa: E402
+from chipmunk_compile.kernels.random_draws_ref import HashDraws  # noqa: E402
 from chipmunk_compile.kernels.select_columns import select_columns  # noqa: E402
 from chipmunk_compile.ops.attention import colsum_fp8  # noqa: E402
 from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  # noqa: E402
@@ -49,6 +52,7 @@ from chipmunk_compile.ops.exact_attention import _choice, exact_attention_lse  #
 SHAPES = {"flux": ((1, 24, 4352, 128), (0.165, 0.0)), "hunyuan-video": ((1, 24, 118800, 128), (0.05, 0.01)),
           "wan": ((1, 40, 75600, 128), (0.10, 0.01))}
 GROUP = 128
+STEP = torch.tensor([7])  # the device step the random draws hash
 SUMS = torch.float16  # the op's column-sum dtype (until session 11 this benchmark timed fp32 sums)
 # select variants timed: the module's default (sampled threshold from 512 columns at >= 16384),
 # two other sample sizes, its plain radix select (first digit, later digits), two other schedules
@@ -63,13 +67,17 @@ def mean_passes(scores, top):
     return passes.float().mean().item()
 
 
-def refresh_pieces(q, k, v, scale, top, rnd, samples, qk_fp8=None):
+def refresh_pieces(q, k, v, scale, top, rnd, samples, qk_fp8=None, draws="hash"):
     """The op's refresh (ops/attention.py): cuDNN output + lse, fp16 sampled column sums (e4m3
-    scores where the op takes them, or as qk_fp8 says), top-k with random draws, cache = o - attn_S."""
+    scores where the op takes them, or as qk_fp8 says), top-k with random draws (hashed in the
+    select kernel as the op does; draws="tensor": the hash made in torch and boosted by scatter,
+    as the op did until session 18), cache = o - attn_S."""
     o, lse = exact_attention_lse(q, k, v, None, scale, GROUP, None)
     cs = attn_colsum_sampled(q, k, lse, scale=scale, group=GROUP, samples=samples, out_dtype=SUMS,
                              qk_fp8=colsum_fp8(AttnConfig(), k) if qk_fp8 is None else qk_fp8)
-    idx, cnt = select_columns(cs, k=top, random_keys=rnd, inplace=True)
+    hashed = HashDraws(STEP.to(q.device), 5)
+    picks = hashed if draws == "hash" else hashed.ints((*cs.shape[:-1], rnd), cs.shape[-1])
+    idx, cnt = select_columns(cs, k=top, random_keys=rnd, draws=picks, inplace=True)
     del cs
     return attn_column_sparse(q, k, v, idx, cnt, scale=scale, group=GROUP, o_base=o, sign=-1.0)
 
@@ -146,6 +154,9 @@ def measure(name, samples_list, old):
     del idx, cnt
     for S in samples_list:
         res[f"refresh S={S}"] = bench(lambda: refresh_pieces(q, k, v, scale, top - rnd, rnd, S))
+    S = samples_list[0]  # the draws as the op made them until session 18: hashed in torch, scattered
+    res[f"refresh S={S}, draws as a tensor"] = bench(lambda: refresh_pieces(q, k, v, scale, top - rnd, rnd, S,
+                                                                            draws="tensor"))
     if old:
         res["old refresh (dense+colsum kernel)"] = bench(lambda: old_refresh(q, k, v, scale, top, lse))
     del q, k, v, o, lse
@@ -180,9 +191,10 @@ def _write(rows, gpu):
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, f"bench_refresh_{tag}.json"), "w") as f:
                 json.dump(rows, f, indent=1)
-            with open(os.path.join(d, f"bench_refresh_{tag}.csv"), "w") as f:
-                f.write(",".join(rows[0]) + "\n")
-                f.writelines(",".join(str(r[c]) for c in rows[0]) + "\n" for r in rows)
+            with open(os.path.join(d, f"bench_refresh_{tag}.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")  # quotes labels with commas
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from torch._dynamo.utils import counters
 
 import chipmunk_compile
 from chipmunk_compile import graphs
-from chipmunk_compile.ops.sites import Site, hash_ints
+from chipmunk_compile.kernels.random_draws_ref import hash_ints
+from chipmunk_compile.ops.sites import Site
 from chipmunk_compile.runtime import sessions_of
 
 from helpers import ccount, chip, fresh_dynamo, step_counts  # noqa: F401
@@ -97,6 +98,15 @@ def test_hash_draws_reproducible_and_spread():
     torch.testing.assert_close(a, hash_ints(step.clone(), 3, (4, 1000), 97))
     assert not torch.equal(a, hash_ints(step + 1, 3, (4, 1000), 97))
     assert not torch.equal(a, hash_ints(step, 4, (4, 1000), 97))
+
+    def by_hand(i, salt, step, high):  # the formula in Python ints (the select kernel computes it too)
+        m = 0xFFFFFFFF
+        x = (i * 0x9E3779B1 + salt * 0x85EBCA6B + step * 0xC2B2AE35) & m
+        for _ in range(2):
+            x = (((x >> 16) ^ x) * 0x45D9F3B) & m
+        return ((x >> 16) ^ x) % high
+
+    assert [int(v) for v in a.view(-1)[[0, 1, 999, 3999]]] == [by_hand(i, 3, 7, 97) for i in (0, 1, 999, 3999)]
     counts = torch.bincount(a.flatten(), minlength=97).float()
     chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum().item()
     assert chi2 < 150, chi2  # 96 degrees of freedom: uniform draws give ~96 ± 14

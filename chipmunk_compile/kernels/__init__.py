@@ -26,7 +26,8 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)), ascending, score ties to the lowest column ids.
   Triton: radix select (4+6+6-bit histogram passes for fp16/bf16 sums, four 8-bit ones for fp32),
   for long 16-bit rows a sampled bracket around the threshold first (usually 2 passes, exact
-  either way), then one compaction pass; no sort, no host sync.
+  either way), then one compaction pass; no sort, no host sync. ``draws`` may be a
+  ``random_draws_ref.HashDraws`` (step tensor, salt): the kernel hashes the draws in place.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
   o_slope=None, slope_coef=None) -> o.
   On sm_90, index lists of >= 2048 keys per group (head dim 128) may go to the Gluon kernel

@@ -8,8 +8,11 @@ Kernel invariants (one program per row (b, h, group); a row is Nk scores, contig
 - Scores become order-preserving unsigned keys of BITS = 16 (fp16/bf16) or 32 (fp32) bits (sign
   bit set for positives, all bits flipped for negatives). Always-kept columns get the largest key
   (above +inf, like the reference's +inf boost); key-masked columns are not candidates at all.
-  Random draws are boosted to the dtype's max in the scores beforehand (``boost_random_draws``,
-  shared with the reference), so they rank above every real score and below the always-kept ones.
+  Random draws are boosted to the dtype's max in the scores, so they rank above every real score
+  and below the always-kept ones: hash draws (``HashDraws``) by the row's own program before its
+  first pass (stores, then a CTA barrier, so the passes read them back), explicit or generator
+  draws beforehand in torch (``boost_random_draws``, shared with the reference). A drawn masked or
+  always-kept column needs no exclusion: the key ignores its score either way.
 - Radix select from the top, one digit per pass (RADIX0 bits, then RADIX bits each, ``RADIX``): a
   masked ``tl.histogram`` of the next digit of the candidates that match the prefix found so far,
   then the digit holding the `need`-th largest key. The passes give the exact key T of the K-th
@@ -39,6 +42,8 @@ import triton
 import triton.language as tl
 
 from ._common import new_empty
+from . import random_draws_ref as hashing
+from .random_draws_ref import HashDraws
 from .select_columns_ref import boost_random_draws, selection_width
 
 # (first digit, later digits) in bits, per key width. tl.histogram lowers to one warp ballot per
@@ -52,6 +57,11 @@ SAMPLE = 512
 SAMPLE_Z = 4.0
 WINDOW_BITS = 6
 SAMPLED_MIN_KEYS = 16384
+# random_draws_ref's hash constants, as jit code reads globals (constexpr only)
+_POSITION_MUL = tl.constexpr(hashing.POSITION_MUL)
+_STEP_MUL = tl.constexpr(hashing.STEP_MUL)
+_MIX_MUL = tl.constexpr(hashing.MIX_MUL)
+_M32 = tl.constexpr(hashing.M32)
 
 
 @triton.jit
@@ -205,13 +215,31 @@ def _sampled_threshold(S, AK, KM, row, b, Nk, K, arange, BITS: tl.constexpr, CHU
 
 
 @triton.jit
-def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, Nk, K, ROWS_PER_B,
+def _boost_hash_draws(S, STEP, salt_term, n_draws, row, Nk, arange, CHUNK: tl.constexpr, TOP: tl.constexpr):
+    """Store TOP (the dtype's max) at the row's `n_draws` hash-drawn columns: draw j of the row is
+    random_draws_ref.hash_ints at flat position row·n_draws + j, in the same int64 arithmetic."""
+    base = salt_term + tl.load(STEP) * _STEP_MUL
+    for j0 in range(0, n_draws, CHUNK):
+        j = j0 + arange
+        x = ((row * n_draws + j) * _POSITION_MUL + base) & _M32
+        x = (((x >> 16) ^ x) * _MIX_MUL) & _M32
+        x = (((x >> 16) ^ x) * _MIX_MUL) & _M32
+        col = ((x >> 16) ^ x) % Nk
+        tl.store(S + row * Nk + col, tl.full([CHUNK], TOP, tl.float32).to(S.dtype.element_ty), mask=j < n_draws)
+    tl.debug_barrier()  # the row's other threads read these scores in the first pass
+
+
+@triton.jit
+def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, STEP, Nk, K, ROWS_PER_B, salt_term, n_draws,
                            BITS: tl.constexpr, RADIX0: tl.constexpr, RADIX: tl.constexpr, CHUNK: tl.constexpr,
                            SAMPLE: tl.constexpr, Z: tl.constexpr, WBITS: tl.constexpr,
-                           HAS_AK: tl.constexpr, HAS_KM: tl.constexpr, COUNT_PASSES: tl.constexpr):
+                           HAS_AK: tl.constexpr, HAS_KM: tl.constexpr, COUNT_PASSES: tl.constexpr,
+                           HASH_DRAWS: tl.constexpr, TOP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // ROWS_PER_B
     arange = tl.arange(0, CHUNK)
+    if HASH_DRAWS:
+        _boost_hash_draws(S, STEP, salt_term, n_draws, row, Nk, arange, CHUNK, TOP)
 
     if SAMPLE > 0:
         prefix, need, n_take, passes = _sampled_threshold(S, AK, KM, row, b, Nk, K, arange, BITS, CHUNK, SAMPLE, Z,
@@ -261,11 +289,13 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     scores = colsum
     if colsum.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         scores = colsum.float()
+    hashed = random_keys > 0 and isinstance(draws, HashDraws)
     if random_keys > 0:
         # boosted in place only where the reference would be (inplace and fp16/fp32), else in a copy
         if scores is colsum and not (inplace and colsum.dtype in (torch.float16, torch.float32)):
             scores = colsum.clone()
-        boost_random_draws(scores, key_mask, always_keep, random_keys, generator, draws)
+        if not hashed:
+            boost_random_draws(scores, key_mask, always_keep, random_keys, generator, draws)
     scores = scores if scores.is_contiguous() else scores.contiguous()
     idx = new_empty(B, H, Gc, K, dtype=torch.int32, device=colsum.device)
     cnt = new_empty(B, H, Gc, dtype=torch.int32, device=colsum.device)
@@ -280,9 +310,11 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
         "sample: a power of two >= 16, for 16-bit scores"
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
-            scores, ak, km, idx, cnt, passes if passes is not None else cnt, Nk, K, H * Gc, BITS=bits, RADIX0=r0,
+            scores, ak, km, idx, cnt, passes if passes is not None else cnt, draws.step if hashed else cnt, Nk, K,
+            H * Gc, draws.salt * hashing.SALT_MUL if hashed else 0, int(random_keys) if hashed else 0, BITS=bits, RADIX0=r0,
             RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z, WBITS=WINDOW_BITS, HAS_AK=always_keep is not None,
-            HAS_KM=key_mask is not None, COUNT_PASSES=passes is not None and sample > 0, num_warps=4)
+            HAS_KM=key_mask is not None, COUNT_PASSES=passes is not None and sample > 0, HASH_DRAWS=hashed,
+            TOP=torch.finfo(scores.dtype).max, num_warps=4)
     return idx, cnt
 
 

@@ -4,8 +4,10 @@ Contract:
 - colsum (B, H, Gc, Nk) float; with ``inplace=True`` an fp32/fp16 colsum is overwritten (scored in
   place, in its own dtype; other dtypes are scored in an fp32 copy). K = min(Nk, k + n_always + random_keys), n_always = always_keep.sum().
 - Selected set = always_keep columns (all of them) + ``random_keys`` random draws per row (uniform, with
-  replacement; blocked or duplicate draws fall back to top-k; ``draws`` (B, H, Gc, random_keys) int64
-  gives them, else ``generator`` makes torch.randint reproducible) + the top columns by colsum filling the rest.
+  replacement; blocked or duplicate draws fall back to top-k; ``draws`` gives them, as a (B, H, Gc,
+  random_keys) int64 tensor or a ``random_draws_ref.HashDraws`` (the hash at flat position
+  ((b·H + h)·Gc + g)·random_keys + j, which the Triton kernel computes in place), else
+  ``generator`` makes torch.randint reproducible) + the top columns by colsum filling the rest.
   ``n_always`` (= always_keep.sum()) may be given to avoid a device→host read (needed inside CUDA graphs). Masked keys (key_mask (B, Nk) False) are never selected.
 - Returns indices (B, H, Gc, K) int32 with the valid entries first, sorted ascending, entries past
   counts set to 0; counts (B, H, Gc) int32 = min(K, number of selectable keys).
@@ -19,6 +21,8 @@ Contract:
 from __future__ import annotations
 
 import torch
+
+from .random_draws_ref import HashDraws
 
 SLAB = 1 << 26  # score elements sorted at once by the reference
 
@@ -38,8 +42,12 @@ def boost_random_draws(scores, key_mask, always_keep, random_keys: int, generato
     Draws are uniform with replacement: O(B·H·Gc·r) memory instead of a (B, H, Gc, Nk) field (7 GB
     at HunyuanVideo size). Masked or always-kept draws, and duplicates, leave their slot to top-k."""
     B, H, Gc, Nk = scores.shape
-    pick = draws if draws is not None else torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator,
-                                                         device=scores.device)
+    if isinstance(draws, HashDraws):
+        pick = draws.ints((B, H, Gc, int(random_keys)), Nk)
+    elif draws is not None:
+        pick = draws
+    else:
+        pick = torch.randint(0, Nk, (B, H, Gc, int(random_keys)), generator=generator, device=scores.device)
     excl = torch.zeros(B, 1, 1, Nk, dtype=torch.bool, device=scores.device)
     if key_mask is not None:
         excl |= ~key_mask.bool().view(B, 1, 1, Nk)

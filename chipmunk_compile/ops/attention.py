@@ -187,7 +187,7 @@ def _select(s, st, colsum, key_mask, lead: tuple, Nk: int, step: int, n_q: int) 
     layer = s.current_layer()
     if cfg.min_mass > 0 and layer not in s.attn_mass and runtime.RECORDING is None:  # before colsum is scored in place
         s.attn_mass[layer] = captured_mass(colsum, top, keep)
-    draws = s.random_ints((*lead, rnd), Nk, device, step) if rnd else None
+    draws = s.random_draws(device, step) if rnd else None  # made inside the select kernel
     idx, cnt = kernel("select_columns", colsum)(colsum, k=top, key_mask=key_mask, always_keep=keep,
                                                 n_always=n_keep,
                                                 random_keys=rnd, draws=draws, inplace=True)

@@ -30,6 +30,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from .. import runtime
+from ..kernels.random_draws_ref import HashDraws
 from ..runtime import SITES, Session, new_site_id
 
 log = logging.getLogger("chipmunk_compile")
@@ -181,12 +182,16 @@ class Site:
         per = self.graph.attention_sites if self.graph.attention_sites else 1
         return self.graph.current * per + self.layer
 
-    def random_ints(self, shape: tuple, high: int, device, step: int) -> torch.Tensor:
-        """Uniform draws in [0, high) of `shape`: a hash of (step, layer, site kind, position).
-        The step is read from the session's device step tensor, so a recorded CUDA graph draws
-        new numbers on every replay; generations repeat exactly and branches agree."""
+    def random_draws(self, device, step: int) -> HashDraws:
+        """This call's draws: a hash of (step, layer, site kind, position). The step is read from
+        the session's device step tensor, so a recorded CUDA graph draws new numbers on every
+        replay; generations repeat exactly and branches agree."""
         salt = 2 * self.current_layer() + (1 if self.kind == "mlp" else 0)
-        return hash_ints(self.session.device_step(device, step), salt, shape, high)
+        return HashDraws(self.session.device_step(device, step), salt)
+
+    def random_ints(self, shape: tuple, high: int, device, step: int) -> torch.Tensor:
+        """Uniform draws in [0, high) of `shape` (``random_draws`` made into a tensor)."""
+        return self.random_draws(device, step).ints(shape, high)
 
     def column_major(self, w: torch.Tensor) -> torch.Tensor:
         """`w` with stride(0) == 1 (the layout the sparse mm2 gathers rows of `wᵀ` from): `w`
@@ -303,24 +308,6 @@ class GraphInstances:
                 log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
         self.current = ordinal
         return ordinal
-
-
-_M32 = 0xFFFFFFFF
-
-
-def hash_ints(step: torch.Tensor, salt: int, shape: tuple, high: int) -> torch.Tensor:
-    """Counter-based pseudo-random ints in [0, high): a 32-bit integer hash (two xorshift-multiply
-    rounds) of (position, salt, step). int64 arithmetic that never overflows: every product is
-    below 2**62. `step` is a 1-element int64 tensor on the target device."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    x = torch.arange(n, device=step.device, dtype=torch.int64)
-    x = (x * 0x9E3779B1 + (salt * 0x85EBCA6B + step * 0xC2B2AE35)) & _M32
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (x >> 16) ^ x
-    return (x % int(high)).view(shape)
 
 
 def lookup(site_id: int) -> Optional[Site]:

@@ -8,6 +8,7 @@ import torch
 from kernel_testutils import compile_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, select_columns_ref
+from chipmunk_compile.kernels.random_draws_ref import HashDraws, hash_ints
 from chipmunk_compile.kernels.select_columns_ref import boost_random_draws
 
 
@@ -90,6 +91,16 @@ def _scores(shape, dtype, kind, g):
     return torch.randn(shape, generator=g).to(dtype)  # signed values: the key transform's negative half
 
 
+def _draws(draw, shape, Nk, g, device="cpu"):
+    """Random draws of `shape` over Nk columns: an explicit tensor, or hash draws (made in the
+    Triton kernel itself) from a step tensor and a salt."""
+    if not shape[-1]:
+        return None
+    if draw == "hash":
+        return HashDraws(torch.randint(0, 1000, (1,), generator=g).to(device), int(torch.randint(0, 99, (1,), generator=g)))
+    return torch.randint(0, Nk, shape, generator=g).to(device)
+
+
 def _effective(cs, km, ak, rnd, draws):
     """The scores the selection ranks: random draws boosted, always-kept +inf, masked -inf."""
     eff = cs.clone()
@@ -122,16 +133,19 @@ def _check_against_ref(eff, idx, cnt, ref_idx, ref_cnt, *, exact):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd", [
-    ("distinct", 300, 37, False, False, 0),
-    ("distinct", 300, 37, True, True, 3),
-    ("signed", 257, 64, True, False, 0),
-    ("ties", 200, 50, False, True, 0),
-    ("ties", 131, 20, True, True, 2),
-    ("distinct", 5000, 700, True, False, 0),  # several CHUNKs, ragged last one
-    ("distinct", 40, 45, False, False, 0),  # K >= Nk: every column
+@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd,draw", [
+    ("distinct", 300, 37, False, False, 0, None),
+    ("distinct", 300, 37, True, True, 3, "tensor"),
+    ("distinct", 300, 37, True, True, 3, "hash"),
+    ("signed", 257, 64, True, False, 0, None),
+    ("ties", 200, 50, False, True, 0, None),
+    ("ties", 131, 20, True, True, 2, "tensor"),
+    ("ties", 131, 20, False, False, 9, "hash"),
+    ("distinct", 5000, 700, True, False, 0, None),  # several CHUNKs, ragged last one
+    ("distinct", 5000, 700, False, True, 50, "hash"),
+    ("distinct", 40, 45, False, False, 0, None),  # K >= Nk: every column
 ])
-def test_triton_matches_reference(triton_mode, dtype, kind, Nk, k, masked, always, rnd):
+def test_triton_matches_reference(triton_mode, dtype, kind, Nk, k, masked, always, rnd, draw):
     from chipmunk_compile.kernels.select_columns import select_columns
 
     g = torch.Generator().manual_seed(Nk + k)
@@ -144,13 +158,33 @@ def test_triton_matches_reference(triton_mode, dtype, kind, Nk, k, masked, alway
     if always:
         ak = torch.zeros(Nk, dtype=torch.bool)
         ak[[0, 3, Nk - 1]] = True
-    draws = torch.randint(0, Nk, (B, H, Gc, rnd), generator=g) if rnd else None
+    draws = _draws(draw, (B, H, Gc, rnd), Nk, g)
     assert get_kernel("select_columns", cs) is select_columns
     idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
     ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
     _check_against_ref(_effective(cs, km, ak, rnd, draws), idx, cnt, ref_idx, ref_cnt, exact=True)
     if km is not None:
         assert (cnt[-1] == 0).all() and (idx[-1] == 0).all()
+    if draw == "hash" and km is None:  # every hashed column is in (none is blocked)
+        picks = hash_ints(draws.step, draws.salt, (B, H, Gc, rnd), Nk)
+        assert all(set(p.tolist()) <= set(i.tolist()) for p, i in zip(picks.view(-1, rnd), idx.view(-1, idx.shape[-1])))
+
+
+@pytest.mark.parametrize("dtype,Nk,rnd", [(torch.float16, 300, 700), (torch.float32, 40, 5)])
+def test_triton_hash_draws_boost_the_reference_columns(triton_mode, dtype, Nk, rnd):
+    """In place, the kernel leaves the scores exactly as the reference's boost does: the dtype's
+    max at the hashed columns of each row, everything else untouched (700 draws: two chunks of
+    the kernel's draw loop)."""
+    from chipmunk_compile.kernels.select_columns import select_columns
+
+    g = torch.Generator().manual_seed(Nk)
+    cs = _scores((2, 3, 2, Nk), dtype, "signed", g)
+    draws = HashDraws(torch.tensor([123456789]), 77)
+    want = cs.clone()
+    boost_random_draws(want, None, None, rnd, draws=draws)
+    assert (want == torch.finfo(dtype).max).any(-1).all()
+    select_columns(cs, k=3, random_keys=rnd, draws=draws, inplace=True)
+    assert torch.equal(cs, want)
 
 
 def test_triton_inplace_contract(triton_mode):
@@ -210,16 +244,17 @@ def _sampled_bracket_hits(row, k, sample, z, bins):
     return above < take <= above + inside, shift
 
 
-@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd,sample,path", [
-    ("signed", 3000, 400, False, False, 0, 256, "hit"),
-    ("lognormal", 3000, 200, True, True, 3, 256, "hit, refined"),
-    ("ties", 2000, 500, True, True, 2, 64, "hit"),
-    ("signed", 3000, 400, True, False, 0, 256, "hit"),  # and a batch with no selectable key
-    ("signed", 300, 37, False, False, 0, 16, None),
-    ("distinct", 40, 45, False, False, 0, 16, "hit"),  # K >= Nk: every column
-    ("adversarial", 3000, 1000, False, False, 0, 256, "miss"),
+@pytest.mark.parametrize("kind,Nk,k,masked,always,rnd,sample,path,draw", [
+    ("signed", 3000, 400, False, False, 0, 256, "hit", None),
+    ("lognormal", 3000, 200, True, True, 3, 256, "hit, refined", "tensor"),
+    ("lognormal", 3000, 200, True, True, 30, 256, "hit, refined", "hash"),
+    ("ties", 2000, 500, True, True, 2, 64, "hit", "tensor"),
+    ("signed", 3000, 400, True, False, 0, 256, "hit", None),  # and a batch with no selectable key
+    ("signed", 300, 37, False, False, 0, 16, None, None),
+    ("distinct", 40, 45, False, False, 0, 16, "hit", None),  # K >= Nk: every column
+    ("adversarial", 3000, 1000, False, False, 0, 256, "miss", None),
 ])
-def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, always, rnd, sample, path):
+def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, always, rnd, sample, path, draw):
     """The sampled-bracket path (16-bit scores) selects exactly what the reference does, whether
     the window holds the K-th largest at once, needs further bits, or misses and starts over
     ("adversarial": only the sampled columns score 100, so the bracket holds them alone and lies
@@ -242,7 +277,7 @@ def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, alw
         ak[[0, 5, Nk - 1]] = True
     elif masked:
         km[-1] = False  # a batch with no selectable key: the sampled path misses, counts 0, indices 0
-    draws = torch.randint(0, Nk, (B, H, Gc, rnd), generator=g) if rnd else None
+    draws = _draws(draw, (B, H, Gc, rnd), Nk, g)
     eff = _effective(cs, km, ak, rnd, draws)
     K = min(Nk, k + (3 if always else 0) + rnd)
     if path is not None:
@@ -271,7 +306,8 @@ def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, alw
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Nk,frac,masked", [(75600, 0.11, False), (118800, 0.06, True), (4352, 0.165, False)])
-def test_gpu_real_shapes(dtype, Nk, frac, masked):
+@pytest.mark.parametrize("draw", ["tensor", "hash"])
+def test_gpu_real_shapes(dtype, Nk, frac, masked, draw):
     from chipmunk_compile.kernels.select_columns import select_columns
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -280,7 +316,7 @@ def test_gpu_real_shapes(dtype, Nk, frac, masked):
     ak = torch.zeros(Nk, dtype=torch.bool, device="cuda")
     ak[-256:] = True  # text tokens
     k, rnd = round(frac * Nk), round(0.01 * Nk)
-    draws = torch.randint(0, Nk, (1, 3, 5, rnd), device="cuda", generator=g)
+    draws = _draws(draw, (1, 3, 5, rnd), Nk, torch.Generator().manual_seed(1), device="cuda")
     assert get_kernel("select_columns", cs) is select_columns
     idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
     ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd,
@@ -309,19 +345,21 @@ import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from chipmunk_compile.kernels.select_columns import _select_columns_kernel as k
-sample, count_passes, has_ak, has_km = (int(a) for a in sys.argv[1:])
-types = ["*fp16", "*i8", "*i8", "*i32", "*i32", "*i32", "i32", "i32", "i32"]
+sample, count_passes, has_ak, has_km, hashed = (int(a) for a in sys.argv[1:])
+types = ["*fp16", "*i8", "*i8", "*i32", "*i32", "*i32", "*i64", "i32", "i32", "i32", "i64", "i32"]
 sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
 consts = {"BITS": 16, "RADIX0": 4, "RADIX": 6, "CHUNK": 2048, "SAMPLE": sample, "Z": 4.0, "WBITS": 6,
-          "HAS_AK": bool(has_ak), "HAS_KM": bool(has_km), "COUNT_PASSES": bool(count_passes)}
+          "HAS_AK": bool(has_ak), "HAS_KM": bool(has_km), "COUNT_PASSES": bool(count_passes),
+          "HASH_DRAWS": bool(hashed), "TOP": 65504.0}
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": 4})
 assert ".entry" in out.asm["ptx"]
 """
 
 
-@pytest.mark.parametrize("sample,count_passes,has_ak,has_km", [(2048, 0, 1, 1), (2048, 1, 0, 0), (0, 0, 1, 0)])
-def test_compiles_for_hopper_without_a_gpu(sample, count_passes, has_ak, has_km):
+@pytest.mark.parametrize("sample,count_passes,has_ak,has_km,hashed", [(2048, 0, 1, 1, 1), (2048, 1, 0, 0, 0),
+                                                                      (0, 0, 1, 0, 1)])
+def test_compiles_for_hopper_without_a_gpu(sample, count_passes, has_ak, has_km, hashed):
     """The interpreter runs code the GPU compiler may reject (run-time loops over run-time shifts,
     constexpr arithmetic): compile the kernel for sm_90 here, with no GPU, so CI catches that."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, sample, count_passes, has_ak, has_km)
+    compile_for_hopper(_COMPILE_FOR_HOPPER, sample, count_passes, has_ak, has_km, hashed)
