@@ -54,10 +54,14 @@ SHAPES = {"flux": ((1, 24, 4352, 128), (0.165, 0.0)), "hunyuan-video": ((1, 24, 
 GROUP = 128
 STEP = torch.tensor([7])  # the device step the random draws hash
 SUMS = torch.float16  # the op's column-sum dtype (until session 11 this benchmark timed fp32 sums)
-# select variants timed: the module's default (sampled threshold from 512 columns at >= 16384),
-# two other sample sizes, its plain radix select (first digit, later digits), two other schedules
-SELECTS = {"": {}, " sample 256": {"sample": 256}, " sample 1024": {"sample": 1024}, " radix only 4+6n": {"sample": 0},
-           " radix 8+8n": {"radix": (8, 8)}, " radix 6+5n": {"radix": (6, 5)}}
+# select variants timed: the module's default (sampled threshold from 512 columns at >= 16384, a
+# 4-bit window pass, refine passes over few candidates counted by atomics), two other sample sizes,
+# two other window widths, refines by tl.histogram only, session 17's kernel (6-bit window, histogram
+# refines), its plain radix select (first digit, later digits), two other schedules
+SELECTS = {"": {}, " sample 256": {"sample": 256}, " sample 512": {"sample": 512}, " window 3 bits": {"window_bits": 3},
+           " window 6 bits": {"window_bits": 6}, " histogram refines": {"sparse_refine": -1},
+           " window 6 bits, histogram refines (session 17)": {"window_bits": 6, "sparse_refine": -1},
+           " radix only 4+6n": {"sample": 0}, " radix 8+8n": {"radix": (8, 8)}, " radix 6+5n": {"radix": (6, 5)}}
 
 
 def mean_passes(scores, top):

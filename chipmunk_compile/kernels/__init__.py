@@ -24,9 +24,10 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   samples/G of a dense QKᵀ pass). The refresh steps use it after cuDNN attention returned o and lse.
 - select_columns(colsum, *, k, key_mask=None, always_keep=None, random_keys=0, generator=None, n_always=None, draws=None)
   -> (indices int32 (B,H,Gc,K), counts int32 (B,H,Gc)), ascending, score ties to the lowest column ids.
-  Triton: radix select (4+6+6-bit histogram passes for fp16/bf16 sums, four 8-bit ones for fp32),
-  for long 16-bit rows a sampled bracket around the threshold first (usually 2 passes, exact
-  either way), then one compaction pass; no sort, no host sync. ``draws`` may be a
+  Triton: radix select (4+6+6-bit passes for fp16/bf16 sums, 8+8+8+8 for fp32), for long 16-bit
+  rows a sampled bracket around the threshold first (a 16-bin window pass, then usually one
+  refine pass; exact either way), then one compaction pass; a pass over few candidates counts
+  them by atomics instead of a histogram; no sort, no host sync. ``draws`` may be a
   ``random_draws_ref.HashDraws`` (step tensor, salt): the kernel hashes the draws in place.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
   o_slope=None, slope_coef=None) -> o.

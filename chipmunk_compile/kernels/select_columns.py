@@ -14,10 +14,14 @@ Kernel invariants (one program per row (b, h, group); a row is Nk scores, contig
   draws beforehand in torch (``boost_random_draws``, shared with the reference). A drawn masked or
   always-kept column needs no exclusion: the key ignores its score either way.
 - Radix select from the top, one digit per pass (RADIX0 bits, then RADIX bits each, ``RADIX``): a
-  masked ``tl.histogram`` of the next digit of the candidates that match the prefix found so far,
-  then the digit holding the `need`-th largest key. The passes give the exact key T of the K-th
+  masked histogram of the next digit of the candidates that match the prefix found so far, then
+  the digit holding the `need`-th largest key. The passes give the exact key T of the K-th
   largest candidate and the number of ties at T to take (K = min(k + n_always + random_keys, Nk,
-  candidates)).
+  candidates)). The passes are ALU-bound (ncu: ALU pipe 89.5%, DRAM 13%), and ``tl.histogram``
+  costs ~40 integer ops per element at 64 bins (a warp ballot per bin bit, then masks and a
+  popcount per bin; fewer than 32 bins cost as 32). A pass whose candidates are few (at most
+  Nk / SPARSE_REFINE_DIV, known from the previous pass) counts them instead by relaxed atomics
+  into the row's scratch counters (``sparse_refine``): a few ops per element.
 - Sampled threshold (16-bit scores, rows of >= SAMPLED_MIN_KEYS columns; ``sample``): the keys of
   SAMPLE evenly spaced columns give, by a radix select in registers, the keys at ranks r -+ m
   around the K-th largest's expected rank r = K·SAMPLE/Nk (m = SAMPLE_Z·sqrt(r) + 2). One window
@@ -25,8 +29,11 @@ Kernel invariants (one program per row (b, h, group); a row is Nk scores, contig
   below and one above; if the K-th largest falls in the window (counts say so, exactly), digit
   passes resolve the `shift` bits left (run-time positions), else a plain radix select of all 16
   bits follows (a miss costs one pass; the bounds sit 4 sigmas out). Either way T and the tie
-  count are exact: the sample only decides how many passes it takes (H200, HunyuanVideo size:
-  2 passes instead of 3, 20.3 vs 23.1 ms with the compaction).
+  count are exact: the sample only decides how many passes it takes. The window pass has
+  2^WINDOW_BITS = 16 bins (14 in the window) and the refine passes after it resolve up to
+  REFINE_BITS = 6 bits each, their ~1% of the row counted by atomics. H200, HunyuanVideo size
+  (22296 rows x 118800): 24.5 ms with session 17's 6-bit window and histogram refines, 21.6 with
+  atomic refines, 17.2 with the 4-bit window too; Wan 16.6 -> 11.7 ms (bench_refresh.py).
 - Compaction pass: columns with key > T, and the first `need` ones with key == T, are written in
   column order (positions from one scan of both counts packed in an int32), so indices come out
   sorted ascending with no sort; slots past counts are zeroed. No host sync, no allocation besides
@@ -52,11 +59,18 @@ from .select_columns_ref import boost_random_draws, selection_width
 RADIX = {16: (4, 6), 32: (8, 8)}
 # Sampled threshold (16-bit scores of rows >= SAMPLED_MIN_KEYS): SAMPLE evenly spaced columns, a
 # bracket of SAMPLE_Z binomial standard deviations around the K-th largest's rank among them, one
-# 2**WINDOW_BITS-bin window pass over the row.
-SAMPLE = 512
+# 2**WINDOW_BITS-bin window pass over the row. H200 (bench_refresh.py, same run): 1024 samples tie
+# 512 on flat sums and save 1.3 ms on skewed Wan sums (11.6 vs 13.0 ms: a narrower bracket needs
+# one refine pass, not two); a 3- or 6-bit window is slower than 4 (HunyuanVideo 23.9 / 21.6 vs
+# 17.2 ms).
+SAMPLE = 1024
 SAMPLE_Z = 4.0
-WINDOW_BITS = 6
+WINDOW_BITS = 4
+REFINE_BITS = 6  # bits per refine pass after the window
 SAMPLED_MIN_KEYS = 16384
+# A refine pass counts its candidates by atomics when they are at most Nk / SPARSE_REFINE_DIV of the
+# row (few same-address atomics per chunk), else by tl.histogram.
+SPARSE_REFINE_DIV = 32
 # random_draws_ref's hash constants, as jit code reads globals (constexpr only)
 _POSITION_MUL = tl.constexpr(hashing.POSITION_MUL)
 _STEP_MUL = tl.constexpr(hashing.STEP_MUL)
@@ -94,7 +108,8 @@ def _keys(S, AK, KM, row, b, offs, Nk, BITS: tl.constexpr, HAS_AK: tl.constexpr,
 def _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, WIDTH: tl.constexpr, BITS: tl.constexpr,
                       CHUNK: tl.constexpr, HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
     """The radix select's first pass: the top WIDTH-bit digit of the K-th largest candidate key.
-    Returns (that digit, `need` left at it, number of candidates); later digits: `_refine_pass`."""
+    Returns (that digit, `need` left at it, number of candidates, candidates at that digit); later
+    digits: `_refine_pass`."""
     NBINS: tl.constexpr = 1 << WIDTH
     bins = tl.arange(0, NBINS)
     hist = tl.zeros([NBINS], tl.int32)
@@ -105,7 +120,12 @@ def _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, WIDTH: tl.constexpr, BIT
     total = tl.sum(hist)
     need = tl.maximum(tl.minimum(total, K), 1)  # candidates may be fewer than K
     d_star, need = _pick_digit(hist, bins, need)
-    return d_star.to(tl.uint32), need, total
+    return d_star.to(tl.uint32), need, total, _count_at(hist, bins, d_star)
+
+
+@triton.jit
+def _count_at(hist, bins, d):
+    return tl.sum(tl.where(bins == d, hist, 0))
 
 
 @triton.jit
@@ -134,20 +154,44 @@ def _window_pass(S, AK, KM, row, b, Nk, lo, hi, shift, arange, BITS: tl.constexp
 
 
 @triton.jit
-def _refine_pass(S, AK, KM, row, b, Nk, prefix, shift, width, need, arange, BITS: tl.constexpr,
-                 CHUNK: tl.constexpr, NBINS: tl.constexpr, HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
+def _prefix_digits(S, AK, KM, row, b, offs, Nk, prefix, shift, width, BITS: tl.constexpr, HAS_AK: tl.constexpr,
+                   HAS_KM: tl.constexpr):
+    """(the `width`-bit digit at `shift`, whether the column is a candidate with key >> (shift +
+    width) == prefix) of columns offs."""
+    key, ok = _keys(S, AK, KM, row, b, offs, Nk, BITS, HAS_AK, HAS_KM)
+    return ((key >> shift) & ((1 << width) - 1)).to(tl.int32), ok & ((key >> (shift + width)) == prefix)
+
+
+@triton.jit
+def _refine_pass(S, AK, KM, SCR, row, b, Nk, prefix, shift, width, need, n_cand, sparse_max, arange,
+                 BITS: tl.constexpr, CHUNK: tl.constexpr, NBINS: tl.constexpr, HAS_AK: tl.constexpr,
+                 HAS_KM: tl.constexpr):
     """One radix pass: the `width`-bit digit at `shift` (width <= log2 NBINS; constexpr in the radix
-    select, run-time after the sampled window) of the `need`-th largest candidate with key >>
-    (shift + width) == prefix. Returns (prefix with that digit appended, `need` left at it)."""
+    select, run-time after the sampled window) of the `need`-th largest of the `n_cand` candidates
+    with key >> (shift + width) == prefix. Returns (prefix with that digit appended, `need` left at
+    it, candidates left at it). The pass is ALU-bound (ncu: ALU pipe 89.5%) and tl.histogram costs
+    ~40 integer ops per element (a ballot per digit bit, masks and popcounts per bin); with few
+    candidates (n_cand <= sparse_max: after the sampled window ~0.2% of a row) they are counted by
+    relaxed atomics into the row's NBINS scratch counters instead, a few ops per element."""
     bins = tl.arange(0, NBINS)
-    hist = tl.zeros([NBINS], tl.int32)
-    for start in range(0, Nk, CHUNK):
-        key, ok = _keys(S, AK, KM, row, b, start + arange, Nk, BITS, HAS_AK, HAS_KM)
-        ok = ok & ((key >> (shift + width)) == prefix)
-        digit = ((key >> shift) & ((1 << width) - 1)).to(tl.int32)
-        hist += tl.histogram(digit, NBINS, mask=ok)
+    if n_cand <= sparse_max:
+        scr = SCR + row * NBINS
+        tl.store(scr + bins, tl.zeros([NBINS], tl.int32))
+        tl.debug_barrier()
+        for start in range(0, Nk, CHUNK):
+            digit, ok = _prefix_digits(S, AK, KM, row, b, start + arange, Nk, prefix, shift, width, BITS, HAS_AK,
+                                       HAS_KM)
+            tl.atomic_add(scr + digit, 1, mask=ok, sem="relaxed", scope="cta")
+        tl.debug_barrier()  # the CTA's atomics are done and visible before the counts are read
+        hist = tl.load(scr + bins, cache_modifier=".cg")
+    else:
+        hist = tl.zeros([NBINS], tl.int32)
+        for start in range(0, Nk, CHUNK):
+            digit, ok = _prefix_digits(S, AK, KM, row, b, start + arange, Nk, prefix, shift, width, BITS, HAS_AK,
+                                       HAS_KM)
+            hist += tl.histogram(digit, NBINS, mask=ok)
     d_star, need = _pick_digit(hist, bins, need)
-    return (prefix << width) | d_star.to(tl.uint32), need
+    return (prefix << width) | d_star.to(tl.uint32), need, _count_at(hist, bins, d_star)
 
 
 @triton.jit
@@ -172,9 +216,9 @@ def _rank_key(keys, rank, BITS: tl.constexpr, WBITS: tl.constexpr):
 
 
 @triton.jit
-def _sampled_threshold(S, AK, KM, row, b, Nk, K, arange, BITS: tl.constexpr, CHUNK: tl.constexpr,
-                       SAMPLE: tl.constexpr, Z: tl.constexpr, WBITS: tl.constexpr, HAS_AK: tl.constexpr,
-                       HAS_KM: tl.constexpr):
+def _sampled_threshold(S, AK, KM, SCR, row, b, Nk, K, sparse_max, arange, BITS: tl.constexpr, CHUNK: tl.constexpr,
+                       SAMPLE: tl.constexpr, Z: tl.constexpr, WBITS: tl.constexpr, RBITS: tl.constexpr,
+                       HAS_AK: tl.constexpr, HAS_KM: tl.constexpr):
     """(T, ties to take at T, number taken) for 16-bit keys: a bracket around the K-th largest key
     from SAMPLE evenly spaced columns, one window pass, then the bits the window left open."""
     NBINS: tl.constexpr = 1 << WBITS
@@ -203,13 +247,14 @@ def _sampled_threshold(S, AK, KM, row, b, Nk, K, arange, BITS: tl.constexpr, CHU
     d_star, need_w = _pick_digit(window, bins, n_take - n_above)
     prefix = tl.where(hit, (lo >> shift) + d_star.to(tl.uint32) - 1, 0)
     need = tl.where(hit, need_w, tl.maximum(n_take, 1))
+    n_cand = tl.where(hit, _count_at(window, bins, d_star), tl.sum(hist))
     left = tl.where(hit, shift, BITS)  # a miss starts over: a plain radix select of every bit
     passes = tl.full([], 1, tl.int32)
     while left > 0:
-        width = tl.minimum(left, WBITS)
+        width = tl.minimum(left, RBITS)
         left -= width
-        prefix, need = _refine_pass(S, AK, KM, row, b, Nk, prefix, left, width, need, arange, BITS, CHUNK,
-                                    NBINS, HAS_AK, HAS_KM)
+        prefix, need, n_cand = _refine_pass(S, AK, KM, SCR, row, b, Nk, prefix, left, width, need, n_cand,
+                                            sparse_max, arange, BITS, CHUNK, 1 << RBITS, HAS_AK, HAS_KM)
         passes += 1
     return prefix, need, n_take, passes
 
@@ -230,9 +275,9 @@ def _boost_hash_draws(S, STEP, salt_term, n_draws, row, Nk, arange, CHUNK: tl.co
 
 
 @triton.jit
-def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, STEP, Nk, K, ROWS_PER_B, salt_term, n_draws,
+def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, STEP, SCR, Nk, K, ROWS_PER_B, salt_term, n_draws, sparse_max,
                            BITS: tl.constexpr, RADIX0: tl.constexpr, RADIX: tl.constexpr, CHUNK: tl.constexpr,
-                           SAMPLE: tl.constexpr, Z: tl.constexpr, WBITS: tl.constexpr,
+                           SAMPLE: tl.constexpr, Z: tl.constexpr, WBITS: tl.constexpr, RBITS: tl.constexpr,
                            HAS_AK: tl.constexpr, HAS_KM: tl.constexpr, COUNT_PASSES: tl.constexpr,
                            HASH_DRAWS: tl.constexpr, TOP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -242,16 +287,18 @@ def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, STEP, Nk, K, ROWS_PER_B,
         _boost_hash_draws(S, STEP, salt_term, n_draws, row, Nk, arange, CHUNK, TOP)
 
     if SAMPLE > 0:
-        prefix, need, n_take, passes = _sampled_threshold(S, AK, KM, row, b, Nk, K, arange, BITS, CHUNK, SAMPLE, Z,
-                                                          WBITS, HAS_AK, HAS_KM)
+        prefix, need, n_take, passes = _sampled_threshold(S, AK, KM, SCR, row, b, Nk, K, sparse_max, arange, BITS,
+                                                          CHUNK, SAMPLE, Z, WBITS, RBITS, HAS_AK, HAS_KM)
         if COUNT_PASSES:
             tl.store(PASSES + row, passes)
     else:
-        prefix, need, total = _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, RADIX0, BITS, CHUNK, HAS_AK, HAS_KM)
+        prefix, need, total, n_cand = _first_digit_pass(S, AK, KM, row, b, Nk, K, arange, RADIX0, BITS, CHUNK, HAS_AK,
+                                                        HAS_KM)
         n_take = tl.minimum(total, K)
         for p in tl.static_range(1, 1 + (BITS - RADIX0) // RADIX):
-            prefix, need = _refine_pass(S, AK, KM, row, b, Nk, prefix, BITS - RADIX0 - RADIX * p, RADIX, need, arange,
-                                        BITS, CHUNK, 1 << RADIX, HAS_AK, HAS_KM)
+            prefix, need, n_cand = _refine_pass(S, AK, KM, SCR, row, b, Nk, prefix, BITS - RADIX0 - RADIX * p, RADIX,
+                                                need, n_cand, sparse_max, arange, BITS, CHUNK, 1 << RADIX, HAS_AK,
+                                                HAS_KM)
 
     # Compaction in column order: key > T, then the first `need` ties at T. One scan per chunk:
     # the counts of both kinds packed in one int32 (CHUNK < 2^16), instead of a scan per kind.
@@ -281,9 +328,13 @@ def _select_columns_kernel(S, AK, KM, IDX, CNT, PASSES, STEP, Nk, K, ROWS_PER_B,
 
 def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_keys: int = 0, generator=None,
                    inplace: bool = False, n_always=None, draws=None, radix: tuple | None = None,
-                   sample: int | None = None, passes=None):
+                   sample: int | None = None, passes=None, sparse_refine: int | None = None,
+                   window_bits: int | None = None):
     """passes: an optional int32 tensor of B·H·Gc elements that receives, per row, the histogram
-    passes over the row the sampled path made (the window pass included; tests read it)."""
+    passes over the row the sampled path made (the window pass included; tests read it).
+    sparse_refine: a refine pass over at most this many candidates counts them by atomics (default
+    Nk // SPARSE_REFINE_DIV; -1: never, Nk: always). window_bits: the sampled path's window pass
+    histogram (default WINDOW_BITS). Neither changes the result, only the time."""
     B, H, Gc, Nk = colsum.shape
     K, n_always = selection_width(colsum, k, always_keep, random_keys, n_always)
     scores = colsum
@@ -308,11 +359,19 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
         sample = SAMPLE if bits == 16 and Nk >= SAMPLED_MIN_KEYS and radix is None else 0
     assert sample == 0 or (bits == 16 and sample >= 16 and sample & (sample - 1) == 0), \
         "sample: a power of two >= 16, for 16-bit scores"
+    if sparse_refine is None:
+        sparse_refine = Nk // SPARSE_REFINE_DIV
+    wbits = window_bits or WINDOW_BITS
+    assert 2 <= wbits <= 8, "window_bits: 2..8"
+    nbins = max(1 << r, 1 << REFINE_BITS)
+    scratch = new_empty(B * H * Gc * nbins if sparse_refine >= 0 else 1, dtype=torch.int32, device=colsum.device)
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
-            scores, ak, km, idx, cnt, passes if passes is not None else cnt, draws.step if hashed else cnt, Nk, K,
-            H * Gc, draws.salt * hashing.SALT_MUL if hashed else 0, int(random_keys) if hashed else 0, BITS=bits, RADIX0=r0,
-            RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z, WBITS=WINDOW_BITS, HAS_AK=always_keep is not None,
+            scores, ak, km, idx, cnt, passes if passes is not None else cnt, draws.step if hashed else cnt, scratch, Nk,
+            K, H * Gc, draws.salt * hashing.SALT_MUL if hashed else 0, int(random_keys) if hashed else 0, sparse_refine,
+            BITS=bits, RADIX0=r0,
+            RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z, WBITS=wbits, RBITS=REFINE_BITS,
+            HAS_AK=always_keep is not None,
             HAS_KM=key_mask is not None, COUNT_PASSES=passes is not None and sample > 0, HASH_DRAWS=hashed,
             TOP=torch.finfo(scores.dtype).max, num_warps=4)
     return idx, cnt

@@ -204,18 +204,22 @@ def test_triton_inplace_contract(triton_mode):
 
 @pytest.mark.parametrize("dtype,radix", [(torch.float16, (8, 8)), (torch.float16, (6, 5)), (torch.float16, (4, 6)),
                                          (torch.float32, (7, 5))])
-def test_triton_radix_schedules(triton_mode, dtype, radix):
+@pytest.mark.parametrize("kind", ["ties", "signed"])
+@pytest.mark.parametrize("sparse", ["never", "always"])
+def test_triton_radix_schedules(triton_mode, dtype, radix, kind, sparse):
     """Every digit schedule finds the same threshold and tie count: ties across several chunks,
-    a masked batch, always-kept columns."""
+    a masked batch, always-kept columns; with every refine pass counting by tl.histogram, and
+    with every one counting by atomics (the kernel picks per pass by the candidates left)."""
     from chipmunk_compile.kernels.select_columns import select_columns
 
     g = torch.Generator().manual_seed(11)
-    cs = _scores((2, 1, 2, 5000), dtype, "ties", g)
+    cs = _scores((2, 1, 2, 5000), dtype, kind, g)
     km = torch.rand(2, 5000, generator=g) > 0.3
     ak = torch.zeros(5000, dtype=torch.bool)
     ak[[2, 4999]] = True
     for k in (1, 1500, 3600):
-        idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, radix=radix)
+        idx, cnt = select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, radix=radix,
+                                  sparse_refine=-1 if sparse == "never" else 5000)
         ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak)
         _check_against_ref(_effective(cs, km, ak, 0, None), idx, cnt, ref_idx, ref_cnt, exact=True)
     with pytest.raises(AssertionError, match="must make 16 bits"):
@@ -254,7 +258,9 @@ def _sampled_bracket_hits(row, k, sample, z, bins):
     ("distinct", 40, 45, False, False, 0, 16, "hit", None),  # K >= Nk: every column
     ("adversarial", 3000, 1000, False, False, 0, 256, "miss", None),
 ])
-def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, always, rnd, sample, path, draw):
+@pytest.mark.parametrize("sparse,window", [("never", None), ("always", None), ("never", 6), ("always", 2)])
+def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, always, rnd, sample, path, draw, sparse,
+                                           window):
     """The sampled-bracket path (16-bit scores) selects exactly what the reference does, whether
     the window holds the K-th largest at once, needs further bits, or misses and starts over
     ("adversarial": only the sampled columns score 100, so the bracket holds them alone and lies
@@ -282,16 +288,17 @@ def test_triton_sampled_threshold_is_exact(triton_mode, kind, Nk, k, masked, alw
     K = min(Nk, k + (3 if always else 0) + rnd)
     if path is not None:
         selectable = (eff.view(-1, Nk) > float("-inf")).any(-1)
-        outcomes = [_sampled_bracket_hits(row, K, sample, sc_mod.SAMPLE_Z, 1 << sc_mod.WINDOW_BITS) if ok
+        outcomes = [_sampled_bracket_hits(row, K, sample, sc_mod.SAMPLE_Z, 1 << (window or sc_mod.WINDOW_BITS)) if ok
                     else (path.startswith("hit"), 0) for row, ok in zip(eff.view(-1, Nk), selectable)]
         assert all(h == path.startswith("hit") for h, _ in outcomes), outcomes
         if path == "hit, refined":
             assert all(shift > 0 for _, shift in outcomes), outcomes
     passes = torch.zeros(B * H * Gc, dtype=torch.int32)
     idx, cnt = sc_mod.select_columns(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws,
-                                     sample=sample, passes=passes)
+                                     sample=sample, passes=passes, sparse_refine=-1 if sparse == "never" else Nk,
+                                     window_bits=window)
     if path is not None:  # the window pass, then the bits it left open (6 per pass), or all 16 after a miss
-        expect = [1 + (math.ceil(shift / sc_mod.WINDOW_BITS) if hit and ok else math.ceil(16 / sc_mod.WINDOW_BITS))
+        expect = [1 + (math.ceil(shift / sc_mod.REFINE_BITS) if hit and ok else math.ceil(16 / sc_mod.REFINE_BITS))
                   for (hit, shift), ok in zip(outcomes, selectable)]
         assert passes.tolist() == expect
     ref_idx, ref_cnt = select_columns_ref(cs.clone(), k=k, key_mask=km, always_keep=ak, random_keys=rnd, draws=draws)
@@ -346,9 +353,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from chipmunk_compile.kernels.select_columns import _select_columns_kernel as k
 sample, count_passes, has_ak, has_km, hashed = (int(a) for a in sys.argv[1:])
-types = ["*fp16", "*i8", "*i8", "*i32", "*i32", "*i32", "*i64", "i32", "i32", "i32", "i64", "i32"]
+types = ["*fp16", "*i8", "*i8", "*i32", "*i32", "*i32", "*i64", "*i32", "i32", "i32", "i32", "i64", "i32", "i32"]
 sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-consts = {"BITS": 16, "RADIX0": 4, "RADIX": 6, "CHUNK": 2048, "SAMPLE": sample, "Z": 4.0, "WBITS": 6,
+consts = {"BITS": 16, "RADIX0": 4, "RADIX": 6, "CHUNK": 2048, "SAMPLE": sample, "Z": 4.0, "WBITS": 6, "RBITS": 6,
           "HAS_AK": bool(has_ak), "HAS_KM": bool(has_km), "COUNT_PASSES": bool(count_passes),
           "HASH_DRAWS": bool(hashed), "TOP": 65504.0}
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
