@@ -37,7 +37,7 @@ Kernel invariants (one program per row (b, h, group); a row is Nk scores, contig
 - Compaction pass: columns with key > T, and the first `need` ones with key == T, are written in
   column order (positions from one scan of both counts packed in an int32), so indices come out
   sorted ascending with no sort; slots past counts are zeroed. No host sync, no allocation besides
-  the outputs: safe under CUDA graphs.
+  the outputs and the per-row scratch counters: safe under CUDA graphs.
 - Every pass re-reads the row (passes + 1 reads); a row is ~240 KB of fp16 at video sizes and
   mostly comes from L2 after the first read.
 """
@@ -169,10 +169,9 @@ def _refine_pass(S, AK, KM, SCR, row, b, Nk, prefix, shift, width, need, n_cand,
     """One radix pass: the `width`-bit digit at `shift` (width <= log2 NBINS; constexpr in the radix
     select, run-time after the sampled window) of the `need`-th largest of the `n_cand` candidates
     with key >> (shift + width) == prefix. Returns (prefix with that digit appended, `need` left at
-    it, candidates left at it). The pass is ALU-bound (ncu: ALU pipe 89.5%) and tl.histogram costs
-    ~40 integer ops per element (a ballot per digit bit, masks and popcounts per bin); with few
-    candidates (n_cand <= sparse_max: after the sampled window ~0.2% of a row) they are counted by
-    relaxed atomics into the row's NBINS scratch counters instead, a few ops per element."""
+    it, candidates left at it). n_cand <= sparse_max (after the sampled window: ~1% of the row):
+    counted by relaxed atomics into the row's NBINS scratch counters, else by tl.histogram (why:
+    the module docstring)."""
     bins = tl.arange(0, NBINS)
     if n_cand <= sparse_max:
         scr = SCR + row * NBINS
@@ -365,15 +364,14 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     assert 2 <= wbits <= 8, "window_bits: 2..8"
     nbins = max(1 << r, 1 << REFINE_BITS)
     scratch = new_empty(B * H * Gc * nbins if sparse_refine >= 0 else 1, dtype=torch.int32, device=colsum.device)
+    step, salt_term, n_draws = (draws.step, draws.salt * hashing.SALT_MUL, int(random_keys)) if hashed else (cnt, 0, 0)
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
-            scores, ak, km, idx, cnt, passes if passes is not None else cnt, draws.step if hashed else cnt, scratch, Nk,
-            K, H * Gc, draws.salt * hashing.SALT_MUL if hashed else 0, int(random_keys) if hashed else 0, sparse_refine,
-            BITS=bits, RADIX0=r0,
-            RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z, WBITS=wbits, RBITS=REFINE_BITS,
-            HAS_AK=always_keep is not None,
-            HAS_KM=key_mask is not None, COUNT_PASSES=passes is not None and sample > 0, HASH_DRAWS=hashed,
-            TOP=torch.finfo(scores.dtype).max, num_warps=4)
+            scores, ak, km, idx, cnt, passes if passes is not None else cnt, step, scratch, Nk, K, H * Gc, salt_term,
+            n_draws, sparse_refine, BITS=bits, RADIX0=r0, RADIX=r, CHUNK=_chunk(Nk), SAMPLE=sample, Z=SAMPLE_Z,
+            WBITS=wbits, RBITS=REFINE_BITS, HAS_AK=always_keep is not None, HAS_KM=key_mask is not None,
+            COUNT_PASSES=passes is not None and sample > 0, HASH_DRAWS=hashed, TOP=torch.finfo(scores.dtype).max,
+            num_warps=4)
     return idx, cnt
 
 

@@ -97,7 +97,8 @@ def _draws(draw, shape, Nk, g, device="cpu"):
     if not shape[-1]:
         return None
     if draw == "hash":
-        return HashDraws(torch.randint(0, 1000, (1,), generator=g).to(device), int(torch.randint(0, 99, (1,), generator=g)))
+        step, salt = torch.randint(0, 1000, (1,), generator=g), int(torch.randint(0, 99, (1,), generator=g))
+        return HashDraws(step.to(device), salt)
     return torch.randint(0, Nk, shape, generator=g).to(device)
 
 
