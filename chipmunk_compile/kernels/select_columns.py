@@ -332,7 +332,7 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     """passes: an optional int32 tensor of B·H·Gc elements that receives, per row, the histogram
     passes over the row the sampled path made (the window pass included; tests read it).
     sparse_refine: a refine pass over at most this many candidates counts them by atomics (default
-    Nk // SPARSE_REFINE_DIV; -1: never, Nk: always). window_bits: the sampled path's window pass
+    Nk // SPARSE_REFINE_DIV from SAMPLED_MIN_KEYS columns on, else -1; -1: never, Nk: always). window_bits: the sampled path's window pass
     histogram (default WINDOW_BITS). Neither changes the result, only the time."""
     B, H, Gc, Nk = colsum.shape
     K, n_always = selection_width(colsum, k, always_keep, random_keys, n_always)
@@ -358,8 +358,8 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
         sample = SAMPLE if bits == 16 and Nk >= SAMPLED_MIN_KEYS and radix is None else 0
     assert sample == 0 or (bits == 16 and sample >= 16 and sample & (sample - 1) == 0), \
         "sample: a power of two >= 16, for 16-bit scores"
-    if sparse_refine is None:
-        sparse_refine = Nk // SPARSE_REFINE_DIV
+    if sparse_refine is None:  # measured on long rows only (HunyuanVideo, Wan); FLUX's 4352 keep histograms
+        sparse_refine = Nk // SPARSE_REFINE_DIV if Nk >= SAMPLED_MIN_KEYS else -1
     wbits = window_bits or WINDOW_BITS
     assert 2 <= wbits <= 8, "window_bits: 2..8"
     nbins = max(1 << r, 1 << REFINE_BITS)
