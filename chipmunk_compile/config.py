@@ -28,6 +28,12 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
 
 
+def _check_extrapolate(name: str, value: float) -> None:
+    """A forecast's damping factor: 0 (off) to 2."""
+    if not 0.0 <= value <= 2.0:
+        raise ValueError(f"{name} must be in [0, 2], got {value!r}")
+
+
 @dataclass
 class AttnConfig:
     """Column-sparse attention (method.md §1)."""
@@ -68,8 +74,7 @@ class AttnConfig:
 
     def __post_init__(self):
         _check_fraction("attn.top_keys", self.top_keys)
-        if not 0.0 <= self.extrapolate <= 2.0:
-            raise ValueError(f"attn.extrapolate must be in [0, 2], got {self.extrapolate!r}")
+        _check_extrapolate("attn.extrapolate", self.extrapolate)
         _check_fraction("attn.min_mass", self.min_mass)
         _check_fraction("attn.random_keys", self.random_keys)
         if self.group < 1:
@@ -107,8 +112,7 @@ class MlpConfig:
     extrapolate: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.extrapolate <= 2.0:
-            raise ValueError(f"mlp.extrapolate must be in [0, 2], got {self.extrapolate!r}")
+        _check_extrapolate("mlp.extrapolate", self.extrapolate)
         if self.score not in MLP_SCORES:
             raise ValueError(f"mlp.score must be one of {MLP_SCORES}, got {self.score!r}")
         _check_fraction("mlp.top_keys", self.top_keys)
@@ -138,8 +142,7 @@ class StepCacheConfig:
             self.skip_steps = sorted(int(s) for s in self.skip_steps)
         if self.threshold < 0:
             raise ValueError("step_cache.threshold must be >= 0")
-        if not 0.0 <= self.extrapolate <= 2.0:
-            raise ValueError(f"step_cache.extrapolate must be in [0, 2], got {self.extrapolate!r}")
+        _check_extrapolate("step_cache.extrapolate", self.extrapolate)
 
 
 @dataclass

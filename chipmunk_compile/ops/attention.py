@@ -131,7 +131,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
             sign=sign, lse=lse_buf, **slope)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
-    fc = Forecast(s, st, pos, "r_slope", "t_ref_span", (B, N, H, D), q.dtype, q.device) if cfg.extrapolate > 0 else None
+    # the forecast state: read by a forecasting sparse step, measured or marked by every refresh
+    fc = Forecast(s, st, pos, "r_slope", "t_ref_span", (B, N, H, D), q.dtype, q.device) \
+        if cfg.extrapolate > 0 and (fore or kind != SPARSE) else None
     if kind == SPARSE:
         if fore:
             count("attention_forecast")

@@ -115,8 +115,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x.device)
     h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
     y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
+    # the forecast state: read by a forecasting sparse step, measured or marked by every dense step
     fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x.dtype, x.device) \
-        if cfg.extrapolate > 0 else None
+        if cfg.extrapolate > 0 and (fore or kind == DENSE) else None
     if kind == DENSE:
         y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
             if fore else None  # what the sparse path would have returned now (caches are rebuilt below)

@@ -144,11 +144,16 @@ def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
     return None
 
 
+def _indexes_tensor(node) -> bool:
+    """node is tensor[...] (a getitem on a tensor, not on a tuple of outputs)."""
+    return node.target is operator.getitem and isinstance(val(node.args[0]), torch.Tensor)
+
+
 def token_slice_of(q) -> Optional[fx.Node]:
     """The nearest tensor indexing above q through token-preserving single-input ops (where q's
     tokens were cut from a longer sequence), or None."""
     for node in _up_token_ops(q):
-        if node.target is operator.getitem and isinstance(val(node.args[0]), torch.Tensor):
+        if _indexes_tensor(node):
             return node
     return None
 
@@ -159,8 +164,7 @@ def projected_from(node) -> Optional[fx.Node]:
     for n in _up_token_ops(node):
         if is_linear(n):
             return linear_parts(n)[0]
-        if n.target is operator.getitem and isinstance(val(n.args[0]), torch.Tensor) and not statically_known_true(
-                _numel(n.args[0]) == _numel(n)):
+        if _indexes_tensor(n) and not statically_known_true(_numel(n.args[0]) == _numel(n)):
             return None
     return None
 
