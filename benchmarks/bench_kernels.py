@@ -62,6 +62,21 @@ def record(section, name, shape, ms, *, baseline_ms=None, target=None, flops=Non
           f"{note}", flush=True)
 
 
+def write_results(rows: list[dict], stem: str, gpu: str) -> None:
+    """rows as benchmarks/results/<stem>_<chip>.json and .csv (and into $OUT when set), the chip from
+    the GPU name: "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200 (the first word naming one)."""
+    tag = next((w for w in gpu.split() if w[:1].isalpha() and any(c.isdigit() for c in w)), gpu.split()[-1]).lower()
+    for d in [os.path.join(os.path.dirname(__file__), "results"), os.environ.get("OUT")]:
+        if d:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"{stem}_{tag}.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+            with open(os.path.join(d, f"{stem}_{tag}.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")  # quotes labels with commas
+                writer.writeheader()
+                writer.writerows(rows)
+
+
 def sorted_random_subsets(lead_shape, n, k, device):
     """Sorted, unique, random column ids: one id in each of k equal buckets of [0, n)."""
     r = torch.rand(*lead_shape, k, device=device)

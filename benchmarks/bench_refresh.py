@@ -27,8 +27,6 @@ written after each shape.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 
@@ -36,7 +34,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from bench_kernels import bench  # noqa: E402
+from bench_kernels import bench, write_results  # noqa: E402
 
 from chipmunk_compile.config import AttnConfig  # noqa: E402
 from chipmunk_compile.kernels import select_columns_ref  # noqa: E402
@@ -183,22 +181,8 @@ def main(argv=None):
             rows.append(dict(gpu=gpu, model=name, shape=shape, top_k=top, kernel=label, ms=round(ms, 4),
                              x_cudnn=round(ms / base, 3), exact_lse_library=library))
             print(f"{name:13s} {label:36s} {ms:10.4f} ms  {ms / base:6.3f}x cuDNN", flush=True)
-        _write(rows, gpu)  # after each shape: a time limit still leaves the finished ones
+        write_results(rows, "bench_refresh", gpu)  # after each shape: a time limit still leaves the finished ones
     print(f"GPU {gpu}, torch {torch.__version__}; exact lse from: {library}")
-
-
-def _write(rows, gpu):
-    # "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200: the first word naming a chip
-    tag = next((w for w in gpu.split() if w[:1].isalpha() and any(c.isdigit() for c in w)), gpu.split()[-1]).lower()
-    for d in [os.path.join(os.path.dirname(__file__), "results"), os.environ.get("OUT")]:
-        if d:
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, f"bench_refresh_{tag}.json"), "w") as f:
-                json.dump(rows, f, indent=1)
-            with open(os.path.join(d, f"bench_refresh_{tag}.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")  # quotes labels with commas
-                writer.writeheader()
-                writer.writerows(rows)
 
 
 if __name__ == "__main__":

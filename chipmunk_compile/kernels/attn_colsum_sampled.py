@@ -25,6 +25,8 @@ Kernel invariants:
   exponentials (ex2.approx.f16x2, two per instruction) gave nothing on top: not exp-bound.
 - The key axis is split over grid axis 2 when (row tiles × heads) alone would not fill the GPU;
   tiles fully inside Nk load without masks (vectorised, pipelined), only the last one is masked.
+- ABLATE (constexpr, 0 = off in every real call) drops one piece of work for
+  benchmarks/kernel_ablation.py; its branches fold away at compile time.
 """
 
 from __future__ import annotations
@@ -53,14 +55,20 @@ def _fp8(x):
 @triton.jit
 def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
                  SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if ABLATE == 2:  # "keys": no key tiles, no QKᵀ (scores that vary by column)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + cols[None, :].to(tl.float32) * -1e-3
+    else:
+        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])
+    if ABLATE == 1:  # "exp": the exponent stands in for the probability
+        p = s - lse2[:, None]
+    else:
+        p = tl.exp2(s - lse2[:, None])
     cs = tl.sum(tl.reshape(p, (BLOCK_M // SLOTS, SLOTS, BLOCK_N)), 1)
     ptrs = cs_base + gs[:, None].to(tl.int64) * NK + cols[None, :]
     tl.store(ptrs, cs.to(cs_base.dtype.element_ty), mask=(gs < NG)[:, None] & col_in[None, :])
@@ -69,17 +77,23 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
 @triton.jit
 def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, skn, skd, NK, NG, qk_scale,
                      SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr):
     # Transposed tile: sᵀ = k·qᵀ (BLOCK_N × BLOCK_M), so the probabilities are the A operand of the
     # group reduction pᵀ·member (member[r, g] = 1 if row r belongs to local group g): the
     # FlashAttention P·V pattern, kept in registers, instead of a cross-row reduction.
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
-    st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
+    if ABLATE == 2:  # "keys"
+        st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + cols[:, None].to(tl.float32) * -1e-3
+    else:
+        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         st = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[:, None], st, float("-inf"))
-    pt = tl.exp2(st - lse2[None, :]).to(member.dtype)
+    if ABLATE == 1:  # "exp"
+        pt = (st - lse2[None, :]).to(member.dtype)
+    else:
+        pt = tl.exp2(st - lse2[None, :]).to(member.dtype)
     cs = tl.dot(pt, member, input_precision=DOT_PREC)  # (BLOCK_N, 16)
     lg = tl.arange(0, 16)
     ptrs = cs_base + (g0 + lg)[None, :].to(tl.int64) * NK + cols[:, None]
@@ -93,7 +107,7 @@ def _attn_colsum_sampled_kernel(
     N, NK, HQ, KV_REP, NG, G, qk_scale,  #
     SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, MMA_REDUCE: tl.constexpr,
-    QK_FP8: tl.constexpr,
+    QK_FP8: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -133,19 +147,19 @@ def _attn_colsum_sampled_kernel(
         g0 = pid_m * (BLOCK_M // SLOTS)
         for t in range(t_lo, t_full):
             _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t_full * BLOCK_N, skn, skd, NK, NG,
-                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
+                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE)
     else:
         for t in range(t_lo, t_full):
             _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG, qk_scale, SLOTS,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE)
 
 
 def _configs():
@@ -190,8 +204,16 @@ def key_splits(row_tiles: int, bh: int, key_tiles: int, nsm: int) -> int:
     return max(1, min(key_tiles, cdiv(2 * nsm, row_tiles * bh)))
 
 
+# What ``ablate`` may skip (timing only, benchmarks/kernel_ablation.py): the exponentials, or the key
+# tiles with their QKᵀ product.
+ABLATIONS = {"": 0, "exp": 1, "keys": 2}
+
+
 def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
-                        out_dtype=torch.float32, qk_fp8: bool = False):
+                        out_dtype=torch.float32, qk_fp8: bool = False, ablate: str = ""):
+    """``ablate`` (one of ABLATIONS; the result is then wrong) skips a piece of work, so that the time
+    without it shows what the piece costs. The autotuner keeps the configuration it picked for the
+    real call (ABLATE is not in its key): time the real call first."""
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
@@ -212,7 +234,7 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     args = (q, k, lse_c, offs, pm if pm is not None else offs, km, colsum, *q.stride(), *k.stride(),
             N, Nk, Hq, Hq // Hkv, NG, G, scale * LOG2E)
     flags = dict(SLOTS=slots, HEAD_DIM=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
-                 DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8)
+                 DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8, ABLATE=ABLATIONS[ablate])
     nsm = num_sms(q.device)
 
     def grid(meta):

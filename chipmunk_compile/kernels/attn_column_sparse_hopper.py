@@ -29,6 +29,9 @@ Kernel invariants:
   and rescales acc.
 - counts == 0 gives attention 0 (the output is o_base exactly, or 0).
 - Epilogue: o = o_base + sign * acc / l, one store per row, through the permutation.
+- ABLATE (constexpr, 0 = off in every real call) drops one piece of work for
+  benchmarks/kernel_ablation.py; the branches fold away at compile time, so real calls compile to
+  the same code.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 
 from ._common import LOG2E, empty_bnhd, int32_index_args
 
+# What ``ablate`` may skip (timing only): exponentials, the index gather (consecutive rows are copied
+# instead), the P·V or the QKᵀ product.
+ABLATIONS = {"": 0, "exp": 1, "gather": 2, "pv": 3, "qk": 4}
 BLOCK_M = 128  # rows per program, 16 per warp; groups that are not a multiple of 128 take 64-row tiles
 BLOCK_N = 128
 STAGES = 2
@@ -60,9 +66,11 @@ STAGES = 2
 if HAVE_GLUON:
 
     @gluon.jit
-    def _load_idx(idx_base, cnt, tile, BLOCK_N: gl.constexpr, ld_layout: gl.constexpr):
+    def _load_idx(idx_base, cnt, tile, BLOCK_N: gl.constexpr, ld_layout: gl.constexpr, ABLATE: gl.constexpr):
         c = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
         ok = c < cnt
+        if ABLATE == 2:  # "gather": consecutive key rows instead of the indexed ones
+            return c, ok
         return gl.load(idx_base + c, mask=ok, other=0), ok
 
     @gluon.jit
@@ -80,12 +88,16 @@ if HAVE_GLUON:
         return pos, ok
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, col0, cnt, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    def _softmax_step(s, m_i, l_i, col0, cnt, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                      ABLATE: gl.constexpr):
         if col0 + BLOCK_N > cnt:  # ragged last tile: columns past the count never count
             cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where((cols < cnt)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
+        if ABLATE == 1:  # "exp": the exponent itself stands in for the probability
+            p = s * qk_scale - m_new[:, None]
+        else:
+            p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
@@ -98,7 +110,7 @@ if HAVE_GLUON:
         N, HQ, KV_REP, NG, qk_scale, sign,  #
         G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,  #
         STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr,  #
-        q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr,  #
+        q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr, ABLATE: gl.constexpr = 0,  #
     ):
         NW: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -132,19 +144,19 @@ if HAVE_GLUON:
         # Prologue groups: {K_0}, {K_1, V_0}, ..., {K_{S-1}, V_{S-2}}. The index vector of a key
         # tile serves its V one group later, and the next one is loaded a step ahead (the load's
         # latency hides behind the step's MMAs instead of stalling the copy issue).
-        jk, okk = _load_idx(idx_base, cnt, 0, BLOCK_N, ld_layout)
+        jk, okk = _load_idx(idx_base, cnt, 0, BLOCK_N, ld_layout, ABLATE)
         _issue_rows(k_smem.index(0), k_base, skn, jk, okk, HEAD_DIM, ld_layout)
         cp.commit_group()
         for t in gl.static_range(1, STAGES):
             jv = jk
             okv = okk
-            jk, okk = _load_idx(idx_base, cnt, t, BLOCK_N, ld_layout)
+            jk, okk = _load_idx(idx_base, cnt, t, BLOCK_N, ld_layout, ABLATE)
             _issue_rows(k_smem.index(t), k_base, skn, jk, okk, HEAD_DIM, ld_layout)
             _issue_rows(v_smem.index(t - 1), v_base, svn, jv, okv, HEAD_DIM, ld_layout)
             cp.commit_group()
         jv = jk
         okv = okk
-        jk, okk = _load_idx(idx_base, cnt, STAGES, BLOCK_N, ld_layout)
+        jk, okk = _load_idx(idx_base, cnt, STAGES, BLOCK_N, ld_layout, ABLATE)
 
         # Q tile (gathered through the permutation) into shared memory, meanwhile.
         qi, row_ok = _group_rows(PERM, g * G + row0, N, BLOCK_M, HAS_PERM, gl.SliceLayout(1, ld_layout))
@@ -162,7 +174,7 @@ if HAVE_GLUON:
             _cta_barrier()
             s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False)
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, cnt, qk_scale, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, cnt, qk_scale, BLOCK_N, s_layout, ABLATE)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n_tiles):
                 # Slots of K_{j-1} and V_{j-2} are free once every warp is past step j-1.
@@ -170,19 +182,23 @@ if HAVE_GLUON:
                 fence_async_shared()
                 _cta_barrier()
                 tn = j - 1 + STAGES
-                s = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)),
-                                  gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False,
-                                  is_async=True)
-                acc = warpgroup_mma(p_op, v_smem.index((j - 1) % STAGES), acc, is_async=True)
+                if ABLATE == 4:  # "qk": no QKᵀ product after the first tile
+                    s = s + 1.0
+                else:
+                    s = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)),
+                                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False,
+                                      is_async=True)
+                if ABLATE != 3:  # "pv": no P·V product
+                    acc = warpgroup_mma(p_op, v_smem.index((j - 1) % STAGES), acc, is_async=True)
                 # The copies' address math runs while the tensor cores work.
                 _issue_rows(k_smem.index(tn % STAGES), k_base, skn, jk, okk, HEAD_DIM, ld_layout)
                 _issue_rows(v_smem.index((tn - 1) % STAGES), v_base, svn, jv, okv, HEAD_DIM, ld_layout)
                 cp.commit_group()
                 jv = jk
                 okv = okk
-                jk, okk = _load_idx(idx_base, cnt, tn + 1, BLOCK_N, ld_layout)
+                jk, okk = _load_idx(idx_base, cnt, tn + 1, BLOCK_N, ld_layout, ABLATE)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j * BLOCK_N, cnt, qk_scale, BLOCK_N, s_layout)
+                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j * BLOCK_N, cnt, qk_scale, BLOCK_N, s_layout, ABLATE)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -245,7 +261,9 @@ def _layouts(dtype, head_dim, block_m, block_n):
 
 def attn_column_sparse_hopper(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
                               sign: float = 1.0, lse=None, stages: int = STAGES, block_m: int | None = None,
-                              block_n: int = BLOCK_N):
+                              block_n: int = BLOCK_N, ablate: str = ""):
+    """``ablate`` (benchmarks/kernel_ablation.py only; the result is then wrong): one of ABLATIONS,
+    a piece of work the kernel skips, so that its time without it shows what that piece costs."""
     reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base)
     assert reason is None, reason
     B, Hq, N, D = q.shape
@@ -269,5 +287,6 @@ def attn_column_sparse_hopper(q, k, v, indices, counts, *, scale: float, group: 
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, scale * LOG2E, float(sign),
         G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=int(stages), HAS_PERM=pm is not None,
-        HAS_OB=ob is not None, q_smem_layout=q_l, kv_smem_layout=kv_l, num_warps=block_m // 16)
+        HAS_OB=ob is not None, q_smem_layout=q_l, kv_smem_layout=kv_l, ABLATE=ABLATIONS[ablate],
+        num_warps=block_m // 16)
     return o

@@ -142,6 +142,23 @@ def test_triton_key_split_covers_every_column(triton_mode, monkeypatch):
     assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, scale=0.125, group=32, samples=16)) < 1e-5
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+def test_triton_ablations_skip_their_work(triton_mode, reduce, monkeypatch):
+    """benchmarks/kernel_ablation.py's switches: each changes the result (the work is skipped), none
+    is on by default."""
+    from chipmunk_compile.kernels import attn_colsum_sampled as mod
+
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    q, k, lse, _, _ = _inputs(1, 2, 2, 70, 90, 64, torch.float16, False, False)
+    kw = dict(scale=0.125, group=32, samples=16)
+    ref = attn_colsum_sampled_ref(q, k, lse, **kw)
+    assert rel_err(mod.attn_colsum_sampled(q, k, lse, **kw, ablate=""), ref) < 2e-3
+    assert set(mod.ABLATIONS) == {"", "exp", "keys"}
+    for name in ("exp", "keys"):
+        out = mod.attn_colsum_sampled(q, k, lse, **kw, ablate=name)  # exponents as probabilities may give NaN
+        assert torch.isnan(out).any() or rel_err(out, ref) > 0.1, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduce", ["sum", "mma"])
 @pytest.mark.parametrize("N,G,S,Hq,Hkv", [(4352, 128, 32, 4, 4), (4352, 128, 128, 4, 2), (1000, 192, 64, 2, 2)])
