@@ -19,10 +19,11 @@ Kernel invariants:
 - QK_FP8 (the reference's qk_fp8): k arrives as an e4m3 copy made by the launcher, q rows are
   cast once per program (round to nearest, saturating at ±448, as torch's cast after a clamp; the
   interpreter's in-kernel cast does not round to nearest, so there q arrives cast too). The key
-  tiles, the stream this kernel is bound by (each program reads all keys of its head), are half
-  the bytes and the QKᵀ runs at the fp8 tensor-core rate: 47.0 -> 33.0 ms at the HunyuanVideo shape
-  on the H200 (S=32, e4m3 copy of k 0.7 ms included); no gain at FLUX's 4352 keys. Half-precision
-  exponentials (ex2.approx.f16x2, two per instruction) gave nothing on top: not exp-bound.
+  tiles are half the bytes and the QKᵀ runs at the fp8 tensor-core rate: 47.0 -> 33.0 ms at the
+  HunyuanVideo shape on the H200 (S=32, e4m3 copy of k 0.7 ms included); no gain at FLUX's 4352
+  keys. Since then the exponentials bound it (benchmarks/kernel_ablation.py: 22% faster without
+  them, 4% without the key tiles and QKᵀ). Half-precision ones (ex2.approx.f16x2) gave nothing:
+  ptxas issues one MUFU.EX2.F16 per value, the same work for the multi-function unit.
 - The key axis is split over grid axis 2 when (row tiles × heads) alone would not fill the GPU;
   tiles fully inside Nk load without masks (vectorised, pipelined), only the last one is masked.
 - ABLATE (constexpr, 0 = off in every real call) drops one piece of work for
