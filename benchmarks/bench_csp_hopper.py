@@ -6,7 +6,7 @@ Correctness first (small shapes against the reference: ragged counts, count 0, p
 o_base, GQA, head dims 64/128, fp16/bf16; the large shapes against the Triton kernel), then
 medians (CUDA events, triton.testing.do_bench) of cuDNN dense, the Triton kernel, the Gluon kernel
 per configuration (CSP_CONFIGS="STAGESxBLOCK_MxBLOCK_N,...", CSP_SHAPES="FLUX,..." to keep some
-cases) and the dispatched
+cases), the warp-specialized ping-pong kernel (attn_column_sparse_pingpong.py) and the dispatched
 ``attn_column_sparse``, which sends short index lists (< HOPPER_MIN_KEYS) to Triton and times both
 kernels on the first call of a longer list's shape (the row names its pick).
 Rows go to benchmarks/results/bench_csp_hopper_h200.csv.
@@ -23,6 +23,7 @@ from chipmunk_compile.kernels import attn_column_sparse as T  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse import attn_column_sparse  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse_ref import attn_column_sparse_ref  # noqa: E402
 from chipmunk_compile.kernels import attn_column_sparse_hopper as H  # noqa: E402
+from chipmunk_compile.kernels import attn_column_sparse_pingpong as P  # noqa: E402
 
 dev = "cuda"
 
@@ -102,6 +103,10 @@ def speed():
             o = H.attn_column_sparse_hopper(*args, **kw, **ckw)
             err = (o.float() - t.float()).abs().max().item()
             runs.append((f"gluon {cname}", bench(lambda: H.attn_column_sparse_hopper(*args, **kw, **ckw)), err))
+        if P.supported(q, k, v, group=G, scale=sc, o_base=ob) is None:  # the warp-specialized ping-pong kernel
+            o = P.attn_column_sparse_pingpong(*args, **kw)
+            err = (o.float() - t.float()).abs().max().item()
+            runs.append(("gluon ping-pong", bench(lambda: P.attn_column_sparse_pingpong(*args, **kw)), err))
         counters.clear()
         ms = bench(lambda: attn_column_sparse(*args, **kw))  # its first call times both where Gluon qualifies
         picked = [c.rsplit(":", 1)[1] for c in counters["chipmunk"] if c.startswith("kernel_choice:")]

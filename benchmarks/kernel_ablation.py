@@ -4,7 +4,7 @@ its work skipped, at the HunyuanVideo and Wan shapes.
     python benchmarks/kernel_ablation.py [--shapes hunyuan-video wan] [--clocks]     # H100/H200
 
 Rows: the column-sparse attention of a sparse step (the Gluon Hopper kernel whole and with each of
-``attn_column_sparse_hopper.ABLATIONS`` skipped; the Triton kernel whole beside it), and the sampled
+``attn_column_sparse_hopper.ABLATIONS`` skipped; the ping-pong and Triton kernels whole beside it), and the sampled
 column sums of a refresh as the op runs them (S=32, e4m3 scores; ``attn_colsum_sampled.ABLATIONS``).
 An ablated call returns a wrong result; only its time means something. A piece whose removal saves
 little is off the critical path (or shares it with another): the saving bounds what making that
@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from benchmarks.bench_kernels import bench, sorted_random_subsets, write_results  # noqa: E402
 from chipmunk_compile.kernels import attn_colsum_sampled as colsum_mod  # noqa: E402
 from chipmunk_compile.kernels import attn_column_sparse_hopper as hopper  # noqa: E402
+from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse import _attn_column_sparse_triton  # noqa: E402
 from chipmunk_compile.ops.exact_attention import exact_attention_lse  # noqa: E402
 
@@ -68,6 +69,8 @@ def cases(name):
     out = [(f"column-sparse, Gluon ({kc} keys)", a or "-",
             lambda a=a: hopper.attn_column_sparse_hopper(q, k, v, idx, cnt, ablate=a, **kw))
            for a in hopper.ABLATIONS]
+    out.append((f"column-sparse, Gluon ping-pong ({kc} keys)", "-",
+                lambda: pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw)))
     out.append((f"column-sparse, Triton ({kc} keys)", "-", lambda: _attn_column_sparse_triton(q, k, v, idx, cnt, **kw)))
     _, lse = exact_attention_lse(q, k, v, None, D ** -0.5, GROUP, None)
     ckw = dict(scale=D ** -0.5, group=GROUP, samples=COLSUM_SAMPLES, out_dtype=torch.float16, qk_fp8=True)

@@ -31,11 +31,13 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   ``random_draws_ref.HashDraws`` (step tensor, salt): the kernel hashes the draws in place.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
   o_slope=None, slope_coef=None) -> o.
-  On sm_90, index lists of >= 2048 keys per group (head dim 128) may go to the Gluon kernel
-  (``attn_column_sparse_hopper.py``, same contract; counted as ``kernel_gluon:attn_column_sparse``):
-  the first call of each such shape times both kernels and keeps the faster (counted as
+  On sm_90, index lists of >= 2048 keys per group (head dim 128) may go to a Gluon kernel (same
+  contract): the warp-specialized ping-pong one (``attn_column_sparse_pingpong.py``, groups of a
+  multiple of 128; counted as ``kernel_pingpong:attn_column_sparse``) or the single-warpgroup one
+  (``attn_column_sparse_hopper.py``; ``kernel_gluon:attn_column_sparse``): the first call of each
+  such shape times them and the Triton kernel and keeps the fastest (counted as
   ``kernel_choice:attn_column_sparse:<kernel>``; ``CHIPMUNK_GLUON=1`` forces Gluon, ``0`` forbids
-  it). Gluon was 3-7% faster there on one H200 and 1.56x slower on another (CUDA 13 driver).
+  it). On the H200 of session 19 the ping-pong kernel was ~19% faster than the single-warpgroup one.
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
   -> delta_packed (B, M, K); updates h_cache in place. h_cache and delta_packed rows are positions
   in the grouped order (row p = token perm[p]); x and mm2's y_cache rows are tokens.

@@ -25,11 +25,13 @@ Kernel invariants:
   forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs stay valid),
   o_slope read beside o_base at the same offsets. Where that cannot be (other strides, the Gluon
   kernel) the sum is formed first (``slope_into_base``).
-- Long key lists on Hopper may go to the Gluon kernel (``attn_column_sparse_hopper.py``, same
-  contract): ``use_hopper_kernel`` says whether a call qualifies, from host-known shapes only.
-  Which of the two runs a qualifying call is measured on the first call of each shape
-  (``faster_choice``; CHIPMUNK_GLUON=1 forces Gluon, 0 forbids it): the Gluon kernel was 3-7%
-  faster at 75-119k keys on the H200 of sessions 11-15 and 1.56x slower on the H200 of session 17
+- Long key lists on Hopper may go to a Gluon kernel (same contract): the ping-pong one
+  (``attn_column_sparse_pingpong.py``: producer and two consumer warpgroups, groups of a multiple of
+  128) or the single-warpgroup one (``attn_column_sparse_hopper.py``). ``use_hopper_kernel`` says
+  whether a call qualifies, from host-known shapes only. Which kernel runs a qualifying call is
+  measured on the first call of each shape (``faster_choice``; CHIPMUNK_GLUON=1 forces the first
+  Gluon kernel that qualifies, 0 forbids both): the single-warpgroup kernel was 3-7% faster than
+  Triton at 75-119k keys on the H200 of sessions 11-15 and 1.56x slower on the H200 of session 17
   (same code, same Triton 3.6, CUDA 13 driver), so no fixed rule holds on every machine.
 """
 
@@ -230,24 +232,28 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
     if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
         from torch._dynamo.utils import counters
 
+        from . import attn_column_sparse_pingpong as pingpong
         from .attn_column_sparse_hopper import attn_column_sparse_hopper
 
-        def gluon():
-            ob = slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base  # reads o_base only
-            return attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
-                                             o_base=ob, sign=sign)
+        def base():  # the Gluon kernels read o_base only
+            return slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
 
-        def portable():
-            return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
-                                              o_base=o_base, sign=sign, o_slope=o_slope, slope_coef=slope_coef)
-
-        pick = "gluon" if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
+        runs = {}
+        if pingpong.supported(q, k, v, group=group, scale=scale, o_base=o_base) is None:
+            runs["pingpong"] = lambda: pingpong.attn_column_sparse_pingpong(
+                q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=base(), sign=sign)
+        runs["gluon"] = lambda: attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group,
+                                                          perm=perm, o_base=base(), sign=sign)
+        runs["triton"] = lambda: _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group,
+                                                            perm=perm, o_base=o_base, sign=sign, o_slope=o_slope,
+                                                            slope_coef=slope_coef)
+        default = next(iter(runs))  # the ping-pong kernel where it qualifies, else the single-warpgroup one
+        pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
             ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
-             perm is not None, o_base is not None, o_slope is not None), {"gluon": gluon, "triton": portable}, "gluon")
-        if pick == "triton":
-            return portable()
-        counters["chipmunk"]["kernel_gluon:attn_column_sparse"] += 1  # eager calls and recordings, not replays
-        return gluon()
+             perm is not None, o_base is not None, o_slope is not None), runs, default)
+        if pick != "triton":
+            counters["chipmunk"][f"kernel_{pick}:attn_column_sparse"] += 1  # eager calls and recordings, not replays
+        return runs[pick]()
     return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
                                       sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef)
 

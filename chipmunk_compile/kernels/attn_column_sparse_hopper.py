@@ -4,8 +4,9 @@ softmax.
 Same signature and contract as ``attn_column_sparse_ref.attn_column_sparse_ref`` (read it first),
 for the self-normalized delta only (no ``lse``), scale > 0, head dims 64 and 128, fp16/bf16, a
 unit-stride head dim and groups that are a multiple of 64 queries. ``supported()`` gives the reason
-a call does not qualify; ``attn_column_sparse.use_hopper_kernel`` sends long key lists here and
-everything else to the portable Triton kernel.
+a call does not qualify; ``attn_column_sparse.use_hopper_kernel`` lets long key lists come here or
+to the warp-specialized ping-pong kernel (``attn_column_sparse_pingpong.py``, which reuses this
+file's helpers), whichever times faster, and sends everything else to the portable Triton kernel.
 
 Why a second kernel: Triton's compiler serializes the two dots of an attention step (the softmax of
 key tile j waits for QK_j, and P_j V_j waits for the softmax). Here the schedule is written out, as

@@ -120,17 +120,18 @@ def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
 def test_gpu_dispatcher_routes_long_key_lists_here(monkeypatch):
-    """attn_column_sparse sends long index lists to this kernel (CHIPMUNK_GLUON=1: always; unset:
-    when it timed faster on the first call of the shape) and gives the Triton kernel's result."""
+    """attn_column_sparse sends long index lists to this kernel where the ping-pong one does not
+    qualify (groups of 192: 64-row tiles) (CHIPMUNK_GLUON=1: always; unset: when it timed faster on
+    the first call of the shape) and gives the Triton kernel's result."""
     from chipmunk_compile.kernels import _common
 
-    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 9000, 128, 128, 0.25, torch.bfloat16, seed=3)
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 9000, 128, 192, 0.25, torch.bfloat16, seed=3)
     assert idx.shape[-1] >= dispatch.HOPPER_MIN_KEYS
     monkeypatch.setenv("CHIPMUNK_GLUON", "1")
     calls = []
     real = hopper.attn_column_sparse_hopper
     monkeypatch.setattr(hopper, "attn_column_sparse_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
+    kw = dict(scale=128 ** -0.5, group=192, perm=perm, o_base=ob, sign=-1.0)
     from torch._dynamo.utils import counters
 
     before = counters["chipmunk"]["kernel_gluon:attn_column_sparse"]

@@ -1,0 +1,129 @@
+"""attn_column_sparse_pingpong (Gluon, sm_90, warp-specialized): compiled for Hopper on the CPU; on a
+GPU, against the reference, through the dispatcher and in a CUDA graph."""
+
+import pytest
+import torch
+from kernel_testutils import TOL, compile_for_hopper, rel_err
+from test_attn_column_sparse_hopper import _inputs, _sm90
+
+from chipmunk_compile.kernels import attn_column_sparse as dispatch
+from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong
+from chipmunk_compile.kernels import attn_column_sparse_ref
+
+_COMPILE_FOR_HOPPER = """
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon import language as gl
+from chipmunk_compile.kernels import attn_column_sparse_pingpong as m
+D, STAGES, has_perm, has_ob = (int(a) for a in sys.argv[1:])
+fn = m._csp_pingpong_kernel
+ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", IDX="*i32", CNT="*i32", PERM="*i32")
+q_l = gl.NVMMASharedLayout.get_default_for([64, D], gl.bfloat16)
+kv_l = gl.NVMMASharedLayout.get_default_for([m.BLOCK_N, D], gl.bfloat16)
+const = dict(G=128, HEAD_DIM=D, BLOCK_N=m.BLOCK_N, STAGES=STAGES, HAS_PERM=bool(has_perm), HAS_OB=bool(has_ob),
+             q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=m.PRODUCER_REGS, CONSUMER_REGS=m.CONSUMER_REGS)
+sig = {n: ptrs.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "sign") else "i32"))
+       for n in fn.arg_names}
+aligned = {n for n in fn.arg_names if n in ptrs or (n.startswith("s") and n != "sign")}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
+out = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+ptx = out.asm["ptx"]
+assert "wgmma.mma_async" in ptx, "no warpgroup MMA"
+assert ptx.count("cp.async.mbarrier.arrive.noinc") == 2, "the producer signals K and V through mbarriers"
+assert "setmaxnreg" in ptx, "no warp-specialized partitions"
+turns = re.findall(r"bar\\.(sync|arrive) %r\\d+, 256;", ptx)
+assert "sync" in turns and "arrive" in turns, "no ping-pong turns between the consumer warpgroups"
+assert not re.search(r"bar\\.sync\\s+0;", ptx), "a CTA-wide barrier would put both consumers in lockstep"
+assert out.metadata.shared <= 232448, f"shared memory {out.metadata.shared} over the sm_90 limit"
+"""
+
+
+@pytest.mark.skipif(not pingpong.HAVE_WS, reason="this Triton has no Gluon warp_specialize (never dispatched here)")
+@pytest.mark.parametrize("D,STAGES,has_perm,has_ob", [(128, 2, 1, 1), (64, 3, 0, 0)])
+def test_compiles_for_hopper_without_a_gpu(D, STAGES, has_perm, has_ob):
+    """Gluon has no interpreter: CI proves the kernel builds for sm_90 with the installed Triton,
+    with its producer, partitions and turn barriers."""
+    compile_for_hopper(_COMPILE_FOR_HOPPER, D, STAGES, has_perm, has_ob)
+
+
+def test_supported_gives_reasons():
+    x = torch.zeros(1, 2, 300, 128)
+    assert pingpong.supported(x, x, x, group=128, scale=0.1) in ("not sm_90", "no gluon",
+                                                                 "no gluon warp_specialize")
+    if not _sm90():
+        return
+    g = torch.zeros(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
+    assert pingpong.supported(g, g, g, group=256, scale=0.1) is None
+    assert pingpong.supported(g, g, g, group=192, scale=0.1) == "group not a multiple of 128"
+    assert pingpong.supported(g, g, g, group=128, scale=0.1, lse=torch.zeros(1)) == "exact-normalizer delta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,G,keep,dtype", [
+    (1, 2, 2, 1000, 128, 128, 0.3, torch.bfloat16),
+    (2, 4, 2, 777, 128, 128, 0.4, torch.bfloat16),   # GQA, batch 2, ragged N
+    (1, 3, 3, 1500, 64, 128, 0.25, torch.float16),   # head dim 64
+    (1, 2, 1, 2048, 128, 256, 0.11, torch.float16),  # two row tiles per group
+    (1, 2, 2, 300, 128, 128, 1.0, torch.bfloat16),   # every key
+    (1, 2, 2, 3000, 128, 128, 0.6, torch.bfloat16),  # 15 key tiles: both rings wrap several times
+])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
+    q, k, v, idx, cnt, perm, ob = _inputs(B, Hq, Hkv, N, D, G, keep, dtype, seed=N + D)
+    for kw in (dict(perm=perm, o_base=ob, sign=-1.0), dict()):
+        o = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, scale=D ** -0.5, group=G, stages=stages, **kw)
+        ref = attn_column_sparse_ref(q, k, v, idx, cnt, scale=D ** -0.5, group=G, **kw)
+        assert o.stride() == ref.stride()
+        assert rel_err(o, ref) < TOL[dtype]
+        if not kw:  # the empty group (count 0) is exactly 0
+            assert o[0, 0, :G].abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_dispatcher_prefers_it_for_groups_of_128(monkeypatch):
+    """CHIPMUNK_GLUON=1 sends groups of 128 here (counted); unset, the first call of the shape times
+    it with the other two kernels, and the pick gives the reference's result."""
+    from torch._dynamo.utils import counters
+
+    from chipmunk_compile.kernels import _common
+
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 9000, 128, 128, 0.25, torch.bfloat16, seed=3)
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
+    calls = []
+    real = pingpong.attn_column_sparse_pingpong
+    monkeypatch.setattr(pingpong, "attn_column_sparse_pingpong", lambda *a, **k_: calls.append(1) or real(*a, **k_))
+    monkeypatch.setenv("CHIPMUNK_GLUON", "1")
+    before = counters["chipmunk"]["kernel_pingpong:attn_column_sparse"]
+    o = dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)
+    assert calls == [1] and counters["chipmunk"]["kernel_pingpong:attn_column_sparse"] == before + 1
+    assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
+    monkeypatch.delenv("CHIPMUNK_GLUON")
+    monkeypatch.setattr(_common, "_CHOICES", {})
+    counters.clear()
+    o_auto = dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)
+    (choice,) = [c for c in counters["chipmunk"] if c.startswith("kernel_choice:attn_column_sparse:")]
+    assert choice.rsplit(":", 1)[1] in ("pingpong", "gluon", "triton")
+    assert rel_err(o_auto, o) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_records_in_a_cuda_graph():
+    """Step graphs record this kernel: no host read, replay equals the eager call on new inputs."""
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=9)
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
+    pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw)
+    q2, k2, v2, idx2, cnt2, _, ob2 = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=10)
+    for dst, src in ((q, q2), (k, k2), (v, v2), (idx, idx2), (cnt, cnt2), (ob, ob2)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw))
