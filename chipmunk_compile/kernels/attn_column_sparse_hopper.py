@@ -89,6 +89,32 @@ if HAVE_GLUON:
         return pos, ok
 
     @gluon.jit
+    def _load_q_rows(Q, PERM, sqb, sqh, sqn, b, h, pos0, N, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     HAS_PERM: gl.constexpr, layout: gl.constexpr):
+        # The Q rows of grouped positions pos0 .. pos0 + ROWS (through the permutation; 0 past N).
+        qi, row_ok = _group_rows(PERM, pos0, N, ROWS, HAS_PERM, gl.SliceLayout(1, layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        return gl.load(Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + qi[:, None].to(gl.int64) * sqn
+                       + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    @gluon.jit
+    def _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, pos0, N, sign,
+                    ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr,
+                    o_layout: gl.constexpr):
+        # Epilogue: o = o_base + sign * acc / l for grouped positions pos0 .. pos0 + ROWS, one store
+        # per row, through the permutation.
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = acc * (sign / gl.where(l_o > 0, l_o, 1.0))[:, None]
+        qo, ok_o = _group_rows(PERM, pos0, N, ROWS, HAS_PERM, gl.SliceLayout(1, o_layout))
+        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        if HAS_OB:
+            ob = gl.load(OB + b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn
+                         + dcol[None, :], mask=ok_o[:, None], other=0.0)
+            out = out + ob.to(gl.float32)
+        gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + qo[:, None].to(gl.int64) * son + dcol[None, :],
+                 out.to(O.dtype.element_ty), mask=ok_o[:, None])
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, col0, cnt, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ABLATE: gl.constexpr):
         if col0 + BLOCK_N > cnt:  # ragged last tile: columns past the count never count
@@ -160,10 +186,7 @@ if HAVE_GLUON:
         jk, okk = _load_idx(idx_base, cnt, STAGES, BLOCK_N, ld_layout, ABLATE)
 
         # Q tile (gathered through the permutation) into shared memory, meanwhile.
-        qi, row_ok = _group_rows(PERM, g * G + row0, N, BLOCK_M, HAS_PERM, gl.SliceLayout(1, ld_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-        q = gl.load(Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + qi[:, None].to(gl.int64) * sqn
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_q_rows(Q, PERM, sqb, sqh, sqn, b, h, g * G + row0, N, BLOCK_M, HEAD_DIM, HAS_PERM, ld_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
 
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -210,16 +233,8 @@ if HAVE_GLUON:
         else:
             cp.wait_group(0)
 
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        out = acc * (sign / gl.where(l_o > 0, l_o, 1.0))[:, None]
-        qo, ok_o = _group_rows(PERM, g * G + row0, N, BLOCK_M, HAS_PERM, gl.SliceLayout(1, o_layout))
-        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        if HAS_OB:
-            ob = gl.load(OB + b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn
-                         + dcol[None, :], mask=ok_o[:, None], other=0.0)
-            out = out + ob.to(gl.float32)
-        gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + qo[:, None].to(gl.int64) * son + dcol[None, :],
-                 out.to(dtype), mask=ok_o[:, None])
+        _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, g * G + row0, N, sign, BLOCK_M,
+                    HEAD_DIM, HAS_PERM, HAS_OB, o_layout)
 
 
 def layout_reason(*ts) -> str | None:

@@ -48,7 +48,8 @@ if HAVE_WS:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from .attn_column_sparse_hopper import _group_rows, _issue_rows, _layouts, _load_idx, _softmax_step
+    from .attn_column_sparse_hopper import (_issue_rows, _layouts, _load_idx, _load_q_rows, _softmax_step,
+                                            _store_rows)
 
     # The list form of warp_specialize (Triton 3.6 through 3.9); Triton 3.5's took other arguments.
     HAVE_WS = next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args"
@@ -117,10 +118,7 @@ if HAVE_WS:
         OTHER: gl.constexpr = TURN + 1 - W
 
         r0 = row0 + W * ROWS
-        qi, row_ok = _group_rows(PERM, g * G + r0, N, ROWS, HAS_PERM, gl.SliceLayout(1, ld_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-        q = gl.load(Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + qi[:, None].to(gl.int64) * sqn
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_q_rows(Q, PERM, sqb, sqh, sqn, b, h, g * G + r0, N, ROWS, HEAD_DIM, HAS_PERM, ld_layout)
         q_smem.store(q)
         fence_async_shared()
         cnt = gl.load(CNT + b * scb + h * sch + g)
@@ -166,16 +164,8 @@ if HAVE_WS:
             acc = warpgroup_mma(p_op, v_smem.index(sv), acc)
             mbarrier.arrive(empty_v.index(sv))
 
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        out = acc * (sign / gl.where(l_o > 0, l_o, 1.0))[:, None]
-        qo, ok_o = _group_rows(PERM, g * G + r0, N, ROWS, HAS_PERM, gl.SliceLayout(1, o_layout))
-        dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        if HAS_OB:
-            ob = gl.load(OB + b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn
-                         + dcol[None, :], mask=ok_o[:, None], other=0.0)
-            out = out + ob.to(gl.float32)
-        gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + qo[:, None].to(gl.int64) * son + dcol[None, :],
-                 out.to(dtype), mask=ok_o[:, None])
+        _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, g * G + r0, N, sign, ROWS, HEAD_DIM,
+                    HAS_PERM, HAS_OB, o_layout)
 
     @gluon.jit
     def _csp_pingpong_kernel(

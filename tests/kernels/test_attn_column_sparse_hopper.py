@@ -107,13 +107,19 @@ def _inputs(B, Hq, Hkv, N, D, G, keep, dtype, seed):
 ])
 @pytest.mark.parametrize("stages", [2, 3])
 def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
+    check_matches_reference(hopper.attn_column_sparse_hopper, B, Hq, Hkv, N, D, G, keep, dtype, stages=stages)
+
+
+def check_matches_reference(kernel, B, Hq, Hkv, N, D, G, keep, dtype, **kernel_kw):
+    """kernel against the reference with and without permutation / o_base / sign, on ragged counts
+    (an empty group, whose attention is exactly 0, and a full one)."""
     q, k, v, idx, cnt, perm, ob = _inputs(B, Hq, Hkv, N, D, G, keep, dtype, seed=N + D)
     for kw in (dict(perm=perm, o_base=ob, sign=-1.0), dict()):
-        o = hopper.attn_column_sparse_hopper(q, k, v, idx, cnt, scale=D ** -0.5, group=G, stages=stages, **kw)
+        o = kernel(q, k, v, idx, cnt, scale=D ** -0.5, group=G, **kernel_kw, **kw)
         ref = attn_column_sparse_ref(q, k, v, idx, cnt, scale=D ** -0.5, group=G, **kw)
         assert o.stride() == ref.stride()
         assert rel_err(o, ref) < TOL[dtype]
-        if not kw:  # the empty group (count 0) is exactly 0
+        if not kw:
             assert o[0, 0, :G].abs().max().item() == 0.0
 
 
@@ -154,21 +160,26 @@ def test_gpu_dispatcher_routes_long_key_lists_here(monkeypatch):
     assert sum(counters["chipmunk"][c] for c in counters["chipmunk"] if c.startswith("kernel_choice")) == 1
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
-def test_gpu_records_in_a_cuda_graph():
-    """Step graphs record this kernel: no host read, replay equals the eager call on new inputs."""
+def check_records_in_a_cuda_graph(kernel):
+    """kernel(q, k, v, indices, counts, **kw) records in a CUDA graph: no host read, and the replay
+    equals the eager call on new inputs."""
     q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=9)
     kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
-    hopper.attn_column_sparse_hopper(q, k, v, idx, cnt, **kw)  # compile outside the capture
+    kernel(q, k, v, idx, cnt, **kw)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = hopper.attn_column_sparse_hopper(q, k, v, idx, cnt, **kw)
+        out = kernel(q, k, v, idx, cnt, **kw)
     q2, k2, v2, idx2, cnt2, _, ob2 = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=10)
     for dst, src in ((q, q2), (k, k2), (v, v2), (idx, idx2), (cnt, cnt2), (ob, ob2)):
         dst.copy_(src)
     graph.replay()
     torch.cuda.synchronize()
-    expect = hopper.attn_column_sparse_hopper(q, k, v, idx, cnt, **kw)
-    assert torch.equal(out, expect)
+    assert torch.equal(out, kernel(q, k, v, idx, cnt, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_records_in_a_cuda_graph():
+    """Step graphs record this kernel."""
+    check_records_in_a_cuda_graph(hopper.attn_column_sparse_hopper)

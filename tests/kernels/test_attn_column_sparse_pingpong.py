@@ -4,7 +4,7 @@ GPU, against the reference, through the dispatcher and in a CUDA graph."""
 import pytest
 import torch
 from kernel_testutils import TOL, compile_for_hopper, rel_err
-from test_attn_column_sparse_hopper import _inputs, _sm90
+from test_attn_column_sparse_hopper import _inputs, _sm90, check_matches_reference, check_records_in_a_cuda_graph
 
 from chipmunk_compile.kernels import attn_column_sparse as dispatch
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong
@@ -72,14 +72,7 @@ def test_supported_gives_reasons():
 ])
 @pytest.mark.parametrize("stages", [2, 3])
 def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
-    q, k, v, idx, cnt, perm, ob = _inputs(B, Hq, Hkv, N, D, G, keep, dtype, seed=N + D)
-    for kw in (dict(perm=perm, o_base=ob, sign=-1.0), dict()):
-        o = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, scale=D ** -0.5, group=G, stages=stages, **kw)
-        ref = attn_column_sparse_ref(q, k, v, idx, cnt, scale=D ** -0.5, group=G, **kw)
-        assert o.stride() == ref.stride()
-        assert rel_err(o, ref) < TOL[dtype]
-        if not kw:  # the empty group (count 0) is exactly 0
-            assert o[0, 0, :G].abs().max().item() == 0.0
+    check_matches_reference(pingpong.attn_column_sparse_pingpong, B, Hq, Hkv, N, D, G, keep, dtype, stages=stages)
 
 
 @pytest.mark.gpu
@@ -113,17 +106,5 @@ def test_gpu_dispatcher_prefers_it_for_groups_of_128(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
 def test_gpu_records_in_a_cuda_graph():
-    """Step graphs record this kernel: no host read, replay equals the eager call on new inputs."""
-    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=9)
-    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
-    pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw)
-    q2, k2, v2, idx2, cnt2, _, ob2 = _inputs(1, 2, 2, 3000, 128, 128, 0.8, torch.bfloat16, seed=10)
-    for dst, src in ((q, q2), (k, k2), (v, v2), (idx, idx2), (cnt, cnt2), (ob, ob2)):
-        dst.copy_(src)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, **kw))
+    """Step graphs record this kernel (its mbarriers re-initialized by every launch)."""
+    check_records_in_a_cuda_graph(pingpong.attn_column_sparse_pingpong)
