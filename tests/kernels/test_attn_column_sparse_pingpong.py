@@ -36,6 +36,8 @@ assert "setmaxnreg" in ptx, "no warp-specialized partitions"
 turns = re.findall(r"bar\\.(sync|arrive) %r\\d+, 256;", ptx)
 assert "sync" in turns and "arrive" in turns, "no ping-pong turns between the consumer warpgroups"
 assert not re.search(r"bar\\.sync\\s+0;", ptx), "a CTA-wide barrier would put both consumers in lockstep"
+own = {int(i) for i in re.findall(r"bar(?:rier)?\\.(?:sync|arrive)(?:\\.aligned)?\\s+(\\d+)", ptx)}
+assert not own & {m.TURN.value, m.TURN.value + 1}, f"Triton's own barriers {own} collide with the turn barriers"
 assert out.metadata.shared <= 232448, f"shared memory {out.metadata.shared} over the sm_90 limit"
 """
 
