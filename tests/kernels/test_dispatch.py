@@ -68,3 +68,38 @@ def test_faster_choice_measures_once_per_key_and_never_under_capture(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _common.faster_choice(("op", 3), runs, "a", timer=timer) == "a"
     assert ("op", 3) not in _common._CHOICES and timed == ["a", "b", "a", "c"]
+
+
+@pytest.mark.parametrize("pingpong_ok", [True, False])
+def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_ok):
+    """Long key lists on Hopper: the ping-pong kernel is a candidate (and the default under a capture
+    or CHIPMUNK_GLUON=1) where it qualifies, else the single-warpgroup one; Triton is always one;
+    the pick runs once and is counted. Kernels and timer are stand-ins (no GPU here)."""
+    from chipmunk_compile.kernels import attn_column_sparse as dispatch
+    from chipmunk_compile.kernels import attn_column_sparse_hopper as hopper
+    from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong
+
+    ran = []
+    monkeypatch.setattr(dispatch, "use_hopper_kernel", lambda *a, **k: True)
+    monkeypatch.setattr(pingpong, "supported", lambda *a, **k: None if pingpong_ok else "group not a multiple of 128")
+    monkeypatch.setattr(pingpong, "attn_column_sparse_pingpong", lambda *a, **k: ran.append("pingpong") or "P")
+    monkeypatch.setattr(hopper, "attn_column_sparse_hopper", lambda *a, **k: ran.append("gluon") or "G")
+    monkeypatch.setattr(dispatch, "_attn_column_sparse_triton", lambda *a, **k: ran.append("triton") or "T")
+    offered = []
+
+    def choice(key, runs, default):
+        offered.append((list(runs), default))
+        return "triton"
+
+    monkeypatch.setattr(dispatch, "faster_choice", choice)
+    x = torch.zeros(1, 1, 4, 128)
+    args = (x, x, x, torch.zeros(1, 1, 1, 4096, dtype=torch.int32), torch.zeros(1, 1, 1, dtype=torch.int32))
+    first = "pingpong" if pingpong_ok else "gluon"
+    counters.clear()
+    assert dispatch.attn_column_sparse(*args, scale=0.1, group=128) == "T"
+    assert offered == [((["pingpong"] if pingpong_ok else []) + ["gluon", "triton"], first)]
+    assert ran == ["triton"] and not [c for c in counters["chipmunk"] if c.startswith("kernel_")]
+    monkeypatch.setenv("CHIPMUNK_GLUON", "1")  # forced: the first Gluon kernel, untimed
+    assert dispatch.attn_column_sparse(*args, scale=0.1, group=128) == ("P" if pingpong_ok else "G")
+    assert len(offered) == 1 and ran[-1] == first
+    assert counters["chipmunk"][f"kernel_{first}:attn_column_sparse"] == 1
