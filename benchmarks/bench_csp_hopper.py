@@ -7,8 +7,8 @@ o_base, GQA, head dims 64/128, fp16/bf16; the large shapes against the Triton ke
 medians (CUDA events, triton.testing.do_bench) of cuDNN dense, the Triton kernel, the Gluon kernel
 per configuration (CSP_CONFIGS="STAGESxBLOCK_MxBLOCK_N,...", CSP_SHAPES="FLUX,..." to keep some
 cases), the warp-specialized ping-pong kernel (attn_column_sparse_pingpong.py) and the dispatched
-``attn_column_sparse``, which sends short index lists (< HOPPER_MIN_KEYS) to Triton and times both
-kernels on the first call of a longer list's shape (the row names its pick).
+``attn_column_sparse``, which sends short index lists (< HOPPER_MIN_KEYS) to Triton and times the
+kernels that qualify on the first call of a longer list's shape (the row names its pick).
 Rows go to benchmarks/results/bench_csp_hopper_h200.csv.
 """
 import csv
@@ -108,7 +108,7 @@ def speed():
             err = (o.float() - t.float()).abs().max().item()
             runs.append(("gluon ping-pong", bench(lambda: P.attn_column_sparse_pingpong(*args, **kw)), err))
         counters.clear()
-        ms = bench(lambda: attn_column_sparse(*args, **kw))  # its first call times both where Gluon qualifies
+        ms = bench(lambda: attn_column_sparse(*args, **kw))  # its first call times the kernels that qualify
         picked = [c.rsplit(":", 1)[1] for c in counters["chipmunk"] if c.startswith("kernel_choice:")]
         if not T.use_hopper_kernel(q, k, v, idx, scale=sc, group=G, o_base=ob):
             picked = ["triton"]

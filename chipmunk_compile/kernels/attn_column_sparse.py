@@ -239,7 +239,7 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
             return slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
 
         runs = {}
-        if pingpong.supported(q, k, v, group=group, scale=scale, o_base=o_base) is None:
+        if pingpong.beyond_hopper(group) is None:  # use_hopper_kernel has run the rest of its checks
             runs["pingpong"] = lambda: pingpong.attn_column_sparse_pingpong(
                 q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=base(), sign=sign)
         runs["gluon"] = lambda: attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group,

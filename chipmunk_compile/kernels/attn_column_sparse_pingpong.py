@@ -219,10 +219,15 @@ def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> st
     """None when this kernel can take the call, else the reason it cannot."""
     if not HAVE_WS:
         return "no gluon warp_specialize"
-    reason = _hopper.supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base)
-    if reason is None and int(group) % BLOCK_M:
-        return "group not a multiple of 128"
-    return reason
+    return _hopper.supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base) or beyond_hopper(group)
+
+
+def beyond_hopper(group: int) -> str | None:
+    """What this kernel needs beyond ``attn_column_sparse_hopper.supported`` (for a caller that has
+    checked that already), else None."""
+    if not HAVE_WS:
+        return "no gluon warp_specialize"
+    return "group not a multiple of 128" if int(group) % BLOCK_M else None
 
 
 def attn_column_sparse_pingpong(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,

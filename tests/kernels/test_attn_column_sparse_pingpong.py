@@ -54,6 +54,9 @@ def test_supported_gives_reasons():
     x = torch.zeros(1, 2, 300, 128)
     assert pingpong.supported(x, x, x, group=128, scale=0.1) in ("not sm_90", "no gluon",
                                                                  "no gluon warp_specialize")
+    if pingpong.HAVE_WS:
+        assert pingpong.beyond_hopper(256) is None
+        assert pingpong.beyond_hopper(192) == "group not a multiple of 128"
     if not _sm90():
         return
     g = torch.zeros(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)

@@ -81,7 +81,7 @@ def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_
 
     ran = []
     monkeypatch.setattr(dispatch, "use_hopper_kernel", lambda *a, **k: True)
-    monkeypatch.setattr(pingpong, "supported", lambda *a, **k: None if pingpong_ok else "group not a multiple of 128")
+    monkeypatch.setattr(pingpong, "beyond_hopper", lambda group: None if pingpong_ok else "group not a multiple of 128")
     monkeypatch.setattr(pingpong, "attn_column_sparse_pingpong", lambda *a, **k: ran.append("pingpong") or "P")
     monkeypatch.setattr(hopper, "attn_column_sparse_hopper", lambda *a, **k: ran.append("gluon") or "G")
     monkeypatch.setattr(dispatch, "_attn_column_sparse_triton", lambda *a, **k: ran.append("triton") or "T")
