@@ -25,11 +25,10 @@ Kernel invariants:
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
 from ._common import cdiv, dot_precision, launch, new_empty
@@ -138,7 +137,9 @@ _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=
 _tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
                          restore_value=["YC"])(_mlp_sparse_mm2_kernel)
 
-_W2T_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# Keyed by tensor identity: a weakref.WeakKeyDictionary compares colliding keys with Tensor.__eq__
+# (elementwise), which raised "Boolean value of Tensor ... is ambiguous" on the H200.
+_W2T_CACHE = WeakTensorKeyDictionary()
 
 
 def w2_rows(w2: torch.Tensor) -> torch.Tensor:
@@ -152,10 +153,7 @@ def w2_rows(w2: torch.Tensor) -> torch.Tensor:
 
     counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] += 1
     w2t = w2.t().contiguous()
-    try:
-        _W2T_CACHE[w2] = (w2._version, w2t)
-    except TypeError:  # tensors that refuse weak references: no caching
-        pass
+    _W2T_CACHE[w2] = (w2._version, w2t)
     return w2t
 
 

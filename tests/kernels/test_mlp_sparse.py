@@ -262,3 +262,27 @@ def test_fast_configs_compile_for_hopper_without_spills(mod, meta, warps, stages
 
     out = compile_for_hopper(_SPILLS_ON_HOPPER, mod, json.dumps(meta), warps, stages)
     assert "SPILL_STORES 0" in out, out
+
+
+def test_w2_rows_caches_one_copy_per_weight_by_identity():
+    """A row-major w2 is transposed once per weight (counted) and reused until it changes in place;
+    the cache tells weights apart by identity, never by Tensor.__eq__ (which raises on a hash
+    collision between two live weights)."""
+    from torch._dynamo.utils import counters
+
+    from chipmunk_compile.kernels.mlp_sparse_mm2 import w2_rows
+
+    class Colliding(torch.Tensor):  # every instance hashes alike: a dict must compare them
+        def __hash__(self):
+            return 7
+
+    a, b = (torch.Tensor._make_subclass(Colliding, torch.randn(6, 4)) for _ in range(2))
+    counters.clear()
+    ta, tb = w2_rows(a), w2_rows(b)
+    assert torch.equal(ta, a.t()) and torch.equal(tb, b.t())
+    assert w2_rows(a) is ta and w2_rows(b) is tb
+    assert counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] == 2
+    a.mul_(2.0)  # an in-place update invalidates the copy
+    assert torch.equal(w2_rows(a), a.t()) and counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] == 3
+    cols = torch.randn(4, 6).t()  # column-major: a view, no copy
+    assert w2_rows(cols).data_ptr() == cols.data_ptr()
