@@ -147,6 +147,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     install_diffusers_context_probe()
     owner, entry = find_owner(gm)
     session = session_for(owner, config)
+    if entry:
+        session.mark_entry()
     signals = step_signal_inputs(gm)
     plan = rewrite(gm, config, session, example_inputs=example_inputs)
     counters["chipmunk"]["graphs"] += 1

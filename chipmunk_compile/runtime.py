@@ -14,6 +14,10 @@ Invariants:
 - A session whose module lies inside another session's module (a submodule frame compiled on its
   own after a graph break: an MoE feed-forward, say) follows that enclosing session's step: it
   has no timestep input of its own, and it may be entered by several frames per model call.
+  Only a session that has an entry graph (one that starts its module's forward, where the step
+  advances) can be followed: a model whose own forward yields no graph but one of whose methods
+  resumes in a graph after a break (Wan-Animate-2) has a session that never advances, and
+  following it would pin every submodule at step 0.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_entry_sessions = 0  # sessions with an entry graph so far: a change makes `enclosing` look again
 
 
 # While the graph runner records a CUDA graph: the list the ops append their deferred commits to
@@ -171,8 +176,9 @@ class Session:
         self.graph_pool = None  # CUDA-graph memory pool shared by the session's recordings
         self.graph_pool_users: "weakref.WeakSet" = weakref.WeakSet()  # live graphs recorded into it
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
+        self.has_entry = False  # a graph that starts the module's forward (begin_call) was compiled
         self._parent: Optional["weakref.ref[Session]"] = None
-        self._parent_checked_at = -1  # number of sessions when the enclosing one was last looked for
+        self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
 
     def watch(self, compiled: Any, sites: list) -> None:
@@ -214,16 +220,25 @@ class Session:
             entry[1] = step
         return entry[0]
 
+    def mark_entry(self) -> None:
+        """Record that an entry graph of this session's module was compiled."""
+        global _entry_sessions
+        if not self.has_entry:
+            self.has_entry = True
+            _entry_sessions += 1
+
     def enclosing(self) -> Optional["Session"]:
-        """The outermost other session whose module contains this session's module, if any."""
+        """The outermost other session with an entry graph whose module contains this session's
+        module, if any."""
         parent = self._parent() if self._parent is not None else None
-        if parent is not None or self.owner is None or self._parent_checked_at == len(_SESSIONS):
+        checked = (len(_SESSIONS), _entry_sessions)
+        if parent is not None or self.owner is None or self._parent_checked_at == checked:
             return parent
-        self._parent_checked_at = len(_SESSIONS)
+        self._parent_checked_at = checked
         owner = self.owner()
         best, size = None, 0
         for module, session in list(_SESSIONS.items()):
-            if session is self or module is owner:
+            if session is self or module is owner or not session.has_entry:
                 continue
             mods = list(module.modules())
             if len(mods) > size and any(m is owner for m in mods):

@@ -74,3 +74,62 @@ def test_submodule_frame_follows_enclosing_steps(fresh_dynamo):
     # step 1 refreshes attention exactly, so its error is the sparse MLP's; step 4 is exact
     assert errs[1] > 1e-6 and errs[0] < 1e-5 and errs[4] < 1e-5, errs
     assert max(errs) < 0.05, errs
+
+
+class SplitRoot(nn.Module):
+    """A model whose own forward yields no graph (it runs eagerly: Wan-Animate-2's does, after a
+    `.item()` inside a generator expression) while a method of its resumes in a graph after a break:
+    the root gets a session from that resumed frame alone, which never begins a call."""
+
+    def __init__(self, depth=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([MoeBlock() for _ in range(depth)])
+        for blk in self.blocks:
+            blk.ff = FeedForwardInline()
+        self.t_proj = nn.Linear(1, C)
+        self.proj_out = nn.Linear(C, C)
+
+    @torch.compiler.disable(recursive=False)
+    def forward(self, x, t):
+        temb = self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :]
+        for blk in self.blocks:
+            x = blk(x, temb)
+        return self.finish(x)
+
+    def finish(self, x):
+        torch._dynamo.graph_break()
+        return self.proj_out(x)
+
+
+class FeedForwardInline(FeedForward):
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def test_a_session_that_never_begins_a_call_is_not_followed(fresh_dynamo):
+    """The blocks must not follow the root's session (born from a resumed frame, it never
+    advances, so every site would stay at step 0, dense): they count their own calls and run
+    sparse steps between refreshes."""
+    model = SplitRoot().eval()
+    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4, "first_n_dense_layers": 0}
+    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
+    g = torch.Generator().manual_seed(0)
+    base, drift = torch.randn(1, 64, C, generator=g), torch.randn(1, 64, C, generator=g)
+    errs = []
+    with torch.no_grad():
+        for step in range(6):
+            x, t = base + 0.02 * step * drift, torch.tensor([1000.0 - 50.0 * step])
+            errs.append(max_rel(compiled(x, t), model(x, t)))
+    sessions = sessions_of(model)
+    root = [s for s in sessions if s.owner() is model]
+    assert len(root) == 1 and root[0].calls == 0
+    (blocks, ) = [s for s in sessions if s.sites]  # one graph serves both blocks
+    assert blocks.enclosing() is None and blocks.calls == 6
+    steps = {}
+    for site in chipmunk_compile.stats(model)["sites"]:
+        for kind, n in site["steps"].items():
+            steps[kind] = steps.get(kind, 0) + n
+    # per block: attention dense at step 0 and refreshed at 1 and 4, the MLP dense at 0 and 4
+    assert steps == {"dense": 6, "refresh": 4, "sparse": 14}, steps
+    assert max(errs) < 0.05, errs
