@@ -7,6 +7,9 @@ a modulation or gate (its blocks would be identities at random init), the case r
 small noise. Choices that matter for what is measured are commented at the case: ChronoEdit and
 WanAnimate take 512 text tokens (their processors split image and text context at 512); audio and
 gist-token counts differ from the text count, so a cross-attention never has equal lengths by chance.
+Models whose denoising steps read a KV cache (FLUX.2 Klein KV, Qwen-Image 2.1, AnyFlow FAR, the SANA-WM refiner,
+Wan-Animate-2) are measured at such a step: the case fills the cache with the model's own eager "extract"/"capture"
+calls, as the pipeline does, and the measured calls only read it.
 """
 
 from __future__ import annotations
@@ -392,6 +395,187 @@ def consisid():
                         id_vit_hidden=[_r(1, 6, 16, seed=4), _r(1, 6, 16, seed=5)], return_dict=False))
 
 
+# ---------------------------------------------------------------------------------------------
+# session 20 additions (diffusers 0.42.1): AnyFlow (+ FAR), JoyImage Edit Plus, Kandinsky 6 SR, MiniMax-H3,
+# SANA-WM (+ its LTX-2 refiner), Wan-Animate-2
+# ---------------------------------------------------------------------------------------------
+def anyflow():
+    # Wan-2.1 blocks with a dual (t, r) flow-map timestep embedding; latents (B, F, C, H, W), per-frame timesteps (B, F)
+    m = _build("AnyFlowTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+               in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+    f = 3
+    return Case(m, dict(hidden_states=_r(1, f, 4, 16, 16), timestep=torch.full((1, f), 1000.0),
+                        r_timestep=torch.full((1, f), 750.0), encoder_hidden_states=_r(1, 8, 32, seed=2),
+                        return_dict=False))
+
+
+def anyflow_far():
+    # FAR chunk-causal AnyFlow, the pipeline's denoising step of chunk 2 of chunk_partition (1, 1, 2): the 2-frame
+    # chunk's 128 queries attend (flex backend, no mask) to the KV cache -- chunk 0 compressed by the (1, 4, 4)
+    # far_patch_embedding (16 tokens), chunk 1 full (64 tokens) -- then their own 128 keys; full_chunk_limit 2 so a
+    # compressed chunk exists at 3 chunks. The cache is filled by two "cache steps" (encode_kv_cache: flex BlockMask).
+    m = _build("AnyFlowFARTransformer3DModel", patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4),
+               full_chunk_limit=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+               text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64, chunk_partition=(1, 1, 2))
+    cp, h, w, limit = [1, 1, 2], 16, 16, 2
+    full_tpf, comp_tpf = (h // 2) * (w // 2), (h // 4) * (w // 4)
+    kv_cache = {i: {"full_cache": torch.zeros(2, 1, 2, limit * max(cp) * full_tpf, 16),
+                    "compressed_cache": torch.zeros(2, 1, 2, (len(cp) - limit + 1) * max(cp) * comp_tpf, 16)}
+                for i in range(2)}
+    flag = {"num_cached_chunks": 0, "is_cache_step": False}
+    text = _r(1, 8, 32, seed=2)
+    clean = _r(1, 2, 4, h, w, seed=3)  # chunks 0 and 1, already denoised
+    with torch.no_grad():
+        for k in (1, 2):
+            mask = m.build_attention_mask(chunk_partition=cp[:k], height=h, width=w, mode="cache")
+            m(hidden_states=clean[:, :k], chunk_partition=cp[:k], timestep=torch.zeros(1, k),
+              r_timestep=torch.zeros(1, k), encoder_hidden_states=text, attention_mask=mask, kv_cache=kv_cache,
+              kv_cache_flag=dict(flag, is_cache_step=True), return_dict=False)
+            flag["num_cached_chunks"] += 1
+    return Case(m, dict(hidden_states=_r(1, 2, 4, h, w), timestep=torch.full((1, 2), 1000.0),
+                        r_timestep=torch.full((1, 2), 750.0), encoder_hidden_states=text, chunk_partition=cp,
+                        kv_cache=kv_cache, kv_cache_flag=flag, return_dict=False))
+
+
+def joyimage_edit_plus():
+    # packed patches (B, N, C, pt, ph, pw): an 8x8 target + a 6x6 reference (another size) = 100 patches, joint
+    # [image, text] attention with a bool key mask (2 of 8 text tokens padded)
+    m = _build("JoyImageEditPlusTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32,
+               num_attention_heads=2, text_dim=16, mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6])
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[:, 6:] = 0
+    return Case(m, dict(hidden_states=_r(1, 64 + 36, 4, 1, 2, 2), timestep=torch.tensor([500.0]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), encoder_hidden_states_mask=mask,
+                        shape_list=[[(1, 8, 8), (1, 6, 6)]], return_dict=False))
+
+
+def kandinsky6_sr():
+    # text-free SR DiT; self-attention is NABLA: a BlockMask (64-token blocks = 8x8 local tiles) computed from the
+    # pooled q/k of every call, on the flex backend. Channels-last (B, T, H, W, 2*C+1); grid 2x8x16 = 256 tokens
+    m = _build("Kandinsky6SRTransformer3DModel", in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 1, 1),
+               model_dim=32, ff_dim=64, num_visual_blocks=2, axes_dims=(4, 6, 6), nabla_window=(3, 3, 3))
+    return Case(m, dict(hidden_states=_r(1, 2, 8, 16, 9), timestep=torch.tensor([1000.0]), return_dict=False))
+
+
+def minimax_h3():
+    # one packed sequence [8 text, 3x8x8 video, 12 audio] under full self-attention (no cross-attention); per-row
+    # modality tags and timestep indices pick the AdaLN rows. diffusers ships no pipeline for it: the layout is ours --
+    # text rows at (i, i, i), video rows at (t, h, w), audio rows at (t_video, 0, 0); video frame 0 is an i2v
+    # conditioning frame at t = 0 (with the text), frames 1-2 and the audio are the targets
+    m = _build("MiniMaxH3Transformer3DModel", num_attention_heads=2, attention_head_dim=16, hidden_size=32,
+               num_layers=2, num_refiner_layers=1, ffn_dim=64, in_channels=4, audio_in_channels=4,
+               patch_size=(1, 2, 2), text_dim=16, freq_dim=32, time_embed_hidden_dim=32, time_embed_dim=16,
+               rope_freq_dim=2)  # rotates 2 * 3 * 2 = 12 of the 16 head channels
+    n_txt, f, h, w, n_aud = 8, 3, 8, 8, 12
+    n_vid = f * h * w
+    txt_pos = torch.arange(n_txt)[:, None].expand(n_txt, 3)
+    vid_pos = torch.cartesian_prod(torch.arange(f), torch.arange(h), torch.arange(w))
+    aud_pos = torch.stack([torch.arange(n_aud) * f // n_aud, torch.zeros(n_aud, dtype=torch.long),
+                           torch.zeros(n_aud, dtype=torch.long)], -1)
+    tags = torch.cat([torch.ones(n_txt), torch.zeros(n_vid), torch.full((n_aud,), 2.0)]).long()
+    t_idx = torch.cat([torch.ones(n_txt + h * w), torch.zeros(n_vid - h * w + n_aud)]).long()
+    return Case(m, dict(hidden_states=_r(1, n_vid, 16), audio_hidden_states=_r(1, n_aud, 4, seed=4),
+                        encoder_hidden_states=_r(1, n_txt, 16, seed=2), timestep=torch.tensor([0.9, 0.0]),
+                        timestep_indices=t_idx, token_tags=tags, position_ids=torch.cat([txt_pos, vid_pos, aud_pos]),
+                        video_indices=torch.arange(n_txt, n_txt + n_vid),
+                        audio_indices=torch.arange(n_txt + n_vid, n_txt + n_vid + n_aud),
+                        text_indices=torch.arange(n_txt), return_dict=False))
+
+
+def sana_wm():
+    # camera-controlled SANA-WM: block 0 bidirectional gated-delta-net linear attention, block 1 (softmax_every_n=2)
+    # softmax SDPA, each with a UCPE camera branch (SDPA again in block 1, cast to bf16 by the model); text
+    # cross-attention; GLUMBConvTemp FFN. Camera inputs from the pipeline's own prepare_camera (5 px frames at
+    # temporal stride 2 -> 3 latent frames of 8x8, Pluecker channels 6*2); per-frame timesteps with frame 0 the
+    # clean anchor. Zero-initialised, re-initialised: plucker_embedder (post-attention Pluecker term would be 0) and
+    # the GDN block's temporal short convolutions on K (conv_k, conv_k_cam: its keys would all be 0)
+    import numpy as np
+    from diffusers.pipelines.sana_wm.cam_utils import prepare_camera
+
+    m = _build("SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2,
+               softmax_every_n=2, linear_head_dim=16, caption_channels=16, chunk_plucker_channels=12,
+               chunk_plucker_post_attn_blocks=2)
+    _renorm(m, "plucker_embedder.proj")
+    _renorm(m, "conv_k", std=0.5, seed=6)
+    n_px = 5
+    poses = np.tile(np.eye(4, dtype=np.float32), (n_px, 1, 1))
+    poses[:, 2, 3] = np.arange(n_px) * 0.1  # dolly forward
+    poses[:, 0, 3] = np.arange(n_px) * 0.05
+    intr = np.tile(np.array([200.0, 200.0, 128.0, 128.0], dtype=np.float32), (n_px, 1))
+    cam = prepare_camera(poses, intr, target_size=(256, 256), vae_stride=(2, 32, 32))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[:, 6:] = 0
+    timestep = torch.tensor([[[0.0, 1000.0, 1000.0]]])  # (B, 1, T)
+    return Case(m, dict(hidden_states=_r(1, 4, 3, 8, 8), timestep=timestep, encoder_hidden_states=_r(1, 1, 8, 16, seed=2),
+                        mask=mask, camera_conditions=cam["raymap"][None], chunk_plucker=cam["chunk_plucker"][None],
+                        return_dict=False))
+
+
+def sana_wm_refiner():
+    # SANA-WM stage-2 (LTX-2 blocks, video only), the refiner's denoising step of AR block 1: the 2-frame block's 128
+    # queries attend to [1 sink frame (pre-RoPE K re-RoPE'd at its shifted offset), 2 history frames (post-RoPE),
+    # own 128] = 320 keys. Sink and history are captured as refiner.py does (capture_pre_rope, then
+    # inject_and_capture_post_rope on block 0); 8x8 latents, patch 1
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache
+
+    m = _build("SanaWMLTX2RefinerTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+               audio_num_attention_heads=2, audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=2,
+               caption_channels=16)
+    h = w = 8
+    z = _r(1, 4, 5, h, w, seed=3)  # stage-1 latents: sink frame 0, block 0 = frames 1-2, block 1 = frames 3-4
+    pack = lambda x: x.flatten(2).transpose(1, 2)  # refiner.py's _pack_latents at patch 1
+    rope = lambda frames: m.build_rotary_emb_for_absolute_positions(1, frames, h, w, torch.device("cpu"), 24.0)
+    text = _r(1, 8, 16, seed=2)
+    tmask = torch.ones(1, 8)
+    tmask[:, 6:] = 0
+    cache = SanaWMRefinerKVCache(2)
+    kw = dict(encoder_hidden_states=text, encoder_attention_mask=tmask, kv_cache=cache, return_dict=False)
+    with torch.no_grad():
+        m(hidden_states=pack(z[:, :, :1]), timestep=torch.zeros(1, h * w), video_rotary_emb=rope([0]),
+          kv_cache_mode="capture_pre_rope", **kw)
+        for layer in cache.layer_caches:
+            layer.store_sink(*layer.get_captured_pre_rope())
+        cache.sink_pe = rope([0])  # sink_rope_offset = block_start - history_frames - sink_size = 0
+        m(hidden_states=pack(z[:, :, 1:3]), timestep=torch.zeros(1, 2 * h * w), video_rotary_emb=rope([1, 2]),
+          kv_cache_mode="inject_and_capture_post_rope", **kw)
+        for layer in cache.layer_caches:
+            layer.store_history(*layer.get_captured_post_rope())
+    cache.sink_pe = rope([0])  # block 1: 3 - 2 - 1 = 0
+    return Case(m, dict(kw, hidden_states=pack(z[:, :, 3:5]) * 0.1 + _r(1, 2 * h * w, 4) * 0.9,
+                        timestep=torch.full((1, 2 * h * w), 900.0), video_rotary_emb=rope([3, 4]),
+                        kv_cache_mode="inject"))
+
+
+def wan_animate2():
+    # Wan-Animate-2's denoising step: a reference (driving-video) pass "extract"s every layer's pre-RoPE K/V, then
+    # the generation pass ("cached") packs [generation | reference] into 128-aligned buffers and attends through a
+    # flex BlockMask (each generation frame: all generation tokens + the same-index reference frame). 5 px frames per
+    # segment -> 2 reference latent frames (128 tokens), generation 3 frames (+1 reference-image slot; 192 tokens),
+    # 128x128 px; CLIP tokens (1280-d, fixed) through the added K/V. One eager call builds the block mask (cached on
+    # the model, create_block_mask(_compile=True))
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    m = _build("WanAnimate2Transformer3DModel", patch_size=(1, 2, 2), text_len=8, in_dim=12, dim=32, ffn_dim=64,
+               freq_dim=32, text_dim=32, out_dim=4, num_heads=2, num_layers=2)
+    h = w = 16
+    cache = WanAnimate2KVCache(2)
+    text = [_r(6, 32, seed=2)]  # zero-padded to text_len 8 by the model
+    clip = _r(1, 4, 1280, seed=3)
+    grid_ref = torch.tensor([[2, h // 2, w // 2]])
+    with torch.no_grad():
+        m([_r(4, 2, h, w, seed=4)], timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
+          encoder_hidden_states_image=clip, condition_latents=[_r(8, 2, h, w, seed=5)], kv_cache=cache,
+          kv_cache_mode="extract", seq_len=2 * (h // 2) * (w // 2), offset_grid_sizes=grid_ref)
+    kw = dict(hidden_states=[_r(4, 3, h, w)], timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
+              encoder_hidden_states_image=clip, condition_latents=[_r(8, 3, h, w, seed=6)], kv_cache=cache,
+              kv_cache_mode="cached", seq_len=3 * (h // 2) * (w // 2), reference_grid_sizes=grid_ref, origin_len=5,
+              origin_area=[8 * h, 8 * w], return_dict=False)
+    with torch.no_grad():
+        m(**kw)
+    return Case(m, kw)
+
+
 NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
@@ -420,4 +604,12 @@ NEWER_MODELS = {
     "wan_animate": ("WanAnimateTransformer3DModel", wan_animate),
     "hunyuan_video_framepack": ("HunyuanVideoFramepackTransformer3DModel", hunyuan_video_framepack),
     "consisid": ("ConsisIDTransformer3DModel", consisid),
+    "anyflow": ("AnyFlowTransformer3DModel", anyflow),
+    "anyflow_far": ("AnyFlowFARTransformer3DModel (KV-cached chunk step)", anyflow_far),
+    "joyimage_edit_plus": ("JoyImageEditPlusTransformer3DModel", joyimage_edit_plus),
+    "kandinsky6_sr": ("Kandinsky6SRTransformer3DModel", kandinsky6_sr),
+    "minimax_h3": ("MiniMaxH3Transformer3DModel", minimax_h3),
+    "sana_wm": ("SanaWMTransformer3DModel", sana_wm),
+    "sana_wm_refiner": ("SanaWMLTX2RefinerTransformer3DModel (KV-cached AR step)", sana_wm_refiner),
+    "wan_animate2": ("WanAnimate2Transformer3DModel (cached step)", wan_animate2),
 }

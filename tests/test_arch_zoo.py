@@ -9,7 +9,9 @@ ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + imag
 the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and its
 prefill (image queries, the tail of the joint sequence, over all of its keys), and
 FLUX.2 Klein (cached reference keys between the own text and image keys), and Krea 2's grid in
-the image rows of its joint text + image position ids."""
+the image rows of its joint text + image position ids; Wan-Animate-2, whose own forward makes no
+graph while one of its methods resumes in one (its session never advances: the blocks must not
+follow it)."""
 
 import os
 import sys
@@ -55,6 +57,17 @@ def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     # sparse steps ran and beat reusing the previous output (Z-Image's output moves 0.38 per call)
     assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
     assert row["sparse_steps"] > 0 and not row["fallbacks"]
+
+
+def test_wan_animate2_runs_sparse_steps(fresh_dynamo):
+    """Its forward runs eagerly (a `.item()` in a generator expression) and the root's only graph is
+    a resumed frame of `unpatchify`: a session that never begins a call. Following it pinned every
+    block at step 0, all dense, with nothing counted; the MLP sites now run sparse steps."""
+    row = arch_zoo.measure("wan_animate2")
+    assert row["status"] == "ok", row["note"]
+    assert row["mlp"] == 2 and float(row["dense_err"]) < 1e-5
+    assert row["sparse_steps"] > 0 and not row["fallbacks"]
+    assert 1e-5 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
 
 
 @pytest.mark.parametrize("name,attn_grouped,source", [
