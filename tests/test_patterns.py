@@ -249,6 +249,22 @@ def test_reject_explicit_additive_bias(fresh_dynamo):
     assert "additive" in _reason(rejected(ExplicitBias(), (q, k, v, torch.randn(N, N), t)))
 
 
+class Flex(nn.Module):
+    def forward(self, q, k, v, t):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + 0.01 * (i - j))
+
+
+def test_reject_flex_attention(fresh_dynamo):
+    """flex_attention runs arbitrary code per score: never rewritten, but named among the rejected
+    (a model that only uses it would otherwise show no attention at all), and exact when compiled."""
+    args = qkv(0)
+    assert "flex_attention" in _reason(rejected(Flex(), args))
+    with torch.no_grad():
+        assert max_rel(chip(Flex(), SMALL)(*args), Flex()(*args)) < 1e-5
+
+
 def test_reject_too_short(fresh_dynamo):
     rep = rejected(SdpaPositional(), qkv(0), config=cfg(attn={"min_tokens": 64}))
     assert "too short" in _reason(rep)

@@ -12,6 +12,8 @@ Invariants:
   keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
   else that computes softmax attention becomes a `Rejection` with the reason.
 - Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
+- `flex_attention` (a score_mod or block mask: arbitrary code per score) never matches; it becomes
+  a `Rejection`, so inspect() says why such a model has no attention sites.
 - The attention probabilities must have no other user (they would be needed exactly).
 """
 
@@ -304,7 +306,23 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     )
 
 
+try:  # the higher-order op Dynamo records for torch.nn.attention.flex_attention
+    from torch._higher_order_ops.flex_attention import flex_attention as _FLEX_HOP
+except Exception:  # pragma: no cover - a torch without flex attention
+    _FLEX_HOP = None
+
+
+def match_flex(node: fx.Node, ctx: MatchContext) -> Optional[Rejection]:
+    if _FLEX_HOP is None or not is_call(node, _FLEX_HOP):
+        return None
+    q, k, v = node.args[:3]
+    return _reject("flex", node, "flex_attention (score_mod / block mask): left dense",
+                   {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)})
+
+
 register_pattern(Pattern("sdpa", "attention", match_sdpa, priority=100,
                          description="F.scaled_dot_product_attention, positional or keyword"))
 register_pattern(Pattern("explicit", "attention", match_explicit, priority=90,
                          description="softmax(scale * Q Kᵀ) V with matmul/bmm/baddbmm"))
+register_pattern(Pattern("flex", "attention", match_flex, priority=80,
+                         description="flex_attention: never rewritten, reported as rejected"))
