@@ -52,17 +52,24 @@ class MoeNet(nn.Module):
         return x
 
 
-def test_submodule_frame_follows_enclosing_steps(fresh_dynamo):
-    model = MoeNet().eval()
+def run_steps(model, steps=6):
+    """Six denoising-like calls (drifting latent, decreasing timestep) of the model compiled with
+    sparse attention and MLP (refresh / dense every 4 steps): the relative errors against eager."""
     sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4, "first_n_dense_layers": 0}
     compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
     g = torch.Generator().manual_seed(0)
     base, drift = torch.randn(1, 64, C, generator=g), torch.randn(1, 64, C, generator=g)
     errs = []
     with torch.no_grad():
-        for step in range(6):
+        for step in range(steps):
             x, t = base + 0.02 * step * drift, torch.tensor([1000.0 - 50.0 * step])
             errs.append(max_rel(compiled(x, t), model(x, t)))
+    return errs
+
+
+def test_submodule_frame_follows_enclosing_steps(fresh_dynamo):
+    model = MoeNet().eval()
+    errs = run_steps(model)
     sessions = sessions_of(model)
     nested = [s for s in sessions if any(site.kind == "mlp" for site in s.sites)]
     assert len(sessions) == 2 and len(nested) == 1 and nested[0].enclosing() is not None
@@ -112,15 +119,7 @@ def test_a_session_that_never_begins_a_call_is_not_followed(fresh_dynamo):
     advances, so every site would stay at step 0, dense): they count their own calls and run
     sparse steps between refreshes."""
     model = SplitRoot().eval()
-    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4, "first_n_dense_layers": 0}
-    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
-    g = torch.Generator().manual_seed(0)
-    base, drift = torch.randn(1, 64, C, generator=g), torch.randn(1, 64, C, generator=g)
-    errs = []
-    with torch.no_grad():
-        for step in range(6):
-            x, t = base + 0.02 * step * drift, torch.tensor([1000.0 - 50.0 * step])
-            errs.append(max_rel(compiled(x, t), model(x, t)))
+    errs = run_steps(model)
     sessions = sessions_of(model)
     root = [s for s in sessions if s.owner() is model]
     assert len(root) == 1 and root[0].calls == 0
