@@ -529,7 +529,8 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     Guards against shape coincidences: the merged size is a site's token count or a part of a
     torch.cat that builds one (text + image), at least 4; each axis is wholly inside the merge; no other axis of the merge's input has a
     site's token count of at least a quarter of the merged size (a head merge (B, N, H, D) ->
-    (B, N, H·D) has its tokens beside it; a short text count equal to a rotary width is no sign).
+    (B, N, H·D) has its tokens beside it; a short text count equal to a rotary width is no sign);
+    no merged axis is itself a merge made just before (`_composite_axes`: a local-tile order).
     Distinct grids are listed once, by first appearance; `_pick` then scores them by the sites."""
     if not counts:
         return []
@@ -554,12 +555,31 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
             merged = {int(a[0][1:]) for a in d}
             if any(s in sizes and 4 * s >= n for i, s in enumerate(src) if i not in merged):
                 continue  # its tokens are beside the merge
+            if _composite_axes(node.args[0], merged):
+                continue  # (tiles, tokens per tile): already a tiled order, not a raster grid
             if n not in sizes and n not in joined:
                 continue  # neither a site's tokens nor the image part of a joined sequence
             if grid not in seen:
                 seen.add(grid)
                 out.append(GridInfo(grid, f"merged axes {node.name} {_axes(grid)}"))
     return out
+
+
+def _composite_axes(node: fx.Node, axes: set) -> bool:
+    """Whether any of `axes` of `node` is itself a merge of two or more axes (of size > 1) by the
+    reshape that made `node` (through `contiguous`). Kandinsky 6 SR orders its tokens by local
+    tiles, (T/1, H/8, W/8, 1, 8, 8) -> (tiles, 64) -> tokens: the last merge's (tiles, 64) looks like
+    a 2-D grid, but consecutive tokens are already 8x8 neighbourhoods."""
+    while node.op == "call_method" and node.target == "contiguous":
+        node = node.args[0]
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if name not in ("view", "reshape", "flatten") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    src, dst = _shape(node.args[0]), _shape(node)
+    if src is None or dst is None:
+        return False
+    layout = _reshape_layout([((f"a{i}", s),) for i, s in enumerate(src)], dst)
+    return layout is not None and any(len(layout[i]) >= 2 for i in axes if i < len(layout))
 
 
 def _broadcast_table(part: Any, depth: int = 3) -> bool:

@@ -666,6 +666,41 @@ def test_head_merge_is_not_a_grid():
     assert s.perm is None and s.grouping.startswith("none: no conv patch embedding"), s.grouping
 
 
+class LocalTiles(torch.nn.Module):
+    """Channels-last latent (B, H, W, C) put in local-tile order before the blocks (Kandinsky 6 SR's
+    `_local_patch`): (H/8, 8, W/8, 8) -> (tiles, 64) -> tokens. With `tiled=False` the plain raster
+    merge (B, H, W, C) -> (B, HW, C), whose (H, W) is the grid."""
+
+    def __init__(self, tiled):
+        super().__init__()
+        self.tiled = tiled
+        self.qkv = torch.nn.Linear(8, 96)
+        self.out = torch.nn.Linear(32, 8)
+
+    def forward(self, latent):
+        b, h, w, c = latent.shape
+        if self.tiled:
+            x = latent.reshape(b, h // 8, 8, w // 8, 8, c).permute(0, 1, 3, 2, 4, 5)
+            tokens = x.flatten(1, 2).flatten(2, 3).flatten(1, 2)
+        else:
+            tokens = latent.flatten(1, 2)
+        q, k, v = self.qkv(tokens).view(b, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_local_tile_order_is_not_read_as_a_grid():
+    """(tiles, tokens per tile) is merged like a 2-D grid, but its axes are merges themselves: the
+    tokens are already in 8x8 neighbourhoods, which the identity order keeps (a 4x8 tile of a
+    "4x64 grid" would take 8 tokens from each of four tiles)."""
+    kw = dict(latent=torch.randn(1, 16, 16, 8))
+    (s,) = _plan(LocalTiles(tiled=True), kw)
+    assert s.perm is None and s.grouping.startswith("none"), s.grouping
+    (s,) = _plan(LocalTiles(tiled=False), kw)
+    assert s.grouping.startswith("merged axes"), s.grouping
+    assert torch.equal(s.perm.long(), tile_order((16, 16), (8, 8)))
+
+
 def test_inspect_reports_grouping():
     m, kw = _dit()
     report = chipmunk_compile.inspect(m, config=LOOSE, **kw)
