@@ -7,7 +7,8 @@ Invariants:
   is never changed. Options other than `config`, `compiler` and `chipmunk.*` go to Inductor as
   config patches, together with the options of `mode`.
 - The returned wrapper is plain Python that runs on every call, outside any CUDA graph: it advances
-  the session's step tracker (entry graphs only, once per model call) and applies step caching;
+  the session's step tracker (entry graphs only, or the session's `step_frame` while it has none;
+  once per model call) and applies step caching;
   then it calls the compiled graph through a `GraphRunner` (graphs.py), which records one CUDA
   graph per step signature on CUDA inputs (config `cuda_graphs`). The ops read the step from the
   tracker; nothing syncs inside the graph.
@@ -59,8 +60,9 @@ def split_options(options: Optional[dict]) -> tuple[ChipmunkConfig, str, dict]:
     return config, compiler, opts
 
 
-def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], bool]:
-    """(the nn.Module whose forward Dynamo is tracing, whether this graph starts that forward)."""
+def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], bool, tuple]:
+    """(the nn.Module whose forward Dynamo is tracing, whether this graph starts that forward, the
+    traced frame's (file, first line, name))."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -68,19 +70,20 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     except Exception:
         tx = None
     if tx is None:
-        return None, True
+        return None, True, ()
     code = getattr(tx, "f_code", None)
     name = getattr(code, "co_name", "")
+    frame = (getattr(code, "co_filename", ""), getattr(code, "co_firstlineno", 0), name)
     entry = not (name.startswith("torch_dynamo_resume") or name.startswith("__resume"))
     f_locals = getattr(tx, "f_locals", {}) or {}
     sources = [source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
     for local, value in f_locals.items():
         if isinstance(value, torch.nn.Module) and any(s.startswith(f"L['{local}']") for s in sources):
-            return value, entry
+            return value, entry, frame
     for value in f_locals.values():
         if isinstance(value, torch.nn.Module):
-            return value, entry
-    return None, entry
+            return value, entry, frame
+    return None, entry, frame
 
 
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
@@ -145,10 +148,14 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
 
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     install_diffusers_context_probe()
-    owner, entry = find_owner(gm)
+    owner, entry, frame = find_owner(gm)
     session = session_for(owner, config)
     if entry:
         session.mark_entry()
+    elif session.step_frame is None:
+        # until the module has an entry graph (a forward that graph-breaks before its first op
+        # makes none), the first resumed frame compiled starts its calls: else no step advances
+        session.step_frame = frame
     signals = step_signal_inputs(gm)
     plan = rewrite(gm, config, session, example_inputs=example_inputs)
     counters["chipmunk"]["graphs"] += 1
@@ -193,8 +200,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if latent_input is not None:  # a reference only; its shape is read when a graph compiles
             outer._chipmunk_call_latent = args[latent_input]
         ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
-        if entry and ordinal == 0:  # once per model call, also when one graph serves many blocks
-            session.begin_call(lambda: read_signature(args, signals))
+        if ordinal == 0 and (entry or (frame == session.step_frame and not session.has_entry)):
+            session.begin_call(lambda: read_signature(args, signals))  # once per model call
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
                 step_cache.multi_graph = True

@@ -17,7 +17,9 @@ Invariants:
   Only a session that has an entry graph (one that starts its module's forward, where the step
   advances) can be followed: a model whose own forward yields no graph but one of whose methods
   resumes in a graph after a break (Wan-Animate-2) has a session that never advances, and
-  following it would pin every submodule at step 0.
+  following it would pin every submodule at step 0. Until a session has an entry graph, the
+  first resumed frame compiled for it begins its calls (`step_frame`): a forward that
+  graph-breaks before its first op has its attention and MLP in resumed graphs only.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class Session:
         self.graph_pool_users: "weakref.WeakSet" = weakref.WeakSet()  # live graphs recorded into it
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds]
         self.has_entry = False  # a graph that starts the module's forward (begin_call) was compiled
+        self.step_frame: Optional[tuple] = None  # without one: the resumed frame whose graphs begin calls
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)

@@ -122,7 +122,7 @@ def test_a_session_that_never_begins_a_call_is_not_followed(fresh_dynamo):
     errs = run_steps(model)
     sessions = sessions_of(model)
     root = [s for s in sessions if s.owner() is model]
-    assert len(root) == 1 and root[0].calls == 0
+    assert len(root) == 1 and not root[0].has_entry  # it counts its calls in `finish`, too late for the blocks
     (blocks, ) = [s for s in sessions if s.sites]  # one graph serves both blocks
     assert blocks.enclosing() is None and blocks.calls == 6
     steps = {}
@@ -132,3 +132,34 @@ def test_a_session_that_never_begins_a_call_is_not_followed(fresh_dynamo):
     # per block: attention dense at step 0 and refreshed at 1 and 4, the MLP dense at 0 and 4
     assert steps == {"dense": 6, "refresh": 4, "sparse": 14}, steps
     assert max(errs) < 0.05, errs
+
+
+class EarlyBreak(nn.Module):
+    """A forward that graph-breaks before its first tensor op (a print, a host-side check): its
+    entry frame makes no graph, and its attention and MLP live in the resumed frame's graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = MoeBlock()
+        self.block.ff = FeedForwardInline()
+        self.t_proj = nn.Linear(1, C)
+
+    def forward(self, x, t):
+        torch._dynamo.graph_break()
+        return self.block(x, self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :])
+
+
+def test_a_forward_that_breaks_before_its_first_op_still_advances(fresh_dynamo):
+    """Without an entry graph the session's first resumed frame begins its calls: the steps move
+    (they stayed at 0, every call dense, nothing counted) and the timestep input is the signal."""
+    model = EarlyBreak().eval()
+    errs = run_steps(model)
+    steps = {}
+    for site in chipmunk_compile.stats(model)["sites"]:
+        for kind, n in site["steps"].items():
+            steps[(site["kind"], kind)] = steps.get((site["kind"], kind), 0) + n
+    assert steps.get(("mlp", "sparse")) == 4 and steps.get(("attention", "sparse")) == 3, steps
+    (session, ) = [s for s in sessions_of(model) if s.sites]
+    assert not session.has_entry and session.step_frame and session.calls == 6
+    assert max(errs) < 0.05 and errs[0] < 1e-5, errs
