@@ -538,15 +538,10 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     joined = _joined_parts(gm, sizes)
     out, seen = [], set()
     for node in gm.graph.nodes:
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-        if name not in ("view", "reshape", "flatten") or not node.args or not isinstance(node.args[0], fx.Node):
+        found = _merge_layout(node)
+        if found is None:
             continue
-        src, dst = _shape(node.args[0]), _shape(node)
-        if src is None or dst is None or len(src) <= len(dst):
-            continue
-        layout = _reshape_layout([((f"a{i}", s),) for i, s in enumerate(src)], dst)
-        if layout is None:
-            continue
+        src, layout = found
         for d in layout:
             grid = tuple(a[1] for a in d)
             n = math.prod(grid)
@@ -565,6 +560,19 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     return out
 
 
+def _merge_layout(node: fx.Node) -> Optional[tuple]:
+    """(input shape, `_reshape_layout` of the output) when `node` is a view / reshape / flatten that
+    merges axes (static shapes), else None."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if name not in ("view", "reshape", "flatten") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src, dst = _shape(node.args[0]), _shape(node)
+    if src is None or dst is None or len(src) <= len(dst):
+        return None
+    layout = _reshape_layout([((f"a{i}", s),) for i, s in enumerate(src)], dst)
+    return (src, layout) if layout is not None else None
+
+
 def _composite_axes(node: fx.Node, axes: set) -> bool:
     """Whether any of `axes` of `node` is itself a merge of two or more axes (of size > 1) by the
     reshape that made `node` (through `contiguous`). Kandinsky 6 SR orders its tokens by local
@@ -572,14 +580,8 @@ def _composite_axes(node: fx.Node, axes: set) -> bool:
     a 2-D grid, but consecutive tokens are already 8x8 neighbourhoods."""
     while node.op == "call_method" and node.target == "contiguous":
         node = node.args[0]
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if name not in ("view", "reshape", "flatten") or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    src, dst = _shape(node.args[0]), _shape(node)
-    if src is None or dst is None:
-        return False
-    layout = _reshape_layout([((f"a{i}", s),) for i, s in enumerate(src)], dst)
-    return layout is not None and any(len(layout[i]) >= 2 for i in axes if i < len(layout))
+    found = _merge_layout(node)
+    return found is not None and any(len(found[1][i]) >= 2 for i in axes if i < len(found[1]))
 
 
 def _broadcast_table(part: Any, depth: int = 3) -> bool:
