@@ -104,6 +104,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     if s.always_dense():  # never sparse: no cache, no lse
         s.finish(None, DENSE, s.session.position())
         return _sdpa(q, k, v, key_mask, scale)
+    try:
+        return _cached_attention(s, q, k, v, key_mask, scale)
+    except torch.OutOfMemoryError as e:  # the caches do not fit: this site runs dense from now on
+        if runtime.RECORDING is not None or _capturing(q):
+            raise
+        s.give_up(e)
+        s.finish(None, DENSE, s.session.position())
+        return _sdpa(q, k, v, key_mask, scale)
+
+
+def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
+    """A call of a site that keeps state: dense, refresh or sparse step per its schedule."""
     cfg = s.cfg
     group = cfg.group
     perm = s.perm_on(q.device, q.shape[-2])

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import runtime
 from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
@@ -93,13 +94,28 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     s = lookup(site)
     out_shape = (*x.shape[:-1], w2.shape[0])
     if s is None:
-        a, b = _pre(x, w_act, b_act, w_lin, b_lin)
-        return F.linear(_hidden(a, b, act), w2, b2).contiguous()
-    cfg = s.cfg
+        return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
     if s.always_dense():  # never sparse: no caches
         s.finish(None, DENSE, s.session.position())
-        a, b = _pre(x, w_act, b_act, w_lin, b_lin)
-        return F.linear(_hidden(a, b, act), w2, b2).contiguous()
+        return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
+    try:
+        return _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape)
+    except torch.OutOfMemoryError as e:  # the caches do not fit: this site runs dense from now on
+        if runtime.RECORDING is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            raise
+        s.give_up(e)
+        s.finish(None, DENSE, s.session.position())
+        return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
+
+
+def _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act) -> Tensor:
+    a, b = _pre(x, w_act, b_act, w_lin, b_lin)
+    return F.linear(_hidden(a, b, act), w2, b2).contiguous()
+
+
+def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Tensor:
+    """A call of a site that keeps state: dense or sparse step per its schedule."""
+    cfg = s.cfg
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
     B, M, C = x3.shape
     Fh = w_act.shape[0]

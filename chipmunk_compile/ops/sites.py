@@ -126,6 +126,7 @@ class Site:
     # attention quality guard, per layer (one site serves many layers under regional compilation):
     attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
     attn_diffuse: dict = field(default_factory=dict)  # layer -> bool verdict, once read
+    out_of_memory: bool = False  # its caches did not fit (give_up): dense from then on
 
     def __post_init__(self):
         self.id = new_site_id()
@@ -147,7 +148,15 @@ class Site:
         return st, pos
 
     def always_dense(self) -> bool:
-        return not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
+        return self.out_of_memory or not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
+
+    def give_up(self, error: BaseException) -> None:
+        """Free every cache of this site and run it dense from now on (counted, logged once): its
+        state did not fit the device. The caller then computes the call exactly."""
+        self.states.clear()
+        self.session.state.clear((f"s{self.id}__",))
+        self.out_of_memory = True
+        fallback("state_out_of_memory", f"{self.path}: {str(error).splitlines()[0][:200]}; it runs dense from now on")
 
     def signature(self, pos) -> Optional[tuple]:
         """What this site will do on the call at `pos` (its state's epoch and its decision), or

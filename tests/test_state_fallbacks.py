@@ -1,0 +1,39 @@
+"""A site whose caches do not fit the device gives up its state and runs dense from then on: the
+call that failed is computed exactly, the fallback is counted and logged, the other sites keep
+running sparse."""
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile.ops import sites as sites_mod
+from chipmunk_compile.runtime import sessions_of
+from helpers import ccount, fresh_dynamo, max_rel  # noqa: F401
+from test_graph_break_frames import MoeNet, run_steps
+
+
+@pytest.mark.parametrize("cache", ["o_cache", "h_cache"])
+def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monkeypatch, cache):
+    model = MoeNet(depth=2).eval()
+    real = sites_mod.BranchState.tensor
+    failed = []
+
+    def tensor(self, name, *a, **k):  # this cache does not fit
+        if name == cache:
+            failed.append(self.site)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {name}")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
+    errs = run_steps(model)
+    site = failed[0]
+    assert len(set(map(id, failed))) == 1 and site.out_of_memory
+    assert ccount("fallback:state_out_of_memory") == 1
+    assert errs[0] < 1e-5 and max(errs) < 0.05, errs
+    # one graph serves both blocks: the site runs dense for both (the failing call included), the
+    # site of the other kind stays sparse
+    stats = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
+    other = "mlp" if site.kind == "attention" else "attention"
+    assert stats[site.kind] == {"dense": 12} and stats[other].get("sparse", 0) > 0, stats
+    prefix = f"s{site.id}__"
+    assert not site.states and not [n for s in sessions_of(model) for n in s.state._buffers if n.startswith(prefix)]
