@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch._dynamo.utils import counters
 
 from .. import kernels

@@ -19,7 +19,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Union
 
