@@ -67,6 +67,20 @@ STAGES = 2
 if HAVE_GLUON:
 
     @gluon.jit
+    def _work_item(NG, HQ, KV_REP, TPG: gl.constexpr, BLOCK_M: gl.constexpr):
+        """(b, query head, its kv head, group, first row in the group) of this program: one
+        BLOCK_M-row tile of a query group of one (b, h), group-fastest then (b, h)."""
+        pid = gl.program_id(0)
+        per_bh = NG * TPG
+        bh = pid // per_bh
+        r = pid % per_bh
+        g = r // TPG
+        row0 = (r % TPG) * BLOCK_M
+        b = bh // HQ
+        h = bh % HQ
+        return b, h, h // KV_REP, g, row0
+
+    @gluon.jit
     def _load_idx(idx_base, cnt, tile, BLOCK_N: gl.constexpr, ld_layout: gl.constexpr, ABLATE: gl.constexpr):
         c = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld_layout))
         ok = c < cnt
@@ -149,16 +163,7 @@ if HAVE_GLUON:
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NW, 1], [1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
 
-        TPG: gl.constexpr = G // BLOCK_M
-        pid = gl.program_id(0)
-        per_bh = NG * TPG
-        bh = pid // per_bh
-        r = pid % per_bh
-        g = r // TPG
-        row0 = (r % TPG) * BLOCK_M
-        b = bh // HQ
-        h = bh % HQ
-        hk = h // KV_REP
+        b, h, hk, g, row0 = _work_item(NG, HQ, KV_REP, G // BLOCK_M, BLOCK_M)
 
         k_base = K + b.to(gl.int64) * skb + hk.to(gl.int64) * skh
         v_base = V + b.to(gl.int64) * svb + hk.to(gl.int64) * svh

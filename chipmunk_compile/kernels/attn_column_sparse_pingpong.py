@@ -49,7 +49,7 @@ if HAVE_WS:
                                                                    warpgroup_mma_wait)
 
     from .attn_column_sparse_hopper import (_issue_rows, _layouts, _load_idx, _load_q_rows, _softmax_step,
-                                            _store_rows)
+                                            _store_rows, _work_item)
 
     # The list form of warp_specialize (Triton 3.6 through 3.9); Triton 3.5's took other arguments.
     HAVE_WS = next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args"
@@ -177,16 +177,7 @@ if HAVE_WS:
         HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
-        TPG: gl.constexpr = G // 128
-        pid = gl.program_id(0)
-        per_bh = NG * TPG
-        bh = pid // per_bh
-        r = pid % per_bh
-        g = r // TPG
-        row0 = (r % TPG) * 128
-        b = bh // HQ
-        h = bh % HQ
-        hk = h // KV_REP
+        b, h, hk, g, row0 = _work_item(NG, HQ, KV_REP, G // 128, 128)  # 128-row tiles (BLOCK_M)
         dtype: gl.constexpr = Q.dtype.element_ty
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_smem_layout)
