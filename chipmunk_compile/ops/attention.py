@@ -44,7 +44,7 @@ from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
 from .forecast import Forecast
-from .sites import POLICIES, count, fallback, lookup
+from .sites import POLICIES, capturing, count, fallback, lookup
 
 log = logging.getLogger("chipmunk_compile")
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -104,14 +104,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     if s.always_dense():  # never sparse: no cache, no lse
         s.finish(None, DENSE, s.session.position())
         return _sdpa(q, k, v, key_mask, scale)
-    try:
-        return _cached_attention(s, q, k, v, key_mask, scale)
-    except torch.OutOfMemoryError as e:  # the caches do not fit: this site runs dense from now on
-        if runtime.RECORDING is not None or _capturing(q):
-            raise
-        s.give_up(e)
-        s.finish(None, DENSE, s.session.position())
-        return _sdpa(q, k, v, key_mask, scale)
+    return s.cached_or_dense(lambda: _cached_attention(s, q, k, v, key_mask, scale),
+                             lambda: _sdpa(q, k, v, key_mask, scale), q)
 
 
 def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
@@ -237,7 +231,7 @@ def too_diffuse(s) -> bool:
     verdict = s.attn_diffuse.get(layer)
     if verdict is None:
         mass = s.attn_mass.get(layer)
-        if mass is None or runtime.RECORDING is not None or _capturing(mass):
+        if mass is None or runtime.RECORDING is not None or capturing(mass):
             return False
         verdict = s.attn_diffuse[layer] = float(mass) < s.cfg.min_mass
         if verdict:
@@ -245,10 +239,6 @@ def too_diffuse(s) -> bool:
                         "< attn.min_mass %.2f: the layer stays dense", s.path, layer, 100 * s.cfg.top_keys,
                         float(mass), s.cfg.min_mass)
     return verdict
-
-
-def _capturing(t: Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @attention.register_fake

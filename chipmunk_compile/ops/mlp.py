@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import runtime
 from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
@@ -98,14 +97,8 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     if s.always_dense():  # never sparse: no caches
         s.finish(None, DENSE, s.session.position())
         return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
-    try:
-        return _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape)
-    except torch.OutOfMemoryError as e:  # the caches do not fit: this site runs dense from now on
-        if runtime.RECORDING is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            raise
-        s.give_up(e)
-        s.finish(None, DENSE, s.session.position())
-        return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
+    return s.cached_or_dense(lambda: _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape),
+                             lambda: _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act), x)
 
 
 def _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act) -> Tensor:

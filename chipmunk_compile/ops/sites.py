@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 from .. import runtime
 from ..kernels.random_draws_ref import HashDraws
 from ..runtime import SITES, Session, new_site_id
+from ..schedule import DENSE
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -126,7 +127,7 @@ class Site:
     # attention quality guard, per layer (one site serves many layers under regional compilation):
     attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
     attn_diffuse: dict = field(default_factory=dict)  # layer -> bool verdict, once read
-    out_of_memory: bool = False  # its caches did not fit (give_up): dense from then on
+    out_of_memory: bool = False  # its caches did not fit (cached_or_dense): dense from then on
 
     def __post_init__(self):
         self.id = new_site_id()
@@ -150,13 +151,21 @@ class Site:
     def always_dense(self) -> bool:
         return self.out_of_memory or not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
 
-    def give_up(self, error: BaseException) -> None:
-        """Free every cache of this site and run it dense from now on (counted, logged once): its
-        state did not fit the device. The caller then computes the call exactly."""
-        self.states.clear()
-        self.session.state.clear((f"s{self.id}__",))
-        self.out_of_memory = True
-        fallback("state_out_of_memory", f"{self.path}: {str(error).splitlines()[0][:200]}; it runs dense from now on")
+    def cached_or_dense(self, cached, dense, t: torch.Tensor):
+        """`cached()` (the call with this site's state); when its caches do not fit the device
+        (outside a CUDA-graph recording or capture), free every cache of this site, count and log
+        it once, and return `dense()` (the exact call): the site runs dense from now on."""
+        try:
+            return cached()
+        except torch.OutOfMemoryError as e:
+            if runtime.RECORDING is not None or capturing(t):
+                raise
+            self.states.clear()
+            self.session.state.clear((f"s{self.id}__",))
+            self.out_of_memory = True
+            fallback("state_out_of_memory", f"{self.path}: {str(e).splitlines()[0][:200]}; it runs dense from now on")
+            self.finish(None, DENSE, self.session.position())
+            return dense()
 
     def signature(self, pos) -> Optional[tuple]:
         """What this site will do on the call at `pos` (its state's epoch and its decision), or
@@ -317,6 +326,11 @@ class GraphInstances:
                 log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
         self.current = ordinal
         return ordinal
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (of `t`'s device)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def lookup(site_id: int) -> Optional[Site]:
