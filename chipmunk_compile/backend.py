@@ -172,7 +172,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
     for site in plan.sites:
         site.graph = instances
-    if config.cuda_graphs and not patches.get("triton.cudagraphs"):
+    if config.cuda_graphs and config.offload_state is True and plan.sites:
+        counters["chipmunk"]["graph_disabled:offload_state"] += 1  # its copies are host-ordered, call by call
+    if config.cuda_graphs and config.offload_state is not True and not patches.get("triton.cudagraphs"):
+        # ("auto": a step that calls an offloaded branch is not recorded, Site.signature)
         # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
         compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances,
                                max_bytes=config.cuda_graphs_max_gib * 2**30)

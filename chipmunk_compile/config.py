@@ -175,11 +175,21 @@ class ChipmunkConfig:
     # budget per device for what live step recordings hold (their input buffers and outputs): a
     # recording past it is not made, that step runs eagerly (graphs.py; counted)
     cuda_graphs_max_gib: float = 4.0
+    # site caches in pinned host memory, staged per call into two device slots with the next call's
+    # prefetched on a side stream (ops/offload.py), for states larger than the GPU (HunyuanVideo 720p
+    # at full depth, Wan2.1-14B with CFG). true: every branch (and no CUDA graphs: host-ordered
+    # copies); "auto": a branch whose caches would leave less than `offload_reserve` of the device's
+    # memory free (for the model's activations) is offloaded, the others stay on the device; false: never
+    offload_state: Any = "auto"
+    offload_reserve: float = 0.15  # share of the device's memory (its per-process limit) "auto" keeps free
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = "default"
     version: int = 1
 
     def __post_init__(self):
+        if self.offload_state not in (True, False, "auto"):
+            raise ValueError(f"offload_state must be true, false or 'auto', got {self.offload_state!r}")
+        _check_fraction("offload_reserve", self.offload_reserve)
         if not self.cuda_graphs_max_gib >= 0:
             raise ValueError(f"cuda_graphs_max_gib must be >= 0, got {self.cuda_graphs_max_gib!r}")
         if self.step_signal not in ("auto", "calls", "explicit"):

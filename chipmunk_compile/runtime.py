@@ -183,6 +183,22 @@ class Session:
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
+        self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
+
+    def offload(self, device) -> Any:
+        """The device's `StateOffload` when the config may keep site caches in host memory, else None."""
+        if not self.config.offload_state:
+            return None
+        device = torch.device(device)
+        off = self._offload.get(device)
+        if off is None:
+            from .ops.offload import StateOffload
+
+            off = self._offload[device] = StateOffload(device, self.config.offload_state, self.config.offload_reserve)
+        return off
+
+    def offload_slot_bytes(self) -> int:
+        return sum(off.device_bytes() for off in self._offload.values())
 
     def watch(self, compiled: Any, sites: list) -> None:
         """Free `sites` (registry entries, caches) once `compiled`, the function the backend

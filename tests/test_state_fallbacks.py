@@ -1,6 +1,7 @@
-"""A site whose caches do not fit the device gives up its state and runs dense from then on: the
-call that failed is computed exactly, the fallback is counted and logged, the other sites keep
-running sparse."""
+"""A site whose caches do not fit the device gives up its state: the call that failed is computed
+exactly, the fallback is counted and logged, the other sites keep running sparse. With
+`offload_state` allowed (the default "auto") the site then keeps its caches in host memory; if
+those do not fit either (or offloading is off) it runs dense from then on."""
 
 import pytest
 import torch
@@ -27,8 +28,9 @@ def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monk
     monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
     errs = run_steps(model)
     site = failed[0]
-    assert len(set(map(id, failed))) == 1 and site.out_of_memory
-    assert ccount("fallback:state_out_of_memory") == 1
+    assert len(set(map(id, failed))) == 1 and site.out_of_memory and site.offload_after_oom
+    # first on the device, then in host memory: both failed
+    assert ccount("fallback:state_out_of_memory_offloaded") == 1 and ccount("fallback:state_out_of_memory") == 1
     assert errs[0] < 1e-5 and max(errs) < 0.05, errs
     # one graph serves both blocks: the site runs dense for both (the failing call included), the
     # site of the other kind stays sparse
@@ -37,3 +39,28 @@ def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monk
     assert stats[site.kind] == {"dense": 12} and stats[other].get("sparse", 0) > 0, stats
     prefix = f"s{site.id}__"
     assert not site.states and not [n for s in sessions_of(model) for n in s.state._buffers if n.startswith(prefix)]
+
+
+@pytest.mark.parametrize("cache", ["o_cache", "h_cache"])
+def test_a_site_out_of_device_memory_moves_its_caches_to_host_memory(fresh_dynamo, monkeypatch, cache):
+    """Only device-resident caches fail to allocate: the site's branches restart offloaded and run
+    sparse again (a refresh first), no site runs dense for good."""
+    model = MoeNet(depth=2).eval()
+    real = sites_mod.BranchState.tensor
+    failed = []
+
+    def tensor(self, name, *a, **k):
+        if name == cache and not self.offloaded:
+            failed.append(self.site)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {name}")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
+    errs = run_steps(model)
+    site = failed[0]
+    assert len(set(map(id, failed))) == 1 and site.offload_after_oom and not site.out_of_memory
+    assert ccount("fallback:state_out_of_memory_offloaded") == 1 and ccount("fallback:state_out_of_memory") == 0
+    assert site.states and all(st.offloaded and st.home for st in site.states.values())
+    stats = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
+    assert stats[site.kind].get("sparse", 0) > 0, stats
+    assert errs[0] < 1e-5 and max(errs) < 0.05, errs

@@ -110,17 +110,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
 
 def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
     """A call of a site that keeps state: dense, refresh or sparse step per its schedule."""
-    cfg = s.cfg
-    group = cfg.group
     perm = s.perm_on(q.device, q.shape[-2])
     st, pos = s.branch_state()
     st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
     d = decide(s, st, pos)
-    kind, need_idx, unfilled, fore = d
-    B, H, N, D = q.shape
-    n_groups = -(-N // group)
-    exact_norm = cfg.delta == "exact_normalizer"
-    lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device) if exact_norm else None
+    kind, unfilled = d[0], d[2]
     if unfilled:
         fallback("attn_cache_not_filled", "a sparse step ran before this branch's refresh step")
     if kind == DENSE:
@@ -130,6 +124,19 @@ def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
         o = _sdpa(q, k, v, key_mask, scale)
         s.finish(st, d, pos)
         return o
+    with s.staged(st, q.device, writes=kind == REFRESH):  # a sparse step only reads the caches
+        return _stateful_step(s, st, pos, d, q, k, v, key_mask, scale, perm)
+
+
+def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+                   perm: Optional[Tensor]) -> Tensor:
+    """A refresh or sparse step (`d` = its decision) over the branch's caches."""
+    cfg, group = s.cfg, s.cfg.group
+    kind, need_idx, _, fore = d
+    B, H, N, D = q.shape
+    n_groups = -(-N // group)
+    exact_norm = cfg.delta == "exact_normalizer"
+    lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device) if exact_norm else None
 
     def column_sparse(o_base, sign, **slope):  # o_base (+ coef·o_slope) ± attn_S(q, k, v) over the stored keys
         return kernel("attn_column_sparse", q, k, v, head_dim=D)(

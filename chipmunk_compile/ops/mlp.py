@@ -108,24 +108,30 @@ def _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act) -> Tensor:
 
 def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Tensor:
     """A call of a site that keeps state: dense or sparse step per its schedule."""
-    cfg = s.cfg
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
-    B, M, C = x3.shape
-    Fh = w_act.shape[0]
-    perm = s.perm_on(x.device, M)
+    perm = s.perm_on(x.device, x3.shape[1])
     st, pos = s.branch_state()
     st.ensure((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
     d = decide(s, st, pos)
-    kind, recompute, unfilled, fore = d
+    if d[2]:
+        fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")
+    with s.staged(st, x.device, writes=True):  # both step kinds update the caches
+        return _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm).reshape(out_shape)
+
+
+def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm) -> Tensor:
+    """A dense or sparse step (`d` = its decision) over the branch's caches; returns (B, M, C_out)."""
+    cfg = s.cfg
+    kind, recompute, _, fore = d
+    B, M, _ = x3.shape
+    Fh = w_act.shape[0]
     n_blocks = -(-M // cfg.block)
     basis_dim = Fh if w_lin is None else 2 * Fh
-    if unfilled:
-        fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")
-    bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x.device)
-    h_cache = st.tensor("h_cache", (B, M, Fh), x.dtype, x.device, alloc=_alloc_h)
-    y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x.dtype, x.device)
+    bm_cache = st.tensor("block_pre", (B, n_blocks, basis_dim), torch.float32, x3.device)
+    h_cache = st.tensor("h_cache", (B, M, Fh), x3.dtype, x3.device, alloc=_alloc_h)
+    y_cache = st.tensor("y_cache", (B, M, w2.shape[0]), x3.dtype, x3.device)
     # the forecast state: read by a forecasting sparse step, measured or marked by every dense step
-    fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x.dtype, x.device) \
+    fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x3.dtype, x3.device) \
         if cfg.extrapolate > 0 and (fore or kind == DENSE) else None
     if kind == DENSE:
         y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
@@ -139,9 +145,9 @@ def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Ten
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         bm_cache.copy_(_score_basis(xb, w_act, b_act, w_lin, b_lin))
         if cfg.score == "output":  # per dense step: follows weight updates between generations
-            st.tensor("w2_col_norm", (Fh,), torch.float32, x.device).copy_(w2.float().norm(dim=0))
+            st.tensor("w2_col_norm", (Fh,), torch.float32, x3.device).copy_(w2.float().norm(dim=0))
         s.finish(st, d, pos)
-        return y.reshape(out_shape)
+        return y
     if recompute:
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
@@ -151,7 +157,7 @@ def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Ten
         count("mlp_forecast")
         y = torch.addcmul(y, fc.slope, fc.coef(cfg.extrapolate))
     s.finish(st, d, pos)
-    return y.reshape(out_shape)
+    return y
 
 
 def _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) -> Tensor:

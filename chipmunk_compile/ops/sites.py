@@ -15,12 +15,15 @@ Invariants:
 - `BranchState.epoch` changes whenever its caches are dropped (new shapes, reset), so a recorded
   graph is never replayed against buffers it did not capture. Allocating a cache that did not
   exist yet keeps the epoch: no recorded graph can use it (its recording would have deferred).
+- With `offload_state`, a cache's home is host memory (ops/offload.py): its device tensor exists
+  only inside the op's `Site.staged` call, which every read or write of a cache happens in.
 - Random draws are a hash of (a device step tensor, layer, site kind, position): reproducible,
   identical across branches, and valid inside CUDA graphs (no host seed is baked in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -70,6 +73,9 @@ class BranchState:
         self.index_generation = -1
         self.slope_generation = -1  # generation whose second refresh measured the residual's slope
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
+        self.home: dict[str, tuple] = {}  # offload_state: name -> (slot key, host home), valid for `key`
+        self.offloaded: Optional[bool] = None  # caches in host memory (decided before the first one)
+        self.nbytes = 0  # bytes of its caches
 
     def tensor(self, name: str, shape, dtype, device, *, alloc=None) -> torch.Tensor:
         """The cache `name`, allocated on first use for the current key (see `ensure`)."""
@@ -79,8 +85,16 @@ class BranchState:
         if runtime.RECORDING is not None:  # persistent memory must not come from a graph's pool
             raise runtime.NeedsEagerCall(f"cache {name!r} of {self.site.path} is not allocated yet")
         full = f"s{self.site.id}__{self.branch}__{name}".replace(".", "_")
-        t = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
-        self.site.session.state.put(full, t)  # owned (and counted) by the session's state module
+        offload = self.site.session.offload(device)
+        if self.offloaded:  # a slot tensor, valid for this call; the host home is the state
+            t = offload.allocate(self, name, shape, dtype, alloc)
+            owned = self.home[name][1].bytes
+        else:
+            t = owned = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
+        self.site.session.state.put(full, owned)  # owned (and counted) by the session's state module
+        self.nbytes += owned.numel() * owned.element_size()
+        if offload is not None:
+            offload.measured(self)
         self.cache[name] = t
         return t
 
@@ -96,6 +110,8 @@ class BranchState:
             self.key = key
             self.epoch = next(_epochs)
             self.cache.clear()
+            self.home.clear()
+            self.offloaded, self.nbytes = None, 0
             self.filled_generation = self.index_generation = self.slope_generation = -1
             return False
         return True
@@ -128,6 +144,7 @@ class Site:
     attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
     attn_diffuse: dict = field(default_factory=dict)  # layer -> bool verdict, once read
     out_of_memory: bool = False  # its caches did not fit (cached_or_dense): dense from then on
+    offload_after_oom: bool = False  # its device caches did not fit: its branches start offloaded
 
     def __post_init__(self):
         self.id = new_site_id()
@@ -154,18 +171,37 @@ class Site:
     def cached_or_dense(self, cached, dense, t: torch.Tensor):
         """`cached()` (the call with this site's state); when its caches do not fit the device
         (outside a CUDA-graph recording or capture), free every cache of this site, count and log
-        it once, and return `dense()` (the exact call): the site runs dense from now on."""
+        it once, and return `dense()` (the exact call). From then on the site keeps its caches in
+        host memory when `offload_state` allows it and they were on the device, else it runs dense."""
         try:
             return cached()
         except torch.OutOfMemoryError as e:
             if runtime.RECORDING is not None or capturing(t):
                 raise
+            retry = (self.session.offload(t.device) is not None and not self.offload_after_oom
+                     and not any(st.offloaded for st in self.states.values()))
             self.states.clear()
             self.session.state.clear((f"s{self.id}__",))
-            self.out_of_memory = True
-            fallback("state_out_of_memory", f"{self.path}: {str(e).splitlines()[0][:200]}; it runs dense from now on")
+            first = str(e).splitlines()[0][:200]
+            if retry:
+                self.offload_after_oom = True
+                fallback("state_out_of_memory_offloaded", f"{self.path}: {first}; its caches move to host memory")
+            else:
+                self.out_of_memory = True
+                fallback("state_out_of_memory", f"{self.path}: {first}; it runs dense from now on "
+                         "(offload_state: true keeps every site's caches in host memory)")
             self.finish(None, DENSE, self.session.position())
             return dense()
+
+    def staged(self, st: BranchState, device, writes: bool):
+        """Context of a call that reads or writes `st`'s caches: with `offload_state` their device
+        copy is staged from host memory for it (and copied back after it when `writes`)."""
+        offload = self.session.offload(device)
+        if offload is None:
+            return contextlib.nullcontext()
+        if st.offloaded is None:
+            st.offloaded = self.offload_after_oom or offload.decide(st)
+        return offload.staged(st, writes) if st.offloaded else contextlib.nullcontext()
 
     def signature(self, pos) -> Optional[tuple]:
         """What this site will do on the call at `pos` (its state's epoch and its decision), or
@@ -173,7 +209,7 @@ class Site:
         if self.always_dense():
             return (ALWAYS_DENSE,)
         st = self.states.get(self._state_key(pos))
-        if st is None or st.key is None:
+        if st is None or st.key is None or st.offloaded:  # offloaded: host-ordered copies, never recorded
             return None
         return (st.epoch, POLICIES[self.kind][0](self, st, pos))
 
