@@ -149,6 +149,17 @@ def test_auto_offloads_the_branches_that_would_crowd_the_device(fresh_dynamo, mo
     assert ccount("offload_hit") > 0
 
 
+
+def test_auto_keeps_a_branch_on_the_device_when_free_memory_cannot_be_read(fresh_dynamo, monkeypatch):
+    off = offload_mod.StateOffload(torch.device("cpu"), "auto", 0.15)
+
+    def unreadable(self):
+        raise RuntimeError("no memory info on this driver")
+
+    monkeypatch.setattr(offload_mod.StateOffload, "capacity", unreadable)
+    assert off.decide(object()) is False and ccount("offload_auto_unavailable") == 1
+    assert offload_mod.StateOffload(torch.device("cpu"), True).decide(object()) is True
+
 def test_offload_config_is_checked():
     from chipmunk_compile.config import ChipmunkConfig
 

@@ -111,8 +111,13 @@ class StateOffload:
             return True
         if runtime.RECORDING is not None:
             raise runtime.NeedsEagerCall("a branch's first caches are placed outside a recording")
-        capacity = self.capacity()
-        tight = capacity > 0 and self.free_bytes() - self.largest < self.reserve * capacity
+        try:
+            capacity = self.capacity()
+            tight = capacity > 0 and self.free_bytes() - self.largest < self.reserve * capacity
+        except Exception as e:  # noqa: BLE001 — a query this torch/driver lacks: keep it on the device
+            count("offload_auto_unavailable")
+            runtime.log.warning("chipmunk: offload_state 'auto' cannot read the device's free memory (%s)", e)
+            return False
         if tight:
             count("offload_auto_branch")
         return tight
@@ -122,10 +127,8 @@ class StateOffload:
         if not self.cuda:
             return 0
         total = torch.cuda.get_device_properties(self.device).total_memory
-        try:
-            fraction = torch.cuda.get_per_process_memory_fraction(self.device)
-        except (AttributeError, RuntimeError):
-            fraction = 1.0
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = get_fraction(self.device) if get_fraction is not None else 1.0
         return int(total * fraction)
 
     def free_bytes(self) -> int:
