@@ -13,22 +13,29 @@ from helpers import ccount, fresh_dynamo, max_rel  # noqa: F401
 from test_graph_break_frames import MoeNet, run_steps
 
 
-@pytest.mark.parametrize("cache", ["o_cache", "h_cache"])
-def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monkeypatch, cache):
+def run_with_failing_cache(monkeypatch, cache: str, device_only: bool):
+    """run_steps on a 2-block MoeNet whose cache `cache` cannot be allocated (on the device only,
+    or anywhere): the one site that failed, and the relative errors per step."""
     model = MoeNet(depth=2).eval()
     real = sites_mod.BranchState.tensor
     failed = []
 
     def tensor(self, name, *a, **k):  # this cache does not fit
-        if name == cache:
+        if name == cache and not (device_only and self.offloaded):
             failed.append(self.site)
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {name}")
         return real(self, name, *a, **k)
 
     monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
     errs = run_steps(model)
-    site = failed[0]
-    assert len(set(map(id, failed))) == 1 and site.out_of_memory and site.offload_after_oom
+    assert len(set(map(id, failed))) == 1
+    return model, failed[0], errs
+
+
+@pytest.mark.parametrize("cache", ["o_cache", "h_cache"])
+def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monkeypatch, cache):
+    model, site, errs = run_with_failing_cache(monkeypatch, cache, device_only=False)
+    assert site.out_of_memory and site.offload_after_oom
     # first on the device, then in host memory: both failed
     assert ccount("fallback:state_out_of_memory_offloaded") == 1 and ccount("fallback:state_out_of_memory") == 1
     assert errs[0] < 1e-5 and max(errs) < 0.05, errs
@@ -45,20 +52,8 @@ def test_a_site_out_of_memory_runs_dense_and_frees_its_caches(fresh_dynamo, monk
 def test_a_site_out_of_device_memory_moves_its_caches_to_host_memory(fresh_dynamo, monkeypatch, cache):
     """Only device-resident caches fail to allocate: the site's branches restart offloaded and run
     sparse again (a refresh first), no site runs dense for good."""
-    model = MoeNet(depth=2).eval()
-    real = sites_mod.BranchState.tensor
-    failed = []
-
-    def tensor(self, name, *a, **k):
-        if name == cache and not self.offloaded:
-            failed.append(self.site)
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {name}")
-        return real(self, name, *a, **k)
-
-    monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
-    errs = run_steps(model)
-    site = failed[0]
-    assert len(set(map(id, failed))) == 1 and site.offload_after_oom and not site.out_of_memory
+    model, site, errs = run_with_failing_cache(monkeypatch, cache, device_only=True)
+    assert site.offload_after_oom and not site.out_of_memory
     assert ccount("fallback:state_out_of_memory_offloaded") == 1 and ccount("fallback:state_out_of_memory") == 0
     assert site.states and all(st.offloaded and st.home for st in site.states.values())
     stats = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
