@@ -62,7 +62,8 @@ def clear_step(model: Any) -> None:
 
 def stats(model: Any) -> dict:
     """Per-site step-type counts and token grouping, the current step position and the cache memory of `model`
-    (`state_bytes`; with offload_state that is host memory, and `offload_slot_bytes` what its device slots hold); for
+    (`state_bytes`: device caches plus the host homes of offloaded branches; `offload_slot_bytes`: the device slots
+    those are staged into); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
     out = {"sites": [], "state_bytes": 0}
@@ -71,7 +72,7 @@ def stats(model: Any) -> dict:
         pos = session.position()
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()
-        if session.config.offload_state:  # state_bytes is host memory; the device holds two slots
+        if session.config.offload_state:
             out["offload_slot_bytes"] = out.get("offload_slot_bytes", 0) + session.offload_slot_bytes()
         for s in session.sites:
             row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps),
