@@ -160,6 +160,73 @@ def test_auto_keeps_a_branch_on_the_device_when_free_memory_cannot_be_read(fresh
     assert off.decide(object()) is False and ccount("offload_auto_unavailable") == 1
     assert offload_mod.StateOffload(torch.device("cpu"), True).decide(object()) is True
 
+
+def test_auto_under_regional_compile_with_step_graphs(fresh_dynamo, monkeypatch):
+    """One graph serving 4 blocks (regional compile), step graphs recorded (emulated on CPU), and
+    a simulated device that fits about half the state: the outputs equal whole-model compilation
+    with caches on the device; steps of offloaded branches are never recorded, the others replay."""
+    import copy
+
+    from chipmunk_compile import graphs
+    from test_regional_compile import OPTIONS, Stack
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk",
+                          options={**OPTIONS, "config": {**OPTIONS["config"], "offload_state": False}})
+    with torch.no_grad():
+        want = [whole(x + 0.05 * s * drift) for s in range(10)]
+    total = chipmunk_compile.stats(whole)["state_bytes"]
+    torch._dynamo.reset()
+    fresh_dynamo.clear()
+    on_device = []
+    real_measured = offload_mod.StateOffload.measured
+
+    def measured(self, st):
+        real_measured(self, st)
+        if not st.offloaded and st not in on_device:
+            on_device.append(st)
+
+    monkeypatch.setattr(offload_mod.StateOffload, "measured", measured)
+    monkeypatch.setattr(offload_mod.StateOffload, "capacity", lambda self: total)
+    monkeypatch.setattr(offload_mod.StateOffload, "free_bytes", lambda self: total - sum(st.nbytes for st in on_device))
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    poison_after_each_call(monkeypatch)
+    regional = copy.deepcopy(model)
+    options = {**OPTIONS, "config": {**OPTIONS["config"], "offload_reserve": 0.5}}
+    for block in regional.blocks:
+        block.compile(backend="chipmunk", options=options)
+    with torch.no_grad():
+        for s in range(10):
+            assert torch.equal(regional(x + 0.05 * s * drift), want[s]), s
+    branches = [st for sess in sessions_of(regional) for site in sess.sites for st in site.states.values()]
+    offloaded = [st for st in branches if st.offloaded]
+    assert 0 < len(offloaded) < len(branches), (len(offloaded), len(branches))
+    c = fresh_dynamo["chipmunk"]
+    assert c["graph_replays"] > 0 and c["offload_hit"] > 0, dict(c)
+
+
+def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
+    """One graph with a symbolic token count: a new count drops a branch's caches (and homes) and
+    starts it over, and so does coming back to the first. Bit-identical to device caches throughout."""
+    model = flux()
+    sizes = [(8, 8)] * 4 + [(8, 12)] * 4 + [(8, 8)] * 3
+
+    def run(config):
+        torch._dynamo.reset()
+        compiled = chip(model, config, dynamic=True)
+        outs = []
+        with torch.no_grad():
+            for step, (h, w) in enumerate(sizes):
+                outs.append(compiled(**flux_inputs(1.0 - step / len(sizes), h=h, w=w))[0].clone())
+        return outs
+
+    kept = run({**CONFIG, "offload_state": False})
+    off = run({**CONFIG, "offload_state": True})
+    assert all(torch.equal(a, b) for a, b in zip(off, kept))
+    assert ccount("realloc") > 0 and ccount("offload_hit") > 0
+
 def test_offload_config_is_checked():
     from chipmunk_compile.config import ChipmunkConfig
 
