@@ -227,6 +227,24 @@ def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
     assert all(torch.equal(a, b) for a, b in zip(off, kept))
     assert ccount("realloc") > 0 and ccount("offload_hit") > 0
 
+
+def test_a_home_dropped_during_a_capture_is_released_after_it(monkeypatch):
+    """A registered home whose branch goes away while a CUDA graph is captured must not synchronize
+    (that would break the capture): it stays registered and alive until the next chance."""
+    from types import SimpleNamespace
+
+    capturing, synced, unregistered = [True], [], []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(1))
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: SimpleNamespace(cudaHostUnregister=unregistered.append))
+    home = offload_mod._Home(64, cuda=False)
+    home.registered, ptr = True, home.bytes.data_ptr()  # as if cudaHostRegister had succeeded
+    del home
+    assert not synced and not unregistered and len(offload_mod._RETIRED) == 1
+    capturing[0] = False
+    offload_mod.release_retired()
+    assert synced == [1] and unregistered == [ptr] and not offload_mod._RETIRED
+
 def test_offload_config_is_checked():
     from chipmunk_compile.config import ChipmunkConfig
 

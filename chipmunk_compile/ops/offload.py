@@ -20,7 +20,8 @@ Invariants:
   stale data; a call that raises leaves its slot owned by no branch (its home is not overwritten).
 - Pinned memory is registered at its exact size (cudaHostRegister), not rounded up to a power of
   two by the caching host allocator. A home is released (new shapes, a reset, the model freed)
-  only after a device synchronize, so no asynchronous copy outlives the memory it reads or writes.
+  only after a device synchronize, so no asynchronous copy outlives the memory it reads or writes;
+  one dropped while a CUDA graph is captured waits (still registered) for the next staged call.
 - Never inside a CUDA-graph recording (the op asks for an eager call): with `true` the backend
   records no graphs, under "auto" a step that calls an offloaded branch is not recorded
   (`Site.signature` is None). On CPU (tests) the same bookkeeping runs with plain host tensors, and
@@ -58,11 +59,27 @@ class _Home:
 
     def __del__(self):
         if self.registered:  # no copy may still be reading or writing it once it is released
-            try:
-                torch.cuda.synchronize()
-                torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-            except Exception:  # noqa: BLE001 — interpreter shutdown, a capture in progress: nothing to do
-                pass
+            _RETIRED.append(self.bytes)
+            release_retired()
+
+
+_RETIRED: list = []  # registered homes dropped while a capture was running: released at the next chance
+
+
+def release_retired() -> None:
+    """Synchronize and unregister the dropped homes, unless a CUDA graph is being captured (a
+    synchronize would break it; they wait for the next staged call)."""
+    if not _RETIRED:
+        return
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        torch.cuda.synchronize()
+        cudart = torch.cuda.cudart()
+        while _RETIRED:
+            cudart.cudaHostUnregister(_RETIRED.pop().data_ptr())
+    except Exception:  # noqa: BLE001 — interpreter shutdown: nothing left to protect
+        _RETIRED.clear()
 
 
 class _Slot:
@@ -148,6 +165,7 @@ class StateOffload:
         """Bind `st`'s caches to a device slot for one call; copy them home after it if `writes`."""
         if runtime.RECORDING is not None:
             raise runtime.NeedsEagerCall("offloaded state is staged by host-ordered copies")
+        release_retired()
         i = self._stage(st)
         self._learn(st)
         self._prefetch(self._next(st), self.slots[i ^ 1])
