@@ -28,6 +28,7 @@ from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
 from .patterns.fx_utils import module_path, shape_of, val
+from .patterns.low_rank import AdaptedWeight, weight_shape
 from .runtime import Session
 
 
@@ -96,7 +97,7 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             x_shape = shape_of(m.x)
             if m.token_axis == 0:  # the op sees (B, S, C)
                 x_shape = (x_shape[1], x_shape[0], *x_shape[2:])
-            shapes = {"x": x_shape, "w_act": _wshape(m.w_act), "w2": shape_of(m.w2)}
+            shapes = {"x": x_shape, "w_act": _wshape(m.w_act), "w2": weight_shape(m.w2)}
             site = Site("mlp", m.pattern, path, layer, mlp_cfg, session, shapes)
             site.act = m.act
         plan.sites.append(site)
@@ -124,9 +125,9 @@ def _layers_from_blocks(sites: list) -> None:
 def _wshape(spec) -> Optional[tuple]:
     if isinstance(spec, tuple):
         w, a, b = spec
-        s = shape_of(w)
+        s = weight_shape(w)
         return (b - a, *s[1:]) if s else None
-    return shape_of(spec)
+    return weight_shape(spec)
 
 
 def apply(gm: fx.GraphModule, pairs: list) -> None:
@@ -190,13 +191,30 @@ def _padding_vector(graph: fx.Graph, src: fx.Node, batch: fx.Node) -> fx.Node:
     return graph.call_method("expand", (flat, batch, -1))
 
 
+def _weight(graph: fx.Graph, spec):
+    """A node for a weight: the node itself, or for an `AdaptedWeight` W + Σ s·(B @ A) folded in
+    the graph (one addmm per adapter, made once per graph and weight)."""
+    if not isinstance(spec, AdaptedWeight):
+        return spec
+    folds = graph.__dict__.setdefault("_chipmunk_folds", {})
+    node = folds.get(spec)
+    if node is None:
+        node = spec.base
+        for a_down, b_up, scale in spec.terms:
+            node = graph.call_function(torch.addmm, (node, b_up, a_down), {"alpha": scale})
+        folds[spec] = node
+    return node
+
+
 def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):
-    """A node for `spec` (a node or a (node, start, stop) row slice), optionally column-sliced."""
+    """A node for `spec` (a weight or a (weight, start, stop) row slice, see `_weight`), optionally
+    column-sliced."""
     if spec is None:
         return None
     if isinstance(spec, tuple):
         w, a, b = spec
-        return graph.call_function(operator.getitem, (w, slice(a, b)))
+        return graph.call_function(operator.getitem, (_weight(graph, w), slice(a, b)))
+    spec = _weight(graph, spec)
     if cols is not None:
         return graph.call_function(operator.getitem, (spec, (slice(None), slice(*cols))))
     return spec
@@ -239,11 +257,11 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
             return back
 
         if m.cat_parts is None:
-            new = sparse_mlp(m.w2, m.b2)
+            new = sparse_mlp(_slice(graph, m.w2), m.b2)
         else:
             other = m.cat_parts[1 - m.cat_index]
             d_other = shape_of(other)[-1]
-            d_total = shape_of(m.w2)[-1]
+            d_total = weight_shape(m.w2)[-1]
             if m.cat_index == 1:
                 cols_other, cols_mlp = (0, d_other), (d_other, d_total)
             else:

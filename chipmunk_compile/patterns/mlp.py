@@ -14,9 +14,12 @@ Forms (anchored on the second linear):
 
 Casts (`.float()`, `.to(dtype)`) around the activation and the gate are looked through: an
 activation evaluated in fp32 and rounded back (diffusers' FP32SiLU, Lumina) is what the kernels do.
+Either linear may carry unfused low-rank adapters (LoRA through peft, `low_rank.py`): its weight is
+then an `AdaptedWeight` that the rewrite folds.
 
 Invariants: every intermediate between the first and second linear has exactly one user (the
-hidden activation is not needed elsewhere) — except a fused first linear and its chunk / split,
+hidden activation is not needed elsewhere; an adapted second linear's base and adapter count as
+one) — except a fused first linear and its chunk / split,
 whose other users must each be a column range of it — and the activation is one the kernels
 implement.
 """
@@ -32,9 +35,9 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .fx_utils import (
-    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, linear_parts,
-    module_path, shape_of, single_user,
+    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
+from .low_rank import adapted_linear, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
 
 _GELU = (F.gelu, torch._C._nn.gelu)
@@ -75,6 +78,20 @@ def _peel(h: fx.Node, chain: list) -> fx.Node:
     return h
 
 
+def _used_within(node, owned: set) -> bool:
+    return isinstance(node, fx.Node) and len(node.users) > 0 and all(u in owned for u in node.users)
+
+
+def _peel_owned(h: fx.Node, chain: list, owned: set) -> fx.Node:
+    """`_peel` where each peeled node may feed several nodes of `owned` (an adapted linear's base
+    and adapter); peeled nodes join both."""
+    while isinstance(h, fx.Node) and (is_noop_dropout(h) or is_cast(h)) and _used_within(h, owned):
+        chain.append(h)
+        owned.add(h)
+        h = h.args[0]
+    return h
+
+
 def _last_dim(node: fx.Node, pos: int, name: str, default) -> bool:
     dim = arg(node, pos, name, default)
     shape = shape_of(node.args[0])
@@ -87,9 +104,13 @@ def _column_range(node, depth: int = 0) -> Optional[tuple[fx.Node, int, int, lis
     slice: `lin(x).chunk(2, -1)[i]` (GEGLU / SwiGLU), `lin(x)[..., :F/2]` (Flux2's SwiGLU),
     `lin(x).split([3D, 2F], -1)[1][..., :F]` (Flux2's single blocks: qkv and MLP input in one
     linear). via: the getitem / chunk / split nodes passed, outermost first."""
-    if is_linear(node):
-        shape = shape_of(node)
-        return (node, 0, shape[-1], []) if shape and isinstance(shape[-1], int) else None
+    base, kept = node, []
+    while is_cast(base) and single_user(base) and getattr(val(base), "dtype", 0) == getattr(val(base.args[0]), "dtype", 1):
+        kept.append(base)  # a cast that keeps the dtype (peft's `result.to(result_dtype)`)
+        base = base.args[0]
+    if adapted_linear(base) is not None:
+        shape = shape_of(base)
+        return (base, 0, shape[-1], kept) if shape and isinstance(shape[-1], int) else None
     if depth > 2 or not is_call(node, operator.getitem) or not isinstance(node.args[0], fx.Node):
         return None
     src, idx = node.args[0], node.args[1]
@@ -165,13 +186,14 @@ def _reject(node, reason, shapes=None) -> Rejection:
 
 
 def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, None]:
-    if not is_linear(node):
+    second = adapted_linear(node)
+    if second is None:
         return None
-    inp, w2, b2 = linear_parts(node)
-    chain = [node]
-    h = _peel(inp, chain) if single_user(inp) else inp
+    inp, w2, b2, chain = second[0], second[1], second[2], list(second[3])
+    owned = set(chain)  # the second linear and its adapters: the hidden activation may feed them all
+    h = _peel_owned(inp, chain, owned)
     cat_parts, cat_index = None, -1
-    if is_call(h, *_CAT) and single_user(h):
+    if is_call(h, *_CAT) and _used_within(h, owned):
         parts = list(arg(h, 0, "tensors"))
         dim = arg(h, 1, "dim", 0)
         shape = shape_of(h)
@@ -184,11 +206,12 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
             return _reject(node, f"parallel MLP concatenated with {len(parts) - 1} other parts (1 supported)")
         cat_parts, cat_index = parts, hits[0]
         chain.append(h)
+        owned.add(h)
         h = parts[cat_index]
         if not single_user(h):
             return None
         h = _peel(h, chain)
-    if not single_user(h):
+    if not _used_within(h, owned | set(chain)):
         return None
     form = _hidden_form(h)
     if form is None:
@@ -201,7 +224,7 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     act, x, w_act, b_act, w_lin, b_lin, nodes, rest = form
     chain += nodes
     x_shape = shape_of(x)
-    shapes = {"x": x_shape, "w2": shape_of(w2)}
+    shapes = {"x": x_shape, "w2": weight_shape(w2)}
     _, mlp_cfg = ctx.config.for_site(module_path(node))
     if x_shape is None:
         return _reject(node, "unknown input shape", shapes)
@@ -249,9 +272,10 @@ def _hidden_form(h):
     a = _activation_through_casts(h, casts)
     if a is not None:  # plain: act(linear(x)), or act of a column range of a fused linear
         name, pre = a
-        if is_linear(pre) and single_user(pre):
-            x, w, b = linear_parts(pre)
-            return name, x, w, b, None, None, [h, pre] + casts, []
+        first = adapted_linear(pre) if single_user(pre) else None
+        if first is not None:
+            x, w, b, lin_nodes = first
+            return name, x, w, b, None, None, [h] + lin_nodes + casts, []
         r = _column_range(pre)
         if r is None or not single_user(pre):
             return None
@@ -262,8 +286,8 @@ def _hidden_form(h):
         rest = _fused_rest(lin, owned)
         if rest is None:
             return None
-        x, w, b = linear_parts(lin)
-        nodes = [h, *casts, *via, *(n for n, _, _ in rest), lin]
+        x, w, b, lin_nodes = adapted_linear(lin)
+        nodes = [h, *casts, *via, *(n for n, _, _ in rest), *lin_nodes]
         return (name, x, (w, start, stop), (b, start, stop) if b is not None else None, None, None,
                 list(dict.fromkeys(nodes)), [(n, x, w, b, s0, s1) for n, s0, s1 in rest])
     if not (is_call(h, *_MUL) and len(h.args) == 2 and all(isinstance(t, fx.Node) for t in h.args)):
@@ -277,7 +301,7 @@ def _hidden_form(h):
         name, pre = a
         other = _peel(other, casts) if single_user(other) else other
         ra, rb = _column_range(pre), _column_range(other)
-        if ra and rb and ra[0] is rb[0] and not is_linear(pre) and not is_linear(other):
+        if ra and rb and ra[0] is rb[0] and ra[0] is not pre and rb[0] is not other:
             lin, (a0, a1), (b0, b1) = ra[0], ra[1:3], rb[1:3]
             if a1 - a0 != b1 - b0 or not (a1 <= b0 or b1 <= a0):
                 return None  # not two disjoint ranges of one width: not a gate
@@ -289,18 +313,18 @@ def _hidden_form(h):
             rest = _fused_rest(lin, owned)
             if rest is None:
                 return None
-            x, w, b = linear_parts(lin)
+            x, w, b, lin_nodes = adapted_linear(lin)
             w_act, w_lin = (w, a0, a1), (w, b0, b1)
             b_act = (b, a0, a1) if b is not None else None
             b_lin = (b, b0, b1) if b is not None else None
-            nodes = inner + list(ra[3]) + list(rb[3]) + [r[0] for r in rest] + [lin]
+            nodes = inner + list(ra[3]) + list(rb[3]) + [r[0] for r in rest] + lin_nodes
             rest = [(node, x, w, b, start, stop) for node, start, stop in rest]
             return name, x, w_act, b_act, w_lin, b_lin, list(dict.fromkeys(nodes)), rest
-        if is_linear(pre) and is_linear(other) and single_user(pre) and single_user(other):
-            x1, w1, b1 = linear_parts(pre)
-            x3, w3, b3 = linear_parts(other)
-            if x1 is x3:
-                return name, x1, w1, b1, w3, b3, [h, g, pre, other] + casts, []
+        la = adapted_linear(pre) if single_user(pre) else None
+        lb = adapted_linear(other) if single_user(other) else None
+        if la is not None and lb is not None and la[0] is lb[0]:
+            (x1, w1, b1, na), (_, w3, b3, nb) = la, lb
+            return name, x1, w1, b1, w3, b3, [h, g] + na + nb + casts, []
     return None
 
 

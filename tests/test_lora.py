@@ -1,0 +1,131 @@
+"""MLPs whose linears carry unfused LoRA adapters (as peft, diffusers' `load_lora_weights`, leaves
+them) are still MLP sites: the adapted weight W + Σ s·(B @ A) is folded in the graph once per weight
+and the sparse ops run on it. Before, every adapted MLP stayed dense without being reported.
+
+`LoraLinear` spells out peft's `Linear.forward` (base layer, then `result + lora_B(lora_A(
+dropout(x))) * scaling` per adapter, then the cast back) so that CI needs no peft."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chipmunk_compile
+from helpers import FULL_KEYS, cfg, chip, ccount, flux, flux_inputs, fresh_dynamo, max_rel  # noqa: F401
+from test_patterns import SMALL, Gated, Mlp, ParallelBlock, SwiGLU2, check, tokens
+from test_rewrite_graph import Recorder
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank=2, scales=(0.5,), dropout=0.0, bias=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base_layer, self.scales = base, scales
+        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in scales)
+        self.lora_B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=bias) for _ in scales)
+        for a, b in zip(self.lora_A, self.lora_B):  # peft starts B at zero; a trained adapter is not
+            a.weight.data = torch.randn(a.weight.shape, generator=g) * 0.3
+            b.weight.data = torch.randn(b.weight.shape, generator=g) * 0.3
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        dtype = result.dtype
+        for a, b, s in zip(self.lora_A, self.lora_B, self.scales):
+            result = result + b(a(self.dropout(x))) * s
+        return result.to(dtype)
+
+
+def add_lora(module: nn.Module, names, **kw) -> nn.Module:
+    """Wrap the named nn.Linear submodules (dotted paths) in LoraLinear."""
+    for i, name in enumerate(names):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, leaf, LoraLinear(getattr(parent, leaf), seed=i, **kw))
+    return module
+
+
+def folds(mod, args, config=SMALL) -> int:
+    """addmm nodes (adapter folds) in the rewritten graph."""
+    rec = Recorder(config)
+    with torch.no_grad():
+        torch.compile(mod.eval(), backend=rec, fullgraph=True)(*args)
+    return sum(n.target is torch.addmm for g in rec.graphs for n in g["gm"].graph.nodes)
+
+
+@pytest.mark.parametrize("which", ["fc1", "fc2", "both"])
+def test_plain_mlp_with_adapters_is_a_site(fresh_dynamo, which):
+    names = {"fc1": ["fc1"], "fc2": ["fc2"], "both": ["fc1", "fc2"]}[which]
+    mod = add_lora(Mlp(lambda h: F.gelu(h, approximate="tanh"), dropout=True), names)
+    check(mod, tokens, mlp=1, pattern="mlp")
+    torch._dynamo.reset()
+    assert folds(mod, tokens(0)) == len(names)
+
+
+def test_two_adapters_dropout_in_eval_and_a_scale_of_one(fresh_dynamo):
+    mod = add_lora(Mlp(F.silu), ["fc1", "fc2"], scales=(1.0, 0.25), dropout=0.1)
+    check(mod, tokens, mlp=1, pattern="mlp")
+    torch._dynamo.reset()
+    assert folds(mod, tokens(0)) == 4  # one addmm per adapter and weight
+
+
+def test_gated_chunk_with_an_adapter_folds_once(fresh_dynamo):
+    """GEGLU / SwiGLU through one adapted projection: both halves are row ranges of one fold."""
+    mod = add_lora(Gated(F.silu, True), ["proj", "out"])
+    check(mod, tokens, mlp=1, pattern="mlp-gated")
+    torch._dynamo.reset()
+    assert folds(mod, tokens(0)) == 2
+
+
+def test_gated_two_linears_with_adapters(fresh_dynamo):
+    check(add_lora(SwiGLU2(), ["w1", "w3", "w2"]), tokens, mlp=1, pattern="mlp-gated")
+
+
+def test_parallel_block_with_adapters(fresh_dynamo):
+    """Flux / HunyuanVideo single blocks: proj_mlp and proj_out adapted (and the attention's qkv)."""
+    rep = check(add_lora(ParallelBlock(), ["qkv", "proj_mlp", "proj_out"]), tokens, attention=1, mlp=1)
+    assert [s.pattern for s in rep.sites] == ["sdpa", "mlp-parallel"]
+
+
+def test_adapter_with_a_bias_is_left_dense(fresh_dynamo):
+    """peft's lora_bias: not the form folded here, so no site, and the output stays exact."""
+    check(add_lora(Mlp(F.gelu), ["fc1"], bias=True), tokens, mlp=0)
+
+
+def test_adapter_on_another_input_is_not_folded(fresh_dynamo):
+    """A low-rank term of a different input is not an adapter of that linear."""
+
+    class Crossed(Mlp):
+        def __init__(self):
+            super().__init__(F.gelu)
+            self.a, self.b = nn.Linear(C_IN, 2, bias=False), nn.Linear(2, 4 * C_IN, bias=False)
+
+        def forward(self, x, t):
+            return self.fc2(F.gelu(self.fc1(x) + self.b(self.a(x * 2.0)) * 0.5))
+
+    check(Crossed(), tokens, mlp=0)
+
+
+C_IN = tokens(0)[0].shape[-1]
+
+
+def test_flux_with_adapters_matches_eager_and_runs_sparse(fresh_dynamo):
+    """The tiny FLUX with adapters on its feed-forwards and single-block MLPs: as many MLP sites as
+    without them; full-key steps equal eager (fold rounding only), sparse steps really sparse."""
+    plain = chipmunk_compile.inspect(flux(), **flux_inputs(1.0), config=cfg()).count("mlp")
+    model = add_lora(flux(), [f"transformer_blocks.{i}.ff.net.{j}" for i in (0, 1) for j in ("0.proj", "2")]
+                     + [f"single_transformer_blocks.{i}.{n}" for i in (0, 1) for n in ("proj_mlp", "proj_out")])
+    assert chipmunk_compile.inspect(model, **flux_inputs(1.0), config=cfg()).count("mlp") == plain
+    for keys, bound in ((FULL_KEYS, 1e-5), ({"top_keys": 0.3, "random_keys": 0.0}, 0.05)):
+        torch._dynamo.reset()
+        compiled = chip(model, cfg(attn={**keys, "group": 16}, mlp={**keys, "block": 16}))
+        errs = []
+        with torch.no_grad():
+            for step in range(5):
+                x = flux_inputs(1.0 - step / 5)
+                x["hidden_states"] = x["hidden_states"] + 0.03 * step
+                errs.append(max_rel(compiled(**x)[0], model(**x)[0]))
+        assert max(errs) < bound, errs
+        if keys is not FULL_KEYS:
+            assert max(errs) > 1e-6, errs  # really sparse
+    assert ccount("mlp_sparse") > 0
