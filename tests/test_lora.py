@@ -129,3 +129,15 @@ def test_flux_with_adapters_matches_eager_and_runs_sparse(fresh_dynamo):
         if keys is not FULL_KEYS:
             assert max(errs) > 1e-6, errs  # really sparse
     assert ccount("mlp_sparse") > 0
+
+
+@pytest.mark.parametrize("spelling", ["split", "plain"])
+def test_fused_first_linear_with_an_adapter(fresh_dynamo, spelling):
+    """Flux2's single block: q/k/v and the MLP come out of one adapted projection; the q/k/v
+    ranges become dense linears over rows of the same fold (one addmm for the whole projection)."""
+    from test_patterns import FusedParallel
+
+    mod = add_lora(FusedParallel(spelling=spelling), ["proj", "out"])
+    check(mod, tokens, attention=1, mlp=1)
+    torch._dynamo.reset()
+    assert folds(mod, tokens(0)) == 2

@@ -161,8 +161,8 @@ def _fused_rest(lin: fx.Node, owned: set) -> Optional[list]:
             if u in seen:
                 continue
             seen.add(u)
-            if is_method(u, "chunk", "split") or is_call(u, torch.chunk, torch.split):
-                stack.append(u)  # its parts are visited as its users
+            if is_method(u, "chunk", "split") or is_call(u, torch.chunk, torch.split) or (is_cast(u) and u in owned):
+                stack.append(u)  # its parts (or, past an adapted linear's cast, its uses) are visited as its users
                 continue
             if u in owned:
                 continue
