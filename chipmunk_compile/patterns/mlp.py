@@ -105,8 +105,8 @@ def _column_range(node, depth: int = 0) -> Optional[tuple[fx.Node, int, int, lis
     `lin(x).split([3D, 2F], -1)[1][..., :F]` (Flux2's single blocks: qkv and MLP input in one
     linear). via: the getitem / chunk / split nodes passed, outermost first."""
     base, kept = node, []
-    while is_cast(base) and single_user(base) and getattr(val(base), "dtype", 0) == getattr(val(base.args[0]), "dtype", 1):
-        kept.append(base)  # a cast that keeps the dtype (peft's `result.to(result_dtype)`)
+    while is_cast(base) and getattr(val(base), "dtype", 0) == getattr(val(base.args[0]), "dtype", 1):
+        kept.append(base)  # a cast that keeps the dtype (peft's `result.to(result_dtype)`); its other users: _fused_rest
         base = base.args[0]
     if adapted_linear(base) is not None:
         shape = shape_of(base)
