@@ -35,9 +35,9 @@ import weakref
 from typing import Any, Optional
 
 import torch
-from torch._dynamo.utils import counters
 
 from .. import runtime
+from .sites import count, log
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ class StateOffload:
             tight = capacity > 0 and self.free_bytes() - self.largest < self.reserve * capacity
         except Exception as e:  # noqa: BLE001 — a query this torch/driver lacks: keep it on the device
             count("offload_auto_unavailable")
-            runtime.log.warning("chipmunk: offload_state 'auto' cannot read the device's free memory (%s)", e)
+            log.warning("chipmunk: offload_state 'auto' cannot read the device's free memory (%s)", e)
             return False
         if tight:
             count("offload_auto_branch")
@@ -259,7 +259,3 @@ class StateOffload:
 
     def device_bytes(self) -> int:
         return sum(_bytes(t).numel() for slot in self.slots for t in slot.tensors.values())
-
-
-def count(name: str) -> None:
-    counters["chipmunk"][name] += 1
