@@ -28,7 +28,7 @@ from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
 from .patterns.fx_utils import module_path, shape_of, val
-from .patterns.low_rank import AdaptedWeight, weight_shape
+from .patterns.low_rank import AdaptedWeight, adapter_count, weight_shape
 from .runtime import Session
 
 
@@ -98,6 +98,9 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             if m.token_axis == 0:  # the op sees (B, S, C)
                 x_shape = (x_shape[1], x_shape[0], *x_shape[2:])
             shapes = {"x": x_shape, "w_act": _wshape(m.w_act), "w2": weight_shape(m.w2)}
+            adapters = sum(adapter_count(w) for w in (m.w_act, m.w_lin, m.w2))
+            if adapters:  # LoRA terms folded into its weights, for inspect()
+                shapes["adapters"] = (adapters,)
             site = Site("mlp", m.pattern, path, layer, mlp_cfg, session, shapes)
             site.act = m.act
         plan.sites.append(site)

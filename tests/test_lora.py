@@ -115,7 +115,8 @@ def test_flux_with_adapters_matches_eager_and_runs_sparse(fresh_dynamo):
     plain = chipmunk_compile.inspect(flux(), **flux_inputs(1.0), config=cfg()).count("mlp")
     model = add_lora(flux(), [f"transformer_blocks.{i}.ff.net.{j}" for i in (0, 1) for j in ("0.proj", "2")]
                      + [f"single_transformer_blocks.{i}.{n}" for i in (0, 1) for n in ("proj_mlp", "proj_out")])
-    assert chipmunk_compile.inspect(model, **flux_inputs(1.0), config=cfg()).count("mlp") == plain
+    rep = chipmunk_compile.inspect(model, **flux_inputs(1.0), config=cfg())
+    assert rep.count("mlp") == plain and "adapters=2" in str(rep)  # reported: two adapted weights per MLP
     for keys, bound in ((FULL_KEYS, 1e-5), ({"top_keys": 0.3, "random_keys": 0.0}, 0.05)):
         torch._dynamo.reset()
         compiled = chip(model, cfg(attn={**keys, "group": 16}, mlp={**keys, "block": 16}))

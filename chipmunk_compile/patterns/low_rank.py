@@ -41,6 +41,12 @@ def weight_shape(spec) -> Optional[tuple]:
     return shape_of(spec.base if isinstance(spec, AdaptedWeight) else spec)
 
 
+def adapter_count(spec) -> int:
+    """Low-rank terms of a weight spec (a weight, an `AdaptedWeight` or a (weight, start, stop) range)."""
+    spec = spec[0] if isinstance(spec, tuple) else spec
+    return len(spec.terms) if isinstance(spec, AdaptedWeight) else 0
+
+
 def _source(node: Any, nodes: list) -> Any:
     """`node` seen through single-user no-op dropouts and casts (those join `nodes`)."""
     while isinstance(node, fx.Node) and (is_noop_dropout(node) or is_cast(node)) and len(node.users) == 1:
