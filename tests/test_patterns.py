@@ -1035,3 +1035,17 @@ def test_tail_queries_with_symbolic_token_counts(fresh_dynamo, mod):
     n_prefix = n_k // 4 if quarter else 8
     assert site.key_runs(n_k - n_prefix, n_k) == ((0, n_prefix, n_k - n_prefix),)
     assert step_counts(mod).get("attention_sparse", 0) > 0
+
+
+def test_mlp_with_wrapped_weights_is_rejected(fresh_dynamo):
+    """Quantized weights (torchao's Int8Tensor and the like: tensor subclasses wrapping others)
+    cannot have their rows gathered by the kernels: the MLP is listed as rejected with the class
+    and stays exact. Before, it was rewritten and the subclass raised on the chipmunk op."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    mod = Mlp(F.gelu).eval()
+    for lin in (mod.fc1, mod.fc2):
+        lin.weight = nn.Parameter(TwoTensor(lin.weight.data.clone(), lin.weight.data.clone()), requires_grad=False)
+    reasons = [r.reason for r in rejected(mod, tokens(0)).rejected]
+    assert len(reasons) == 1 and "TwoTensor" in reasons[0], reasons
+    check(mod, tokens, mlp=0)

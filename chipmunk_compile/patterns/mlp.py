@@ -33,11 +33,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
-from .low_rank import adapted_linear, weight_shape
+from .low_rank import AdaptedWeight, adapted_linear, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
 
 _GELU = (F.gelu, torch._C._nn.gelu)
@@ -76,6 +77,18 @@ def _peel(h: fx.Node, chain: list) -> fx.Node:
         chain.append(h)
         h = h.args[0]
     return h
+
+
+def _wrapped_weight(*specs) -> Optional[str]:
+    """The class name of the first weight (or adapter factor) that is a tensor subclass wrapping
+    others (torchao's quantized weights, ...), or None when all are plain tensors."""
+    for spec in specs:
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        nodes = [spec.base] + [f for a, b, _ in spec.terms for f in (a, b)] if isinstance(spec, AdaptedWeight) else [spec]
+        for n in nodes:
+            if is_traceable_wrapper_subclass(val(n)):
+                return type(val(n)).__name__
+    return None
 
 
 def _used_within(node, owned: set) -> bool:
@@ -228,6 +241,10 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     _, mlp_cfg = ctx.config.for_site(module_path(node))
     if x_shape is None:
         return _reject(node, "unknown input shape", shapes)
+    wrapped = _wrapped_weight(w_act, w_lin, w2)
+    if wrapped is not None:
+        return _reject(node, f"its weights are {wrapped} tensors (quantized or wrapped): the kernels gather "
+                       "rows of plain weights", shapes)
     if len(x_shape) < 3:  # (B, C): a conditioning MLP (timestep / pooled embedders), no token axis
         return _reject(node, f"no token dimension (input of rank {len(x_shape)})", shapes)
     if not mlp_cfg.enabled:
