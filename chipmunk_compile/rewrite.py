@@ -194,22 +194,33 @@ def _padding_vector(graph: fx.Graph, src: fx.Node, batch: fx.Node) -> fx.Node:
     return graph.call_method("expand", (flat, batch, -1))
 
 
-def _weight(graph: fx.Graph, spec):
+def _weight(graph: fx.Graph, spec, column_major: bool = False):
     """A node for a weight: the node itself, or for an `AdaptedWeight` W + Σ s·(B @ A) folded in
-    the graph (one addmm per adapter, made once per graph and weight)."""
+    the graph (one addmm per adapter; mm, mul and add for a tensor scale), made once per graph,
+    weight and layout. `column_major`: the fold is computed transposed and handed over as its
+    transpose (stride(0) == 1), the layout the sparse mm2 reads W2 in, so the op makes no copy of a
+    tensor that is new on every call."""
     if not isinstance(spec, AdaptedWeight):
         return spec
     folds = graph.__dict__.setdefault("_chipmunk_folds", {})
-    node = folds.get(spec)
+    node = folds.get((spec, column_major))
     if node is None:
-        node = spec.base
+        def t(n):
+            return graph.call_method("t", (n,))
+
+        node = t(spec.base) if column_major else spec.base
         for a_down, b_up, scale in spec.terms:
-            node = graph.call_function(torch.addmm, (node, b_up, a_down), {"alpha": scale})
-        folds[spec] = node
+            left, right = (t(a_down), t(b_up)) if column_major else (b_up, a_down)
+            if isinstance(scale, fx.Node):  # a tensor scale (hot-swappable adapters)
+                node = graph.call_function(torch.add, (node, graph.call_function(
+                    torch.mul, (graph.call_function(torch.mm, (left, right)), scale))))
+            else:
+                node = graph.call_function(torch.addmm, (node, left, right), {"alpha": scale})
+        node = folds[(spec, column_major)] = t(node) if column_major else node
     return node
 
 
-def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):
+def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None, column_major: bool = False):
     """A node for `spec` (a weight or a (weight, start, stop) row slice, see `_weight`), optionally
     column-sliced."""
     if spec is None:
@@ -217,7 +228,7 @@ def _slice(graph: fx.Graph, spec, cols: Optional[tuple[int, int]] = None):
     if isinstance(spec, tuple):
         w, a, b = spec
         return graph.call_function(operator.getitem, (_weight(graph, w), slice(a, b)))
-    spec = _weight(graph, spec)
+    spec = _weight(graph, spec, column_major)
     if cols is not None:
         return graph.call_function(operator.getitem, (spec, (slice(None), slice(*cols))))
     return spec
@@ -260,7 +271,7 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
             return back
 
         if m.cat_parts is None:
-            new = sparse_mlp(_slice(graph, m.w2), m.b2)
+            new = sparse_mlp(_slice(graph, m.w2, column_major=True), m.b2)
         else:
             other = m.cat_parts[1 - m.cat_index]
             d_other = shape_of(other)[-1]
@@ -269,8 +280,8 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
                 cols_other, cols_mlp = (0, d_other), (d_other, d_total)
             else:
                 cols_mlp, cols_other = (0, d_total - d_other), (d_total - d_other, d_total)
-            w2_mlp = _slice(graph, m.w2, cols_mlp)
-            w2_other = _slice(graph, m.w2, cols_other)
+            w2_mlp = _slice(graph, m.w2, cols_mlp, column_major=True)
+            w2_other = _slice(graph, m.w2, cols_other, column_major=True)
             sparse = sparse_mlp(w2_mlp, None)
             dense = graph.call_function(torch._C._nn.linear, (other, w2_other, m.b2))
             new = graph.call_function(operator.add, (dense, sparse))

@@ -28,6 +28,11 @@ class LoraLinear(nn.Module):
             b.weight.data = torch.randn(b.weight.shape, generator=g) * 0.3
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
+    def tensor_scales(self) -> "LoraLinear":
+        """Scales as 0-dim tensors, as peft's `prepare_model_for_compiled_hotswap` makes them."""
+        self.scales = [torch.tensor(float(s)) for s in self.scales]
+        return self
+
     def forward(self, x):
         result = self.base_layer(x)
         dtype = result.dtype
@@ -142,3 +147,26 @@ def test_fused_first_linear_with_an_adapter(fresh_dynamo, spelling):
     check(mod, tokens, attention=1, mlp=1)
     torch._dynamo.reset()
     assert folds(mod, tokens(0)) == 2
+
+
+def test_hot_swappable_adapters_follow_a_swap_between_generations(fresh_dynamo):
+    """Tensor scales (compiled hot-swapping): the MLP is still a site, and an adapter swapped in
+    place between two generations (new A/B values, a new scale) changes the output like eager's,
+    without a recompile: the fold is part of the graph, recomputed on every call. (Within a
+    generation the caches assume fixed weights, as for any weight change.)"""
+    mod = add_lora(Mlp(F.silu), ["fc1", "fc2"])
+    for lin in (mod.fc1, mod.fc2):
+        lin.tensor_scales()
+    check(mod, tokens, mlp=1, pattern="mlp")
+    torch._dynamo.reset()
+    compiled = chip(mod, cfg(mlp={**FULL_KEYS, "block": 8}))
+    with torch.no_grad():
+        for step in range(3):
+            assert max_rel(compiled(*tokens(step)), mod(*tokens(step))) < 1e-5
+        graphs = ccount("graphs")
+        mod.fc1.scales[0].fill_(2.0)
+        mod.fc2.lora_B[0].weight.mul_(-3.0)
+        chipmunk_compile.reset(compiled)  # a new generation (this toy model ignores its timestep)
+        for step in range(3):
+            assert max_rel(compiled(*tokens(step)), mod(*tokens(step))) < 1e-5, step
+    assert ccount("graphs") == graphs and ccount("mlp_sparse") >= 4

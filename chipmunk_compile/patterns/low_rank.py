@@ -8,7 +8,7 @@ of the adapted weight. Without this, every adapted MLP of a LoRA model stayed de
 
 Invariants: pure functions of nodes (nothing here edits a graph). A term is recognized only when
 its input is the base linear's input (through no-op dropouts and value-keeping casts), its scale
-is a number, its two linears have no bias and are used only by the term, and its rank is below
+is a number or a 0-dim float tensor (hot-swappable adapters), its two linears have no bias and are used only by the term, and its rank is below
 both dimensions of W; anything else (DoRA, adapter biases, a tensor scale) leaves the node
 unrecognized. Sums are read left-nested, as consecutive `result = result + term` build them.
 """
@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .fx_utils import is_call, is_cast, is_linear, is_noop_dropout, linear_parts, shape_of
+from .fx_utils import is_call, is_cast, is_linear, is_noop_dropout, linear_parts, shape_of, val
 
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
@@ -55,16 +55,25 @@ def _source(node: Any, nodes: list) -> Any:
     return node
 
 
+def _is_scale(a: Any) -> bool:
+    """A number, or a one-element tensor (peft's scalings made tensors for compiled hot-swapping)."""
+    if isinstance(a, fx.Node):
+        v = val(a)
+        return isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point()
+    return isinstance(a, numbers.Number) and not isinstance(a, bool)
+
+
 def _term(node: Any) -> Optional[tuple]:
-    """(input, A, B, scale, nodes) when `node` is scale · linear(linear(input, A), B)."""
+    """(input, A, B, scale, nodes) when `node` is scale · linear(linear(input, A), B); scale is a
+    float or a 0-dim tensor node."""
     nodes, scale = [], 1.0
     if is_call(node, *_MUL) and len(node.args) == 2 and not node.kwargs:
-        nums = [a for a in node.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-        others = [a for a in node.args if isinstance(a, fx.Node)]
-        if len(nums) != 1 or len(others) != 1 or len(others[0].users) != 1:
+        lin = [a for a in node.args if is_linear(a)]
+        if len(lin) != 1 or not _is_scale(node.args[1 - node.args.index(lin[0])]) or len(lin[0].users) != 1:
             return None
         nodes.append(node)
-        scale, node = float(nums[0]), others[0]
+        scale, node = node.args[1 - node.args.index(lin[0])], lin[0]
+        scale = scale if isinstance(scale, fx.Node) else float(scale)
     if not (is_linear(node) and len(node.users) == 1):
         return None
     down, b_up, bias_up = linear_parts(node)
