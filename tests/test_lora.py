@@ -170,3 +170,25 @@ def test_hot_swappable_adapters_follow_a_swap_between_generations(fresh_dynamo):
         for step in range(3):
             assert max_rel(compiled(*tokens(step)), mod(*tokens(step))) < 1e-5, step
     assert ccount("graphs") == graphs and ccount("mlp_sparse") >= 4
+
+
+@pytest.mark.slow
+def test_freezing_folds_the_adapters_once(fresh_dynamo, monkeypatch):
+    """Through Inductor: the fold is an addmm per adapted weight in the generated code on every call;
+    with `torch._inductor.config.freezing` (weights as constants) Inductor folds it at compile time
+    (README: LoRA), and the output is the same."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    mod = add_lora(Mlp(F.silu, hidden=256), ["fc1", "fc2"]).eval()
+    x = tokens(0)
+    calls = {}
+    for freezing in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(inductor_config, "freezing", freezing)
+        compiled = torch.compile(mod, backend="chipmunk", options={"config": cfg(mlp={**FULL_KEYS, "block": 8})})
+        with torch.no_grad():
+            out, code = run_and_get_code(compiled, *x)
+            assert max_rel(out, mod(*x)) < 1e-5
+        calls[freezing] = sum(src.count("extern_kernels.addmm(") + src.count("extern_kernels.mm(") for src in code)
+    assert calls == {False: 2, True: 0}, calls
