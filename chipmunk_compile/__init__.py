@@ -62,8 +62,8 @@ def clear_step(model: Any) -> None:
 
 def stats(model: Any) -> dict:
     """Per-site step-type counts and token grouping, the current step position and the cache memory of `model`
-    (`state_bytes`: device caches plus the host homes of offloaded branches; `offload_slot_bytes`: the device slots
-    those are staged into); for
+    (`state_bytes`: device caches plus the host homes of offloaded branches, also per site with its
+    `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
     out = {"sites": [], "state_bytes": 0}
@@ -76,7 +76,10 @@ def stats(model: Any) -> dict:
             out["offload_slot_bytes"] = out.get("offload_slot_bytes", 0) + session.offload_slot_bytes()
         for s in session.sites:
             row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps),
-                   "grouping": s.grouping}
+                   "grouping": s.grouping, "state_bytes": sum(st.nbytes for st in s.states.values())}
+            offloaded = sum(1 for st in s.states.values() if st.offloaded)
+            if offloaded:  # guidance branches (and block instances) whose caches live in host memory
+                row["offloaded_branches"] = offloaded
             if s.attn_mass:  # the attention guard's measurement per layer (a host read, here only)
                 row["attn_mass"] = {layer: round(float(m), 4) for layer, m in sorted(s.attn_mass.items())}
                 row["dense_by_guard"] = sorted(layer for layer, v in s.attn_diffuse.items() if v)

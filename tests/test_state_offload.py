@@ -143,6 +143,9 @@ def test_auto_offloads_the_branches_that_would_crowd_the_device(fresh_dynamo, mo
     branches = [st for sess in sessions_of(compiled) for s in sess.sites for st in s.states.values()]
     offloaded = [st for st in branches if st.offloaded]
     assert 0 < len(offloaded) < len(branches) and ccount("offload_auto_branch") == len(offloaded)
+    rows = chipmunk_compile.stats(compiled)
+    assert sum(r["state_bytes"] for r in rows["sites"]) == rows["state_bytes"]
+    assert sum(r.get("offloaded_branches", 0) for r in rows["sites"]) == len(offloaded)
     assert all(st.home for st in offloaded) and not any(st.home for st in branches if not st.offloaded)
     # what stayed on the device left at least the reserve free, give or take the last branch placed
     assert sum(st.nbytes for st in on_device) <= 0.5 * total + max(st.nbytes for st in branches)
