@@ -491,6 +491,10 @@ def free_gpu() -> None:
 def measure(args, variants, blocks, preset, seq, labels) -> dict:
     """Build the model at `blocks` depth and run every variant on it; frees the model after."""
     model = build(args.model, blocks)
+    if args.lora:  # unfused peft-shaped adapters on every block linear, as load_lora_weights leaves them
+        from lora_adapters import add_lora
+
+        add_lora(model, rank=args.lora, scales=(1.0,))
     kw = apply_text_mask(args.model, model, inputs(args.model, model, frames=args.frames), args.text_mask)
     cfg_calls = MODELS[args.model].get("cfg_calls", 1)
 
@@ -581,6 +585,7 @@ def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
 def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
     last = list(measured)[-1]  # compile time and peak memory: of the last (deepest) measured model
     return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
+                lora_rank=args.lora, freezing=args.freezing,
                 text_mask=args.text_mask, baseline_attention=baseline_text(args.model),
                 steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
                 extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
@@ -607,6 +612,12 @@ def parse_args():
                          "(repeatable; values are YAML)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
     ap.add_argument("--default-sdpa", action="store_true", help="also time plain torch.compile with default SDPA")
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="unfused LoRA adapters of this rank on every block linear (benchmarks/lora_adapters.py), "
+                         "for every variant; chipmunk folds them into the MLP weights on each call")
+    ap.add_argument("--freezing", action="store_true",
+                    help="torch._inductor.config.freezing = True for every variant (weights as constants: "
+                         "Inductor folds LoRA adapters once at compile time)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: 'ones' (default) passes the all-ones encoder_attention_mask as is; "
                          "'none' (hunyuan-video only) makes attention run with attn_mask=None (same result)")
@@ -620,6 +631,10 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     counts = parse_blocks(args.blocks)
     spec = MODELS[args.model]
     preset = with_overrides(args.config or spec["preset"], args.set)
@@ -629,7 +644,9 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"# {args.model} on {gpu}, torch {torch.__version__}, steps={args.steps}, "
           f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}, "
-          f"{text_mask_text(args.model, args.text_mask)}; {baseline_text(args.model)}", flush=True)
+          f"{text_mask_text(args.model, args.text_mask)}; {baseline_text(args.model)}"
+          f"{f'; LoRA rank {args.lora} on every block linear' if args.lora else ''}"
+          f"{'; Inductor freezing' if args.freezing else ''}", flush=True)
     if counts is not None and len(counts) == 2 and counts[0] < min_dense_layers(preset):
         print(f"WARNING: blocks={counts[0]} < first_n_dense_layers={min_dense_layers(preset)}: the two depths hold "
               f"different dense-only layers, so the extrapolation mixes dense and sparse per-unit costs", flush=True)

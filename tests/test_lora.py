@@ -2,8 +2,12 @@
 them) are still MLP sites: the adapted weight W + Σ s·(B @ A) is folded in the graph once per weight
 and the sparse ops run on it. Before, every adapted MLP stayed dense without being reported.
 
-`LoraLinear` spells out peft's `Linear.forward` (base layer, then `result + lora_B(lora_A(
-dropout(x))) * scaling` per adapter, then the cast back) so that CI needs no peft."""
+`LoraLinear` (benchmarks/lora_adapters.py) spells out peft's `Linear.forward` (base layer, then
+`result + lora_B(lora_A(dropout(x))) * scaling` per adapter, then the cast back) so that CI needs
+no peft."""
+
+import os
+import sys
 
 import pytest
 import torch
@@ -15,39 +19,8 @@ from helpers import FULL_KEYS, cfg, chip, ccount, flux, flux_inputs, fresh_dynam
 from test_patterns import SMALL, Gated, Mlp, ParallelBlock, SwiGLU2, check, tokens
 from test_rewrite_graph import Recorder
 
-
-class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank=2, scales=(0.5,), dropout=0.0, bias=False, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.base_layer, self.scales = base, scales
-        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in scales)
-        self.lora_B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=bias) for _ in scales)
-        for a, b in zip(self.lora_A, self.lora_B):  # peft starts B at zero; a trained adapter is not
-            a.weight.data = torch.randn(a.weight.shape, generator=g) * 0.3
-            b.weight.data = torch.randn(b.weight.shape, generator=g) * 0.3
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    def tensor_scales(self) -> "LoraLinear":
-        """Scales as 0-dim tensors, as peft's `prepare_model_for_compiled_hotswap` makes them."""
-        self.scales = [torch.tensor(float(s)) for s in self.scales]
-        return self
-
-    def forward(self, x):
-        result = self.base_layer(x)
-        dtype = result.dtype
-        for a, b, s in zip(self.lora_A, self.lora_B, self.scales):
-            result = result + b(a(self.dropout(x))) * s
-        return result.to(dtype)
-
-
-def add_lora(module: nn.Module, names, **kw) -> nn.Module:
-    """Wrap the named nn.Linear submodules (dotted paths) in LoraLinear."""
-    for i, name in enumerate(names):
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, LoraLinear(getattr(parent, leaf), seed=i, **kw))
-    return module
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from lora_adapters import add_lora  # noqa: E402
 
 
 def folds(mod, args, config=SMALL) -> int:
@@ -192,3 +165,15 @@ def test_freezing_folds_the_adapters_once(fresh_dynamo, monkeypatch):
             assert max_rel(out, mod(*x)) < 1e-5
         calls[freezing] = sum(src.count("extern_kernels.addmm(") + src.count("extern_kernels.mm(") for src in code)
     assert calls == {False: 2, True: 0}, calls
+
+
+def test_add_lora_wraps_every_block_linear_by_default():
+    """bench_e2e.py --lora: adapters on every nn.Linear under the blocks, nothing else."""
+    from lora_adapters import LoraLinear
+
+    model = flux()
+    block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "blocks" in n]
+    add_lora(model, rank=4)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert wrapped == block_linears and all(model.get_submodule(n).lora_A[0].out_features == 4 for n in wrapped)
+    assert not any(isinstance(m, LoraLinear) for n, m in model.named_modules() if "blocks" not in n)
