@@ -354,20 +354,24 @@ def time_step(fn) -> float:
     return start.elapsed_time(end)
 
 
-def run_pass(model, step_kwargs, seq, cfg_calls, pin=None) -> dict[int, float]:
-    """One pass over the step indices `seq`; ms per step (all its CFG calls)."""
+def run_pass(model, step_kwargs, seq, cfg_calls, pin=None, outs: dict | None = None) -> dict[int, float]:
+    """One pass over the step indices `seq`; ms per step (all its CFG calls). `outs`, when given,
+    receives each step's last output (its first element, fp32 on the host), read after the timing."""
     times = {}
     with torch.no_grad():
         for s in seq:
             kw = step_kwargs(s)
+            last = []
 
             def one_step():
                 for c in range(cfg_calls):
                     if pin is not None:
                         pin(s, c)
-                    model(**kw)
+                    last[:] = [model(**kw)]
 
             times[s] = time_step(one_step)
+            if outs is not None:
+                outs[s] = last[0][0].float().cpu()
     return times
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import chipmunk_compile as cc  # noqa: E402
 from bench_e2e import (MODELS, StepPin, apply_text_mask, build, coverage, depth_text, inputs,  # noqa: E402
-                       resolve_text_mask, step_labels, time_step, timestep, with_overrides)
+                       resolve_text_mask, run_pass, step_labels, timestep, with_overrides)
 from torch._dynamo.utils import counters  # noqa: E402
 
 VARIANTS = ("device", "offload", "auto")
@@ -49,22 +49,6 @@ def variant_config(preset, variant: str):
     return {**(preset if isinstance(preset, dict) else {"preset": preset}), "offload_state": value}
 
 
-def run_pass(compiled, pin, step_kwargs, seq, cfg_calls) -> tuple[dict, dict]:
-    times, outs = {}, {}
-    with torch.no_grad():
-        for s in seq:
-            kw = step_kwargs(s)
-
-            def one_step():
-                for c in range(cfg_calls):
-                    pin(s, c)
-                    outs[s] = compiled(**kw)[0]
-
-            times[s] = time_step(one_step)
-            outs[s] = outs[s].float().cpu()
-    return times, outs
-
-
 def run_variant(variant, model, preset, step_kwargs, seq, cfg_calls) -> dict:
     torch._dynamo.reset()
     gc.collect()
@@ -73,10 +57,11 @@ def run_variant(variant, model, preset, step_kwargs, seq, cfg_calls) -> dict:
     compiled = torch.compile(model, backend="chipmunk", options={"config": variant_config(preset, variant)})
     pin = StepPin(compiled)
     t0 = time.perf_counter()
-    run_pass(compiled, pin, step_kwargs, seq, cfg_calls)  # compile, kernel choices, first fills
+    run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # compile, kernel choices, first fills
     warm_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    times, outs = run_pass(compiled, pin, step_kwargs, seq, cfg_calls)
+    outs: dict = {}
+    times = run_pass(compiled, step_kwargs, seq, cfg_calls, pin, outs)
     c = counters["chipmunk"]
     st = cc.stats(compiled)
     sites = [s for sess in cc.sessions_of(compiled) for s in sess.sites]
