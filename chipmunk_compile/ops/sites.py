@@ -196,7 +196,7 @@ class Site:
     def staged(self, st: BranchState, device, writes: bool):
         """Context of a call that reads or writes `st`'s caches: with `offload_state` their device
         copy is staged from host memory for it (and copied back after it when `writes`)."""
-        offload = self.session.offload(device)
+        offload = self.session.offload(device) if st.offloaded is not False else None  # placed on the device
         if offload is None:
             return contextlib.nullcontext()
         if st.offloaded is None:

@@ -41,10 +41,22 @@ def weight_shape(spec) -> Optional[tuple]:
     return shape_of(spec.base if isinstance(spec, AdaptedWeight) else spec)
 
 
+def _unrange(spec):
+    return spec[0] if isinstance(spec, tuple) else spec
+
+
 def adapter_count(spec) -> int:
     """Low-rank terms of a weight spec (a weight, an `AdaptedWeight` or a (weight, start, stop) range)."""
-    spec = spec[0] if isinstance(spec, tuple) else spec
+    spec = _unrange(spec)
     return len(spec.terms) if isinstance(spec, AdaptedWeight) else 0
+
+
+def weight_nodes(spec) -> list:
+    """The tensors a weight spec reads: the weight, or the base weight and every adapter factor."""
+    spec = _unrange(spec)
+    if isinstance(spec, AdaptedWeight):
+        return [spec.base] + [f for a_down, b_up, _ in spec.terms for f in (a_down, b_up)]
+    return [spec]
 
 
 def _source(node: Any, nodes: list) -> Any:

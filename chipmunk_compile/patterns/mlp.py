@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
-from .low_rank import AdaptedWeight, adapted_linear, weight_shape
+from .low_rank import adapted_linear, weight_nodes, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
 
 _GELU = (F.gelu, torch._C._nn.gelu)
@@ -83,9 +83,7 @@ def _wrapped_weight(*specs) -> Optional[str]:
     """The class name of the first weight (or adapter factor) that is a tensor subclass wrapping
     others (torchao's quantized weights, ...), or None when all are plain tensors."""
     for spec in specs:
-        spec = spec[0] if isinstance(spec, tuple) else spec
-        nodes = [spec.base] + [f for a, b, _ in spec.terms for f in (a, b)] if isinstance(spec, AdaptedWeight) else [spec]
-        for n in nodes:
+        for n in weight_nodes(spec):
             if is_traceable_wrapper_subclass(val(n)):
                 return type(val(n)).__name__
     return None
