@@ -30,6 +30,7 @@ from .ops.sites import GraphInstances
 from .patterns.fx_utils import source_name
 from .grouping import outermost_session
 from .runtime import Session, install_diffusers_context_probe, session_for
+from .sequence_parallel import collective_groups
 from .step_cache import StepCache, main_input_index
 
 log = logging.getLogger("chipmunk_compile")
@@ -167,6 +168,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     param_input = first_parameter_input(gm)
     main_input = main_input_index(gm, signals)
     static, blockers = static_input_indices(gm), graph_blockers(gm)
+    groups = collective_groups(gm)
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
@@ -186,6 +188,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         step_cache = session.step_cache
         if not entry:  # a resumed frame: the model is split into several graphs
             step_cache.multi_graph = True
+        step_cache.groups = groups or step_cache.groups
 
     # the graph inputs that give a new token count its grid (grouping.CallGrouping): position ids
     # (values) and a conv-embedded or patchified latent (shape only)

@@ -14,8 +14,8 @@ state epoch and the decision of `decide`). Per signature:
 
 Invariants:
 - Parameters/buffers (static inputs) are checked by address on every replay; a moved one drops
-  the graph. Graphs that mutate an input or have data-dependent shapes (host syncs) are never
-  recorded (counted as graph_disabled:<reason>).
+  the graph. Graphs that mutate an input, have data-dependent shapes (host syncs) or run
+  collectives (context parallelism) are never recorded (counted as graph_disabled:<reason>).
 - Nothing persistent lives in the graph pool: caches, the device step and the recorded input
   buffers are allocated outside any recording; outputs are cloned right after each replay, so
   graphs of one session can share one memory pool (they never run concurrently), taken anew
@@ -51,6 +51,7 @@ from torch._dynamo.utils import counters
 from . import runtime
 from .ops.sites import count, fallback
 from .patterns.fx_utils import source_name
+from .sequence_parallel import collective_groups
 
 log = logging.getLogger("chipmunk_compile")
 EMULATE = False  # tests: emulate CUDA graphs on CPU (see module docstring)
@@ -94,9 +95,12 @@ def data_dependent_shapes(gm: torch.fx.GraphModule) -> bool:
 
 
 def graph_blockers(gm: torch.fx.GraphModule) -> list[str]:
-    """Why this graph must not be recorded (empty: it may be)."""
-    return [name for name, test in (("mutates_inputs", mutates_inputs), ("data_dependent_shapes", data_dependent_shapes))
-            if test(gm)]
+    """Why this graph must not be recorded (empty: it may be). Collectives (context parallelism):
+    capturing them needs every rank to record and replay the same calls, and each rank decides
+    alone when to record (its memory budget, evictions, recordings dropped for an eager call)."""
+    tests = (("mutates_inputs", mutates_inputs), ("data_dependent_shapes", data_dependent_shapes),
+             ("collectives", lambda g: bool(collective_groups(g))))
+    return [name for name, test in tests if test(gm)]
 
 
 def mutates_inputs(gm: torch.fx.GraphModule) -> bool:

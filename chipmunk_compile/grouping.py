@@ -76,7 +76,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import runtime
+from . import runtime, sequence_parallel
 from .patterns.fx_utils import source_name
 
 log = logging.getLogger("chipmunk_compile")
@@ -552,6 +552,8 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
                 continue  # its tokens are beside the merge
             if _composite_axes(node.args[0], merged):
                 continue  # (tiles, tokens per tile): already a tiled order, not a raster grid
+            if sequence_parallel.exchanged(node.args[0]):
+                continue  # (ranks, tokens per rank) of a Ulysses all-to-all: shards, not a grid
             if n not in sizes and n not in joined:
                 continue  # neither a site's tokens nor the image part of a joined sequence
             if grid not in seen:
@@ -1199,8 +1201,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         if latent is not None and (earlier is None or latent.grid != earlier.grid):
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
-        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
-                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact)
+        info = _from_earlier(earlier)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
@@ -1238,6 +1239,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
+    shards = _Lazy(lambda: sequence_parallel.graph_sharding(gm, n_img))
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
     shape_input = None
     if info.conv is not None and info.input_index is None:
@@ -1286,7 +1288,13 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             side_note = " (text side of this module at an earlier resolution)"
         else:
             side_note = " (concat in an earlier graph)" if n in from_earlier else ""
-        perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
+        gathered = sequence_parallel.gathered_tokens(_token_node(m)) if s.kind == "attention" else None
+        if gathered is not None and n is not None:  # Ulysses: every rank's shard, rank-major
+            perm, keep, note = _decide_gathered(gathered, n, n_img, img_order, info, gcfg)
+        elif n is not None and n < n_img and (sharding := shards.get()) is not None:  # one rank's shard
+            perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key)
+        else:
+            perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
             remembered_sides[s.path], remembered_text[s.path] = bool(keep[0]), int(keep.sum())
         s.perm = perm
@@ -1296,6 +1304,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+
+
+def _from_earlier(g: GridInfo) -> GridInfo:
+    return GridInfo(g.grid, g.source + " (earlier graph)", g.token_of_raster, g.text_first, conv=g.conv,
+                    size_input=g.size_input, exact=g.exact)
 
 
 def _effective_tile(tile_cfg, grid: tuple) -> tuple:
@@ -1429,6 +1442,56 @@ def _ungrouped(n: int, n_img: int) -> None:
         log.info("chipmunk: %d tokens do not fit this graph's %d-token grid (a resolution other than the one "
                  "that compiled it?): those calls run ungrouped; torch.compile(..., dynamic=False) gives every "
                  "resolution a graph and a grid of its own", n, n_img)
+
+
+class _Lazy:
+    """A value computed on first use (graph scans that most graphs never need)."""
+
+    def __init__(self, fn):
+        self.fn, self.done, self.value = fn, False, None
+
+    def get(self):
+        if not self.done:
+            self.value, self.done = self.fn(), True
+        return self.value
+
+
+def _decide_gathered(gathered, n, n_img, img_order, info: GridInfo, gcfg):
+    """(perm, text keys, note) of an attention site whose tokens are W ranks' shards gathered by a
+    Ulysses all-to-all (`sequence_parallel.gathered_tokens`): each shard is its rank's text and image
+    tokens, the text side read from the concat that built the local sequence."""
+    local, _, world = gathered
+    n_text = n - n_img
+    if n_img % world or n_text < 0 or n_text % world:
+        return None, None, f"{n} tokens from {world} sequence shards ≠ grid {n_img} (+ text) in equal shards"
+    if n_text and gcfg.text_tokens is not None and n_text != gcfg.text_tokens:
+        return None, None, f"{n} tokens ≠ grid {n_img} + text_tokens {gcfg.text_tokens}"
+    first = True
+    if n_text:
+        sides = _cat_sides(local, n // world, n_img // world)
+        first, conflict = _text_side(sides, info, gcfg, f"{n_text // world} non-grid tokens per shard")
+        if conflict or first is None:
+            return None, None, conflict or (f"cannot tell whether the {n_text // world} non-grid tokens of each "
+                                            "sequence shard come before or after its image tokens")
+    perm, keep = sequence_parallel.gathered_perm(img_order, n_img, n_text, first, world)
+    text = f", text {n_text} ({n_text // world} per shard) {'first' if first else 'last'} in each shard" if n_text else ""
+    return perm, (keep if n_text else None), f", {world} sequence shards gathered by an all-to-all{text}"
+
+
+def _decide_shard(match, n, n_img, img_order, sharding, info: GridInfo, gcfg, cache, order_key):
+    """(perm, text keys, note) of a site that sees one rank's shard of the image stream (and maybe of
+    the text): the grid's order restricted to that shard."""
+    if n_img % sharding.world:
+        return None, None, f"{n} tokens ≠ grid {n_img}, which {sharding.world} shards do not divide"
+    img_l = n_img // sharding.world
+    order = sequence_parallel.shard_order(img_order, n_img, sharding)
+    node = _token_node(match)
+    sides = _cat_sides(node, n, img_l) if n > img_l and isinstance(node, fx.Node) else set()
+    key = ("shard", sharding.world, sharding.rank, order_key)
+    perm, keep, note = _decide(n, img_l, order, sides, info, gcfg, cache, key)
+    if perm is None:
+        return None, None, note
+    return perm, keep, f", sequence shard: {sharding.source}{note}"
 
 
 def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=None):

@@ -13,7 +13,10 @@ Invariants:
 - Only a session whose model runs as one graph is step-cached: with graph breaks, skipping one
   graph would mix stale and fresh halves, so the call is computed and the fallback counted.
 - A call is only skipped when a computed output of the same branch and generation exists.
-- The adaptive rule reads one scalar per call on the host, outside the compiled graph.
+- The adaptive rule reads one scalar per call on the host, outside the compiled graph. Under
+  context parallelism (collectives in the graph) it is the maximum over the ranks' (one
+  all-reduce), so all ranks skip the same calls: a rank that skipped alone would leave the others
+  waiting in the attention's all-to-all.
 - `summary()["skipped_steps"]` lists, per guidance branch, the steps skipped in that branch's
   latest generation (the schedule the adaptive rule produced), so a user sees where it skipped.
 - A step on which some sparse site's schedule refreshes (attention refresh, MLP dense step) is
@@ -32,6 +35,7 @@ import torch
 from .ops.sites import count, fallback
 from .patterns.fx_utils import source_name
 from .schedule import DENSE, REFRESH, attn_step_kind, mlp_step_kind
+from .sequence_parallel import agree_max, covering_group
 
 _PAST_DENSE_LAYERS = 1 << 30  # a layer number past every first_n_dense_layers
 
@@ -68,6 +72,7 @@ class StepCache:
         self.skipped = 0
         self.computed = 0
         self.multi_graph = False
+        self.groups: list[str] = []  # process groups of the model's collectives (sequence_parallel)
         self.skipped_steps: dict[str, list[int]] = {}  # branch -> steps skipped in its latest generation
         self._generation: dict[str, int] = {}
 
@@ -97,7 +102,15 @@ class StepCache:
         if x is None or entry.ref_input is None or x.shape != entry.ref_input.shape:
             return False
         ref = entry.ref_input.float()
-        rel = ((x.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
+        rel = (x.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
+        if self.groups:  # context parallelism: every rank must skip the same calls
+            group = covering_group(self.groups)
+            if group is None:
+                fallback("step_cache_collectives", "collectives over process groups of different ranks; "
+                         "adaptive skips are off")
+                return False
+            rel = agree_max(rel, group)
+        rel = rel.item()
         entry.accumulated += rel
         return entry.accumulated < self.cfg.threshold
 
