@@ -183,9 +183,51 @@ def test_explicit_attention(fresh_dynamo, mod):
     check(mod(), qkv, attention=1, pattern="explicit")
 
 
+class AtenSdpa(nn.Module):
+    """An SDPA backend op called directly, as diffusers' `_native_cudnn` backend does under context
+    parallelism. Those ops need a GPU (flash_for_cpu aside), so eager runs F.sdpa: the same values,
+    and the compiled graph, traced with fake tensors, holds the op itself."""
+
+    def __init__(self, op: str, use_lse: bool = False):
+        super().__init__()
+        self.op, self.use_lse = op, use_lse
+
+    def forward(self, q, k, v, t):
+        if not torch.compiler.is_compiling():
+            return F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        fn = getattr(torch.ops.aten, self.op)
+        if self.op in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention"):
+            res = fn(q, k, v, None, self.use_lse, scale=0.3)
+        else:
+            res = fn(q, k, v, scale=0.3)
+        return res[0] + 0 * res[1].sum() if self.use_lse else res[0]
+
+
+ATEN_OPS = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+
+
+@pytest.mark.parametrize("op", ATEN_OPS)
+def test_sdpa_backend_ops(fresh_dynamo, op):
+    # not through check(): inspect() runs the traced graph, whose op needs a GPU; the rewritten one does not
+    mod = AtenSdpa(op).eval()
+    cm = chip(mod, SMALL)
+    with torch.no_grad():
+        for i in range(3):
+            assert max_rel(cm(*qkv(i)), mod(*qkv(i))) < 1e-5
+    sites = chipmunk_compile.stats(mod)["sites"]
+    assert [s["kind"] for s in sites] == ["attention"] and sites[0]["steps"].get("sparse", 0) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # attention: rejected / ignored
 # ---------------------------------------------------------------------------------------------
+def test_reject_sdpa_backend_op_with_used_lse(fresh_dynamo):
+    """Ring attention merges per-shard results by their log-sum-exp: not a whole attention (the CPU
+    flash op: inspect() runs the traced graph)."""
+    assert "log-sum-exp" in _reason(rejected(AtenSdpa(ATEN_OPS[3], use_lse=True), qkv(0)))
+
+
 def _reason(rep):
     assert len(rep.rejected) == 1, str(rep)
     return rep.rejected[0].reason

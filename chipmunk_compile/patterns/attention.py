@@ -1,4 +1,6 @@
-"""Attention patterns: `F.scaled_dot_product_attention` and the explicit softmax(QKᵀ)V form.
+"""Attention patterns: `F.scaled_dot_product_attention`, its backend ops (`aten._scaled_dot_product_
+{cudnn,flash,efficient}_attention`, when only the attention output is used: a used log-sum-exp, as
+ring attention merges partial results with, is a `Rejection`), and the explicit softmax(QKᵀ)V form.
 
 Invariants:
 - A match is self/joint attention only: query length == key length, or queries over joint keys
@@ -179,30 +181,76 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     kw = fn_kwargs(node)
     if kw is None:
         return _reject("sdpa", node, "could not read SDPA arguments", {})
+    return _sdpa_match("sdpa", node, ctx, kw, node, [node], kw.get("attn_mask"))
+
+
+# SDPA's backend ops, called directly by attention libraries (diffusers' `_native_cudnn` backend
+# under context parallelism, its `_native_flash` one): (output, logsumexp, ...) tuples.
+def _aten_sdpa_ops() -> dict:
+    ops = {}
+    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            ops[packet] = ops[packet.default] = packet
+    return ops
+
+
+_ATEN_SDPA = _aten_sdpa_ops()
+
+
+def _schema_kwargs(node: fx.Node, packet) -> dict:
+    """The op's arguments by schema name, defaults filled in."""
+    args = packet.default._schema.arguments
+    kw = {a.name: a.default_value for a in args if a.has_default_value()}
+    kw.update({a.name: v for a, v in zip(args, node.args)})
+    kw.update(node.kwargs)
+    return kw
+
+
+def match_sdpa_aten(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
+    """An SDPA backend op whose only used output is the attention output (getitem 0)."""
+    packet = _ATEN_SDPA.get(node.target) if node.op == "call_function" else None
+    if packet is None:
+        return None
+    kw = _schema_kwargs(node, packet)
+    shapes = {"q": shape_of(kw["query"]), "k": shape_of(kw["key"]), "v": shape_of(kw["value"])}
+    items = [u for u in node.users if is_call(u, operator.getitem)]
+    outs = [u for u in items if u.args[1] == 0 and u.users]
+    used_other = [u for u in items if u.args[1] != 0 and u.users]
+    if len(items) != len(node.users) or len(outs) != 1 or used_other:
+        why = ("its log-sum-exp or another output beside the attention output is used "
+               "(e.g. ring attention merging partial results)")
+        return _reject("sdpa_aten", node, why, shapes)
+    mask = kw.get("attn_bias", kw.get("attn_mask"))
+    return _sdpa_match("sdpa_aten", node, ctx, {**kw, "enable_gqa": False}, outs[0], [node, *items], mask)
+
+
+def _sdpa_match(pattern, node, ctx, kw, output, nodes, mask) -> Union[AttentionMatch, Rejection]:
+    """The checks and the match shared by the SDPA call and its backend ops; `kw` by argument name."""
     q, k, v = kw["query"], kw["key"], kw["value"]
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    key_layout = _common_checks("sdpa", node, ctx, q, k, v, kw.get("scale"), shapes,
+    key_layout = _common_checks(pattern, node, ctx, q, k, v, kw.get("scale"), shapes,
                                 is_causal=kw.get("is_causal", False), dropout_p=kw.get("dropout_p", 0.0))
     if isinstance(key_layout, Rejection):
         return key_layout
     qs, ks = shapes["q"], shapes["k"]
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
-        return _reject("sdpa", node, "query and key head counts differ without enable_gqa", shapes)
-    mask = kw.get("attn_mask")
+        return _reject(pattern, node, "query and key head counts differ without enable_gqa", shapes)
     key_mask = query_mask = None
     if mask is not None:
         if len(qs) != 4:
-            return _reject("sdpa", node, "masked 3-D attention", shapes)
+            return _reject(pattern, node, "masked 3-D attention", shapes)
         why = _key_mask_ok(mask, qs[0], ks[-2])
         if why is None:
             key_mask = mask
         elif key_layout is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
             key_mask, query_mask = vectors
         else:
-            return _reject("sdpa", node, why, shapes)
+            return _reject(pattern, node, why, shapes)
         shapes["mask"] = shape_of(mask)
     return AttentionMatch(
-        pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v, nodes=[node], mask_node=mask,
+        pattern=pattern, anchor=node, output=output, q=q, k=k, v=v, nodes=nodes, mask_node=mask,
         key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
         key_layout=key_layout,
     )
@@ -321,6 +369,8 @@ def match_flex(node: fx.Node, ctx: MatchContext) -> Optional[Rejection]:
 
 register_pattern(Pattern("sdpa", "attention", match_sdpa, priority=100,
                          description="F.scaled_dot_product_attention, positional or keyword"))
+register_pattern(Pattern("sdpa_aten", "attention", match_sdpa_aten, priority=95,
+                         description="SDPA backend ops (cuDNN, flash, efficient) with only their output used"))
 register_pattern(Pattern("explicit", "attention", match_explicit, priority=90,
                          description="softmax(scale * Q Kᵀ) V with matmul/bmm/baddbmm"))
 register_pattern(Pattern("flex", "attention", match_flex, priority=80,
