@@ -64,6 +64,7 @@ Every perm is a permutation of range(N_site), int32, on the CPU (the ops move it
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -1201,7 +1202,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         if latent is not None and (earlier is None or latent.grid != earlier.grid):
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
-        info = _from_earlier(earlier)
+        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
+                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
@@ -1239,7 +1241,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
-    shards = _Lazy(lambda: sequence_parallel.graph_sharding(gm, n_img))
+    shards = functools.cache(lambda: sequence_parallel.graph_sharding(gm, n_img))  # scans the graph once, if asked
+    shard_sides: dict = {}  # text sides inside the shards, per token count (the first site's concat)
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
     shape_input = None
     if info.conv is not None and info.input_index is None:
@@ -1290,9 +1293,9 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             side_note = " (concat in an earlier graph)" if n in from_earlier else ""
         gathered = sequence_parallel.gathered_tokens(_token_node(m)) if s.kind == "attention" else None
         if gathered is not None and n is not None:  # Ulysses: every rank's shard, rank-major
-            perm, keep, note = _decide_gathered(gathered, n, n_img, img_order, info, gcfg)
-        elif n is not None and n < n_img and (sharding := shards.get()) is not None:  # one rank's shard
-            perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key)
+            perm, keep, note = _decide_gathered(gathered, n, n_img, img_order, info, gcfg, shard_sides)
+        elif n is not None and n < n_img and (sharding := shards()) is not None:  # one rank's shard
+            perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key, shard_sides)
         else:
             perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
@@ -1304,11 +1307,6 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
-
-
-def _from_earlier(g: GridInfo) -> GridInfo:
-    return GridInfo(g.grid, g.source + " (earlier graph)", g.token_of_raster, g.text_first, conv=g.conv,
-                    size_input=g.size_input, exact=g.exact)
 
 
 def _effective_tile(tile_cfg, grid: tuple) -> tuple:
@@ -1444,23 +1442,11 @@ def _ungrouped(n: int, n_img: int) -> None:
                  "resolution a graph and a grid of its own", n, n_img)
 
 
-class _Lazy:
-    """A value computed on first use (graph scans that most graphs never need)."""
-
-    def __init__(self, fn):
-        self.fn, self.done, self.value = fn, False, None
-
-    def get(self):
-        if not self.done:
-            self.value, self.done = self.fn(), True
-        return self.value
-
-
-def _decide_gathered(gathered, n, n_img, img_order, info: GridInfo, gcfg):
+def _decide_gathered(gathered, n, n_img, img_order, info: GridInfo, gcfg, shard_sides: dict):
     """(perm, text keys, note) of an attention site whose tokens are W ranks' shards gathered by a
     Ulysses all-to-all (`sequence_parallel.gathered_tokens`): each shard is its rank's text and image
     tokens, the text side read from the concat that built the local sequence."""
-    local, _, world = gathered
+    local, world = gathered
     n_text = n - n_img
     if n_img % world or n_text < 0 or n_text % world:
         return None, None, f"{n} tokens from {world} sequence shards ≠ grid {n_img} (+ text) in equal shards"
@@ -1468,8 +1454,10 @@ def _decide_gathered(gathered, n, n_img, img_order, info: GridInfo, gcfg):
         return None, None, f"{n} tokens ≠ grid {n_img} + text_tokens {gcfg.text_tokens}"
     first = True
     if n_text:
-        sides = _cat_sides(local, n // world, n_img // world)
-        first, conflict = _text_side(sides, info, gcfg, f"{n_text // world} non-grid tokens per shard")
+        key = ("gathered", n)
+        if key not in shard_sides:
+            shard_sides[key] = _cat_sides(local, n // world, n_img // world)
+        first, conflict = _text_side(shard_sides[key], info, gcfg, f"{n_text // world} non-grid tokens per shard")
         if conflict or first is None:
             return None, None, conflict or (f"cannot tell whether the {n_text // world} non-grid tokens of each "
                                             "sequence shard come before or after its image tokens")
@@ -1478,7 +1466,7 @@ def _decide_gathered(gathered, n, n_img, img_order, info: GridInfo, gcfg):
     return perm, (keep if n_text else None), f", {world} sequence shards gathered by an all-to-all{text}"
 
 
-def _decide_shard(match, n, n_img, img_order, sharding, info: GridInfo, gcfg, cache, order_key):
+def _decide_shard(match, n, n_img, img_order, sharding, info: GridInfo, gcfg, cache, order_key, shard_sides: dict):
     """(perm, text keys, note) of a site that sees one rank's shard of the image stream (and maybe of
     the text): the grid's order restricted to that shard."""
     if n_img % sharding.world:
@@ -1486,9 +1474,10 @@ def _decide_shard(match, n, n_img, img_order, sharding, info: GridInfo, gcfg, ca
     img_l = n_img // sharding.world
     order = sequence_parallel.shard_order(img_order, n_img, sharding)
     node = _token_node(match)
-    sides = _cat_sides(node, n, img_l) if n > img_l and isinstance(node, fx.Node) else set()
+    if ("shard", n) not in shard_sides:
+        shard_sides[("shard", n)] = _cat_sides(node, n, img_l) if n > img_l and isinstance(node, fx.Node) else set()
     key = ("shard", sharding.world, sharding.rank, order_key)
-    perm, keep, note = _decide(n, img_l, order, sides, info, gcfg, cache, key)
+    perm, keep, note = _decide(n, img_l, order, shard_sides[("shard", n)], info, gcfg, cache, key)
     if perm is None:
         return None, None, note
     return perm, keep, f", sequence shard: {sharding.source}{note}"

@@ -128,9 +128,9 @@ def exchanged(node: fx.Node, limit: int = 24) -> bool:
     return False
 
 
-def gathered_tokens(q: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
-    """(local sequence node L, L's token dim, W) when q's token axis (dim -2) is (source rank W,
-    L's token dim) after an all-to-all of equal shards, reached through view-like ops; else None."""
+def gathered_tokens(q: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(local sequence node L, W) when q's token axis (dim -2) is (source rank W, one whole axis of
+    L) after an all-to-all of equal shards, reached through view-like ops; else None."""
     from .grouping import _reshape_layout, _shape, _step_layout
 
     if not isinstance(q, fx.Node):
@@ -167,7 +167,7 @@ def gathered_tokens(q: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
     dim = int(tok[1][0][1:])
     if shape[dim] != tok[1][1]:
         return None  # only part of L's token axis: not the whole local sequence per rank
-    return local, dim, world
+    return local, world
 
 
 def a2a_sharding(gm: fx.GraphModule) -> Optional[Sharding]:

@@ -60,6 +60,25 @@ def step_counts(model) -> dict[str, int]:
     return out
 
 
+def plan_sites(model, kwargs: dict, config: Any) -> list:
+    """The sites the rewrite plans for `model` called on `kwargs` (analysis only: graphs unchanged)."""
+    from chipmunk_compile import ChipmunkConfig
+    from chipmunk_compile.rewrite import rewrite
+    from chipmunk_compile.runtime import Session
+
+    cfg = ChipmunkConfig.from_any(config)
+    plans = []
+
+    def backend(gm, example_inputs, **_):
+        plans.append(rewrite(gm, cfg, Session(cfg, None), apply_changes=False, example_inputs=example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    return [s for p in plans for s in p.sites]
+
+
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 

@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 
 import chipmunk_compile
-from chipmunk_compile import ChipmunkConfig
 from chipmunk_compile.grouping import site_perm, text_mask, tile_order
-from chipmunk_compile.rewrite import rewrite
-from chipmunk_compile.runtime import Session, sessions_of
+from chipmunk_compile.runtime import sessions_of
+
+from helpers import plan_sites
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -148,17 +147,7 @@ LOOSE = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0}, "mlp": {"min_toke
 
 
 def _plan(model, kwargs, config=None):
-    cfg = ChipmunkConfig.from_any(config or LOOSE)
-    plans = []
-
-    def backend(gm, example_inputs, **_):
-        plans.append(rewrite(gm, cfg, Session(cfg, None), apply_changes=False, example_inputs=example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    return [s for p in plans for s in p.sites]
+    return plan_sites(model, kwargs, config or LOOSE)
 
 
 def _flux(H=6, W=10, n_txt=7, shuffle=None, layers=1):

@@ -17,11 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from chipmunk_compile import ChipmunkConfig
-from chipmunk_compile.rewrite import rewrite
-from chipmunk_compile.runtime import Session
-
-from helpers import FULL_KEYS, cfg, flux, flux_inputs, max_rel
+from helpers import FULL_KEYS, cfg, flux, flux_inputs, max_rel, plan_sites
 
 pytest.importorskip("diffusers")
 
@@ -30,17 +26,7 @@ LOOSE = cfg(step_signal="calls")
 
 
 def _plan(model, kwargs):
-    config = ChipmunkConfig.from_any(LOOSE)
-    plans = []
-
-    def backend(gm, example_inputs, **_):
-        plans.append(rewrite(gm, config, Session(config, None), apply_changes=False, example_inputs=example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    return [s for p in plans for s in p.sites]
+    return plan_sites(model, kwargs, LOOSE)
 
 
 @pytest.fixture
