@@ -602,8 +602,9 @@ def _broadcast_table(part: Any, depth: int = 3) -> bool:
 
 def _table_grids(gm: fx.GraphModule) -> list[GridInfo]:
     """Grids of rotary tables built in a graph without sites (a rotary embedder behind a graph
-    break, NucleusMoE): per-axis tables expanded over (t, h, w) / (h, w), joined along their last
-    axis and flattened to one row per token, (…, h, w, d) -> (h·w, d). Only this construction
+    break: NucleusMoE; Wan under context parallelism): per-axis tables expanded over (t, h, w) /
+    (h, w), joined along their last axis and flattened to one row per token, (…, h, w, d) -> (h·w, d)
+    (size-1 axes around it aside: Wan's (1, t·h·w, 1, d)). Only this construction
     counts here (no site token counts to check a merge against); the sites of a later graph still
     pick such a grid by their counts (`_pick`)."""
     out = []
@@ -614,10 +615,11 @@ def _table_grids(gm: fx.GraphModule) -> list[GridInfo]:
         src, dst = node.args[0], _shape(node)
         axis = _cat_axis(src)
         shape = _shape(src)
-        if axis is None or shape is None or dst is None or len(dst) != 2 or axis[0] != len(shape) - 1:
+        rows = tuple(d for d in dst if d != 1) if dst is not None else None  # Wan: (1, thw, 1, d)
+        if axis is None or shape is None or rows is None or len(rows) != 2 or axis[0] != len(shape) - 1:
             continue
         grid = tuple(g for g in shape[:-1] if g > 1)
-        if dst != (math.prod(shape[:-1]), shape[-1]) or len(grid) not in (2, 3) or math.prod(grid) < 16:
+        if rows != (math.prod(shape[:-1]), shape[-1]) or len(grid) not in (2, 3) or math.prod(grid) < 16:
             continue
         if all(_broadcast_table(p) for p in src.args[0]) and grid not in {g.grid for g in out}:
             out.append(GridInfo(grid, f"rotary table {node.name} {_axes(grid)}"))

@@ -96,6 +96,45 @@ def test_ulysses_grouping_matches_single_process(fake_group):
         assert got[len(local_img):] == [t for t in local if t.startswith("t")]
 
 
+@pytest.mark.parametrize("fake_group", [0, 1], indirect=True)
+def test_ulysses_wan_groups_by_its_rotary_table(fake_group):
+    """Wan's split hook breaks the graph before its patch embedding (a log call in the traced hook),
+    so the grid comes from the rotary table its embedder builds in a frame of its own. No text: the
+    gathered order is the original one, so the attention groups equal one process's exactly, and
+    each rank's MLP groups are that order restricted to its shard."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from chipmunk_compile.runtime import sessions_of
+    from helpers import wan, wan_inputs
+
+    def sites(model):
+        compiled = torch.compile(model, backend="chipmunk", options={"config": LOOSE, "compiler": "eager"})
+        with torch.no_grad():
+            compiled(**wan_inputs(1.0))
+        return [s for ses in sessions_of(model) for s in ses.sites if s.kind == "attention" or s.perm is not None]
+
+    rank = fake_group
+    sharded = sites(_ulysses(wan()))
+    dist.destroy_process_group()  # the single-process reference runs without the fake group
+    torch._dynamo.reset()
+    single = sites(wan())
+    dist.init_process_group("fake", rank=rank, world_size=WORLD, store=FakeStore())
+    ref_attn = {tuple(s.perm.tolist()) for s in single if s.kind == "attention"}
+    ref_mlp = {tuple(s.perm.tolist()) for s in single if s.kind == "mlp"}
+    assert len(ref_attn) == len(ref_mlp) == 1  # one grid, one order per kind
+    ref_attn, ref_mlp = torch.tensor(ref_attn.pop()), torch.tensor(ref_mlp.pop())
+    attn = [s for s in sharded if s.kind == "attention"]
+    mlp = [s for s in sharded if s.kind == "mlp"]
+    assert len(attn) == 2 and len(mlp) == 2
+    for s in attn:
+        assert "rotary table" in s.grouping and "gathered by an all-to-all" in s.grouping, s.grouping
+        assert torch.equal(s.perm.long(), ref_attn)
+    n = ref_mlp.numel() // WORLD
+    mine = ref_mlp[(ref_mlp >= rank * n) & (ref_mlp < (rank + 1) * n)] - rank * n
+    for s in mlp:
+        assert torch.equal(s.perm.long(), mine)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
