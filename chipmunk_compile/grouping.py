@@ -78,7 +78,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import runtime, sequence_parallel
-from .patterns.fx_utils import source_name
+from .patterns.fx_utils import IDENTITY_METHODS, RESHAPE_METHODS, source_name
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -89,8 +89,8 @@ SUBTILE_2D = (4, 4)
 _CONV2D = {torch.conv2d, F.conv2d}
 _CONV3D = {torch.conv3d, F.conv3d}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
-_IDENTITY = {"contiguous", "to", "float", "half", "bfloat16", "type_as", "clone", "detach"}
+_RESHAPES = RESHAPE_METHODS
+_IDENTITY = IDENTITY_METHODS
 
 
 # ---------------------------------------------------------------------------------------------

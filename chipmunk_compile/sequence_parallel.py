@@ -42,8 +42,9 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-_VIEW_OPS = {"permute", "transpose", "swapaxes", "contiguous", "reshape", "view", "flatten", "unflatten",
-             "squeeze", "unsqueeze", "to", "float", "half", "bfloat16", "type_as", "clone", "detach"}
+from .patterns.fx_utils import LAYOUT_METHODS
+
+_VIEW_OPS = LAYOUT_METHODS  # what grouping._step_layout follows
 _A2A = "all_to_all_single"
 _WAIT = "wait_tensor"
 _CHUNK = {"chunk", "tensor_split"}
@@ -85,9 +86,25 @@ def _a2a_world(a2a: fx.Node) -> Optional[int]:
         return None
 
 
+def _group_index(node: fx.Node) -> Optional[int]:
+    """Position of a collective op's `group_name` argument in its schema; None when it has none
+    (wait_tensor)."""
+    schema = getattr(getattr(node.target, "default", node.target), "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return names.index("group_name") if "group_name" in names else None
+
+
+def _group_name(node: fx.Node):
+    """A functional collective's `group_name` argument, or None."""
+    i = _group_index(node)
+    if i is None:
+        return None
+    return node.args[i] if len(node.args) > i else node.kwargs.get("group_name")
+
+
 def _group(a2a: fx.Node):
     """The process group of an all_to_all_single node (by its name argument), or None."""
-    name = a2a.args[3] if len(a2a.args) > 3 else a2a.kwargs.get("group_name", a2a.kwargs.get("group"))
+    name = _group_name(a2a)
     try:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -115,17 +132,9 @@ def _chain_up(node: fx.Node, limit: int = 24) -> Optional[list]:
     return None
 
 
-def exchanged(node: fx.Node, limit: int = 24) -> bool:
+def exchanged(node: fx.Node) -> bool:
     """Whether `node` is an all-to-all's result, through view-like ops only."""
-    for _ in range(limit):
-        if not isinstance(node, fx.Node) or not node.args:
-            return False
-        if _is(node, _A2A):
-            return True
-        if _name(node) not in _VIEW_OPS and not _is(node, _WAIT):
-            return False
-        node = node.args[0]
-    return False
+    return isinstance(node, fx.Node) and _chain_up(node) is not None
 
 
 def gathered_tokens(q: fx.Node) -> Optional[tuple[fx.Node, int]]:
@@ -262,12 +271,9 @@ def collective_groups(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or _namespace(node.target) != "_c10d_functional":
             continue
-        schema = getattr(getattr(node.target, "default", node.target), "_schema", None)
-        params = [a.name for a in schema.arguments] if schema is not None else []
-        if "group_name" not in params:
+        if _group_index(node) is None:
             continue  # wait_tensor
-        i = params.index("group_name")
-        name = node.args[i] if len(node.args) > i else node.kwargs.get("group_name")
+        name = _group_name(node)
         name = name if isinstance(name, str) else "?"
         if name not in names:
             names.append(name)

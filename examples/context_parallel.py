@@ -17,6 +17,7 @@ presets' 1024, and stay dense; a YAML with `mlp: {min_tokens: 256}` makes them s
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
@@ -59,11 +60,7 @@ def main(argv=None):
         compiled = torch.compile(runner.transformer, backend="chipmunk", options=options)
         sparse, _ = runner.generate(compiled, args.steps, seed=0)
     if rank == 0:
-        sites = chipmunk_compile.stats(compiled)["sites"]
-        kinds = {}
-        for s in sites:
-            kinds.setdefault((s["kind"], s.get("grouping", "")), 0)
-            kinds[(s["kind"], s.get("grouping", ""))] += 1
+        kinds = collections.Counter((s["kind"], s["grouping"]) for s in chipmunk_compile.stats(compiled)["sites"])
         print(f"{world} ranks (Ulysses), {args.steps} steps, config {args.config}"
               f"{', grouping off' if args.no_grouping else ''}")
         for (kind, grouping), n in kinds.items():

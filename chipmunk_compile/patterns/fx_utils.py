@@ -51,6 +51,11 @@ MATMUL = (torch.matmul, operator.matmul, torch.bmm)
 SOFTMAX_FNS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
 DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)
 CASTS = ("to", "float", "half", "bfloat16", "type_as", "type", "contiguous")
+# Tensor methods whose output is a view-like rearrangement of their input's elements (the token
+# layout walks of grouping.py and sequence_parallel.py follow exactly these)
+RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+IDENTITY_METHODS = frozenset({"contiguous", "to", "float", "half", "bfloat16", "type_as", "clone", "detach"})
+LAYOUT_METHODS = RESHAPE_METHODS | IDENTITY_METHODS | {"permute", "transpose", "swapaxes"}
 
 
 def is_linear(node: Any) -> bool:
