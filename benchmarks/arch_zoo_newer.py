@@ -576,6 +576,31 @@ def wan_animate2():
     return Case(m, kw)
 
 
+# ---------------------------------------------------------------------------------------------
+# audio: 1-D latent sequences
+# ---------------------------------------------------------------------------------------------
+def ace_step():
+    # 1-D conv patch embedding (patch 2) over [context latents, latents]; alternating sliding-window (additive banded
+    # mask) and full self-attention, cross-attention to the condition, SwiGLU MLP from two linears
+    m = _build("AceStepTransformer1DModel", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=2, head_dim=16, in_channels=8, audio_acoustic_hidden_dim=4,
+               patch_size=2, sliding_window=16, encoder_hidden_size=32)
+    n = 128  # 64 tokens after patching
+    return Case(m, dict(hidden_states=_r(1, n, 4), timestep=torch.tensor([0.9]), timestep_r=torch.tensor([0.9]),
+                        encoder_hidden_states=_r(1, 8, 32, seed=2), context_latents=_r(1, n, 4, seed=3),
+                        return_dict=False))
+
+
+def minimax_music3():
+    # channels-first latents, a 1x1 conv, frame-aligned conditioning concatenated on channels; the timestep embedding is
+    # prepended as one extra token (seen by self-attention, cut off before the output); gated MLP from one chunked linear
+    m = _build("MiniMaxMusic3Transformer1DModel", in_channels=4, condition_dim=8, num_layers=2, num_attention_heads=2,
+               attention_head_dim=16, ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16)
+    n = 96
+    return Case(m, dict(hidden_states=_r(1, 4, n), timestep=torch.tensor([0.1]), encoder_hidden_states=_r(1, n, 8, seed=2),
+                        return_dict=False))
+
+
 NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
@@ -612,4 +637,6 @@ NEWER_MODELS = {
     "sana_wm": ("SanaWMTransformer3DModel", sana_wm),
     "sana_wm_refiner": ("SanaWMLTX2RefinerTransformer3DModel (KV-cached AR step)", sana_wm_refiner),
     "wan_animate2": ("WanAnimate2Transformer3DModel (cached step)", wan_animate2),
+    "ace_step": ("AceStepTransformer1DModel", ace_step),
+    "minimax_music3": ("MiniMaxMusic3Transformer1DModel", minimax_music3),
 }
