@@ -85,8 +85,10 @@ class TinyRunner:
         self.labels = torch.tensor(classes, device=device)
         self.guidance = guidance
         self.transformer = self.model.transformer
-        size = self.model.config.image_size
-        self.name = "tiny-dit" if size == 64 else f"tiny-dit-{size}"
+        c = self.model.config
+        self.name = "tiny-dit" if c.image_size == 64 else f"tiny-dit-{c.image_size}"
+        if c.frames > 1:  # the video variant: videos (B, T, C, H, W) from generate()
+            self.name = f"tiny-dit-video-{c.frames}x{c.image_size}"
 
     def generate(self, transformer, steps, seed):
         tokens = self.sample(self.model, self.labels, transformer=transformer, steps=steps, seed=seed,

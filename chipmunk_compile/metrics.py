@@ -1,7 +1,8 @@
 """Image and latent fidelity metrics for comparing a sped-up sampler against dense (PSNR, SSIM, relative error).
 
-Invariants: inputs are image batches (B, C, H, W) in [-1, 1] (or latents of any shape for
-`relative_error`); every metric is computed in float64 per image and averaged; identical inputs
+Invariants: inputs are image batches (B, C, H, W) or video batches (B, T, C, H, W) in [-1, 1] (or
+latents of any shape for `relative_error`); a video's PSNR is over all its pixels, its SSIM the mean
+over its frames; every metric is computed in float64 per image and averaged; identical inputs
 give PSNR = inf, SSIM = 1, relative error = 0.
 """
 
@@ -30,7 +31,10 @@ def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM (Gaussian window 11, sigma 1.5) over images and channels, images in [-1, 1]."""
+    """Mean SSIM (Gaussian window 11, sigma 1.5) over images and channels, images in [-1, 1]; videos
+    (B, T, C, H, W) as their B·T frames."""
+    if a.dim() == 5:
+        a, b = a.flatten(0, 1), b.flatten(0, 1)
     a = (a.double().clamp(-1, 1) + 1) / 2
     b = (b.double().clamp(-1, 1) + 1) / 2
     C = a.shape[1]

@@ -1,4 +1,4 @@
-"""A small FLUX-architecture DiT on 64x64 RGB pixels, class-conditioned.
+"""A small FLUX-architecture DiT on 64x64 RGB pixels, class-conditioned (and its video variant).
 
 The denoiser is an unchanged diffusers ``FluxTransformer2DModel`` (MMDiT: double-stream blocks, then
 single-stream blocks, RoPE over 3-column position ids). The pixels are packed 2x2 like Flux packs its
@@ -6,6 +6,11 @@ latents: a 64x64x3 image becomes 32x32 = 1024 image tokens of 12 channels. The c
 Flux is fed text: a learned embedding gives ``num_text_tokens`` tokens of ``joint_attention_dim``
 channels (``encoder_hidden_states``) plus a ``pooled_projections`` vector. Label ``num_classes`` is the
 "unconditional" class used for classifier-free guidance.
+
+Video variant (``frames`` > 1): the same transformer on ``frames`` frames of ``image_size`` pixels; every
+frame is packed as above and the frames' tokens follow one another (frame-major, as a video DiT's
+t×h×w latent flattened). The position ids are (frame, row, col), so Flux's 3-axis RoPE becomes a 3-D
+(t, h, w) RoPE, as in HunyuanVideo, and chipmunk reads a t×h×w grid from them (voxel grouping).
 
 Conventions (rectified flow, as Flux): ``x_t = (1 - t) * x_0 + t * noise``, t in [0, 1] (1 = pure noise),
 the transformer predicts the velocity ``noise - x_0``, and ``timestep`` is passed as ``t`` itself
@@ -20,6 +25,7 @@ Public API::
     cond = model.class_condition(labels)          # {"encoder_hidden_states", "pooled_projections"}
     ids = model.position_ids(device)              # {"img_ids", "txt_ids"}
     tokens = patchify(images); images = unpatchify(tokens, 64, 64)
+    tokens = model.patchify(videos)               # (B, T, C, H, W) -> (B, T*h*w, C*p*p) when frames > 1
     out = model.transformer(hidden_states=tokens, timestep=t, **cond, **ids, return_dict=False)[0]
 """
 
@@ -35,6 +41,7 @@ from torch import nn
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 WEIGHTS_PATH = os.path.join(WEIGHTS_DIR, "tiny_flux.safetensors")
+VIDEO_WEIGHTS_PATH = os.path.join(WEIGHTS_DIR, "tiny_flux_video.safetensors")
 CONFIG_PATH = os.path.join(WEIGHTS_DIR, "tiny_flux.json")
 
 
@@ -57,6 +64,7 @@ class TinyDiTConfig:
     axes_dims_rope: tuple[int, int, int] = field(default=(16, 24, 24))  # sums to attention_head_dim
     num_text_tokens: int = 8
     num_classes: int = 10
+    frames: int = 1  # > 1: the video variant (frames of image_size pixels, (t, row, col) position ids)
 
     def __post_init__(self):
         self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
@@ -75,7 +83,7 @@ class TinyDiTConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.grid_size**2
+        return self.frames * self.grid_size**2
 
     @property
     def uncond_label(self) -> int:
@@ -149,12 +157,28 @@ def unpatchify(tokens: torch.Tensor, height: int = 64, width: int = 64, patch_si
     return x.reshape(B, C, height, width)
 
 
-def make_img_ids(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Flux image position ids ``(grid_h*grid_w, 3)``: columns (0, row, col)."""
-    ids = torch.zeros(grid_h, grid_w, 3, device=device, dtype=dtype)
+def make_img_ids(grid_h: int, grid_w: int, device=None, dtype=torch.float32, frames: int = 1) -> torch.Tensor:
+    """Flux image position ids ``(frames*grid_h*grid_w, 3)``: columns (frame, row, col), frame-major
+    (frame 0 only for an image: Flux's (0, row, col))."""
+    ids = torch.zeros(frames, grid_h, grid_w, 3, device=device, dtype=dtype)
+    ids[..., 0] = torch.arange(frames, device=device, dtype=dtype)[:, None, None]
     ids[..., 1] = torch.arange(grid_h, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(grid_w, device=device, dtype=dtype)[None, :]
-    return ids.reshape(grid_h * grid_w, 3)
+    return ids.reshape(frames * grid_h * grid_w, 3)
+
+
+def patchify_video(videos: torch.Tensor, patch_size: int = 2) -> torch.Tensor:
+    """``(B, T, C, H, W)`` -> ``(B, T*(H/p)*(W/p), C*p*p)``: each frame packed by :func:`patchify`, frame-major."""
+    B, T = videos.shape[:2]
+    tokens = patchify(videos.flatten(0, 1), patch_size)
+    return tokens.reshape(B, T * tokens.shape[1], tokens.shape[2])
+
+
+def unpatchify_video(tokens: torch.Tensor, frames: int, height: int, width: int, patch_size: int = 2) -> torch.Tensor:
+    """Inverse of :func:`patchify_video`: ``(B, T*h*w, C*p*p)`` -> ``(B, T, C, height, width)``."""
+    B, N, D = tokens.shape
+    imgs = unpatchify(tokens.reshape(B * frames, N // frames, D), height, width, patch_size)
+    return imgs.reshape(B, frames, *imgs.shape[1:])
 
 
 def make_txt_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -201,17 +225,22 @@ class TinyDiT(nn.Module):
             device = self.text.weight.device
         g = self.config.grid_size
         return {
-            "img_ids": make_img_ids(g, g, device, dtype),
+            "img_ids": make_img_ids(g, g, device, dtype, frames=self.config.frames),
             "txt_ids": make_txt_ids(self.config.num_text_tokens, device, dtype),
         }
 
     # ---- pixels <-> tokens ------------------------------------------------------------------------
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)``, or videos ``(B, T, C, H, W)`` for the video variant, to tokens."""
+        if self.config.frames > 1:
+            return patchify_video(images, self.config.patch_size)
         return patchify(images, self.config.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        s = self.config.image_size
-        return unpatchify(tokens, s, s, self.config.patch_size)
+        c = self.config
+        if c.frames > 1:
+            return unpatchify_video(tokens, c.frames, c.image_size, c.image_size, c.patch_size)
+        return unpatchify(tokens, c.image_size, c.image_size, c.patch_size)
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, ids: dict | None = None):
         """Velocity prediction for packed tokens ``(B, N, C)`` at times ``t`` ``(B,)`` in [0, 1]."""

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .model import TinyDiT, make_img_ids, make_txt_ids, unpatchify
+from .model import TinyDiT, make_img_ids, make_txt_ids, unpatchify, unpatchify_video
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -44,6 +44,7 @@ def sample(
     image_size: int = 64,
     patch_size: int = 2,
     channels: int = 3,
+    frames: int = 1,
     img_ids: torch.Tensor | None = None,
     txt_ids: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
@@ -65,8 +66,10 @@ def sample(
         dtype: dtype of the transformer inputs (default: that of ``cond``'s tensors).
         callback: ``callback(step_index, t, x)`` after every step (x = float32 tokens).
         return_tokens: return the final ``(B, N, C)`` tokens instead of images.
+        frames: > 1 for a video model: ``frames`` frames of tokens, frame-major.
     Returns:
-        images ``(B, channels, image_size, image_size)`` float32 in [-1, 1] (clamped).
+        images ``(B, channels, image_size, image_size)`` (videos: ``(B, frames, channels, image_size,
+        image_size)``) float32 in [-1, 1] (clamped).
     """
     if isinstance(transformer, TinyDiT) and not isinstance(cond, dict):  # sample(model, labels, ...) form
         return sample_classes(transformer, cond, steps=steps, seed=seed, guidance_scale=guidance_scale, noise=noise,
@@ -76,9 +79,9 @@ def sample(
     dtype = dtype or ehs.dtype
     B = ehs.shape[0]
     grid = image_size // patch_size
-    n_tok, c_tok = grid * grid, channels * patch_size * patch_size
+    n_tok, c_tok = frames * grid * grid, channels * patch_size * patch_size
     if img_ids is None:
-        img_ids = make_img_ids(grid, grid, device)
+        img_ids = make_img_ids(grid, grid, device, frames=frames)
     if txt_ids is None:
         txt_ids = make_txt_ids(ehs.shape[1], device)
     use_cfg = guidance_scale is not None and not (guidance_scale == 1.0 and uncond is None)
@@ -113,6 +116,8 @@ def sample(
             callback(i, t_cur, x)
     if return_tokens:
         return x
+    if frames > 1:
+        return unpatchify_video(x, frames, image_size, image_size, patch_size).clamp(-1, 1)
     return unpatchify(x, image_size, image_size, patch_size).clamp(-1, 1)
 
 
@@ -127,7 +132,7 @@ def sample_classes(
     **kwargs,
 ) -> torch.Tensor:
     """Class-conditional images from a :class:`TinyDiT`; ``transformer`` overrides ``model.transformer``
-    (e.g. a compiled one). Returns ``(B, 3, 64, 64)`` in [-1, 1]."""
+    (e.g. a compiled one). Returns ``(B, 3, 64, 64)`` (videos: ``(B, T, 3, H, W)``) in [-1, 1]."""
     cond = model.class_condition(labels)
     B = cond["encoder_hidden_states"].shape[0]
     uncond = model.uncond_condition(B) if guidance_scale is not None else None
@@ -136,5 +141,5 @@ def sample_classes(
     return sample(
         transformer if transformer is not None else model.transformer, cond, steps=steps, seed=seed,
         guidance_scale=guidance_scale, uncond=uncond, image_size=c.image_size, patch_size=c.patch_size,
-        channels=c.image_channels, img_ids=ids["img_ids"], txt_ids=ids["txt_ids"], **kwargs,
+        channels=c.image_channels, frames=c.frames, img_ids=ids["img_ids"], txt_ids=ids["txt_ids"], **kwargs,
     )

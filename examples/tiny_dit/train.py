@@ -4,10 +4,13 @@
     python -m examples.tiny_dit.train --minutes 0.2 --batch 8           # CPU smoke run
     python -m examples.tiny_dit.train --image-size 128 --low-res-minutes 2 --batch 64 --split \
         --out out/tiny128                                                 # the 4096-token model
+    python -m examples.tiny_dit.train --frames 8 --image-size 32 --batch 64 --split \
+        --out out/tiny_video                                              # the video model (2048 tokens)
 
 ``--image-size 128`` trains the same architecture on 128x128 images (64x64 = 4096 image tokens, as
 many as a 1024x1024 FLUX latent); ``--low-res-minutes`` spends the first minutes of the same budget
-at half the size (1024 tokens, four times the steps per second), then goes on at full size.
+at half the size (1024 tokens, four times the steps per second), then goes on at full size. ``--frames T`` trains the video variant
+on T-frame clips of the moving shapes (``data.generate_video_batch``; frame, row, col position ids).
 
 Eager bf16 autocast (torch.compile training hit an illegal memory access in an Inductor backward
 kernel on this architecture), flash attention on CUDA (cuDNN's backward failed on this shape),
@@ -30,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import NUM_CLASSES, generate_batch, image_grid
+from .data import NUM_CLASSES, generate_batch, generate_video_batch, image_grid
 from .model import TinyDiT, TinyDiTConfig, count_parameters, make_img_ids
 from .sampler import sample_classes
 
@@ -93,10 +96,11 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=TinyDiTConfig.image_size)
     ap.add_argument("--low-res-minutes", type=float, default=0.0,
                     help="first minutes of the budget at half the image size (progressive resizing)")
+    ap.add_argument("--frames", type=int, default=1, help="> 1: the video variant, clips of this many frames")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    model = TinyDiT(TinyDiTConfig(image_size=args.image_size)).to(device).train()
+    model = TinyDiT(TinyDiTConfig(image_size=args.image_size, frames=args.frames)).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     print(f"tiny DiT: {count_parameters(model) / 1e6:.2f} M parameters on {device}", flush=True)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -107,14 +111,18 @@ def main(argv=None):
     amp = autocast(device)
     ids = model.position_ids(device)
     low_grid = model.config.grid_size // 2
-    low_ids = {"img_ids": make_img_ids(low_grid, low_grid, device), "txt_ids": ids["txt_ids"]}
+    low_ids = {"img_ids": make_img_ids(low_grid, low_grid, device, frames=args.frames), "txt_ids": ids["txt_ids"]}
     last_size = None
     # every requested phase trains at least one step, however slow the machine (a loaded CPU can
     # spend a short budget on the first step alone)
     while time.time() - start < budget or last_size != args.image_size:
         low = time.time() - start < args.low_res_minutes * 60
         size = args.image_size // 2 if low else args.image_size
-        images, labels = generate_batch(args.batch, seed=args.seed * 1_000_003 + step, device=device, size=size)
+        seed = args.seed * 1_000_003 + step
+        if args.frames > 1:
+            images, labels = generate_video_batch(args.batch, seed, args.frames, device=device, size=size)
+        else:
+            images, labels = generate_batch(args.batch, seed=seed, device=device, size=size)
         drop = torch.rand(labels.shape, device=device) < 0.1
         labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
         x0 = model.patchify(images)
@@ -146,11 +154,14 @@ def main(argv=None):
         ema.save_pretrained(os.path.join(args.out, "tiny_flux.safetensors"))
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump({"steps": step, "seconds": time.time() - start, "batch": args.batch,
-                   "image_size": args.image_size, "low_res_minutes": args.low_res_minutes, "log": log}, f)
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(2)
+                   "image_size": args.image_size, "frames": args.frames, "low_res_minutes": args.low_res_minutes,
+                   "log": log}, f)
+    # images: two per class, a class per column; videos: one per class, a clip per row
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(2 if args.frames == 1 else 1)
     with torch.no_grad(), autocast(device), attention_backend(device):
         imgs = sample_classes(ema, labels, steps=args.sample_steps, seed=1)
-    image_grid(imgs, nrow=NUM_CLASSES).save(os.path.join(args.out, "samples.png"))
+    grid = image_grid(imgs, nrow=NUM_CLASSES) if args.frames == 1 else image_grid(imgs.flatten(0, 1), nrow=args.frames)
+    grid.save(os.path.join(args.out, "samples.png"))
 
 
 if __name__ == "__main__":
