@@ -12,7 +12,9 @@ from examples.tiny_dit.model import (
     load_pretrained,
     make_img_ids,
     patchify,
+    patchify_video,
     unpatchify,
+    unpatchify_video,
 )
 from examples.tiny_dit.sampler import flow_sigmas, sample, sample_classes
 
@@ -126,3 +128,62 @@ def test_training_with_a_low_resolution_phase(tmp_path):
     assert [e["size"] for e in log["log"]][:1] == [16] and log["log"][-1]["size"] == 32, log["log"]
     m = merge_parts(str(tmp_path), str(tmp_path / "w.safetensors"))
     assert m.config.num_image_tokens == 256 and (tmp_path / "samples.png").exists()
+
+
+# ---- the video variant ---------------------------------------------------------------------------
+VIDEO = TinyDiTConfig(num_layers=1, num_single_layers=1, joint_attention_dim=32, pooled_projection_dim=32,
+                      image_size=16, frames=4)
+
+
+def test_video_data_moves_and_starts_at_the_image():
+    v1, l1 = data.generate_video_batch(6, seed=5, frames=8, size=32)
+    v2, l2 = data.generate_video_batch(6, seed=5, frames=8, size=32)
+    img, labels = data.generate_batch(6, seed=5, size=32)
+    assert v1.shape == (6, 8, 3, 32, 32) and torch.equal(v1, v2) and torch.equal(l1, l2)
+    assert torch.equal(v1[:, 0], img) and torch.equal(l1, labels)  # frame 0 is the still scene of the seed
+    step = (v1[:, 1:] - v1[:, :-1]).abs().flatten(2).mean(2)  # (B, 7): every frame moves, a little
+    assert (step > 0.003).all() and (step < 0.15).all(), step
+    # motion accumulates: the last frame is further from the first than the second is
+    far, near = (v1[:, -1] - v1[:, 0]).abs().mean(), (v1[:, 1] - v1[:, 0]).abs().mean()
+    assert far > 2 * near
+
+
+def test_video_packing_ids_and_sampling():
+    x = torch.randn(2, 4, 3, 16, 16)
+    tok = patchify_video(x, 2)
+    assert tok.shape == (2, 4 * 64, 12)
+    assert torch.equal(tok[:, 64:128], patchify(x[:, 1], 2))  # frame-major: frame 1's tokens follow frame 0's
+    assert torch.equal(unpatchify_video(tok, 4, 16, 16, 2), x)
+    ids = make_img_ids(8, 8, frames=4)
+    assert ids.shape == (256, 3) and ids[64 + 9].tolist() == [1.0, 1.0, 1.0]  # (frame, row, col)
+    assert torch.equal(make_img_ids(8, 8), ids[:64])  # an image: frame 0, Flux's ids unchanged
+    m = TinyDiT(VIDEO, zero_init=False).eval()
+    assert m.config.num_image_tokens == 256 and m.position_ids()["img_ids"].shape == (256, 3)
+    assert torch.equal(m.unpatchify(m.patchify(x)), x)
+    out = sample_classes(m, [1, 2], steps=2, seed=0)
+    assert out.shape == (2, 4, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_video_model_grouped_in_voxels():
+    """chipmunk reads the (frame, row, col) ids as a t×h×w grid and groups in the video presets' voxels."""
+    import chipmunk_compile
+
+    m = TinyDiT(VIDEO, zero_init=False).eval()
+    cond, ids = m.class_condition([1]), m.position_ids()
+    report = chipmunk_compile.inspect(m.transformer, hidden_states=torch.randn(1, 256, 12), timestep=torch.ones(1),
+                                      return_dict=False, config={"preset": "hunyuan-video", "attn": {"min_tokens": 0}},
+                                      **cond, **ids)
+    attn = [s for s in report.sites if s.kind == "attention"]
+    assert len(attn) == 2 and all("position ids input img_ids t×h×w 4×8×8" in s.grouping for s in attn), \
+        [s.grouping for s in attn]
+    assert all("text 8 first" in s.grouping for s in attn)
+
+
+def test_video_ssim_is_the_mean_over_frames():
+    from chipmunk_compile.metrics import psnr, ssim
+
+    a = torch.rand(2, 3, 3, 16, 16) * 2 - 1
+    b = (a + 0.1 * torch.randn_like(a)).clamp(-1, 1)
+    frames = [ssim(a[:, f], b[:, f]) for f in range(3)]
+    assert abs(ssim(a, b) - sum(frames) / 3) < 1e-12
+    assert abs(psnr(a[:1], b[:1]) - psnr(a[0].reshape(1, -1), b[0].reshape(1, -1))) < 1e-9  # all pixels of a video
