@@ -1,6 +1,6 @@
 """Which diffusers transformers chipmunk understands, and how exactly: a zoo of tiny random models.
 
-    python benchmarks/arch_zoo.py                          # all 64 models (here and arch_zoo_newer.py; CPU, ~3-8 min)
+    python benchmarks/arch_zoo.py                          # all 66 rows (here and arch_zoo_newer.py; CPU, ~3-8 min)
     python benchmarks/arch_zoo.py --models flux wan sana   # a few (names: keys of MODELS)
     python benchmarks/arch_zoo.py --out /tmp/zoo           # results elsewhere
 
