@@ -192,6 +192,10 @@ GRID.update({
     "vcm-wan-e5-x1": _video(_WAN, {"full_step_every": 5, **_X1}),
     "vcm-a.20": _video(_WAN, {"top_keys": 0.2}),
     "vcm-a.20-x1": _video(_WAN, {"top_keys": 0.2, **_X1}),
+    "vcm-a.30-x1": _video(_WAN, {"top_keys": 0.3, **_X1}),
+    # what the voxel grouping buys: the same settings with raster-order groups ("-ng")
+    "vcm-wan-ng": {**_video(_WAN), "grouping": {"enabled": False}},
+    "vcm-wan-x1-ng": {**_video(_WAN, _X1), "grouping": {"enabled": False}},
     # chipmunk + step caching: the published HunyuanVideo stack (its preset + the 25-of-50 skips, 3.72×)
     "vcmsc-hv-fixed25": _video(_HV, sc={"skip_steps": PUBLISHED_SKIPS}),
     "vcmsc-hv-x1-fixed25-f1": _video(_HV, _X1, sc={"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0}),
