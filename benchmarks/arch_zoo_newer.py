@@ -592,13 +592,14 @@ def ace_step():
 
 
 def minimax_music3():
-    # channels-first latents, a 1x1 conv, frame-aligned conditioning concatenated on channels; the timestep embedding is
-    # prepended as one extra token (seen by self-attention, cut off before the output); gated MLP from one chunked linear
+    # channels-first latents, a 1x1 conv, frame-aligned conditioning concatenated on channels; the timestep
+    # embedding is prepended as one extra token (seen by self-attention, cut off before the output); gated MLP
+    # from one chunked linear
     m = _build("MiniMaxMusic3Transformer1DModel", in_channels=4, condition_dim=8, num_layers=2, num_attention_heads=2,
                attention_head_dim=16, ff_inner_dim=64, rotary_dim=8, fourier_embedding_dim=16)
     n = 96
-    return Case(m, dict(hidden_states=_r(1, 4, n), timestep=torch.tensor([0.1]), encoder_hidden_states=_r(1, n, 8, seed=2),
-                        return_dict=False))
+    return Case(m, dict(hidden_states=_r(1, 4, n), timestep=torch.tensor([0.1]),
+                        encoder_hidden_states=_r(1, n, 8, seed=2), return_dict=False))
 
 
 NEWER_MODELS = {

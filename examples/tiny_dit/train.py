@@ -9,8 +9,9 @@
 
 ``--image-size 128`` trains the same architecture on 128x128 images (64x64 = 4096 image tokens, as
 many as a 1024x1024 FLUX latent); ``--low-res-minutes`` spends the first minutes of the same budget
-at half the size (1024 tokens, four times the steps per second), then goes on at full size. ``--frames T`` trains the video variant
-on T-frame clips of the moving shapes (``data.generate_video_batch``; frame, row, col position ids).
+at half the size (1024 tokens, four times the steps per second), then goes on at full size.
+``--frames T`` trains the video variant on T-frame clips of the moving shapes
+(``data.generate_video_batch``; (frame, row, col) position ids; the shipped one: 8 frames of 32x32).
 
 Eager bf16 autocast (torch.compile training hit an illegal memory access in an Inductor backward
 kernel on this architecture), flash attention on CUDA (cuDNN's backward failed on this shape),
