@@ -31,6 +31,19 @@ def folds(mod, args, config=SMALL) -> int:
     return sum(n.target is torch.addmm for g in rec.graphs for n in g["gm"].graph.nodes)
 
 
+def test_per_call_folds_are_warned_once(fresh_dynamo, caplog):
+    from chipmunk_compile import rewrite
+
+    rewrite._warn_per_call_folds.cache_clear()
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        folds(Mlp(lambda h: F.gelu(h, approximate="tanh")), tokens(0))  # no adapters: no warning
+        assert "fold them into their weights on every call" not in caplog.text
+        for _ in range(2):
+            torch._dynamo.reset()
+            folds(add_lora(Mlp(lambda h: F.gelu(h, approximate="tanh")), ["fc1"]), tokens(0))
+    assert caplog.text.count("fold them into their weights on every call") == 1
+
+
 @pytest.mark.parametrize("which", ["fc1", "fc2", "both"])
 def test_plain_mlp_with_adapters_is_a_site(fresh_dynamo, which):
     names = {"fc1": ["fc1"], "fc2": ["fc2"], "both": ["fc1", "fc2"]}[which]
