@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testutils import compile_for_hopper, rel_err
+from kernel_testutils import DEV, compile_for_hopper, rel_err
 
 from chipmunk_compile.kernels import get_kernel, mlp_block_means_ref
 
@@ -17,8 +17,8 @@ def test_triton_matches_reference(triton_mode, B, M, C, block, permuted, dtype):
     from chipmunk_compile.kernels.mlp_block_means import mlp_block_means
 
     g = torch.Generator().manual_seed(M + C)
-    x = (torch.randn(B, M, C, generator=g) + 0.5).to(dtype)
-    perm = torch.randperm(M, generator=g).int() if permuted else None
+    x = (torch.randn(B, M, C, generator=g) + 0.5).to(DEV, dtype)  # on a GPU machine the kernel runs there
+    perm = torch.randperm(M, generator=g).int().to(DEV) if permuted else None
     assert get_kernel("mlp_block_means", x) is mlp_block_means
     out = mlp_block_means(x, block=block, perm=perm)
     ref = mlp_block_means_ref(x, block=block, perm=perm)
@@ -36,9 +36,9 @@ def test_triton_reads_strided_input(triton_mode):
     from chipmunk_compile.kernels.mlp_block_means import mlp_block_means
 
     g = torch.Generator().manual_seed(5)
-    wide = torch.randn(2, 50, 96, generator=g)
+    wide = torch.randn(2, 50, 96, generator=g).to(DEV)
     x = wide[:, :, 10:74]
-    perm = torch.randperm(50, generator=g).int()
+    perm = torch.randperm(50, generator=g).int().to(DEV)
     assert not x.is_contiguous()
     assert rel_err(mlp_block_means(x, block=16, perm=perm), mlp_block_means_ref(x, block=16, perm=perm)) < 1e-6
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testutils import compile_for_hopper
+from kernel_testutils import DEV, compile_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, mlp_select_neurons_ref
 from chipmunk_compile.kernels.mlp_select_neurons_ref import neuron_scores
@@ -66,13 +66,13 @@ def test_triton_matches_reference(triton_mode, Fh, K, gated, kind, rnd, given):
 
     g = torch.Generator().manual_seed(Fh + K)
     B, nb = 2, 3
-    basis, bm = _inputs(B, nb, Fh, gated, kind, g)
-    score = torch.rand(B, nb, Fh, generator=g) if given else None
-    draws = torch.randint(0, Fh, (B, nb, rnd), generator=g) if rnd else None
+    basis, bm = (t.to(DEV) for t in _inputs(B, nb, Fh, gated, kind, g))  # on a GPU machine the kernel runs there
+    score = torch.rand(B, nb, Fh, generator=g).to(DEV) if given else None
+    draws = torch.randint(0, Fh, (B, nb, rnd), generator=g).to(DEV) if rnd else None
     assert get_kernel("mlp_select_neurons", basis) is mlp_select_neurons
     bm_k, bm_r = bm.clone(), bm.clone()
-    idx_k = torch.full((B, nb, K), torch.iinfo(torch.int32).min, dtype=torch.int32)  # poisoned
-    idx_r = torch.empty(B, nb, K, dtype=torch.int32)
+    idx_k = torch.full((B, nb, K), torch.iinfo(torch.int32).min, dtype=torch.int32, device=DEV)  # poisoned
+    idx_r = torch.empty(B, nb, K, dtype=torch.int32, device=DEV)
     mlp_select_neurons(basis, bm_k, idx_k, gated=gated, score=score, draws=draws)
     mlp_select_neurons_ref(basis, bm_r, idx_r, gated=gated, score=score, draws=draws)
     assert torch.equal(idx_k, idx_r)  # both take ties at the lowest neuron ids
@@ -85,10 +85,10 @@ def test_triton_writes_into_a_strided_index_view(triton_mode):
     from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
 
     g = torch.Generator().manual_seed(3)
-    basis, bm = _inputs(1, 4, 100, False, "distinct", g)
-    wide = torch.full((1, 4, 33), -5, dtype=torch.int32)
+    basis, bm = (t.to(DEV) for t in _inputs(1, 4, 100, False, "distinct", g))
+    wide = torch.full((1, 4, 33), -5, dtype=torch.int32, device=DEV)
     mlp_select_neurons(basis, bm.clone(), wide[..., :30])
-    ref = torch.empty(1, 4, 30, dtype=torch.int32)
+    ref = torch.empty(1, 4, 30, dtype=torch.int32, device=DEV)
     mlp_select_neurons_ref(basis, bm.clone(), ref)
     assert torch.equal(wide[..., :30], ref) and (wide[..., 30:] == -5).all()
 
