@@ -176,6 +176,10 @@ def _video(preset: str, attn=None, sc=None) -> dict:
     return cfg
 
 
+# what a model with no preset gets: the method's base defaults (5% keys + 1% random, refreshed every 10;
+# MLP 30% + 5% random), on any of the trained models
+GRID["cm-default"] = {"preset": "default"}
+
 # the video presets on the video tiny DiT (--weights examples/tiny_dit/weights/tiny_flux_video.safetensors
 # --settings 'v*' 'sc-*'): hunyuan-video = 5% keys + 1% random, refreshed at steps 0, 1, 10, 40; wan = 10%
 # + 1%, refreshed every 10. The MLPs stay dense in both. "-x1": the residual forecast (off in both presets:
