@@ -43,18 +43,20 @@ FAMILIES = (STEPCACHE, CHIPMUNK, COMBO)
 COLORS = {STEPCACHE: "#1f77b4", CHIPMUNK: "#d62728", COMBO: "#2ca02c"}
 
 
+def _cached(sc) -> dict:
+    """The step_cache section turning step caching on with the patch `sc` (nothing for None)."""
+    return {"step_cache": {"enabled": True, **sc}} if sc else {}
+
+
 def _cm(attn=None, mlp=None, sc=None):
     """A chipmunk config on the flux preset with the published attention refresh period (fidelity's
     `_flux`; the preset itself refreshes every 5 since these rows showed it): attn/mlp patches,
     sc: step_cache patch."""
-    rest = {"mlp": mlp} if mlp else {}
-    if sc:
-        rest["step_cache"] = {"enabled": True, **sc}
-    return _flux(attn, **rest)
+    return _flux(attn, **({"mlp": mlp} if mlp else {}), **_cached(sc))
 
 
 def _sc(**sc):
-    return {**OFF, "step_cache": {"enabled": True, **sc}}
+    return {**OFF, **_cached(sc)}
 
 
 AOFF = MOFF = {"enabled": False}
@@ -167,13 +169,9 @@ for _t, _sc_cfg in {**_SC_X1, "t0.12-w7": {"threshold": 0.12, "warmup_steps": 7}
                                                 sc={**_sc_cfg, "extrapolate": 1.0})
 
 
-
 def _video(preset: str, attn=None, sc=None) -> dict:
     """A video preset (hunyuan-video / wan) with an attention patch and optional step caching."""
-    cfg = {"preset": preset, **({"attn": attn} if attn else {})}
-    if sc:
-        cfg["step_cache"] = {"enabled": True, **sc}
-    return cfg
+    return {"preset": preset, **({"attn": attn} if attn else {}), **_cached(sc)}
 
 
 # what a model with no preset gets: the method's base defaults (5% keys + 1% random, refreshed every 10;

@@ -15,8 +15,8 @@ tensor ops (no per-pixel Python). The same seed therefore gives the same images 
 float rounding of the renderer). Images are ``(B, 3, 64, 64)`` float32 in [-1, 1].
 
 Videos (``generate_video_batch``): the same scenes, in motion. Every object drifts along a straight line
-at its own velocity and turns at its own rate; the background gradient turns slowly and its stripes
-scroll. Frame f renders the scene at time f (frames are one time unit apart), so consecutive frames
+at its own velocity and turns at its own rate; the background gradient and its stripes turn slowly.
+Frame f renders the scene at time f (frames are one time unit apart), so consecutive frames
 differ a little and every frame is a class-correct image. Videos are ``(B, T, 3, size, size)``.
 """
 
@@ -184,10 +184,10 @@ def render(objs: torch.Tensor, bg: torch.Tensor, size: int = IMAGE_SIZE) -> torc
 
 
 def sample_motion(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-frame velocities, drawn on the CPU after the scene: ``(objs (B, K, 3), bg (B, 2))`` with each
-    object's (dx, dy) in image half-widths per frame (up to 0.09: the dominant object crosses about a
-    third of the image in 8 frames, distractors up to twice as fast) and turn rate (up to 0.15 rad per
-    frame), and the background gradient's turn rate and stripe phase speed."""
+    """Per-frame rates, drawn on the CPU after the scene: ``(objs (B, K, 3), bg (B, 2))`` with each
+    object's (dx, dy) in image half-widths per frame (dominant object 0.02-0.06: up to a quarter of the
+    image width over 8 frames; distractors 0.03-0.09) and turn rate (up to 0.15 rad per frame), and the
+    turn rates of the background gradient and of its stripes."""
     g = generator
     B, K = batch_size, MAX_OBJECTS
     speed = torch.cat([0.02 + 0.04 * torch.rand(B, 1, generator=g), 0.03 + 0.06 * torch.rand(B, K - 1, generator=g)], 1)
@@ -199,15 +199,15 @@ def sample_motion(batch_size: int, generator: torch.Generator) -> tuple[torch.Te
 
 
 def at_frame(objs: torch.Tensor, bg: torch.Tensor, motion: tuple[torch.Tensor, torch.Tensor], f: float):
-    """The scene parameters at time ``f`` (frame index): positions, rotations, the background gradient's
-    angle and its stripes' phase moved by ``f`` times their per-frame rates."""
+    """The scene parameters at time ``f`` (frame index): positions, rotations and the background's two
+    angles moved by ``f`` times their per-frame rates."""
     vo, vb = motion
     objs, bg = objs.clone(), bg.clone()
     objs[..., _PI["cx"]] += f * vo[..., 0]
     objs[..., _PI["cy"]] += f * vo[..., 1]
     objs[..., _PI["rot"]] += f * vo[..., 2]
     bg[:, 6] += f * vb[:, 0]
-    bg[:, 9] += f * vb[:, 1] * 0.1  # stripe angle drifts a little
+    bg[:, 9] += f * vb[:, 1] * 0.1  # the stripes turn ten times slower than their drawn rate
     return objs, bg
 
 
