@@ -22,6 +22,16 @@ from examples.tiny_dit.sampler import flow_sigmas, sample, sample_classes
 SMALL = TinyDiTConfig(num_layers=1, num_single_layers=1, joint_attention_dim=32, pooled_projection_dim=32)
 
 
+def _flow_loss(m, x, labels, t) -> float:
+    """The rectified-flow training loss of `m` on clean images/videos `x` at flow times `t` (fixed noise)."""
+    x0 = m.patchify(x)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    with torch.no_grad():
+        v = m(xt, t, labels)
+    return ((v - (noise - x0)) ** 2).mean().item()
+
+
 def test_data_deterministic_and_structured():
     x1, l1 = data.generate_batch(32, seed=7)
     x2, l2 = data.generate_batch(32, seed=7)
@@ -88,13 +98,7 @@ def test_shipped_weights_load_and_denoise():
     assert 10e6 < sum(p.numel() for p in m.parameters()) < 12e6
     assert type(m.transformer).__name__ == "FluxTransformer2DModel"
     x, labels = data.generate_batch(4, seed=123)
-    x0 = m.patchify(x)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
-    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    with torch.no_grad():
-        v = m(xt, t, labels)
-    loss = ((v - (noise - x0)) ** 2).mean().item()
+    loss = _flow_loss(m, x, labels, torch.tensor([0.2, 0.4, 0.6, 0.8]))
     assert loss < 0.15, loss  # trained: ~0.05; an untrained model gives ~1
 
 
@@ -105,13 +109,7 @@ def test_shipped_128_weights_load_and_denoise():
     m = load_pretrained("cpu", torch.float32, path)
     assert m.config.image_size == 128 and m.config.num_image_tokens == 4096
     x, labels = data.generate_batch(2, seed=123, size=128)
-    x0 = m.patchify(x)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.3, 0.7])
-    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    with torch.no_grad():
-        v = m(xt, t, labels)
-    loss = ((v - (noise - x0)) ** 2).mean().item()
+    loss = _flow_loss(m, x, labels, torch.tensor([0.3, 0.7]))
     assert loss < 0.15, loss  # trained: ~0.03; an untrained model gives ~1
 
 
@@ -186,13 +184,7 @@ def test_shipped_video_weights_load_and_denoise():
     m = load_pretrained("cpu", torch.float32, VIDEO_WEIGHTS_PATH)
     assert m.config.frames == 8 and m.config.num_image_tokens == 2048
     x, labels = data.generate_video_batch(2, seed=123, frames=8, size=32)
-    x0 = m.patchify(x)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.3, 0.7])
-    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    with torch.no_grad():
-        v = m(xt, t, labels)
-    loss = ((v - (noise - x0)) ** 2).mean().item()
+    loss = _flow_loss(m, x, labels, torch.tensor([0.3, 0.7]))
     assert loss < 0.15, loss  # trained: ~0.055 at the end of training; an untrained model gives ~1
 
 
