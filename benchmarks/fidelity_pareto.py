@@ -188,6 +188,7 @@ GRID.update({
     "vcm-hv-x1": _video(_HV, _X1),
     "vcm-hv-e10": _video(_HV, {"full_step_schedule": None, "full_step_every": 10}),
     "vcm-hv-e10-x1": _video(_HV, {"full_step_schedule": None, "full_step_every": 10, **_X1}),
+    "vcm-hv-s25": _video(_HV, {"full_step_schedule": [1, 10, 25, 40]}),  # one more refresh, in the 30-step gap
     "vcm-wan": _video(_WAN),
     "vcm-wan-x1": _video(_WAN, _X1),
     "vcm-wan-e5": _video(_WAN, {"full_step_every": 5}),
