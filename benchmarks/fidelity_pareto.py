@@ -196,6 +196,9 @@ GRID.update({
     "vcm-a.20": _video(_WAN, {"top_keys": 0.2}),
     "vcm-a.20-x1": _video(_WAN, {"top_keys": 0.2, **_X1}),
     "vcm-a.30-x1": _video(_WAN, {"top_keys": 0.3, **_X1}),
+    # query groups of one whole 4×6×8 voxel (the method's 192 for video) / of half a 128-group
+    "vcm-wan-g192": _video(_WAN, {"group": 192}),
+    "vcm-wan-g64": _video(_WAN, {"group": 64}),
     # what the voxel grouping buys: the same settings with raster-order groups ("-ng")
     "vcm-wan-ng": {**_video(_WAN), "grouping": {"enabled": False}},
     "vcm-wan-x1-ng": {**_video(_WAN, _X1), "grouping": {"enabled": False}},
