@@ -89,8 +89,6 @@ SUBTILE_2D = (4, 4)
 _CONV2D = {torch.conv2d, F.conv2d}
 _CONV3D = {torch.conv3d, F.conv3d}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
-_RESHAPES = RESHAPE_METHODS
-_IDENTITY = IDENTITY_METHODS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +302,7 @@ def _step_layout(node: fx.Node, src: fx.Node, layout: list) -> Optional[list]:
     out_shape = _shape(node)
     if out_shape is None:
         return None
-    if name in _IDENTITY:
+    if name in IDENTITY_METHODS:
         return layout if out_shape == tuple(math.prod(a[1] for a in d) for d in layout) else None
     if name in ("transpose", "swapaxes"):
         a, b = (int(x) % nd for x in node.args[1:3])
@@ -314,7 +312,7 @@ def _step_layout(node: fx.Node, src: fx.Node, layout: list) -> Optional[list]:
     if name == "permute":
         dims = [int(d) % nd for d in _dims_arg(node, 1)]
         return [layout[d] for d in dims]
-    if name in _RESHAPES:
+    if name in RESHAPE_METHODS:
         return _reshape_layout(layout, out_shape)
     return None
 
@@ -417,7 +415,7 @@ def _conv_input(gm: fx.GraphModule, conv: tuple) -> Optional[int]:
             continue
         src = node.args[0]
         while isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.args and (
-                _op_name(src) in _IDENTITY):
+                _op_name(src) in IDENTITY_METHODS):
             src = src.args[0]
         found.add(placeholders.index(src) if isinstance(src, fx.Node) and src.op == "placeholder" else None)
     return found.pop() if len(found) == 1 else None

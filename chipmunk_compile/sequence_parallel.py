@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .patterns.fx_utils import LAYOUT_METHODS
+from .patterns.fx_utils import LAYOUT_METHODS, schema_kwargs
 
 _VIEW_OPS = LAYOUT_METHODS  # what grouping._step_layout follows
 _A2A = "all_to_all_single"
@@ -86,20 +86,9 @@ def _a2a_world(a2a: fx.Node) -> Optional[int]:
         return None
 
 
-def _group_index(node: fx.Node) -> Optional[int]:
-    """Position of a collective op's `group_name` argument in its schema; None when it has none
-    (wait_tensor)."""
-    schema = getattr(getattr(node.target, "default", node.target), "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
-    return names.index("group_name") if "group_name" in names else None
-
-
 def _group_name(node: fx.Node):
-    """A functional collective's `group_name` argument, or None."""
-    i = _group_index(node)
-    if i is None:
-        return None
-    return node.args[i] if len(node.args) > i else node.kwargs.get("group_name")
+    """A functional collective's `group_name` argument, or None (wait_tensor names no group)."""
+    return (schema_kwargs(node) or {}).get("group_name")
 
 
 def _group(a2a: fx.Node):
@@ -271,9 +260,10 @@ def collective_groups(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or _namespace(node.target) != "_c10d_functional":
             continue
-        if _group_index(node) is None:
+        kw = schema_kwargs(node) or {}
+        if "group_name" not in kw:
             continue  # wait_tensor
-        name = _group_name(node)
+        name = kw["group_name"]
         name = name if isinstance(name, str) else "?"
         if name not in names:
             names.append(name)

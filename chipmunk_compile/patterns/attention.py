@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 
 from .fx_utils import (
     MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
-    module_path, shape_of, single_user, val,
+    module_path, schema_kwargs, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
 from .token_streams import distinct_streams, joint_key_streams, key_concat, projected_from, token_slice_of
@@ -199,21 +199,12 @@ def _aten_sdpa_ops() -> dict:
 _ATEN_SDPA = _aten_sdpa_ops()
 
 
-def _schema_kwargs(node: fx.Node, packet) -> dict:
-    """The op's arguments by schema name, defaults filled in."""
-    args = packet.default._schema.arguments
-    kw = {a.name: a.default_value for a in args if a.has_default_value()}
-    kw.update({a.name: v for a, v in zip(args, node.args)})
-    kw.update(node.kwargs)
-    return kw
-
-
 def match_sdpa_aten(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
     """An SDPA backend op whose only used output is the attention output (getitem 0)."""
     packet = _ATEN_SDPA.get(node.target) if node.op == "call_function" else None
     if packet is None:
         return None
-    kw = _schema_kwargs(node, packet)
+    kw = schema_kwargs(node)
     shapes = {"q": shape_of(kw["query"]), "k": shape_of(kw["key"]), "v": shape_of(kw["value"])}
     items = [u for u in node.users if is_call(u, operator.getitem)]
     outs = [u for u in items if u.args[1] == 0 and u.users]

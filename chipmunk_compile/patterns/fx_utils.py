@@ -39,6 +39,20 @@ def fn_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
     return dict(nf.kwargs) if nf is not None else None
 
 
+def schema_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
+    """All arguments of a call to a torch op (OpOverload or its packet) by schema name, defaults filled
+    in; None when the target has no schema."""
+    target = getattr(node.target, "default", node.target) if isinstance(node.target, torch._ops.OpOverloadPacket) \
+        else node.target
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return None
+    kw = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    kw.update({a.name: v for a, v in zip(schema.arguments, node.args)})
+    kw.update(node.kwargs)
+    return kw
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
