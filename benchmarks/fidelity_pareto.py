@@ -174,9 +174,18 @@ def _video(preset: str, attn=None, sc=None) -> dict:
     return {"preset": preset, **({"attn": attn} if attn else {}), **_cached(sc)}
 
 
-# what a model with no preset gets: the method's base defaults (5% keys + 1% random, refreshed every 10;
-# MLP 30% + 5% random), on any of the trained models
+# what a model with no preset gets (the `default` preset: 10% keys + 1% random refreshed every 5 steps, with
+# the residual forecast; MLP 30% + 5% random) and the method's base values it replaced in session 24 (`method`:
+# 5% + 1% refreshed every 10, no forecast), on any of the trained models
 GRID["cm-default"] = {"preset": "default"}
+GRID["cm-method"] = {"preset": "method"}
+# the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
+# the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%
+for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
+    GRID[f"dflt-{_k}-e5"] = {"preset": "method", "attn": {**_a, "full_step_every": 5}}
+    GRID[f"dflt-{_k}-e5-x1"] = {"preset": "method", "attn": {**_a, "full_step_every": 5, **_X1}}
+GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
+                               "mlp": {"full_step_every": 5}}
 
 # the video presets on the video tiny DiT (--weights examples/tiny_dit/weights/tiny_flux_video.safetensors
 # --settings 'v*' 'sc-*'): hunyuan-video = 5% keys + 1% random, refreshed at steps 0, 1, 10, 40; wan = 10%

@@ -39,14 +39,18 @@ class AttnConfig:
     """Column-sparse attention (method.md §1)."""
 
     enabled: bool = True
-    top_keys: float = 0.05  # fraction of key columns kept per query group
+    # The defaults are the `default` preset, for a model with no preset of its own: the method's base
+    # values (`method` preset: 5% keys refreshed every 10 steps, no forecast) cost 6-8 dB on the
+    # project's trained DiTs (24.5-26.3 dB against dense); 10% keys refreshed every 5 steps with the
+    # residual forecast give 31.9-33.3 dB there at FLUX's measured 1.23x (benchmarks/fidelity_pareto.py).
+    top_keys: float = 0.10  # fraction of key columns kept per query group
     random_keys: float = 0.01  # extra random columns, as a fraction of the keys
     # queries sharing one key set: the published CUDA kernel uses 192, our Triton kernels are
     # fastest at 128 (one 128-row tile per group; benchmarks/results/bench_kernels_h200.csv)
     group: int = 128
     first_n_dense_layers: int = 2
     warmup_steps: int = 1  # plain dense steps before the first refresh
-    full_step_every: int = 10  # refresh (dense + new indices + cache) period
+    full_step_every: int = 5  # refresh (dense + new indices + cache) period
     full_step_schedule: Optional[list[int]] = None  # explicit refresh steps; overrides the period
     recompute_mask: bool = True  # False: indices picked at the first refresh only
     min_tokens: int = 1024  # shorter attention stays dense
@@ -70,7 +74,7 @@ class AttnConfig:
     # (with the previous indices when a refresh picks new ones). 0 = the published hold (the cache
     # stays as the refresh left it), 1 = first-order extrapolation; values between damp it. Costs
     # one (B, N, H, D) buffer per site and branch and one slope read in the sparse kernel's epilogue.
-    extrapolate: float = 0.0
+    extrapolate: float = 1.0
 
     def __post_init__(self):
         _check_fraction("attn.top_keys", self.top_keys)

@@ -10,7 +10,7 @@ from chipmunk_compile.backend import split_options
 
 def test_presets_listed_and_load():
     names = list_presets()
-    assert {"default", "flux", "hunyuan-video", "mochi", "wan"} <= set(names)
+    assert {"default", "method", "flux", "hunyuan-video", "mochi", "wan"} <= set(names)
     for name in names:
         c = ChipmunkConfig.from_any(name)
         assert c.name == name
@@ -26,6 +26,23 @@ def test_preset_values():
     assert hv.attn.full_step_schedule == [1, 10, 40]
     assert hv.mlp.enabled is False
     assert ChipmunkConfig.from_any("wan").attn.full_step_every == 10
+
+
+def test_default_preset_is_the_dataclass_defaults():
+    """No config, {} and "default" are one config (10% + 1% keys refreshed every 5 steps with the residual
+    forecast); `method` keeps the method's base values (5% + 1%, every 10, no forecast)."""
+    dflt = ChipmunkConfig.from_any("default")
+    assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any(None), name="x")
+    assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any({}), name="x")
+    assert (dflt.attn.top_keys, dflt.attn.random_keys, dflt.attn.full_step_every, dflt.attn.extrapolate) == \
+        pytest.approx((0.10, 0.01, 5, 1.0))
+    method = ChipmunkConfig.from_any("method")
+    assert (method.attn.top_keys, method.attn.random_keys, method.attn.full_step_every, method.attn.extrapolate) == \
+        pytest.approx((0.05, 0.01, 10, 0.0))
+    assert method.mlp == dflt.mlp
+    # the video presets keep the forecast off (its buffers: ~59 GB at Wan 720p with CFG)
+    for name in ("hunyuan-video", "wan", "mochi"):
+        assert ChipmunkConfig.from_any(name).attn.extrapolate == 0.0
 
 
 def test_from_any_returns_a_copy():
@@ -111,7 +128,7 @@ def test_overrides_apply_in_order_later_wins():
     assert a0.top_keys == pytest.approx(0.2) and m0.enabled is False
     assert a1.top_keys == pytest.approx(0.4) and m1.enabled is False
     assert a2.top_keys == c.attn.top_keys
-    assert c.attn.top_keys == pytest.approx(0.05)  # the base is untouched
+    assert c.attn.top_keys == pytest.approx(ChipmunkConfig().attn.top_keys)  # the base is untouched
 
 
 def test_round_trip_dict():
