@@ -50,9 +50,11 @@ SPARSE = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 0.25,
           "mlp": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 0.3, "random_keys": 0.0,
                   "full_step_every": 4, "block": 16},
           "step_signal": "calls"}
-CALLS = 5
+# refreshes at calls 1 and 4 (the second measures the residual's slope), so calls 5-6 run the residual forecast,
+# which the default config turns on (attn.extrapolate 1)
+CALLS = 7
 COLUMNS = ["model", "status", "attn", "mlp", "rejected", "graphs", "grouping", "grouped", "dense_err", "sparse_err",
-           "out_change", "sparse_steps", "fallbacks", "seconds", "note"]
+           "out_change", "sparse_steps", "forecast", "fallbacks", "seconds", "note"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +458,8 @@ def measure(key: str) -> dict:
         fb = {k: v for k, v in counters["chipmunk"].items() if k.startswith("fallback")}
         row.update(status="ok", dense_err=f"{errs[0]:.1e}", sparse_err=f"{max(errs[1:]):.1e}",
                    out_change=f"{max(_rel(a, b) for a, b in zip(refs[1:], refs)):.1e}",
-                   sparse_steps=steps.get("sparse", 0), fallbacks=" ".join(f"{k}={v}" for k, v in fb.items()))
+                   sparse_steps=steps.get("sparse", 0), forecast=counters["chipmunk"].get("attention_forecast", 0),
+                   fallbacks=" ".join(f"{k}={v}" for k, v in fb.items()))
     except Exception as e:  # one model's failure never stops the zoo
         msg = " ".join(f"{type(e).__name__}: {e}".split())
         row["note"] = f"{phase}: {_short(msg, 220)} [{_where(e)}]"
@@ -494,7 +497,8 @@ def main():
           f"{diffusers.__version__}, CPU float32; `python benchmarks/arch_zoo.py`). grouping: what inspect() found; "
           f"grouped: sites with a grid in the compiled model / its sites; dense_err: call 0 vs eager; "
           f"sparse_err: max over calls 1-{CALLS - 1} (top_keys 0.25 attn / 0.3 MLP); out_change: eager output change "
-          f"between calls; sparse_steps: site-calls that ran sparse.\n\n" + _markdown(rows))
+          f"between calls; sparse_steps: site-calls that ran sparse; forecast: sparse attention calls with the residual "
+          f"forecast (default attn.extrapolate 1).\n\n" + _markdown(rows))
     with open(os.path.join(args.out, "arch_zoo.md"), "w") as f:
         f.write(md)
     print("\n" + _markdown(rows))
