@@ -59,6 +59,7 @@ def test_offloaded_state_gives_identical_outputs(fresh_dynamo, monkeypatch):
         assert torch.equal(off[key], kept[key]), key
     steps = chipmunk_compile.stats(compiled)["sites"]
     assert all(s["steps"].get("sparse", 0) > 0 for s in steps), steps  # the caches were used
+    assert ccount("attention_forecast") > 0  # the default's residual forecast read its slope from home too
     # the attention joins the call order at step 1 (step 0 is dense): from step 2 on every staged
     # call finds its branch prefetched
     assert ccount("offload_hit") > 0 and misses[-1] == misses[1], misses
