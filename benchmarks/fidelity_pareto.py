@@ -179,6 +179,11 @@ def _video(preset: str, attn=None, sc=None) -> dict:
 # 5% + 1% refreshed every 10, no forecast), on any of the trained models
 GRID["cm-default"] = {"preset": "default"}
 GRID["cm-method"] = {"preset": "method"}
+# the default stacked on step caching: the published skips, and adaptive 0.20 with the first 7 steps computed,
+# both with the skipped calls' forecast
+GRID["cmsc-default-fixed25-f1"] = {"preset": "default", **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
+GRID["cmsc-default-t0.20-w7-f1"] = {"preset": "default", **_cached({"threshold": 0.2, "warmup_steps": 7,
+                                                                    "extrapolate": 1.0})}
 # the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
 # the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%
 for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
