@@ -39,10 +39,8 @@ class AttnConfig:
     """Column-sparse attention (method.md §1)."""
 
     enabled: bool = True
-    # The defaults are the `default` preset, for a model with no preset of its own: the method's base
-    # values (`method` preset: 5% keys refreshed every 10 steps, no forecast) cost 6-9 dB on the
-    # project's trained DiTs (24.5-26.3 dB against dense); 10% keys refreshed every 5 steps with the
-    # residual forecast give 31.9-33.3 dB there at FLUX's measured 1.23x (benchmarks/fidelity_pareto.py).
+    # The defaults are the `default` preset (presets/default.yaml: why they differ from the method's
+    # base values, kept as the `method` preset, and what they measured).
     top_keys: float = 0.10  # fraction of key columns kept per query group
     random_keys: float = 0.01  # extra random columns, as a fraction of the keys
     # queries sharing one key set: the published CUDA kernel uses 192, our Triton kernels are
