@@ -44,7 +44,6 @@ import torch.fx as fx
 
 from .patterns.fx_utils import LAYOUT_METHODS, schema_kwargs
 
-_VIEW_OPS = LAYOUT_METHODS  # what grouping._step_layout follows
 _A2A = "all_to_all_single"
 _WAIT = "wait_tensor"
 _CHUNK = {"chunk", "tensor_split"}
@@ -112,11 +111,11 @@ def _chain_up(node: fx.Node, limit: int = 24) -> Optional[list]:
         name = _name(n)
         if _is(n, _A2A):
             a2a_seen = True
-        elif name not in _VIEW_OPS and not _is(n, _WAIT):
+        elif name not in LAYOUT_METHODS and not _is(n, _WAIT):
             return chain[::-1] if a2a_seen else None
         n = n.args[0]
         chain.append(n)
-        if a2a_seen and _name(n) not in _VIEW_OPS:
+        if a2a_seen and _name(n) not in LAYOUT_METHODS:
             return chain[::-1]
     return None
 
