@@ -184,6 +184,19 @@ GRID["cm-method"] = {"preset": "method"}
 GRID["cmsc-default-fixed25-f1"] = {"preset": "default", **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
 GRID["cmsc-default-t0.20-w7-f1"] = {"preset": "default", **_cached({"threshold": 0.2, "warmup_steps": 7,
                                                                     "extrapolate": 1.0})}
+# the high-speed end (session 25): step caching alone past 4 skips in a row, against the default stacked on
+# fewer skips reaching the same FLOPs (all with the skipped calls' forecast)
+_SC_FAST = {"t0.50-c6-w7": {"threshold": 0.5, "max_consecutive": 6, "warmup_steps": 7},
+            "t0.80-c9-w7": {"threshold": 0.8, "max_consecutive": 9, "warmup_steps": 7},
+            "t0.80-c9-w4": {"threshold": 0.8, "max_consecutive": 9, "warmup_steps": 4}}
+for _t, _sc_cfg in _SC_FAST.items():
+    GRID[f"sc-{_t}-f1"] = _sc(**_sc_cfg, extrapolate=1.0)
+for _t, _sc_cfg in {**_SC_FAST, "t0.30-c3-w7": _SC_X1["t0.30-c3-w7"], "t0.50-c4-w7": _SC_X1["t0.50-c4-w7"]}.items():
+    GRID[f"cmsc-default-{_t}-f1"] = {"preset": "default", **_cached({**_sc_cfg, "extrapolate": 1.0})}
+# the control for those: step caching alone on the schedule the stacked rows ended up with (the default refreshes
+# every 5 steps and a refresh step is never skipped, so past 4 skips in a row every computed call is a refresh)
+for _w in (4, 7):
+    GRID[f"sc-every5-w{_w}-f1"] = _sc(skip_steps=[s for s in range(_w, 50) if s % 5], extrapolate=1.0)
 # the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
 # the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%
 for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
