@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, cdiv, dot_precision, interpreting, new_empty
+from ._common import LOG2E, autotune, cdiv, dot_precision, interpreting, new_empty
 from ._tiles import key_allowed, load_rows, num_sms
 from .attn_colsum_sampled_ref import sample_offsets, to_e4m3
 
@@ -184,9 +184,9 @@ def _tuned(pin: str):
     autotuner (and tuning cache) per choice, so a pinned run never reuses another's pick."""
     if pin not in _tuners:
         configs = [c for c in _configs() if pin not in ("sum", "mma") or c.kwargs["MMA_REDUCE"] == (pin == "mma")]
-        _tuners[pin] = triton.autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "HAS_KMASK", "QK_FP8",
-                                                            "DOT_PREC"],
-                                       prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
+        _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "HAS_KMASK", "QK_FP8",
+                                                      "DOT_PREC"],
+                                prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
     return _tuners[pin]
 
 

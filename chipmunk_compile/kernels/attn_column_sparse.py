@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import block_rows, num_sms, wave_grid, wave_tail_tile
-from ._common import (LOG2E, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting,
+from ._common import (LOG2E, autotune, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting,
                       launch)
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
@@ -204,8 +204,8 @@ def _configs():
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "DOT_PREC",
-                                                       "NUM_SMS"])(
+_tuned = autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "DOT_PREC",
+                                          "NUM_SMS"])(
     _attn_column_sparse_kernel)
 
 

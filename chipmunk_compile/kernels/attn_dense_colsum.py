@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
+from ._common import LOG2E, autotune, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
 from ._tiles import key_allowed, load_rows
 
 
@@ -156,9 +156,9 @@ def _configs():
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
-                                                           "COLSUM_MMA"],
-                         reset_to_zero=["COLSUM"])(_attn_dense_colsum_kernel)
+_tuned = autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
+                                          "COLSUM_MMA"],
+                  reset_to_zero=["COLSUM"])(_attn_dense_colsum_kernel)
 
 
 def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, compute_o, want_colsum):

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
-from ._common import ACT_CODE, cdiv, dot_precision, launch, new_empty
+from ._common import ACT_CODE, autotune, cdiv, dot_precision, launch, new_empty
 
 
 @triton.jit
@@ -190,8 +190,8 @@ def _configs():
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2)
 
-_tuned = triton.autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
-                         restore_value=["HC"])(_mlp_sparse_mm1_kernel)
+_tuned = autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
+                  restore_value=["HC"])(_mlp_sparse_mm1_kernel)
 
 
 def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int, perm=None):

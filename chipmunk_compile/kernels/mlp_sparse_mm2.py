@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
-from ._common import cdiv, dot_precision, launch, new_empty
+from ._common import autotune, cdiv, dot_precision, launch, new_empty
 
 
 @triton.jit
@@ -134,8 +134,8 @@ def _configs():
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2)
 
-_tuned = triton.autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
-                         restore_value=["YC"])(_mlp_sparse_mm2_kernel)
+_tuned = autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
+                  restore_value=["YC"])(_mlp_sparse_mm2_kernel)
 
 # Keyed by tensor identity: a weakref.WeakKeyDictionary compares colliding keys with Tensor.__eq__
 # (elementwise), which raised "Boolean value of Tensor ... is ambiguous" on the H200.

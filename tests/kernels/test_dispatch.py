@@ -1,7 +1,12 @@
-"""get_kernel: Triton vs reference choice and counted fallbacks."""
+"""get_kernel: Triton vs reference choice and counted fallbacks; the shared launch helpers."""
+
+import inspect
+import pathlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch._dynamo.utils import counters
 
 from chipmunk_compile import kernels as K
@@ -103,3 +108,45 @@ def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_
     assert dispatch.attn_column_sparse(*args, scale=0.1, group=128) == ("P" if pingpong_ok else "G")
     assert len(offered) == 1 and ran[-1] == first
     assert counters["chipmunk"][f"kernel_{first}:attn_column_sparse"] == 1
+
+def test_autotune_keeps_timings_on_disk_unless_turned_off(monkeypatch):
+    """Every kernel module tunes through _common.autotune, which asks Triton to keep the timings on disk
+    (cache_results) where Triton has the option, and leaves it out when CHIPMUNK_AUTOTUNE_CACHE=0 or
+    when this Triton's autotune has no such parameter."""
+    from chipmunk_compile.kernels import _common
+
+    kernels_dir = pathlib.Path(_common.__file__).parent
+    tuned = [p.stem for p in kernels_dir.glob("*.py") if "autotune(" in p.read_text() and p.stem != "_common"]
+    assert len(tuned) == 5 and not any("triton.autotune(" in (kernels_dir / f"{m}.py").read_text() for m in tuned)
+
+    seen = []
+
+    def recorder(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None, cache_results=False):
+        seen.append(cache_results)
+        return lambda fn: fn
+
+    monkeypatch.setattr(triton, "autotune", recorder)
+    monkeypatch.delenv("CHIPMUNK_AUTOTUNE_CACHE", raising=False)
+    _common.autotune([], ["N"], restore_value=["X"])
+    monkeypatch.setenv("CHIPMUNK_AUTOTUNE_CACHE", "0")
+    _common.autotune([], ["N"])
+    assert seen == [True, False]
+
+    def older(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None):
+        seen.append("older")
+        return lambda fn: fn
+
+    monkeypatch.setattr(triton, "autotune", older)
+    monkeypatch.delenv("CHIPMUNK_AUTOTUNE_CACHE")
+    _common.autotune([], ["N"])  # a TypeError here would break every kernel import on such a Triton
+    assert seen[-1] == "older"
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter never caches
+    wrapper = _common.autotune([triton.Config({"B": 1}), triton.Config({"B": 2})], ["n"])(_copy_kernel)
+    assert wrapper.cache_results == ("cache_results" in inspect.signature(triton.autotune).parameters)
+
+
+@triton.jit
+def _copy_kernel(x, y, n, B: tl.constexpr):
+    offs = tl.arange(0, B)
+    tl.store(y + offs, tl.load(x + offs, mask=offs < n), mask=offs < n)
