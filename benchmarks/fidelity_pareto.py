@@ -197,6 +197,9 @@ for _t, _sc_cfg in {**_SC_FAST, "t0.30-c3-w7": _SC_X1["t0.30-c3-w7"], "t0.50-c4-
 # every 5 steps and a refresh step is never skipped, so past 4 skips in a row every computed call is a refresh)
 for _w in (4, 7):
     GRID[f"sc-every5-w{_w}-f1"] = _sc(skip_steps=[s for s in range(_w, 50) if s % 5], extrapolate=1.0)
+# and that regular schedule at other periods, against the adaptive rule at equal FLOPs
+for _k in (2, 3, 4, 6):
+    GRID[f"sc-every{_k}-w7-f1"] = _sc(skip_steps=[s for s in range(7, 50) if s % _k], extrapolate=1.0)
 # the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
 # the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%
 for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
