@@ -1,9 +1,12 @@
 """Profile a few sparse steps of a reduced-depth diffusers DiT under backend="chipmunk".
 
     python benchmarks/profile_e2e.py --model flux --blocks 4
+    python benchmarks/profile_e2e.py --model flux --blocks 2 --at 5 7 10   # chosen steps, one by one
 
 Prints the top CUDA kernels and CPU ops by time for the baseline (Inductor) and for chipmunk,
-and the wall time per step; explains where a step's time goes."""
+and the wall time per step; explains where a step's time goes. With --at, one whole generation of
+steps 0..max(at) runs first (compiles, tunes, records), then in a second generation each listed
+step is profiled alone (e.g. a refresh step against a sparse one) and printed by kernel kind."""
 
 from __future__ import annotations
 
@@ -45,11 +48,31 @@ def kernel_split(prof, n_steps: int) -> str:
     return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step"])
 
 
+def profile_steps(compiled, name, kw, label, at):
+    """Steps 0..max(at) once (warm-up generation), then again with each step in `at` profiled alone."""
+    steps(compiled, name, kw, at[-1] + 1)
+    torch.cuda.synchronize()
+    done = 0
+    for s in at:
+        steps(compiled, name, kw, s - done, start=done)  # a new generation starts when the timestep goes back up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            steps(compiled, name, kw, 1, start=s)
+            torch.cuda.synchronize()
+        print(f"## {label}, step {s}: {(time.perf_counter() - t0) * 1e3:.1f} ms wall (under the profiler)")
+        print(kernel_split(prof, n_steps=1))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        done = s + 1
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="flux")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--rows", type=int, default=22)
+    ap.add_argument("--no-baseline", action="store_true", help="profile chipmunk only (not the Inductor baseline)")
+    ap.add_argument("--at", type=int, nargs="*", default=None, help="profile these steps one by one (see above)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
@@ -62,9 +85,13 @@ def main():
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
     preset = args.model if args.model in list_presets() else "default"  # the model's preset, as bench_e2e.py
     cfg = {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
-    for label, backend, opts in (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg})):
+    variants = (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg}))
+    for label, backend, opts in variants[1:] if args.no_baseline else variants:
         torch._dynamo.reset()
         c = torch.compile(model, backend=backend, options=opts)
+        if args.at:
+            profile_steps(c, args.model, kw, label, sorted(set(args.at)))
+            continue
         steps(c, args.model, kw, 4)  # compile, dense, refresh, first sparse (autotune)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
