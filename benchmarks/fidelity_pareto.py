@@ -194,7 +194,8 @@ for _t, _sc_cfg in _SC_FAST.items():
 for _t, _sc_cfg in {**_SC_FAST, "t0.30-c3-w7": _SC_X1["t0.30-c3-w7"], "t0.50-c4-w7": _SC_X1["t0.50-c4-w7"]}.items():
     GRID[f"cmsc-default-{_t}-f1"] = {"preset": "default", **_cached({**_sc_cfg, "extrapolate": 1.0})}
 # the control for those: step caching alone on the schedule the stacked rows ended up with (the default refreshes
-# every 5 steps and a refresh step is never skipped, so past 4 skips in a row every computed call is a refresh)
+# every 5 steps and a refresh step is never skipped, so from 4 skips in a row on, every computed call after the
+# warm-up is a refresh)
 for _w in (4, 7):
     GRID[f"sc-every5-w{_w}-f1"] = _sc(skip_steps=[s for s in range(_w, 50) if s % 5], extrapolate=1.0)
 # and that regular schedule at other periods, against the adaptive rule at equal FLOPs
