@@ -201,6 +201,12 @@ for _w in (4, 7):
 # and that regular schedule at other periods, against the adaptive rule at equal FLOPs
 for _k in (2, 3, 4, 6):
     GRID[f"sc-every{_k}-w7-f1"] = _sc(skip_steps=[s for s in range(7, 50) if s % _k], extrapolate=1.0)
+# stacking with the refresh period in computed calls: step caching computes every k-th step, the default's ops
+# refresh every p-th step (a multiple of k), so p/k - 1 of every p/k computed calls are sparse ones
+for _k, _p in ((3, 9), (3, 6), (2, 6), (2, 8)):
+    GRID[f"cmsc-default-e{_p}-every{_k}-w7-f1"] = {
+        "preset": "default", "attn": {"full_step_every": _p}, "mlp": {"full_step_every": _p},
+        **_cached({"skip_steps": [s for s in range(7, 50) if s % _k], "extrapolate": 1.0})}
 # the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
 # the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%
 for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
