@@ -151,3 +151,42 @@ def test_autotune_keeps_timings_on_disk_unless_turned_off(monkeypatch):
 def _copy_kernel(x, y, n, B: tl.constexpr):
     offs = tl.arange(0, B)
     tl.store(y + offs, tl.load(x + offs, mask=offs < n), mask=offs < n)
+
+
+_TUNE_IN_A_NEW_PROCESS = """
+import torch
+from chipmunk_compile.kernels import attn_column_sparse as m
+B, H, N, D, G, K = 1, 2, 300, 64, 64, 100
+q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
+NG = -(-N // G)
+idx = torch.rand(B, H, NG, N, device="cuda").topk(K, dim=-1).indices.sort(-1).values.int()
+cnt = torch.full((B, H, NG), K, dtype=torch.int32, device="cuda")
+m.attn_column_sparse(q, k, v, idx, cnt, scale=D ** -0.5, group=G)
+torch.cuda.synchronize()
+print("timed" if hasattr(m._tuned, "bench_time") else "read")  # bench_time: set when this process timed configs
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_a_new_process_reads_the_timings_instead_of_timing_again(tmp_path):
+    """The cross-process effect of _common.autotune on a real GPU: the first process times the configs and
+    writes them into the Triton cache dir, the next one reads them, and CHIPMUNK_AUTOTUNE_CACHE=0 times again."""
+    import os
+    import subprocess
+    import sys
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.fail(f"Triton {triton.__version__} has no autotune(cache_results=...): the project needs >= 3.4 here")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHIPMUNK_AUTOTUNE_CACHE", "TRITON_INTERPRET")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+
+    def run(**extra):
+        out = subprocess.run([sys.executable, "-c", _TUNE_IN_A_NEW_PROCESS], env={**env, **extra},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    assert run() == "timed"
+    assert list(tmp_path.rglob("*.autotune.json"))
+    assert run() == "read"
+    assert run(CHIPMUNK_AUTOTUNE_CACHE="0") == "timed"
