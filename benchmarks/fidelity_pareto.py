@@ -179,6 +179,9 @@ def _video(preset: str, attn=None, sc=None) -> dict:
 # 5% + 1% refreshed every 10, no forecast), on any of the trained models
 GRID["cm-default"] = {"preset": "default"}
 GRID["cm-method"] = {"preset": "method"}
+# issue 4's check at the default: its self-normalized delta against the exact-normalizer variant (the sparse
+# step's softmax over the selected keys normalized by the refresh's lse; session 25)
+GRID["cm-default-en"] = {"preset": "default", "attn": {"delta": "exact_normalizer"}}
 # the default stacked on step caching: the published skips, and adaptive 0.20 with the first 7 steps computed,
 # both with the skipped calls' forecast
 GRID["cmsc-default-fixed25-f1"] = {"preset": "default", **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
