@@ -2,6 +2,7 @@
 
     python benchmarks/profile_e2e.py --model flux --blocks 4
     python benchmarks/profile_e2e.py --model flux --blocks 2 --at 5 7 10   # chosen steps, one by one
+    python benchmarks/profile_e2e.py --model flux --blocks 19 --config default --at 1 5 7 10
 
 Prints the top CUDA kernels and CPU ops by time for the baseline (Inductor) and for chipmunk,
 and the wall time per step; explains where a step's time goes. With --at, one whole generation of
@@ -48,21 +49,29 @@ def kernel_split(prof, n_steps: int) -> str:
     return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step"])
 
 
-def profile_steps(compiled, name, kw, label, at):
-    """Steps 0..max(at) once (warm-up generation), then again with each step in `at` profiled alone."""
-    steps(compiled, name, kw, at[-1] + 1)
+def profile_steps(compiled, name, kw, label, at, warm_gens=2):
+    """Steps 0..max(at) `warm_gens` times (compiles, tunes, records: a step signature that occurs
+    once per generation records its CUDA graph in the second), then once more with each step in
+    `at` profiled alone. Prints per step whether its graph replayed (counter `graph_replays`)."""
+    from torch._dynamo.utils import counters
+    for _ in range(warm_gens):
+        steps(compiled, name, kw, at[-1] + 1)
     torch.cuda.synchronize()
     done = 0
     for s in at:
         steps(compiled, name, kw, s - done, start=done)  # a new generation starts when the timestep goes back up
         torch.cuda.synchronize()
+        replays = counters["chipmunk"]["graph_replays"]
         t0 = time.perf_counter()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             steps(compiled, name, kw, 1, start=s)
             torch.cuda.synchronize()
-        print(f"## {label}, step {s}: {(time.perf_counter() - t0) * 1e3:.1f} ms wall (under the profiler)")
+        wall = (time.perf_counter() - t0) * 1e3
+        replayed = ("; replayed" if counters["chipmunk"]["graph_replays"] > replays else "; not a replay") \
+            if label == "chipmunk" else ""
+        print(f"## {label}, step {s}: {wall:.1f} ms wall (under the profiler{replayed})")
         print(kernel_split(prof, n_steps=1))
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
         done = s + 1
 
 
@@ -73,6 +82,10 @@ def main():
     ap.add_argument("--rows", type=int, default=22)
     ap.add_argument("--no-baseline", action="store_true", help="profile chipmunk only (not the Inductor baseline)")
     ap.add_argument("--at", type=int, nargs="*", default=None, help="profile these steps one by one (see above)")
+    ap.add_argument("--config", default=None, help="chipmunk preset (default: the model's, as bench_e2e.py)")
+    ap.add_argument("--warm-gens", type=int, default=2,
+                    help="with --at: generations of steps 0..max(at) before the profiled one (2: once-per-generation "
+                         "steps replay their recorded graph)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
@@ -80,17 +93,18 @@ def main():
         args.text_mask = resolve_text_mask(args.model, args.text_mask)
     except ValueError as e:
         ap.error(str(e))
-    print(f"# {args.model}, {text_mask_text(args.model, args.text_mask)}")
+    print(f"# {args.model}, {args.blocks} blocks, preset {args.config or 'of the model'}, "
+          f"{text_mask_text(args.model, args.text_mask)}")
     model = build(args.model, args.blocks)
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
-    preset = args.model if args.model in list_presets() else "default"  # the model's preset, as bench_e2e.py
+    preset = args.config or (args.model if args.model in list_presets() else "default")  # as bench_e2e.py
     cfg = {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
     variants = (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg}))
     for label, backend, opts in variants[1:] if args.no_baseline else variants:
         torch._dynamo.reset()
         c = torch.compile(model, backend=backend, options=opts)
         if args.at:
-            profile_steps(c, args.model, kw, label, sorted(set(args.at)))
+            profile_steps(c, args.model, kw, label, sorted(set(args.at)), args.warm_gens)
             continue
         steps(c, args.model, kw, 4)  # compile, dense, refresh, first sparse (autotune)
         torch.cuda.synchronize()

@@ -30,7 +30,9 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   them by atomics instead of a histogram; no sort, no host sync. ``draws`` may be a
   ``random_draws_ref.HashDraws`` (step tensor, salt): the kernel hashes the draws in place.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
-  o_slope=None, slope_coef=None) -> o.
+  o_slope=None, slope_coef=None, out=None, measure=None) -> o (into ``out`` when given; ``measure`` =
+  (prev, slope_out, inv_dt) also stores (o − prev)·inv_dt: a refresh builds its cache and the
+  forecast's slope in the kernel's epilogue, with no extra pass).
   On sm_90, index lists of >= 2048 keys per group (head dim 128) may go to a Gluon kernel (same
   contract): the warp-specialized ping-pong one (``attn_column_sparse_pingpong.py``, groups of a
   multiple of 128; counted as ``kernel_pingpong:attn_column_sparse``) or the single-warpgroup one

@@ -21,10 +21,13 @@ Kernel invariants:
   column, so the running max is finite after the first step; counts == 0 yields 0.
   Exact-normalizer mode (lse given): p = exp2(s * qk_scale - lse * log2e), no max/renormalisation.
 - Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
-  is a fresh (B, N, Hq, D)-layout buffer, so o_base may alias nothing it writes); with the residual
-  forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs stay valid),
-  o_slope read beside o_base at the same offsets. Where that cannot be (other strides, the Gluon
-  kernel) the sum is formed first (``slope_into_base``).
+  is a fresh (B, N, Hq, D)-layout buffer or the caller's ``out`` of that layout, never o_base); with
+  the residual forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs
+  stay valid), o_slope read beside o_base at the same offsets. Where that cannot be (other strides,
+  the Gluon kernel) the sum is formed first (``slope_into_base``). With ``measure`` (a refresh
+  measuring the forecast's slope) the same program also reads prev at o's offsets before storing o
+  (prev may be ``out`` itself: every row has one owner) and stores (o − prev) · inv_dt from the fp32
+  o; where the strides differ, or on the Gluon kernels, ``write_out`` does it in separate passes.
 - Long key lists on Hopper may go to a Gluon kernel (same contract): the ping-pong one
   (``attn_column_sparse_pingpong.py``: producer and two consumer warpgroups, groups of a multiple of
   128) or the single-warpgroup one (``attn_column_sparse_hopper.py``). ``use_hopper_kernel`` says
@@ -78,13 +81,13 @@ def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, q
 
 
 @triton.jit
-def _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
+def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
               sib, sih, sig, scb, sch,  #
               N, HQ, KV_REP, qk_scale, sign, bh, g, row0,  #
               G: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,  #
               TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr,  #
-              HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
+              HAS_MEASURE: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
     b = bh // HQ
     h = bh % HQ
     hk = h // KV_REP
@@ -147,20 +150,24 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
         if HAS_SLOPE:  # o_slope shares o_base's strides (checked on the host)
             os_ = tl.load(OS + ob_offs, mask=row_ok[:, None], other=0.0)
             out += tl.load(COEF) * os_.to(tl.float32)
-    tl.store(O + b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    o_offs = b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod
+    if HAS_MEASURE:  # prev and slope_out share O's strides (checked on the host); prev may be O itself
+        prev = tl.load(PREV + o_offs, mask=row_ok[:, None], other=0.0)
+        rate = (out - prev.to(tl.float32)) * tl.load(INV)
+        tl.store(SOUT + o_offs, rate.to(SOUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _attn_column_sparse_kernel(
-    Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,  #
+    Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
     sib, sih, sig, scb, sch,  #
     N, HQ, KV_REP, NG, NBH, NUM_SMS, qk_scale, sign,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     TAIL_N: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr,  #
-    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_MEASURE: tl.constexpr,
+    HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     per_bh = NG * TPG
@@ -169,27 +176,30 @@ def _attn_column_sparse_kernel(
     if SPLIT == 1:  # constexpr: one body only
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
-                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
+                  POS_SCALE)
     elif pid < t_main:
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
-                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
+                  POS_SCALE)
     else:
         qq = pid - t_main
         bh = tile // per_bh
         r = tile % per_bh
         SUB: tl.constexpr = BLOCK_M // SPLIT
-        _csp_rows(Q, K, V, O, OB, OS, COEF, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
                   (r % TPG) * BLOCK_M + (qq % SPLIT) * SUB,
-                  G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_LSE, DOT_PREC, POS_SCALE)
+                  G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
+                  POS_SCALE)
 
 
 def _configs():
@@ -204,8 +214,10 @@ def _configs():
     return out
 
 
-_tuned = autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "DOT_PREC",
-                                          "NUM_SMS"])(
+# restore_value: with ``measure`` O may be its prev, read before it is written: timing a config must
+# not let one run's output become the next run's prev
+_tuned = autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE",
+                                          "DOT_PREC", "NUM_SMS"], restore_value=["O"])(
     _attn_column_sparse_kernel)
 
 
@@ -225,55 +237,89 @@ def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) 
 
 
 def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                       sign: float = 1.0, lse=None, o_slope=None, slope_coef=None):
+                       sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None):
     if o_slope is not None and (o_base is None or o_slope.stride() != o_base.stride()):
         o_base = slope_into_base(o_base, o_slope, slope_coef)
         o_slope = None
     if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
-        from torch._dynamo.utils import counters
-
-        from . import attn_column_sparse_pingpong as pingpong
-        from .attn_column_sparse_hopper import attn_column_sparse_hopper
-
-        def base():  # the Gluon kernels read o_base only
-            return slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
-
-        runs = {}
-        if pingpong.beyond_hopper(group) is None:  # use_hopper_kernel has run the rest of its checks
-            runs["pingpong"] = lambda: pingpong.attn_column_sparse_pingpong(
-                q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=base(), sign=sign)
-        runs["gluon"] = lambda: attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group,
-                                                          perm=perm, o_base=base(), sign=sign)
-        runs["triton"] = lambda: _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group,
-                                                            perm=perm, o_base=o_base, sign=sign, o_slope=o_slope,
-                                                            slope_coef=slope_coef)
-        default = next(iter(runs))  # the ping-pong kernel where it qualifies, else the single-warpgroup one
-        pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
-            ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
-             perm is not None, o_base is not None, o_slope is not None), runs, default)
-        if pick != "triton":
-            counters["chipmunk"][f"kernel_{pick}:attn_column_sparse"] += 1  # eager calls and recordings, not replays
-        return runs[pick]()
+        return write_out(_attn_column_sparse_gluon(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
+                                                   o_base=o_base, sign=sign, o_slope=o_slope,
+                                                   slope_coef=slope_coef), out, measure)
+    if not fused_epilogue_fits(q, out, measure):
+        return write_out(_attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
+                                                    o_base=o_base, sign=sign, lse=lse, o_slope=o_slope,
+                                                    slope_coef=slope_coef), out, measure)
     return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
-                                      sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef)
+                                      sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef, out=out,
+                                      measure=measure)
+
+
+def fused_epilogue_fits(q, out, measure) -> bool:
+    """Whether the Triton epilogue can write ``out`` and ``measure``'s slope itself: out (or the new
+    buffer) in the (B, N, Hq, D) layout, prev and slope_out at the same strides."""
+    B, Hq, N, D = q.shape
+    strides = out.stride() if out is not None else (N * Hq * D, D, Hq * D, 1)  # empty_bnhd's
+    if out is not None and (tuple(out.shape) != (B, Hq, N, D) or out.dtype != q.dtype):
+        return False
+    return measure is None or all(tuple(t.shape) == (B, Hq, N, D) and t.stride() == strides for t in measure[:2])
+
+
+def write_out(o, out, measure):
+    """What the fused epilogue does, as separate passes over a finished o (kernels that lack it)."""
+    if measure is not None:
+        prev, slope_out, inv_dt = measure
+        slope_out.copy_((o.float() - prev.float()) * inv_dt.reshape(()).float())
+    if out is None:
+        return o
+    return out.copy_(o)
+
+
+def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o_base, sign, o_slope, slope_coef):
+    """The Hopper Gluon kernels' call (their choice measured once per shape), as the Triton one."""
+    from torch._dynamo.utils import counters
+
+    from . import attn_column_sparse_pingpong as pingpong
+    from .attn_column_sparse_hopper import attn_column_sparse_hopper
+
+    def base():  # the Gluon kernels read o_base only
+        return slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
+
+    runs = {}
+    if pingpong.beyond_hopper(group) is None:  # use_hopper_kernel has run the rest of its checks
+        runs["pingpong"] = lambda: pingpong.attn_column_sparse_pingpong(
+            q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=base(), sign=sign)
+    runs["gluon"] = lambda: attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group,
+                                                      perm=perm, o_base=base(), sign=sign)
+    runs["triton"] = lambda: _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group,
+                                                        perm=perm, o_base=o_base, sign=sign, o_slope=o_slope,
+                                                        slope_coef=slope_coef)
+    default = next(iter(runs))  # the ping-pong kernel where it qualifies, else the single-warpgroup one
+    pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
+        ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
+         perm is not None, o_base is not None, o_slope is not None), runs, default)
+    if pick != "triton":
+        counters["chipmunk"][f"kernel_{pick}:attn_column_sparse"] += 1  # eager calls and recordings, not replays
+    return runs[pick]()
 
 
 def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
-                               o_slope=None, slope_coef=None):
+                               o_slope=None, slope_coef=None, out=None, measure=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
     G = int(group)
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
-    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device) if out is None else out
     idx, cnt, pm = int32_index_args(indices, counts, perm)
     lse_c = None if lse is None else lse.float().contiguous()
     ob = o_base
     nsm = num_sms(q.device)
     coef = slope_coef.reshape(1).float() if o_slope is not None else cnt
+    prev, slope_out, inv_dt = measure if measure is not None else (q, q, cnt)
     args = (
         q, k, v, o, ob if ob is not None else q, o_slope if o_slope is not None else q, coef,
+        prev, slope_out, inv_dt.reshape(1).float() if measure is not None else cnt,
         idx, cnt, lse_c if lse_c is not None else cnt,
         pm if pm is not None else cnt,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(ob.stride() if ob is not None else q.stride()),
@@ -281,7 +327,7 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
         N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
     flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_SLOPE=o_slope is not None,
-                 HAS_LSE=lse_c is not None,
+                 HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
     launch(_attn_column_sparse_kernel, _tuned, grid, args, flags, force_config=_force_config,

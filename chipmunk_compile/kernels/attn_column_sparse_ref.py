@@ -11,6 +11,12 @@ Contract (shared with the Triton kernel ``attn_column_sparse.py``):
   (B, Hq, N, D) any strides, slope_coef a 1-element fp32 device tensor: the residual forecast of
   ops/attention.py, read on the device) in q.dtype, stored as a (B, N, Hq, D) buffer; rows in
   original query order (perm only decides which queries form a group).
+- ``out`` (B, Hq, N, D), any strides: o is written there (and returned) instead of a new buffer;
+  it may be ``measure``'s prev, never o_base / o_slope.
+- ``measure`` = (prev, slope_out, inv_dt): also slope_out = (o − prev) · inv_dt from o before its
+  rounding to q.dtype (prev and slope_out (B, Hq, N, D), inv_dt a 1-element fp32 device tensor);
+  prev is read before out is written. The refresh's cache build and the residual forecast's slope
+  in one pass (ops/attention.py).
 - fp32 math, vectorized over the groups of one (b, h).
 """
 
@@ -22,9 +28,12 @@ from ._common import empty_bnhd
 
 
 def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                           sign: float = 1.0, lse=None, o_slope=None, slope_coef=None):
+                           sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None):
     B, Hq, N, D = q.shape
     coef = slope_coef.reshape(()).float() if o_slope is not None else None
+    if measure is not None:
+        prev, slope_out, inv_dt = measure
+        inv_dt = inv_dt.reshape(()).float()
     rep = Hq // k.shape[1]
     G = int(group)
     Gc, K = indices.shape[2], indices.shape[3]
@@ -33,7 +42,7 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
     # Row positions of each group (padded with row 0, masked out below).
     rows = torch.cat([order, order.new_zeros(pad)]).view(Gc, G)
     col_ok = torch.arange(K, device=q.device)[None, :] < counts.long()[..., None]  # (B,Hq,Gc,K)
-    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device) if out is None else out
     for b in range(B):
         for h in range(Hq):
             idx = indices[b, h].long().clamp_(0, k.shape[2] - 1)
@@ -58,5 +67,7 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
                 a = a + o_base[b, h].float()[order]
             if o_slope is not None:
                 a = a + coef * o_slope[b, h].float()[order]
-            o[b, h, order] = a.to(q.dtype)
+            if measure is not None:  # (b, h)'s prev rows are read before its out rows are written
+                slope_out[b, h, order] = ((a - prev[b, h].float()[order]) * inv_dt).to(slope_out.dtype)
+            o[b, h, order] = a.to(o.dtype)
     return o

@@ -138,10 +138,10 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     exact_norm = cfg.delta == "exact_normalizer"
     lse_buf = st.tensor("lse", (B, H, N), torch.float32, q.device) if exact_norm else None
 
-    def column_sparse(o_base, sign, **slope):  # o_base (+ coef·o_slope) ± attn_S(q, k, v) over the stored keys
+    def column_sparse(o_base, sign, **kw):  # o_base (+ coef·o_slope) ± attn_S(q, k, v) over the stored keys
         return kernel("attn_column_sparse", q, k, v, head_dim=D)(
             q, k, v, st.get("indices"), st.get("counts"), scale=scale, group=group, perm=perm, o_base=o_base,
-            sign=sign, lse=lse_buf, **slope)
+            sign=sign, lse=lse_buf, **kw)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
     # the forecast state: read by a forecasting sparse step, measured or marked by every refresh
@@ -156,14 +156,17 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
         o = column_sparse(o_cache, 1.0, **forecast)  # the kernel's epilogue adds coef·slope
         s.finish(st, d, pos)
         return o
-    r_old = None
+    # the forecast's slope per step of the residual since the previous refresh, under one index set:
+    # written by the kernel that computes that residual, from the cache before it is rebuilt
+    measure = (o_cache, fc.slope.transpose(1, 2), fc.measure_rate()) if fore else None
     if not need_idx and not exact_norm:
         # indices kept (recompute_mask: false) and no lse needed: plain SDPA; only the cache is rebuilt
         o = _sdpa(q, k, v, key_mask, scale)
     else:
         o, lse = exact_attention_lse(q, k, v, key_mask, scale, group, perm)
-        if need_idx and fore:  # the residual under the indices the cache was built with
-            r_old = column_sparse(o, -1.0)
+        if need_idx and measure is not None:  # the residual under the indices the cache was built with
+            column_sparse(o, -1.0, measure=measure)
+            measure = None
         if need_idx:
             colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
                 q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
@@ -172,10 +175,7 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
             _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step, N)
         if exact_norm:
             lse_buf.copy_(lse)
-    r_new = column_sparse(o, -1.0)
-    if fore:  # slope per step of the residual since the previous refresh, under one index set
-        fc.measure((r_new if r_old is None else r_old).transpose(1, 2), o_cache.transpose(1, 2))
-    o_cache.copy_(r_new)
+    column_sparse(o, -1.0, out=o_cache, measure=measure)  # the cache build: o_cache = o − attn_S
     if fc is not None:
         fc.mark()
     s.finish(st, d, pos)

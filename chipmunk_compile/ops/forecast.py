@@ -35,6 +35,13 @@ class Forecast:
         self.slope.copy_((now - before) / (self.t_now - self.t_ref))
         self.span.fill_(self.t_now - self.t_ref)
 
+    def measure_rate(self) -> Tensor:
+        """For a kernel that writes the slope itself (``attn_column_sparse(measure=…)``): records the
+        span as `measure` does and returns 1 / (t − t_ref), a 0-dim fp32 device tensor."""
+        dt = self.t_now - self.t_ref
+        self.span.fill_(dt)
+        return 1.0 / dt
+
     def mark(self) -> None:
         """This step is the latest measuring step."""
         self.t_ref.fill_(self.t_now)

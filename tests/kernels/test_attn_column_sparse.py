@@ -183,3 +183,71 @@ def test_gpu_bf16_slope_real_shape():
     kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=1.0, o_slope=slope, slope_coef=coef)
     o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, **kw)
     assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
+
+
+def _measure_args(q, seed=5):
+    """prev (a poisoned copy target: the old cache), slope_out (poisoned) and inv_dt, all (B, N, Hq, D)-laid."""
+    B, Hq, N, D = q.shape
+    g = torch.Generator().manual_seed(seed)
+    prev = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2).to(dtype=q.dtype, device=q.device)
+    slope_out = torch.full((B, N, Hq, D), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return prev, slope_out, torch.tensor(0.25, device=q.device)
+
+
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_ref_measure_writes_cache_and_slope(use_lse):
+    """out = o_base − attn_S written in place of the old cache, slope = (o − old cache) · inv_dt."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 50, 40, 32, 16, torch.float32, 0.4, True)
+    prev, slope_out, inv = _measure_args(q)
+    old = prev.clone()
+    kw = dict(scale=0.2, group=16, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
+    o = attn_column_sparse_ref(q, k, v, idx, cnt, out=prev, measure=(prev, slope_out, inv), **kw)
+    want = _naive(q, k, v, idx, cnt, 0.2, 16, perm, ob, -1.0, kw["lse"])
+    assert o.data_ptr() == prev.data_ptr() and rel_err(prev, want) < 1e-6
+    assert rel_err(slope_out, (want - old.double()) * 0.25) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("aliased", [True, False])
+def test_triton_measure_matches_ref(triton_mode, dtype, aliased):
+    """The fused epilogue (prev read, slope and o stored by one program; prev = out as a refresh
+    calls it, or out left to a fresh buffer) against the reference on the same indices, with a
+    wave-tail split and a zero-count group; poisoned slope_out catches unwritten rows."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 77, 90, 64, 48, dtype, 0.45, True, zero_count=True)
+    kw = dict(scale=0.125, group=48, perm=perm, o_base=ob, sign=-1.0)
+    prev, slope_out, inv = _measure_args(q)
+    prev_r, slope_r = prev.clone(), slope_out.clone()
+    o = get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, out=prev if aliased else None,
+                                                  measure=(prev, slope_out, inv), **kw)
+    o_r = attn_column_sparse_ref(q, k, v, idx, cnt, out=prev_r if aliased else None,
+                                 measure=(prev_r, slope_r, inv), **kw)
+    assert (o.data_ptr() == prev.data_ptr()) == aliased
+    assert rel_err(o, o_r) < TOL[dtype]
+    assert not slope_out.isnan().any() and rel_err(slope_out, slope_r) < TOL[dtype]
+
+
+def test_triton_measure_other_strides_takes_separate_passes(triton_mode):
+    """A slope buffer in another layout cannot be stored by the epilogue: write_out runs after the
+    kernel, still reading prev before out is overwritten."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 40, 40, 32, 16, torch.float32, 0.5, True)
+    kw = dict(scale=0.2, group=16, perm=perm, o_base=ob, sign=-1.0)
+    prev, slope_out, inv = _measure_args(q)
+    slope_out = slope_out.contiguous()  # (B, Hq, N, D) storage: other strides than the output's
+    old = prev.clone()
+    get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, out=prev, measure=(prev, slope_out, inv), **kw)
+    want = attn_column_sparse_ref(q, k, v, idx, cnt, **kw)
+    assert rel_err(prev, want) < TOL[torch.float32]
+    assert rel_err(slope_out, (want.float() - old.float()) * 0.25) < TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_measure_real_shape():
+    """The refresh's cache build with the slope, at FLUX's shape, in place of the old cache."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 4, 4352, 4352, 128, 128, torch.bfloat16, 0.15, True, seed=3)
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
+    prev, slope_out, inv = _measure_args(q)
+    prev_r, slope_r = prev.clone(), slope_out.clone()
+    get_kernel("attn_column_sparse", q, k, v)(q, k, v, idx, cnt, out=prev, measure=(prev, slope_out, inv), **kw)
+    attn_column_sparse_ref(q, k, v, idx, cnt, out=prev_r, measure=(prev_r, slope_r, inv), **kw)
+    assert rel_err(prev, prev_r) < TOL[torch.bfloat16]
+    assert rel_err(slope_out, slope_r) < TOL[torch.bfloat16]
