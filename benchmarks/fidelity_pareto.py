@@ -182,6 +182,10 @@ GRID["cm-method"] = {"preset": "method"}
 # issue 4's check at the default: its self-normalized delta against the exact-normalizer variant (the sparse
 # step's softmax over the selected keys normalized by the refresh's lse; session 25)
 GRID["cm-default-en"] = {"preset": "default", "attn": {"delta": "exact_normalizer"}}
+# the default keeping its first key indices (recompute_mask: false, as the flux preset): a refresh then needs no
+# column sums, no selection and no second column-sparse pass for the forecast (session 26: ~20 ms of a 135 ms
+# FLUX.1 refresh step on the H200)
+GRID["cm-default-keep"] = {"preset": "default", "attn": {"recompute_mask": False}}
 # the default stacked on step caching: the published skips, and adaptive 0.20 with the first 7 steps computed,
 # both with the skipped calls' forecast
 GRID["cmsc-default-fixed25-f1"] = {"preset": "default", **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
