@@ -179,18 +179,22 @@ def _video(preset: str, attn=None, sc=None) -> dict:
 # 5% + 1% refreshed every 10, no forecast), on any of the trained models
 GRID["cm-default"] = {"preset": "default"}
 GRID["cm-method"] = {"preset": "method"}
+# The rows below on `default` were measured in sessions 24-25, when it picked new key indices at every refresh:
+# they pin that (RM), so that their names keep meaning what was measured.
+RM = {"recompute_mask": True}
 # issue 4's check at the default: its self-normalized delta against the exact-normalizer variant (the sparse
 # step's softmax over the selected keys normalized by the refresh's lse; session 25)
-GRID["cm-default-en"] = {"preset": "default", "attn": {"delta": "exact_normalizer"}}
-# the default keeping its first key indices (recompute_mask: false, as the flux preset): a refresh then needs no
-# column sums, no selection and no second column-sparse pass for the forecast (session 26: ~20 ms of a 135 ms
-# FLUX.1 refresh step on the H200)
-GRID["cm-default-keep"] = {"preset": "default", "attn": {"recompute_mask": False}}
+GRID["cm-default-en"] = {"preset": "default", "attn": {"delta": "exact_normalizer", **RM}}
+# the default with new key indices at every refresh (recompute_mask: true, the default until session 26, whose
+# `cm-default` rows measured it): against `cm-default` (the first indices kept), a refresh also takes column sums,
+# a selection and a second column-sparse pass for the forecast (~20 ms of a 135 ms FLUX.1 refresh step, H200)
+GRID["cm-default-rm"] = {"preset": "default", "attn": RM}
 # the default stacked on step caching: the published skips, and adaptive 0.20 with the first 7 steps computed,
 # both with the skipped calls' forecast
-GRID["cmsc-default-fixed25-f1"] = {"preset": "default", **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
-GRID["cmsc-default-t0.20-w7-f1"] = {"preset": "default", **_cached({"threshold": 0.2, "warmup_steps": 7,
-                                                                    "extrapolate": 1.0})}
+GRID["cmsc-default-fixed25-f1"] = {"preset": "default", "attn": RM,
+                                   **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
+GRID["cmsc-default-t0.20-w7-f1"] = {"preset": "default", "attn": RM,
+                                    **_cached({"threshold": 0.2, "warmup_steps": 7, "extrapolate": 1.0})}
 # the high-speed end (session 25): step caching alone past 4 skips in a row, against the default stacked on
 # fewer skips reaching the same FLOPs (all with the skipped calls' forecast)
 _SC_FAST = {"t0.50-c6-w7": {"threshold": 0.5, "max_consecutive": 6, "warmup_steps": 7},
@@ -199,7 +203,7 @@ _SC_FAST = {"t0.50-c6-w7": {"threshold": 0.5, "max_consecutive": 6, "warmup_step
 for _t, _sc_cfg in _SC_FAST.items():
     GRID[f"sc-{_t}-f1"] = _sc(**_sc_cfg, extrapolate=1.0)
 for _t, _sc_cfg in {**_SC_FAST, "t0.30-c3-w7": _SC_X1["t0.30-c3-w7"], "t0.50-c4-w7": _SC_X1["t0.50-c4-w7"]}.items():
-    GRID[f"cmsc-default-{_t}-f1"] = {"preset": "default", **_cached({**_sc_cfg, "extrapolate": 1.0})}
+    GRID[f"cmsc-default-{_t}-f1"] = {"preset": "default", "attn": RM, **_cached({**_sc_cfg, "extrapolate": 1.0})}
 # the control for those: step caching alone on the schedule the stacked rows ended up with, every 5th step computed
 # after the first 4 / 7 (the default refreshes every 5 steps and a refresh step is never skipped, so from 4 skips
 # in a row on, every computed call after the warm-up is a refresh); and that regular schedule at other periods,
@@ -210,7 +214,7 @@ for _k, _w in ((5, 4), (5, 7), (2, 7), (3, 7), (4, 7), (6, 7)):
 # refresh every p-th step (a multiple of k), so p/k - 1 of every p/k computed calls are sparse ones
 for _k, _p in ((3, 9), (3, 6), (2, 6), (2, 8)):
     GRID[f"cmsc-default-e{_p}-every{_k}-w7-f1"] = {
-        "preset": "default", "attn": {"full_step_every": _p}, "mlp": {"full_step_every": _p},
+        "preset": "default", "attn": {"full_step_every": _p, **RM}, "mlp": {"full_step_every": _p},
         **_cached({"skip_steps": [s for s in range(7, 50) if s % _k], "extrapolate": 1.0})}
 # the candidates for `default` (session 24), on the method's base: refreshed every 5 steps, with and without
 # the residual forecast, at 5% + 1% keys, 10% + 1% (the chosen one: "dflt-a.10-e5-x1") and the flux preset's 16.5%

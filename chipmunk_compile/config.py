@@ -50,7 +50,9 @@ class AttnConfig:
     warmup_steps: int = 1  # plain dense steps before the first refresh
     full_step_every: int = 5  # refresh (dense + new indices + cache) period
     full_step_schedule: Optional[list[int]] = None  # explicit refresh steps; overrides the period
-    recompute_mask: bool = True  # False: indices picked at the first refresh only
+    # False: indices picked at the first refresh only, later refreshes rebuild the cache with them (as the
+    # published FLUX; the method's base and its video presets: True). presets/default.yaml: why False.
+    recompute_mask: bool = False
     min_tokens: int = 1024  # shorter attention stays dense
     delta: str = "self_normalized"  # or "exact_normalizer" (method.md §1 "Normalization")
     keep_text_keys: bool = True  # text tokens (when grouping knows them) are always attended

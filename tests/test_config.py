@@ -30,19 +30,23 @@ def test_preset_values():
 
 def test_default_preset_is_the_dataclass_defaults():
     """No config, {} and "default" are one config (10% + 1% keys refreshed every 5 steps with the residual
-    forecast); `method` keeps the method's base values (5% + 1%, every 10, no forecast)."""
+    forecast, the first refresh's indices kept); `method` keeps the method's base values (5% + 1%, every 10, no forecast)."""
     dflt = ChipmunkConfig.from_any("default")
     assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any(None), name="x")
     assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any({}), name="x")
     assert (dflt.attn.top_keys, dflt.attn.random_keys, dflt.attn.full_step_every, dflt.attn.extrapolate) == \
         pytest.approx((0.10, 0.01, 5, 1.0))
+    assert dflt.attn.recompute_mask is False  # indices of the first refresh kept (session 26)
     method = ChipmunkConfig.from_any("method")
     assert (method.attn.top_keys, method.attn.random_keys, method.attn.full_step_every, method.attn.extrapolate) == \
         pytest.approx((0.05, 0.01, 10, 0.0))
     assert method.mlp == dflt.mlp
-    # the video presets keep the forecast off (its buffers: ~59 GB at Wan 720p with CFG)
+    # the video presets keep the forecast off (its buffers: ~59 GB at Wan 720p with CFG); they and `method`
+    # pick new indices at every refresh, as published
     for name in ("hunyuan-video", "wan", "mochi"):
         assert ChipmunkConfig.from_any(name).attn.extrapolate == 0.0
+    for name in ("method", "hunyuan-video", "wan", "mochi"):
+        assert ChipmunkConfig.from_any(name).attn.recompute_mask is True
 
 
 def test_from_any_returns_a_copy():
@@ -58,7 +62,7 @@ def test_from_any_returns_a_copy():
 def test_dict_with_preset_base_and_nested_keys():
     c = ChipmunkConfig.from_any({"preset": "flux", "attn": {"top_keys": 0.2}, "step_signal": "calls"})
     assert c.attn.top_keys == pytest.approx(0.2)
-    assert c.attn.recompute_mask is False  # from the preset
+    assert c.attn.random_keys == 0.0  # from the preset (the defaults add 1%)
     assert c.step_signal == "calls"
     assert c.mlp.top_keys == pytest.approx(0.3)
 
@@ -143,7 +147,7 @@ def test_split_options():
                                                "chipmunk.mlp.enabled": False, "max_autotune": True})
     assert compiler == "eager"
     assert config.attn.top_keys == pytest.approx(0.3) and config.mlp.enabled is False
-    assert config.attn.recompute_mask is False  # the flux preset below the dotted keys
+    assert config.attn.random_keys == 0.0  # the flux preset below the dotted keys
     assert patches == {"max_autotune": True}
     config, compiler, patches = split_options(None)
     assert compiler == "inductor" and patches == {} and config == ChipmunkConfig()
