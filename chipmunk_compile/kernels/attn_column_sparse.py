@@ -214,11 +214,12 @@ def _configs():
     return out
 
 
-# restore_value: with ``measure`` O may be its prev, read before it is written: timing a config must
-# not let one run's output become the next run's prev
-_tuned = autotune(configs=_configs(), key=["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE",
-                                          "DOT_PREC", "NUM_SMS"], restore_value=["O"])(
-    _attn_column_sparse_kernel)
+_KEY = ["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "DOT_PREC", "NUM_SMS"]
+_tuned = autotune(configs=_configs(), key=_KEY)(_attn_column_sparse_kernel)
+# With ``measure`` O may be its prev, read before it is written: timing a config must not let one run's
+# output become the next run's prev, so those calls tune with O restored after every run (restore_value;
+# its copies are timed too, so only these calls pay them)
+_tuned_measure = autotune(configs=_configs(), key=_KEY, restore_value=["O"])(_attn_column_sparse_kernel)
 
 
 # Index capacity from which the Gluon kernel wins (H200: ~5% at 7-11% of 75-119k keys; Triton wins
@@ -330,8 +331,8 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
                  HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
-    launch(_attn_column_sparse_kernel, _tuned, grid, args, flags, force_config=_force_config,
-           interp_meta=_INTERP_META)
+    launch(_attn_column_sparse_kernel, _tuned if measure is None else _tuned_measure, grid, args, flags,
+           force_config=_force_config, interp_meta=_INTERP_META)
     return o
 
 

@@ -251,3 +251,20 @@ def test_gpu_bf16_measure_real_shape():
     attn_column_sparse_ref(q, k, v, idx, cnt, out=prev_r, measure=(prev_r, slope_r, inv), **kw)
     assert rel_err(prev, prev_r) < TOL[torch.bfloat16]
     assert rel_err(slope_out, slope_r) < TOL[torch.bfloat16]
+
+
+def test_measure_calls_tune_with_the_output_restored(monkeypatch):
+    """On a GPU a new tuning key times every config on the caller's buffers: a measure call (prev = out)
+    must tune through the autotuner that restores O after each run, or the slope it keeps would be
+    measured against an earlier timing run's output. The other calls keep the plain autotuner."""
+    import chipmunk_compile.kernels.attn_column_sparse as csp
+
+    used = []
+    monkeypatch.setattr(csp, "launch", lambda kern, tuned, *a, **kw: used.append(tuned))
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 2, 2, 40, 40, 32, 16, torch.float32, 0.5, False)
+    prev, slope_out, inv = _measure_args(q)
+    kw = dict(scale=0.2, group=16, o_base=ob, sign=-1.0)
+    csp._attn_column_sparse_triton(q, k, v, idx, cnt, out=prev, measure=(prev, slope_out, inv), **kw)
+    csp._attn_column_sparse_triton(q, k, v, idx, cnt, **kw)
+    assert used == [csp._tuned_measure, csp._tuned]
+    assert list(csp._tuned_measure.restore_value) == ["O"] and not csp._tuned.restore_value
