@@ -5,15 +5,18 @@ Step types (decided on the host by `schedule.attn_step_kind`, never by reading a
 - refresh: exact attention with its lse (`exact_attention.exact_attention_lse`: cuDNN when it can)
            → per-group column sums from `attn.colsum_queries` sampled queries per group, normalized
            with that exact lse → top-k key columns per (batch, head, query group) →
-           `o_cache = o − attn_S(q, k, v)`. When the indices are kept (`recompute_mask: false`) and
-           no lse is needed, the exact output comes from plain SDPA.
+           `o_cache = o − attn_S(q, k, v)`, stored by the column-sparse kernel's epilogue into the
+           cache itself. When the indices are kept (`recompute_mask: false`, the default) and no
+           lse is needed, a refresh after the first takes the exact output from plain SDPA and
+           selects nothing.
 - sparse:  `o_cache + attn_S(q_t, k_t, v_t)`, attn_S softmax-restricted to the selected keys
            (config `attn.delta = "exact_normalizer"` uses the refresh step's lse instead).
 
 Residual forecast (`attn.extrapolate` = e > 0): the cached residual r = o − attn_S (what the
 unselected keys contribute) drifts between refreshes; holding it fixed is the method's main error.
 A refresh after the first of a generation also measures r's slope per step against the previous
-refresh, with the previous indices when it picks new ones (an extra attn_S call), and sparse steps
+refresh (written by the epilogue of the attn_S call that computes r, from the cache before it is
+rebuilt; with the previous indices when it picks new ones: an extra attn_S call), and sparse steps
 use `o_cache + e·min(t − t_ref, span)·slope` (span = the interval the slope was measured over:
 beyond it the forecast is held, not extrapolated further; counted `attention_forecast`). Steps are
 read from the session's device step and t_ref/span are device scalars, so a recorded CUDA graph
