@@ -54,6 +54,7 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2):
     once per generation records its CUDA graph in the second), then once more with each step in
     `at` profiled alone. Prints per step whether its graph replayed (counter `graph_replays`)."""
     from torch._dynamo.utils import counters
+
     for _ in range(warm_gens):
         steps(compiled, name, kw, at[-1] + 1)
     torch.cuda.synchronize()

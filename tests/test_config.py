@@ -30,7 +30,8 @@ def test_preset_values():
 
 def test_default_preset_is_the_dataclass_defaults():
     """No config, {} and "default" are one config (10% + 1% keys refreshed every 5 steps with the residual
-    forecast, the first refresh's indices kept); `method` keeps the method's base values (5% + 1%, every 10, no forecast)."""
+    forecast, the first refresh's indices kept); `method` keeps the method's base values (5% + 1%, every 10,
+    no forecast)."""
     dflt = ChipmunkConfig.from_any("default")
     assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any(None), name="x")
     assert dataclasses.replace(dflt, name="x") == dataclasses.replace(ChipmunkConfig.from_any({}), name="x")

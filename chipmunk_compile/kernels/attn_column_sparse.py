@@ -256,8 +256,8 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
 
 
 def fused_epilogue_fits(q, out, measure) -> bool:
-    """Whether the Triton epilogue can write ``out`` and ``measure``'s slope itself: out (or the new
-    buffer) in the (B, N, Hq, D) layout, prev and slope_out at the same strides."""
+    """Whether the Triton epilogue can write ``out`` and ``measure``'s slope itself: out of q's shape
+    and dtype (any strides), prev and slope_out at out's strides (the new buffer's when out is None)."""
     B, Hq, N, D = q.shape
     strides = out.stride() if out is not None else (N * Hq * D, D, Hq * D, 1)  # empty_bnhd's
     if out is not None and (tuple(out.shape) != (B, Hq, N, D) or out.dtype != q.dtype):
