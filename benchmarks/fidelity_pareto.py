@@ -195,6 +195,10 @@ GRID["cmsc-default-fixed25-f1"] = {"preset": "default", "attn": RM,
                                    **_cached({"skip_steps": PUBLISHED_SKIPS, "extrapolate": 1.0})}
 GRID["cmsc-default-t0.20-w7-f1"] = {"preset": "default", "attn": RM,
                                     **_cached({"threshold": 0.2, "warmup_steps": 7, "extrapolate": 1.0})}
+# the same stacks on the default since session 26 (first indices kept, "-k")
+for _t, _sc_cfg in {"fixed25": {"skip_steps": PUBLISHED_SKIPS}, "t0.20-w7": _SC_X1["t0.20-w7"],
+                    "t0.30-c3-w7": _SC_X1["t0.30-c3-w7"], "t0.50-c4-w7": _SC_X1["t0.50-c4-w7"]}.items():
+    GRID[f"cmsc-default-k-{_t}-f1"] = {"preset": "default", **_cached({**_sc_cfg, "extrapolate": 1.0})}
 # the high-speed end (session 25): step caching alone past 4 skips in a row, against the default stacked on
 # fewer skips reaching the same FLOPs (all with the skipped calls' forecast)
 _SC_FAST = {"t0.50-c6-w7": {"threshold": 0.5, "max_consecutive": 6, "warmup_steps": 7},

@@ -37,9 +37,12 @@ def _run(emulate: bool, monkeypatch, generations=2, config=RANDOM):
     return step_counts(m), outs, dict(counters["chipmunk"])  # counted now: a reset frees the sites
 
 
-@pytest.mark.parametrize("forecast", [False, True])
-def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch, forecast):
-    config = sparse_cfg(attn={"random_keys": 0.1, "extrapolate": 1.0},
+@pytest.mark.parametrize("forecast,new_indices", [(False, False), (True, False), (True, True)])
+def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch, forecast, new_indices):
+    """Step graphs (emulated on the CPU) give the eager outputs bit for bit; with the forecast both with
+    the first key indices kept (the default: the cache build measures the slope) and with new indices
+    at every refresh (a second column-sparse pass measures it under the old ones)."""
+    config = sparse_cfg(attn={"random_keys": 0.1, "extrapolate": 1.0, "recompute_mask": new_indices},
                         mlp={**RANDOM["mlp"], "extrapolate": 1.0}) if forecast else RANDOM
     gens = 3 if forecast else 2  # the forecast splits the sparse steps over two signatures
     sc0, eager, c0 = _run(False, monkeypatch, gens, config=config)
