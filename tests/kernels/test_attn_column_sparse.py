@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testutils import DEV, TOL, rel_err
+from kernel_testutils import DEV, TOL, compile_for_hopper, rel_err
 
 from chipmunk_compile.kernels import attn_column_sparse_ref, get_kernel
 
@@ -268,3 +268,56 @@ def test_measure_calls_tune_with_the_output_restored(monkeypatch):
     csp._attn_column_sparse_triton(q, k, v, idx, cnt, **kw)
     assert used == [csp._tuned_measure, csp._tuned]
     assert list(csp._tuned_measure.restore_value) == ["O"] and not csp._tuned.restore_value
+
+
+# Compiles one configuration for sm_90 with the integer arguments specialized as at run time for FLUX
+# (1x24x4352x128, (B, N, H, D) strides, G=128, 704 key columns); prints ptxas' registers and spill bytes.
+_SPILLS_ON_HOPPER = """
+import json, re, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia.compiler as nv
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from chipmunk_compile.kernels.attn_column_sparse import _attn_column_sparse_kernel as k
+meta, warps, stages, slope, measure = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", \\
+    sys.argv[5] == "1"
+H, N, D, NG, KC = 24, 4352, 128, 34, 704
+ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", COEF="*fp32", PREV="*bf16", SOUT="*bf16",
+            INV="*fp32", IDX="*i32", CNT="*i32", LSE="*fp32", PERM="*i32")
+st = dict(b=N * H * D, h=D, n=H * D, d=1)
+ints = {f"s{t}{a}": v for t in "qkvob" for a, v in st.items()}
+ints.update(sib=H * NG * KC, sih=NG * KC, sig=KC, scb=H * NG, sch=NG, N=N, HQ=H, KV_REP=1, NG=NG, NBH=H, NUM_SMS=132)
+flags = dict(G=128, HEAD_DIM=D, HAS_PERM=True, HAS_OB=True, HAS_SLOPE=slope, HAS_MEASURE=measure, HAS_LSE=False,
+             DOT_PREC="tf32", POS_SCALE=True)
+names = set(ptrs) | set(ints) | set(flags) | set(meta) | {"qk_scale", "sign"}
+assert set(k.arg_names) == names, set(k.arg_names) ^ names
+consts = {**flags, **meta, **{n: 1 for n, v in ints.items() if v == 1}}
+sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("qk_scale", "sign") else "i32") for n in k.arg_names}
+div16 = [i for i, n in enumerate(k.arg_names) if n in ptrs or (n in ints and ints[n] % 16 == 0 and ints[n] != 1)]
+out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div16}),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+try:
+    ptxas = nv.get_ptxas(90).path
+except TypeError:  # older Triton: no arch argument
+    ptxas = nv.get_ptxas().path
+with tempfile.TemporaryDirectory() as d:
+    open(d + "/k.ptx", "w").write(out.asm["ptx"])
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"], capture_output=True, text=True)
+m, g = re.search(r"(\\d+) bytes spill stores", r.stderr), re.search(r"Used (\\d+) registers", r.stderr)
+assert m and g, r.stderr[-2000:]
+print("SPILL_STORES", m.group(1), "REGISTERS", g.group(1))
+"""
+
+
+@pytest.mark.parametrize("slope,measure", [(True, False), (False, True)])
+def test_epilogues_compile_for_hopper_without_spills(slope, measure):
+    """The forecast's slope read (sparse steps) and the measure epilogue (the refresh's cache build
+    with the slope) keep FLUX's tile (64 x 32, 4 warps, 3 programs per SM) in registers: no spills, and
+    at most 168 registers per thread, so that three programs of 128 threads still fit an SM's 64K.
+    Compiled for sm_90 here, with no GPU."""
+    import json
+
+    meta = dict(BLOCK_M=64, BLOCK_N=32, TAIL_N=32, OCC=3, SPLIT=1)
+    out = compile_for_hopper(_SPILLS_ON_HOPPER, json.dumps(meta), 4, 4, int(slope), int(measure))
+    spills, regs = (int(x) for x in out.split()[1::2])
+    assert spills == 0 and regs <= 168, out
