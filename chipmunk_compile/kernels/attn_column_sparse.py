@@ -246,13 +246,11 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
         return write_out(_attn_column_sparse_gluon(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
                                                    o_base=o_base, sign=sign, o_slope=o_slope,
                                                    slope_coef=slope_coef), out, measure)
-    if not fused_epilogue_fits(q, out, measure):
-        return write_out(_attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
-                                                    o_base=o_base, sign=sign, lse=lse, o_slope=o_slope,
-                                                    slope_coef=slope_coef), out, measure)
-    return _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
-                                      sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef, out=out,
-                                      measure=measure)
+    fused = fused_epilogue_fits(q, out, measure)
+    o = _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
+                                   sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef,
+                                   out=out if fused else None, measure=measure if fused else None)
+    return o if fused else write_out(o, out, measure)
 
 
 def fused_epilogue_fits(q, out, measure) -> bool:

@@ -32,15 +32,18 @@ class Forecast:
 
     def measure(self, now: Tensor, before: Tensor) -> None:
         """slope = (now − before) / (t − t_ref): the change per step since the last measuring step."""
-        self.slope.copy_((now - before) / (self.t_now - self.t_ref))
-        self.span.fill_(self.t_now - self.t_ref)
+        self.slope.copy_((now - before) / self._record_span())
 
     def measure_rate(self) -> Tensor:
         """For a kernel that writes the slope itself (``attn_column_sparse(measure=…)``): records the
         span as `measure` does and returns 1 / (t − t_ref), a 0-dim fp32 device tensor."""
+        return 1.0 / self._record_span()
+
+    def _record_span(self) -> Tensor:
+        """span = t − t_ref (this measuring step's distance to the previous one), returned."""
         dt = self.t_now - self.t_ref
         self.span.fill_(dt)
-        return 1.0 / dt
+        return dt
 
     def mark(self) -> None:
         """This step is the latest measuring step."""
