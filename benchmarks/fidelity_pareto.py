@@ -225,6 +225,12 @@ for _k, _p in ((3, 9), (3, 6), (2, 6), (2, 8)):
 for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.165, "random_keys": 0.0}}.items():
     GRID[f"dflt-{_k}-e5"] = {"preset": "method", "attn": {**_a, "full_step_every": 5}}
     GRID[f"dflt-{_k}-e5-x1"] = {"preset": "method", "attn": {**_a, "full_step_every": 5, **_X1}}
+# the default's MLP neuron budget (session 27): its 5% random draws make the sparse GEMMs 35% of the dense ones
+# (FLUX.1: mm1 + mm2 ~26.6 ms of an 88 ms sparse step). Without them (30%), the draws spent on top-ranked
+# neurons instead (35% top), and fewer top neurons with the draws kept (25% + 5%)
+for _k, _m in {"mr0": {"random_keys": 0.0}, "m.35r0": {"top_keys": 0.35, "random_keys": 0.0},
+               "m.25": {"top_keys": 0.25}}.items():
+    GRID[f"cm-default-{_k}"] = {"preset": "default", "mlp": _m}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 
