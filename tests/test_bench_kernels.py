@@ -1,0 +1,41 @@
+"""The host-side parts of benchmarks/bench_kernels.py: rows carry the CUDA-graph timing beside the
+do_bench one, and the graph speedup only where both the row and its baseline were replayed."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_kernels as bk  # noqa: E402
+
+
+def _timing(ms, graph):
+    t = bk.Timing(ms)
+    t.graph = graph
+    return t
+
+
+def test_rows_carry_the_graph_timing_and_its_speedup():
+    bk.ROWS.clear()
+    base = _timing(0.38, 0.40)
+    bk.record("attn", "csp", "1x24x4352x128", _timing(0.15, 0.125), baseline_ms=base, flops=1e9)
+    row = bk.ROWS[-1]
+    assert row["ms"] == 0.15 and row["speedup_vs_baseline"] == round(0.38 / 0.15, 2)
+    assert row["graph_ms"] == 0.125 and row["graph_speedup"] == round(0.40 / 0.125, 2)
+    assert row["tflops"] == round(1e9 / 0.15 / 1e9, 1)  # from the do_bench time, as before
+
+
+def test_no_graph_speedup_without_both_graph_timings():
+    bk.ROWS.clear()
+    bk.record("mlp", "a", "s", _timing(0.2, None), baseline_ms=_timing(1.0, 1.1))
+    bk.record("mlp", "b", "s", _timing(0.2, 0.19), baseline_ms=1.0)  # a plain float baseline
+    bk.record("mlp", "c", "s", 0.3)  # a plain float row (sweep rows, older callers)
+    a, b, c = bk.ROWS[-3:]
+    assert "graph_ms" not in a and "graph_speedup" not in a and a["speedup_vs_baseline"] == 5.0
+    assert b["graph_ms"] == 0.19 and "graph_speedup" not in b
+    assert "graph_ms" not in c and c["ms"] == 0.3
+    bk.ROWS.clear()
+
+
+def test_timing_is_a_float():
+    t = _timing(0.5, 0.4)
+    assert isinstance(t, float) and t * 2 == 1.0 and not hasattr(t * 2, "graph")
