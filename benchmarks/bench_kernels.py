@@ -106,8 +106,8 @@ def record(section, name, shape, ms, *, baseline_ms=None, target=None, flops=Non
     ROWS.append(row)
     sp = f"{row.get('speedup_vs_baseline', ''):>7}"
     gr = f"graph {row['graph_ms']:.4f} ms x{row.get('graph_speedup', '')}" if "graph_ms" in row else ""
-    print(f"{section:10s} {name:42s} {shape:24s} {ms:9.4f} ms {row.get('tflops', ''):>7} TF/s  x{sp} {gr} {target or ''} "
-          f"{note}", flush=True)
+    print(f"{section:10s} {name:42s} {shape:24s} {ms:9.4f} ms {row.get('tflops', ''):>7} TF/s  x{sp} {gr} "
+          f"{target or ''} {note}", flush=True)
 
 
 def write_results(rows: list[dict], stem: str, gpu: str) -> None:
