@@ -231,10 +231,11 @@ for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.1
 for _k, _m in {"mr0": {"random_keys": 0.0}, "m.35r0": {"top_keys": 0.35, "random_keys": 0.0},
                "m.25": {"top_keys": 0.25}}.items():
     GRID[f"cm-default-{_k}"] = {"preset": "default", "mlp": _m}
-# cheaper schedules of the default on FLUX.1 (session 27), each worth ~1-3% of a 50-step generation there by
+# cheaper schedules of the default on FLUX.1 (session 27), each worth ~1% of a 50-step generation there by
 # the session-26 profile: MLP neurons re-selected every 4th step from step 10 instead of every 2nd (selection
-# ~5 ms a step), MLP dense every 20 steps instead of 10 (+34 ms per dense MLP step), no dense first layers
-# (2 of 57 blocks, ~1.4 ms a step), attention refreshed every 7 steps instead of 5 (~+21 ms per refresh)
+# ~5 ms a step), MLP dense every 20 steps instead of 10 (+34 ms per dense MLP step, but selection then runs
+# every step up to 20), no dense first layers (2 of 57 blocks, ~1.4 ms a step), attention refreshed every 7
+# steps instead of 5 (~+21 ms per refresh)
 for _k, _c in {"bmc4": {"mlp": {"block_mask_cache": 4}}, "me20": {"mlp": {"full_step_every": 20}},
                "fd0": {"attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}},
                "ae7": {"attn": {"full_step_every": 7}}}.items():
