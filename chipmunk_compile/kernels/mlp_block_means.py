@@ -6,7 +6,7 @@ MLP site and selection step at FLUX's 4608 x 3072 on an H200 (profile_e2e.py). T
 
 Kernel invariants:
 - One program per (batch * block, BLOCK_C channels); it owns its output tile, so no atomics and a
-  deterministic result. Rows are read ROWS at a time through perm (or contiguously) with masks:
+  deterministic result. ``TILE`` holds the GPU's (ROWS, BLOCK_C, warps). Rows are read ROWS at a time through perm (or contiguously) with masks:
   rows past M or past the block are never read, nothing is padded.
 - Sums are fp32; the mean divides by the block's real row count (a partial last block averages
   its real rows), then rounds once to x.dtype.
@@ -50,6 +50,13 @@ def _mlp_block_means_kernel(
     tl.store(OUT + b * sob + mb * son + c * soc, (acc / n_real).to(OUT.dtype.element_ty), mask=c_ok)
 
 
+# (rows per load, channels per program, warps). H200, graph-replayed: FLUX 4352 x 3072, 128-row
+# blocks, 0.0103 ms against 0.0247 for (32, 256, 4); HunyuanVideo 118800 x 3072, 256-row blocks,
+# 0.202 against 0.455 ms: 128 x 64 tiles put 4x more programs in flight, each with all its
+# loads issued before the first sum (benchmarks/results/block_means_tiles_h200_session28.txt).
+TILE = (128, 64, 4)
+
+
 def mlp_block_means(x, *, block: int, perm=None):
     B, M, C = x.shape
     nb = cdiv(M, block)
@@ -57,10 +64,10 @@ def mlp_block_means(x, *, block: int, perm=None):
     if B * nb == 0 or C == 0:
         return out
     pm = None if perm is None else perm.to(torch.int32).contiguous()
-    block_c = 32 if interpreting() else 256
-    rows = min(32, triton.next_power_of_2(int(block)))
+    rows_max, block_c, warps = (32, 32, 4) if interpreting() else TILE
+    rows = min(rows_max, triton.next_power_of_2(int(block)))
     grid = (B * nb, cdiv(C, block_c))
     _mlp_block_means_kernel[grid](
         x, pm if pm is not None else out, out, *x.stride(), *out.stride(), M, C, nb,
-        BLK=int(block), HAS_PERM=pm is not None, ROWS=rows, BLOCK_C=block_c, num_warps=4)
+        BLK=int(block), HAS_PERM=pm is not None, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return out

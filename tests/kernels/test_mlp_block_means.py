@@ -47,13 +47,14 @@ _COMPILE_FOR_HOPPER = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from chipmunk_compile.kernels.mlp_block_means import _mlp_block_means_kernel as k
+from chipmunk_compile.kernels.mlp_block_means import TILE, _mlp_block_means_kernel as k
 has_perm = bool(int(sys.argv[1]))
 types = ["*bf16", "*i32", "*bf16"] + ["i64"] * 6 + ["i32"] * 3
 sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-consts = {"BLK": 128, "HAS_PERM": has_perm, "ROWS": 32, "BLOCK_C": 256}
+rows, block_c, warps = TILE  # the tile the launcher uses on a GPU
+consts = {"BLK": 128, "HAS_PERM": has_perm, "ROWS": rows, "BLOCK_C": block_c}
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": 4})
+                     options={"num_warps": warps})
 assert ".entry" in out.asm["ptx"]
 """
 
