@@ -16,9 +16,10 @@ Invariants:
   in Triton's cache dir, keyed by the kernel source, the target, the tuning key and the configs), so
   a new process on the same machine skips the benchmarking; CHIPMUNK_AUTOTUNE_CACHE=0 (read at import)
   turns it off, and older Tritons tune in every process as before.
-- ``faster_choice`` times interchangeable kernels once per key and process (CUDA events, outside
-  any graph capture; during a capture it returns the default unmeasured and measures nothing) and
-  returns the same choice for that key ever after: a later call never syncs the host.
+- ``faster_choice`` times interchangeable kernels once per key and process (CUDA events behind a
+  ~1 ms GPU spin, so a kernel's Python launch does not pace its timing; outside any graph capture;
+  during a capture it returns the default unmeasured and measures nothing) and returns the same
+  choice for that key ever after: a later call never syncs the host.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def launch(kernel, tuned, grid, args, flags: dict, *, force_config=None, interp_
 
 
 _CHOICES: dict = {}  # key -> name of the faster run, measured once per process
+SPIN_CYCLES = 2_000_000  # GPU clock cycles (~1 ms) queued ahead of each timed call
 
 
 def cuda_event_ms(fn: Callable[[], object], reps: int = 3) -> float:
@@ -104,6 +106,10 @@ def cuda_event_ms(fn: Callable[[], object], reps: int = 3) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # a ~1 ms spin first, so the host has queued fn's launches before the start event fires: the
+        # events then time the GPU work alone, as a recorded step graph replays it (a 0.15 ms Gluon
+        # kernel read ~0.23 ms when its Python launch paced the GPU, H200, session 28)
+        torch.cuda._sleep(SPIN_CYCLES)
         start.record()
         fn()
         end.record()

@@ -23,12 +23,13 @@ Kernel invariants:
 - Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
   is a fresh (B, N, Hq, D)-layout buffer or the caller's ``out`` of that layout, never o_base); with
   the residual forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs
-  stay valid), o_slope read beside o_base at the same offsets. Where that cannot be (other strides,
-  the Gluon kernel) the sum is formed first (``slope_into_base``). With ``measure`` (a refresh
-  measuring the forecast's slope) the same program also reads prev at o's offsets before storing o
-  (prev may be ``out`` itself: every row has one owner) and stores (o − prev) · inv_dt from the fp32
-  o; where the strides differ, or on the Gluon kernels, ``write_out`` does it in separate passes.
-- Long key lists on Hopper may go to a Gluon kernel (same contract): the ping-pong one
+  stay valid), o_slope read beside o_base at the same offsets. Where that cannot be (other strides)
+  the sum is formed first (``slope_into_base``). With ``measure`` (a refresh measuring the
+  forecast's slope) the same program also reads prev at o's offsets before storing o (prev may be
+  ``out`` itself: every row has one owner) and stores (o − prev) · inv_dt from the fp32 o; where the
+  strides differ ``write_out`` does it in separate passes. The Gluon kernels' epilogue does the
+  same (``attn_column_sparse_hopper.epilogue_reason`` says when it cannot).
+- Index lists of >= HOPPER_MIN_KEYS on Hopper may go to a Gluon kernel (same contract): the ping-pong one
   (``attn_column_sparse_pingpong.py``: producer and two consumer warpgroups, groups of a multiple of
   128) or the single-warpgroup one (``attn_column_sparse_hopper.py``). ``use_hopper_kernel`` says
   whether a call qualifies, from host-known shapes only. Which kernel runs a qualifying call is
@@ -222,9 +223,12 @@ _tuned = autotune(configs=_configs(), key=_KEY)(_attn_column_sparse_kernel)
 _tuned_measure = autotune(configs=_configs(), key=_KEY, restore_value=["O"])(_attn_column_sparse_kernel)
 
 
-# Index capacity from which the Gluon kernel wins (H200: ~5% at 7-11% of 75-119k keys; Triton wins
-# at FLUX's ~700 keys, where its autotuned small tiles and wave-tail split pay). CHIPMUNK_GLUON=0 turns it off.
-HOPPER_MIN_KEYS = 2048
+# Index capacity from which the Gluon kernels are timed against Triton on a call's first shape. H200,
+# replayed (session 28): the ping-pong kernel wins at FLUX's shape too (1x24x4352x128, G=128: 0.127
+# against 0.134 ms at 653 keys, 0.155 against 0.190 at 1001, 0.195 against 0.229 at 1306) once its
+# epilogue adds the forecast's slope and writes a refresh's cache and slope itself; below ~512 keys
+# (small models) the compile and the timing are not worth it. CHIPMUNK_GLUON=0 turns it off.
+HOPPER_MIN_KEYS = 512
 
 
 def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) -> bool:
@@ -243,9 +247,8 @@ def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, pe
         o_base = slope_into_base(o_base, o_slope, slope_coef)
         o_slope = None
     if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
-        return write_out(_attn_column_sparse_gluon(q, k, v, indices, counts, scale=scale, group=group, perm=perm,
-                                                   o_base=o_base, sign=sign, o_slope=o_slope,
-                                                   slope_coef=slope_coef), out, measure)
+        return _attn_column_sparse_gluon(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
+                                         sign=sign, o_slope=o_slope, slope_coef=slope_coef, out=out, measure=measure)
     fused = fused_epilogue_fits(q, out, measure)
     o = _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
                                    sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef,
@@ -273,32 +276,43 @@ def write_out(o, out, measure):
     return out.copy_(o)
 
 
-def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o_base, sign, o_slope, slope_coef):
-    """The Hopper Gluon kernels' call (their choice measured once per shape), as the Triton one."""
+def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o_base, sign, o_slope, slope_coef,
+                              out, measure):
+    """A Hopper-qualified call: the ping-pong, single-warpgroup and Triton kernels timed once per
+    shape on this call's inputs without ``out`` / ``measure`` (a run writing them would change the
+    next run's prev), then the pick runs once with them. Each kernel fuses the slope term, ``out`` and
+    ``measure`` into its epilogue where their strides allow, else adds separate passes."""
     from torch._dynamo.utils import counters
 
     from . import attn_column_sparse_pingpong as pingpong
-    from .attn_column_sparse_hopper import attn_column_sparse_hopper
+    from .attn_column_sparse_hopper import attn_column_sparse_hopper, epilogue_reason
 
-    def base():  # the Gluon kernels read o_base only
-        return slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
+    gluon_fused = epilogue_reason(q, o_base, o_slope, out, measure) is None
+    triton_fused = fused_epilogue_fits(q, out, measure)
+    kw = dict(scale=scale, group=group, perm=perm, sign=sign)
 
-    runs = {}
-    if pingpong.beyond_hopper(group) is None:  # use_hopper_kernel has run the rest of its checks
-        runs["pingpong"] = lambda: pingpong.attn_column_sparse_pingpong(
-            q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=base(), sign=sign)
-    runs["gluon"] = lambda: attn_column_sparse_hopper(q, k, v, indices, counts, scale=scale, group=group,
-                                                      perm=perm, o_base=base(), sign=sign)
-    runs["triton"] = lambda: _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group,
-                                                        perm=perm, o_base=o_base, sign=sign, o_slope=o_slope,
-                                                        slope_coef=slope_coef)
-    default = next(iter(runs))  # the ping-pong kernel where it qualifies, else the single-warpgroup one
+    def call(name, o_out, o_measure):
+        if name == "triton":
+            o = _attn_column_sparse_triton(q, k, v, indices, counts, o_base=o_base, o_slope=o_slope,
+                                           slope_coef=slope_coef, out=o_out if triton_fused else None,
+                                           measure=o_measure if triton_fused else None, **kw)
+            return o if triton_fused else write_out(o, o_out, o_measure)
+        kern = pingpong.attn_column_sparse_pingpong if name == "pingpong" else attn_column_sparse_hopper
+        if gluon_fused:
+            return kern(q, k, v, indices, counts, o_base=o_base, o_slope=o_slope, slope_coef=slope_coef, out=o_out,
+                        measure=o_measure, **kw)
+        base = slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
+        return write_out(kern(q, k, v, indices, counts, o_base=base, **kw), o_out, o_measure)
+
+    names = (["pingpong"] if pingpong.beyond_hopper(group) is None else []) + ["gluon", "triton"]
+    default = names[0]  # the ping-pong kernel where it qualifies, else the single-warpgroup one
     pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
         ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
-         perm is not None, o_base is not None, o_slope is not None), runs, default)
+         perm is not None, o_base is not None, o_slope is not None), {n: (lambda n=n: call(n, None, None)) for n in names},
+        default)
     if pick != "triton":
         counters["chipmunk"][f"kernel_{pick}:attn_column_sparse"] += 1  # eager calls and recordings, not replays
-    return runs[pick]()
+    return call(pick, out, measure)
 
 
 def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,

@@ -29,7 +29,10 @@ Kernel invariants:
   groups complete in issue order), computes the online softmax of S_j, then waits for the product
   and rescales acc.
 - counts == 0 gives attention 0 (the output is o_base exactly, or 0).
-- Epilogue: o = o_base + sign * acc / l, one store per row, through the permutation.
+- Epilogue: o = o_base [+ coef * o_slope] + sign * acc / l, one store per row, through the
+  permutation, into ``out`` when given (any strides with a unit head-dim stride); with ``measure``
+  also slope_out = (o - prev) * inv_dt from the fp32 o, prev read before o is stored (prev may be
+  out). ``epilogue_reason`` says when a call's tensors do not fit (the caller then adds passes).
 - ABLATE (constexpr, 0 = off in every real call) drops one piece of work for
   benchmarks/kernel_ablation.py; the branches fold away at compile time, so real calls compile to
   the same code.
@@ -112,21 +115,27 @@ if HAVE_GLUON:
                        + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     @gluon.jit
-    def _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, pos0, N, sign,
-                    ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr,
-                    o_layout: gl.constexpr):
-        # Epilogue: o = o_base + sign * acc / l for grouped positions pos0 .. pos0 + ROWS, one store
-        # per row, through the permutation.
+    def _store_rows(acc, l_i, O, OB, OS, COEF, PREV, SOUT, INV, PERM, sob, soh, son, sbb, sbh, sbn, b, h, pos0, N,
+                    sign, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr,
+                    HAS_SLOPE: gl.constexpr, HAS_MEASURE: gl.constexpr, o_layout: gl.constexpr):
+        # Epilogue: o = o_base [+ coef * o_slope] + sign * acc / l for grouped positions pos0 ..
+        # pos0 + ROWS, one store per row, through the permutation. o_slope shares o_base's strides;
+        # with HAS_MEASURE also slope_out = (o - prev) * inv_dt from the fp32 o, prev and slope_out
+        # at O's strides (prev may be O itself: each element is read before it is written).
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc * (sign / gl.where(l_o > 0, l_o, 1.0))[:, None]
         qo, ok_o = _group_rows(PERM, pos0, N, ROWS, HAS_PERM, gl.SliceLayout(1, o_layout))
         dcol = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         if HAS_OB:
-            ob = gl.load(OB + b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn
-                         + dcol[None, :], mask=ok_o[:, None], other=0.0)
-            out = out + ob.to(gl.float32)
-        gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + qo[:, None].to(gl.int64) * son + dcol[None, :],
-                 out.to(O.dtype.element_ty), mask=ok_o[:, None])
+            ob_off = b.to(gl.int64) * sbb + h.to(gl.int64) * sbh + qo[:, None].to(gl.int64) * sbn + dcol[None, :]
+            out = out + gl.load(OB + ob_off, mask=ok_o[:, None], other=0.0).to(gl.float32)
+            if HAS_SLOPE:
+                out = out + gl.load(COEF) * gl.load(OS + ob_off, mask=ok_o[:, None], other=0.0).to(gl.float32)
+        o_off = b.to(gl.int64) * sob + h.to(gl.int64) * soh + qo[:, None].to(gl.int64) * son + dcol[None, :]
+        if HAS_MEASURE:
+            prev = gl.load(PREV + o_off, mask=ok_o[:, None], other=0.0).to(gl.float32)
+            gl.store(SOUT + o_off, ((out - prev) * gl.load(INV)).to(SOUT.dtype.element_ty), mask=ok_o[:, None])
+        gl.store(O + o_off, out.to(O.dtype.element_ty), mask=ok_o[:, None])
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, col0, cnt, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
@@ -145,13 +154,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _csp_hopper_kernel(
-        Q, K, V, O, OB, IDX, CNT, PERM,  #
+        Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, PERM,  #
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbb, sbh, sbn,  #
         sib, sih, sig, scb, sch,  #
         N, HQ, KV_REP, NG, qk_scale, sign,  #
         G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,  #
-        STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr,  #
-        q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr, ABLATE: gl.constexpr = 0,  #
+        STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, HAS_SLOPE: gl.constexpr,  #
+        HAS_MEASURE: gl.constexpr, q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr,  #
+        ABLATE: gl.constexpr = 0,  #
     ):
         NW: gl.constexpr = gl.num_warps()
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -238,8 +248,8 @@ if HAVE_GLUON:
         else:
             cp.wait_group(0)
 
-        _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, g * G + row0, N, sign, BLOCK_M,
-                    HEAD_DIM, HAS_PERM, HAS_OB, o_layout)
+        _store_rows(acc, l_i, O, OB, OS, COEF, PREV, SOUT, INV, PERM, sob, soh, son, sbb, sbh, sbn, b, h,
+                    g * G + row0, N, sign, BLOCK_M, HEAD_DIM, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, o_layout)
 
 
 def layout_reason(*ts) -> str | None:
@@ -274,6 +284,32 @@ def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> st
     return layout_reason(q, k, v, o_base)
 
 
+def epilogue_reason(q, o_base=None, o_slope=None, out=None, measure=None) -> str | None:
+    """None when the Gluon epilogue can add o_slope, write into out and store measure's slope itself
+    (the Triton kernel's contract), else why not (the caller then sums and copies in extra passes)."""
+    B, Hq, N, D = q.shape
+    if o_slope is not None and (o_base is None or o_slope.stride() != o_base.stride()):
+        return "o_slope strides differ from o_base's"
+    if out is not None and (tuple(out.shape) != (B, Hq, N, D) or out.dtype != q.dtype or out.stride(-1) != 1):
+        return "out shape, dtype or head-dim stride"
+    strides = out.stride() if out is not None else (N * Hq * D, D, Hq * D, 1)  # empty_bnhd's
+    if measure is not None and not all(tuple(t.shape) == (B, Hq, N, D) and t.stride() == strides for t in measure[:2]):
+        return "measure tensors not at the output's strides"
+    return None
+
+
+def epilogue_args(q, o_base, o_slope, slope_coef, out, measure):
+    """(o, the epilogue's tensor arguments OS, COEF, PREV, SOUT, INV, its flags) for a call that
+    ``epilogue_reason`` accepted; unused pointers are stand-ins the kernel never reads."""
+    B, Hq, N, D = q.shape
+    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device) if out is None else out
+    os_ = o_slope if o_slope is not None else q
+    coef = slope_coef.reshape(1).float() if o_slope is not None else q
+    prev, sout, inv = measure if measure is not None else (q, q, q)
+    inv = inv.reshape(1).float() if measure is not None else q
+    return o, (os_, coef, prev, sout, inv), dict(HAS_SLOPE=o_slope is not None, HAS_MEASURE=measure is not None)
+
+
 def _layouts(dtype, head_dim, block_m, block_n):
     gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return (gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gdt),
@@ -281,11 +317,13 @@ def _layouts(dtype, head_dim, block_m, block_n):
 
 
 def attn_column_sparse_hopper(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                              sign: float = 1.0, lse=None, stages: int = STAGES, block_m: int | None = None,
-                              block_n: int = BLOCK_N, ablate: str = ""):
+                              sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None,
+                              stages: int = STAGES, block_m: int | None = None, block_n: int = BLOCK_N,
+                              ablate: str = ""):
     """``ablate`` (benchmarks/kernel_ablation.py only; the result is then wrong): one of ABLATIONS,
     a piece of work the kernel skips, so that its time without it shows what that piece costs."""
-    reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base)
+    reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base) \
+        or epilogue_reason(q, o_base, o_slope, out, measure)
     assert reason is None, reason
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -295,19 +333,19 @@ def attn_column_sparse_hopper(q, k, v, indices, counts, *, scale: float, group: 
     assert G % block_m == 0, "a group is a whole number of row tiles"
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
-    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    o, epi, epi_flags = epilogue_args(q, o_base, o_slope, slope_coef, out, measure)
     idx, cnt, pm = int32_index_args(indices, counts, perm)
     ob = o_base
     obs = ob.stride() if ob is not None else q.stride()
     q_l, kv_l = _layouts(q.dtype, D, block_m, block_n)
     grid = (B * Hq * NG * (G // block_m), )
     _csp_hopper_kernel[grid](
-        q, k, v, o, ob if ob is not None else q, idx, cnt, pm if pm is not None else cnt,
+        q, k, v, o, ob if ob is not None else q, *epi, idx, cnt, pm if pm is not None else cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), obs[0], obs[1], obs[2],
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, scale * LOG2E, float(sign),
         G=G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=int(stages), HAS_PERM=pm is not None,
-        HAS_OB=ob is not None, q_smem_layout=q_l, kv_smem_layout=kv_l, ABLATE=ABLATIONS[ablate],
+        HAS_OB=ob is not None, **epi_flags, q_smem_layout=q_l, kv_smem_layout=kv_l, ABLATE=ABLATIONS[ablate],
         num_warps=block_m // 16)
     return o

@@ -10,7 +10,11 @@ Why: benchmarks/kernel_ablation.py showed the single-warpgroup Hopper kernel to 
 per key tile (CTA barrier, MMAs, softmax, rescale), bound by no single unit: skipping its QKᵀ
 product saved nothing. Here a warpgroup's softmax runs while the other warpgroup's MMAs do, and no
 CTA-wide barrier sits in the loop. H200, HunyuanVideo 93% / Wan 11% at G=128: 24.4 / 26.2 ms
-against 29.9 / 32.4 ms for the single-warpgroup kernel (same run, identical outputs).
+against 29.9 / 32.4 ms for the single-warpgroup kernel (same run, identical outputs). At FLUX's
+shape (1x24x4352x128, ~1000 keys per group under the default preset) it beats the Triton kernel too:
+0.162 against 0.202 ms with the forecast's slope in both epilogues, 0.181 against 0.209 for a
+refresh's cache build with its slope (session 28, graph-replayed,
+benchmarks/results/csp_flux_pingpong_h200_session28.txt).
 
 Kernel invariants:
 - One program per 128-row tile of a query group of one (b, h), group-fastest then (b, h); 12 warps
@@ -29,7 +33,8 @@ Kernel invariants:
   named barriers see as many arrivals as waits. Triton's warp-specialized lowering uses barrier
   ids 0-3; 8 and 9 are free.
 - counts == 0 gives attention 0 (the output is o_base exactly, or 0). Epilogue as in the
-  single-warpgroup kernel: o = o_base + sign * acc / l, one store per row, through the permutation.
+  single-warpgroup kernel: o = o_base [+ coef * o_slope] + sign * acc / l, one store per row,
+  through the permutation, into ``out`` when given, with ``measure``'s slope from the same registers.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import inspect
 import math
 
 from . import attn_column_sparse_hopper as _hopper
-from ._common import LOG2E, empty_bnhd, int32_index_args
+from ._common import LOG2E, int32_index_args
 
 HAVE_WS = _hopper.HAVE_GLUON
 if HAVE_WS:
@@ -49,7 +54,7 @@ if HAVE_WS:
                                                                    warpgroup_mma_wait)
 
     from .attn_column_sparse_hopper import (_issue_rows, _layouts, _load_idx, _load_q_rows, _softmax_step,
-                                            _store_rows, _work_item)
+                                            _store_rows, _work_item, epilogue_args, epilogue_reason)
 
     # The list form of warp_specialize (Triton 3.6 through 3.9); Triton 3.5's took other arguments.
     HAVE_WS = next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args"
@@ -100,10 +105,11 @@ if HAVE_WS:
             j, ok = _load_idx(idx_base, cnt, t + 1, BLOCK_N, ld_layout, 0)  # a tile ahead
 
     @gluon.jit
-    def _consumer(Q, O, OB, PERM, CNT, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v,
+    def _consumer(Q, O, OB, OS, COEF, PREV, SOUT, INV, PERM, CNT, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v,
                   sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g, row0, qk_scale, sign,
                   W: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr):
+                  STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, HAS_SLOPE: gl.constexpr,
+                  HAS_MEASURE: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         ROWS: gl.constexpr = 16 * NW
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -164,17 +170,18 @@ if HAVE_WS:
             acc = warpgroup_mma(p_op, v_smem.index(sv), acc)
             mbarrier.arrive(empty_v.index(sv))
 
-        _store_rows(acc, l_i, O, OB, PERM, sob, soh, son, sbb, sbh, sbn, b, h, g * G + r0, N, sign, ROWS, HEAD_DIM,
-                    HAS_PERM, HAS_OB, o_layout)
+        _store_rows(acc, l_i, O, OB, OS, COEF, PREV, SOUT, INV, PERM, sob, soh, son, sbb, sbh, sbn, b, h, g * G + r0,
+                    N, sign, ROWS, HEAD_DIM, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, o_layout)
 
     @gluon.jit
     def _csp_pingpong_kernel(
-        Q, K, V, O, OB, IDX, CNT, PERM,  #
+        Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, PERM,  #
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbb, sbh, sbn,  #
         sib, sih, sig, scb, sch,  #
         N, HQ, KV_REP, NG, qk_scale, sign,  #
         G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,  #
-        HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr,
+        HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, HAS_SLOPE: gl.constexpr, HAS_MEASURE: gl.constexpr,  #
+        q_smem_layout: gl.constexpr, kv_smem_layout: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):
         b, h, hk, g, row0 = _work_item(NG, HQ, KV_REP, G // 128, 128)  # 128-row tiles (BLOCK_M)
@@ -194,12 +201,14 @@ if HAVE_WS:
             mbarrier.init(empty_v.index(i), count=2)
 
         gl.warp_specialize([
-            (_consumer, (Q, O, OB, PERM, CNT, q_smem.index(0), k_smem, v_smem, full_k, full_v, empty_k, empty_v,
-                         sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g, row0, qk_scale, sign,
-                         0, G, HEAD_DIM, BLOCK_N, STAGES, HAS_PERM, HAS_OB)),
-            (_consumer, (Q, O, OB, PERM, CNT, q_smem.index(1), k_smem, v_smem, full_k, full_v, empty_k, empty_v,
-                         sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g, row0, qk_scale, sign,
-                         1, G, HEAD_DIM, BLOCK_N, STAGES, HAS_PERM, HAS_OB)),
+            (_consumer, (Q, O, OB, OS, COEF, PREV, SOUT, INV, PERM, CNT, q_smem.index(0), k_smem, v_smem, full_k,
+                         full_v, empty_k, empty_v, sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g,
+                         row0, qk_scale, sign, 0, G, HEAD_DIM, BLOCK_N, STAGES, HAS_PERM, HAS_OB, HAS_SLOPE,
+                         HAS_MEASURE)),
+            (_consumer, (Q, O, OB, OS, COEF, PREV, SOUT, INV, PERM, CNT, q_smem.index(1), k_smem, v_smem, full_k,
+                         full_v, empty_k, empty_v, sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g,
+                         row0, qk_scale, sign, 1, G, HEAD_DIM, BLOCK_N, STAGES, HAS_PERM, HAS_OB, HAS_SLOPE,
+                         HAS_MEASURE)),
             (_producer, (K, V, IDX, CNT, k_smem, v_smem, full_k, full_v, empty_k, empty_v,
                          skb, skh, skn, svb, svh, svn, sib, sih, sig, scb, sch, b, h, hk, g, HEAD_DIM, BLOCK_N,
                          STAGES)),
@@ -222,27 +231,29 @@ def beyond_hopper(group: int) -> str | None:
 
 
 def attn_column_sparse_pingpong(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                                sign: float = 1.0, lse=None, stages: int = STAGES,
-                                producer_regs: int = PRODUCER_REGS, consumer_regs: int = CONSUMER_REGS):
-    reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base)
+                                sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None,
+                                stages: int = STAGES, producer_regs: int = PRODUCER_REGS,
+                                consumer_regs: int = CONSUMER_REGS):
+    reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base) \
+        or epilogue_reason(q, o_base, o_slope, out, measure)
     assert reason is None, reason
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     G = int(group)
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
-    o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    o, epi, epi_flags = epilogue_args(q, o_base, o_slope, slope_coef, out, measure)
     idx, cnt, pm = int32_index_args(indices, counts, perm)
     ob = o_base
     obs = ob.stride() if ob is not None else q.stride()
     q_l, kv_l = _layouts(q.dtype, D, 64, BLOCK_N)
     _csp_pingpong_kernel[(B * Hq * NG * (G // BLOCK_M), )](
-        q, k, v, o, ob if ob is not None else q, idx, cnt, pm if pm is not None else cnt,
+        q, k, v, o, ob if ob is not None else q, *epi, idx, cnt, pm if pm is not None else cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), obs[0], obs[1], obs[2],
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, scale * LOG2E, float(sign),
         G=G, HEAD_DIM=D, BLOCK_N=BLOCK_N, STAGES=int(stages), HAS_PERM=pm is not None, HAS_OB=ob is not None,
-        q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+        **epi_flags, q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
         num_warps=4)
     return o

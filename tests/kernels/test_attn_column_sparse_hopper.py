@@ -17,13 +17,15 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 from chipmunk_compile.kernels import attn_column_sparse_hopper as m
-D, BM, STAGES, has_perm, has_ob, ablate = (int(a) for a in sys.argv[1:])
+D, BM, STAGES, has_perm, has_ob, ablate, epi = (int(a) for a in sys.argv[1:])
 fn = m._csp_hopper_kernel
-ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", IDX="*i32", CNT="*i32", PERM="*i32")
+ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", COEF="*fp32", PREV="*bf16",
+            SOUT="*bf16", INV="*fp32", IDX="*i32", CNT="*i32", PERM="*i32")
 q_l = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16)
 kv_l = gl.NVMMASharedLayout.get_default_for([128, D], gl.bfloat16)
 const = dict(G=128, HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=128, STAGES=STAGES, HAS_PERM=bool(has_perm),
-             HAS_OB=bool(has_ob), q_smem_layout=q_l, kv_smem_layout=kv_l, ABLATE=ablate)
+             HAS_OB=bool(has_ob), HAS_SLOPE=bool(epi and has_ob), HAS_MEASURE=bool(epi), q_smem_layout=q_l,
+             kv_smem_layout=kv_l, ABLATE=ablate)
 sig = {n: ptrs.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "sign") else "i32"))
        for n in fn.arg_names}
 aligned = {n for n in fn.arg_names if n in ptrs or (n.startswith("s") and n != "sign")}
@@ -40,12 +42,14 @@ assert out.metadata.shared <= 232448, f"shared memory {out.metadata.shared} over
 
 
 @pytest.mark.skipif(not hopper.HAVE_GLUON, reason="this Triton has no Gluon (the dispatcher never routes here)")
-@pytest.mark.parametrize("D,BM,STAGES,has_perm,has_ob,ablate", [(128, 128, 2, 1, 1, 0), (128, 128, 3, 0, 0, 0),
-                                                                 (64, 64, 2, 1, 0, 0), (128, 128, 2, 1, 1, 1)])
-def test_compiles_for_hopper_without_a_gpu(D, BM, STAGES, has_perm, has_ob, ablate):
+@pytest.mark.parametrize("D,BM,STAGES,has_perm,has_ob,ablate,epi", [
+    (128, 128, 2, 1, 1, 0, 0), (128, 128, 3, 0, 0, 0, 0), (64, 64, 2, 1, 0, 0, 0), (128, 128, 2, 1, 1, 1, 0),
+    (128, 128, 2, 1, 1, 0, 1),  # the forecast's slope term and a refresh's measure in the epilogue
+])
+def test_compiles_for_hopper_without_a_gpu(D, BM, STAGES, has_perm, has_ob, ablate, epi):
     """Gluon has no interpreter: CI proves the kernel builds for sm_90 with the installed Triton (also
     with an ablation of benchmarks/kernel_ablation.py, which drops the exponentials)."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, D, BM, STAGES, has_perm, has_ob, ablate)
+    compile_for_hopper(_COMPILE_FOR_HOPPER, D, BM, STAGES, has_perm, has_ob, ablate, epi)
 
 
 def test_supported_gives_reasons_and_cpu_calls_stay_on_triton(monkeypatch):
@@ -63,7 +67,7 @@ def test_supported_gives_reasons_and_cpu_calls_stay_on_triton(monkeypatch):
     assert hopper.supported(g.float(), g.float(), g.float(), group=128, scale=0.1) == "dtype"
     gi = idx.cuda()
     assert dispatch.use_hopper_kernel(g, g, g, gi, scale=0.1, group=128)
-    assert not dispatch.use_hopper_kernel(g, g, g, gi[..., :512], scale=0.1, group=128)  # short lists: Triton
+    assert not dispatch.use_hopper_kernel(g, g, g, gi[..., :256], scale=0.1, group=128)  # short lists: Triton
     monkeypatch.setenv("CHIPMUNK_GLUON", "0")
     assert not dispatch.use_hopper_kernel(g, g, g, gi, scale=0.1, group=128)
 
@@ -158,6 +162,48 @@ def test_gpu_dispatcher_routes_long_key_lists_here(monkeypatch):
     assert rel_err(o_auto, o_triton) < TOL[torch.bfloat16]
     dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)
     assert sum(counters["chipmunk"][c] for c in counters["chipmunk"] if c.startswith("kernel_choice")) == 1
+
+
+def check_fused_epilogue(kernel, group, **kernel_kw):
+    """The forecast's slope term (a sparse step) and a refresh's cache build (out = the old cache,
+    measure's prev) in the kernel's epilogue, against the reference on copies of the same tensors."""
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 3, 3, 1500, 128, group, 0.4, torch.bfloat16, seed=11)  # 600 keys
+    slope = torch.randn_like(ob)  # o_base's strides
+    coef = torch.tensor(0.75, device="cuda")
+    kw = dict(scale=128 ** -0.5, group=group, perm=perm, sign=1.0)
+    o = kernel(q, k, v, idx, cnt, o_base=ob, o_slope=slope, slope_coef=coef, **kernel_kw, **kw)
+    ref = attn_column_sparse_ref(q, k, v, idx, cnt, o_base=ob, o_slope=slope, slope_coef=coef, **kw)
+    without = attn_column_sparse_ref(q, k, v, idx, cnt, o_base=ob, **kw)
+    assert rel_err(o, ref) < TOL[torch.bfloat16] and rel_err(o, without) > 10 * TOL[torch.bfloat16]
+    cache = torch.randn(1, 1500, 3, 128, device="cuda").to(torch.bfloat16).transpose(1, 2)  # the old cache
+    slope_out = torch.full_like(cache, float("nan"))
+    cache_r, slope_r = cache.clone(), slope_out.clone()
+    inv = torch.tensor(0.25, device="cuda")
+    kw["sign"] = -1.0
+    got = kernel(q, k, v, idx, cnt, o_base=ob, out=cache, measure=(cache, slope_out, inv), **kernel_kw, **kw)
+    attn_column_sparse_ref(q, k, v, idx, cnt, o_base=ob, out=cache_r, measure=(cache_r, slope_r, inv), **kw)
+    assert got.data_ptr() == cache.data_ptr()
+    assert rel_err(cache, cache_r) < TOL[torch.bfloat16] and rel_err(slope_out, slope_r) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+@pytest.mark.parametrize("group", [128, 192])
+def test_gpu_fused_epilogue_matches_reference(group):
+    check_fused_epilogue(hopper.attn_column_sparse_hopper, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_dispatcher_fuses_the_epilogue_on_every_pick(monkeypatch):
+    """Through attn_column_sparse, each kernel it may pick (forced in turn) gives the reference's
+    sparse-step output and refresh cache and slope."""
+    from chipmunk_compile.kernels import _common
+
+    for pick in ("pingpong", "gluon", "triton"):
+        monkeypatch.setattr(_common, "_CHOICES", {})
+        monkeypatch.setattr(dispatch, "faster_choice", lambda key, runs, default, p=pick: p)
+        check_fused_epilogue(dispatch.attn_column_sparse, 128)
 
 
 def check_records_in_a_cuda_graph(kernel):

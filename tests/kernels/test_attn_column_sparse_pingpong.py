@@ -4,7 +4,8 @@ GPU, against the reference, through the dispatcher and in a CUDA graph."""
 import pytest
 import torch
 from kernel_testutils import TOL, compile_for_hopper, rel_err
-from test_attn_column_sparse_hopper import _inputs, _sm90, check_matches_reference, check_records_in_a_cuda_graph
+from test_attn_column_sparse_hopper import (_inputs, _sm90, check_fused_epilogue, check_matches_reference,
+                                            check_records_in_a_cuda_graph)
 
 from chipmunk_compile.kernels import attn_column_sparse as dispatch
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong
@@ -16,12 +17,14 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as m
-D, STAGES, has_perm, has_ob = (int(a) for a in sys.argv[1:])
+D, STAGES, has_perm, has_ob, epi = (int(a) for a in sys.argv[1:])
 fn = m._csp_pingpong_kernel
-ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", IDX="*i32", CNT="*i32", PERM="*i32")
+ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", COEF="*fp32", PREV="*bf16",
+            SOUT="*bf16", INV="*fp32", IDX="*i32", CNT="*i32", PERM="*i32")
 q_l = gl.NVMMASharedLayout.get_default_for([64, D], gl.bfloat16)
 kv_l = gl.NVMMASharedLayout.get_default_for([m.BLOCK_N, D], gl.bfloat16)
 const = dict(G=128, HEAD_DIM=D, BLOCK_N=m.BLOCK_N, STAGES=STAGES, HAS_PERM=bool(has_perm), HAS_OB=bool(has_ob),
+             HAS_SLOPE=bool(epi and has_ob), HAS_MEASURE=bool(epi),
              q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=m.PRODUCER_REGS, CONSUMER_REGS=m.CONSUMER_REGS)
 sig = {n: ptrs.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "sign") else "i32"))
        for n in fn.arg_names}
@@ -43,11 +46,11 @@ assert out.metadata.shared <= 232448, f"shared memory {out.metadata.shared} over
 
 
 @pytest.mark.skipif(not pingpong.HAVE_WS, reason="this Triton has no Gluon warp_specialize (never dispatched here)")
-@pytest.mark.parametrize("D,STAGES,has_perm,has_ob", [(128, 2, 1, 1), (64, 3, 0, 0)])
-def test_compiles_for_hopper_without_a_gpu(D, STAGES, has_perm, has_ob):
+@pytest.mark.parametrize("D,STAGES,has_perm,has_ob,epi", [(128, 2, 1, 1, 0), (64, 3, 0, 0, 0), (128, 2, 1, 1, 1)])
+def test_compiles_for_hopper_without_a_gpu(D, STAGES, has_perm, has_ob, epi):
     """Gluon has no interpreter: CI proves the kernel builds for sm_90 with the installed Triton,
     with its producer, partitions and turn barriers."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, D, STAGES, has_perm, has_ob)
+    compile_for_hopper(_COMPILE_FOR_HOPPER, D, STAGES, has_perm, has_ob, epi)
 
 
 def test_supported_gives_reasons():
@@ -113,3 +116,10 @@ def test_gpu_dispatcher_prefers_it_for_groups_of_128(monkeypatch):
 def test_gpu_records_in_a_cuda_graph():
     """Step graphs record this kernel (its mbarriers re-initialized by every launch)."""
     check_records_in_a_cuda_graph(pingpong.attn_column_sparse_pingpong)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_fused_epilogue_matches_reference():
+    """The forecast's slope term and a refresh's cache build with its slope, in the epilogue."""
+    check_fused_epilogue(pingpong.attn_column_sparse_pingpong, 128)

@@ -110,6 +110,54 @@ def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_
     assert counters["chipmunk"][f"kernel_{first}:attn_column_sparse"] == 1
 
 
+def test_hopper_dispatch_times_without_out_and_measure_then_runs_the_pick_with_them(monkeypatch):
+    """A refresh's cache build writes out (its measure's prev): the candidates are timed on pure calls
+    (a timed run writing the cache would change the next run's prev), the pick then runs once with out
+    and measure, fused into its epilogue; with strides its epilogue cannot take, the same call plus
+    write_out's separate passes. Kernels and timer are stand-ins (no GPU here)."""
+    from chipmunk_compile.kernels import attn_column_sparse as dispatch
+    from chipmunk_compile.kernels import attn_column_sparse_hopper as hopper
+    from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong
+
+    calls = []
+
+    def stand_in(name):
+        def kernel(q, *a, out=None, measure=None, **k):
+            calls.append((name, out is not None, measure is not None))
+            return torch.ones_like(q) if out is None else out.fill_(1.0)
+        return kernel
+
+    monkeypatch.setattr(dispatch, "use_hopper_kernel", lambda *a, **k: True)
+    monkeypatch.setattr(pingpong, "beyond_hopper", lambda group: None)
+    monkeypatch.setattr(pingpong, "attn_column_sparse_pingpong", stand_in("pingpong"))
+    monkeypatch.setattr(hopper, "attn_column_sparse_hopper", stand_in("gluon"))
+    monkeypatch.setattr(dispatch, "_attn_column_sparse_triton", stand_in("triton"))
+
+    def choice(key, runs, default):
+        for run in runs.values():
+            run()
+        return "pingpong"
+
+    monkeypatch.setattr(dispatch, "faster_choice", choice)
+    q = torch.zeros(1, 2, 4, 128)
+    args = (q, q, q, torch.zeros(1, 2, 1, 4096, dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32))
+    cache = torch.zeros(1, 4, 2, 128).transpose(1, 2)  # (B, N, H, D) storage, as empty_bnhd's
+    slope_out = torch.full_like(cache, float("nan"))
+    measure = (cache, slope_out, torch.tensor(0.5))
+    o = dispatch.attn_column_sparse(*args, scale=0.1, group=128, o_base=q, sign=-1.0, out=cache, measure=measure)
+    assert calls == [("pingpong", False, False), ("gluon", False, False), ("triton", False, False),
+                     ("pingpong", True, True)]
+    assert o is cache and (cache == 1).all() and torch.isnan(slope_out).all()  # the stand-in wrote no slope
+    calls.clear()
+    odd = torch.zeros(1, 2, 4, 130)[..., :128]  # out with the head dim contiguous but other strides than o's
+    prev = torch.full_like(cache, 3.0)
+    wrote = dispatch.attn_column_sparse(*args, scale=0.1, group=128, o_base=q, sign=-1.0, out=odd,
+                                        measure=(prev, slope_out, torch.tensor(0.5)))
+    assert calls[-1] == ("pingpong", False, False)  # measure at other strides than out: not fused
+    assert wrote is odd and (odd == 1).all()
+    assert (slope_out == -1.0).all()  # write_out's pass: (1 - 3) * 0.5
+
+
 def test_autotune_keeps_timings_on_disk_unless_turned_off(monkeypatch):
     """Every kernel module tunes through _common.autotune, which asks Triton to keep the timings on disk
     (cache_results) where Triton has the option, and leaves it out when CHIPMUNK_AUTOTUNE_CACHE=0 or
