@@ -306,10 +306,10 @@ def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o
 
     names = (["pingpong"] if pingpong.beyond_hopper(group) is None else []) + ["gluon", "triton"]
     default = names[0]  # the ping-pong kernel where it qualifies, else the single-warpgroup one
+    timed = {n: (lambda n=n: call(n, None, None)) for n in names}
     pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(
         ("attn_column_sparse", str(q.device), q.dtype, tuple(q.shape), k.shape[1], indices.shape[-1], int(group),
-         perm is not None, o_base is not None, o_slope is not None), {n: (lambda n=n: call(n, None, None)) for n in names},
-        default)
+         perm is not None, o_base is not None, o_slope is not None), timed, default)
     if pick != "triton":
         counters["chipmunk"][f"kernel_{pick}:attn_column_sparse"] += 1  # eager calls and recordings, not replays
     return call(pick, out, measure)

@@ -105,8 +105,8 @@ if HAVE_WS:
             j, ok = _load_idx(idx_base, cnt, t + 1, BLOCK_N, ld_layout, 0)  # a tile ahead
 
     @gluon.jit
-    def _consumer(Q, O, OB, OS, COEF, PREV, SOUT, INV, PERM, CNT, q_smem, k_smem, v_smem, full_k, full_v, empty_k, empty_v,
-                  sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g, row0, qk_scale, sign,
+    def _consumer(Q, O, OB, OS, COEF, PREV, SOUT, INV, PERM, CNT, q_smem, k_smem, v_smem, full_k, full_v, empty_k,
+                  empty_v, sqb, sqh, sqn, sob, soh, son, sbb, sbh, sbn, scb, sch, N, b, h, g, row0, qk_scale, sign,
                   W: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, HAS_PERM: gl.constexpr, HAS_OB: gl.constexpr, HAS_SLOPE: gl.constexpr,
                   HAS_MEASURE: gl.constexpr):

@@ -6,8 +6,9 @@ MLP site and selection step at FLUX's 4608 x 3072 on an H200 (profile_e2e.py). T
 
 Kernel invariants:
 - One program per (batch * block, BLOCK_C channels); it owns its output tile, so no atomics and a
-  deterministic result. ``TILE`` holds the GPU's (ROWS, BLOCK_C, warps). Rows are read ROWS at a time through perm (or contiguously) with masks:
-  rows past M or past the block are never read, nothing is padded.
+  deterministic result. ``TILE`` holds the GPU's (ROWS, BLOCK_C, warps). Rows are read ROWS at a
+  time through perm (or contiguously) with masks: rows past M or past the block are never read,
+  nothing is padded.
 - Sums are fp32; the mean divides by the block's real row count (a partial last block averages
   its real rows), then rounds once to x.dtype.
 - Any strides of x. No allocation but the output; no host sync: safe under CUDA graphs.
