@@ -15,10 +15,9 @@ recorded step graph runs it) of:
 - a refresh's cache build, out = the old cache = measure's prev, the slope stored (sign -1);
 - the dispatcher ``attn_column_sparse`` with the slope term (its pick is printed: kernel_choice);
 and cuDNN dense attention on the same q, k, v. Prints a table and the relative error of ping-pong
-against Triton; rows go to benchmarks/results/bench_csp_flux_<gpu>.csv (CSP_FLUX_CSV overrides).
+against Triton; rows go to benchmarks/results/bench_csp_flux_<chip>.csv and .json (and $OUT).
 Results of session 28: benchmarks/results/csp_flux_pingpong_h200_session28.txt.
 """
-import csv
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from benchmarks.bench_kernels import graph_ms  # noqa: E402
+from benchmarks.bench_kernels import graph_ms, write_results  # noqa: E402
 from chipmunk_compile.grouping import site_perm, tile_order  # noqa: E402
 from chipmunk_compile.kernels import attn_column_sparse as dispatch  # noqa: E402
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong  # noqa: E402
@@ -95,15 +94,7 @@ def main():
                              graph_ms=None if ms is None else round(ms, 4), cudnn_ms=round(cudnn, 4),
                              speedup=None if ms is None else round(cudnn / ms, 3), rel_err_pingpong=f"{err:.1e}",
                              dispatcher_pick="/".join(picked)))
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
-    out = os.environ.get("CSP_FLUX_CSV",
-                         os.path.join(os.path.dirname(__file__), "results", f"bench_csp_flux_{tag}.csv"))
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print("wrote", out)
-
+    write_results(rows, "bench_csp_flux", gpu)
 
 if __name__ == "__main__":
     main()
