@@ -96,5 +96,6 @@ def main():
                              dispatcher_pick="/".join(picked)))
     write_results(rows, "bench_csp_flux", gpu)
 
+
 if __name__ == "__main__":
     main()
