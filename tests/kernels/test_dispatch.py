@@ -110,6 +110,37 @@ def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_
     assert counters["chipmunk"][f"kernel_{first}:attn_column_sparse"] == 1
 
 
+def test_cuda_event_timing_queues_a_spin_before_each_start_event(monkeypatch):
+    """cuda_event_ms times a call with the GPU already busy (a spin kernel queued first), so the host
+    launches fn before the start event fires and fn's own Python launch cannot pace the GPU time
+    (a 0.16 ms kernel read slower than a 0.22 ms one that way, H200, session 28). CUDA is faked."""
+    from chipmunk_compile.kernels import _common
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.5
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("spin", cycles)))
+    ms = _common.cuda_event_ms(lambda: log.append("fn"), reps=3)
+    assert ms == 1.5
+    assert log[0] == "fn"  # the untimed first call (compiles / tunes)
+    timed = log[1:]
+    assert timed == [("spin", _common.SPIN_CYCLES), "record", "fn", "record"] * 3
+    assert _common.SPIN_CYCLES >= 1_000_000  # ~0.5 ms or more at H100/H200 clocks: longer than a launch
+
+
 def test_hopper_dispatch_times_without_out_and_measure_then_runs_the_pick_with_them(monkeypatch):
     """A refresh's cache build writes out (its measure's prev): the candidates are timed on pure calls
     (a timed run writing the cache would change the next run's prev), the pick then runs once with out
