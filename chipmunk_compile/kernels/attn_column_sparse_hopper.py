@@ -286,15 +286,16 @@ def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> st
 
 def epilogue_reason(q, o_base=None, o_slope=None, out=None, measure=None) -> str | None:
     """None when the Gluon epilogue can add o_slope, write into out and store measure's slope itself
-    (the Triton kernel's contract), else why not (the caller then sums and copies in extra passes)."""
-    B, Hq, N, D = q.shape
+    (the Triton kernel's contract: ``attn_column_sparse.fused_epilogue_fits``, and a unit head-dim
+    stride of out), else why not (the caller then sums and copies in extra passes)."""
+    from .attn_column_sparse import fused_epilogue_fits
+
     if o_slope is not None and (o_base is None or o_slope.stride() != o_base.stride()):
         return "o_slope strides differ from o_base's"
-    if out is not None and (tuple(out.shape) != (B, Hq, N, D) or out.dtype != q.dtype or out.stride(-1) != 1):
-        return "out shape, dtype or head-dim stride"
-    strides = out.stride() if out is not None else (N * Hq * D, D, Hq * D, 1)  # empty_bnhd's
-    if measure is not None and not all(tuple(t.shape) == (B, Hq, N, D) and t.stride() == strides for t in measure[:2]):
-        return "measure tensors not at the output's strides"
+    if out is not None and out.stride(-1) != 1:
+        return "out's head dim not contiguous"
+    if not fused_epilogue_fits(q, out, measure):
+        return "out's shape or dtype, or measure's tensors not at the output's strides"
     return None
 
 
