@@ -28,7 +28,7 @@ def steps(compiled, name, kw, n, start=0, total=50):
 
 
 KERNEL_KINDS = (  # first match wins; names as CUPTI reports them
-    ("chipmunk triton", re.compile(r"^_(attn|mlp|select)")),
+    ("chipmunk triton/gluon", re.compile(r"^_(attn|mlp|select|csp)")),
     ("cuBLAS gemm", re.compile(r"nvjet|gemm|xmma|cutlass", re.I)),
     ("cuDNN/flash sdpa", re.compile(r"cudnn|flash|fmha", re.I)),
     ("inductor triton", re.compile(r"^triton_")),
@@ -40,13 +40,30 @@ KERNEL_KINDS = (  # first match wins; names as CUPTI reports them
 def kernel_split(prof, n_steps: int) -> str:
     """GPU time per step by kernel kind: where a step's time goes, summed over kernels."""
     totals: dict[str, float] = {}
+    spans = []
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         kind = next((k for k, rx in KERNEL_KINDS if rx.search(evt.name)), "other")
         totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3 / n_steps
+        spans.append((evt.time_range.start, evt.time_range.end))
     lines = [f"{k:32s} {v:8.2f} ms/step" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
-    return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step"])
+    return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step",
+                      gpu_idle(spans, n_steps)])
+
+
+def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
+    """From the first kernel's start to the last kernel's end (us intervals): how much of it no kernel ran.
+    A step graph's kernels run back to back; idle time there is what the summed kernel times miss."""
+    if not spans:
+        return "no GPU activity"
+    spans.sort()
+    idle, hi = 0.0, spans[0][1]
+    for start, end in spans[1:]:
+        idle += max(0.0, start - hi)
+        hi = max(hi, end)
+    span = hi - spans[0][0]
+    return f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, idle in it {idle / 1e3 / n_steps:.2f} ms/step"
 
 
 def profile_steps(compiled, name, kw, label, at, warm_gens=2):

@@ -1,0 +1,30 @@
+"""benchmarks/profile_e2e.py's accounting (CPU): kernel kinds by name, and the GPU idle time inside a
+step's span that summed kernel times miss."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from profile_e2e import KERNEL_KINDS, gpu_idle  # noqa: E402
+
+
+def _kind(name):
+    return next((k for k, rx in KERNEL_KINDS if rx.search(name)), "other")
+
+
+def test_chipmunk_kernels_are_classified_as_ours():
+    for name in ("_csp_pingpong_kernel", "_csp_hopper_kernel", "_attn_column_sparse_kernel", "_mlp_sparse_mm1_kernel",
+                 "_select_columns_kernel"):
+        assert _kind(name).startswith("chipmunk"), name
+    assert _kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "cuBLAS gemm"
+    assert _kind("triton_poi_fused_gelu_view_17") == "inductor triton"
+
+
+def test_gpu_idle_counts_only_uncovered_time():
+    # 0-10 and 5-12 overlap (no idle), 12-20 idle, 30-31 idle; a kernel nested inside another adds none
+    spans = [(20.0, 30.0), (0.0, 10.0), (5.0, 12.0), (31.0, 40.0), (32.0, 33.0)]
+    line = gpu_idle(spans, n_steps=1)
+    assert "0.04 ms/step" in line and "idle in it 0.01 ms/step" in line  # 40 us span, 9 us idle
+    assert "idle in it 0.00" in gpu_idle([(0.0, 5000.0), (5000.0, 9000.0)], n_steps=2)
+    assert gpu_idle([], 1) == "no GPU activity"
