@@ -7,7 +7,12 @@
 Prints the top CUDA kernels and CPU ops by time for the baseline (Inductor) and for chipmunk,
 and the wall time per step; explains where a step's time goes. With --at, one whole generation of
 steps 0..max(at) runs first (compiles, tunes, records), then in a second generation each listed
-step is profiled alone (e.g. a refresh step against a sparse one) and printed by kernel kind."""
+step is profiled alone (e.g. a refresh step against a sparse one) and printed by kernel kind, with
+its wall time split into host time before the first kernel, the GPU span (kernels and the idle time
+between them) and the time after the last kernel: a replayed step graph that takes longer than its
+summed kernels shows there where the rest goes. The chipmunk config makes every layer sparse
+(first_n_dense_layers 0) unless --preset-as-is keeps the preset's dense first layers, as bench_e2e.py
+runs it."""
 
 from __future__ import annotations
 
@@ -57,13 +62,31 @@ def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
     A step graph's kernels run back to back; idle time there is what the summed kernel times miss."""
     if not spans:
         return "no GPU activity"
-    spans.sort()
+    span, idle = _span_and_idle(spans)
+    return f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, idle in it {idle / 1e3 / n_steps:.2f} ms/step"
+
+
+def _span_and_idle(spans: list[tuple[float, float]]) -> tuple[float, float]:
+    spans = sorted(spans)
     idle, hi = 0.0, spans[0][1]
     for start, end in spans[1:]:
         idle += max(0.0, start - hi)
         hi = max(hi, end)
-    span = hi - spans[0][0]
-    return f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, idle in it {idle / 1e3 / n_steps:.2f} ms/step"
+    return hi - spans[0][0], idle
+
+
+def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, float]]) -> str:
+    """One profiled step's wall time split (us timestamps of one clock): host time before its first
+    kernel, the GPU span with the idle time inside it, and the rest up to the step's synchronized end.
+    A replayed step graph whose wall time exceeds its summed kernels shows here where the excess sits."""
+    if not spans:
+        return "no GPU activity"
+    span, idle = _span_and_idle(spans)
+    first = min(s for s, _ in spans)
+    last = max(e for _, e in spans)
+    return (f"step wall {(step_end - step_start) / 1e3:.2f} ms = host before the first kernel {(first - step_start) / 1e3:.2f}"
+            f" + GPU span {span / 1e3:.2f} (kernels {(span - idle) / 1e3:.2f}, idle {idle / 1e3:.2f})"
+            f" + after the last kernel {(step_end - last) / 1e3:.2f}")
 
 
 def profile_steps(compiled, name, kw, label, at, warm_gens=2):
@@ -81,14 +104,20 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2):
         torch.cuda.synchronize()
         replays = counters["chipmunk"]["graph_replays"]
         t0 = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            steps(compiled, name, kw, 1, start=s)
-            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.record_function("profiled_step"):
+                steps(compiled, name, kw, 1, start=s)
+                torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         replayed = ("; replayed" if counters["chipmunk"]["graph_replays"] > replays else "; not a replay") \
             if label == "chipmunk" else ""
         print(f"## {label}, step {s}: {wall:.1f} ms wall (under the profiler{replayed})")
         print(kernel_split(prof, n_steps=1))
+        mark = next(e for e in prof.events() if e.name == "profiled_step")
+        print(step_timeline(mark.time_range.start, mark.time_range.end,
+                            [(e.time_range.start, e.time_range.end) for e in prof.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA]))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
         done = s + 1
 
@@ -104,6 +133,8 @@ def main():
     ap.add_argument("--warm-gens", type=int, default=2,
                     help="with --at: generations of steps 0..max(at) before the profiled one (2: once-per-generation "
                          "steps replay their recorded graph)")
+    ap.add_argument("--preset-as-is", action="store_true",
+                    help="keep the preset's dense first layers (as bench_e2e.py) instead of making every layer sparse")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
@@ -116,7 +147,8 @@ def main():
     model = build(args.model, args.blocks)
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
     preset = args.config or (args.model if args.model in list_presets() else "default")  # as bench_e2e.py
-    cfg = {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
+    cfg = preset if args.preset_as_is else \
+        {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
     variants = (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg}))
     for label, backend, opts in variants[1:] if args.no_baseline else variants:
         torch._dynamo.reset()

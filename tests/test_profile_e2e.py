@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from profile_e2e import KERNEL_KINDS, gpu_idle  # noqa: E402
+from profile_e2e import KERNEL_KINDS, gpu_idle, step_timeline  # noqa: E402
 
 
 def _kind(name):
@@ -28,3 +28,13 @@ def test_gpu_idle_counts_only_uncovered_time():
     assert "0.04 ms/step" in line and "idle in it 0.01 ms/step" in line  # 40 us span, 9 us idle
     assert "idle in it 0.00" in gpu_idle([(0.0, 5000.0), (5000.0, 9000.0)], n_steps=2)
     assert gpu_idle([], 1) == "no GPU activity"
+
+
+def test_step_timeline_splits_the_wall_time():
+    # step 0-100 us; kernels 10-30 and 40-80: host 10 us, span 70 us with 10 us idle, 20 us after the last kernel
+    line = step_timeline(0.0, 100.0, [(40.0, 80.0), (10.0, 30.0)])
+    assert "step wall 0.10 ms" in line
+    assert "host before the first kernel 0.01" in line
+    assert "GPU span 0.07 (kernels 0.06, idle 0.01)" in line
+    assert "after the last kernel 0.02" in line
+    assert step_timeline(0.0, 1.0, []) == "no GPU activity"
