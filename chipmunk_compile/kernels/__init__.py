@@ -49,9 +49,9 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   once); a row-major w2 is transposed once per weight and cached.
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C). Triton: one read of x (the
   torch chain of gather, fp32 copy, reduction and cast made four passes).
-- mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None) -> None: the
-  K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes their
-  reference means in bm_cache. Triton: one launch, the row in registers, the K-th largest key
+- mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None, n_draws=0) -> None:
+  the K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes
+  their reference means in bm_cache. draws: an int64 tensor, or HashDraws with n_draws per block. Triton: one launch, the row in registers, the K-th largest key
   found bit by bit (32 block-wide counts), compaction by cumsum.
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
 

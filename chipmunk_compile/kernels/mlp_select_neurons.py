@@ -16,6 +16,10 @@ Kernel invariants:
   0.165 ms for FLUX's 34 rows on an H200, slower than the torch chain it replaced). The compaction
   writes keys > T and the first ties at T in neuron order (cumsum positions): ascending indices
   with no sort. Exactly K are written.
+- Random draws are either given (an int64 (B, nb, r) tensor) or hashed by the row's own program
+  (``HashDraws``: draw r of row b·nb + n is random_draws_ref.hash_ints at flat position
+  (b·nb + n)·r_count + r, the numbers the reference materializes): no draws tensor, which the ops
+  built from ~15 small torch kernels per site and selection step (~1.5 ms of FLUX's step graph).
 - The selected neurons' reference means are stored from the registers holding basis.
 No host sync and no allocation but the scratch row: safe under CUDA graphs.
 """
@@ -26,14 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import random_draws_ref as hashing
 from ._common import interpreting
+from .random_draws import hash_base, hash_draw
+from .random_draws_ref import HashDraws
 
 
 @triton.jit
-def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, Fh, K, R, NB,
+def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, STEP, Fh, K, R, NB, salt_term,
                                s_bb, s_bn, s_mb, s_mn, s_sb, s_sn, s_db, s_dn, s_ib, s_in,
                                GATED: tl.constexpr, HAS_SCORE: tl.constexpr, BLOCK: tl.constexpr,
-                               BLOCK_R: tl.constexpr):
+                               BLOCK_R: tl.constexpr, HASH_DRAWS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // NB
     n = row - b * NB
@@ -55,7 +62,10 @@ def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, Fh, K, R, 
         tl.store(sp + offs, sc)
         tl.debug_barrier()
         r = tl.arange(0, BLOCK_R)
-        d = tl.load(DRAWS + b * s_db + n * s_dn + r, mask=r < R, other=0)
+        if HASH_DRAWS:
+            d = hash_draw(row * R + r, hash_base(STEP, salt_term), Fh)
+        else:
+            d = tl.load(DRAWS + b * s_db + n * s_dn + r, mask=r < R, other=0)
         tl.store(sp + d, tl.full([BLOCK_R], float("inf"), tl.float32), mask=r < R)
         tl.debug_barrier()
         sc = tl.load(sp + offs, volatile=True)
@@ -80,7 +90,8 @@ def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, Fh, K, R, 
         tl.store(mp + Fh + offs, x2, mask=take)
 
 
-def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None) -> None:
+def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None,
+                       n_draws: int = 0) -> None:
     B, nb, Fb = basis.shape
     Fh = Fb // 2 if gated else Fb
     K = indices.shape[-1]
@@ -94,15 +105,17 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     if B * nb == 0 or K == 0:
         return
     BLOCK = triton.next_power_of_2(Fh)
-    r = draws.shape[-1] if draws is not None else 0
+    hashed = isinstance(draws, HashDraws)
+    r = int(n_draws) if hashed else (draws.shape[-1] if draws is not None else 0)
     BLOCK_R = triton.next_power_of_2(r) if r else 0
     scratch = torch.empty(B * nb * BLOCK if r else 1, dtype=torch.float32, device=basis.device)
     sc = score if score is not None else basis
-    dr = draws if draws is not None else indices
+    dr = draws if draws is not None and not hashed else indices
     dr = dr if dr.stride(-1) == 1 else dr.contiguous()
+    step, salt_term = (draws.step, draws.salt * hashing.SALT_MUL) if hashed else (dr, 0)
     warps = 4 if interpreting() else max(4, min(16, BLOCK // 1024))
     _mlp_select_neurons_kernel[(B * nb,)](
-        basis, bm_cache, sc, dr, scratch, indices, Fh, K, r, nb,
+        basis, bm_cache, sc, dr, scratch, indices, step, Fh, K, r, nb, salt_term,
         basis.stride(0), basis.stride(1), bm_cache.stride(0), bm_cache.stride(1), sc.stride(0), sc.stride(1),
         dr.stride(0), dr.stride(1), indices.stride(0), indices.stride(1),
-        GATED=gated, HAS_SCORE=score is not None, BLOCK=BLOCK, BLOCK_R=BLOCK_R, num_warps=warps)
+        GATED=gated, HAS_SCORE=score is not None, BLOCK=BLOCK, BLOCK_R=BLOCK_R, HASH_DRAWS=hashed, num_warps=warps)

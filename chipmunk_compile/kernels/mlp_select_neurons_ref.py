@@ -8,6 +8,8 @@ Contract (the Triton twin ``mlp_select_neurons.py`` has the same signature and r
   score of ops/mlp.py), else |basis − bm_cache| (summed over both halves when gated). Scores are
   expected ≥ 0; NaN ranks highest.
 - ``draws`` (B, nb, r) int64: neurons forced in (their score becomes +inf); repeats are harmless.
+  Or a ``HashDraws`` with ``n_draws`` = r: the draws ``hash_ints(step, salt, (B, nb, r), Fh)``,
+  which the Triton kernel hashes in its own programs (this reference materializes them).
 - Selected = the K = indices.shape[-1] (≤ Fh) highest scores; among equal scores the lowest neuron
   ids. ``indices`` (B, nb, K) int32 (last dim contiguous) receives them in ascending order: the
   sparse kernels walk weight rows in order (L2 reuse), and no slot is ever left unwritten.
@@ -18,6 +20,8 @@ Contract (the Triton twin ``mlp_select_neurons.py`` has the same signature and r
 from __future__ import annotations
 
 import torch
+
+from .random_draws_ref import HashDraws
 
 
 def neuron_scores(basis, bm_cache, *, gated: bool, score=None, draws=None) -> torch.Tensor:
@@ -34,7 +38,11 @@ def neuron_scores(basis, bm_cache, *, gated: bool, score=None, draws=None) -> to
     return ch
 
 
-def mlp_select_neurons_ref(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None) -> None:
+def mlp_select_neurons_ref(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None,
+                           n_draws: int = 0) -> None:
+    if isinstance(draws, HashDraws):
+        B, nb, Fb = basis.shape
+        draws = draws.ints((B, nb, int(n_draws)), Fb // 2 if gated else Fb) if n_draws else None
     ch = neuron_scores(basis, bm_cache, gated=gated, score=score, draws=draws)
     K = indices.shape[-1]
     if K > ch.shape[-1]:

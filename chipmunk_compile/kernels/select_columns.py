@@ -50,6 +50,7 @@ import triton.language as tl
 
 from ._common import new_empty
 from . import random_draws_ref as hashing
+from .random_draws import hash_base, hash_draw
 from .random_draws_ref import HashDraws
 from .select_columns_ref import boost_random_draws, selection_width
 
@@ -71,11 +72,6 @@ SAMPLED_MIN_KEYS = 16384
 # A refine pass counts its candidates by atomics when they are at most Nk / SPARSE_REFINE_DIV of the
 # row (few same-address atomics per chunk), else by tl.histogram.
 SPARSE_REFINE_DIV = 32
-# random_draws_ref's hash constants, as jit code reads globals (constexpr only)
-_POSITION_MUL = tl.constexpr(hashing.POSITION_MUL)
-_STEP_MUL = tl.constexpr(hashing.STEP_MUL)
-_MIX_MUL = tl.constexpr(hashing.MIX_MUL)
-_M32 = tl.constexpr(hashing.M32)
 
 
 @triton.jit
@@ -262,13 +258,10 @@ def _sampled_threshold(S, AK, KM, SCR, row, b, Nk, K, sparse_max, arange, BITS: 
 def _boost_hash_draws(S, STEP, salt_term, n_draws, row, Nk, arange, CHUNK: tl.constexpr, TOP: tl.constexpr):
     """Store TOP (the dtype's max) at the row's `n_draws` hash-drawn columns: draw j of the row is
     random_draws_ref.hash_ints at flat position row·n_draws + j, in the same int64 arithmetic."""
-    base = salt_term + tl.load(STEP) * _STEP_MUL
+    base = hash_base(STEP, salt_term)
     for j0 in range(0, n_draws, CHUNK):
         j = j0 + arange
-        x = ((row * n_draws + j) * _POSITION_MUL + base) & _M32
-        x = (((x >> 16) ^ x) * _MIX_MUL) & _M32
-        x = (((x >> 16) ^ x) * _MIX_MUL) & _M32
-        col = ((x >> 16) ^ x) % Nk
+        col = hash_draw(row * n_draws + j, base, Nk)
         tl.store(S + row * Nk + col, tl.full([CHUNK], TOP, tl.float32).to(S.dtype.element_ty), mask=j < n_draws)
     tl.debug_barrier()  # the row's other threads read these scores in the first pass
 

@@ -232,14 +232,15 @@ def _select_neurons(st, s, basis, bm_cache, Fh: int, gated: bool, step: int, act
     B, nb, _ = basis.shape
     top, rnd = max(1, round(cfg.top_keys * Fh)), round(cfg.random_keys * Fh)
     K = min(Fh, top + rnd)
-    # draws with replacement; a duplicate or top-k overlap just leaves a slot to top-k
-    draws = s.random_ints((B, nb, rnd), Fh, device, step) if rnd else None
+    # draws with replacement; a duplicate or top-k overlap just leaves a slot to top-k. Hashed by
+    # the selection kernel itself: no draws tensor built by small torch kernels per site.
+    draws = s.random_draws(device, step) if rnd else None
     score = _output_score(st, basis, bm_cache, Fh, gated, act) if cfg.score == "output" else None
     idx = st.get("indices")
     if idx is None:
         idx = st.tensor("indices", (B, nb, K), torch.int32, device)
         st.tensor("counts", (B, nb), torch.int32, device).fill_(K)
-    kernel("mlp_select_neurons", basis)(basis, bm_cache, idx, gated=gated, score=score, draws=draws)
+    kernel("mlp_select_neurons", basis)(basis, bm_cache, idx, gated=gated, score=score, draws=draws, n_draws=rnd)
 
 
 @mlp.register_fake

@@ -243,10 +243,6 @@ class Site:
         salt = 2 * self.current_layer() + (1 if self.kind == "mlp" else 0)
         return HashDraws(self.session.device_step(device, step), salt)
 
-    def random_ints(self, shape: tuple, high: int, device, step: int) -> torch.Tensor:
-        """Uniform draws in [0, high) of `shape` (``random_draws`` made into a tensor)."""
-        return self.random_draws(device, step).ints(shape, high)
-
     def column_major(self, w: torch.Tensor) -> torch.Tensor:
         """`w` with stride(0) == 1 (the layout the sparse mm2 gathers rows of `wᵀ` from): `w`
         itself when it already is, else a copy made once per weight (keyed by storage, version,

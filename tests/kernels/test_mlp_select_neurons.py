@@ -6,6 +6,7 @@ from kernel_testutils import DEV, compile_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, mlp_select_neurons_ref
 from chipmunk_compile.kernels.mlp_select_neurons_ref import neuron_scores
+from chipmunk_compile.kernels.random_draws_ref import HashDraws, hash_ints
 
 
 def _inputs(B, nb, Fh, gated, kind, g):
@@ -80,6 +81,39 @@ def test_triton_matches_reference(triton_mode, Fh, K, gated, kind, rnd, given):
     _check_selection(neuron_scores(basis, bm, gated=gated, score=score, draws=draws), idx_k, K)
 
 
+@pytest.mark.parametrize("Fh,K,gated,rnd,step,salt", [
+    (300, 37, False, 5, 3, 41),
+    (257, 64, True, 13, 0, 6),  # gated, Fh not a power of two
+    (1000, 200, False, 50, 48, 113),  # a deep layer's salt
+])
+def test_triton_hashes_the_draws_the_reference_materializes(triton_mode, Fh, K, gated, rnd, step, salt):
+    """HashDraws draws (what ops/mlp.py passes): the kernel hashes them in its programs and picks
+    exactly what it picks from the same draws materialized by hash_ints, and what the reference
+    picks from the HashDraws; every drawn neuron is selected."""
+    from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
+
+    g = torch.Generator().manual_seed(Fh + rnd)
+    B, nb = 2, 3
+    basis, bm = (t.to(DEV) for t in _inputs(B, nb, Fh, gated, "distinct", g))
+    hd = HashDraws(torch.tensor([step], dtype=torch.int64, device=DEV), salt)
+    draws = hash_ints(hd.step, salt, (B, nb, rnd), Fh)
+    outs = []
+    for fn, kw in ((mlp_select_neurons, dict(draws=hd, n_draws=rnd)), (mlp_select_neurons, dict(draws=draws)),
+                   (mlp_select_neurons_ref, dict(draws=hd, n_draws=rnd))):
+        bm_o = bm.clone()
+        idx = torch.full((B, nb, K), torch.iinfo(torch.int32).min, dtype=torch.int32, device=DEV)
+        fn(basis, bm_o, idx, gated=gated, **kw)
+        outs.append((idx, bm_o))
+    for idx, bm_o in outs[1:]:
+        assert torch.equal(outs[0][0], idx) and torch.equal(outs[0][1], bm_o)
+    for b in range(B):
+        for n in range(nb):
+            assert set(draws[b, n].tolist()) <= set(outs[0][0][b, n].tolist())
+    # another step draws other neurons
+    hd2 = HashDraws(torch.tensor([step + 1], dtype=torch.int64, device=DEV), salt)
+    assert not torch.equal(hash_ints(hd2.step, salt, (B, nb, rnd), Fh), draws)
+
+
 def test_triton_writes_into_a_strided_index_view(triton_mode):
     """The op's state may hand a view whose rows are longer than K: only [..., :K] is written."""
     from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
@@ -114,23 +148,53 @@ def test_gpu_real_shapes(B, nb, Fh, gated):
     assert torch.equal(idx_k, idx_r) and torch.equal(bm_k, bm_r)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_hashed_draws_real_shape():
+    """FLUX's shape with the draws hashed in the kernel, as ops/mlp.py runs it: the same selection as
+    from the materialized draws, and inside a CUDA graph a new device step draws anew."""
+    from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, nb, Fh = 1, 34, 12288
+    bm = torch.randn(B, nb, Fh, device="cuda", generator=g)
+    basis = bm + 0.1 * torch.randn(B, nb, Fh, device="cuda", generator=g)
+    K, rnd = round(0.35 * Fh), round(0.05 * Fh)
+    step = torch.tensor([7], dtype=torch.int64, device="cuda")
+    hd = HashDraws(step, 21)
+    idx_h, idx_m = (torch.full((B, nb, K), -1, dtype=torch.int32, device="cuda") for _ in range(2))
+    bm_h, bm_m = bm.clone(), bm.clone()
+    mlp_select_neurons(basis, bm_h, idx_h, draws=hd, n_draws=rnd)
+    mlp_select_neurons(basis, bm_m, idx_m, draws=hash_ints(step, 21, (B, nb, rnd), Fh))
+    assert torch.equal(idx_h, idx_m) and torch.equal(bm_h, bm_m)
+    graph, bm_g = torch.cuda.CUDAGraph(), bm.clone()
+    with torch.cuda.graph(graph):
+        mlp_select_neurons(basis, bm_g, idx_h, draws=hd, n_draws=rnd)
+    step.fill_(8)
+    bm_g.copy_(bm)
+    graph.replay()
+    mlp_select_neurons(basis, bm.clone(), idx_m, draws=hash_ints(step, 21, (B, nb, rnd), Fh))
+    assert torch.equal(idx_h, idx_m)
+
+
 _COMPILE_FOR_HOPPER = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from chipmunk_compile.kernels.mlp_select_neurons import _mlp_select_neurons_kernel as k
-gated, has_score, block_r = (int(a) for a in sys.argv[1:])
-types = ["*fp32", "*fp32", "*fp32", "*i64", "*fp32", "*i32"] + ["i32"] * 4 + ["i64"] * 10
+gated, has_score, block_r, hashed = (int(a) for a in sys.argv[1:])
+types = ["*fp32", "*fp32", "*fp32", "*i64", "*fp32", "*i32", "*i64"] + ["i32"] * 4 + ["i64"] * 11
 sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-consts = {"GATED": bool(gated), "HAS_SCORE": bool(has_score), "BLOCK": 16384, "BLOCK_R": block_r}
+consts = {"GATED": bool(gated), "HAS_SCORE": bool(has_score), "BLOCK": 16384, "BLOCK_R": block_r,
+          "HASH_DRAWS": bool(hashed)}
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": 16})
 assert ".entry" in out.asm["ptx"]
 """
 
 
-@pytest.mark.parametrize("gated,has_score,block_r", [(0, 0, 1024), (1, 1, 0)])
-def test_compiles_for_hopper_without_a_gpu(gated, has_score, block_r):
+@pytest.mark.parametrize("gated,has_score,block_r,hashed", [(0, 0, 1024, 0), (0, 0, 1024, 1), (1, 1, 0, 0)])
+def test_compiles_for_hopper_without_a_gpu(gated, has_score, block_r, hashed):
     """The interpreter accepts code the GPU compiler rejects (e.g. a constexpr re-bound in a static
     loop): compile the kernel for sm_90 here, with no GPU, so CI catches that."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, gated, has_score, block_r)
+    compile_for_hopper(_COMPILE_FOR_HOPPER, gated, has_score, block_r, hashed)
