@@ -58,12 +58,13 @@ def kernel_split(prof, n_steps: int) -> str:
 
 
 def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
-    """From the first kernel's start to the last kernel's end (us intervals): how much of it no kernel ran.
-    A step graph's kernels run back to back; idle time there is what the summed kernel times miss."""
+    """From the first kernel's start to the last kernel's end (us intervals): how much of it no kernel
+    ran. A step graph's kernels run back to back; idle time there is what the summed kernel times miss."""
     if not spans:
         return "no GPU activity"
     span, idle = _span_and_idle(spans)
-    return f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, idle in it {idle / 1e3 / n_steps:.2f} ms/step"
+    return (f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, "
+            f"idle in it {idle / 1e3 / n_steps:.2f} ms/step")
 
 
 def _span_and_idle(spans: list[tuple[float, float]]) -> tuple[float, float]:

@@ -19,7 +19,7 @@ Kernel invariants:
 - Random draws are either given (an int64 (B, nb, r) tensor) or hashed by the row's own program
   (``HashDraws``: draw r of row b·nb + n is random_draws_ref.hash_ints at flat position
   (b·nb + n)·r_count + r, the numbers the reference materializes): no draws tensor, which the ops
-  built from ~15 small torch kernels per site and selection step (~1.5 ms of FLUX's step graph).
+  built from ~17 small torch kernels per site and selection step (~1.5 ms of FLUX's step graph).
 - The selected neurons' reference means are stored from the registers holding basis.
 No host sync and no allocation but the scratch row: safe under CUDA graphs.
 """
@@ -33,7 +33,7 @@ import triton.language as tl
 from . import random_draws_ref as hashing
 from ._common import interpreting
 from .random_draws import hash_base, hash_draw
-from .random_draws_ref import HashDraws
+from .mlp_select_neurons_ref import check_draws
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     if B * nb == 0 or K == 0:
         return
     BLOCK = triton.next_power_of_2(Fh)
-    hashed = isinstance(draws, HashDraws)
+    hashed = check_draws(draws, n_draws)
     r = int(n_draws) if hashed else (draws.shape[-1] if draws is not None else 0)
     BLOCK_R = triton.next_power_of_2(r) if r else 0
     scratch = torch.empty(B * nb * BLOCK if r else 1, dtype=torch.float32, device=basis.device)

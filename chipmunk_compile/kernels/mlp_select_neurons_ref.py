@@ -38,9 +38,20 @@ def neuron_scores(basis, bm_cache, *, gated: bool, score=None, draws=None) -> to
     return ch
 
 
+def check_draws(draws, n_draws: int) -> bool:
+    """True for hashed draws; n_draws (their count per block) goes with HashDraws only."""
+    if isinstance(draws, HashDraws):
+        if n_draws < 0:
+            raise ValueError(f"mlp_select_neurons: n_draws must be >= 0, got {n_draws}")
+        return True
+    if n_draws:
+        raise ValueError("mlp_select_neurons: n_draws counts HashDraws draws; a draws tensor has its own count")
+    return False
+
+
 def mlp_select_neurons_ref(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None,
                            n_draws: int = 0) -> None:
-    if isinstance(draws, HashDraws):
+    if check_draws(draws, n_draws):
         B, nb, Fb = basis.shape
         draws = draws.ints((B, nb, int(n_draws)), Fb // 2 if gated else Fb) if n_draws else None
     ch = neuron_scores(basis, bm_cache, gated=gated, score=score, draws=draws)

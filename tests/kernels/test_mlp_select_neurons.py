@@ -52,6 +52,8 @@ def test_reference_contract(gated):
     assert torch.equal(bm, torch.where(both, basis, bm0))  # only the picked means move
     with pytest.raises(ValueError, match="exceeds"):
         mlp_select_neurons_ref(basis, bm, torch.empty(B, nb, Fh + 1, dtype=torch.int32), gated=gated)
+    with pytest.raises(ValueError, match="n_draws counts HashDraws"):
+        mlp_select_neurons_ref(basis, bm, idx, gated=gated, draws=draws, n_draws=4)
 
 
 @pytest.mark.parametrize("Fh,K,gated,kind,rnd,given", [
