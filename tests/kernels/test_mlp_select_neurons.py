@@ -83,12 +83,13 @@ def test_triton_matches_reference(triton_mode, Fh, K, gated, kind, rnd, given):
     _check_selection(neuron_scores(basis, bm, gated=gated, score=score, draws=draws), idx_k, K)
 
 
-@pytest.mark.parametrize("Fh,K,gated,rnd,step,salt", [
-    (300, 37, False, 5, 3, 41),
-    (257, 64, True, 13, 0, 6),  # gated, Fh not a power of two
-    (1000, 200, False, 50, 48, 113),  # a deep layer's salt
+@pytest.mark.parametrize("Fh,K,gated,rnd,step,salt,given", [
+    (300, 37, False, 5, 3, 41, False),
+    (257, 64, True, 13, 0, 6, False),  # gated, Fh not a power of two
+    (1000, 200, False, 50, 48, 113, False),  # a deep layer's salt
+    (500, 120, False, 25, 9, 7, True),  # a given score (the output rule)
 ])
-def test_triton_hashes_the_draws_the_reference_materializes(triton_mode, Fh, K, gated, rnd, step, salt):
+def test_triton_hashes_the_draws_the_reference_materializes(triton_mode, Fh, K, gated, rnd, step, salt, given):
     """HashDraws draws (what ops/mlp.py passes): the kernel hashes them in its programs and picks
     exactly what it picks from the same draws materialized by hash_ints, and what the reference
     picks from the HashDraws; every drawn neuron is selected."""
@@ -97,6 +98,7 @@ def test_triton_hashes_the_draws_the_reference_materializes(triton_mode, Fh, K, 
     g = torch.Generator().manual_seed(Fh + rnd)
     B, nb = 2, 3
     basis, bm = (t.to(DEV) for t in _inputs(B, nb, Fh, gated, "distinct", g))
+    score = torch.rand(B, nb, Fh, generator=g).to(DEV) if given else None
     hd = HashDraws(torch.tensor([step], dtype=torch.int64, device=DEV), salt)
     draws = hash_ints(hd.step, salt, (B, nb, rnd), Fh)
     outs = []
@@ -104,7 +106,7 @@ def test_triton_hashes_the_draws_the_reference_materializes(triton_mode, Fh, K, 
                    (mlp_select_neurons_ref, dict(draws=hd, n_draws=rnd))):
         bm_o = bm.clone()
         idx = torch.full((B, nb, K), torch.iinfo(torch.int32).min, dtype=torch.int32, device=DEV)
-        fn(basis, bm_o, idx, gated=gated, **kw)
+        fn(basis, bm_o, idx, gated=gated, score=score, **kw)
         outs.append((idx, bm_o))
     for idx, bm_o in outs[1:]:
         assert torch.equal(outs[0][0], idx) and torch.equal(outs[0][1], bm_o)
