@@ -45,16 +45,19 @@ KERNEL_KINDS = (  # first match wins; names as CUPTI reports them
 def kernel_split(prof, n_steps: int) -> str:
     """GPU time per step by kernel kind: where a step's time goes, summed over kernels."""
     totals: dict[str, float] = {}
-    spans = []
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         kind = next((k for k, rx in KERNEL_KINDS if rx.search(evt.name)), "other")
         totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3 / n_steps
-        spans.append((evt.time_range.start, evt.time_range.end))
     lines = [f"{k:32s} {v:8.2f} ms/step" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
-    return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step",
-                      gpu_idle(spans, n_steps)])
+    return "\n".join(["### GPU time per step by kernel kind", *lines, f"{'total':32s} {sum(totals.values()):8.2f} ms/step"])
+
+
+def cuda_spans(prof) -> list[tuple[float, float]]:
+    """(start, end) in us of every GPU event of the profile."""
+    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
@@ -62,18 +65,19 @@ def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
     ran. A step graph's kernels run back to back; idle time there is what the summed kernel times miss."""
     if not spans:
         return "no GPU activity"
-    span, idle = _span_and_idle(spans)
-    return (f"{'GPU span, first to last kernel':32s} {span / 1e3 / n_steps:8.2f} ms/step, "
+    first, last, idle = _extent_and_idle(spans)
+    return (f"{'GPU span, first to last kernel':32s} {(last - first) / 1e3 / n_steps:8.2f} ms/step, "
             f"idle in it {idle / 1e3 / n_steps:.2f} ms/step")
 
 
-def _span_and_idle(spans: list[tuple[float, float]]) -> tuple[float, float]:
+def _extent_and_idle(spans: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(first start, last end, time between them that no interval covers)."""
     spans = sorted(spans)
     idle, hi = 0.0, spans[0][1]
     for start, end in spans[1:]:
         idle += max(0.0, start - hi)
         hi = max(hi, end)
-    return hi - spans[0][0], idle
+    return spans[0][0], hi, idle
 
 
 def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, float]]) -> str:
@@ -82,10 +86,10 @@ def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, f
     A replayed step graph whose wall time exceeds its summed kernels shows here where the excess sits."""
     if not spans:
         return "no GPU activity"
-    span, idle = _span_and_idle(spans)
-    first = min(s for s, _ in spans)
-    last = max(e for _, e in spans)
-    return (f"step wall {(step_end - step_start) / 1e3:.2f} ms = host before the first kernel {(first - step_start) / 1e3:.2f}"
+    first, last, idle = _extent_and_idle(spans)
+    span = last - first
+    return (f"step wall {(step_end - step_start) / 1e3:.2f} ms"
+            f" = host before the first kernel {(first - step_start) / 1e3:.2f}"
             f" + GPU span {span / 1e3:.2f} (kernels {(span - idle) / 1e3:.2f}, idle {idle / 1e3:.2f})"
             f" + after the last kernel {(step_end - last) / 1e3:.2f}")
 
@@ -116,9 +120,7 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2):
         print(f"## {label}, step {s}: {wall:.1f} ms wall (under the profiler{replayed})")
         print(kernel_split(prof, n_steps=1))
         mark = next(e for e in prof.events() if e.name == "profiled_step")
-        print(step_timeline(mark.time_range.start, mark.time_range.end,
-                            [(e.time_range.start, e.time_range.end) for e in prof.events()
-                             if e.device_type == torch.autograd.DeviceType.CUDA]))
+        print(step_timeline(mark.time_range.start, mark.time_range.end, cuda_spans(prof)))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
         done = s + 1
 
@@ -168,6 +170,7 @@ def main():
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
         print(kernel_split(prof, n_steps=2))
+        print(gpu_idle(cuda_spans(prof), n_steps=2))
         if label == "chipmunk":
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
