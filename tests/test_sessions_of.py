@@ -1,0 +1,75 @@
+"""`runtime.sessions_of` (what set_step, stats and reset look up on every call) keeps its result per
+model and finds sessions made or attached later: a session created or replaced, or any submodule
+registered anywhere, makes it walk the module tree again. Its cache holds no session alive."""
+
+import gc
+import weakref
+
+import torch
+
+import chipmunk_compile
+from chipmunk_compile import runtime
+
+from helpers import chip, fresh_dynamo  # noqa: F401
+from test_numerics import Net, run, sparse_cfg
+
+CFG = sparse_cfg()
+
+
+def _walks(monkeypatch) -> list:
+    calls = []
+    original = runtime._find_sessions
+
+    def counted(model):
+        calls.append(model)
+        return original(model)
+
+    monkeypatch.setattr(runtime, "_find_sessions", counted)
+    return calls
+
+
+def test_the_lookup_is_kept_and_set_step_does_not_walk_the_model(fresh_dynamo, monkeypatch):
+    m = Net().eval()
+    cm = chip(m, CFG)
+    run(m, cm, 2)
+    walks = _walks(monkeypatch)
+    first = runtime.sessions_of(cm)
+    assert len(first) == 1 and len(walks) == 1
+    for step in range(3):
+        chipmunk_compile.set_step(cm, step, branch="0")
+    assert runtime.sessions_of(cm) == first
+    assert len(walks) == 1
+    assert first[0].tracker.explicit == (2, "0")
+
+
+def test_a_submodule_compiled_later_is_found(fresh_dynamo, monkeypatch):
+    outer = torch.nn.ModuleDict({"a": Net().eval(), "b": Net(depth=1).eval()})
+    a = chip(outer["a"], CFG)
+    run(outer["a"], a, 2)
+    assert len(runtime.sessions_of(outer)) == 1
+    b = chip(outer["b"], CFG)
+    run(outer["b"], b, 1)  # a new session: the kept lookup is stale
+    walks = _walks(monkeypatch)
+    assert len(runtime.sessions_of(outer)) == 2 and len(walks) == 1
+
+
+def test_a_compiled_module_attached_later_is_found(fresh_dynamo):
+    m, other = Net().eval(), Net(depth=1).eval()
+    cm, co = chip(m, CFG), chip(other, CFG)
+    run(m, cm, 2)
+    run(other, co, 2)  # its session exists before it joins m
+    assert len(runtime.sessions_of(cm)) == 1
+    m.extra = other  # setattr registers a submodule: the kept lookup is stale
+    found = runtime.sessions_of(cm)
+    assert len(found) == 2 and runtime.sessions_of(other)[0] in found
+
+
+def test_the_kept_lookup_holds_no_session_alive(fresh_dynamo):
+    m = Net().eval()
+    cm = chip(m, CFG)
+    run(m, cm, 2)
+    ref = weakref.ref(runtime.sessions_of(cm)[0])
+    del m, cm
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None
