@@ -134,9 +134,11 @@ def shared_pool(session) -> Any:
 class _Recorded:
     """One signature's graph: input buffers, outputs, deferred commits, counter increments."""
 
-    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_ptrs: list, nbytes: int):
+    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_idx: list,
+                 static_ptrs: list, nbytes: int):
         self.graph, self.args, self.outputs = graph, args, outputs
-        self.commits, self.counted, self.static_ptrs = commits, counted, static_ptrs
+        self.commits, self.counted = commits, counted
+        self.static_idx, self.static_ptrs = static_idx, static_ptrs  # parameters' addresses at the recording
         self.nbytes = nbytes
         self.last_used = 0  # the runner's call count at its last recording or replay
 
@@ -216,6 +218,7 @@ class GraphRunner:
         _RUNNERS.add(self)
         self.static = static
         self.static_set = set(static)
+        self.dynamic: Optional[list[int]] = None  # the other inputs' indices, known at the first call
         self.enabled = bool(sites) and not blockers
         for reason in blockers if sites else ():
             count(f"graph_disabled:{reason}")
@@ -232,7 +235,7 @@ class GraphRunner:
         self.calls += 1
         rec = self.graphs.get(key)
         if rec is not None:
-            if all(args[i].data_ptr() == p for i, p in rec.static_ptrs):
+            if [args[i].data_ptr() for i in rec.static_idx] == rec.static_ptrs:
                 rec.last_used = self.calls
                 return self._replay(rec, args)
             del self.graphs[key]
@@ -283,10 +286,11 @@ class GraphRunner:
             if sig is None:
                 return None
             sites.append(sig)
+        if self.dynamic is None:  # FLUX: 7 inputs of 1,167 (the rest are parameters): not scanned per call
+            self.dynamic = [i for i in range(len(args)) if i not in self.static_set]
         meta = []
-        for i, a in enumerate(args):
-            if i in self.static_set:
-                continue
+        for i in self.dynamic:
+            a = args[i]
             meta.append((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a)
         return pos.branch, self.instances.current, tuple(meta), tuple(sites)
 
@@ -319,8 +323,9 @@ class GraphRunner:
             runtime.RECORDING = None
         counted = Counter(counters["chipmunk"])
         counted.subtract(before)
+        static_idx = [i for i in self.static if isinstance(args[i], torch.Tensor)]
         rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
-                        [(i, args[i].data_ptr()) for i in self.static if isinstance(args[i], torch.Tensor)],
+                        static_idx, [args[i].data_ptr() for i in static_idx],
                         self._input_bytes(static_args) + _nbytes(outputs))
         if EMULATE:
             graph.outputs, graph.commits = outputs, rec.commits
@@ -337,9 +342,9 @@ class GraphRunner:
 
     def _replay(self, rec: _Recorded, args):
         pos = self.session.position()
-        for i, a in enumerate(args):
-            dst = rec.args[i]
-            if isinstance(a, torch.Tensor) and dst is not a and i not in self.static_set:
+        for i in self.dynamic:
+            a, dst = args[i], rec.args[i]
+            if isinstance(a, torch.Tensor) and dst is not a:
                 dst.copy_(a)
         self.session.device_step(self.device, pos.step)
         rec.graph.replay()
