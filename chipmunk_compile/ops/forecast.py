@@ -24,11 +24,13 @@ class Forecast:
         self.slope = st.tensor(slope_name, shape, dtype, device)
         times = st.tensor(times_name, (2,), torch.float32, device)  # (t_ref, span)
         self.t_ref, self.span = times[0], times[1]
-        self.t_now = site.session.device_step(device, pos.step)[0].float()
+        self.t_now = site.session.device_step_float(device, pos.step)
 
     def coef(self, e: float) -> Tensor:
-        """e·min(t − t_ref, span): never further ahead than the interval the slope was measured over."""
-        return torch.minimum(self.t_now - self.t_ref, self.span) * e
+        """e·min(t − t_ref, span): never further ahead than the interval the slope was measured over.
+        Two small kernels per forecasting site and step (three when e ≠ 1)."""
+        ahead = torch.minimum(self.t_now - self.t_ref, self.span)
+        return ahead if e == 1.0 else ahead * e
 
     def measure(self, now: Tensor, before: Tensor) -> None:
         """slope = (now − before) / (t − t_ref): the change per step since the last measuring step."""
