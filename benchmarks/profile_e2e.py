@@ -42,12 +42,17 @@ KERNEL_KINDS = (  # first match wins; names as CUPTI reports them
 )
 
 
+def gpu_kernels(prof) -> list:
+    """The profile's GPU kernel and memcpy events. A record_function range also shows on the GPU as a
+    user annotation covering its kernels: counting it would read as a kernel running the whole span."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 def kernel_split(prof, n_steps: int) -> str:
     """GPU time per step by kernel kind: where a step's time goes, summed over kernels."""
     totals: dict[str, float] = {}
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    for evt in gpu_kernels(prof):
         kind = next((k for k, rx in KERNEL_KINDS if rx.search(evt.name)), "other")
         totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3 / n_steps
     lines = [f"{k:32s} {v:8.2f} ms/step" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
@@ -55,9 +60,46 @@ def kernel_split(prof, n_steps: int) -> str:
 
 
 def cuda_spans(prof) -> list[tuple[float, float]]:
-    """(start, end) in us of every GPU event of the profile."""
-    return [(e.time_range.start, e.time_range.end) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
+    """(start, end) in us of every GPU kernel of the profile."""
+    return [(e.time_range.start, e.time_range.end) for e in gpu_kernels(prof)]
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel name without what varies per graph: Inductor's fused-op list and index, cuBLAS tiles."""
+    if name.startswith("triton_"):
+        return "_".join(name.split("_")[:2])  # triton_poi / triton_red / triton_per
+    if name.startswith("nvjet") or "gemm" in name:
+        return "cuBLAS gemm"
+    return name[:48]
+
+
+def idle_by_neighbours(kernels: list[tuple[str, float, float]], top: int = 12) -> str:
+    """Idle GPU time between consecutive kernels ((name, start us, end us)), summed per (kernel before,
+    kernel after) pair and per gap size: says whether idle is many launch-sized gaps spread over every
+    kernel boundary or a few long ones after particular kernels."""
+    if len(kernels) < 2:
+        return "fewer than two kernels"
+    kernels = sorted(kernels, key=lambda k: k[1])
+    pairs: dict[tuple[str, str], list[float]] = {}
+    sizes = {"<2 us": [0, 0.0], "2-5 us": [0, 0.0], "5-20 us": [0, 0.0], ">=20 us": [0, 0.0]}
+    prev, hi = kernels[0][0], kernels[0][2]
+    for name, start, end in kernels[1:]:
+        gap = start - hi
+        if gap > 0:
+            key = (short_kernel_name(prev), short_kernel_name(name))
+            acc = pairs.setdefault(key, [0, 0.0])
+            acc[0] += 1
+            acc[1] += gap
+            bucket = "<2 us" if gap < 2 else "2-5 us" if gap < 5 else "5-20 us" if gap < 20 else ">=20 us"
+            sizes[bucket][0] += 1
+            sizes[bucket][1] += gap
+        if end >= hi:
+            prev, hi = name, end
+    lines = [f"### idle between kernels: {len(kernels)} kernels"]
+    lines += [f"gaps {k:8s} {n:6d} gaps {t / 1e3:8.3f} ms" for k, (n, t) in sizes.items()]
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    lines += [f"{t / 1e3:8.3f} ms in {n:5d} gaps  {a} -> {b}" for (a, b), (n, t) in ranked]
+    return "\n".join(lines)
 
 
 def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
@@ -121,6 +163,7 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2):
         print(kernel_split(prof, n_steps=1))
         mark = next(e for e in prof.events() if e.name == "profiled_step")
         print(step_timeline(mark.time_range.start, mark.time_range.end, cuda_spans(prof)))
+        print(idle_by_neighbours([(e.name, e.time_range.start, e.time_range.end) for e in gpu_kernels(prof)]))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
         done = s + 1
 

@@ -38,3 +38,38 @@ def test_step_timeline_splits_the_wall_time():
     assert "GPU span 0.07 (kernels 0.06, idle 0.01)" in line
     assert "after the last kernel 0.02" in line
     assert step_timeline(0.0, 1.0, []) == "no GPU activity"
+
+
+def test_idle_by_neighbours_sums_gaps_per_kernel_pair_and_size():
+    from profile_e2e import idle_by_neighbours, short_kernel_name
+
+    kernels = [("_csp_pingpong_kernel", 0.0, 10.0), ("triton_poi_fused_add_3", 11.0, 20.0),  # 1 us gap
+               ("_csp_pingpong_kernel", 50.0, 60.0),  # 30 us after triton_poi
+               ("nvjet_sm90_tst_192x192", 55.0, 58.0),  # overlaps: no gap
+               ("triton_poi_fused_mul_9", 63.0, 64.0)]  # 3 us after the ping-pong (whose end is latest)
+    text = idle_by_neighbours(kernels)
+    assert "5 kernels" in text
+    assert "gaps <2 us         1 gaps    0.001 ms" in text
+    assert "gaps 2-5 us        1 gaps    0.003 ms" in text
+    assert "gaps >=20 us       1 gaps    0.030 ms" in text
+    lines = text.splitlines()
+    # the longest pair ranks first
+    assert lines[5].endswith("triton_poi -> _csp_pingpong_kernel") and "0.030 ms" in lines[5]
+    assert lines[6].endswith("_csp_pingpong_kernel -> triton_poi") and "0.004 ms in     2 gaps" in lines[6]
+    assert short_kernel_name("nvjet_sm90_tst_192x8_64x8_4x1_v_bz_bias_TNT") == "cuBLAS gemm"
+    assert idle_by_neighbours(kernels[:1]) == "fewer than two kernels"
+
+
+def test_gpu_kernels_leave_out_annotations_and_host_events():
+    from types import SimpleNamespace
+
+    import torch
+    from profile_e2e import gpu_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name="profiled_step", device_type=cuda, is_user_annotation=True),
+              SimpleNamespace(name="profiled_step", device_type=cpu, is_user_annotation=True),
+              SimpleNamespace(name="_csp_pingpong_kernel", device_type=cuda, is_user_annotation=False),
+              SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)]
+    prof = SimpleNamespace(events=lambda: events)
+    assert [e.name for e in gpu_kernels(prof)] == ["_csp_pingpong_kernel"]
