@@ -358,7 +358,9 @@ def sessions_of(model: Any) -> list[Session]:
     Finding them walks the module tree (~1.5 ms at FLUX's 1,275 modules), and `set_step` runs this on
     every call, so the result is kept per model until a session is created or replaced, or any
     module registers a submodule (setattr, add_module: torch's global registration hook). Kept as
-    weak references: a cached lookup never keeps a session's caches alive."""
+    weak references: a cached lookup never keeps a session's caches alive. Not seen: a submodule
+    deleted, or `_modules` edited directly (ModuleList.insert); its session stays listed until the
+    next registration anywhere."""
     global _tree_hook
     if not isinstance(model, torch.nn.Module):
         return _find_sessions(model)
