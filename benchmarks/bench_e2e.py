@@ -29,6 +29,16 @@ What is measured, and how:
   the backend takes as a new generation (no chipmunk_compile.reset, which would drop the graphs).
 - Totals: the `--steps` total of a variant = sum over s in 0..steps-1 of its timed-pass median for
   label(s). Speedup = inductor+cudnn total / chipmunk total.
+- Whole generations (`--generations N`): per variant, after the timed pass, N generations of all
+  `--steps` steps back to back (after untimed ones, until one records no CUDA graph), each one
+  CUDA-event span with a single synchronize at its end: what a pipeline's loop sees, the host's
+  per-call work overlapping the GPU. The per-step timing above synchronizes after every step, so
+  there the host time before a step's first kernel adds in full (Dynamo's guards, the graph runner,
+  the graph launch: ~3 ms per chipmunk step at FLUX's depth, benchmarks/profile_host.py). chipmunk
+  runs them pinned (set_step, as above), then with automatic step tracking, whose timestep read
+  waits for the GPU once per call. Printed per measured depth, never extrapolated; JSON:
+  generation_ms (and chipmunk's generation_auto_ms) per variant under "measured", and
+  generation_speedups.
 - Depth: `--blocks n` builds n layers, or for FLUX / HunyuanVideo n double + 2n single blocks (the
   published 1:2 ratio of 19/38 and 20/40); the result is the reduced model's, as measured.
   `--blocks n1,n2` measures both depths and extrapolates each label's median linearly to the
@@ -375,6 +385,45 @@ def run_pass(model, step_kwargs, seq, cfg_calls, pin=None, outs: dict | None = N
     return times
 
 
+def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None) -> list[float]:
+    """`n` whole generations of `steps` steps back to back, each timed as one span (CUDA events, one
+    synchronize at its end): the wall time a pipeline sees, the host's work overlapping the GPU's
+    except where a call waits for the GPU itself (chipmunk's automatic step tracking reads the
+    timestep). Untimed generations first: one, and for chipmunk up to 3 more while one still
+    recorded a CUDA graph or ran a call eagerly. The step inputs are built before any of them."""
+    from torch._dynamo.utils import counters
+
+    timer = timer or time_step
+    kws = [step_kwargs(s) for s in range(steps)]
+
+    def generation():
+        for s in range(steps):
+            for c in range(cfg_calls):
+                if pin is not None:
+                    pin(s, c)
+                model(**kws[s])
+
+    with torch.no_grad():
+        for _ in range(4):
+            mark = dict(counters["chipmunk"])
+            generation()
+            if not _graph_work(counters, mark):
+                break
+        return [timer(generation) for _ in range(n)]
+
+
+def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None) -> dict:
+    """Median ms of `n` whole generations: as timed per step (chipmunk pinned by `pin`), and for
+    chipmunk also with automatic step tracking (no pin: the backend reads each call's timestep, as
+    under a diffusers pipeline that gives no step index)."""
+    out = {"generation_ms": statistics.median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, pin, timer))}
+    if pin is not None:
+        cc.clear_step(pin.compiled)
+        out["generation_auto_ms"] = statistics.median(
+            run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer))
+    return out
+
+
 def with_overrides(preset, items: list[str]):
     """The preset itself, or {"preset": preset, section: {key: value}} with every SECTION.KEY=VALUE
     of `items` laid over it (validated here, before any model is built)."""
@@ -436,7 +485,7 @@ def _graph_work(counters, before: dict) -> bool:
     return any(now.get(k, 0) != before.get(k, 0) for k in ("graph_recorded", "graph_eager_calls"))
 
 
-def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset) -> dict:
+def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, steps=50, generations=0) -> dict:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -465,6 +514,10 @@ def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset) -> 
                extra_warmup_passes=extra)
     if variant == CHIPMUNK:
         res.update(counters=chipmunk_counters(before), stats=stats_summary(compiled))
+    if generations:
+        with sdpa_context(variant):
+            res.update(generation_runs(compiled, step_kwargs, steps, cfg_calls, generations, pin))
+    if variant == CHIPMUNK:
         cc.clear_step(compiled)
     return res
 
@@ -508,7 +561,8 @@ def measure(args, variants, blocks, preset, seq, labels) -> dict:
     out = {}
     for variant in variants:
         stock = baseline_attention(args.model, model, kw) if variant != CHIPMUNK else None
-        out[variant] = run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset)
+        out[variant] = run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, args.steps,
+                                   args.generations)
         if stock is not None:
             model.set_attn_processor(stock)
         print(f"  {variant} done on {depth_text(args.model, blocks)}", flush=True)
@@ -572,9 +626,37 @@ def final_results(name, counts, measured, labels) -> dict:
     return measured[(counts or [None])[0]]
 
 
+def generation_speedups(res: dict) -> dict | None:
+    """Speedups over the baseline of whole generations (run_generations) at one measured depth:
+    chipmunk pinned ("pinned") and with automatic step tracking ("auto"); None when not timed."""
+    base, chip = res.get(BASELINE, {}), res.get(CHIPMUNK, {})
+    if "generation_ms" not in base or "generation_ms" not in chip:
+        return None
+    out = {"pinned": base["generation_ms"] / chip["generation_ms"]}
+    if "generation_auto_ms" in chip:
+        out["auto"] = base["generation_ms"] / chip["generation_auto_ms"]
+    return out
+
+
+def generation_text(res: dict, depth: str) -> str | None:
+    sp = generation_speedups(res)
+    if sp is None:
+        return None
+    chip = res[CHIPMUNK]
+    text = (f"whole generations, {depth} (median, back to back, one synchronize each): {BASELINE} "
+            f"{res[BASELINE]['generation_ms']:.0f} ms; chipmunk pinned {chip['generation_ms']:.0f} ms "
+            f"({sp['pinned']:.3f}x)")
+    if "auto" in sp:
+        text += f", automatic step tracking {chip['generation_auto_ms']:.0f} ms ({sp['auto']:.3f}x)"
+    return text
+
+
 def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
     for n, res in measured.items():
         print_table(f"measured: {depth_text(args.model, n)}", res, labels)
+        gen = generation_text(res, depth_text(args.model, n))
+        if gen:
+            print(gen)
     if final is not measured.get((counts or [None])[0]):
         print_table(f"EXTRAPOLATED to the {depth_text(args.model, None)} from blocks={counts}", final, labels)
     sp = speedups(final)
@@ -598,6 +680,7 @@ def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
                 compile_s={v: r["compile_s"] for v, r in measured[last].items()},
                 peak_gb={v: r["peak_gb"] for v, r in measured[last].items()}, compile_peak_blocks=last,
                 measured={str(n): res for n, res in measured.items()},
+                generation_speedups={str(n): generation_speedups(res) for n, res in measured.items()},
                 chipmunk_counters=measured[last][CHIPMUNK].get("counters"),
                 chipmunk_stats=measured[last][CHIPMUNK].get("stats"))
 
@@ -615,6 +698,9 @@ def parse_args():
                     help="override one key of the preset, e.g. attn.full_step_every=5 or attn.min_mass=0.7 "
                          "(repeatable; values are YAML)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
+    ap.add_argument("--generations", type=int, default=0, metavar="N",
+                    help="also time N whole generations per variant back to back, one synchronize each "
+                         "(chipmunk pinned and with automatic step tracking); at each measured depth")
     ap.add_argument("--default-sdpa", action="store_true", help="also time plain torch.compile with default SDPA")
     ap.add_argument("--lora", type=int, default=0, metavar="RANK",
                     help="unfused LoRA adapters of this rank on every block linear (benchmarks/lora_adapters.py), "

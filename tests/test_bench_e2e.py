@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_e2e as be  # noqa: E402
+from helpers import fresh_dynamo  # noqa: E402,F401
 
 
 def test_coverage_holds_every_kind_up_to_reps():
@@ -184,3 +185,50 @@ def test_hunyuan15_published_inputs():
     assert kw["hidden_states"].shape == (1, 65, 31, 45, 80)
     assert hb.valid_prefix_length(model, kw) == 31 * 45 * 80 + be.HV15_VALID[1] + be.HV15_VALID[0]
     assert "prefix" in be.baseline_text("hunyuan-video-1.5") and be.baseline_attention("flux", None, {}) is None
+
+
+def test_whole_generations_run_the_pinned_schedule_under_automatic_tracking(fresh_dynamo):
+    """--generations: a generation with automatic step tracking (the backend reads each call's
+    timestep) runs the same step kinds as a pinned one, after the pinned passes that bench_e2e.py
+    times per step; each generation is one timer span, after one untimed generation."""
+    from collections import Counter
+
+    import chipmunk_compile as cc
+    from helpers import chip, step_counts
+    from test_numerics import Net, latents, sparse_cfg, ts
+
+    m = Net().eval()
+    compiled = chip(m, sparse_cfg())
+    pin = be.StepPin(compiled)
+    spans = []
+
+    def timer(fn):
+        spans.append(1)
+        fn()
+        return 7.0
+
+    def step_kwargs(s):
+        return dict(x=latents(s), t=ts(s))
+
+    assert be.run_generations(compiled, step_kwargs, 12, 1, 2, pin, timer) == [7.0, 7.0]
+    assert len(spans) == 2
+    pinned = Counter(step_counts(m))
+    assert pinned["attention_sparse"] > 0 and pinned["attention_refresh"] > 0 and pinned["mlp_sparse"] > 0
+    cc.clear_step(compiled)
+    be.run_generations(compiled, step_kwargs, 12, 1, 2, None, timer)
+    auto = Counter(step_counts(m))
+    auto.subtract(pinned)
+    assert +auto == pinned  # three generations each way, the same kinds
+
+    res = be.generation_runs(compiled, step_kwargs, 12, 1, 1, pin, timer)
+    assert res == {"generation_ms": 7.0, "generation_auto_ms": 7.0}
+    assert be.generation_runs(compiled, step_kwargs, 12, 1, 1, None, timer) == {"generation_ms": 7.0}
+
+
+def test_generation_speedups_and_text():
+    res = {be.BASELINE: {"generation_ms": 6600.0}, be.CHIPMUNK: {"generation_ms": 4400.0, "generation_auto_ms": 5000.0}}
+    assert be.generation_speedups(res) == {"pinned": 1.5, "auto": 1.32}
+    text = be.generation_text(res, "published depth")
+    assert "inductor+cudnn 6600 ms; chipmunk pinned 4400 ms (1.500x), automatic step tracking 5000 ms (1.320x)" in text
+    assert be.generation_speedups({be.BASELINE: {}, be.CHIPMUNK: {}}) is None
+    assert be.generation_text({be.BASELINE: {}, be.CHIPMUNK: {}}, "x") is None
