@@ -23,7 +23,7 @@ from .runtime import sessions_of
 
 __all__ = [
     "AttnConfig", "ChipmunkConfig", "GroupingConfig", "MlpConfig", "StepCacheConfig", "Report",
-    "inspect", "list_presets", "register", "reset", "set_step", "clear_step", "stats",
+    "inspect", "list_presets", "register", "reset", "set_step", "clear_step", "follow_scheduler", "stats",
 ]
 __version__ = "0.1.0"
 
@@ -53,6 +53,30 @@ def set_step(model: Any, step: int, branch: Optional[str] = None) -> None:
         raise ValueError("set_step: this model has not been compiled with backend='chipmunk' and called yet")
     for session in sessions:
         session.tracker.explicit = (int(step), branch)
+
+
+def follow_scheduler(model: Any, scheduler: Any) -> None:
+    """Take the step of `model`'s calls from `scheduler.step_index` (a diffusers scheduler, e.g.
+    `pipe.scheduler`), instead of reading each call's timestep from the device.
+
+    The read is a device→host copy: each call waits there for the GPU to finish the previous one.
+    A scheduler's step index is host state, so the host can run ahead and its per-call work
+    overlaps the GPU's. Step 0 while `step_index` is None (before the generation's first
+    `scheduler.step`); a step lower than the last starts a new generation; calls at the same step
+    are its guidance branches (named by the cache context when the pipeline sets one). Works
+    before the first compile; `follow_scheduler(model, None)` goes back to the timestep."""
+    from .runtime import _SCHEDULER_ROOTS, _SCHEDULERS
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"follow_scheduler: expected the (compiled) model, got {type(model).__name__}")
+    if scheduler is None:
+        _SCHEDULERS.pop(model, None)
+    else:
+        if not hasattr(scheduler, "step_index"):
+            raise TypeError(f"follow_scheduler: {type(scheduler).__name__} has no step_index "
+                            "(diffusers schedulers have one)")
+        _SCHEDULERS[model] = scheduler
+    _SCHEDULER_ROOTS.clear()
 
 
 def clear_step(model: Any) -> None:

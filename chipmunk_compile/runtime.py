@@ -7,7 +7,8 @@ Invariants:
   compiled graph: the ops only read `(step, branch, generation)`; nothing in the graph syncs.
 - Step and branch come from the pipeline's own signals, in this order: an explicit
   `set_step()`, the diffusers cache context (`transformer.cache_context("cond", step_index=...)`),
-  the values of the timestep-like inputs (same values again = another CFG branch of the same step;
+  a followed scheduler's `step_index` (`follow_scheduler`; the context's name, if any, still names
+  the branch), the values of the timestep-like inputs (same values again = another CFG branch of the same step;
   back at the generation's first values, or moving against the schedule = a new generation), and
   only without any signal one call = one step.
 - A new generation bumps `generation`; caches filled in an older generation are never read.
@@ -39,6 +40,8 @@ _site_ids = itertools.count()
 SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
+_SCHEDULERS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+_SCHEDULER_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _entry_sessions = 0  # sessions with an entry graph so far: a change makes `enclosing` look again
 
@@ -89,10 +92,11 @@ class StepTracker:
         self.reset()
         self.explicit = explicit
 
-    def advance(self, signature: Any = None, context: Any = None) -> StepPosition:
+    def advance(self, signature: Any = None, context: Any = None, scheduled: Optional[int] = None) -> StepPosition:
         """Advance by one model call. `signature` is a tuple of step-signal values, or a
         zero-argument callable producing it (read only when no better signal exists: reading
-        device values costs a device→host copy)."""
+        device values costs a device→host copy). `scheduled`: the step of a followed scheduler
+        (`follow_scheduler`), used when the context carries no step index."""
         if self.explicit is not None:
             step, branch = self.explicit
             if step < self.step:  # the pinned step went back: a new generation
@@ -101,11 +105,16 @@ class StepTracker:
             return self.position
         name = getattr(context, "name", None) if context is not None else None
         ctx_step = getattr(context, "step_index", None) if context is not None else None
+        if ctx_step is None:
+            ctx_step = scheduled
         if self.mode == "auto" and ctx_step is not None:
             if self._last_ctx_step is not None and ctx_step < self._last_ctx_step:
                 self._new_generation()
+            # without a context name, calls at the same step are its guidance branches in call order
+            self.branch_index = self.branch_index + 1 if ctx_step == self._last_ctx_step else 0
             self._last_ctx_step = ctx_step
-            self.step, self.branch = int(ctx_step), str(name)
+            self.step = int(ctx_step)
+            self.branch = str(name) if name is not None else str(self.branch_index)
             return self.position
         if callable(signature):
             signature = signature() if self.mode == "auto" else None
@@ -293,8 +302,9 @@ class Session:
             return parent.position()
         owner = self.owner() if self.owner is not None else None
         context = context_for(owner) if owner is not None else None
+        scheduler = scheduler_for(owner) if owner is not None else None
         self.calls += 1
-        return self.tracker.advance(signature, context)
+        return self.tracker.advance(signature, context, scheduled_step(scheduler))
 
     def reset(self) -> None:
         self.tracker.reset()
@@ -311,16 +321,35 @@ _ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.
 def context_for(module: torch.nn.Module) -> Any:
     """The diffusers cache context set on `module` or on a model that contains it (regional
     compilation compiles blocks, while pipelines set the context on the whole transformer)."""
-    ctx = _CONTEXTS.get(module)
-    if ctx is not None or not _CONTEXTS:
-        return ctx
-    root = _ROOTS.get(module)
+    return _set_on(_CONTEXTS, _ROOTS, module)
+
+
+def scheduler_for(module: torch.nn.Module) -> Any:
+    """The scheduler that `follow_scheduler` set on `module` or on a model that contains it."""
+    return _set_on(_SCHEDULERS, _SCHEDULER_ROOTS, module)
+
+
+def _set_on(registry, roots, module: torch.nn.Module) -> Any:
+    """registry[module], else registry[the registered model that contains module] (kept in `roots`)."""
+    value = registry.get(module)
+    if value is not None or not registry:
+        return value
+    root = roots.get(module)
     if root is None:
-        for candidate in list(_CONTEXTS.keys()):
+        for candidate in list(registry.keys()):
             if candidate is not module and any(m is module for m in candidate.modules()):
-                root = _ROOTS[module] = candidate
+                root = roots[module] = candidate
                 break
-    return _CONTEXTS.get(root) if root is not None else None
+    return registry.get(root) if root is not None else None
+
+
+def scheduled_step(scheduler: Any) -> Optional[int]:
+    """A followed diffusers scheduler's step, host state only: `step_index` counts its `step()` calls
+    since `set_timesteps` and is None before the first one (step 0 of a generation)."""
+    if scheduler is None:
+        return None
+    index = getattr(scheduler, "step_index", None)
+    return 0 if index is None else int(index)
 
 
 def session_for(owner: Optional[torch.nn.Module], config) -> Session:

@@ -1,0 +1,86 @@
+"""`chipmunk_compile.follow_scheduler`: steps from a diffusers scheduler's host-side step_index, so no
+call reads its timestep from the device. The schedule it runs equals automatic tracking's; a new
+`set_timesteps` starts a new generation; calls at one step are its guidance branches in call order
+(or by the cache context's name); None goes back to reading the timestep."""
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile import backend
+from chipmunk_compile.runtime import sessions_of
+
+from helpers import chip, fresh_dynamo, step_counts  # noqa: F401
+from test_numerics import Net, latents, sparse_cfg
+
+diffusers = pytest.importorskip("diffusers")
+CFG = sparse_cfg()
+STEPS = 12
+
+
+def _reads(monkeypatch) -> list:
+    calls = []
+    real = backend.read_signature
+
+    def counted(args, indices):
+        calls.append(1)
+        return real(args, indices)
+
+    monkeypatch.setattr(backend, "read_signature", counted)
+    return calls
+
+
+def _generation(compiled, sched, cfg_calls=1, positions=None):
+    sched.set_timesteps(STEPS)
+    x = latents(0)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            for _ in range(cfg_calls):
+                out = compiled(x, t.reshape(1))
+                if positions is not None:
+                    positions.append(sessions_of(compiled)[0].position())
+            x = sched.step(out, t, x).prev_sample
+
+
+def test_followed_steps_run_the_tracked_schedule_without_reads(fresh_dynamo, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tracked = Net().eval()
+    _generation(chip(tracked, CFG), FlowMatchEulerDiscreteScheduler())  # reads every timestep
+    want = step_counts(tracked)
+    torch._dynamo.reset()
+    followed = Net().eval()
+    compiled = chip(followed, CFG)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)  # before the first compile
+    reads = _reads(monkeypatch)
+    _generation(compiled, sched)
+    assert reads == []
+    assert step_counts(followed) == want
+    assert step_counts(followed)["attention_sparse"] > 0
+    _generation(compiled, sched)  # set_timesteps: step_index back to None, step 0
+    assert sessions_of(compiled)[0].position().generation == 1 and reads == []
+    chipmunk_compile.follow_scheduler(compiled, None)
+    _generation(compiled, sched)
+    assert len(reads) == STEPS  # the timestep is read again
+
+
+def test_calls_at_one_step_are_branches_in_call_order(fresh_dynamo):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    m = Net().eval()
+    compiled = chip(m, CFG)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    positions = []
+    _generation(compiled, sched, cfg_calls=2, positions=positions)
+    assert [(p.step, p.branch) for p in positions[:4]] == [(0, "0"), (0, "1"), (1, "0"), (1, "1")]
+    assert positions[-1].step == STEPS - 1
+
+
+def test_bad_arguments_are_refused():
+    m = Net().eval()
+    with pytest.raises(TypeError, match="no step_index"):
+        chipmunk_compile.follow_scheduler(m, object())
+    with pytest.raises(TypeError, match="compiled\\) model"):
+        chipmunk_compile.follow_scheduler("model", object())
