@@ -65,7 +65,7 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
     `scheduler.step`); a step lower than the last starts a new generation; calls at the same step
     are its guidance branches (named by the cache context when the pipeline sets one). Works
     before the first compile; `follow_scheduler(model, None)` goes back to the timestep."""
-    from .runtime import _SCHEDULER_ROOTS, _SCHEDULERS
+    from .runtime import _SCHEDULERS
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"follow_scheduler: expected the (compiled) model, got {type(model).__name__}")
@@ -76,7 +76,6 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
             raise TypeError(f"follow_scheduler: {type(scheduler).__name__} has no step_index "
                             "(diffusers schedulers have one)")
         _SCHEDULERS[model] = scheduler
-    _SCHEDULER_ROOTS.clear()
 
 
 def clear_step(model: Any) -> None:

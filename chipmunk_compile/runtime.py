@@ -41,7 +41,7 @@ SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
 _SCHEDULERS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
-_SCHEDULER_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_SCHEDULER_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on
 _lock = threading.Lock()
 _entry_sessions = 0  # sessions with an entry graph so far: a change makes `enclosing` look again
 
@@ -315,7 +315,7 @@ class Session:
             self.step_cache.reset()
 
 
-_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on
 
 
 def context_for(module: torch.nn.Module) -> Any:
@@ -330,16 +330,24 @@ def scheduler_for(module: torch.nn.Module) -> Any:
 
 
 def _set_on(registry, roots, module: torch.nn.Module) -> Any:
-    """registry[module], else registry[the registered model that contains module] (kept in `roots`)."""
+    """registry[module], else registry[the registered model that contains module]. Which model
+    contains it (or none) is kept per module in `roots` while the module tree (`_tree_version`) and
+    the registered models stay the same, so a model under none of them is not walked on every call.
+    Kept as a weak reference: a strong one would keep the module, the weak key, alive through its
+    own value (the whole model, never freed)."""
     value = registry.get(module)
     if value is not None or not registry:
         return value
-    root = roots.get(module)
-    if root is None:
-        for candidate in list(registry.keys()):
-            if candidate is not module and any(m is module for m in candidate.modules()):
-                root = roots[module] = candidate
-                break
+    _ensure_tree_hook()
+    models = list(registry.keys())
+    key = (_tree_version, tuple(id(m) for m in models))
+    kept = roots.get(module)
+    if kept is not None and kept[0] == key:
+        root = kept[1]() if kept[1] is not None else None
+        if root is not None or kept[1] is None:
+            return registry.get(root) if root is not None else None
+    root = next((c for c in models if c is not module and any(m is module for m in c.modules())), None)
+    roots[module] = (key, weakref.ref(root) if root is not None else None)
     return registry.get(root) if root is not None else None
 
 
@@ -381,6 +389,13 @@ def _bump_tree_version(module, name, submodule):
     _tree_version += 1
 
 
+def _ensure_tree_hook() -> None:
+    """Install (once) the global hook that bumps `_tree_version` whenever a module registers a submodule."""
+    global _tree_hook
+    if _tree_hook is None:
+        _tree_hook = torch.nn.modules.module.register_module_module_registration_hook(_bump_tree_version)
+
+
 def sessions_of(model: Any) -> list[Session]:
     """The sessions of `model`: its own (or its compiled wrapper's) and those of its submodules.
 
@@ -390,11 +405,9 @@ def sessions_of(model: Any) -> list[Session]:
     weak references: a cached lookup never keeps a session's caches alive. Not seen: a submodule
     deleted, or `_modules` edited directly (ModuleList.insert); its session stays listed until the
     next registration anywhere."""
-    global _tree_hook
     if not isinstance(model, torch.nn.Module):
         return _find_sessions(model)
-    if _tree_hook is None:
-        _tree_hook = torch.nn.modules.module.register_module_module_registration_hook(_bump_tree_version)
+    _ensure_tree_hook()
     key = (_sessions_version, _tree_version)
     hit = _SESSIONS_OF.get(model)
     if hit is not None and hit[0] == key:

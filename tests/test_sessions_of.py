@@ -73,3 +73,26 @@ def test_the_kept_lookup_holds_no_session_alive(fresh_dynamo):
     torch._dynamo.reset()
     gc.collect()
     assert ref() is None
+
+
+def test_the_model_containing_a_module_is_kept_weakly_and_looked_up_once():
+    """runtime._set_on (the diffusers context and the followed scheduler of a block): the containing
+    model is found once per module tree and registry, a model under none is not walked again, a
+    module attached later is found, and the kept lookup does not keep the model alive."""
+    registry, roots = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+    model, other = Net().eval(), Net(depth=1).eval()
+    registry[model] = "ctx"
+    walks = []
+    real = model.modules
+    model.modules = lambda: (walks.append(1), real())[1]
+    assert runtime._set_on(registry, roots, model.blocks[1]) == "ctx"
+    assert runtime._set_on(registry, roots, model.blocks[1]) == "ctx" and len(walks) == 1
+    assert runtime._set_on(registry, roots, other.blocks[0]) is None
+    assert runtime._set_on(registry, roots, other.blocks[0]) is None and len(walks) == 2  # not walked again
+    model.extra = other  # the tree changed: other's block is now under model
+    assert runtime._set_on(registry, roots, other.blocks[0]) == "ctx"
+    block, ref = model.blocks[0], weakref.ref(model)
+    assert runtime._set_on(registry, roots, block) == "ctx"
+    del model, real
+    gc.collect()
+    assert ref() is None  # the kept lookup of `block` holds no strong reference to its model
