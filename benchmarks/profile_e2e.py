@@ -12,7 +12,9 @@ its wall time split into host time before the first kernel, the GPU span (kernel
 between them) and the time after the last kernel: a replayed step graph that takes longer than its
 summed kernels shows there where the rest goes. The chipmunk config makes every layer sparse
 (first_n_dense_layers 0) unless --preset-as-is keeps the preset's dense first layers, as bench_e2e.py
-runs it."""
+runs it. --pin pins chipmunk's steps with set_step, as bench_e2e.py does; without it chipmunk reads
+each call's timestep, a device→host copy that waits for the GPU, so the host time after that read
+shows as GPU idle inside the step."""
 
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ import time
 import torch
 
 from chipmunk_compile.config import list_presets
-from bench_e2e import apply_text_mask, build, inputs, resolve_text_mask, text_mask_text, timestep
+from bench_e2e import StepPin, apply_text_mask, build, inputs, resolve_text_mask, text_mask_text, timestep
 
 
-def steps(compiled, name, kw, n, start=0, total=50):
+def steps(compiled, name, kw, n, start=0, total=50, pin=None):
+    """Steps start..start+n-1; `pin` (bench_e2e.StepPin) pins each call's step as bench_e2e.py does,
+    else chipmunk tracks the step from the timestep (a device→host read per call)."""
     with torch.no_grad():
         for i in range(start, start + n):
+            if pin is not None:
+                pin(i, 0)
             compiled(**kw, timestep=timestep(name, i, total, "cuda", torch.bfloat16), return_dict=False)
 
 
@@ -136,25 +142,25 @@ def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, f
             f" + after the last kernel {(step_end - last) / 1e3:.2f}")
 
 
-def profile_steps(compiled, name, kw, label, at, warm_gens=2):
+def profile_steps(compiled, name, kw, label, at, warm_gens=2, pin=None):
     """Steps 0..max(at) `warm_gens` times (compiles, tunes, records: a step signature that occurs
     once per generation records its CUDA graph in the second), then once more with each step in
     `at` profiled alone. Prints per step whether its graph replayed (counter `graph_replays`)."""
     from torch._dynamo.utils import counters
 
     for _ in range(warm_gens):
-        steps(compiled, name, kw, at[-1] + 1)
+        steps(compiled, name, kw, at[-1] + 1, pin=pin)
     torch.cuda.synchronize()
     done = 0
     for s in at:
-        steps(compiled, name, kw, s - done, start=done)  # a new generation starts when the timestep goes back up
+        steps(compiled, name, kw, s - done, start=done, pin=pin)  # a new generation starts when the timestep goes back up
         torch.cuda.synchronize()
         replays = counters["chipmunk"]["graph_replays"]
         t0 = time.perf_counter()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             with torch.profiler.record_function("profiled_step"):
-                steps(compiled, name, kw, 1, start=s)
+                steps(compiled, name, kw, 1, start=s, pin=pin)
                 torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         replayed = ("; replayed" if counters["chipmunk"]["graph_replays"] > replays else "; not a replay") \
@@ -181,6 +187,8 @@ def main():
                          "steps replay their recorded graph)")
     ap.add_argument("--preset-as-is", action="store_true",
                     help="keep the preset's dense first layers (as bench_e2e.py) instead of making every layer sparse")
+    ap.add_argument("--pin", action="store_true",
+                    help="with --at: pin chipmunk's steps with set_step, as bench_e2e.py (no timestep read per call)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
@@ -200,7 +208,8 @@ def main():
         torch._dynamo.reset()
         c = torch.compile(model, backend=backend, options=opts)
         if args.at:
-            profile_steps(c, args.model, kw, label, sorted(set(args.at)), args.warm_gens)
+            pin = StepPin(c) if args.pin and label == "chipmunk" else None
+            profile_steps(c, args.model, kw, label, sorted(set(args.at)), args.warm_gens, pin)
             continue
         steps(c, args.model, kw, 4)  # compile, dense, refresh, first sparse (autotune)
         torch.cuda.synchronize()
