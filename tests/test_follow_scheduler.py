@@ -84,3 +84,27 @@ def test_bad_arguments_are_refused():
         chipmunk_compile.follow_scheduler(m, object())
     with pytest.raises(TypeError, match="compiled\\) model"):
         chipmunk_compile.follow_scheduler("model", object())
+
+
+def test_a_cache_context_without_a_step_index_names_the_branches(fresh_dynamo):
+    """As diffusers' FluxPipeline calls the transformer: cache_context("cond") / ("uncond") with no
+    step index. The followed scheduler gives the step, the context's name the branch."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.hooks import hooks
+
+    m = Net().eval()
+    compiled = chip(m, CFG)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    sched.set_timesteps(4)
+    x, seen = latents(0), []
+    with torch.no_grad():
+        for t in sched.timesteps:
+            for name in ("cond", "uncond"):
+                hooks._set_cache_context(compiled, hooks.CacheContext(name))  # what cache_context(name) does
+                out = compiled(x, t.reshape(1))
+                hooks._set_cache_context(compiled, None)
+                pos = sessions_of(compiled)[0].position()
+                seen.append((pos.step, pos.branch))
+            x = sched.step(out, t, x).prev_sample
+    assert seen == [(s, b) for s in range(4) for b in ("cond", "uncond")]
