@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import random_draws_ref as hashing
 from ._common import interpreting
 from .random_draws import hash_base, hash_draw
 from .mlp_select_neurons_ref import check_draws
@@ -112,7 +111,7 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     sc = score if score is not None else basis
     dr = draws if draws is not None and not hashed else indices
     dr = dr if dr.stride(-1) == 1 else dr.contiguous()
-    step, salt_term = (draws.step, draws.salt * hashing.SALT_MUL) if hashed else (dr, 0)
+    step, salt_term = (draws.step, draws.salt_term) if hashed else (dr, 0)
     warps = 4 if interpreting() else max(4, min(16, BLOCK // 1024))
     _mlp_select_neurons_kernel[(B * nb,)](
         basis, bm_cache, sc, dr, scratch, indices, step, Fh, K, r, nb, salt_term,

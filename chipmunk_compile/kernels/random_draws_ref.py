@@ -44,3 +44,8 @@ class HashDraws:
 
     def ints(self, shape: tuple, high: int) -> torch.Tensor:
         return hash_ints(self.step, self.salt, shape, high)
+
+    @property
+    def salt_term(self) -> int:
+        """salt·SALT_MUL: what a kernel that hashes its own draws takes (random_draws.hash_base)."""
+        return self.salt * SALT_MUL

@@ -49,7 +49,6 @@ import triton
 import triton.language as tl
 
 from ._common import new_empty
-from . import random_draws_ref as hashing
 from .random_draws import hash_base, hash_draw
 from .random_draws_ref import HashDraws
 from .select_columns_ref import boost_random_draws, selection_width
@@ -357,7 +356,7 @@ def select_columns(colsum, *, k: int, key_mask=None, always_keep=None, random_ke
     assert 2 <= wbits <= 8, "window_bits: 2..8"
     nbins = max(1 << r, 1 << REFINE_BITS)
     scratch = new_empty(B * H * Gc * nbins if sparse_refine >= 0 else 1, dtype=torch.int32, device=colsum.device)
-    step, salt_term, n_draws = (draws.step, draws.salt * hashing.SALT_MUL, int(random_keys)) if hashed else (cnt, 0, 0)
+    step, salt_term, n_draws = (draws.step, draws.salt_term, int(random_keys)) if hashed else (cnt, 0, 0)
     if B * H * Gc:
         _select_columns_kernel[(B * H * Gc,)](
             scores, ak, km, idx, cnt, passes if passes is not None else cnt, step, scratch, Nk, K, H * Gc, salt_term,
