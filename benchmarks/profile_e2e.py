@@ -79,28 +79,35 @@ def short_kernel_name(name: str) -> str:
     return name[:48]
 
 
+def _gaps(kernels: list[tuple[str, float, float]]) -> tuple[float, float, list[tuple[str, str, float]]]:
+    """Kernels (name, start us, end us), non-empty: (first start, last end, every stretch no kernel
+    covers as (the kernel that ended last before it, the kernel after it, its length in us))."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    gaps = []
+    prev, hi = kernels[0][0], kernels[0][2]
+    for name, start, end in kernels[1:]:
+        if start > hi:
+            gaps.append((prev, name, start - hi))
+        if end >= hi:
+            prev, hi = name, end
+    return kernels[0][1], hi, gaps
+
+
 def idle_by_neighbours(kernels: list[tuple[str, float, float]], top: int = 12) -> str:
     """Idle GPU time between consecutive kernels ((name, start us, end us)), summed per (kernel before,
     kernel after) pair and per gap size: says whether idle is many launch-sized gaps spread over every
     kernel boundary or a few long ones after particular kernels."""
     if len(kernels) < 2:
         return "fewer than two kernels"
-    kernels = sorted(kernels, key=lambda k: k[1])
     pairs: dict[tuple[str, str], list[float]] = {}
     sizes = {"<2 us": [0, 0.0], "2-5 us": [0, 0.0], "5-20 us": [0, 0.0], ">=20 us": [0, 0.0]}
-    prev, hi = kernels[0][0], kernels[0][2]
-    for name, start, end in kernels[1:]:
-        gap = start - hi
-        if gap > 0:
-            key = (short_kernel_name(prev), short_kernel_name(name))
-            acc = pairs.setdefault(key, [0, 0.0])
-            acc[0] += 1
-            acc[1] += gap
-            bucket = "<2 us" if gap < 2 else "2-5 us" if gap < 5 else "5-20 us" if gap < 20 else ">=20 us"
-            sizes[bucket][0] += 1
-            sizes[bucket][1] += gap
-        if end >= hi:
-            prev, hi = name, end
+    for prev, name, gap in _gaps(kernels)[2]:
+        acc = pairs.setdefault((short_kernel_name(prev), short_kernel_name(name)), [0, 0.0])
+        acc[0] += 1
+        acc[1] += gap
+        bucket = "<2 us" if gap < 2 else "2-5 us" if gap < 5 else "5-20 us" if gap < 20 else ">=20 us"
+        sizes[bucket][0] += 1
+        sizes[bucket][1] += gap
     lines = [f"### idle between kernels: {len(kernels)} kernels"]
     lines += [f"gaps {k:8s} {n:6d} gaps {t / 1e3:8.3f} ms" for k, (n, t) in sizes.items()]
     ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
@@ -120,12 +127,8 @@ def gpu_idle(spans: list[tuple[float, float]], n_steps: int) -> str:
 
 def _extent_and_idle(spans: list[tuple[float, float]]) -> tuple[float, float, float]:
     """(first start, last end, time between them that no interval covers)."""
-    spans = sorted(spans)
-    idle, hi = 0.0, spans[0][1]
-    for start, end in spans[1:]:
-        idle += max(0.0, start - hi)
-        hi = max(hi, end)
-    return spans[0][0], hi, idle
+    first, last, gaps = _gaps([("", start, end) for start, end in spans])
+    return first, last, sum(gap for _, _, gap in gaps)
 
 
 def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, float]]) -> str:
