@@ -389,10 +389,7 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
     """`n` whole generations of `steps` steps back to back, each timed as one span (CUDA events, one
     synchronize at its end): the wall time a pipeline sees, the host's work overlapping the GPU's
     except where a call waits for the GPU itself (chipmunk's automatic step tracking reads the
-    timestep). Untimed generations first: one, and for chipmunk up to 3 more while one still
-    recorded a CUDA graph or ran a call eagerly. The step inputs are built before any of them."""
-    from torch._dynamo.utils import counters
-
+    timestep). Untimed generations first (`warm_up`). The step inputs are built before any of them."""
     timer = timer or time_step
     kws = [step_kwargs(s) for s in range(steps)]
 
@@ -404,11 +401,7 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
                 model(**kws[s])
 
     with torch.no_grad():
-        for _ in range(4):
-            mark = dict(counters["chipmunk"])
-            generation()
-            if not _graph_work(counters, mark):
-                break
+        warm_up(generation)
         return [timer(generation) for _ in range(n)]
 
 
@@ -485,6 +478,21 @@ def _graph_work(counters, before: dict) -> bool:
     return any(now.get(k, 0) != before.get(k, 0) for k in ("graph_recorded", "graph_eager_calls"))
 
 
+def warm_up(run, limit: int = 4) -> int:
+    """`run()` (one pass or generation) again while the last one recorded a CUDA graph or ran a call
+    eagerly, at most `limit` times: a kind met once per pass (step 0) can still be recording in the
+    second, and would otherwise be timed. Returns the number of runs (1 when nothing is recorded,
+    as for the Inductor baseline)."""
+    from torch._dynamo.utils import counters
+
+    for runs in range(1, limit + 1):
+        mark = dict(counters["chipmunk"])
+        run()
+        if not _graph_work(counters, mark):
+            break
+    return runs
+
+
 def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, steps=50, generations=0) -> dict:
     from torch._dynamo.utils import counters
 
@@ -497,15 +505,8 @@ def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, ste
         run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # pass 1: compile + warm-up
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-        mark = dict(counters["chipmunk"])
-        run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # pass 2: warm-up (CUDA graphs per kind)
-        extra = 0
-        while variant == CHIPMUNK and extra < 3 and _graph_work(counters, mark):
-            # a kind met once per pass (step 0) can still be recording in pass 2: warm up until a
-            # whole pass replays, as every generation after the first does
-            mark = dict(counters["chipmunk"])
-            run_pass(compiled, step_kwargs, seq, cfg_calls, pin)
-            extra += 1
+        # pass 2 (CUDA graphs per kind), and up to 3 more until a whole pass replays
+        extra = warm_up(lambda: run_pass(compiled, step_kwargs, seq, cfg_calls, pin)) - 1
         torch.cuda.reset_peak_memory_stats()
         times = run_pass(compiled, step_kwargs, seq, cfg_calls, pin)  # the timed pass
     medians = medians_by_label(times, labels)

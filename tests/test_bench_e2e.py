@@ -232,3 +232,17 @@ def test_generation_speedups_and_text():
     assert "inductor+cudnn 6600 ms; chipmunk pinned 4400 ms (1.500x), automatic step tracking 5000 ms (1.320x)" in text
     assert be.generation_speedups({be.BASELINE: {}, be.CHIPMUNK: {}}) is None
     assert be.generation_text({be.BASELINE: {}, be.CHIPMUNK: {}}, "x") is None
+
+
+def test_warm_up_runs_again_while_a_run_records(fresh_dynamo):
+    from torch._dynamo.utils import counters
+
+    records = [1, 1, 0, 0, 0]  # graphs recorded by each run
+
+    def run():
+        counters["chipmunk"]["graph_recorded"] += records.pop(0)
+
+    assert be.warm_up(run) == 3 and len(records) == 2
+    records[:] = [1] * 6
+    assert be.warm_up(run) == 4  # at most `limit`
+    assert be.warm_up(lambda: None) == 1  # the baseline: nothing recorded
