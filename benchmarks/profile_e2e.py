@@ -145,14 +145,28 @@ def step_timeline(step_start: float, step_end: float, spans: list[tuple[float, f
             f" + after the last kernel {(step_end - last) / 1e3:.2f}")
 
 
-def profile_steps(compiled, name, kw, label, at, warm_gens=2, pin=None):
+def step_windows(at: list[int], window: int) -> list[int]:
+    """The first steps of the profiled windows, ascending: each window (`window` steps from a listed
+    step) must end before the next begins, since the steps of one generation only go forward."""
+    if window < 1:
+        raise ValueError(f"--window must be >= 1, got {window}")
+    starts = sorted(set(at))
+    for a, b in zip(starts, starts[1:]):
+        if a + window > b:
+            raise ValueError(f"the window of {window} steps from step {a} overlaps step {b}")
+    return starts
+
+
+def profile_steps(compiled, name, kw, label, at, warm_gens=2, pin=None, window=1):
     """Steps 0..max(at) `warm_gens` times (compiles, tunes, records: a step signature that occurs
     once per generation records its CUDA graph in the second), then once more with each step in
-    `at` profiled alone. Prints per step whether its graph replayed (counter `graph_replays`)."""
+    `at` profiled alone, or with `window` > 1 the steps at..at+window-1 back to back under one
+    synchronize, as a generation runs them (the host may then run ahead of the GPU, so only what
+    stalls it shows as idle). Prints whether a graph replayed (counter `graph_replays`)."""
     from torch._dynamo.utils import counters
 
     for _ in range(warm_gens):
-        steps(compiled, name, kw, at[-1] + 1, pin=pin)
+        steps(compiled, name, kw, at[-1] + window, pin=pin)
     torch.cuda.synchronize()
     done = 0
     for s in at:
@@ -163,18 +177,21 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2, pin=None):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             with torch.profiler.record_function("profiled_step"):
-                steps(compiled, name, kw, 1, start=s, pin=pin)
+                steps(compiled, name, kw, window, start=s, pin=pin)
                 torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-        replayed = ("; replayed" if counters["chipmunk"]["graph_replays"] > replays else "; not a replay") \
-            if label == "chipmunk" else ""
-        print(f"## {label}, step {s}: {wall:.1f} ms wall (under the profiler{replayed})")
-        print(kernel_split(prof, n_steps=1))
+        n_replays = counters["chipmunk"]["graph_replays"] - replays
+        replayed = f"; {n_replays} of {window} calls replayed" if label == "chipmunk" else ""
+        what = f"step {s}" if window == 1 else f"steps {s}..{s + window - 1} back to back"
+        print(f"## {label}, {what}: {wall:.1f} ms wall (under the profiler{replayed})")
+        print(kernel_split(prof, n_steps=window))
+        syncs = [e for e in gpu_kernels(prof) if "DtoH" in e.name]
+        print(f"device-to-host copies (the host waits for each): {len(syncs)} in {window} step(s)")
         mark = next(e for e in prof.events() if e.name == "profiled_step")
         print(step_timeline(mark.time_range.start, mark.time_range.end, cuda_spans(prof)))
         print(idle_by_neighbours([(e.name, e.time_range.start, e.time_range.end) for e in gpu_kernels(prof)]))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-        done = s + 1
+        done = s + window
 
 
 def main():
@@ -192,11 +209,18 @@ def main():
                     help="keep the preset's dense first layers (as bench_e2e.py) instead of making every layer sparse")
     ap.add_argument("--pin", action="store_true",
                     help="with --at: pin chipmunk's steps with set_step, as bench_e2e.py (no timestep read per call)")
+    ap.add_argument("--window", type=int, default=1,
+                    help="with --at: profile this many steps from each listed one back to back, one synchronize "
+                         "at the end (as a generation runs; the times are per step)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     args = ap.parse_args()
     try:
         args.text_mask = resolve_text_mask(args.model, args.text_mask)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        starts = step_windows(args.at or [], args.window)
     except ValueError as e:
         ap.error(str(e))
     print(f"# {args.model}, {args.blocks} blocks, preset {args.config or 'of the model'}, "
@@ -212,7 +236,7 @@ def main():
         c = torch.compile(model, backend=backend, options=opts)
         if args.at:
             pin = StepPin(c) if args.pin and label == "chipmunk" else None
-            profile_steps(c, args.model, kw, label, sorted(set(args.at)), args.warm_gens, pin)
+            profile_steps(c, args.model, kw, label, starts, args.warm_gens, pin, args.window)
             continue
         steps(c, args.model, kw, 4)  # compile, dense, refresh, first sparse (autotune)
         torch.cuda.synchronize()

@@ -73,3 +73,15 @@ def test_gpu_kernels_leave_out_annotations_and_host_events():
               SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)]
     prof = SimpleNamespace(events=lambda: events)
     assert [e.name for e in gpu_kernels(prof)] == ["_csp_pingpong_kernel"]
+
+
+def test_step_windows_must_not_overlap():
+    import pytest
+    from profile_e2e import step_windows
+
+    assert step_windows([13, 5, 5], 1) == [5, 13]
+    assert step_windows([5, 9], 4) == [5, 9]  # 5..8, then 9..12
+    with pytest.raises(ValueError, match="overlaps step 8"):
+        step_windows([5, 8], 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        step_windows([5], 0)
