@@ -1,7 +1,8 @@
 """Neuron selection of a sparse MLP step, per (batch, token block) (PyTorch only).
 
 Contract (the Triton twin ``mlp_select_neurons.py`` has the same signature and result):
-- basis (B, nb, Fb) fp32: this step's block-mean pre-activation(s); bm_cache (B, nb, Fb) fp32: the
+- basis (B, nb, Fb) fp32, or bf16/fp16 read as fp32 (the model's linear output as is: no cast
+  kernel per site): this step's block-mean pre-activation(s); bm_cache (B, nb, Fb) fp32: the
   reference means of the neurons' last refresh. Fb = Fh, or 2·Fh when ``gated`` (the activation
   half first, then the linear half).
 - Score of neuron j: ``score[..., j]`` when a (B, nb, Fh) fp32 ``score`` is given (e.g. the output

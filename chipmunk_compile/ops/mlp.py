@@ -150,7 +150,8 @@ def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, p
         return y
     if recompute:
         xb = kernel("mlp_block_means", x3)(x3, block=cfg.block, perm=perm)
-        basis = _score_basis(xb, w_act, b_act, w_lin, b_lin).float()
+        basis = _score_basis(xb, w_act, b_act, w_lin, b_lin)  # the kernel reads bf16/fp16 as fp32
+        basis = basis.float() if cfg.score == "output" else basis  # the output score's activations in fp32
         _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step, act)
     y = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache)
     if fore:

@@ -133,14 +133,16 @@ def test_triton_writes_into_a_strided_index_view(triton_mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("B,nb,Fh,gated", [(1, 34, 12288, False), (2, 20, 13824, False), (1, 16, 8192, True)])
-def test_gpu_real_shapes(B, nb, Fh, gated):
+@pytest.mark.parametrize("B,nb,Fh,gated,dtype", [(1, 34, 12288, False, torch.float32), (2, 20, 13824, False, torch.float32),
+                                                  (1, 16, 8192, True, torch.float32), (1, 34, 12288, False, torch.bfloat16),
+                                                  (1, 16, 8192, True, torch.bfloat16)])
+def test_gpu_real_shapes(B, nb, Fh, gated, dtype):
     from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
 
     g = torch.Generator(device="cuda").manual_seed(0)
     Fb = 2 * Fh if gated else Fh
     bm = torch.randn(B, nb, Fb, device="cuda", generator=g)
-    basis = bm + 0.1 * torch.randn(B, nb, Fb, device="cuda", generator=g)
+    basis = (bm + 0.1 * torch.randn(B, nb, Fb, device="cuda", generator=g)).to(dtype)  # bf16: as ops/mlp.py
     K, rnd = round(0.35 * Fh), round(0.05 * Fh)
     draws = torch.randint(0, Fh, (B, nb, rnd), device="cuda", generator=g)
     assert get_kernel("mlp_select_neurons", basis) is mlp_select_neurons
@@ -202,3 +204,24 @@ def test_compiles_for_hopper_without_a_gpu(gated, has_score, block_r, hashed):
     """The interpreter accepts code the GPU compiler rejects (e.g. a constexpr re-bound in a static
     loop): compile the kernel for sm_90 here, with no GPU, so CI catches that."""
     compile_for_hopper(_COMPILE_FOR_HOPPER, gated, has_score, block_r, hashed)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_half_precision_basis_is_read_as_fp32(triton_mode, gated):
+    """ops/mlp.py passes the model's linear output as is: an fp16 basis selects and stores exactly
+    what its fp32 upcast does, in the kernel and in the reference (bf16 is checked on the GPU: the
+    interpreter's bf16 loads are wrong)."""
+    from chipmunk_compile.kernels.mlp_select_neurons import mlp_select_neurons
+
+    g = torch.Generator().manual_seed(11)
+    basis, bm = (t.to(DEV) for t in _inputs(2, 3, 300, gated, "distinct", g))
+    half = basis.half()
+    for fn in (mlp_select_neurons, mlp_select_neurons_ref):
+        outs = []
+        for b in (half, half.float()):
+            bm_o, idx = bm.clone(), torch.full((2, 3, 70), -1, dtype=torch.int32, device=DEV)
+            fn(b, bm_o, idx, gated=gated)
+            outs.append((idx, bm_o))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ValueError, match="basis must be"):
+        mlp_select_neurons(basis.double(), bm, torch.empty(2, 3, 70, dtype=torch.int32, device=DEV), gated=gated)
