@@ -223,7 +223,7 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
         cnt = torch.full((1, NB), Kc, dtype=torch.int32, device=dev)
         dp = torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc]  # as mm1 returns it
         sf = 2.0 * M * C * Kc
-        tag = f"keep={keep:.2f}"
+        tag = f"keep={keep:.2f}" + (f" block={block}" if block != 128 else "")
         flux_keep = abs(keep - 0.3) < 1e-6
         orders = [("", None, f"1/d={1 / keep:.1f}x")]
         if flux_keep and M == 4352:
@@ -434,6 +434,8 @@ def main():
     ap.add_argument("--sweep-mlp-keep", type=float, default=0.3, help="kept neuron fraction of the mm1/mm2 sweep")
     ap.add_argument("--attn-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--mlp-keeps", type=float, nargs="+", default=None)
+    ap.add_argument("--mlp-block", type=int, default=128,
+                    help="tokens per MLP block (mlp.block; rows other than 128 say block=N in their name)")
     ap.add_argument("--no-dense-colsum", action="store_true")
     ap.add_argument("--precompile-only", action="store_true", help="with --workers: compile, then exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -465,7 +467,7 @@ def main():
             attn_section(1, 24, 118800, 128, [0.07], a.group, dt, dev, with_dense_colsum=False, label="-long")
     if a.only in ("mlp", "all"):
         keeps = sorted(set([0.3] + sweep), reverse=True) if a.mlp_keeps is None else a.mlp_keeps
-        mlp_section(4352, 3072, 12288, keeps, dt, dev)
+        mlp_section(4352, 3072, 12288, keeps, dt, dev, block=a.mlp_block)
     if a.only == "none" and not a.sweep:
         return
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")

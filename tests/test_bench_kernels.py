@@ -39,3 +39,19 @@ def test_no_graph_speedup_without_both_graph_timings():
 def test_timing_is_a_float():
     t = _timing(0.5, 0.4)
     assert isinstance(t, float) and t * 2 == 1.0 and not hasattr(t * 2, "graph")
+
+
+def test_mlp_rows_name_a_block_other_than_128(monkeypatch):
+    """--mlp-block N times the sparse GEMMs over N-token blocks; those rows say so in their name, so a
+    CSV of both is not ambiguous (timings stubbed: the section's bookkeeping only, on the CPU)."""
+    import torch
+
+    monkeypatch.setattr(bk, "bench", lambda fn, **kw: bk.Timing(1.0))
+    for block, tagged in ((128, False), (256, True)):
+        bk.ROWS.clear()
+        bk.mlp_section(300, 64, 256, [0.5], torch.float32, "cpu", block=block)
+        sparse = [r["name"] for r in bk.ROWS if r["name"].startswith("mm")]
+        assert sparse == ["mm1 keep=0.50" + (" block=256" if tagged else ""),
+                          "mm2 keep=0.50" + (" block=256" if tagged else ""),
+                          "mm1+mm2 keep=0.50" + (" block=256" if tagged else "")]
+    bk.ROWS.clear()

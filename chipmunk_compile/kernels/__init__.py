@@ -51,9 +51,10 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   torch chain of gather, fp32 copy, reduction and cast made four passes).
 - mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None, n_draws=0) -> None:
   the K = indices.shape[-1] top-scoring neurons per token block, ascending, into indices; refreshes
-  their reference means in bm_cache. draws: an int64 tensor, or HashDraws with n_draws per block.
-  Triton: one launch, the row in registers, the K-th largest key found bit by bit (32 block-wide
-  counts), compaction by cumsum, hashed draws made in the program.
+  their reference means in bm_cache. basis: fp32, or bf16/fp16 read as fp32. draws: an int64
+  tensor, or HashDraws with n_draws per block. Triton: one launch, the row in registers, the K-th
+  largest key found bit by bit (32 block-wide counts), compaction by one scan, hashed draws made in
+  the program.
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
 
 Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works
