@@ -85,8 +85,8 @@ def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, STEP, Fh, 
     gt = inb & (key > T)
     eq = inb & (key == T)
     need = K - tl.sum(gt.to(tl.int32))
-    # one scan for both prefix counts (ties at T in neuron order, then everything above T): the
-    # taken neurons up to i are cum_gt(i) + min(cum_eq(i), need)
+    # one scan gives both prefix counts, of keys above T and of ties at T (taken in neuron order
+    # up to `need`): the neurons taken up to i are cum_gt(i) + min(cum_eq(i), need)
     cum = tl.cumsum(gt.to(tl.int64) + (eq.to(tl.int64) << 32), 0)
     cum_gt, cum_eq = (cum & 0xFFFFFFFF).to(tl.int32), (cum >> 32).to(tl.int32)
     take = gt | (eq & (cum_eq <= need))
@@ -95,9 +95,6 @@ def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, STEP, Fh, 
     tl.store(mp + offs, x, mask=take)
     if GATED:
         tl.store(mp + Fh + offs, x2, mask=take)
-
-
-_force_warps = None  # bench hook: num_warps instead of the launcher's choice
 
 
 def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None,
@@ -125,7 +122,7 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     dr = draws if draws is not None and not hashed else indices
     dr = dr if dr.stride(-1) == 1 else dr.contiguous()
     step, salt_term = (draws.step, draws.salt_term) if hashed else (dr, 0)
-    warps = 4 if interpreting() else (_force_warps or max(4, min(16, BLOCK // 1024)))
+    warps = 4 if interpreting() else max(4, min(16, BLOCK // 1024))
     _mlp_select_neurons_kernel[(B * nb,)](
         basis, bm_cache, sc, dr, scratch, indices, step, Fh, K, r, nb, salt_term,
         basis.stride(0), basis.stride(1), bm_cache.stride(0), bm_cache.stride(1), sc.stride(0), sc.stride(1),
