@@ -229,7 +229,7 @@ for _k, _a in {"a.05": {}, "a.10": {"top_keys": 0.10}, "a.165": {"top_keys": 0.1
 # (FLUX.1: mm1 + mm2 ~26.6 ms of an 88 ms sparse step). Without them (30%), the draws spent on top-ranked
 # neurons instead (35% top), and fewer top neurons with the draws kept (25% + 5%)
 # and (session 31) 256-token blocks instead of the published 128: each gathered weight row then serves
-# twice the tokens, half the weight traffic of the memory-bound sparse GEMMs, at a coarser selection
+# twice the tokens (ncu: the sparse GEMMs wait on their gathered loads), at a coarser selection
 for _k, _m in {"mr0": {"random_keys": 0.0}, "m.35r0": {"top_keys": 0.35, "random_keys": 0.0},
                "m.25": {"top_keys": 0.25}, "mb256": {"block": 256}}.items():
     GRID[f"cm-default-{_k}"] = {"preset": "default", "mlp": _m}
