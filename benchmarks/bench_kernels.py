@@ -268,17 +268,26 @@ def sweep_variants():
     """(section, label, module name, Config|None) — None: the module's autotuned launcher."""
     # 128-row tiles of BLOCK_N neurons / channels, K step 64, one program per SM; EPI_SUB 2: the
     # epilogue in two column halves (fewer live registers; see the modules)
-    def mm(warps, stages, bn, sp=2, es=1, gm=64):
-        return _cfg(warps, stages, BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=gm, OCC=1, SPLIT=sp, EPI_SUB=es)
+    def mm(warps, stages, bn, sp=2, es=1, gm=64, bm=128, tma=None):
+        extra = {} if tma is None else {"A_TMA": tma}
+        return _cfg(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=gm, OCC=1, SPLIT=sp, EPI_SUB=es, **extra)
 
     mm1 = [("B 256x64 s3 epi2", mm(8, 3, 256, es=2)), ("C 256x64 s4 epi2", mm(8, 4, 256, es=2)),
            ("D 256x64 s4 epi1", mm(8, 4, 256)), ("E 128x64 s5 epi2", mm(8, 5, 128, es=2)),
            ("F 128x64 s5 epi1", mm(8, 5, 128)), ("G 256x64 s4 epi2 gm16", mm(8, 4, 256, es=2, gm=16)),
-           ("H 128x64 w4 s4 epi2", mm(4, 4, 128, es=2))]
+           ("H 128x64 w4 s4 epi2", mm(4, 4, 128, es=2)),
+           # 256-row tiles: only with --sweep-mlp-block >= 256 (a tile never spans two token blocks)
+           ("I m256 128x64 s4 epi2", mm(8, 4, 128, es=2, bm=256)), ("J m256 128x64 s3 epi2", mm(8, 3, 128, es=2, bm=256)),
+           ("K m256 64x64 s5 epi1", mm(8, 5, 64, bm=256))]
     mm2 = [("A 128x64 w4 s5 epi1", mm(4, 5, 128)), ("B 128x64 w4 s5 epi2", mm(4, 5, 128, es=2)),
            ("C 256x64 s4 sp4 epi2", mm(8, 4, 256, sp=4, es=2)), ("D 256x64 s3 sp4 epi2", mm(8, 3, 256, sp=4, es=2)),
            ("E 256x64 s4 sp4 epi1", mm(8, 4, 256, sp=4)), ("F 128x64 w4 s6 epi1", mm(4, 6, 128)),
-           ("G 256x64 s4 sp2 epi2", mm(8, 4, 256, es=2))]
+           ("G 256x64 s4 sp2 epi2", mm(8, 4, 256, es=2)),
+           # delta tiles through a TMA descriptor (A_TMA)
+           ("H 128x64 w4 s5 tma", mm(4, 5, 128, tma=True)), ("I 128x64 w4 s6 tma", mm(4, 6, 128, tma=True)),
+           ("J 128x64 w4 s4 tma", mm(4, 4, 128, tma=True)), ("K 128x64 w8 s5 tma", mm(8, 5, 128, tma=True)),
+           ("L 256x64 s4 sp4 epi2 tma", mm(8, 4, 256, sp=4, es=2, tma=True)),
+           ("M 256x64 s3 sp4 epi2 tma", mm(8, 3, 256, sp=4, es=2, tma=True))]
     att = [("A m128 n64 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
            ("B m128 n128 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=2)),
            ("C m128 n64 t16 s4 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
@@ -300,9 +309,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _sweep_inputs(dev, dt, tiny=False, keep=0.3):
+def _sweep_inputs(dev, dt, tiny=False, keep=0.3, block=128):
     torch.manual_seed(0)
-    M, C, Fh, block = (4352, 3072, 12288, 128) if not tiny else (300, 128, 512, 128)
+    M, C, Fh = (4352, 3072, 12288) if not tiny else (300, 128, 512)
     NB = math.ceil(M / block)
     Kc = round(keep * Fh)
     m = dict(x=torch.randn(1, M, C, device=dev, dtype=dt), w1=torch.randn(Fh, C, device=dev, dtype=dt) / math.sqrt(C),
@@ -311,7 +320,8 @@ def _sweep_inputs(dev, dt, tiny=False, keep=0.3):
              hc=K.mlp_alloc_h_cache(1, M, Fh, dt, dev).normal_(), yc=torch.randn(1, M, C, device=dev, dtype=dt),
              idx=sorted_random_subsets((1, NB), Fh, Kc, dev),
              cnt=torch.full((1, NB), Kc, dtype=torch.int32, device=dev),
-             dp=torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc], flops=2.0 * M * C * Kc)
+             dp=torch.randn(1, M, math.ceil(Kc / 64) * 64, device=dev, dtype=dt)[..., :Kc], flops=2.0 * M * C * Kc,
+             block=block)
     B, H, N, D, G, keepa = (1, 24, 4352, 128, 128, 0.15) if not tiny else (1, 2, 300, 64, 128, 0.3)
     q, k, v = (torch.randn(B, N, H, D, device=dev, dtype=dt).transpose(1, 2) for _ in range(3))
     NG = math.ceil(N / G)
@@ -325,9 +335,9 @@ def _sweep_inputs(dev, dt, tiny=False, keep=0.3):
 def _sweep_call(mod, sec, m, a):
     if sec == "mm1":
         return lambda: mod.mlp_sparse_mm1(m["x"], m["w1"], m["b1"], None, None, m["idx"], m["cnt"], m["hc"],
-                                          act="gelu_tanh", block=128)
+                                          act="gelu_tanh", block=m["block"])
     if sec == "mm2":
-        return lambda: mod.mlp_sparse_mm2(m["dp"], m["w2v"], m["idx"], m["cnt"], m["yc"], block=128)
+        return lambda: mod.mlp_sparse_mm2(m["dp"], m["w2v"], m["idx"], m["cnt"], m["yc"], block=m["block"])
     return lambda: mod.attn_column_sparse(a["q"], a["k"], a["v"], a["idx"], a["cnt"], scale=a["scale"],
                                           group=a["G"], o_base=a["ob"])
 
@@ -349,10 +359,11 @@ def _sweep_modules(baseline_dir):
 
 def run_sweep(a, worker=None):
     dev, dt = ("cpu", torch.float32) if a.dry else ("cuda", torch.bfloat16)
-    m, at = _sweep_inputs(dev, dt, tiny=a.dry, keep=a.sweep_mlp_keep)
+    m, at = _sweep_inputs(dev, dt, tiny=a.dry, keep=a.sweep_mlp_keep, block=a.sweep_mlp_block)
     mods = _sweep_modules(a.baseline_dir)
     jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)
-            if (cfg is None or a.sweep_set == "all") and sec in a.sweep_sections]
+            if (cfg is None or a.sweep_set == "all") and sec in a.sweep_sections
+            and (cfg is None or sec == "attn" or cfg.kwargs["BLOCK_M"] <= max(a.sweep_mlp_block, 128))]
     if a.baseline_dir:
         jobs = [("old", sec, "autotuned", mn, None) for sec, mn in
                 (("mm1", "mlp_sparse_mm1"), ("mm2", "mlp_sparse_mm2"), ("attn", "attn_column_sparse"))] + jobs
@@ -386,6 +397,8 @@ def run_sweep(a, worker=None):
                 m["yc"].copy_(yc0)
             tf = (m["flops"] if sec != "attn" else at["flops"]) / ms / 1e9
             shape = f"flux keep={a.sweep_mlp_keep}" if sec != "attn" else "flux"
+            if sec != "attn" and a.sweep_mlp_block != 128:
+                shape += f" block={a.sweep_mlp_block}"
             row = dict(section="sweep-" + sec, name=f"{ver} {lab}", shape=shape, ms=round(ms, 4),
                        tflops=round(tf, 1), note=f"rel_err_vs_first={err:.1e}")
             if cfg is None and hasattr(mod, "_tuned") and getattr(mod._tuned, "best_config", None) is not None:
@@ -410,6 +423,7 @@ def _precompile(a):
     procs = []
     for i in range(a.workers):
         cmd = [sys.executable, __file__, "--sweep", "--worker", f"{i}/{a.workers}", "--sweep-set", a.sweep_set,
+               "--sweep-mlp-keep", str(a.sweep_mlp_keep), "--sweep-mlp-block", str(a.sweep_mlp_block),
                "--sweep-sections", *a.sweep_sections]
         cmd += ["--dry"] if a.dry else []
         if a.baseline_dir:
@@ -432,6 +446,8 @@ def main():
     ap.add_argument("--sweep-set", choices=["all", "auto"], default="all", help="auto: autotuned rows only")
     ap.add_argument("--sweep-sections", nargs="+", choices=["mm1", "mm2", "attn"], default=["mm1", "mm2", "attn"])
     ap.add_argument("--sweep-mlp-keep", type=float, default=0.3, help="kept neuron fraction of the mm1/mm2 sweep")
+    ap.add_argument("--sweep-mlp-block", type=int, default=128,
+                    help="tokens per MLP block in the mm1/mm2 sweep (256-row variants run only from 256)")
     ap.add_argument("--attn-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--mlp-keeps", type=float, nargs="+", default=None)
     ap.add_argument("--mlp-block", type=int, default=128,

@@ -15,7 +15,8 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   as tokens (through the permutation).
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
-`pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it).
+`pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it),
+`prune_row_tiles` the MLP kernels' autotune pruning (no row tile taller than the token block).
 """
 
 import torch
@@ -46,6 +47,13 @@ def pow2_align(n: int, cap: int = 256) -> int:
     while a < cap and n % (2 * a) == 0:
         a *= 2
     return a
+
+
+def prune_row_tiles(configs, named_args, **kwargs):
+    """Autotune pruning for the token-block kernels: no BLOCK_M taller than the token block (BLK),
+    beyond the 128 rows every config list starts from (a taller tile would only mask rows off)."""
+    blk = kwargs.get("BLK", named_args.get("BLK"))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(int(blk), 128)]
 
 
 def wave_grid(tiles, nsm: int):

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
+from ._tiles import block_rows, column_halves, num_sms, pow2_align, prune_row_tiles, token_block_tile, wave_grid
 from ._common import ACT_CODE, autotune, cdiv, dot_precision, launch, new_empty
 
 
@@ -180,7 +180,10 @@ def _configs():
     for bm, bn, bk, w, s, gm, occ, sp, es in [(128, 256, 64, 8, 4, 64, 1, 2, 1), (128, 256, 64, 8, 4, 64, 1, 2, 2),
                                               (128, 256, 64, 8, 3, 64, 1, 2, 1), (128, 256, 64, 8, 3, 16, 1, 2, 1),
                                               (128, 128, 64, 4, 4, 64, 1, 2, 1), (128, 128, 64, 8, 4, 64, 1, 2, 1),
-                                              (128, 128, 64, 8, 5, 64, 1, 2, 1), (128, 128, 64, 8, 5, 64, 1, 2, 2)]:
+                                              (128, 128, 64, 8, 5, 64, 1, 2, 1), (128, 128, 64, 8, 5, 64, 1, 2, 2),
+                                              # 256-row tiles, for token blocks of >= 256 (mlp.block);
+                                              # each gathered w_act row then serves 256 tokens
+                                              (256, 128, 64, 8, 4, 64, 1, 2, 2), (256, 128, 64, 8, 3, 64, 1, 2, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "OCC": occ,
                                   "SPLIT": sp, "EPI_SUB": es}, num_warps=w, num_stages=s))
     return out
@@ -191,7 +194,7 @@ _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2)
 
 _tuned = autotune(configs=_configs(), key=["M", "C", "KW", "BLK", "ACT", "HAS_WL", "DOT_PREC", "NUM_SMS"],
-                  restore_value=["HC"])(_mlp_sparse_mm1_kernel)
+                  restore_value=["HC"], prune_configs_by={"early_config_prune": prune_row_tiles})(_mlp_sparse_mm1_kernel)
 
 
 def mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act: str, block: int, perm=None):

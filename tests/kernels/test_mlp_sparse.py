@@ -204,6 +204,86 @@ def test_gpu_bf16_real_shapes(gated):
     assert rel_err(y, y_r) < TOL[dt]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mm1", "mm2"])
+def test_gpu_bf16_tiles_match_ref_at_block_256(kernel):
+    """Every config that can run on 256-token blocks (mm1's 256-row tiles, autotuned only there;
+    mm2's delta tiles read through TMA or not) against the reference at FLUX's shape, each forced
+    in turn: the tuner checks none of them."""
+    from chipmunk_compile.kernels import mlp_sparse_mm1 as k1, mlp_sparse_mm2 as k2
+
+    g = torch.Generator().manual_seed(5)
+    B, M, C, Fh, Co, blk, dt = 1, 4352, 3072, 12288, 3072, 256, torch.bfloat16
+    w_act, b_act, _, _, w2 = _weights(C, Fh, Co, dt, False, True, g)
+    x = torch.randn(B, M, C, generator=g).to(DEV, dt)
+    perm = torch.randperm(M, generator=g).int().to(DEV)
+    NB, K = math.ceil(M / blk), int(0.3 * Fh)
+    idx = torch.rand(B, NB, Fh, device=DEV).topk(K, dim=-1).indices.sort(-1).values.int()
+    cnt = torch.randint(K // 2, K + 1, (B, NB), device=DEV).int()
+    hc0 = mlp_alloc_h_cache(B, M, Fh, dt, DEV).normal_()
+    hc_r = hc0.clone()
+    d_r = mlp_sparse_mm1_ref(x, w_act, b_act, None, None, idx, cnt, hc_r, act="gelu_tanh", block=blk, perm=perm)
+    yc0 = torch.randn(B, M, Co, device=DEV, dtype=dt)
+    y_r = mlp_sparse_mm2_ref(d_r, w2, idx, cnt, yc0.clone(), block=blk, perm=perm)
+    mod = k1 if kernel == "mm1" else k2
+    cfgs = [c for c in mod._configs() if c.kwargs["BLOCK_M"] == 256 or c.kwargs.get("A_TMA")]
+    assert cfgs
+    for cfg in cfgs:
+        mod._force_config = cfg
+        try:
+            if kernel == "mm1":
+                hc = hc0.clone()
+                d = k1.mlp_sparse_mm1(x, w_act, b_act, None, None, idx, cnt, hc, act="gelu_tanh", block=blk, perm=perm)
+                assert rel_err(d, d_r) < TOL[dt] and rel_err(hc, hc_r) < TOL[dt], cfg
+            else:
+                yc = yc0.clone()
+                y = k2.mlp_sparse_mm2(d_r, w2, idx, cnt, yc, block=blk, perm=perm)
+                assert rel_err(y, y_r) < TOL[dt] and rel_err(yc, y_r) < TOL[dt], cfg
+        finally:
+            mod._force_config = None
+
+
+def test_row_tiles_never_taller_than_the_token_block():
+    """Autotuning keeps mm1's 256-row configs only for token blocks of >= 256; every block size keeps
+    the 128-row configs (a 64-token block runs them with rows masked, as before). mm2 tunes its TMA
+    configs only when the launcher built a delta descriptor."""
+    from chipmunk_compile.kernels import mlp_sparse_mm1 as k1, mlp_sparse_mm2 as k2
+    from chipmunk_compile.kernels._tiles import prune_row_tiles
+
+    cfgs = k1._configs()
+    for blk, tallest in ((64, 128), (128, 128), (200, 128), (256, 256), (512, 256)):
+        kept = prune_row_tiles(cfgs, {}, BLK=blk)
+        assert kept and max(c.kwargs["BLOCK_M"] for c in kept) == tallest
+        assert len(kept) == sum(c.kwargs["BLOCK_M"] <= max(blk, 128) for c in cfgs)
+    cfgs = k2._configs()
+    with_desc = k2._prune(cfgs, {"DP_DESC": object()}, BLK=128)
+    without = k2._prune(cfgs, {"DP_DESC": None}, BLK=128)
+    assert len(with_desc) == len(cfgs) and any(c.kwargs["A_TMA"] for c in with_desc)
+    assert without and not any(c.kwargs["A_TMA"] for c in without)
+
+
+@pytest.mark.parametrize("case", ["batch_padded_rows", "batch_gap", "unaligned_rows"])
+def test_mm2_reads_delta_through_tma_only_where_it_can(triton_mode, case):
+    """A delta TMA can read (rows 16-byte aligned, batches at one row pitch) gets a descriptor, and
+    the kernel reads it through it; other layouts fall back to cp.async loads. Both match the reference."""
+    from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
+
+    g = torch.Generator().manual_seed(11)
+    B, M, Fh, Co, blk, K = 2, 70, 96, 40, 32, 37
+    w2 = torch.randn(Co, Fh, generator=g).to(DEV)
+    pitch = {"batch_padded_rows": 64, "batch_gap": 64, "unaligned_rows": 39}[case]
+    rows = M + (5 if case == "batch_gap" else 0)
+    d = torch.randn(B, rows, pitch, generator=g).to(DEV)[:, :M, :K]
+    idx, cnt = _indices(B, math.ceil(M / blk), Fh, (K + 0.5) / Fh, g)
+    desc = k2._delta_descriptor(d)
+    assert (desc is not None) == (case == "batch_padded_rows")
+    yc = torch.randn(B, M, Co, generator=g).to(DEV)
+    yc_r = yc.clone()
+    y = k2.mlp_sparse_mm2(d, w2, idx, cnt, yc, block=blk)
+    y_r = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc_r, block=blk)
+    assert rel_err(y, y_r) < TOL[torch.float32] and rel_err(yc, y_r) < TOL[torch.float32]
+
+
 # Compiles one configuration for sm_90 with its integer arguments specialized as Triton does at
 # run time for FLUX's MLP (4352 tokens, 3072 -> 12288, 30% of the neurons: 3686 packed columns, rows
 # padded to 3712): 1 becomes a constant, multiples of 16 are marked divisible by 16. Prints ptxas'
@@ -214,7 +294,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 mod, meta, warps, stages = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-M, C, F, KW, KWP, NB = 4352, 3072, 12288, 3686, 3712, 34
+M, C, F, KW, KWP = 4352, 3072, 12288, 3686, 3712
+BLK = max(128, meta["BLOCK_M"])  # a 256-row tile runs only on token blocks of 256 (autotune pruning)
+NB = -(-M // BLK)
 common = dict(sdb=M * KWP, sdm=KWP, sdk=1, sib=NB * KW, sim=KW, scb=NB, M=M, NB=NB, NBATCH=1, NUM_SMS=132)
 if mod == "mm1":
     from chipmunk_compile.kernels.mlp_sparse_mm1 import _mlp_sparse_mm1_kernel as k
@@ -222,16 +304,18 @@ if mod == "mm1":
                 DP="*bf16", PERM="*i32")
     ints = dict(common, sxb=M * C, sxm=C, sxc=1, swa_f=C, swa_c=1, swl_f=C, swl_c=1, shb=F * M, shm=1, shf=M,
                 C=C, KW=KW, KWP=KWP)
-    flags = dict(BLK=128, ACT=1, HAS_BA=True, HAS_WL=False, HAS_BL=False, HAS_PERM=True, KALIGN=256, DOT_PREC="tf32")
+    flags = dict(BLK=BLK, ACT=1, HAS_BA=True, HAS_WL=False, HAS_BL=False, HAS_PERM=True, KALIGN=256, DOT_PREC="tf32")
 else:
     from chipmunk_compile.kernels.mlp_sparse_mm2 import _mlp_sparse_mm2_kernel as k
-    ptrs = dict(DP="*bf16", W2T="*bf16", IDX="*i32", CNT="*i32", YC="*bf16", OUT="*bf16", PERM="*i32")
+    ptrs = dict(DP="*bf16", W2T="*bf16", IDX="*i32", CNT="*i32", YC="*bf16", OUT="*bf16", PERM="*i32",
+                DP_DESC=f"tensordesc<bf16[{meta['BLOCK_M']}, {meta['BLOCK_K']}]>")
+    meta.setdefault("A_TMA", False)
     ints = dict(common, swf=C, swn=1, syb=M * C, sym=C, syn=1, sob=M * C, som=C, son=1, NOUT=C)
-    flags = dict(BLK=128, HAS_PERM=True, DOT_PREC="tf32", NALIGN=256)
+    flags = dict(BLK=BLK, HAS_PERM=True, DOT_PREC="tf32", NALIGN=256)
 assert set(k.arg_names) == set(ptrs) | set(ints) | set(flags) | set(meta), set(k.arg_names) ^ (set(ptrs) | set(ints) | set(flags) | set(meta))
 consts = {**flags, **meta, **{n: 1 for n, v in ints.items() if v == 1}}
 sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in k.arg_names}
-div16 = [i for i, n in enumerate(k.arg_names) if n in ptrs or (n in ints and ints[n] % 16 == 0 and ints[n] != 1)]
+div16 = [i for i, n in enumerate(k.arg_names) if (n in ptrs and ptrs[n][0] == "*") or (n in ints and ints[n] % 16 == 0 and ints[n] != 1)]
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div16}),
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 print("SPILL_STORES", ptxas_resources(out.asm["ptx"])[0])
@@ -243,6 +327,9 @@ print("SPILL_STORES", ptxas_resources(out.asm["ptx"])[0])
     ("mm1", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2), 8, 5),
     ("mm2", dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4, EPI_SUB=2), 8, 4),
     ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1), 4, 5),
+    # 256-row tiles (token blocks of 256): the accumulator is as large as 128x256's
+    ("mm1", dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2), 8, 4),
+    ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1, A_TMA=True), 4, 5),
 ])
 def test_fast_configs_compile_for_hopper_without_spills(mod, meta, warps, stages):
     """The H200's chosen tiles keep their epilogue in registers (no local-memory spills): a
