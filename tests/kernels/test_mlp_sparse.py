@@ -263,9 +263,10 @@ def test_row_tiles_never_taller_than_the_token_block():
 
 
 @pytest.mark.parametrize("case", ["batch_padded_rows", "batch_gap", "unaligned_rows"])
-def test_mm2_reads_delta_through_tma_only_where_it_can(triton_mode, case):
+def test_mm2_reads_delta_through_tma_only_where_it_can(triton_mode, monkeypatch, case):
     """A delta TMA can read (rows 16-byte aligned, batches at one row pitch) gets a descriptor, and
-    the kernel reads it through it; other layouts fall back to cp.async loads. Both match the reference."""
+    the kernel is launched to read it through it; other layouts fall back to cp.async loads, even
+    under a forced TMA config. Both match the reference."""
     from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
 
     g = torch.Generator().manual_seed(11)
@@ -279,7 +280,15 @@ def test_mm2_reads_delta_through_tma_only_where_it_can(triton_mode, case):
     assert (desc is not None) == (case == "batch_padded_rows")
     yc = torch.randn(B, M, Co, generator=g).to(DEV)
     yc_r = yc.clone()
+    launched = []  # the A_TMA the launcher ran with (interpreter meta or the forced config on the GPU)
+    real_launch = k2.launch
+    monkeypatch.setattr(k2, "launch", lambda *a, **kw: launched.append(
+        (kw["force_config"].kwargs if kw["force_config"] is not None else kw["interp_meta"]).get("A_TMA"))
+        or real_launch(*a, **kw))
+    if DEV == "cuda":  # the autotuner would pick a config by speed; force the TMA one where it may run
+        monkeypatch.setattr(k2, "_force_config", next(c for c in k2._configs() if c.kwargs["A_TMA"]))
     y = k2.mlp_sparse_mm2(d, w2, idx, cnt, yc, block=blk)
+    assert launched == [desc is not None]
     y_r = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc_r, block=blk)
     assert rel_err(y, y_r) < TOL[torch.float32] and rel_err(yc, y_r) < TOL[torch.float32]
 
