@@ -359,11 +359,13 @@ def _sweep_modules(baseline_dir):
 
 def run_sweep(a, worker=None):
     dev, dt = ("cpu", torch.float32) if a.dry else ("cuda", torch.bfloat16)
+    from chipmunk_compile.kernels._tiles import prune_row_tiles  # the autotuner's rule: no tile taller than a block
+
     m, at = _sweep_inputs(dev, dt, tiny=a.dry, keep=a.sweep_mlp_keep, block=a.sweep_mlp_block)
     mods = _sweep_modules(a.baseline_dir)
     jobs = [(ver, sec, lab, mn, cfg) for (sec, lab, mn, cfg) in sweep_variants() for ver in ("new",)
             if (cfg is None or a.sweep_set == "all") and sec in a.sweep_sections
-            and (cfg is None or sec == "attn" or cfg.kwargs["BLOCK_M"] <= max(a.sweep_mlp_block, 128))]
+            and (cfg is None or sec == "attn" or prune_row_tiles([cfg], {}, BLK=a.sweep_mlp_block))]
     if a.baseline_dir:
         jobs = [("old", sec, "autotuned", mn, None) for sec, mn in
                 (("mm1", "mlp_sparse_mm1"), ("mm2", "mlp_sparse_mm2"), ("attn", "attn_column_sparse"))] + jobs

@@ -84,16 +84,20 @@ def autotune(configs, key, **kw):
     return triton.autotune(configs=configs, key=key, **kw)
 
 
-def launch(kernel, tuned, grid, args, flags: dict, *, force_config=None, interp_meta: dict) -> None:
+def launch(kernel, tuned, grid, args, flags: dict, *, force_config=None, interp_meta: dict,
+           fix_meta: Callable[[dict], dict] | None = None) -> None:
     """kernel[grid(meta)](*args, **flags) with meta from force_config, interp_meta under the
-    interpreter, or the autotuner (``tuned``, the autotuned wrapper of ``kernel``)."""
-    if force_config is not None:
-        kernel[grid(force_config.kwargs)](*args, **force_config.kwargs, num_warps=force_config.num_warps,
-                                          num_stages=force_config.num_stages, **flags)
-    elif interpreting():
-        kernel[grid(interp_meta)](*args, **interp_meta, **flags)
-    else:
+    interpreter, or the autotuner (``tuned``, the autotuned wrapper of ``kernel``). ``fix_meta``
+    adjusts a fixed meta (forced or interpreter) as the autotuner's pruning and config pre-hooks
+    treat its own configs."""
+    if force_config is None and not interpreting():
         tuned[grid](*args, **flags)
+        return
+    meta, opts = (interp_meta, {}) if force_config is None else \
+        (force_config.kwargs, dict(num_warps=force_config.num_warps, num_stages=force_config.num_stages))
+    if fix_meta is not None:
+        meta = fix_meta(meta)
+    kernel[grid(meta)](*args, **meta, **opts, **flags)
 
 
 _CHOICES: dict = {}  # key -> name of the faster run, measured once per process

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ._tiles import block_rows, column_halves, num_sms, pow2_align, prune_row_tiles, token_block_tile, wave_grid
-from ._common import autotune, cdiv, dot_precision, interpreting, launch, new_empty
+from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
+from ._common import autotune, cdiv, dot_precision, launch, new_empty
 
 
 @triton.jit
@@ -156,9 +156,9 @@ def _set_a_block(nargs):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Row tiles no taller than the token block; A_TMA configs only with a descriptor."""
+    """A_TMA configs only with a descriptor (every config's row tile is 128: no prune_row_tiles)."""
     has_desc = named_args.get("DP_DESC") is not None
-    return [c for c in prune_row_tiles(configs, named_args, **kwargs) if has_desc or not c.kwargs["A_TMA"]]
+    return [c for c in configs if has_desc or not c.kwargs["A_TMA"]]
 
 
 def _delta_descriptor(delta_packed):
@@ -228,12 +228,11 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
 
-    fixed = _force_config.kwargs if _force_config is not None else _INTERP_META if interpreting() else None
-    if fixed is not None:  # the autotuner's configs run _set_a_block themselves
-        fixed = {**fixed, "A_TMA": bool(fixed.get("A_TMA", False)) and desc is not None}
-        _set_a_block({"DP_DESC": desc, **fixed})
-    launch(_mlp_sparse_mm2_kernel, _tuned, grid, args, flags,
-           force_config=None if _force_config is None else triton.Config(fixed, num_warps=_force_config.num_warps,
-                                                                         num_stages=_force_config.num_stages),
-           interp_meta=fixed or _INTERP_META)
+    def fix_meta(meta):  # what _prune and _set_a_block do to the autotuner's configs
+        meta = {**meta, "A_TMA": bool(meta.get("A_TMA", False)) and desc is not None}
+        _set_a_block({"DP_DESC": desc, **meta})
+        return meta
+
+    launch(_mlp_sparse_mm2_kernel, _tuned, grid, args, flags, force_config=_force_config, interp_meta=_INTERP_META,
+           fix_meta=fix_meta)
     return out

@@ -280,10 +280,10 @@ def test_mm2_reads_delta_through_tma_only_where_it_can(triton_mode, monkeypatch,
     assert (desc is not None) == (case == "batch_padded_rows")
     yc = torch.randn(B, M, Co, generator=g).to(DEV)
     yc_r = yc.clone()
-    launched = []  # the A_TMA the launcher ran with (interpreter meta or the forced config on the GPU)
+    launched = []  # the A_TMA the launcher ran with (interpreter meta or the forced config on the GPU, fixed)
     real_launch = k2.launch
-    monkeypatch.setattr(k2, "launch", lambda *a, **kw: launched.append(
-        (kw["force_config"].kwargs if kw["force_config"] is not None else kw["interp_meta"]).get("A_TMA"))
+    monkeypatch.setattr(k2, "launch", lambda *a, **kw: launched.append(kw["fix_meta"](
+        kw["force_config"].kwargs if kw["force_config"] is not None else kw["interp_meta"])["A_TMA"])
         or real_launch(*a, **kw))
     if DEV == "cuda":  # the autotuner would pick a config by speed; force the TMA one where it may run
         monkeypatch.setattr(k2, "_force_config", next(c for c in k2._configs() if c.kwargs["A_TMA"]))
