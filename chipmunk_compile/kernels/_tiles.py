@@ -16,7 +16,7 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
 Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
 `pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it),
-`prune_row_tiles` the MLP kernels' autotune pruning (no row tile taller than the token block).
+`prune_row_tiles` mm1's autotune pruning (no row tile taller than the token block).
 """
 
 import torch
