@@ -17,7 +17,9 @@ What is measured, and how:
 - Variants: "inductor+cudnn" = torch.compile(model) with SDPA priority cuDNN > Flash > efficient >
   math; "chipmunk" = torch.compile(model, backend="chipmunk", options={"config": preset}) under the
   same SDPA priority; with --default-sdpa also "inductor+default-sdpa" = plain torch.compile(model)
-  with PyTorch's own SDPA choice. Each: torch._dynamo.reset(), compile, then the coverage sequence
+  with PyTorch's own SDPA choice. `--regional`: every variant compiles with diffusers'
+  compile_repeated_blocks instead (one graph per block class; steps pinned as below, and no
+  automatic-tracking generations: a block sees no timestep). Each: torch._dynamo.reset(), compile, then the coverage sequence
   three times in a row: pass 1 compiles and warms up (its wall time is "compile s"), pass 2 warms up
   again (lets the backend record CUDA graphs per step kind), then for chipmunk up to 3 more warm-up
   passes while a pass still recorded a graph or ran a call eagerly (a kind met once per pass, such
@@ -405,12 +407,14 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
         return [timer(generation) for _ in range(n)]
 
 
-def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None) -> dict:
+def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,
+                    auto: bool = True) -> dict:
     """Median ms of `n` whole generations: as timed per step (chipmunk pinned by `pin`), and for
     chipmunk also with automatic step tracking (no pin: the backend reads each call's timestep, as
-    under a diffusers pipeline that gives no step index)."""
+    under a diffusers pipeline that gives no step index) unless `auto` is False (regional
+    compilation: a block sees no timestep)."""
     out = {"generation_ms": statistics.median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, pin, timer))}
-    if pin is not None:
+    if pin is not None and auto:
         cc.clear_step(pin.compiled)
         out["generation_auto_ms"] = statistics.median(
             run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer))
@@ -435,10 +439,19 @@ def with_overrides(preset, items: list[str]):
     return cfg
 
 
-def compile_variant(variant: str, model, preset):
-    if variant == CHIPMUNK:
-        return torch.compile(model, backend="chipmunk", options={"config": preset})
-    return torch.compile(model)
+def compile_variant(variant: str, model, preset, regional: bool = False):
+    """The compiled model; with `regional`, diffusers' compile_repeated_blocks (one graph per block
+    class) on the model itself, which `uncompile_blocks` undoes."""
+    kw = dict(backend="chipmunk", options={"config": preset}) if variant == CHIPMUNK else {}
+    if regional:
+        model.compile_repeated_blocks(**kw)
+        return model
+    return torch.compile(model, **kw)
+
+
+def uncompile_blocks(model) -> None:
+    for m in model.modules():
+        m._compiled_call_impl = None
 
 
 def sdpa_context(variant: str):
@@ -493,11 +506,12 @@ def warm_up(run, limit: int = 4) -> int:
     return runs
 
 
-def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, steps=50, generations=0) -> dict:
+def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, steps=50, generations=0,
+                regional=False) -> dict:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    compiled = compile_variant(variant, model, preset)
+    compiled = compile_variant(variant, model, preset, regional)
     pin = StepPin(compiled) if variant == CHIPMUNK else None
     before = dict(counters["chipmunk"])
     with sdpa_context(variant):
@@ -517,9 +531,11 @@ def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, ste
         res.update(counters=chipmunk_counters(before), stats=stats_summary(compiled))
     if generations:
         with sdpa_context(variant):
-            res.update(generation_runs(compiled, step_kwargs, steps, cfg_calls, generations, pin))
+            res.update(generation_runs(compiled, step_kwargs, steps, cfg_calls, generations, pin, auto=not regional))
     if variant == CHIPMUNK:
         cc.clear_step(compiled)
+    if regional:
+        uncompile_blocks(model)
     return res
 
 
@@ -563,7 +579,7 @@ def measure(args, variants, blocks, preset, seq, labels) -> dict:
     for variant in variants:
         stock = baseline_attention(args.model, model, kw) if variant != CHIPMUNK else None
         out[variant] = run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, args.steps,
-                                   args.generations)
+                                   args.generations, args.regional)
         if stock is not None:
             model.set_attn_processor(stock)
         print(f"  {variant} done on {depth_text(args.model, blocks)}", flush=True)
@@ -672,7 +688,7 @@ def print_results(args, counts, measured, final, labels, seq, gpu) -> None:
 def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
     last = list(measured)[-1]  # compile time and peak memory: of the last (deepest) measured model
     return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
-                lora_rank=args.lora, freezing=args.freezing,
+                lora_rank=args.lora, freezing=args.freezing, regional=args.regional,
                 text_mask=args.text_mask, baseline_attention=baseline_text(args.model),
                 steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
                 extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
@@ -709,6 +725,9 @@ def parse_args():
     ap.add_argument("--freezing", action="store_true",
                     help="torch._inductor.config.freezing = True for every variant (weights as constants: "
                          "Inductor folds LoRA adapters once at compile time)")
+    ap.add_argument("--regional", action="store_true",
+                    help="regional compilation for every variant: diffusers' compile_repeated_blocks (one graph "
+                         "per block class) instead of torch.compile of the whole model")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: 'ones' (default) passes the all-ones encoder_attention_mask as is; "
                          "'none' (hunyuan-video only) makes attention run with attn_mask=None (same result)")
@@ -737,7 +756,8 @@ def main():
           f"calls/step={spec.get('cfg_calls', 1)}, preset={preset}, coverage steps {seq}, "
           f"{text_mask_text(args.model, args.text_mask)}; {baseline_text(args.model)}"
           f"{f'; LoRA rank {args.lora} on every block linear' if args.lora else ''}"
-          f"{'; Inductor freezing' if args.freezing else ''}", flush=True)
+          f"{'; Inductor freezing' if args.freezing else ''}"
+          f"{'; regional compilation (compile_repeated_blocks)' if args.regional else ''}", flush=True)
     if counts is not None and len(counts) == 2 and counts[0] < min_dense_layers(preset):
         print(f"WARNING: blocks={counts[0]} < first_n_dense_layers={min_dense_layers(preset)}: the two depths hold "
               f"different dense-only layers, so the extrapolation mixes dense and sparse per-unit costs", flush=True)

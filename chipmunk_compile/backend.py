@@ -29,7 +29,7 @@ from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import source_name
 from .grouping import outermost_session
-from .runtime import Session, install_diffusers_context_probe, session_for
+from .runtime import Session, install_diffusers_context_probe, module_position, session_for
 from .sequence_parallel import collective_groups
 from .step_cache import StepCache, main_input_index
 
@@ -197,6 +197,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # a graph without sites that takes the model's latent: its size gives later graphs their grid
     latent_input = (plan.grouping or {}).get("latent_input")
     outer = outermost_session(session)
+    kind = type(owner) if owner is not None else None
+
+    def locate():  # a block's position in the model, on its first call through this graph
+        return module_position(kind) if kind is not None else None
 
     def chipmunk_call(*args):
         if ids_input is not None:  # a reference only; read on a new count's first call
@@ -205,8 +209,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             session._chipmunk_call_conv_input = args[conv_input]
         if latent_input is not None:  # a reference only; its shape is read when a graph compiles
             outer._chipmunk_call_latent = args[latent_input]
-        ordinal = instances.enter(args[param_input].data_ptr()) if param_input is not None else 0
-        if ordinal == 0 and (entry or (frame == session.step_frame and not session.has_entry)):
+        begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
+        if begins and (entry or (frame == session.step_frame and not session.has_entry)):
             session.begin_call(lambda: read_signature(args, signals))  # once per model call
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call

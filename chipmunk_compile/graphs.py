@@ -26,13 +26,20 @@ Invariants:
   every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
   fixed number of slots, which re-recorded on every call), and any not used for that many calls
   when the memory budget below is short.
-- Memory budget: each recording holds its input buffers and its outputs for good (the outputs'
-  blocks stay allocated in the pool). Their bytes, measured on the signature's first (eager) call,
-  are summed over every live recording on the device; a recording that would take the sum past
+- Input and output buffers are shared by every recording of one input layout (shapes, strides,
+  dtypes and scalars of the non-static inputs): `_SharedIO`, allocated outside the pool at the
+  layout's first recording. A replay copies the call's inputs into them (as before: recordings
+  never run concurrently), and each recording ends with a copy of its outputs into the shared
+  output buffers, so its own outputs are freed into the pool once recorded. A recording thus
+  holds no memory of its own beyond the shared pool. Under regional compilation (one graph per
+  block class, FLUX: 57 blocks x a few step kinds, ~60 MB of inputs and outputs per recording)
+  per-recording buffers came to ~20 GB, past any sensible budget, so most block calls ran
+  eagerly; now they take one layout's buffers per block class.
+- Memory budget: the shared buffers' bytes, measured on a layout's first (eager) call, are summed
+  over the device; a recording that would allocate a new layout's buffers past
   `cuda_graphs_max_gib` is not made and its signature stays eager (`graph_disabled:memory_budget`).
-  That is what keeps a model whose blocks run as separate frames (HunyuanVideo 1.5 after its
-  data-dependent break: one recording per block and step kind, ~0.9 GB each at 720p) in memory;
-  calls that large are not launch-bound, so running them eagerly costs nothing measurable.
+  Calls that large (HunyuanVideo 1.5 after its data-dependent break: ~0.9 GB per call at 720p) are
+  not launch-bound, so running them eagerly costs nothing measurable.
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
 re-runs the call and checks that every op makes the recorded decision.
 """
@@ -64,8 +71,8 @@ def _nbytes(values) -> int:
 
 
 def held_bytes(device) -> int:
-    """Bytes that the live recordings on `device` hold (input buffers + outputs)."""
-    return sum(rec.nbytes for r in list(_RUNNERS) if r.device == device for rec in list(r.graphs.values()))
+    """Bytes that the recordings on `device` hold: their shared input and output buffers."""
+    return sum(io.nbytes for r in list(_RUNNERS) if r.device == device for io in list(r.io.values()))
 
 
 def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
@@ -131,15 +138,41 @@ def shared_pool(session) -> Any:
     return session.graph_pool
 
 
-class _Recorded:
-    """One signature's graph: input buffers, outputs, deferred commits, counter increments."""
+class _SharedIO:
+    """The input and output buffers of every recording of one input layout (module docstring).
+    `inputs[i]` is the buffer of non-static input i; `outputs` has the structure of the compiled
+    graph's result with each tensor replaced by its buffer, laid out as `torch.empty_like` would."""
 
-    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_idx: list,
-                 static_ptrs: list, nbytes: int):
-        self.graph, self.args, self.outputs = graph, args, outputs
+    def __init__(self, args: list, dynamic: list[int], template, device):
+        """`template`: the layout's first result as meta tensors (`_meta`)."""
+        self.inputs = {i: args[i].clone() for i in dynamic if isinstance(args[i], torch.Tensor)}
+        self.outputs = _map_tensors(template, lambda t: torch.empty_like(t, device=device))
+        self.nbytes = _nbytes(list(self.inputs.values())) + _nbytes(self.outputs)
+
+    def capture(self, compiled: Callable) -> Callable:
+        """`compiled`, ending with a copy of its outputs into the shared buffers, which it returns."""
+
+        def run(*args):
+            out = compiled(*args)
+            got, want = _tensors(out), _tensors(self.outputs)
+            if len(got) != len(want) or any(g.shape != w.shape or g.dtype != w.dtype for g, w in zip(got, want)):
+                raise RuntimeError("chipmunk graph recording: outputs differ from the layout's first call")
+            for dst, src in zip(want, got):
+                dst.copy_(src)
+            return self.outputs
+
+        return run
+
+
+class _Recorded:
+    """One signature's graph: its arguments (shared buffers + its own static inputs), its shared
+    outputs, deferred commits, counter increments."""
+
+    def __init__(self, graph, args: list, io: _SharedIO, commits: list, counted: Counter, static_idx: list,
+                 static_ptrs: list, layout):
+        self.graph, self.args, self.outputs, self.layout = graph, args, io.outputs, layout
         self.commits, self.counted = commits, counted
         self.static_idx, self.static_ptrs = static_idx, static_ptrs  # parameters' addresses at the recording
-        self.nbytes = nbytes
         self.last_used = 0  # the runner's call count at its last recording or replay
 
 
@@ -189,12 +222,21 @@ def _tensors(out) -> list:
     return [t for t in seq if isinstance(t, torch.Tensor)]
 
 
-def _clone(out):
+def _map_tensors(out, fn):
     if isinstance(out, torch.Tensor):
-        return out.clone()
+        return fn(out)
     if isinstance(out, (list, tuple)):
-        return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+        return type(out)(fn(o) if isinstance(o, torch.Tensor) else o for o in out)
     return out
+
+
+def _clone(out):
+    return _map_tensors(out, torch.Tensor.clone)
+
+
+def _meta(out):
+    """`out` with each tensor replaced by an empty meta tensor laid out as `torch.empty_like` would."""
+    return _map_tensors(out, lambda t: torch.empty_like(t, device="meta"))
 
 
 def _restore(before: Counter) -> None:
@@ -213,7 +255,8 @@ class GraphRunner:
         `max_bytes`: the device's budget for the input buffers and outputs of live recordings."""
         self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
         self.max_bytes = max_bytes
-        self.first_bytes: dict = {}  # signature -> bytes its recording would hold (from the eager call)
+        self.io: dict = {}  # input layout -> _SharedIO of its recordings
+        self.layouts: dict = {}  # input layout -> (bytes of its shared buffers, output template), from its first call
         self.calls = 0
         _RUNNERS.add(self)
         self.static = static
@@ -238,7 +281,7 @@ class GraphRunner:
             if [args[i].data_ptr() for i in rec.static_idx] == rec.static_ptrs:
                 rec.last_used = self.calls
                 return self._replay(rec, args)
-            del self.graphs[key]
+            self._drop(key)
             count("graph_static_input_moved")
         if key in self.seen and key not in self.failed:
             if not self._within_budget(key):
@@ -247,7 +290,8 @@ class GraphRunner:
         self.seen.add(key)
         count("graph_eager_calls")
         out = self.compiled(*args)
-        self.first_bytes[key] = self._input_bytes(args) + _nbytes(out)
+        if key[2] not in self.layouts:
+            self.layouts[key[2]] = (self._input_bytes(args) + _nbytes(out), _meta(out))
         return out
 
     def _capacity(self) -> int:
@@ -257,12 +301,13 @@ class GraphRunner:
         return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
 
     def _within_budget(self, key) -> bool:
-        """False (and the signature stays eager, counted once) when recording it would take the
-        live recordings on this device past the budget."""
-        need, held = self.first_bytes.get(key, 0), held_bytes(self.device)
+        """False (and the signature stays eager, counted once) when recording it would allocate a
+        new input layout's shared buffers past the device's budget."""
+        need = 0 if key[2] in self.io else self.layouts[key[2]][0]
+        held = held_bytes(self.device)
         if held + need > self.max_bytes:  # make room from this runner's unused recordings first
             for k in [k for k, r in self.graphs.items() if self.calls - r.last_used > self._capacity()]:
-                del self.graphs[k]
+                self._drop(k)
                 count("graph_evicted")
             held = held_bytes(self.device)
         if held + need <= self.max_bytes:
@@ -272,6 +317,14 @@ class GraphRunner:
         log.info("chipmunk: step not recorded: its buffers (%.2f GiB) would take the recordings past "
                  "cuda_graphs_max_gib (%.2f GiB held)", need / 2**30, held / 2**30)
         return False
+
+    def _drop(self, key) -> None:
+        """Forget a recording, and its layout's shared buffers once no recording uses them."""
+        self._release(self.graphs.pop(key).layout)
+
+    def _release(self, layout) -> None:
+        if all(r.layout != layout for r in self.graphs.values()):
+            self.io.pop(layout, None)
 
     def _signature(self, args) -> Optional[tuple]:
         if self.device is None:
@@ -296,24 +349,32 @@ class GraphRunner:
 
     def _record(self, key, args):
         pos = self.session.position()
-        static_args = [a if (i in self.static_set or not isinstance(a, torch.Tensor)) else a.clone()
-                       for i, a in enumerate(args)]
+        layout = key[2]
+        io = self.io.get(layout)
+        if io is None:
+            io = self.io[layout] = _SharedIO(args, self.dynamic, self.layouts[layout][1], self.device)
+        else:
+            for i, buf in io.inputs.items():
+                buf.copy_(args[i])
+        static_args = [io.inputs.get(i, a) for i, a in enumerate(args)]
         self.session.device_step(self.device, pos.step)
         graph = _EmulatedGraph(None) if EMULATE else _CudaGraph(shared_pool(self.session))
         self.session.graph_pool_users.add(graph)
         before = Counter(counters["chipmunk"])
         runtime.RECORDING = commits = []
         try:
-            outputs, executed = graph.record(self.compiled, static_args)
+            _, executed = graph.record(io.capture(self.compiled), static_args)
         except runtime.NeedsEagerCall as e:
             runtime.RECORDING = None
             _restore(before)
+            self._release(layout)
             log.info("chipmunk: step recording deferred (%s)", e)
             count("graph_record_deferred")
             return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 — any capture failure: this signature stays eager
             runtime.RECORDING = None
             _restore(before)
+            self._release(layout)
             self.failed.add(key)
             where = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-4:])
             count(f"graph_record_failed:{type(e).__name__}")
@@ -324,21 +385,20 @@ class GraphRunner:
         counted = Counter(counters["chipmunk"])
         counted.subtract(before)
         static_idx = [i for i in self.static if isinstance(args[i], torch.Tensor)]
-        rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
-                        static_idx, [args[i].data_ptr() for i in static_idx],
-                        self._input_bytes(static_args) + _nbytes(outputs))
+        rec = _Recorded(graph, static_args, io, [(s, st, d) for s, st, d, _ in commits], +counted,
+                        static_idx, [args[i].data_ptr() for i in static_idx], layout)
         if EMULATE:
-            graph.outputs, graph.commits = outputs, rec.commits
+            graph.outputs, graph.commits = rec.outputs, rec.commits
         if not executed:
             graph.replay()
         self._commit(rec, pos, count_calls=False)
-        if len(self.graphs) >= self._capacity():
-            del self.graphs[min(self.graphs, key=lambda k: self.graphs[k].last_used)]
-            count("graph_evicted")
         rec.last_used = self.calls
         self.graphs[key] = rec
+        if len(self.graphs) > self._capacity():
+            self._drop(min((k for k in self.graphs if k != key), key=lambda k: self.graphs[k].last_used))
+            count("graph_evicted")
         count("graph_recorded")
-        return _clone(outputs)
+        return _clone(rec.outputs)
 
     def _replay(self, rec: _Recorded, args):
         pos = self.session.position()

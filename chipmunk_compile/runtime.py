@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -358,6 +359,30 @@ def scheduled_step(scheduler: Any) -> Optional[int]:
         return None
     index = getattr(scheduler, "step_index", None)
     return 0 if index is None else int(index)
+
+
+_MODULE_FRAMES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
+
+
+def module_position(kind: type) -> Optional[int]:
+    """Where the innermost `kind` module running on the call stack sits among the modules of its
+    class in the outermost module on the stack that contains it (regional compilation: which block
+    a shared graph serves, in model order); None when the stack shows no such pair. Walks the
+    frames and the model's module tree: for a block's first call only."""
+    frame, inner, outer = sys._getframe(1), None, []
+    while frame is not None:
+        me = frame.f_locals.get("self") if frame.f_code.co_name in _MODULE_FRAMES else None
+        if isinstance(me, torch.nn.Module):
+            if inner is None:
+                inner = me if isinstance(me, kind) else None
+            elif me is not inner:
+                outer.append(me)
+        frame = frame.f_back
+    for root in reversed(outer):  # the outermost first
+        same = [m for m in root.modules() if type(m) is type(inner)]
+        if any(m is inner for m in same):
+            return next(i for i, m in enumerate(same) if m is inner)
+    return None
 
 
 def session_for(owner: Optional[torch.nn.Module], config) -> Session:

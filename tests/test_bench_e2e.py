@@ -246,3 +246,33 @@ def test_warm_up_runs_again_while_a_run_records(fresh_dynamo):
     records[:] = [1] * 6
     assert be.warm_up(run) == 4  # at most `limit`
     assert be.warm_up(lambda: None) == 1  # the baseline: nothing recorded
+
+
+def test_regional_variants_compile_the_blocks_and_undo_it():
+    """--regional: each variant compiles FLUX's blocks in place (compile_repeated_blocks) and gives
+    the model itself back; after the variant its blocks are plain again for the next one. No
+    automatic-tracking generations there (a block sees no timestep)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+    def compiled_blocks():
+        return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+    for variant in (be.BASELINE, be.CHIPMUNK):
+        assert be.compile_variant(variant, model, "flux", regional=True) is model
+        assert compiled_blocks() == 3
+        be.uncompile_blocks(model)
+        assert compiled_blocks() == 0
+    assert be.compile_variant(be.BASELINE, model, "flux") is not model and compiled_blocks() == 0
+
+    class Pin:
+        compiled = None
+
+        def __call__(self, step, call):
+            pass
+
+    res = be.generation_runs(lambda **kw: None, lambda s: {}, 3, 1, 1, Pin(), lambda fn: fn() or 5.0, auto=False)
+    assert res == {"generation_ms": 5.0}

@@ -115,3 +115,116 @@ def test_regional_forecasts_equal_whole_model(fresh_dynamo):
             xs = x + 0.05 * step * drift
             assert torch.equal(whole(xs), regional(xs)), step
     assert counters["chipmunk"]["attention_forecast"] > 0 and counters["chipmunk"]["mlp_forecast"] > 0
+
+
+def _stack_of_compiled_blocks(layers: int, options=OPTIONS):
+    torch.manual_seed(0)
+    model = Stack(layers=layers).eval()
+    for block in model.blocks:
+        block.compile(backend="chipmunk", options=options)
+    return model
+
+
+def test_recordings_share_their_input_and_output_buffers(fresh_dynamo, monkeypatch):
+    """Every recording of one compiled graph at one input layout uses the same input and output
+    buffers: the device holds one block call's inputs and outputs however many blocks and step
+    kinds are recorded (each held its own until session 33: ~20 GB for FLUX's 57 blocks), and a
+    returned output is a copy, which later replays into the shared buffers leave untouched."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    model = _stack_of_compiled_blocks(6)
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    one_call = 2 * x.numel() * x.element_size()  # a block's input and its output
+    with torch.no_grad():
+        for s in range(8):
+            outs = []
+            xs = x + 0.05 * s * drift
+            for block in model.blocks:
+                xs = block(xs)
+                outs.append((xs, xs.clone()))
+            assert all(torch.equal(a, b) for a, b in outs), s  # no output was overwritten by a later replay
+    c = counters["chipmunk"]
+    assert c["graph_recorded"] >= 6 and c["graph_replays"] > c["graph_recorded"], dict(c)
+    runners = [r for r in list(graphs._RUNNERS) if r.graphs]
+    assert len(runners) == 1 and len(runners[0].io) == 1
+    assert graphs.held_bytes(x.device) == one_call
+
+
+def test_budget_counts_shared_buffers_once(fresh_dynamo, monkeypatch):
+    """A budget of two block calls' buffers records every block and step kind (it counted each
+    recording's own buffers before, and ran all but two eagerly); a budget below one call's
+    buffers records nothing and runs every call eagerly, with the same outputs."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    one_call = 2 * x.numel() * x.element_size()
+    results = {}
+    for gib in (2 * one_call / 2**30, 0.5 * one_call / 2**30):
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(graphs, "EMULATE", False)
+        eager = _stack_of_compiled_blocks(6)
+        with torch.no_grad():
+            want = [eager(x + 0.05 * s * drift) for s in range(6)]
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(graphs, "EMULATE", True)
+        model = _stack_of_compiled_blocks(6, dict(OPTIONS, config=dict(OPTIONS["config"], cuda_graphs_max_gib=gib)))
+        with torch.no_grad():
+            for s in range(6):
+                assert torch.equal(model(x + 0.05 * s * drift), want[s]), (gib, s)
+        results[gib] = dict(counters["chipmunk"])
+    fits, short = results.values()
+    assert fits["graph_recorded"] >= 6 and "graph_disabled:memory_budget" not in fits, fits
+    assert "graph_recorded" not in short and short["graph_disabled:memory_budget"] >= 1, short
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                   attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                                   pooled_projection_dim=32, axes_dims_rope=(16, 24, 24)).eval()
+    h = w = 16
+    ids = torch.zeros(h * w, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(h).repeat_interleave(w).float(), torch.arange(w).repeat(h).float()
+    g = torch.Generator().manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, h * w, 16, generator=g), encoder_hidden_states=torch.randn(1, 16, 64, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), img_ids=ids, txt_ids=torch.zeros(16, 3), return_dict=False)
+    return model, kw
+
+
+def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
+    """FLUX under regional compilation: its first single block's first call has other input strides
+    than the later blocks', so Dynamo compiles a second graph that first sees single block 1. That
+    block used to begin each model call, and single block 0, called before it, ran every step at the
+    previous step's position: sparse at step 0 of the next generation, on the last generation's
+    caches. Now blocks are numbered in model order: a generation pinned by set_step repeats the
+    previous one exactly, and step 0 is dense everywhere."""
+    from torch._dynamo.utils import counters
+
+    model, kw = _tiny_flux()
+    cfg = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2},
+           "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3}, "step_signal": "calls"}
+    model.compile_repeated_blocks(backend="chipmunk", options={"config": cfg, "compiler": "eager"})
+    gens = []
+    with torch.no_grad():
+        for _ in range(2):
+            outs = []
+            for i in range(6):
+                if chipmunk_compile.sessions_of(model):  # (none before the very first call)
+                    chipmunk_compile.set_step(model, i)
+                before = dict(counters["chipmunk"])
+                outs.append(model(**dict(kw, hidden_states=kw["hidden_states"] + 0.05 * i, timestep=torch.full((1,), 1 - i / 6)))[0])
+                ran = {k for k, v in counters["chipmunk"].items() if v != before.get(k, 0)}
+                if i == 0:
+                    assert not ran & {"attention_sparse", "attention_refresh", "mlp_sparse"}, ran
+            gens.append(outs)
+    assert counters["chipmunk"]["graphs"] >= 3  # the second single-block graph this is about
+    assert counters["chipmunk"]["attention_sparse"] > 0
+    for i, (a, b) in enumerate(zip(*gens)):
+        assert torch.equal(a, b), i

@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -343,21 +343,34 @@ class GraphInstances:
 
     Under regional compilation (`compile_repeated_blocks`) one graph serves every block of a class;
     the wrapper identifies the block by the storage of its first parameter argument and sets
-    `current` (0 for the first block seen, 1 for the next, ...). Sites key their caches by it."""
+    `current`, the block's ordinal: its position among the modules of its class in the model
+    (`locate`, read once per block), else the next free one in the order the blocks were first
+    seen. Sites key their caches and layer numbers by it. The block of the lowest ordinal seen
+    begins a model call (advances the step): by first sight alone, a block first served by another
+    graph (FLUX's first single block: its first call's inputs have other strides, and Dynamo
+    compiles a second graph for the rest) came after the one that began calls, and so ran every
+    step at the previous step's position (until session 33)."""
 
     def __init__(self, attention_sites: int):
         self.attention_sites = attention_sites
         self.keys: dict[int, int] = {}
         self.current = 0
+        self.first = 0  # the lowest ordinal seen
 
-    def enter(self, key: int) -> int:
+    def enter(self, key: int, locate: Optional[Callable[[], Optional[int]]] = None) -> bool:
+        """Set `current` for the block of `key`; True when this call begins a model call."""
         ordinal = self.keys.get(key)
         if ordinal is None:
-            ordinal = self.keys[key] = len(self.keys)
-            if ordinal == 1:
+            taken = set(self.keys.values())
+            ordinal = locate() if locate is not None else None
+            if ordinal is None or ordinal in taken:
+                ordinal = max(taken, default=-1) + 1
+            self.keys[key] = ordinal
+            self.first = min(taken | {ordinal})
+            if len(self.keys) == 2:
                 log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
         self.current = ordinal
-        return ordinal
+        return ordinal == self.first
 
 
 def capturing(t: torch.Tensor) -> bool:
