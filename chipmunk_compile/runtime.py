@@ -365,10 +365,12 @@ _MODULE_FRAMES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
 
 
 def module_position(kind: type) -> Optional[int]:
-    """Where the innermost `kind` module running on the call stack sits among the modules of its
-    class in the outermost module on the stack that contains it (regional compilation: which block
-    a shared graph serves, in model order); None when the stack shows no such pair. Walks the
-    frames and the model's module tree: for a block's first call only."""
+    """Where the innermost `kind` module running on the call stack sits in the outermost module on
+    the stack that contains it (regional compilation: which block a shared graph serves, in model
+    order): among the modules compiled on their own (`module.compile()`, as compile_repeated_blocks
+    does: FLUX's 19 double then 38 single blocks count 0..56, the layer numbers of whole-model
+    compilation), else among the modules of its class; None when the stack shows no such pair.
+    Walks the frames and the model's module tree: for a block's first call only."""
     frame, inner, outer = sys._getframe(1), None, []
     while frame is not None:
         me = frame.f_locals.get("self") if frame.f_code.co_name in _MODULE_FRAMES else None
@@ -379,9 +381,13 @@ def module_position(kind: type) -> Optional[int]:
                 outer.append(me)
         frame = frame.f_back
     for root in reversed(outer):  # the outermost first
-        same = [m for m in root.modules() if type(m) is type(inner)]
-        if any(m is inner for m in same):
-            return next(i for i, m in enumerate(same) if m is inner)
+        mods = list(root.modules())
+        if not any(m is inner for m in mods):
+            continue
+        for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
+                      [m for m in mods if type(m) is type(inner)]):
+            if any(m is inner for m in peers):
+                return next(i for i, m in enumerate(peers) if m is inner)
     return None
 
 

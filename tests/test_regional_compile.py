@@ -203,8 +203,9 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
     than the later blocks', so Dynamo compiles a second graph that first sees single block 1. That
     block used to begin each model call, and single block 0, called before it, ran every step at the
     previous step's position: sparse at step 0 of the next generation, on the last generation's
-    caches. Now blocks are numbered in model order: a generation pinned by set_step repeats the
-    previous one exactly, and step 0 is dense everywhere."""
+    caches. Now blocks are numbered in model order: step 0 is dense everywhere, and a generation
+    pinned by set_step repeats the previous one exactly (from the second on: in the first, single
+    block 0's caches in the later graph fill one refresh late, counted as fallbacks)."""
     from torch._dynamo.utils import counters
 
     model, kw = _tiny_flux()
@@ -213,7 +214,7 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
     model.compile_repeated_blocks(backend="chipmunk", options={"config": cfg, "compiler": "eager"})
     gens = []
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3):
             outs = []
             for i in range(6):
                 if chipmunk_compile.sessions_of(model):  # (none before the very first call)
@@ -226,5 +227,38 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
             gens.append(outs)
     assert counters["chipmunk"]["graphs"] >= 3  # the second single-block graph this is about
     assert counters["chipmunk"]["attention_sparse"] > 0
-    for i, (a, b) in enumerate(zip(*gens)):
+    for i, (a, b) in enumerate(zip(*gens[1:])):
+        assert torch.equal(a, b), i
+
+
+def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo):
+    """Blocks compiled on their own count in model order across classes (FLUX: 2 double blocks,
+    then 3 single blocks as layers 2-4), so `first_n_dense_layers` keeps the same blocks dense as
+    whole-model compilation: with grouping off (a block sees no img_ids) the generations after the
+    first equal the whole model's bit for bit. (The first differs: the first single block's first
+    call goes to a graph of its own, so its caches in the later graph fill one refresh later.)
+    Per class, single block 0 was a layer 0 as well and stayed dense."""
+    import copy
+
+    base, kw = _tiny_flux()
+    cfg = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2},
+           "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3},
+           "step_signal": "calls", "grouping": {"enabled": False}}
+    options = {"config": cfg, "compiler": "eager"}
+    whole = torch.compile(copy.deepcopy(base), backend="chipmunk", options=options)
+    regional = copy.deepcopy(base)
+    regional.compile_repeated_blocks(backend="chipmunk", options=options)
+
+    def generation(model):
+        outs = []
+        with torch.no_grad():
+            for i in range(6):
+                if chipmunk_compile.sessions_of(model):
+                    chipmunk_compile.set_step(model, i)
+                x = dict(kw, hidden_states=kw["hidden_states"] + 0.05 * i, timestep=torch.full((1,), 1 - i / 6))
+                outs.append(model(**x)[0])
+        return outs
+
+    generation(whole), generation(regional)
+    for i, (a, b) in enumerate(zip(generation(whole), generation(regional))):
         assert torch.equal(a, b), i
