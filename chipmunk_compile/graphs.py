@@ -26,20 +26,17 @@ Invariants:
   every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
   fixed number of slots, which re-recorded on every call), and any not used for that many calls
   when the memory budget below is short.
-- Input and output buffers are shared by every recording of one input layout (shapes, strides,
-  dtypes and scalars of the non-static inputs): `_SharedIO`, allocated outside the pool at the
-  layout's first recording. A replay copies the call's inputs into them (as before: recordings
-  never run concurrently), and each recording ends with a copy of its outputs into the shared
-  output buffers, so its own outputs are freed into the pool once recorded. A recording thus
-  holds no memory of its own beyond the shared pool. Under regional compilation (one graph per
-  block class, FLUX: 57 blocks x a few step kinds, ~60 MB of inputs and outputs per recording)
-  per-recording buffers came to ~20 GB, past any sensible budget, so most block calls ran
-  eagerly; now they take one layout's buffers per block class.
-- Memory budget: the shared buffers' bytes, measured on a layout's first (eager) call, are summed
-  over the device; a recording that would allocate a new layout's buffers past
-  `cuda_graphs_max_gib` is not made and its signature stays eager (`graph_disabled:memory_budget`).
-  Calls that large (HunyuanVideo 1.5 after its data-dependent break: ~0.9 GB per call at 720p) are
-  not launch-bound, so running them eagerly costs nothing measurable.
+- Input buffers are shared by every recording of one input layout (shapes, strides, dtypes and
+  scalars of the non-static inputs), allocated outside the pool at the layout's first recording:
+  a replay copies the call's inputs into them, and recordings never run concurrently. Each
+  recording holds its outputs for good (their blocks stay allocated in the pool).
+- Memory budget: the shared input buffers (once per layout) and every recording's outputs,
+  measured on a layout's first (eager) call, are summed over the device; a recording that would
+  take the sum past `cuda_graphs_max_gib` is not made and its signature stays eager
+  (`graph_disabled:memory_budget`). That keeps large calls eager, where a replay's copies cost
+  more than the launches it saves: regional compilation of FLUX.1 (H200, session 33) was 1.368x
+  with 74 of its block recordings made and the rest eager, 1.334x with all 731 recorded (each
+  output also copied into a shared buffer inside the graph, so that the outputs held nothing).
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
 re-runs the call and checks that every op makes the recorded decision.
 """
@@ -71,8 +68,8 @@ def _nbytes(values) -> int:
 
 
 def held_bytes(device) -> int:
-    """Bytes that the recordings on `device` hold: their shared input and output buffers."""
-    return sum(io.nbytes for r in list(_RUNNERS) if r.device == device for io in list(r.io.values()))
+    """Bytes that the recordings on `device` hold: the shared input buffers and their outputs."""
+    return sum(r.held_bytes() for r in list(_RUNNERS) if r.device == device)
 
 
 def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
@@ -138,39 +135,14 @@ def shared_pool(session) -> Any:
     return session.graph_pool
 
 
-class _SharedIO:
-    """The input and output buffers of every recording of one input layout (module docstring).
-    `inputs[i]` is the buffer of non-static input i; `outputs` has the structure of the compiled
-    graph's result with each tensor replaced by its buffer, laid out as `torch.empty_like` would."""
-
-    def __init__(self, args: list, dynamic: list[int], template, device):
-        """`template`: the layout's first result as meta tensors (`_meta`)."""
-        self.inputs = {i: args[i].clone() for i in dynamic if isinstance(args[i], torch.Tensor)}
-        self.outputs = _map_tensors(template, lambda t: torch.empty_like(t, device=device))
-        self.nbytes = _nbytes(list(self.inputs.values())) + _nbytes(self.outputs)
-
-    def capture(self, compiled: Callable) -> Callable:
-        """`compiled`, ending with a copy of its outputs into the shared buffers, which it returns."""
-
-        def run(*args):
-            out = compiled(*args)
-            got, want = _tensors(out), _tensors(self.outputs)
-            if len(got) != len(want) or any(g.shape != w.shape or g.dtype != w.dtype for g, w in zip(got, want)):
-                raise RuntimeError("chipmunk graph recording: outputs differ from the layout's first call")
-            for dst, src in zip(want, got):
-                dst.copy_(src)
-            return self.outputs
-
-        return run
-
-
 class _Recorded:
-    """One signature's graph: its arguments (shared buffers + its own static inputs), its shared
-    outputs, deferred commits, counter increments."""
+    """One signature's graph: its arguments (the layout's shared input buffers + its own static
+    inputs), its outputs, deferred commits, counter increments."""
 
-    def __init__(self, graph, args: list, io: _SharedIO, commits: list, counted: Counter, static_idx: list,
+    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_idx: list,
                  static_ptrs: list, layout):
-        self.graph, self.args, self.outputs, self.layout = graph, args, io.outputs, layout
+        self.graph, self.args, self.outputs, self.layout = graph, args, outputs, layout
+        self.nbytes = _nbytes(outputs)
         self.commits, self.counted = commits, counted
         self.static_idx, self.static_ptrs = static_idx, static_ptrs  # parameters' addresses at the recording
         self.last_used = 0  # the runner's call count at its last recording or replay
@@ -222,21 +194,12 @@ def _tensors(out) -> list:
     return [t for t in seq if isinstance(t, torch.Tensor)]
 
 
-def _map_tensors(out, fn):
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, (list, tuple)):
-        return type(out)(fn(o) if isinstance(o, torch.Tensor) else o for o in out)
-    return out
-
-
 def _clone(out):
-    return _map_tensors(out, torch.Tensor.clone)
-
-
-def _meta(out):
-    """`out` with each tensor replaced by an empty meta tensor laid out as `torch.empty_like` would."""
-    return _map_tensors(out, lambda t: torch.empty_like(t, device="meta"))
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+    return out
 
 
 def _restore(before: Counter) -> None:
@@ -255,8 +218,8 @@ class GraphRunner:
         `max_bytes`: the device's budget for the input buffers and outputs of live recordings."""
         self.compiled, self.sites, self.session, self.instances = compiled, sites, session, instances
         self.max_bytes = max_bytes
-        self.io: dict = {}  # input layout -> _SharedIO of its recordings
-        self.layouts: dict = {}  # input layout -> (bytes of its shared buffers, output template), from its first call
+        self.inputs: dict = {}  # input layout -> {input index: the buffer its recordings share}
+        self.layouts: dict = {}  # input layout -> (bytes of its inputs, of its outputs), from its first call
         self.calls = 0
         _RUNNERS.add(self)
         self.static = static
@@ -291,7 +254,7 @@ class GraphRunner:
         count("graph_eager_calls")
         out = self.compiled(*args)
         if key[2] not in self.layouts:
-            self.layouts[key[2]] = (self._input_bytes(args) + _nbytes(out), _meta(out))
+            self.layouts[key[2]] = (self._input_bytes(args), _nbytes(out))
         return out
 
     def _capacity(self) -> int:
@@ -303,7 +266,8 @@ class GraphRunner:
     def _within_budget(self, key) -> bool:
         """False (and the signature stays eager, counted once) when recording it would allocate a
         new input layout's shared buffers past the device's budget."""
-        need = 0 if key[2] in self.io else self.layouts[key[2]][0]
+        inputs, outputs = self.layouts[key[2]]
+        need = outputs + (0 if key[2] in self.inputs else inputs)
         held = held_bytes(self.device)
         if held + need > self.max_bytes:  # make room from this runner's unused recordings first
             for k in [k for k, r in self.graphs.items() if self.calls - r.last_used > self._capacity()]:
@@ -324,7 +288,11 @@ class GraphRunner:
 
     def _release(self, layout) -> None:
         if all(r.layout != layout for r in self.graphs.values()):
-            self.io.pop(layout, None)
+            self.inputs.pop(layout, None)
+
+    def held_bytes(self) -> int:
+        return sum(_nbytes(list(b.values())) for b in list(self.inputs.values())) + sum(
+            r.nbytes for r in list(self.graphs.values()))
 
     def _signature(self, args) -> Optional[tuple]:
         if self.device is None:
@@ -350,20 +318,20 @@ class GraphRunner:
     def _record(self, key, args):
         pos = self.session.position()
         layout = key[2]
-        io = self.io.get(layout)
-        if io is None:
-            io = self.io[layout] = _SharedIO(args, self.dynamic, self.layouts[layout][1], self.device)
+        shared = self.inputs.get(layout)
+        if shared is None:
+            shared = self.inputs[layout] = {i: args[i].clone() for i in self.dynamic if isinstance(args[i], torch.Tensor)}
         else:
-            for i, buf in io.inputs.items():
+            for i, buf in shared.items():
                 buf.copy_(args[i])
-        static_args = [io.inputs.get(i, a) for i, a in enumerate(args)]
+        static_args = [shared.get(i, a) for i, a in enumerate(args)]
         self.session.device_step(self.device, pos.step)
         graph = _EmulatedGraph(None) if EMULATE else _CudaGraph(shared_pool(self.session))
         self.session.graph_pool_users.add(graph)
         before = Counter(counters["chipmunk"])
         runtime.RECORDING = commits = []
         try:
-            _, executed = graph.record(io.capture(self.compiled), static_args)
+            outputs, executed = graph.record(self.compiled, static_args)
         except runtime.NeedsEagerCall as e:
             runtime.RECORDING = None
             _restore(before)
@@ -385,7 +353,7 @@ class GraphRunner:
         counted = Counter(counters["chipmunk"])
         counted.subtract(before)
         static_idx = [i for i in self.static if isinstance(args[i], torch.Tensor)]
-        rec = _Recorded(graph, static_args, io, [(s, st, d) for s, st, d, _ in commits], +counted,
+        rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
                         static_idx, [args[i].data_ptr() for i in static_idx], layout)
         if EMULATE:
             graph.outputs, graph.commits = rec.outputs, rec.commits

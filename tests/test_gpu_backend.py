@@ -274,12 +274,12 @@ def test_three_resolutions_group_each_count_under_step_graphs(monkeypatch):
         assert ((a - b).norm() / b.norm()).item() < 3e-2, i
 
 
-def test_regional_step_graphs_share_buffers_and_match_eager():
+def test_regional_step_graphs_share_inputs_and_match_eager():
     """Regional compilation (one compiled graph per block class) with real CUDA step graphs: every
-    block and step kind records into the session's pool with shared input and output buffers, so a
-    recording's freed outputs are reused by later recordings; two generations must still equal the
-    same blocks run without step graphs, and the device must hold one input layout's buffers per
-    graph (FLUX's single blocks: two layouts, the first block's inputs have other strides)."""
+    block and step kind records into the session's pool, reading one set of input buffers per input
+    layout; two generations must still equal the same blocks run without step graphs, and each
+    graph holds one or two layouts' inputs (FLUX's single blocks: the first block's inputs have
+    other strides)."""
     import copy
 
     from chipmunk_compile import graphs
@@ -311,7 +311,7 @@ def test_regional_step_graphs_share_buffers_and_match_eager():
     assert cc["graph_recorded"] >= 5 and cc["graph_replays"] > cc["graph_recorded"], cc
     assert not any(k.startswith(("fallback:", "graph_record_failed", "graph_disabled")) for k in cc), cc
     runners = [r for r in list(graphs._RUNNERS) if r.graphs]
-    assert runners and all(1 <= len(r.io) <= 2 for r in runners), [len(r.io) for r in runners]
+    assert runners and all(1 <= len(r.inputs) <= 2 for r in runners), [len(r.inputs) for r in runners]
     for gen, ref in zip(gens, want):
         for i, (a, b) in enumerate(zip(gen, ref)):
             assert ((a - b).norm() / b.norm()).item() < 1e-2, i

@@ -125,18 +125,17 @@ def _stack_of_compiled_blocks(layers: int, options=OPTIONS):
     return model
 
 
-def test_recordings_share_their_input_and_output_buffers(fresh_dynamo, monkeypatch):
-    """Every recording of one compiled graph at one input layout uses the same input and output
-    buffers: the device holds one block call's inputs and outputs however many blocks and step
-    kinds are recorded (each held its own until session 33: ~20 GB for FLUX's 57 blocks), and a
-    returned output is a copy, which later replays into the shared buffers leave untouched."""
+def test_recordings_share_their_input_buffers(fresh_dynamo, monkeypatch):
+    """Every recording of one compiled graph at one input layout reads the same input buffers (a
+    replay copies the call's inputs into them): the device holds one block call's inputs plus each
+    recording's outputs, and a returned output is a copy that later replays leave untouched."""
     from chipmunk_compile import graphs
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(graphs, "EMULATE", True)
     model = _stack_of_compiled_blocks(6)
     x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
-    one_call = 2 * x.numel() * x.element_size()  # a block's input and its output
+    one = x.numel() * x.element_size()  # a block's input, or its output
     with torch.no_grad():
         for s in range(8):
             outs = []
@@ -148,37 +147,36 @@ def test_recordings_share_their_input_and_output_buffers(fresh_dynamo, monkeypat
     c = counters["chipmunk"]
     assert c["graph_recorded"] >= 6 and c["graph_replays"] > c["graph_recorded"], dict(c)
     runners = [r for r in list(graphs._RUNNERS) if r.graphs]
-    assert len(runners) == 1 and len(runners[0].io) == 1
-    assert graphs.held_bytes(x.device) == one_call
+    assert len(runners) == 1 and len(runners[0].inputs) == 1
+    assert graphs.held_bytes(x.device) == one * (1 + len(runners[0].graphs))
 
 
-def test_budget_counts_shared_buffers_once(fresh_dynamo, monkeypatch):
-    """A budget of two block calls' buffers records every block and step kind (it counted each
-    recording's own buffers before, and ran all but two eagerly); a budget below one call's
-    buffers records nothing and runs every call eagerly, with the same outputs."""
+def test_budget_counts_shared_inputs_once(fresh_dynamo, monkeypatch):
+    """A budget of one block input and three outputs makes exactly three recordings (counting each
+    recording's own inputs, it made two); a budget below one call's buffers records nothing and
+    runs every call eagerly, with the same outputs."""
     from chipmunk_compile import graphs
     from torch._dynamo.utils import counters
 
     x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
-    one_call = 2 * x.numel() * x.element_size()
+    one = x.numel() * x.element_size()
+    monkeypatch.setattr(graphs, "EMULATE", False)
+    eager = _stack_of_compiled_blocks(6)
+    with torch.no_grad():
+        want = [eager(x + 0.05 * s * drift) for s in range(6)]
     results = {}
-    for gib in (2 * one_call / 2**30, 0.5 * one_call / 2**30):
-        torch._dynamo.reset()
-        counters.clear()
-        monkeypatch.setattr(graphs, "EMULATE", False)
-        eager = _stack_of_compiled_blocks(6)
-        with torch.no_grad():
-            want = [eager(x + 0.05 * s * drift) for s in range(6)]
+    for units in (4, 1.5):
         torch._dynamo.reset()
         counters.clear()
         monkeypatch.setattr(graphs, "EMULATE", True)
-        model = _stack_of_compiled_blocks(6, dict(OPTIONS, config=dict(OPTIONS["config"], cuda_graphs_max_gib=gib)))
+        options = dict(OPTIONS, config=dict(OPTIONS["config"], cuda_graphs_max_gib=units * one / 2**30))
+        model = _stack_of_compiled_blocks(6, options)
         with torch.no_grad():
             for s in range(6):
-                assert torch.equal(model(x + 0.05 * s * drift), want[s]), (gib, s)
-        results[gib] = dict(counters["chipmunk"])
+                assert torch.equal(model(x + 0.05 * s * drift), want[s]), (units, s)
+        results[units] = dict(counters["chipmunk"])
     fits, short = results.values()
-    assert fits["graph_recorded"] >= 6 and "graph_disabled:memory_budget" not in fits, fits
+    assert fits["graph_recorded"] == 3 and fits["graph_disabled:memory_budget"] >= 1, fits
     assert "graph_recorded" not in short and short["graph_disabled:memory_budget"] >= 1, short
 
 
