@@ -387,20 +387,30 @@ def run_pass(model, step_kwargs, seq, cfg_calls, pin=None, outs: dict | None = N
     return times
 
 
-def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None) -> list[float]:
+def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,
+                    scheduler=None) -> list[float]:
     """`n` whole generations of `steps` steps back to back, each timed as one span (CUDA events, one
     synchronize at its end): the wall time a pipeline sees, the host's work overlapping the GPU's
     except where a call waits for the GPU itself (chipmunk's automatic step tracking reads the
-    timestep). Untimed generations first (`warm_up`). The step inputs are built before any of them."""
+    timestep). Untimed generations first (`warm_up`). The step inputs are built before any of them.
+    With a diffusers `scheduler`, each generation calls its set_timesteps and, after each step's
+    calls, its step() on the prediction, as a pipeline's loop does (the model inputs stay fixed)."""
     timer = timer or time_step
     kws = [step_kwargs(s) for s in range(steps)]
 
     def generation():
+        if scheduler is not None:
+            scheduler.set_timesteps(steps)
+        sample = None
         for s in range(steps):
             for c in range(cfg_calls):
                 if pin is not None:
                     pin(s, c)
-                model(**kws[s])
+                out = model(**kws[s])
+            if scheduler is not None:
+                pred = out[0] if isinstance(out, (tuple, list)) else out
+                sample = scheduler.step(pred, scheduler.timesteps[s], pred if sample is None else sample,
+                                        return_dict=False)[0]
 
     with torch.no_grad():
         warm_up(generation)
@@ -408,16 +418,32 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
 
 
 def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,
-                    auto: bool = True) -> dict:
-    """Median ms of `n` whole generations: as timed per step (chipmunk pinned by `pin`), and for
-    chipmunk also with automatic step tracking (no pin: the backend reads each call's timestep, as
-    under a diffusers pipeline that gives no step index) unless `auto` is False (regional
-    compilation: a block sees no timestep)."""
-    out = {"generation_ms": statistics.median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, pin, timer))}
-    if pin is not None and auto:
+                    auto: bool = True, chipmunk: bool = False) -> dict:
+    """Median ms of `n` whole generations: as timed per step (chipmunk pinned by `pin`), and unless
+    `auto` is False (regional compilation: a block sees no timestep) as a diffusers pipeline's loop
+    runs them ("generation_sched_ms": each step ends with a FlowMatchEulerDiscreteScheduler step,
+    for every variant; chipmunk follows that scheduler, `follow_scheduler`) and for chipmunk with
+    automatic step tracking (no pin: the backend reads each call's timestep, as under a pipeline
+    that gives no step index)."""
+    median = statistics.median
+    out = {"generation_ms": median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, pin, timer))}
+    if not auto:
+        return out
+    if pin is not None:
         cc.clear_step(pin.compiled)
-        out["generation_auto_ms"] = statistics.median(
-            run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler()
+    if chipmunk:
+        cc.follow_scheduler(compiled, sched)
+    try:
+        out["generation_sched_ms"] = median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer,
+                                                            scheduler=sched))
+    finally:
+        if chipmunk:
+            cc.follow_scheduler(compiled, None)
+    if pin is not None:
+        out["generation_auto_ms"] = median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer))
     return out
 
 
@@ -531,7 +557,8 @@ def run_variant(variant, model, step_kwargs, seq, labels, cfg_calls, preset, ste
         res.update(counters=chipmunk_counters(before), stats=stats_summary(compiled))
     if generations:
         with sdpa_context(variant):
-            res.update(generation_runs(compiled, step_kwargs, steps, cfg_calls, generations, pin, auto=not regional))
+            res.update(generation_runs(compiled, step_kwargs, steps, cfg_calls, generations, pin, auto=not regional,
+                                       chipmunk=variant == CHIPMUNK))
     if variant == CHIPMUNK:
         cc.clear_step(compiled)
     if regional:
@@ -645,13 +672,16 @@ def final_results(name, counts, measured, labels) -> dict:
 
 def generation_speedups(res: dict) -> dict | None:
     """Speedups over the baseline of whole generations (run_generations) at one measured depth:
-    chipmunk pinned ("pinned") and with automatic step tracking ("auto"); None when not timed."""
+    chipmunk pinned ("pinned"), with automatic step tracking ("auto"), and both variants in a
+    scheduler's loop with chipmunk following it ("scheduler"); None when not timed."""
     base, chip = res.get(BASELINE, {}), res.get(CHIPMUNK, {})
     if "generation_ms" not in base or "generation_ms" not in chip:
         return None
     out = {"pinned": base["generation_ms"] / chip["generation_ms"]}
     if "generation_auto_ms" in chip:
         out["auto"] = base["generation_ms"] / chip["generation_auto_ms"]
+    if "generation_sched_ms" in chip and "generation_sched_ms" in base:
+        out["scheduler"] = base["generation_sched_ms"] / chip["generation_sched_ms"]
     return out
 
 
@@ -665,6 +695,9 @@ def generation_text(res: dict, depth: str) -> str | None:
             f"({sp['pinned']:.3f}x)")
     if "auto" in sp:
         text += f", automatic step tracking {chip['generation_auto_ms']:.0f} ms ({sp['auto']:.3f}x)"
+    if "scheduler" in sp:
+        text += (f"; in a scheduler's loop (follow_scheduler): {BASELINE} {res[BASELINE]['generation_sched_ms']:.0f} ms, "
+                 f"chipmunk {chip['generation_sched_ms']:.0f} ms ({sp['scheduler']:.3f}x)")
     return text
 
 

@@ -220,14 +220,32 @@ def test_whole_generations_run_the_pinned_schedule_under_automatic_tracking(fres
     auto.subtract(pinned)
     assert +auto == pinned  # three generations each way, the same kinds
 
-    res = be.generation_runs(compiled, step_kwargs, 12, 1, 1, pin, timer)
-    assert res == {"generation_ms": 7.0, "generation_auto_ms": 7.0}
-    assert be.generation_runs(compiled, step_kwargs, 12, 1, 1, None, timer) == {"generation_ms": 7.0}
+    # a pipeline's loop: a scheduler stepped after each step, followed by the backend (no timestep read)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler()
+    cc.follow_scheduler(compiled, sched)
+    before = Counter(step_counts(m))
+    be.run_generations(compiled, step_kwargs, 12, 1, 2, None, timer, scheduler=sched)
+    followed = Counter(step_counts(m))
+    followed.subtract(before)
+    assert +followed == pinned and sched.step_index == 12
+    cc.follow_scheduler(compiled, None)
+
+    res = be.generation_runs(compiled, step_kwargs, 12, 1, 1, pin, timer, chipmunk=True)
+    assert res == {"generation_ms": 7.0, "generation_sched_ms": 7.0, "generation_auto_ms": 7.0}
+    assert be.generation_runs(compiled, step_kwargs, 12, 1, 1, None, timer) == {"generation_ms": 7.0,
+                                                                                "generation_sched_ms": 7.0}
 
 
 def test_generation_speedups_and_text():
     res = {be.BASELINE: {"generation_ms": 6600.0}, be.CHIPMUNK: {"generation_ms": 4400.0, "generation_auto_ms": 5000.0}}
     assert be.generation_speedups(res) == {"pinned": 1.5, "auto": 1.32}
+    both = {be.BASELINE: {**res[be.BASELINE], "generation_sched_ms": 6660.0},
+            be.CHIPMUNK: {**res[be.CHIPMUNK], "generation_sched_ms": 4440.0}}
+    assert be.generation_speedups(both)["scheduler"] == 1.5
+    assert "in a scheduler's loop (follow_scheduler): inductor+cudnn 6660 ms, chipmunk 4440 ms (1.500x)" in \
+        be.generation_text(both, "x")
     text = be.generation_text(res, "published depth")
     assert "inductor+cudnn 6600 ms; chipmunk pinned 4400 ms (1.500x), automatic step tracking 5000 ms (1.320x)" in text
     assert be.generation_speedups({be.BASELINE: {}, be.CHIPMUNK: {}}) is None
