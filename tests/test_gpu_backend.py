@@ -309,7 +309,10 @@ def test_regional_step_graphs_share_inputs_and_match_eager():
     gens, cc = run(True)
     print({k: v for k, v in cc.items() if k.startswith("graph")})
     assert cc["graph_recorded"] >= 5 and cc["graph_replays"] > cc["graph_recorded"], cc
-    assert not any(k.startswith(("fallback:", "graph_record_failed", "graph_disabled")) for k in cc), cc
+    # the first generation's expected fallbacks: single block 0's step-0 call goes to a graph of its
+    # own (other input strides), so its caches in the shared graph fill at its first refresh
+    assert not any(k.startswith(("graph_record_failed", "graph_disabled")) for k in cc), cc
+    assert all(k.endswith("cache_not_filled") for k in cc if k.startswith("fallback:")), cc
     runners = [r for r in list(graphs._RUNNERS) if r.graphs]
     assert runners and all(1 <= len(r.inputs) <= 2 for r in runners), [len(r.inputs) for r in runners]
     for gen, ref in zip(gens, want):
