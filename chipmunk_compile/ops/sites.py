@@ -343,13 +343,13 @@ class GraphInstances:
 
     Under regional compilation (`compile_repeated_blocks`) one graph serves every block of a class;
     the wrapper identifies the block by the storage of its first parameter argument and sets
-    `current`, the block's ordinal: its position among the modules of its class in the model
-    (`locate`, read once per block), else the next free one in the order the blocks were first
-    seen. Sites key their caches and layer numbers by it. The block of the lowest ordinal seen
-    begins a model call (advances the step): by first sight alone, a block first served by another
-    graph (FLUX's first single block: its first call's inputs have other strides, and Dynamo
-    compiles a second graph for the rest) came after the one that began calls, and so ran every
-    step at the previous step's position (until session 33)."""
+    `current`, the block's ordinal: its position in the model (`locate`, read once per block:
+    runtime.module_position), else the next free one in the order the blocks were first seen.
+    Sites key their caches and layer numbers by it. The block of the lowest ordinal seen begins a
+    model call (advances the step): by first sight alone, a block first served by another graph
+    (FLUX's first single block: its first call's inputs have other strides, and Dynamo compiles a
+    second graph for the rest) came after the one that began calls, and so ran every step at the
+    previous step's position (until session 33)."""
 
     def __init__(self, attention_sites: int):
         self.attention_sites = attention_sites
