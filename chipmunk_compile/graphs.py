@@ -264,8 +264,9 @@ class GraphRunner:
         return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
 
     def _within_budget(self, key) -> bool:
-        """False (and the signature stays eager, counted once) when recording it would allocate a
-        new input layout's shared buffers past the device's budget."""
+        """False (and the signature stays eager, counted once) when recording it (its outputs, and
+        its layout's input buffers if that layout has none yet) would take the device past the
+        budget."""
         inputs, outputs = self.layouts[key[2]]
         need = outputs + (0 if key[2] in self.inputs else inputs)
         held = held_bytes(self.device)
@@ -322,8 +323,7 @@ class GraphRunner:
         if shared is None:
             shared = self.inputs[layout] = {i: args[i].clone() for i in self.dynamic if isinstance(args[i], torch.Tensor)}
         else:
-            for i, buf in shared.items():
-                buf.copy_(args[i])
+            _fill(shared, args)
         static_args = [shared.get(i, a) for i, a in enumerate(args)]
         self.session.device_step(self.device, pos.step)
         graph = _EmulatedGraph(None) if EMULATE else _CudaGraph(shared_pool(self.session))
@@ -370,10 +370,7 @@ class GraphRunner:
 
     def _replay(self, rec: _Recorded, args):
         pos = self.session.position()
-        for i in self.dynamic:
-            a, dst = args[i], rec.args[i]
-            if isinstance(a, torch.Tensor) and dst is not a:
-                dst.copy_(a)
+        _fill(self.inputs[rec.layout], args)
         self.session.device_step(self.device, pos.step)
         rec.graph.replay()
         self._commit(rec, pos, count_calls=True)
@@ -386,6 +383,13 @@ class GraphRunner:
             site.commit(st, decision, pos.generation)
         if count_calls:
             counters["chipmunk"].update(rec.counted)
+
+
+def _fill(buffers: dict, args) -> None:
+    """Copy the call's inputs into a layout's shared input buffers ({input index: buffer})."""
+    for i, buf in buffers.items():
+        if buf is not args[i]:
+            buf.copy_(args[i])
 
 
 def _device_of(args) -> Optional[torch.device]:
