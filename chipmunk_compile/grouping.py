@@ -68,7 +68,6 @@ import functools
 import logging
 import math
 import operator
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -1062,17 +1061,7 @@ _ROOT_CANDS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKe
 def _stack_root(session) -> Optional[torch.nn.Module]:
     """The outermost nn.Module on the call stack whose submodules include `session`'s module."""
     owner = session.owner() if session is not None and session.owner is not None else None
-    if owner is None:
-        return None
-    root, frame = None, sys._getframe(1)
-    while frame is not None:
-        me = frame.f_locals.get("self") if frame.f_code.co_name in ("forward", "__call__", "_call_impl",
-                                                                     "_wrapped_call_impl") else None
-        if isinstance(me, torch.nn.Module) and me is not owner and me is not root:
-            if any(m is owner for m in me.modules()):
-                root = me
-        frame = frame.f_back
-    return root
+    return runtime.stack_root(owner) if owner is not None else None
 
 
 def _root_candidates(session) -> list:

@@ -361,7 +361,26 @@ def scheduled_step(scheduler: Any) -> Optional[int]:
     return 0 if index is None else int(index)
 
 
-_MODULE_FRAMES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
+def stack_modules() -> list[torch.nn.Module]:
+    """The nn.Modules whose forward (or __call__) is running on the Python call stack, innermost
+    first, each once."""
+    out, frame = [], sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in ("forward", "__call__", "_call_impl", "_wrapped_call_impl"):
+            me = frame.f_locals.get("self")
+            if isinstance(me, torch.nn.Module) and not any(me is m for m in out):
+                out.append(me)
+        frame = frame.f_back
+    return out
+
+
+def stack_root(module: torch.nn.Module, stack: Optional[list] = None) -> Optional[torch.nn.Module]:
+    """The outermost other module on the call stack (`stack_modules()`, or `stack`) whose
+    submodules include `module`; None when there is none."""
+    for root in reversed(stack if stack is not None else stack_modules()):
+        if root is not module and any(m is module for m in root.modules()):
+            return root
+    return None
 
 
 def module_position(kind: type) -> Optional[int]:
@@ -371,23 +390,16 @@ def module_position(kind: type) -> Optional[int]:
     does: FLUX's 19 double then 38 single blocks count 0..56, the layer numbers of whole-model
     compilation), else among the modules of its class; None when the stack shows no such pair.
     Walks the frames and the model's module tree: for a block's first call only."""
-    frame, inner, outer = sys._getframe(1), None, []
-    while frame is not None:
-        me = frame.f_locals.get("self") if frame.f_code.co_name in _MODULE_FRAMES else None
-        if isinstance(me, torch.nn.Module):
-            if inner is None:
-                inner = me if isinstance(me, kind) else None
-            elif me is not inner:
-                outer.append(me)
-        frame = frame.f_back
-    for root in reversed(outer):  # the outermost first
-        mods = list(root.modules())
-        if not any(m is inner for m in mods):
-            continue
-        for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
-                      [m for m in mods if type(m) is type(inner)]):
-            if any(m is inner for m in peers):
-                return next(i for i, m in enumerate(peers) if m is inner)
+    stack = stack_modules()
+    inner = next((m for m in stack if isinstance(m, kind)), None)
+    root = stack_root(inner, stack) if inner is not None else None
+    if root is None:
+        return None
+    mods = list(root.modules())
+    for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
+                  [m for m in mods if type(m) is type(inner)]):
+        if any(m is inner for m in peers):
+            return next(i for i, m in enumerate(peers) if m is inner)
     return None
 
 
