@@ -8,7 +8,8 @@ each of K equal buckets), at 15% / 23% / 30% of the keys
 (23% is what the ``default`` preset attends there: 10% + 1% drawn + the 512 text keys). Per key
 budget, ms per call replayed from one CUDA graph (``bench_kernels.graph_ms``: no Python launch, as a
 recorded step graph runs it) of:
-- the Triton kernel, the warp-specialized ping-pong Gluon kernel (2 and 3 stages) and the
+- the Triton kernel, the warp-specialized ping-pong Gluon kernel (2 and 3 stages of 128-key tiles,
+  2 and 4 stages of 64-key tiles) and the
   single-warpgroup Gluon kernel, o = o_base + attn;
 - a forecasting sparse step, o = o_base + coef * o_slope + attn: Triton and ping-pong with the
   slope term in their epilogue, and ping-pong after a separate ``slope_into_base`` pass (what the
@@ -71,6 +72,11 @@ def main():
             "triton": lambda: dispatch._attn_column_sparse_triton(*args, o_base=ob, **kw),
             "ping-pong 2 stages": lambda: pingpong.attn_column_sparse_pingpong(*args, o_base=ob, stages=2, **kw),
             "ping-pong 3 stages": lambda: pingpong.attn_column_sparse_pingpong(*args, o_base=ob, stages=3, **kw),
+            # 64-key tiles: less padding of a short list's last tile, more (cheaper) steps per list
+            "ping-pong 64-key tiles, 2 stages": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, stages=2, block_n=64, **kw),
+            "ping-pong 64-key tiles, 4 stages": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, stages=4, block_n=64, **kw),
             "single-warpgroup gluon": lambda: attn_column_sparse_hopper(*args, o_base=ob, **kw),
             "triton +slope": lambda: dispatch._attn_column_sparse_triton(*args, **fore),
             "ping-pong +slope": lambda: pingpong.attn_column_sparse_pingpong(*args, **fore),
@@ -86,6 +92,8 @@ def main():
         o_t = dispatch._attn_column_sparse_triton(*args, o_base=ob, **kw).float()
         o_p = pingpong.attn_column_sparse_pingpong(*args, o_base=ob, **kw).float()
         err = ((o_p - o_t).norm() / o_t.norm()).item()
+        o_64 = pingpong.attn_column_sparse_pingpong(*args, o_base=ob, block_n=64, **kw).float()
+        err = max(err, ((o_64 - o_t).norm() / o_t.norm()).item())  # either ping-pong tiling
         print(f"{n_keys} keys per group ({keep:.0%}); ping-pong vs Triton rel. error {err:.1e}; "
               f"dispatcher picked {'/'.join(picked) or '-'}", flush=True)
         for name, ms in times.items():

@@ -14,7 +14,8 @@ against 29.9 / 32.4 ms for the single-warpgroup kernel (same run, identical outp
 shape (1x24x4352x128, ~1000 keys per group under the default preset) it beats the Triton kernel too:
 0.162 against 0.202 ms with the forecast's slope in both epilogues, 0.181 against 0.209 for a
 refresh's cache build with its slope (session 28, graph-replayed,
-benchmarks/results/csp_flux_pingpong_h200_session28.txt).
+benchmarks/results/csp_flux_pingpong_h200_session28.txt). ``block_n=64`` (less padding of a short
+list's last tile) was slower there: 0.142 against 0.128 ms at 653 keys (session 34).
 
 Kernel invariants:
 - One program per 128-row tile of a query group of one (b, h), group-fastest then (b, h); 12 warps
@@ -232,7 +233,7 @@ def beyond_hopper(group: int) -> str | None:
 
 def attn_column_sparse_pingpong(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
                                 sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None,
-                                stages: int = STAGES, producer_regs: int = PRODUCER_REGS,
+                                stages: int = STAGES, block_n: int = BLOCK_N, producer_regs: int = PRODUCER_REGS,
                                 consumer_regs: int = CONSUMER_REGS):
     reason = supported(q, k, v, group=group, scale=scale, lse=lse, o_base=o_base) \
         or epilogue_reason(q, o_base, o_slope, out, measure)
@@ -246,14 +247,14 @@ def attn_column_sparse_pingpong(q, k, v, indices, counts, *, scale: float, group
     idx, cnt, pm = int32_index_args(indices, counts, perm)
     ob = o_base
     obs = ob.stride() if ob is not None else q.stride()
-    q_l, kv_l = _layouts(q.dtype, D, 64, BLOCK_N)
+    q_l, kv_l = _layouts(q.dtype, D, 64, block_n)
     _csp_pingpong_kernel[(B * Hq * NG * (G // BLOCK_M), )](
         q, k, v, o, ob if ob is not None else q, *epi, idx, cnt, pm if pm is not None else cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), obs[0], obs[1], obs[2],
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, scale * LOG2E, float(sign),
-        G=G, HEAD_DIM=D, BLOCK_N=BLOCK_N, STAGES=int(stages), HAS_PERM=pm is not None, HAS_OB=ob is not None,
+        G=G, HEAD_DIM=D, BLOCK_N=int(block_n), STAGES=int(stages), HAS_PERM=pm is not None, HAS_OB=ob is not None,
         **epi_flags, q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
         num_warps=4)
     return o
