@@ -6,4 +6,5 @@ from .registry import (  # noqa: F401
 )
 from . import attention as _attention  # noqa: F401  (registers sdpa, explicit)
 from . import mlp as _mlp  # noqa: F401  (registers mlp)
+from . import multihead as _multihead  # noqa: F401  (reports nn.MultiheadAttention calls left as they are)
 from .fx_utils import is_call, is_method  # noqa: F401
