@@ -177,10 +177,51 @@ class ExplicitUpcast(nn.Module):
         return p @ v
 
 
-@pytest.mark.parametrize("mod", [ExplicitMul, ExplicitMulLeft, ExplicitDiv, ExplicitBaddbmm, ExplicitUpcast],
-                         ids=["mul", "mul-left", "div", "baddbmm", "upcast"])
+class ExplicitEinsum(nn.Module):
+    """The einsum spelling of research code (named or ellipsis batch subscripts, the scale on q),
+    optionally with the row max subtracted before the softmax, as numerically careful code does."""
+
+    def __init__(self, qk="b h i d, b h j d -> b h i j", pv="b h i j, b h j d -> b h i d", stabilize=None):
+        super().__init__()
+        self.qk, self.pv, self.stabilize = qk, pv, stabilize
+
+    def forward(self, q, k, v, t):
+        s = torch.einsum(self.qk, q * 0.3, k)
+        if self.stabilize == "amax":
+            s = s - s.amax(dim=-1, keepdim=True).detach()
+        elif self.stabilize == "max":
+            s = s - torch.max(s, dim=-1, keepdim=True).values
+        return torch.einsum(self.pv, [s.softmax(dim=-1), v])  # the operand-list form
+
+
+@pytest.mark.parametrize("mod", [ExplicitMul, ExplicitMulLeft, ExplicitDiv, ExplicitBaddbmm, ExplicitUpcast,
+                                 ExplicitEinsum, lambda: ExplicitEinsum("...xc,...yc->...xy", "...xy,...yc->...xc"),
+                                 lambda: ExplicitEinsum(stabilize="amax"), lambda: ExplicitEinsum(stabilize="max")],
+                         ids=["mul", "mul-left", "div", "baddbmm", "upcast", "einsum", "einsum-ellipsis",
+                              "einsum-amax", "einsum-max"])
 def test_explicit_attention(fresh_dynamo, mod):
     check(mod(), qkv, attention=1, pattern="explicit")
+
+
+@pytest.mark.parametrize("qk, pv, stabilize", [
+    ("bhid,bhjd->bhji", "bhji,bhjd->bhid", None),  # scores transposed: softmax over the queries
+    ("bhid,bhjd->bhij", "bhij,bhid->bhjd", None),  # not P·V
+    ("bhid,bhjd->bhij", "bhij,bhjd->bhid", "min"),  # the row min subtracted: not the shift-free form
+])
+def test_einsum_that_is_not_attention_is_left_alone(fresh_dynamo, qk, pv, stabilize):
+    class Other(ExplicitEinsum):
+        def forward(self, q, k, v, t):
+            s = torch.einsum(self.qk, q, k)
+            if self.stabilize == "min":
+                s = s - s.amin(dim=-1, keepdim=True)
+            return torch.einsum(self.pv, s.softmax(dim=-1), v)
+
+    mod = Other(qk, pv, stabilize).eval()
+    rep = chipmunk_compile.inspect(mod, *qkv(0), config=SMALL)
+    assert not rep.sites, str(rep)
+    cm = chip(mod, SMALL)
+    with torch.no_grad():
+        assert max_rel(cm(*qkv(1)), mod(*qkv(1))) < 1e-6
 
 
 class AtenSdpa(nn.Module):

@@ -13,6 +13,10 @@ Invariants:
   and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
   keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
   else that computes softmax attention becomes a `Rejection` with the reason.
+- The explicit form: softmax over the last axis of (casts, constant scales, a subtracted
+  `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant)
+  of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by transpose/permute/mT), baddbmm with beta 0,
+  or a two-operand `torch.einsum` whose subscripts say exactly that product.
 - Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
 - `flex_attention` (a score_mod or block mask: arbitrary code per score) never matches; it becomes
   a `Rejection`, so inspect() says why such a model has no attention sites.
@@ -22,7 +26,8 @@ Invariants:
 from __future__ import annotations
 
 import operator
-from typing import Optional, Union
+import re
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -250,6 +255,7 @@ def _sdpa_match(pattern, node, ctx, kw, output, nodes, mask) -> Union[AttentionM
 _MUL = (operator.mul, torch.mul)
 _DIV = (operator.truediv, torch.div)
 _ADD = (operator.add, torch.add)
+_SUB = (operator.sub, torch.sub)
 
 
 def _const(x) -> Optional[float]:
@@ -273,6 +279,71 @@ def _transposed_key(kt: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def _einsum_terms(node: Any) -> Optional[tuple[list, list, list]]:
+    """(subscripts of both operands, of the output, the operands) of a two-operand `torch.einsum`,
+    each subscript a list of tokens ('...' is one token); None for anything else."""
+    if not is_call(node, torch.einsum) or not node.args or not isinstance(node.args[0], str):
+        return None
+    eq, ops = node.args[0], list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if "->" not in eq or len(ops) != 2 or node.kwargs:
+        return None
+    lhs, rhs = eq.replace(" ", "").split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    tokens = [re.findall(r"\.\.\.|[A-Za-z]", t) for t in (*parts, rhs)]
+    if any("".join(t) != x for t, x in zip(tokens, (*parts, rhs))):
+        return None
+    return tokens[:2], tokens[2], ops
+
+
+def _einsum_product(node: Any, first: str) -> Optional[tuple[Any, Any]]:
+    """The operands of `einsum('<B>ik,<B>jk-><B>ij', a, b)` (first="ij", a @ bᵀ: the scores from q
+    and k) or of `einsum('<B>ij,<B>jk-><B>ik', a, b)` (first="jk", a @ b: probabilities times v),
+    for any shared batch subscripts <B> in the same order; None otherwise."""
+    terms = _einsum_terms(node)
+    if terms is None:
+        return None
+    (a, b), out, ops = terms
+    if len(a) < 2 or len(b) != len(a) or len(out) != len(a):
+        return None
+    batch, (i, x), (y, z), (o1, o2) = a[:-2], a[-2:], b[-2:], out[-2:]
+    if b[:-2] != batch or out[:-2] != batch or len(set(batch)) != len(batch):
+        return None
+    if first == "ij":  # a: i k, b: j k, out: i j
+        ok = z == x and o1 == i and o2 == y and len({i, y, x}) == 3
+    else:  # a: i j, b: j k, out: i k
+        ok = y == x and o1 == i and o2 == z and len({i, x, z}) == 3
+    return tuple(ops) if ok and not ({i, x, y, z} & set(batch)) else None
+
+
+def _row_max_of(m: Any, x: fx.Node) -> list:
+    """The nodes of `x.amax(-1, keepdim=True)` or `x.max(-1, keepdim=True)[0]/.values`, optionally
+    `.detach()`ed, when `m` is that (the max a numerically careful softmax subtracts first; softmax
+    is shift invariant); else []."""
+    nodes = []
+    if is_method(m, "detach") or is_call(m, torch.detach):
+        nodes.append(m)
+        m = m.args[0]
+    if is_call(m, operator.getitem) and m.args[1] == 0 or is_call(m, getattr) and m.args[1] == "values":
+        nodes.append(m)
+        m = m.args[0]
+        reduce = ("max",)
+    else:
+        reduce = ("amax",)
+    if not (is_method(m, *reduce) or is_call(m, *(getattr(torch, r) for r in reduce))) or m.args[0] is not x:
+        return []
+    dim, keep = arg(m, 1, "dim", None), arg(m, 2, "keepdim", False)
+    shape = shape_of(x)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1 or keep is not True:
+        return []
+    return [*nodes, m]
+
+
 def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
     if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)):
         return None
@@ -281,28 +352,39 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     if shape is None or dim is None or int(dim) % len(shape) != len(shape) - 1:
         return None
     chain = [node]
-    # -- walk up from the softmax: casts and constant scales, then QKᵀ ------------------------
+
+    def only_feeds_chain(n: fx.Node) -> bool:  # every user of n is part of the match
+        return all(u in chain for u in n.users)
+
+    # -- walk up from the softmax: casts, constant scales, a subtracted row max, then QKᵀ ---------
     s, scale = node.args[0], 1.0
     while True:
-        if is_cast(s) and single_user(s):
+        if is_cast(s) and only_feeds_chain(s):
             chain.append(s)
             s = s.args[0]
-        elif is_call(s, *_MUL) and single_user(s) and (_const(s.args[1]) is not None or _const(s.args[0]) is not None):
+        elif is_call(s, *_MUL) and only_feeds_chain(s) and (_const(s.args[1]) is not None or _const(s.args[0]) is not None):
             c = _const(s.args[1]) if _const(s.args[1]) is not None else _const(s.args[0])
             chain.append(s)
             s = s.args[0] if _const(s.args[1]) is not None else s.args[1]
             scale *= c
-        elif is_call(s, *_DIV) and single_user(s) and _const(s.args[1]) is not None:
+        elif is_call(s, *_DIV) and only_feeds_chain(s) and _const(s.args[1]) is not None:
             chain.append(s)
             scale /= _const(s.args[1])
+            s = s.args[0]
+        elif is_call(s, *_SUB) and only_feeds_chain(s) and (row_max := _row_max_of(s.args[1], s.args[0])) \
+                and all(single_user(n) for n in row_max):
+            chain.extend([s, *row_max])
             s = s.args[0]
         else:
             break
     if is_call(s, *_ADD):
         return _reject("explicit", node, "additive bias or mask on the attention scores", {"scores": shape})
-    if is_call(s, *MATMUL) and single_user(s):
+    q = kt = k = None
+    if (qk := _einsum_product(s, "ij")) is not None and only_feeds_chain(s):
+        q, k = qk
+    elif is_call(s, *MATMUL) and only_feeds_chain(s):
         q, kt = s.args[0], s.args[1]
-    elif is_call(s, torch.baddbmm) and single_user(s):
+    elif is_call(s, torch.baddbmm) and only_feeds_chain(s):
         kw = fn_kwargs(s) or {}
         if _const(kw.get("beta", 1)) != 0:
             return _reject("explicit", node, "baddbmm adds a bias to the scores", {"scores": shape})
@@ -311,11 +393,12 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     else:
         return None
     chain.append(s)
-    k = _transposed_key(kt) if isinstance(kt, fx.Node) else None
     if k is None:
-        return None
-    if single_user(kt):
-        chain.append(kt)
+        k = _transposed_key(kt) if isinstance(kt, fx.Node) else None
+        if k is None:
+            return None
+        if single_user(kt):
+            chain.append(kt)
     # -- walk down: casts / no-op dropout, then P·V ------------------------------------------
     p = node
     while single_user(p):
@@ -328,9 +411,12 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     if not single_user(p):
         return _reject("explicit", node, "attention probabilities have other users", {"scores": shape})
     (pv,) = p.users
-    if not (is_call(pv, *MATMUL) and pv.args[0] is p):
+    if (pv_ops := _einsum_product(pv, "jk")) is not None and pv_ops[0] is p:
+        v = pv_ops[1]
+    elif is_call(pv, *MATMUL) and pv.args[0] is p:
+        v = pv.args[1]
+    else:
         return None
-    v = pv.args[1]
     chain.append(pv)
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
     key_layout = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
@@ -363,6 +449,6 @@ register_pattern(Pattern("sdpa", "attention", match_sdpa, priority=100,
 register_pattern(Pattern("sdpa_aten", "attention", match_sdpa_aten, priority=95,
                          description="SDPA backend ops (cuDNN, flash, efficient) with only their output used"))
 register_pattern(Pattern("explicit", "attention", match_explicit, priority=90,
-                         description="softmax(scale * Q Kᵀ) V with matmul/bmm/baddbmm"))
+                         description="softmax(scale * Q Kᵀ [- row max]) V with matmul/bmm/baddbmm/einsum"))
 register_pattern(Pattern("flex", "attention", match_flex, priority=80,
                          description="flex_attention: never rewritten, reported as rejected"))
