@@ -429,6 +429,11 @@ _SESSIONS_OF: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.Weak
 
 def _bump_tree_version(module, name, submodule):
     global _tree_version
+    if torch.compiler.is_compiling():
+        # a module built inside a compiled forward (Motif slices a ModuleList there) is a temporary
+        # that holds no session; bumping here would make Dynamo guard on the counter and replay
+        # the bump after every call: a recompile (and new, empty caches) on every call
+        return
     _tree_version += 1
 
 

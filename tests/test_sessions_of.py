@@ -96,3 +96,28 @@ def test_the_model_containing_a_module_is_kept_weakly_and_looked_up_once():
     del model, real
     gc.collect()
     assert ref() is None  # the kept lookup of `block` holds no strong reference to its model
+
+
+class SlicesBlocks(Net):
+    """A forward that builds a module while it runs: slicing a ModuleList makes a new one
+    (add_module), as MotifVideo's forward does."""
+
+    def forward(self, x, t, mask=None):
+        x = x + self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :]
+        for b in self.blocks[: len(self.blocks)]:
+            x = b(x, mask)
+        return x
+
+
+def test_modules_built_inside_a_compiled_forward_do_not_recompile_it(fresh_dynamo):
+    """The tree hook (installed by the first lookup: stats, set_step, follow_scheduler) ran inside
+    the traced forward: Dynamo guarded on its counter and replayed the bump after every call, so the
+    model recompiled on every call with new, empty caches, and never ran a sparse step."""
+    runtime.sessions_of(torch.nn.Linear(1, 1))  # what any earlier stats()/set_step does: the hook is in
+    assert runtime._tree_hook is not None
+    m = SlicesBlocks().eval()
+    cm = chip(m, CFG)
+    outs, refs = run(m, cm, 6)
+    assert fresh_dynamo["chipmunk"]["graphs"] == 1, dict(fresh_dynamo["chipmunk"])
+    steps = {k for s in chipmunk_compile.stats(cm)["sites"] for k in s["steps"]}
+    assert "sparse" in steps and not any(k.startswith("fallback") for k in fresh_dynamo["chipmunk"])
