@@ -8,8 +8,9 @@ product of a padding vector) with its conv grid from the graph before its data-d
 ERNIE-Image's sequence-first feed-forwards, PRX's image queries over text + image keys, and
 the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + their own) and its
 prefill (image queries, the tail of the joint sequence, over all of its keys), and
-FLUX.2 Klein (cached reference keys between the own text and image keys), and Krea 2's grid in
-the image rows of its joint text + image position ids; Wan-Animate-2, whose own forward makes no
+FLUX.2 Klein (cached reference keys between the own text and image keys), Krea 2's grid in
+the image rows of its joint text + image position ids, and DiTs written outside diffusers
+(nn.MultiheadAttention, nn.TransformerEncoder, einsum attention); Wan-Animate-2, whose own forward makes no
 graph while one of its methods resumes in one (its session never advances: the blocks must not
 follow it)."""
 
@@ -47,11 +48,19 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("flux2_kv_cached", 3, "position ids input img_ids h×w 12×12, tile 8×8, text 8 first"),
     # one joint id table: 8 text rows at the origin, then the image grid
     ("krea2", 5, "position ids input position_ids after 8 other rows h×w 12×12"),
+    # DiTs written outside diffusers (arch_zoo_research.py): nn.MultiheadAttention and
+    # nn.TransformerEncoder (opaque calls in Dynamo's graph) and einsum attention with the row max
+    # subtracted were not seen as attention (nor the encoder layer's feed-forward as an MLP)
+    ("research_timm", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
+    ("research_mha", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
+    ("research_encoder", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
+    ("research_einsum", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
     assert row["status"] == "ok", row["note"]
     assert row["mlp"] == mlp_sites and row["attn"] >= 1
+    assert not name.startswith("research_") or row["attn"] == 2  # one attention site per block
     assert grouping in row["grouping"]
     assert float(row["dense_err"]) < 1e-5
     # sparse steps ran and beat reusing the previous output (Z-Image's output moves 0.38 per call)
