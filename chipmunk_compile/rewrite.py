@@ -1,17 +1,15 @@
 """Find Chipmunk sites in a Dynamo graph and replace them with `chipmunk::*` ops.
 
 Invariants:
-- Matching is pure (patterns return records); this module is the only graph writer.
+- Matching is pure (patterns return records); this module (and `rewrite_multihead`, which it calls
+  first) are the only graph writers.
 - Each matched site is replaced by exactly one `torch.ops.chipmunk.attention` or
   `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
   of a key-padding mask, weight slices, for the parallel MLP form one dense linear + add, and for a
   first linear fused with other projections one dense linear per other column range), and the
   matched nodes are erased once they have no users. Nothing else in the graph changes.
-- Before matching, each `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` call that can be
-  written out exactly (see `patterns/multihead.py`) is replaced by the ops it runs (projections,
-  SDPA, and for the layer its norms and feed-forward), each new node with its fake value, so that
-  the attention and MLP inside are matched like any other; this happens whether or not they then
-  become sites, and computes the same.
+- Before matching, `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
+  `nn.TransformerEncoderLayer` call it can out as the ops it runs (the one other graph writer).
 - Placeholders are never added or removed (Dynamo re-reads them after the backend returns).
 - Layer index: the k-th attention site of the graph is layer k; an MLP site takes the layer of
   the closest attention site before it (0 when none), so "first n layers dense" means blocks.
@@ -28,7 +26,6 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
@@ -37,7 +34,7 @@ from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
 from .patterns.fx_utils import module_path, shape_of, val
 from .patterns.low_rank import AdaptedWeight, adapter_count, weight_shape
-from .patterns.multihead import multihead_call, padding_bools
+from .rewrite_multihead import expand_multihead
 from .runtime import Session
 
 log = logging.getLogger("chipmunk_compile")
@@ -75,107 +72,6 @@ def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
             ctx.claimed.update(result.nodes)
             break
     return matches, rejections
-
-
-def expand_multihead(gm: fx.GraphModule) -> int:
-    """Write out every `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` call that
-    `patterns.multihead` can (its `reason` is None) as the ops it runs; returns how many."""
-    count = 0
-    for node in list(gm.graph.nodes):  # read each call when reached: an earlier write-out may feed it
-        call = multihead_call(node)
-        if call is not None and call.reason is None:
-            _write_out_multihead(gm.graph, call)
-            count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
-
-
-def _write_out_multihead(graph: fx.Graph, call) -> None:
-    node = call.node
-    fake_mode = val(call.query).fake_mode
-
-    def fake(n):  # parameters may carry real tensors, or fakes of another mode, as example values
-        v = val(n)
-        if isinstance(v, torch.Tensor) and getattr(v, "fake_mode", None) is not fake_mode:
-            with fake_mode:
-                return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-        return v
-
-    def emit(op: str, target, *args, **kwargs) -> fx.Node:
-        new = graph.create_node(op, target, args, kwargs)
-        fargs, fkw = fx.node.map_arg((args, kwargs), fake)
-        with fake_mode:
-            new.meta["example_value"] = getattr(fargs[0], target)(*fargs[1:], **fkw) if op == "call_method" \
-                else target(*fargs, **fkw)
-        _copy_meta(new, node)
-        return new
-
-    heads, width, linear = call.heads, call.width, torch._C._nn.linear
-    # token axes: (L, B, E) -> (B, H, L, E / H) and back; batch-first (B, L, E) likewise
-    to_heads, from_heads = ((1, 2, 0, 3), (2, 0, 1, 3)) if call.seq_first else ((0, 2, 1, 3), (0, 2, 1, 3))
-    unpack = (2, 1, 3, 0, 4) if call.seq_first else (2, 0, 3, 1, 4)  # (.., .., 3, H, E / H) -> (3, B, H, L, ..)
-
-    def rows(t, i):  # the i-th third of a packed (3E, ...) projection weight or bias
-        return None if t is None else emit("call_function", operator.getitem, t, slice(i * width, (i + 1) * width))
-
-    def attention(x_q, x_k, x_v):
-        if call.sep_w is None and x_q is x_k is x_v:  # self-attention: one packed projection
-            qkv = emit("call_method", "unflatten", emit("call_function", linear, x_q, call.in_w, call.in_b),
-                       -1, (3, heads, -1))
-            qkv = emit("call_method", "permute", qkv, *unpack)
-            q, k, v = (emit("call_function", operator.getitem, qkv, i) for i in range(3))
-        else:
-            ws = call.sep_w or [rows(call.in_w, i) for i in range(3)]
-            q, k, v = (emit("call_method", "permute", emit("call_method", "unflatten", emit(
-                "call_function", linear, x, w, rows(call.in_b, i)), -1, (heads, -1)), *to_heads)
-                for i, (x, w) in enumerate(zip((x_q, x_k, x_v), ws)))
-        mask = None
-        if call.key_padding_mask is not None:  # True = ignore; SDPA's boolean mask: True = attend
-            mask = emit("call_method", "logical_not", padding_bools(call.key_padding_mask))
-            mask = emit("call_method", "unsqueeze", emit("call_method", "unsqueeze", mask, 1), 1)
-        o = emit("call_function", F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
-        o = emit("call_method", "flatten", emit("call_method", "permute", o, *from_heads), 2)
-        return emit("call_function", linear, o, call.out_w, call.out_b)
-
-    with graph.inserting_before(node):
-        if not call.layer:
-            out = attention(call.query, call.key, call.value)
-        else:  # nn.TransformerEncoderLayer: (pre- or post-) norm, attention, feed-forward, residuals
-            lay = call.layer
-
-            def norm(x, i):
-                return emit("call_function", F.layer_norm, x, (width,), lay[f"norm_weight_{i}"],
-                            lay[f"norm_bias_{i}"], lay["eps"])
-
-            def feed_forward(x):
-                h = emit("call_function", linear, x, lay["ffn_weight_1"], lay["ffn_bias_1"])
-                h = emit("call_function", F.gelu if lay["use_gelu"] else F.relu, h)
-                return emit("call_function", linear, h, lay["ffn_weight_2"], lay["ffn_bias_2"])
-
-            x = call.query
-            if lay["norm_first"]:
-                h = norm(x, 1)
-                x = emit("call_function", operator.add, x, attention(h, h, h))
-                out = emit("call_function", operator.add, x, feed_forward(norm(x, 2)))
-            else:
-                x = norm(emit("call_function", operator.add, x, attention(x, x, x)), 1)
-                out = norm(emit("call_function", operator.add, x, feed_forward(x)), 2)
-    if call.returns_weights:
-        for user in list(node.users):  # getitem(call, 0) -> out; getitem(call, 1) has no user
-            if user.args[1] == 0:
-                user.replace_all_uses_with(out)
-            graph.erase_node(user)
-    else:
-        node.replace_all_uses_with(out)
-    graph.erase_node(node)
-    kpm = call.key_padding_mask  # its float form, when no longer used, goes too (an in-place fill)
-    if isinstance(kpm, fx.Node) and kpm is not padding_bools(kpm) and not kpm.users:
-        base = kpm.args[0]
-        graph.erase_node(kpm)
-        if isinstance(base, fx.Node) and not base.users:
-            graph.erase_node(base)
 
 
 def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list]:

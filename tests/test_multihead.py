@@ -159,3 +159,23 @@ def test_native_fast_path_is_written_out(fresh_dynamo):
     assert [(s.kind, s.pattern) for s in rep.sites] == [("attention", "sdpa")], str(rep)
     sc = run_steps(mod, lambda i: (tokens(i), {}))
     assert sc.get("attention_sparse", 0) > 0, sc
+
+
+def test_a_failed_write_out_leaves_the_call_as_it_was(fresh_dynamo, monkeypatch):
+    """All or nothing: a write-out that fails midway (here the SDPA step) removes what it made, the
+    call runs as before (exact), and the fallback is counted."""
+    import types
+
+    from chipmunk_compile import rewrite_multihead
+
+    def broken(*a, **k):
+        raise RuntimeError("no SDPA today")
+
+    monkeypatch.setattr(rewrite_multihead, "F", types.SimpleNamespace(
+        scaled_dot_product_attention=broken, layer_norm=None, gelu=None, relu=None))
+    mod = MhaBlock().eval()
+    rep = chipmunk_compile.inspect(mod, *tokens(0), config=SMALL)
+    assert not rep.sites and [r for r in rep.rejected if r.pattern == "multihead"], str(rep)
+    fresh_dynamo.clear()
+    run_steps(mod, lambda i: (tokens(i), {}))
+    assert fresh_dynamo["chipmunk"]["fallback:multihead_write_out_failed"] == 1
