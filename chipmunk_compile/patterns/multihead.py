@@ -6,7 +6,7 @@ pattern could see the softmax attention or the MLP in them.
 
 Invariants:
 - Pure: `multihead_call` reads a call into a `MultiheadCall`, whose `reason` says why it cannot be
-  written out exactly in public ops (None when it can). The rewrite (`rewrite.expand_multihead`)
+  written out exactly in public ops (None when it can). The rewrite (`rewrite_multihead.expand_multihead`)
   writes the supported calls out before matching: in-projection, `F.scaled_dot_product_attention`
   with MultiheadAttention's default scale, output projection, and for an encoder layer its two
   layer norms, residuals and `linear -> relu/gelu -> linear` feed-forward, in the order its
