@@ -8,7 +8,9 @@ attention and MLP spellings that a model nobody wrote glue for is likely to use.
 - `research_encoder`: an `nn.TransformerEncoder` (pre-norm GELU layers) over patch tokens, which
   runs as one fused op per layer under `no_grad`;
 - `research_einsum`: einsum attention with the scale on q and the row max subtracted before the
-  softmax, a GEGLU feed-forward (one linear chunked in halves).
+  softmax, a GEGLU feed-forward (one linear chunked in halves);
+- `research_checkpoint`: `research_timm`'s blocks run through `torch.utils.checkpoint.checkpoint`,
+  as training code leaves them (Dynamo records each as a higher-order op with its own subgraph).
 
 Invariant: every case is built seeded on the CPU in float32 (`zoo_common` conventions) and takes
 `hidden_states` (B, C, H, W) and `timestep` (B,), so the zoo's measurement drives it like any other.
@@ -21,6 +23,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from zoo_common import Case, _r
 
@@ -35,10 +38,12 @@ def _timestep_embedding(t: torch.Tensor, dim: int = DIM) -> torch.Tensor:
 
 
 class _PatchDiT(nn.Module):
-    """Conv patch embedding, timestep conditioning, `blocks`, linear unpatchify."""
+    """Conv patch embedding, timestep conditioning, `blocks` (optionally each through activation
+    checkpointing), linear unpatchify."""
 
-    def __init__(self, blocks: nn.ModuleList):
+    def __init__(self, blocks: nn.ModuleList, checkpointed: bool = False):
         super().__init__()
+        self.checkpointed = checkpointed
         self.x_embedder = nn.Conv2d(CH, DIM, PATCH, PATCH)
         self.t_embedder = nn.Sequential(nn.Linear(DIM, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
         self.blocks = blocks
@@ -49,7 +54,7 @@ class _PatchDiT(nn.Module):
         x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)
         cond = self.t_embedder(_timestep_embedding(timestep))
         for block in self.blocks:
-            x = block(x, cond)
+            x = checkpoint(block, x, cond, use_reentrant=False) if self.checkpointed else block(x, cond)
         x = self.final(x).reshape(b, h // PATCH, w // PATCH, PATCH, PATCH, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
@@ -148,9 +153,9 @@ class _EinsumBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
-def _case(blocks: nn.ModuleList) -> Case:
+def _case(blocks: nn.ModuleList, checkpointed: bool = False) -> Case:
     torch.manual_seed(0)
-    model = _PatchDiT(blocks)
+    model = _PatchDiT(blocks, checkpointed)
     torch.manual_seed(0)
     for p in model.parameters():  # adaLN-Zero's zero init would hide the blocks: random weights throughout
         nn.init.normal_(p, std=0.05)
@@ -173,9 +178,14 @@ def research_einsum():
     return _case(nn.ModuleList([_EinsumBlock() for _ in range(2)]))
 
 
+def research_checkpoint():
+    return _case(nn.ModuleList([_TimmBlock() for _ in range(2)]), checkpointed=True)
+
+
 RESEARCH_MODELS = {
     "research_timm": ("hand-written DiT: timm Attention (SDPA) + Mlp, adaLN-Zero", research_timm),
     "research_mha": ("hand-written DiT: nn.MultiheadAttention + nn.Sequential FF", research_mha),
     "research_encoder": ("hand-written DiT: nn.TransformerEncoder (fused fast path)", research_encoder),
     "research_einsum": ("hand-written DiT: einsum attention (row max subtracted) + GEGLU", research_einsum),
+    "research_checkpoint": ("hand-written DiT: timm blocks under activation checkpointing", research_checkpoint),
 }

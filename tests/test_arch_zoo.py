@@ -10,7 +10,7 @@ the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + t
 prefill (image queries, the tail of the joint sequence, over all of its keys), and
 FLUX.2 Klein (cached reference keys between the own text and image keys), Krea 2's grid in
 the image rows of its joint text + image position ids, and DiTs written outside diffusers
-(nn.MultiheadAttention, nn.TransformerEncoder, einsum attention); Wan-Animate-2, whose own forward makes no
+(nn.MultiheadAttention, nn.TransformerEncoder, einsum attention, checkpointed blocks); Wan-Animate-2, whose own forward makes no
 graph while one of its methods resumes in one (its session never advances: the blocks must not
 follow it)."""
 
@@ -55,6 +55,8 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("research_mha", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
     ("research_encoder", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
     ("research_einsum", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
+    # blocks under activation checkpointing: higher-order ops whose bodies the patterns never saw
+    ("research_checkpoint", 2, "conv2d patch embed h×w 12×12, tile 8×8"),
 ])
 def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     row = arch_zoo.measure(name)
