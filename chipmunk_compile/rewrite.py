@@ -1,15 +1,15 @@
 """Find Chipmunk sites in a Dynamo graph and replace them with `chipmunk::*` ops.
 
 Invariants:
-- Matching is pure (patterns return records); this module (and `rewrite_checkpoint` and
+- Matching is pure (patterns return records); this module (and `rewrite_subgraphs` and
   `rewrite_multihead`, which it calls first) are the only graph writers.
 - Each matched site is replaced by exactly one `torch.ops.chipmunk.attention` or
   `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
   of a key-padding mask, weight slices, for the parallel MLP form one dense linear + add, and for a
   first linear fused with other projections one dense linear per other column range), and the
   matched nodes are erased once they have no users. Nothing else in the graph changes.
-- Before matching, `rewrite_checkpoint.inline_checkpoints` inlines activation-checkpointed regions
-  and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
+- Before matching, `rewrite_subgraphs.inline_subgraphs` inlines activation-checkpointed regions
+  and nested compile regions, and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
   `nn.TransformerEncoderLayer` call it can out as the ops it runs, so the patterns see inside them.
 - Placeholders are never added or removed (Dynamo re-reads them after the backend returns).
 - Layer index: the k-th attention site of the graph is layer k; an MLP site takes the layer of
@@ -35,7 +35,7 @@ from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
 from .patterns.fx_utils import module_path, shape_of, val
 from .patterns.low_rank import AdaptedWeight, adapter_count, weight_shape
-from .rewrite_checkpoint import inline_checkpoints
+from .rewrite_subgraphs import inline_subgraphs
 from .rewrite_multihead import expand_multihead
 from .runtime import Session
 
@@ -50,7 +50,7 @@ class Plan:
 
 
 def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
-    inline_checkpoints(gm)
+    inline_subgraphs(gm)
     expand_multihead(gm)
     ctx = MatchContext(config)
     patterns = registered_patterns()

@@ -1,6 +1,8 @@
-"""Activation checkpointing: Dynamo records `torch.utils.checkpoint.checkpoint(block, x)` as a
-higher-order op whose body the patterns never saw, so a DiT that checkpoints its blocks got no sites.
-The rewrite inlines the body first (checkpointing only changes what a backward recomputes)."""
+"""Higher-order ops whose subgraphs the patterns never saw: Dynamo records
+`torch.utils.checkpoint.checkpoint(block, x)` as `tag_activation_checkpoint` and, under no_grad, a
+call of a `torch.compiler.nested_compile_region` function as `invoke_subgraph`, each with the block
+as a subgraph of its own, so a DiT that checkpoints its blocks or marks them as a compile region got
+no sites. The rewrite inlines the bodies first (neither op changes the forward values)."""
 
 import pytest
 import torch
@@ -59,6 +61,43 @@ def test_checkpointed_blocks_get_sites(fresh_dynamo, nested):
     rep = chipmunk_compile.inspect(mod, *tokens(0), config=SMALL)
     assert sorted((s.kind, s.path) for s in rep.sites) == [
         ("attention", "blocks.0"), ("attention", "blocks.1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")], str(rep)
+    cm = chip(mod, SMALL)
+    with torch.no_grad():
+        for i in range(3):
+            out, ref = cm(*tokens(i)), mod(*tokens(i))
+            assert max_rel(out, ref) < 1e-5, (i, max_rel(out, ref))
+    sc = step_counts(mod)
+    assert sc.get("attention_sparse", 0) > 0 and sc.get("mlp_sparse", 0) > 0, sc
+
+
+class RegionBlock(Block):
+    @torch.compiler.nested_compile_region
+    def forward(self, x):
+        return super().forward(x)
+
+
+class Regions(Checkpointed):
+    """Its blocks as one nested compile region: one body shared by both calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([RegionBlock() for _ in range(2)])
+
+    def _both(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")
+def test_nested_compile_region_blocks_get_sites(fresh_dynamo):
+    mod = Regions().eval()
+    with torch.no_grad():  # where Dynamo records invoke_subgraph
+        rep = chipmunk_compile.inspect(mod, *tokens(0), config=SMALL)
+    # the shared body was traced in blocks.0: its second copy's sites are named after it
+    assert sorted((s.kind, s.path) for s in rep.sites) == [
+        ("attention", "blocks.0"), ("attention", "blocks.0#1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.0.fc2#1")], str(rep)
     cm = chip(mod, SMALL)
     with torch.no_grad():
         for i in range(3):
