@@ -203,6 +203,39 @@ def test_explicit_attention(fresh_dynamo, mod):
     check(mod(), qkv, attention=1, pattern="explicit")
 
 
+class ExplicitMixedPrecision(nn.Module):
+    """Half-precision q/k/v with the scores computed in float32: q and k upcast before the product
+    (`upcast="qk"`: a site, on the half-precision q/k), or only v upcast (`upcast="v"`: q, k and v
+    of different dtypes, rejected)."""
+
+    def __init__(self, upcast):
+        super().__init__()
+        self.upcast = upcast
+
+    def forward(self, q, k, v, t):
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        if self.upcast == "qk":
+            p = (q.float() @ k.float().transpose(-1, -2) * 0.3).softmax(dim=-1).to(v.dtype)
+            return (p @ v).float()
+        p = (q @ k.transpose(-1, -2) * 0.3).float().softmax(dim=-1)
+        return p @ v.float()
+
+
+def test_explicit_attention_with_exact_upcasts(fresh_dynamo):
+    """Before: the site took float32 q/k and a bfloat16 v, and the op raised on the first call."""
+    rep = check(ExplicitMixedPrecision("qk"), qkv, attention=1, pattern="explicit", tol=2e-2)
+    assert rep.sites[0].shapes["q"] == (B, H, N, D)
+
+
+def test_explicit_attention_of_mixed_dtypes_is_rejected(fresh_dynamo):
+    mod = ExplicitMixedPrecision("v").eval()
+    rep = rejected(mod, qkv(0))
+    assert [r for r in rep.rejected if "different dtypes" in r.reason], str(rep)
+    cm = chip(mod, SMALL)
+    with torch.no_grad():
+        assert max_rel(cm(*qkv(1)), mod(*qkv(1))) < 1e-6
+
+
 @pytest.mark.parametrize("qk, pv, stabilize", [
     ("bhid,bhjd->bhji", "bhji,bhjd->bhid", None),  # scores transposed: softmax over the queries
     ("bhid,bhjd->bhij", "bhij,bhid->bhjd", None),  # not P·V

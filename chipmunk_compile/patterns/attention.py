@@ -16,7 +16,9 @@ Invariants:
 - The explicit form: softmax over the last axis of (casts, constant scales, a subtracted
   `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant)
   of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by transpose/permute/mT), baddbmm with beta 0,
-  or a two-operand `torch.einsum` whose subscripts say exactly that product.
+  or a two-operand `torch.einsum` whose subscripts say exactly that product. q and k upcast
+  exactly to float32 from v's half precision are taken before the cast; q, k and v of different
+  dtypes otherwise are a `Rejection` (the op takes one dtype).
 - Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
 - `flex_attention` (a score_mod or block mask: arbitrary code per score) never matches; it becomes
   a `Rejection`, so inspect() says why such a model has no attention sites.
@@ -344,6 +346,20 @@ def _row_max_of(m: Any, x: fx.Node) -> list:
     return [*nodes, m]
 
 
+def _exact_upcast_input(x: Any, dtype, chain: list) -> Any:
+    """The half-precision input of `x` when `x` is its exact upcast to float32 (`q.float() @
+    k.float()ᵀ` in half-precision models: the kernels' float32 accumulation gives the same scores),
+    the cast then joining the match if nothing else uses it; else `x`."""
+    xv, src = val(x), x.args[0] if is_cast(x) and x.args else None
+    sv = val(src)
+    if not (isinstance(xv, torch.Tensor) and isinstance(sv, torch.Tensor)) or xv.dtype != torch.float32 \
+            or sv.dtype != dtype or dtype not in (torch.float16, torch.bfloat16):
+        return x
+    if single_user(x):
+        chain.append(x)
+    return src
+
+
 def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
     if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)):
         return None
@@ -418,7 +434,12 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     else:
         return None
     chain.append(pv)
+    v_dtype = getattr(val(v), "dtype", None)
+    q, k = (_exact_upcast_input(t, v_dtype, chain) for t in (q, k))
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
+    dtypes = {getattr(val(t), "dtype", None) for t in (q, k, v)}
+    if len(dtypes) != 1:
+        return _reject("explicit", node, f"q, k and v of different dtypes ({', '.join(map(str, dtypes))})", shapes)
     key_layout = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
     if isinstance(key_layout, Rejection):
         return key_layout
