@@ -3,7 +3,8 @@
 `nn.TransformerEncoderLayer` (which calls, and why the others stay: `patterns/multihead.py`).
 
 Invariants:
-- Called by `rewrite.find_matches` before any pattern runs; one of the two graph writers.
+- Called by `rewrite.find_matches` before any pattern runs (after `rewrite_subgraphs`); one of the
+  graph writers.
 - A call is replaced by the public ops `F.multi_head_attention_forward` runs for it (in-projection,
   `F.scaled_dot_product_attention` at the default scale, output projection; for an encoder layer
   also its layer norms, residuals and feed-forward, in its `norm_first` order), so the result is
