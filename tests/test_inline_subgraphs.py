@@ -55,25 +55,13 @@ def tokens(step):
     return torch.randn(B, N, C, generator=g) * (1 + 0.05 * step), torch.tensor([1000.0 - 100 * step])
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_checkpointed_blocks_get_sites(fresh_dynamo, nested):
-    mod = Checkpointed(nested).eval()
-    rep = chipmunk_compile.inspect(mod, *tokens(0), config=SMALL)
-    assert sorted((s.kind, s.path) for s in rep.sites) == [
-        ("attention", "blocks.0"), ("attention", "blocks.1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")], str(rep)
-    cm = chip(mod, SMALL)
-    with torch.no_grad():
-        for i in range(3):
-            out, ref = cm(*tokens(i)), mod(*tokens(i))
-            assert max_rel(out, ref) < 1e-5, (i, max_rel(out, ref))
-    sc = step_counts(mod)
-    assert sc.get("attention_sparse", 0) > 0 and sc.get("mlp_sparse", 0) > 0, sc
-
-
 class RegionBlock(Block):
-    @torch.compiler.nested_compile_region
     def forward(self, x):
         return super().forward(x)
+
+
+if hasattr(torch.compiler, "nested_compile_region"):  # torch >= 2.8
+    RegionBlock.forward = torch.compiler.nested_compile_region(RegionBlock.forward)
 
 
 class Regions(Checkpointed):
@@ -90,14 +78,23 @@ class Regions(Checkpointed):
         return x
 
 
-@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")
-def test_nested_compile_region_blocks_get_sites(fresh_dynamo):
-    mod = Regions().eval()
-    with torch.no_grad():  # where Dynamo records invoke_subgraph
+OWN_PATHS = [("attention", "blocks.0"), ("attention", "blocks.1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")]
+# a region's shared body was traced in blocks.0: its second copy's sites are named after it
+SHARED_PATHS = [("attention", "blocks.0"), ("attention", "blocks.0#1"), ("mlp", "blocks.0.fc2"),
+                ("mlp", "blocks.0.fc2#1")]
+
+
+@pytest.mark.parametrize("make, paths", [
+    (lambda: Checkpointed(nested=False), OWN_PATHS),
+    (lambda: Checkpointed(nested=True), OWN_PATHS),
+    pytest.param(Regions, SHARED_PATHS, marks=pytest.mark.skipif(
+        not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")),
+], ids=["checkpoint", "nested-checkpoint", "nested-compile-region"])
+def test_blocks_inside_subgraphs_get_sites(fresh_dynamo, make, paths):
+    mod = make().eval()
+    with torch.no_grad():  # where Dynamo records invoke_subgraph for a compile region
         rep = chipmunk_compile.inspect(mod, *tokens(0), config=SMALL)
-    # the shared body was traced in blocks.0: its second copy's sites are named after it
-    assert sorted((s.kind, s.path) for s in rep.sites) == [
-        ("attention", "blocks.0"), ("attention", "blocks.0#1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.0.fc2#1")], str(rep)
+    assert sorted((s.kind, s.path) for s in rep.sites) == paths, str(rep)
     cm = chip(mod, SMALL)
     with torch.no_grad():
         for i in range(3):
