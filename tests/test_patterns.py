@@ -240,6 +240,8 @@ def test_explicit_attention_of_mixed_dtypes_is_rejected(fresh_dynamo):
     ("bhid,bhjd->bhji", "bhji,bhjd->bhid", None),  # scores transposed: softmax over the queries
     ("bhid,bhjd->bhij", "bhij,bhid->bhjd", None),  # not P·V
     ("bhid,bhjd->bhij", "bhij,bhjd->bhid", "min"),  # the row min subtracted: not the shift-free form
+    # a trailing ellipsis contracts every feature axis (here heads and head dim together)
+    ("bi...,bj...->bij", "bij,bj...->bi...", None),
 ])
 def test_einsum_that_is_not_attention_is_left_alone(fresh_dynamo, qk, pv, stabilize):
     class Other(ExplicitEinsum):

@@ -314,6 +314,8 @@ def _einsum_product(node: Any, first: str) -> Optional[tuple[Any, Any]]:
     batch, (i, x), (y, z), (o1, o2) = a[:-2], a[-2:], b[-2:], out[-2:]
     if b[:-2] != batch or out[:-2] != batch or len(set(batch)) != len(batch):
         return None
+    if "..." in (i, x, y, z, o1, o2):  # a trailing ellipsis may hide more contracted axes than one
+        return None
     if first == "ij":  # a: i k, b: j k, out: i j
         ok = z == x and o1 == i and o2 == y and len({i, y, x}) == 3
     else:  # a: i j, b: j k, out: i k
