@@ -13,8 +13,10 @@ Invariants:
   compiler reuse one compiled body. So each call is replaced by a copy of its body (its nodes with
   their fake values and module stacks, its inputs bound to the call's operands, its attributes (a
   nested body) carried over under new names), and the call's `getitem` users take the copied
-  outputs. Nested regions are inlined in turn. A shared body's copies keep the module stack it was
-  traced in (the first caller's), so their sites share a path (`blocks.0`, `blocks.0#1`, ...).
+  outputs. Nested regions are inlined in turn. A shared body was traced in its first caller: the
+  module stacks of each copy are re-rooted at its own caller (the call's innermost module, when it
+  is of the same class as the body's outermost one), so sites keep their callers' paths
+  (`blocks.1.fc2`, not the first caller's `blocks.0.fc2`).
 - A call whose body is not a graph attribute, whose inputs do not line up with its operands, or
   whose result is used other than through `getitem` of a constant index stays as it is.
 - Called by `rewrite.find_matches` before any pattern runs; one of the graph writers.
@@ -50,6 +52,27 @@ def inline_subgraphs(gm: fx.GraphModule) -> int:
     return count
 
 
+def _reroot(node: fx.Node, body: fx.GraphModule):
+    """A function that moves a body node's module stack from the module the body was traced in to
+    the call's own module, or None when they are the same or cannot be told apart."""
+    call_stack = list((node.meta.get("nn_module_stack") or {}).items())
+    roots = [next(iter(st.values())) for n in body.graph.nodes if (st := n.meta.get("nn_module_stack"))]
+    if not call_stack or not roots:
+        return None
+    (body_path, body_cls), (_, (call_path, call_cls)) = roots[0], call_stack[-1]
+    if body_path == call_path or body_cls is not call_cls or any(r != roots[0] for r in roots):
+        return None
+
+    def reroot(stack: dict) -> dict:
+        moved = dict(call_stack)  # the caller's stack, then the body's inner modules under it
+        for key, (path, cls) in list(stack.items())[1:]:
+            moved[f"{key}@{call_path}"] = (call_path + path[len(body_path):], cls) if path.startswith(body_path) \
+                else (path, cls)
+        return moved
+
+    return reroot
+
+
 def _inline(gm: fx.GraphModule, node: fx.Node, lead: int) -> bool:
     body_node, args = node.args[0], node.args[lead:]
     body = getattr(gm, body_node.target, None) if isinstance(body_node, fx.Node) and body_node.op == "get_attr" \
@@ -65,6 +88,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, lead: int) -> bool:
            for u in node.users):
         return False
     env = dict(zip(inputs, args))
+    reroot = _reroot(node, body)
     with gm.graph.inserting_before(node):
         for n in body.graph.nodes:
             if n.op in ("placeholder", "output"):
@@ -78,6 +102,8 @@ def _inline(gm: fx.GraphModule, node: fx.Node, lead: int) -> bool:
                 env[n].meta = dict(n.meta)
                 continue
             env[n] = gm.graph.node_copy(n, lambda a: env[a])
+            if reroot is not None and "nn_module_stack" in n.meta:
+                env[n].meta["nn_module_stack"] = reroot(n.meta["nn_module_stack"])
     for user in list(node.users):
         user.replace_all_uses_with(fx.node.map_arg(results[user.args[1]], lambda a: env[a]))
         gm.graph.erase_node(user)

@@ -78,16 +78,14 @@ class Regions(Checkpointed):
         return x
 
 
-OWN_PATHS = [("attention", "blocks.0"), ("attention", "blocks.1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")]
-# a region's shared body was traced in blocks.0: its second copy's sites are named after it
-SHARED_PATHS = [("attention", "blocks.0"), ("attention", "blocks.0#1"), ("mlp", "blocks.0.fc2"),
-                ("mlp", "blocks.0.fc2#1")]
+# each block's sites by its own path (a region's shared body, traced in blocks.0, re-rooted per call)
+PATHS = [("attention", "blocks.0"), ("attention", "blocks.1"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")]
 
 
 @pytest.mark.parametrize("make, paths", [
-    (lambda: Checkpointed(nested=False), OWN_PATHS),
-    (lambda: Checkpointed(nested=True), OWN_PATHS),
-    pytest.param(Regions, SHARED_PATHS, marks=pytest.mark.skipif(
+    (lambda: Checkpointed(nested=False), PATHS),
+    (lambda: Checkpointed(nested=True), PATHS),
+    pytest.param(Regions, PATHS, marks=pytest.mark.skipif(
         not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")),
 ], ids=["checkpoint", "nested-checkpoint", "nested-compile-region"])
 def test_blocks_inside_subgraphs_get_sites(fresh_dynamo, make, paths):
@@ -102,3 +100,14 @@ def test_blocks_inside_subgraphs_get_sites(fresh_dynamo, make, paths):
             assert max_rel(out, ref) < 1e-5, (i, max_rel(out, ref))
     sc = step_counts(mod)
     assert sc.get("attention_sparse", 0) > 0 and sc.get("mlp_sparse", 0) > 0, sc
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")
+def test_path_overrides_reach_each_call_of_a_shared_region(fresh_dynamo):
+    """The shared body was traced in blocks.0; an override of blocks.1 must reach blocks.1's copy."""
+    config = {**SMALL, "overrides": {"blocks.1*": {"attn": {"enabled": False}}}}
+    with torch.no_grad():
+        rep = chipmunk_compile.inspect(Regions().eval(), *tokens(0), config=config)
+    assert sorted((s.kind, s.path) for s in rep.sites) == [
+        ("attention", "blocks.0"), ("mlp", "blocks.0.fc2"), ("mlp", "blocks.1.fc2")], str(rep)
+    assert [(r.path, r.reason) for r in rep.rejected if r.kind == "attention"] == [("blocks.1", "disabled by config")]
