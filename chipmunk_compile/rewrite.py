@@ -33,7 +33,7 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
 from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
-from .patterns.fx_utils import module_path, shape_of, val
+from .patterns.fx_utils import copy_provenance, module_path, shape_of, val
 from .patterns.low_rank import AdaptedWeight, adapter_count, weight_shape
 from .rewrite_subgraphs import inline_subgraphs
 from .rewrite_multihead import expand_multihead
@@ -173,12 +173,6 @@ def apply(gm: fx.GraphModule, pairs: list) -> None:
     gm.recompile()
 
 
-def _copy_meta(new: fx.Node, old: fx.Node) -> None:
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
-
-
 def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in sorted(set(nodes), key=lambda n: -order.get(n, -1)):
@@ -198,7 +192,7 @@ def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
         key_mask = _padding_vector(graph, key_src, batch) if key_src is not None else None
         new = graph.call_function(torch.ops.chipmunk.attention.default,
                                   (q, k, v, key_mask, m.scale, site.id))
-        _copy_meta(new, m.output)
+        copy_provenance(new, m.output)
         if m.query_mask is not None:  # padded queries attend to nothing: SDPA's row is zero
             rows = graph.call_method("reshape", (_padding_vector(graph, m.query_mask, batch), batch, 1, -1, 1))
             new = graph.call_function(torch.where, (rows, new, 0.0))
@@ -265,7 +259,7 @@ def _split_fused_first_linear(graph: fx.Graph, m) -> None:
             dense = graph.call_function(torch._C._nn.linear,
                                         (x, _slice(graph, (w, start, stop)),
                                          _slice(graph, (b, start, stop)) if b is not None else None))
-            _copy_meta(dense, node)
+            copy_provenance(dense, node)
             for key in ("example_value", "val"):  # same shape as the column range it replaces
                 if key in node.meta:
                     dense.meta[key] = node.meta[key]
@@ -281,16 +275,16 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
         x = m.x
         if seq_first:  # (S, B, C) -> (B, S, C): a view; the op reads strided rows
             x = graph.call_function(torch.transpose, (m.x, 0, 1))
-            _copy_meta(x, m.output)
+            copy_provenance(x, m.output)
 
         def sparse_mlp(w2, b2):
             op = graph.call_function(torch.ops.chipmunk.mlp.default, (x, w_act, b_act, w_lin, b_lin, w2, b2, m.act,
                                                                      site.id))
-            _copy_meta(op, m.output)
+            copy_provenance(op, m.output)
             if not seq_first:
                 return op
             back = graph.call_function(torch.transpose, (op, 0, 1))
-            _copy_meta(back, m.output)
+            copy_provenance(back, m.output)
             return back
 
         if m.cat_parts is None:
@@ -308,7 +302,7 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
             sparse = sparse_mlp(w2_mlp, None)
             dense = graph.call_function(torch._C._nn.linear, (other, w2_other, m.b2))
             new = graph.call_function(operator.add, (dense, sparse))
-            _copy_meta(dense, m.output)
+            copy_provenance(dense, m.output)
     m.output.replace_all_uses_with(new)
     _erase(graph, m.nodes)
     return new

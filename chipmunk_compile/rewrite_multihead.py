@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from .patterns.fx_utils import module_path, val
+from .patterns.fx_utils import copy_provenance, module_path, val
 from .patterns.multihead import multihead_call, padding_bools
 
 log = logging.getLogger("chipmunk_compile")
@@ -77,9 +77,7 @@ def _write_out(graph: fx.Graph, call, made: list) -> None:
         with fake_mode:
             new.meta["example_value"] = getattr(fargs[0], target)(*fargs[1:], **fkw) if op == "call_method" \
                 else target(*fargs, **fkw)
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in node.meta:
-                new.meta[key] = node.meta[key]
+        copy_provenance(new, node)
         return new
 
     heads, width, linear = call.heads, call.width, torch._C._nn.linear

@@ -1,6 +1,7 @@
 """Small helpers to read Dynamo FX graphs: call spellings, normalized arguments, fake values.
 
-Invariants: pure functions of nodes; nothing here edits a graph.
+Invariants: pure functions of nodes; nothing here edits a graph (`copy_provenance` only copies
+where a node came from onto a node that a graph writer has just made).
 """
 
 from __future__ import annotations
@@ -39,18 +40,23 @@ def fn_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
     return dict(nf.kwargs) if nf is not None else None
 
 
-def schema_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
+def schema_kwargs(node: fx.Node, op: Any = None) -> Optional[dict[str, Any]]:
     """All arguments of a call to a torch op (OpOverload or its packet) by schema name, defaults filled
-    in; None when the target has no schema."""
-    target = getattr(node.target, "default", node.target) if isinstance(node.target, torch._ops.OpOverloadPacket) \
-        else node.target
+    in; `op` names the op whose schema to read when the target has none of its own (a `torch.*`
+    builtin such as `torch._native_multi_head_attention`). None when there is no schema or the
+    call's arguments do not bind to it."""
+    target = op if op is not None else node.target
+    target = getattr(target, "default", target) if isinstance(target, torch._ops.OpOverloadPacket) else target
     schema = getattr(target, "_schema", None)
     if schema is None:
         return None
+    names = [a.name for a in schema.arguments]
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return None
     kw = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    kw.update({a.name: v for a, v in zip(schema.arguments, node.args)})
+    kw.update(zip(names, node.args))
     kw.update(node.kwargs)
-    return kw
+    return kw if all(n in kw for n in names) else None
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -131,6 +137,14 @@ def source_to_path(name: str) -> str:
     s = re.sub(r"\[(\d+)\]", r".\1", s)
     s = re.sub(r"\['([^']+)'\]", r".\1", s)
     return s.lstrip(".")
+
+
+def copy_provenance(new: fx.Node, old: fx.Node) -> None:
+    """Give a node a writer made the module stack and source of the node it stands for (module
+    paths, per-path overrides and grouping read them)."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
 
 
 def shape_of(node: Any) -> Optional[tuple]:

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .fx_utils import fn_kwargs, is_call, is_method, module_path, shape_of, val
+from .fx_utils import fn_kwargs, is_call, is_method, module_path, schema_kwargs, shape_of, val
 from .registry import Pattern, Rejection, register_pattern
 
 MHA_FORWARD = F.multi_head_attention_forward
@@ -90,7 +90,7 @@ def multihead_call(node: fx.Node) -> Optional[MultiheadCall]:
                              kw["out_proj_weight"], kw["out_proj_bias"], kw["key_padding_mask"], True, True)
         call.reason = _function_reason(kw)
     elif is_call(node, MHA_FAST_PATH):
-        kw = _aten_kwargs(node, torch.ops.aten._native_multi_head_attention.default)
+        kw = schema_kwargs(node, torch.ops.aten._native_multi_head_attention.default)
         if kw is None:
             return None
         call = MultiheadCall(node, kw["query"], kw["key"], kw["value"], kw["num_head"], kw["embed_dim"],
@@ -98,7 +98,7 @@ def multihead_call(node: fx.Node) -> Optional[MultiheadCall]:
                              False, True)
         call.reason = "nn.MultiheadAttention fast path with a mask" if kw["mask"] is not None else None
     elif is_call(node, ENCODER_LAYER_FAST_PATH):
-        kw = _aten_kwargs(node, torch.ops.aten._transformer_encoder_layer_fwd.default)
+        kw = schema_kwargs(node, torch.ops.aten._transformer_encoder_layer_fwd.default)
         if kw is None:
             return None
         src = kw["src"]
@@ -112,17 +112,6 @@ def multihead_call(node: fx.Node) -> Optional[MultiheadCall]:
         return None
     call.reason = call.reason or _common_reason(call)
     return call
-
-
-def _aten_kwargs(node: fx.Node, op) -> Optional[dict]:
-    """A `torch.*` builtin's call arguments by the name in its aten op's schema (defaults filled in)."""
-    args = op._schema.arguments
-    if len(node.args) > len(args) or any(k not in {a.name for a in args} for k in node.kwargs):
-        return None
-    kw = {a.name: a.default_value for a in args if a.has_default_value()}
-    kw.update({a.name: v for a, v in zip(args, node.args)})
-    kw.update(node.kwargs)
-    return kw if all(a.name in kw for a in args) else None
 
 
 def _function_reason(kw: dict) -> Optional[str]:
