@@ -60,6 +60,17 @@ def step_counts(model) -> dict[str, int]:
     return out
 
 
+def matches_eager(model, config: Any, calls, *, tol: float = 1e-5) -> dict[str, int]:
+    """`model` compiled with `config` gives eager's output on every call (`calls`: (args, kwargs)
+    per call, one step each) within `tol` (max_rel); returns the sites' step counts."""
+    compiled = chip(model, config)
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(calls):
+            out, ref = compiled(*args, **kwargs), model(*args, **kwargs)
+            assert max_rel(out, ref) < tol, (i, max_rel(out, ref))
+    return step_counts(model)
+
+
 def plan_sites(model, kwargs: dict, config: Any) -> list:
     """The sites the rewrite plans for `model` called on `kwargs` (analysis only: graphs unchanged)."""
     from chipmunk_compile import ChipmunkConfig

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import chipmunk_compile
 from chipmunk_compile.patterns.fx_utils import source_to_path
 
-from helpers import FULL_KEYS, ccount, cfg, chip, fresh_dynamo, max_rel, step_counts  # noqa: F401
+from helpers import FULL_KEYS, ccount, cfg, chip, fresh_dynamo, matches_eager, max_rel, step_counts  # noqa: F401
 
 B, H, N, D = 2, 2, 32, 8
 C = H * D
@@ -40,13 +40,7 @@ def check(mod, make_args, *, attention=0, mlp=0, config=SMALL, steps=3, pattern=
     assert (rep.count("attention"), rep.count("mlp")) == (attention, mlp), str(rep)
     if pattern is not None:
         assert {s.pattern for s in rep.sites} == {pattern}, str(rep)
-    cm = chip(mod, config)
-    with torch.no_grad():
-        for i in range(steps):
-            args = make_args(i)
-            out, ref = cm(*args), mod(*args)
-            assert max_rel(out, ref) < tol, (i, max_rel(out, ref))
-    sc = step_counts(mod)
+    sc = matches_eager(mod, config, [(make_args(i), {}) for i in range(steps)], tol=tol)
     if attention:
         assert sc.get("attention_dense", 0) + sc.get("attention_refresh", 0) + sc.get("attention_sparse", 0) == attention * steps
         assert steps < 3 or sc.get("attention_sparse", 0) > 0
