@@ -331,13 +331,11 @@ def _row_max_of(m: Any, x: fx.Node) -> list:
     if is_method(m, "detach") or is_call(m, torch.detach):
         nodes.append(m)
         m = m.args[0]
+    reduce = "amax"
     if is_call(m, operator.getitem) and m.args[1] == 0 or is_call(m, getattr) and m.args[1] == "values":
         nodes.append(m)
-        m = m.args[0]
-        reduce = ("max",)
-    else:
-        reduce = ("amax",)
-    if not (is_method(m, *reduce) or is_call(m, *(getattr(torch, r) for r in reduce))) or m.args[0] is not x:
+        m, reduce = m.args[0], "max"  # torch.max with a dim returns (values, indices)
+    if not (is_method(m, reduce) or is_call(m, getattr(torch, reduce))) or m.args[0] is not x:
         return []
     dim, keep = arg(m, 1, "dim", None), arg(m, 2, "keepdim", False)
     shape = shape_of(x)
