@@ -12,8 +12,11 @@ Invariants:
   and nested compile regions, and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
   `nn.TransformerEncoderLayer` call it can out as the ops it runs, so the patterns see inside them.
 - Placeholders are never added or removed (Dynamo re-reads them after the backend returns).
-- Layer index: the k-th attention site of the graph is layer k; an MLP site takes the layer of
-  the closest attention site before it (0 when none), so "first n layers dense" means blocks.
+- Layer index: attention sites count layers in graph order, one layer per block: a site in the
+  same innermost indexed module as the attention site before it (`blocks.3`: the two SDPAs of a
+  differential attention, self- and cross-attention of one block) shares its layer. An MLP site
+  takes the layer of the closest attention site before it (0 when none), so "first n layers
+  dense" means blocks.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
     matches, rejections = find_matches(gm, config)
     plan = Plan(rejections=rejections)
     n_attn = 0
+    last_block = None  # innermost indexed module of the previous attention site
     pairs = []
     # attention disabled by config still counts as a layer, so MLP layer numbers (and hence
     # `first_n_dense_layers`) do not depend on whether attention is sparsified
@@ -88,17 +92,20 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
     disabled = [r for r in rejections if r.kind == "attention" and r.reason == "disabled by config"]
     calls: dict = {}
     for m in sorted([*matches, *disabled], key=lambda item: order[item.anchor]):
-        if isinstance(m, Rejection):
-            n_attn += 1
-            continue
         module = module_path(m.anchor)
+        if isinstance(m, Rejection) or m.kind == "attention":
+            block = _innermost_block(module)
+            n_attn += block is None or block != last_block
+            last_block = block
+        if isinstance(m, Rejection):
+            continue
         attn_cfg, mlp_cfg = config.for_site(module)  # overrides match the module, whatever the call
         # a module called more than once (CogView4 runs one `ff` on the image and on the text
         # tokens) gives one site per call: the second and later calls are named path#1, path#2, ...
         k = calls[(m.kind, module)] = calls.get((m.kind, module), -1) + 1
         path = module if k == 0 else f"{module}#{k}"
         if m.kind == "attention":
-            layer, n_attn = n_attn, n_attn + 1
+            layer = n_attn - 1
             shapes = {"q": shape_of(m.q), "k": shape_of(m.k), "v": shape_of(m.v)}
             if m.mask_node is not None:
                 shapes["mask"] = shape_of(m.mask_node)
@@ -134,6 +141,14 @@ def _warn_per_call_folds() -> None:
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|#|$)")
+_INNERMOST_BLOCK = re.compile(r"^(.*\.\d+)(?:\.|#|$)")
+
+
+def _innermost_block(path: str) -> Optional[str]:
+    """The path up to its last index (`down.1.blocks.2.attn#1` -> `down.1.blocks.2`); None without one
+    (block-relative paths of regional compilation, a weight-shared block called in a loop)."""
+    m = _INNERMOST_BLOCK.match(path)
+    return m.group(1) if m else None
 
 
 def _layers_from_blocks(sites: list) -> None:

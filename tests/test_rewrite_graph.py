@@ -179,6 +179,46 @@ def test_layers_and_no_site_graph(fresh_dynamo):
     assert (c["attention_sites"], c["mlp_sites"]) == (3, 3)
 
 
+
+class DifferentialBlock(nn.Module):
+    """Differential attention (two SDPAs of one module, sharing v, subtracted) + MLP; the tail's
+    attention module is called twice as well, outside any indexed block."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 5 * C)
+        self.mlp = Mlp(F.gelu)
+
+    def forward(self, x, t):
+        b, n, _ = x.shape
+        q1, q2, k1, k2, v = (y.view(b, n, H, D).transpose(1, 2) for y in self.qkv(x).chunk(5, -1))
+        a = F.scaled_dot_product_attention(q1, k1, v) - 0.5 * F.scaled_dot_product_attention(q2, k2, v)
+        return self.mlp(x + a.transpose(1, 2).reshape(b, n, C), t)
+
+
+def test_layers_count_blocks_not_attention_calls(fresh_dynamo):
+    """Both SDPAs of a block's differential attention are one layer (they were layers 2k and 2k+1:
+    `first_n_dense_layers` covered half the blocks it names); sites outside an indexed block
+    (a module called in a loop) still count one layer per call."""
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([DifferentialBlock() for _ in range(2)])
+            self.tail = DifferentialBlock()
+
+        def forward(self, x, t):
+            for b in [*self.blocks, self.tail, self.tail]:
+                x = b(x, t)
+            return x
+
+    g, _, _ = diff(Stack(), tokens(0))
+    assert [(s.kind, s.path, s.layer) for s in g["plan"].sites] == [
+        ("attention", "blocks.0", 0), ("attention", "blocks.0#1", 0), ("mlp", "blocks.0.mlp.fc2", 0),
+        ("attention", "blocks.1", 1), ("attention", "blocks.1#1", 1), ("mlp", "blocks.1.mlp.fc2", 1),
+        ("attention", "tail", 2), ("attention", "tail#1", 3), ("mlp", "tail.mlp.fc2", 3),
+        ("attention", "tail#2", 4), ("attention", "tail#3", 5), ("mlp", "tail.mlp.fc2#1", 5)]
+
 def test_no_sites_no_diff(fresh_dynamo):
     g, removed, added = diff(Nothing(), tokens(0))
     assert not removed and not added
