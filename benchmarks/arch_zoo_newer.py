@@ -602,6 +602,133 @@ def minimax_music3():
                         encoder_hidden_states=_r(1, n, 8, seed=2), return_dict=False))
 
 
+# ---------------------------------------------------------------------------------------------
+# session 35: the rest of diffusers 0.42.1's transformers
+# ---------------------------------------------------------------------------------------------
+def lumina_next():
+    # Lumina-Next: per block one self-attention (to_out = Identity, all-True bool mask) and one text cross-attention
+    # that share the query input; their (B, N, heads, d) outputs are summed (cross gated by tanh(gate), zero-init:
+    # re-initialised) before attn2.to_out; complex 2-D RoPE table as an input (the pipeline passes 384 x 384, the
+    # patch embedding cuts it); sandwich RMSNorms around each branch
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    m = _build("LuminaNextDiT2DModel", sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+               num_attention_heads=2, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=0.75,  # FFN 64
+               cross_attention_dim=32)
+    for i, layer in enumerate(m.layers):
+        torch.nn.init.normal_(layer.gate, std=0.5, generator=torch.Generator().manual_seed(5 + i))
+    return Case(m, dict(hidden_states=_r(1, 4, 24, 24), timestep=torch.tensor([0.5]),
+                        encoder_hidden_states=_r(1, 8, 32, seed=2), encoder_mask=torch.ones(1, 8, dtype=torch.long),
+                        image_rotary_emb=get_2d_rotary_pos_embed_lumina(16, 384, 384),
+                        # the pipeline's proportional attention: a constant softmax scale
+                        cross_attention_kwargs={"base_sequence_length": 64}, return_dict=False))
+
+
+def cosmos3_omni():
+    # packed mixture-of-transformers (Qwen3-style backbone) with no batch axis: every activation is (tokens, C). A
+    # causal text ("und") prefix and the vision ("gen") tokens run through separate weights; the vision queries
+    # attend to cat(text keys, vision keys) (non-causal), the text queries to the text keys (causal). Pipeline layout
+    # (t2v, every frame noisy): 8 text tokens at mRoPE ids (i, i, i), then 3x6x6 vision patches at
+    # (8 + 15000 + t, h, w); GQA (2 query heads, 1 kv head); per-token timesteps
+    m = _build("Cosmos3OmniTransformer", head_dim=16, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+               num_key_value_heads=1, num_hidden_layers=2, latent_channel=4, latent_patch_size=2,
+               patch_latent_dim=16, vocab_size=64, rope_axes_dim=(4, 2, 2))
+    n_txt, f, h, w = 8, 3, 6, 6  # latent 3 x 12 x 12, patch 2: 108 vision tokens
+    n_vis = f * h * w
+    txt_pos = torch.arange(n_txt)[None].expand(3, -1)
+    vis_pos = torch.cartesian_prod(torch.arange(f) + n_txt + 15000, torch.arange(h), torch.arange(w)).T
+    return Case(m, dict(input_ids=torch.randint(0, 64, (n_txt,), generator=torch.Generator().manual_seed(2)),
+                        text_indexes=torch.arange(n_txt), position_ids=torch.cat([txt_pos, vis_pos], 1),
+                        und_len=n_txt, sequence_length=n_txt + n_vis, vision_tokens=[_r(1, 4, f, 2 * h, 2 * w)],
+                        vision_token_shapes=[(f, h, w)], vision_sequence_indexes=torch.arange(n_txt, n_txt + n_vis),
+                        vision_mse_loss_indexes=torch.arange(n_txt, n_txt + n_vis),
+                        vision_timesteps=torch.full((n_vis,), 900.0), vision_noisy_frame_indexes=[torch.arange(f)],
+                        return_dict=False),
+                latent="vision_tokens", timestep="vision_timesteps")
+
+
+def stable_audio():
+    # channels-first 1-D latents with 1x1-conv residuals; one global token (duration + timestep) in front of the
+    # sequence, cut off at the end; partial RoPE (half of each head) given as a (cos, sin) tuple as the pipeline
+    # builds it; cross-attention with 1 kv head of 2 (repeat_interleave); SwiGLU feed-forward
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    m = _build("StableAudioDiTModel", sample_size=96, in_channels=4, num_layers=2, attention_head_dim=16,
+               num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=32,
+               time_proj_dim=32, global_states_input_dim=32, cross_attention_input_dim=32)
+    n = 96  # + the global token: 97 in self-attention
+    rope = get_1d_rotary_pos_embed(8, n + 1, use_real=True, repeat_interleave_real=False)
+    return Case(m, dict(hidden_states=_r(1, 4, n), timestep=torch.tensor([0.5]),
+                        encoder_hidden_states=_r(1, 8, 32, seed=2), global_hidden_states=_r(1, 1, 32, seed=3),
+                        rotary_embedding=rope, return_dict=False))
+
+
+def stable_audio3():
+    # differential attention: one to_qkv gives q1, q2, k1, k2, v and out = SDPA(q1, k1, v) - SDPA(q2, k2, v) (self
+    # and cross); RMS qk-norm, partial RoPE; 4 learned memory tokens in front of the sequence (cut off before the
+    # output); SwiGLU from one chunked linear; zero-init 1x1 residual convs (re-initialised)
+    m = _build("StableAudio3DiTModel", io_channels=4, patch_size=1, embed_dim=32, depth=2, num_heads=2,
+               cond_token_dim=16, global_cond_dim=8, local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2.0,
+               num_memory_tokens=4, use_differential_attention=True)
+    for i, conv in enumerate((m.preprocess_conv, m.postprocess_conv)):
+        torch.nn.init.normal_(conv.weight, std=0.2, generator=torch.Generator().manual_seed(5 + i))
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    return Case(m, dict(hidden_states=_r(1, 4, 96), timestep=torch.tensor([0.9]),
+                        encoder_hidden_states=_r(1, 8, 16, seed=2), global_hidden_states=_r(1, 8, seed=3),
+                        encoder_attention_mask=mask, return_dict=False))
+
+
+def longcat_audio_dit():
+    # F5/E2-style audio DiT: global AdaLN, qk RMSNorm across heads, RoPE on q and k (in the cross-attention too, with
+    # the text keys' own positions), boolean key masks, ConvNeXtV2 text blocks (their GRN normalises over the
+    # sequence: not per-token MLPs), Linear-SiLU-Linear embedders, GELU-tanh MLP, a long skip; zero-init output head
+    # and global AdaLN (re-initialised)
+    m = _build("LongCatAudioDiTTransformer", dit_dim=32, dit_depth=2, dit_heads=2, dit_text_dim=16, latent_dim=4,
+               ff_mult=2.0)
+    g = torch.Generator().manual_seed(5)
+    for mod in (m.norm_out.linear, m.proj_out, m.adaln_global_mlp.mlp[-1]):
+        for p in mod.parameters():
+            torch.nn.init.normal_(p, std=0.1, generator=g)
+    n = 96
+    text_mask = torch.ones(1, 8, dtype=torch.bool)
+    text_mask[:, 6:] = False
+    return Case(m, dict(hidden_states=_r(1, n, 4), encoder_hidden_states=_r(1, 8, 16, seed=2),
+                        encoder_attention_mask=text_mask, timestep=torch.tensor([0.9]),
+                        attention_mask=torch.ones(1, n, dtype=torch.bool), latent_cond=_r(1, n, 4, seed=3),
+                        return_dict=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# proteins
+# ---------------------------------------------------------------------------------------------
+def rfd4_proteina():
+    # protein denoiser: tokens are residues with a (B, N, N, C) pair representation; softmax attention with an additive
+    # per-head pair bias (a linear of the pair representation: not a key-padding mask, so it stays dense), a sigmoid
+    # output gate; SwiGLU transitions from one chunked linear; pair updates (triangle multiplications, a ReLU MLP
+    # over the N*N pairs) after every 2nd layer; two timesteps. latent = local_latents (bb_ca enters through one-hot
+    # distance bins, which a drift would flip)
+    n = 48
+    m = _build("RFD4ProteinaTransformer", nlayers=2, token_dim=32, nheads=2, dim_cond=32, pair_repr_dim=16,
+               latent_dim=8, token_type_emb_dim=8, cath_emb_dim=8, t_emb_dim=16, seq_sep_dim=8, xt_pair_dist_dim=8,
+               feats_seq=("xt_bb_ca", "xt_local_latents", "token_type"),
+               feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"),
+               feats_pair_repr=("xt_bb_ca_pair_dists", "token_bond_path_length", "molecule_idx_pair"),
+               feats_pair_cond=("time_emb_bb_ca", "time_emb_local_latents"), update_pair_repr_every_n=2,
+               tri_mult_c=16, num_sequence_classes=20)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[:, 44:] = False  # 4 padding residues
+    idx = torch.arange(n)
+    cond = {"is_in_context_conditioning": torch.zeros(1, n, dtype=torch.bool),
+            "supports_local_latent": torch.ones(1, n, dtype=torch.bool),
+            "token_bond_path_length": (idx[:, None] - idx[None]).abs()[None].clamp(max=7),
+            "molecule_iid": torch.zeros(1, n, dtype=torch.long)}
+    return Case(m, dict(bb_ca=_r(1, n, 3), local_latents=_r(1, n, 8, seed=2), bb_ca_time=torch.tensor([0.3]),
+                        local_latents_time=torch.tensor([0.3]), padding_mask=mask,
+                        token_type=torch.zeros(1, n, dtype=torch.long), conditioning=cond, return_dict=False),
+                latent="local_latents", timestep="bb_ca_time")
+
+
 NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
@@ -640,4 +767,10 @@ NEWER_MODELS = {
     "wan_animate2": ("WanAnimate2Transformer3DModel (cached step)", wan_animate2),
     "ace_step": ("AceStepTransformer1DModel", ace_step),
     "minimax_music3": ("MiniMaxMusic3Transformer1DModel", minimax_music3),
+    "lumina_next": ("LuminaNextDiT2DModel", lumina_next),
+    "cosmos3_omni": ("Cosmos3OmniTransformer", cosmos3_omni),
+    "stable_audio": ("StableAudioDiTModel", stable_audio),
+    "stable_audio3": ("StableAudio3DiTModel", stable_audio3),
+    "longcat_audio_dit": ("LongCatAudioDiTTransformer", longcat_audio_dit),
+    "rfd4_proteina": ("RFD4ProteinaTransformer", rfd4_proteina),
 }

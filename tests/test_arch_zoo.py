@@ -310,3 +310,16 @@ def test_kv_pipeline_flow_groups_the_cached_steps(fresh_dynamo):
     for s in cached:
         perm, keep = s.call_grouping.for_count(8 + 144, session) if s.call_grouping else (s.perm, s.always_keep)
         assert perm is not None and keep is not None and keep[:8].all() and not keep[8:].any(), s.grouping
+
+
+def test_cosmos3_packed_sequence_sites(fresh_dynamo):
+    """Cosmos3 Omni: one packed (tokens, C) sequence cut into a text prefix and vision tokens with
+    their own weights. Its vision attention (over cat(text keys, vision keys)) was rejected as a
+    cross-attention and its (tokens, C) MLPs as conditioning MLPs: 0 sites. Now 2 attention + 4 MLP
+    sites, the vision ones grouped on the latent's grid, dense steps exact, sparse steps run."""
+    row = arch_zoo.measure("cosmos3_omni")
+    assert row["status"] == "ok", row["note"]
+    assert (row["attn"], row["mlp"]) == (2, 4) and row["grouped"] == "4/6"
+    assert "t×h×w 3×6×6" in row["grouping"]
+    assert float(row["dense_err"]) < 1e-5 and 0 < float(row["sparse_err"]) < 0.1
+    assert row["sparse_steps"] > 0 and not row["fallbacks"]

@@ -289,6 +289,62 @@ def test_kv_cached_steps_triton_matches_reference(monkeypatch):
         assert err < 3e-2
 
 
+
+def _cosmos3_flow(hidden_act: str, steps: int = 8):
+    """Cosmos3 Omni (a packed (tokens, C) sequence: 64 text + 4x16x24 vision tokens, head dim 128,
+    GQA 4/2) compiled with chipmunk, `steps` calls with the latent drifting and the timesteps going down."""
+    from diffusers import Cosmos3OmniTransformer
+
+    torch.manual_seed(0)
+    model = Cosmos3OmniTransformer(head_dim=128, hidden_size=512, intermediate_size=1536, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, latent_channel=16, latent_patch_size=2,
+                                   patch_latent_dim=64, vocab_size=64, rope_axes_dim=(32, 16, 16),
+                                   hidden_act=hidden_act).eval().cuda().to(torch.bfloat16)
+    n_txt, f, h, w = 64, 4, 16, 24
+    n_vis = f * h * w
+    dev = dict(device="cuda")
+    pos = torch.cat([torch.arange(n_txt, **dev)[None].expand(3, -1),
+                     torch.cartesian_prod(torch.arange(f, **dev) + n_txt + 15000, torch.arange(h, **dev),
+                                          torch.arange(w, **dev)).T], 1)
+    g = torch.Generator("cuda").manual_seed(1)
+    latent = torch.randn(1, 16, f, 2 * h, 2 * w, generator=g, device="cuda", dtype=torch.bfloat16)
+    drift = torch.randn(latent.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    cfg = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "full_step_every": 3},
+           "mlp": {"min_tokens": 0, "first_n_dense_layers": 0}, "cuda_graphs": False}
+    torch._dynamo.reset()
+    c = torch.compile(model, backend="chipmunk", options={"config": cfg})
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            out = c(input_ids=torch.arange(n_txt, **dev) % 64, text_indexes=torch.arange(n_txt, **dev),
+                    position_ids=pos, und_len=n_txt, sequence_length=n_txt + n_vis,
+                    vision_tokens=[latent + 0.02 * i * drift], vision_token_shapes=[(f, h, w)],
+                    vision_sequence_indexes=torch.arange(n_txt, n_txt + n_vis, **dev),
+                    vision_mse_loss_indexes=torch.arange(n_txt, n_txt + n_vis, **dev),
+                    vision_timesteps=torch.full((n_vis,), 900.0 - 50 * i, **dev),
+                    vision_noisy_frame_indexes=[torch.arange(f, **dev)], return_dict=False)[0]
+            outs.append(torch.cat([o.flatten() for o in out]).float().clone())
+    return outs, c
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "relu2"])
+def test_packed_sequence_triton_matches_reference(monkeypatch, hidden_act):
+    """Cosmos3 Omni's packed sites (vision queries over cat(text keys, vision keys); (tokens, C) MLPs,
+    SwiGLU or squared ReLU) run the Triton kernels in bf16 and give the reference path's outputs."""
+    monkeypatch.setenv("CHIPMUNK_KERNELS", "ref")
+    ref, _ = _cosmos3_flow(hidden_act)
+    monkeypatch.delenv("CHIPMUNK_KERNELS")
+    counters.clear()
+    tri, c = _cosmos3_flow(hidden_act)
+    assert not any(k.startswith(("kernel_fallback", "fallback")) for k in counters["chipmunk"]), dict(counters["chipmunk"])
+    sites = chipmunk_compile.stats(c)["sites"]
+    assert sorted(s["kind"] for s in sites) == ["attention"] * 2 + ["mlp"] * 4, sites
+    assert {k for s in sites for k in s["steps"]} == {"dense", "refresh", "sparse"}
+    for i, (a, b) in enumerate(zip(tri, ref)):
+        err = ((a - b).norm() / b.norm()).item()
+        print(f"step {i}: triton vs reference rel err {err:.2e}")
+        assert err < 3e-2
+
 def test_three_resolutions_group_each_count_under_step_graphs(monkeypatch):
     """FLUX.2 at three resolutions in one process (Inductor, step graphs): the third reuses the
     graph recompiled with symbolic counts and is grouped on the grid of its own call's ids, read

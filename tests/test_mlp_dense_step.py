@@ -10,7 +10,7 @@ from chipmunk_compile.kernels.mlp_sparse_mm1_ref import apply_act
 from chipmunk_compile.ops.mlp import _dense_into_cache
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "relu2"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("layout", ["neuron_major", "token_major"])

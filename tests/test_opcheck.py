@@ -50,7 +50,7 @@ def test_opcheck_attention(fresh_dynamo, dense_session, gqa, masked):
 
 
 @pytest.mark.parametrize("form", ["plain", "plain-nobias", "gated"])
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "relu2"])
 def test_opcheck_mlp(fresh_dynamo, dense_session, form, act):
     site = _site(dense_session, "mlp")
     g = torch.Generator().manual_seed(0)
@@ -66,7 +66,8 @@ def test_opcheck_mlp(fresh_dynamo, dense_session, form, act):
     args = (x, w_act, b_act, w_lin, b_lin, w2, b2, act, site.id)
     torch.library.opcheck(torch.ops.chipmunk.mlp.default, args)
     out = torch.ops.chipmunk.mlp(*args)
-    acts = {"gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"), "silu": F.silu, "relu": F.relu}
+    acts = {"gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"), "silu": F.silu, "relu": F.relu,
+            "relu2": lambda a: F.relu(a).square()}
     h = acts[act](F.linear(x, w_act, b_act))
     if w_lin is not None:
         h = h * F.linear(x, w_lin, b_lin)

@@ -441,6 +441,8 @@ ACTS = {
     "relu": F.relu,
     "relu_module": nn.ReLU(),
     "gelu_module": nn.GELU(approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),  # squared relu (Nemotron, Primer)
+    "relu2_pow": lambda x: torch.relu(x) ** 2,
 }
 
 
@@ -449,7 +451,7 @@ ACTS = {
 def test_mlp_plain(fresh_dynamo, act, bias):
     mod = Mlp(ACTS[act], bias=bias)
     check(mod, tokens, mlp=1, pattern="mlp")
-    expected = {"relu_module": "relu", "gelu_module": "gelu_tanh"}.get(act, act)
+    expected = {"relu_module": "relu", "gelu_module": "gelu_tanh", "relu2_pow": "relu2"}.get(act, act)
     plan_acts = {getattr(s, "act", None) for s in chipmunk_compile.runtime.sessions_of(mod)[0].sites}
     assert plan_acts == {expected}
 

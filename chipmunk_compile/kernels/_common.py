@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
-ACTS = ("gelu", "gelu_tanh", "silu", "relu")
+ACTS = ("gelu", "gelu_tanh", "silu", "relu", "relu2")  # relu2: squared ReLU (Primer, Nemotron)
 # Integer codes passed to kernels as a constexpr.
 ACT_CODE = {name: i for i, name in enumerate(ACTS)}
 

@@ -48,8 +48,11 @@ def _act(z, ACT: tl.constexpr):
         return z * tl.sigmoid(2.0 * u)
     elif ACT == 2:  # silu
         return z * tl.sigmoid(z)
-    else:  # relu
+    elif ACT == 3:  # relu
         return tl.maximum(z, 0.0)
+    else:  # relu2: squared relu
+        r = tl.maximum(z, 0.0)
+        return r * r
 
 
 @triton.jit

@@ -34,6 +34,8 @@ def apply_act(z: torch.Tensor, act: str, *, inplace: bool = False) -> torch.Tens
         return F.silu(z, inplace=inplace)
     if act == "relu":
         return F.relu(z, inplace=inplace)
+    if act == "relu2":  # squared relu
+        return F.relu(z, inplace=True).square_() if inplace else F.relu(z).square()
     raise ValueError(f"unknown activation {act!r}")
 
 

@@ -1,7 +1,7 @@
 """MLP patterns: linear → activation → (no-op dropout) → linear, gated and parallel forms.
 
 Forms (anchored on the second linear):
-- plain:    y = W2 · act(W1 x + b1) + b2, act in gelu / gelu-tanh / silu / relu
+- plain:    y = W2 · act(W1 x + b1) + b2, act in gelu / gelu-tanh / silu / relu / squared relu
 - gated:    y = W2 · (act(a) * b) + b2, with a and b either the two halves of one linear
             (`proj(x).chunk(2, -1)`, diffusers GEGLU / SwiGLU, or its two halves sliced, Flux2) or
             two linears of the same x
@@ -40,6 +40,7 @@ from .fx_utils import (
 )
 from .low_rank import adapted_linear, weight_nodes, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
+from .token_streams import attention_rows, token_rows
 
 _GELU = (F.gelu, torch._C._nn.gelu)
 _SILU = (F.silu, torch.nn.functional.silu)
@@ -60,6 +61,23 @@ def activation_of(node) -> Optional[tuple[str, fx.Node]]:
         return "relu", node.args[0]
     if is_method(node, "gelu"):
         return ("gelu_tanh" if node.kwargs.get("approximate") == "tanh" else "gelu"), node.args[0]
+    r = _squared(node)
+    if r is not None and single_user(r) and (is_call(r, *_RELU) or is_method(r, "relu")):
+        return "relu2", r.args[0]  # squared relu: the relu node joins the match (`_activation_through_casts`)
+    return None
+
+
+def _squared(node) -> Optional[fx.Node]:
+    """x when `node` is x.square(), x ** 2, torch.pow(x, 2) or x * x; else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    x = node.args[0]
+    if is_call(node, torch.square) or is_method(node, "square"):
+        return x
+    if (is_call(node, operator.pow, torch.pow) or is_method(node, "pow")) and arg(node, 1, "exponent", None) == 2:
+        return x
+    if is_call(node, *_MUL) and len(node.args) == 2 and node.args[1] is x:
+        return x
     return None
 
 
@@ -243,7 +261,8 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     if wrapped is not None:
         return _reject(node, f"its weights are {wrapped} tensors (quantized or wrapped): the kernels gather "
                        "rows of plain weights", shapes)
-    if len(x_shape) < 3:  # (B, C): a conditioning MLP (timestep / pooled embedders), no token axis
+    if len(x_shape) < 3 and not (len(x_shape) == 2 and _packed_tokens(x, ctx)):
+        # (B, C): a conditioning MLP (timestep / pooled embedders), no token axis; or routed rows
         return _reject(node, f"no token dimension (input of rank {len(x_shape)})", shapes)
     if not mlp_cfg.enabled:
         return _reject(node, "disabled by config", shapes)
@@ -264,6 +283,14 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
     )
 
 
+def _packed_tokens(x, ctx: MatchContext) -> bool:
+    """A (tokens, C) input whose rows are an attention's tokens (a packed sequence with no batch axis,
+    Cosmos3): `token_streams.token_rows`. The op sees it as (1, tokens, C)."""
+    if "attention_rows" not in ctx.memo:
+        ctx.memo["attention_rows"] = attention_rows(x.graph)
+    return token_rows(x, ctx.memo["attention_rows"])
+
+
 def _activation_through_casts(h, nodes: list) -> Optional[tuple[str, fx.Node]]:
     """activation_of(h) seen through single-user casts on both sides of the activation, as in
     `silu(a.float()).to(a.dtype)` (diffusers' FP32SiLU); the casts join `nodes`. The kernels
@@ -275,6 +302,8 @@ def _activation_through_casts(h, nodes: list) -> Optional[tuple[str, fx.Node]]:
     if a is None:
         return None
     name, pre = a
+    if name == "relu2":  # the relu between the square and its input
+        peeled.append(inner.args[0])
     pre = _peel(pre, peeled) if single_user(pre) else pre
     nodes += peeled + [inner]
     return name, pre

@@ -110,10 +110,12 @@ class Pattern:
 
 @dataclass
 class MatchContext:
-    """What a matcher may consult besides the node: the active config and claimed nodes."""
+    """What a matcher may consult besides the node: the active config, claimed nodes, and what
+    matchers computed once per graph (`memo`)."""
 
     config: Any
     claimed: set = field(default_factory=set)
+    memo: dict = field(default_factory=dict)
 
 
 _PATTERNS: dict[str, Pattern] = {}

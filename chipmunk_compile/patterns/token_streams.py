@@ -23,6 +23,15 @@ caller checks that they are its whole sequence, in order); every other
 part is projected from another stream or is precomputed, i.e. made of graph inputs by
 token-preserving ops with no projection on the way and no input in q's chain (a KV cache filled by
 an earlier call).
+
+Cuts: a chain stops at an indexing that keeps fewer elements than its source (a token range of a
+packed sequence, Cosmos3's `seq[:und_len]` and `seq[und_len:]`) and records it as (source, index):
+two cuts of one sequence are different streams, the same cut made twice is one.
+
+Token rows (`token_rows`): a (tokens, C) input is a token sequence when it is made, by ops that keep
+each row where it is, of a chain of some attention's queries (`attention_rows`). Indexing by
+tensors, gathers, sorts and scatters stop that walk: they move rows by data, as MoE routing does,
+and a cache row would then hold another token from one step to the next.
 """
 
 from __future__ import annotations
@@ -92,19 +101,75 @@ def _projection_inputs(start, every_path: bool = True) -> Optional[set]:
     return found or None
 
 
+def _cut(node) -> Optional[tuple]:
+    """("cut", source, index) when `node` indexes fewer elements out of a tensor; else None."""
+    if not _indexes_tensor(node):
+        return None
+    a, b = _numel(node), _numel(node.args[0])
+    if a is None or b is None or statically_known_true(a == b):
+        return None
+    return ("cut", node.args[0], repr(node.args[1]))
+
+
 def _chain(starts) -> set:
-    """`starts` and every node they are made of by token-preserving ops (not through projections),
-    nearest first: a residual stream goes up through every earlier block, and a shared ancestor of
-    q's and k's projection inputs sits a step or two above them."""
+    """`starts` and every node they are made of by token-preserving ops (not through projections, not
+    above a cut: module docstring), nearest first: a residual stream goes up through every earlier
+    block, and a shared ancestor of q's and k's projection inputs sits a step or two above them."""
     out, todo = set(), deque(starts)
     while todo and len(out) < _LIMIT:
         n = todo.popleft()
         if not isinstance(n, fx.Node) or n in out:
             continue
         out.add(n)
-        if not is_linear(n):
+        cut = _cut(n)
+        if cut is not None:
+            out.add(cut)
+        elif not is_linear(n):
             todo.extend(_upstream(n) or [])
     return out
+
+
+# ops that move rows by data (routing, sorting): a (tokens, C) walk stops at them
+_MOVES_ROWS = frozenset({"index_select", "gather", "take", "take_along_dim", "masked_select", "sort", "argsort",
+                         "topk", "nonzero", "unique", "scatter", "scatter_", "scatter_add", "scatter_add_",
+                         "scatter_reduce", "index_put", "index_put_", "index_add", "index_add_", "index_copy",
+                         "index_copy_", "masked_scatter", "masked_scatter_", "embedding"})
+
+
+def _moves_rows(node) -> bool:
+    if node.target is operator.getitem:  # indexing by a tensor (advanced indexing, a boolean mask)
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return any(isinstance(i, fx.Node) and isinstance(val(i), torch.Tensor) for i in idx)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _MOVES_ROWS
+
+
+def attention_rows(graph: fx.Graph) -> set:
+    """The chains of the query projection inputs of every SDPA call in `graph` (matched or not)."""
+    rows: set = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and "scaled_dot_product" in getattr(n.target, "__name__", str(n.target)):
+            q = n.args[0] if n.args else n.kwargs.get("query")
+            qs = _projection_inputs(q, every_path=False) if isinstance(q, fx.Node) else None
+            rows |= _chain(qs) if qs else set()
+    return rows
+
+
+def token_rows(x: fx.Node, rows: set) -> bool:
+    """True when x's rows are tokens of `rows` (`attention_rows`): x is made of a node of them by
+    token-preserving ops that never move rows by data (module docstring)."""
+    todo, seen = [x], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if n in rows:
+            return True
+        seen.add(n)
+        if len(seen) > _LIMIT or is_linear(n) or n.op not in ("call_function", "call_method") or _moves_rows(n):
+            continue
+        todo.extend(_upstream(n) or [])
+    return False
 
 
 def distinct_streams(q, k) -> bool:

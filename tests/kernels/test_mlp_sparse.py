@@ -41,7 +41,7 @@ def _dense_h(x, w_act, b_act, w_lin, b_lin, act):
     return h
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "relu2"])
 @pytest.mark.parametrize("gated", [False, True])
 def test_ref_full_selection_equals_dense_delta(act, gated):
     g = torch.Generator().manual_seed(0)
@@ -109,6 +109,7 @@ CASES = [
     (2, 77, 48, 80, 40, 32, True, True, True, "silu", True),     # SwiGLU, odd M, perm, (F, Cout) w2
     (1, 100, 64, 64, 33, 48, False, False, True, "gelu", False),  # block not a tile multiple, no bias
     (1, 40, 32, 50, 20, 64, True, False, False, "relu", True),    # one partial block
+    (1, 70, 32, 64, 24, 32, False, True, True, "relu2", False),   # squared relu, odd M
 ]
 
 
