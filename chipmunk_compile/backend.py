@@ -87,9 +87,13 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     return None, entry, frame
 
 
+_SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timesteps) by their largest value
+
+
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
-    """Indices of user inputs that look like a timestep/guidance signal: small (≤ 64 values),
-    at most 1-D, numeric, and not a parameter or buffer."""
+    """Indices of user inputs that look like a timestep/guidance signal: at most 1-D, numeric, not a
+    parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
+    `vision_timesteps`: read as its largest value, the noisy tokens' time)."""
     out = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         src = source_name(node)
@@ -99,7 +103,7 @@ def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
         if not isinstance(v, torch.Tensor) or v.dim() > 1:
             continue
         numel = v.numel()
-        if not isinstance(numel, int) or numel > 64 or numel == 0:
+        if not isinstance(numel, int) or numel == 0 or (numel > _SIGNAL_VALUES and not v.is_floating_point()):
             continue
         if v.dtype == torch.bool or v.is_complex():
             continue
@@ -110,12 +114,17 @@ def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
 def read_signature(args, indices: list[int]) -> Optional[tuple]:
     if not indices:
         return None
-    parts = [args[i].detach().reshape(-1).to(torch.float64) for i in indices if isinstance(args[i], torch.Tensor)]
+    parts = [_signal_values(args[i]) for i in indices if isinstance(args[i], torch.Tensor)]
     if not parts:
         return None
     device = parts[0].device
     flat = torch.cat([p.to(device) for p in parts])
     return tuple(flat.cpu().tolist())  # one device→host copy per model call, outside the graph
+
+
+def _signal_values(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    return (flat if flat.numel() <= _SIGNAL_VALUES else flat.amax(keepdim=True)).to(torch.float64)
 
 
 def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:

@@ -10,7 +10,10 @@ Invariants:
   a followed scheduler's `step_index` (`follow_scheduler`; the context's name, if any, still names
   the branch), the values of the timestep-like inputs (same values again = another CFG branch of the same step;
   back at the generation's first values, or moving against the schedule = a new generation), and
-  only without any signal one call = one step.
+  only without any signal one call = one step. Values that repeat for more than `MAX_BRANCHES`
+  calls in a row are no step signal (token ids, say, and no timestep among the small inputs): the
+  further calls stay on branch 0 of that step (counted, logged) instead of each opening a branch
+  with caches of its own.
 - A new generation bumps `generation`; caches filled in an older generation are never read.
 - A session whose module lies inside another session's module (a submodule frame compiled on its
   own after a graph break: an MoE feed-forward, say) follows that enclosing session's step: it
@@ -68,6 +71,9 @@ class StepPosition:
     generation: int
 
 
+MAX_BRANCHES = 8  # guidance branches one step may have, by its repeated signal values
+
+
 class StepTracker:
     def __init__(self, mode: str = "auto"):
         self.mode = mode
@@ -83,6 +89,7 @@ class StepTracker:
         self._first_sig: Optional[tuple] = None
         self._direction: Optional[tuple[int, int]] = None  # (component, sign) of the schedule
         self._last_ctx_step: Optional[int] = None
+        self._repeats = 0  # calls in a row with the last signal values, after the first
 
     @property
     def position(self) -> StepPosition:
@@ -130,8 +137,15 @@ class StepTracker:
     def _advance_by_signature(self, sig: tuple) -> None:
         if self._last_sig is None:
             self.step, self.branch_index, self._first_sig = 0, 0, sig
-        elif sig == self._last_sig:
-            self.branch_index += 1  # the same step again: another guidance branch
+        elif sig == self._last_sig:  # the same step again: another guidance branch
+            self._repeats += 1
+            self.branch_index = self._repeats if self._repeats < MAX_BRANCHES else 0
+            if self._repeats == MAX_BRANCHES:
+                from .ops.sites import fallback
+
+                fallback("step_signal_constant", f"the small inputs' values were the same on {MAX_BRANCHES + 1} calls "
+                         "in a row: they are no step signal, and every further call runs as branch 0 of this step. "
+                         "Give the steps with chipmunk_compile.follow_scheduler / set_step, or step_signal='calls'")
         elif sig == self._first_sig or self._moves_backwards(sig):
             self._new_generation()
             self.step, self.branch_index, self._first_sig = 0, 0, sig
@@ -139,7 +153,7 @@ class StepTracker:
             if self._direction is None:
                 self._direction = _direction(self._last_sig, sig)
             self.step += 1
-            self.branch_index = 0
+            self.branch_index = self._repeats = 0
         self._last_sig = sig
 
     def _moves_backwards(self, sig: tuple) -> bool:

@@ -93,6 +93,22 @@ def test_no_signature_one_call_one_step_and_calls_mode():
     assert _walk(t, [(1.0,), (1.0,), (1.0,)]) == [(0, "0", 0), (1, "0", 0), (2, "0", 0)]
 
 
+def test_constant_signature_is_no_step_signal(fresh_dynamo):
+    """Values that never change (token ids, no timestep among the small inputs) opened a new
+    guidance branch on every call, each with caches of its own, all dense. Past MAX_BRANCHES calls
+    in a row the further calls stay on branch 0 (counted, logged); a change still advances."""
+    from chipmunk_compile.runtime import MAX_BRANCHES
+
+    t = StepTracker()
+    got = _walk(t, [(5.0, 7.0)] * (MAX_BRANCHES + 3) + [(5.0, 6.0)])
+    assert [b for _, b, _ in got] == [str(i) for i in range(MAX_BRANCHES)] + ["0"] * 3 + ["0"]
+    assert [s for s, _, _ in got] == [0] * (MAX_BRANCHES + 3) + [1]
+    assert fresh_dynamo["chipmunk"]["fallback:step_signal_constant"] == 1
+    # CFG's two branches per step are untouched, however long the generation
+    t = StepTracker()
+    assert {b for _, b, _ in _walk(t, [(float(v),) for v in range(40, 0, -1) for _ in (0, 1)])} == {"0", "1"}
+
+
 def test_reset_bumps_generation():
     t = StepTracker()
     _walk(t, [(999.0,), (900.0,)])
@@ -162,6 +178,28 @@ def test_compiled_model_tracks_timesteps(fresh_dynamo):
     cm(x, torch.tensor([900.0]))
     assert _pos(m)[:3] == (0, "0", 2)
 
+
+def test_compiled_model_tracks_per_token_timesteps(fresh_dynamo):
+    """A timestep per token (Cosmos3's `vision_timesteps`, more values than a step signal reads whole)
+    beside constant token ids: read by its largest value, it gives the steps. Before, the ids alone
+    were the signal, and every call was a new branch of step 0."""
+
+    class PerToken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.emb = torch.nn.Linear(8, 8), torch.nn.Embedding(16, 8)
+
+        def forward(self, x, ids, t):
+            return self.lin(x) * t.view(-1, 1) + self.emb(ids).sum()
+
+    m = PerToken()
+    cm = chip(m, cfg())
+    x, ids = torch.randn(100, 8), torch.arange(8)
+    seen = []
+    for t in (999.0, 900.0, 800.0, 999.0):
+        cm(x, ids, torch.full((100,), t))
+        seen.append(_pos(m)[:3])
+    assert seen == [(0, "0", 0), (1, "0", 0), (2, "0", 0), (0, "0", 1)]
 
 def test_compiled_model_diffusers_cache_context(fresh_dynamo):
     from diffusers import ModelMixin
