@@ -4,6 +4,7 @@
     python benchmarks/bench_e2e.py --model hunyuan-video --blocks 2,3   # extrapolated to 20 + 40 blocks
     python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
     python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
+    python benchmarks/bench_e2e.py --model cosmos3 --blocks 4           # a packed (tokens, C) sequence
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
@@ -99,7 +100,13 @@ MODELS = {
     # FLUX.1's, whose sparsity levels were chosen on a FLUX.1-like model.
     "flux2": dict(cls="Flux2Transformer2DModel", layers=("num_layers", 8), extra_layers=("num_single_layers", 48),
                   config=dict(), preset="flux"),
+    # Cosmos3 Omni (diffusers' defaults: 36 layers of width 4096, 32 query / 8 key-value heads of 128, SwiGLU 12288)
+    # on one packed (tokens, C) sequence: a 512-token text prefix (causal, own weights) and the vision tokens,
+    # which attend to cat(text keys, vision keys). 704x1280, 93 frames: a 24 x 44 x 80 latent of 48 channels,
+    # patches of 2: 24 x 22 x 40 = 21120 vision tokens; a timestep per vision token. No preset of its own: default.
+    "cosmos3": dict(cls="Cosmos3OmniTransformer", layers=("num_hidden_layers", 36), config=dict(), preset="default"),
 }
+COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
 FLOW_TIME = ("flux", "flux2")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
@@ -158,6 +165,19 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         return dict(hidden_states=r(1, 65, f, 45, 80), encoder_hidden_states=r(1, 1000, 3584), encoder_attention_mask=text,
                     encoder_hidden_states_2=r(1, 256, 1472), encoder_attention_mask_2=byt5,
                     image_embeds=torch.zeros(1, 729, 1152, device=device, dtype=dtype))
+    if name == "cosmos3":
+        f, h, w = (frames or COSMOS3_GRID[0]), *COSMOS3_GRID[1:]
+        n_txt, n_vis = COSMOS3_TEXT, f * h * w
+        d = dict(device=device)
+        ids = torch.randint(0, model.config.vocab_size, (n_txt,), generator=g, **d)
+        pos = torch.cat([torch.arange(n_txt, **d)[None].expand(3, -1),  # text (i, i, i); vision (t, h, w)
+                         torch.cartesian_prod(torch.arange(f, **d) + n_txt + 15000, torch.arange(h, **d),
+                                              torch.arange(w, **d)).T], 1)
+        vis = torch.arange(n_txt, n_txt + n_vis, **d)
+        return dict(input_ids=ids, text_indexes=torch.arange(n_txt, **d), position_ids=pos, und_len=n_txt,
+                    sequence_length=n_txt + n_vis, vision_tokens=[r(1, 48, f, 2 * h, 2 * w)],
+                    vision_token_shapes=[(f, h, w)], vision_sequence_indexes=vis, vision_mse_loss_indexes=vis,
+                    vision_noisy_frame_indexes=[torch.arange(f, **d)])
     if name == "mochi":
         f = frames or 28
         return dict(hidden_states=r(1, 12, f, 60, 106), encoder_hidden_states=r(1, 256, 4096),
@@ -241,6 +261,14 @@ def timestep(name, i, steps, device, dtype):
     t = 1.0 - i / steps
     scale = 1.0 if name in FLOW_TIME else 1000.0
     return torch.full((1,), t * scale, device=device, dtype=dtype)
+
+
+def timestep_inputs(name: str, kw: dict, i: int, steps: int, device="cuda", dtype=torch.bfloat16) -> dict:
+    """The step's timestep input: `timestep`, or for cosmos3 `vision_timesteps`, one per vision token."""
+    t = timestep(name, i, steps, device, dtype)
+    if name == "cosmos3":
+        return dict(vision_timesteps=t.float().expand(kw["vision_sequence_indexes"].numel()).contiguous())
+    return dict(timestep=t)
 
 
 def published_units(name: str) -> int:
@@ -383,8 +411,15 @@ def run_pass(model, step_kwargs, seq, cfg_calls, pin=None, outs: dict | None = N
 
             times[s] = time_step(one_step)
             if outs is not None:
-                outs[s] = last[0][0].float().cpu()
+                outs[s] = first_tensor(last[0]).float().cpu()
     return times
+
+
+def first_tensor(out) -> torch.Tensor:
+    """A model call's first output tensor (cosmos3 returns lists of per-modality predictions)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
 
 
 def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,
@@ -408,7 +443,7 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
                     pin(s, c)
                 out = model(**kws[s])
             if scheduler is not None:
-                pred = out[0] if isinstance(out, (tuple, list)) else out
+                pred = first_tensor(out)
                 sample = scheduler.step(pred, scheduler.timesteps[s], pred if sample is None else sample,
                                         return_dict=False)[0]
 
@@ -600,7 +635,7 @@ def measure(args, variants, blocks, preset, seq, labels) -> dict:
     cfg_calls = MODELS[args.model].get("cfg_calls", 1)
 
     def step_kwargs(s):
-        return dict(kw, timestep=timestep(args.model, s, args.steps, "cuda", torch.bfloat16), return_dict=False)
+        return dict(kw, **timestep_inputs(args.model, kw, s, args.steps), return_dict=False)
 
     out = {}
     for variant in variants:
