@@ -5,7 +5,8 @@ path and the test oracle) and, where it pays, a Triton kernel ``<op>`` (``<op>.p
 signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementation to call:
 
 - Triton when Triton imports, every given tensor is on CUDA (compute capability >= 8.0), the dtype
-  is fp16/bf16/fp32 and, for attention ops, head_dim is 64 or 128;
+  is fp16/bf16/fp32 and, for attention ops, head_dim is at most 128 (a head dim that is not a power
+  of two, PixArt's 72 or Lumina's 96, runs in tiles of the next one, the columns past it masked);
 - the Triton kernel also on CPU when ``TRITON_INTERPRET=1`` and ``CHIPMUNK_KERNELS=triton``
   (interpreter tests; note the interpreter mis-handles bf16 loads: test fp16/fp32 there);
 - otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
@@ -158,7 +159,7 @@ def _reason(name: str, tensors, head_dim) -> str | None:
         return "dtype"
     if name in _ATTN_OPS:
         hd = head_dim if head_dim is not None else (floats[0].shape[-1] if floats else None)
-        if hd not in (64, 128):
+        if hd is None or not 1 <= hd <= 128:  # other head dims load as tiles of the next power of two
             return "head_dim"
     return None
 

@@ -8,12 +8,15 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   same time gather the same (sorted) weight rows and hit them in L2. `token_block_tile` composes
   both for the sparse-MLP kernels (batch, token block, row tile in it, first column).
 - `load_rows`: rows `cols` of a (N, HEAD_DIM) K or V slice; only the TAIL tile (the one crossing
-  N) is load-masked, so the others stay vectorised and software-pipelined. `key_allowed`: the
+  N) is load-masked, so the others stay vectorised and software-pipelined. Head dims: HEAD_DIM is
+  the tile's power of two, D_ACT the tensors' own head dim (72, 96, ...): where D_ACT < HEAD_DIM
+  the columns past it load as zeros (they add nothing to QKᵀ or PV) and are never stored
+  (`load_cols`, `row_col_mask`); where they are equal the code is what it was without them. `key_allowed`: the
   tile's columns that exist and are not masked out by a (B, N) int8 key mask. `column_halves`:
   the two column halves of a register tile, for epilogues done in slices. `block_rows`: the rows
   of one tile of a token block (attention query group or MLP token block), in grouped order and
   as tokens (through the permutation).
-Host side: `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
+Host side: `padded_head_dim` is the tile head dim of a tensor's (HEAD_DIM for D_ACT); `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
 tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
 `pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it),
 `prune_row_tiles` mm1's autotune pruning (no row tile taller than the token block).
@@ -56,6 +59,11 @@ def prune_row_tiles(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] <= max(int(blk), 128)]
 
 
+def padded_head_dim(d: int) -> int:
+    """The power of two >= d (and >= 16, tl.dot's least K) a kernel's head-dim tile spans."""
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
 def wave_grid(tiles, nsm: int):
     """Triton grid for `tiles(meta)` tiles on `nsm` SMs with meta["OCC"] programs per SM."""
     def grid(meta):
@@ -88,14 +96,35 @@ def grouped_tile(r, n_mt, NT_N, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def load_rows(base, cols, col_in, stride_n, stride_d, HEAD_DIM: tl.constexpr, TAIL: tl.constexpr):
+def load_rows(base, cols, col_in, stride_n, stride_d, HEAD_DIM: tl.constexpr, TAIL: tl.constexpr,
+              D_ACT: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     ptrs = base + cols[:, None] * stride_n + offs_d[None, :] * stride_d
     if TAIL:
-        x = tl.load(ptrs, mask=col_in[:, None], other=0.0)
+        x = tl.load(ptrs, mask=row_col_mask(col_in, HEAD_DIM, D_ACT), other=0.0)
+    else:
+        x = load_cols(ptrs, HEAD_DIM, D_ACT)
+    return x
+
+
+@triton.jit
+def load_cols(ptrs, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr):
+    """A (rows, HEAD_DIM) tile at ptrs, its columns past D_ACT as zeros (unmasked when none are)."""
+    if D_ACT < HEAD_DIM:
+        x = tl.load(ptrs, mask=(tl.arange(0, HEAD_DIM) < D_ACT)[None, :], other=0.0)
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def row_col_mask(rows_ok, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr):
+    """The mask of a (rows, HEAD_DIM) tile: rows_ok, and the columns below D_ACT where HEAD_DIM pads it."""
+    if D_ACT < HEAD_DIM:
+        m = rows_ok[:, None] & (tl.arange(0, HEAD_DIM) < D_ACT)[None, :]
+    else:
+        m = rows_ok[:, None]
+    return m
 
 
 @triton.jit

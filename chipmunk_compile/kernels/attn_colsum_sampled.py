@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, autotune, cdiv, dot_precision, interpreting, new_empty
-from ._tiles import key_allowed, load_rows, num_sms
+from ._tiles import key_allowed, load_rows, num_sms, padded_head_dim, row_col_mask
 from .attn_colsum_sampled_ref import sample_offsets, to_e4m3
 
 
@@ -56,13 +56,14 @@ def _fp8(x):
 @triton.jit
 def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
                  SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr,
+                 D_ACT: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
     if ABLATE == 2:  # "keys": no key tiles, no QKᵀ (scores that vary by column)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + cols[None, :].to(tl.float32) * -1e-3
     else:
-        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
+        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)  # e4m3 already when QK_FP8
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
@@ -78,7 +79,8 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
 @triton.jit
 def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, skn, skd, NK, NG, qk_scale,
                      SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr):
+                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr,
+                     D_ACT: tl.constexpr):
     # Transposed tile: sᵀ = k·qᵀ (BLOCK_N × BLOCK_M), so the probabilities are the A operand of the
     # group reduction pᵀ·member (member[r, g] = 1 if row r belongs to local group g): the
     # FlashAttention P·V pattern, kept in registers, instead of a cross-row reduction.
@@ -87,7 +89,7 @@ def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, s
     if ABLATE == 2:  # "keys"
         st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + cols[:, None].to(tl.float32) * -1e-3
     else:
-        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)  # e4m3 already when QK_FP8
+        k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)  # e4m3 already when QK_FP8
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         st = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[:, None], st, float("-inf"))
@@ -108,7 +110,7 @@ def _attn_colsum_sampled_kernel(
     N, NK, HQ, KV_REP, NG, G, qk_scale,  #
     SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, MMA_REDUCE: tl.constexpr,
-    QK_FP8: tl.constexpr, ABLATE: tl.constexpr = 0,
+    QK_FP8: tl.constexpr, D_ACT: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -126,7 +128,8 @@ def _attn_colsum_sampled_kernel(
     else:
         qi = tl.where(ok, pos, 0)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_col_mask(ok, HEAD_DIM, D_ACT), other=0.0)
     if QK_FP8:
         q = _fp8(q)
     lse2 = tl.load(LSE + pid_bh * N + qi, mask=ok, other=float("inf")) * 1.4426950408889634
@@ -148,19 +151,19 @@ def _attn_colsum_sampled_kernel(
         g0 = pid_m * (BLOCK_M // SLOTS)
         for t in range(t_lo, t_full):
             _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE, D_ACT)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t_full * BLOCK_N, skn, skd, NK, NG,
-                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE)
+                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE, D_ACT)
     else:
         for t in range(t_lo, t_full):
             _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG, qk_scale, SLOTS,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE, D_ACT)
         if t_hi > t_full:
             if t_full >= t_lo:
                 _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE)
+                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE, D_ACT)
 
 
 def _configs():
@@ -184,7 +187,7 @@ def _tuned(pin: str):
     autotuner (and tuning cache) per choice, so a pinned run never reuses another's pick."""
     if pin not in _tuners:
         configs = [c for c in _configs() if pin not in ("sum", "mma") or c.kwargs["MMA_REDUCE"] == (pin == "mma")]
-        _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "HAS_KMASK", "QK_FP8",
+        _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "D_ACT", "HAS_KMASK", "QK_FP8",
                                                       "DOT_PREC"],
                                 prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
     return _tuners[pin]
@@ -217,7 +220,7 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     real call (ABLATE is not in its key): time the real call first."""
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
+    assert Hq % Hkv == 0 and 1 <= D <= 256
     G = int(group)
     NG = math.ceil(N / G)
     offs = _offsets(G, samples, q.device)
@@ -234,7 +237,7 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     pm = perm.to(torch.int32) if perm is not None and perm.dtype != torch.int32 else perm
     args = (q, k, lse_c, offs, pm if pm is not None else offs, km, colsum, *q.stride(), *k.stride(),
             N, Nk, Hq, Hq // Hkv, NG, G, scale * LOG2E)
-    flags = dict(SLOTS=slots, HEAD_DIM=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
+    flags = dict(SLOTS=slots, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
                  DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8, ABLATE=ABLATIONS[ablate])
     nsm = num_sms(q.device)
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import block_rows, num_sms, wave_grid, wave_tail_tile
+from ._tiles import block_rows, load_cols, num_sms, padded_head_dim, row_col_mask, wave_grid, wave_tail_tile
 from ._common import (LOG2E, autotune, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting,
                       launch)
 
@@ -61,11 +61,11 @@ _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=16, OCC=1, SPLIT=2)
 
 @triton.jit
 def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, qk_scale, skn, skd, svn, svd, offs_d,
-                     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr):
     c_ok = c < cnt
     j = tl.load(idx_base + c, mask=c_ok, other=0)
-    k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
-    v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
+    k = load_cols(k_base + j[:, None] * skn + offs_d[None, :] * skd, HEAD_DIM, D_ACT)
+    v = load_cols(v_base + j[:, None] * svn + offs_d[None, :] * svd, HEAD_DIM, D_ACT)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     s = tl.where(c_ok[None, :], s, float("-inf"))
     if HAS_LSE:
@@ -88,13 +88,15 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
               N, HQ, KV_REP, qk_scale, sign, bh, g, row0,  #
               G: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,  #
               TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr,  #
-              HAS_MEASURE: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr):
+              HAS_MEASURE: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
+              D_ACT: tl.constexpr):
     b = bh // HQ
     h = bh % HQ
     hk = h // KV_REP
     pos, row_ok, qi = block_rows(PERM, g, row0, G, N, ROWS, HAS_PERM)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    rd_ok = row_col_mask(row_ok, HEAD_DIM, D_ACT)  # rows that exist, columns below the real head dim
+    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=rd_ok, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     idx_base = IDX + b * sib + h * sih + g * sig
@@ -114,12 +116,13 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
         # One loop, every step masked (the form with the fewest shared-memory buffers).
         for start in range(0, cnt, BLOCK_N):
             m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_n, cnt, m_i, l_i, acc,
-                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC)
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC,
+                                             HEAD_DIM, D_ACT)
     else:
         for start in range(0, n_full, BLOCK_N):
             j = tl.load(idx_base + start + offs_n)
-            k = tl.load(k_base + j[:, None] * skn + offs_d[None, :] * skd)
-            v = tl.load(v_base + j[:, None] * svn + offs_d[None, :] * svd)
+            k = load_cols(k_base + j[:, None] * skn + offs_d[None, :] * skd, HEAD_DIM, D_ACT)
+            v = load_cols(v_base + j[:, None] * svn + offs_d[None, :] * svd, HEAD_DIM, D_ACT)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             if HAS_LSE:
                 p = tl.exp2(s * qk_scale - ref2[:, None])
@@ -138,7 +141,8 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
         offs_t = tl.arange(0, TAIL_N)
         for start in tl.range(n_full, cnt, TAIL_N, num_stages=1):
             m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_t, cnt, m_i, l_i, acc,
-                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC)
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC,
+                                             HEAD_DIM, D_ACT)
 
     if HAS_LSE:
         out = acc * sign
@@ -146,17 +150,17 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
         out = acc * (sign / tl.where(l_i > 0, l_i, 1.0))[:, None]
     if HAS_OB:
         ob_offs = b * sbb + h * sbh + qi[:, None] * sbn + offs_d[None, :] * sbd
-        ob = tl.load(OB + ob_offs, mask=row_ok[:, None], other=0.0)
+        ob = tl.load(OB + ob_offs, mask=rd_ok, other=0.0)
         out += ob.to(tl.float32)
         if HAS_SLOPE:  # o_slope shares o_base's strides (checked on the host)
-            os_ = tl.load(OS + ob_offs, mask=row_ok[:, None], other=0.0)
+            os_ = tl.load(OS + ob_offs, mask=rd_ok, other=0.0)
             out += tl.load(COEF) * os_.to(tl.float32)
     o_offs = b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod
     if HAS_MEASURE:  # prev and slope_out share O's strides (checked on the host); prev may be O itself
-        prev = tl.load(PREV + o_offs, mask=row_ok[:, None], other=0.0)
+        prev = tl.load(PREV + o_offs, mask=rd_ok, other=0.0)
         rate = (out - prev.to(tl.float32)) * tl.load(INV)
-        tl.store(SOUT + o_offs, rate.to(SOUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(SOUT + o_offs, rate.to(SOUT.dtype.element_ty), mask=rd_ok)
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=rd_ok)
 
 
 @triton.jit
@@ -168,7 +172,7 @@ def _attn_column_sparse_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     TAIL_N: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_MEASURE: tl.constexpr,
-    HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
+    HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr, D_ACT: tl.constexpr,
 ):
     TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     per_bh = NG * TPG
@@ -181,7 +185,7 @@ def _attn_column_sparse_kernel(
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
                   G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE)
+                  POS_SCALE, D_ACT)
     elif pid < t_main:
         bh = pid // per_bh
         r = pid % per_bh
@@ -189,7 +193,7 @@ def _attn_column_sparse_kernel(
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
                   G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE)
+                  POS_SCALE, D_ACT)
     else:
         qq = pid - t_main
         bh = tile // per_bh
@@ -200,7 +204,7 @@ def _attn_column_sparse_kernel(
                   sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
                   (r % TPG) * BLOCK_M + (qq % SPLIT) * SUB,
                   G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE)
+                  POS_SCALE, D_ACT)
 
 
 def _configs():
@@ -215,7 +219,7 @@ def _configs():
     return out
 
 
-_KEY = ["N", "G", "HEAD_DIM", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "DOT_PREC", "NUM_SMS"]
+_KEY = ["N", "G", "HEAD_DIM", "D_ACT", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "DOT_PREC", "NUM_SMS"]
 _tuned = autotune(configs=_configs(), key=_KEY)(_attn_column_sparse_kernel)
 # With ``measure`` O may be its prev, read before it is written: timing a config must not let one run's
 # output become the next run's prev, so those calls tune with O restored after every run (restore_value;
@@ -319,7 +323,7 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
                                o_slope=None, slope_coef=None, out=None, measure=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    assert Hq % Hkv == 0 and D in (16, 32, 64, 128, 256)
+    assert Hq % Hkv == 0 and 1 <= D <= 256
     G = int(group)
     NG = indices.shape[2]
     assert NG == math.ceil(N / G), "indices must have ceil(N/G) groups"
@@ -339,7 +343,7 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
-    flags = dict(G=G, HEAD_DIM=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_SLOPE=o_slope is not None,
+    flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_SLOPE=o_slope is not None,
                  HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)

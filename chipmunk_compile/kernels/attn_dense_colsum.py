@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, autotune, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
-from ._tiles import key_allowed, load_rows
+from ._tiles import key_allowed, load_rows, padded_head_dim, row_col_mask
 
 
 @triton.jit
@@ -47,11 +47,11 @@ def _colsum(pr, MMA: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr):
 def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi, skn, skd, svn, svd,
           NK, qk_scale, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr,
-          DOT_PREC: tl.constexpr, MMA: tl.constexpr):
+          DOT_PREC: tl.constexpr, MMA: tl.constexpr, D_ACT: tl.constexpr):
     # One BLOCK_N key tile (TAIL: the one crossing Nk, the only one with masked loads).
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
-    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL)
+    k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
@@ -63,7 +63,7 @@ def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, gr
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base, cols, col_in, svn, svd, HEAD_DIM, TAIL)
+        v = load_rows(v_base, cols, col_in, svn, svd, HEAD_DIM, TAIL, D_ACT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
         if WANT_COLSUM:
@@ -94,7 +94,7 @@ def _attn_dense_colsum_kernel(
     N, NK, HQ, KV_REP, NG, qk_scale,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr,  #
-    DOT_PREC: tl.constexpr, COLSUM_MMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, COLSUM_MMA: tl.constexpr, D_ACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -108,7 +108,8 @@ def _attn_dense_colsum_kernel(
     else:
         qi = pos
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_col_mask(row_ok, HEAD_DIM, D_ACT), other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
@@ -132,16 +133,16 @@ def _attn_dense_colsum_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
                               skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, False, DOT_PREC, COLSUM_MMA)
+                              WANT_COLSUM, False, DOT_PREC, COLSUM_MMA, D_ACT)
     if n_full < NK:
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, n_full, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
                               skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, True, DOT_PREC, COLSUM_MMA)
+                              WANT_COLSUM, True, DOT_PREC, COLSUM_MMA, D_ACT)
 
     if COMPUTE_O:
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qi[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
+                 mask=row_col_mask(row_ok, HEAD_DIM, D_ACT))
         tl.store(LSE + pid_bh * N + qi, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -156,7 +157,7 @@ def _configs():
     return out
 
 
-_tuned = autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
+_tuned = autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "D_ACT", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
                                           "COLSUM_MMA"],
                   reset_to_zero=["COLSUM"])(_attn_dense_colsum_kernel)
 
@@ -172,7 +173,8 @@ def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, c
         *q.stride(), *k.stride(), *v.stride(), *(o.stride() if o is not None else q.stride()),
         N, Nk, Hq, Hq // Hkv, NG, scale * LOG2E,
     )
-    flags = dict(G=G, HEAD_DIM=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None, COMPUTE_O=compute_o,
+    flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
+                 COMPUTE_O=compute_o,
                  WANT_COLSUM=want_colsum, DOT_PREC=dot_precision(q.dtype),
                  COLSUM_MMA=want_colsum and os.environ.get("CHIPMUNK_COLSUM_MMA", COLSUM_MMA_DEFAULT) == "1")
     if interpreting():
@@ -186,7 +188,7 @@ def attn_dense_colsum(q, k, v, *, scale: float, group: int, key_mask=None, perm=
                       want_colsum: bool = True):
     B, Hq, N, D = q.shape
     Nk = k.shape[2]
-    assert Hq % k.shape[1] == 0 and k.shape[2] == v.shape[2] and D in (16, 32, 64, 128, 256)
+    assert Hq % k.shape[1] == 0 and k.shape[2] == v.shape[2] and 1 <= D <= 256
     G = int(group)
     NG = math.ceil(N / G)
     o = empty_bnhd(B, Hq, N, D, dtype=q.dtype, device=q.device)

@@ -101,6 +101,17 @@ def test_triton_matches_ref(triton_mode, case, dtype, reduce, monkeypatch):
     assert half.dtype == torch.float16 and rel_err(half, cs_r) < 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [40, 72, 96])
+def test_triton_padded_head_dims(triton_mode, D, dtype):
+    """Head dims that are not a power of two: tiles of the next one, the columns past D masked."""
+    q, k, lse, km, perm = _inputs(1, 4, 2, 45, 83, D, dtype, True, True, seed=D)
+    kw = dict(scale=D ** -0.5, group=48, samples=16, key_mask=km, perm=perm)
+    fn = get_kernel("attn_colsum_sampled", q, k)
+    assert fn is not attn_colsum_sampled_ref
+    assert rel_err(fn(q, k, lse, **kw), attn_colsum_sampled_ref(q, k, lse, **kw)) < max(TOL[dtype], 1e-5) * 2
+
+
 def test_ref_fp8_scores_round_q_and_k_and_saturate():
     """qk_fp8: the scores are those of e4m3-rounded q and k; values past e4m3's ±448 saturate
     instead of turning into NaN (e4m3 has no inf)."""
@@ -166,6 +177,17 @@ def test_gpu_bf16_real_shapes(N, G, S, Hq, Hkv, reduce, monkeypatch):
     monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
     q, k, lse, km, perm = _inputs(1, Hq, Hkv, N, N, 128, torch.bfloat16, True, True, seed=1)
     kw = dict(scale=0.125, group=G, samples=S, key_mask=km, perm=perm)
+    cs = get_kernel("attn_colsum_sampled", q, k)(q, k, lse, **kw)
+    assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **kw)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce", ["sum", "mma"])
+@pytest.mark.parametrize("D,qk_fp8", [(72, False), (96, True)])
+def test_gpu_bf16_padded_head_dims(D, qk_fp8, reduce, monkeypatch):
+    monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
+    q, k, lse, km, perm = _inputs(1, 16, 16, 4096, 4096, D, torch.bfloat16, True, True, seed=D)
+    kw = dict(scale=D ** -0.5, group=128, samples=32, key_mask=km, perm=perm, qk_fp8=qk_fp8)
     cs = get_kernel("attn_colsum_sampled", q, k)(q, k, lse, **kw)
     assert rel_err(cs, attn_colsum_sampled_ref(q, k, lse, **kw)) < 2e-2
 

@@ -104,6 +104,38 @@ def test_triton_matches_ref(triton_mode, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [24, 40, 72, 96])
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_triton_padded_head_dims(triton_mode, D, dtype, use_lse):
+    """Head dims that are not a power of two run in tiles of the next one; the columns past D add
+    nothing, and every output element (poisoned with NaN first), the cache and the slope are written."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 4, 2, 77, 90, D, 48, dtype, 0.45, True, seed=D, zero_count=True)
+    kw = dict(scale=D ** -0.5, group=48, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
+    out, slope = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    prev = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q).transpose(1, 2).contiguous().transpose(1, 2)
+    inv = torch.tensor([0.5], device=DEV)
+    fn = get_kernel("attn_column_sparse", q, k, v)
+    assert fn is not attn_column_sparse_ref
+    o_r = attn_column_sparse_ref(q, k, v, idx, cnt, **kw)
+    o = fn(q, k, v, idx, cnt, **kw, out=out, measure=(prev, slope, inv))
+    assert o.data_ptr() == out.data_ptr() and rel_err(o, o_r) < TOL[dtype]  # rel_err: NaN fails it
+    assert rel_err(slope, (o_r.float() - prev.float()) * 0.5) < TOL[dtype]
+    naive = _naive(q, k, v, idx, cnt, D ** -0.5, 48, perm, ob, -1.0, lse if use_lse else None)
+    assert rel_err(o, naive) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,use_lse", [(72, False), (88, True), (96, False)])
+def test_gpu_bf16_padded_head_dims(D, use_lse):
+    """PixArt's / HunyuanDiT's / Lumina's head dims at a 1024px image's 4096 tokens, in bf16."""
+    q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 16, 16, 4096, 4096, D, 128, torch.bfloat16, 0.15, True, seed=D)
+    kw = dict(scale=D ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
+    fn = get_kernel("attn_column_sparse", q, k, v)
+    assert fn is not attn_column_sparse_ref
+    assert rel_err(fn(q, k, v, idx, cnt, **kw), attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_full_set_equals_dense(triton_mode, dtype):
     q, k, v, *_ = _inputs(1, 4, 2, 70, 53, 64, 32, dtype, 0.5, False)
     idx, cnt = _full(1, 4, 70, 53, 32)
@@ -286,7 +318,7 @@ ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", 
 st = dict(b=N * H * D, h=D, n=H * D, d=1)
 ints = {f"s{t}{a}": v for t in "qkvob" for a, v in st.items()}
 ints.update(sib=H * NG * KC, sih=NG * KC, sig=KC, scb=H * NG, sch=NG, N=N, HQ=H, KV_REP=1, NG=NG, NBH=H, NUM_SMS=132)
-flags = dict(G=128, HEAD_DIM=D, HAS_PERM=True, HAS_OB=True, HAS_SLOPE=slope, HAS_MEASURE=measure, HAS_LSE=False,
+flags = dict(G=128, HEAD_DIM=D, D_ACT=D, HAS_PERM=True, HAS_OB=True, HAS_SLOPE=slope, HAS_MEASURE=measure, HAS_LSE=False,
              DOT_PREC="tf32", POS_SCALE=True)
 names = set(ptrs) | set(ints) | set(flags) | set(meta) | {"qk_scale", "sign"}
 assert set(k.arg_names) == names, set(k.arg_names) ^ names

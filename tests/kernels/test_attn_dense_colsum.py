@@ -90,6 +90,29 @@ def test_triton_matches_ref(triton_mode, case, dtype, mma, monkeypatch):
     assert cs2 is None and rel_err(o2, o_r) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [40, 72, 96])
+def test_triton_padded_head_dims(triton_mode, D, dtype):
+    """Head dims that are not a power of two: tiles of the next one, the columns past D masked."""
+    q, k, v, km, perm, prev_lse = _inputs(1, 4, 2, 45, 83, D, dtype, True, True, seed=D)
+    kw = dict(scale=D ** -0.5, group=48, key_mask=km, perm=perm, prev_lse=prev_lse)
+    fn = get_kernel("attn_dense_colsum", q, k, v)
+    assert fn is not attn_dense_colsum_ref
+    (o, lse, cs), (o_r, lse_r, cs_r) = fn(q, k, v, **kw), attn_dense_colsum_ref(q, k, v, **kw)
+    assert rel_err(o, o_r) < TOL[dtype] and rel_err(lse, lse_r) < 1e-5
+    assert rel_err(cs, cs_r) < max(TOL[dtype], 1e-5) * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [72, 96])
+def test_gpu_bf16_padded_head_dims(D):
+    q, k, v, km, perm, prev_lse = _inputs(1, 16, 16, 4096, 4096, D, torch.bfloat16, True, True, seed=D)
+    kw = dict(scale=D ** -0.5, group=128, key_mask=km, perm=perm, prev_lse=prev_lse)
+    (o, lse, cs), (o_r, lse_r, cs_r) = get_kernel("attn_dense_colsum", q, k, v)(q, k, v, **kw), \
+        attn_dense_colsum_ref(q, k, v, **kw)
+    assert rel_err(o, o_r) < TOL[torch.bfloat16] and rel_err(lse, lse_r) < 1e-3 and rel_err(cs, cs_r) < 2e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,G,Hq,Hkv", [(4352, 192, 4, 4), (4352, 128, 4, 2), (1000, 192, 2, 2)])
 def test_gpu_bf16_real_shapes(N, G, Hq, Hkv):
