@@ -3,7 +3,7 @@ the Triton kernels, which run them in tiles of the next power of two, against th
 those sites ran before (session 35) and against cuDNN SDPA. One process, same random inputs, bf16,
 medians of triton.testing.do_bench (CUDA events); the GPU is named in the output.
 
-    python benchmarks/bench_head_dims.py            # prints a table, writes bench_head_dims.csv (session 35: bench_head_dims_h200_session35.{csv,txt})
+    python benchmarks/bench_head_dims.py    # a table; bench_head_dims.csv (session 35: *_h200_session35.{csv,txt})
 
 Rows per shape: dense SDPA (cuDNN first); the column-sparse attention at `--keep` of the keys (query
 groups of 128, a sparse step) by the Triton kernel and by the reference; the refresh's exact output
@@ -14,7 +14,6 @@ attn_colsum_sampled), Triton and reference. Head dim 128 (FLUX's shape) is the c
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -25,6 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from chipmunk_compile import kernels as K  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from csv_rows import write_rows  # noqa: E402
 
 # name, heads, tokens, head dim
 SHAPES = [("pixart-sigma 1024px", 16, 4096, 72), ("hunyuan-dit 1024px", 16, 4096, 88),
@@ -83,12 +85,7 @@ def main():
         for kernel, ms in t.items():
             print(f"  {kernel:<24} {ms:8.3f} ms   {dense / ms:6.2f}x dense SDPA")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_head_dims.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {os.path.join(out_dir, 'bench_head_dims.csv')}")
+    print(f"\nwrote {write_rows(os.path.join(out_dir, 'bench_head_dims.csv'), rows)}")
 
 
 if __name__ == "__main__":

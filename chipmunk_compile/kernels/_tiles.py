@@ -11,14 +11,14 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   N) is load-masked, so the others stay vectorised and software-pipelined. Head dims: HEAD_DIM is
   the tile's power of two, D_ACT the tensors' own head dim (72, 96, ...): where D_ACT < HEAD_DIM
   the columns past it load as zeros (they add nothing to QKᵀ or PV) and are never stored
-  (`load_cols`, `row_col_mask`); where they are equal the code is what it was without them. `key_allowed`: the
-  tile's columns that exist and are not masked out by a (B, N) int8 key mask. `column_halves`:
-  the two column halves of a register tile, for epilogues done in slices. `block_rows`: the rows
-  of one tile of a token block (attention query group or MLP token block), in grouped order and
-  as tokens (through the permutation).
-Host side: `padded_head_dim` is the tile head dim of a tensor's (HEAD_DIM for D_ACT); `wave_grid` is the matching launch grid (one program per tile, SPLIT per split tail
-tile), `num_sms` the SM count it plans waves for (INTERP_NUM_SMS under the interpreter),
-`pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it),
+  (`load_cols`, `row_col_mask`); where they are equal the code is what it was without them.
+  `key_allowed`: the tile's columns that exist and are not masked out by a (B, N) int8 key mask.
+  `column_halves`: the two column halves of a register tile, for epilogues done in slices.
+  `block_rows`: the rows of one tile of a token block (attention query group or MLP token block),
+  in grouped order and as tokens (through the permutation).
+Host side: `padded_head_dim` is the HEAD_DIM of a D_ACT; `wave_grid` is the matching launch grid
+(one program per tile, SPLIT per split tail tile), `num_sms` the SM count it plans waves for
+(INTERP_NUM_SMS under the interpreter), `pow2_align` a dimension's power-of-two alignment (masks only where tiles do not divide it),
 `prune_row_tiles` mm1's autotune pruning (no row tile taller than the token block).
 """
 

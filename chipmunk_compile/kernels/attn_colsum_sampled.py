@@ -187,8 +187,8 @@ def _tuned(pin: str):
     autotuner (and tuning cache) per choice, so a pinned run never reuses another's pick."""
     if pin not in _tuners:
         configs = [c for c in _configs() if pin not in ("sum", "mma") or c.kwargs["MMA_REDUCE"] == (pin == "mma")]
-        _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "D_ACT", "HAS_KMASK", "QK_FP8",
-                                                      "DOT_PREC"],
+        _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "D_ACT", "HAS_KMASK",
+                                                      "QK_FP8", "DOT_PREC"],
                                 prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
     return _tuners[pin]
 
@@ -237,8 +237,9 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     pm = perm.to(torch.int32) if perm is not None and perm.dtype != torch.int32 else perm
     args = (q, k, lse_c, offs, pm if pm is not None else offs, km, colsum, *q.stride(), *k.stride(),
             N, Nk, Hq, Hq // Hkv, NG, G, scale * LOG2E)
-    flags = dict(SLOTS=slots, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
-                 DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8, ABLATE=ABLATIONS[ablate])
+    flags = dict(SLOTS=slots, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None,
+                 HAS_KMASK=key_mask is not None, DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8,
+                 ABLATE=ABLATIONS[ablate])
     nsm = num_sms(q.device)
 
     def grid(meta):

@@ -343,8 +343,8 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
-    flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=pm is not None, HAS_OB=ob is not None, HAS_SLOPE=o_slope is not None,
-                 HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
+    flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=pm is not None, HAS_OB=ob is not None,
+                 HAS_SLOPE=o_slope is not None, HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
                  DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
     launch(_attn_column_sparse_kernel, _tuned if measure is None else _tuned_measure, grid, args, flags,
