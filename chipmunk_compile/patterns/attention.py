@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from .fx_utils import (
-    MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
+    ATEN_SDPA, MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
     module_path, schema_kwargs, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
@@ -191,24 +191,9 @@ def match_sdpa(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Reject
     return _sdpa_match("sdpa", node, ctx, kw, node, [node], kw.get("attn_mask"))
 
 
-# SDPA's backend ops, called directly by attention libraries (diffusers' `_native_cudnn` backend
-# under context parallelism, its `_native_flash` one): (output, logsumexp, ...) tuples.
-def _aten_sdpa_ops() -> dict:
-    ops = {}
-    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is not None:
-            ops[packet] = ops[packet.default] = packet
-    return ops
-
-
-_ATEN_SDPA = _aten_sdpa_ops()
-
-
 def match_sdpa_aten(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
     """An SDPA backend op whose only used output is the attention output (getitem 0)."""
-    packet = _ATEN_SDPA.get(node.target) if node.op == "call_function" else None
+    packet = ATEN_SDPA.get(node.target) if node.op == "call_function" else None
     if packet is None:
         return None
     kw = schema_kwargs(node)

@@ -67,6 +67,22 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 LINEAR = (torch._C._nn.linear, F.linear)
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+# SDPA's backend ops, called directly by attention libraries (diffusers' `_native_cudnn` backend
+# under context parallelism, its `_native_flash` one): (output, logsumexp, ...) tuples; each op and
+# its default overload map to the op.
+def _aten_sdpa_ops() -> dict:
+    ops = {}
+    for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            ops[packet] = ops[packet.default] = packet
+    return ops
+
+
+ATEN_SDPA = _aten_sdpa_ops()
 MATMUL = (torch.matmul, operator.matmul, torch.bmm)
 SOFTMAX_FNS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
 DROPOUT = (F.dropout, torch.dropout, torch.nn.functional.dropout)

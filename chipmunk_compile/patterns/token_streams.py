@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import is_call, is_linear, linear_parts, val
+from .fx_utils import ATEN_SDPA, SDPA, is_call, is_linear, linear_parts, val
 
 _CAT = (torch.cat, torch.concat, torch.stack)
 _LIMIT = 256  # nodes visited per walk
@@ -145,10 +145,11 @@ def _moves_rows(node) -> bool:
 
 
 def attention_rows(graph: fx.Graph) -> set:
-    """The chains of the query projection inputs of every SDPA call in `graph` (matched or not)."""
+    """The chains of the query projection inputs of every SDPA call (or backend op) in `graph`,
+    matched or not."""
     rows: set = set()
     for n in graph.nodes:
-        if n.op == "call_function" and "scaled_dot_product" in getattr(n.target, "__name__", str(n.target)):
+        if is_call(n, *SDPA) or (n.op == "call_function" and n.target in ATEN_SDPA):
             q = n.args[0] if n.args else n.kwargs.get("query")
             qs = _projection_inputs(q, every_path=False) if isinstance(q, fx.Node) else None
             rows |= _chain(qs) if qs else set()
