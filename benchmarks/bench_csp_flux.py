@@ -4,12 +4,13 @@
 
 Shape 1x24x4352x128, G=128, bf16, the backend's FLUX query order (512 text tokens, the 48x80 image
 grid in 8x8 tiles), one sorted key set per (head, group) as bench_kernels draws them (one key in
-each of K equal buckets), at 15% / 23% / 30% of the keys
-(23% is what the ``default`` preset attends there: 10% + 1% drawn + the 512 text keys). Per key
+each of K equal buckets), at 15% / 23% / 30% / 16% of the keys
+(23% is what the ``default`` preset attends there: 10% + 1% drawn + the 512 text keys; 15% and 16%
+leave a last key tile of 13 and 56 keys). Per key
 budget, ms per call replayed from one CUDA graph (``bench_kernels.graph_ms``: no Python launch, as a
 recorded step graph runs it) of:
-- the Triton kernel, the warp-specialized ping-pong Gluon kernel (2 and 3 stages of 128-key tiles,
-  2 and 4 stages of 64-key tiles) and the
+- the Triton kernel, the warp-specialized ping-pong Gluon kernel (2 and 3 stages of 128-key tiles;
+  one program per work item, and one per SM running several: ``programs``) and the
   single-warpgroup Gluon kernel, o = o_base + attn;
 - a forecasting sparse step, o = o_base + coef * o_slope + attn: Triton and ping-pong with the
   slope term in their epilogue, and ping-pong after a separate ``slope_into_base`` pass (what the
@@ -35,7 +36,7 @@ from chipmunk_compile.kernels import attn_column_sparse as dispatch  # noqa: E40
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as pingpong  # noqa: E402
 from chipmunk_compile.kernels.attn_column_sparse_hopper import attn_column_sparse_hopper  # noqa: E402
 
-KEEPS = (0.15, 0.23, 0.30)
+KEEPS = (0.15, 0.23, 0.30, 0.16)
 
 
 def main():
@@ -52,6 +53,7 @@ def main():
     coef, inv = torch.tensor(0.5, device=dev), torch.tensor(0.2, device=dev)
     perm = site_perm(N, tile_order((48, 80), (8, 8)), 512, True).to(dev).int()
     n_groups = math.ceil(N / G)
+    nsm = torch.cuda.get_device_properties(0).multi_processor_count
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -72,18 +74,31 @@ def main():
             "triton": lambda: dispatch._attn_column_sparse_triton(*args, o_base=ob, **kw),
             "ping-pong 2 stages": lambda: pingpong.attn_column_sparse_pingpong(*args, o_base=ob, stages=2, **kw),
             "ping-pong 3 stages": lambda: pingpong.attn_column_sparse_pingpong(*args, o_base=ob, stages=3, **kw),
-            # 64-key tiles: less padding of a short list's last tile, more (cheaper) steps per list
-            "ping-pong 64-key tiles, 2 stages": lambda: pingpong.attn_column_sparse_pingpong(
-                *args, o_base=ob, stages=2, block_n=64, **kw),
-            "ping-pong 64-key tiles, 4 stages": lambda: pingpong.attn_column_sparse_pingpong(
-                *args, o_base=ob, stages=4, block_n=64, **kw),
+            # one program per SM, each running every num_SMs-th work item (rings and turns carried over)
+            "ping-pong persistent, 2 stages": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, stages=2, programs=nsm, **kw),
+            "ping-pong persistent, regs 96/208": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, programs=nsm, producer_regs=96, consumer_regs=208, **kw),
+            "ping-pong regs 96/208": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, producer_regs=96, consumer_regs=208, **kw),
+            # a ragged last key tile of <= 32 / <= 64 keys takes 32 / 64 rows
+            "ping-pong narrow 64": lambda: pingpong.attn_column_sparse_pingpong(*args, o_base=ob, narrow=64, **kw),
+            "ping-pong persistent, narrow 64": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, programs=nsm, narrow=64, **kw),
+            "ping-pong persistent, narrow 64, regs 96/208": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, o_base=ob, programs=nsm, narrow=64, producer_regs=96, consumer_regs=208, **kw),
             "single-warpgroup gluon": lambda: attn_column_sparse_hopper(*args, o_base=ob, **kw),
             "triton +slope": lambda: dispatch._attn_column_sparse_triton(*args, **fore),
             "ping-pong +slope": lambda: pingpong.attn_column_sparse_pingpong(*args, **fore),
+            "ping-pong persistent +slope": lambda: pingpong.attn_column_sparse_pingpong(*args, programs=nsm, **fore),
+            "ping-pong persistent narrow +slope": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, programs=nsm, narrow=64, **fore),
             "ping-pong + slope pass": lambda: pingpong.attn_column_sparse_pingpong(
                 *args, o_base=dispatch.slope_into_base(ob, slope, coef), **kw),
             "triton refresh build": lambda: dispatch._attn_column_sparse_triton(*args, **build),
             "ping-pong refresh build": lambda: pingpong.attn_column_sparse_pingpong(*args, **build),
+            "ping-pong persistent refresh build": lambda: pingpong.attn_column_sparse_pingpong(
+                *args, programs=nsm, **build),
             "dispatched +slope": lambda: dispatch.attn_column_sparse(*args, **fore),
         }
         counters.clear()
@@ -92,8 +107,9 @@ def main():
         o_t = dispatch._attn_column_sparse_triton(*args, o_base=ob, **kw).float()
         o_p = pingpong.attn_column_sparse_pingpong(*args, o_base=ob, **kw).float()
         err = ((o_p - o_t).norm() / o_t.norm()).item()
-        o_64 = pingpong.attn_column_sparse_pingpong(*args, o_base=ob, block_n=64, **kw).float()
-        err = max(err, ((o_64 - o_t).norm() / o_t.norm()).item())  # either ping-pong tiling
+        for variant in (dict(programs=nsm), dict(programs=nsm, narrow=64)):  # either grid, narrow last tiles
+            o_pp = pingpong.attn_column_sparse_pingpong(*args, o_base=ob, **variant, **kw).float()
+            err = max(err, ((o_pp - o_t).norm() / o_t.norm()).item())
         print(f"{n_keys} keys per group ({keep:.0%}); ping-pong vs Triton rel. error {err:.1e}; "
               f"dispatcher picked {'/'.join(picked) or '-'}", flush=True)
         for name, ms in times.items():

@@ -41,6 +41,7 @@ Kernel invariants:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -282,10 +283,11 @@ def write_out(o, out, measure):
 
 def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o_base, sign, o_slope, slope_coef,
                               out, measure):
-    """A Hopper-qualified call: the ping-pong, single-warpgroup and Triton kernels timed once per
-    shape on this call's inputs without ``out`` / ``measure`` (a run writing them would change the
-    next run's prev), then the pick runs once with them. Each kernel fuses the slope term, ``out`` and
-    ``measure`` into its epilogue where their strides allow, else adds separate passes."""
+    """A Hopper-qualified call: the ping-pong (one program per work item, or one per SM), single-warpgroup
+    and Triton kernels timed once per shape on this call's inputs without ``out`` / ``measure`` (a run
+    writing them would change the next run's prev), then the pick runs once with them. Each kernel
+    fuses the slope term, ``out`` and ``measure`` into its epilogue where their strides allow, else
+    adds separate passes."""
     from torch._dynamo.utils import counters
 
     from . import attn_column_sparse_pingpong as pingpong
@@ -301,14 +303,21 @@ def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o
                                            slope_coef=slope_coef, out=o_out if triton_fused else None,
                                            measure=o_measure if triton_fused else None, **kw)
             return o if triton_fused else write_out(o, o_out, o_measure)
-        kern = pingpong.attn_column_sparse_pingpong if name == "pingpong" else attn_column_sparse_hopper
+        kern = attn_column_sparse_hopper
+        if name == "pingpong":
+            kern = pingpong.attn_column_sparse_pingpong
+        elif name == "pingpong_persistent":
+            kern = functools.partial(pingpong.attn_column_sparse_pingpong, programs=num_sms(q.device))
         if gluon_fused:
             return kern(q, k, v, indices, counts, o_base=o_base, o_slope=o_slope, slope_coef=slope_coef, out=o_out,
                         measure=o_measure, **kw)
         base = slope_into_base(o_base, o_slope, slope_coef) if o_slope is not None else o_base
         return write_out(kern(q, k, v, indices, counts, o_base=base, **kw), o_out, o_measure)
 
-    names = (["pingpong"] if pingpong.beyond_hopper(group) is None else []) + ["gluon", "triton"]
+    # ping-pong on one program per work item, or one per SM looping over them (faster on short key
+    # lists, where a program's start and first gather are a large share; not on long ones)
+    pp = ["pingpong", "pingpong_persistent"] if pingpong.beyond_hopper(group) is None else []
+    names = pp + ["gluon", "triton"]
     default = names[0]  # the ping-pong kernel where it qualifies, else the single-warpgroup one
     timed = {n: (lambda n=n: call(n, None, None)) for n in names}
     pick = default if os.environ.get("CHIPMUNK_GLUON") == "1" else faster_choice(

@@ -73,10 +73,14 @@ if HAVE_GLUON:
     def _work_item(NG, HQ, KV_REP, TPG: gl.constexpr, BLOCK_M: gl.constexpr):
         """(b, query head, its kv head, group, first row in the group) of this program: one
         BLOCK_M-row tile of a query group of one (b, h), group-fastest then (b, h)."""
-        pid = gl.program_id(0)
+        return _item_coords(gl.program_id(0), NG, HQ, KV_REP, TPG, BLOCK_M)
+
+    @gluon.jit
+    def _item_coords(item, NG, HQ, KV_REP, TPG: gl.constexpr, BLOCK_M: gl.constexpr):
+        """``_work_item`` of work item ``item`` (a persistent program runs several)."""
         per_bh = NG * TPG
-        bh = pid // per_bh
-        r = pid % per_bh
+        bh = item // per_bh
+        r = item % per_bh
         g = r // TPG
         row0 = (r % TPG) * BLOCK_M
         b = bh // HQ

@@ -200,7 +200,7 @@ def test_gpu_dispatcher_fuses_the_epilogue_on_every_pick(monkeypatch):
     sparse-step output and refresh cache and slope."""
     from chipmunk_compile.kernels import _common
 
-    for pick in ("pingpong", "gluon", "triton"):
+    for pick in ("pingpong", "pingpong_persistent", "gluon", "triton"):
         monkeypatch.setattr(_common, "_CHOICES", {})
         monkeypatch.setattr(dispatch, "faster_choice", lambda key, runs, default, p=pick: p)
         check_fused_epilogue(dispatch.attn_column_sparse, 128)

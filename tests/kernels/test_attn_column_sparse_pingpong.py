@@ -1,6 +1,8 @@
 """attn_column_sparse_pingpong (Gluon, sm_90, warp-specialized): compiled for Hopper on the CPU; on a
 GPU, against the reference, through the dispatcher and in a CUDA graph."""
 
+import functools
+
 import pytest
 import torch
 from kernel_testutils import TOL, compile_for_hopper, rel_err
@@ -17,14 +19,14 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 from chipmunk_compile.kernels import attn_column_sparse_pingpong as m
-D, STAGES, has_perm, has_ob, epi = (int(a) for a in sys.argv[1:])
+D, STAGES, has_perm, has_ob, epi, narrow = (int(a) for a in sys.argv[1:])
 fn = m._csp_pingpong_kernel
 ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", COEF="*fp32", PREV="*bf16",
             SOUT="*bf16", INV="*fp32", IDX="*i32", CNT="*i32", PERM="*i32")
 q_l = gl.NVMMASharedLayout.get_default_for([64, D], gl.bfloat16)
 kv_l = gl.NVMMASharedLayout.get_default_for([m.BLOCK_N, D], gl.bfloat16)
 const = dict(G=128, HEAD_DIM=D, BLOCK_N=m.BLOCK_N, STAGES=STAGES, HAS_PERM=bool(has_perm), HAS_OB=bool(has_ob),
-             HAS_SLOPE=bool(epi and has_ob), HAS_MEASURE=bool(epi),
+             HAS_SLOPE=bool(epi and has_ob), HAS_MEASURE=bool(epi), NARROW=narrow,
              q_smem_layout=q_l, kv_smem_layout=kv_l, PRODUCER_REGS=m.PRODUCER_REGS, CONSUMER_REGS=m.CONSUMER_REGS)
 sig = {n: ptrs.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "sign") else "i32"))
        for n in fn.arg_names}
@@ -34,6 +36,9 @@ out = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attr
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 ptx = out.asm["ptx"]
 assert "wgmma.mma_async" in ptx, "no warpgroup MMA"
+# each width of the last tile (narrow // 2, narrow, full) has its own QKᵀ and P·V instructions
+widths = {int(n) for n in re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.m64n(\\d+)k16", ptx)}
+assert widths == ({D, 128} | ({narrow, narrow // 2} if narrow else set())), widths
 assert ptx.count("cp.async.mbarrier.arrive.noinc") == 2, "the producer signals K and V through mbarriers"
 assert "setmaxnreg" in ptx, "no warp-specialized partitions"
 turns = re.findall(r"bar\\.(sync|arrive) %r\\d+, 256;", ptx)
@@ -46,11 +51,12 @@ assert out.metadata.shared <= 232448, f"shared memory {out.metadata.shared} over
 
 
 @pytest.mark.skipif(not pingpong.HAVE_WS, reason="this Triton has no Gluon warp_specialize (never dispatched here)")
-@pytest.mark.parametrize("D,STAGES,has_perm,has_ob,epi", [(128, 2, 1, 1, 0), (64, 3, 0, 0, 0), (128, 2, 1, 1, 1)])
-def test_compiles_for_hopper_without_a_gpu(D, STAGES, has_perm, has_ob, epi):
+@pytest.mark.parametrize("D,STAGES,has_perm,has_ob,epi,narrow", [
+    (128, 2, 1, 1, 0, 0), (64, 3, 0, 0, 0, 64), (128, 2, 1, 1, 1, 64)])
+def test_compiles_for_hopper_without_a_gpu(D, STAGES, has_perm, has_ob, epi, narrow):
     """Gluon has no interpreter: CI proves the kernel builds for sm_90 with the installed Triton,
-    with its producer, partitions and turn barriers."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, D, STAGES, has_perm, has_ob, epi)
+    with its producer, partitions and turn barriers (and the narrow last tiles' extra MMAs)."""
+    compile_for_hopper(_COMPILE_FOR_HOPPER, D, STAGES, has_perm, has_ob, epi, narrow)
 
 
 def test_supported_gives_reasons():
@@ -78,9 +84,29 @@ def test_supported_gives_reasons():
     (1, 2, 2, 300, 128, 128, 1.0, torch.bfloat16),   # every key
     (1, 2, 2, 3000, 128, 128, 0.6, torch.bfloat16),  # 15 key tiles: both rings wrap several times
 ])
-@pytest.mark.parametrize("stages", [2, 3])
-def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages):
-    check_matches_reference(pingpong.attn_column_sparse_pingpong, B, Hq, Hkv, N, D, G, keep, dtype, stages=stages)
+@pytest.mark.parametrize("stages,programs,narrow", [(2, None, 0), (3, None, 0), (2, 3, 64), (3, None, 64),
+                                                     (2, 5, 32)])
+def test_gpu_matches_reference(B, Hq, Hkv, N, D, G, keep, dtype, stages, programs, narrow):
+    """programs=3 / 5: each program runs several work items of random key counts (empty ones among
+    them) back to back, its rings and turns carried across them; narrow: ragged last tiles of
+    16 / 32 / 64 rows."""
+    check_matches_reference(pingpong.attn_column_sparse_pingpong, B, Hq, Hkv, N, D, G, keep, dtype, stages=stages,
+                            programs=programs, narrow=narrow)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+@pytest.mark.parametrize("narrow", [32, 64])
+def test_gpu_narrow_last_tiles_at_every_boundary(narrow):
+    """Key counts on both sides of each last-tile width (1, 16, 17, 32, 33, 64, 65, 128, 129, 200)
+    give the reference's output, one program running them all."""
+    counts = [1, 16, 17, 32, 33, 64, 65, 128, 129, 200]
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 2, 2, 128 * len(counts), 128, 128, 0.2, torch.bfloat16, seed=4)
+    cnt.copy_(torch.tensor(counts, dtype=torch.int32, device="cuda").expand_as(cnt))
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0)
+    for programs in (1, None):
+        o = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, programs=programs, narrow=narrow, **kw)
+        assert rel_err(o, attn_column_sparse_ref(q, k, v, idx, cnt, **kw)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -107,19 +133,33 @@ def test_gpu_dispatcher_prefers_it_for_groups_of_128(monkeypatch):
     counters.clear()
     o_auto = dispatch.attn_column_sparse(q, k, v, idx, cnt, **kw)
     (choice,) = [c for c in counters["chipmunk"] if c.startswith("kernel_choice:attn_column_sparse:")]
-    assert choice.rsplit(":", 1)[1] in ("pingpong", "gluon", "triton")
+    assert choice.rsplit(":", 1)[1] in ("pingpong", "pingpong_persistent", "gluon", "triton")
     assert rel_err(o_auto, o) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
-def test_gpu_records_in_a_cuda_graph():
+@pytest.mark.parametrize("programs", [None, 5])
+def test_gpu_records_in_a_cuda_graph(programs):
     """Step graphs record this kernel (its mbarriers re-initialized by every launch)."""
-    check_records_in_a_cuda_graph(pingpong.attn_column_sparse_pingpong)
+    check_records_in_a_cuda_graph(functools.partial(pingpong.attn_column_sparse_pingpong, programs=programs))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
-def test_gpu_fused_epilogue_matches_reference():
+@pytest.mark.parametrize("programs", [None, 7])
+def test_gpu_fused_epilogue_matches_reference(programs):
     """The forecast's slope term and a refresh's cache build with its slope, in the epilogue."""
-    check_fused_epilogue(pingpong.attn_column_sparse_pingpong, 128)
+    check_fused_epilogue(pingpong.attn_column_sparse_pingpong, 128, programs=programs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200)")
+def test_gpu_one_program_per_sm_matches_one_per_item():
+    """At FLUX's shape (816 work items) the persistent grid gives the per-item grid's output bit for bit."""
+    q, k, v, idx, cnt, perm, ob = _inputs(1, 24, 24, 4352, 128, 128, 0.15, torch.bfloat16, seed=5)
+    kw = dict(scale=128 ** -0.5, group=128, perm=perm, o_base=ob, sign=1.0)
+    per_item = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, programs=10 ** 9, **kw)
+    per_sm = pingpong.attn_column_sparse_pingpong(q, k, v, idx, cnt, programs=torch.cuda.get_device_properties(
+        0).multi_processor_count, **kw)
+    assert torch.equal(per_item, per_sm)

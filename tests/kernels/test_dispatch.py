@@ -103,7 +103,7 @@ def test_hopper_dispatch_offers_the_pingpong_kernel_first(monkeypatch, pingpong_
     first = "pingpong" if pingpong_ok else "gluon"
     counters.clear()
     assert dispatch.attn_column_sparse(*args, scale=0.1, group=128) == "T"
-    assert offered == [((["pingpong"] if pingpong_ok else []) + ["gluon", "triton"], first)]
+    assert offered == [((["pingpong", "pingpong_persistent"] if pingpong_ok else []) + ["gluon", "triton"], first)]
     assert ran == ["triton"] and not [c for c in counters["chipmunk"] if c.startswith("kernel_")]
     monkeypatch.setenv("CHIPMUNK_GLUON", "1")  # forced: the first Gluon kernel, untimed
     assert dispatch.attn_column_sparse(*args, scale=0.1, group=128) == ("P" if pingpong_ok else "G")
@@ -154,8 +154,8 @@ def test_hopper_dispatch_times_without_out_and_measure_then_runs_the_pick_with_t
     calls = []
 
     def stand_in(name):
-        def kernel(q, *a, out=None, measure=None, **k):
-            calls.append((name, out is not None, measure is not None))
+        def kernel(q, *a, out=None, measure=None, programs=None, **k):
+            calls.append((name + ("_persistent" if programs else ""), out is not None, measure is not None))
             return torch.ones_like(q) if out is None else out.fill_(1.0)
         return kernel
 
@@ -177,8 +177,8 @@ def test_hopper_dispatch_times_without_out_and_measure_then_runs_the_pick_with_t
     slope_out = torch.full_like(cache, float("nan"))
     measure = (cache, slope_out, torch.tensor(0.5))
     o = dispatch.attn_column_sparse(*args, scale=0.1, group=128, o_base=q, sign=-1.0, out=cache, measure=measure)
-    assert calls == [("pingpong", False, False), ("gluon", False, False), ("triton", False, False),
-                     ("pingpong", True, True)]
+    assert calls == [("pingpong", False, False), ("pingpong_persistent", False, False), ("gluon", False, False),
+                     ("triton", False, False), ("pingpong", True, True)]
     assert o is cache and (cache == 1).all() and torch.isnan(slope_out).all()  # the stand-in wrote no slope
     calls.clear()
     odd = torch.zeros(1, 2, 4, 130)[..., :128]  # out with the head dim contiguous but other strides than o's
