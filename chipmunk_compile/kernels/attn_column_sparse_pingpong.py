@@ -15,7 +15,10 @@ shape (1x24x4352x128, ~1000 keys per group under the default preset) it beats th
 0.162 against 0.202 ms with the forecast's slope in both epilogues, 0.181 against 0.209 for a
 refresh's cache build with its slope (session 28, graph-replayed,
 benchmarks/results/csp_flux_pingpong_h200_session28.txt). ``block_n=64`` (less padding of a short
-list's last tile) was slower there: 0.142 against 0.128 ms at 653 keys (session 34).
+list's last tile) was slower there: 0.142 against 0.128 ms at 653 keys (session 34). One program per
+SM looping over the work items, with a narrow last tile (13 keys run on 32 rows): 0.1156 against
+0.1307 ms one program per item, at 653 keys (session 36, same run); at HunyuanVideo's and Wan's
+lengths the two grids are within 3% either way, so the dispatcher times both.
 
 Kernel invariants:
 - A work item is a 128-row tile of a query group of one (b, h), numbered group-fastest then (b, h).
