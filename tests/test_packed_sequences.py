@@ -35,12 +35,13 @@ class PackedLayer(nn.Module):
     """Text and image pathways of one packed layer; `routed`: the image MLP runs on its rows sorted by
     a router score and scattered back."""
 
-    def __init__(self, routed=False):
+    def __init__(self, routed=False, explicit=False):
         super().__init__()
         self.txt_qkv, self.img_qkv = nn.Linear(C, 3 * C), nn.Linear(C, 3 * C)
         self.txt_out, self.img_out = nn.Linear(C, C), nn.Linear(C, C)
         self.txt_mlp, self.img_mlp = SwiGLU(), SwiGLU()
         self.router = nn.Linear(C, 1) if routed else None
+        self.explicit = explicit  # the image attention written as softmax(q kᵀ) v on (heads, tokens, dim)
 
     def forward(self, txt, img):
         qt, kt, vt = (y.view(-1, H, D) for y in self.txt_qkv(F.rms_norm(txt, (C,))).chunk(3, -1))
@@ -48,7 +49,11 @@ class PackedLayer(nn.Module):
         # (tokens, heads, dim) -> (1, heads, tokens, dim)
         txt_att = F.scaled_dot_product_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (qt, kt, vt)), is_causal=True)
         k, v = torch.cat([kt, ki], 0), torch.cat([vt, vi], 0)
-        img_att = F.scaled_dot_product_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (qi, k, v)))
+        if self.explicit:
+            q, k, v = (t.transpose(0, 1) for t in (qi, k, v))
+            img_att = (torch.softmax(q @ k.transpose(-1, -2) * D ** -0.5, dim=-1) @ v).unsqueeze(0)
+        else:
+            img_att = F.scaled_dot_product_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (qi, k, v)))
         txt = txt + self.txt_out(txt_att.transpose(1, 2).reshape(-1, C))
         img = img + self.img_out(img_att.transpose(1, 2).reshape(-1, C))
         txt = txt + self.txt_mlp(F.rms_norm(txt, (C,)))
@@ -62,9 +67,9 @@ class PackedLayer(nn.Module):
 
 
 class Packed(nn.Module):
-    def __init__(self, routed=False):
+    def __init__(self, routed=False, explicit=False):
         super().__init__()
-        self.layers = nn.ModuleList([PackedLayer(routed) for _ in range(2)])
+        self.layers = nn.ModuleList([PackedLayer(routed, explicit) for _ in range(2)])
 
     def forward(self, seq, t):
         txt, img = seq[:N_TXT], seq[N_TXT:]
@@ -86,6 +91,15 @@ def test_packed_sequence_sites(fresh_dynamo):
     assert [s.shapes["k"] for s in attn] == [(1, H, N_TXT + N_IMG, D)] * 2
     assert {s.shapes["x"] for s in rep.sites if s.kind == "mlp"} == {(N_TXT, C), (N_IMG, C)}
     assert [r.reason for r in rep.rejected if r.kind == "attention"] == ["causal attention"] * 2
+
+
+def test_packed_mlps_behind_explicit_softmax_attention(fresh_dynamo):
+    """The image attention written out as softmax(q kᵀ) v on (heads, tokens, dim): its queries make
+    the image rows tokens as an SDPA's do, so the image MLPs are sites too."""
+    rep = check(Packed(explicit=True), packed, attention=2, mlp=4)
+    assert {s.pattern for s in rep.sites if s.kind == "attention"} == {"explicit"}, str(rep)
+    assert sorted(s.path for s in rep.sites if s.kind == "mlp") == [
+        "layers.0.img_mlp.down", "layers.0.txt_mlp.down", "layers.1.img_mlp.down", "layers.1.txt_mlp.down"]
 
 
 def test_routed_rows_are_not_tokens(fresh_dynamo):

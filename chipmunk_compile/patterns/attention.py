@@ -346,6 +346,34 @@ def _exact_upcast_input(x: Any, dtype, chain: list) -> Any:
 
 
 def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Rejection, None]:
+    parts = _explicit_parts(node)
+    if not isinstance(parts, tuple):
+        return parts
+    chain, pv, q, k, v, scale = parts
+    shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
+    dtypes = {getattr(val(t), "dtype", None) for t in (q, k, v)}
+    if len(dtypes) != 1:
+        return _reject("explicit", node, f"q, k and v of different dtypes ({', '.join(map(str, dtypes))})", shapes)
+    key_layout = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
+    if isinstance(key_layout, Rejection):
+        return key_layout
+    if shapes["q"][:-2] != shapes["k"][:-2]:
+        return _reject("explicit", node, "broadcast q/k batch dims", shapes)
+    return AttentionMatch(
+        pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
+        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout,
+    )
+
+
+def explicit_queries(graph: fx.Graph) -> list:
+    """The queries of every softmax(QKᵀ)V that `match_explicit` reads in `graph`, accepted by its
+    checks or not (what `token_streams.attention_rows` collects from SDPA calls)."""
+    return [parts[2] for n in graph.nodes if isinstance(parts := _explicit_parts(n), tuple)]
+
+
+def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
+    """(chain, P·V product, q, k, v, scale) of the softmax(QKᵀ)V anchored at softmax `node`; a
+    Rejection or None where the spelling is not one."""
     if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)):
         return None
     shape = shape_of(node)
@@ -421,19 +449,7 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     chain.append(pv)
     v_dtype = getattr(val(v), "dtype", None)
     q, k = (_exact_upcast_input(t, v_dtype, chain) for t in (q, k))
-    shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
-    dtypes = {getattr(val(t), "dtype", None) for t in (q, k, v)}
-    if len(dtypes) != 1:
-        return _reject("explicit", node, f"q, k and v of different dtypes ({', '.join(map(str, dtypes))})", shapes)
-    key_layout = _common_checks("explicit", node, ctx, q, k, v, scale, shapes)
-    if isinstance(key_layout, Rejection):
-        return key_layout
-    if shapes["q"][:-2] != shapes["k"][:-2]:
-        return _reject("explicit", node, "broadcast q/k batch dims", shapes)
-    return AttentionMatch(
-        pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout,
-    )
+    return chain, pv, q, k, v, scale
 
 
 try:  # the higher-order op Dynamo records for torch.nn.attention.flex_attention

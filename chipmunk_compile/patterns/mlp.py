@@ -39,6 +39,7 @@ from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
 from .low_rank import adapted_linear, weight_nodes, weight_shape
+from .attention import explicit_queries
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
 from .token_streams import attention_rows, token_rows
 
@@ -287,7 +288,7 @@ def _packed_tokens(x, ctx: MatchContext) -> bool:
     """A (tokens, C) input whose rows are an attention's tokens (a packed sequence with no batch axis,
     Cosmos3): `token_streams.token_rows`. The op sees it as (1, tokens, C)."""
     if "attention_rows" not in ctx.memo:
-        ctx.memo["attention_rows"] = attention_rows(x.graph)
+        ctx.memo["attention_rows"] = attention_rows(x.graph, explicit_queries(x.graph))
     return token_rows(x, ctx.memo["attention_rows"])
 
 

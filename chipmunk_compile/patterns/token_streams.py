@@ -29,7 +29,8 @@ packed sequence, Cosmos3's `seq[:und_len]` and `seq[und_len:]`) and records it a
 two cuts of one sequence are different streams, the same cut made twice is one.
 
 Token rows (`token_rows`): a (tokens, C) input is a token sequence when it is made, by ops that keep
-each row where it is, of a chain of some attention's queries (`attention_rows`). Indexing by
+each row where it is, of a chain of some attention's queries (`attention_rows`: SDPA calls, and the
+explicit softmax(QKᵀ)V attentions that the caller passes). Indexing by
 tensors, gathers, sorts and scatters stop that walk: they move rows by data, as MoE routing does,
 and a cache row would then hold another token from one step to the next.
 """
@@ -144,15 +145,17 @@ def _moves_rows(node) -> bool:
     return name in _MOVES_ROWS
 
 
-def attention_rows(graph: fx.Graph) -> set:
+def attention_rows(graph: fx.Graph, queries=()) -> set:
     """The chains of the query projection inputs of every SDPA call (or backend op) in `graph`,
-    matched or not."""
-    rows: set = set()
+    matched or not, and of the other attentions' `queries` (the caller's: explicit softmax(QKᵀ)V)."""
+    qs_all = [*queries]
     for n in graph.nodes:
         if is_call(n, *SDPA) or (n.op == "call_function" and n.target in ATEN_SDPA):
-            q = n.args[0] if n.args else n.kwargs.get("query")
-            qs = _projection_inputs(q, every_path=False) if isinstance(q, fx.Node) else None
-            rows |= _chain(qs) if qs else set()
+            qs_all.append(n.args[0] if n.args else n.kwargs.get("query"))
+    rows: set = set()
+    for q in qs_all:
+        qs = _projection_inputs(q, every_path=False) if isinstance(q, fx.Node) else None
+        rows |= _chain(qs) if qs else set()
     return rows
 
 
