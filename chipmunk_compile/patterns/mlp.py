@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .attention import explicit_queries
 from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
 from .low_rank import adapted_linear, weight_nodes, weight_shape
-from .attention import explicit_queries
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
 from .token_streams import attention_rows, token_rows
 
