@@ -365,10 +365,16 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     )
 
 
-def explicit_queries(graph: fx.Graph) -> list:
-    """The queries of every softmax(QKᵀ)V that `match_explicit` reads in `graph`, accepted by its
-    checks or not (what `token_streams.attention_rows` collects from SDPA calls)."""
-    return [parts[2] for n in graph.nodes if isinstance(parts := _explicit_parts(n), tuple)]
+def attention_queries(graph: fx.Graph) -> list:
+    """The query of every attention in `graph` that the patterns here read, accepted by their checks
+    or not: SDPA calls, SDPA's backend ops and softmax(QKᵀ)V (`token_streams.attention_rows`)."""
+    out = []
+    for n in graph.nodes:
+        if is_call(n, *SDPA) or (n.op == "call_function" and n.target in ATEN_SDPA):
+            out.append(n.args[0] if n.args else n.kwargs.get("query"))
+        elif isinstance(parts := _explicit_parts(n), tuple):
+            out.append(parts[2])
+    return out
 
 
 def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .attention import explicit_queries
+from .attention import attention_queries
 from .fx_utils import (
     arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
 )
@@ -288,7 +288,7 @@ def _packed_tokens(x, ctx: MatchContext) -> bool:
     """A (tokens, C) input whose rows are an attention's tokens (a packed sequence with no batch axis,
     Cosmos3): `token_streams.token_rows`. The op sees it as (1, tokens, C)."""
     if "attention_rows" not in ctx.memo:
-        ctx.memo["attention_rows"] = attention_rows(x.graph, explicit_queries(x.graph))
+        ctx.memo["attention_rows"] = attention_rows(attention_queries(x.graph))
     return token_rows(x, ctx.memo["attention_rows"])
 
 

@@ -29,8 +29,8 @@ packed sequence, Cosmos3's `seq[:und_len]` and `seq[und_len:]`) and records it a
 two cuts of one sequence are different streams, the same cut made twice is one.
 
 Token rows (`token_rows`): a (tokens, C) input is a token sequence when it is made, by ops that keep
-each row where it is, of a chain of some attention's queries (`attention_rows`: SDPA calls, and the
-explicit softmax(QKᵀ)V attentions that the caller passes). Indexing by
+each row where it is, of a chain of some attention's queries (`attention_rows`; SDPA calls and
+written-out softmax(QKᵀ)V alike). Indexing by
 tensors, gathers, sorts and scatters stop that walk: they move rows by data, as MoE routing does,
 and a cache row would then hold another token from one step to the next.
 """
@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import ATEN_SDPA, SDPA, is_call, is_linear, linear_parts, val
+from .fx_utils import is_call, is_linear, linear_parts, val
 
 _CAT = (torch.cat, torch.concat, torch.stack)
 _LIMIT = 256  # nodes visited per walk
@@ -145,15 +145,11 @@ def _moves_rows(node) -> bool:
     return name in _MOVES_ROWS
 
 
-def attention_rows(graph: fx.Graph, queries=()) -> set:
-    """The chains of the query projection inputs of every SDPA call (or backend op) in `graph`,
-    matched or not, and of the other attentions' `queries` (the caller's: explicit softmax(QKᵀ)V)."""
-    qs_all = [*queries]
-    for n in graph.nodes:
-        if is_call(n, *SDPA) or (n.op == "call_function" and n.target in ATEN_SDPA):
-            qs_all.append(n.args[0] if n.args else n.kwargs.get("query"))
+def attention_rows(queries) -> set:
+    """The chains of the projection inputs of `queries` (a graph's attention queries, matched or not:
+    `attention.attention_queries`)."""
     rows: set = set()
-    for q in qs_all:
+    for q in queries:
         qs = _projection_inputs(q, every_path=False) if isinstance(q, fx.Node) else None
         rows |= _chain(qs) if qs else set()
     return rows
