@@ -230,10 +230,8 @@ if HAVE_WS:
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         TPR: gl.constexpr = HEAD_DIM // 8
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NW, 1], [1, 0])
-        dtype: gl.constexpr = Q.dtype.element_ty
         MINE: gl.constexpr = TURN + W
         OTHER: gl.constexpr = TURN + 1 - W
 
