@@ -5,8 +5,9 @@ Invariants:
   `rewrite_multihead`, which it calls first) are the only graph writers.
 - Each matched site is replaced by exactly one `torch.ops.chipmunk.attention` or
   `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
-  of a key-padding mask, weight slices, for the parallel MLP form one dense linear + add, and for a
-  first linear fused with other projections one dense linear per other column range), and the
+  of a key-padding mask, the scale of a written-out form's bias, weight slices, for the parallel
+  MLP form one dense linear + add, and for a first linear fused with other projections one dense
+  linear per other column range), and the
   matched nodes are erased once they have no users. Nothing else in the graph changes.
 - Before matching, `rewrite_subgraphs.inline_subgraphs` inlines activation-checkpointed regions
   and nested compile regions, and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
@@ -107,8 +108,8 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
         if m.kind == "attention":
             layer = n_attn - 1
             shapes = {"q": shape_of(m.q), "k": shape_of(m.k), "v": shape_of(m.v)}
-            if m.mask_node is not None:
-                shapes["mask"] = shape_of(m.mask_node)
+            if m.mask_node is not None:  # an additive bias is listed as such
+                shapes["bias" if m.bias is not None else "mask"] = shape_of(m.mask_node)
             site = Site("attention", m.pattern, path, layer, attn_cfg, session, shapes)
             site.key_layout = m.key_layout
         else:
@@ -174,7 +175,7 @@ def _wshape(spec) -> Optional[tuple]:
 def apply(gm: fx.GraphModule, pairs: list) -> None:
     replaced: dict = {}  # an earlier site's output may feed a later site directly
     for m, site in pairs:
-        for name in ("q", "k", "v", "x", "mask_node", "key_mask", "query_mask"):
+        for name in ("q", "k", "v", "x", "mask_node", "key_mask", "query_mask", "bias"):
             if getattr(m, name, None) in replaced:
                 setattr(m, name, replaced[getattr(m, name)])
         if getattr(m, "cat_parts", None):
@@ -200,13 +201,18 @@ def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
         q, k, v = m.q, m.k, m.v
         if m.squeeze_head:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
-        batch = graph.call_method("size", (q, 0)) if m.mask_node is not None else None
         key_src = m.key_mask
-        if key_src is None and m.query_mask is None:
+        if key_src is None and m.query_mask is None and m.bias is None:
             key_src = m.mask_node  # a pattern that only names the mask: a (B, 1, 1, Nk) key mask
+        batch = graph.call_method("size", (q, 0)) if key_src is not None or m.query_mask is not None else None
         key_mask = _padding_vector(graph, key_src, batch) if key_src is not None else None
+        bias = m.bias
+        if bias is not None and m.bias_scale != 1.0:  # (QKᵀ + bias)·c: the op adds c·bias to c·QKᵀ
+            bias = graph.call_function(operator.mul, (bias, m.bias_scale))
+        if bias is not None and m.squeeze_head and len(shape_of(bias)) == 3:  # (B*H, Nq, Nk) → (B*H, 1, Nq, Nk)
+            bias = graph.call_method("unsqueeze", (bias, 1))
         new = graph.call_function(torch.ops.chipmunk.attention.default,
-                                  (q, k, v, key_mask, m.scale, site.id))
+                                  (q, k, v, key_mask, m.scale, site.id) + ((bias,) if bias is not None else ()))
         copy_provenance(new, m.output)
         if m.query_mask is not None:  # padded queries attend to nothing: SDPA's row is zero
             rows = graph.call_method("reshape", (_padding_vector(graph, m.query_mask, batch), batch, 1, -1, 1))

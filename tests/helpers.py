@@ -244,9 +244,10 @@ MODELS = {
     "flux": TinyModel("FluxTransformer2DModel", flux, flux_inputs, attention=2 + 2, mlp=2 * 2 + 2,
                       rejected_attention=0),
     # 1 double + 1 single block as Flux; the token refiner's ff is an MLP over the text tokens, its
-    # self-attention has a (B, H, N, N) outer-product mask with key 0 always on: not key padding
-    "hunyuan": TinyModel("HunyuanVideoTransformer3DModel", hunyuan, hunyuan_inputs, attention=1 + 1,
-                         mlp=2 + 1 + 1, rejected_attention=1, reject_reason="not a key-padding mask"),
+    # self-attention has a (B, H, N, N) outer-product mask with key 0 always on: not key padding, a
+    # pair bias
+    "hunyuan": TinyModel("HunyuanVideoTransformer3DModel", hunyuan, hunyuan_inputs, attention=1 + 1 + 1,
+                         mlp=2 + 1 + 1, rejected_attention=0),
     # per block: self-attention attn1 + ffn; attn2 is cross-attention; the text embedder is a
     # linear-gelu_tanh-linear MLP over the text tokens
     "wan": TinyModel("WanTransformer3DModel", wan, wan_inputs, attention=2, mlp=2 + 1, rejected_attention=2,
@@ -283,18 +284,24 @@ def model_context(name: str):
 class TinyBlock(torch.nn.Module):
     """A pre-norm DiT block: SDPA self-attention + gelu-tanh MLP (one attention and one MLP site)."""
 
-    def __init__(self, d: int = 64, heads: int = 4, mult: int = 4):
+    def __init__(self, d: int = 64, heads: int = 4, mult: int = 4, pair_bias: int = 0):
         super().__init__()
         nn = torch.nn
         self.h = heads
         self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, mult * d), nn.Linear(mult * d, d)
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        # pair_bias = N > 0: SDPA also adds a learned (heads, N, N) score bias, -inf beyond ±N/8 tokens
+        if pair_bias:
+            far = (torch.arange(pair_bias)[:, None] - torch.arange(pair_bias)[None, :]).abs() > pair_bias // 8
+            self.bias = nn.Parameter(torch.randn(heads, pair_bias, pair_bias).masked_fill(far, float("-inf")))
+        else:
+            self.bias = None
 
     def forward(self, x):
         import torch.nn.functional as F
 
         B, N, D = x.shape
         q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).transpose(1, 2).reshape(B, N, D))
         return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))

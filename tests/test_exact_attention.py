@@ -25,11 +25,11 @@ def fake_libraries(monkeypatch):
     contiguous output, another layout than the op's)."""
     calls = []
 
-    def broken(q, k, v, scale, key_mask=None):
+    def broken(q, k, v, scale, key_mask=None, bias=None):
         calls.append("broken")
         raise RuntimeError("no kernel for this shape")
 
-    def good(q, k, v, scale, key_mask=None):
+    def good(q, k, v, scale, key_mask=None, bias=None):
         calls.append("good")
         o = F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
         lse = torch.logsumexp(torch.einsum("bhnd,bhkd->bhnk", q, k) * scale, -1)
@@ -65,7 +65,7 @@ def test_all_libraries_failing_uses_our_kernel(fake_libraries, monkeypatch):
 
 
 def test_wrong_lse_shape_is_rejected(fake_libraries, monkeypatch):
-    monkeypatch.setattr(ea, "LIBRARIES", {"bad": lambda q, k, v, scale, key_mask=None: (q.clone(), torch.zeros(3))})
+    monkeypatch.setattr(ea, "LIBRARIES", {"bad": lambda q, k, v, scale, key_mask=None, bias=None: (q.clone(), torch.zeros(3))})
     q, k, v = _qkv(seed=2)
     o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None)
     assert counters["chipmunk"]["exact_lse_fallback:bad"] == 1
@@ -83,11 +83,11 @@ def test_key_masks_reach_only_the_libraries_that_take_them(fake_libraries, monke
     to the first that takes it, as a 0/-inf bias broadcast over heads and queries."""
     calls = []
 
-    def unmasked_only(q, k, v, scale, key_mask=None):
+    def unmasked_only(q, k, v, scale, key_mask=None, bias=None):
         calls.append("unmasked_only")
         raise AssertionError("never called with a mask")
 
-    def with_bias(q, k, v, scale, key_mask=None):
+    def with_bias(q, k, v, scale, key_mask=None, bias=None):
         calls.append("with_bias")
         bias = ea.key_mask_bias(key_mask, q, k)
         assert bias.shape == (*q.shape[:3], k.shape[-2]) and bias.stride()[1:3] == (0, 0)
@@ -102,6 +102,66 @@ def test_key_masks_reach_only_the_libraries_that_take_them(fake_libraries, monke
     o, lse = ea.exact_attention_lse(q, k, v, key_mask, 0.125, 16, None)
     assert calls == ["with_bias"] and not counters["chipmunk"]
     o_t, lse_t = _masked_truth(q, k, v, key_mask, 0.125)
+    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
+
+
+def _biased_truth(q, k, v, bias, scale, key_mask=None):
+    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double()) * scale + bias.double()
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+
+def _band(N, Nk, width, device="cpu"):
+    """0 inside |i - j| <= width, -inf outside: a banded (N, Nk) bias in fp32."""
+    i, j = torch.arange(N, device=device)[:, None], torch.arange(Nk, device=device)[None, :]
+    return torch.zeros(N, Nk, device=device).masked_fill((i - j).abs() > width, float("-inf"))
+
+
+def test_score_bias_broadcasts_by_strides():
+    """An (Nq, Nk) fp32 bias reaches the libraries as (B, H, Nq, Nk) in q's dtype without a copy per
+    (batch, head); a key mask folds into it as -inf columns."""
+    q, k, _ = _qkv(B=2, dtype=torch.float16)
+    bias = torch.randn(40, 40)
+    sb = ea.score_bias(q, k, None, bias)
+    assert sb.shape == (2, 2, 40, 40) and sb.dtype == torch.float16 and sb.stride()[:2] == (0, 0)
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, 30:] = False
+    sb = ea.score_bias(q, k, key_mask, bias)
+    assert torch.isinf(sb[1, :, :, 30:]).all() and torch.equal(sb[0, 1], bias.half())
+    assert ea.score_bias(q, k) is None
+
+
+def test_biases_reach_only_the_libraries_that_take_them(fake_libraries, monkeypatch):
+    calls = []
+
+    def unmasked_only(q, k, v, scale, key_mask=None, bias=None):
+        calls.append("unmasked_only")
+        raise AssertionError("never called with a bias")
+
+    def with_bias(q, k, v, scale, key_mask=None, bias=None):
+        calls.append("with_bias")
+        s = torch.einsum("bhnd,bhkd->bhnk", q, k) * scale + ea.score_bias(q, k, key_mask, bias)
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+    monkeypatch.setattr(ea, "LIBRARIES", {"unmasked_only": unmasked_only, "with_bias": with_bias})
+    monkeypatch.setattr(ea, "MASKED", {"with_bias"})
+    q, k, v = _qkv(B=2, seed=4)
+    bias = _band(40, 40, 6) + torch.randn(40, 40)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None, bias)
+    assert calls == ["with_bias"] and not counters["chipmunk"]
+    o_t, lse_t = _biased_truth(q, k, v, bias, 0.125)
+    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
+
+
+def test_biased_call_with_every_library_failing_uses_our_kernel(fake_libraries, monkeypatch):
+    monkeypatch.setattr(ea, "LIBRARIES", {"broken": ea.LIBRARIES["broken"]})
+    monkeypatch.setattr(ea, "MASKED", {"broken"})
+    q, k, v = _qkv(seed=5)
+    bias = _band(40, 40, 9) + 0.5 * torch.randn(2, 40, 40)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None, bias)
+    assert counters["chipmunk"]["exact_lse_fallback:broken"] == 1
+    o_t, lse_t = _biased_truth(q, k, v, bias, 0.125)
     assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
 
 
@@ -135,3 +195,21 @@ def test_gpu_masked_library_lse_matches_reference():
     assert not any(key.startswith("exact_lse_fallback") for key in counters["chipmunk"])  # cuDNN took the mask
     assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
     assert (lse.double() - lse_t).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4352, 4352), (1, 4, 4352, 4352)])
+def test_gpu_biased_library_lse_matches_reference(shape):
+    """A library (not our kernel) takes a score bias, broadcast (N, Nk) fp32 or per head in q's dtype."""
+    counters.clear()
+    ea._choice.clear()
+    q, k, v = _qkv(1, 4, 4352, 128, "cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bias = _band(4352, 4352, 700, "cuda") + torch.randn(shape, device="cuda", generator=g)
+    bias = bias.to(torch.float32 if len(shape) == 2 else torch.bfloat16)
+    o, lse = ea.exact_attention_lse(q, k, v, None, 128 ** -0.5, 128, None, bias)
+    o_t, lse_t = _biased_truth(q, k, v, bias, 128 ** -0.5)
+    print("chosen:", set(ea._choice.values()), dict(counters["chipmunk"]))
+    assert set(ea._choice.values()) <= {"cudnn", "efficient"}
+    assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
+    assert (lse.double() - lse_t).abs().max().item() < 5e-2

@@ -27,22 +27,28 @@ def _site(session, kind):
 
 
 @pytest.mark.parametrize("gqa", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_attention(fresh_dynamo, dense_session, gqa, masked):
+@pytest.mark.parametrize("masks", ["none", "key", "bias", "key+bias", "bool pairs"])
+def test_opcheck_attention(fresh_dynamo, dense_session, gqa, masks):
     site = _site(dense_session, "attention")
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, N, D = 2, 4, 2 if gqa else 4, 24, 8
     q = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2)  # a permuted view, as diffusers passes
     k, v = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
-    mask = None
-    if masked:
+    mask = bias = attn_mask = None
+    if "key" in masks:
         mask = torch.ones(B, N, dtype=torch.bool)
         mask[0, -5:] = False
+        attn_mask = mask[:, None, None, :]
+    if "bias" in masks:
+        bias = torch.randn(N, N, generator=g)
+        attn_mask = bias if mask is None else bias.masked_fill(~attn_mask, float("-inf"))
+    if masks == "bool pairs":
+        bias = attn_mask = torch.rand(Hq, N, N, generator=g) > 0.3
+        bias[..., 0] = True
     for scale in (None, 0.3):
-        args = (q, k, v, mask, scale, site.id)
+        args = (q, k, v, mask, scale, site.id) + ((bias,) if bias is not None else ())
         torch.library.opcheck(torch.ops.chipmunk.attention.default, args)
         out = torch.ops.chipmunk.attention(*args)
-        attn_mask = None if mask is None else mask[:, None, None, :]
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         assert out.shape == (B, Hq, N, D) and out.transpose(1, 2).is_contiguous()

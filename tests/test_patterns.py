@@ -328,39 +328,6 @@ def test_reject_dropout(fresh_dynamo):
     assert "dropout" in _reason(rejected(Dropout(), qkv(0)))
 
 
-def test_reject_float_mask(fresh_dynamo):
-    q, k, v, t = qkv(0)
-    mask = torch.zeros(B, 1, 1, N)
-    assert "additive" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
-
-
-@pytest.mark.parametrize("shape", [(N, N), (B, H, N, N), (B, 1, N, N), (1, N, N)])
-def test_reject_non_key_padding_bool_masks(fresh_dynamo, shape):
-    q, k, v, t = qkv(0)
-    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) > 0.2
-    mask[..., 0] = True
-    assert "not a key-padding mask" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
-
-
-def test_reject_2d_mask_with_query_rows_equal_to_batch(fresh_dynamo):
-    """A 2-D SDPA mask broadcasts as (N, Nk): with N == B it is a per-query mask, not (B, Nk)."""
-    q, k, v, t = qkv(0, batch=N)
-    mask = torch.rand(N, N, generator=torch.Generator().manual_seed(0)) > 0.2
-    mask[:, 0] = True
-    assert "not a key-padding mask" in _reason(rejected(SdpaKeyPadding(), (q, k, v, mask, t)))
-
-
-class ExplicitBias(nn.Module):
-    def forward(self, q, k, v, bias, t):
-        s = q @ k.transpose(-1, -2) * 0.3 + bias
-        return s.softmax(-1) @ v
-
-
-def test_reject_explicit_additive_bias(fresh_dynamo):
-    q, k, v, t = qkv(0)
-    assert "additive" in _reason(rejected(ExplicitBias(), (q, k, v, torch.randn(N, N), t)))
-
-
 class Flex(nn.Module):
     def forward(self, q, k, v, t):
         from torch.nn.attention.flex_attention import flex_attention

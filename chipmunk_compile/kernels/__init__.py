@@ -16,7 +16,9 @@ References never read tensor data on the host nor build tensors from host data (
 boolean-mask indexing, ``.cpu()``, ``torch.tensor(list)``): on GPU they are the fallback inside
 recorded step graphs, which a host sync would break (``tests/test_graphs.py`` checks it).
 
-Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract):
+Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact contract). The three
+attention ops also take ``bias=None``: an additive score bias (SDPA's float attn_mask) that broadcasts
+to (B, Hq, Nq, Nk), read through ``_common.bias_view`` (no copy), added to every score they compute.
 - attn_dense_colsum(q, k, v, *, scale, group, key_mask=None, perm=None, prev_lse=None, want_colsum=True)
   -> (o, lse, colsum|None). Triton: one pass with prev_lse; without prev_lse a second QK^T-only pass
   computes the column sums (~1.5x dense). Pass prev_lse whenever a previous dense lse exists.
@@ -31,7 +33,7 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   them by atomics instead of a histogram; no sort, no host sync. ``draws`` may be a
   ``random_draws_ref.HashDraws`` (step tensor, salt): the kernel hashes the draws in place.
 - attn_column_sparse(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
-  o_slope=None, slope_coef=None, out=None, measure=None) -> o (into ``out`` when given; ``measure`` =
+  o_slope=None, slope_coef=None, out=None, measure=None, bias=None) -> o (into ``out`` when given; ``measure`` =
   (prev, slope_out, inv_dt) also stores (o − prev)·inv_dt: a refresh builds its cache and the
   forecast's slope in the kernel's epilogue, with no extra pass).
   On sm_90, index lists of >= 512 keys per group (head dim 128) may go to a Gluon kernel (same
@@ -40,7 +42,7 @@ Ops (keyword names are fixed; see each ``*_ref.py`` docstring for the exact cont
   (``attn_column_sparse_hopper.py``; ``kernel_gluon:attn_column_sparse``): the first call of each
   such shape times them and the Triton kernel and keeps the fastest (counted as
   ``kernel_choice:attn_column_sparse:<kernel>``; ``CHIPMUNK_GLUON=1`` forces Gluon, ``0`` forbids
-  it). On the H200 of session 19 the ping-pong kernel was ~19% faster than the single-warpgroup one;
+  it; a call with a bias always runs Triton). On the H200 of session 19 the ping-pong kernel was ~19% faster than the single-warpgroup one;
   in session 28 it beat Triton at FLUX's ~1000 keys per group too (0.162 against 0.202 ms).
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
   -> delta_packed (B, M, K); updates h_cache in place. h_cache and delta_packed rows are positions

@@ -7,6 +7,8 @@ Invariants:
   tightly; fp16/bf16 inputs use the tensor cores with fp32 accumulation.
 - ``new_empty``/``empty_bnhd`` allocate outputs; CHIPMUNK_KERNELS_POISON=1 fills them with NaN (integer
   outputs: their min) so tests catch elements a kernel failed to write.
+- ``bias_view`` is how every attention kernel and reference reads an additive score bias: a view of
+  it broadcast to (B, Hq, Nq, Nk), zero strides on broadcast axes (never a copy).
 - ``ACTS`` lists the activation names every MLP kernel and reference accept.
 - ``int32_index_args`` gives the column-sparse launchers int32 indices/counts with a unit last
   stride and an int32 contiguous permutation (no copy when they already are).
@@ -49,6 +51,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def bias_view(bias, q, k):
+    """`bias` (SDPA's float attn_mask: added to the scaled scores, natural-log units, any shape that
+    broadcasts to (B, Hq, Nq, Nk), any float dtype) as a (B, Hq, Nq, Nk) view, or None."""
+    if bias is None:
+        return None
+    B, H, Nq, _ = q.shape
+    if bias.dim() > 4 or not bias.is_floating_point():
+        raise ValueError(f"attention bias must be a float tensor of rank <= 4, got {bias.dtype} {tuple(bias.shape)}")
+    return bias.expand(B, H, Nq, k.shape[-2])
 
 
 def new_empty(*shape, dtype, device) -> torch.Tensor:

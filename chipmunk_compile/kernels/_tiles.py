@@ -13,6 +13,8 @@ Invariants (both are `@triton.jit`, inlined into the kernels):
   the columns past it load as zeros (they add nothing to QKᵀ or PV) and are never stored
   (`load_cols`, `row_col_mask`); where they are equal the code is what it was without them.
   `key_allowed`: the tile's columns that exist and are not masked out by a (B, N) int8 key mask.
+  `load_bias`: a tile of an additive score bias (SDPA's float attn_mask, natural-log units) as
+  fp32 in the kernels' log2 domain; entries masked off read 0, -inf stays -inf.
   `column_halves`: the two column halves of a register tile, for epilogues done in slices.
   `block_rows`: the rows of one tile of a token block (attention query group or MLP token block),
   in grouped order and as tokens (through the permutation).
@@ -131,6 +133,11 @@ def row_col_mask(rows_ok, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr):
 def key_allowed(KMASK, b, cols, col_in, NK):
     km = tl.load(KMASK + b * NK + cols, mask=col_in, other=0)
     return col_in & (km != 0)
+
+
+@triton.jit
+def load_bias(ptrs, mask):
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
 
 
 @triton.jit

@@ -10,6 +10,10 @@ Kernel invariants:
 - QKᵀ only (no PV, no online softmax): p = exp2(s·log2e − lse·log2e) with the exact lse of the
   same step. Empty slots, rows past N and padded groups load lse = +inf, so their p is exactly 0;
   masked keys get s = −inf.
+- HAS_BIAS: the bias tile of the sampled rows (by query index, after perm) is added to s in the
+  log2 domain after QKᵀ (fp32, also after the fp8 one); the mma reduction loads it transposed.
+  Empty and padded rows read 0 (their p stays 0); a −inf bias gives p = 0, never NaN, since a
+  sampled row's lse is finite. Without a bias none of this is compiled.
 - Two reductions over a group's rows, chosen by autotuning (CHIPMUNK_COLSUM_REDUCE=sum|mma pins
   one): a reshape + sum of the (BLOCK_M × BLOCK_N) tile, or a transposed tile whose probabilities
   feed a tensor-core product with a 0/1 row-to-group matrix (fp32 accumulation of p rounded to the
@@ -39,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, autotune, cdiv, dot_precision, interpreting, new_empty
-from ._tiles import key_allowed, load_rows, num_sms, padded_head_dim, row_col_mask
+from ._common import LOG2E, autotune, bias_view, cdiv, dot_precision, interpreting, new_empty
+from ._tiles import key_allowed, load_bias, load_rows, num_sms, padded_head_dim, row_col_mask
 from .attn_colsum_sampled_ref import sample_offsets, to_e4m3
 
 
@@ -54,10 +58,10 @@ def _fp8(x):
 
 
 @triton.jit
-def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
+def _colsum_tile(q, lse2, k_base, KMASK, brow, ok, sbk, cs_base, b, gs, start_n, skn, skd, NK, NG, qk_scale,
                  SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr,
-                 D_ACT: tl.constexpr):
+                 HAS_KMASK: tl.constexpr, HAS_BIAS: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ABLATE: tl.constexpr, D_ACT: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
     if ABLATE == 2:  # "keys": no key tiles, no QKᵀ (scores that vary by column)
@@ -65,6 +69,9 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
     else:
         k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)  # e4m3 already when QK_FP8
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:  # inside Nk only the rows are masked: the loads stay vectorised
+        bmask = ok[:, None] & col_in[None, :] if TAIL else ok[:, None]
+        s += load_bias(brow[:, None] + cols[None, :] * sbk, bmask)
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
     if ABLATE == 1:  # "exp": the exponent stands in for the probability
@@ -77,10 +84,10 @@ def _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, start_n, skn, skd, NK, 
 
 
 @triton.jit
-def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, skn, skd, NK, NG, qk_scale,
-                     SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_KMASK: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, ABLATE: tl.constexpr,
-                     D_ACT: tl.constexpr):
+def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, brow, ok, sbk, cs_base, b, g0, start_n, skn, skd, NK, NG,
+                     qk_scale, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BIAS: tl.constexpr, TAIL: tl.constexpr,
+                     DOT_PREC: tl.constexpr, ABLATE: tl.constexpr, D_ACT: tl.constexpr):
     # Transposed tile: sᵀ = k·qᵀ (BLOCK_N × BLOCK_M), so the probabilities are the A operand of the
     # group reduction pᵀ·member (member[r, g] = 1 if row r belongs to local group g): the
     # FlashAttention P·V pattern, kept in registers, instead of a cross-row reduction.
@@ -91,6 +98,9 @@ def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, s
     else:
         k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)  # e4m3 already when QK_FP8
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:  # the bias tile transposed
+        bmask = ok[None, :] & col_in[:, None] if TAIL else ok[None, :]
+        st += load_bias(brow[None, :] + cols[:, None] * sbk, bmask)
     if HAS_KMASK:
         st = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[:, None], st, float("-inf"))
     if ABLATE == 1:  # "exp"
@@ -105,12 +115,12 @@ def _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, start_n, s
 
 @triton.jit
 def _attn_colsum_sampled_kernel(
-    Q, K, LSE, OFFS, PERM, KMASK, COLSUM,  #
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,  #
+    Q, K, LSE, OFFS, PERM, KMASK, BIAS, COLSUM,  #
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, sbb, sbh, sbn, sbk,  #
     N, NK, HQ, KV_REP, NG, G, qk_scale,  #
     SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, MMA_REDUCE: tl.constexpr,
-    QK_FP8: tl.constexpr, D_ACT: tl.constexpr, ABLATE: tl.constexpr = 0,
+    HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    MMA_REDUCE: tl.constexpr, QK_FP8: tl.constexpr, D_ACT: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -133,6 +143,10 @@ def _attn_colsum_sampled_kernel(
     if QK_FP8:
         q = _fp8(q)
     lse2 = tl.load(LSE + pid_bh * N + qi, mask=ok, other=float("inf")) * 1.4426950408889634
+    if HAS_BIAS:  # each sampled row's bias row (rows that are not sampled: masked off)
+        brow = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64) * sbn
+    else:
+        brow = BIAS
     gs = pid_m * (BLOCK_M // SLOTS) + tl.arange(0, BLOCK_M // SLOTS)
     k_base = K + b * skb + hk * skh
     cs_base = COLSUM + pid_bh.to(tl.int64) * NG * NK
@@ -150,20 +164,24 @@ def _attn_colsum_sampled_kernel(
             member = ((tl.arange(0, BLOCK_M) // SLOTS)[:, None] == tl.arange(0, 16)[None, :]).to(Q.dtype.element_ty)
         g0 = pid_m * (BLOCK_M // SLOTS)
         for t in range(t_lo, t_full):
-            _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE, D_ACT)
+            _colsum_tile_mma(qt, lse2, member, k_base, KMASK, brow, ok, sbk, cs_base, b, g0, t * BLOCK_N, skn, skd,
+                             NK, NG, qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, HAS_BIAS, False,
+                             DOT_PREC, ABLATE, D_ACT)
         if t_hi > t_full:
             if t_full >= t_lo:
-                _colsum_tile_mma(qt, lse2, member, k_base, KMASK, cs_base, b, g0, t_full * BLOCK_N, skn, skd, NK, NG,
-                                 qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE, D_ACT)
+                _colsum_tile_mma(qt, lse2, member, k_base, KMASK, brow, ok, sbk, cs_base, b, g0, t_full * BLOCK_N,
+                                 skn, skd, NK, NG, qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, HAS_BIAS,
+                                 True, DOT_PREC, ABLATE, D_ACT)
     else:
         for t in range(t_lo, t_full):
-            _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG, qk_scale, SLOTS,
-                         HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, False, DOT_PREC, ABLATE, D_ACT)
+            _colsum_tile(q, lse2, k_base, KMASK, brow, ok, sbk, cs_base, b, gs, t * BLOCK_N, skn, skd, NK, NG,
+                         qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, HAS_BIAS, False, DOT_PREC, ABLATE,
+                         D_ACT)
         if t_hi > t_full:
             if t_full >= t_lo:
-                _colsum_tile(q, lse2, k_base, KMASK, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK, NG, qk_scale,
-                             SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, True, DOT_PREC, ABLATE, D_ACT)
+                _colsum_tile(q, lse2, k_base, KMASK, brow, ok, sbk, cs_base, b, gs, t_full * BLOCK_N, skn, skd, NK,
+                             NG, qk_scale, SLOTS, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, HAS_BIAS, True, DOT_PREC,
+                             ABLATE, D_ACT)
 
 
 def _configs():
@@ -188,7 +206,7 @@ def _tuned(pin: str):
     if pin not in _tuners:
         configs = [c for c in _configs() if pin not in ("sum", "mma") or c.kwargs["MMA_REDUCE"] == (pin == "mma")]
         _tuners[pin] = autotune(configs=configs, key=["N", "NK", "NG", "SLOTS", "HEAD_DIM", "D_ACT", "HAS_KMASK",
-                                                      "QK_FP8", "DOT_PREC"],
+                                                      "HAS_BIAS", "QK_FP8", "DOT_PREC"],
                                 prune_configs_by={"early_config_prune": _prune})(_attn_colsum_sampled_kernel)
     return _tuners[pin]
 
@@ -214,7 +232,7 @@ ABLATIONS = {"": 0, "exp": 1, "keys": 2}
 
 
 def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
-                        out_dtype=torch.float32, qk_fp8: bool = False, ablate: str = ""):
+                        out_dtype=torch.float32, qk_fp8: bool = False, bias=None, ablate: str = ""):
     """``ablate`` (one of ABLATIONS; the result is then wrong) skips a piece of work, so that the time
     without it shows what the piece costs. The autotuner keeps the configuration it picked for the
     real call (ABLATE is not in its key): time the real call first."""
@@ -226,6 +244,7 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
     offs = _offsets(G, samples, q.device)
     slots = offs.numel()
     colsum = new_empty(B, Hq, NG, Nk, dtype=out_dtype, device=q.device)
+    bv = bias_view(bias, q, k)
     if qk_fp8:
         k = to_e4m3(k)
         if interpreting():  # the interpreter's in-kernel e4m3 cast does not round to nearest
@@ -235,11 +254,12 @@ def attn_colsum_sampled(q, k, lse, *, scale: float, group: int, samples: int, ke
         lse_c = lse_c.float().contiguous()
     km = key_mask.to(torch.int8).contiguous() if key_mask is not None else lse_c
     pm = perm.to(torch.int32) if perm is not None and perm.dtype != torch.int32 else perm
-    args = (q, k, lse_c, offs, pm if pm is not None else offs, km, colsum, *q.stride(), *k.stride(),
+    args = (q, k, lse_c, offs, pm if pm is not None else offs, km, bv if bv is not None else lse_c, colsum,
+            *q.stride(), *k.stride(), *(bv.stride() if bv is not None else (0, 0, 0, 0)),
             N, Nk, Hq, Hq // Hkv, NG, G, scale * LOG2E)
     flags = dict(SLOTS=slots, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None,
-                 HAS_KMASK=key_mask is not None, DOT_PREC=dot_precision(q.dtype), QK_FP8=qk_fp8,
-                 ABLATE=ABLATIONS[ablate])
+                 HAS_KMASK=key_mask is not None, HAS_BIAS=bv is not None, DOT_PREC=dot_precision(q.dtype),
+                 QK_FP8=qk_fp8, ABLATE=ABLATIONS[ablate])
     nsm = num_sms(q.device)
 
     def grid(meta):

@@ -22,12 +22,16 @@ Contract (shared with the Triton kernel ``attn_colsum_sampled.py``):
   floor(j·G/S).
 - Returns colsum (B, Hq, ceil(N/G), Nk) in out_dtype (fp32 default; fp16 halves the buffer and
   the selection's passes over it), summed in fp32: colsum[b,h,g,j] = sum over the sampled queries i of
-  group g (positions < N) of exp(s_ij - lse_i), s = scale * q·k. Unscaled: only the ranking within
-  a (b, h, g) row is used.
-- key_mask (B, Nk) bool: False keys get probability 0.
+  group g (positions < N) of exp(s_ij - lse_i), s = scale * q·k + bias. Unscaled: only the ranking
+  within a (b, h, g) row is used.
+- bias: None or a float tensor broadcasting to (B, Hq, N, Nk) (SDPA's float attn_mask, read through
+  ``bias_view``), added to the scaled scores: s_ij = scale * q_i·k_j + bias[b, h, i, j], i the query
+  (after perm); it may hold -inf (probability 0). lse must be that of the same biased scores, and
+  finite for every sampled query (a query whose bias masks every key is not supported).
+- key_mask (B, Nk) bool: False keys get probability 0; key_mask and bias both apply.
 - qk_fp8: the scores come from q and k rounded to float8 e4m3 (``to_e4m3``; products summed in
-  fp32). The ranking needs no more, and the kernel's QKᵀ then moves half the key bytes and runs at
-  twice the tensor-core rate (benchmarks/colsum_precision.py).
+  fp32, the bias added to them in fp32). The ranking needs no more, and the kernel's QKᵀ then
+  moves half the key bytes and runs at twice the tensor-core rate (benchmarks/colsum_precision.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._common import bias_view
 
 MAX_SAMPLES = 128  # one kernel tile of sampled rows per group at most
 
@@ -67,7 +73,8 @@ def to_e4m3(x):
 
 
 def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int, key_mask=None, perm=None,
-                            out_dtype=torch.float32, qk_fp8: bool = False):
+                            out_dtype=torch.float32, qk_fp8: bool = False, bias=None):
+    bv = bias_view(bias, q, k)
     if qk_fp8:
         q, k = to_e4m3(q), to_e4m3(k)
     B, Hq, N, D = q.shape
@@ -84,6 +91,8 @@ def attn_colsum_sampled_ref(q, k, lse, *, scale: float, group: int, samples: int
     for b in range(B):
         for h in range(Hq):
             s = (q[b, h, rows].float() @ k[b, h // rep].float().T) * scale  # (NG*S, Nk)
+            if bv is not None:
+                s = s + bv[b, h, rows].float()
             if key_mask is not None:
                 s = s.masked_fill(~key_mask[b].bool()[None, :], float("-inf"))
             p = torch.exp(s - lse[b, h, rows].float()[:, None]) * valid[:, None]

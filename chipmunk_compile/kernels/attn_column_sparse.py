@@ -20,6 +20,14 @@ Kernel invariants:
   per element). Self-normalized mode: online softmax over S alone; every loop step has >= 1 valid
   column, so the running max is finite after the first step; counts == 0 yields 0.
   Exact-normalizer mode (lse given): p = exp2(s * qk_scale - lse * log2e), no max/renormalisation.
+- ``bias`` (HAS_BIAS constexpr; without it the code is what it was): each key tile loads the bias at
+  (the rows' query index, the gathered column), fp32 times log2e, and adds it to the scaled scores.
+  Every tile then takes the masked-step form (the one-loop path, whatever TAIL_N). A row's scores
+  may be all -inf in a tile or over all of S, so the running max is made safe (0 is subtracted
+  where it is still -inf): p = 0 and alpha finite there, and a row that never sees a finite score
+  ends with l = 0 and adds 0, as counts == 0 does. Offsets inside one (b, h) of the bias are int32
+  (checked on the host): 64-bit row pointers took FLUX's tile (64 x 32, 4 warps) past the 168
+  registers that let three programs share an SM.
 - Epilogue: o = o_base + sign * attn_S in one store (o_base read once, in the epilogue; the output
   is a fresh (B, N, Hq, D)-layout buffer or the caller's ``out`` of that layout, never o_base); with
   the residual forecast also + coef * o_slope (coef read from a device scalar, so recorded graphs
@@ -37,6 +45,7 @@ Kernel invariants:
   Gluon kernel that qualifies, 0 forbids both): the single-warpgroup kernel was 3-7% faster than
   Triton at 75-119k keys on the H200 of sessions 11-15 and 1.56x slower on the H200 of session 17
   (same code, same Triton 3.6, CUDA 13 driver), so no fixed rule holds on every machine.
+  The Gluon kernels take no bias: a call with ``bias`` never qualifies and always runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -49,9 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import block_rows, load_cols, num_sms, padded_head_dim, row_col_mask, wave_grid, wave_tail_tile
-from ._common import (LOG2E, autotune, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args, interpreting,
-                      launch)
+from ._tiles import block_rows, load_bias, load_cols, num_sms, padded_head_dim, row_col_mask, wave_grid, wave_tail_tile
+from ._common import (LOG2E, autotune, bias_view, cdiv, dot_precision, empty_bnhd, faster_choice, int32_index_args,
+                      interpreting, launch)
 
 # Bench/test hook: a triton.Config (plus "OCC"/"SPLIT"/"TAIL_N" in its kwargs) that bypasses autotuning.
 _force_config = None
@@ -62,20 +71,28 @@ _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=16, OCC=1, SPLIT=2)
 
 @triton.jit
 def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, qk_scale, skn, skd, svn, svd, offs_d,
-                     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr):
+                     bias_base, bias_rows, row_ok, sak,
+                     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, D_ACT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
     c_ok = c < cnt
     j = tl.load(idx_base + c, mask=c_ok, other=0)
     k = load_cols(k_base + j[:, None] * skn + offs_d[None, :] * skd, HEAD_DIM, D_ACT)
     v = load_cols(v_base + j[:, None] * svn + offs_d[None, :] * svd, HEAD_DIM, D_ACT)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s += load_bias(bias_base + (bias_rows[:, None] + j[None, :] * sak), row_ok[:, None] & c_ok[None, :])
     s = tl.where(c_ok[None, :], s, float("-inf"))
     if HAS_LSE:
         p = tl.exp2(s - ref2[:, None])
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if HAS_BIAS:  # rows with no finite score yet subtract 0: p = 0, alpha = 0 (not NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every step has a valid column: m_new is finite
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -83,14 +100,14 @@ def _csp_masked_step(q, k_base, v_base, idx_base, c, cnt, m_i, l_i, acc, ref2, q
 
 
 @triton.jit
-def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
+def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM, BIAS,  #
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
-              sib, sih, sig, scb, sch,  #
+              sib, sih, sig, scb, sch, sab, sah, san, sak,  #
               N, HQ, KV_REP, qk_scale, sign, bh, g, row0,  #
               G: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,  #
               TAIL_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr,  #
               HAS_MEASURE: tl.constexpr, HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr,
-              D_ACT: tl.constexpr):
+              D_ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
     b = bh // HQ
     h = bh % HQ
     hk = h // KV_REP
@@ -111,14 +128,21 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
         ref2 = tl.load(LSE + bh * N + qi, mask=row_ok, other=float("inf")) * 1.4426950408889634
     else:
         ref2 = m_i  # unused
+    if HAS_BIAS:  # a (B, Hq, N, Nk) bias may pass 2^31 elements: (b, h)'s base in 64 bits, rows in 32
+        bias_base = BIAS + b.to(tl.int64) * sab + h.to(tl.int64) * sah
+        bias_rows = qi * san
+    else:
+        bias_base = BIAS  # unused
+        bias_rows = qi  # unused
 
     offs_n = tl.arange(0, BLOCK_N)
-    if TAIL_N == BLOCK_N:
-        # One loop, every step masked (the form with the fewest shared-memory buffers).
+    if TAIL_N == BLOCK_N or HAS_BIAS:
+        # One loop, every step masked (the form with the fewest shared-memory buffers; with a bias
+        # always: only the masked step adds it).
         for start in range(0, cnt, BLOCK_N):
             m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_n, cnt, m_i, l_i, acc,
-                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC,
-                                             HEAD_DIM, D_ACT)
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, bias_base, bias_rows,
+                                             row_ok, sak, HAS_LSE, DOT_PREC, HEAD_DIM, D_ACT, HAS_BIAS)
     else:
         for start in range(0, n_full, BLOCK_N):
             j = tl.load(idx_base + start + offs_n)
@@ -142,8 +166,8 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
         offs_t = tl.arange(0, TAIL_N)
         for start in tl.range(n_full, cnt, TAIL_N, num_stages=1):
             m_i, l_i, acc = _csp_masked_step(q, k_base, v_base, idx_base, start + offs_t, cnt, m_i, l_i, acc,
-                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, HAS_LSE, DOT_PREC,
-                                             HEAD_DIM, D_ACT)
+                                             ref2, qk_scale, skn, skd, svn, svd, offs_d, bias_base, bias_rows,
+                                             row_ok, sak, HAS_LSE, DOT_PREC, HEAD_DIM, D_ACT, HAS_BIAS)
 
     if HAS_LSE:
         out = acc * sign
@@ -166,14 +190,15 @@ def _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
 
 @triton.jit
 def _attn_column_sparse_kernel(
-    Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,  #
+    Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM, BIAS,  #
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,  #
-    sib, sih, sig, scb, sch,  #
+    sib, sih, sig, scb, sch, sab, sah, san, sak,  #
     N, HQ, KV_REP, NG, NBH, NUM_SMS, qk_scale, sign,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     TAIL_N: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr,  #
     HAS_PERM: tl.constexpr, HAS_OB: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_MEASURE: tl.constexpr,
     HAS_LSE: tl.constexpr, DOT_PREC: tl.constexpr, POS_SCALE: tl.constexpr, D_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     TPG: tl.constexpr = (G + BLOCK_M - 1) // BLOCK_M
     per_bh = NG * TPG
@@ -182,30 +207,32 @@ def _attn_column_sparse_kernel(
     if SPLIT == 1:  # constexpr: one body only
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM, BIAS,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
-                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
+                  sib, sih, sig, scb, sch, sab, sah, san, sak, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
+                  (r % TPG) * BLOCK_M,
                   G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE, D_ACT)
+                  POS_SCALE, D_ACT, HAS_BIAS)
     elif pid < t_main:
         bh = pid // per_bh
         r = pid % per_bh
-        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM, BIAS,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
-                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG, (r % TPG) * BLOCK_M,
+                  sib, sih, sig, scb, sch, sab, sah, san, sak, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
+                  (r % TPG) * BLOCK_M,
                   G, HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE, D_ACT)
+                  POS_SCALE, D_ACT, HAS_BIAS)
     else:
         qq = pid - t_main
         bh = tile // per_bh
         r = tile % per_bh
         SUB: tl.constexpr = BLOCK_M // SPLIT
-        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM,
+        _csp_rows(Q, K, V, O, OB, OS, COEF, PREV, SOUT, INV, IDX, CNT, LSE, PERM, BIAS,
                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbd,
-                  sib, sih, sig, scb, sch, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
+                  sib, sih, sig, scb, sch, sab, sah, san, sak, N, HQ, KV_REP, qk_scale, sign, bh, r // TPG,
                   (r % TPG) * BLOCK_M + (qq % SPLIT) * SUB,
                   G, HEAD_DIM, SUB, BLOCK_N, TAIL_N, HAS_PERM, HAS_OB, HAS_SLOPE, HAS_MEASURE, HAS_LSE, DOT_PREC,
-                  POS_SCALE, D_ACT)
+                  POS_SCALE, D_ACT, HAS_BIAS)
 
 
 def _configs():
@@ -220,7 +247,8 @@ def _configs():
     return out
 
 
-_KEY = ["N", "G", "HEAD_DIM", "D_ACT", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "DOT_PREC", "NUM_SMS"]
+_KEY = ["N", "G", "HEAD_DIM", "D_ACT", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "HAS_BIAS", "DOT_PREC",
+        "NUM_SMS"]
 _tuned = autotune(configs=_configs(), key=_KEY)(_attn_column_sparse_kernel)
 # With ``measure`` O may be its prev, read before it is written: timing a config must not let one run's
 # output become the next run's prev, so those calls tune with O restored after every run (restore_value;
@@ -236,7 +264,9 @@ _tuned_measure = autotune(configs=_configs(), key=_KEY, restore_value=["O"])(_at
 HOPPER_MIN_KEYS = 512
 
 
-def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) -> bool:
+def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None, bias=None) -> bool:
+    if bias is not None:  # the Gluon kernels take no bias
+        return False
     if _force_config is not None or interpreting() or os.environ.get("CHIPMUNK_GLUON", "1") == "0":
         return False
     if indices.shape[-1] < HOPPER_MIN_KEYS or q.shape[-1] != 128:  # head dim 64 runs correctly but is untimed
@@ -247,17 +277,17 @@ def use_hopper_kernel(q, k, v, indices, *, scale, group, lse=None, o_base=None) 
 
 
 def attn_column_sparse(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                       sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None):
+                       sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None, bias=None):
     if o_slope is not None and (o_base is None or o_slope.stride() != o_base.stride()):
         o_base = slope_into_base(o_base, o_slope, slope_coef)
         o_slope = None
-    if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base):
+    if use_hopper_kernel(q, k, v, indices, scale=scale, group=group, lse=lse, o_base=o_base, bias=bias):
         return _attn_column_sparse_gluon(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
                                          sign=sign, o_slope=o_slope, slope_coef=slope_coef, out=out, measure=measure)
     fused = fused_epilogue_fits(q, out, measure)
     o = _attn_column_sparse_triton(q, k, v, indices, counts, scale=scale, group=group, perm=perm, o_base=o_base,
                                    sign=sign, lse=lse, o_slope=o_slope, slope_coef=slope_coef,
-                                   out=out if fused else None, measure=measure if fused else None)
+                                   out=out if fused else None, measure=measure if fused else None, bias=bias)
     return o if fused else write_out(o, out, measure)
 
 
@@ -329,7 +359,7 @@ def _attn_column_sparse_gluon(q, k, v, indices, counts, *, scale, group, perm, o
 
 
 def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=None, o_base=None, sign=1.0, lse=None,
-                               o_slope=None, slope_coef=None, out=None, measure=None):
+                               o_slope=None, slope_coef=None, out=None, measure=None, bias=None):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     assert Hq % Hkv == 0 and 1 <= D <= 256
@@ -343,18 +373,23 @@ def _attn_column_sparse_triton(q, k, v, indices, counts, *, scale, group, perm=N
     nsm = num_sms(q.device)
     coef = slope_coef.reshape(1).float() if o_slope is not None else cnt
     prev, slope_out, inv_dt = measure if measure is not None else (q, q, cnt)
+    bv = bias_view(bias, q, k)
+    if bv is not None and (N - 1) * bv.stride(2) + (k.shape[2] - 1) * bv.stride(3) >= 2 ** 31:
+        raise ValueError(f"attn_column_sparse: one head's slice of a {tuple(bias.shape)} bias with strides "
+                         f"{tuple(bias.stride())} is past int32 offsets")
     args = (
         q, k, v, o, ob if ob is not None else q, o_slope if o_slope is not None else q, coef,
         prev, slope_out, inv_dt.reshape(1).float() if measure is not None else cnt,
         idx, cnt, lse_c if lse_c is not None else cnt,
-        pm if pm is not None else cnt,
+        pm if pm is not None else cnt, bv if bv is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(ob.stride() if ob is not None else q.stride()),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+        *(bv.stride() if bv is not None else (0, 0, 0, 0)),
         N, Hq, Hq // Hkv, NG, B * Hq, nsm, scale * LOG2E, float(sign),
     )
     flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=pm is not None, HAS_OB=ob is not None,
                  HAS_SLOPE=o_slope is not None, HAS_MEASURE=measure is not None, HAS_LSE=lse_c is not None,
-                 DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0)
+                 DOT_PREC=dot_precision(q.dtype), POS_SCALE=scale > 0, HAS_BIAS=bv is not None)
     grid = wave_grid(lambda meta: B * Hq * NG * cdiv(G, meta["BLOCK_M"]), nsm)
     launch(_attn_column_sparse_kernel, _tuned if measure is None else _tuned_measure, grid, args, flags,
            force_config=_force_config, interp_meta=_INTERP_META)

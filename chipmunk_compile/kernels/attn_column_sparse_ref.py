@@ -7,6 +7,10 @@ Contract (shared with the Triton kernel ``attn_column_sparse.py``):
 - Default ("self-normalized", the published form): attn_S = softmax over S of (q k_S^T * scale) @ v_S.
   With lse (B, Hq, N) fp32 given ("exact normalizer"): attn_S = sum_{j in S} exp(s_qj - lse_q) v_j.
   A group with counts == 0 contributes 0.
+- ``bias`` (SDPA's float attn_mask: broadcasts to (B, Hq, N, Nk), any float dtype, may hold -inf;
+  read through ``_common.bias_view``) is added to the scaled scores of the selected columns:
+  s_qj = scale * q·k_j + bias[b, h, q, j], q the original query row, j the gathered column. A row
+  whose selected scores are all -inf contributes 0 (as counts == 0; no NaN).
 - Returns o = o_base + slope_coef * o_slope + sign * attn_S (o_base / o_slope None -> 0; o_slope
   (B, Hq, N, D) any strides, slope_coef a 1-element fp32 device tensor: the residual forecast of
   ops/attention.py, read on the device) in q.dtype, stored as a (B, N, Hq, D) buffer; rows in
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import empty_bnhd
+from ._common import bias_view, empty_bnhd
 
 
 def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int, perm=None, o_base=None,
-                           sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None):
+                           sign: float = 1.0, lse=None, o_slope=None, slope_coef=None, out=None, measure=None,
+                           bias=None):
     B, Hq, N, D = q.shape
+    bias = bias_view(bias, q, k)
     coef = slope_coef.reshape(()).float() if o_slope is not None else None
     if measure is not None:
         prev, slope_out, inv_dt = measure
@@ -50,10 +56,12 @@ def attn_column_sparse_ref(q, k, v, indices, counts, *, scale: float, group: int
             kg = k[b, h // rep].float()[idx]  # (Gc, K, D)
             vg = v[b, h // rep].float()[idx]
             s = torch.einsum("gqd,gkd->gqk", qg, kg) * scale
+            if bias is not None:
+                s = s + bias[b, h][rows[:, :, None], idx[:, None, :]].float()  # (Gc, G, K)
             ok = col_ok[b, h][:, None, :]
             if lse is None:
                 s = s.masked_fill(~ok, float("-inf"))
-                m = s.amax(dim=-1, keepdim=True).clamp_min(-1e30)  # all -inf rows (count 0) -> 0
+                m = s.amax(dim=-1, keepdim=True).clamp_min(-1e30)  # all -inf rows (count 0, bias) -> 0
                 p = torch.exp(s - m)
                 l = p.sum(dim=-1, keepdim=True)
                 p = torch.where(l > 0, p / l.clamp_min(1e-30), torch.zeros_like(p))

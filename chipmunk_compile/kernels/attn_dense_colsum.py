@@ -14,8 +14,12 @@ Kernel invariants:
   exp per score). Without prev_lse (lse_ref = the current lse): a first pass computes o and lse, a
   second QK^T-only pass (COMPUTE_O=False) computes the column sums: cost about 1.5x dense.
 - Scores are kept in the log2 domain (qk_scale = scale * log2 e); lse is stored in natural log.
-- Masked keys (key_mask False) and the Nk tail get score -inf; a tile that is fully masked for a
-  row uses a safe max of 0 so no NaN appears (fully masked rows are not supported).
+- bias (HAS_BIAS, constexpr: unbiased calls compile to the same code as without it): its
+  (B, Hq, N, Nk) view is read by strides at the program's original query rows (after the perm
+  gather) and added to the scores in the log2 domain, in both passes, before the max and exp2.
+- Masked keys (key_mask False), -inf bias entries and the Nk tail get score -inf; a tile that is
+  fully masked for a row uses a safe max of 0 so no NaN appears, and the column-sum pass gets
+  exp2(-inf - ref2) = 0 (rows masked everywhere are not supported).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, autotune, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
-from ._tiles import key_allowed, load_rows, padded_head_dim, row_col_mask
+from ._common import LOG2E, autotune, bias_view, cdiv, dot_precision, empty_bnhd, interpreting, new_empty
+from ._tiles import key_allowed, load_bias, load_rows, padded_head_dim, row_col_mask
 
 
 @triton.jit
@@ -45,14 +49,17 @@ def _colsum(pr, MMA: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi, skn, skd, svn, svd,
-          NK, qk_scale, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr,
-          DOT_PREC: tl.constexpr, MMA: tl.constexpr, D_ACT: tl.constexpr):
+          NK, qk_scale, bias_rows, sbk, row_ok, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_O: tl.constexpr,
+          WANT_COLSUM: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr, MMA: tl.constexpr,
+          D_ACT: tl.constexpr):
     # One BLOCK_N key tile (TAIL: the one crossing Nk, the only one with masked loads).
     cols = start_n + tl.arange(0, BLOCK_N)
     col_in = cols < NK
     k = load_rows(k_base, cols, col_in, skn, skd, HEAD_DIM, TAIL, D_ACT)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:  # int64 column offsets: a transposed bias has sbk = N
+        s += load_bias(bias_rows + cols.to(tl.int64)[None, :] * sbk, row_ok[:, None] & col_in[None, :])
     if HAS_KMASK:
         s = tl.where(key_allowed(KMASK, b, cols, col_in, NK)[None, :], s, float("-inf"))
     elif TAIL:
@@ -89,11 +96,12 @@ def _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, gr
 
 @triton.jit
 def _attn_dense_colsum_kernel(
-    Q, K, V, O, LSE, LSE_REF, COLSUM, KMASK, PERM,  #
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,  #
+    Q, K, V, O, LSE, LSE_REF, COLSUM, KMASK, PERM, BIAS,  #
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh, sbn, sbk,  #
     N, NK, HQ, KV_REP, NG, qk_scale,  #
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, COMPUTE_O: tl.constexpr, WANT_COLSUM: tl.constexpr,  #
+    HAS_PERM: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_O: tl.constexpr,  #
+    WANT_COLSUM: tl.constexpr,  #
     DOT_PREC: tl.constexpr, COLSUM_MMA: tl.constexpr, D_ACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -112,6 +120,10 @@ def _attn_dense_colsum_kernel(
                 mask=row_col_mask(row_ok, HEAD_DIM, D_ACT), other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if HAS_BIAS:  # (BLOCK_M, 1) row pointers; a full bias at video sizes has > 2**31 elements
+        bias_rows = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64)[:, None] * sbn
+    else:  # unused placeholder
+        bias_rows = BIAS
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -132,12 +144,12 @@ def _attn_dense_colsum_kernel(
     n_full = (NK // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, start_n, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
-                              skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, False, DOT_PREC, COLSUM_MMA, D_ACT)
+                              skn, skd, svn, svd, NK, qk_scale, bias_rows, sbk, row_ok, G, HEAD_DIM, BLOCK_M, BLOCK_N,
+                              HAS_KMASK, HAS_BIAS, COMPUTE_O, WANT_COLSUM, False, DOT_PREC, COLSUM_MMA, D_ACT)
     if n_full < NK:
         m_i, l_i, acc = _tile(q, k_base, v_base, KMASK, cs_base, b, n_full, m_i, l_i, acc, ref2, grp, g_lo, g_hi,
-                              skn, skd, svn, svd, NK, qk_scale, G, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_KMASK, COMPUTE_O,
-                              WANT_COLSUM, True, DOT_PREC, COLSUM_MMA, D_ACT)
+                              skn, skd, svn, svd, NK, qk_scale, bias_rows, sbk, row_ok, G, HEAD_DIM, BLOCK_M, BLOCK_N,
+                              HAS_KMASK, HAS_BIAS, COMPUTE_O, WANT_COLSUM, True, DOT_PREC, COLSUM_MMA, D_ACT)
 
     if COMPUTE_O:
         o = acc / l_i[:, None]
@@ -157,12 +169,12 @@ def _configs():
     return out
 
 
-_tuned = autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "D_ACT", "COMPUTE_O", "WANT_COLSUM", "DOT_PREC",
-                                          "COLSUM_MMA"],
+_tuned = autotune(configs=_configs(), key=["N", "NK", "G", "HEAD_DIM", "D_ACT", "HAS_BIAS", "COMPUTE_O", "WANT_COLSUM",
+                                          "DOT_PREC", "COLSUM_MMA"],
                   reset_to_zero=["COLSUM"])(_attn_dense_colsum_kernel)
 
 
-def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, compute_o, want_colsum):
+def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, bias, *, scale, G, NG, compute_o, want_colsum):
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dummy = lse  # placeholder pointer for absent optional tensors (never dereferenced)
@@ -170,11 +182,13 @@ def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, c
         q, k, v, o if o is not None else q, lse, lse_ref if lse_ref is not None else dummy,
         colsum if colsum is not None else dummy,
         key_mask if key_mask is not None else dummy, perm if perm is not None else dummy,
+        bias if bias is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(), *(o.stride() if o is not None else q.stride()),
+        *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         N, Nk, Hq, Hq // Hkv, NG, scale * LOG2E,
     )
     flags = dict(G=G, HEAD_DIM=padded_head_dim(D), D_ACT=D, HAS_PERM=perm is not None, HAS_KMASK=key_mask is not None,
-                 COMPUTE_O=compute_o,
+                 HAS_BIAS=bias is not None, COMPUTE_O=compute_o,
                  WANT_COLSUM=want_colsum, DOT_PREC=dot_precision(q.dtype),
                  COLSUM_MMA=want_colsum and os.environ.get("CHIPMUNK_COLSUM_MMA", COLSUM_MMA_DEFAULT) == "1")
     if interpreting():
@@ -185,7 +199,7 @@ def _launch(q, k, v, o, lse, lse_ref, colsum, key_mask, perm, *, scale, G, NG, c
 
 
 def attn_dense_colsum(q, k, v, *, scale: float, group: int, key_mask=None, perm=None, prev_lse=None,
-                      want_colsum: bool = True):
+                      want_colsum: bool = True, bias=None):
     B, Hq, N, D = q.shape
     Nk = k.shape[2]
     assert Hq % k.shape[1] == 0 and k.shape[2] == v.shape[2] and 1 <= D <= 256
@@ -197,13 +211,14 @@ def attn_dense_colsum(q, k, v, *, scale: float, group: int, key_mask=None, perm=
     if key_mask is not None:
         km = key_mask.to(torch.int8).contiguous()
     pm = None if perm is None else perm.to(torch.int32).contiguous()
+    bv = bias_view(bias, q, k)
     colsum = torch.zeros(B, Hq, NG, Nk, dtype=torch.float32, device=q.device) if want_colsum else None
     if want_colsum and prev_lse is not None:
-        _launch(q, k, v, o, lse, prev_lse.float().contiguous(), colsum, km, pm, scale=scale, G=G, NG=NG,
+        _launch(q, k, v, o, lse, prev_lse.float().contiguous(), colsum, km, pm, bv, scale=scale, G=G, NG=NG,
                 compute_o=True, want_colsum=True)
     else:
-        _launch(q, k, v, o, lse, None, None, km, pm, scale=scale, G=G, NG=NG, compute_o=True, want_colsum=False)
+        _launch(q, k, v, o, lse, None, None, km, pm, bv, scale=scale, G=G, NG=NG, compute_o=True, want_colsum=False)
         if want_colsum:
-            _launch(q, k, v, None, lse, lse, colsum, km, pm, scale=scale, G=G, NG=NG, compute_o=False,
+            _launch(q, k, v, None, lse, lse, colsum, km, pm, bv, scale=scale, G=G, NG=NG, compute_o=False,
                     want_colsum=True)
     return o, lse, colsum

@@ -7,8 +7,12 @@ Contract (shared with the Triton kernel ``attn_dense_colsum.py``, see docs/desig
 - colsum[b, h, g, j] = sum over queries q of group g of exp(s_qj - lse_ref_q) with
   lse_ref = prev_lse if given else the current lse. Group g = queries perm[g*G:(g+1)*G] when perm
   is given, else g*G .. g*G+G-1; the last group may be short.
-- key_mask (B, Nk) bool, False keys get score -inf (never attended, colsum 0). Every row must have
-  at least one attendable key.
+- bias: None or a float tensor broadcasting to (B, Hq, N, Nk) (SDPA's float attn_mask, read through
+  ``bias_view``), added to the scaled scores: s_qj = scale * q.k_j + bias[b, h, q, j]; it may hold -inf.
+  Rows are original query indices (perm only orders the groups).
+- key_mask (B, Nk) bool, False keys get score -inf (never attended, colsum 0); key_mask and bias
+  both apply. Every row must have at least one attendable key: rows that key_mask and bias together
+  mask entirely are not supported (their o is NaN).
 - All math in fp32; loops over heads so the (N, Nk) score matrix of one head is the peak memory.
 """
 
@@ -18,11 +22,11 @@ import math
 
 import torch
 
-from ._common import empty_bnhd
+from ._common import bias_view, empty_bnhd
 
 
 def attn_dense_colsum_ref(q, k, v, *, scale: float, group: int, key_mask=None, perm=None, prev_lse=None,
-                          want_colsum: bool = True):
+                          want_colsum: bool = True, bias=None):
     B, Hq, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     rep = Hq // Hkv
@@ -33,6 +37,7 @@ def attn_dense_colsum_ref(q, k, v, *, scale: float, group: int, key_mask=None, p
     colsum = torch.zeros(B, Hq, Gc, Nk, dtype=torch.float32, device=q.device) if want_colsum else None
     if perm is not None:
         perm_l = perm.long()
+    bv = bias_view(bias, q, k)
     for b in range(B):
         kmask = None if key_mask is None else key_mask[b].bool()
         for h in range(Hq):
@@ -40,6 +45,8 @@ def attn_dense_colsum_ref(q, k, v, *, scale: float, group: int, key_mask=None, p
             kf = k[b, h // rep].float()
             vf = v[b, h // rep].float()
             s = (qf @ kf.T) * scale  # (N, Nk)
+            if bv is not None:
+                s = s + bv[b, h].float()
             if kmask is not None:
                 s = s.masked_fill(~kmask[None, :], float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)

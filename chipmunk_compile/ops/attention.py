@@ -26,6 +26,13 @@ Quality guard (`attn.min_mass` > 0; off by default): a layer's first key selecti
 the share of the attention mass its kept columns hold (`captured_mass`, a device scalar); a layer
 below min_mass runs dense from then on (`too_diffuse`, counted and logged).
 
+Additive bias (`bias`: SDPA's float attn_mask, or a boolean pair mask, which the op turns into
+0 / -inf of the queries' dtype; any shape that broadcasts to (B, Hq, Nq, Nk)): every step adds it to each score it computes — dense
+and refresh steps through SDPA / the exact-attention libraries, the column sums through the
+sampled queries' rows of it, sparse steps on their selected keys only (the Triton kernel; the
+Gluon ones take no bias). A bias that changes from call to call (a time-conditioned pair bias) is
+read at every call, never cached. A query row whose selected keys are all -inf gets no delta.
+
 Invariants: the output is always a fresh tensor of logical shape (B, Hq, N, D) stored as
 (B, N, Hq, D); the op never returns or aliases a cache. Caches of a branch are read only after
 a refresh of the current generation filled them; otherwise the exact path runs (counted).
@@ -58,9 +65,11 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
     return torch.empty(B, N, H, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _sdpa(q, k, v, key_mask, scale):
+def _sdpa(q, k, v, key_mask, scale, bias=None):
     """Exact attention through SDPA (cuDNN/flash on GPU), in the op's output layout."""
     mask = key_mask[:, None, None, :] if key_mask is not None else None
+    if bias is not None:
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     return in_bnhd(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa))
 
@@ -99,23 +108,37 @@ POLICIES["attention"] = (decide, commit)
 
 
 @torch.library.custom_op("chipmunk::attention", mutates_args=(), tags=_TAGS)
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: Optional[float], site: int) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: Optional[float], site: int,
+              bias: Optional[Tensor] = None) -> Tensor:
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    bias = additive_bias(bias, q.dtype)
     s = lookup(site)
     if s is None:
-        return _sdpa(q, k, v, key_mask, scale)
+        return _sdpa(q, k, v, key_mask, scale, bias)
     if s.always_dense():  # never sparse: no cache, no lse
         s.finish(None, DENSE, s.session.position())
-        return _sdpa(q, k, v, key_mask, scale)
-    return s.cached_or_dense(lambda: _cached_attention(s, q, k, v, key_mask, scale),
-                             lambda: _sdpa(q, k, v, key_mask, scale), q)
+        return _sdpa(q, k, v, key_mask, scale, bias)
+    return s.cached_or_dense(lambda: _cached_attention(s, q, k, v, key_mask, scale, bias),
+                             lambda: _sdpa(q, k, v, key_mask, scale, bias), q)
 
 
-def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
+def additive_bias(bias: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """`bias` as the op adds it to the scores: a float tensor as it is (SDPA took it, so it has
+    the queries' dtype or fp32), a boolean pair mask as SDPA applies one (0 where True, -inf where
+    False), in the queries' dtype."""
+    if bias is None or bias.is_floating_point():
+        return bias
+    if bias.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+    raise TypeError(f"chipmunk::attention: bias must be a float or boolean tensor, got {bias.dtype}")
+
+
+def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+                      bias: Optional[Tensor]) -> Tensor:
     """A call of a site that keeps state: dense, refresh or sparse step per its schedule."""
     perm = s.perm_on(q.device, q.shape[-2])
     st, pos = s.branch_state()
-    st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None))
+    st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None, bias is not None))
     d = decide(s, st, pos)
     kind, unfilled = d[0], d[2]
     if unfilled:
@@ -124,15 +147,15 @@ def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
         if too_diffuse(s):
             fallback("attn_diffuse", "a layer's top keys hold less than attn.min_mass of its attention "
                      "(chipmunk_compile.stats() lists the measured shares)")
-        o = _sdpa(q, k, v, key_mask, scale)
+        o = _sdpa(q, k, v, key_mask, scale, bias)
         s.finish(st, d, pos)
         return o
     with s.staged(st, q.device, writes=kind == REFRESH):  # a sparse step only reads the caches
-        return _stateful_step(s, st, pos, d, q, k, v, key_mask, scale, perm)
+        return _stateful_step(s, st, pos, d, q, k, v, key_mask, scale, perm, bias)
 
 
 def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
-                   perm: Optional[Tensor]) -> Tensor:
+                   perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """A refresh or sparse step (`d` = its decision) over the branch's caches."""
     cfg, group = s.cfg, s.cfg.group
     kind, need_idx, _, fore = d
@@ -144,7 +167,7 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     def column_sparse(o_base, sign, **kw):  # o_base (+ coef·o_slope) ± attn_S(q, k, v) over the stored keys
         return kernel("attn_column_sparse", q, k, v, head_dim=D)(
             q, k, v, st.get("indices"), st.get("counts"), scale=scale, group=group, perm=perm, o_base=o_base,
-            sign=sign, lse=lse_buf, **kw)
+            sign=sign, lse=lse_buf, bias=bias, **kw)
 
     o_cache = st.tensor("o_cache", (B, N, H, D), q.dtype, q.device).transpose(1, 2)
     # the forecast state: read by a forecasting sparse step, measured or marked by every refresh
@@ -164,9 +187,13 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     measure = (o_cache, fc.slope.transpose(1, 2), fc.measure_rate()) if fore else None
     if not need_idx and not exact_norm:
         # indices kept (recompute_mask: false) and no lse needed: plain SDPA; only the cache is rebuilt
-        o = _sdpa(q, k, v, key_mask, scale)
+        o = _sdpa(q, k, v, key_mask, scale, bias)
     else:
-        o, lse = exact_attention_lse(q, k, v, key_mask, scale, group, perm)
+        o, lse = exact_attention_lse(q, k, v, key_mask, scale, group, perm, bias)
+        if bias is not None:  # rows the bias masks whole: SDPA's zero rows, and no share in any column sum
+            lost = ~torch.isfinite(lse)
+            o.masked_fill_(lost[..., None], 0.0)
+            lse = lse.masked_fill(lost, float("inf"))
         if need_idx and measure is not None:  # the residual under the indices the cache was built with
             column_sparse(o, -1.0, measure=measure)
             measure = None
@@ -174,7 +201,7 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
             colsum = kernel("attn_colsum_sampled", q, k, head_dim=D)(
                 q, k, lse, scale=scale, group=group, samples=cfg.colsum_queries, key_mask=key_mask, perm=perm,
                 out_dtype=torch.float16,  # half the bytes for the top-k passes; the ranking needs no more
-                qk_fp8=colsum_fp8(cfg, k))
+                qk_fp8=colsum_fp8(cfg, k), bias=bias)
             _select(s, st, colsum, key_mask, (B, H, n_groups), k.shape[-2], pos.step, N)
         if exact_norm:
             lse_buf.copy_(lse)
@@ -252,5 +279,5 @@ def too_diffuse(s) -> bool:
 
 
 @attention.register_fake
-def _(q, k, v, key_mask, scale, site):
+def _(q, k, v, key_mask, scale, site, bias=None):
     return _out_like(q, v)

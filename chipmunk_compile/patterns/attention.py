@@ -10,12 +10,16 @@ Invariants:
   its text and image keys; `key_layout` says where the own tokens sit (sizes may be symbolic), shown by
   `token_streams.joint_key_streams`); non-causal, no dropout,
   a constant scale, and a mask that is None, a boolean key-padding mask (broadcast over heads
-  and queries), or a boolean mask proven to be built from padding vectors (`padding_mask.py`:
-  keys, queries or both; padded query rows come out as zeros, as SDPA returns them). Anything
-  else that computes softmax attention becomes a `Rejection` with the reason.
+  and queries), a boolean mask proven to be built from padding vectors (`padding_mask.py`:
+  keys, queries or both; padded query rows come out as zeros, as SDPA returns them), or on 4-D
+  attention any other float or boolean mask that broadcasts to (B, H, Nq, Nk) (`bias`: pair
+  biases, banded or block masks; the op adds it to every score it computes, so dense steps are
+  exact and sparse steps see it on their selected keys). Anything else that computes softmax
+  attention becomes a `Rejection` with the reason.
 - The explicit form: softmax over the last axis of (casts, constant scales, a subtracted
-  `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant)
-  of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by transpose/permute/mT), baddbmm with beta 0,
+  `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant,
+  added constants, one added float tensor that broadcasts to the scores: the bias, scaled by the
+  scales applied after it) of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by transpose/permute/mT), baddbmm with beta 0,
   or a two-operand `torch.einsum` whose subscripts say exactly that product. q and k upcast
   exactly to float32 from v's half precision are taken before the cast; q, k and v of different
   dtypes otherwise are a `Rejection` (the op takes one dtype).
@@ -54,7 +58,7 @@ def _key_mask_ok(mask: fx.Node, batch, n_k) -> Optional[str]:
     if not isinstance(mv, torch.Tensor):
         return "attention mask is not a tensor"
     if mv.dtype != torch.bool:
-        return f"additive {mv.dtype} attention mask (only boolean key-padding masks are exact)"
+        return f"additive {mv.dtype} attention mask"
     shape = tuple(mv.shape)
     if len(shape) == 4 and shape[1] == 1 and shape[2] == 1 and shape[3] == n_k and shape[0] in (1, batch):
         return None
@@ -62,6 +66,18 @@ def _key_mask_ok(mask: fx.Node, batch, n_k) -> Optional[str]:
     if len(shape) == 2 and shape[1] == n_k and shape[0] == 1:
         return None
     return f"attention mask of shape {list(shape)} is not a key-padding mask (B, 1, 1, Nk)"
+
+
+def _bias_ok(mask: fx.Node, full: tuple) -> Optional[str]:
+    """None when `mask` (a tensor) broadcasts to the scores' shape `full` = (B, H, Nq, Nk), else why not."""
+    mv = val(mask)
+    shape = tuple(mv.shape)
+    if not (mv.is_floating_point() or mv.dtype == torch.bool):
+        return f"attention mask of dtype {mv.dtype}"
+    if len(shape) > len(full) or not all(
+            statically_known_true(d == 1) or statically_known_true(d == f) for d, f in zip(shape[::-1], full[::-1])):
+        return f"attention mask of shape {list(shape)} does not broadcast to the scores {list(full)}"
+    return None
 
 
 def _common_checks(pattern, node, ctx, q, k, v, scale, shapes, *, is_causal=False, dropout_p=0.0):
@@ -220,7 +236,7 @@ def _sdpa_match(pattern, node, ctx, kw, output, nodes, mask) -> Union[AttentionM
     qs, ks = shapes["q"], shapes["k"]
     if qs[-3 if len(qs) == 4 else 0] != ks[-3 if len(ks) == 4 else 0] and not kw.get("enable_gqa", False):
         return _reject(pattern, node, "query and key head counts differ without enable_gqa", shapes)
-    key_mask = query_mask = None
+    key_mask = query_mask = bias = None
     if mask is not None:
         if len(qs) != 4:
             return _reject(pattern, node, "masked 3-D attention", shapes)
@@ -229,12 +245,14 @@ def _sdpa_match(pattern, node, ctx, kw, output, nodes, mask) -> Union[AttentionM
             key_mask = mask
         elif key_layout is None and (vectors := padding_vectors(mask, ks[-2])) is not None:
             key_mask, query_mask = vectors
+        elif isinstance(val(mask), torch.Tensor) and (why := _bias_ok(mask, (*qs[:-1], ks[-2]))) is None:
+            bias = mask
         else:
             return _reject(pattern, node, why, shapes)
         shapes["mask"] = shape_of(mask)
     return AttentionMatch(
         pattern=pattern, anchor=node, output=output, q=q, k=k, v=v, nodes=nodes, mask_node=mask,
-        key_mask=key_mask, query_mask=query_mask, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
+        key_mask=key_mask, query_mask=query_mask, bias=bias, scale=kw.get("scale"), squeeze_head=len(qs) == 3,
         key_layout=key_layout,
     )
 
@@ -349,7 +367,7 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     parts = _explicit_parts(node)
     if not isinstance(parts, tuple):
         return parts
-    chain, pv, q, k, v, scale = parts
+    chain, pv, q, k, v, scale, bias, bias_scale = parts
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
     dtypes = {getattr(val(t), "dtype", None) for t in (q, k, v)}
     if len(dtypes) != 1:
@@ -359,9 +377,17 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
         return key_layout
     if shapes["q"][:-2] != shapes["k"][:-2]:
         return _reject("explicit", node, "broadcast q/k batch dims", shapes)
+    if bias is not None:
+        if not isinstance(val(bias), torch.Tensor):
+            return _reject("explicit", node, "additive term on the attention scores is not a tensor", shapes)
+        if (why := _bias_ok(bias, (*shapes["q"][:-1], shapes["k"][-2]))) is not None:
+            return _reject("explicit", node, why, shapes)
+        if not val(bias).is_floating_point():  # adds 0 / 1, not a mask
+            return _reject("explicit", node, f"a {val(bias).dtype} tensor added to the scores", shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout,
+        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout, mask_node=bias, bias=bias,
+        bias_scale=bias_scale,
     )
 
 
@@ -391,8 +417,9 @@ def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
     def only_feeds_chain(n: fx.Node) -> bool:  # every user of n is part of the match
         return all(u in chain for u in n.users)
 
-    # -- walk up from the softmax: casts, constant scales, a subtracted row max, then QKᵀ ---------
-    s, scale = node.args[0], 1.0
+    # -- walk up from the softmax: casts, constant scales, a subtracted row max, one added bias,
+    # then QKᵀ ---------------------------------------------------------------------------------
+    s, scale, bias, bias_scale = node.args[0], 1.0, None, 1.0
     while True:
         if is_cast(s) and only_feeds_chain(s):
             chain.append(s)
@@ -410,10 +437,17 @@ def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
                 and all(single_user(n) for n in row_max):
             chain.extend([s, *row_max])
             s = s.args[0]
+        elif is_call(s, *_ADD) and only_feeds_chain(s) and len(s.args) == 2 and not s.kwargs:
+            side = _scores_side(s)
+            if side is None or (bias is not None and _const(s.args[1 - side]) is None):
+                return _reject("explicit", node, "additive terms on the attention scores that are not one bias",
+                               {"scores": shape})
+            chain.append(s)
+            if _const(s.args[1 - side]) is None:  # a constant shift changes no softmax
+                bias, bias_scale = s.args[1 - side], scale  # the scales met so far multiply the bias too
+            s = s.args[side]
         else:
             break
-    if is_call(s, *_ADD):
-        return _reject("explicit", node, "additive bias or mask on the attention scores", {"scores": shape})
     q = kt = k = None
     if (qk := _einsum_product(s, "ij")) is not None and only_feeds_chain(s):
         q, k = qk
@@ -455,7 +489,24 @@ def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
     chain.append(pv)
     v_dtype = getattr(val(v), "dtype", None)
     q, k = (_exact_upcast_input(t, v_dtype, chain) for t in (q, k))
-    return chain, pv, q, k, v, scale
+    return chain, pv, q, k, v, scale, bias, bias_scale
+
+
+def _scores_side(add: fx.Node) -> Optional[int]:
+    """Which operand of `add` is the scores: the one that reaches a Q·Kᵀ product through casts and
+    constant scales (the other is the bias, or a constant); None when neither does."""
+    for side in (0, 1):
+        n = add.args[side]
+        while isinstance(n, fx.Node):
+            if _einsum_product(n, "ij") is not None or is_call(n, *MATMUL) or is_call(n, torch.baddbmm):
+                return side
+            if is_cast(n) or (is_call(n, *_DIV) and _const(n.args[1]) is not None):
+                n = n.args[0]
+            elif is_call(n, *_MUL) and (_const(n.args[0]) is not None or _const(n.args[1]) is not None):
+                n = n.args[0] if _const(n.args[1]) is not None else n.args[1]
+            else:
+                break
+    return None
 
 
 try:  # the higher-order op Dynamo records for torch.nn.attention.flex_attention

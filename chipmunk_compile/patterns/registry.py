@@ -46,6 +46,11 @@ class AttentionMatch:
     # itself be a (B, 1, 1, Nk) key-padding mask.
     key_mask: Optional[fx.Node] = None
     query_mask: Optional[fx.Node] = None
+    # any other mask that broadcasts to (B, H, Nq, Nk): a float one is added to the scaled scores
+    # (SDPA's attn_mask), a boolean one allows (True) or forbids (False) each query-key pair; the
+    # op takes it as an additive bias
+    bias: Optional[fx.Node] = None
+    bias_scale: float = 1.0  # the written-out form's scales applied after the bias was added: they scale it too
     scale: Optional[float] = None  # None: 1/sqrt(D)
     squeeze_head: bool = False  # 3-D (B*H, N, D) attention, given to the op as (B*H, 1, N, D)
     # joint keys (PRX: image queries over cat(text keys, image keys)): the key concatenation's parts

@@ -25,10 +25,31 @@ def _inputs(B, Hq, Hkv, N, Nk, D, dtype, masked, permuted, seed=0):
             None if km is None else km.to(**to), None if perm is None else perm.to(**to), prev.to(**to))
 
 
-def _naive_colsum(q, k, scale, G, km, perm, lse_ref):
+def _bias(kind, B, Hq, N, Nk, dtype, km=None, seed=0):
+    """An additive score bias, and key_mask with the band's centre keys kept (every row keeps a key).
+    full: (B, Hq, N, Nk) in q's dtype, a strided view; bcast: (N, Nk) in another dtype; band: 0 in
+    a window of 7 keys around the scaled diagonal, else -inf (most rows are all -inf in some tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "full":
+        bias = (torch.randn(B, N, Hq, Nk, generator=g) * 2).transpose(1, 2).to(dtype)
+    elif kind == "bcast":
+        bias = (torch.randn(N, Nk, generator=g) * 2).to(torch.float16 if dtype == torch.float32 else torch.float32)
+    else:
+        centre = torch.arange(N) * Nk // N
+        far = (torch.arange(Nk)[None, :] - centre[:, None]).abs() > 3
+        bias = torch.zeros(N, Nk).masked_fill(far, float("-inf")).to(dtype)
+        if km is not None:
+            km = km.clone()
+            km[:, centre.to(km.device)] = True
+    return bias.to(DEV), km
+
+
+def _naive_colsum(q, k, scale, G, km, perm, lse_ref, bias=None):
     B, Hq, N, _ = q.shape
     rep = Hq // k.shape[1]
     s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double().repeat_interleave(rep, 1)) * scale
+    if bias is not None:
+        s = s + bias.double()
     if km is not None:
         s = s.masked_fill(~km[:, None, None, :], float("-inf"))
     p = torch.exp(s - lse_ref.double()[..., None])
@@ -61,6 +82,23 @@ def test_ref_matches_sdpa_and_naive_colsum(masked, permuted, prev):
         assert (cs.masked_select(~km[:, None, None, :].expand_as(cs)) == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["full", "bcast", "band"])
+@pytest.mark.parametrize("masked,permuted,prev", [(False, False, False), (True, True, True)])
+def test_ref_bias_matches_sdpa_and_naive_colsum(kind, masked, permuted, prev):
+    q, k, v, km, perm, prev_lse = _inputs(2, 4, 2, 37, 45, 64, torch.float32, masked, permuted)
+    bias, km = _bias(kind, 2, 4, 37, 45, torch.float32, km)
+    scale, G = 0.11, 8
+    o, lse, cs = attn_dense_colsum_ref(q, k, v, scale=scale, group=G, key_mask=km, perm=perm,
+                                       prev_lse=prev_lse if prev else None, bias=bias)
+    mask = bias.float() if km is None else bias.float().masked_fill(~km[:, None, None, :], float("-inf"))
+    o_sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                            attn_mask=mask, scale=scale)
+    assert rel_err(o, o_sdpa) < 1e-5
+    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double().repeat_interleave(2, 1)) * scale + mask.double()
+    assert rel_err(lse, torch.logsumexp(s, -1)) < 1e-6
+    assert rel_err(cs, _naive_colsum(q, k, scale, G, km, perm, prev_lse if prev else lse, bias)) < 1e-5
+
+
 CASES = [
     # B, Hq, Hkv, N, Nk, G, masked, permuted, prev
     (1, 2, 2, 70, 70, 32, False, False, True),    # G multiple of the interpreter tile
@@ -88,6 +126,32 @@ def test_triton_matches_ref(triton_mode, case, dtype, mma, monkeypatch):
     assert rel_err(cs, cs_r) < max(TOL[dtype], 1e-5) * 2
     o2, lse2, cs2 = fn(q, k, v, **{**kw, "want_colsum": False})
     assert cs2 is None and rel_err(o2, o_r) < TOL[dtype]
+
+
+BIAS_CASES = [
+    # B, Hq, Hkv, N, Nk, G, masked, permuted
+    (1, 4, 2, 45, 83, 48, True, True),    # GQA, tiles straddle two groups, mask, perm
+    (2, 2, 1, 29, 70, 16, False, False),  # G < tile, Nk tail
+    (1, 2, 2, 70, 37, 32, False, True),
+]
+
+
+@pytest.mark.parametrize("kind", ["full", "bcast", "band"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_triton_bias_matches_ref(triton_mode, case, dtype, kind):
+    """Bias in both passes (with prev_lse: one pass; without: the column-sum pass), at original query rows."""
+    B, Hq, Hkv, N, Nk, G, masked, permuted = case
+    q, k, v, km, perm, prev_lse = _inputs(B, Hq, Hkv, N, Nk, 64, dtype, masked, permuted, seed=N)
+    bias, km = _bias(kind, B, Hq, N, Nk, dtype, km, seed=Nk)
+    fn = get_kernel("attn_dense_colsum", q, k, v, head_dim=64)
+    assert fn is not attn_dense_colsum_ref
+    for prev in (prev_lse, None):
+        kw = dict(scale=0.125, group=G, key_mask=km, perm=perm, prev_lse=prev, bias=bias)
+        (o, lse, cs), (o_r, lse_r, cs_r) = fn(q, k, v, **kw), attn_dense_colsum_ref(q, k, v, **kw)
+        assert rel_err(o, o_r) < TOL[dtype]
+        assert rel_err(lse, lse_r) < 1e-5
+        assert rel_err(cs, cs_r) < max(TOL[dtype], 1e-5) * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -127,3 +191,18 @@ def test_gpu_bf16_real_shapes(N, G, Hq, Hkv):
     o, lse, cs = fn(q, k, v, **{**kw, "prev_lse": None})
     o_r, lse_r, cs_r = attn_dense_colsum_ref(q, k, v, **{**kw, "prev_lse": None})
     assert rel_err(cs, cs_r) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_bias():
+    N = 4352
+    q, k, v, km, perm, prev_lse = _inputs(1, 24, 24, N, N, 128, torch.bfloat16, True, True, seed=2)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(N, N, generator=g).masked_fill(torch.rand(N, N, generator=g) < 0.2, float("-inf"))
+    bias[:1000, 2048:] = float("-inf")  # whole tiles at -inf for these rows
+    bias = bias.to(DEV)
+    fn = get_kernel("attn_dense_colsum", q, k, v)
+    for prev in (prev_lse, None):
+        kw = dict(scale=128 ** -0.5, group=128, perm=perm, prev_lse=prev, bias=bias, key_mask=km)
+        (o, lse, cs), (o_r, lse_r, cs_r) = fn(q, k, v, **kw), attn_dense_colsum_ref(q, k, v, **kw)
+        assert rel_err(o, o_r) < TOL[torch.bfloat16] and rel_err(lse, lse_r) < 1e-3 and rel_err(cs, cs_r) < 2e-2
