@@ -182,3 +182,15 @@ def test_written_out_attention_with_a_bias(fresh_dynamo, form):
 def test_written_out_biases_that_stay_dense(fresh_dynamo, form, bias, reason):
     rep = chipmunk_compile.inspect(ExplicitBias(form).eval(), *_masked_args(bias)(0), config=SMALL)
     assert not rep.sites and any(reason in r.reason for r in rep.rejected), str(rep)
+
+
+@pytest.mark.slow
+def test_bias_through_inductor(fresh_dynamo):
+    """The op's optional bias operand under the default inner compiler: a bias computed in the graph
+    from the timestep (new every call) reaches every step; full-key sparse steps equal eager."""
+    model = PairBias().eval()
+    compiled = chip(model, SMALL, compiler="inductor")
+    with torch.no_grad():
+        errs = [max_rel(compiled(*qkv(i)), model(*qkv(i))) for i in range(4)]
+    assert max(errs) < 1e-5, errs
+    assert step_counts(model)["attention_sparse"] == 2
