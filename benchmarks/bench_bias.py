@@ -14,8 +14,6 @@ ones the dispatcher's pick). Half the bias entries of each row outside a band ar
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 
@@ -28,14 +26,15 @@ from chipmunk_compile import kernels as K  # noqa: E402
 from chipmunk_compile.ops.exact_attention import exact_attention_lse  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_head_dims import G, _inputs, keep_args  # noqa: E402
 from csv_rows import write_rows  # noqa: E402
 
 # name, heads, tokens, head dim (OmniGen: 1024 px = 4096 image tokens + its prompt, 32 heads of 96)
 SHAPES = [("flux 1280x768", 24, 4352, 128), ("omnigen 1024px", 32, 4352, 96)]
-G = 128
 
 
 def _bias(kind, h, n, g):
+    """None, or 0.5·randn of (N, N) / (1, H, N, N) in bf16 with half the entries past |i − j| > N/2 at -inf."""
     if kind == "none":
         return None
     shape = (n, n) if kind == "NxN" else (1, h, n, n)
@@ -49,20 +48,12 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--keep", type=float, default=0.15)
-    args = ap.parse_args()
-    gpu = torch.cuda.get_device_name()
-    print(f"# {gpu}, torch {torch.__version__}; keep {args.keep}, query groups of {G}, bf16")
+    keep, gpu = keep_args(__doc__)
     rows = []
     for name, h, n, d in SHAPES:
-        g = torch.Generator("cuda").manual_seed(0)
-        bf = dict(device="cuda", dtype=torch.bfloat16)
-        q, k, v = (torch.randn(1, n, h, d, generator=g, **bf).transpose(1, 2) for _ in range(3))
-        ob = torch.randn(1, n, h, d, generator=g, **bf).transpose(1, 2)
-        ng, kk = math.ceil(n / G), max(1, int(args.keep * n))
-        idx = torch.rand(1, h, ng, n, generator=g, device="cuda").topk(kk, -1).indices.sort(-1).values.int()
-        cnt = torch.full((1, h, ng), kk, dtype=torch.int32, device="cuda")
+        q, k, v, idx, cnt = _inputs(h, n, d, keep)
+        g = torch.Generator("cuda").manual_seed(1)
+        ob = torch.randn(1, n, h, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         scale = d ** -0.5
         csp = K.get_kernel("attn_column_sparse", q, k, v, head_dim=d)
         cs = K.get_kernel("attn_colsum_sampled", q, k, head_dim=d)
@@ -83,7 +74,7 @@ def main():
             }
             print(f"\n## {name}: 1x{h}x{n}x{d}, bias {kind} (column-sparse vs reference rel err {err:.1e})")
             for kernel, ms in t.items():
-                rows.append(dict(gpu=gpu, shape=f"1x{h}x{n}x{d}", model=name, bias=kind, keep=args.keep,
+                rows.append(dict(gpu=gpu, shape=f"1x{h}x{n}x{d}", model=name, bias=kind, keep=keep,
                                  kernel=kernel, ms=round(ms, 4), x_dense=round(dense / ms, 3), rel_err=f"{err:.1e}"))
                 print(f"  {kernel:<16} {ms:8.3f} ms   {dense / ms:6.2f}x dense SDPA with the same bias")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

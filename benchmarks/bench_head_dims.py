@@ -44,18 +44,24 @@ def _inputs(h, n, d, keep, seed=0):
     return q, k, v, idx, cnt
 
 
+def keep_args(doc: str):
+    """(--keep, GPU name) of an attention kernel benchmark whose module docstring is `doc`; prints the header."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--keep", type=float, default=0.15)
+    keep = ap.parse_args().keep
+    gpu = torch.cuda.get_device_name()
+    print(f"# {gpu}, torch {torch.__version__}; keep {keep}, query groups of {G}, bf16")
+    return keep, gpu
+
+
 def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--keep", type=float, default=0.15)
-    args = ap.parse_args()
-    gpu = torch.cuda.get_device_name()
-    print(f"# {gpu}, torch {torch.__version__}; keep {args.keep}, query groups of {G}, bf16")
+    keep, gpu = keep_args(__doc__)
     rows = []
     for name, h, n, d in SHAPES:
-        q, k, v, idx, cnt = _inputs(h, n, d, args.keep)
+        q, k, v, idx, cnt = _inputs(h, n, d, keep)
         scale = d ** -0.5
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
@@ -79,7 +85,7 @@ def main():
                                                                                samples=32)),
         }
         for kernel, ms in t.items():
-            rows.append(dict(gpu=gpu, shape=f"1x{h}x{n}x{d}", model=name, keep=args.keep, kernel=kernel,
+            rows.append(dict(gpu=gpu, shape=f"1x{h}x{n}x{d}", model=name, keep=keep, kernel=kernel,
                              ms=round(ms, 4), x_dense=round(dense / ms, 3)))
         print(f"\n## {name}: 1x{h}x{n}x{d} (Triton vs reference rel err {err:.1e})")
         for kernel, ms in t.items():

@@ -72,39 +72,6 @@ def test_wrong_lse_shape_is_rejected(fake_libraries, monkeypatch):
     assert torch.allclose(lse.double(), _truth(q, k, v, 0.125)[1], atol=1e-5)
 
 
-def _masked_truth(q, k, v, key_mask, scale):
-    bias = torch.zeros(key_mask.shape, dtype=torch.float64, device=q.device).masked_fill(~key_mask, float("-inf"))
-    s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double()) * scale + bias[:, None, None, :]
-    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
-
-
-def test_key_masks_reach_only_the_libraries_that_take_them(fake_libraries, monkeypatch):
-    """A masked call skips the unmasked-only libraries (not a fallback: not counted) and hands the mask
-    to the first that takes it, as a 0/-inf bias broadcast over heads and queries."""
-    calls = []
-
-    def unmasked_only(q, k, v, scale, key_mask=None, bias=None):
-        calls.append("unmasked_only")
-        raise AssertionError("never called with a mask")
-
-    def with_bias(q, k, v, scale, key_mask=None, bias=None):
-        calls.append("with_bias")
-        bias = ea.key_mask_bias(key_mask, q, k)
-        assert bias.shape == (*q.shape[:3], k.shape[-2]) and bias.stride()[1:3] == (0, 0)
-        s = torch.einsum("bhnd,bhkd->bhnk", q, k) * scale + bias
-        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
-
-    monkeypatch.setattr(ea, "LIBRARIES", {"unmasked_only": unmasked_only, "with_bias": with_bias})
-    monkeypatch.setattr(ea, "MASKED", {"with_bias"})
-    q, k, v = _qkv(B=2, seed=3)
-    key_mask = torch.ones(2, 40, dtype=torch.bool)
-    key_mask[0, 25:], key_mask[1, :7] = False, False
-    o, lse = ea.exact_attention_lse(q, k, v, key_mask, 0.125, 16, None)
-    assert calls == ["with_bias"] and not counters["chipmunk"]
-    o_t, lse_t = _masked_truth(q, k, v, key_mask, 0.125)
-    assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
-
-
 def _biased_truth(q, k, v, bias, scale, key_mask=None):
     s = torch.einsum("bhnd,bhkd->bhnk", q.double(), k.double()) * scale + bias.double()
     if key_mask is not None:
@@ -132,25 +99,35 @@ def test_score_bias_broadcasts_by_strides():
     assert ea.score_bias(q, k) is None
 
 
-def test_biases_reach_only_the_libraries_that_take_them(fake_libraries, monkeypatch):
+@pytest.mark.parametrize("masks", ["key", "bias", "key+bias"])
+def test_masks_reach_only_the_libraries_that_take_them(fake_libraries, monkeypatch, masks):
+    """A masked or biased call skips the libraries that take neither (not a fallback: not counted) and
+    hands both to the first that does, as one additive bias broadcast by strides."""
     calls = []
 
     def unmasked_only(q, k, v, scale, key_mask=None, bias=None):
         calls.append("unmasked_only")
-        raise AssertionError("never called with a bias")
+        raise AssertionError("never called with a mask or bias")
 
     def with_bias(q, k, v, scale, key_mask=None, bias=None):
         calls.append("with_bias")
-        s = torch.einsum("bhnd,bhkd->bhnk", q, k) * scale + ea.score_bias(q, k, key_mask, bias)
+        sb = ea.score_bias(q, k, key_mask, bias)
+        assert sb.shape == (*q.shape[:3], k.shape[-2]) and sb.stride()[1] == 0
+        s = torch.einsum("bhnd,bhkd->bhnk", q, k) * scale + sb
         return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
     monkeypatch.setattr(ea, "LIBRARIES", {"unmasked_only": unmasked_only, "with_bias": with_bias})
     monkeypatch.setattr(ea, "MASKED", {"with_bias"})
-    q, k, v = _qkv(B=2, seed=4)
-    bias = _band(40, 40, 6) + torch.randn(40, 40)
-    o, lse = ea.exact_attention_lse(q, k, v, None, 0.125, 16, None, bias)
+    q, k, v = _qkv(B=2, seed=3)
+    key_mask = bias = None
+    if "key" in masks:
+        key_mask = torch.ones(2, 40, dtype=torch.bool)
+        key_mask[0, 25:], key_mask[1, :7] = False, False
+    if "bias" in masks:
+        bias = _band(40, 40, 20) + torch.randn(40, 40)  # every query keeps a key the key mask allows
+    o, lse = ea.exact_attention_lse(q, k, v, key_mask, 0.125, 16, None, bias)
     assert calls == ["with_bias"] and not counters["chipmunk"]
-    o_t, lse_t = _biased_truth(q, k, v, bias, 0.125)
+    o_t, lse_t = _biased_truth(q, k, v, torch.zeros(()) if bias is None else bias, 0.125, key_mask)
     assert torch.allclose(o.double(), o_t, atol=1e-5) and torch.allclose(lse.double(), lse_t, atol=1e-5)
 
 
@@ -191,7 +168,7 @@ def test_gpu_masked_library_lse_matches_reference():
     key_mask = torch.ones(2, 4352, dtype=torch.bool, device="cuda")
     key_mask[0, 4000:], key_mask[1, 4100:] = False, False
     o, lse = ea.exact_attention_lse(q, k, v, key_mask, 128 ** -0.5, 128, None)
-    o_t, lse_t = _masked_truth(q, k, v, key_mask, 128 ** -0.5)
+    o_t, lse_t = _biased_truth(q, k, v, torch.zeros((), device="cuda"), 128 ** -0.5, key_mask)
     assert not any(key.startswith("exact_lse_fallback") for key in counters["chipmunk"])  # cuDNN took the mask
     assert ((o.double() - o_t).norm() / o_t.norm()).item() < 2e-2
     assert (lse.double() - lse_t).abs().max().item() < 2e-2
