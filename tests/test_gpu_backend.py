@@ -132,6 +132,28 @@ def _research():
     return _ResearchBlocks().eval().cuda().to(torch.bfloat16)
 
 
+class _PairBiasBlocks(torch.nn.Module):
+    """Two DiT blocks whose SDPA adds a learned (heads, N, N) bias, -inf beyond ±N/8 tokens (RFD4's
+    pair bias, ACE-Step's window): the bias path of every attention kernel, in bf16."""
+
+    def __init__(self, n=1024):
+        super().__init__()
+        from helpers import TinyBlock
+
+        self.blocks = torch.nn.ModuleList([TinyBlock(128, heads=2, pair_bias=n) for _ in range(2)])
+
+    def forward(self, hidden_states, timestep):
+        x = hidden_states * (1 + 1e-3 * timestep)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _pair_bias():
+    torch.manual_seed(0)
+    return _PairBiasBlocks().eval().cuda().to(torch.bfloat16)
+
+
 def _research_inputs(t: float):
     g = torch.Generator("cuda").manual_seed(1)
     return dict(hidden_states=torch.randn(1, 1024, 128, generator=g, device="cuda", dtype=torch.bfloat16),
@@ -146,6 +168,7 @@ MODELS = {"flux": (_flux, _inputs, CFG), "flux2": (_flux2, _flux2_inputs, CFG),
           "hunyuan_video15": (_hunyuan15, _hunyuan15_inputs, {**CFG, "mlp": {**CFG["mlp"], "min_tokens": 64}}),
           "pixart": (_pixart, _pixart_inputs, CFG),
           # nn.MultiheadAttention, the TransformerEncoderLayer fast path and einsum attention, written out
+          "pair_bias": (_pair_bias, _research_inputs, CFG),
           "research": (_research, _research_inputs, {"attn": {"min_tokens": 0, "first_n_dense_layers": 0,
                                                               "full_step_every": 3},
                                                      "mlp": {"min_tokens": 0, "first_n_dense_layers": 0}})}
@@ -183,6 +206,8 @@ def test_triton_path_matches_reference_path(monkeypatch, name):
     if name == "pixart":  # head dim 72 on the Triton kernels, not the references
         assert not any("head_dim" in k for k in counters["chipmunk"]), dict(counters["chipmunk"])
         assert sum(s["kind"] == "attention" for s in sites) == 3, sites
+    if name == "pair_bias":  # both attentions sparse with their bias (CFG keeps layer 0 dense)
+        assert [s["steps"].get("sparse", 0) > 0 for s in sites if s["kind"] == "attention"] == [False, True], sites
     if name == "research":  # 3 attention + 2 MLP sites from the written-out calls and the einsums
         assert sorted(s["kind"] for s in sites) == ["attention"] * 3 + ["mlp"] * 2, sites
     if name == "hunyuan_video15":  # the blocks' attention, under the padding mask, grouped
