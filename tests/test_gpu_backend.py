@@ -230,23 +230,26 @@ def test_reduce_overhead_partitions_around_ops():
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("kernels,forecast", [("triton", ""), ("ref", ""), ("triton", "attn"), ("triton", "attn+mlp")])
-def test_step_graphs_match_eager_and_replay(monkeypatch, kernels, forecast):
+@pytest.mark.parametrize("kernels,forecast,name", [("triton", "", "flux"), ("ref", "", "flux"), ("triton", "attn", "flux"),
+                                                   ("triton", "attn+mlp", "flux"), ("triton", "attn", "pair_bias")])
+def test_step_graphs_match_eager_and_replay(monkeypatch, kernels, forecast, name):
     """Whole-call CUDA graphs per step signature (graphs.py): same outputs as running the ops
     eagerly, over two generations; later steps are replays, nothing fell back, no recording failed.
     The reference kernels too (they run for head dims the Triton kernels lack): every step kind,
     refresh steps of the second generation included, must record without a host read. With the
     residual forecast (attn.extrapolate), replayed sparse steps must read the step from the device
     (refreshes at 1, 4, 8: forecast steps 5-7 and 9-11, each a replay of one graph); with the MLP
-    forecast (mlp.extrapolate) too, its dense steps run the sparse path beside the dense one."""
+    forecast (mlp.extrapolate) too, its dense steps run the sparse path beside the dense one. With a
+    pair bias (a parameter the graphs read in place), every biased kernel is recorded and replayed."""
     if kernels == "ref":
         monkeypatch.setenv("CHIPMUNK_KERNELS", "ref")
     cfg = CFG
     for op in filter(None, forecast.split("+")):
         cfg = {**cfg, op: {**cfg[op], "extrapolate": 1.0, "full_step_every": 4}}
-    model = _flux()
+    build, make_inputs, _ = MODELS[name]
+    model = build()
     counters.clear()
-    eager, _ = _run(model, steps=12, options={"config": {**cfg, "cuda_graphs": False}})
+    eager, _ = _run(model, steps=12, make_inputs=make_inputs, options={"config": {**cfg, "cuda_graphs": False}})
     assert counters["chipmunk"]["graph_replays"] == 0
     counters.clear()
     torch._dynamo.reset()
@@ -256,7 +259,7 @@ def test_step_graphs_match_eager_and_replay(monkeypatch, kernels, forecast):
         for _ in range(2):
             outs = []
             for i in range(12):
-                x = _inputs(1.0 - i / 12)
+                x = make_inputs(1.0 - i / 12)
                 x["hidden_states"] = x["hidden_states"] + 0.01 * i
                 outs.append(c(**x)[0].float().clone())
             gens.append(outs)
