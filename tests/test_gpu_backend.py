@@ -230,8 +230,9 @@ def test_reduce_overhead_partitions_around_ops():
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("kernels,forecast,name", [("triton", "", "flux"), ("ref", "", "flux"), ("triton", "attn", "flux"),
-                                                   ("triton", "attn+mlp", "flux"), ("triton", "attn", "pair_bias")])
+@pytest.mark.parametrize("kernels,forecast,name", [("triton", "", "flux"), ("ref", "", "flux"),
+                                                   ("triton", "attn", "flux"), ("triton", "attn+mlp", "flux"),
+                                                   ("triton", "attn", "pair_bias")])
 def test_step_graphs_match_eager_and_replay(monkeypatch, kernels, forecast, name):
     """Whole-call CUDA graphs per step signature (graphs.py): same outputs as running the ops
     eagerly, over two generations; later steps are replays, nothing fell back, no recording failed.

@@ -27,11 +27,12 @@ the share of the attention mass its kept columns hold (`captured_mass`, a device
 below min_mass runs dense from then on (`too_diffuse`, counted and logged).
 
 Additive bias (`bias`: SDPA's float attn_mask, or a boolean pair mask, which the op turns into
-0 / -inf of the queries' dtype; any shape that broadcasts to (B, Hq, Nq, Nk)): every step adds it to each score it computes — dense
-and refresh steps through SDPA / the exact-attention libraries, the column sums through the
-sampled queries' rows of it, sparse steps on their selected keys only (the Triton kernel; the
-Gluon ones take no bias). A bias that changes from call to call (a time-conditioned pair bias) is
-read at every call, never cached. A query row whose selected keys are all -inf gets no delta.
+0 / -inf of the queries' dtype; any shape that broadcasts to (B, Hq, Nq, Nk)): every step adds it
+to each score it computes — dense and refresh steps through SDPA / the exact-attention libraries,
+the column sums through the sampled queries' rows of it, sparse steps on their selected keys only
+(the Triton kernel; the Gluon ones take no bias). A bias that changes from call to call (a
+time-conditioned pair bias) is read at every call, never cached. A query row whose selected keys
+are all -inf gets no delta.
 
 Invariants: the output is always a fresh tensor of logical shape (B, Hq, N, D) stored as
 (B, N, Hq, D); the op never returns or aliases a cache. Caches of a branch are read only after

@@ -19,10 +19,10 @@ Invariants:
 - The explicit form: softmax over the last axis of (casts, constant scales, a subtracted
   `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant,
   added constants, one added float tensor that broadcasts to the scores: the bias, scaled by the
-  scales applied after it) of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by transpose/permute/mT), baddbmm with beta 0,
-  or a two-operand `torch.einsum` whose subscripts say exactly that product. q and k upcast
-  exactly to float32 from v's half precision are taken before the cast; q, k and v of different
-  dtypes otherwise are a `Rejection` (the op takes one dtype).
+  scales applied after it) of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by
+  transpose/permute/mT), baddbmm with beta 0, or a two-operand `torch.einsum` whose subscripts say
+  exactly that product. q and k upcast exactly to float32 from v's half precision are taken before
+  the cast; q, k and v of different dtypes otherwise are a `Rejection` (the op takes one dtype).
 - Softmax-free (linear) attention never matches: the explicit pattern is anchored on a softmax.
 - `flex_attention` (a score_mod or block mask: arbitrary code per score) never matches; it becomes
   a `Rejection`, so inspect() says why such a model has no attention sites.
