@@ -105,9 +105,17 @@ MODELS = {
     # which attend to cat(text keys, vision keys). 704x1280, 93 frames: a 24 x 44 x 80 latent of 48 channels,
     # patches of 2: 24 x 22 x 40 = 21120 vision tokens; a timestep per vision token. No preset of its own: default.
     "cosmos3": dict(cls="Cosmos3OmniTransformer", layers=("num_hidden_layers", 36), config=dict(), preset="default"),
+    # OmniGen (diffusers' defaults: Phi-3's 32 layers of width 3072, 32 heads of 96, SwiGLU 8192) at 1024x1024:
+    # OMNIGEN_TEXT prompt tokens, a time token and 64 x 64 image tokens in one sequence, under the pipeline's
+    # (B, N, N) mask (causal, the time and image tokens bidirectional among themselves), which the model turns
+    # into an additive bias: every attention a biased site. One guidance branch per call (the pipeline
+    # batches its branches). No preset of its own: default.
+    "omnigen": dict(cls="OmniGenTransformer2DModel", layers=("num_layers", 32), config=dict(
+        rope_scaling={"long_factor": [1.0] * 48, "short_factor": [1.0] * 48}), preset="default"),
 }
+OMNIGEN_TEXT = 64
 COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
-FLOW_TIME = ("flux", "flux2")  # models that take the timestep in [0, 1] (the others: [0, 1000])
+FLOW_TIME = ("flux", "flux2", "omnigen")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
@@ -178,6 +186,14 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
                     sequence_length=n_txt + n_vis, vision_tokens=[r(1, 48, f, 2 * h, 2 * w)],
                     vision_token_shapes=[(f, h, w)], vision_sequence_indexes=vis, vision_mse_loss_indexes=vis,
                     vision_noisy_frame_indexes=[torch.arange(f, **d)])
+    if name == "omnigen":  # 1024x1024: a 128 x 128 latent of 4 channels, patches of 2
+        n_img = (1024 // 16) ** 2
+        n = OMNIGEN_TEXT + 1 + n_img
+        mask = torch.ones(n, n, device=device).tril()
+        mask[OMNIGEN_TEXT:, OMNIGEN_TEXT:] = 1  # the time and image tokens see each other
+        ids = torch.randint(1, model.config.vocab_size, (1, OMNIGEN_TEXT), generator=g, device=device)
+        return dict(hidden_states=r(1, 4, 128, 128), input_ids=ids, input_img_latents=[], input_image_sizes={},
+                    attention_mask=mask[None].to(dtype), position_ids=torch.arange(n, device=device)[None])
     if name == "mochi":
         f = frames or 28
         return dict(hidden_states=r(1, 12, f, 60, 106), encoder_hidden_states=r(1, 256, 4096),
