@@ -294,3 +294,25 @@ def test_regional_variants_compile_the_blocks_and_undo_it():
 
     res = be.generation_runs(lambda **kw: None, lambda s: {}, 3, 1, 1, Pin(), lambda fn: fn() or 5.0, auto=False)
     assert res == {"generation_ms": 5.0}
+
+
+def test_omnigen_inputs_make_one_biased_grouped_site(fresh_dynamo):
+    """bench_e2e's OmniGen inputs (1024x1024, the pipeline's N×N mask) on a narrow model of its kind:
+    the mask fits the sequence, the attention is a biased site grouped on the 64×64 patch grid."""
+    import diffusers
+    import torch
+
+    import chipmunk_compile
+
+    torch.manual_seed(0)
+    model = diffusers.OmniGenTransformer2DModel(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128, num_layers=1,
+        pad_token_id=0, vocab_size=1000, time_step_dim=16,
+        rope_scaling={"long_factor": [1.0] * 16, "short_factor": [1.0] * 16}).eval()
+    kw = be.inputs("omnigen", model, device="cpu", dtype=torch.float32)
+    kw.update(be.timestep_inputs("omnigen", kw, 3, 50, device="cpu", dtype=torch.float32))
+    n = be.OMNIGEN_TEXT + 1 + 64 * 64
+    assert kw["attention_mask"].shape == (1, n, n) and kw["position_ids"].shape == (1, n)
+    rep = chipmunk_compile.inspect(model, **kw, return_dict=False, config="default")
+    (attn,) = [s for s in rep.sites if s.kind == "attention"]
+    assert attn.shapes["bias"] == (1, 1, n, n) and "64×64" in attn.grouping, str(rep)
