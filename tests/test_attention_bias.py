@@ -194,3 +194,18 @@ def test_bias_through_inductor(fresh_dynamo):
         errs = [max_rel(compiled(*qkv(i)), model(*qkv(i))) for i in range(4)]
     assert max(errs) < 1e-5, errs
     assert step_counts(model)["attention_sparse"] == 2
+
+
+@pytest.mark.parametrize("attn", [{"recompute_mask": False}, {"recompute_mask": True}])
+def test_every_refresh_path_adds_the_bias(fresh_dynamo, attn):
+    """Refreshes every 3 steps over 8: the kept-index refresh (plain SDPA) and the re-selecting one
+    (exact lse, column sums), with a bias that changes every call; at full key budget every step
+    equals eager."""
+    config = cfg(attn={"group": 8, **FULL_KEYS, "full_step_every": 3, **attn}, mlp={"enabled": False})
+    model = PairBias().eval()
+    compiled = chip(model, config)
+    with torch.no_grad():
+        errs = [max_rel(compiled(*qkv(i)), model(*qkv(i))) for i in range(8)]
+    assert max(errs) < 1e-5, errs
+    assert step_counts(model) == {"attention_dense": 1, "attention_refresh": 3, "attention_sparse": 4}
+
