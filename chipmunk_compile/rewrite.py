@@ -108,8 +108,10 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
         if m.kind == "attention":
             layer = n_attn - 1
             shapes = {"q": shape_of(m.q), "k": shape_of(m.k), "v": shape_of(m.v)}
-            if m.mask_node is not None:  # an additive bias is listed as such
-                shapes["bias" if m.bias is not None else "mask"] = shape_of(m.mask_node)
+            if m.bias is not None:
+                shapes["bias"] = shape_of(m.bias)
+            elif m.mask_node is not None:
+                shapes["mask"] = shape_of(m.mask_node)
             site = Site("attention", m.pattern, path, layer, attn_cfg, session, shapes)
             site.key_layout = m.key_layout
         else:

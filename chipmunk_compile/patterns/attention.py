@@ -386,8 +386,7 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
             return _reject("explicit", node, f"a {val(bias).dtype} tensor added to the scores", shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
-        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout, mask_node=bias, bias=bias,
-        bias_scale=bias_scale,
+        squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout, bias=bias, bias_scale=bias_scale,
     )
 
 
