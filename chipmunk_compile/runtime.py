@@ -180,7 +180,7 @@ class ChipmunkState(torch.nn.Module):
         return tensor
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(b.untyped_storage().nbytes() for b in self.buffers())  # padded layouts: their pad too
 
     def clear(self, prefixes: tuple = ("",)) -> None:
         """Drop the buffers whose names start with one of `prefixes` (default: all)."""

@@ -58,7 +58,8 @@ to (B, Hq, Nq, Nk), read through ``_common.bias_view`` (no copy), added to every
   tensor, or HashDraws with n_draws per block. Triton: one launch, the row in registers, the K-th
   largest key found bit by bit (32 block-wide counts), compaction by one scan, hashed draws made in
   the program.
-- mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M) buffer.
+- mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M_pad) buffer (M_pad: M rounded up
+  to 64 elements, so that every neuron row is 128-byte aligned).
 
 Layouts: attention outputs are (B, Hq, N, D) views of (B, N, Hq, D) buffers. Any group size G works
 (G is a compile-time constant of the attention kernels: one compile + autotune per G).

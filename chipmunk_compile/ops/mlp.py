@@ -187,23 +187,47 @@ def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache
     read-modify-write is contiguous. With the neuron-major cache (`mlp_alloc_h_cache`), fc1 runs
     transposed, hᵀ = w_act · x_gᵀ, straight into the cache and the activation is applied in place:
     no temporary h, no gather or transposing copy of the (M, F) activation, which is the largest
-    tensor of the step. Rounding is the same as the plain path (fc1 rounded, activation rounded)."""
-    xg = x3 if perm is None else x3.index_select(1, perm.long())
+    tensor of the step. Rounding is the same as the plain path (fc1 rounded, activation rounded).
+
+    Both GEMMs run over the cache's padded rows (M_pad, a multiple of 64): in the transposed
+    product the token count is the contiguous dimension, and at an odd count (OmniGen's 4161
+    tokens) cuBLAS fell back to sm75 kernels, 2.2 ms per fc1 half against ~0.35 (H200, session 38).
+    The pad rows compute token 0 again: junk in the cache's pad, which nothing reads."""
     B, M, _ = x3.shape
-    hT = h_cache.transpose(1, 2)
-    if not all(hT[b].is_contiguous() for b in range(B)):  # another cache layout: the plain path
+    m_pad = _padded_rows(h_cache)
+    if m_pad is None:  # another cache layout: the plain path
+        xg = x3 if perm is None else x3.index_select(1, perm.long())
         a, g = _pre(xg, w_act, b_act, w_lin, b_lin)
         h_cache.copy_(_hidden(a, g, act))
+        h_rows = h_cache
     else:
+        order = perm.long() if perm is not None else None
+        if m_pad > M:
+            order = torch.arange(M, device=x3.device) if order is None else order
+            order = torch.cat([order, order.new_zeros(m_pad - M)])
+        xg = x3 if order is None else x3.index_select(1, order)
+        h_rows = h_cache.as_strided((B, m_pad, h_cache.shape[2]), h_cache.stride(), h_cache.storage_offset())
+        hT = h_rows.transpose(1, 2)  # (B, F, M_pad), each batch contiguous
         for b in range(B):
             apply_act(_linear_t(xg[b], w_act, b_act, out=hT[b]), act, inplace=True)
             if w_lin is not None:
                 hT[b].mul_(_linear_t(xg[b], w_lin, b_lin))
-    ys = [F.linear(h_cache[b], w2, b2) for b in range(B)]  # h_cache[b]: a transposed operand, no copy
-    yg = ys[0].unsqueeze(0) if B == 1 else torch.stack(ys)
+    ys = [F.linear(h_rows[b], w2, b2) for b in range(B)]  # h_rows[b]: a transposed operand, no copy
+    yg = (ys[0].unsqueeze(0) if B == 1 else torch.stack(ys))[:, :M]
     if perm is None:
-        return yg
-    return torch.empty_like(yg).index_copy_(1, perm.long(), yg)
+        return yg.contiguous()
+    return torch.empty(yg.shape, dtype=yg.dtype, device=yg.device).index_copy_(1, perm.long(), yg)
+
+
+def _padded_rows(h_cache) -> Optional[int]:
+    """M_pad when h_cache is neuron-major with each neuron's M rows at a stride M_pad >= M inside its
+    own storage (`mlp_alloc_h_cache`'s layout, M_pad == M unpadded), else None."""
+    B, M, Fh = h_cache.shape
+    m_pad = h_cache.stride(2)
+    if h_cache.stride(1) != 1 or m_pad < M or (B > 1 and h_cache.stride(0) != Fh * m_pad):
+        return None
+    need = (h_cache.storage_offset() + B * Fh * m_pad) * h_cache.element_size()
+    return m_pad if h_cache.untyped_storage().nbytes() >= need else None
 
 
 def _alloc_h(*shape, dtype, device):

@@ -92,7 +92,7 @@ class BranchState:
         else:
             t = owned = alloc(*shape, dtype=dtype, device=device) if alloc else torch.empty(shape, dtype=dtype, device=device)
         self.site.session.state.put(full, owned)  # owned (and counted) by the session's state module
-        self.nbytes += owned.numel() * owned.element_size()
+        self.nbytes += owned.untyped_storage().nbytes()  # a padded layout's pad included
         if offload is not None:
             offload.measured(self)
         self.cache[name] = t

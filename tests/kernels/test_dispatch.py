@@ -46,8 +46,12 @@ def test_forced_triton_and_guards(monkeypatch):
 
 
 def test_h_cache_layout():
+    """Neuron-major, each neuron's row of tokens padded to 64 elements (128-byte aligned rows)."""
     h = K.mlp_alloc_h_cache(2, 10, 6, torch.float16, "cpu")
-    assert h.shape == (2, 10, 6) and h.stride() == (60, 1, 10)
+    assert h.shape == (2, 10, 6) and h.stride() == (6 * 64, 1, 64)
+    h = K.mlp_alloc_h_cache(1, 4161, 8, torch.bfloat16, "cpu")  # OmniGen's 64 + 1 + 4096 tokens
+    assert h.stride() == (8 * 4224, 1, 4224)
+    assert K.mlp_alloc_h_cache(1, 4352, 8, torch.bfloat16, "cpu").stride() == (8 * 4352, 1, 4352)  # FLUX: no pad
 
 
 def test_faster_choice_measures_once_per_key_and_never_under_capture(monkeypatch):
