@@ -77,6 +77,10 @@ def main():
                 rows.append(dict(gpu=gpu, shape=f"1x{h}x{n}x{d}", model=name, bias=kind, keep=keep,
                                  kernel=kernel, ms=round(ms, 4), x_dense=round(dense / ms, 3), rel_err=f"{err:.1e}"))
                 print(f"  {kernel:<16} {ms:8.3f} ms   {dense / ms:6.2f}x dense SDPA with the same bias")
+    from torch._dynamo.utils import counters
+
+    picks = {k: v for k, v in counters["chipmunk"].items() if k.startswith("kernel_choice")}
+    print(f"\nkernel choices of the unbiased calls (timed on each shape's first call): {picks}")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     print(f"\nwrote {write_rows(os.path.join(out_dir, 'bench_bias.csv'), rows)}")
 
