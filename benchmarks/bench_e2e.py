@@ -5,6 +5,7 @@
     python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
     python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
     python benchmarks/bench_e2e.py --model cosmos3 --blocks 4           # a packed (tokens, C) sequence
+    python benchmarks/bench_e2e.py --model sd3 --blocks 2,4             # also omnigen, qwen-image: odd token counts
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
@@ -112,10 +113,24 @@ MODELS = {
     # batches its branches). No preset of its own: default.
     "omnigen": dict(cls="OmniGenTransformer2DModel", layers=("num_layers", 32), config=dict(
         rope_scaling={"long_factor": [1.0] * 48, "short_factor": [1.0] * 48}), preset="default"),
+    # Stable Diffusion 3.5 Large (its transformer config: 38 layers of 38 heads of 64, width 2432, RMS q/k norm)
+    # at 1024x1024: 64 x 64 image tokens and the 77 CLIP + 256 T5 text tokens, 4429 in all (not a multiple
+    # of 8). The pipeline batches its two guidance branches: batch 2 per call. No preset of its own: default.
+    "sd3": dict(cls="SD3Transformer2DModel", layers=("num_layers", 38), config=dict(
+        sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192, qk_norm="rms_norm"), preset="default"),
+    # Qwen-Image (diffusers' defaults: 60 layers, 24 heads of 128, MLLM text of width 3584) at its default
+    # 1024x1024: 64 x 64 image tokens after QWEN_TEXT prompt tokens. The pipeline drops its template's tokens
+    # and, for one prompt, passes no text mask and pads nothing: the count is the prompt's. One call per step
+    # (true CFG only with a negative prompt). No preset of its own: default.
+    "qwen-image": dict(cls="QwenImageTransformer2DModel", layers=("num_layers", 60), config=dict(), preset="default"),
 }
 OMNIGEN_TEXT = 64
+SD3_TEXT = 77 + 256
+QWEN_TEXT = 77
 COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
-FLOW_TIME = ("flux", "flux2", "omnigen")  # models that take the timestep in [0, 1] (the others: [0, 1000])
+FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
@@ -194,6 +209,12 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         ids = torch.randint(1, model.config.vocab_size, (1, OMNIGEN_TEXT), generator=g, device=device)
         return dict(hidden_states=r(1, 4, 128, 128), input_ids=ids, input_img_latents=[], input_image_sizes={},
                     attention_mask=mask[None].to(dtype), position_ids=torch.arange(n, device=device)[None])
+    if name == "sd3":  # 1024x1024: a 128 x 128 latent of 16 channels (patches of 2 in the model); CFG batched
+        return dict(hidden_states=r(2, 16, 128, 128), encoder_hidden_states=r(2, SD3_TEXT, 4096),
+                    pooled_projections=r(2, 2048))
+    if name == "qwen-image":  # 1024x1024: 64 x 64 packed latent tokens of 64 channels
+        return dict(hidden_states=r(1, 64 * 64, 64), encoder_hidden_states=r(1, QWEN_TEXT, 3584),
+                    img_shapes=[[(1, 64, 64)]])
     if name == "mochi":
         f = frames or 28
         return dict(hidden_states=r(1, 12, f, 60, 106), encoder_hidden_states=r(1, 256, 4096),

@@ -316,3 +316,48 @@ def test_omnigen_inputs_make_one_biased_grouped_site(fresh_dynamo):
     rep = chipmunk_compile.inspect(model, **kw, return_dict=False, config="default")
     (attn,) = [s for s in rep.sites if s.kind == "attention"]
     assert attn.shapes["bias"] == (1, 1, n, n) and "64×64" in attn.grouping, str(rep)
+
+
+@pytest.mark.parametrize("name", ["sd3", "qwen-image"])
+def test_sd3_and_qwen_image_inputs_make_grouped_sites_at_an_odd_token_count(fresh_dynamo, name):
+    """bench_e2e's SD3.5-Large and Qwen-Image inputs (1024x1024, their text lengths) on narrow models of
+    their kind: the joint attention is a site grouped on the 64×64 latent grid with the text kept whole,
+    at 4096 + 333 / 4096 + 77 tokens; the dense step through the sites matches eager and the next step
+    runs its sparse MLPs with no fallback."""
+    import diffusers
+    import torch
+
+    import chipmunk_compile
+
+    torch.manual_seed(0)
+    if name == "sd3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=4096, caption_projection_dim=32, pooled_projection_dim=2048, out_channels=16,
+            pos_embed_max_size=192, qk_norm="rms_norm").eval()
+        n_txt = be.SD3_TEXT
+    else:
+        model = diffusers.QwenImageTransformer2DModel(
+            num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6)).eval()
+        n_txt = be.QWEN_TEXT
+    kw = be.inputs(name, model, device="cpu", dtype=torch.float32)
+    kw.update(be.timestep_inputs(name, kw, 3, 50, device="cpu", dtype=torch.float32))
+    assert (4096 + n_txt) % 8 != 0  # the dense-MLP layout's odd case
+    rep = chipmunk_compile.inspect(model, **kw, return_dict=False, config="default")
+    attn = [s for s in rep.sites if s.kind == "attention"]
+    assert attn and all("64×64" in s.grouping and f"text {n_txt}" in s.grouping for s in attn), str(rep)
+    assert any(s.kind == "mlp" for s in rep.sites), str(rep)
+    opts = {"compiler": "eager", "config": {"preset": "default", "attn": {"first_n_dense_layers": 0},
+                                            "mlp": {"first_n_dense_layers": 0}}}
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        torch.testing.assert_close(compiled(**kw, return_dict=False)[0], ref, rtol=1e-4, atol=1e-4)  # step 0: dense
+        chipmunk_compile.set_step(compiled, 1)  # a refresh step and sparse MLPs over the caches step 0 filled
+        out = compiled(**kw, return_dict=False)[0]
+    from torch._dynamo.utils import counters
+
+    assert torch.isfinite(out).all()
+    assert not [k for k in counters["chipmunk"] if k.startswith("fallback:")], dict(counters["chipmunk"])
+    mlp_steps = [st["steps"] for st in chipmunk_compile.stats(compiled)["sites"] if st["kind"] == "mlp"]
+    assert {"dense": 1, "sparse": 1} in mlp_steps, mlp_steps  # the image MLP ran sparse over its caches
