@@ -2,16 +2,18 @@
 
 Invariant: the returned tensor has logical shape (B, M, F) and physical layout (B, F, M_pad)
 (neuron-major per batch, the method's column-major cache), M_pad = M rounded up to a multiple of
-``ROW_ALIGN``; the pad columns are never read or written. Rows are positions in the grouped token
-order (mm1's contract), so the 128 rows of one token block for one neuron are contiguous and mm1's
+``ROW_ALIGN``. The pad columns belong to no token: the dense step writes junk there (it runs its
+GEMMs over M_pad tokens) and nothing reads them. Rows are positions in the grouped token order
+(mm1's contract), so the 128 rows of one token block for one neuron are contiguous and mm1's
 gathered read-modify-write of h_cache[b, block rows, j] is coalesced under any permutation.
 Any other (B, M, F) layout is still accepted by the kernels, only slower.
 
-Why the pad: a neuron row of M elements with M not a multiple of 8 (OmniGen's 64 + 1 + 4096 = 4161
-tokens, SD3's 4096 + 333) is not 16-byte aligned. cuBLAS then leaves its tensor-core kernels for
-the dense step's fc1 (written straight into this cache) and fc2 (read from it): OmniGen's dense MLP
-steps took ~5.5 ms per layer against ~1 ms (H200, session 38), and Triton specializes a stride
-divisible by 16 only. The pad costs F * (M_pad - M) elements per batch, < 1 MB per site at FLUX size.
+Why the pad: the dense step writes fc1 transposed into this cache and fc2 reads it transposed, so
+the token count is the contiguous dimension of both GEMMs. At a count that is not a multiple of 8
+(OmniGen's 64 + 1 + 4096 = 4161 tokens, SD3's 4096 + 333) cuBLAS leaves its tensor-core kernels for
+sm75 ones: OmniGen's dense MLP took 6.3 ms against 1.0 (H200, session 38). Padded, the GEMMs run
+over M_pad columns (`ops.mlp._dense_into_cache`), and the Triton kernels see a row stride divisible
+by 16. The pad costs F * (M_pad - M) elements per batch: at most 63 tokens' worth of activations.
 """
 
 from __future__ import annotations
