@@ -5,7 +5,7 @@
     python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
     python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
     python benchmarks/bench_e2e.py --model cosmos3 --blocks 4           # a packed (tokens, C) sequence
-    python benchmarks/bench_e2e.py --model sd3 --blocks 2,4             # also omnigen, qwen-image: odd token counts
+    python benchmarks/bench_e2e.py --model sd3 --blocks 2,4             # also omnigen, qwen-image: odd-length sequences
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published

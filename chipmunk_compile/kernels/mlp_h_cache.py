@@ -10,8 +10,8 @@ Any other (B, M, F) layout is still accepted by the kernels, only slower.
 
 Why the pad: the dense step writes fc1 transposed into this cache and fc2 reads it transposed, so
 the token count is the contiguous dimension of both GEMMs. At a count that is not a multiple of 8
-(OmniGen's 64 + 1 + 4096 = 4161 tokens, SD3's 4096 + 333) cuBLAS leaves its tensor-core kernels for
-sm75 ones: OmniGen's dense MLP took 6.3 ms against 1.0 (H200, session 38). Padded, the GEMMs run
+(OmniGen's single-stream blocks: 64 + 1 + 4096 = 4161 tokens) cuBLAS leaves its tensor-core kernels
+for sm75 ones: OmniGen's dense MLP took 6.3 ms against 1.0 (H200, session 38). Padded, the GEMMs run
 over M_pad columns (`ops.mlp._dense_into_cache`), and the Triton kernels see a row stride divisible
 by 16. The pad costs F * (M_pad - M) elements per batch: at most 63 tokens' worth of activations.
 """
