@@ -61,3 +61,17 @@ def test_dense_step_at_an_odd_token_count_matches_eager_bf16(M):
     h = F.silu(F.linear(x, w_act)) * F.linear(x, w_lin)
     torch.testing.assert_close(hc.float(), h[:, perm.long()].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y.float(), F.linear(h, w2).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_padded_rows_only_where_the_storage_holds_the_pad():
+    """The dense step runs its GEMMs over M_pad rows only when every (neuron, row < M_pad) lies in the
+    cache's own storage; other layouts take the plain path (None)."""
+    from chipmunk_compile.ops.mlp import _padded_rows
+
+    assert _padded_rows(mlp_alloc_h_cache(2, 37, 6, torch.float32, "cpu")) == 64
+    assert _padded_rows(mlp_alloc_h_cache(1, 128, 6, torch.float32, "cpu")) == 128  # no pad needed
+    assert _padded_rows(torch.empty(2, 37, 6)) is None  # token-major
+    short = torch.empty(6 * 40 - 3).as_strided((1, 37, 6), (240, 1, 40))  # the last neuron's pad is not there
+    assert _padded_rows(short) is None
+    two = torch.empty(2, 6, 48).as_strided((2, 37, 6), (6 * 40 + 8, 1, 40))  # batches not F * M_pad apart
+    assert _padded_rows(two) is None
