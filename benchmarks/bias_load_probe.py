@@ -7,7 +7,9 @@ forecast or lse), timed per MODE: 0 no bias; 1 the bias gathered at (query row, 
 inside the key loop, as `attn_column_sparse` does; 2 the same, prefetched one key tile ahead;
 3 a compact (B, H, groups, G, K) copy of the selected bias entries, loaded contiguously; 4 compact,
 prefetched; 6 gathered and 7 compact, the bias given to the score MMA as its accumulator
-(s = q·kᵀ + bias/scale, then scaled) instead of added after it.
+(s = q·kᵀ + bias/scale, then scaled) instead of added after it. Also times making the compact copy:
+a torch gather, and `_compact` (a plain gather kernel, heads fastest so that a group's bias rows are
+shared in L2; written in session 38, not yet run on a GPU).
 
 H200, session 38 (bias_load_probe_h200_session38.txt), 64x32 tiles / 4 warps / 3 stages:
 none 0.139 ms; gathered 0.551; prefetched 0.706; compact 0.405; compact prefetched 0.415;
@@ -110,6 +112,29 @@ def _k(Q, K, V, O, OB, IDX, CNT, BIAS, N, HQ, NG, KC, sq_n, sk_n, so_n, sb_r, qk
     tl.store(O + offs, out.to(tl.bfloat16), mask=row_ok[:, None])
 
 
+@triton.jit
+def _compact(BIAS, IDX, OUT, N, HQ, NG, KC, sb_r, G: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
+    """OUT[bh, g, r, k] = BIAS[row g*G + r, IDX[bh, g, k]] for one (g, R-row block, head): heads fastest,
+    so the programs reading one group's bias rows run together and share them in L2."""
+    pid = tl.program_id(0)
+    bh = pid % HQ
+    rest = pid // HQ
+    RPG: tl.constexpr = G // R
+    g = rest // RPG
+    loc = (rest % RPG) * R + tl.arange(0, R)
+    qi = g * G + loc
+    row_ok = qi < N
+    brow = BIAS + qi * sb_r
+    ib = IDX + (bh * NG + g) * KC
+    orow = OUT + ((bh * NG + g) * G + loc).to(tl.int64) * KC
+    for k0 in range(0, KC, BK):
+        c = k0 + tl.arange(0, BK)
+        c_ok = c < KC
+        j = tl.load(ib + c, mask=c_ok, other=0)
+        v = tl.load(brow[:, None] + j[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(orow[:, None] + c[None, :], v, mask=c_ok[None, :])
+
+
 def main():
     modes = [int(m) for m in sys.argv[1:]] or [0, 1, 2, 3, 4, 6, 7]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -122,12 +147,21 @@ def main():
     NG = idx.shape[2]
     ob = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     bias = (0.5 * torch.randn(n, n, device="cuda")).bfloat16()
-    rows = torch.arange(NG * G, device="cuda").clamp_max(n - 1)
-    comp = bias[rows.view(NG, G)[None, None, :, :, None], idx.long()[:, :, :, None, :]].contiguous()  # (1,H,NG,G,KC)
+    rows = torch.arange(NG * G, device="cuda")
+    src_rows, src_cols = rows.clamp_max(n - 1).view(NG, G)[None, None, :, :, None], idx.long()[:, :, :, None, :]
+    comp = bias[src_rows, src_cols].contiguous()  # (1, H, NG, G, KC)
     scale = d ** -0.5
     ref = attn_column_sparse_ref(q, k, v, idx, cnt, scale=scale, group=G, o_base=ob, sign=-1.0, bias=bias)
-    t_gather = do_bench(lambda: bias[rows.view(NG, G)[None, None, :, :, None], idx.long()[:, :, :, None, :]])
+    t_gather = do_bench(lambda: bias[src_rows, src_cols])
     print(f"torch compaction gather {t_gather:.4f} ms (compact {comp.numel()*2/1e6:.0f} MB)")
+    comp_k = torch.empty_like(comp)
+    for r_rows, bk in ((16, 128), (32, 64), (64, 64)):
+        f = lambda: _compact[(h * NG * (G // r_rows),)](  # noqa: E731
+            bias, idx, comp_k, n, h, NG, KC, bias.stride(0), G=G, R=r_rows, BK=bk)
+        f()
+        real = (rows < n).view(NG, G)[None, None, :, :, None].expand_as(comp)  # rows past N are padding
+        same = torch.equal(comp_k[real], comp[real])
+        print(f"compaction kernel R={r_rows} BK={bk}: {do_bench(f):.4f} ms (matches the torch gather: {same})")
     for mode in modes:
         for bm, bn, w, st in ((64, 32, 4, 3), (128, 32, 8, 3)):
             o = torch.empty(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
