@@ -28,6 +28,7 @@ import logging
 import torch
 from torch._dynamo.utils import counters
 
+from ..kernels._common import bias_view
 from ._dispatch import kernel
 
 log = logging.getLogger("chipmunk_compile")
@@ -51,8 +52,7 @@ def score_bias(q, k, key_mask=None, bias=None):
     bias = bias.to(q.dtype)  # before the expand: a cast of the expanded view would copy it whole
     if key_mask is not None:
         bias = torch.where(key_mask.bool()[:, None, None, :], bias, float("-inf"))
-    B, H, Nq, _ = q.shape
-    return bias.expand(B, H, Nq, k.shape[-2])
+    return bias_view(bias, q, k)
 
 
 def _cudnn(q, k, v, scale, key_mask=None, bias=None):
