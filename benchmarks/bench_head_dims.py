@@ -1,4 +1,5 @@
-"""Attention kernels at head dims that are not a power of two (PixArt 72, HunyuanDiT 88, Lumina 96):
+"""Attention kernels at head dims that are not a power of two (PixArt 72, HunyuanDiT 88, Lumina 96) or
+above 128 (AuraFlow 256, since session 39):
 the Triton kernels, which run them in tiles of the next power of two, against the PyTorch references
 those sites ran before (session 35) and against cuDNN SDPA. One process, same random inputs, bf16,
 medians of triton.testing.do_bench (CUDA events); the GPU is named in the output.
@@ -30,7 +31,7 @@ from csv_rows import write_rows  # noqa: E402
 
 # name, heads, tokens, head dim
 SHAPES = [("pixart-sigma 1024px", 16, 4096, 72), ("hunyuan-dit 1024px", 16, 4096, 88),
-          ("lumina2 1024px", 24, 4096, 96), ("flux 1280x768 (control)", 24, 4352, 128)]
+          ("lumina2 1024px", 24, 4096, 96), ("auraflow 1024px", 12, 4352, 256), ("flux 1280x768 (control)", 24, 4352, 128)]
 G = 128
 
 

@@ -162,7 +162,7 @@ def _reason(name: str, tensors, head_dim) -> str | None:
         return "dtype"
     if name in _ATTN_OPS:
         hd = head_dim if head_dim is not None else (floats[0].shape[-1] if floats else None)
-        if hd is None or not 1 <= hd <= 128:  # other head dims load as tiles of the next power of two
+        if hd is None or not 1 <= hd <= 256:  # other head dims load as tiles of the next power of two
             return "head_dim"
     return None
 

@@ -235,25 +235,41 @@ def _attn_column_sparse_kernel(
                   POS_SCALE, D_ACT, HAS_BIAS)
 
 
-def _configs():
-    out = []
-    # BLOCK_M, BLOCK_N, TAIL_N, warps, stages, OCC, SPLIT. TAIL_N == BLOCK_N and SPLIT == 1 is the
-    # previous kernel's schedule (its winner at FLUX 4352/G=128/85%: 64 x 32, 4 warps, 4 stages).
-    for bm, bn, tn, w, s, occ, sp in [(64, 32, 32, 4, 4, 3, 1), (64, 32, 16, 4, 4, 3, 1), (64, 32, 32, 4, 3, 3, 1),
-                                      (64, 64, 64, 4, 3, 2, 1), (64, 64, 16, 4, 3, 2, 1), (64, 64, 64, 4, 2, 2, 1),
-                                      (128, 64, 64, 8, 3, 1, 1), (128, 128, 16, 8, 3, 1, 2)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TAIL_N": tn, "OCC": occ, "SPLIT": sp},
-                                 num_warps=w, num_stages=s))
-    return out
+# BLOCK_M, BLOCK_N, TAIL_N, warps, stages, OCC, SPLIT. TAIL_N == BLOCK_N and SPLIT == 1 is the
+# previous kernel's schedule (its winner at FLUX 4352/G=128/85%: 64 x 32, 4 warps, 4 stages).
+_TILES = [(64, 32, 32, 4, 4, 3, 1), (64, 32, 16, 4, 4, 3, 1), (64, 32, 32, 4, 3, 3, 1), (64, 64, 64, 4, 3, 2, 1),
+          (64, 64, 16, 4, 3, 2, 1), (64, 64, 64, 4, 2, 2, 1), (128, 64, 64, 8, 3, 1, 1), (128, 128, 16, 8, 3, 1, 2)]
+# Head-dim tiles of 256 (AuraFlow): a 64 x 256 fp32 accumulator wants 8 warps. Compiled for sm_90 (Triton
+# 3.9, bf16, with the forecast's slope or the measure epilogue) these keep <= 210 registers and no spills
+# in <= 164 KB of shared memory (one program per SM); 4-warp or 128-row tiles spill 116-280 bytes.
+_TILES_D256 = [(64, 32, 32, 8, 3, 1, 1), (64, 32, 16, 8, 3, 1, 1), (64, 32, 32, 8, 2, 1, 1), (64, 64, 64, 8, 2, 1, 1),
+               (64, 64, 32, 8, 2, 1, 1)]
+
+
+def _configs(tiles=_TILES):
+    """Configs of a tile list (the <= 128 head-dim list unless told)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TAIL_N": tn, "OCC": occ, "SPLIT": sp}, num_warps=w,
+                          num_stages=s) for bm, bn, tn, w, s, occ, sp in tiles]
+
+
+def _tuner(**kw):
+    """The autotuned kernel over both tile lists, pruned to the call's: HEAD_DIM 256 or up to 128."""
+    narrow, wide = _configs(_TILES), _configs(_TILES_D256)
+
+    def prune(configs, named_args, **kwargs):
+        return wide if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM")) > 128 else narrow
+
+    return autotune(configs=narrow + wide, key=_KEY, prune_configs_by={"early_config_prune": prune}, **kw)(
+        _attn_column_sparse_kernel)
 
 
 _KEY = ["N", "G", "HEAD_DIM", "D_ACT", "HAS_LSE", "HAS_OB", "HAS_SLOPE", "HAS_MEASURE", "HAS_BIAS", "DOT_PREC",
         "NUM_SMS"]
-_tuned = autotune(configs=_configs(), key=_KEY)(_attn_column_sparse_kernel)
+_tuned = _tuner()
 # With ``measure`` O may be its prev, read before it is written: timing a config must not let one run's
 # output become the next run's prev, so those calls tune with O restored after every run (restore_value;
 # its copies are timed too, so only these calls pay them)
-_tuned_measure = autotune(configs=_configs(), key=_KEY, restore_value=["O"])(_attn_column_sparse_kernel)
+_tuned_measure = _tuner(restore_value=["O"])
 
 
 # Index capacity from which the Gluon kernels are timed against Triton on a call's first shape. H200,

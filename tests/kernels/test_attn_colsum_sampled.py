@@ -167,7 +167,7 @@ def test_triton_bias_matches_ref(triton_mode, case, kind, dtype, reduce, monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D", [40, 72, 96])
+@pytest.mark.parametrize("D", [40, 72, 96, 256])
 def test_triton_padded_head_dims(triton_mode, D, dtype):
     """Head dims that are not a power of two: tiles of the next one, the columns past D masked."""
     q, k, lse, km, perm = _inputs(1, 4, 2, 45, 83, D, dtype, True, True, seed=D)
@@ -261,7 +261,7 @@ def test_gpu_bf16_real_shapes(N, G, S, Hq, Hkv, reduce, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduce", ["sum", "mma"])
-@pytest.mark.parametrize("D,qk_fp8", [(72, False), (96, True)])
+@pytest.mark.parametrize("D,qk_fp8", [(72, False), (96, True), (256, False)])
 def test_gpu_bf16_padded_head_dims(D, qk_fp8, reduce, monkeypatch):
     monkeypatch.setenv("CHIPMUNK_COLSUM_REDUCE", reduce)
     q, k, lse, km, perm = _inputs(1, 16, 16, 4096, 4096, D, torch.bfloat16, True, True, seed=D)

@@ -112,7 +112,7 @@ def test_triton_matches_ref(triton_mode, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D", [24, 40, 72, 96])
+@pytest.mark.parametrize("D", [24, 40, 72, 96, 160, 256])
 @pytest.mark.parametrize("use_lse", [False, True])
 def test_triton_padded_head_dims(triton_mode, D, dtype, use_lse):
     """Head dims that are not a power of two run in tiles of the next one; the columns past D add
@@ -134,9 +134,9 @@ def test_triton_padded_head_dims(triton_mode, D, dtype, use_lse):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,use_lse", [(72, False), (88, True), (96, False)])
+@pytest.mark.parametrize("D,use_lse", [(72, False), (88, True), (96, False), (256, False), (256, True)])
 def test_gpu_bf16_padded_head_dims(D, use_lse):
-    """PixArt's / HunyuanDiT's / Lumina's head dims at a 1024px image's 4096 tokens, in bf16."""
+    """PixArt's / HunyuanDiT's / Lumina's / AuraFlow's head dims at a 1024px image's 4096 tokens, in bf16."""
     q, k, v, idx, cnt, perm, ob, lse = _inputs(1, 16, 16, 4096, 4096, D, 128, torch.bfloat16, 0.15, True, seed=D)
     kw = dict(scale=D ** -0.5, group=128, perm=perm, o_base=ob, sign=-1.0, lse=lse if use_lse else None)
     fn = get_kernel("attn_column_sparse", q, k, v)
@@ -481,7 +481,8 @@ from triton.compiler import ASTSource
 from chipmunk_compile.kernels.attn_column_sparse import _attn_column_sparse_kernel as k
 meta, warps, stages = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 slope, measure, bias = (a == "1" for a in sys.argv[4:7])
-H, N, D, NG, KC = 24, 4352, 128, 34, 704
+D = int(sys.argv[7]) if len(sys.argv) > 7 else 128
+H, N, NG, KC = 24 * 128 // D, 4352, 34, 704
 ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", OB="*bf16", OS="*bf16", COEF="*fp32", PREV="*bf16", SOUT="*bf16",
             INV="*fp32", IDX="*i32", CNT="*i32", LSE="*fp32", PERM="*i32")
 ptrs["BIAS"] = "*fp32" if bias else "*bf16"  # no bias: q passed in its place
@@ -514,3 +515,22 @@ def test_epilogues_compile_for_hopper_without_spills(slope, measure, bias):
     out = compile_for_hopper(_SPILLS_ON_HOPPER, json.dumps(meta), 4, 4, int(slope), int(measure), int(bias))
     spills, regs = (int(x) for x in out.split()[1::2])
     assert spills == 0 and regs <= 168, out
+
+
+def _tiles_d256():
+    from chipmunk_compile.kernels.attn_column_sparse import _TILES_D256
+
+    return _TILES_D256
+
+
+@pytest.mark.parametrize("tile", _tiles_d256())
+def test_head_dim_256_tiles_compile_for_hopper_without_spills(tile):
+    """Every autotune config of 256-wide head-dim tiles (AuraFlow) keeps the sparse step's epilogue, the
+    one with the forecast's slope, in registers at 1x12x4352x256 (compiled for sm_90 here, with no GPU)."""
+    import json
+
+    bm, bn, tn, w, s, occ, sp = tile
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tn, OCC=occ, SPLIT=sp)
+    out = compile_for_hopper(_SPILLS_ON_HOPPER, json.dumps(meta), w, s, 1, 0, 0, 256)
+    spills, regs = (int(x) for x in out.split()[1::2])
+    assert spills == 0 and regs <= 255, out

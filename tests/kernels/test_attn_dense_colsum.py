@@ -155,7 +155,7 @@ def test_triton_bias_matches_ref(triton_mode, case, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D", [40, 72, 96])
+@pytest.mark.parametrize("D", [40, 72, 96, 256])
 def test_triton_padded_head_dims(triton_mode, D, dtype):
     """Head dims that are not a power of two: tiles of the next one, the columns past D masked."""
     q, k, v, km, perm, prev_lse = _inputs(1, 4, 2, 45, 83, D, dtype, True, True, seed=D)
@@ -168,7 +168,7 @@ def test_triton_padded_head_dims(triton_mode, D, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [72, 96])
+@pytest.mark.parametrize("D", [72, 96, 256])
 def test_gpu_bf16_padded_head_dims(D):
     q, k, v, km, perm, prev_lse = _inputs(1, 16, 16, 4096, 4096, D, torch.bfloat16, True, True, seed=D)
     kw = dict(scale=D ** -0.5, group=128, key_mask=km, perm=perm, prev_lse=prev_lse)
