@@ -6,6 +6,7 @@
     python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
     python benchmarks/bench_e2e.py --model cosmos3 --blocks 4           # a packed (tokens, C) sequence
     python benchmarks/bench_e2e.py --model sd3 --blocks 2,4             # also omnigen, qwen-image: odd-length sequences
+    python benchmarks/bench_e2e.py --model auraflow --blocks 1,2        # head dim 256
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
@@ -125,12 +126,18 @@ MODELS = {
     # and, for one prompt, passes no text mask and pads nothing: the count is the prompt's. One call per step
     # (true CFG only with a negative prompt). No preset of its own: default.
     "qwen-image": dict(cls="QwenImageTransformer2DModel", layers=("num_layers", 60), config=dict(), preset="default"),
+    # AuraFlow v0.3 (diffusers' defaults: 4 MMDiT + 32 single DiT layers, 12 heads of 256, width 3072, SwiGLU; the
+    # published config's 9216 positional embeddings, 1024x1024 needs 4096) at 1024x1024: 64 x 64 image tokens after
+    # 256 Pile-T5 text tokens and 8 register tokens (4360 in all). The pipeline batches its two guidance branches: batch 2 per call. Head dim 256: the
+    # attention kernels' widest tile (session 39). No preset of its own: default.
+    "auraflow": dict(cls="AuraFlowTransformer2DModel", layers=("num_mmdit_layers", 4),
+                     extra_layers=("num_single_dit_layers", 32), config=dict(pos_embed_max_size=9216), preset="default"),
 }
 OMNIGEN_TEXT = 64
 SD3_TEXT = 77 + 256
 QWEN_TEXT = 77
 COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
-FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image")  # models that take the timestep in [0, 1] (the others: [0, 1000])
+FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image", "auraflow")  # models that take the timestep in [0, 1] (the others: [0, 1000])
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
@@ -212,6 +219,8 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
     if name == "sd3":  # 1024x1024: a 128 x 128 latent of 16 channels (patches of 2 in the model); CFG batched
         return dict(hidden_states=r(2, 16, 128, 128), encoder_hidden_states=r(2, SD3_TEXT, 4096),
                     pooled_projections=r(2, 2048))
+    if name == "auraflow":  # 1024x1024: a 128 x 128 latent of 4 channels (patches of 2 in the model); CFG batched
+        return dict(hidden_states=r(2, 4, 128, 128), encoder_hidden_states=r(2, 256, 2048))
     if name == "qwen-image":  # 1024x1024: 64 x 64 packed latent tokens of 64 channels
         return dict(hidden_states=r(1, 64 * 64, 64), encoder_hidden_states=r(1, QWEN_TEXT, 3584),
                     img_shapes=[[(1, 64, 64)]])

@@ -318,12 +318,13 @@ def test_omnigen_inputs_make_one_biased_grouped_site(fresh_dynamo):
     assert attn.shapes["bias"] == (1, 1, n, n) and "64×64" in attn.grouping, str(rep)
 
 
-@pytest.mark.parametrize("name", ["sd3", "qwen-image"])
-def test_sd3_and_qwen_image_inputs_make_grouped_sites(fresh_dynamo, name):
-    """bench_e2e's SD3.5-Large and Qwen-Image inputs (1024x1024, their text lengths) on narrow models of
-    their kind: the joint attention (4096 + 333 / 4096 + 77 tokens, not a multiple of 8) is a site grouped on
-    the 64×64 latent grid with the text kept whole, the image MLP (4096 tokens) a site on the same grid; the
-    dense step through the sites matches eager and the next step runs the image MLP sparse with no fallback."""
+@pytest.mark.parametrize("name", ["sd3", "qwen-image", "auraflow"])
+def test_joint_attention_model_inputs_make_grouped_sites(fresh_dynamo, name):
+    """bench_e2e's SD3.5-Large, Qwen-Image and AuraFlow inputs (1024x1024, their text lengths) on narrow
+    models of their kind: the joint attention (4096 + 333 / 77 / 264 tokens, AuraFlow's 256 text and 8 register
+    tokens; the first two not a multiple of 8) is a site grouped on the 64×64 latent grid with the text kept whole, the image MLP (4096 tokens) a
+    site on the same grid; the dense step through the sites matches eager and the next step runs the image
+    MLP sparse with no fallback."""
     import diffusers
     import torch
 
@@ -336,13 +337,18 @@ def test_sd3_and_qwen_image_inputs_make_grouped_sites(fresh_dynamo, name):
             joint_attention_dim=4096, caption_projection_dim=32, pooled_projection_dim=2048, out_channels=16,
             pos_embed_max_size=192, qk_norm="rms_norm").eval()
         n_txt = be.SD3_TEXT
+    elif name == "auraflow":
+        model = diffusers.AuraFlowTransformer2DModel(
+            num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=2048, caption_projection_dim=32, **be.MODELS["auraflow"]["config"]).eval()
+        n_txt = 256 + model.register_tokens.shape[1]  # its 8 learned register tokens join the text
     else:
         model = diffusers.QwenImageTransformer2DModel(
             num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6)).eval()
         n_txt = be.QWEN_TEXT
     kw = be.inputs(name, model, device="cpu", dtype=torch.float32)
     kw.update(be.timestep_inputs(name, kw, 3, 50, device="cpu", dtype=torch.float32))
-    assert (4096 + n_txt) % 8 != 0
+    assert (4096 + n_txt) % 8 != 0 or name == "auraflow"
     rep = chipmunk_compile.inspect(model, **kw, return_dict=False, config="default")
     attn = [s for s in rep.sites if s.kind == "attention"]
     assert attn and all("64×64" in s.grouping and f"text {n_txt}" in s.grouping for s in attn), str(rep)
