@@ -210,8 +210,10 @@ def test_triton_path_matches_reference_path(monkeypatch, name):
         assert [s["steps"].get("sparse", 0) > 0 for s in sites if s["kind"] == "attention"] == [False, True], sites
     if name == "research":  # 3 attention + 2 MLP sites from the written-out calls and the einsums
         assert sorted(s["kind"] for s in sites) == ["attention"] * 3 + ["mlp"] * 2, sites
-    if name == "hunyuan_video15":  # the blocks' attention, under the padding mask, grouped
-        attn = [s for s in sites if s["kind"] == "attention"]
+    if name == "hunyuan_video15":  # the blocks' attention, under the padding mask, grouped. The token refiner's
+        # text-only attention is a site too since masks became biases (session 37), with no grid, in the dense
+        # first layer of its graph: the assertion is on the sites that ran sparse (session 39's H200 run failed it)
+        attn = [s for s in sites if s["kind"] == "attention" and s["steps"].get("sparse")]
         assert attn and all("conv3d" in s["grouping"] for s in attn), sites
     for i, (a, b) in enumerate(zip(tri, ref)):
         err = ((a - b).norm() / b.norm()).item()
