@@ -5,8 +5,9 @@ path and the test oracle) and, where it pays, a Triton kernel ``<op>`` (``<op>.p
 signature. ``get_kernel(name, *tensors, head_dim=None)`` returns the implementation to call:
 
 - Triton when Triton imports, every given tensor is on CUDA (compute capability >= 8.0), the dtype
-  is fp16/bf16/fp32 and, for attention ops, head_dim is at most 128 (a head dim that is not a power
-  of two, PixArt's 72 or Lumina's 96, runs in tiles of the next one, the columns past it masked);
+  is fp16/bf16/fp32 and, for attention ops, head_dim is at most 256 (a head dim that is not a power
+  of two, PixArt's 72 or Lumina's 96, runs in tiles of the next one, the columns past it masked;
+  AuraFlow's 256 in the column-sparse kernel's own list of 256-wide tiles);
 - the Triton kernel also on CPU when ``TRITON_INTERPRET=1`` and ``CHIPMUNK_KERNELS=triton``
   (interpreter tests; note the interpreter mis-handles bf16 loads: test fp16/fp32 there);
 - otherwise the reference, counting ``counters["chipmunk"]["kernel_fallback:<name>:<reason>"]`` and
