@@ -126,12 +126,14 @@ MODELS = {
     # and, for one prompt, passes no text mask and pads nothing: the count is the prompt's. One call per step
     # (true CFG only with a negative prompt). No preset of its own: default.
     "qwen-image": dict(cls="QwenImageTransformer2DModel", layers=("num_layers", 60), config=dict(), preset="default"),
-    # AuraFlow v0.3 (diffusers' defaults: 4 MMDiT + 32 single DiT layers, 12 heads of 256, width 3072, SwiGLU; the
-    # published config's 9216 positional embeddings, 1024x1024 needs 4096) at 1024x1024: 64 x 64 image tokens after
-    # 256 Pile-T5 text tokens and 8 register tokens (4360 in all). The pipeline batches its two guidance branches: batch 2 per call. Head dim 256: the
-    # attention kernels' widest tile (session 39). No preset of its own: default.
+    # AuraFlow v0.3 (diffusers' defaults: 4 MMDiT + 32 single DiT layers, 12 heads of 256, width 3072, SwiGLU;
+    # the published config's 9216 positional embeddings, 1024x1024 needs 4096) at 1024x1024: 64 x 64 image
+    # tokens after 256 Pile-T5 text tokens and 8 register tokens (4360 in all). The pipeline batches its two
+    # guidance branches: batch 2 per call. Head dim 256: the attention kernels' widest tile (session 39).
+    # No preset of its own: default.
     "auraflow": dict(cls="AuraFlowTransformer2DModel", layers=("num_mmdit_layers", 4),
-                     extra_layers=("num_single_dit_layers", 32), config=dict(pos_embed_max_size=9216), preset="default"),
+                     extra_layers=("num_single_dit_layers", 32), config=dict(pos_embed_max_size=9216),
+                     preset="default"),
 }
 OMNIGEN_TEXT = 64
 SD3_TEXT = 77 + 256

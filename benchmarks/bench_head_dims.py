@@ -31,7 +31,8 @@ from csv_rows import write_rows  # noqa: E402
 
 # name, heads, tokens, head dim
 SHAPES = [("pixart-sigma 1024px", 16, 4096, 72), ("hunyuan-dit 1024px", 16, 4096, 88),
-          ("lumina2 1024px", 24, 4096, 96), ("auraflow 1024px", 12, 4352, 256), ("flux 1280x768 (control)", 24, 4352, 128)]
+          ("lumina2 1024px", 24, 4096, 96), ("auraflow 1024px", 12, 4352, 256),
+          ("flux 1280x768 (control)", 24, 4352, 128)]
 G = 128
 
 

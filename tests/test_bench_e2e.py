@@ -321,10 +321,10 @@ def test_omnigen_inputs_make_one_biased_grouped_site(fresh_dynamo):
 @pytest.mark.parametrize("name", ["sd3", "qwen-image", "auraflow"])
 def test_joint_attention_model_inputs_make_grouped_sites(fresh_dynamo, name):
     """bench_e2e's SD3.5-Large, Qwen-Image and AuraFlow inputs (1024x1024, their text lengths) on narrow
-    models of their kind: the joint attention (4096 + 333 / 77 / 264 tokens, AuraFlow's 256 text and 8 register
-    tokens; the first two not a multiple of 8) is a site grouped on the 64×64 latent grid with the text kept whole, the image MLP (4096 tokens) a
-    site on the same grid; the dense step through the sites matches eager and the next step runs the image
-    MLP sparse with no fallback."""
+    models of their kind: the joint attention (4096 + 333 / 77 / 264 tokens, AuraFlow's 256 text and 8
+    register tokens; the first two not a multiple of 8) is a site grouped on the 64×64 latent grid with the
+    text kept whole, the image MLP (4096 tokens) a site on the same grid; the dense step through the sites
+    matches eager and the next step runs the image MLP sparse with no fallback."""
     import diffusers
     import torch
 

@@ -240,8 +240,9 @@ def _attn_column_sparse_kernel(
 _TILES = [(64, 32, 32, 4, 4, 3, 1), (64, 32, 16, 4, 4, 3, 1), (64, 32, 32, 4, 3, 3, 1), (64, 64, 64, 4, 3, 2, 1),
           (64, 64, 16, 4, 3, 2, 1), (64, 64, 64, 4, 2, 2, 1), (128, 64, 64, 8, 3, 1, 1), (128, 128, 16, 8, 3, 1, 2)]
 # Head-dim tiles of 256 (AuraFlow): a 64 x 256 fp32 accumulator wants 8 warps. Compiled for sm_90 (Triton
-# 3.9, bf16, with the forecast's slope or the measure epilogue) these keep <= 210 registers and no spills
-# in <= 164 KB of shared memory (one program per SM); 4-warp or 128-row tiles spill 116-280 bytes.
+# 3.9, bf16; the slope epilogue for each, tests/kernels/test_attn_column_sparse.py, the measure one for the
+# first, third and fourth) these keep <= 210 registers and no spills in <= 164 KB of shared memory (one
+# program per SM); 4-warp or 128-row tiles spill 116-280 bytes in those epilogues.
 _TILES_D256 = [(64, 32, 32, 8, 3, 1, 1), (64, 32, 16, 8, 3, 1, 1), (64, 32, 32, 8, 2, 1, 1), (64, 64, 64, 8, 2, 1, 1),
                (64, 64, 32, 8, 2, 1, 1)]
 
