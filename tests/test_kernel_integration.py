@@ -14,10 +14,10 @@ from helpers import TinyBlock, fresh_dynamo  # noqa: F401
 
 
 class TinyDiT(nn.Module):
-    def __init__(self, pair_bias: int = 0):
+    def __init__(self, pair_bias: int = 0, width: int = 128, heads: int = 2):
         super().__init__()
-        self.blocks = nn.ModuleList([TinyBlock(128, heads=2, mult=2, pair_bias=pair_bias) for _ in range(2)])
-        self.t = nn.Linear(1, 128)
+        self.blocks = nn.ModuleList([TinyBlock(width, heads=heads, mult=2, pair_bias=pair_bias) for _ in range(2)])
+        self.t = nn.Linear(1, width)
 
     def forward(self, x, t):
         x = x + self.t(t[:, None])[:, None]
@@ -47,10 +47,24 @@ def _run(model, x, mode, monkeypatch, config=CFG):
 def test_triton_kernels_match_references_through_the_ops(fresh_dynamo, monkeypatch, pair_bias):
     """With pair_bias every attention kernel also adds a banded (heads, N, N) bias; the MLPs then stay
     dense (their neuron choice near a tie would flip on the ~1e-7 the attention paths differ by)."""
+    _check_triton_matches_references(lambda: TinyDiT(pair_bias=150 if pair_bias else 0), monkeypatch,
+                                     mlp=not pair_bias)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU tensors on Triton's interpreter (tests/conftest.py sets it where there is no GPU)")
+def test_head_dim_256_runs_the_triton_kernels_through_the_ops(fresh_dynamo, monkeypatch):
+    """AuraFlow's head dim: one head of 256, on the Triton kernels (no head_dim fallback), as the references.
+    The MLPs stay dense: with them sparse, a neuron choice near a tie flips at step 3 on the ~1e-7 the
+    attention paths differ by (1.6e-4 there; each op alone matches to ~1e-7)."""
+    _check_triton_matches_references(lambda: TinyDiT(width=256, heads=1), monkeypatch, mlp=False)
+
+
+def _check_triton_matches_references(build, monkeypatch, mlp: bool):
     torch.manual_seed(0)
-    model = TinyDiT(pair_bias=150 if pair_bias else 0).eval()
-    x = torch.randn(2, 150, 128)  # 150 tokens: partial last group and block
-    config = {**CFG, "mlp": {**CFG["mlp"], "enabled": False}} if pair_bias else CFG
+    model = build().eval()
+    x = torch.randn(2, 150, model.t.out_features)  # 150 tokens: partial last group and block
+    config = CFG if mlp else {**CFG, "mlp": {**CFG["mlp"], "enabled": False}}
     ref, ref_counts, _ = _run(model, x, "ref", monkeypatch, config)
     tri, tri_counts, c = _run(model, x, "triton", monkeypatch, config)
     assert ref_counts["kernel_fallback:attn_column_sparse:forced_ref"] > 0
