@@ -138,8 +138,10 @@ MODELS = {
 OMNIGEN_TEXT = 64
 SD3_TEXT = 77 + 256
 QWEN_TEXT = 77
+AURAFLOW_TEXT = 256  # Pile-T5 tokens; the model appends its 8 register tokens to them
 COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
-FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image", "auraflow")  # models that take the timestep in [0, 1] (the others: [0, 1000])
+# models that take the timestep in [0, 1] (the others: [0, 1000])
+FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image", "auraflow")
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
@@ -222,7 +224,7 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
         return dict(hidden_states=r(2, 16, 128, 128), encoder_hidden_states=r(2, SD3_TEXT, 4096),
                     pooled_projections=r(2, 2048))
     if name == "auraflow":  # 1024x1024: a 128 x 128 latent of 4 channels (patches of 2 in the model); CFG batched
-        return dict(hidden_states=r(2, 4, 128, 128), encoder_hidden_states=r(2, 256, 2048))
+        return dict(hidden_states=r(2, 4, 128, 128), encoder_hidden_states=r(2, AURAFLOW_TEXT, 2048))
     if name == "qwen-image":  # 1024x1024: 64 x 64 packed latent tokens of 64 channels
         return dict(hidden_states=r(1, 64 * 64, 64), encoder_hidden_states=r(1, QWEN_TEXT, 3584),
                     img_shapes=[[(1, 64, 64)]])

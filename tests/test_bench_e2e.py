@@ -341,7 +341,7 @@ def test_joint_attention_model_inputs_make_grouped_sites(fresh_dynamo, name):
         model = diffusers.AuraFlowTransformer2DModel(
             num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=2048, caption_projection_dim=32, **be.MODELS["auraflow"]["config"]).eval()
-        n_txt = 256 + model.register_tokens.shape[1]  # its 8 learned register tokens join the text
+        n_txt = be.AURAFLOW_TEXT + model.register_tokens.shape[1]  # its 8 learned register tokens join the text
     else:
         model = diffusers.QwenImageTransformer2DModel(
             num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6)).eval()
