@@ -321,7 +321,9 @@ class GraphRunner:
         layout = key[2]
         shared = self.inputs.get(layout)
         if shared is None:
-            shared = self.inputs[layout] = {i: args[i].clone() for i in self.dynamic if isinstance(args[i], torch.Tensor)}
+            with runtime.plain_tensors():  # replays copy each call's inputs into them, in any inference mode
+                shared = self.inputs[layout] = {i: args[i].clone() for i in self.dynamic
+                                                if isinstance(args[i], torch.Tensor)}
         else:
             _fill(shared, args)
         static_args = [shared.get(i, a) for i, a in enumerate(args)]

@@ -24,10 +24,13 @@ Invariants:
   following it would pin every submodule at step 0. Until a session has an entry graph, the
   first resumed frame compiled for it begins its calls (`step_frame`): a forward that
   graph-breaks before its first op has its attention and MLP in resumed graphs only.
+- State is made of plain tensors, never inference tensors (`plain_tensors`): a call under
+  `torch.inference_mode()` may be followed by one under `torch.no_grad()`, which must still update it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
@@ -53,6 +56,21 @@ _entry_sessions = 0  # sessions with an entry graph so far: a change makes `encl
 # While the graph runner records a CUDA graph: the list the ops append their deferred commits to
 # (graphs.py). None otherwise. Recording happens on the calling thread, one graph at a time.
 RECORDING: Optional[list] = None
+
+
+@contextlib.contextmanager
+def _outside_inference_mode():
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def plain_tensors():
+    """Context for the ops' bodies and the backend's own buffers: under `torch.inference_mode()`
+    the tensors they make would be inference tensors, which no later call outside inference mode
+    may update in place (a first generation under inference_mode and the next under no_grad raised
+    "Inplace update to inference tensor outside InferenceMode" until session 40). Inside, tensors
+    are plain and autograd is off; reading the caller's inference tensors is allowed there."""
+    return _outside_inference_mode() if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 class NeedsEagerCall(RuntimeError):
@@ -256,7 +274,8 @@ class Session:
         if entry is None:
             if RECORDING is not None:
                 raise NeedsEagerCall("device step tensor not allocated before recording")
-            entry = self._device_steps[device] = [torch.zeros(1, dtype=torch.int64, device=device), 0, None]
+            with plain_tensors():
+                entry = self._device_steps[device] = [torch.zeros(1, dtype=torch.int64, device=device), 0, None]
         if entry[1] != step:
             if RECORDING is not None:
                 raise NeedsEagerCall("device step tensor not prepared before recording")
@@ -274,7 +293,8 @@ class Session:
         if entry[2] is None:
             if RECORDING is not None:
                 raise NeedsEagerCall("fp32 device step not allocated before recording")
-            entry[2] = torch.full((), float(step), dtype=torch.float32, device=device)
+            with plain_tensors():
+                entry[2] = torch.full((), float(step), dtype=torch.float32, device=device)
         return entry[2]
 
     def mark_entry(self) -> None:
@@ -397,24 +417,25 @@ def stack_root(module: torch.nn.Module, stack: Optional[list] = None) -> Optiona
     return None
 
 
-def module_position(kind: type) -> Optional[int]:
-    """Where the innermost `kind` module running on the call stack sits in the outermost module on
-    the stack that contains it (regional compilation: which block a shared graph serves, in model
-    order): among the modules compiled on their own (`module.compile()`, as compile_repeated_blocks
-    does: FLUX's 19 double then 38 single blocks count 0..56, the layer numbers of whole-model
-    compilation), else among the modules of its class; None when the stack shows no such pair.
-    Walks the frames and the model's module tree: for a block's first call only."""
+def module_position(kind: type) -> tuple[Optional[int], Optional[torch.nn.Module]]:
+    """(where, which): the innermost `kind` module running on the call stack, and where it sits in
+    the outermost module on the stack that contains it (regional compilation: which block a shared
+    graph serves, in model order): among the modules compiled on their own (`module.compile()`, as
+    compile_repeated_blocks does: FLUX's 19 double then 38 single blocks count 0..56, the layer
+    numbers of whole-model compilation), else among the modules of its class. The position is None
+    when the stack shows no such pair, the module when the stack shows none. Walks the frames and
+    the model's module tree: for a block's first call (or first call at new weight addresses) only."""
     stack = stack_modules()
     inner = next((m for m in stack if isinstance(m, kind)), None)
     root = stack_root(inner, stack) if inner is not None else None
     if root is None:
-        return None
+        return None, inner
     mods = list(root.modules())
     for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
                   [m for m in mods if type(m) is type(inner)]):
         if any(m is inner for m in peers):
-            return next(i for i, m in enumerate(peers) if m is inner)
-    return None
+            return next(i for i, m in enumerate(peers) if m is inner), inner
+    return None, inner
 
 
 def session_for(owner: Optional[torch.nn.Module], config) -> Session:

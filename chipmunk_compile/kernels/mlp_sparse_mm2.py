@@ -193,14 +193,15 @@ def w2_rows(w2: torch.Tensor) -> torch.Tensor:
     """(F, Cout) view of w2 with contiguous rows; a cached transposed copy when w2 is row-major."""
     if w2.stride(0) == 1:
         return w2.t()
+    version = None if w2.is_inference() else w2._version  # inference tensors keep no version: copied per call
     hit = _W2T_CACHE.get(w2)
-    if hit is not None and hit[0] == w2._version:
+    if hit is not None and version is not None and hit[0] == version:
         return hit[1]
     from torch._dynamo.utils import counters
 
     counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] += 1
     w2t = w2.t().contiguous()
-    _W2T_CACHE[w2] = (w2._version, w2t)
+    _W2T_CACHE[w2] = (version, w2t)
     return w2t
 
 

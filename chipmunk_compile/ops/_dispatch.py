@@ -32,4 +32,18 @@ def kernel(name: str, *tensors, head_dim=None):
     return impl
 
 
-__all__ = ["kernel"]
+def chooses_triton(name: str, *tensors, head_dim=None) -> bool:
+    """Whether `kernel` gives these tensors the Triton implementation; counts nothing (a fallback
+    is counted when the kernel runs)."""
+    t = tensors[0]
+    key = (name, t.device, t.dtype, head_dim, os.environ.get("CHIPMUNK_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+    if key not in _memo:
+        live = counters["chipmunk"]
+        saved = live.copy()
+        kernel(name, *tensors, head_dim=head_dim)
+        live.clear()
+        live.update(saved)
+    return _memo[key][0] is not kernels.REFS[name]
+
+
+__all__ = ["chooses_triton", "kernel"]

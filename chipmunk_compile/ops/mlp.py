@@ -34,7 +34,7 @@ from torch import Tensor
 from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
-from ._dispatch import kernel
+from ._dispatch import chooses_triton, kernel
 from .forecast import Forecast
 from .sites import POLICIES, count, fallback, lookup
 
@@ -134,6 +134,8 @@ def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, p
     fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x3.dtype, x3.device) \
         if cfg.extrapolate > 0 and (fore or kind == DENSE) else None
     if kind == DENSE:
+        if chooses_triton("mlp_sparse_mm2", x3):  # the sparse steps' w2 copy follows the weight
+            s.column_major(w2, refresh=True)
         y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
             if fore else None  # what the sparse path would have returned now (caches are rebuilt below)
         y = _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache)

@@ -12,8 +12,9 @@ Invariants:
   and every host-state update it makes is `commit(site, state, decision, generation)`; an op ends
   with `Site.finish`, which commits at once or, while a CUDA graph is being recorded, records the
   commit for the graph runner (graphs.py) to apply after each replay.
-- `BranchState.epoch` changes whenever its caches are dropped (new shapes, reset), so a recorded
-  graph is never replayed against buffers it did not capture. Allocating a cache that did not
+- `BranchState.epoch` changes whenever its caches are dropped (new shapes, reset) or a weight
+  copy its site reads is freed (`Site.column_major`), so a recorded graph is never replayed
+  against buffers it did not capture. Allocating a cache that did not
   exist yet keeps the epoch: no recorded graph can use it (its recording would have deferred).
 - With `offload_state`, a cache's home is host memory (ops/offload.py): its device tensor exists
   only inside the op's `Site.staged` call, which every read or write of a cache happens in.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -172,9 +174,11 @@ class Site:
         """`cached()` (the call with this site's state); when its caches do not fit the device
         (outside a CUDA-graph recording or capture), free every cache of this site, count and log
         it once, and return `dense()` (the exact call). From then on the site keeps its caches in
-        host memory when `offload_state` allows it and they were on the device, else it runs dense."""
+        host memory when `offload_state` allows it and they were on the device, else it runs dense.
+        The state it makes is plain tensors, also under torch.inference_mode (`runtime.plain_tensors`)."""
         try:
-            return cached()
+            with runtime.plain_tensors():
+                return cached()
         except torch.OutOfMemoryError as e:
             if runtime.RECORDING is not None or capturing(t):
                 raise
@@ -243,22 +247,32 @@ class Site:
         salt = 2 * self.current_layer() + (1 if self.kind == "mlp" else 0)
         return HashDraws(self.session.device_step(device, step), salt)
 
-    def column_major(self, w: torch.Tensor) -> torch.Tensor:
+    def column_major(self, w: torch.Tensor, refresh: bool = False) -> torch.Tensor:
         """`w` with stride(0) == 1 (the layout the sparse mm2 gathers rows of `wᵀ` from): `w`
-        itself when it already is, else a copy made once per weight (keyed by storage, version,
-        shape and strides, so a regional-compile site keeps one per block) and reused."""
+        itself when it already is, else a copy per weight (keyed by address, shape and strides, so
+        a regional-compile site keeps one per block) that `refresh` (every dense MLP step) copies
+        again. Recorded step graphs do that copy too, so a weight written in place between
+        generations reaches the sparse steps that follow, however it was written (`.data`, inference
+        tensors: no version counter shows either). A new address (the weights moved) evicts the
+        oldest copy beyond one per block, and every step graph of this site with it (new epochs):
+        none may read a freed copy."""
         if w.stride(0) == 1:
             return w
         copies = self.__dict__.setdefault("_col_major", {})
-        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.device)
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
         hit = copies.get(key)
         if hit is None:
             if runtime.RECORDING is not None:
                 raise runtime.NeedsEagerCall("column-major weight copy not made yet")
-            for stale in [k for k in copies if k[0] == key[0]]:  # the weight changed in place
-                del copies[stale]
+            if len(copies) >= max(1, len(self.graph.keys) if self.graph is not None else 1):
+                del copies[next(iter(copies))]
+                for st in self.states.values():
+                    st.epoch = next(_epochs)
+                count("w2_column_major_evicted")
             count("w2_column_major_copy")
             hit = copies[key] = w.t().contiguous().t()
+        elif refresh:
+            hit.copy_(w)
         return hit
 
     def _for_count(self, n: Optional[int]) -> tuple:
@@ -349,28 +363,48 @@ class GraphInstances:
     model call (advances the step): by first sight alone, a block first served by another graph
     (FLUX's first single block: its first call's inputs have other strides, and Dynamo compiles a
     second graph for the rest) came after the one that began calls, and so ran every step at the
-    previous step's position (until session 33)."""
+    previous step's position (until session 33).
+
+    A key of a module seen before under another key is that module's weights at new addresses (the
+    model moved off the device and back, as diffusers' model CPU offload does between generations):
+    it takes over the module's ordinal, caches and step tracking. Until session 40 it was a new
+    instance, so the step stopped advancing (every call a dense step 0) and each move added caches."""
 
     def __init__(self, attention_sites: int):
         self.attention_sites = attention_sites
         self.keys: dict[int, int] = {}
+        self.modules: dict[int, Any] = {}  # key -> weak reference to the module it was seen for
         self.current = 0
         self.first = 0  # the lowest ordinal seen
 
-    def enter(self, key: int, locate: Optional[Callable[[], Optional[int]]] = None) -> bool:
-        """Set `current` for the block of `key`; True when this call begins a model call."""
+    def enter(self, key: int, locate: Optional[Callable[[], tuple]] = None) -> bool:
+        """Set `current` for the block of `key` (`locate()`: (its position or None, the module or
+        None)); True when this call begins a model call."""
         ordinal = self.keys.get(key)
         if ordinal is None:
-            taken = set(self.keys.values())
-            ordinal = locate() if locate is not None else None
-            if ordinal is None or ordinal in taken:
-                ordinal = max(taken, default=-1) + 1
+            position, module = locate() if locate is not None else (None, None)
+            moved = self._key_of(module)
+            if moved is not None:
+                ordinal = self.keys.pop(moved)
+                del self.modules[moved]
+                count("instance_weights_moved")
+                log.info("chipmunk: %s's weights moved: its caches and steps carry on", type(module).__name__)
+            else:
+                taken = set(self.keys.values())
+                ordinal = position if position is not None and position not in taken else max(taken, default=-1) + 1
+                if len(self.keys) == 1:
+                    log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
             self.keys[key] = ordinal
-            self.first = min(taken | {ordinal})
-            if len(self.keys) == 2:
-                log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
+            self.modules[key] = weakref.ref(module) if module is not None else None
+            self.first = min(self.keys.values())
         self.current = ordinal
         return ordinal == self.first
+
+    def _key_of(self, module) -> Optional[int]:
+        """The key `module` was seen under, if any."""
+        if module is None:
+            return None
+        return next((k for k, ref in self.modules.items() if ref is not None and ref() is module), None)
 
 
 def capturing(t: torch.Tensor) -> bool:
