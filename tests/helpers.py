@@ -305,3 +305,16 @@ class TinyBlock(torch.nn.Module):
         q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
         x = x + self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).transpose(1, 2).reshape(B, N, D))
         return x + self.fc2(F.gelu(self.fc1(self.n2(x)), approximate="tanh"))
+
+
+class TwoTinyBlocks(torch.nn.Module):
+    """Two TinyBlocks in a row (`x` only, no timestep): the smallest model with per-block sites."""
+
+    def __init__(self, width: int = 64, heads: int = 2, mult: int = 2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TinyBlock(width, heads=heads, mult=mult) for _ in range(2)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x

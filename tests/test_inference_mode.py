@@ -11,21 +11,10 @@ import torch
 
 import chipmunk_compile
 from chipmunk_compile import graphs
-from helpers import TinyBlock, fresh_dynamo  # noqa: F401
+from helpers import TwoTinyBlocks, fresh_dynamo  # noqa: F401
 
 CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 0.3, "group": 64},
        "mlp": {"min_tokens": 0, "first_n_dense_layers": 0, "block": 64}}
-
-
-class TwoBlocks(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([TinyBlock(64, heads=2, mult=2) for _ in range(2)])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
 
 
 def _generations(modes, emulate_graphs: bool, monkeypatch):
@@ -33,7 +22,7 @@ def _generations(modes, emulate_graphs: bool, monkeypatch):
     monkeypatch.setattr(graphs, "EMULATE", emulate_graphs)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TwoBlocks().eval()
+    model = TwoTinyBlocks().eval()
     x, drift = torch.randn(1, 150, 64), torch.randn(1, 150, 64)
     c = torch.compile(model, backend="chipmunk", options={"config": CFG, "compiler": "eager"})
     gens = []

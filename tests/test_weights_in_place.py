@@ -13,11 +13,10 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import chipmunk_compile
-from helpers import TinyBlock, fresh_dynamo  # noqa: F401
+from helpers import TwoTinyBlocks, fresh_dynamo  # noqa: F401
 
 interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                       reason="CPU tensors on Triton's interpreter (tests/conftest.py sets it without a GPU)")
@@ -26,19 +25,8 @@ interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 CFG = {"attn": {"enabled": False}, "mlp": {"min_tokens": 0, "first_n_dense_layers": 0, "block": 64}}
 
 
-class TwoBlocks(nn.Module):
-    def __init__(self, width: int = 64):
-        super().__init__()
-        self.blocks = nn.ModuleList([TinyBlock(width, heads=2, mult=2) for _ in range(2)])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
-
-
 def _generations(mode, monkeypatch, change, inference=False, regional=False):
-    """Two 4-step generations of a fresh TwoBlocks on kernels `mode`, `change(model)` between them;
+    """Two 4-step generations of a fresh TwoTinyBlocks on kernels `mode`, `change(model)` between them;
     `regional`: each block compiled on its own (one graph serves both, as compile_repeated_blocks)."""
     monkeypatch.setenv("CHIPMUNK_KERNELS", mode)
     torch._dynamo.reset()
@@ -46,9 +34,9 @@ def _generations(mode, monkeypatch, change, inference=False, regional=False):
     torch.manual_seed(0)
     if inference:
         with torch.inference_mode():
-            model = TwoBlocks().eval()
+            model = TwoTinyBlocks().eval()
     else:
-        model = TwoBlocks().eval()
+        model = TwoTinyBlocks().eval()
     x = torch.randn(1, 150, 64)  # 150 tokens: a partial last block
     drift = torch.randn(1, 150, 64)  # not a constant shift, which the blocks' LayerNorms would remove
     options = {"config": CFG, "compiler": "eager"}
