@@ -1331,7 +1331,7 @@ class CallGrouping:
     """Grouping of a site whose token count is symbolic (Dynamo's dynamic shapes): the image order
     and text side are known at compile time, the count only per call. `for_count(n, session)`
     builds (perm, always_keep) for n once, on that count's first call, and caches them on the host
-    (a perm never changes for a count, so recorded CUDA graphs and the caches keep one order).
+    (a perm never changes for a count and input size, so recorded CUDA graphs keep one order).
     When the graph's grid came from a position-id input (`ids_input`), the first call of a count
     reads that input's values (`session._chipmunk_call_ids`, set by the backend per call; one host
     copy per new count, never while a CUDA graph records) and takes its grid: a later resolution
@@ -1344,7 +1344,13 @@ class CallGrouping:
     `conv`), the first call of a count takes the grid from the size of that input
     (`session._chipmunk_call_conv_input`, shapes only: no host copy, no sync), if it has as many
     axes as the compiled grid; when an earlier graph of the model call took that latent
-    (`call_latent`), from the size of the latent it recorded (`_chipmunk_call_latent`).
+    (`call_latent`), from the size of the latent it recorded (`_chipmunk_call_latent`). A grid
+    from this graph's own conv input is cached per (count, input size), so an aspect ratio with
+    an earlier count (10×8 after 8×10) gets its own grid (since session 40); the others stay per
+    count (ids: telling the ratios apart would read the ids on every call; a recorded latent:
+    not in this graph's step-graph signatures). The caches a call reads were filled in its
+    generation, which begins with a dense step, so a perm that changes with the size between
+    generations rebuilds them in its order.
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
@@ -1360,14 +1366,30 @@ class CallGrouping:
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
-        hit = self.cache.get(n)
+        size = self._input_size(session)
+        # 8×10 and 10×8 latents: one count, two grids. Only for a conv input of this very graph:
+        # its shape is part of every step graph's signature, so no recording made for one size
+        # replays for the other (a latent an earlier graph took is not)
+        key = (n, size) if size is not None and self.shape_input is not None else n
+        hit = self.cache.get(key)
         if hit is None:
-            hit = (self._from_call_ids(n, session) or self._from_conv_input(n, session)
+            hit = (self._from_call_ids(n, session) or self._from_conv_input(n, size, session)
                    or self._build(n, self.n_img, self.img_order, self.text_first, session))
-            self.cache[n] = hit
+            self.cache[key] = hit
             if hit[0] is None:
                 _ungrouped(n, self.n_img)
         return hit
+
+    def _input_size(self, session) -> Optional[tuple]:
+        """The spatial size of this call's conv-embedded or patchified latent (shapes only), when the
+        grid comes from it; else None."""
+        if self.conv is None:
+            return None
+        x = (getattr(session, "_chipmunk_call_conv_input", None) if self.shape_input is not None else
+             _seen(session, "_chipmunk_call_latent") if self.call_latent else None)
+        if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
+            return None
+        return tuple(x.shape[x.dim() - len(self.conv[0]):])
 
     def _from_call_ids(self, n: int, session) -> Optional[tuple]:
         """(perm, keep) on the grid of this call's position ids, or None (no ids, no grid in them)."""
@@ -1385,13 +1407,11 @@ class CallGrouping:
         hit = self._build(n, info.n, order, first, session)
         return hit if hit[0] is not None else None
 
-    def _from_conv_input(self, n: int, session) -> Optional[tuple]:
+    def _from_conv_input(self, n: int, size: Optional[tuple], session) -> Optional[tuple]:
         """(perm, keep) on the grid the conv makes of this call's input size, or None."""
-        x = (getattr(session, "_chipmunk_call_conv_input", None) if self.shape_input is not None else
-             _seen(session, "_chipmunk_call_latent") if self.call_latent else None)
-        if not isinstance(x, torch.Tensor) or x.dim() < len(self.conv[0]):
+        if size is None:
             return None
-        grid = _conv_grid(self.conv, x.shape[x.dim() - len(self.conv[0]):], self.grid_axes)
+        grid = _conv_grid(self.conv, size, self.grid_axes)
         if grid is None:
             return None
         order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)

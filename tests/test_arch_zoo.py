@@ -150,14 +150,15 @@ def test_resolution_change_groups_the_recompiled_graph(fresh_dynamo):
     assert counters["chipmunk"]["grouping_ungrouped_count"] > 0  # counted (and logged), not silent
 
 
-@pytest.mark.parametrize("key,sizes", [("sd3", ((24, 24), (16, 24), (12, 12))),
-                                       ("wan", ((3, 16, 16), (3, 12, 16), (2, 8, 8))),
-                                       ("auraflow", ((16, 16), (12, 16), (12, 12)))])
+@pytest.mark.parametrize("key,sizes", [("sd3", ((24, 24), (16, 24), (24, 16), (12, 12))),
+                                       ("wan", ((3, 16, 16), (3, 12, 16), (3, 16, 12), (2, 8, 8))),
+                                       ("auraflow", ((16, 16), (12, 16), (16, 12), (12, 12)))])
 def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes):
     """A conv patch embedding (SD3's conv2d, Wan's conv3d) or a latent patchified by views
     (AuraFlow): the graph recompiled with symbolic token counts groups each new count on the grid
     that call's input size makes (shapes only), with the text side of the first graph; nothing
-    runs ungrouped."""
+    runs ungrouped. The same count at the other aspect ratio (24×16 after 16×24) gets its own grid
+    (until session 40 it kept the first ratio's)."""
     import math
 
     import torch
@@ -195,8 +196,9 @@ def test_resolution_change_groups_conv_embedded_counts(fresh_dynamo, key, sizes)
         checked = 0
         for s in sites:
             cg = s.call_grouping
-            for n, (perm, _) in cg.cache.items():
-                if n == n_img + n_text:
+            for key, (perm, _) in cg.cache.items():
+                if key == (n_img + n_text, size):  # per count and input size
+                    n = key[0]
                     order, _ = image_order(GridInfo(grid, ""), cg.tile, cg.group)
                     assert torch.equal(perm, site_perm(n, order, n - n_img, bool(cg.text_first))), (size, s.path)
                     checked += 1

@@ -564,8 +564,9 @@ def test_symbolic_token_count_grouped_per_call():
             assert max_rel(cm(x * (1 + 0.01 * i), text), m(x * (1 + 0.01 * i), text)) < 1e-5
     (site,) = chipmunk_compile.runtime.sessions_of(m)[0].sites
     assert site.grouping.startswith("conv2d patch embed h×w 6×8") and "per call (symbolic token count), text last" in site.grouping
-    assert sorted(site.call_grouping.cache) == [53, 55, 57]
-    for n, (perm, keep) in site.call_grouping.cache.items():
+    # per count and size of the conv's input (the latent: one size here)
+    assert sorted(site.call_grouping.cache) == [(53, (12, 16)), (55, (12, 16)), (57, (12, 16))]
+    for (n, _), (perm, keep) in site.call_grouping.cache.items():
         assert _is_perm(perm, n) and torch.equal(perm[48:].long(), torch.arange(48, n))
         assert keep is not None and keep[48:].all() and not keep[:48].any()
     assert step_counts(m).get("attention_sparse", 0) > 0
@@ -592,7 +593,7 @@ def test_symbolic_token_count_with_conflicting_side_stays_ungrouped():
             assert max_rel(cm(x, text), m(x, text)) < 1e-5
     (site,) = chipmunk_compile.runtime.sessions_of(m)[0].sites
     assert "contradicts the graph's concat order" in site.grouping, site.grouping
-    assert site.call_grouping.cache == {53: (None, None), 55: (None, None)}
+    assert site.call_grouping.cache == {(53, (12, 16)): (None, None), (55, (12, 16)): (None, None)}
 
 
 class Packed(torch.nn.Module):
