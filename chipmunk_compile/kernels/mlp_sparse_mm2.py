@@ -201,7 +201,8 @@ def w2_rows(w2: torch.Tensor) -> torch.Tensor:
 
     counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] += 1
     w2t = w2.t().contiguous()
-    _W2T_CACHE[w2] = (version, w2t)
+    if version is not None:
+        _W2T_CACHE[w2] = (version, w2t)
     return w2t
 
 

@@ -373,3 +373,20 @@ def test_w2_rows_caches_one_copy_per_weight_by_identity():
     assert torch.equal(w2_rows(a), a.t()) and counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] == 3
     cols = torch.randn(4, 6).t()  # column-major: a view, no copy
     assert w2_rows(cols).data_ptr() == cols.data_ptr()
+
+
+def test_w2_rows_of_an_inference_tensor_copies_every_call():
+    """An inference tensor has no version counter (reading it raised): its transposed copy is made
+    on every call, so an in-place change under inference mode is never missed, and none is kept."""
+    from torch._dynamo.utils import counters
+
+    from chipmunk_compile.kernels.mlp_sparse_mm2 import _W2T_CACHE, w2_rows
+
+    with torch.inference_mode():
+        w = torch.randn(6, 4)
+    counters.clear()
+    assert torch.equal(w2_rows(w), w.t())
+    with torch.inference_mode():
+        w.mul_(2.0)
+    assert torch.equal(w2_rows(w), w.t())
+    assert counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"] == 2 and w not in _W2T_CACHE
