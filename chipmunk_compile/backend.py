@@ -208,12 +208,12 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     outer = outermost_session(session)
     kind = type(owner) if owner is not None else None
 
-    def locate():  # (a block's position in the model, the block), on its first call through this graph
+    def locate():  # (a block's position in its model, the block, the model), on its first call here
         try:
-            return module_position(kind) if kind is not None else (None, None)
+            return module_position(kind) if kind is not None else (None, None, None)
         except Exception:  # noqa: BLE001 — an unusual stack: number the block by first sight instead
             log.debug("chipmunk: no module position from the call stack", exc_info=True)
-            return None, None
+            return None, None, None
 
     def chipmunk_call(*args):
         if ids_input is not None:  # a reference only; read on a new count's first call

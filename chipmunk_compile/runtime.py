@@ -417,25 +417,26 @@ def stack_root(module: torch.nn.Module, stack: Optional[list] = None) -> Optiona
     return None
 
 
-def module_position(kind: type) -> tuple[Optional[int], Optional[torch.nn.Module]]:
-    """(where, which): the innermost `kind` module running on the call stack, and where it sits in
-    the outermost module on the stack that contains it (regional compilation: which block a shared
-    graph serves, in model order): among the modules compiled on their own (`module.compile()`, as
-    compile_repeated_blocks does: FLUX's 19 double then 38 single blocks count 0..56, the layer
-    numbers of whole-model compilation), else among the modules of its class. The position is None
-    when the stack shows no such pair, the module when the stack shows none. Walks the frames and
-    the model's module tree: for a block's first call (or first call at new weight addresses) only."""
+def module_position(kind: type) -> tuple[Optional[int], Optional[torch.nn.Module], Optional[torch.nn.Module]]:
+    """(where, which, root): the innermost `kind` module running on the call stack, the outermost
+    module on the stack that contains it (itself when none does: a whole model), and where it sits
+    in that root (regional compilation: which block a shared graph serves, in model order): among
+    the modules compiled on their own (`module.compile()`, as compile_repeated_blocks does: FLUX's
+    19 double then 38 single blocks count 0..56, the layer numbers of whole-model compilation),
+    else among the modules of its class. The position is None when the stack shows no such pair,
+    the module and root when the stack shows none. Walks the frames and the model's module tree:
+    for a block's first call (or first call at new weight addresses) only."""
     stack = stack_modules()
     inner = next((m for m in stack if isinstance(m, kind)), None)
     root = stack_root(inner, stack) if inner is not None else None
     if root is None:
-        return None, inner
+        return None, inner, inner
     mods = list(root.modules())
     for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
                   [m for m in mods if type(m) is type(inner)]):
         if any(m is inner for m in peers):
-            return next(i for i, m in enumerate(peers) if m is inner), inner
-    return None, inner
+            return next(i for i, m in enumerate(peers) if m is inner), inner, root
+    return None, inner, root
 
 
 def session_for(owner: Optional[torch.nn.Module], config) -> Session:

@@ -235,10 +235,10 @@ class Site:
 
     def current_layer(self) -> int:
         """The layer index, counting earlier block instances when one graph serves many blocks."""
-        if self.graph is None or self.graph.current == 0:
+        if self.graph is None or self.graph.position == 0:
             return self.layer
         per = self.graph.attention_sites if self.graph.attention_sites else 1
-        return self.graph.current * per + self.layer
+        return self.graph.position * per + self.layer
 
     def random_draws(self, device, step: int) -> HashDraws:
         """This call's draws: a hash of (step, layer, site kind, position). The step is read from
@@ -368,21 +368,29 @@ class GraphInstances:
     A key of a module seen before under another key is that module's weights at new addresses (the
     model moved off the device and back, as diffusers' model CPU offload does between generations):
     it takes over the module's ordinal, caches and step tracking. Until session 40 it was a new
-    instance, so the step stopped advancing (every call a dense step 0) and each move added caches."""
+    instance, so the step stopped advancing (every call a dense step 0) and each move added caches.
+
+    Blocks are placed per model (`locate`'s root): two models of one class, each compiled, share one
+    graph when Dynamo reuses it for both (Wan 2.2's two experts). Each model's blocks count their
+    positions, and so their layers, from 0, and each model's first block begins its calls; their
+    ordinals (caches) stay apart. Until session 40 the second model was a further block of the
+    first: its calls never advanced the step, and its layers counted on from the first model's."""
 
     def __init__(self, attention_sites: int):
         self.attention_sites = attention_sites
-        self.keys: dict[int, int] = {}
+        self.keys: dict[int, int] = {}  # key -> ordinal (caches are kept per ordinal)
         self.modules: dict[int, Any] = {}  # key -> weak reference to the module it was seen for
+        self.places: dict[int, tuple] = {}  # ordinal -> (its model's id or None, position in that model)
+        self.first: dict[Any, int] = {}  # model id -> the lowest position seen in it
         self.current = 0
-        self.first = 0  # the lowest ordinal seen
+        self.position = 0  # of `current` in its model: what layer numbers count from
 
     def enter(self, key: int, locate: Optional[Callable[[], tuple]] = None) -> bool:
         """Set `current` for the block of `key` (`locate()`: (its position or None, the module or
-        None)); True when this call begins a model call."""
+        None, its model or None)); True when this call begins a model call."""
         ordinal = self.keys.get(key)
         if ordinal is None:
-            position, module = locate() if locate is not None else (None, None)
+            position, module, root = locate() if locate is not None else (None, None, None)
             moved = self._key_of(module)
             if moved is not None:
                 ordinal = self.keys.pop(moved)
@@ -390,15 +398,26 @@ class GraphInstances:
                 count("instance_weights_moved")
                 log.info("chipmunk: %s's weights moved: its caches and steps carry on", type(module).__name__)
             else:
-                taken = set(self.keys.values())
-                ordinal = position if position is not None and position not in taken else max(taken, default=-1) + 1
-                if len(self.keys) == 1:
-                    log.info("chipmunk: one compiled graph serves several module instances (regional compile)")
+                ordinal = self._place(position, None if root is None else id(root))
             self.keys[key] = ordinal
             self.modules[key] = weakref.ref(module) if module is not None else None
-            self.first = min(self.keys.values())
         self.current = ordinal
-        return ordinal == self.first
+        model, self.position = self.places[ordinal]
+        return self.position == self.first[model]
+
+    def _place(self, position: Optional[int], model) -> int:
+        """A new block's ordinal; records its model and position (by first sight when not located)."""
+        mine = [pos for m, pos in self.places.values() if m == model]
+        if position is None or position in mine:
+            position = max(mine, default=-1) + 1
+        taken = set(self.places)
+        ordinal = position if position not in taken else max(taken) + 1
+        if len(taken) == 1:
+            log.info("chipmunk: one compiled graph serves several module instances (regional compile, "
+                     "or models of one class)")
+        self.places[ordinal] = (model, position)
+        self.first[model] = min(position, self.first.get(model, position))
+        return ordinal
 
     def _key_of(self, module) -> Optional[int]:
         """The key `module` was seen under, if any."""

@@ -1,0 +1,56 @@
+"""Two models of one class, each compiled: Dynamo serves both with one graph (parameters are graph
+inputs), as in Wan 2.2's two experts (`transformer` for the high-noise steps, `transformer_2` for
+the rest). The second model is no block of the first: its calls begin model calls of its own and
+advance the steps, and its layers count from 0 (`first_n_dense_layers` keeps its own first layer
+dense). Until session 40 it was taken for a further block of the first model: its calls never
+advanced the step, so it ran every step at the position the first model had left (no refresh, no
+dense step after its first), and its layers counted on from the first model's."""
+
+import torch
+from torch._dynamo.utils import counters
+
+import chipmunk_compile
+from helpers import TinyBlock, fresh_dynamo  # noqa: F401
+
+CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3, "group": 64, "full_step_every": 3},
+       "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "block": 64, "full_step_every": 3}}
+
+
+class TimedBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = torch.nn.Linear(1, 64)
+        self.blocks = torch.nn.ModuleList([TinyBlock(64, heads=2, mult=2) for _ in range(2)])
+
+    def forward(self, x, timestep):
+        x = x + self.t(timestep[:, None])[:, None]
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_second_model_sharing_the_graph_tracks_its_own_steps_and_layers(fresh_dynamo):
+    torch.manual_seed(0)
+    high, low = TimedBlocks().eval(), TimedBlocks().eval()
+    c_high, c_low = (torch.compile(m, backend="chipmunk", options={"config": CFG, "compiler": "eager"})
+                     for m in (high, low))
+    x, drift = torch.randn(1, 150, 64), torch.randn(1, 150, 64)
+    steps = 12
+    with torch.no_grad():
+        for gen in range(2):
+            for i in range(steps):  # the first half on one expert, the second on the other
+                model, compiled = (high, c_high) if i < steps // 2 else (low, c_low)
+                t = torch.full((1,), 1.0 - i / steps)
+                out, ref = compiled(x + 0.05 * i * drift, t), model(x + 0.05 * i * drift, t)
+                if i == steps // 2 or i % 3 == 0:  # the second expert's first call; the schedule's dense steps
+                    assert ((out - ref).norm() / ref.norm()).item() < 1e-5, (gen, i)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph served both
+    (session,) = chipmunk_compile.sessions_of(c_high)
+    sites = session.sites
+    assert [len(s.graph.keys) for s in sites] == [2] * len(sites)
+    assert session.position().step == steps - 1  # the second expert's calls advanced the steps
+    for s in sites:  # layer 0 of each model dense on every call: no state there for either
+        if s.layer == 0:
+            assert set(s.steps) == {"dense"} and not s.states, (s.path, s.steps)
+        else:  # layer 1 of each: steps of every kind, with caches per model
+            assert s.steps.get("sparse", 0) > 0 and len(s.states) == 2, (s.path, s.steps, list(s.states))
