@@ -1366,13 +1366,14 @@ class CallGrouping:
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
-        size = self._input_size(session)
         # 8×10 and 10×8 latents: one count, two grids. Only for a conv input of this very graph:
         # its shape is part of every step graph's signature, so no recording made for one size
-        # replays for the other (a latent an earlier graph took is not)
-        key = (n, size) if size is not None and self.shape_input is not None else n
+        # replays for the other (a latent an earlier graph took is not: read on a miss only)
+        own = self._input_size(session) if self.shape_input is not None else None
+        key = n if own is None else (n, own)
         hit = self.cache.get(key)
         if hit is None:
+            size = own if self.shape_input is not None else self._input_size(session)
             hit = (self._from_call_ids(n, session) or self._from_conv_input(n, size, session)
                    or self._build(n, self.n_img, self.img_order, self.text_first, session))
             self.cache[key] = hit
