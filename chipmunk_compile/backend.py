@@ -181,6 +181,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
+    instances.on_new_model = session.adopt
     for site in plan.sites:
         site.graph = instances
     if config.cuda_graphs and config.offload_state is True and plan.sites:
@@ -224,7 +225,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             outer._chipmunk_call_latent = args[latent_input]
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
         if begins and (entry or (frame == session.step_frame and not session.has_entry)):
-            session.begin_call(lambda: read_signature(args, signals))  # once per model call
+            session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
                 step_cache.multi_graph = True

@@ -330,16 +330,35 @@ class Session:
         parent = self.enclosing()
         return parent.position() if parent is not None else self.tracker.position
 
-    def begin_call(self, signature: Any) -> StepPosition:
+    def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None) -> StepPosition:
+        """Advance the step for a model call that `module` (the block that begins it, when the
+        graph knows it) runs in: the cache context and followed scheduler set on its model come
+        first, the owner's second (a second model sharing the graph runs in its own model's
+        context; one scheduler followed for either model serves both)."""
         parent = self.enclosing()
         if parent is not None:  # the enclosing model's call already advanced the step
             self.calls += 1
             return parent.position()
-        owner = self.owner() if self.owner is not None else None
-        context = context_for(owner) if owner is not None else None
-        scheduler = scheduler_for(owner) if owner is not None else None
+        models = [m for m in (module, self.owner() if self.owner is not None else None) if m is not None]
+        context = next((c for c in map(context_for, models) if c is not None), None)
+        scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
         self.calls += 1
         return self.tracker.advance(signature, context, scheduled_step(scheduler))
+
+    def adopt(self, module: torch.nn.Module) -> None:
+        """Make this session `module`'s too: a block of another model that the session's graph
+        serves (two models of one class, each compiled, share one Dynamo graph: Wan 2.2's two
+        experts). Without it `stats`, `reset`, `set_step` and `follow_scheduler`'s lookup on the
+        second model found no session (`set_step` raised) though its calls ran here. A module with
+        a session of its own keeps it."""
+        global _sessions_version
+        with _lock:
+            if module in _SESSIONS:
+                return
+            _SESSIONS[module] = self
+            _sessions_version += 1
+        log.info("chipmunk: %s shares the compiled graph (and the steps) of %s", type(module).__name__,
+                 type(self.owner()).__name__ if self.owner is not None and self.owner() is not None else "?")
 
     def reset(self) -> None:
         self.tracker.reset()

@@ -54,3 +54,54 @@ def test_second_model_sharing_the_graph_tracks_its_own_steps_and_layers(fresh_dy
             assert set(s.steps) == {"dense"} and not s.states, (s.path, s.steps)
         else:  # layer 1 of each: steps of every kind, with caches per model
             assert s.steps.get("sparse", 0) > 0 and len(s.states) == 2, (s.path, s.steps, list(s.states))
+
+
+def _two_experts():
+    torch.manual_seed(0)
+    high, low = TimedBlocks().eval(), TimedBlocks().eval()
+    return high, low, *(torch.compile(m, backend="chipmunk", options={"config": CFG, "compiler": "eager"})
+                        for m in (high, low))
+
+
+def test_helpers_reach_the_session_through_the_second_model(fresh_dynamo):
+    """stats / set_step / reset on the second model act on the session its calls run in (until
+    session 41 it had none: stats was empty, set_step raised, reset did nothing)."""
+    high, low, c_high, c_low = _two_experts()
+    x = torch.randn(1, 150, 64)
+    with torch.no_grad():
+        for i in range(6):
+            (c_high if i < 3 else c_low)(x, torch.full((1,), 1.0 - i / 6))
+    assert chipmunk_compile.sessions_of(c_low) == chipmunk_compile.sessions_of(c_high)
+    assert chipmunk_compile.sessions_of(low) == chipmunk_compile.sessions_of(high)
+    stats = chipmunk_compile.stats(c_low)
+    assert stats["step"] == 5 and stats["sites"] and stats["state_bytes"] > 0
+    chipmunk_compile.set_step(c_low, 2)
+    with torch.no_grad():
+        c_low(x, torch.full((1,), 0.1))
+    assert chipmunk_compile.stats(c_high)["step"] == 2
+    chipmunk_compile.clear_step(c_low)
+    chipmunk_compile.reset(c_low)
+    assert chipmunk_compile.stats(c_high)["state_bytes"] == 0
+
+
+def test_scheduler_followed_for_the_second_model_gives_its_steps(fresh_dynamo):
+    """A scheduler followed for the second model steps its calls, though the graph's owner (the
+    first model) follows none: its calls here pass one constant timestep, which read as a signal
+    made every call after the first another guidance branch of one step (until session 41)."""
+    from types import SimpleNamespace
+
+    high, low, c_high, c_low = _two_experts()
+    scheduler = SimpleNamespace(step_index=None)
+    chipmunk_compile.follow_scheduler(c_low, scheduler)
+    x = torch.randn(1, 150, 64)
+    seen = []
+    with torch.no_grad():
+        for i in range(10):
+            scheduler.step_index = i or None
+            if i < 5:
+                c_high(x, torch.full((1,), 1.0 - i / 10))
+            else:
+                c_low(x, torch.full((1,), 0.5))
+            stats = chipmunk_compile.stats(c_high)
+            seen.append((stats["step"], stats["branch"]))
+    assert seen == [(i, "0") for i in range(10)], seen

@@ -382,6 +382,9 @@ class GraphInstances:
         self.modules: dict[int, Any] = {}  # key -> weak reference to the module it was seen for
         self.places: dict[int, tuple] = {}  # ordinal -> (its model's id or None, position in that model)
         self.first: dict[Any, int] = {}  # model id -> the lowest position seen in it
+        self.models: dict[int, Any] = {}  # model id -> weak reference to the model
+        self.on_new_model: Optional[Callable[[Any], None]] = None  # with the first block seen of each model after the first
+        self.current_key: Optional[int] = None
         self.current = 0
         self.position = 0  # of `current` in its model: what layer numbers count from
 
@@ -399,11 +402,20 @@ class GraphInstances:
                 log.info("chipmunk: %s's weights moved: its caches and steps carry on", type(module).__name__)
             else:
                 ordinal = self._place(position, None if root is None else id(root))
+                if root is not None and id(root) not in self.models:
+                    self.models[id(root)] = weakref.ref(root)
+                    if len(self.models) > 1 and module is not None and self.on_new_model is not None:
+                        self.on_new_model(module)
             self.keys[key] = ordinal
             self.modules[key] = weakref.ref(module) if module is not None else None
-        self.current = ordinal
+        self.current, self.current_key = ordinal, key
         model, self.position = self.places[ordinal]
         return self.position == self.first[model]
+
+    def module(self) -> Any:
+        """The current block's module (None when not located, or freed)."""
+        ref = self.modules.get(self.current_key)
+        return ref() if ref is not None else None
 
     def _place(self, position: Optional[int], model) -> int:
         """A new block's ordinal; records its model and position (by first sight when not located)."""
