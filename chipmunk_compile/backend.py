@@ -206,6 +206,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     conv_input = _call_grouping_input(plan.sites, "shape_input")
     # a graph without sites that takes the model's latent: its size gives later graphs their grid
     latent_input = (plan.grouping or {}).get("latent_input")
+    # a static grid from this graph's position ids: another grid of the same count per generation
+    regroup = next((s.regroup[0] for s in plan.sites if s.regroup is not None), None)
     outer = outermost_session(session)
     kind = type(owner) if owner is not None else None
 
@@ -226,6 +228,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
         if begins and (entry or (frame == session.step_frame and not session.has_entry)):
             session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
+        if regroup is not None:  # reads the ids on a generation's first call only
+            regroup.update(args[regroup.input_index], session.position().generation)
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
                 step_cache.multi_graph = True

@@ -1230,6 +1230,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
+    regroup = None  # ids_regrouping.IdsRegrouping, when a site's grid came from this graph's ids
     shards = functools.cache(lambda: sequence_parallel.graph_sharding(gm, n_img))  # scans the graph once, if asked
     shard_sides: dict = {}  # text sides inside the shards, per token count (the first site's concat)
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
@@ -1287,6 +1288,12 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key, shard_sides)
         else:
             perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
+            if perm is not None and info.input_index is not None:  # ids of this graph: re-read per generation
+                if regroup is None:
+                    from .ids_regrouping import IdsRegrouping
+
+                    regroup = IdsRegrouping(info.input_index, info, gcfg.tile)
+                s.regroup = (regroup, group, None if keep is None else bool(keep[0]), keep_text)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
             remembered_sides[s.path], remembered_text[s.path] = bool(keep[0]), int(keep.sum())
         s.perm = perm

@@ -481,6 +481,41 @@ def test_step_graphs_follow_weights_written_or_moved_between_generations():
             assert err < 1e-2, (g, i, err)
 
 
+def test_step_graphs_follow_the_aspect_ratio_of_each_generation():
+    """One graph serves 32×16 and 16×32 tokens (img_ids of one shape): each generation groups on its
+    own ids' grid (ids_regrouping), and the recorded step graphs of both grids coexist (the grid is
+    in their signature): generations 32×16, 16×32, 32×16, 16×32 equal the ops run eagerly.
+    (tests/test_ids_regrouping.py: the CPU.)"""
+    import copy
+
+    base, ratios = _flux(), [(32, 16), (16, 32), (32, 16), (16, 32)]
+
+    def run(cuda_graphs):
+        torch._dynamo.reset()
+        counters.clear()
+        c = torch.compile(copy.deepcopy(base), backend="chipmunk",
+                          options={"config": {**CFG, "cuda_graphs": cuda_graphs}})
+        gens = []
+        with torch.no_grad():
+            for h, w in ratios:
+                outs = []
+                for i in range(8):
+                    x = _inputs(1.0 - i / 8, h=h, w=w)
+                    x["hidden_states"] = x["hidden_states"] + 0.01 * i
+                    outs.append(c(**x)[0].float().clone())
+                gens.append(outs)
+        return gens, dict(counters["chipmunk"])
+
+    want, _ = run(False)
+    got, cc = run(True)
+    assert cc["grouping_ids_regrid"] == 2 and cc["graph_replays"] > 0, cc
+    assert not any(k.startswith(("fallback:", "graph_record_failed")) for k in cc), cc
+    for g, (gen_got, gen_want) in enumerate(zip(got, want)):
+        for i, (a, b) in enumerate(zip(gen_got, gen_want)):
+            err = ((a - b).norm() / b.norm()).item()
+            assert err < 1e-2, (g, i, err)
+
+
 def test_regional_step_graphs_share_inputs_and_match_eager():
     """Regional compilation (one compiled graph per block class) with real CUDA step graphs: every
     block and step kind records into the session's pool, reading one set of input buffers per input

@@ -132,6 +132,9 @@ class Site:
     always_keep: Optional[torch.Tensor] = None  # (Nk,) bool: keys every group attends (text)
     grouping: str = ""  # where the grouping came from, for reports
     call_grouping: Any = None  # grouping.CallGrouping when the token count is symbolic (perm per call)
+    # (ids_regrouping.IdsRegrouping, group, text first, keep text) when the grid came from the
+    # graph's position-id input: another grid of the same count is taken per generation
+    regroup: Optional[tuple] = None
     # joint keys (queries over cat(other streams, own tokens)): the concatenation's parts in key
     # order (patterns.attention._joint_key_layout); `key_runs` places them for a call's lengths
     key_layout: Optional[tuple] = None
@@ -215,7 +218,8 @@ class Site:
         st = self.states.get(self._state_key(pos))
         if st is None or st.key is None or st.offloaded:  # offloaded: host-ordered copies, never recorded
             return None
-        return (st.epoch, POLICIES[self.kind][0](self, st, pos))
+        grid = self.regroup[0].key if self.regroup is not None else 0
+        return (st.epoch, POLICIES[self.kind][0](self, st, pos), grid)
 
     def finish(self, st: Optional[BranchState], decision, pos) -> None:
         """End of an op call: count it, and commit its host-state update (or hand the commit to
@@ -278,6 +282,8 @@ class Site:
     def _for_count(self, n: Optional[int]) -> tuple:
         """(perm, always_keep) of a call with n tokens: the compile-time ones, or for a symbolic
         count those `call_grouping` builds for n (host tensors, made on the call's first run)."""
+        if self.regroup is not None and self.regroup[0].key and n is not None:
+            return self.regroup[0].for_site(int(n), *self.regroup[1:])
         if self.call_grouping is None or n is None:
             return self.perm, self.always_keep
         return self.call_grouping.for_count(int(n), self.session)

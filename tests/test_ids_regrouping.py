@@ -1,0 +1,115 @@
+"""A static graph whose grid came from a position-id input (FLUX's img_ids) at another aspect ratio
+of the same token count (chipmunk_compile/ids_regrouping.py). Dynamo does not recompile for new
+id values, so until session 41 a 16×8 latent ran on the perms of the 8×16 it was compiled for.
+Now each generation's first call reads the ids and the sites group on their grid: the outputs
+equal those of a model compiled at that ratio, and the ids are read once per generation."""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.utils import counters
+
+import chipmunk_compile
+from chipmunk_compile import grouping
+from chipmunk_compile.runtime import sessions_of
+
+from helpers import cfg, chip, flux, flux_inputs, fresh_dynamo  # noqa: F401
+
+# 16-query groups: two 8×8 tiles of 4×4 sub-tiles each, so the order depends on the grid's shape
+CFG = cfg(attn={"top_keys": 0.3, "group": 16}, mlp={"block": 16})
+STEPS = (1.0, 0.9, 0.8, 0.7)
+
+
+def _generation(compiled, h, w, ids=None):
+    outs = []
+    with torch.no_grad():
+        for t in STEPS:
+            kw = flux_inputs(t, h=h, w=w)
+            if ids is not None:
+                kw["img_ids"] = ids
+            outs.append(compiled(**kw)[0])
+    return outs
+
+
+def _perms(compiled):
+    """Each site's perm for its own token count (text + image, or image only)."""
+    return [s.perm_on(torch.device("cpu"), grouping._site_tokens(s)) for ses in sessions_of(compiled) for s in ses.sites]
+
+
+def test_other_aspect_ratio_of_a_count_groups_on_its_own_grid(fresh_dynamo):
+    model = flux()
+    c = chip(model, CFG)
+    _generation(c, 16, 8)
+    swapped = _generation(c, 8, 16)  # same token count, same graph
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["chipmunk"]["grouping_ids_regrid"] == 1
+    perms_swapped = _perms(c)
+    rows = [r for r in chipmunk_compile.stats(c)["sites"] if "grouping_now" in r]
+    assert len(rows) == 8 and all("8×16" in r["grouping_now"] and "16×8" in r["grouping"] for r in rows), rows
+    back = _generation(c, 16, 8)
+    perms_back = _perms(c)
+
+    torch._dynamo.reset()
+    direct = chip(model, CFG)  # compiled at 8×16 itself
+    expected = _generation(direct, 8, 16)
+    perms_direct = _perms(direct)
+    assert sum(p is not None for p in perms_direct) == 8  # all but the text stream's MLPs
+    same = [(a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(perms_swapped, perms_direct)]
+    assert all(same)
+    assert not any(a is not None and torch.equal(a, b) for a, b in zip(perms_back, perms_direct))  # the 16×8 perms again
+    for i, (a, b) in enumerate(zip(swapped, expected)):  # sparse steps included: same groups, same result
+        assert torch.equal(a, b), (i, (a - b).abs().max())
+    assert counters["chipmunk"]["attention_sparse"] > 0
+    assert all(torch.isfinite(o).all() for o in back)
+
+
+def test_ids_read_once_per_generation_and_not_for_the_same_tensor(fresh_dynamo, monkeypatch):
+    import chipmunk_compile.ids_regrouping as ids_regrouping
+
+    reads = []
+    real = grouping._ids_grid
+    monkeypatch.setattr(ids_regrouping, "_ids_grid", lambda ids: reads.append(ids.shape) or real(ids))
+    c = chip(flux(), CFG)
+    ids = flux_inputs(1.0, h=16, w=8)["img_ids"]
+    _generation(c, 16, 8, ids)
+    _generation(c, 16, 8, ids)  # the same tensor, unchanged: not read again
+    assert len(reads) == 1
+    ids[:, 1:] = ids[:, 1:].flip(-1)  # written in place (8×16 positions): read again
+    _generation(c, 8, 16, ids)
+    assert len(reads) == 2 and counters["chipmunk"]["grouping_ids_regrid"] == 1
+    _generation(c, 16, 8)  # a new tensor each generation: one read each
+    _generation(c, 16, 8)
+    assert len(reads) == 4
+
+
+def test_ids_that_make_no_grid_run_ungrouped_counted(fresh_dynamo):
+    """Ungrouped, counted, with the text keys still kept (the same index width as before)."""
+    c = chip(flux(), CFG)
+    _generation(c, 16, 8)
+    ids = flux_inputs(1.0, h=16, w=8)["img_ids"]
+    ids[:, 1] += 0.5  # not integer positions: no grid
+    outs = _generation(c, 16, 8, ids)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert counters["chipmunk"]["grouping_ungrouped_count"] > 0
+    assert all(p is None for p in _perms(c))  # the text stream's MLPs have none anyway
+
+
+def test_ids_of_another_text_count_rebuild_the_caches(fresh_dynamo):
+    """Ids whose first rows leave the image's box (read as 8 more text rows before a 15×8 grid)
+    keep 16 keys always instead of 8: the index caches of the earlier generation are too narrow,
+    so the branch's caches are made again (an in-place copy into them raised until session 41)."""
+    c = chip(flux(), CFG)
+
+    def widths():
+        return [st.cache["indices"].shape[-1] for ses in sessions_of(c) for s in ses.sites if s.kind == "attention"
+                for st in s.states.values()]
+
+    _generation(c, 16, 8)
+    before = widths()
+    ids = flux_inputs(1.0, h=16, w=8)["img_ids"]
+    ids[:8, 1] = 100.0
+    outs = _generation(c, 16, 8, ids)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert counters["chipmunk"]["grouping_ids_regrid"] == 1 and counters["chipmunk"]["attention_sparse"] > 0
+    assert len(before) == 4 and widths() == [w + 8 for w in before]
