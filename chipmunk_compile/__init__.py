@@ -85,7 +85,7 @@ def clear_step(model: Any) -> None:
 
 def stats(model: Any) -> dict:
     """Per-site step-type counts and token grouping (`grouping_now` when this generation's position
-    ids give another grid than the compiled one), the current step position and the cache memory of `model`
+    ids or rotary tables give another grid than the compiled one), the current step position and the cache memory of `model`
     (`state_bytes`: device caches plus the host homes of offloaded branches, also per site with its
     `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
@@ -101,8 +101,8 @@ def stats(model: Any) -> dict:
         for s in session.sites:
             row = {"kind": s.kind, "path": s.path, "layer": s.layer, "steps": dict(s.steps),
                    "grouping": s.grouping, "state_bytes": sum(st.nbytes for st in s.states.values())}
-            if s.regroup is not None and s.regroup[0].key:  # this generation's ids give another grid
-                row["grouping_now"] = f"{s.regroup[0].describe()} (this generation's position ids)"
+            if s.regroup is not None and s.regroup[0].key:  # this generation's ids / rotary tables give another grid
+                row["grouping_now"] = s.regroup[0].describe()
             offloaded = sum(1 for st in s.states.values() if st.offloaded)
             if offloaded:  # guidance branches (and block instances) whose caches live in host memory
                 row["offloaded_branches"] = offloaded

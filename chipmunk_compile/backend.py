@@ -229,7 +229,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if begins and (entry or (frame == session.step_frame and not session.has_entry)):
             session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
         if regroup is not None:  # reads the ids on a generation's first call only
-            regroup.update(args[regroup.input_index], session.position().generation)
+            regroup.update(args, session.position().generation)
         if step_cache is not None and entry:
             if len(instances.keys) > 1:  # one graph serves several blocks: not a whole-model call
                 step_cache.multi_graph = True

@@ -31,6 +31,10 @@ Where the token grid comes from, in this order:
    graph computes from its inputs (`_indexed_table_grids`: evaluated at compile time and read as
    position ids; Qwen-Image 2.1).
 6. `config.grouping.grid` (with `text_tokens` / `text_first`).
+7. last, rotary-table inputs (cos/sin pairs or complex, `rotary_grid.py`) whose angles decode into
+   integer positions, read like position ids: a block under regional compilation is passed the
+   model's rotary embedding and nothing else that shows the grid (FLUX's image_rotary_emb; since
+   session 41). Such a grid is not handed on to later graphs as an earlier graph's.
 Else no grouping (perm None; the reason is reported in `Site.grouping`). A site graph that finds
 no grid of its own reuses the grid of the model's previous site graph.
 
@@ -54,7 +58,9 @@ disagrees, the site is not grouped. `Site.always_keep` marks the text keys (atte
 `attn.keep_text_keys`). Sites whose token count matches neither case get no perm.
 A site whose token count is symbolic (dynamic shapes) gets a `CallGrouping` instead: the grid,
 image order and text side are fixed here, the perm is built per count on that count's first call.
-When the grid came from position-id inputs, that call's ids give the count its grid; when it came
+A static site whose grid came from this graph's position ids or rotary tables takes each
+generation's grid from them (`ids_regrouping.py`: another aspect ratio of the same token count
+runs the same graph). When the grid came from position-id inputs, that call's ids give the count its grid; when it came
 from a conv patch embedding or a latent patchified by views, the size of that input in the call
 does (conv arithmetic on shapes).
 
@@ -219,6 +225,7 @@ class GridInfo:
     # the grid of this very call's latent (not of an earlier resolution): tokens past it are not
     # image tokens, however many (padding, text, reference images)
     exact: bool = False
+    rotary: Any = None  # rotary_grid.RotaryDecoder when the grid came from rotary-table inputs
 
     @property
     def n(self) -> int:
@@ -810,6 +817,26 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
     return out
 
 
+def _rotary_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
+    """Grids of the positions decoded from rotary-table inputs (rotary_grid.py): a block under
+    regional compilation that is passed the model's rotary embedding (FLUX's image_rotary_emb)."""
+    from .rotary_grid import rotary_decoders
+
+    out = []
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for dec in rotary_decoders(gm, example_inputs):
+        ids = dec.ids(example_inputs)
+        res = _ids_grid(ids) if ids is not None else None
+        if res is not None:
+            names = [_input_name(places[i]) for i in dec.inputs]
+            names = list(dict.fromkeys(n if n.isidentifier() else places[i].name  # a resumed frame's stack slot
+                                       for n, i in zip(names, dec.inputs)))  # a tuple input: one name
+            names = "/".join(names) + (" (cos, sin)" if len(dec.inputs) == 2 else "")
+            out.append(_ids_info(res, f"rotary table input {names}"))
+            out[-1].rotary = dec
+    return out
+
+
 def _ids_info(res: tuple, what: str) -> GridInfo:
     """GridInfo of an `_ids_grid` result; `what` names the source."""
     grid, raster, n_other, other_first = res
@@ -1023,7 +1050,7 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) ->
         if len(grid) not in (2, 3):
             return None, f"config.grouping.grid {list(gcfg.grid)} has {len(grid)} axes longer than 1 (need 2 or 3)"
         return GridInfo(grid, f"config {_axes(grid)}", None, gcfg.text_first), ""
-    why = "no conv patch embedding, position-id input, patchified latent input or config.grouping.grid"
+    why = "no conv patch embedding, position-id input, patchified latent input, rotary table input or config.grouping.grid"
     if example_inputs is None:
         why += " (input values not available)"
     return None, why
@@ -1193,11 +1220,15 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
                         conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact)
+    if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
+        info = _pick(_rotary_grids(gm, example_inputs), sized)
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
         return {"source": f"none: {why}"}
-    if session is not None and "earlier graph" not in info.source:
+    # (a grid from rotary tables is not handed on: a later graph of another resolution would take
+    # it for its own, without the latent sizes the other sources follow per call)
+    if session is not None and "earlier graph" not in info.source and info.rotary is None:
         session._chipmunk_grid = info
     eff_tile = _effective_tile(gcfg.tile, info.grid)
     orders: dict = {}
@@ -1288,11 +1319,11 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key, shard_sides)
         else:
             perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
-            if perm is not None and info.input_index is not None:  # ids of this graph: re-read per generation
-                if regroup is None:
+            if perm is not None and (info.input_index is not None or info.rotary is not None):
+                if regroup is None:  # ids or rotary tables of this graph: re-read per generation
                     from .ids_regrouping import IdsRegrouping
 
-                    regroup = IdsRegrouping(info.input_index, info, gcfg.tile)
+                    regroup = IdsRegrouping(info, gcfg.tile)
                 s.regroup = (regroup, group, None if keep is None else bool(keep[0]), keep_text)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
             remembered_sides[s.path], remembered_text[s.path] = bool(keep[0]), int(keep.sum())

@@ -5,13 +5,16 @@ of one shape) runs the graph compiled for the first, whose sites were grouped on
 Until session 41 the second aspect ratio was grouped on the transposed grid: its query groups
 and MLP token blocks were strips across the image, not tiles, with no error, count or log.
 
-`IdsRegrouping` belongs to one compiled graph. The backend hands it the ids input on every call
-(`update`); it reads them on the first call of each generation only.
+The same holds for the rotary tables a block is passed under regional compilation, from which
+`rotary_grid.py` decodes the positions. `IdsRegrouping` belongs to one compiled graph. The backend
+hands it every call's inputs (`update`); it reads the ids (or the tables' decoding columns) on the
+first call of each generation only.
 
 Invariants:
-- One device→host copy of the ids per generation, at its first call, outside any CUDA-graph
-  recording (the backend's wrapper calls `update` before the graph runner). An ids tensor read
-  before (the same object, at the same version) is not read again.
+- One device→host copy of the ids (or the decoding columns of the tables) per generation, at its
+  first call, outside any CUDA-graph recording (the backend's wrapper calls `update` before the
+  graph runner). An ids tensor (cos table) read before, the same object at the same version, is
+  not read again.
 - A new grid takes effect at a generation's first call. Every cache a call reads was filled in
   its own generation, which begins with a dense step, so no cache built in one order is read in
   another.
@@ -45,8 +48,10 @@ def grid_key(info: Optional[GridInfo]) -> tuple:
 
 
 class IdsRegrouping:
-    def __init__(self, input_index: int, compiled: GridInfo, tile):
-        self.input_index, self.tile = input_index, tile
+    def __init__(self, compiled: GridInfo, tile):
+        """`compiled`: the graph's grid, from its position-id input (`input_index`) or rotary
+        tables (`rotary`)."""
+        self.input_index, self.rotary, self.tile = compiled.input_index, compiled.rotary, tile
         self._keys: dict[tuple, int] = {grid_key(compiled): 0}
         self._infos: list[Optional[GridInfo]] = [compiled]
         self.key = 0
@@ -55,20 +60,26 @@ class IdsRegrouping:
         self._perms: dict[tuple, tuple] = {}
         self._logged: set = set()
 
-    def update(self, ids: Any, generation: int) -> None:
-        """Take this generation's grid from `ids` (a no-op after the generation's first call)."""
-        if generation == self._generation or not isinstance(ids, torch.Tensor):
+    def update(self, args: tuple, generation: int) -> None:
+        """Take this generation's grid from the call's ids or rotary tables (a no-op after the
+        generation's first call)."""
+        if generation == self._generation:
             return
         self._generation = generation
-        version = None if ids.is_inference() else ids._version  # inference tensors have no version
-        if self._read is not None and version is not None and self._read[0]() is ids and self._read[1] == version:
+        src = self.rotary.sources(args)[0] if self.rotary is not None else args[self.input_index]
+        if not isinstance(src, torch.Tensor):
             return
-        self._read = (weakref.ref(ids), version)
+        version = None if src.is_inference() else src._version  # inference tensors have no version
+        if self._read is not None and version is not None and self._read[0]() is src and self._read[1] == version:
+            return
+        self._read = (weakref.ref(src), version)
         try:
-            res = _ids_grid(ids)
+            ids = self.rotary.ids(args) if self.rotary is not None else src
+            res = _ids_grid(ids) if ids is not None else None
         except Exception:  # noqa: BLE001 — odd ids: no grid, the sites run ungrouped
             res = None
-        info = _ids_info(res, "position ids of this generation") if res is not None else None
+        what = "rotary tables of this generation" if self.rotary is not None else "position ids of this generation"
+        info = _ids_info(res, what) if res is not None else None
         key = grid_key(info)
         if key not in self._keys:
             self._keys[key] = len(self._infos)

@@ -4,6 +4,7 @@ whole-model compilation step for step, with real sparsity."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -180,14 +181,13 @@ def test_budget_counts_shared_inputs_once(fresh_dynamo, monkeypatch):
     assert "graph_recorded" not in short and short["graph_disabled:memory_budget"] >= 1, short
 
 
-def _tiny_flux():
+def _tiny_flux(h=16, w=16):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
                                    attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
                                    pooled_projection_dim=32, axes_dims_rope=(16, 24, 24)).eval()
-    h = w = 16
     ids = torch.zeros(h * w, 3)
     ids[:, 1], ids[:, 2] = torch.arange(h).repeat_interleave(w).float(), torch.arange(w).repeat(h).float()
     g = torch.Generator().manual_seed(1)
@@ -229,25 +229,30 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
         assert torch.equal(a, b), i
 
 
-def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo):
+@pytest.mark.parametrize("grouping", [False, True])
+def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo, grouping):
     """Blocks compiled on their own count in model order across classes (FLUX: 2 double blocks,
     then 3 single blocks as layers 2-4), so `first_n_dense_layers` keeps the same blocks dense as
-    whole-model compilation: with grouping off (a block sees no img_ids) the generations after the
-    first equal the whole model's bit for bit. (The first differs: the first single block's first
-    call goes to a graph of its own, so its caches in the later graph fill one refresh later.)
-    Per class, single block 0 was a layer 0 as well and stayed dense."""
+    whole-model compilation: the generations after the first equal the whole model's bit for bit.
+    (The first differs: the first single block's first call goes to a graph of its own, so its
+    caches in the later graph fill one refresh later.) Per class, single block 0 was a layer 0 as
+    well and stayed dense. With grouping on, a block sees no img_ids but the rotary tables the
+    model passes it, decoded into the same 16×8 grid and text side (rotary_grid.py; until session
+    41 the blocks ran ungrouped). Generations alternate 16×8 and 8×16 tokens (one graph: the
+    grid of each generation from its own ids / tables, ids_regrouping.py)."""
     import copy
 
-    base, kw = _tiny_flux()
-    cfg = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2},
-           "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3},
-           "step_signal": "calls", "grouping": {"enabled": False}}
+    base, kw = _tiny_flux(16, 8)
+    _, kw_t = _tiny_flux(8, 16)
+    cfg = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2, "group": 16},
+           "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3, "block": 16},
+           "step_signal": "calls", "grouping": {"enabled": grouping}}
     options = {"config": cfg, "compiler": "eager"}
     whole = torch.compile(copy.deepcopy(base), backend="chipmunk", options=options)
     regional = copy.deepcopy(base)
     regional.compile_repeated_blocks(backend="chipmunk", options=options)
 
-    def generation(model):
+    def generation(model, kw):
         outs = []
         with torch.no_grad():
             for i in range(6):
@@ -257,6 +262,15 @@ def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo):
                 outs.append(model(**x)[0])
         return outs
 
-    generation(whole), generation(regional)
-    for i, (a, b) in enumerate(zip(generation(whole), generation(regional))):
-        assert torch.equal(a, b), i
+    generation(whole, kw), generation(regional, kw)
+    for g, inputs in enumerate([kw, kw_t, kw, kw_t]):
+        for i, (a, b) in enumerate(zip(generation(whole, inputs), generation(regional, inputs))):
+            assert torch.equal(a, b), (g, i)
+    sites = chipmunk_compile.stats(regional)["sites"]
+    if grouping:
+        assert all(s["grouping"].startswith("rotary table input image_rotary_emb (cos, sin) after 16 other rows h×w 16×8")
+                   for s in sites if s["kind"] == "attention"), sites
+        # (the graph of single block 0's first call, with other strides, serves no later call)
+        assert sum("8×16" in s.get("grouping_now", "") for s in sites if s["kind"] == "attention") >= 2, sites
+    else:
+        assert all(s["grouping"] == "none: grouping disabled" for s in sites), sites
