@@ -21,7 +21,6 @@ writes benchmarks/results/aspect_grouping_<weights>.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import chipmunk_compile  # noqa: E402
 from chipmunk_compile import ids_regrouping  # noqa: E402
 from chipmunk_compile.metrics import psnr, relative_error, ssim  # noqa: E402
-from csv_rows import write_rows  # noqa: E402
+from csv_rows import write_results  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -120,12 +119,7 @@ def main(argv=None):
     print(f"{'arm':<10} {'PSNR dB':>8} {'SSIM':>7} {'rel err':>9}  grid of the attention sites")
     for r in rows:
         print(f"{r['arm']:<10} {r['psnr_db']:>8.2f} {r['ssim']:>7.4f} {r['rel_err_tokens']:>9.5f}  {r['grouping']}")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "aspect_grouping_" + os.path.splitext(meta["weights"])[0])
-    write_rows(stem + ".csv", rows)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {stem}.csv/.json ({meta['seconds']} s)")
+    write_results(os.path.join(args.out, "aspect_grouping_" + os.path.splitext(meta["weights"])[0]), rows, meta)
     return rows
 
 

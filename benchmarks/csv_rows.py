@@ -14,3 +14,14 @@ def write_rows(path: str, rows: list[dict]) -> str:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def write_results(stem: str, rows: list[dict], meta: dict) -> str:
+    """`stem`.csv (the rows) and `stem`.json (meta and rows); prints and returns what it wrote."""
+    import json
+
+    write_rows(stem + ".csv", rows)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {stem}.csv/.json")
+    return stem

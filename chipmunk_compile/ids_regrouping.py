@@ -48,6 +48,8 @@ def grid_key(info: Optional[GridInfo]) -> tuple:
 
 
 class IdsRegrouping:
+    """One compiled graph's grid per generation, and the sites' perms on it (cached per grid)."""
+
     def __init__(self, compiled: GridInfo, tile):
         """`compiled`: the graph's grid, from its position-id input (`input_index`) or rotary
         tables (`rotary`)."""
@@ -91,8 +93,8 @@ class IdsRegrouping:
             count("grouping_ids_regrid")
             if self.key not in self._logged:
                 self._logged.add(self.key)
-                log.info("chipmunk: the position ids give another grid than the compiled one (%s): its "
-                         "sites are grouped on it from this generation", info.describe() if info else "none")
+                log.info("chipmunk: this generation's position ids / rotary tables give another grid than the "
+                         "compiled one (%s): its sites are grouped on it", info.describe() if info else "none")
 
     def describe(self) -> str:
         """The current grid, for reports."""
@@ -115,8 +117,8 @@ class IdsRegrouping:
             count("grouping_ungrouped_count")
             if (self.key, n) not in self._logged:
                 self._logged.add((self.key, n))
-                log.info("chipmunk: %d tokens do not fit the grid of this generation's position ids (%s): "
-                         "those sites run ungrouped", n, info.describe() if info else "none")
+                log.info("chipmunk: %d tokens do not fit the grid of this generation's position ids / rotary "
+                         "tables (%s): those sites run ungrouped", n, info.describe() if info else "none")
             # the text tokens stay where the compiled graph found them (ungrouped: in place)
             n_text = n - self._infos[0].n
             whole = keep_text and text_first is not None and 0 < n_text < n
