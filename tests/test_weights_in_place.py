@@ -3,8 +3,9 @@
 A model whose weights moved (off the device and back: diffusers' model CPU offload) is the same
 instance of its compiled graph: its step tracking and caches carry on (until session 40 every call
 after a move was a dense step 0, and each move added a set of caches). The Triton mm2 reads w2 through a column-major copy that the site keeps (`Site.column_major`).
-Every dense MLP step copies the weight into it again (also inside recorded step graphs, which run
-no Python), so a weight written in place between generations is used however it was written: by
+Each branch's first dense MLP step of a generation copies the weight into it again (also inside
+recorded step graphs, which run no Python; session 40 copied at every dense MLP step), so a weight
+written in place between generations is used however it was written: by
 `w.data` or on inference tensors, neither of which moves `w._version`. A model whose weights
 moved gets new copies, at most one per weight, each eviction invalidating the step graphs.
 Triton's CPU interpreter here (the conftest sets it where there is no GPU)."""
@@ -112,3 +113,30 @@ def test_moved_weights_replace_their_copies_and_invalidate_step_graphs(fresh_dyn
     assert [len(s._col_major) for s in sites] == [1, 1]  # the old copies are freed, not kept
     for a, b in zip(tri[1], ref[1]):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+@interpreter_only
+def test_w2_copy_refreshed_once_per_generation_not_at_every_dense_step(fresh_dynamo, monkeypatch):
+    """Dense MLP steps at 0, 2, 4 and 6 of each 8-step generation: the copy is made at the first
+    call and refreshed at the first dense step of each later generation only."""
+    from chipmunk_compile.ops.sites import Site
+
+    refreshes = []
+    real = Site.column_major
+    monkeypatch.setattr(Site, "column_major", lambda self, w, refresh=False: (
+        refreshes.append(self.path) if refresh else None) or real(self, w, refresh))
+    monkeypatch.setenv("CHIPMUNK_KERNELS", "triton")
+    torch.manual_seed(0)
+    model = TwoTinyBlocks().eval()
+    cfg = {"attn": {"enabled": False}, "mlp": {**CFG["mlp"], "full_step_every": 2}}
+    c = torch.compile(model, backend="chipmunk", options={"config": cfg, "compiler": "eager"}, fullgraph=True)
+    x, drift = torch.randn(1, 150, 64), torch.randn(1, 150, 64)
+    with torch.no_grad():
+        for g in range(3):
+            chipmunk_compile.reset(c)
+            for i in range(8):
+                c(x + 0.05 * i * drift)
+    sites = chipmunk_compile.sessions_of(c)[0].sites
+    assert all(s.steps == {"dense": 12, "sparse": 12} for s in sites), [s.steps for s in sites]
+    assert sorted(refreshes) == sorted(s.path for s in sites for _ in range(3)), refreshes
+    assert counters["chipmunk"]["w2_column_major_copy"] == len(sites)

@@ -58,7 +58,8 @@ def _score_basis(xb, w_act, b_act, w_lin, b_lin):
 
 
 def decide(s, st, pos) -> tuple:
-    """(kind, new neuron indices?, cache-not-filled fallback?, error forecast?) — host state only."""
+    """(kind, new neuron indices?, cache-not-filled fallback?, error forecast?, the generation's
+    first dense step of this branch?) — host state only."""
     cfg = s.cfg
     kind = mlp_step_kind(cfg, pos.step, s.current_layer())
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
@@ -69,7 +70,7 @@ def decide(s, st, pos) -> tuple:
     # indices exist; a sparse step applies it once a dense step has measured it
     fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation and "indices" in st.cache
                                     if kind == DENSE else st.slope_generation == pos.generation)
-    return kind, recompute, unfilled, fore
+    return kind, recompute, unfilled, fore, kind == DENSE and st.filled_generation != pos.generation
 
 
 def commit(s, st, decision, generation: int) -> None:
@@ -122,7 +123,7 @@ def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Ten
 def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm) -> Tensor:
     """A dense or sparse step (`d` = its decision) over the branch's caches; returns (B, M, C_out)."""
     cfg = s.cfg
-    kind, recompute, _, fore = d
+    kind, recompute, _, fore, first = d
     B, M, _ = x3.shape
     Fh = w_act.shape[0]
     n_blocks = -(-M // cfg.block)
@@ -134,8 +135,8 @@ def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, p
     fc = Forecast(s, st, pos, "y_rate", "t_dense_span", (B, M, w2.shape[0]), x3.dtype, x3.device) \
         if cfg.extrapolate > 0 and (fore or kind == DENSE) else None
     if kind == DENSE:
-        if chooses_triton("mlp_sparse_mm2", x3):  # the sparse steps' w2 copy follows the weight
-            s.column_major(w2, refresh=True)
+        if first and chooses_triton("mlp_sparse_mm2", x3):  # the sparse steps' w2 copy follows the weight
+            s.column_major(w2, refresh=True)  # (between generations: a FLUX-size copy costs ~0.2 ms)
         y_sparse = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) \
             if fore else None  # what the sparse path would have returned now (caches are rebuilt below)
         y = _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache)
