@@ -103,9 +103,10 @@ class IdsRegrouping:
 
     def for_site(self, n: int, group: Optional[int], text_first: Optional[bool], keep_text: bool) -> tuple:
         """(perm, always_keep) of a site with n tokens on the current grid (key > 0)."""
-        hit = self._perms.get((self.key, n, group, text_first, keep_text))
+        key = (self.key, n, group, text_first, keep_text)
+        hit = self._perms.get(key)
         if hit is None:
-            hit = self._perms[(self.key, n, group, text_first, keep_text)] = self._build(n, group, text_first, keep_text)
+            hit = self._perms[key] = self._build(n, group, text_first, keep_text)
         return hit
 
     def _build(self, n: int, group, text_first, keep_text) -> tuple:

@@ -390,7 +390,6 @@ class GraphInstances:
         self.modules: dict[int, Any] = {}  # key -> weak reference to the module it was seen for
         self.places: dict[int, tuple] = {}  # ordinal -> (its model's id or None, position in that model)
         self.first: dict[Any, int] = {}  # model id -> the lowest position seen in it
-        self.models: dict[int, Any] = {}  # model id -> weak reference to the model
         self.on_new_model: Optional[Callable[[Any], None]] = None  # with the first block seen of each model after the first
         self.current_key: Optional[int] = None
         self.current = 0
@@ -409,11 +408,11 @@ class GraphInstances:
                 count("instance_weights_moved")
                 log.info("chipmunk: %s's weights moved: its caches and steps carry on", type(module).__name__)
             else:
+                new_model = root is not None and id(root) not in self.first
                 ordinal = self._place(position, None if root is None else id(root))
-                if root is not None and id(root) not in self.models:
-                    self.models[id(root)] = weakref.ref(root)
-                    if len(self.models) > 1 and module is not None and self.on_new_model is not None:
-                        self.on_new_model(module)
+                if new_model and sum(m is not None for m in self.first) > 1 and module is not None \
+                        and self.on_new_model is not None:  # a located model after the first
+                    self.on_new_model(module)
             self.keys[key] = ordinal
             self.modules[key] = weakref.ref(module) if module is not None else None
         self.current, self.current_key = ordinal, key
