@@ -543,9 +543,13 @@ def with_overrides(preset, items: list[str]):
     for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
-        if not (sep and dot and section and name and value):
-            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. attn.full_step_every=5")
-        cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+        if not (sep and key and value and (section and name if dot else True)):
+            raise SystemExit(f"--set {item!r}: expected [SECTION.]KEY=VALUE, e.g. attn.full_step_every=5 "
+                             "or cuda_graphs_max_gib=8")
+        if dot:
+            cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+        else:  # a top-level key
+            cfg[key] = yaml.safe_load(value)
     ChipmunkConfig.from_any(cfg)
     return cfg
 
@@ -829,7 +833,7 @@ def parse_args():
                          "a unit = one layer, or for flux/hunyuan-video one double + two single blocks")
     ap.add_argument("--frames", type=int, default=None, help="latent frames (video models)")
     ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    ap.add_argument("--set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
                     help="override one key of the preset, e.g. attn.full_step_every=5 or attn.min_mass=0.7 "
                          "(repeatable; values are YAML)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")

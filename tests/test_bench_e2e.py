@@ -113,7 +113,9 @@ def test_set_overrides_lay_keys_over_the_preset():
     assert cfg == {"preset": "flux", "attn": {"full_step_every": 10, "min_mass": 0.7}}
     # the schedule of the overridden config drives the step labels: no attention refresh at 5, 15, ...
     assert be.step_labels(cfg, 20)[5] != be.step_labels("flux", 20)[5]
-    for bad in (["attn.full_step_every"], ["full_step_every=5"], ["attn.min_mass=2"]):
+    # a top-level key (no section): unknown ones are refused by the config
+    assert be.with_overrides("flux", ["cuda_graphs_max_gib=40"]) == {"preset": "flux", "cuda_graphs_max_gib": 40}
+    for bad in (["attn.full_step_every"], ["full_step_every=5"], ["attn.min_mass=2"], ["cuda_graphs_max_gib=-1"]):
         with pytest.raises((SystemExit, ValueError)):
             be.with_overrides("flux", bad)
 
