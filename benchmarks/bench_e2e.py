@@ -533,7 +533,7 @@ def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, p
 
 
 def with_overrides(preset, items: list[str]):
-    """The preset itself, or {"preset": preset, section: {key: value}} with every SECTION.KEY=VALUE
+    """The preset itself, or {"preset": preset, section: {key: value}, key: value} with every [SECTION.]KEY=VALUE
     of `items` laid over it (validated here, before any model is built)."""
     if not items:
         return preset
@@ -542,14 +542,12 @@ def with_overrides(preset, items: list[str]):
     cfg: dict = {"preset": preset}
     for item in items:
         key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not (sep and key and value and (section and name if dot else True)):
+        path = key.split(".")  # [KEY] (a top-level key) or [SECTION, KEY]
+        if not (sep and value and all(path) and len(path) <= 2):
             raise SystemExit(f"--set {item!r}: expected [SECTION.]KEY=VALUE, e.g. attn.full_step_every=5 "
                              "or cuda_graphs_max_gib=8")
-        if dot:
-            cfg.setdefault(section, {})[name] = yaml.safe_load(value)
-        else:  # a top-level key
-            cfg[key] = yaml.safe_load(value)
+        target = cfg if len(path) == 1 else cfg.setdefault(path[0], {})
+        target[path[-1]] = yaml.safe_load(value)
     ChipmunkConfig.from_any(cfg)
     return cfg
 
@@ -834,7 +832,8 @@ def parse_args():
     ap.add_argument("--frames", type=int, default=None, help="latent frames (video models)")
     ap.add_argument("--config", default=None, help="chipmunk preset/yaml (default: the model's preset)")
     ap.add_argument("--set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
-                    help="override one key of the preset, e.g. attn.full_step_every=5 or attn.min_mass=0.7 "
+                    help="override one key of the preset, e.g. attn.full_step_every=5, attn.min_mass=0.7 or "
+                         "cuda_graphs_max_gib=8 "
                          "(repeatable; values are YAML)")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per step kind")
     ap.add_argument("--generations", type=int, default=0, metavar="N",
