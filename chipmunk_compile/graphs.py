@@ -20,6 +20,13 @@ Invariants:
   buffers are allocated outside any recording; outputs are cloned right after each replay, so
   graphs of one session can share one memory pool (they never run concurrently), taken anew
   once no graph recorded into it is alive (`shared_pool`).
+- A recording does not hold its outputs' memory (since session 43): right after the capture its
+  output tensors are swapped for aliases that do not own their blocks (`_unowned`), so the blocks
+  go back to the pool and later captures reuse them. A replay writes there, and the clone right
+  after it reads there, before any other recording of the pool runs. The pool keeps the memory
+  while any of its graphs lives. Before, each recording kept its outputs: regional FLUX.1 (57
+  blocks, 26.7 MB each) fit 157 of its ~390 block signatures in the 4 GiB budget, and the
+  refreshes, seen last, ran eagerly at 142 ms against 113 recorded (H200, session 42).
 - A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
   epoch is part of the signature, and stale graphs are evicted: the least recently used one once
   a compiled graph holds MAX_GRAPHS recordings per module instance it serves (one graph serves
@@ -28,15 +35,13 @@ Invariants:
   when the memory budget below is short.
 - Input buffers are shared by every recording of one input layout (shapes, strides, dtypes and
   scalars of the non-static inputs), allocated outside the pool at the layout's first recording:
-  a replay copies the call's inputs into them, and recordings never run concurrently. Each
-  recording holds its outputs for good (their blocks stay allocated in the pool).
-- Memory budget: the shared input buffers (once per layout) and every recording's outputs,
-  measured on a layout's first (eager) call, are summed over the device; a recording that would
-  take the sum past `cuda_graphs_max_gib` is not made and its signature stays eager
-  (`graph_disabled:memory_budget`). That keeps large calls eager, where a replay's copies cost
-  more than the launches it saves: regional compilation of FLUX.1 (H200, session 33) was 1.368x
-  with 74 of its block recordings made and the rest eager, 1.334x with all 731 recorded (each
-  output also copied into a shared buffer inside the graph, so that the outputs held nothing).
+  a replay copies the call's inputs into them, and recordings never run concurrently. Outputs
+  that are graph inputs (an input returned as is) stay owned by the inputs.
+- Memory budget: the shared input buffers (once per layout) and the outputs that recordings hold
+  (only under emulation now), measured on a layout's first (eager) call, are summed over the
+  device; a recording that would take the sum past `cuda_graphs_max_gib` is not made and its
+  signature runs eagerly (`graph_disabled:memory_budget`, counted once per signature; tried
+  again on its later calls, so that memory freed by evictions goes to it).
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
 re-runs the call and checks that every op makes the recorded decision.
 """
@@ -139,10 +144,10 @@ class _Recorded:
     """One signature's graph: its arguments (the layout's shared input buffers + its own static
     inputs), its outputs, deferred commits, counter increments."""
 
-    def __init__(self, graph, args: list, outputs, commits: list, counted: Counter, static_idx: list,
+    def __init__(self, graph, args: list, outputs, owned: list, commits: list, counted: Counter, static_idx: list,
                  static_ptrs: list, layout):
         self.graph, self.args, self.outputs, self.layout = graph, args, outputs, layout
-        self.nbytes = _nbytes(outputs)
+        self.nbytes = _nbytes(owned)
         self.commits, self.counted = commits, counted
         self.static_idx, self.static_ptrs = static_idx, static_ptrs  # parameters' addresses at the recording
         self.last_used = 0  # the runner's call count at its last recording or replay
@@ -194,6 +199,27 @@ def _tensors(out) -> list:
     return [t for t in seq if isinstance(t, torch.Tensor)]
 
 
+def _unowned(out, args: list):
+    """`out` with each tensor that no graph input shares storage with swapped for an alias that
+    does not keep its memory allocated, and the list of the tensors it keeps owned."""
+    inputs = {a.untyped_storage().data_ptr() for a in _tensors(args)}
+    owned = []
+
+    def alias(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        storage = t.untyped_storage()
+        if storage.data_ptr() in inputs:
+            owned.append(t)
+            return t
+        view = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+        return torch.empty((), dtype=t.dtype, device=t.device).set_(view, t.storage_offset(), t.shape, t.stride())
+
+    if isinstance(out, (list, tuple)):
+        return type(out)(alias(o) for o in out), owned
+    return alias(out), owned
+
+
 def _clone(out):
     if isinstance(out, torch.Tensor):
         return out.clone()
@@ -233,6 +259,7 @@ class GraphRunner:
         self.graphs: dict = {}
         self.seen: set = set()
         self.failed: set = set()
+        self.refused: set = set()  # signatures the budget kept eager (counted once; tried again per call)
 
     def __call__(self, *args):
         key = self._signature(args) if self.enabled else None
@@ -277,7 +304,9 @@ class GraphRunner:
             held = held_bytes(self.device)
         if held + need <= self.max_bytes:
             return True
-        self.failed.add(key)
+        if key in self.refused:
+            return False
+        self.refused.add(key)
         count("graph_disabled:memory_budget")
         log.info("chipmunk: step not recorded: its buffers (%.2f GiB) would take the recordings past "
                  "cuda_graphs_max_gib (%.2f GiB held)", need / 2**30, held / 2**30)
@@ -355,7 +384,8 @@ class GraphRunner:
         counted = Counter(counters["chipmunk"])
         counted.subtract(before)
         static_idx = [i for i in self.static if isinstance(args[i], torch.Tensor)]
-        rec = _Recorded(graph, static_args, outputs, [(s, st, d) for s, st, d, _ in commits], +counted,
+        outputs, owned = (outputs, _tensors(outputs)) if executed else _unowned(outputs, static_args)
+        rec = _Recorded(graph, static_args, outputs, owned, [(s, st, d) for s, st, d, _ in commits], +counted,
                         static_idx, [args[i].data_ptr() for i in static_idx], layout)
         if EMULATE:
             graph.outputs, graph.commits = rec.outputs, rec.commits

@@ -557,6 +557,7 @@ def test_regional_step_graphs_share_inputs_and_match_eager():
     assert all(k.endswith("cache_not_filled") for k in cc if k.startswith("fallback:")), cc
     runners = [r for r in list(graphs._RUNNERS) if r.graphs]
     assert runners and all(1 <= len(r.inputs) <= 2 for r in runners), [len(r.inputs) for r in runners]
+    assert all(rec.nbytes == 0 for r in runners for rec in r.graphs.values())  # outputs not held (graphs._unowned)
     for gen, ref in zip(gens, want):
         for i, (a, b) in enumerate(zip(gen, ref)):
             assert ((a - b).norm() / b.norm()).item() < 1e-2, i

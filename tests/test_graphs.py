@@ -288,3 +288,22 @@ def test_recorded_steps_never_read_device_data(fresh_dynamo, monkeypatch):
     kinds = step_counts(m)
     assert kinds.get("attention_sparse") and kinds.get("attention_refresh") and kinds.get("mlp_sparse"), kinds
     assert not mode.seen, sorted(set(mode.seen))
+
+
+def test_recording_outputs_are_aliases_that_do_not_hold_memory():
+    """After a capture, a recording swaps its outputs for aliases that read the same memory but
+    do not keep it allocated (later captures of the pool reuse it); an output that is a graph
+    input stays as it is."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    inp = torch.randn(3, 4)
+    made = torch.randn(5, 6)[1:4, ::2]  # a strided view into storage allocated by the "capture"
+    outs, owned = graphs._unowned((made, inp, None), [inp, torch.ones(2)])
+    alias, same, none = outs
+    assert same is inp and none is None and owned == [inp]
+    assert torch.equal(alias, made) and alias.data_ptr() == made.data_ptr() and alias.stride() == made.stride()
+    ref = StorageWeakRef(made.untyped_storage())
+    del made
+    assert ref.expired()  # the alias kept nothing alive
+    single, owned = graphs._unowned(inp * 2, [inp])
+    assert isinstance(single, torch.Tensor) and owned == []

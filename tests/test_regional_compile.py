@@ -274,3 +274,36 @@ def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo, grouping)
         assert sum("8×16" in s.get("grouping_now", "") for s in sites if s["kind"] == "attention") >= 2, sites
     else:
         assert all(s["grouping"] == "none: grouping disabled" for s in sites), sites
+
+
+def test_budget_freed_later_goes_to_a_signature_refused_before(fresh_dynamo, monkeypatch):
+    """A budget of one block input and one output holds one recording; the signatures refused
+    meanwhile are counted once each and stay eager. Once budget is free (here: raised, as
+    evictions and dropped recordings free it), they are recorded on their next calls; the outputs
+    stay those of eager calls throughout."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    x, drift = torch.randn(2, 200, 64), torch.randn(2, 200, 64)
+    one = x.numel() * x.element_size()
+    eager = _stack_of_compiled_blocks(6)
+    with torch.no_grad():
+        want = [eager(x + 0.05 * s * drift) for s in range(12)]
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    options = dict(OPTIONS, config=dict(OPTIONS["config"], cuda_graphs_max_gib=2 * one / 2**30))
+    model = _stack_of_compiled_blocks(6, options)
+    with torch.no_grad():
+        for s in range(12):
+            if s == 6:
+                (runner,) = [r for r in list(graphs._RUNNERS) if r.refused]
+                c = dict(counters["chipmunk"])
+                assert c["graph_recorded"] == 1 and c["graph_disabled:memory_budget"] == len(runner.refused), c
+                refused = set(runner.refused)
+                runner.max_bytes = float("inf")
+            assert torch.equal(model(x + 0.05 * s * drift), want[s]), s
+    c = counters["chipmunk"]
+    assert c["graph_disabled:memory_budget"] == len(refused), dict(c)  # not counted again
+    assert refused & set(runner.graphs), "no refused signature was recorded later"
+    assert c["graph_recorded"] > 1 and c["graph_replays"] > 10, dict(c)
