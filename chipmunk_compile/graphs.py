@@ -41,7 +41,8 @@ Invariants:
   (only under emulation now), measured on a layout's first (eager) call, are summed over the
   device; a recording that would take the sum past `cuda_graphs_max_gib` is not made and its
   signature runs eagerly (`graph_disabled:memory_budget`, counted once per signature; tried
-  again on its later calls, so that memory freed by evictions goes to it).
+  again on a later call once some recording on any device was dropped since its refusal, so that
+  memory freed by evictions goes to it, without a budget scan on every call of it).
 `EMULATE = True` (tests) runs the same bookkeeping on CPU with an emulated graph whose replay
 re-runs the call and checks that every op makes the recorded decision.
 """
@@ -66,6 +67,7 @@ log = logging.getLogger("chipmunk_compile")
 EMULATE = False  # tests: emulate CUDA graphs on CPU (see module docstring)
 MAX_GRAPHS = 32  # per compiled graph and module instance it serves; the least recently used is evicted beyond
 _RUNNERS: "weakref.WeakSet" = weakref.WeakSet()  # every live GraphRunner (the memory budget is per device)
+_DROPS = 0  # recordings dropped so far, by every runner: a refused signature retries after one
 
 
 def _nbytes(values) -> int:
@@ -259,7 +261,7 @@ class GraphRunner:
         self.graphs: dict = {}
         self.seen: set = set()
         self.failed: set = set()
-        self.refused: set = set()  # signatures the budget kept eager (counted once; tried again per call)
+        self.refused: dict = {}  # signature the budget kept eager -> _DROPS at its refusal
 
     def __call__(self, *args):
         key = self._signature(args) if self.enabled else None
@@ -291,6 +293,8 @@ class GraphRunner:
         return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
 
     def _within_budget(self, key) -> bool:
+        if self.refused.get(key, -1) == _DROPS:  # nothing freed since its refusal
+            return False
         """False (and the signature stays eager, counted once) when recording it (its outputs, and
         its layout's input buffers if that layout has none yet) would take the device past the
         budget."""
@@ -304,9 +308,10 @@ class GraphRunner:
             held = held_bytes(self.device)
         if held + need <= self.max_bytes:
             return True
-        if key in self.refused:
+        first = key not in self.refused
+        self.refused[key] = _DROPS
+        if not first:
             return False
-        self.refused.add(key)
         count("graph_disabled:memory_budget")
         log.info("chipmunk: step not recorded: its buffers (%.2f GiB) would take the recordings past "
                  "cuda_graphs_max_gib (%.2f GiB held)", need / 2**30, held / 2**30)
@@ -314,6 +319,8 @@ class GraphRunner:
 
     def _drop(self, key) -> None:
         """Forget a recording, and its layout's shared buffers once no recording uses them."""
+        global _DROPS
+        _DROPS += 1
         self._release(self.graphs.pop(key).layout)
 
     def _release(self, layout) -> None:

@@ -278,9 +278,10 @@ def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo, grouping)
 
 def test_budget_freed_later_goes_to_a_signature_refused_before(fresh_dynamo, monkeypatch):
     """A budget of one block input and one output holds one recording; the signatures refused
-    meanwhile are counted once each and stay eager. Once budget is free (here: raised, as
-    evictions and dropped recordings free it), they are recorded on their next calls; the outputs
-    stay those of eager calls throughout."""
+    meanwhile are counted once each and stay eager, without a budget check per call until some
+    recording is dropped. Once drops free budget (here: the recording dropped by hand, as an
+    eviction or a moved weight drops it, and the budget raised), they are recorded on their next
+    calls; the outputs stay those of eager calls throughout."""
     from chipmunk_compile import graphs
     from torch._dynamo.utils import counters
 
@@ -301,6 +302,8 @@ def test_budget_freed_later_goes_to_a_signature_refused_before(fresh_dynamo, mon
                 c = dict(counters["chipmunk"])
                 assert c["graph_recorded"] == 1 and c["graph_disabled:memory_budget"] == len(runner.refused), c
                 refused = set(runner.refused)
+                for key in list(runner.graphs):
+                    runner._drop(key)
                 runner.max_bytes = float("inf")
             assert torch.equal(model(x + 0.05 * s * drift), want[s]), s
     c = counters["chipmunk"]
