@@ -341,14 +341,16 @@ def depth_text(name: str, blocks: int | None) -> str:
     return f"published depth, {what}" if blocks is None else what
 
 
-def parse_blocks(text: str | None) -> list[int] | None:
-    """'2' -> [2]; '1,2' -> [1, 2] (two distinct counts, ascending); None -> None (published depth)."""
+def parse_blocks(text: str | None, published: int | None = None) -> list[int] | None:
+    """'2' -> [2]; '1,2' -> [1, 2] (two distinct counts, ascending); None -> None (published depth).
+    One count equal to `published` is the published depth itself: None, so that the output and the
+    row say so (AuraFlow's `--blocks 4` was labelled a reduced model)."""
     if text is None:
         return None
     counts = sorted(int(x) for x in text.split(",") if x.strip())
     if len(counts) not in (1, 2) or len(set(counts)) != len(counts) or counts[0] < 1:
         raise ValueError(f"--blocks takes one count or two distinct counts, got {text!r}")
-    return counts
+    return None if counts == [published] else counts
 
 
 # -- schedule: labels, coverage, totals, extrapolation (pure) ------------------------------------
@@ -866,7 +868,7 @@ def main():
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-    counts = parse_blocks(args.blocks)
+    counts = parse_blocks(args.blocks, published_units(args.model))
     spec = MODELS[args.model]
     preset = with_overrides(args.config or spec["preset"], args.set)
     labels = step_labels(preset, args.steps)

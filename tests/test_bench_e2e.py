@@ -59,6 +59,13 @@ def test_parse_blocks_rejects_bad_counts():
             be.parse_blocks(bad)
 
 
+def test_one_count_at_the_published_depth_is_the_published_depth():
+    published = be.published_units("auraflow")
+    assert be.parse_blocks(str(published), published) is None
+    assert be.parse_blocks("2", published) == [2] and be.parse_blocks(f"2,{published}", published) == [2, published]
+    assert "NOT at the" not in be.depth_statement("auraflow", be.parse_blocks(str(published), published))
+
+
 def test_resolve_text_mask():
     assert be.resolve_text_mask("hunyuan-video", None) == "ones" and be.resolve_text_mask("mochi", None) == "ones"
     assert be.resolve_text_mask("hunyuan-video", "none") == "none" and be.resolve_text_mask("flux", None) is None
