@@ -14,7 +14,8 @@ summed kernels shows there where the rest goes. The chipmunk config makes every 
 (first_n_dense_layers 0) unless --preset-as-is keeps the preset's dense first layers, as bench_e2e.py
 runs it. --pin pins chipmunk's steps with set_step, as bench_e2e.py does; without it chipmunk reads
 each call's timestep, a device→host copy that waits for the GPU, so the host time after that read
-shows as GPU idle inside the step."""
+shows as GPU idle inside the step. --regional compiles both variants as bench_e2e.py --regional does
+(diffusers' compile_repeated_blocks: one graph per block class, one step graph replay per block)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import time
 import torch
 
 from chipmunk_compile.config import list_presets
-from bench_e2e import StepPin, apply_text_mask, build, inputs, resolve_text_mask, text_mask_text, timestep
+from bench_e2e import (StepPin, apply_text_mask, build, compile_variant, inputs, resolve_text_mask, text_mask_text,
+                       timestep, uncompile_blocks)
 
 
 def steps(compiled, name, kw, n, start=0, total=50, pin=None):
@@ -214,6 +216,8 @@ def main():
                          "at the end (as a generation runs; the times are per step)")
     ap.add_argument("--text-mask", choices=("ones", "none"), default=None,
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
+    ap.add_argument("--regional", action="store_true",
+                    help="regional compilation for both variants, as bench_e2e.py --regional")
     args = ap.parse_args()
     try:
         args.text_mask = resolve_text_mask(args.model, args.text_mask)
@@ -224,16 +228,16 @@ def main():
     except ValueError as e:
         ap.error(str(e))
     print(f"# {args.model}, {args.blocks} blocks, preset {args.config or 'of the model'}, "
-          f"{text_mask_text(args.model, args.text_mask)}")
+          f"{text_mask_text(args.model, args.text_mask)}{'; regional compilation' if args.regional else ''}")
     model = build(args.model, args.blocks)
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
     preset = args.config or (args.model if args.model in list_presets() else "default")  # as bench_e2e.py
     cfg = preset if args.preset_as_is else \
         {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
-    variants = (("inductor", "inductor", None), ("chipmunk", "chipmunk", {"config": cfg}))
-    for label, backend, opts in variants[1:] if args.no_baseline else variants:
+    for label in ("chipmunk",) if args.no_baseline else ("inductor", "chipmunk"):
         torch._dynamo.reset()
-        c = torch.compile(model, backend=backend, options=opts)
+        uncompile_blocks(model)
+        c = compile_variant(label, model, cfg, args.regional)
         if args.at:
             pin = StepPin(c) if args.pin and label == "chipmunk" else None
             profile_steps(c, args.model, kw, label, starts, args.warm_gens, pin, args.window)
