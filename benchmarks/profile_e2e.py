@@ -183,7 +183,8 @@ def profile_steps(compiled, name, kw, label, at, warm_gens=2, pin=None, window=1
                 torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
         n_replays = counters["chipmunk"]["graph_replays"] - replays
-        replayed = f"; {n_replays} of {window} calls replayed" if label == "chipmunk" else ""
+        # step-graph replays: one per model call, or one per block under regional compilation
+        replayed = f"; {n_replays} step-graph replays in {window} model calls" if label == "chipmunk" else ""
         what = f"step {s}" if window == 1 else f"steps {s}..{s + window - 1} back to back"
         print(f"## {label}, {what}: {wall:.1f} ms wall (under the profiler{replayed})")
         print(kernel_split(prof, n_steps=window))
