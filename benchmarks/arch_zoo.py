@@ -1,6 +1,6 @@
 """Which diffusers transformers chipmunk understands, and how exactly: a zoo of tiny random models.
 
-    python benchmarks/arch_zoo.py                          # all 77 rows (here, arch_zoo_newer.py, arch_zoo_research.py; CPU, ~3-8 min)
+    python benchmarks/arch_zoo.py                          # all 84 rows (here, arch_zoo_newer.py, arch_zoo_research.py, arch_zoo_spellings.py; CPU, ~3-8 min)
     python benchmarks/arch_zoo.py --models flux wan sana   # a few (names: keys of MODELS)
     python benchmarks/arch_zoo.py --out /tmp/zoo           # results elsewhere
 
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chipmunk_compile  # noqa: E402
 from arch_zoo_newer import NEWER_MODELS  # noqa: E402
 from arch_zoo_research import RESEARCH_MODELS  # noqa: E402
+from arch_zoo_spellings import SPELLING_MODELS  # noqa: E402
 from zoo_common import Case, _build, _flux_inputs, _grid_ids, _r  # noqa: E402,F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -376,6 +377,7 @@ MODELS = {
 }
 MODELS.update(NEWER_MODELS)  # diffusers' newer transformers (arch_zoo_newer.py)
 MODELS.update(RESEARCH_MODELS)  # DiTs written outside diffusers, as research code spells them (arch_zoo_research.py)
+MODELS.update(SPELLING_MODELS)  # more of their spellings (arch_zoo_spellings.py)
 
 
 # ---------------------------------------------------------------------------------------------

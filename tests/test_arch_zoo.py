@@ -10,7 +10,8 @@ the KV-cached steps of Qwen-Image 2.1 (image queries over cached prefix keys + t
 prefill (image queries, the tail of the joint sequence, over all of its keys), and
 FLUX.2 Klein (cached reference keys between the own text and image keys), Krea 2's grid in
 the image rows of its joint text + image position ids, and DiTs written outside diffusers
-(nn.MultiheadAttention, nn.TransformerEncoder, einsum attention, checkpointed blocks); Wan-Animate-2, whose own forward makes no
+(nn.MultiheadAttention, nn.TransformerEncoder, einsum attention, checkpointed blocks, and since session 44
+non-fused timm attention, complex rotary, LLaMA SwiGLU, learned biases, baddbmm scores, U-ViT skips); Wan-Animate-2, whose own forward makes no
 graph while one of its methods resumes in one (its session never advances: the blocks must not
 follow it)."""
 
@@ -66,6 +67,26 @@ def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     assert grouping in row["grouping"]
     assert float(row["dense_err"]) < 1e-5
     # sparse steps ran and beat reusing the previous output (Z-Image's output moves 0.38 per call)
+    assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
+    assert row["sparse_steps"] > 0 and not row["fallbacks"]
+
+
+# more research spellings (arch_zoo_spellings.py, session 44): (name, attention sites, MLP sites)
+@pytest.mark.parametrize("name,attn_sites,mlp_sites", [
+    ("research_timm_nonfused", 2, 2),  # (q @ kᵀ) * scale, .softmax, attn_drop, q/k LayerNorm
+    ("research_rope_sdpa", 2, 2),  # complex axial rotary, SDPA(scale=)
+    ("research_swiglu", 2, 2),  # w3(silu(w1 x) * w2 x)
+    ("research_rel_bias", 2, 2),  # learned (H, N, N) bias: a biased site
+    ("research_baddbmm", 2, 2),  # baddbmm(empty, q, kᵀ, beta=0, alpha=scale) + bmm
+    ("research_uvit", 4, 4),  # long skips: block outputs kept across blocks
+    ("research_conv_mlp", 2, 0),  # 1x1 Conv1d feed-forward: no MLP site, left as it was
+])
+def test_zoo_research_spellings(fresh_dynamo, name, attn_sites, mlp_sites):
+    row = arch_zoo.measure(name)
+    assert row["status"] == "ok", row["note"]
+    assert (row["attn"], row["mlp"]) == (attn_sites, mlp_sites)
+    assert "conv2d patch embed h×w 12×12, tile 8×8" in row["grouping"]
+    assert float(row["dense_err"]) < 1e-5
     assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
     assert row["sparse_steps"] > 0 and not row["fallbacks"]
 
