@@ -31,7 +31,7 @@ What is measured, and how:
   "peak GiB" = max_memory_allocated in the timed pass.
   For chipmunk every call pins its step and CFG branch with chipmunk_compile.set_step(s, branch=c),
   so the schedule runs exactly the coverage step indices; each pass starts again at step 0, which
-  the backend takes as a new generation (no chipmunk_compile.reset, which would drop the graphs).
+  the backend takes as a new generation (as chipmunk_compile.reset would make it).
 - Totals: the `--steps` total of a variant = sum over s in 0..steps-1 of its timed-pass median for
   label(s). Speedup = inductor+cudnn total / chipmunk total.
 - Whole generations (`--generations N`): per variant, after the timed pass, N generations of all

@@ -4,7 +4,8 @@ Chipmunk dynamic column-sparse deltas, on any DiT, with no model edits.
     model = torch.compile(model, backend="chipmunk", options={"config": "flux"})
     for step in range(50):
         out = model(latents, t, ...)          # each call advances the schedule
-    chipmunk_compile.reset(model)             # next generation (also detected automatically)
+    chipmunk_compile.reset(model)             # next generation (also detected automatically); caches kept
+    chipmunk_compile.release(model)           # free chipmunk's memory (caches, step graphs)
     print(chipmunk_compile.inspect(model, *example_args))
 
 The backend is registered through the `torch_dynamo_backends` entry point; importing this
@@ -23,7 +24,7 @@ from .runtime import sessions_of
 
 __all__ = [
     "AttnConfig", "ChipmunkConfig", "GroupingConfig", "MlpConfig", "StepCacheConfig", "Report",
-    "inspect", "list_presets", "register", "reset", "set_step", "clear_step", "follow_scheduler", "stats",
+    "inspect", "list_presets", "register", "release", "reset", "set_step", "clear_step", "follow_scheduler", "stats",
 ]
 __version__ = "0.1.0"
 
@@ -39,9 +40,21 @@ def register() -> None:
 
 
 def reset(model: Any) -> None:
-    """Start a new generation: step counter back to 0, every cache of `model` dropped."""
+    """Start a new generation: the step counter back to 0, so the next call is a dense step that
+    recomputes every cache from the weights as they are. The caches stay allocated and the step
+    graphs recorded for them keep replaying (until session 44 reset dropped both, so every later
+    generation ran its steps eagerly and recorded them again); `release` frees them."""
     for session in sessions_of(model):
-        session.reset()
+        session.new_generation()
+
+
+def release(model: Any) -> None:
+    """Free the memory chipmunk holds for `model`: every cache, column-major weight copy, step-cache
+    output and recorded step graph (with the graphs' memory pool once none is left). The compiled graphs stay; the next call
+    begins a new generation and allocates again. For memory another model or the VAE needs between
+    generations (`torch.cuda.empty_cache()` then returns it to the driver)."""
+    for session in sessions_of(model):
+        session.release()
 
 
 def set_step(model: Any, step: int, branch: Optional[str] = None) -> None:
@@ -87,15 +100,18 @@ def stats(model: Any) -> dict:
     """Per-site step-type counts and token grouping (`grouping_now` when this generation's position
     ids or rotary tables give another grid than the compiled one), the current step position and the cache memory of `model`
     (`state_bytes`: device caches plus the host homes of offloaded branches, also per site with its
-    `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into); for
+    `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into;
+    `weight_copy_bytes`: the column-major copies of the MLPs' second weights that the Triton sparse
+    MLP reads, one per weight, beside the model's own); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
-    out = {"sites": [], "state_bytes": 0}
+    out = {"sites": [], "state_bytes": 0, "weight_copy_bytes": 0}
     for session in sessions_of(model):
         session.prune()
         pos = session.position()
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()
+        out["weight_copy_bytes"] += sum(s.weight_copy_bytes() for s in session.sites)
         if session.config.offload_state:
             out["offload_slot_bytes"] = out.get("offload_slot_bytes", 0) + session.offload_slot_bytes()
         for s in session.sites:

@@ -27,7 +27,7 @@ Invariants:
   while any of its graphs lives. Before, each recording kept its outputs: regional FLUX.1 (57
   blocks, 26.7 MB each) fit 157 of its ~390 block signatures in the 4 GiB budget, and the
   refreshes, seen last, ran eagerly at 142 ms against 113 recorded (H200, session 42).
-- A signature's graph is dropped when any site's state epoch changes (new shapes, reset): the
+- A signature's graph is dropped when any site's state epoch changes (new shapes, `release`): the
   epoch is part of the signature, and stale graphs are evicted: the least recently used one once
   a compiled graph holds MAX_GRAPHS recordings per module instance it serves (one graph serves
   every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
@@ -72,6 +72,13 @@ _DROPS = 0  # recordings dropped so far, by every runner: a refused signature re
 
 def _nbytes(values) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(values))
+
+
+def release_recordings(session) -> None:
+    """Drop every recording (and shared input buffer) of the runners that serve `session`
+    (`chipmunk_compile.release`): their graphs go, and with the last one the session's pool."""
+    for runner in [r for r in list(_RUNNERS) if r.session is session]:
+        runner.release()
 
 
 def held_bytes(device) -> int:
@@ -322,6 +329,15 @@ class GraphRunner:
         global _DROPS
         _DROPS += 1
         self._release(self.graphs.pop(key).layout)
+
+    def release(self) -> None:
+        """Forget every recording, shared input buffer and signature seen, as before the first call
+        (the graphs that failed to record stay eager)."""
+        for key in list(self.graphs):
+            self._drop(key)
+        self.inputs.clear()
+        self.refused.clear()
+        self.seen.clear()
 
     def _release(self, layout) -> None:
         if all(r.layout != layout for r in self.graphs.values()):

@@ -348,7 +348,7 @@ class Session:
     def adopt(self, module: torch.nn.Module) -> None:
         """Make this session `module`'s too: a block of another model that the session's graph
         serves (two models of one class, each compiled, share one Dynamo graph: Wan 2.2's two
-        experts). Without it `stats`, `reset`, `set_step` and `follow_scheduler`'s lookup on the
+        experts). Without it `stats`, `reset`, `release`, `set_step` and `follow_scheduler`'s lookup on the
         second model found no session (`set_step` raised) though its calls ran here. A module with
         a session of its own keeps it."""
         global _sessions_version
@@ -360,13 +360,24 @@ class Session:
         log.info("chipmunk: %s shares the compiled graph (and the steps) of %s", type(module).__name__,
                  type(self.owner()).__name__ if self.owner is not None and self.owner() is not None else "?")
 
-    def reset(self) -> None:
+    def new_generation(self) -> None:
+        """The next call begins a generation (a dense step refills every cache it reads); caches and
+        step graphs stay, as when the tracker detects a new generation itself."""
+        self.tracker.reset()
+
+    def release(self) -> None:
+        """A new generation, with every cache, weight copy, step-cache output and recorded step graph
+        freed."""
+        from .graphs import release_recordings
+
         self.tracker.reset()
         self.state.clear()
         for site in self.sites:
             site.states.clear()
+            site.drop_weight_copies()
         if self.step_cache is not None:
             self.step_cache.reset()
+        release_recordings(self)
 
 
 _ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on

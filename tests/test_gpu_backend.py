@@ -562,3 +562,46 @@ def test_regional_step_graphs_share_inputs_and_match_eager():
         for i, (a, b) in enumerate(zip(gen, ref)):
             assert ((a - b).norm() / b.norm()).item() < 1e-2, i
 
+
+
+def test_reset_keeps_step_graphs_and_release_frees_their_memory():
+    """On CUDA graphs: generations with `reset` between them replay their recordings (no eager call
+    after the second) and match the first; `release` frees the caches and the recordings, so the
+    device's allocated memory falls by at least the caches' and weight copies' bytes, and the next
+    generation records again and matches too."""
+    model = _flux()
+    torch._dynamo.reset()
+    c = torch.compile(model, backend="chipmunk", options={"config": CFG})
+
+    def generation():
+        outs = []
+        with torch.no_grad():
+            for i in range(12):
+                x = _inputs(1.0 - i / 12)
+                x["hidden_states"] = x["hidden_states"] + 0.01 * i
+                outs.append(c(**x)[0].float().clone())
+        return outs
+
+    gens, eager_calls = [], []
+    for _ in range(4):
+        before = counters["chipmunk"]["graph_eager_calls"]
+        gens.append(generation())
+        eager_calls.append(counters["chipmunk"]["graph_eager_calls"] - before)
+        chipmunk_compile.reset(c)
+    assert eager_calls[0] > 0 and eager_calls[-1] == 0, eager_calls
+    st = chipmunk_compile.stats(c)
+    state, copies = st["state_bytes"], st["weight_copy_bytes"]
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    chipmunk_compile.release(c)
+    torch.cuda.synchronize()
+    freed = allocated - torch.cuda.memory_allocated()
+    print({"state_bytes": state, "weight_copy_bytes": copies, "freed": freed, "eager_calls": eager_calls})
+    assert state > 0 and copies > 0 and freed >= state + copies
+    assert chipmunk_compile.stats(c)["state_bytes"] == chipmunk_compile.stats(c)["weight_copy_bytes"] == 0
+    gens.append(generation())
+    assert counters["chipmunk"]["graph_recorded"] > 0
+    assert not any(k.startswith(("fallback:", "graph_record_failed")) for k in counters["chipmunk"])
+    for gen in gens[1:]:
+        for a, b in zip(gen, gens[0]):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2

@@ -61,6 +61,59 @@ def test_emulated_graphs_match_eager(fresh_dynamo, monkeypatch, forecast, new_in
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _generations(cm, n: int, between=None) -> tuple[list, list]:
+    """n generations of `cm`: their outputs and the runner's counters per generation; `between(cm)`
+    after each (else the tracker sees each new generation from the timestep going back up)."""
+    outs, counts = [], []
+    keys = ("graph_recorded", "graph_eager_calls", "graph_replays")
+    for _ in range(n):
+        before = dict(counters["chipmunk"])
+        outs.append(_generation(cm))
+        counts.append({k: counters["chipmunk"][k] - before.get(k, 0) for k in keys})
+        if between is not None:
+            between(cm)
+    return outs, counts
+
+
+def test_reset_between_generations_keeps_caches_and_step_graphs(fresh_dynamo, monkeypatch):
+    """`reset(model)` between generations (the README's "next generation") runs each generation as
+    when the tracker sees it begin: same outputs bit for bit, same recordings and replays, caches
+    kept. Until session 44 it dropped the caches and every step graph, so each generation ran its
+    calls eagerly and recorded them again (10 eager calls and 4 replays of 20 in every generation)."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    auto_outs, auto_counts = _generations(chip(Net().eval(), RANDOM), 4)
+    torch._dynamo.reset()
+    counters.clear()
+    m = Net().eval()
+    cm = chip(m, RANDOM)
+    state = []
+    reset_outs, reset_counts = _generations(
+        cm, 4, lambda c: (chipmunk_compile.reset(c), state.append(chipmunk_compile.stats(c)["state_bytes"])))
+    assert reset_counts == auto_counts and reset_counts[-1]["graph_eager_calls"] == 0
+    assert state[0] > 0 and len(set(state)) == 1
+    for gen_a, gen_r in zip(auto_outs, reset_outs):
+        for a, b in zip(gen_a, gen_r):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_release_frees_caches_and_step_graphs(fresh_dynamo, monkeypatch):
+    """`release(model)` frees every cache and recording (and the layouts' input buffers); the next
+    generation runs as the first one did: eagerly first, then recorded, with the same outputs."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    m = Net().eval()
+    cm = chip(m, RANDOM)
+    outs, counts = _generations(cm, 2)
+    runners = [r for r in list(graphs._RUNNERS) if r.session in sessions_of(cm)]
+    assert runners and any(r.graphs for r in runners) and chipmunk_compile.stats(cm)["state_bytes"] > 0
+    chipmunk_compile.release(cm)
+    assert chipmunk_compile.stats(cm)["state_bytes"] == 0
+    assert not any(r.graphs or r.inputs for r in runners) and graphs.held_bytes(runners[0].device) == 0
+    after, after_counts = _generations(cm, 1)
+    assert after_counts[0] == counts[0] and chipmunk_compile.stats(cm)["state_bytes"] > 0
+    for a, b in zip(outs[0], after[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_wrong_signature_is_caught(fresh_dynamo, monkeypatch):
     """If the signature missed a decision, a replay would run the wrong step: emulation checks
     every replay against the decisions the ops make."""

@@ -64,8 +64,8 @@ def _two_experts():
 
 
 def test_helpers_reach_the_session_through_the_second_model(fresh_dynamo):
-    """stats / set_step / reset on the second model act on the session its calls run in (until
-    session 41 it had none: stats was empty, set_step raised, reset did nothing)."""
+    """stats / set_step / reset / release on the second model act on the session its calls run in
+    (until session 41 it had none: stats was empty, set_step raised, reset did nothing)."""
     high, low, c_high, c_low = _two_experts()
     x = torch.randn(1, 150, 64)
     with torch.no_grad():
@@ -80,7 +80,11 @@ def test_helpers_reach_the_session_through_the_second_model(fresh_dynamo):
         c_low(x, torch.full((1,), 0.1))
     assert chipmunk_compile.stats(c_high)["step"] == 2
     chipmunk_compile.clear_step(c_low)
-    chipmunk_compile.reset(c_low)
+    generation = chipmunk_compile.stats(c_high)["generation"]
+    chipmunk_compile.reset(c_low)  # a new generation for both models; their caches stay
+    assert chipmunk_compile.stats(c_high)["generation"] == generation + 1
+    assert chipmunk_compile.stats(c_high)["state_bytes"] > 0
+    chipmunk_compile.release(c_low)
     assert chipmunk_compile.stats(c_high)["state_bytes"] == 0
 
 

@@ -281,6 +281,15 @@ class Site:
             hit.copy_(w)
         return hit
 
+    def weight_copy_bytes(self) -> int:
+        """Bytes of the column-major weight copies this site keeps (`column_major`)."""
+        return sum(t.untyped_storage().nbytes() for t in self.__dict__.get("_col_major", {}).values())
+
+    def drop_weight_copies(self) -> None:
+        """Free the column-major weight copies (`release`); the next sparse-MLP call makes them again.
+        Step graphs that read them are released with them (`graphs.release_recordings`)."""
+        self.__dict__.pop("_col_major", None)
+
     def _for_count(self, n: Optional[int]) -> tuple:
         """(perm, always_keep) of a call with n tokens: the compile-time ones, or for a symbolic
         count those `call_grouping` builds for n (host tensors, made on the call's first run)."""
