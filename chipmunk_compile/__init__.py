@@ -50,9 +50,10 @@ def reset(model: Any) -> None:
 
 def release(model: Any) -> None:
     """Free the memory chipmunk holds for `model`: every cache, column-major weight copy, step-cache
-    output and recorded step graph (with the graphs' memory pool once none is left). The compiled graphs stay; the next call
-    begins a new generation and allocates again. For memory another model or the VAE needs between
-    generations (`torch.cuda.empty_cache()` then returns it to the driver)."""
+    output and recorded step graph (with the graphs' memory pool once none is left). The compiled
+    graphs stay; the next call begins a new generation and allocates again. For memory another
+    model or the VAE needs between generations (`torch.cuda.empty_cache()` then returns it to the
+    driver)."""
     for session in sessions_of(model):
         session.release()
 

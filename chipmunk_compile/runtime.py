@@ -348,9 +348,9 @@ class Session:
     def adopt(self, module: torch.nn.Module) -> None:
         """Make this session `module`'s too: a block of another model that the session's graph
         serves (two models of one class, each compiled, share one Dynamo graph: Wan 2.2's two
-        experts). Without it `stats`, `reset`, `release`, `set_step` and `follow_scheduler`'s lookup on the
-        second model found no session (`set_step` raised) though its calls ran here. A module with
-        a session of its own keeps it."""
+        experts). Without it `stats`, `reset`, `release`, `set_step` and `follow_scheduler`'s lookup
+        on the second model found no session (`set_step` raised) though its calls ran here. A module
+        with a session of its own keeps it."""
         global _sessions_version
         with _lock:
             if module in _SESSIONS:
