@@ -366,11 +366,15 @@ class Session:
         self.tracker.reset()
 
     def release(self) -> None:
-        """A new generation, with every cache, weight copy, step-cache output and recorded step graph
-        freed."""
+        """A new generation, with every cache (homes of offloaded branches and their device slots
+        included), weight copy, step-cache output and recorded step graph freed."""
         from .graphs import release_recordings
 
         self.tracker.reset()
+        for device in self._offload:  # no copy on the offload stream may outlive its slots
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        self._offload.clear()
         self.state.clear()
         for site in self.sites:
             site.states.clear()

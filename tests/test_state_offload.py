@@ -72,6 +72,13 @@ def test_offloaded_state_gives_identical_outputs(fresh_dynamo, monkeypatch):
     union = {key: home.bytes.numel() for st in branches for key, home in st.home.values()}
     assert offload.device_bytes() <= 2 * sum(union.values()) < session.state.nbytes() / 2
     assert chipmunk_compile.stats(compiled)["offload_slot_bytes"] == offload.device_bytes()
+    # release frees the homes and the device slots; the next generation stages them anew, alike
+    chipmunk_compile.release(compiled)
+    freed = chipmunk_compile.stats(compiled)
+    assert freed["state_bytes"] == freed["offload_slot_bytes"] == 0
+    again, _, _ = generate(model, {**CONFIG, "offload_state": True})
+    for key in kept:
+        assert torch.equal(again[key], kept[key]), key
 
 
 def test_changed_call_order_is_a_counted_miss_with_identical_outputs(fresh_dynamo, monkeypatch):

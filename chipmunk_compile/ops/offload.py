@@ -19,7 +19,7 @@ Invariants:
 - A wrong or missing prediction costs a copy on the compute stream (counted `offload_miss`), never
   stale data; a call that raises leaves its slot owned by no branch (its home is not overwritten).
 - Pinned memory is registered at its exact size (cudaHostRegister), not rounded up to a power of
-  two by the caching host allocator. A home is released (new shapes, a reset, the model freed)
+  two by the caching host allocator. A home is released (new shapes, a `release`, the model freed)
   only after a device synchronize, so no asynchronous copy outlives the memory it reads or writes;
   one dropped while a CUDA graph is captured waits (still registered) for the next staged call.
 - Never inside a CUDA-graph recording (the op asks for an eager call): with `true` the backend
