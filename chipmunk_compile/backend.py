@@ -93,7 +93,10 @@ _SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token times
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
     """Indices of user inputs that look like a timestep/guidance signal: at most 1-D, numeric, not a
     parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
-    `vision_timesteps`: read as its largest value, the noisy tokens' time)."""
+    `vision_timesteps`: read as its largest value, the noisy tokens' time). A symbolic length (the
+    graph Dynamo recompiles with a dynamic batch after the batch size changed: a timestep per
+    sample) is judged by its example value's length; until session 44 such inputs were no signal,
+    so every call of that graph was a step of its own and no later generation began."""
     out = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         src = source_name(node)
@@ -102,13 +105,21 @@ def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
         v = node.meta.get("example_value")
         if not isinstance(v, torch.Tensor) or v.dim() > 1:
             continue
-        numel = v.numel()
-        if not isinstance(numel, int) or numel == 0 or (numel > _SIGNAL_VALUES and not v.is_floating_point()):
+        numel = _hint(v.numel())
+        if numel is None or numel == 0 or (numel > _SIGNAL_VALUES and not v.is_floating_point()):
             continue
         if v.dtype == torch.bool or v.is_complex():
             continue
         out.append(i)
     return out
+
+
+def _hint(n) -> Optional[int]:
+    """An int, or a symbolic int's example value (None when it has none: an unbacked size)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)  # SymNode.hint, torch 2.11 to 2.13
+    return int(hint) if isinstance(hint, int) else None
 
 
 def read_signature(args, indices: list[int]) -> Optional[tuple]:

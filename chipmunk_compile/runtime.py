@@ -134,7 +134,13 @@ class StepTracker:
         if ctx_step is None:
             ctx_step = scheduled
         if self.mode == "auto" and ctx_step is not None:
-            if self._last_ctx_step is not None and ctx_step < self._last_ctx_step:
+            if self._last_ctx_step is not None:  # back to an earlier step: a new generation
+                back = ctx_step < self._last_ctx_step
+            else:  # the first step index after calls tracked otherwise, at or before their step (a
+                # scheduler followed from the second generation on: until session 44 that generation
+                # went on in the last one, its forecasts reading the last one's slopes)
+                back = 0 <= ctx_step <= self.step
+            if back:
                 self._new_generation()
             # without a context name, calls at the same step are its guidance branches in call order
             self.branch_index = self.branch_index + 1 if ctx_step == self._last_ctx_step else 0
@@ -175,10 +181,20 @@ class StepTracker:
         self._last_sig = sig
 
     def _moves_backwards(self, sig: tuple) -> bool:
-        if self._direction is None or len(sig) != len(self._last_sig):
+        last = self._last_sig
+        if len(sig) != len(last):  # another batch size (a timestep per sample): compare the values
+            sig, last = _distinct(sig), _distinct(last)  # (session 44: a batch change went on counting)
+            if sig == _distinct(self._first_sig):
+                return True
+        if self._direction is None or len(sig) != len(last) or self._direction[0] >= len(sig):
             return False
         i, sign = self._direction
-        return (sig[i] - self._last_sig[i]) * sign < 0
+        return (sig[i] - last[i]) * sign < 0
+
+
+def _distinct(sig: tuple) -> tuple:
+    """The signal's values without repeats, in order: a batch's copies of one timestep are one value."""
+    return tuple(dict.fromkeys(sig))
 
 
 def _direction(a: tuple, b: tuple) -> Optional[tuple[int, int]]:

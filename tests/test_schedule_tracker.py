@@ -86,6 +86,52 @@ def test_multi_value_signature():
     assert got == [(0, "0", 0), (1, "0", 0), (1, "1", 0), (2, "0", 0)]
 
 
+def test_another_batch_size_starts_a_generation_or_goes_on():
+    """A timestep per sample: a generation at batch 2 after one at batch 1 begins anew (its values
+    are the first generation's first ones); a batch change within a generation (guidance dropped
+    late) goes on with the next step. Until session 44 signals of another length never began a
+    generation: the batch-2 generation ran on as steps 3, 4, ... of the first."""
+    t = StepTracker()
+    got = _walk(t, [(999.0,), (900.0,), (800.0,), (999.0, 999.0), (900.0, 900.0), (800.0,), (999.0,)])
+    assert got == [(0, "0", 0), (1, "0", 0), (2, "0", 0), (0, "0", 1), (1, "0", 1), (2, "0", 1), (0, "0", 2)]
+    t = StepTracker()  # a later start at the other batch size: the schedule went back up
+    got = _walk(t, [(999.0,), (900.0,), (800.0,), (950.0, 950.0)])
+    assert got[-1] == (0, "0", 1)
+
+
+def test_compiled_model_new_batch_size_begins_a_generation(fresh_dynamo):
+    """Through Dynamo: a generation at batch 2 after one at batch 1 recompiles the graph with a
+    symbolic batch, whose timestep has a symbolic length. It was no step signal then (every call a
+    step of its own, no generation ever began again: sparse steps on the last generation's caches,
+    counted as cache-not-filled fallbacks); now each generation begins at step 0."""
+    from helpers import flux, flux_inputs
+    from chipmunk_compile.runtime import sessions_of
+    from torch._dynamo.utils import counters
+
+    c = chip(flux().eval(), cfg())
+    seen = []
+    with torch.no_grad():
+        for batch in (1, 2, 2):
+            for i in range(4):
+                c(**flux_inputs(1.0 - i / 4, batch=batch))
+                tracker = sessions_of(c)[0].tracker
+                seen.append((tracker.generation, tracker.step))
+    assert seen == [(g, s) for g in range(3) for s in range(4)]
+    assert counters["stats"]["unique_graphs"] == 2  # batch 1, then one graph for any batch
+    assert not any(k.startswith("fallback:") for k in counters["chipmunk"]), dict(counters["chipmunk"])
+
+
+def test_step_index_after_signature_tracking_begins_a_generation():
+    """follow_scheduler (or a cache context's step_index) turned on after a generation tracked by
+    timesteps: its step 0 begins a new generation; later step indices go on in it."""
+    t = StepTracker()
+    _walk(t, [(999.0,), (900.0,), (800.0,)])
+    got = [t.advance(None, scheduled=s) for s in (0, 1, 2, 0)]
+    assert [(p.step, p.generation) for p in got] == [(0, 1), (1, 1), (2, 1), (0, 2)]
+    t = StepTracker()  # the first calls of a tracker: nothing to begin again
+    assert [(p.step, p.generation) for p in (t.advance(None, scheduled=s) for s in (0, 1))] == [(0, 0), (1, 0)]
+
+
 def test_no_signature_one_call_one_step_and_calls_mode():
     t = StepTracker()
     assert [p[0] for p in _walk(t, [None, None, None])] == [0, 1, 2]
