@@ -100,8 +100,8 @@ def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
     out = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         src = source_name(node)
-        if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[")):
-            continue
+        if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[", "__defaults__", "__kwdefaults__")):
+            continue  # a function's default (a float under dynamic=True) is the same on every call
         v = node.meta.get("example_value")
         if not isinstance(v, torch.Tensor) or v.dim() > 1:
             continue

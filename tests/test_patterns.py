@@ -101,6 +101,44 @@ def test_sdpa_keyword_scale_passed(fresh_dynamo):
     check(SdpaKeyword(), qkv, attention=1, steps=1)
 
 
+def _attend(q, k, v, dropout_p=0.0, scale=0.3):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def _attend_with_dropout(q, k, v, dropout_p=0.1):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+class SdpaThroughDefaults(nn.Module):
+    """SDPA called through a function whose float defaults give dropout_p and scale, as diffusers'
+    dispatch_attention_fn(..., dropout_p=0.0) does."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v, t):
+        return self.fn(q, k, v)
+
+
+def test_sdpa_float_defaults_under_dynamic_shapes(fresh_dynamo):
+    """Under dynamic=True Dynamo passes float defaults in as 0-d tensors and SDPA gets their
+    `.item()`: read as the defaults' numbers, dropout_p=0.0 is no dropout and scale=0.3 the scale
+    the op uses (all keys attended: equal to eager). Until session 44 every such attention was
+    rejected as "attention dropout". A default dropout of 0.1 stays rejected."""
+    from torch._dynamo.utils import counters
+
+    mod = SdpaThroughDefaults(_attend).eval()
+    compiled = chip(mod, SMALL, dynamic=True)
+    for i in range(3):
+        torch.testing.assert_close(compiled(*qkv(i)), mod(*qkv(i)), rtol=1e-5, atol=1e-5)
+    assert ccount("attention_sites") == 1 and ccount("attention_sparse") > 0
+    counters.clear()
+    torch._dynamo.reset()
+    chip(SdpaThroughDefaults(_attend_with_dropout).eval(), SMALL, dynamic=True)(*qkv(0))
+    assert ccount("attention_sites") == 0 and ccount("rejected") == 1
+
+
 def test_sdpa_gqa(fresh_dynamo):
     rep = check(SdpaGqa(), lambda i: qkv(i, hq=4, hkv=2), attention=1)
     assert rep.sites[0].shapes["k"] == (B, 2, N, D)

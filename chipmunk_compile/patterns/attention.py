@@ -41,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 
 from .fx_utils import (
     ATEN_SDPA, MATMUL, SDPA, SOFTMAX_FNS, arg, fn_kwargs, is_call, is_cast, is_method, is_noop_dropout,
-    module_path, schema_kwargs, shape_of, single_user, val,
+    module_path, number, schema_kwargs, shape_of, single_user, val,
 )
 from .padding_mask import padding_vectors
 from .token_streams import distinct_streams, joint_key_streams, key_concat, projected_from, token_slice_of
@@ -226,7 +226,9 @@ def match_sdpa_aten(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, R
 
 
 def _sdpa_match(pattern, node, ctx, kw, output, nodes, mask) -> Union[AttentionMatch, Rejection]:
-    """The checks and the match shared by the SDPA call and its backend ops; `kw` by argument name."""
+    """The checks and the match shared by the SDPA call and its backend ops; `kw` by argument name
+    (a scale or dropout that is a function's default under `dynamic=True` read as its number)."""
+    kw = {**kw, **{name: number(kw[name]) for name in ("scale", "dropout_p") if name in kw}}
     q, k, v = kw["query"], kw["key"], kw["value"]
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
     key_layout = _common_checks(pattern, node, ctx, q, k, v, kw.get("scale"), shapes,

@@ -103,11 +103,34 @@ def linear_parts(node: fx.Node) -> tuple[Any, Any, Any]:
     return kw.get("input", arg(node, 0, "input")), kw.get("weight", arg(node, 1, "weight")), kw.get("bias", arg(node, 2, "bias"))
 
 
+def number(x: Any) -> Any:
+    """`x` as a Python number where it is a program constant: a number, or `.item()` of a function's
+    default argument that Dynamo made a graph input. Under `dynamic=True` Dynamo does not specialize
+    floats, so diffusers' `dispatch_attention_fn(..., dropout_p=0.0)` reaches SDPA as the `.item()`
+    of a 0-d tensor input whose source is that default (until session 44 every such attention was
+    rejected as "attention dropout"). A default belongs to the function, not to the call: its value
+    at trace time is the value. Anything else is returned as it is."""
+    if not (is_method(x, "item") and len(x.args) == 1 and isinstance(x.args[0], fx.Node)):
+        return x
+    source = x.args[0]
+    grapharg = source.meta.get("grapharg") if source.op == "placeholder" else None
+    try:
+        from torch._dynamo.source import DefaultsSource
+    except ImportError:  # noqa: BLE001 — another torch: no default is read
+        return x
+    example = getattr(grapharg, "example", None)
+    if isinstance(getattr(grapharg, "source", None), DefaultsSource) and isinstance(example, torch.Tensor) \
+            and example.numel() == 1 and example.device.type != "meta":
+        return example.item()
+    return x
+
+
 def is_noop_dropout(node: Any) -> bool:
     """F.dropout with p == 0 or training=False (an identity at inference)."""
     if is_call(node, *DROPOUT):
         kw = fn_kwargs(node) or {}
         p, training = kw.get("p", arg(node, 1, "p", 0.5)), kw.get("training", arg(node, 2, "train", True))
+        p = number(p)
         return (isinstance(p, (int, float)) and p == 0) or training is False
     if is_method(node, "dropout"):
         return False
