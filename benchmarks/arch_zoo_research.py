@@ -153,9 +153,10 @@ class _EinsumBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
-def _case(blocks: nn.ModuleList, checkpointed: bool = False) -> Case:
+def _case(blocks: nn.ModuleList, checkpointed: bool = False, cls: type = None) -> Case:
+    """`blocks` in `cls` (a `_PatchDiT`, the default) with seeded random weights, and its inputs."""
     torch.manual_seed(0)
-    model = _PatchDiT(blocks, checkpointed)
+    model = (cls or _PatchDiT)(blocks, checkpointed)
     torch.manual_seed(0)
     for p in model.parameters():  # adaLN-Zero's zero init would hide the blocks: random weights throughout
         nn.init.normal_(p, std=0.05)

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch_zoo_research import CH, DIM, HEADS, PATCH, SIZE, _PatchDiT, _TimmAttention, _TimmMlp, _timestep_embedding
-from zoo_common import Case, _r
+from arch_zoo_research import DIM, HEADS, PATCH, SIZE, _PatchDiT, _TimmAttention, _TimmMlp, _timestep_embedding
+from arch_zoo_research import _case as research_case
+from zoo_common import Case
 
 HEAD_DIM = DIM // HEADS
 TOKENS = (SIZE // PATCH) ** 2
@@ -189,13 +190,8 @@ class _UViT(_PatchDiT):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
-def _case(blocks: nn.ModuleList, cls=_PatchDiT) -> Case:
-    torch.manual_seed(0)
-    model = cls(blocks)
-    torch.manual_seed(0)
-    for p in model.parameters():  # random weights throughout, as arch_zoo_research._case
-        nn.init.normal_(p, std=0.05)
-    return Case(model.eval(), dict(hidden_states=_r(1, CH, SIZE, SIZE), timestep=torch.tensor([500.0])))
+def _case(blocks: nn.ModuleList, cls: type = _PatchDiT) -> Case:
+    return research_case(blocks, cls=cls)
 
 
 def _two(attn_cls, mlp_cls=_TimmMlp) -> nn.ModuleList:
