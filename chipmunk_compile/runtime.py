@@ -136,10 +136,11 @@ class StepTracker:
         if self.mode == "auto" and ctx_step is not None:
             if self._last_ctx_step is not None:  # back to an earlier step: a new generation
                 back = ctx_step < self._last_ctx_step
-            else:  # the first step index after calls tracked otherwise, at or before their step (a
+            else:  # the first step index after calls tracked otherwise, before their step (a
                 # scheduler followed from the second generation on: until session 44 that generation
-                # went on in the last one, its forecasts reading the last one's slopes)
-                back = 0 <= ctx_step <= self.step
+                # went on in the last one, its forecasts reading the last one's slopes; not at their
+                # step, where a timestep-tracked call of the same step may just have begun one)
+                back = 0 <= ctx_step < self.step
             if back:
                 self._new_generation()
             # without a context name, calls at the same step are its guidance branches in call order

@@ -130,6 +130,10 @@ def test_step_index_after_signature_tracking_begins_a_generation():
     assert [(p.step, p.generation) for p in got] == [(0, 1), (1, 1), (2, 1), (0, 2)]
     t = StepTracker()  # the first calls of a tracker: nothing to begin again
     assert [(p.step, p.generation) for p in (t.advance(None, scheduled=s) for s in (0, 1))] == [(0, 0), (1, 0)]
+    t = StepTracker()  # a step's branches, one tracked by timestep, one by step index: one generation
+    got = [t.advance(sig) if sig else t.advance(None, scheduled=s) for s, sig in
+           ((0, (999.0,)), (0, None), (1, (900.0,)), (1, None), (0, (999.0,)), (0, None))]
+    assert [(p.step, p.generation) for p in got] == [(0, 0), (0, 0), (1, 0), (1, 0), (0, 1), (0, 1)]
 
 
 def test_no_signature_one_call_one_step_and_calls_mode():
