@@ -107,6 +107,7 @@ class StepTracker:
         self._first_sig: Optional[tuple] = None
         self._direction: Optional[tuple[int, int]] = None  # (component, sign) of the schedule
         self._last_ctx_step: Optional[int] = None
+        self._pinned_calls = False  # a call ran at a pinned step since the last reset
         self._repeats = 0  # calls in a row with the last signal values, after the first
 
     @property
@@ -123,13 +124,20 @@ class StepTracker:
         zero-argument callable producing it (read only when no better signal exists: reading
         device values costs a device→host copy). `scheduled`: the step of a followed scheduler
         (`follow_scheduler`), used when the context carries no step index."""
+        name = getattr(context, "name", None) if context is not None else None
         if self.explicit is not None:
             step, branch = self.explicit
             if step < self.step:  # the pinned step went back: a new generation
                 self._new_generation()
-            self.step, self.branch = step, branch or "0"
+            # no branch pinned: the cache context's name, else the calls at one step in call order
+            # (until session 44 every call was branch "0": a pipeline's two guidance calls shared
+            # one branch's caches, and its forecast divided by a zero step span: NaN)
+            repeat = step == self.step and self._pinned_calls
+            self.branch_index = (self.branch_index + 1) % MAX_BRANCHES if repeat else 0
+            self._pinned_calls = True
+            self.step = step
+            self.branch = branch or (str(name) if name is not None else str(self.branch_index))
             return self.position
-        name = getattr(context, "name", None) if context is not None else None
         ctx_step = getattr(context, "step_index", None) if context is not None else None
         if ctx_step is None:
             ctx_step = scheduled
@@ -161,8 +169,11 @@ class StepTracker:
 
     def _advance_by_signature(self, sig: tuple) -> None:
         if self._last_sig is None:
+            if self.step > 0:  # after steps pinned or followed (set_step, follow_scheduler, then
+                self._new_generation()  # cleared): a generation of its own (until session 44 it went
+                # on in the last one's number, its forecasts reading that generation's slopes)
             self.step, self.branch_index, self._first_sig = 0, 0, sig
-        elif sig == self._last_sig:  # the same step again: another guidance branch
+        elif _same_values(sig, self._last_sig):  # the same step again: another guidance branch
             self._repeats += 1
             self.branch_index = self._repeats if self._repeats < MAX_BRANCHES else 0
             if self._repeats == MAX_BRANCHES:
@@ -191,6 +202,12 @@ class StepTracker:
             return False
         i, sign = self._direction
         return (sig[i] - last[i]) * sign < 0
+
+
+def _same_values(a: tuple, b: tuple) -> bool:
+    """One step's signal: equal, or of another batch size with the same values (SD3's skip-layer
+    guidance call, batch 1 beside the batch-2 CFG call of its step, was counted as a step)."""
+    return a == b or (len(a) != len(b) and _distinct(a) == _distinct(b))
 
 
 def _distinct(sig: tuple) -> tuple:

@@ -159,6 +159,49 @@ def test_constant_signature_is_no_step_signal(fresh_dynamo):
     assert {b for _, b, _ in _walk(t, [(float(v),) for v in range(40, 0, -1) for _ in (0, 1)])} == {"0", "1"}
 
 
+def test_skip_layer_guidance_call_is_a_branch_of_its_step():
+    """SD3's skip-layer guidance adds a batch-1 call beside each step's batch-2 CFG call, at the
+    same timestep: another branch of that step (it was counted as a step: 23 steps in 20)."""
+    t = StepTracker()
+    got = _walk(t, [(999.0, 999.0), (999.0,), (900.0, 900.0), (900.0,), (999.0, 999.0)])
+    assert got == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0), (0, "0", 1)]
+
+
+def test_pinned_steps_name_their_guidance_calls():
+    """set_step without a branch: the calls at one pinned step are its branches in call order, or
+    by the cache context's name (every call was branch "0": two guidance calls shared one branch's
+    caches). Timestep tracking after the pin is cleared begins a generation of its own."""
+    t = StepTracker()
+    got = []
+    for step in (0, 1):
+        t.explicit = (step, None)
+        got += [(p.step, p.branch, p.generation) for p in (t.advance(None), t.advance(None))]
+    assert got == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0)]
+    t.explicit = (2, None)
+    assert t.advance(None, SimpleNamespace(name="uncond", step_index=None)).branch == "uncond"
+    t.explicit = (2, "cond")
+    assert t.advance(None).branch == "cond"
+    t.explicit = None  # clear_step: the timestep takes over, in a generation of its own
+    assert _walk(t, [(999.0,), (900.0,)]) == [(0, "0", 1), (1, "0", 1)]
+
+
+def test_two_guidance_calls_pinned_to_one_branch_stay_finite(fresh_dynamo):
+    """Both calls of a step pinned to branch "0" (set_step(model, i, "0")): the second refresh of a
+    step measured the forecast's slope over a zero step span, and the outputs were NaN from then on.
+    A zero span now gives a zero slope (a hold)."""
+    from helpers import flux, flux_inputs
+
+    c = chip(flux().eval(), cfg(attn={"full_step_every": 3}))
+    with torch.no_grad():
+        c(**flux_inputs(1.0))
+        for i in range(10):
+            chipmunk_compile.set_step(c, i, "0")
+            for b in range(2):
+                x = flux_inputs(1.0 - i / 10)
+                x["hidden_states"] = x["hidden_states"] + 0.1 * b
+                assert torch.isfinite(c(**x)[0]).all(), (i, b)
+
+
 def test_reset_bumps_generation():
     t = StepTracker()
     _walk(t, [(999.0,), (900.0,)])

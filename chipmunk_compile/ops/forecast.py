@@ -42,10 +42,13 @@ class Forecast:
         return 1.0 / self._record_span()
 
     def _record_span(self) -> Tensor:
-        """span = t − t_ref (this measuring step's distance to the previous one), returned."""
+        """span = t − t_ref (this measuring step's distance to the previous one), returned as the
+        divisor. A measuring step at or before the last one (one step run twice on a branch: two
+        guidance calls pinned to one branch) divides by infinity: a zero slope and span, a hold,
+        where it divided by zero (NaN latents from the next step on until session 44)."""
         dt = self.t_now - self.t_ref
-        self.span.fill_(dt)
-        return dt
+        self.span.fill_(dt.clamp(min=0))
+        return torch.where(dt > 0, dt, torch.full_like(dt, float("inf")))
 
     def mark(self) -> None:
         """This step is the latest measuring step."""
