@@ -59,9 +59,12 @@ def release(model: Any) -> None:
 
 
 def set_step(model: Any, step: int, branch: Optional[str] = None) -> None:
-    """Pin the step (and guidance branch) that the next calls of `model` run as.
+    """Pin the step (and guidance branch) that the next calls of `model` run as. Without a branch,
+    the calls at one pinned step are its guidance branches, named by diffusers' cache context
+    (`cache_context("cond")`) or else numbered in call order.
 
-    Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking."""
+    Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking (which
+    then begins a new generation)."""
     sessions = sessions_of(model)
     if not sessions:
         raise ValueError("set_step: this model has not been compiled with backend='chipmunk' and called yet")
