@@ -139,6 +139,28 @@ def test_sdpa_float_defaults_under_dynamic_shapes(fresh_dynamo):
     assert ccount("attention_sites") == 0 and ccount("rejected") == 1
 
 
+class ConvFeedForward(nn.Module):
+    """Two 1x1 convolutions with a GELU between them over the (B, C, N) transpose of the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv1d(C, 4 * C, 1), nn.Conv1d(4 * C, C, 1)
+
+    def forward(self, x, t):
+        return self.fc2(F.gelu(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+def test_conv_feed_forward_is_listed_as_rejected(fresh_dynamo):
+    """A 1x1-convolution feed-forward is no MLP site (only linears are matched), and inspect() now
+    says so instead of nothing; a 3-wide convolution pair is no feed-forward and is not listed."""
+    rep = rejected(ConvFeedForward(), tokens(0))
+    rows = [r for r in rep.rejected if r.pattern == "conv_feed_forward"]
+    assert len(rows) == 1 and rows[0].kind == "mlp" and "1x1 convolution" in rows[0].reason, str(rep)
+    wide = ConvFeedForward()
+    wide.fc1 = nn.Conv1d(C, 4 * C, 3, padding=1)
+    assert not [r for r in rejected(wide, tokens(0)).rejected if r.pattern == "conv_feed_forward"]
+
+
 def test_sdpa_gqa(fresh_dynamo):
     rep = check(SdpaGqa(), lambda i: qkv(i, hq=4, hkv=2), attention=1)
     assert rep.sites[0].shapes["k"] == (B, 2, N, D)
