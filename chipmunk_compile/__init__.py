@@ -80,9 +80,11 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
     A scheduler's step index is host state, so the host can run ahead and its per-call work
     overlaps the GPU's. Step 0 while `step_index` is None (before the generation's first
     `scheduler.step`); a step lower than the last starts a new generation; calls at the same step
-    are its guidance branches (named by the cache context when the pipeline sets one). Works
+    are its guidance branches (named by the cache context when the pipeline sets one). A scheduler
+    without `step_index` (DDIM, DDPM, PNDM, CogVideoX's) gets the same count on the host: its
+    `step` and `set_timesteps` are wrapped on the instance (`runtime.count_scheduler_steps`). Works
     before the first compile; `follow_scheduler(model, None)` goes back to the timestep."""
-    from .runtime import _SCHEDULERS
+    from .runtime import _SCHEDULERS, count_scheduler_steps
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"follow_scheduler: expected the (compiled) model, got {type(model).__name__}")
@@ -90,8 +92,10 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
         _SCHEDULERS.pop(model, None)
     else:
         if not hasattr(scheduler, "step_index"):
-            raise TypeError(f"follow_scheduler: {type(scheduler).__name__} has no step_index "
-                            "(diffusers schedulers have one)")
+            if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "set_timesteps", None))):
+                raise TypeError(f"follow_scheduler: {type(scheduler).__name__} has no step_index, nor step and "
+                                "set_timesteps to count its steps by (diffusers schedulers have them)")
+            count_scheduler_steps(scheduler)
         _SCHEDULERS[model] = scheduler
 
 

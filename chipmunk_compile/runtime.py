@@ -456,11 +456,35 @@ def _set_on(registry, roots, module: torch.nn.Module) -> Any:
 
 def scheduled_step(scheduler: Any) -> Optional[int]:
     """A followed diffusers scheduler's step, host state only: `step_index` counts its `step()` calls
-    since `set_timesteps` and is None before the first one (step 0 of a generation)."""
+    since `set_timesteps` and is None before the first one (step 0 of a generation); a scheduler
+    without one has the count `count_scheduler_steps` keeps."""
     if scheduler is None:
         return None
-    index = getattr(scheduler, "step_index", None)
+    index = getattr(scheduler, "step_index", getattr(scheduler, "_chipmunk_step_index", None))
     return 0 if index is None else int(index)
+
+
+def count_scheduler_steps(scheduler: Any) -> None:
+    """Count a scheduler's `step()` calls since its last `set_timesteps` in `_chipmunk_step_index`,
+    as diffusers' `step_index` does, by wrapping both methods on the instance (once). For the
+    schedulers that have no step index (DDIM, DDPM, PNDM, CogVideoX's): until session 44
+    `follow_scheduler` refused them and their calls read the timestep from the device."""
+    if getattr(scheduler, "_chipmunk_counts_steps", False):
+        return
+    step, set_timesteps = scheduler.step, scheduler.set_timesteps
+
+    def counted_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        scheduler._chipmunk_step_index = (scheduler._chipmunk_step_index or 0) + 1
+        return out
+
+    def counted_set_timesteps(*args, **kwargs):
+        scheduler._chipmunk_step_index = None
+        return set_timesteps(*args, **kwargs)
+
+    scheduler.step, scheduler.set_timesteps = counted_step, counted_set_timesteps
+    scheduler._chipmunk_step_index = None
+    scheduler._chipmunk_counts_steps = True
 
 
 def stack_modules() -> list[torch.nn.Module]:

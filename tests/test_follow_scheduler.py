@@ -78,6 +78,31 @@ def test_calls_at_one_step_are_branches_in_call_order(fresh_dynamo):
     assert positions[-1].step == STEPS - 1
 
 
+def test_a_scheduler_without_step_index_is_counted(fresh_dynamo, monkeypatch):
+    """DDIM has no step_index (nor DDPM, PNDM, CogVideoX's): its step() calls since set_timesteps are
+    counted on the host, so the followed generation runs the tracked schedule without reads, and
+    the next set_timesteps begins a new generation (follow_scheduler refused it until session 44)."""
+    from diffusers import DDIMScheduler
+
+    tracked = Net().eval()
+    _generation(chip(tracked, CFG), DDIMScheduler())
+    want = step_counts(tracked)
+    torch._dynamo.reset()
+    followed = Net().eval()
+    compiled = chip(followed, CFG)
+    sched = DDIMScheduler()
+    assert not hasattr(sched, "step_index")
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    chipmunk_compile.follow_scheduler(compiled, sched)  # wrapped once
+    reads, positions = _reads(monkeypatch), []
+    _generation(compiled, sched, positions=positions)
+    assert reads == [] and step_counts(followed) == want and want["attention_sparse"] > 0
+    assert [p.step for p in positions] == list(range(STEPS)) and positions[-1].generation == positions[0].generation
+    positions.clear()
+    _generation(compiled, sched, positions=positions)
+    assert positions[0].step == 0 and positions[0].generation == positions[-1].generation > 0
+
+
 def test_bad_arguments_are_refused():
     m = Net().eval()
     with pytest.raises(TypeError, match="no step_index"):
