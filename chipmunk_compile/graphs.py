@@ -300,11 +300,11 @@ class GraphRunner:
         return _nbytes([a for i, a in enumerate(args) if i not in self.static_set])
 
     def _within_budget(self, key) -> bool:
-        if self.refused.get(key, -1) == _DROPS:  # nothing freed since its refusal
-            return False
         """False (and the signature stays eager, counted once) when recording it (its outputs, and
         its layout's input buffers if that layout has none yet) would take the device past the
         budget."""
+        if self.refused.get(key, -1) == _DROPS:  # nothing freed since its refusal
+            return False
         inputs, outputs = self.layouts[key[2]]
         need = outputs + (0 if key[2] in self.inputs else inputs)
         held = held_bytes(self.device)
