@@ -53,10 +53,15 @@ class _PatchDiT(nn.Module):
         b, c, h, w = hidden_states.shape
         x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)
         cond = self.t_embedder(_timestep_embedding(timestep))
-        for block in self.blocks:
-            x = checkpoint(block, x, cond, use_reentrant=False) if self.checkpointed else block(x, cond)
+        x = self.run_blocks(x, cond, (h // PATCH, w // PATCH))
         x = self.final(x).reshape(b, h // PATCH, w // PATCH, PATCH, PATCH, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+    def run_blocks(self, x, cond, grid: tuple):
+        """The tokens through the blocks; subclasses wire them otherwise (rotary tables, skips)."""
+        for block in self.blocks:
+            x = checkpoint(block, x, cond, use_reentrant=False) if self.checkpointed else block(x, cond)
+        return x
 
 
 class _TimmAttention(nn.Module):

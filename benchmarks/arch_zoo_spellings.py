@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch_zoo_research import DIM, HEADS, PATCH, SIZE, _PatchDiT, _TimmAttention, _TimmMlp, _timestep_embedding
+from arch_zoo_research import DIM, HEADS, PATCH, SIZE, _PatchDiT, _TimmAttention, _TimmMlp
 from arch_zoo_research import _case as research_case
 from zoo_common import Case
 
@@ -105,15 +105,11 @@ class _RopeSdpa(nn.Module):
 class _RopeDiT(_PatchDiT):
     """_PatchDiT that computes the rotary table of its grid and passes it to every block."""
 
-    def forward(self, hidden_states, timestep):
-        b, c, h, w = hidden_states.shape
-        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)
-        rope = _axial_rope(h // PATCH, w // PATCH)
-        cond = self.t_embedder(_timestep_embedding(timestep))
+    def run_blocks(self, x, cond, grid: tuple):
+        rope = _axial_rope(*grid)
         for block in self.blocks:
             x = block(x, cond, rope)
-        x = self.final(x).reshape(b, h // PATCH, w // PATCH, PATCH, PATCH, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return x
 
 
 class _SwiGLU(nn.Module):
@@ -176,18 +172,14 @@ class _UViTBlock(_Block):
 class _UViT(_PatchDiT):
     """The first half of the blocks keep their outputs; the second half takes them back, last first."""
 
-    def forward(self, hidden_states, timestep):
-        b, c, h, w = hidden_states.shape
-        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)
-        cond = self.t_embedder(_timestep_embedding(timestep))
+    def run_blocks(self, x, cond, grid: tuple):
         half, skips = len(self.blocks) // 2, []
         for block in self.blocks[:half]:
             x = block(x, cond)
             skips.append(x)
         for block in self.blocks[half:]:
             x = block(x, cond, skips.pop())
-        x = self.final(x).reshape(b, h // PATCH, w // PATCH, PATCH, PATCH, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return x
 
 
 def _case(blocks: nn.ModuleList, cls: type = _PatchDiT) -> Case:
