@@ -168,11 +168,13 @@ def build(name: str, blocks: int | None, device="cuda", dtype=torch.bfloat16):
     return model.to(dtype)
 
 
-def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None):
+def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None, size=None):
+    """The model's call at its published resolution; for flux `size` = (height, width) in pixels
+    gives another (bench_resolutions.py)."""
     g = torch.Generator(device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)
     if name == "flux":
-        h, w = 768 // 16, 1280 // 16
+        h, w = (size or (768, 1280))[0] // 16, (size or (768, 1280))[1] // 16
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
         return dict(hidden_states=r(1, h * w, 64), encoder_hidden_states=r(1, 512, 4096), pooled_projections=r(1, 768),
                     img_ids=img_ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),

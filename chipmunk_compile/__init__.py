@@ -110,16 +110,20 @@ def stats(model: Any) -> dict:
     (`state_bytes`: device caches plus the host homes of offloaded branches, also per site with its
     `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into;
     `weight_copy_bytes`: the column-major copies of the MLPs' second weights that the Triton sparse
-    MLP reads, one per weight, beside the model's own); for
+    MLP reads, one per weight, beside the model's own; `idle_state_bytes`: the part of `state_bytes`
+    kept for other shapes (resolutions, batches: config `state_shapes`) that the current generation
+    has not used, which is freed first when memory runs short, and by `release`); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense."""
-    out = {"sites": [], "state_bytes": 0, "weight_copy_bytes": 0}
+    out = {"sites": [], "state_bytes": 0, "weight_copy_bytes": 0, "idle_state_bytes": 0}
     for session in sessions_of(model):
         session.prune()
         pos = session.position()
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()
         out["weight_copy_bytes"] += sum(s.weight_copy_bytes() for s in session.sites)
+        out["idle_state_bytes"] += sum(st.nbytes for s in session.sites for st in s.states.values()
+                                       if st.used_generation != pos.generation)
         if session.config.offload_state:
             out["offload_slot_bytes"] = out.get("offload_slot_bytes", 0) + session.offload_slot_bytes()
         for s in session.sites:

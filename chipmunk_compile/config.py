@@ -186,6 +186,11 @@ class ChipmunkConfig:
     # memory free (for the model's activations) is offloaded, the others stay on the device; false: never
     offload_state: Any = "auto"
     offload_reserve: float = 0.15  # share of the device's memory (its per-process limit) "auto" keeps free
+    # shapes (resolution, batch) whose caches each site keeps per branch: a graph that serves
+    # several token counts (dynamic shapes) then switches between them without allocating again or
+    # recording its step graphs again; the least recently used beyond is freed, and any shape the
+    # current generation has not used is freed first when memory runs short (ops/sites.py)
+    state_shapes: int = 2
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = "default"
     version: int = 1
@@ -194,6 +199,8 @@ class ChipmunkConfig:
         if self.offload_state not in (True, False, "auto"):
             raise ValueError(f"offload_state must be true, false or 'auto', got {self.offload_state!r}")
         _check_fraction("offload_reserve", self.offload_reserve)
+        if isinstance(self.state_shapes, bool) or not isinstance(self.state_shapes, int) or self.state_shapes < 1:
+            raise ValueError(f"state_shapes must be an integer >= 1, got {self.state_shapes!r}")
         if not self.cuda_graphs_max_gib >= 0:
             raise ValueError(f"cuda_graphs_max_gib must be >= 0, got {self.cuda_graphs_max_gib!r}")
         if self.step_signal not in ("auto", "calls", "explicit"):

@@ -4,7 +4,8 @@ A chipmunk step launches several kernels per site from Python; on FLUX that is ~
 more host time than GPU time. Every host decision of a compiled graph is a pure function of host
 state, so the runner can name, before the call, everything the call will do — its *signature*:
 (branch, block instance, non-static input shapes/strides/dtypes and scalars, and per site the
-state epoch and the decision of `decide`). Per signature:
+epoch of the state that this input layout gives it (ops/sites.py) and the decision of `decide`).
+Per signature:
 - 1st call: eager (allocates caches, compiles and tunes kernels);
 - 2nd call: recorded into a CUDA graph, then replayed. During the recording the ops defer their
   host-state commits (runtime.RECORDING); an op that would allocate persistent memory raises
@@ -27,8 +28,9 @@ Invariants:
   while any of its graphs lives. Before, each recording kept its outputs: regional FLUX.1 (57
   blocks, 26.7 MB each) fit 157 of its ~390 block signatures in the 4 GiB budget, and the
   refreshes, seen last, ran eagerly at 142 ms against 113 recorded (H200, session 42).
-- A signature's graph is dropped when any site's state epoch changes (new shapes, `release`): the
-  epoch is part of the signature, and stale graphs are evicted: the least recently used one once
+- A signature's graph is dropped when any site's state epoch changes (its caches freed: `release`,
+  a shape beyond `state_shapes`, memory running short): the epoch is part of the signature, and
+  stale graphs are evicted: the least recently used one once
   a compiled graph holds MAX_GRAPHS recordings per module instance it serves (one graph serves
   every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
   fixed number of slots, which re-recorded on every call), and any not used for that many calls
@@ -271,6 +273,7 @@ class GraphRunner:
         self.refused: dict = {}  # signature the budget kept eager -> _DROPS at its refusal
 
     def __call__(self, *args):
+        self.session.call_layout = None
         key = self._signature(args) if self.enabled else None
         if key is None:
             return self.compiled(*args)
@@ -353,20 +356,21 @@ class GraphRunner:
             if self.device is None:
                 self.enabled = False
                 return None
-        pos = self.session.position()
-        sites = []
-        for s in self.sites:
-            sig = s.signature(pos)
-            if sig is None:
-                return None
-            sites.append(sig)
         if self.dynamic is None:  # FLUX: 7 inputs of 1,167 (the rest are parameters): not scanned per call
             self.dynamic = [i for i in range(len(args)) if i not in self.static_set]
         meta = []
         for i in self.dynamic:
             a = args[i]
             meta.append((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a)
-        return pos.branch, self.instances.current, tuple(meta), tuple(sites)
+        layout = self.session.call_layout = tuple(meta)  # sites learn which shapes a layout gives them
+        pos = self.session.position()
+        sites = []
+        for s in self.sites:
+            sig = s.signature(pos, layout)
+            if sig is None:
+                return None
+            sites.append(sig)
+        return pos.branch, self.instances.current, layout, tuple(sites)
 
     def _record(self, key, args):
         pos = self.session.position()

@@ -260,6 +260,26 @@ class Session:
         self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
+        self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
+
+    def drop_idle_states(self) -> int:
+        """Free the caches of every site state that the current generation has not called (those of
+        another resolution or batch, kept for its return: `state_shapes`); returns the bytes freed.
+        For when memory runs short: such a shape, when it returns, allocates and records again."""
+        generation = self.position().generation
+        freed = 0
+        for site in self.sites:
+            for key, st in list(site.states.items()):
+                if st.used_generation != generation:
+                    freed += st.nbytes
+                    del site.states[key]
+                    st.drop()
+        if freed:
+            from .ops.sites import count
+
+            count("state_idle_dropped")
+            log.info("chipmunk: memory is short: %.2f GiB of caches of other shapes freed", freed / 2**30)
+        return freed
 
     def offload(self, device) -> Any:
         """The device's `StateOffload` when the config may keep site caches in host memory, else None."""

@@ -163,3 +163,10 @@ def test_cuda_graphs_budget_is_validated():
     assert ChipmunkConfig().cuda_graphs_max_gib == 4.0
     with pytest.raises(ValueError, match="cuda_graphs_max_gib"):
         ChipmunkConfig.from_any({"cuda_graphs_max_gib": -1})
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_state_shapes_is_validated(bad):
+    assert ChipmunkConfig().state_shapes == 2 and ChipmunkConfig.from_any({"state_shapes": 1}).state_shapes == 1
+    with pytest.raises(ValueError, match="state_shapes"):
+        ChipmunkConfig.from_any({"state_shapes": bad})

@@ -605,3 +605,36 @@ def test_reset_keeps_step_graphs_and_release_frees_their_memory():
     for gen in gens[1:]:
         for a, b in zip(gen, gens[0]):
             assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_alternating_sizes_replay_their_step_graphs():
+    """On CUDA graphs: generations alternating 32×32 and 32×48 tokens through one symbolic graph
+    keep both sizes' caches and recordings (`state_shapes` 2): once each size has run three
+    generations, every call replays, and the outputs equal those of `state_shapes: 1`, which
+    allocates and records again at every switch."""
+    model = _flux()
+
+    def alternate(shapes):
+        torch._dynamo.reset()
+        counters.clear()
+        c = torch.compile(model, backend="chipmunk", options={"config": {**CFG, "state_shapes": shapes}}, dynamic=True)
+        outs, eager = [], []
+        with torch.no_grad():
+            for h, w in [(32, 32), (32, 48)] * 4:
+                before = counters["chipmunk"]["graph_eager_calls"]
+                outs.append([c(**_inputs(1.0 - i / 12, h=h, w=w))[0].float().clone() for i in range(12)])
+                eager.append(counters["chipmunk"]["graph_eager_calls"] - before)
+        chipmunk_compile.release(c)
+        return outs, eager, dict(counters["chipmunk"])
+
+    kept, eager2, c2 = alternate(2)
+    freed, eager1, c1 = alternate(1)
+    print({"eager_calls": {"state_shapes 2": eager2, "state_shapes 1": eager1},
+           "reused": c2.get("state_shape_reused"), "evicted": c1.get("state_shape_evicted")})
+    assert eager2[0] > 0 and eager2[-2:] == [0, 0] and min(eager1) > 0
+    assert c2["state_shape_reused"] > 0 and not c2.get("state_shape_evicted") and c1["state_shape_evicted"] > 0
+    for c in (c1, c2):
+        assert not any(k.startswith(("fallback:", "graph_record_failed", "graph_layout_ambiguous")) for k in c), c
+    for gen_k, gen_f in zip(kept, freed):
+        for a, b in zip(gen_k, gen_f):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2

@@ -18,12 +18,12 @@ from test_numerics import Net, latents, sparse_cfg, ts
 RANDOM = sparse_cfg(attn={"random_keys": 0.1}, mlp={"random_keys": 0.1, "block_mask_cache": 2, "full_step_every": 6})
 
 
-def _generation(cm, steps=10, branches=2):
+def _generation(cm, steps=10, branches=2, n=64):
     outs = []
     with torch.no_grad():
         for i in range(steps):
             for b in range(branches):
-                outs.append(cm(latents(i, seed=1 + b), ts(i)))
+                outs.append(cm(latents(i, n, seed=1 + b), ts(i)))
     return outs
 
 
@@ -118,7 +118,7 @@ def test_wrong_signature_is_caught(fresh_dynamo, monkeypatch):
     """If the signature missed a decision, a replay would run the wrong step: emulation checks
     every replay against the decisions the ops make."""
     monkeypatch.setattr(graphs, "EMULATE", True)
-    monkeypatch.setattr(Site, "signature", lambda self, pos: ("constant",))
+    monkeypatch.setattr(Site, "signature", lambda self, pos, layout: ("constant",))
     m = Net().eval()
     cm = chip(m, RANDOM)
     with pytest.raises(AssertionError, match="recording decided"):
@@ -141,7 +141,7 @@ def test_recording_that_would_allocate_runs_eagerly(fresh_dynamo, monkeypatch):
         for i in range(5):
             if i == 3:
                 site = next(s for s in sessions_of(m)[0].sites if s.kind == "mlp")
-                site.states["0"].cache.pop("indices")  # rewritten in full by this step's selection
+                site.state_of("0").cache.pop("indices")  # rewritten in full by this step's selection
             torch.testing.assert_close(cm(latents(i), ts(i)), want[i], rtol=0, atol=0)
     assert ccount("graph_record_deferred") == 1
 
@@ -360,3 +360,69 @@ def test_recording_outputs_are_aliases_that_do_not_hold_memory():
     assert ref.expired()  # the alias kept nothing alive
     single, owned = graphs._unowned(inp * 2, [inp])
     assert isinstance(single, torch.Tensor) and owned == []
+
+
+def _alternating(emulate: bool, monkeypatch, shapes: int, counts=(64, 96, 64, 96, 64, 96)):
+    """Generations at token counts `counts` through one symbolic graph (a server alternating two
+    resolutions); (outputs, eager calls per generation, counters)."""
+    monkeypatch.setattr(graphs, "EMULATE", emulate)
+    torch._dynamo.reset()
+    counters.clear()
+    cm = chip(Net().eval(), {**RANDOM, "state_shapes": shapes}, dynamic=True)
+    outs, eager = [], []
+    for n in counts:
+        before = counters["chipmunk"]["graph_eager_calls"]
+        outs.append(_generation(cm, n=n))
+        eager.append(counters["chipmunk"]["graph_eager_calls"] - before)
+    return outs, eager, dict(counters["chipmunk"])
+
+
+def test_alternating_resolutions_keep_their_caches_and_step_graphs(fresh_dynamo, monkeypatch):
+    """With `state_shapes` 2 (the default) each token count keeps its caches and its recorded step
+    graphs: once both counts have run a generation (and recorded), every later call replays, with
+    the eager outputs bit for bit. With 1, every switch frees the caches, allocates them again and
+    runs each step signature eagerly again before recording it."""
+    _, _, c_eager = _alternating(False, monkeypatch, 2)
+    ref, _, _ = _alternating(False, monkeypatch, 1)
+    got, eager, c = _alternating(True, monkeypatch, 2)
+    for gen_r, gen_g in zip(ref, got):
+        for a, b in zip(gen_r, gen_g):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    sites_branches = 6 * 2  # 3 attention + 3 MLP sites, 2 guidance branches
+    assert c["graphs"] == 1 and c["realloc"] == sites_branches and c_eager["realloc"] == sites_branches
+    # as at one resolution: a shape's second generation meets 2 signatures its first had not
+    # (tests/test_graphs.py: 10, 2, 0, ...), and from its third on every call replays
+    assert eager[0] == eager[1] > eager[2] == eager[3] > 0 and eager[4:] == [0, 0], eager
+    assert c["state_shape_reused"] == 4 * sites_branches and not c.get("state_shape_evicted")
+    assert not any(k.startswith("fallback:") for k in c)
+    _, eager1, c1 = _alternating(True, monkeypatch, 1)
+    assert c1["realloc"] == 5 * sites_branches and c1["state_shape_evicted"] == 5 * sites_branches
+    assert eager1 == [eager[0]] * 6, eager1  # every generation runs eagerly and records again
+
+
+def test_idle_shapes_are_freed_when_memory_runs_short(fresh_dynamo, monkeypatch):
+    """`Session.drop_idle_states` frees the caches of the shape the current generation has not used
+    (and only those: a generation that only replays step graphs, which run no op code, marks its
+    states used through the recorded commits); the next generation at the freed shape allocates
+    and records again and gives the same outputs."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    m = Net().eval()
+    cm = chip(m, RANDOM, dynamic=True)
+    first = {n: _generation(cm, n=n) for n in (96, 64, 96, 64)}
+    before = ccount("graph_eager_calls")
+    _generation(cm, n=96)
+    assert ccount("graph_eager_calls") == before  # replays only
+    (session,) = sessions_of(m)
+    held, idle = chipmunk_compile.stats(m)["state_bytes"], chipmunk_compile.stats(m)["idle_state_bytes"]
+    freed = session.drop_idle_states()
+    assert freed == idle and chipmunk_compile.stats(m)["idle_state_bytes"] == 0
+    after = chipmunk_compile.stats(m)["state_bytes"]
+    assert 0 < freed < held and after == held - freed
+    assert {shape[0][-2] for s in session.sites for _, shape in s.states} == {96}  # q (.., N, D) / x (B, N, C)
+    live = tuple(st.name for s in session.sites for st in s.states.values())
+    assert session.state._buffers and all(n.startswith(live) for n in session.state._buffers)
+    before = ccount("graph_eager_calls")
+    again = _generation(cm, n=64)
+    assert ccount("graph_eager_calls") > before and ccount("state_idle_dropped") == 1
+    for a, b in zip(first[64], again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -98,12 +98,13 @@ def test_ids_that_make_no_grid_run_ungrouped_counted(fresh_dynamo):
 def test_ids_of_another_text_count_rebuild_the_caches(fresh_dynamo):
     """Ids whose first rows leave the image's box (read as 8 more text rows before a 15×8 grid)
     keep 16 keys always instead of 8: the index caches of the earlier generation are too narrow,
-    so the branch's caches are made again (an in-place copy into them raised until session 41)."""
+    so the branch gets caches of its own for the new width (an in-place copy into them raised until
+    session 41), and keeps the old ones for that grid's return (`state_shapes`)."""
     c = chip(flux(), CFG)
 
-    def widths():
+    def widths():  # of each branch's most recently used state
         return [st.cache["indices"].shape[-1] for ses in sessions_of(c) for s in ses.sites if s.kind == "attention"
-                for st in s.states.values()]
+                for st in {key: st for (key, _), st in s.states.items()}.values()]
 
     _generation(c, 16, 8)
     before = widths()
@@ -113,3 +114,4 @@ def test_ids_of_another_text_count_rebuild_the_caches(fresh_dynamo):
     assert all(torch.isfinite(o).all() for o in outs)
     assert counters["chipmunk"]["grouping_ids_regrid"] == 1 and counters["chipmunk"]["attention_sparse"] > 0
     assert len(before) == 4 and widths() == [w + 8 for w in before]
+    assert sum(len(s.states) for ses in sessions_of(c) for s in ses.sites if s.kind == "attention") == 8

@@ -176,7 +176,7 @@ def test_cfg_branches_have_separate_caches(fresh_dynamo):
     for s in st["sites"]:
         assert sum(s["steps"].values()) == 12
     site = sessions_of(m)[0].sites[0]
-    assert set(site.states) == {"0", "1"}
+    assert {key for key, _ in site.states} == {"0", "1"}
     # each branch equals a model that only ever saw that branch
     for seed, got in ((1, cond), (2, uncond)):
         torch._dynamo.reset()
@@ -206,8 +206,9 @@ def test_second_generation_repeats_first(fresh_dynamo, how):
 @pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic-dynamic"])
 def test_resolution_change(fresh_dynamo, dynamic):
     """New token counts recompile (static: one graph per resolution; automatic dynamic: a second,
-    symbolic graph serves every later resolution and its caches reallocate), numerics stay right,
-    and the timestep returning to its first value starts each new generation."""
+    symbolic graph serves every later resolution, keeping `state_shapes` (2) sizes of caches per
+    site: the third frees the least recently used), numerics stay right, and the timestep
+    returning to its first value starts each new generation."""
     m = Net().eval()
     cm = chip(m, sparse_cfg(), dynamic=dynamic)
     for n in (64, 96, 128, 64):
@@ -220,8 +221,10 @@ def test_resolution_change(fresh_dynamo, dynamic):
     if dynamic is False:
         assert c["graphs"] == 3 and c["realloc"] == 0
     else:
-        # the symbolic graph (checked first by Dynamo) serves 96, 128 and 64 again: 2 reallocations
-        assert c["graphs"] == 2 and c["realloc"] == 2 * n_sites
+        # the symbolic graph (checked first by Dynamo) serves 96, 128 and 64 again: 2 new sizes
+        # after its first, the last one freeing 96's caches
+        assert c["graphs"] == 2 and c["realloc"] == 2 * n_sites and c["state_shape_evicted"] == n_sites
+        assert not c["state_shape_reused"]
     assert chipmunk_compile.stats(m)["generation"] == 3
     assert not any(k.startswith("fallback:") for k in c)
 
@@ -337,7 +340,7 @@ def test_kept_indices_refresh_rebuilds_cache(fresh_dynamo):
             refs.append(m(x, t))
             site = site or next(s for s in sessions_of(m)[0].sites if s.kind == "attention")
             if i in (1, 4, 8):
-                kept.append(site.states["0"].cache["indices"].clone())
+                kept.append(site.state_of("0").cache["indices"].clone())
     errs = [max_rel(o, r) for o, r in zip(outs, refs)]
     assert errs[4] < 1e-5 and errs[8] < 1e-5, errs  # refresh attention + dense MLP: exact
     assert 1e-6 < max(errs) < 0.05, errs
@@ -356,7 +359,7 @@ def _forecast_run(kind, config, steps=12, drift=0.05, snap_at=()):
         for i in range(steps):
             x, t = latents(i, drift=drift), ts(i)
             errs.append(max_rel(cm(x, t), m(x, t)))
-            st = next(s for s in sessions_of(m)[0].sites if s.kind == kind and s.states).states["0"]
+            st = next(s for s in sessions_of(m)[0].sites if s.kind == kind and s.states).state_of("0")
             if i in snap_at:
                 snaps[i] = {k: v.clone() for k, v in st.cache.items()}
     return errs, snaps, st, m
@@ -448,3 +451,35 @@ def test_mlp_error_forecast(fresh_dynamo):
     gain = sum(hold[i] for i in sparse) / sum(fore[i] for i in sparse)
     print(f"\nmlp forecast gain {gain:.2f}")
     assert gain > 1.5, (gain, hold, fore)
+
+
+@pytest.mark.parametrize("emulate", [False, True], ids=["eager", "step-graphs"])
+def test_a_size_that_returns_within_a_generation_starts_over(fresh_dynamo, monkeypatch, emulate):
+    """Batch 2 -> 3 -> 2 inside one generation (one graph with a symbolic batch): the size that
+    comes back keeps its caches' memory (`state_shapes`), but what they hold is from before the
+    switch, so its sparse steps take the exact path until the next refresh, as when its caches were
+    freed and made again (`state_shapes: 1`): the outputs of the two are identical, over two
+    generations (also through emulated step graphs, whose replays run no op code)."""
+    from chipmunk_compile import graphs
+
+    monkeypatch.setattr(graphs, "EMULATE", emulate)
+    batches = [2] * 4 + [3] * 3 + [2] * 5
+
+    def outputs(shapes):
+        torch._dynamo.reset()
+        m = Net().eval()
+        cm = chip(m, {**sparse_cfg(), "state_shapes": shapes})
+        outs = []
+        with torch.no_grad():
+            for _ in range(2):
+                for i, b in enumerate(batches):
+                    outs.append(cm(latents(i, 64, b, seed=3), ts(i)))
+        return outs, dict(fresh_dynamo["chipmunk"])
+
+    kept, c2 = outputs(2)
+    fresh_dynamo.clear()
+    freed, c1 = outputs(1)
+    for a, b in zip(kept, freed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert c2["fallback:attn_cache_not_filled"] == c1["fallback:attn_cache_not_filled"] > 0
+    assert c2["realloc"] < c1["realloc"] and c2["state_shape_reused"] > 0

@@ -59,3 +59,31 @@ def test_a_site_out_of_device_memory_moves_its_caches_to_host_memory(fresh_dynam
     stats = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
     assert stats[site.kind].get("sparse", 0) > 0, stats
     assert errs[0] < 1e-5 and max(errs) < 0.05, errs
+
+
+def test_out_of_memory_frees_other_shapes_first(fresh_dynamo, monkeypatch):
+    """A cache that does not fit while another resolution's caches are kept (`state_shapes`): those
+    are freed and the call tries again, so no site gives up its state or runs dense."""
+    from helpers import chip
+    from test_numerics import Net, run, sparse_cfg
+
+    m = Net().eval()
+    cm = chip(m, sparse_cfg(), dynamic=True)
+    run(m, cm, 5, n=64)
+    real, failed = sites_mod.BranchState.tensor, []
+
+    def tensor(self, name, *a, **k):  # the first cache of the 96-token shape does not fit
+        if not failed and self.key[0][-2] == 96:
+            failed.append(self.site)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {name}")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(sites_mod.BranchState, "tensor", tensor)
+    outs, refs = run(m, cm, 5, n=96)
+    errs = [max_rel(o, r) for o, r in zip(outs, refs)]
+    assert failed and ccount("state_idle_dropped") == 1 and errs[0] < 1e-5 and max(errs) < 0.05, errs
+    assert not any(k.startswith("fallback:") for k in fresh_dynamo["chipmunk"])
+    sites = [s for ses in sessions_of(m) for s in ses.sites]
+    assert not any(s.out_of_memory or s.offload_after_oom for s in sites)
+    assert {shape[0][-2] for s in sites for _, shape in s.states} == {96}
+    assert {k for s in sites for k in s.steps} >= {"sparse"}

@@ -219,8 +219,9 @@ def test_auto_under_regional_compile_with_step_graphs(fresh_dynamo, monkeypatch)
 
 
 def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
-    """One graph with a symbolic token count: a new count drops a branch's caches (and homes) and
-    starts it over, and so does coming back to the first. Bit-identical to device caches throughout."""
+    """One graph with a symbolic token count: a new count gives the branch a state of its own
+    (caches and homes), and coming back to the first in the same generation finds that state
+    kept, its caches to be filled again. Bit-identical to device caches throughout."""
     model = flux()
     sizes = [(8, 8)] * 4 + [(8, 12)] * 4 + [(8, 8)] * 3
 
@@ -237,6 +238,7 @@ def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
     off = run({**CONFIG, "offload_state": True})
     assert all(torch.equal(a, b) for a, b in zip(off, kept))
     assert ccount("realloc") > 0 and ccount("offload_hit") > 0
+    assert ccount("fallback:attn_cache_not_filled") > 0  # the first count's caches, back, are refilled
 
 
 def test_a_home_dropped_during_a_capture_is_released_after_it(monkeypatch):

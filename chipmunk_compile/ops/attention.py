@@ -138,11 +138,11 @@ def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
                       bias: Optional[Tensor]) -> Tensor:
     """A call of a site that keeps state: dense, refresh or sparse step per its schedule."""
     perm = s.perm_on(q.device, q.shape[-2])
-    st, pos = s.branch_state()
     # the always-kept keys widen each group's index list: a count that changed (another grid of
     # the same token count: ids_regrouping) needs caches of the new width
     n_keep = s.key_keep_on(q.device, q.shape[-2], k.shape[-2])[1] if s.cfg.keep_text_keys else 0
-    st.ensure((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None, bias is not None, n_keep))
+    st, pos = s.branch_state((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None,
+                              bias is not None, n_keep))
     d = decide(s, st, pos)
     kind, unfilled = d[0], d[2]
     if unfilled:

@@ -131,6 +131,9 @@ class StateOffload:
         try:
             capacity = self.capacity()
             tight = capacity > 0 and self.free_bytes() - self.largest < self.reserve * capacity
+            if tight and st.site.session.drop_idle_states():  # other shapes' caches go before this one's
+                torch.cuda.empty_cache()  # what they freed counts as free only once the allocator returns it
+                tight = self.free_bytes() - self.largest < self.reserve * capacity
         except Exception as e:  # noqa: BLE001 — a query this torch/driver lacks: keep it on the device
             count("offload_auto_unavailable")
             log.warning("chipmunk: offload_state 'auto' cannot read the device's free memory (%s)", e)

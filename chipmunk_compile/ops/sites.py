@@ -5,17 +5,27 @@ Invariants:
   graph passes to the op as a constant; the op looks it up on every call.
 - Cache tensors live in the session's `ChipmunkState` module (named `<site>__<branch>__<name>`),
   are allocated once per (branch, shape) on the first call that needs them and are then updated in
-  place. A shape change (new resolution or batch) reallocates and restarts that site dense.
+  place. Each shape (resolution, batch) of a branch has a `BranchState` of its own: a graph that
+  serves several token counts (Dynamo's dynamic shapes) keeps up to `state_shapes` of them per
+  branch, so alternating resolutions keep their caches' memory and their recorded step graphs
+  (their epochs); the least recently used one beyond that is freed (`realloc` counts a new shape
+  of a branch that had another). A shape not used in the current generation holds nothing a
+  later call needs but memory: it is freed first when memory runs short (`Session.drop_idle_states`).
+  When a branch changes shape, its other states' caches filled in this generation count as not
+  filled (`Site._use`): a shape that returns within a generation refills them first.
 - A cache is read only if it was filled in the current generation (`filled`); otherwise the op
   runs the exact path and counts the fallback.
 - Every host decision of an op is `decide(site, state, position)` (a pure function of host state)
   and every host-state update it makes is `commit(site, state, decision, generation)`; an op ends
   with `Site.finish`, which commits at once or, while a CUDA graph is being recorded, records the
   commit for the graph runner (graphs.py) to apply after each replay.
-- `BranchState.epoch` changes whenever its caches are dropped (new shapes, reset) or a weight
+- `BranchState.epoch` changes whenever its caches are dropped (`BranchState.drop`) or a weight
   copy its site reads is freed (`Site.column_major`), so a recorded graph is never replayed
   against buffers it did not capture. Allocating a cache that did not
   exist yet keeps the epoch: no recorded graph can use it (its recording would have deferred).
+- A step graph's signature names each site's state before the call: the graph runner sets the
+  call's input layout (`Session.call_layout`), and each site learns which shape a layout gives
+  it on its eager calls (`Site.layout_shapes`); a layout seen with two shapes is never recorded.
 - With `offload_state`, a cache's home is host memory (ops/offload.py): its device tensor exists
   only inside the op's `Site.staged` call, which every read or write of a cache happens in.
 - Random draws are a hash of (a device step tensor, layer, site kind, position): reproducible,
@@ -62,15 +72,17 @@ _epochs = itertools.count(1)
 # kind -> (decide, commit), registered by the op modules (ops/attention.py, ops/mlp.py)
 POLICIES: dict[str, tuple] = {}
 ALWAYS_DENSE = "always_dense"  # decision of a site that never runs sparse (no state at all)
+AMBIGUOUS = object()  # Site.layout_shapes: an input layout that gave a site two shapes
 
 
 class BranchState:
     """Caches of one site for one guidance branch."""
 
-    def __init__(self, site: "Site", branch: str):
-        self.site, self.branch = site, branch
+    def __init__(self, site: "Site", branch: str, key: tuple, name: str):
+        self.site, self.branch, self.key = site, branch, key  # key: the shapes, dtype and device it holds
+        self.name = name  # its caches' prefix in the session's state module
         self.epoch = next(_epochs)
-        self.key: Optional[tuple] = None
+        self.used_generation = -1  # last generation that called it
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
         self.index_generation = -1
         self.slope_generation = -1  # generation whose second refresh measured the residual's slope
@@ -86,7 +98,7 @@ class BranchState:
             return t
         if runtime.RECORDING is not None:  # persistent memory must not come from a graph's pool
             raise runtime.NeedsEagerCall(f"cache {name!r} of {self.site.path} is not allocated yet")
-        full = f"s{self.site.id}__{self.branch}__{name}".replace(".", "_")
+        full = f"{self.name}{name}".replace(".", "_")
         offload = self.site.session.offload(device)
         if self.offloaded:  # a slot tensor, valid for this call; the host home is the state
             t = offload.allocate(self, name, shape, dtype, alloc)
@@ -103,20 +115,14 @@ class BranchState:
     def get(self, name: str) -> Optional[torch.Tensor]:
         return self.cache.get(name)
 
-    def ensure(self, key: tuple) -> bool:
-        """True when the caches fit `key` (shapes, dtype, device); else marks them empty."""
-        if self.key != key:
-            if self.key is not None:
-                count("realloc")
-                log.info("chipmunk: site %s branch %s: new shapes %s, caches restart", self.site.path, self.branch, key)
-            self.key = key
-            self.epoch = next(_epochs)
-            self.cache.clear()
-            self.home.clear()
-            self.offloaded, self.nbytes = None, 0
-            self.filled_generation = self.index_generation = self.slope_generation = -1
-            return False
-        return True
+    def drop(self) -> None:
+        """Free its caches (and offloaded homes); a recorded graph that used them never replays again."""
+        self.site.session.state.clear((self.name,))
+        self.epoch = next(_epochs)
+        self.cache.clear()
+        self.home.clear()
+        self.nbytes = 0
+        self.filled_generation = self.index_generation = self.slope_generation = -1
 
 
 @dataclass(eq=False)
@@ -139,7 +145,10 @@ class Site:
     # order (patterns.attention._joint_key_layout); `key_runs` places them for a call's lengths
     key_layout: Optional[tuple] = None
     id: int = -1
+    # (branch key, shape key) -> BranchState (`branch_state`; `used_generation` orders them)
     states: dict = field(default_factory=dict)
+    # (branch key, input layout, grid) -> the shape key its calls gave (AMBIGUOUS: more than one)
+    layout_shapes: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)  # step kind -> calls, for reports
     # sparse passes beyond each step kind's own (a forecast's: old-index residual at an attention
     # refresh, the sparse path at an MLP dense step), for FLOP accounting
@@ -160,15 +169,59 @@ class Site:
         inst = self.graph.current if self.graph is not None else 0
         return pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
 
-    def branch_state(self) -> tuple[BranchState, Any]:
+    def branch_state(self, shape: tuple) -> tuple[BranchState, Any]:
+        """The state of this call's branch for `shape` (the shapes, dtype and device its caches are
+        made for), created on first use; beyond `state_shapes` shapes of the branch the least
+        recently used one is freed."""
         pos = self.session.position()
         key = self._state_key(pos)
-        st = self.states.get(key)
+        st = self.states.get((key, shape))
         if st is None:
             if runtime.RECORDING is not None:
-                raise runtime.NeedsEagerCall(f"{self.path}: first call of branch {key}")
-            st = self.states[key] = BranchState(self, key)
+                raise runtime.NeedsEagerCall(f"{self.path}: first call of branch {key} at these shapes")
+            others = sorted((k for k in self.states if k[0] == key), key=lambda k: self.states[k].used_generation)
+            if others:
+                count("realloc")
+                log.info("chipmunk: site %s branch %s: new shapes %s", self.path, key, shape)
+            for old in others[:max(0, len(others) + 1 - self.session.config.state_shapes)]:
+                self.states.pop(old).drop()
+                count("state_shape_evicted")
+            serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
+            serial = serials[key] = serials.get(key, -1) + 1
+            name = f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
+            st = self.states[(key, shape)] = BranchState(self, key, shape, name)
+        if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
+            self._use(st, pos.generation)
+        layout = self.session.call_layout
+        if layout is not None:
+            where = (key, layout, self.regroup[0].key if self.regroup is not None else 0)
+            known = self.layout_shapes.setdefault(where, shape)
+            if known is not AMBIGUOUS and known != shape:
+                self.layout_shapes[where] = AMBIGUOUS
+                count("graph_layout_ambiguous")
         return st, pos
+
+    def state_of(self, branch: str) -> Optional[BranchState]:
+        """The most recently used state of branch key `branch` (any shape), or None."""
+        return max((st for (key, _), st in self.states.items() if key == branch),
+                   key=lambda st: st.used_generation, default=None)
+
+    def _use(self, st: BranchState, generation: int) -> None:
+        """Mark `st` used by `generation`: by the op's eager call, or by the commit of a recorded
+        step (a replay runs no op code). Counts `state_shape_reused` when another shape of the
+        branch was used after it (a kept shape back, its caches and step graphs with it)."""
+        last = self.__dict__.setdefault("_last_used", {})  # branch key -> its state used last
+        if last.get(st.branch) is not st:  # the branch changes shape: the others' caches are another
+            last[st.branch] = st  # shape's; one filled in this generation must not serve it again
+            for (k, _), o in self.states.items():  # (a batch 2 -> 1 -> 2 in one generation): unfilled
+                if k == st.branch and o is not st and o.filled_generation == generation:
+                    o.filled_generation = o.index_generation = o.slope_generation = -1
+        if st.used_generation == generation:
+            return
+        if st.used_generation >= 0 and any(o.used_generation > st.used_generation for (k, _), o in self.states.items()
+                                           if k == st.branch and o is not st):
+            count("state_shape_reused")
+        st.used_generation = generation
 
     def always_dense(self) -> bool:
         return self.out_of_memory or not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
@@ -185,6 +238,8 @@ class Site:
         except torch.OutOfMemoryError as e:
             if runtime.RECORDING is not None or capturing(t):
                 raise
+            if self.session.drop_idle_states():  # other shapes' caches first: then try again
+                return self.cached_or_dense(cached, dense, t)
             retry = (self.session.offload(t.device) is not None and not self.offload_after_oom
                      and not any(st.offloaded for st in self.states.values()))
             self.states.clear()
@@ -210,15 +265,18 @@ class Site:
             st.offloaded = self.offload_after_oom or offload.decide(st)
         return offload.staged(st, writes) if st.offloaded else contextlib.nullcontext()
 
-    def signature(self, pos) -> Optional[tuple]:
-        """What this site will do on the call at `pos` (its state's epoch and its decision), or
-        None when it cannot be known without running the op (no state yet for this branch)."""
+    def signature(self, pos, layout) -> Optional[tuple]:
+        """What this site will do on a call at `pos` with the graph's input `layout` (its state's
+        epoch and its decision), or None when it cannot be known without running the op (no state
+        yet for the shape this layout gives this branch)."""
         if self.always_dense():
             return (ALWAYS_DENSE,)
-        st = self.states.get(self._state_key(pos))
-        if st is None or st.key is None or st.offloaded:  # offloaded: host-ordered copies, never recorded
-            return None
+        key = self._state_key(pos)
         grid = self.regroup[0].key if self.regroup is not None else 0
+        shape = self.layout_shapes.get((key, layout, grid))
+        st = self.states.get((key, shape)) if shape is not None and shape is not AMBIGUOUS else None
+        if st is None or st.offloaded:  # offloaded: host-ordered copies, never recorded
+            return None
         return (st.epoch, POLICIES[self.kind][0](self, st, pos), grid)
 
     def finish(self, st: Optional[BranchState], decision, pos) -> None:
@@ -235,6 +293,7 @@ class Site:
         kind = decision if st is None else decision[0]
         self.steps[kind] = self.steps.get(kind, 0) + 1
         if st is not None:
+            self._use(st, generation)
             POLICIES[self.kind][1](self, st, decision, generation)
 
     def current_layer(self) -> int:
