@@ -431,7 +431,7 @@ class Session:
         self._offload.clear()
         self.state.clear()
         for site in self.sites:
-            site.states.clear()
+            site.drop_states()
             site.drop_weight_copies()
         if self.step_cache is not None:
             self.step_cache.reset()

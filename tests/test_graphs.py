@@ -2,6 +2,9 @@
 deferred commits, counters, the decision check that catches a wrong signature, deferral when a
 recording would allocate, and the device-step random draws."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -105,8 +108,13 @@ def test_release_frees_caches_and_step_graphs(fresh_dynamo, monkeypatch):
     outs, counts = _generations(cm, 2)
     runners = [r for r in list(graphs._RUNNERS) if r.session in sessions_of(cm)]
     assert runners and any(r.graphs for r in runners) and chipmunk_compile.stats(cm)["state_bytes"] > 0
+    caches = [weakref.ref(t) for ses in sessions_of(cm) for s in ses.sites for st in s.states.values()
+              for t in st.cache.values()]
+    assert caches
     chipmunk_compile.release(cm)
     assert chipmunk_compile.stats(cm)["state_bytes"] == 0
+    gc.collect()
+    assert not [r for r in caches if r() is not None]  # nothing holds them: the memory is free
     assert not any(r.graphs or r.inputs for r in runners) and graphs.held_bytes(runners[0].device) == 0
     after, after_counts = _generations(cm, 1)
     assert after_counts[0] == counts[0] and chipmunk_compile.stats(cm)["state_bytes"] > 0

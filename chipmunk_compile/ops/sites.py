@@ -201,6 +201,15 @@ class Site:
                 count("graph_layout_ambiguous")
         return st, pos
 
+    def drop_states(self) -> None:
+        """Free every state of this site (`release`, out of memory). Each is emptied, not only
+        forgotten: a recording's commits and `_last_used` may still refer to the object."""
+        for st in self.states.values():
+            st.drop()
+        self.states.clear()
+        self.layout_shapes.clear()
+        self.__dict__.pop("_last_used", None)
+
     def state_of(self, branch: str) -> Optional[BranchState]:
         """The most recently used state of branch key `branch` (any shape), or None."""
         return max((st for (key, _), st in self.states.items() if key == branch),
@@ -242,7 +251,7 @@ class Site:
                 return self.cached_or_dense(cached, dense, t)
             retry = (self.session.offload(t.device) is not None and not self.offload_after_oom
                      and not any(st.offloaded for st in self.states.values()))
-            self.states.clear()
+            self.drop_states()
             self.session.state.clear((f"s{self.id}__",))
             first = str(e).splitlines()[0][:200]
             if retry:
