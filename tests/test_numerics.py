@@ -457,8 +457,8 @@ def test_mlp_error_forecast(fresh_dynamo):
 def test_a_size_that_returns_within_a_generation_starts_over(fresh_dynamo, monkeypatch, emulate):
     """Batch 2 -> 3 -> 2 inside one generation (one graph with a symbolic batch): the size that
     comes back keeps its caches' memory (`state_shapes`), but what they hold is from before the
-    switch, so its sparse steps take the exact path until the next refresh, as when its caches were
-    freed and made again (`state_shapes: 1`): the outputs of the two are identical, over two
+    switch, so its first sparse step refills them (a refresh; a dense MLP step), as when its caches
+    were freed and made again (`state_shapes: 1`): the outputs of the two are identical, over two
     generations (also through emulated step graphs, whose replays run no op code)."""
     from chipmunk_compile import graphs
 
