@@ -262,18 +262,23 @@ class Session:
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
         self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
 
-    def drop_idle_states(self) -> int:
-        """Free the caches of every site state that the current generation has not called (those of
-        another resolution or batch, kept for its return: `state_shapes`); returns the bytes freed.
-        For when memory runs short: such a shape, when it returns, allocates and records again."""
+    def drop_idle_states(self, need: Optional[int] = None) -> int:
+        """Free the caches of site states that the current generation has not called (those of
+        another resolution or batch, kept for its return: `state_shapes`; those of a static graph
+        that a graph with symbolic shapes has replaced), the least recently used first, until `need`
+        bytes are freed (all of them when None); returns the bytes freed. For when memory runs
+        short: such a shape, when it returns, allocates and records again."""
         generation = self.position().generation
+        idle = sorted(((st.used_generation, i, site, key) for site in self.sites
+                       for i, (key, st) in enumerate(site.states.items()) if st.used_generation != generation),
+                      key=lambda t: t[:2])
         freed = 0
-        for site in self.sites:
-            for key, st in list(site.states.items()):
-                if st.used_generation != generation:
-                    freed += st.nbytes
-                    del site.states[key]
-                    st.drop()
+        for _, _, site, key in idle:
+            if need is not None and freed >= need:
+                break
+            st = site.states.pop(key)
+            freed += st.nbytes
+            st.drop()
         if freed:
             from .ops.sites import count
 

@@ -434,3 +434,21 @@ def test_idle_shapes_are_freed_when_memory_runs_short(fresh_dynamo, monkeypatch)
     assert ccount("graph_eager_calls") > before and ccount("state_idle_dropped") == 1
     for a, b in zip(first[64], again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_idle_shapes_are_freed_least_recently_used_first(fresh_dynamo):
+    """Asked for some bytes (what `offload_state: "auto"` is short of), `drop_idle_states` frees
+    the idle states of the size used longest ago first, and stops once it has freed enough."""
+    m = Net().eval()
+    cm = chip(m, {**RANDOM, "state_shapes": 3}, dynamic=True)
+    for n in (64, 96, 128):
+        _generation(cm, n=n)
+    (session,) = sessions_of(m)
+
+    def sizes():
+        return {shape[0][-2] for s in session.sites for _, shape in s.states}
+
+    oldest = sum(st.nbytes for s in session.sites for (_, shape), st in s.states.items() if shape[0][-2] == 64)
+    assert sizes() == {64, 96, 128} and oldest > 0
+    assert session.drop_idle_states(oldest) == oldest and sizes() == {96, 128}
+    assert session.drop_idle_states() > 0 and sizes() == {128}

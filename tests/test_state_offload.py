@@ -327,3 +327,43 @@ def test_gpu_offload_matches_device_state_with_triton_kernels(monkeypatch):
     for i, (a, b) in enumerate(zip(off, kept)):
         err = ((a - b).norm() / b.norm()).item()
         assert err < 1e-3, (i, err)
+
+
+def test_auto_frees_another_sizes_idle_caches_before_offloading(fresh_dynamo, monkeypatch):
+    """`offload_state: auto` on a simulated device that holds one size's caches with the reserve
+    free, not two: at a new size the earlier size's idle caches are freed first (as many as it is
+    short of), and the new size's branches stay on the device (none offloaded); the outputs equal
+    those of unlimited memory."""
+    from test_numerics import Net, latents, sparse_cfg, ts
+
+    def run(config):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        cm = chip(Net().eval(), config, dynamic=True)
+        outs = []
+        with torch.no_grad():
+            for n in (64, 96, 64):
+                outs += [cm(latents(i, n), ts(i)) for i in range(5)]
+        return outs, cm
+
+    free_run, cm = run(sparse_cfg())
+    one_size = chipmunk_compile.stats(cm)["state_bytes"] - chipmunk_compile.stats(cm)["idle_state_bytes"]
+    live = []
+
+    def measured(self, st):
+        if st not in live:
+            live.append(st)
+        real_measured(self, st)
+
+    real_measured = offload_mod.StateOffload.measured
+    capacity = 6 * one_size  # reserve 0.5: one size's caches (96 tokens: 1.8 x) leave it free, two do not
+    monkeypatch.setattr(offload_mod.StateOffload, "measured", measured)
+    monkeypatch.setattr(offload_mod.StateOffload, "capacity", lambda self: capacity)
+    monkeypatch.setattr(offload_mod.StateOffload, "free_bytes", lambda self: capacity - sum(st.nbytes for st in live))
+    fresh_dynamo.clear()
+    tight_run, cm = run({**sparse_cfg(), "offload_reserve": 0.5})
+    for a, b in zip(free_run, tight_run):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ccount("state_idle_dropped") > 0 and ccount("offload_auto_branch") == 0
+    # what stays allocated leaves the reserve free, give or take the last branch placed
+    assert chipmunk_compile.stats(cm)["state_bytes"] <= 0.5 * capacity + max(st.nbytes for st in live)

@@ -130,10 +130,11 @@ class StateOffload:
             raise runtime.NeedsEagerCall("a branch's first caches are placed outside a recording")
         try:
             capacity = self.capacity()
-            tight = capacity > 0 and self.free_bytes() - self.largest < self.reserve * capacity
-            if tight and st.site.session.drop_idle_states():  # other shapes' caches go before this one's
+            short = self.reserve * capacity + self.largest - self.free_bytes() if capacity > 0 else 0
+            if short > 0 and st.site.session.drop_idle_states(short):  # idle shapes' caches go first
                 torch.cuda.empty_cache()  # what they freed counts as free only once the allocator returns it
-                tight = self.free_bytes() - self.largest < self.reserve * capacity
+                short = self.reserve * capacity + self.largest - self.free_bytes()
+            tight = short > 0
         except Exception as e:  # noqa: BLE001 — a query this torch/driver lacks: keep it on the device
             count("offload_auto_unavailable")
             log.warning("chipmunk: offload_state 'auto' cannot read the device's free memory (%s)", e)
