@@ -310,3 +310,40 @@ def test_budget_freed_later_goes_to_a_signature_refused_before(fresh_dynamo, mon
     assert c["graph_disabled:memory_budget"] == len(refused), dict(c)  # not counted again
     assert refused & set(runner.graphs), "no refused signature was recorded later"
     assert c["graph_recorded"] > 1 and c["graph_replays"] > 10, dict(c)
+
+
+@pytest.mark.parametrize("shapes", [2, 1])
+def test_regional_blocks_keep_their_step_graphs_across_alternating_sizes(fresh_dynamo, monkeypatch, shapes):
+    """Blocks compiled one by one with symbolic shapes, generations alternating 200 and 264 tokens
+    (emulated step graphs): with `state_shapes` 2 every block instance keeps both sizes' caches and
+    recordings, so from each size's third generation on every block call replays; with 1 every
+    switch records again. The outputs are the same either way, and equal whole-model compilation's."""
+    from chipmunk_compile import graphs
+    from torch._dynamo.utils import counters
+
+    options = {**OPTIONS, "config": {**OPTIONS["config"], "state_shapes": shapes}}
+    torch.manual_seed(0)
+    model = Stack().eval()
+    inputs = {n: (torch.randn(2, n, 64), torch.randn(2, n, 64)) for n in (200, 264)}
+    whole = torch.compile(copy.deepcopy(model), backend="chipmunk", options=options, dynamic=True)
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    regional = copy.deepcopy(model)
+    for block in regional.blocks:
+        block.compile(backend="chipmunk", options=options, dynamic=True)
+    eager = []
+    with torch.no_grad():
+        for n in (200, 264) * 4:
+            x, drift = inputs[n]
+            before = counters["chipmunk"]["graph_eager_calls"]
+            for s in range(8):
+                monkeypatch.setattr(graphs, "EMULATE", False)
+                want = whole(x + 0.05 * s * drift)
+                monkeypatch.setattr(graphs, "EMULATE", True)
+                assert torch.equal(regional(x + 0.05 * s * drift), want), (n, s)
+            eager.append(counters["chipmunk"]["graph_eager_calls"] - before)
+            chipmunk_compile.reset(whole)
+            chipmunk_compile.reset(regional)
+    if shapes == 2:
+        assert eager[0] > 0 and eager[-4:] == [0, 0, 0, 0], eager
+    else:
+        assert min(eager) > 0, eager
