@@ -219,9 +219,10 @@ def test_auto_under_regional_compile_with_step_graphs(fresh_dynamo, monkeypatch)
 
 
 def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
-    """One graph with a symbolic token count: a new count gives the branch a state of its own
-    (caches and homes), and coming back to the first in the same generation finds that state
-    kept, its caches to be filled again. Bit-identical to device caches throughout."""
+    """One graph with a symbolic token count: a new count gives the branch a state of its own.
+    On the device the first count's state is kept, and coming back to it in the same generation
+    finds its caches to be filled again; in host memory the other count's homes are freed at the
+    switch. Bit-identical to device caches throughout."""
     model = flux()
     sizes = [(8, 8)] * 4 + [(8, 12)] * 4 + [(8, 8)] * 3
 
@@ -235,10 +236,17 @@ def test_offloaded_state_follows_a_resolution_change(fresh_dynamo):
         return outs
 
     kept = run({**CONFIG, "offload_state": False})
+    evicted = ccount("state_shape_evicted")
+    assert evicted == 0  # on the device both counts are kept (`state_shapes` 2)
     off = run({**CONFIG, "offload_state": True})
     assert all(torch.equal(a, b) for a, b in zip(off, kept))
     assert ccount("realloc") > 0 and ccount("offload_hit") > 0
     assert ccount("fallback:attn_cache_not_filled") > 0  # the first count's caches, back, are refilled
+    # in host memory another count's homes are freed at once: one state per site and branch
+    assert ccount("state_shape_evicted") > 0
+    states = [key for ses in sessions_of(model) for s in ses.sites for key in s.states]
+    assert states and len(states) == len({(id(s), key[0]) for ses in sessions_of(model) for s in ses.sites
+                                          for key in s.states})
 
 
 def test_a_home_dropped_during_a_capture_is_released_after_it(monkeypatch):

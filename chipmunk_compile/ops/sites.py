@@ -8,8 +8,9 @@ Invariants:
   place. Each shape (resolution, batch) of a branch has a `BranchState` of its own: a graph that
   serves several token counts (Dynamo's dynamic shapes) keeps up to `state_shapes` of them per
   branch, so alternating resolutions keep their caches' memory and their recorded step graphs
-  (their epochs); the least recently used one beyond that is freed (`realloc` counts a new shape
-  of a branch that had another). A shape not used in the current generation holds nothing a
+  (their epochs); the least recently used one beyond that is freed, and so is any kept in host
+  memory (offloaded branches record no step graphs; `realloc` counts a new shape of a branch that
+  had another). A shape not used in the current generation holds nothing a
   later call needs but memory: it is freed first when memory runs short (`Session.drop_idle_states`).
   When a branch changes shape, its other states' caches filled in this generation count as not
   filled (`Site._use`): a shape that returns within a generation refills them first.
@@ -183,7 +184,10 @@ class Site:
             if others:
                 count("realloc")
                 log.info("chipmunk: site %s branch %s: new shapes %s", self.path, key, shape)
-            for old in others[:max(0, len(others) + 1 - self.session.config.state_shapes)]:
+            # beyond `state_shapes`, and any in host memory: an offloaded branch records no step
+            # graph to keep, and two video sizes' homes would double the host memory it takes
+            evict = others[:max(0, len(others) + 1 - self.session.config.state_shapes)]
+            for old in evict + [k for k in others if k not in evict and self.states[k].offloaded]:
                 self.states.pop(old).drop()
                 count("state_shape_evicted")
             serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
