@@ -452,3 +452,32 @@ def test_idle_shapes_are_freed_least_recently_used_first(fresh_dynamo):
     assert sizes() == {64, 96, 128} and oldest > 0
     assert session.drop_idle_states(oldest) == oldest and sizes() == {96, 128}
     assert session.drop_idle_states() > 0 and sizes() == {128}
+
+
+def test_a_layout_that_gives_another_shape_is_never_recorded(fresh_dynamo, monkeypatch):
+    """Each site learns which shape an input layout gives it; should a layout ever give it another
+    (here: the 64-token layout's entries pointed at the 96-token shape by hand), the call runs
+    eagerly, the layout is marked ambiguous (counted), and its calls are never recorded or replayed
+    from then on, with the outputs of a run without step graphs."""
+    monkeypatch.setattr(graphs, "EMULATE", False)
+    ref = chip(Net().eval(), RANDOM, dynamic=True)
+    want = [_generation(ref, n=n) for n in (64, 96, 64, 96, 64)]
+    torch._dynamo.reset()
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    m = Net().eval()
+    cm = chip(m, RANDOM, dynamic=True)
+    got = [_generation(cm, n=n) for n in (64, 96, 64)]
+    (session,) = sessions_of(m)
+    for s in session.sites:
+        other = {key: shape for (key, shape) in s.states if shape[0][-2] == 96}
+        for where in [w for w, shape in s.layout_shapes.items() if shape[0][-2] == 64]:
+            s.layout_shapes[where] = other[where[0]]
+    assert ccount("graph_layout_ambiguous") == 0
+    got += [_generation(cm, n=n) for n in (96, 64)]
+    assert ccount("graph_layout_ambiguous") > 0
+    for gen_w, gen_g in zip(want, got):
+        for a, b in zip(gen_w, gen_g):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    replays, recorded = ccount("graph_replays"), ccount("graph_recorded")
+    _generation(cm, n=64)
+    assert (ccount("graph_replays"), ccount("graph_recorded")) == (replays, recorded)

@@ -201,6 +201,8 @@ class Site:
             where = (key, layout, self.regroup[0].key if self.regroup is not None else 0)
             known = self.layout_shapes.setdefault(where, shape)
             if known is not AMBIGUOUS and known != shape:
+                if runtime.RECORDING is not None:  # the signature named another state: not recorded
+                    raise runtime.NeedsEagerCall(f"{self.path}: this input layout gave another shape before")
                 self.layout_shapes[where] = AMBIGUOUS
                 count("graph_layout_ambiguous")
         return st, pos
