@@ -174,7 +174,7 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None, s
     g = torch.Generator(device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)
     if name == "flux":
-        h, w = (size or (768, 1280))[0] // 16, (size or (768, 1280))[1] // 16
+        h, w = (x // 16 for x in size or (768, 1280))
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
         return dict(hidden_states=r(1, h * w, 64), encoder_hidden_states=r(1, 512, 4096), pooled_projections=r(1, 768),
                     img_ids=img_ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),
@@ -488,22 +488,29 @@ def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=
     kws = [step_kwargs(s) for s in range(steps)]
 
     def generation():
-        if scheduler is not None:
-            scheduler.set_timesteps(steps)
-        sample = None
-        for s in range(steps):
-            for c in range(cfg_calls):
-                if pin is not None:
-                    pin(s, c)
-                out = model(**kws[s])
-            if scheduler is not None:
-                pred = first_tensor(out)
-                sample = scheduler.step(pred, scheduler.timesteps[s], pred if sample is None else sample,
-                                        return_dict=False)[0]
+        run_generation(model, kws, cfg_calls, pin, scheduler)
 
     with torch.no_grad():
         warm_up(generation)
         return [timer(generation) for _ in range(n)]
+
+
+def run_generation(model, kws: list, cfg_calls: int = 1, pin=None, scheduler=None) -> None:
+    """One generation: for each step's inputs in `kws`, its `cfg_calls` model calls (each pinned by
+    `pin(step, call)` when given) and, with a diffusers `scheduler` (set_timesteps first), its step()
+    on the prediction, as a pipeline's loop does (the model inputs stay fixed)."""
+    if scheduler is not None:
+        scheduler.set_timesteps(len(kws))
+    sample = None
+    for s, kw in enumerate(kws):
+        for c in range(cfg_calls):
+            if pin is not None:
+                pin(s, c)
+            out = model(**kw)
+        if scheduler is not None:
+            pred = first_tensor(out)
+            sample = scheduler.step(pred, scheduler.timesteps[s], pred if sample is None else sample,
+                                    return_dict=False)[0]
 
 
 def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import chipmunk_compile as cc  # noqa: E402
-from bench_e2e import (BASELINE, CHIPMUNK, build, depth_text, first_tensor, free_gpu, inputs,  # noqa: E402
+from bench_e2e import (BASELINE, CHIPMUNK, build, depth_text, free_gpu, inputs, run_generation,  # noqa: E402
                        sdpa_context, time_step, timestep_inputs)
 
 SHAPES1 = "chipmunk-shapes1"  # chipmunk keeping one shape's caches per site (state_shapes: 1)
@@ -78,11 +78,7 @@ def run_variant(variant: str, model, sizes, steps: int, rounds: int, warmup: int
     sched = FlowMatchEulerDiscreteScheduler()
 
     def generation(size):
-        sched.set_timesteps(steps)
-        sample = None
-        for s in range(steps):
-            pred = first_tensor(compiled(**kws[size][s]))
-            sample = sched.step(pred, sched.timesteps[s], pred if sample is None else sample, return_dict=False)[0]
+        run_generation(compiled, kws[size], scheduler=sched)
 
     before = dict(counters["chipmunk"])
     res: dict = {"warmup_rounds": 0, "generation_ms": {f"{h}x{w}": [] for h, w in sizes}}

@@ -122,8 +122,7 @@ def stats(model: Any) -> dict:
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
         out["state_bytes"] += session.state.nbytes()
         out["weight_copy_bytes"] += sum(s.weight_copy_bytes() for s in session.sites)
-        out["idle_state_bytes"] += sum(st.nbytes for s in session.sites for st in s.states.values()
-                                       if st.used_generation != pos.generation)
+        out["idle_state_bytes"] += sum(st.nbytes for _, _, st in session.idle_states())
         if session.config.offload_state:
             out["offload_slot_bytes"] = out.get("offload_slot_bytes", 0) + session.offload_slot_bytes()
         for s in session.sites:

@@ -262,21 +262,24 @@ class Session:
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
         self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
 
-    def drop_idle_states(self, need: Optional[int] = None) -> int:
-        """Free the caches of site states that the current generation has not called (those of
-        another resolution or batch, kept for its return: `state_shapes`; those of a static graph
-        that a graph with symbolic shapes has replaced), the least recently used first, until `need`
-        bytes are freed (all of them when None); returns the bytes freed. For when memory runs
-        short: such a shape, when it returns, allocates and records again."""
+    def idle_states(self) -> list[tuple]:
+        """(site, state key, state) of every site state that the current generation has not called
+        (another resolution's or batch's, kept for its return: `state_shapes`; a static graph's that
+        a graph with symbolic shapes has replaced), the least recently used first."""
         generation = self.position().generation
-        idle = sorted(((st.used_generation, i, site, key) for site in self.sites
-                       for i, (key, st) in enumerate(site.states.items()) if st.used_generation != generation),
-                      key=lambda t: t[:2])
+        idle = [(st.used_generation, i, site, key, st) for site in self.sites
+                for i, (key, st) in enumerate(site.states.items()) if st.used_generation != generation]
+        return [t[2:] for t in sorted(idle, key=lambda t: t[:2])]
+
+    def drop_idle_states(self, need: Optional[int] = None) -> int:
+        """Free the caches of the idle states (`idle_states`), the least recently used first, until
+        `need` bytes are freed (all of them when None); returns the bytes freed. For when memory runs
+        short: such a shape, when it returns, allocates and records again."""
         freed = 0
-        for _, _, site, key in idle:
+        for site, key, st in self.idle_states():
             if need is not None and freed >= need:
                 break
-            st = site.states.pop(key)
+            del site.states[key]
             freed += st.nbytes
             st.drop()
         if freed:

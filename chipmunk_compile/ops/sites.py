@@ -258,7 +258,6 @@ class Site:
             retry = (self.session.offload(t.device) is not None and not self.offload_after_oom
                      and not any(st.offloaded for st in self.states.values()))
             self.drop_states()
-            self.session.state.clear((f"s{self.id}__",))
             first = str(e).splitlines()[0][:200]
             if retry:
                 self.offload_after_oom = True
