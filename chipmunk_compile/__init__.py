@@ -79,7 +79,8 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
     The read is a device→host copy: each call waits there for the GPU to finish the previous one.
     A scheduler's step index is host state, so the host can run ahead and its per-call work
     overlaps the GPU's. Step 0 while `step_index` is None (before the generation's first
-    `scheduler.step`); a step lower than the last starts a new generation; calls at the same step
+    `scheduler.step`), counted from the scheduler's `begin_index` (img2img and inpaint pipelines
+    begin part-way through the schedule); a step lower than the last starts a new generation; calls at the same step
     are its guidance branches (named by the cache context when the pipeline sets one). A scheduler
     without `step_index` (DDIM, DDPM, PNDM, CogVideoX's) gets the same count on the host: its
     `step` and `set_timesteps` are wrapped on the instance (`runtime.count_scheduler_steps`). Works

@@ -485,11 +485,18 @@ def _set_on(registry, roots, module: torch.nn.Module) -> Any:
 def scheduled_step(scheduler: Any) -> Optional[int]:
     """A followed diffusers scheduler's step, host state only: `step_index` counts its `step()` calls
     since `set_timesteps` and is None before the first one (step 0 of a generation); a scheduler
-    without one has the count `count_scheduler_steps` keeps."""
+    without one has the count `count_scheduler_steps` keeps. Counted from the scheduler's
+    `begin_index`: an img2img / inpaint / video2video pipeline starts its loop part-way through the
+    schedule (`set_begin_index(t_start)`), and its first `step()` jumps `step_index` to t_start + 1.
+    Until session 46 those generations ran steps 0, t_start + 1, ...: no refresh before their first
+    sparse steps (cache-not-filled fallbacks) and another schedule than timestep tracking's 0, 1, ...."""
     if scheduler is None:
         return None
     index = getattr(scheduler, "step_index", getattr(scheduler, "_chipmunk_step_index", None))
-    return 0 if index is None else int(index)
+    if index is None:
+        return 0
+    begin = getattr(scheduler, "begin_index", None)
+    return max(int(index) - int(begin or 0), 0)
 
 
 def count_scheduler_steps(scheduler: Any) -> None:

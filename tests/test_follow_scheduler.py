@@ -133,3 +133,44 @@ def test_a_cache_context_without_a_step_index_names_the_branches(fresh_dynamo):
                 seen.append((pos.step, pos.branch))
             x = sched.step(out, t, x).prev_sample
     assert seen == [(s, b) for s in range(4) for b in ("cond", "uncond")]
+
+
+def _partial_generation(compiled, sched, start: int, positions: list):
+    """An img2img / inpaint pipeline's loop: the schedule's timesteps from `start` on, the scheduler
+    told so by `set_begin_index` (its first step() then jumps step_index to start + 1)."""
+    sched.set_timesteps(STEPS)
+    sched.set_begin_index(start)
+    x = latents(0)
+    with torch.no_grad():
+        for t in sched.timesteps[start:]:
+            out = compiled(x, t.reshape(1))
+            positions.append(sessions_of(compiled)[0].position())
+            x = sched.step(out, t, x).prev_sample
+
+
+def test_a_loop_begun_part_way_runs_steps_from_zero(fresh_dynamo):
+    """img2img with strength < 1 (diffusers' get_timesteps + set_begin_index): followed, the steps are
+    0, 1, ... as timestep tracking counts them, not 0, start + 1, ...; without the begin index taken
+    off, the first sparse steps came before any refresh (attn_cache_not_filled fallbacks) and the
+    schedule was another one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    start = 5
+    tracked = Net().eval()
+    positions: list = []
+    _partial_generation(chip(tracked, CFG), FlowMatchEulerDiscreteScheduler(), start, positions)
+    assert [p.step for p in positions] == list(range(STEPS - start))
+    want = step_counts(tracked)
+    torch._dynamo.reset()
+    followed = Net().eval()
+    compiled = chip(followed, CFG)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    positions.clear()
+    _partial_generation(compiled, sched, start, positions)
+    assert [p.step for p in positions] == list(range(STEPS - start))
+    assert step_counts(followed) == want and want["attention_sparse"] > 0
+    positions.clear()
+    _partial_generation(compiled, sched, start - 2, positions)  # another strength: a new generation
+    assert [p.step for p in positions] == list(range(STEPS - start + 2))
+    assert positions[0].generation == positions[-1].generation == 1
