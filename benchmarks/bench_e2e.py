@@ -1,6 +1,7 @@
 """End-to-end speed of diffusers DiTs: Inductor (cuDNN SDPA) vs backend="chipmunk".
 
     python benchmarks/bench_e2e.py --model flux                         # FLUX.1-dev size, 1280x768
+    python benchmarks/bench_e2e.py --model flux-kontext --steps 28      # an edit: 1024x1024 + a reference image
     python benchmarks/bench_e2e.py --model hunyuan-video --blocks 2,3   # extrapolated to 20 + 40 blocks
     python benchmarks/bench_e2e.py --model wan --blocks 2,4 --default-sdpa
     python benchmarks/bench_e2e.py --model hunyuan-video-1.5 --blocks 3,5   # baseline: hunyuan15_baseline.py
@@ -85,6 +86,11 @@ from chipmunk_compile.schedule import DENSE, REFRESH, SPARSE, attn_step_kind, ml
 MODELS = {
     "flux": dict(cls="FluxTransformer2DModel", layers=("num_layers", 19), extra_layers=("num_single_layers", 38),
                  config=dict(guidance_embeds=True), preset="flux"),
+    # FLUX.1 Kontext [dev] (FLUX.1-dev's transformer) editing at 1024x1024: 64 x 64 generated tokens, then the
+    # reference image's tokens at the Kontext resolution its pipeline resizes it to (880x1184: 55 x 74), whose
+    # ids carry frame index 1; 512 text tokens first. 8678 tokens in one joint attention. No preset: default.
+    "flux-kontext": dict(cls="FluxTransformer2DModel", layers=("num_layers", 19), extra_layers=("num_single_layers", 38),
+                         config=dict(guidance_embeds=True), preset="default"),
     "wan": dict(cls="WanTransformer3DModel", layers=("num_layers", 40), config=dict(
         patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -141,7 +147,8 @@ QWEN_TEXT = 77
 AURAFLOW_TEXT = 256  # Pile-T5 tokens; the model appends its 8 register tokens to them
 COSMOS3_TEXT, COSMOS3_GRID = 512, (24, 22, 40)
 # models that take the timestep in [0, 1] (the others: [0, 1000])
-FLOW_TIME = ("flux", "flux2", "omnigen", "qwen-image", "auraflow")
+KONTEXT_REFERENCE = (55, 74)  # token grid of the reference image (880x1184 pixels)
+FLOW_TIME = ("flux", "flux-kontext", "flux2", "omnigen", "qwen-image", "auraflow")
 TEXT_MASK_MODELS = ("hunyuan-video", "mochi")  # the models whose forward takes encoder_attention_mask
 HV15_VALID = (200, 32)  # valid MLLM and byT5 tokens of hunyuan-video-1.5's padded prompts
 BASELINE, CHIPMUNK, DEFAULT_SDPA = "inductor+cudnn", "chipmunk", "inductor+default-sdpa"
@@ -173,12 +180,15 @@ def inputs(name: str, model, device="cuda", dtype=torch.bfloat16, frames=None, s
     gives another (bench_resolutions.py)."""
     g = torch.Generator(device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)
-    if name == "flux":
-        h, w = (x // 16 for x in size or (768, 1280))
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
-        return dict(hidden_states=r(1, h * w, 64), encoder_hidden_states=r(1, 512, 4096), pooled_projections=r(1, 768),
-                    img_ids=img_ids.reshape(-1, 3).to(device, dtype), txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),
-                    guidance=torch.full((1,), 3.5, device=device, dtype=dtype))
+    if name in ("flux", "flux-kontext"):
+        h, w = (x // 16 for x in size or ((1024, 1024) if name == "flux-kontext" else (768, 1280)))
+        grids = [(0, h, w)] + ([(1, *KONTEXT_REFERENCE)] if name == "flux-kontext" else [])
+        img_ids = torch.cat([torch.cartesian_prod(torch.full((1,), float(t)), torch.arange(gh).float(),
+                                                  torch.arange(gw).float()) for t, gh, gw in grids])
+        return dict(hidden_states=r(1, img_ids.shape[0], 64), encoder_hidden_states=r(1, 512, 4096),
+                    pooled_projections=r(1, 768), img_ids=img_ids.to(device, dtype),
+                    txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),
+                    guidance=torch.full((1,), 3.5 if name == "flux" else 2.5, device=device, dtype=dtype))
     if name == "flux2":  # 1024x1024: 64x64 tokens of 128 channels, 512 text tokens; ids (t, h, w, l)
         h = w = 1024 // 16
         img_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), torch.zeros(1))

@@ -226,12 +226,20 @@ class GridInfo:
     # image tokens, however many (padding, text, reference images)
     exact: bool = False
     rotary: Any = None  # rotary_grid.RotaryDecoder when the grid came from rotary-table inputs
+    # position ids that are several boxes one after another (an image and its reference images:
+    # FLUX.1 Kontext): ((start, grid, token_of_raster or None), ...) over the whole image stream,
+    # in stream order; `grid` is then the largest one's, for the tile's dimensionality and reports
+    segments: Optional[tuple] = None
 
     @property
     def n(self) -> int:
+        if self.segments is not None:
+            return sum(math.prod(g) for _, g, _ in self.segments)
         return math.prod(self.grid)
 
     def describe(self) -> str:
+        if self.segments is not None:
+            return f"{self.source} {' + '.join('×'.join(map(str, g)) for _, g, _ in self.segments)}"
         return f"{self.source} {'×'.join(map(str, self.grid))}"
 
 
@@ -763,11 +771,40 @@ def _box_sizes(x: torch.Tensor) -> torch.Tensor:
     return torch.where((spread == 2) | (spread == 3), vol, torch.zeros_like(vol))
 
 
-def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor, int, Optional[bool]]]:
-    """(grid, raster index of each grid row, number of other rows, other rows first?) for position
-    ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's img_ids), or a
-    run of rows at one end does and the rest are a minority of other positions (text rows of a
-    joint table, e.g. Krea 2: text at the origin, then the image grid), the largest such run."""
+MAX_SEGMENTS = 16
+
+
+def _box_runs(x: torch.Tensor) -> Optional[tuple]:
+    """((start, grid, raster), ...) when the rows x (n, c) are 2 to MAX_SEGMENTS consecutive runs
+    that each fill a box (an image's ids, then a reference image's with another frame index:
+    FLUX.1 Kontext; each run the longest prefix of the rest that does), else None."""
+    out, start, n = [], 0, x.shape[0]
+    while start < n and len(out) < MAX_SEGMENTS:
+        rest = x[start:]
+        lo, hi = rest.cummin(0).values, rest.cummax(0).values
+        ext = hi - lo + 1
+        spread = (ext > 1).sum(1)
+        vol = torch.where(ext > 1, ext, torch.ones_like(ext)).prod(1)
+        fits = ((vol == torch.arange(1, rest.shape[0] + 1)) & ((spread == 2) | (spread == 3))).nonzero().flatten()
+        box = None
+        for length in fits.flip(0)[:4].tolist():  # the longest prefix that is distinct positions
+            box = _box(rest[:length + 1])
+            if box is not None:
+                break
+        if box is None:
+            return None
+        out.append((start, *box))
+        start += box[1].numel()
+    return tuple(out) if start == n and len(out) > 1 else None
+
+
+def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
+    """(grid, raster index of each grid row, number of other rows, other rows first?[, segments])
+    for position ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's
+    img_ids); or they are consecutive runs that each fill one (`_box_runs`: an image and its
+    reference images, FLUX.1 Kontext; `grid` is then the largest run's, `segments` all of them);
+    or a run of rows at one end does and the rest are a minority of other positions (text rows of
+    a joint table, e.g. Krea 2: text at the origin, then the image grid), the largest such run."""
     if ids.dim() == 3:
         if not bool((ids == ids[:1]).all()):
             return None
@@ -781,6 +818,9 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor, int, Opt
     whole = _box(x)
     if whole is not None:
         return (*whole, 0, None)
+    segments = _box_runs(x)
+    if segments is not None:
+        return (*max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0])), 0, None, segments)
     n = x.shape[0]
     k = torch.arange(n)
     # other rows before the grid (the grid is a suffix x[j:]), then after it (a prefix x[:j+1]);
@@ -792,6 +832,17 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple[tuple, torch.Tensor, int, Opt
             box = _box(rows)
             if box is not None:
                 return (*box, n - rows.shape[0], first)
+    # runs of boxes beside a minority of equal rows (the joint table of a FLUX.1 Kontext block under
+    # regional compilation, decoded from its rotary tables: text rows at the origin, then both images)
+    # (the image's first position may equal theirs: the origin)
+    for first, equal in ((True, int((x == x[0]).all(1).cumprod(0).sum())),
+                         (False, int((x == x[-1]).all(1).flip(0).cumprod(0).sum()))):
+        for same in (equal, equal - 1):
+            if 0 < same and (n - same) * 2 > n:
+                segments = _box_runs(x[same:] if first else x[:n - same])
+                if segments is not None:
+                    grid, raster = max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0]))
+                    return grid, raster, same, first, segments
     return None
 
 
@@ -839,13 +890,19 @@ def _rotary_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
 
 def _ids_info(res: tuple, what: str) -> GridInfo:
     """GridInfo of an `_ids_grid` result; `what` names the source."""
-    grid, raster, n_other, other_first = res
+    grid, raster, n_other, other_first = res[:4]
+    joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
+    if len(res) > 4:  # consecutive boxes: one image stream of several grids
+        segments = tuple((start, g, _token_of_raster(r)) for start, g, r in res[4])
+        return GridInfo(grid, f"{what}{joint} in {len(segments)} runs", None, other_first, segments=segments)
+    return GridInfo(grid, f"{what}{joint} {_axes(grid)}", _token_of_raster(raster), other_first)
+
+
+def _token_of_raster(raster: torch.Tensor) -> Optional[torch.Tensor]:
+    """The token at each raster position (None: the tokens are in raster order)."""
     token_of_raster = torch.empty_like(raster)
     token_of_raster[raster] = torch.arange(raster.numel())
-    if torch.equal(token_of_raster, torch.arange(raster.numel())):
-        token_of_raster = None
-    joint = "" if not n_other else f" after {n_other} other rows" if other_first else f" before {n_other} other rows"
-    return GridInfo(grid, f"{what}{joint} {_axes(grid)}", token_of_raster, other_first)
+    return None if torch.equal(token_of_raster, torch.arange(raster.numel())) else token_of_raster
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1219,7 +1276,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
-                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact)
+                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact,
+                        segments=earlier.segments)
     if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
         info = _pick(_rotary_grids(gm, example_inputs), sized)
     if info is None:
@@ -1345,7 +1403,15 @@ def _effective_tile(tile_cfg, grid: tuple) -> tuple:
 
 
 def image_order(info: GridInfo, tile_cfg, group) -> tuple:
-    """(image-token order of the grid, the group size when its tiles go in boxes else None)."""
+    """(image-token order of the grid, the group size when its tiles go in boxes else None). Several
+    runs (`info.segments`): each run's own tile order, the runs in stream order."""
+    if info.segments is not None:
+        parts, keys = [], set()
+        for start, grid, token_of_raster in info.segments:
+            order, key = image_order(GridInfo(grid, "", token_of_raster), tile_cfg, group)
+            parts.append(order + start)
+            keys.add(key)
+        return torch.cat(parts), (group if group in keys else None)
     eff_tile = _effective_tile(tile_cfg, info.grid)
     tiles = tuple(g // t for g, t in zip(info.grid, eff_tile))
     key = group if len(eff_tile) == 2 and tile_groups(tiles, eff_tile, group) is not None else None

@@ -44,7 +44,9 @@ def grid_key(info: Optional[GridInfo]) -> tuple:
     if info is None:
         return ("no grid",)
     order = info.token_of_raster
-    return (info.grid, info.text_first, None if order is None else tuple(order.tolist()))
+    runs = None if info.segments is None else tuple(
+        (start, grid, None if r is None else tuple(r.tolist())) for start, grid, r in info.segments)
+    return (info.grid, info.text_first, None if order is None else tuple(order.tolist()), runs)
 
 
 class IdsRegrouping:

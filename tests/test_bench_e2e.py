@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_e2e as be  # noqa: E402
@@ -376,3 +377,16 @@ def test_joint_attention_model_inputs_make_grouped_sites(fresh_dynamo, name):
     assert not [k for k in counters["chipmunk"] if k.startswith("fallback:")], dict(counters["chipmunk"])
     mlp_steps = [st["steps"] for st in chipmunk_compile.stats(compiled)["sites"] if st["kind"] == "mlp"]
     assert {"dense": 1, "sparse": 1} in mlp_steps, mlp_steps  # the image MLP ran sparse over its caches
+
+
+def test_kontext_inputs_are_a_generated_and_a_reference_image():
+    """flux-kontext: 64 x 64 generated tokens, then the 55 x 74 reference's (frame index 1), which
+    grouping reads as two runs of one image stream, after 512 text tokens."""
+    from chipmunk_compile.grouping import _ids_grid
+
+    kw = be.inputs("flux-kontext", None, device="cpu", dtype=torch.float32)
+    assert kw["hidden_states"].shape == (1, 64 * 64 + 55 * 74, 64) and kw["txt_ids"].shape == (512, 3)
+    runs = _ids_grid(kw["img_ids"])[4]
+    assert [(start, grid) for start, grid, _ in runs] == [(0, (64, 64)), (4096, (55, 74))]
+    assert be.MODELS["flux-kontext"]["preset"] == "default" and "flux-kontext" in be.FLOW_TIME
+    assert be.inputs("flux", None, device="cpu", dtype=torch.float32)["img_ids"].shape == (48 * 80, 3)

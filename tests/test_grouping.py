@@ -258,6 +258,47 @@ def test_joint_position_ids_split_off_the_other_rows(other_first):
     assert _ids_grid(torch.cat([text, img, text])) is None  # other rows on both sides
 
 
+def test_consecutive_boxes_of_position_ids_are_runs_of_one_image_stream():
+    """FLUX.1 Kontext: the generated image's ids, then a reference image's (another size, frame index
+    1). Each run is tiled on its own grid, in stream order; rows that are not all boxes stay other
+    rows or no grid. Until session 46 the larger run was the grid and the other image's tokens
+    counted as text (kept whole and always attended, on the wrong side of the real text)."""
+    from chipmunk_compile.grouping import _ids_grid, _ids_info, image_order, tile_order
+
+    gen, ref = _grid_ids(6, 10), _grid_ids(4, 7, t0=1)
+    res = _ids_grid(torch.cat([gen, ref]).float())
+    info = _ids_info(res, "ids")
+    assert info.grid == (6, 10) and info.n == 88 and info.text_first is None
+    assert [(start, grid) for start, grid, _ in info.segments] == [(0, (6, 10)), (60, (4, 7))]
+    order, _ = image_order(info, None, 64)
+    assert torch.equal(order[:60], tile_order((6, 10), None, 64)) and torch.equal(order[60:], 60 + tile_order((4, 7)))
+    shuffled = torch.cat([gen, ref[torch.randperm(28, generator=torch.Generator().manual_seed(0))]])
+    order, _ = image_order(_ids_info(_ids_grid(shuffled), "ids"), None, 64)
+    assert torch.equal(shuffled[order[60:], 1:], ref[tile_order((4, 7)), 1:])  # positions, not token order
+    text = torch.zeros(7, 3, dtype=torch.long)
+    grid, _, n_other, first, runs = _ids_grid(torch.cat([text, gen, ref]))  # text rows at the origin first
+    assert (grid, n_other, first, [r[:2] for r in runs]) == ((6, 10), 7, True, [(0, (6, 10)), (60, (4, 7))])
+    assert _ids_grid(torch.cat([text[:1] + 3, text, gen, ref])) is None  # rows that are neither runs nor equal
+    assert _ids_grid(torch.cat([text, gen]))[2:] == (7, True)  # text rows beside one box: other rows, as before
+    assert _ids_grid(torch.cat([gen, _grid_ids(6, 10, t0=1)]))[0] == (2, 6, 10)  # one box: frames
+
+
+def test_kontext_sites_group_both_images_and_keep_only_the_text():
+    m, kw = _flux(6, 10)
+    ref = _grid_ids(4, 7, t0=1).float()
+    kw = dict(kw, hidden_states=torch.randn(1, 88, 4), img_ids=torch.cat([kw["img_ids"], ref]))
+    for s in _plan(m, kw):
+        n = _tokens(s)
+        if n == 95:  # 7 text + 60 + 28 image tokens
+            assert "2 runs" in s.grouping and "text 7 first" in s.grouping, s.grouping
+            assert _is_perm(s.perm, 95) and torch.equal(s.perm[88:].long(), torch.arange(7))
+            assert sorted(s.perm[60:88].tolist()) == list(range(67, 95))  # the reference's tokens, together
+            if s.kind == "attention":
+                assert s.always_keep[:7].all() and not s.always_keep[7:].any()
+        elif n == 88:
+            assert _is_perm(s.perm, 88) and "2 runs" in s.grouping
+
+
 def _dynamo_graph(fn, *args):
     """(graph, its example inputs: in placeholder order, which need not be the argument order)."""
     graphs = []

@@ -115,3 +115,40 @@ def test_ids_of_another_text_count_rebuild_the_caches(fresh_dynamo):
     assert counters["chipmunk"]["grouping_ids_regrid"] == 1 and counters["chipmunk"]["attention_sparse"] > 0
     assert len(before) == 4 and widths() == [w + 8 for w in before]
     assert sum(len(s.states) for ses in sessions_of(c) for s in ses.sites if s.kind == "attention") == 8
+
+
+def _kontext_ids(rh, rw, h=8, w=8):
+    ref = flux_inputs(0.0, h=rh, w=rw)["img_ids"]
+    ref[:, 0] = 1  # the reference image's frame index
+    return torch.cat([flux_inputs(0.0, h=h, w=w)["img_ids"], ref])
+
+
+def _kontext_generation(compiled, ids):
+    outs = []
+    with torch.no_grad():
+        for t in STEPS:
+            kw = flux_inputs(t, h=1, w=ids.shape[0])  # the packed latents of both images
+            kw["img_ids"] = ids
+            outs.append(compiled(**kw)[0])
+    return outs
+
+
+def test_kontext_reference_of_another_shape_regroups_each_run(fresh_dynamo):
+    """FLUX.1 Kontext: the ids are the generated image's grid, then the reference image's. A reference
+    of another shape with as many tokens (4×12, then 12×4) runs the same graph, grouped per
+    generation on both runs of its own ids: the same outputs as a graph compiled at that shape."""
+    model = flux()
+    c = chip(model, CFG)
+    _kontext_generation(c, _kontext_ids(4, 12))
+    rows = chipmunk_compile.stats(c)["sites"]
+    assert sum("2 runs" in r["grouping"] for r in rows) == 8, [r["grouping"] for r in rows]
+    swapped = _kontext_generation(c, _kontext_ids(12, 4))
+    assert counters["stats"]["unique_graphs"] == 1 and counters["chipmunk"]["grouping_ids_regrid"] == 1
+    perms = _perms(c)
+    torch._dynamo.reset()
+    direct = chip(model, CFG)
+    expected = _kontext_generation(direct, _kontext_ids(12, 4))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(perms, _perms(direct)))
+    for a, b in zip(swapped, expected):
+        assert torch.equal(a, b), (a - b).abs().max()
+    assert counters["chipmunk"]["attention_sparse"] > 0
