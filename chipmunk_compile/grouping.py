@@ -14,7 +14,9 @@ Where the token grid comes from, in this order:
 2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
    are distinct integer positions filling a box, or whose rows at one end do, after or before a
    minority of other rows (a joint text + image table, Krea 2; the side of those rows is then the
-   text side the grid knows). Its values are read once at compile time (the backend's example
+   text side the grid knows); or whose rows are consecutive runs that each fill a box (an image and
+   its reference images: FLUX.1 Kontext), one image stream tiled run by run. Its values are read
+   once at compile time (the backend's example
    inputs are real tensors); the order then follows the actual positions, whatever order the
    tokens come in.
 3. a (B, C, H, W) / (B, C, T, H, W) latent input patchified by views before a linear embedding
