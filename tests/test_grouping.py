@@ -281,6 +281,12 @@ def test_consecutive_boxes_of_position_ids_are_runs_of_one_image_stream():
     assert _ids_grid(torch.cat([text[:1] + 3, text, gen, ref])) is None  # rows that are neither runs nor equal
     assert _ids_grid(torch.cat([text, gen]))[2:] == (7, True)  # text rows beside one box: other rows, as before
     assert _ids_grid(torch.cat([gen, _grid_ids(6, 10, t0=1)]))[0] == (2, 6, 10)  # one box: frames
+    # FLUX.2's reference images: ids (t, h, w, l), t = 10, 20, ... per reference (ungrouped until session 46:
+    # two equal halves leave no majority box)
+    four = [torch.cat([_grid_ids(h, w, t0=t), torch.zeros(h * w, 1, dtype=torch.long)], 1)
+            for t, h, w in ((0, 6, 10), (10, 6, 10), (20, 3, 5))]
+    runs = _ids_grid(torch.cat(four))[4]
+    assert [(start, grid) for start, grid, _ in runs] == [(0, (6, 10)), (60, (6, 10)), (120, (3, 5))]
 
 
 def test_kontext_sites_group_both_images_and_keep_only_the_text():
