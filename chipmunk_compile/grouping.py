@@ -552,12 +552,13 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     top, sizes = max(counts), set(counts)
     joined = _joined_parts(gm, sizes)
     out, seen = [], set()
+    merges: dict = {}  # merge node -> (its merged output axis, grid), whatever its size
     for node in gm.graph.nodes:
         found = _merge_layout(node)
         if found is None:
             continue
         src, layout = found
-        for d in layout:
+        for axis, d in enumerate(layout):
             grid = tuple(a[1] for a in d)
             n = math.prod(grid)
             if len(grid) not in (2, 3) or any("'" in a[0] for a in d) or not 4 <= n <= top:
@@ -569,12 +570,49 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
                 continue  # (tiles, tokens per tile): already a tiled order, not a raster grid
             if sequence_parallel.exchanged(node.args[0]):
                 continue  # (ranks, tokens per rank) of a Ulysses all-to-all: shards, not a grid
+            merges[node] = (axis, grid)
             if n not in sizes and n not in joined:
                 continue  # neither a site's tokens nor the image part of a joined sequence
             if grid not in seen:
                 seen.add(grid)
                 out.append(GridInfo(grid, f"merged axes {node.name} {_axes(grid)}"))
+    return _merged_runs(gm, merges, sizes | joined) + out
+
+
+def _merged_runs(gm: fx.GraphModule, merges: dict, sizes: set) -> list[GridInfo]:
+    """Grids of torch.cats that join two or more merges (`_merged_grids`) along their merged axis
+    into a site's token count (or the image part of one): the rotary tables of an image and its
+    reference images laid one after the other (Qwen-Image-Edit's `img_shapes` of several entries),
+    one image stream of several runs."""
+    out = []
+    for node in gm.graph.nodes:
+        axis = _cat_axis(node)
+        parts = node.args[0] if axis is not None and node.args else None
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or len(parts) > MAX_SEGMENTS:
+            continue
+        found = [merges.get(_through_copies(p)) for p in parts]
+        if any(f is None or f[0] != axis[0] for f in found):
+            continue
+        grids = [g for _, g in found]
+        if sum(math.prod(g) for g in grids) not in sizes:
+            continue
+        starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
+        segments = tuple((start, g, None) for start, g in zip(starts, grids))
+        out.append(GridInfo(max(grids, key=math.prod), f"merged axes {node.name} in {len(grids)} runs",
+                            segments=segments))
     return out
+
+
+def _through_copies(node: Any, depth: int = 4) -> Any:
+    """The node a chain of one-input copies (clone, contiguous, to, detach) starts from."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return node
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if name not in ("clone", "contiguous", "to", "detach", "_to_copy"):
+            return node
+        node = node.args[0]
+    return node
 
 
 def _merge_layout(node: fx.Node) -> Optional[tuple]:

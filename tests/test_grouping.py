@@ -696,6 +696,34 @@ def test_grid_from_a_merged_rotary_table():
     assert torch.equal(s.perm.long(), tile_order((6, 10), (6, 8)))
 
 
+class RopeTables(RopeTable):
+    """RopeTable with a reference image: the tables of two grids, each merged, then joined along the
+    token axis (Qwen-Image-Edit's `img_shapes` of two entries)."""
+
+    def __init__(self, grids, d=16, heads=2):
+        super().__init__(1, 1, d, heads)
+        self.grids = grids
+
+    def forward(self, tokens):
+        tables = []
+        for h, w in self.grids:
+            rows = torch.arange(h, dtype=torch.float32)[:, None, None].expand(h, w, self.d // 2)
+            cols = torch.arange(w, dtype=torch.float32)[None, :, None].expand(h, w, self.d // 2)
+            tables.append(torch.cat([rows, cols], -1).reshape(h * w, self.d).clone())
+        table = torch.cat(tables)
+        q, k, v = self.qkv(tokens).view(1, -1, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        q, k = q * torch.cos(table), k * torch.cos(table)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+def test_joined_rotary_tables_are_runs():
+    """Until session 46 each table was a grid of its own, and none explained the site: ungrouped."""
+    (s,) = _plan(RopeTables([(6, 10), (4, 7)]), dict(tokens=torch.randn(1, 88, 8)))
+    assert "in 2 runs" in s.grouping and "6×10 + 4×7" in s.grouping, s.grouping
+    assert torch.equal(s.perm[60:].long(), 60 + tile_order((4, 7), (4, 7)))
+
+
 def test_head_merge_is_not_a_grid():
     """32 tokens and heads x dim = 2 x 16 = 32: the (B, N, H, D) -> (B, N, H·D) merge has the
     site's size, but its tokens stand beside it, so it is no grid."""
