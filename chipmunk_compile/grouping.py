@@ -23,7 +23,9 @@ Where the token grid comes from, in this order:
    (CogView4, Lumina2): the same view walk, from the graph input.
 4. a reshape that merges 2-3 grid axes into the token axis (`_merged_grids`): a (B, T, H, W, C)
    channels-last token tensor flattened (Cosmos, Kandinsky 5), or a rotary table / coordinate
-   tensor built on the grid in the graph and flattened to one row per token (Qwen-Image, LTX-Video).
+   tensor built on the grid in the graph and flattened to one row per token (Qwen-Image, LTX-Video);
+   such tables of several images joined along the token axis (Qwen-Image-Edit) are one image
+   stream of runs, each tiled on its own grid.
 5. the candidates of 1-3 seen in an earlier graph of the same model that found no grid for its
    own sites (a patchify or position-id computation before a graph break: Lumina2, Z-Image,
    HiDream, HunyuanVideo 1.5), kept on the outermost model's session, which the sessions of its
