@@ -818,26 +818,30 @@ MAX_SEGMENTS = 16
 
 def _box_runs(x: torch.Tensor) -> Optional[tuple]:
     """((start, grid, raster), ...) when the rows x (n, c) are 2 to MAX_SEGMENTS consecutive runs
-    that each fill a box (an image's ids, then a reference image's with another frame index:
-    FLUX.1 Kontext; each run the longest prefix of the rest that does), else None."""
-    out, start, n = [], 0, x.shape[0]
-    while start < n and len(out) < MAX_SEGMENTS:
-        rest = x[start:]
-        lo, hi = rest.cummin(0).values, rest.cummax(0).values
-        ext = hi - lo + 1
-        spread = (ext > 1).sum(1)
-        vol = torch.where(ext > 1, ext, torch.ones_like(ext)).prod(1)
-        fits = ((vol == torch.arange(1, rest.shape[0] + 1)) & ((spread == 2) | (spread == 3))).nonzero().flatten()
-        box = None
-        for length in fits.flip(0)[:4].tolist():  # the longest prefix that is distinct positions
-            box = _box(rest[:length + 1])
-            if box is not None:
-                break
-        if box is None:
-            return None
-        out.append((start, *box))
-        start += box[1].numel()
-    return tuple(out) if start == n and len(out) > 1 else None
+    that each fill a box, else None. The runs are where a column's value changes (an image's ids,
+    then a reference image's with another frame index: FLUX.1 Kontext, FLUX.2), the column with
+    the fewest runs that all are boxes; neighbouring runs that together fill a box are one (the
+    frames of a video before a reference image). Not the longest prefix that fills a box: a
+    reference as wide as the image would lend its first rows to a two-frame box with it."""
+    n, best = x.shape[0], None
+    for c in range(x.shape[1]):
+        cuts = ((x[1:, c] != x[:-1, c]).nonzero().flatten() + 1).tolist()
+        if not 1 <= len(cuts) < MAX_SEGMENTS or (best is not None and len(cuts) + 1 >= len(best)):
+            continue
+        bounds = [0, *cuts, n]
+        if all(_box(x[a:b]) is not None for a, b in zip(bounds, bounds[1:])):
+            best = list(zip(bounds, bounds[1:]))
+    if best is None:
+        return None
+    merged = [best[0]]
+    for a, b in best[1:]:
+        if _box(x[merged[-1][0]:b]) is not None:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    if len(merged) < 2:
+        return None
+    return tuple((a, *_box(x[a:b])) for a, b in merged)
 
 
 def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:

@@ -281,6 +281,13 @@ def test_consecutive_boxes_of_position_ids_are_runs_of_one_image_stream():
     assert _ids_grid(torch.cat([text[:1] + 3, text, gen, ref])) is None  # rows that are neither runs nor equal
     assert _ids_grid(torch.cat([text, gen]))[2:] == (7, True)  # text rows beside one box: other rows, as before
     assert _ids_grid(torch.cat([gen, _grid_ids(6, 10, t0=1)]))[0] == (2, 6, 10)  # one box: frames
+    # a reference as wide as the image: its own run, not its first rows a second frame of the image
+    runs = _ids_grid(torch.cat([gen, _grid_ids(9, 10, t0=1)]))[4]
+    assert [(start, grid) for start, grid, _ in runs] == [(0, (6, 10)), (60, (9, 10))]
+    # the frames of a video, then a reference image: one 3-D run and a 2-D one
+    video = torch.cat([_grid_ids(4, 5, t0=t) for t in range(3)])
+    runs = _ids_grid(torch.cat([video, _grid_ids(3, 7, t0=3)]))[4]
+    assert [(start, grid) for start, grid, _ in runs] == [(0, (3, 4, 5)), (60, (3, 7))]
     # FLUX.2's reference images: ids (t, h, w, l), t = 10, 20, ... per reference (ungrouped until session 46:
     # two equal halves leave no majority box)
     four = [torch.cat([_grid_ids(h, w, t0=t), torch.zeros(h * w, 1, dtype=torch.long)], 1)
