@@ -80,7 +80,8 @@ import torch
 
 import chipmunk_compile as cc
 from chipmunk_compile.config import ChipmunkConfig
-from chipmunk_compile.schedule import DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind
+from chipmunk_compile.schedule import (DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind,
+                                        step_scale)
 
 # published sizes (diffusers configs) and resolutions
 MODELS = {
@@ -366,25 +367,28 @@ def parse_blocks(text: str | None, published: int | None = None) -> list[int] | 
 
 
 # -- schedule: labels, coverage, totals, extrapolation (pure) ------------------------------------
-def _forecasts(step_kind, op_cfg, step: int, layer: int, measuring: str) -> bool:
+def _forecasts(step_kind, op_cfg, step: int, layer: int, measuring: str, scale=None) -> bool:
     """Whether an op's forecast (`extrapolate`) runs at `step`: a measuring step (attention refresh,
     MLP dense step) after the generation's first one, or a sparse step after its second."""
     if op_cfg.extrapolate <= 0 or not op_cfg.enabled or layer < op_cfg.first_n_dense_layers:
         return False
-    kind = step_kind(op_cfg, step, layer)
+    kind = step_kind(op_cfg, step, layer, scale)
     if kind not in (SPARSE, measuring):
         return False
-    earlier = sum(step_kind(op_cfg, s, layer) == measuring for s in range(step))
+    earlier = sum(step_kind(op_cfg, s, layer, scale) == measuring for s in range(step))
     return earlier >= (2 if kind == SPARSE else 1)
 
 
 def step_label(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> str:
-    mlp = mlp_step_kind(cfg.mlp, step, layer)
-    label = f"attn:{attn_step_kind(cfg.attn, step, layer)}"
-    label += "+fore" if _forecasts(attn_step_kind, cfg.attn, step, layer, REFRESH) else ""
-    label += f"/mlp:{mlp}" + ("+fore" if _forecasts(mlp_step_kind, cfg.mlp, step, layer, DENSE) else "")
+    """The step's kinds as the backend runs them: with the config's `steps` (which main() sets to
+    --steps, so that pinned, tracked and followed generations all scale alike) its periods scaled."""
+    scale = step_scale(cfg.steps, cfg.schedule_steps)
+    mlp = mlp_step_kind(cfg.mlp, step, layer, scale)
+    label = f"attn:{attn_step_kind(cfg.attn, step, layer, scale)}"
+    label += "+fore" if _forecasts(attn_step_kind, cfg.attn, step, layer, REFRESH, scale) else ""
+    label += f"/mlp:{mlp}" + ("+fore" if _forecasts(mlp_step_kind, cfg.mlp, step, layer, DENSE, scale) else "")
     if mlp == SPARSE:
-        label += "+sel" if mlp_recompute_indices(cfg.mlp, step) else "+reuse"
+        label += "+sel" if mlp_recompute_indices(cfg.mlp, step, scale) else "+reuse"
     return label
 
 
@@ -889,7 +893,9 @@ def main():
         inductor_config.freezing = True
     counts = parse_blocks(args.blocks, published_units(args.model))
     spec = MODELS[args.model]
-    preset = with_overrides(args.config or spec["preset"], args.set)
+    # the step count in the config: every way of running the steps (pinned, tracked, a followed
+    # scheduler) scales the schedule's periods alike (ChipmunkConfig.schedule_steps)
+    preset = with_overrides(args.config or spec["preset"], [f"steps={args.steps}", *args.set])
     labels = step_labels(preset, args.steps)
     seq = coverage(preset, args.steps, args.reps)
     variants = [BASELINE] + ([DEFAULT_SDPA] if args.default_sdpa else []) + [CHIPMUNK]

@@ -242,6 +242,11 @@ for _k, _c in {"bmc4": {"mlp": {"block_mask_cache": 4}}, "me20": {"mlp": {"full_
                "fd0": {"attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}},
                "ae7": {"attn": {"full_step_every": 7}}}.items():
     GRID[f"cm-default-{_k}"] = {"preset": "default", **_c}
+# fewer sampling steps (session 46; run with --steps 28 / 16): the default's periods are in steps of a 50-step
+# schedule, so at 28 steps a refresh covers 1.8x the trajectory. The periods scaled down with the count, as the
+# backend now does itself when it knows the step count (schedule_steps): at 28 steps ae3-me6, at 16 ae2-me3
+for _k, (_a, _m) in {"ae4-me8": (4, 8), "ae3-me6": (3, 6), "ae2-me4": (2, 4), "ae2-me3": (2, 3)}.items():
+    GRID[f"cm-default-{_k}"] = {"preset": "default", "attn": {"full_step_every": _a}, "mlp": {"full_step_every": _m}}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 

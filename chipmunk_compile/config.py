@@ -191,6 +191,14 @@ class ChipmunkConfig:
     # recording its step graphs again; the least recently used beyond is freed, and any shape the
     # current generation has not used is freed first when memory runs short (ops/sites.py)
     state_shapes: int = 2
+    # the sampler step count that the refresh periods and schedules (attn.full_step_every /
+    # full_step_schedule, mlp.full_step_every) are written for: a generation of S steps, when S is
+    # known, runs them scaled by S / schedule_steps, so a refresh spans the same share of the
+    # trajectory (schedule.py). S is known from `steps`, else from a followed scheduler
+    # (len(timesteps)); under timestep tracking it is not, and the periods run as written.
+    # null: always as written
+    schedule_steps: Optional[int] = 50
+    steps: Optional[int] = None  # the sampler's step count, for loops whose scheduler is not followed
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = "default"
     version: int = 1
@@ -201,6 +209,10 @@ class ChipmunkConfig:
         _check_fraction("offload_reserve", self.offload_reserve)
         if isinstance(self.state_shapes, bool) or not isinstance(self.state_shapes, int) or self.state_shapes < 1:
             raise ValueError(f"state_shapes must be an integer >= 1, got {self.state_shapes!r}")
+        for key in ("schedule_steps", "steps"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be an integer >= 1 or null, got {value!r}")
         if not self.cuda_graphs_max_gib >= 0:
             raise ValueError(f"cuda_graphs_max_gib must be >= 0, got {self.cuda_graphs_max_gib!r}")
         if self.step_signal not in ("auto", "calls", "explicit"):

@@ -8,30 +8,61 @@ Invariants:
   `full_step_every`-th) are REFRESH; the rest SPARSE.
 - MLP: steps that are multiples of `full_step_every` are DENSE (steps 0, 10, ...), the rest SPARSE.
   New neuron indices on every sparse step of the first period, then every `block_mask_cache`.
+- `scale` (a generation's step count over `schedule_steps`, None when unknown or equal): the
+  periods become max(1, round(period * scale)) and a schedule's steps from 2 on round(step * scale),
+  so a refresh spans the same share of the sampling trajectory at 28 steps as at 50. Warm-up
+  steps and `block_mask_cache` stay in steps. A period of 1 (a few-step sampler: under 15 steps
+  for the default's 5 of 50) leaves no sparse step, so that op runs dense, without building caches. (Measured on the 1024-token tiny DiT, `default`:
+  29.3 dB against dense at 28 steps as written, 33.4 dB scaled; 33.6 dB at 50.)
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from .config import AttnConfig, MlpConfig
 
 DENSE, REFRESH, SPARSE = "dense", "refresh", "sparse"
 
 
-def attn_step_kind(cfg: AttnConfig, step: int, layer: int) -> str:
+def period(every: int, scale: Optional[float] = None) -> int:
+    """A refresh period of the schedule at a generation's step count (`scale`: see the module doc)."""
+    return every if scale is None else max(1, round(every * scale))
+
+
+def scheduled_steps(steps, scale: Optional[float] = None) -> frozenset:
+    """An explicit schedule's steps at a generation's step count: steps 0 and 1 stay (the first
+    dense step and refresh), later ones scaled."""
+    if scale is None:
+        return frozenset(steps)
+    return frozenset(s if s < 2 else max(2, round(s * scale)) for s in steps)
+
+
+def attn_step_kind(cfg: AttnConfig, step: int, layer: int, scale: Optional[float] = None) -> str:
     if not cfg.enabled or layer < cfg.first_n_dense_layers or step < cfg.warmup_steps:
         return DENSE
     if cfg.full_step_schedule is not None:
-        return REFRESH if step in cfg.full_step_schedule else SPARSE
-    if step == cfg.warmup_steps or step % cfg.full_step_every == 0:
+        return REFRESH if step in scheduled_steps(cfg.full_step_schedule, scale) else SPARSE
+    every = period(cfg.full_step_every, scale)
+    if every == 1:  # no sparse step would read a refresh's cache: plain dense attention
+        return DENSE
+    if step == cfg.warmup_steps or step % every == 0:
         return REFRESH
     return SPARSE
 
 
-def mlp_step_kind(cfg: MlpConfig, step: int, layer: int) -> str:
-    if not cfg.enabled or layer < cfg.first_n_dense_layers or step % cfg.full_step_every == 0:
+def mlp_step_kind(cfg: MlpConfig, step: int, layer: int, scale: Optional[float] = None) -> str:
+    if not cfg.enabled or layer < cfg.first_n_dense_layers or step % period(cfg.full_step_every, scale) == 0:
         return DENSE
     return SPARSE
 
 
-def mlp_recompute_indices(cfg: MlpConfig, step: int) -> bool:
-    return step < cfg.full_step_every or step % cfg.block_mask_cache == 0
+def mlp_recompute_indices(cfg: MlpConfig, step: int, scale: Optional[float] = None) -> bool:
+    return step < period(cfg.full_step_every, scale) or step % cfg.block_mask_cache == 0
+
+
+def step_scale(steps: Optional[int], schedule_steps: Optional[int]) -> Optional[float]:
+    """`scale` for a generation of `steps` steps (None: as written)."""
+    if not steps or not schedule_steps or steps == schedule_steps:
+        return None
+    return steps / schedule_steps

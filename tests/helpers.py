@@ -21,10 +21,12 @@ ALL_SITES = {"attn": {"min_tokens": 0}, "mlp": {"min_tokens": 0}}
 
 
 def cfg(attn: dict | None = None, mlp: dict | None = None, **top) -> dict:
-    """A config dict with min_tokens 0 and no dense-only first layers, plus the given settings."""
+    """A config dict with min_tokens 0 and no dense-only first layers, plus the given settings. The
+    tests' periods are in steps of their own short generations: `schedule_steps` null (not scaled
+    by a followed scheduler's step count) unless given."""
     a = {"min_tokens": 0, "first_n_dense_layers": 0, **(attn or {})}
     m = {"min_tokens": 0, "first_n_dense_layers": 0, **(mlp or {})}
-    return {"attn": a, "mlp": m, **top}
+    return {"attn": a, "mlp": m, "schedule_steps": None, **top}
 
 
 # top_keys 1.0 and no random keys: every sparse step attends every key / recomputes every neuron.

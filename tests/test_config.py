@@ -170,3 +170,13 @@ def test_state_shapes_is_validated(bad):
     assert ChipmunkConfig().state_shapes == 2 and ChipmunkConfig.from_any({"state_shapes": 1}).state_shapes == 1
     with pytest.raises(ValueError, match="state_shapes"):
         ChipmunkConfig.from_any({"state_shapes": bad})
+
+
+@pytest.mark.parametrize("key", ["schedule_steps", "steps"])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "28"])
+def test_step_counts_are_validated(key, bad):
+    assert ChipmunkConfig().schedule_steps == 50 and ChipmunkConfig().steps is None
+    assert getattr(ChipmunkConfig.from_any({key: None}), key) is None
+    assert getattr(ChipmunkConfig.from_any({key: 28}), key) == 28
+    with pytest.raises(ValueError, match=key):
+        ChipmunkConfig.from_any({key: bad})

@@ -174,3 +174,41 @@ def test_a_loop_begun_part_way_runs_steps_from_zero(fresh_dynamo):
     _partial_generation(compiled, sched, start - 2, positions)  # another strength: a new generation
     assert [p.step for p in positions] == list(range(STEPS - start + 2))
     assert positions[0].generation == positions[-1].generation == 1
+
+
+def test_a_followed_generation_scales_the_schedule_to_its_step_count(fresh_dynamo):
+    """The schedule's periods are written for `schedule_steps` steps: a followed 12-step generation
+    (len(timesteps)) runs them scaled by 12 / 24, as a timestep-tracked one with `steps: 12` does;
+    without either the tracked one runs them as written."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scaled = dict(CFG, schedule_steps=24)
+    tracked = Net().eval()
+    _generation(chip(tracked, dict(scaled, steps=STEPS)), FlowMatchEulerDiscreteScheduler())
+    want = step_counts(tracked)
+    torch._dynamo.reset()
+    followed = Net().eval()
+    compiled = chip(followed, scaled)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    _generation(compiled, sched)
+    assert step_counts(followed) == want
+    torch._dynamo.reset()
+    as_written = Net().eval()
+    _generation(chip(as_written, scaled), FlowMatchEulerDiscreteScheduler())
+    assert step_counts(as_written)["attention_refresh"] < want["attention_refresh"]  # every 4, not every 2
+
+
+def test_an_unscaled_step_count_is_logged_once(fresh_dynamo, caplog):
+    """Tracked by timesteps, a generation's step count is known only once it ended: the next one
+    logs that its periods ran unscaled, once per count."""
+    import logging
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    compiled = chip(Net().eval(), dict(CFG, schedule_steps=24))
+    with caplog.at_level(logging.INFO, logger="chipmunk_compile"):
+        for _ in range(3):
+            _generation(compiled, FlowMatchEulerDiscreteScheduler())
+    notes = [r.getMessage() for r in caplog.records if "schedule's periods" in r.getMessage()]
+    assert len(notes) == 1 and f"ran {STEPS} steps" in notes[0]

@@ -44,6 +44,28 @@ def test_mlp_schedule():
     assert [mlp_recompute_indices(c, s) for s in (11, 12, 13, 14)] == [False, True, False, True]
 
 
+def test_periods_scale_with_the_generations_step_count():
+    """A schedule is written for `schedule_steps` (50): at 28 steps the default's refresh every 5 and
+    dense MLP every 10 become every 3 and 6, at 16 steps every 2 and 3; at 4 every step is a refresh;
+    an explicit schedule keeps its steps 0 and 1 and scales the rest; None keeps everything as written."""
+    from chipmunk_compile.schedule import step_scale
+
+    a, m = AttnConfig(first_n_dense_layers=0), MlpConfig(first_n_dense_layers=0)
+    for steps, every, dense_every in ((28, 3, 6), (16, 2, 3), (100, 10, 20)):
+        scale = step_scale(steps, 50)
+        refresh = [s for s in range(steps) if attn_step_kind(a, s, 0, scale) == REFRESH]
+        assert refresh == [1] + [s for s in range(every, steps, every) if s != 1], (steps, refresh)
+        assert [s for s in range(steps) if mlp_step_kind(m, s, 0, scale) == DENSE] == list(range(0, steps, dense_every))
+        assert all(mlp_recompute_indices(m, s, scale) for s in range(1, dense_every))
+    # a few-step sampler: period 1, no sparse step would read a cache, so dense (no cache build)
+    assert {attn_step_kind(a, s, 0, step_scale(8, 50)) for s in range(8)} == {DENSE}
+    assert {mlp_step_kind(m, s, 0, step_scale(4, 50)) for s in range(4)} == {DENSE}
+    assert {attn_step_kind(AttnConfig(first_n_dense_layers=0, full_step_every=1), s, 0) for s in range(5)} == {DENSE}
+    hv = AttnConfig(first_n_dense_layers=0, full_step_schedule=[0, 1, 10, 40])
+    assert [s for s in range(25) if attn_step_kind(hv, s, 0, step_scale(25, 50)) == REFRESH] == [1, 5, 20]
+    assert step_scale(50, 50) is None and step_scale(28, None) is None and step_scale(None, 50) is None
+
+
 # -- tracker, unit ------------------------------------------------------------------------------
 def _walk(tracker, sigs, ctx=None):
     out = []

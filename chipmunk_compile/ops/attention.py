@@ -79,7 +79,7 @@ def decide(s, st, pos) -> tuple:
     """(kind, new indices?, cache-not-filled fallback?, residual forecast?) — host state only (the guard's verdict
     reads its device measurement once per layer, before any graph records that layer's steps)."""
     cfg = s.cfg
-    kind = attn_step_kind(cfg, pos.step, s.current_layer())
+    kind = attn_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
     if kind != DENSE and too_diffuse(s):
         return DENSE, False, False, False
     unfilled = kind == SPARSE and st.filled_generation != pos.generation

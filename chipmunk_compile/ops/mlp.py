@@ -61,11 +61,11 @@ def decide(s, st, pos) -> tuple:
     """(kind, new neuron indices?, cache-not-filled fallback?, error forecast?, the generation's
     first dense step of this branch?) — host state only."""
     cfg = s.cfg
-    kind = mlp_step_kind(cfg, pos.step, s.current_layer())
+    kind = mlp_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
     if unfilled:
         kind = DENSE
-    recompute = kind == SPARSE and (mlp_recompute_indices(cfg, pos.step) or st.index_generation != pos.generation)
+    recompute = kind == SPARSE and (mlp_recompute_indices(cfg, pos.step, pos.scale) or st.index_generation != pos.generation)
     # forecast: a dense step measures the rate when this generation's caches and some neuron
     # indices exist; a sparse step applies it once a dense step has measured it
     fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation and "indices" in st.cache
