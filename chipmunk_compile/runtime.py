@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import torch
 
+from .schedule import step_scale
+
 log = logging.getLogger("chipmunk_compile")
 
 _site_ids = itertools.count()
@@ -97,6 +99,7 @@ class StepTracker:
     def __init__(self, mode: str = "auto"):
         self.mode = mode
         self.explicit: Optional[tuple[int, Optional[str]]] = None
+        self.scale: Optional[float] = None  # set per call by Session.begin_call (schedule.step_scale)
         self.reset()
 
     def reset(self) -> None:
@@ -113,7 +116,7 @@ class StepTracker:
 
     @property
     def position(self) -> StepPosition:
-        return StepPosition(max(self.step, 0), self.branch, self.generation, getattr(self, "scale", None))
+        return StepPosition(max(self.step, 0), self.branch, self.generation, self.scale)
 
     def _new_generation(self) -> None:
         explicit = self.explicit
@@ -407,8 +410,6 @@ class Session:
         context = next((c for c in map(context_for, models) if c is not None), None)
         scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
         self.calls += 1
-        from .schedule import step_scale
-
         self.tracker.scale = step_scale(self.config.steps or scheduled_total(scheduler), self.config.schedule_steps)
         last = self.tracker.position
         pos = self.tracker.advance(signature, context, scheduled_step(scheduler))
