@@ -42,17 +42,26 @@ def _generation(compiled, sched, cfg_calls=1, positions=None):
             x = sched.step(out, t, x).prev_sample
 
 
+def _followed(config):
+    """A fresh Net compiled with `config` after a Dynamo reset, following a new FlowMatch scheduler:
+    (model, compiled, scheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch._dynamo.reset()
+    model = Net().eval()
+    compiled = chip(model, config)
+    sched = FlowMatchEulerDiscreteScheduler()
+    chipmunk_compile.follow_scheduler(compiled, sched)  # before the first compile
+    return model, compiled, sched
+
+
 def test_followed_steps_run_the_tracked_schedule_without_reads(fresh_dynamo, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     tracked = Net().eval()
     _generation(chip(tracked, CFG), FlowMatchEulerDiscreteScheduler())  # reads every timestep
     want = step_counts(tracked)
-    torch._dynamo.reset()
-    followed = Net().eval()
-    compiled = chip(followed, CFG)
-    sched = FlowMatchEulerDiscreteScheduler()
-    chipmunk_compile.follow_scheduler(compiled, sched)  # before the first compile
+    followed, compiled, sched = _followed(CFG)
     reads = _reads(monkeypatch)
     _generation(compiled, sched)
     assert reads == []
@@ -161,11 +170,7 @@ def test_a_loop_begun_part_way_runs_steps_from_zero(fresh_dynamo):
     _partial_generation(chip(tracked, CFG), FlowMatchEulerDiscreteScheduler(), start, positions)
     assert [p.step for p in positions] == list(range(STEPS - start))
     want = step_counts(tracked)
-    torch._dynamo.reset()
-    followed = Net().eval()
-    compiled = chip(followed, CFG)
-    sched = FlowMatchEulerDiscreteScheduler()
-    chipmunk_compile.follow_scheduler(compiled, sched)
+    followed, compiled, sched = _followed(CFG)
     positions.clear()
     _partial_generation(compiled, sched, start, positions)
     assert [p.step for p in positions] == list(range(STEPS - start))
@@ -186,11 +191,7 @@ def test_a_followed_generation_scales_the_schedule_to_its_step_count(fresh_dynam
     tracked = Net().eval()
     _generation(chip(tracked, dict(scaled, steps=STEPS)), FlowMatchEulerDiscreteScheduler())
     want = step_counts(tracked)
-    torch._dynamo.reset()
-    followed = Net().eval()
-    compiled = chip(followed, scaled)
-    sched = FlowMatchEulerDiscreteScheduler()
-    chipmunk_compile.follow_scheduler(compiled, sched)
+    followed, compiled, sched = _followed(scaled)
     _generation(compiled, sched)
     assert step_counts(followed) == want
     torch._dynamo.reset()
