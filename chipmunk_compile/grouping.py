@@ -431,10 +431,7 @@ def _conv_input(gm: fx.GraphModule, conv: tuple) -> Optional[int]:
     for node in gm.graph.nodes:
         if _conv_kind(gm, node) is None or conv_params(gm, node) != conv:
             continue
-        src = node.args[0]
-        while isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.args and (
-                _op_name(src) in IDENTITY_METHODS):
-            src = src.args[0]
+        src = _through(node.args[0], IDENTITY_METHODS)
         found.add(placeholders.index(src) if isinstance(src, fx.Node) and src.op == "placeholder" else None)
     return found.pop() if len(found) == 1 else None
 
@@ -592,7 +589,7 @@ def _merged_runs(gm: fx.GraphModule, merges: dict, sizes: set) -> list[GridInfo]
         parts = node.args[0] if axis is not None and node.args else None
         if not isinstance(parts, (list, tuple)) or len(parts) < 2 or len(parts) > MAX_SEGMENTS:
             continue
-        found = [merges.get(_through_copies(p)) for p in parts]
+        found = [merges.get(_through(p, _ROW_COPIES, limit=4)) for p in parts]
         if any(f is None or f[0] != axis[0] for f in found):
             continue
         grids = [g for _, g in found]
@@ -605,15 +602,16 @@ def _merged_runs(gm: fx.GraphModule, merges: dict, sizes: set) -> list[GridInfo]
     return out
 
 
-def _through_copies(node: Any, depth: int = 4) -> Any:
-    """The node a chain of one-input copies (clone, contiguous, to, detach) starts from."""
-    for _ in range(depth):
-        if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
-            return node
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-        if name not in ("clone", "contiguous", "to", "detach", "_to_copy"):
-            return node
-        node = node.args[0]
+_ROW_COPIES = frozenset({"clone", "contiguous", "to", "detach", "_to_copy"})  # copies that keep a table's rows
+
+
+def _through(node: Any, names, limit: Optional[int] = None) -> Any:
+    """The node a chain of calls named in `names` (one input each: copies, casts) starts from,
+    following at most `limit` of them."""
+    steps = 0
+    while (isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.args
+           and isinstance(node.args[0], fx.Node) and _op_name(node) in names and (limit is None or steps < limit)):
+        node, steps = node.args[0], steps + 1
     return node
 
 
@@ -844,6 +842,11 @@ def _box_runs(x: torch.Tensor) -> Optional[tuple]:
     return tuple((a, *_box(x[a:b])) for a, b in merged)
 
 
+def _largest_run(segments: tuple) -> tuple:
+    """(grid, raster) of the run with the most tokens: the grid that stands for all of them."""
+    return max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0]))
+
+
 def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
     """(grid, raster index of each grid row, number of other rows, other rows first?[, segments])
     for position ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's
@@ -866,7 +869,7 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
         return (*whole, 0, None)
     segments = _box_runs(x)
     if segments is not None:
-        return (*max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0])), 0, None, segments)
+        return (*_largest_run(segments), 0, None, segments)
     n = x.shape[0]
     k = torch.arange(n)
     # other rows before the grid (the grid is a suffix x[j:]), then after it (a prefix x[:j+1]);
@@ -887,8 +890,7 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
             if 0 < same and (n - same) * 2 > n:
                 segments = _box_runs(x[same:] if first else x[:n - same])
                 if segments is not None:
-                    grid, raster = max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0]))
-                    return grid, raster, same, first, segments
+                    return (*_largest_run(segments), same, first, segments)
     return None
 
 

@@ -410,11 +410,12 @@ class Session:
         context = next((c for c in map(context_for, models) if c is not None), None)
         scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
         self.calls += 1
-        self.tracker.scale = step_scale(self.config.steps or scheduled_total(scheduler), self.config.schedule_steps)
-        last = self.tracker.position
-        pos = self.tracker.advance(signature, context, scheduled_step(scheduler))
-        if pos.generation != last.generation:
-            self._note_step_count(last.step + 1, known=last.scale is not None or not self.config.schedule_steps)
+        t = self.tracker
+        generation, steps, known = t.generation, max(t.step, 0) + 1, t.scale is not None  # before this call
+        t.scale = step_scale(self.config.steps or scheduled_total(scheduler), self.config.schedule_steps)
+        pos = t.advance(signature, context, scheduled_step(scheduler))
+        if pos.generation != generation:  # the last one ended: its step count is known now
+            self._note_step_count(steps, known=known or not self.config.schedule_steps)
         return pos
 
     def _note_step_count(self, steps: int, known: bool) -> None:

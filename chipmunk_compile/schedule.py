@@ -30,11 +30,11 @@ def period(every: int, scale: Optional[float] = None) -> int:
     return every if scale is None else max(1, round(every * scale))
 
 
-def scheduled_steps(steps, scale: Optional[float] = None) -> frozenset:
+def scheduled_steps(steps, scale: Optional[float] = None):
     """An explicit schedule's steps at a generation's step count: steps 0 and 1 stay (the first
-    dense step and refresh), later ones scaled."""
+    dense step and refresh), later ones scaled (as written, the list itself: no copy per call)."""
     if scale is None:
-        return frozenset(steps)
+        return steps
     return frozenset(s if s < 2 else max(2, round(s * scale)) for s in steps)
 
 
