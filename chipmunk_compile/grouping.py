@@ -376,6 +376,74 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
             src = f"{kind} patch embed (per frame) t×h×w" if frames else f"{kind} patch embed {_axes(grid)}"
             own = not frames and shape is not None and grid == tuple(d for d in shape[2:] if d > 1)
             out.append(GridInfo(grid, src, conv=params if own else None))
+    return _conv_runs(gm) + out
+
+
+def _conv_token_views(gm: fx.GraphModule, depth: int = 6) -> dict:
+    """{node: (grid, token axis)} for the views of each conv output (view-like ops only, up to
+    `depth` of them) that hold its whole token grid in one dim, raster order of the grid as listed
+    (size-1 axes dropped; 2 or 3 axes; not per frame)."""
+    out: dict = {}
+    for conv in gm.graph.nodes:
+        shape = _shape(conv) if _conv_kind(gm, conv) is not None else None
+        if shape is None or len(shape) not in (4, 5):
+            continue
+        layout = [(("n", shape[0]),), (("c", shape[1]),)] + [((f"s{i}", s),) for i, s in enumerate(shape[2:])]
+        spatial = {f"s{i}" for i, s in enumerate(shape[2:]) if s > 1}
+        frontier = [(conv, layout)]
+        for _ in range(depth):
+            nxt = []
+            for src, lay in frontier:
+                for user in src.users:
+                    new = _step_layout(user, src, lay)
+                    if new is None:
+                        continue
+                    nxt.append((user, new))
+                    tg = _token_grid(new, spatial)
+                    grid = tuple(g for g in tg[0] if g > 1) if tg is not None and not tg[1] else ()
+                    if len(grid) in (2, 3):
+                        axis = next(i for i, d in enumerate(new) if any(a[0].rstrip("'") in spatial for a in d))
+                        out[user] = (grid, axis)
+            frontier = nxt
+    return out
+
+
+def _cat_part_nodes(n: fx.Node, depth: int = 4) -> Optional[list]:
+    """The parts of a torch.cat node along a token axis, nested concats on the same axis flattened
+    (FramePack joins cat(4x history, cat(2x history, cat(clean frames, current)))), each through row
+    copies and casts; None for other nodes."""
+    axis = _cat_axis(n)
+    parts = n.args[0] if axis is not None and n.args else None
+    if not isinstance(parts, (list, tuple)) or (axis[0] == axis[1] - 1 and axis[1] > 2):
+        return None
+    out: list = []
+    for p in parts:
+        p = _through(p, _ROW_COPIES, limit=4)
+        inner = _cat_part_nodes(p, depth - 1) if depth > 0 and _cat_axis(p) == axis else None
+        out.extend(inner if inner is not None else [p])
+    return out
+
+
+def _conv_runs(gm: fx.GraphModule) -> list[GridInfo]:
+    """Grids of torch.cats that join 2 to MAX_SEGMENTS conv-embedded token tensors along their
+    token axis: one image stream of runs, each on its own conv's grid (HunyuanVideo-FramePack embeds
+    its 4× / 2× / 1× history latents and the current latent with four convs and joins them in that
+    order, before the text). The outermost such concat is listed first; `_pick` scores them all."""
+    views = _conv_token_views(gm)
+    if len(views) < 2:
+        return []
+    out = []
+    for node in reversed(gm.graph.nodes):
+        parts = _cat_part_nodes(node)
+        if parts is None or not 2 <= len(parts) <= MAX_SEGMENTS:
+            continue
+        found = [views.get(p) for p in parts]
+        if any(f is None or f[1] != _cat_axis(node)[0] for f in found):
+            continue
+        grids = [g for g, _ in found]
+        starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
+        out.append(GridInfo(max(grids, key=math.prod), f"conv patch embeds {node.name} in {len(grids)} runs",
+                            segments=tuple((s, g, None) for s, g in zip(starts, grids))))
     return out
 
 
@@ -1201,10 +1269,12 @@ def _root_candidates(session) -> list:
     return _ROOT_CANDS.setdefault(root, []) if root is not None else []
 
 
-def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
+def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session, recipe: bool = True) -> None:
     """Remember the grids a graph shows (a graph before a break: the patch embedding) for the
     sites of a later graph, which `_pick` matches by token counts; on the outermost compiled model's
-    session, which every nested frame's session reads through `_seen`."""
+    session, which every nested frame's session reads through `_seen`. `recipe`: the first
+    patch-embedding conv seen also becomes the model's latent recipe (`_latent_input`); only from a
+    graph that found no grid of its own, as before candidates were kept from the others too."""
     if session is None or not gcfg.enabled:
         return
     extra = (lambda: _table_grids(gm), lambda: _indexed_table_grids(gm, example_inputs))
@@ -1214,7 +1284,7 @@ def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session) -> None:
         outer._chipmunk_grid_cands = (getattr(outer, "_chipmunk_grid_cands", []) + cands)[-16:]
         kept = _root_candidates(session)
         kept[:] = (kept + cands)[-16:]
-    recipe = next((g for g in cands if g.conv is not None and g.input_index is None), None)
+    recipe = next((g for g in cands if g.conv is not None and g.input_index is None), None) if recipe else None
     if recipe is not None and getattr(outer, "_chipmunk_latent_recipe", None) is None:
         outer._chipmunk_latent_recipe = recipe  # the first model-level latent seen: see _latent_input
 
@@ -1307,9 +1377,15 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     # symbolic counts (a recompile after the resolution changed) count with the sizes of the call that
     # compiled the graph, so its own grid is picked before an earlier graph's of another resolution
     info, why = infer_grid(gm, example_inputs, config, counts + _site_token_hints(sites))
-    if info is None:  # its sites (e.g. a text encoder's) are not on the grid a later graph may use
-        _keep_candidates(gm, example_inputs, gcfg, session)
+    # its sites (e.g. a text encoder's) may not be on the grid a later graph uses; and a grid found
+    # for them may fit them by a coincidence of sizes (FramePack's 4 image-embed tokens and its 2×2
+    # 4× history grid at toy sizes): a later graph then weighs the candidates against it
+    _keep_candidates(gm, example_inputs, gcfg, session, recipe=info is None)
     earlier = _seen(session, "_chipmunk_grid")
+    if info is None and earlier is not None:
+        rivals = [g for g in (_seen(session, "_chipmunk_grid_cands") or [])
+                  if (g.grid, g.segments) != (earlier.grid, earlier.segments)]
+        earlier = (_pick([earlier, *rivals], counts + _site_token_hints(sites)) if rivals else None) or earlier
     if info is None and earlier is None:  # candidates of an earlier graph without sites
         earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session),
                         counts or _site_token_hints(sites))

@@ -33,8 +33,11 @@ from helpers import fresh_dynamo  # noqa: E402,F401
     ("ltx_video", 3, "merged axes flatten t×h×w 3×8×8"),
     ("z_image", 4, "patchified input x h×w (earlier graph) 8×8, tile 8×8, text 32"),
     ("hunyuan_video15", 5, "conv3d patch embed t×h×w (earlier graph) 3×8×8, tile 3×6×8"),
-    # four conv patch embeddings (chunk + three history lengths) joined: the chunk's grid, histories first
-    ("helios", 3, "conv3d patch embed t×h×w 3×6×6, tile 3×6×6, text 49 first"),
+    # four conv patch embeddings (three history lengths + the chunk) joined: one image stream of 4 runs
+    ("helios", 3, "conv patch embeds hidden_states_4 in 4 runs 2×2 + 3×3 + 6×6 + 3"),
+    # the same for FramePack (4×/2× history, clean frames, current latent), whose blocks run in a
+    # graph after a break: its first graph's 4-token image-projection MLP fits the 2×2 history grid
+    ("hunyuan_video_framepack", 5, "conv patch embeds hidden_states_4 in 4 runs (earlier graph)"),
     # sequence-first (S, B, C) feed-forwards, grouped with the attention's 16×16 grid
     ("ernie_image", 2, "conv2d patch embed h×w 16×16, tile 8×8, text 8 last"),
     # image queries over cat(text keys, image keys): attention sites (row asserts attn >= 1)

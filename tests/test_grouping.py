@@ -832,3 +832,68 @@ def test_several_patch_embeddings_pick_the_grid_that_is_most_of_the_sequence():
     # an exact match beats a larger part; the larger part beats a minority
     assert _pick([GridInfo((8, 8), "a"), GridInfo((10, 10), "b")], [100, 100]).grid == (10, 10)
     assert _pick([GridInfo((4, 4), "a"), GridInfo((8, 8), "b")], [80, 80]).grid == (8, 8)
+
+
+def _framepack(h=16, w=16, frames=3):
+    """A tiny HunyuanVideo-FramePack: 4× / 2× history, 2 clean frames and the current latent, each
+    embedded by a conv of its own and joined in that order; image and text tokens after them."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    m = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=16,
+        has_clean_x_embedder=True).eval()
+    mask = torch.zeros(1, 8, dtype=torch.long)
+    mask[:, :5] = 1
+    r = torch.randn
+    kw = dict(hidden_states=r(1, 4, frames, h, w), timestep=torch.tensor([1000.0]), encoder_hidden_states=r(1, 8, 16),
+              encoder_attention_mask=mask, pooled_projections=r(1, 8), image_embeds=r(1, 4, 16),
+              indices_latents=torch.arange(7, 7 + frames), guidance=torch.tensor([6000.0]),
+              latents_clean=r(1, 4, 2, h, w), indices_latents_clean=torch.tensor([0, 6]),
+              latents_history_2x=r(1, 4, 2, h, w), indices_latents_history_2x=torch.arange(4, 6),
+              latents_history_4x=r(1, 4, 4, h, w), indices_latents_history_4x=torch.arange(0, 4), return_dict=False)
+    return m, kw
+
+
+def test_framepack_history_and_current_latents_are_runs_of_one_image_stream():
+    """FramePack's 4× history (2×2 tokens), 2× history (4×4), clean frames (2×8×8) and current
+    latent (3×8×8), each from its own conv, are one image stream of 4 runs; only the 9 image-embed
+    and text tokens after them are kept whole. Before, the current latent was the grid and the
+    history before it plus the text after it left the attention ungrouped ("non-grid tokens on both
+    sides"), and the MLPs took the history for text."""
+    m, kw = _framepack()
+    runs = [(0, 4), (4, 20), (20, 148), (148, 340)]
+    seen = set()
+    torch._dynamo.reset()  # compiled: the blocks run in a graph after a break, which takes the grid of the first
+    with torch.no_grad():
+        torch.compile(m, backend="chipmunk", options={"config": LOOSE, "compiler": "eager"})(**kw)
+    for s in [s for session in sessions_of(m) for s in session.sites]:
+        n = _tokens(s)
+        if n not in (340, 349):
+            continue
+        seen.add((s.kind, n))
+        assert "in 4 runs" in s.grouping and "2×2 + 4×4 + 2×8×8 + 3×8×8" in s.grouping, s.grouping
+        assert _is_perm(s.perm, n)
+        if n == 349:
+            assert "text 9 last" in s.grouping and torch.equal(s.perm[340:].long(), torch.arange(340, 349))
+        pos = torch.empty(n, dtype=torch.long)
+        pos[s.perm.long()] = torch.arange(n)
+        for a, b in runs:  # each run's tokens keep one stretch of the order, in stream order
+            assert sorted(pos[a:b].tolist()) == list(range(a, b))
+        assert not torch.equal(s.perm[148:340].long(), torch.arange(148, 340))  # the current latent is tiled
+    assert {k for k, _ in seen} == {"attention", "mlp"} and (("attention", 349) in seen), seen
+
+
+def test_framepack_grouped_full_budget_equals_dense():
+    m, kw = _framepack()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="chipmunk", options={"config": FULL, "compiler": "eager"})
+    x0, noise = kw["hidden_states"].clone(), torch.randn_like(kw["hidden_states"])
+    with torch.no_grad():
+        for step in range(3):
+            kw["hidden_states"] = x0 + 0.05 * step * noise
+            torch.testing.assert_close(compiled(**kw)[0], m(**kw)[0], rtol=1e-4, atol=1e-4)
+    grouped = [s for session in sessions_of(m) for s in session.sites if s.perm is not None and "in 4 runs" in s.grouping]
+    assert any(s.kind == "attention" for s in grouped) and all(s.steps.get("sparse", 0) > 0 for s in grouped)
