@@ -261,6 +261,11 @@ GRID.update({
     "vcm-hv-e10": _video(_HV, {"full_step_schedule": None, "full_step_every": 10}),
     "vcm-hv-e10-x1": _video(_HV, {"full_step_schedule": None, "full_step_every": 10, **_X1}),
     "vcm-hv-s25": _video(_HV, {"full_step_schedule": [1, 10, 25, 40]}),  # one more refresh, in the 30-step gap
+    # refreshed every 5 steps, as `default` (session 47): new key indices at each refresh / the first ones kept
+    "vcm-hv-e5": _video(_HV, {"full_step_schedule": None, "full_step_every": 5}),
+    "vcm-hv-e5-k": _video(_HV, {"full_step_schedule": None, "full_step_every": 5, "recompute_mask": False}),
+    "vcm-hv-e5-x1": _video(_HV, {"full_step_schedule": None, "full_step_every": 5, **_X1}),
+    "vcm-hv-e5-k-x1": _video(_HV, {"full_step_schedule": None, "full_step_every": 5, "recompute_mask": False, **_X1}),
     "vcm-wan": _video(_WAN),
     "vcm-wan-x1": _video(_WAN, _X1),
     "vcm-wan-e5": _video(_WAN, {"full_step_every": 5}),
