@@ -1109,7 +1109,12 @@ def _flat_token_cat(n: fx.Node, depth: int = 4) -> Optional[tuple[int, list]]:
 
 
 def _side_of(sizes: list, n_img: int) -> Optional[str]:
+    """Side of the non-image parts of a concat of part `sizes` around its n_img-token part: "first",
+    "last", "mixed", or "repeat" when every part has the image's size (two token streams on the
+    grid: Motif-Video's decoder blocks attend over cat(decoder tokens, encoder output))."""
     hits = [i for i, s in enumerate(sizes) if s == n_img]
+    if len(sizes) >= 2 and len(hits) == len(sizes):
+        return "repeat"
     if len(hits) != 1 or len(sizes) < 2:
         return "mixed" if len(hits) > 1 else None
     i = hits[0]
@@ -1546,7 +1551,7 @@ def image_order(info: GridInfo, tile_cfg, group) -> tuple:
 def _text_side(sides: set, info: GridInfo, gcfg, what: str) -> tuple[Optional[bool], str]:
     """(text first?, "") from the graph's concat evidence `sides`, else the config / grid source;
     (None, why) when they conflict; (None, "") when nothing tells. `what` names the text tokens."""
-    if len(sides) > 1 or "mixed" in sides:
+    if len(sides) > 1 or "mixed" in sides or "repeat" in sides:
         return None, f"{what} on both sides / between image tokens"
     graph = None if not sides else next(iter(sides)) == "first"
     cfg = gcfg.text_first if gcfg.text_first is not None else info.text_first
@@ -1659,7 +1664,7 @@ class CallGrouping:
             return site_perm(n, img_order, 0, True), None
         if first is None:
             sides = _earlier_sides(session, n, n_img)
-            if len(sides) != 1 or "mixed" in sides:
+            if len(sides) != 1 or "mixed" in sides or "repeat" in sides:
                 return None, None
             first = sides.pop() == "first"
         return site_perm(n, img_order, n_text, first), (text_mask(n, n_text, first) if self.keep_text else None)
@@ -1733,6 +1738,11 @@ def _decide(n, n_img, img_order, sides, info: GridInfo, gcfg, cache, order_key=N
         if key not in cache:
             cache[key] = site_perm(n, img_order, 0, True)
         return cache[key], None, ""
+    if sides == {"repeat"} and n % n_img == 0:  # k token streams on the grid, each in the image order
+        key = (n, "repeat", order_key)
+        if key not in cache:
+            cache[key] = torch.cat([img_order.long() + j * n_img for j in range(n // n_img)]).to(torch.int32)
+        return cache[key], None, f", {n // n_img} token streams of the grid"
     first, conflict = _text_side(sides, info, gcfg, f"{n_text} non-grid tokens")
     if conflict:
         return None, None, conflict

@@ -897,3 +897,27 @@ def test_framepack_grouped_full_budget_equals_dense():
             torch.testing.assert_close(compiled(**kw)[0], m(**kw)[0], rtol=1e-4, atol=1e-4)
     grouped = [s for session in sessions_of(m) for s in session.sites if s.perm is not None and "in 4 runs" in s.grouping]
     assert any(s.kind == "attention" for s in grouped) and all(s.steps.get("sparse", 0) > 0 for s in grouped)
+
+
+def test_two_token_streams_of_the_grid_are_both_tiled():
+    """Motif-Video's decoder blocks attend over cat(decoder tokens, encoder output): two streams of
+    the 3×8×8 grid, 384 tokens. Every part of the concat has the image's size, so each is tiled in the
+    image order (before: "non-grid tokens on both sides", ungrouped). A concat with one image part
+    and others of another size still reads as text before or after it."""
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    import arch_zoo
+    from chipmunk_compile.grouping import _decide, _side_of
+
+    case = arch_zoo.MODELS["motif_video"][1]()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(**case.patches):
+        rep = chipmunk_compile.inspect(case.model, **case.kwargs, config=arch_zoo.CFG)
+    two = [s for s in rep.sites if (s.shapes.get("q") or s.shapes.get("x"))[-2] == 384]
+    assert two and all("2 token streams of the grid" in s.grouping for s in two), [s.grouping for s in two]
+    assert _side_of([192, 192], 192) == "repeat" and _side_of([8, 192], 192) == "first"
+    assert _side_of([192, 8, 192], 192) == "mixed"
+    order = torch.arange(6).flip(0)
+    perm, keep, note = _decide(12, 6, order, {"repeat"}, None, chipmunk_compile.GroupingConfig(), {})
+    assert perm.tolist() == [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6] and keep is None and "2 token streams" in note
