@@ -11,6 +11,8 @@ attention, MLP and block wiring that `arch_zoo_research.py` does not cover.
   layout, then `bmm`;
 - `research_uvit`: U-ViT's long skips: the outputs of the first two blocks are kept and joined back
   into the last two (`skip_linear(cat(x, skip))`), so block outputs live across later blocks;
+- `research_uvit_token`: the same with the timestep embedding as a token in front of the patch
+  tokens, as U-ViT has it (session 47);
 - `research_conv_mlp`: a feed-forward of two 1×1 `Conv1d` over the (B, C, N) transpose: no MLP site
   (the pattern anchors on linears), and it must stay exactly as it was.
 
@@ -182,6 +184,13 @@ class _UViT(_PatchDiT):
         return x
 
 
+class _UViTTimeToken(_UViT):
+    """U-ViT as published: the timestep embedding also enters as a token in front of the patch tokens."""
+
+    def run_blocks(self, x, cond, grid: tuple):
+        return super().run_blocks(torch.cat([cond[:, None], x], dim=1), cond, grid)[:, 1:]
+
+
 def _case(blocks: nn.ModuleList, cls: type = _PatchDiT) -> Case:
     return research_case(blocks, cls=cls)
 
@@ -214,6 +223,10 @@ def research_uvit():
     return _case(nn.ModuleList([_UViTBlock(takes_skip=i >= 2) for i in range(4)]), _UViT)
 
 
+def research_uvit_token():
+    return _case(nn.ModuleList([_UViTBlock(takes_skip=i >= 2) for i in range(4)]), _UViTTimeToken)
+
+
 def research_conv_mlp():
     return _case(_two(_TimmAttention, _ConvMlp))
 
@@ -225,5 +238,6 @@ SPELLING_MODELS = {
     "research_rel_bias": ("hand-written DiT: explicit attention + learned (H, N, N) bias", research_rel_bias),
     "research_baddbmm": ("hand-written DiT: baddbmm(beta=0, alpha=scale) scores on (B*H, N, D)", research_baddbmm),
     "research_uvit": ("hand-written DiT: U-ViT long skips (block outputs kept across blocks)", research_uvit),
+    "research_uvit_token": ("hand-written DiT: U-ViT with the timestep as a token before the image", research_uvit_token),
     "research_conv_mlp": ("hand-written DiT: 1x1 Conv1d feed-forward (no MLP site)", research_conv_mlp),
 }

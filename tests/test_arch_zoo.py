@@ -82,6 +82,7 @@ def test_zoo_rows(fresh_dynamo, name, mlp_sites, grouping):
     ("research_rel_bias", 2, 2),  # learned (H, N, N) bias: a biased site
     ("research_baddbmm", 2, 2),  # baddbmm(empty, q, kᵀ, beta=0, alpha=scale) + bmm
     ("research_uvit", 4, 4),  # long skips: block outputs kept across blocks
+    ("research_uvit_token", 4, 4),  # + the timestep as a token before the image: kept whole, first
     ("research_conv_mlp", 2, 0),  # 1x1 Conv1d feed-forward: no MLP site, left as it was
 ])
 def test_zoo_research_spellings(fresh_dynamo, name, attn_sites, mlp_sites):
