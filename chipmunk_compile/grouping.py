@@ -910,6 +910,12 @@ def _box_runs(x: torch.Tensor) -> Optional[tuple]:
     return tuple((a, *_box(x[a:b])) for a, b in merged)
 
 
+def _layout(info: GridInfo) -> tuple:
+    """The grid and its runs' starts and grids (not their token orders, tensors): what tells two
+    candidates apart."""
+    return info.grid, tuple((start, grid) for start, grid, _ in info.segments or ())
+
+
 def _largest_run(segments: tuple) -> tuple:
     """(grid, raster) of the run with the most tokens: the grid that stands for all of them."""
     return max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0]))
@@ -1388,8 +1394,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     _keep_candidates(gm, example_inputs, gcfg, session, recipe=info is None)
     earlier = _seen(session, "_chipmunk_grid")
     if info is None and earlier is not None:
-        rivals = [g for g in (_seen(session, "_chipmunk_grid_cands") or [])
-                  if (g.grid, g.segments) != (earlier.grid, earlier.segments)]
+        rivals = [g for g in (_seen(session, "_chipmunk_grid_cands") or []) if _layout(g) != _layout(earlier)]
         earlier = (_pick([earlier, *rivals], counts + _site_token_hints(sites)) if rivals else None) or earlier
     if info is None and earlier is None:  # candidates of an earlier graph without sites
         earlier = _pick(_seen(session, "_chipmunk_grid_cands") or _root_candidates(session),
