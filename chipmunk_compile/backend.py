@@ -217,6 +217,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     conv_input = _call_grouping_input(plan.sites, "shape_input")
     # a graph without sites that takes the model's latent: its size gives later graphs their grid
     latent_input = (plan.grouping or {}).get("latent_input")
+    # the inputs of a conv-embedded image stream of runs (FramePack's latents): their shapes per call
+    run_inputs = (plan.grouping or {}).get("run_inputs")
     # a static grid from this graph's position ids: another grid of the same count per generation
     regroup = next((s.regroup[0] for s in plan.sites if s.regroup is not None), None)
     outer = outermost_session(session)
@@ -239,6 +241,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
         if begins and (entry or (frame == session.step_frame and not session.has_entry)):
             session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
+            if session is outer:  # no earlier call's shapes stand for this one
+                outer._chipmunk_call_run_shapes = None
+        if run_inputs is not None:  # shapes only: no sync
+            outer._chipmunk_call_run_shapes = tuple(tuple(args[i].shape) for i in run_inputs)
         if regroup is not None:  # reads the ids on a generation's first call only
             regroup.update(args, session.position().generation)
         if step_cache is not None and entry:

@@ -234,6 +234,9 @@ class GridInfo:
     # FLUX.1 Kontext): ((start, grid, token_of_raster or None), ...) over the whole image stream,
     # in stream order; `grid` is then the largest one's, for the tile's dimensionality and reports
     segments: Optional[tuple] = None
+    # runs of conv-embedded token tensors (`_conv_runs`): ((graph input name, its shape), ...) of the
+    # inputs those convs read, at compile time; a call whose inputs have other shapes has other runs
+    run_inputs: Optional[tuple] = None
 
     @property
     def n(self) -> int:
@@ -380,7 +383,7 @@ def _conv_grids(gm: fx.GraphModule) -> list[GridInfo]:
 
 
 def _conv_token_views(gm: fx.GraphModule, depth: int = 6) -> dict:
-    """{node: (grid, token axis)} for the views of each conv output (view-like ops only, up to
+    """{node: (grid, token axis, conv node)} for the views of each conv output (view-like ops only, up to
     `depth` of them) that hold its whole token grid in one dim, raster order of the grid as listed
     (size-1 axes dropped; 2 or 3 axes; not per frame)."""
     out: dict = {}
@@ -403,7 +406,7 @@ def _conv_token_views(gm: fx.GraphModule, depth: int = 6) -> dict:
                     grid = tuple(g for g in tg[0] if g > 1) if tg is not None and not tg[1] else ()
                     if len(grid) in (2, 3):
                         axis = next(i for i, d in enumerate(new) if any(a[0].rstrip("'") in spatial for a in d))
-                        out[user] = (grid, axis)
+                        out[user] = (grid, axis, conv)
             frontier = nxt
     return out
 
@@ -440,11 +443,50 @@ def _conv_runs(gm: fx.GraphModule) -> list[GridInfo]:
         found = [views.get(p) for p in parts]
         if any(f is None or f[1] != _cat_axis(node)[0] for f in found):
             continue
-        grids = [g for g, _ in found]
+        grids = [g for g, _, _ in found]
         starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
+        inputs = [_conv_source(conv) for _, _, conv in found]
         out.append(GridInfo(max(grids, key=math.prod), f"conv patch embeds {node.name} in {len(grids)} runs",
-                            segments=tuple((s, g, None) for s, g in zip(starts, grids))))
+                            segments=tuple((s, g, None) for s, g in zip(starts, grids)),
+                            run_inputs=tuple(dict.fromkeys(inputs)) if None not in inputs else None))
     return out
+
+
+def _conv_source(conv: fx.Node, depth: int = 8) -> Optional[tuple]:
+    """(name, shape) of the graph input a conv reads, through single-tensor ops (pads, casts, views:
+    FramePack pads its history latents to the kernel), or None."""
+    node = conv.args[0] if conv.args else None
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            shape = _shape(node)
+            return (_input_name(node), shape) if shape is not None and not _is_param(node) else None
+        tensors = [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if len(tensors) != 1:
+            return None
+        node = tensors[0]
+    return None
+
+
+def run_input_indices(gm: fx.GraphModule, session=None) -> Optional[list]:
+    """Indices of the graph inputs whose shapes fix the runs of a conv-embedded image stream, for
+    the backend to note per call; else None. This graph's own runs (the outermost concat), else the
+    inputs of the same names and ranks that an earlier graph's runs read (that graph recompiled with
+    symbolic sizes shows no runs, but its calls must still tell their shapes)."""
+    runs = next((g for g in _conv_runs(gm) if g.run_inputs), None)
+    outer = outermost_session(session)
+    inputs = runs.run_inputs if runs is not None else getattr(outer, "_chipmunk_run_inputs", None)
+    if inputs is None:
+        return None
+    if runs is not None and outer is not None:
+        outer._chipmunk_run_inputs = runs.run_inputs
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    idx = [_named_input(gm, name) for name, _ in inputs]
+    if None in idx or any(_dims(places[i]) is None or len(_dims(places[i])) != len(shape)
+                          for i, (_, shape) in zip(idx, inputs)):
+        return None
+    return idx
 
 
 def _ints(v: Any, n: int) -> Optional[tuple]:
@@ -1371,7 +1413,17 @@ def _conv_grid(conv: tuple, spatial, axes: Optional[int]) -> Optional[tuple]:
 def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
     """Set `perm`, `always_keep` and `grouping` on every site of `pairs` ((match, site) tuples).
 
-    Returns a summary dict (grid, source, tile, per-site decisions) for `Plan.grouping`."""
+    Returns a summary dict (grid, source, tile, per-site decisions) for `Plan.grouping`; with
+    "run_inputs" when this graph embeds an image stream of conv runs, whose inputs' shapes the
+    backend notes per call (`CallGrouping` checks them against the compiled runs)."""
+    summary = _assign_grouping(gm, example_inputs, pairs, config, session)
+    runs = run_input_indices(gm, session) if config.grouping.enabled else None
+    if runs is not None:
+        summary["run_inputs"] = runs
+    return summary
+
+
+def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
     gcfg = config.grouping
     sites = [s for _, s in pairs]
     if gcfg.enabled:
@@ -1411,7 +1463,7 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
                         conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact,
-                        segments=earlier.segments)
+                        segments=earlier.segments, run_inputs=earlier.run_inputs)
     if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
         info = _pick(_rotary_grids(gm, example_inputs), sized)
     if info is None:
@@ -1483,7 +1535,8 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
                                            shape_input=shape_input, conv=info.conv, img_grid=info.grid,
-                                           call_latent=call_latent)
+                                           call_latent=call_latent,
+                                           run_shapes=tuple(sh for _, sh in info.run_inputs) if info.run_inputs else None)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1595,8 +1648,9 @@ class CallGrouping:
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
                  shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
-                 call_latent: bool = False):
+                 call_latent: bool = False, run_shapes: Optional[tuple] = None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
+        self.run_shapes = run_shapes
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.ids_input, self.tile, self.group = ids_input, tile, group
         self.shape_input, self.conv, self.call_latent = shape_input, conv, call_latent
@@ -1609,6 +1663,16 @@ class CallGrouping:
         # replays for the other (a latent an earlier graph took is not: read on a miss only)
         own = self._input_size(session) if self.shape_input is not None else None
         key = n if own is None else (n, own)
+        runs_now = _seen(session, "_chipmunk_call_run_shapes") if self.run_shapes is not None else None
+        if self.run_shapes is not None and runs_now != self.run_shapes:
+            # runs of conv-embedded grids whose inputs have other shapes in this call (another
+            # resolution of FramePack's latents), or shapes not noted: the compiled runs may not be
+            # this call's layout
+            key = (n, runs_now)
+            if key not in self.cache:
+                self.cache[key] = (None, None)
+                _ungrouped(n, self.n_img)
+            return self.cache[key]
         hit = self.cache.get(key)
         if hit is None:
             size = own if self.shape_input is not None else self._input_size(session)

@@ -921,3 +921,29 @@ def test_two_token_streams_of_the_grid_are_both_tiled():
     order = torch.arange(6).flip(0)
     perm, keep, note = _decide(12, 6, order, {"repeat"}, None, chipmunk_compile.GroupingConfig(), {})
     assert perm.tolist() == [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6] and keep is None and "2 token streams" in note
+
+
+def test_framepack_runs_are_not_reused_at_another_resolution():
+    """FramePack at 16×16 latents, then 24×16 (Dynamo recompiles with symbolic sizes), then 16×16:
+    the runs found at 16×16 are that resolution's layout only. The calls at 24×16 (510 image + 9
+    text tokens: fewer "text" tokens than the old 340-token stream, which the count alone would
+    have passed) run ungrouped, counted, because the latents' shapes noted per call differ from
+    those the runs were read at; 16×16 through the symbolic graph is grouped again. Full budget:
+    every call equals eager."""
+    from torch._dynamo.utils import counters
+
+    m, kw = _framepack(16, 16)
+    torch._dynamo.reset()
+    counters["chipmunk"].clear()
+    compiled = torch.compile(m, backend="chipmunk", options={"config": FULL, "compiler": "eager"})
+    with torch.no_grad():
+        for h in (16, 16, 24, 24, 16):
+            kw_h = _framepack(h, 16)[1]
+            torch.testing.assert_close(compiled(**kw_h)[0], m(**kw_h)[0], rtol=1e-4, atol=1e-4)
+    per_call = [s.call_grouping for session in sessions_of(m) for s in session.sites
+                if s.kind == "attention" and getattr(s, "call_grouping", None) is not None]
+    assert per_call and counters["chipmunk"]["grouping_ungrouped_count"] > 0
+    for cg in per_call:
+        assert _is_perm(cg.cache[349][0], 349)  # the compiled resolution, served by the symbolic graph
+        other = [v for k, v in cg.cache.items() if isinstance(k, tuple) and k[0] == 519]
+        assert other and all(p is None for p, _ in other)  # 24×16: ungrouped, not the 16×16 runs
