@@ -27,7 +27,7 @@ from .config import ChipmunkConfig
 from .graphs import GraphRunner, graph_blockers, static_input_indices
 from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
-from .patterns.fx_utils import source_name
+from .patterns.fx_utils import SIGNAL_VALUES, signal_like, source_name
 from .grouping import outermost_session
 from .runtime import Session, install_diffusers_context_probe, module_position, session_for
 from .sequence_parallel import collective_groups
@@ -87,39 +87,10 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     return None, entry, frame
 
 
-_SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timesteps) by their largest value
-
-
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
-    """Indices of user inputs that look like a timestep/guidance signal: at most 1-D, numeric, not a
-    parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
-    `vision_timesteps`: read as its largest value, the noisy tokens' time). A symbolic length (the
-    graph Dynamo recompiles with a dynamic batch after the batch size changed: a timestep per
-    sample) is judged by its example value's length; until session 44 such inputs were no signal,
-    so every call of that graph was a step of its own and no later generation began."""
-    out = []
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        src = source_name(node)
-        if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[", "__defaults__", "__kwdefaults__")):
-            continue  # a function's default (a float under dynamic=True) is the same on every call
-        v = node.meta.get("example_value")
-        if not isinstance(v, torch.Tensor) or v.dim() > 1:
-            continue
-        numel = _hint(v.numel())
-        if numel is None or numel == 0 or (numel > _SIGNAL_VALUES and not v.is_floating_point()):
-            continue
-        if v.dtype == torch.bool or v.is_complex():
-            continue
-        out.append(i)
-    return out
-
-
-def _hint(n) -> Optional[int]:
-    """An int, or a symbolic int's example value (None when it has none: an unbacked size)."""
-    if isinstance(n, int):
-        return n
-    hint = getattr(getattr(n, "node", None), "hint", None)  # SymNode.hint, torch 2.11 to 2.13
-    return int(hint) if isinstance(hint, int) else None
+    """Indices of the user inputs that look like a timestep/guidance signal (`patterns.fx_utils.
+    signal_like`)."""
+    return [i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if signal_like(node)]
 
 
 def read_signature(args, indices: list[int]) -> Optional[tuple]:
@@ -135,7 +106,7 @@ def read_signature(args, indices: list[int]) -> Optional[tuple]:
 
 def _signal_values(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().reshape(-1)
-    return (flat if flat.numel() <= _SIGNAL_VALUES else flat.amax(keepdim=True)).to(torch.float64)
+    return (flat if flat.numel() <= SIGNAL_VALUES else flat.amax(keepdim=True)).to(torch.float64)
 
 
 def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:

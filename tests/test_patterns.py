@@ -1190,3 +1190,30 @@ def test_mlp_with_wrapped_weights_is_rejected(fresh_dynamo):
     reasons = [r.reason for r in rejected(mod, tokens(0)).rejected]
     assert len(reasons) == 1 and "TwoTensor" in reasons[0], reasons
     check(mod, tokens, mlp=0)
+
+
+def test_timestep_embedding_over_frames_is_no_mlp_site(fresh_dynamo):
+    """SkyReels-V2's diffusion forcing embeds a timestep per frame: its time embedder's
+    linear → SiLU → linear runs on (B, F, C), which looks like F tokens. Its input comes from the
+    (B, F) timestep and weights only and changes whole at every step, so a sparse delta cannot
+    follow it: rejected with the reason (before session 47 it was a site: in a 20-step loop of a tiny
+    SkyReels-V2 with only the MLPs sparse, the latents ended 0.0107 from eager against 0.0030 with one
+    timestep per sample, 0.0030 both now). The token MLP beside it stays a site."""
+
+    class PerFrameTime(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t1, self.t2 = nn.Linear(16, 32), nn.Linear(32, 32)
+            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x, t):  # x (1, F * 8, 32), t (1, F)
+            freqs = torch.exp(-torch.arange(8, dtype=torch.float32) / 8)
+            sin = torch.cat([torch.sin(t[..., None] * freqs), torch.cos(t[..., None] * freqs)], dim=-1)
+            temb = self.t2(F.silu(self.t1(sin)))  # (1, F, 32)
+            h = x + temb.repeat_interleave(x.shape[1] // t.shape[1], dim=1)
+            return self.fc2(F.gelu(self.fc1(h)))
+
+    rep = chipmunk_compile.inspect(PerFrameTime(), torch.randn(1, 80, 32), torch.full((1, 10), 500.0),
+                                   config={"mlp": {"min_tokens": 1}})
+    assert [s.path for s in rep.sites if s.kind == "mlp"] == ["fc2"]
+    assert any(r.kind == "mlp" and "timestep/conditioning embedding" in r.reason for r in rep.rejected), rep

@@ -316,6 +316,30 @@ def test_compiled_model_tracks_per_token_timesteps(fresh_dynamo):
         seen.append(_pos(m)[:3])
     assert seen == [(0, "0", 0), (1, "0", 0), (2, "0", 0), (0, "0", 1)]
 
+def test_compiled_model_tracks_per_frame_timesteps(fresh_dynamo):
+    """A timestep per sample and frame, (B, F) (SkyReels-V2's diffusion forcing, frames at their own
+    noise levels): read whole, it gives the steps, the guidance calls of a step as its branches, and
+    a new generation when the frames go back to the start. Before session 47 a 2-D input was no
+    signal: every call counted as a step and no later generation began."""
+
+    class PerFrame(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            return self.lin(x) * t.mean()
+
+    m = PerFrame()
+    cm = chip(m, cfg())
+    x = torch.randn(1, 40, 8)
+    seen = []
+    for row in ((999.0, 999.0), (999.0, 999.0), (900.0, 999.0), (900.0, 999.0), (800.0, 950.0), (999.0, 999.0)):
+        cm(x, torch.tensor([row * 5]))  # (1, 10): 5 frames at each of two noise levels
+        seen.append(_pos(m)[:3])
+    assert seen == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0), (2, "0", 0), (0, "0", 1)]
+
+
 def test_compiled_model_diffusers_cache_context(fresh_dynamo):
     from diffusers import ModelMixin
     from diffusers.models.cache_utils import CacheMixin

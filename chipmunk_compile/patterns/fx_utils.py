@@ -189,3 +189,37 @@ def copy_provenance(new: fx.Node, old: fx.Node) -> None:
 def shape_of(node: Any) -> Optional[tuple]:
     v = val(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timesteps) by their largest value
+
+
+def signal_like(node: fx.Node) -> bool:
+    """Whether a graph input looks like a timestep/guidance signal: at most 1-D, numeric, not a
+    parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
+    `vision_timesteps`: read as its largest value, the noisy tokens' time); or 2-D and small (a
+    timestep per sample and frame: SkyReels-V2's diffusion forcing passes (B, F); until session 47
+    it was none, so its guidance calls counted as steps and no later generation began). A symbolic
+    length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
+    timestep per sample) is judged by its example value's length; until session 44 such inputs were
+    no signal, so every call of that graph was a step of its own and no later generation began."""
+    if node.op != "placeholder":
+        return False
+    src = source_name(node)
+    if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[", "__defaults__", "__kwdefaults__")):
+        return False  # a function's default (a float under dynamic=True) is the same on every call
+    v = node.meta.get("example_value")
+    if not isinstance(v, torch.Tensor) or v.dim() > 2:
+        return False
+    numel = _hint(v.numel())
+    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (v.dim() == 2 or not v.is_floating_point())):
+        return False
+    return v.dtype != torch.bool and not v.is_complex()
+
+
+def _hint(n) -> Optional[int]:
+    """An int, or a symbolic int's example value (None when it has none: an unbacked size)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)  # SymNode.hint, torch 2.11 to 2.13
+    return int(hint) if isinstance(hint, int) else None

@@ -37,7 +37,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .attention import attention_queries
 from .fx_utils import (
-    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, single_user,
+    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, signal_like,
+    single_user, source_name,
 )
 from .low_rank import adapted_linear, weight_nodes, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
@@ -274,6 +275,11 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
         tokens, token_axis = x_shape[0], 0
     if guard_or_false(tokens == 1):  # (B, 1, C): a conditioning MLP that keeps a size-1 token axis
         return _reject(node, "no token dimension (one token)", shapes)
+    if not _from_token_input(x, ctx):
+        # SkyReels-V2's diffusion forcing embeds a timestep per frame: (B, F, C) looks like tokens, but
+        # the input changes whole every step, so no sparse delta can follow it
+        return _reject(node, "a timestep/conditioning embedding (its input comes from small step-signal inputs "
+                       "and weights only, no token input)", shapes)
     if guard_or_false(tokens < mlp_cfg.min_tokens):
         return _reject(node, f"too short ({tokens} tokens < min_tokens {mlp_cfg.min_tokens})", shapes)
     return MlpMatch(
@@ -282,6 +288,25 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
         nodes=chain, w_lin=w_lin, b_lin=b_lin, cat_parts=cat_parts, cat_index=cat_index, first_rest=rest,
         token_axis=token_axis,
     )
+
+
+def _from_token_input(x: fx.Node, ctx: MatchContext) -> bool:
+    """Whether `x` depends on a graph input that is neither a weight nor a small step signal
+    (`fx_utils.signal_like`): the tokens (or any other large input). One pass over the graph,
+    memoized."""
+    if "token_fed" not in ctx.memo:
+        fed: set = set()
+        for n in x.graph.nodes:
+            if n.op == "placeholder":
+                v = val(n)
+                src = source_name(n)
+                if isinstance(v, torch.Tensor) and not signal_like(n) and "_parameters[" not in src \
+                        and "_buffers[" not in src:
+                    fed.add(n)
+            elif any(a in fed for a in n.all_input_nodes):
+                fed.add(n)
+        ctx.memo["token_fed"] = fed
+    return x in ctx.memo["token_fed"]
 
 
 def _packed_tokens(x, ctx: MatchContext) -> bool:
