@@ -320,15 +320,17 @@ def test_compiled_model_tracks_per_frame_timesteps(fresh_dynamo):
     """A timestep per sample and frame, (B, F) (SkyReels-V2's diffusion forcing, frames at their own
     noise levels): read whole, it gives the steps, the guidance calls of a step as its branches, and
     a new generation when the frames go back to the start. Before session 47 a 2-D input was no
-    signal: every call counted as a step and no later generation began."""
+    signal: every call counted as a step and no later generation began. (A 2-D input counts only when
+    it feeds a sin/cos: a pooled text embedding (B, D) is none.)"""
 
     class PerFrame(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(8, 8)
 
-        def forward(self, x, t):
-            return self.lin(x) * t.mean()
+        def forward(self, x, t):  # a sinusoidal embedding per frame, as timestep embedders do
+            emb = torch.cat([torch.sin(t[..., None] / 1000), torch.cos(t[..., None] / 1000)], dim=-1)
+            return self.lin(x) * emb.mean()
 
     m = PerFrame()
     cm = chip(m, cfg())

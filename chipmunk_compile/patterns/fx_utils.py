@@ -197,9 +197,11 @@ SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timest
 def signal_like(node: fx.Node) -> bool:
     """Whether a graph input looks like a timestep/guidance signal: at most 1-D, numeric, not a
     parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
-    `vision_timesteps`: read as its largest value, the noisy tokens' time); or 2-D and small (a
-    timestep per sample and frame: SkyReels-V2's diffusion forcing passes (B, F); until session 47
-    it was none, so its guidance calls counted as steps and no later generation began). A symbolic
+    `vision_timesteps`: read as its largest value, the noisy tokens' time); or 2-D, small and fed to a
+    sinusoidal embedding (a timestep per sample and frame: SkyReels-V2's diffusion forcing passes
+    (B, F); until session 47 it was none, so its guidance calls counted as steps and no later
+    generation began; a pooled text embedding (B, D) is no signal: it changes with the prompt, and
+    its values made a new batch size look like the same generation). A symbolic
     length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
     timestep per sample) is judged by its example value's length; until session 44 such inputs were
     no signal, so every call of that graph was a step of its own and no later generation began."""
@@ -214,7 +216,29 @@ def signal_like(node: fx.Node) -> bool:
     numel = _hint(v.numel())
     if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (v.dim() == 2 or not v.is_floating_point())):
         return False
+    if v.dim() == 2 and not _feeds_sinusoid(node):
+        return False
     return v.dtype != torch.bool and not v.is_complex()
+
+
+_SINUSOID = {"sin", "cos"}
+
+
+def _feeds_sinusoid(node: fx.Node, depth: int = 8) -> bool:
+    """Whether a sin or cos is reached from `node` within `depth` ops (a timestep embedding)."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                name = u.target if u.op == "call_method" else getattr(u.target, "__name__", None)
+                if name in _SINUSOID:
+                    return True
+                if u not in seen:
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _hint(n) -> Optional[int]:
