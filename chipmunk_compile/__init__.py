@@ -82,6 +82,9 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
     `scheduler.step`), counted from the scheduler's `begin_index` (img2img and inpaint pipelines
     begin part-way through the schedule); a step lower than the last starts a new generation; calls at the same step
     are its guidance branches (named by the cache context when the pipeline sets one). A scheduler
+    whose step index stays the same over 9 calls is not the loop's (a pipeline that steps copies of
+    it, as SkyReels-V2's diffusion forcing does per frame): following stops, counted and logged
+    (`scheduler_not_advancing`), and the steps come from the timesteps. A scheduler
     without `step_index` (DDIM, DDPM, PNDM, CogVideoX's) gets the same count on the host: its
     `step` and `set_timesteps` are wrapped on the instance (`runtime.count_scheduler_steps`). Works
     before the first compile; `follow_scheduler(model, None)` goes back to the timestep."""
@@ -98,6 +101,8 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
                                 "set_timesteps to count its steps by (diffusers schedulers have them)")
             count_scheduler_steps(scheduler)
         _SCHEDULERS[model] = scheduler
+    for session in sessions_of(model):  # a scheduler that stood still before is given another chance
+        session.tracker.scheduled_stalled = False
 
 
 def clear_step(model: Any) -> None:

@@ -100,6 +100,10 @@ class StepTracker:
         self.mode = mode
         self.explicit: Optional[tuple[int, Optional[str]]] = None
         self.scale: Optional[float] = None  # set per call by Session.begin_call (schedule.step_scale)
+        # a followed scheduler whose step index stood still over more calls than one step has
+        # branches (the pipeline steps copies of it: SkyReels-V2's diffusion forcing); kept across
+        # generations, cleared by follow_scheduler
+        self.scheduled_stalled = False
         self.reset()
 
     def reset(self) -> None:
@@ -113,6 +117,7 @@ class StepTracker:
         self._last_ctx_step: Optional[int] = None
         self._pinned_calls = False  # a call ran at a pinned step since the last reset
         self._repeats = 0  # calls in a row with the last signal values, after the first
+        self._scheduled_repeats = 0  # calls in a row at the last followed-scheduler step, after the first
 
     @property
     def position(self) -> StepPosition:
@@ -143,8 +148,13 @@ class StepTracker:
             self.branch = branch or (str(name) if name is not None else str(self.branch_index))
             return self.position
         ctx_step = getattr(context, "step_index", None) if context is not None else None
-        if ctx_step is None:
-            ctx_step = scheduled
+        if ctx_step is None and scheduled is not None and not self.scheduled_stalled:
+            same = scheduled == self._last_ctx_step
+            self._scheduled_repeats = self._scheduled_repeats + 1 if same else 0
+            if self._scheduled_repeats < MAX_BRANCHES:
+                ctx_step = scheduled
+            else:
+                self._stop_following()
         if self.mode == "auto" and ctx_step is not None:
             if self._last_ctx_step is not None:  # back to an earlier step: a new generation
                 back = ctx_step < self._last_ctx_step
@@ -156,7 +166,7 @@ class StepTracker:
             if back:
                 self._new_generation()
             # without a context name, calls at the same step are its guidance branches in call order
-            self.branch_index = self.branch_index + 1 if ctx_step == self._last_ctx_step else 0
+            self.branch_index = min(self.branch_index + 1, MAX_BRANCHES - 1) if ctx_step == self._last_ctx_step else 0
             self._last_ctx_step = ctx_step
             self.step = int(ctx_step)
             self.branch = str(name) if name is not None else str(self.branch_index)
@@ -170,6 +180,20 @@ class StepTracker:
             self.branch_index = 0
         self.branch = str(name) if name is not None else str(self.branch_index)
         return self.position
+
+    def _stop_following(self) -> None:
+        """The followed scheduler's step index stood still over MAX_BRANCHES + 1 calls: no pipeline
+        gives one step that many guidance calls, so it is not the loop's scheduler (SkyReels-V2's
+        diffusion forcing steps a copy per frame; until session 47 every call then ran as step 0,
+        dense, with no speedup and nothing said). Steps come from the timesteps from here on, at the
+        step reached (a device→host read per call, as without following)."""
+        from .ops.sites import fallback
+
+        self.scheduled_stalled = True
+        self._last_ctx_step = None
+        fallback("scheduler_not_advancing", f"the followed scheduler's step index stayed the same over {MAX_BRANCHES + 1} "
+                 "model calls (the pipeline steps copies of it?): following it stops, and the steps are read "
+                 "from the timesteps instead")
 
     def _advance_by_signature(self, sig: tuple) -> None:
         if self._last_sig is None:

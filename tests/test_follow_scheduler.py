@@ -213,3 +213,32 @@ def test_an_unscaled_step_count_is_logged_once(fresh_dynamo, caplog):
             _generation(compiled, FlowMatchEulerDiscreteScheduler())
     notes = [r.getMessage() for r in caplog.records if "schedule's periods" in r.getMessage()]
     assert len(notes) == 1 and f"ran {STEPS} steps" in notes[0]
+
+
+def test_a_scheduler_that_does_not_advance_is_no_longer_followed(fresh_dynamo):
+    """SkyReels-V2's diffusion-forcing pipeline steps a copy of its scheduler per frame, so the
+    scheduler a user follows (`pipe.scheduler`) never advances: every call ran as step 0, dense,
+    with no speedup and nothing said. After MAX_BRANCHES + 1 calls at one step index, following
+    stops (counted, logged) and the steps come from the timesteps: the generation then runs its
+    steps and the next one begins at step 0. Following again (`follow_scheduler`) gives the
+    scheduler another chance."""
+    from copy import deepcopy
+
+    from torch._dynamo.utils import counters
+
+    from chipmunk_compile.runtime import MAX_BRANCHES
+
+    model, compiled, sched = _followed(CFG)
+    counters["chipmunk"].clear()
+    positions = []
+    for _ in range(2):  # two generations, each stepping a copy of the followed scheduler
+        _generation(compiled, deepcopy(sched), positions=positions)
+        sched.set_timesteps(STEPS)  # what the pipeline does to its own scheduler per generation
+    assert counters["chipmunk"]["fallback:scheduler_not_advancing"] == 1
+    steps = [p.step for p in positions]
+    first = steps[:STEPS]
+    assert first[:MAX_BRANCHES + 1] == [0] * (MAX_BRANCHES + 1) and first[-1] > 0  # tracked from there on
+    assert steps[STEPS:] == list(range(STEPS))  # the next generation: steps 0, 1, ... from the timesteps
+    assert {p.generation for p in positions[STEPS:]} == {positions[0].generation + 1}
+    chipmunk_compile.follow_scheduler(compiled, sched)
+    assert not sessions_of(compiled)[0].tracker.scheduled_stalled
