@@ -381,3 +381,29 @@ def test_compiled_model_set_step(fresh_dynamo):
     chipmunk_compile.clear_step(m)
     cm(x, torch.tensor([0.5]))
     assert _pos(m)[1] == "0"
+
+
+def test_cosmos_video2world_timesteps_are_a_step_signal(fresh_dynamo):
+    """Cosmos 2 / 2.5 video2world passes its timestep as (B, 1, T, 1, 1), the conditioning frames at
+    their own time. It was no step signal (rank > 2): each of a step's two guidance calls counted as
+    a step and no later generation began. A small input of any rank that feeds a sin/cos is one now."""
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    import arch_zoo
+    from chipmunk_compile.runtime import sessions_of
+
+    case = arch_zoo.MODELS["cosmos"][1]()
+    c = chip(case.model, cfg())
+    seen = []
+    with torch.no_grad():
+        for _ in range(2):
+            for i in range(3):
+                ts = torch.full((1, 1, 3, 1, 1), 1.0 - i / 3)
+                ts[:, :, 0] = 0.1  # a conditioning frame
+                for _ in range(2):  # guidance as two calls
+                    c(**dict(case.kwargs, timestep=ts))
+                    p = sessions_of(case.model)[0].position()
+                    seen.append((p.generation, p.step, p.branch))
+    g0 = seen[0][0]
+    assert seen == [(g0 + g, s, b) for g in range(2) for s in range(3) for b in ("0", "1")]

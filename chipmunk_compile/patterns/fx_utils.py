@@ -197,11 +197,12 @@ SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timest
 def signal_like(node: fx.Node) -> bool:
     """Whether a graph input looks like a timestep/guidance signal: at most 1-D, numeric, not a
     parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
-    `vision_timesteps`: read as its largest value, the noisy tokens' time); or 2-D, small and fed to a
-    sinusoidal embedding (a timestep per sample and frame: SkyReels-V2's diffusion forcing passes
-    (B, F); until session 47 it was none, so its guidance calls counted as steps and no later
-    generation began; a pooled text embedding (B, D) is no signal: it changes with the prompt, and
-    its values made a new batch size look like the same generation). A symbolic
+    `vision_timesteps`: read as its largest value, the noisy tokens' time); or of higher rank, small
+    and fed to a sinusoidal embedding (a timestep per sample and frame: SkyReels-V2's diffusion
+    forcing passes (B, F), Cosmos 2 / 2.5 video2world (B, 1, T, 1, 1) with the conditioning frames at
+    their own time; until session 47 these were none, so guidance calls counted as steps and no
+    later generation began; a pooled text embedding (B, D) is no signal: it changes with the
+    prompt, and its values made a new batch size look like the same generation). A symbolic
     length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
     timestep per sample) is judged by its example value's length; until session 44 such inputs were
     no signal, so every call of that graph was a step of its own and no later generation began."""
@@ -211,12 +212,12 @@ def signal_like(node: fx.Node) -> bool:
     if any(tag in src for tag in ("_parameters[", "_buffers[", "._modules[", "__defaults__", "__kwdefaults__")):
         return False  # a function's default (a float under dynamic=True) is the same on every call
     v = node.meta.get("example_value")
-    if not isinstance(v, torch.Tensor) or v.dim() > 2:
+    if not isinstance(v, torch.Tensor):
         return False
     numel = _hint(v.numel())
-    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (v.dim() == 2 or not v.is_floating_point())):
+    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (v.dim() >= 2 or not v.is_floating_point())):
         return False
-    if v.dim() == 2 and not _feeds_sinusoid(node):
+    if v.dim() >= 2 and not _feeds_sinusoid(node):
         return False
     return v.dtype != torch.bool and not v.is_complex()
 
