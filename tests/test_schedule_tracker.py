@@ -407,3 +407,30 @@ def test_cosmos_video2world_timesteps_are_a_step_signal(fresh_dynamo):
                     seen.append((p.generation, p.step, p.branch))
     g0 = seen[0][0]
     assert seen == [(g0 + g, s, b) for g in range(2) for s in range(3) for b in ("0", "1")]
+
+
+def test_ltx_image2video_per_token_timesteps_are_a_step_signal(fresh_dynamo):
+    """LTX-Video's image2video pipeline passes a timestep per token, (B, N), the first frame's tokens at
+    0 (its conditioning image). Read by its largest value now, the noisy tokens' time; before session
+    47 a 2-D input was no signal, and every call counted as a step."""
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    import arch_zoo
+    from chipmunk_compile.runtime import sessions_of
+
+    case = arch_zoo.MODELS["ltx_video"][1]()
+    c = chip(case.model, cfg())
+    n = case.kwargs["hidden_states"].shape[1]
+    seen = []
+    with torch.no_grad():
+        for _ in range(2):
+            for i in range(3):
+                ts = torch.full((1, n), 1000.0 * (1 - i / 3))
+                ts[:, :64] = 0.0  # the first frame's 8×8 tokens: the conditioning image
+                for _ in range(2):  # guidance as two calls
+                    c(**dict(case.kwargs, timestep=ts))
+                    p = sessions_of(case.model)[0].position()
+                    seen.append((p.generation, p.step, p.branch))
+    g0 = seen[0][0]
+    assert seen == [(g0 + g, s, b) for g in range(2) for s in range(3) for b in ("0", "1")]

@@ -197,10 +197,11 @@ SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timest
 def signal_like(node: fx.Node) -> bool:
     """Whether a graph input looks like a timestep/guidance signal: at most 1-D, numeric, not a
     parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
-    `vision_timesteps`: read as its largest value, the noisy tokens' time); or of higher rank, small
-    and fed to a sinusoidal embedding (a timestep per sample and frame: SkyReels-V2's diffusion
-    forcing passes (B, F), Cosmos 2 / 2.5 video2world (B, 1, T, 1, 1) with the conditioning frames at
-    their own time; until session 47 these were none, so guidance calls counted as steps and no
+    `vision_timesteps`: read as its largest value, the noisy tokens' time); or of higher rank and fed
+    to a sinusoidal embedding, small or floating point alike (a timestep per sample and frame or
+    token: SkyReels-V2's diffusion forcing passes (B, F), Cosmos 2 / 2.5 video2world (B, 1, T, 1, 1)
+    with the conditioning frames at their own time, LTX-Video image2video (B, N) with the first
+    frame's tokens at 0; until session 47 these were none, so guidance calls counted as steps and no
     later generation began; a pooled text embedding (B, D) is no signal: it changes with the
     prompt, and its values made a new batch size look like the same generation). A symbolic
     length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
@@ -215,7 +216,7 @@ def signal_like(node: fx.Node) -> bool:
     if not isinstance(v, torch.Tensor):
         return False
     numel = _hint(v.numel())
-    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (v.dim() >= 2 or not v.is_floating_point())):
+    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and not v.is_floating_point()):
         return False
     if v.dim() >= 2 and not _feeds_sinusoid(node):
         return False
