@@ -10,7 +10,8 @@ Invariants:
   a followed scheduler's `step_index` (`follow_scheduler`; the context's name, if any, still names
   the branch), the values of the timestep-like inputs (same values again = another CFG branch of the same step;
   back at the generation's first values, or moving against the schedule = a new generation), and
-  only without any signal one call = one step. Values that repeat for more than `MAX_BRANCHES`
+  only without any signal one call = one step (counted `step_signal_none`, logged once in "auto"
+  mode: guidance calls are steps then, and no generation ends). Values that repeat for more than `MAX_BRANCHES`
   calls in a row are no step signal (token ids, say, and no timestep among the small inputs): the
   further calls stay on branch 0 of that step (counted, logged) instead of each opening a branch
   with caches of its own.
@@ -176,6 +177,8 @@ class StepTracker:
         if self.mode == "auto" and signature is not None:
             self._advance_by_signature(signature)
         else:
+            if self.mode == "auto":
+                _no_step_signal()
             self.step += 1
             self.branch_index = 0
         self.branch = str(name) if name is not None else str(self.branch_index)
@@ -230,6 +233,27 @@ class StepTracker:
             return False
         i, sign = self._direction
         return (sig[i] - last[i]) * sign < 0
+
+
+_warned_no_signal = False
+
+
+def _no_step_signal() -> None:
+    """Count a model call whose step came from counting calls in "auto" mode (no timestep-like
+    input, no cache-context step index, no followed scheduler, no set_step), and say once what that
+    means: a pipeline's guidance calls count as steps of their own and no later generation begins,
+    so a second generation would read the first one's caches."""
+    global _warned_no_signal
+    from .ops.sites import count
+
+    count("step_signal_none")
+    if not _warned_no_signal:
+        _warned_no_signal = True
+        log.warning("chipmunk: a model call has no step signal (no timestep-like input, "
+                    "no cache-context step index, no followed scheduler, no set_step): each call counts as one "
+                    "step, so guidance calls count as steps and no new generation is detected. Give the steps "
+                    "with chipmunk_compile.follow_scheduler(model, pipe.scheduler) or set_step, and call "
+                    "chipmunk_compile.reset(model) between generations")
 
 
 def _same_values(a: tuple, b: tuple) -> bool:

@@ -159,10 +159,18 @@ def test_step_index_after_signature_tracking_begins_a_generation():
 
 
 def test_no_signature_one_call_one_step_and_calls_mode():
+    """Without any step signal, a call is a step; in "auto" mode that is counted
+    (`step_signal_none`) and logged once, since guidance calls then count as steps and no new
+    generation is detected; "calls" mode asks for it and says nothing."""
+    from torch._dynamo.utils import counters
+
+    counters["chipmunk"].clear()
     t = StepTracker()
     assert [p[0] for p in _walk(t, [None, None, None])] == [0, 1, 2]
+    assert counters["chipmunk"]["step_signal_none"] == 3
     t = StepTracker("calls")
     assert _walk(t, [(1.0,), (1.0,), (1.0,)]) == [(0, "0", 0), (1, "0", 0), (2, "0", 0)]
+    assert counters["chipmunk"]["step_signal_none"] == 3
 
 
 def test_constant_signature_is_no_step_signal(fresh_dynamo):
