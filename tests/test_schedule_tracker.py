@@ -391,53 +391,39 @@ def test_compiled_model_set_step(fresh_dynamo):
     assert _pos(m)[1] == "0"
 
 
-def test_cosmos_video2world_timesteps_are_a_step_signal(fresh_dynamo):
-    """Cosmos 2 / 2.5 video2world passes its timestep as (B, 1, T, 1, 1), the conditioning frames at
-    their own time. It was no step signal (rank > 2): each of a step's two guidance calls counted as
-    a step and no later generation began. A small input of any rank that feeds a sin/cos is one now."""
+def _cosmos_timestep(case, i):
+    ts = torch.full((1, 1, 3, 1, 1), 1.0 - i / 3)
+    ts[:, :, 0] = 0.1  # a conditioning frame
+    return ts
+
+
+def _ltx_timestep(case, i):
+    ts = torch.full((1, case.kwargs["hidden_states"].shape[1]), 1000.0 * (1 - i / 3))
+    ts[:, :64] = 0.0  # the first frame's 8×8 tokens: the conditioning image
+    return ts
+
+
+@pytest.mark.parametrize("name,timestep", [("cosmos", _cosmos_timestep), ("ltx_video", _ltx_timestep)])
+def test_per_frame_and_per_token_timesteps_are_a_step_signal(fresh_dynamo, name, timestep):
+    """Cosmos 2 / 2.5 video2world pass the timestep as (B, 1, T, 1, 1), the conditioning frames at
+    their own time; LTX-Video's image2video pipeline as (B, N), one per token, the first frame's at
+    0. Neither was a step signal (rank > 1): each of a step's two guidance calls counted as a step
+    and no later generation began. An input of any rank that feeds a sin/cos is one now, a large
+    float one read by its largest value, the noisy tokens' time."""
     import sys
 
     sys.path.insert(0, "benchmarks")
     import arch_zoo
     from chipmunk_compile.runtime import sessions_of
 
-    case = arch_zoo.MODELS["cosmos"][1]()
+    case = arch_zoo.MODELS[name][1]()
     c = chip(case.model, cfg())
     seen = []
     with torch.no_grad():
         for _ in range(2):
             for i in range(3):
-                ts = torch.full((1, 1, 3, 1, 1), 1.0 - i / 3)
-                ts[:, :, 0] = 0.1  # a conditioning frame
                 for _ in range(2):  # guidance as two calls
-                    c(**dict(case.kwargs, timestep=ts))
-                    p = sessions_of(case.model)[0].position()
-                    seen.append((p.generation, p.step, p.branch))
-    g0 = seen[0][0]
-    assert seen == [(g0 + g, s, b) for g in range(2) for s in range(3) for b in ("0", "1")]
-
-
-def test_ltx_image2video_per_token_timesteps_are_a_step_signal(fresh_dynamo):
-    """LTX-Video's image2video pipeline passes a timestep per token, (B, N), the first frame's tokens at
-    0 (its conditioning image). Read by its largest value now, the noisy tokens' time; before session
-    47 a 2-D input was no signal, and every call counted as a step."""
-    import sys
-
-    sys.path.insert(0, "benchmarks")
-    import arch_zoo
-    from chipmunk_compile.runtime import sessions_of
-
-    case = arch_zoo.MODELS["ltx_video"][1]()
-    c = chip(case.model, cfg())
-    n = case.kwargs["hidden_states"].shape[1]
-    seen = []
-    with torch.no_grad():
-        for _ in range(2):
-            for i in range(3):
-                ts = torch.full((1, n), 1000.0 * (1 - i / 3))
-                ts[:, :64] = 0.0  # the first frame's 8×8 tokens: the conditioning image
-                for _ in range(2):  # guidance as two calls
-                    c(**dict(case.kwargs, timestep=ts))
+                    c(**dict(case.kwargs, timestep=timestep(case, i)))
                     p = sessions_of(case.model)[0].position()
                     seen.append((p.generation, p.step, p.branch))
     g0 = seen[0][0]
