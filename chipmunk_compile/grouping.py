@@ -10,7 +10,10 @@ Where the token grid comes from, in this order:
    token tensor (DiT, PixArt, SD3, Wan, HunyuanVideo, CogVideoX, Mochi). The view chain is
    followed symbolically, so per-frame 2-D convs whose batch is later unflattened into frames
    (CogVideoX, Mochi; Allegro, which does it after the (B*T, hw, C) token layout) give a t×h×w
-   grid; size-1 axes are dropped (one video frame = an image).
+   grid; size-1 axes are dropped (one video frame = an image). Several such embeddings joined on
+   the token axis (FramePack's 4× / 2× history, clean frames and current latent; Helios) are one
+   image stream of runs, each on its own conv's grid (`_conv_runs`), valid for the input shapes
+   they were read at (a call with others runs ungrouped, counted: `CallGrouping`).
 2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
    are distinct integer positions filling a box, or whose rows at one end do, after or before a
    minority of other rows (a joint text + image table, Krea 2; the side of those rows is then the
