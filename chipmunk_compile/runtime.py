@@ -190,13 +190,14 @@ class StepTracker:
         diffusion forcing steps a copy per frame; until session 47 every call then ran as step 0,
         dense, with no speedup and nothing said). Steps come from the timesteps from here on, at the
         step reached (a device→host read per call, as without following)."""
-        from .ops.sites import fallback
+        from .ops.sites import count
 
         self.scheduled_stalled = True
         self._last_ctx_step = None
-        fallback("scheduler_not_advancing", f"the followed scheduler's step index stayed the same over {MAX_BRANCHES + 1} "
-                 "model calls (the pipeline steps copies of it?): following it stops, and the steps are read "
-                 "from the timesteps instead")
+        count("fallback:scheduler_not_advancing")
+        log.warning("chipmunk: the followed scheduler's step index stayed the same over %d model calls (the "
+                    "pipeline steps copies of it?): following it stops, and the steps are read from the "
+                    "timesteps instead", MAX_BRANCHES + 1)
 
     def _advance_by_signature(self, sig: tuple) -> None:
         if self._last_sig is None:
