@@ -238,8 +238,11 @@ class GridInfo:
     # in stream order; `grid` is then the largest one's, for the tile's dimensionality and reports
     segments: Optional[tuple] = None
     # runs of conv-embedded token tensors (`_conv_runs`): ((graph input name, its shape), ...) of the
-    # inputs those convs read, at compile time; a call whose inputs have other shapes has other runs
+    # inputs those convs read, at compile time; a call whose inputs have other shapes has other runs,
+    # which `run_rules` give: per run (its input's index in run_inputs, conv params, conv output
+    # sizes at compile time), see `runs_for_shapes`
     run_inputs: Optional[tuple] = None
+    run_rules: Optional[tuple] = None
 
     @property
     def n(self) -> int:
@@ -448,11 +451,42 @@ def _conv_runs(gm: fx.GraphModule) -> list[GridInfo]:
             continue
         grids = [g for g, _, _ in found]
         starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
-        inputs = [_conv_source(conv) for _, _, conv in found]
+        sources = [_conv_source(conv) for _, _, conv in found]
+        inputs = tuple(dict.fromkeys(sources)) if None not in sources else None
+        rules = [(conv_params(gm, conv), _shape(conv)) for _, _, conv in found]
+        rules = (tuple((inputs.index(src), params, tuple(shape[2:])) for src, (params, shape) in zip(sources, rules))
+                 if inputs is not None and all(p is not None and sh is not None for p, sh in rules) else None)
         out.append(GridInfo(max(grids, key=math.prod), f"conv patch embeds {node.name} in {len(grids)} runs",
                             segments=tuple((s, g, None) for s, g in zip(starts, grids)),
-                            run_inputs=tuple(dict.fromkeys(inputs)) if None not in inputs else None))
+                            run_inputs=inputs, run_rules=rules))
     return out
+
+
+def runs_for_shapes(inputs: tuple, rules: tuple, shapes: tuple) -> Optional[tuple]:
+    """The runs (`GridInfo.segments`) that the convs of `rules` make of inputs of these `shapes`
+    (one per entry of `inputs`, the compile-time (name, shape) pairs), or None where a size does
+    not follow. Per axis, the conv's own formula, or the input padded to a multiple of the stride
+    first (FramePack pads its history latents to the kernel), whichever gave the compile-time size."""
+    segments, start = [], 0
+    for idx, (kernel, stride, pad, dil), out_then in rules:
+        then, now = inputs[idx][1][2:], shapes[idx][2:]
+        if len(now) != len(kernel) or len(then) != len(kernel):
+            return None
+        out = []
+        for x0, x, k, st, p, d, o in zip(then, now, kernel, stride, pad, dil, out_then):
+            formula = lambda v: (v + 2 * p - d * (k - 1) - 1) // st + 1  # noqa: E731
+            if formula(x0) == o:
+                out.append(formula(x))
+            elif -(-x0 // st) == o:  # padded to a multiple of the stride
+                out.append(-(-x // st))
+            else:
+                return None
+        grid = tuple(d for d in out if d > 1)
+        if len(grid) not in (2, 3):
+            return None
+        segments.append((start, grid, None))
+        start += math.prod(grid)
+    return tuple(segments)
 
 
 def _conv_source(conv: fx.Node, depth: int = 8) -> Optional[tuple]:
@@ -1466,7 +1500,7 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
     if info is None and earlier is not None:  # e.g. a graph after a graph break
         info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
                         conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact,
-                        segments=earlier.segments, run_inputs=earlier.run_inputs)
+                        segments=earlier.segments, run_inputs=earlier.run_inputs, run_rules=earlier.run_rules)
     if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
         info = _pick(_rotary_grids(gm, example_inputs), sized)
     if info is None:
@@ -1538,8 +1572,8 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
                                            shape_input=shape_input, conv=info.conv, img_grid=info.grid,
-                                           call_latent=call_latent,
-                                           run_shapes=tuple(sh for _, sh in info.run_inputs) if info.run_inputs else None)
+                                           call_latent=call_latent, run_inputs=info.run_inputs,
+                                           run_rules=info.run_rules)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1651,9 +1685,10 @@ class CallGrouping:
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
                  shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
-                 call_latent: bool = False, run_shapes: Optional[tuple] = None):
+                 call_latent: bool = False, run_inputs: Optional[tuple] = None, run_rules: Optional[tuple] = None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
-        self.run_shapes = run_shapes
+        self.run_inputs, self.run_rules = run_inputs, run_rules
+        self.run_shapes = tuple(sh for _, sh in run_inputs) if run_inputs else None
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
         self.ids_input, self.tile, self.group = ids_input, tile, group
         self.shape_input, self.conv, self.call_latent = shape_input, conv, call_latent
@@ -1669,12 +1704,13 @@ class CallGrouping:
         runs_now = _seen(session, "_chipmunk_call_run_shapes") if self.run_shapes is not None else None
         if self.run_shapes is not None and runs_now != self.run_shapes:
             # runs of conv-embedded grids whose inputs have other shapes in this call (another
-            # resolution of FramePack's latents), or shapes not noted: the compiled runs may not be
-            # this call's layout
+            # resolution of FramePack's latents): the runs the convs make of them, else (shapes not
+            # noted, sizes that do not follow) ungrouped, counted
             key = (n, runs_now)
             if key not in self.cache:
-                self.cache[key] = (None, None)
-                _ungrouped(n, self.n_img)
+                self.cache[key] = self._from_run_shapes(n, runs_now, session)
+                if self.cache[key][0] is None:
+                    _ungrouped(n, self.n_img)
             return self.cache[key]
         hit = self.cache.get(key)
         if hit is None:
@@ -1712,6 +1748,16 @@ class CallGrouping:
         first = self.text_first if self.text_first is not None else info.text_first
         hit = self._build(n, info.n, order, first, session)
         return hit if hit[0] is not None else None
+
+    def _from_run_shapes(self, n: int, shapes: Optional[tuple], session) -> tuple:
+        """(perm, keep) on the runs of this call's input shapes, or (None, None)."""
+        segments = runs_for_shapes(self.run_inputs, self.run_rules, shapes) \
+            if shapes is not None and self.run_rules is not None else None
+        if segments is None:
+            return None, None
+        info = GridInfo(_largest_run(segments)[0], "conv runs of the call", segments=segments)
+        order, _ = image_order(info, self.tile, self.group)
+        return self._build(n, info.n, order, self.text_first, session, exact=True)
 
     def _from_conv_input(self, n: int, size: Optional[tuple], session) -> Optional[tuple]:
         """(perm, keep) on the grid the conv makes of this call's input size, or None."""

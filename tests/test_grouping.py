@@ -923,27 +923,53 @@ def test_two_token_streams_of_the_grid_are_both_tiled():
     assert perm.tolist() == [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6] and keep is None and "2 token streams" in note
 
 
-def test_framepack_runs_are_not_reused_at_another_resolution():
-    """FramePack at 16×16 latents, then 24×16 (Dynamo recompiles with symbolic sizes), then 16×16:
-    the runs found at 16×16 are that resolution's layout only. The calls at 24×16 (510 image + 9
-    text tokens: fewer "text" tokens than the old 340-token stream, which the count alone would
-    have passed) run ungrouped, counted, because the latents' shapes noted per call differ from
-    those the runs were read at; 16×16 through the symbolic graph is grouped again. Full budget:
-    every call equals eager."""
+def _framepack_attention_perms(h, w, dynamic):
+    """{token count: perm} of FramePack's block attention sites after calls at 16×16 then (h, w)
+    latents (a fresh compile; full budget, every call checked against eager), and the counters."""
     from torch._dynamo.utils import counters
 
-    m, kw = _framepack(16, 16)
+    m, _ = _framepack(16, 16)
     torch._dynamo.reset()
     counters["chipmunk"].clear()
-    compiled = torch.compile(m, backend="chipmunk", options={"config": FULL, "compiler": "eager"})
+    compiled = torch.compile(m, backend="chipmunk", options={"config": FULL, "compiler": "eager"}, dynamic=dynamic)
     with torch.no_grad():
-        for h in (16, 16, 24, 24, 16):
-            kw_h = _framepack(h, 16)[1]
-            torch.testing.assert_close(compiled(**kw_h)[0], m(**kw_h)[0], rtol=1e-4, atol=1e-4)
-    per_call = [s.call_grouping for session in sessions_of(m) for s in session.sites
-                if s.kind == "attention" and getattr(s, "call_grouping", None) is not None]
-    assert per_call and counters["chipmunk"]["grouping_ungrouped_count"] > 0
-    for cg in per_call:
-        assert _is_perm(cg.cache[349][0], 349)  # the compiled resolution, served by the symbolic graph
-        other = [v for k, v in cg.cache.items() if isinstance(k, tuple) and k[0] == 519]
-        assert other and all(p is None for p, _ in other)  # 24×16: ungrouped, not the 16×16 runs
+        for hh in (16, 16, h, h, 16):
+            kw = _framepack(hh, w)[1]
+            torch.testing.assert_close(compiled(**kw)[0], m(**kw)[0], rtol=1e-4, atol=1e-4)
+    perms = {}
+    for s in (s for session in sessions_of(m) for s in session.sites if s.kind == "attention"):
+        if s.perm is not None:
+            perms.setdefault(s.perm.numel(), s.perm)
+        for key, (p, _) in (getattr(s, "call_grouping", None) and s.call_grouping.cache or {}).items():
+            perms.setdefault(key[0] if isinstance(key, tuple) else key, p)
+    return perms, dict(counters["chipmunk"])
+
+
+def test_framepack_runs_follow_the_resolution():
+    """FramePack at 16×16 latents, then 24×16 (Dynamo recompiles with symbolic sizes), then 16×16.
+    The runs read at 16×16 are that resolution's layout only: a call at 24×16 (510 image + 9 text
+    tokens, fewer "text" tokens than the old 340-token stream, which the count alone would have
+    passed) was grouped on the 16×16 runs. The graph that embeds the runs notes its latents' shapes
+    per call, and the runs of a call with other shapes come from the convs' rules: the same order a
+    graph compiled at 24×16 gives. Full budget: every call equals eager."""
+    dyn, counts = _framepack_attention_perms(24, 16, dynamic=None)
+    static, _ = _framepack_attention_perms(24, 16, dynamic=False)
+    assert 349 in dyn and 519 in dyn and 519 in static
+    assert torch.equal(dyn[519].long(), static[519].long()) and torch.equal(dyn[349].long(), static[349].long())
+    assert not counts.get("grouping_ungrouped_count")
+
+
+def test_runs_for_shapes_follow_each_conv_and_its_padding():
+    """`runs_for_shapes`: per axis the conv formula, or the input padded to a multiple of the stride
+    first, whichever gave the compile-time size; None for a rank the convs do not take."""
+    from chipmunk_compile.grouping import runs_for_shapes
+
+    k = ((2, 4, 4), (2, 4, 4), (0, 0, 0), (1, 1, 1))
+    p = ((1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1))
+    inputs = (("hist", (1, 4, 3, 18, 16)), ("cur", (1, 4, 3, 16, 16)))
+    rules = ((0, k, (2, 5, 4)), (1, p, (3, 8, 8)))  # the history padded (3, 18 -> 4, 20), the current not
+    assert runs_for_shapes(inputs, rules, ((1, 4, 3, 18, 16), (1, 4, 3, 16, 16))) == \
+        ((0, (2, 5, 4), None), (40, (3, 8, 8), None))
+    assert runs_for_shapes(inputs, rules, ((1, 4, 3, 22, 16), (1, 4, 3, 24, 16))) == \
+        ((0, (2, 6, 4), None), (48, (3, 12, 8), None))
+    assert runs_for_shapes(inputs, rules, ((1, 4, 22, 16), (1, 4, 3, 24, 16))) is None
