@@ -198,7 +198,7 @@ def signal_like(node: fx.Node) -> bool:
     """Whether a graph input looks like a timestep/guidance signal: at most 1-D, numeric, not a
     parameter or buffer, and small (≤ 64 values) or floating point (a timestep per token, Cosmos3's
     `vision_timesteps`: read as its largest value, the noisy tokens' time); or of higher rank and fed
-    to a sinusoidal embedding, small or floating point alike (a timestep per sample and frame or
+    to a sinusoidal embedding, small, or 2-D floating point (a timestep per sample and frame or
     token: SkyReels-V2's diffusion forcing passes (B, F), Cosmos 2 / 2.5 video2world (B, 1, T, 1, 1)
     with the conditioning frames at their own time, LTX-Video image2video (B, N) with the first
     frame's tokens at 0; until session 47 these were none, so guidance calls counted as steps and no
@@ -216,8 +216,8 @@ def signal_like(node: fx.Node) -> bool:
     if not isinstance(v, torch.Tensor):
         return False
     numel = _hint(v.numel())
-    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and not v.is_floating_point()):
-        return False
+    if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (not v.is_floating_point() or v.dim() > 2)):
+        return False  # (a large input of rank 3 or more is a token tensor, whatever it feeds)
     if v.dim() >= 2 and not _feeds_sinusoid(node):
         return False
     return v.dtype != torch.bool and not v.is_complex()
