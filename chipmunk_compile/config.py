@@ -195,7 +195,8 @@ class ChipmunkConfig:
     # full_step_schedule, mlp.full_step_every) are written for: a generation of S steps, when S is
     # known, runs them scaled by S / schedule_steps, so a refresh spans the same share of the
     # trajectory (schedule.py). S is known from `steps`, else from a followed scheduler
-    # (len(timesteps)); under timestep tracking it is not, and the periods run as written.
+    # (len(timesteps)); under timestep tracking it is known once a generation ended: once two in a row ran
+    # one count, the next ones are scaled to it (before: as written).
     # null: always as written
     schedule_steps: Optional[int] = 50
     steps: Optional[int] = None  # the sampler's step count, for loops whose scheduler is not followed

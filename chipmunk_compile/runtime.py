@@ -299,6 +299,12 @@ class Session:
     def __init__(self, config, owner: Optional[torch.nn.Module]):
         self.config = config
         self._noted_counts: set = set()  # step counts _note_step_count has logged
+        # the step count of the last two generations whose count nothing gave (timestep tracking),
+        # when equal: later such generations are scaled to it (a server runs one count, FLUX's
+        # pipeline 28); twice, so that a short warm-up generation does not scale the next one
+        self._tracked_steps: Optional[int] = None
+        self._last_tracked: Optional[int] = None
+        self._count_used: Optional[int] = None  # the step count the last call's periods were scaled to
         self.tracker = StepTracker(config.step_signal)
         self.state = ChipmunkState()
         self.sites: list[Any] = []
@@ -460,24 +466,36 @@ class Session:
         scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
         self.calls += 1
         t = self.tracker
-        generation, steps, known = t.generation, max(t.step, 0) + 1, t.scale is not None  # before this call
-        t.scale = step_scale(self.config.steps or scheduled_total(scheduler), self.config.schedule_steps)
+        generation, steps, scaled_to = t.generation, max(t.step, 0) + 1, self._count_used  # the ending generation's
+        told = self.config.steps or scheduled_total(scheduler)
+        self._count_used = told or self._tracked_steps
+        t.scale = step_scale(self._count_used, self.config.schedule_steps)
         pos = t.advance(signature, context, scheduled_step(scheduler))
         if pos.generation != generation:  # the last one ended: its step count is known now
-            self._note_step_count(steps, known=known or not self.config.schedule_steps)
+            if not told and steps >= 2:  # tracked: the next generations are scaled to a count seen twice
+                self._tracked_steps = steps if steps == self._last_tracked else None
+                self._last_tracked = steps
+                self._count_used = self._tracked_steps
+                t.scale = step_scale(self._tracked_steps, self.config.schedule_steps)
+                pos = t.position
+            self._note_step_count(steps, scaled_to, told)
         return pos
 
-    def _note_step_count(self, steps: int, known: bool) -> None:
-        """Log once per count that generations ran another step count than the schedule is written
-        for while nothing gave it (timestep tracking, set_step): their periods ran unscaled."""
-        if known or steps < 2 or steps == self.config.schedule_steps or steps in self._noted_counts:
+    def _note_step_count(self, steps: int, scaled_to: Optional[int], told) -> None:
+        """Log once per count that a generation ran another step count than its periods were scaled
+        to (as written: none) while nothing gave its count (timestep tracking, set_step). Since
+        session 47 the next such generations are scaled to the count of the last two, when equal."""
+        if told or not self.config.schedule_steps or steps < 2 or steps == (scaled_to or self.config.schedule_steps) \
+                or steps in self._noted_counts:
             return
         self._noted_counts.add(steps)
         log.info("chipmunk: a generation ran %d steps; the schedule's periods are written for %d "
-                 "(schedule_steps) and ran as written. Give the step count (config steps=%d, or "
-                 "chipmunk_compile.follow_scheduler) to scale them: on the tiny DiT the default preset gives "
-                 "29.3 dB against dense at 28 steps as written, 33.4 dB scaled", steps, self.config.schedule_steps,
-                 steps)
+                 "(schedule_steps) and ran %s. Generations tracked by their timesteps are scaled to a step "
+                 "count once two in a row ran it; give the count (config steps=%d, or "
+                 "chipmunk_compile.follow_scheduler) to scale every generation from its first step: on the tiny "
+                 "DiT the default preset gives 29.3 dB against dense at 28 steps as written, 33.4 dB scaled",
+                 steps, self.config.schedule_steps,
+                 "as written" if scaled_to is None else f"scaled to {scaled_to} steps", steps)
 
     def adopt(self, module: torch.nn.Module) -> None:
         """Make this session `module`'s too: a block of another model that the session's graph

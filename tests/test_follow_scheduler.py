@@ -242,3 +242,28 @@ def test_a_scheduler_that_does_not_advance_is_no_longer_followed(fresh_dynamo):
     assert {p.generation for p in positions[STEPS:]} == {positions[0].generation + 1}
     chipmunk_compile.follow_scheduler(compiled, sched)
     assert not sessions_of(compiled)[0].tracker.scheduled_stalled
+
+
+def test_tracked_generations_are_scaled_to_a_repeated_step_count(fresh_dynamo):
+    """Tracked by its timesteps, a generation's step count is known once it ended. Once two
+    generations in a row ran one count, the next ones are scaled to it (a server runs one count:
+    FLUX's pipeline 28 of a schedule written for 50); until then, and after a generation of another
+    count, the periods run as written. Twice, so that a short warm-up generation does not make the
+    next one all dense."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    compiled = chip(Net().eval(), dict(CFG, schedule_steps=24))
+    scales = []
+    for steps in (2, STEPS, STEPS, STEPS, 8, 8, 8):  # a 2-step warm-up first
+        positions = []
+        sched = FlowMatchEulerDiscreteScheduler()
+        sched.set_timesteps(steps)
+        x = latents(0)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                out = compiled(x, t.reshape(1))
+                positions.append(sessions_of(compiled)[0].position())
+                x = sched.step(out, t, x).prev_sample
+        scales.append({p.scale for p in positions[1:]})
+    half, third = STEPS / 24, 8 / 24
+    assert scales == [{None}, {None}, {None}, {half}, {half}, {None}, {third}]
