@@ -472,7 +472,9 @@ class Session:
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
         pos = t.advance(signature, context, scheduled_step(scheduler))
         if pos.generation != generation:  # the last one ended: its step count is known now
-            if not told and steps >= 2:  # tracked: the next generations are scaled to a count seen twice
+            if not told and steps >= 2 and t.explicit is None and t.mode == "auto":
+                # tracked by its timesteps (not pinned, not counted calls): the next generations are
+                # scaled to a count seen twice
                 self._tracked_steps = steps if steps == self._last_tracked else None
                 self._last_tracked = steps
                 self._count_used = self._tracked_steps
