@@ -82,6 +82,7 @@ import logging
 import math
 import operator
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -450,15 +451,13 @@ def _conv_runs(gm: fx.GraphModule) -> list[GridInfo]:
         if any(f is None or f[1] != _cat_axis(node)[0] for f in found):
             continue
         grids = [g for g, _, _ in found]
-        starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
         sources = [_conv_source(conv) for _, _, conv in found]
         inputs = tuple(dict.fromkeys(sources)) if None not in sources else None
         rules = [(conv_params(gm, conv), _shape(conv)) for _, _, conv in found]
         rules = (tuple((inputs.index(src), params, tuple(shape[2:])) for src, (params, shape) in zip(sources, rules))
                  if inputs is not None and all(p is not None and sh is not None for p, sh in rules) else None)
         out.append(GridInfo(max(grids, key=math.prod), f"conv patch embeds {node.name} in {len(grids)} runs",
-                            segments=tuple((s, g, None) for s, g in zip(starts, grids)),
-                            run_inputs=inputs, run_rules=rules))
+                            segments=_segments_of(grids), run_inputs=inputs, run_rules=rules))
     return out
 
 
@@ -467,7 +466,7 @@ def runs_for_shapes(inputs: tuple, rules: tuple, shapes: tuple) -> Optional[tupl
     (one per entry of `inputs`, the compile-time (name, shape) pairs), or None where a size does
     not follow. Per axis, the conv's own formula, or the input padded to a multiple of the stride
     first (FramePack pads its history latents to the kernel), whichever gave the compile-time size."""
-    segments, start = [], 0
+    grids = []
     for idx, (kernel, stride, pad, dil), out_then in rules:
         then, now = inputs[idx][1][2:], shapes[idx][2:]
         if len(now) != len(kernel) or len(then) != len(kernel):
@@ -484,9 +483,8 @@ def runs_for_shapes(inputs: tuple, rules: tuple, shapes: tuple) -> Optional[tupl
         grid = tuple(d for d in out if d > 1)
         if len(grid) not in (2, 3):
             return None
-        segments.append((start, grid, None))
-        start += math.prod(grid)
-    return tuple(segments)
+        grids.append(grid)
+    return _segments_of(grids)
 
 
 def _conv_source(conv: fx.Node, depth: int = 8) -> Optional[tuple]:
@@ -506,12 +504,12 @@ def _conv_source(conv: fx.Node, depth: int = 8) -> Optional[tuple]:
     return None
 
 
-def run_input_indices(gm: fx.GraphModule, session=None) -> Optional[list]:
+def run_input_indices(gm: fx.GraphModule, session=None, memo: Optional[dict] = None) -> Optional[list]:
     """Indices of the graph inputs whose shapes fix the runs of a conv-embedded image stream, for
     the backend to note per call; else None. This graph's own runs (the outermost concat), else the
     inputs of the same names and ranks that an earlier graph's runs read (that graph recompiled with
     symbolic sizes shows no runs, but its calls must still tell their shapes)."""
-    runs = next((g for g in _conv_runs(gm) if g.run_inputs), None)
+    runs = next((g for g in _graph_sources(gm, None, memo)[0]() if g.run_inputs), None)  # conv grids: runs first
     outer = outermost_session(session)
     inputs = runs.run_inputs if runs is not None else getattr(outer, "_chipmunk_run_inputs", None)
     if inputs is None:
@@ -742,11 +740,15 @@ def _merged_runs(gm: fx.GraphModule, merges: dict, sizes: set) -> list[GridInfo]
         grids = [g for _, g in found]
         if sum(math.prod(g) for g in grids) not in sizes:
             continue
-        starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
-        segments = tuple((start, g, None) for start, g in zip(starts, grids))
         out.append(GridInfo(max(grids, key=math.prod), f"merged axes {node.name} in {len(grids)} runs",
-                            segments=segments))
+                            segments=_segments_of(grids)))
     return out
+
+
+def _segments_of(grids: list) -> tuple:
+    """`GridInfo.segments` of runs on these grids, one after the other in raster order each."""
+    starts = [sum(math.prod(g) for g in grids[:i]) for i in range(len(grids))]
+    return tuple((start, g, None) for start, g in zip(starts, grids))
 
 
 _ROW_COPIES = frozenset({"clone", "contiguous", "to", "detach", "_to_copy"})  # copies that keep a table's rows
@@ -1295,15 +1297,24 @@ def _pick(cands: list[GridInfo], counts: list[int]) -> Optional[GridInfo]:
     return best
 
 
-def _graph_sources(gm: fx.GraphModule, example_inputs) -> tuple:
-    """The grid sources that need no site token counts, in priority order (called lazily)."""
-    return (lambda: _conv_grids(gm), lambda: _id_grids(gm, example_inputs), lambda: _patchify_grids(gm))
+def _graph_sources(gm: fx.GraphModule, example_inputs, memo: Optional[dict] = None) -> tuple:
+    """The grid sources that need no site token counts, in priority order (called lazily). With a
+    `memo` (one per `assign_grouping` call) each is computed once: `infer_grid`, `_keep_candidates`
+    and `run_input_indices` all read them."""
+    memo = {} if memo is None else memo
+
+    def once(key, fn):
+        return lambda: memo[key] if key in memo else memo.setdefault(key, fn())
+
+    return (once("conv", lambda: _conv_grids(gm)), once("ids", lambda: _id_grids(gm, example_inputs)),
+            once("patchify", lambda: _patchify_grids(gm)))
 
 
-def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int]) -> tuple[Optional[GridInfo], str]:
+def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int],
+               memo: Optional[dict] = None) -> tuple[Optional[GridInfo], str]:
     """(grid info, why not) for the graph; `counts` are the sites' token counts."""
     gcfg = config.grouping
-    for source in (*_graph_sources(gm, example_inputs), lambda: _merged_grids(gm, counts)):
+    for source in (*_graph_sources(gm, example_inputs, memo), lambda: _merged_grids(gm, counts)):
         info = _pick(source(), counts)
         if info is not None:
             return info, ""
@@ -1359,7 +1370,8 @@ def _root_candidates(session) -> list:
     return _ROOT_CANDS.setdefault(root, []) if root is not None else []
 
 
-def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session, recipe: bool = True) -> None:
+def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session, recipe: bool = True,
+                     memo: Optional[dict] = None) -> None:
     """Remember the grids a graph shows (a graph before a break: the patch embedding) for the
     sites of a later graph, which `_pick` matches by token counts; on the outermost compiled model's
     session, which every nested frame's session reads through `_seen`. `recipe`: the first
@@ -1368,7 +1380,7 @@ def _keep_candidates(gm: fx.GraphModule, example_inputs, gcfg, session, recipe: 
     if session is None or not gcfg.enabled:
         return
     extra = (lambda: _table_grids(gm), lambda: _indexed_table_grids(gm, example_inputs))
-    cands = [g for source in (*_graph_sources(gm, example_inputs), *extra) for g in source()]
+    cands = [g for source in (*_graph_sources(gm, example_inputs, memo), *extra) for g in source()]
     outer = outermost_session(session)  # a submodule's frame (a rotary embedder) may show the grid
     if cands:  # the latest few
         outer._chipmunk_grid_cands = (getattr(outer, "_chipmunk_grid_cands", []) + cands)[-16:]
@@ -1453,20 +1465,21 @@ def assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, ses
     Returns a summary dict (grid, source, tile, per-site decisions) for `Plan.grouping`; with
     "run_inputs" when this graph embeds an image stream of conv runs, whose inputs' shapes the
     backend notes per call (`CallGrouping` checks them against the compiled runs)."""
-    summary = _assign_grouping(gm, example_inputs, pairs, config, session)
-    runs = run_input_indices(gm, session) if config.grouping.enabled else None
+    memo: dict = {}  # the graph's grid sources, computed once for this call
+    summary = _assign_grouping(gm, example_inputs, pairs, config, session, memo)
+    runs = run_input_indices(gm, session, memo) if config.grouping.enabled else None
     if runs is not None:
         summary["run_inputs"] = runs
     return summary
 
 
-def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session=None) -> dict:
+def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, session, memo: dict) -> dict:
     gcfg = config.grouping
     sites = [s for _, s in pairs]
     if gcfg.enabled:
         remember_joins(gm, session)
     if not pairs:
-        _keep_candidates(gm, example_inputs, gcfg, session)
+        _keep_candidates(gm, example_inputs, gcfg, session, memo=memo)
         idx = _latent_input(gm, session) if gcfg.enabled else None
         return {"latent_input": idx} if idx is not None else {}
     if not gcfg.enabled:
@@ -1476,11 +1489,11 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
     counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
     # symbolic counts (a recompile after the resolution changed) count with the sizes of the call that
     # compiled the graph, so its own grid is picked before an earlier graph's of another resolution
-    info, why = infer_grid(gm, example_inputs, config, counts + _site_token_hints(sites))
+    info, why = infer_grid(gm, example_inputs, config, counts + _site_token_hints(sites), memo)
     # its sites (e.g. a text encoder's) may not be on the grid a later graph uses; and a grid found
     # for them may fit them by a coincidence of sizes (FramePack's 4 image-embed tokens and its 2×2
     # 4× history grid at toy sizes): a later graph then weighs the candidates against it
-    _keep_candidates(gm, example_inputs, gcfg, session, recipe=info is None)
+    _keep_candidates(gm, example_inputs, gcfg, session, recipe=info is None, memo=memo)
     earlier = _seen(session, "_chipmunk_grid")
     if info is None and earlier is not None:
         rivals = [g for g in (_seen(session, "_chipmunk_grid_cands") or []) if _layout(g) != _layout(earlier)]
@@ -1498,9 +1511,8 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         if latent is not None and (earlier is None or latent.grid != earlier.grid):
             earlier = _pick([g for g in (latent, earlier) if g is not None], sized)
     if info is None and earlier is not None:  # e.g. a graph after a graph break
-        info = GridInfo(earlier.grid, earlier.source + " (earlier graph)", earlier.token_of_raster, earlier.text_first,
-                        conv=earlier.conv, size_input=earlier.size_input, exact=earlier.exact,
-                        segments=earlier.segments, run_inputs=earlier.run_inputs, run_rules=earlier.run_rules)
+        # (not its position-id input or rotary decoder: those index that graph's inputs)
+        info = dataclasses.replace(earlier, source=earlier.source + " (earlier graph)", input_index=None, rotary=None)
     if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
         info = _pick(_rotary_grids(gm, example_inputs), sized)
     if info is None:
