@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import sys
@@ -236,25 +237,24 @@ class StepTracker:
         return (sig[i] - last[i]) * sign < 0
 
 
-_warned_no_signal = False
-
-
 def _no_step_signal() -> None:
     """Count a model call whose step came from counting calls in "auto" mode (no timestep-like
     input, no cache-context step index, no followed scheduler, no set_step), and say once what that
     means: a pipeline's guidance calls count as steps of their own and no later generation begins,
     so a second generation would read the first one's caches."""
-    global _warned_no_signal
     from .ops.sites import count
 
     count("step_signal_none")
-    if not _warned_no_signal:
-        _warned_no_signal = True
-        log.warning("chipmunk: a model call has no step signal (no timestep-like input, "
-                    "no cache-context step index, no followed scheduler, no set_step): each call counts as one "
-                    "step, so guidance calls count as steps and no new generation is detected. Give the steps "
-                    "with chipmunk_compile.follow_scheduler(model, pipe.scheduler) or set_step, and call "
-                    "chipmunk_compile.reset(model) between generations")
+    _warn_no_step_signal()
+
+
+@functools.cache
+def _warn_no_step_signal() -> None:
+    log.warning("chipmunk: a model call has no step signal (no timestep-like input, no cache-context step index, "
+                "no followed scheduler, no set_step): each call counts as one step, so guidance calls count as "
+                "steps and no new generation is detected. Give the steps with "
+                "chipmunk_compile.follow_scheduler(model, pipe.scheduler) or set_step, and call "
+                "chipmunk_compile.reset(model) between generations")
 
 
 def _same_values(a: tuple, b: tuple) -> bool:
@@ -468,20 +468,17 @@ class Session:
         t = self.tracker
         generation, steps, scaled_to = t.generation, max(t.step, 0) + 1, self._count_used  # the ending generation's
         told = self.config.steps or scheduled_total(scheduler)
-        self._count_used = told or self._tracked_steps
-        t.scale = step_scale(self._count_used, self.config.schedule_steps)
-        pos = t.advance(signature, context, scheduled_step(scheduler))
-        if pos.generation != generation:  # the last one ended: its step count is known now
+        t.advance(signature, context, scheduled_step(scheduler))
+        if t.generation != generation:  # the last one ended: its step count is known now
             if not told and steps >= 2 and t.explicit is None and t.mode == "auto":
                 # tracked by its timesteps (not pinned, not counted calls): the next generations are
                 # scaled to a count seen twice
                 self._tracked_steps = steps if steps == self._last_tracked else None
                 self._last_tracked = steps
-                self._count_used = self._tracked_steps
-                t.scale = step_scale(self._tracked_steps, self.config.schedule_steps)
-                pos = t.position
             self._note_step_count(steps, scaled_to, told)
-        return pos
+        self._count_used = told or self._tracked_steps
+        t.scale = step_scale(self._count_used, self.config.schedule_steps)
+        return t.position
 
     def _note_step_count(self, steps: int, scaled_to: Optional[int], told) -> None:
         """Log once per count that a generation ran another step count than its periods were scaled
