@@ -62,7 +62,7 @@ from torch._dynamo.utils import counters
 
 from . import runtime
 from .ops.sites import count, fallback
-from .patterns.fx_utils import source_name
+from .patterns.fx_utils import is_param_or_buffer
 from .sequence_parallel import collective_groups
 
 log = logging.getLogger("chipmunk_compile")
@@ -90,12 +90,7 @@ def held_bytes(device) -> int:
 
 def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
     """Placeholders that are module parameters or buffers (stable addresses across calls)."""
-    out = []
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        src = source_name(node)
-        if "_parameters[" in src or "_buffers[" in src:
-            out.append(i)
-    return out
+    return [i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder") if is_param_or_buffer(node)]
 
 
 def data_dependent_shapes(gm: torch.fx.GraphModule) -> bool:

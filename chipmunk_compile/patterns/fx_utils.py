@@ -191,6 +191,12 @@ def shape_of(node: Any) -> Optional[tuple]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def is_param_or_buffer(node: fx.Node) -> bool:
+    """Whether a graph input is a module parameter or buffer (by Dynamo's source name)."""
+    src = source_name(node)
+    return "_parameters[" in src or "_buffers[" in src
+
+
 SIGNAL_VALUES = 64  # inputs read whole; longer 1-D float ones (per-token timesteps) by their largest value
 
 

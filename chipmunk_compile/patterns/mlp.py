@@ -37,8 +37,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .attention import attention_queries
 from .fx_utils import (
-    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, val, module_path, shape_of, signal_like,
-    single_user, source_name,
+    arg, fn_kwargs, is_call, is_cast, is_linear, is_method, is_noop_dropout, is_param_or_buffer, val, module_path,
+    shape_of, signal_like, single_user,
 )
 from .low_rank import adapted_linear, weight_nodes, weight_shape
 from .registry import MatchContext, MlpMatch, Pattern, Rejection, register_pattern
@@ -298,10 +298,7 @@ def _from_token_input(x: fx.Node, ctx: MatchContext) -> bool:
         fed: set = set()
         for n in x.graph.nodes:
             if n.op == "placeholder":
-                v = val(n)
-                src = source_name(n)
-                if isinstance(v, torch.Tensor) and not signal_like(n) and "_parameters[" not in src \
-                        and "_buffers[" not in src:
+                if isinstance(val(n), torch.Tensor) and not signal_like(n) and not is_param_or_buffer(n):
                     fed.add(n)
             elif any(a in fed for a in n.all_input_nodes):
                 fed.add(n)
