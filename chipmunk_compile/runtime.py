@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 import torch
 
-from .schedule import step_scale
+from .schedule import never_sparse, step_scale
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -299,6 +299,8 @@ class Session:
     def __init__(self, config, owner: Optional[torch.nn.Module]):
         self.config = config
         self._noted_counts: set = set()  # step counts _note_step_count has logged
+        self._noted_dense_counts: set = set()  # step counts _note_no_sparse_step has logged
+        self._all_dense_generation: Optional[int] = None  # the last generation it counted
         # the step count of the last two generations whose count nothing gave (timestep tracking),
         # when equal: later such generations are scaled to it (a server runs one count, FLUX's
         # pipeline 28); twice, so that a short warm-up generation does not scale the next one
@@ -478,7 +480,29 @@ class Session:
             self._note_step_count(steps, scaled_to, told)
         self._count_used = told or self._tracked_steps
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
+        if t.scale is not None and t.generation != self._all_dense_generation:
+            self._note_no_sparse_step(self._count_used, t.scale, t.generation)
         return t.position
+
+    def _note_no_sparse_step(self, steps: int, scale: float, generation: int) -> None:
+        """Count a generation whose step count leaves neither op a sparse step (a few-step
+        sampler): it runs exactly as the dense model, with no speedup; log that once per count."""
+        from .ops.sites import count
+
+        ops = [(kind, c) for kind, c in (("attention", self.config.attn), ("mlp", self.config.mlp)) if c.enabled]
+        if not ops or not all(never_sparse(kind, c, scale) for kind, c in ops):
+            return
+        self._all_dense_generation = generation
+        count("generation_all_dense")
+        if steps in self._noted_dense_counts:
+            return
+        self._noted_dense_counts.add(steps)
+        log.warning("chipmunk: a generation of %d steps runs dense throughout: the periods written for %d "
+                    "steps (schedule_steps) scale to 1 step, which leaves no sparse step. Few-step samplers "
+                    "change the activations too much between steps for cached deltas (on the tiny DiT, "
+                    "`default` as written at 4-8 steps: 25 dB against dense). To run sparse steps anyway, "
+                    "set schedule_steps: null (the periods as written) or shorter periods for this count",
+                    steps, self.config.schedule_steps)
 
     def _note_step_count(self, steps: int, scaled_to: Optional[int], told) -> None:
         """Log once per count that a generation ran another step count than its periods were scaled

@@ -200,6 +200,47 @@ def test_a_followed_generation_scales_the_schedule_to_its_step_count(fresh_dynam
     assert step_counts(as_written)["attention_refresh"] < want["attention_refresh"]  # every 4, not every 2
 
 
+def test_a_step_count_that_leaves_no_sparse_step_runs_plain_dense(fresh_dynamo, caplog):
+    """A few-step sampler: the periods (4 of `schedule_steps` 24) scale to 1 at 4 steps, so no
+    sparse step would read a cache. The op then runs the exact op with no state: no cache is built
+    and no block means are taken (each kernel call counts a reference fallback on the CPU), the
+    outputs equal eager, and a generation where neither op has a sparse step is counted and logged
+    once per count. Until session 48 the MLP still filled its caches on every (dense) step: a
+    generation slower than the dense model, with nothing said."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    from test_numerics import run
+
+    few = dict(CFG, schedule_steps=24, steps=4)
+    model = Net().eval()
+    counters["chipmunk"].clear()
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        compiled = chip(model, few)
+        outs, refs = run(model, compiled, 4)
+        outs2, refs2 = run(model, compiled, 4)  # a second generation: back at the first timestep
+    for o, r in zip(outs + outs2, refs + refs2):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    st = chipmunk_compile.stats(model)
+    assert st["state_bytes"] == 0 and set(step_counts(model)) == {"attention_dense", "mlp_dense"}
+    assert not [k for k in counters["chipmunk"] if k.startswith("kernel_fallback")]  # no block means, no colsum
+    assert counters["chipmunk"]["generation_all_dense"] == 2
+    assert len([r for r in caplog.records if "runs dense throughout" in r.getMessage()]) == 1
+    # only the MLP's period scales to 1: attention keeps its sparse steps, nothing is logged
+    torch._dynamo.reset()
+    caplog.clear()
+    counters["chipmunk"].clear()
+    mixed = dict(few, attn=dict(few["attn"], full_step_every=12))
+    model = Net().eval()
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        run(model, chip(model, mixed), 4)
+    kinds = {s["kind"]: s for s in chipmunk_compile.stats(model)["sites"]}
+    assert kinds["mlp"]["state_bytes"] == 0 and set(kinds["mlp"]["steps"]) == {"dense"}
+    assert kinds["attention"]["state_bytes"] > 0 and "sparse" in kinds["attention"]["steps"]
+    assert counters["chipmunk"]["generation_all_dense"] == 0 and not caplog.records
+
+
 def test_an_unscaled_step_count_is_logged_once(fresh_dynamo, caplog):
     """Tracked by timesteps, a generation's step count is known only once it ended: the next one
     logs that its periods ran unscaled, once per count."""

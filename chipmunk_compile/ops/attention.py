@@ -116,8 +116,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     s = lookup(site)
     if s is None:
         return _sdpa(q, k, v, key_mask, scale, bias)
-    if s.always_dense():  # never sparse: no cache, no lse
-        s.finish(None, DENSE, s.session.position())
+    pos = s.session.position()
+    if s.plain_dense(pos):  # never sparse (at all, or in this generation): no cache, no lse
+        s.finish(None, DENSE, pos)
         return _sdpa(q, k, v, key_mask, scale, bias)
     return s.cached_or_dense(lambda: _cached_attention(s, q, k, v, key_mask, scale, bias),
                              lambda: _sdpa(q, k, v, key_mask, scale, bias), q)

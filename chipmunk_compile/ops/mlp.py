@@ -95,8 +95,9 @@ def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tenso
     out_shape = (*x.shape[:-1], w2.shape[0])
     if s is None:
         return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
-    if s.always_dense():  # never sparse: no caches
-        s.finish(None, DENSE, s.session.position())
+    pos = s.session.position()
+    if s.plain_dense(pos):  # never sparse (at all, or in this generation): no caches
+        s.finish(None, DENSE, pos)
         return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
     return s.cached_or_dense(lambda: _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape),
                              lambda: _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act), x)

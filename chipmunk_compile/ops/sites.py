@@ -48,7 +48,7 @@ from torch._dynamo.utils import counters
 from .. import runtime
 from ..kernels.random_draws_ref import HashDraws
 from ..runtime import SITES, Session, new_site_id
-from ..schedule import DENSE
+from ..schedule import DENSE, never_sparse
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -241,6 +241,12 @@ class Site:
     def always_dense(self) -> bool:
         return self.out_of_memory or not self.cfg.enabled or self.current_layer() < self.cfg.first_n_dense_layers
 
+    def plain_dense(self, pos) -> bool:
+        """This call runs the exact op with no state: the site never runs sparse, or the
+        generation's step count leaves it no sparse step (`schedule.never_sparse`), so a cache
+        built now would never be read."""
+        return self.always_dense() or never_sparse(self.kind, self.cfg, pos.scale)
+
     def cached_or_dense(self, cached, dense, t: torch.Tensor):
         """`cached()` (the call with this site's state); when its caches do not fit the device
         (outside a CUDA-graph recording or capture), free every cache of this site, count and log
@@ -283,7 +289,7 @@ class Site:
         """What this site will do on a call at `pos` with the graph's input `layout` (its state's
         epoch and its decision), or None when it cannot be known without running the op (no state
         yet for the shape this layout gives this branch)."""
-        if self.always_dense():
+        if self.plain_dense(pos):
             return (ALWAYS_DENSE,)
         key = self._state_key(pos)
         grid = self.regroup[0].key if self.regroup is not None else 0
