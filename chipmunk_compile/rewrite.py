@@ -7,8 +7,8 @@ Invariants:
   `torch.ops.chipmunk.mlp` node (plus views: unsqueeze/squeeze for 3-D attention, flatten/expand
   of a key-padding mask, the scale of a written-out form's bias, weight slices, for the parallel
   MLP form one dense linear + add, and for a first linear fused with other projections one dense
-  linear per other column range), and the
-  matched nodes are erased once they have no users. Nothing else in the graph changes.
+  linear per other column range; under autocast a cast of each floating input to the autocast
+  dtype at the site: `autocast_casts`), and the matched nodes are erased once they have no users. Nothing else in the graph changes.
 - Before matching, `rewrite_subgraphs.inline_subgraphs` inlines activation-checkpointed regions
   and nested compile regions, and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
   `nn.TransformerEncoderLayer` call it can out as the ops it runs, so the patterns see inside them.
@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.chipmunk)
+from .autocast_casts import autocast_at, cast, device_type_of
 from .grouping import assign_grouping
 from .ops.sites import Site
 from .patterns import MatchContext, Rejection, registered_patterns
@@ -176,6 +177,7 @@ def _wshape(spec) -> Optional[tuple]:
 
 def apply(gm: fx.GraphModule, pairs: list) -> None:
     replaced: dict = {}  # an earlier site's output may feed a later site directly
+    amp_at = autocast_at(gm.graph)  # before any rewrite: the autocast regions of the graph as traced
     for m, site in pairs:
         for name in ("q", "k", "v", "x", "mask_node", "key_mask", "query_mask", "bias"):
             if getattr(m, name, None) in replaced:
@@ -185,7 +187,9 @@ def apply(gm: fx.GraphModule, pairs: list) -> None:
         if getattr(m, "first_rest", None):
             m.first_rest = [(n, replaced.get(x, x), *r) for n, x, *r in m.first_rest]
         old = m.output
-        new = _replace_attention(gm.graph, m, site) if m.kind == "attention" else _replace_mlp(gm.graph, m, site)
+        amp = amp_at(old, device_type_of(*(getattr(m, n, None) for n in ("q", "x", "output"))))
+        new = _replace_attention(gm.graph, m, site, amp) if m.kind == "attention" else \
+            _replace_mlp(gm.graph, m, site, amp)
         replaced[old] = new
     gm.graph.lint()
     gm.recompile()
@@ -198,9 +202,10 @@ def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             graph.erase_node(n)
 
 
-def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
+def _replace_attention(graph: fx.Graph, m, site: Site, amp: Optional[torch.dtype] = None) -> None:
+    """`amp`: the autocast dtype at the site (autocast_casts), None when off."""
     with graph.inserting_before(m.output):
-        q, k, v = m.q, m.k, m.v
+        q, k, v = (cast(graph, t, amp) for t in (m.q, m.k, m.v))
         if m.squeeze_head:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
         key_src = m.key_mask
@@ -208,10 +213,10 @@ def _replace_attention(graph: fx.Graph, m, site: Site) -> None:
             key_src = m.mask_node  # a pattern that only names the mask: a (B, 1, 1, Nk) key mask
         batch = graph.call_method("size", (q, 0)) if key_src is not None or m.query_mask is not None else None
         key_mask = _padding_vector(graph, key_src, batch) if key_src is not None else None
-        bias = m.bias
+        bias = cast(graph, m.bias, amp)  # SDPA under autocast casts a float mask as well
         if bias is not None and m.bias_scale != 1.0:  # (QKᵀ + bias)·c: the op adds c·bias to c·QKᵀ
             bias = graph.call_function(operator.mul, (bias, m.bias_scale))
-        if bias is not None and m.squeeze_head and len(shape_of(bias)) == 3:  # (B*H, Nq, Nk) → (B*H, 1, Nq, Nk)
+        if bias is not None and m.squeeze_head and len(shape_of(m.bias)) == 3:  # (B*H, Nq, Nk) → (B*H, 1, Nq, Nk)
             bias = graph.call_method("unsqueeze", (bias, 1))
         new = graph.call_function(torch.ops.chipmunk.attention.default,
                                   (q, k, v, key_mask, m.scale, site.id) + ((bias,) if bias is not None else ()))
@@ -289,15 +294,15 @@ def _split_fused_first_linear(graph: fx.Graph, m) -> None:
         node.replace_all_uses_with(dense)
 
 
-def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
+def _replace_mlp(graph: fx.Graph, m, site: Site, amp: Optional[torch.dtype] = None) -> None:
+    """`amp`: the autocast dtype at the site (autocast_casts), None when off."""
     _split_fused_first_linear(graph, m)
     seq_first = m.token_axis == 0
     with graph.inserting_before(m.output):
-        w_act, b_act = _slice(graph, m.w_act), _slice(graph, m.b_act)
-        w_lin, b_lin = _slice(graph, m.w_lin), _slice(graph, m.b_lin)
-        x = m.x
+        w_act, b_act, w_lin, b_lin = (cast(graph, _slice(graph, w), amp) for w in (m.w_act, m.b_act, m.w_lin, m.b_lin))
+        x = cast(graph, m.x, amp)
         if seq_first:  # (S, B, C) -> (B, S, C): a view; the op reads strided rows
-            x = graph.call_function(torch.transpose, (m.x, 0, 1))
+            x = graph.call_function(torch.transpose, (x, 0, 1))
             copy_provenance(x, m.output)
 
         def sparse_mlp(w2, b2):
@@ -311,7 +316,8 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
             return back
 
         if m.cat_parts is None:
-            new = sparse_mlp(_slice(graph, m.w2, column_major=True), m.b2)
+            new = sparse_mlp(cast(graph, _slice(graph, m.w2, column_major=True), amp, column_major=True),
+                             cast(graph, m.b2, amp))
         else:
             other = m.cat_parts[1 - m.cat_index]
             d_other = shape_of(other)[-1]
@@ -320,7 +326,7 @@ def _replace_mlp(graph: fx.Graph, m, site: Site) -> None:
                 cols_other, cols_mlp = (0, d_other), (d_other, d_total)
             else:
                 cols_mlp, cols_other = (0, d_total - d_other), (d_total - d_other, d_total)
-            w2_mlp = _slice(graph, m.w2, cols_mlp, column_major=True)
+            w2_mlp = cast(graph, _slice(graph, m.w2, cols_mlp, column_major=True), amp, column_major=True)
             w2_other = _slice(graph, m.w2, cols_other, column_major=True)
             sparse = sparse_mlp(w2_mlp, None)
             dense = graph.call_function(torch._C._nn.linear, (other, w2_other, m.b2))

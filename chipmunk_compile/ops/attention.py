@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
+from ..autocast_casts import disabled_inside
 from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
@@ -111,6 +112,11 @@ POLICIES["attention"] = (decide, commit)
 @torch.library.custom_op("chipmunk::attention", mutates_args=(), tags=_TAGS)
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: Optional[float], site: int,
               bias: Optional[Tensor] = None) -> Tensor:
+    with disabled_inside(q):  # the rewrite cast the inputs to an autocast's dtype already
+        return _attention(q, k, v, key_mask, scale, site, bias)
+
+
+def _attention(q, k, v, key_mask, scale, site, bias) -> Tensor:
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     bias = additive_bias(bias, q.dtype)
     s = lookup(site)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..autocast_casts import disabled_inside
 from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
@@ -91,6 +92,11 @@ POLICIES["mlp"] = (decide, commit)
 @torch.library.custom_op("chipmunk::mlp", mutates_args=(), tags=_TAGS)
 def mlp(x: Tensor, w_act: Tensor, b_act: Optional[Tensor], w_lin: Optional[Tensor], b_lin: Optional[Tensor],
         w2: Tensor, b2: Optional[Tensor], act: str, site: int) -> Tensor:
+    with disabled_inside(x):  # the rewrite cast the inputs to an autocast's dtype already
+        return _mlp(x, w_act, b_act, w_lin, b_lin, w2, b2, act, site)
+
+
+def _mlp(x, w_act, b_act, w_lin, b_lin, w2, b2, act, site) -> Tensor:
     s = lookup(site)
     out_shape = (*x.shape[:-1], w2.shape[0])
     if s is None:

@@ -1,0 +1,97 @@
+"""Models with fp32 weights run under torch.autocast, around the compiled call or inside the forward:
+each chipmunk op gets its inputs in the autocast dtype, as the linears and SDPA it replaces would have
+computed in (`chipmunk_compile.autocast_casts`). Before session 48 the MLP op raised a dtype error
+(fp32 weights, bf16 activations) on its first call under autocast."""
+
+import torch
+import torch.fx as fx
+
+from chipmunk_compile.autocast_casts import autocast_at
+
+from helpers import FULL_KEYS, cfg, chip, fresh_dynamo, max_rel, step_counts  # noqa: F401
+from test_numerics import Block, Net, run, sparse_cfg
+
+FULL = cfg(attn=dict(FULL_KEYS, full_step_every=4), mlp=dict(FULL_KEYS, full_step_every=4))
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+class MlpOnProjection(Block):
+    """The MLP reads the attention's output projection: under autocast a bf16 activation beside the
+    fp32 weights (a layer norm's output, as in `Block`, is fp32 under CPU autocast)."""
+
+    def forward(self, x, mask=None):
+        b, n, _ = x.shape
+        y = self.n1(x)
+        q, k, v = (lin(y).view(b, n, -1, x.shape[-1] // 2).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        h = self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        return x + h + self.fc2(torch.nn.functional.gelu(self.fc1(h), approximate="tanh"))
+
+
+def _net() -> Net:
+    net = Net()
+    for blk in net.blocks:
+        blk.__class__ = MlpOnProjection
+    return net.eval()
+
+
+def _bf16_rel(outs, refs) -> float:
+    assert all(o.dtype == r.dtype for o, r in zip(outs, refs))  # the residual stream stays fp32
+    return max(max_rel(o.float(), r.float()) for o, r in zip(outs, refs))
+
+
+def test_ambient_autocast_full_budget_matches_eager(fresh_dynamo):
+    """fp32 weights, `with torch.autocast("cpu", bfloat16)` around the calls: dense, refresh and
+    full-key sparse steps equal eager under the same autocast up to bf16 rounding, and sparse steps
+    at a real budget stay as close as they are in fp32."""
+    model = _net()
+    with torch.autocast(**BF16):
+        outs, refs = run(model, chip(model, FULL), 6)
+    assert _bf16_rel(outs, refs) < 5e-3
+    assert step_counts(model)["attention_sparse"] > 0 and step_counts(model)["mlp_sparse"] > 0
+    torch._dynamo.reset()
+    model = _net()
+    with torch.autocast(**BF16):
+        outs, refs = run(model, chip(model, sparse_cfg()), 6)
+    torch._dynamo.reset()
+    fp32 = _net()
+    fp32_outs, fp32_refs = run(fp32, chip(fp32, sparse_cfg()), 6)
+    assert _bf16_rel(outs, refs) < max(max_rel(o, r) for o, r in zip(fp32_outs, fp32_refs)) + 5e-3
+
+
+class AutocastInside(torch.nn.Module):
+    """A forward that runs its blocks under autocast itself and returns fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x, t):
+        with torch.autocast(**BF16):
+            y = self.net(x, t)
+        return y.float()
+
+
+def test_autocast_region_inside_the_forward(fresh_dynamo):
+    model = AutocastInside().eval()
+    outs, refs = run(model, chip(model, FULL), 6)
+    assert all(o.dtype == torch.float32 for o in outs)
+    assert max(max_rel(o, r) for o, r in zip(outs, refs)) < 5e-3
+    assert step_counts(model)["mlp_sparse"] > 0
+
+
+def test_autocast_at_follows_the_graphs_regions():
+    """Inside an `_enter_autocast` / `_exit_autocast` pair the region's dtype, outside the ambient
+    state (off here)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    before = g.call_function(torch.neg, (x,))
+    enter = g.call_function(torch.amp.autocast_mode._enter_autocast, ("cpu", torch.float16, True, None))
+    inside = g.call_function(torch.neg, (before,))
+    g.call_function(torch.amp.autocast_mode._exit_autocast, (enter,))
+    after = g.call_function(torch.neg, (inside,))
+    g.output(after)
+    at = autocast_at(g)
+    assert (at(before, "cpu"), at(inside, "cpu"), at(after, "cpu")) == (None, torch.float16, None)
+    assert at(inside, "cuda") is None
+    with torch.autocast(**BF16):
+        assert at(after, "cpu") == torch.bfloat16 and at(inside, "cpu") == torch.float16
