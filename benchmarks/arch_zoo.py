@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chipmunk_compile  # noqa: E402
 from arch_zoo_newer import NEWER_MODELS  # noqa: E402
 from arch_zoo_research import RESEARCH_MODELS  # noqa: E402
+from arch_zoo_runtimes import RUNTIME_MODELS  # noqa: E402
 from arch_zoo_spellings import SPELLING_MODELS  # noqa: E402
 from zoo_common import Case, _build, _flux_inputs, _grid_ids, _r  # noqa: E402,F401
 
@@ -378,6 +379,7 @@ MODELS = {
 MODELS.update(NEWER_MODELS)  # diffusers' newer transformers (arch_zoo_newer.py)
 MODELS.update(RESEARCH_MODELS)  # DiTs written outside diffusers, as research code spells them (arch_zoo_research.py)
 MODELS.update(SPELLING_MODELS)  # more of their spellings (arch_zoo_spellings.py)
+MODELS.update(RUNTIME_MODELS)  # DiTs as UI runtimes write their own model code (arch_zoo_runtimes.py)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,21 @@ def test_zoo_research_spellings(fresh_dynamo, name, attn_sites, mlp_sites):
     assert row["sparse_steps"] > 0 and not row["fallbacks"]
 
 
+def test_zoo_runtime_mmdit(fresh_dynamo):
+    """An MMDiT written as UI runtimes write their own model code (arch_zoo_runtimes.py): the latent
+    patchified and the position ids built inside the forward, rotary as 2×2 matrices, text and
+    image q/k/v joined per head: every block's attention and MLP is a site, the image sites grouped
+    on the patchified grid with the text first."""
+    row = arch_zoo.measure("runtime_mmdit")
+    assert row["status"] == "ok", row["note"]
+    assert (row["attn"], row["mlp"]) == (4, 6)
+    assert "patchified input x h×w 12×12, tile 8×8, text 8 first" in row["grouping"]
+    assert row["grouped"] == "8/10"  # the two text-stream MLPs: 8 tokens, no grid
+    assert float(row["dense_err"]) < 1e-5
+    assert 0 < float(row["sparse_err"]) < min(0.25, float(row["out_change"]))
+    assert row["sparse_steps"] > 0 and not row["fallbacks"]
+
+
 def test_wan_animate2_runs_sparse_steps(fresh_dynamo):
     """Its forward runs eagerly (a `.item()` in a generator expression) and the root's only graph is
     a resumed frame of `unpatchify`: a session that never begins a call. Following it pinned every
