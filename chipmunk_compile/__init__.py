@@ -152,6 +152,10 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     """Trace `model(*args, **kwargs)` and report every matched site and rejected candidate.
 
     The model runs once through Dynamo with its original ops (no chipmunk op, no Inductor)."""
+    if not args and not kwargs:  # else the model's own "missing argument" error, from deep in Dynamo
+        raise TypeError("chipmunk_compile.inspect(model, *args, config=None, **kwargs) traces one call of the "
+                        "model: give that call's inputs (e.g. the tensors a pipeline passes the transformer at one "
+                        "step)")
     from .rewrite import rewrite
     from .runtime import Session
 

@@ -773,6 +773,11 @@ def test_local_tile_order_is_not_read_as_a_grid():
     assert torch.equal(s.perm.long(), tile_order((16, 16), (8, 8)))
 
 
+def test_inspect_without_inputs_says_what_it_needs():
+    with pytest.raises(TypeError, match="give that call's inputs"):
+        chipmunk_compile.inspect(torch.nn.Linear(2, 2))
+
+
 def test_inspect_reports_grouping():
     m, kw = _dit()
     report = chipmunk_compile.inspect(m, config=LOOSE, **kw)
