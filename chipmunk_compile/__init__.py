@@ -19,12 +19,14 @@ from typing import Any, Optional
 import torch
 
 from .config import AttnConfig, ChipmunkConfig, GroupingConfig, MlpConfig, StepCacheConfig, list_presets
+from .calibrate import Calibration, calibrate
 from .report import RejectedRow, Report, SiteRow
 from .runtime import sessions_of
 
 __all__ = [
     "AttnConfig", "ChipmunkConfig", "GroupingConfig", "MlpConfig", "StepCacheConfig", "Report",
     "inspect", "list_presets", "register", "release", "reset", "set_step", "clear_step", "follow_scheduler", "stats",
+    "calibrate", "Calibration",
 ]
 __version__ = "0.1.0"
 

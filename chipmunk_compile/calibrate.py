@@ -1,0 +1,164 @@
+"""`chipmunk_compile.calibrate`: the cheapest config that keeps a user's own generation within a
+quality bound of dense, found on their model, prompts and step count.
+
+Users of every caching and sparse-attention method tune thresholds and budgets per model by hand
+(landscape: TeaCache's coefficients, SpargeAttn's hyper-parameters, FBCache's threshold, Chipmunk's
+top-k and refresh schedule). Here one call runs the generation dense once and once per candidate
+config, scores each candidate by its PSNR against the dense output and by the FLOPs ratio of the
+sites' work (`flops.sites_flops_ratio`: the work chipmunk rewrites, against the same calls dense;
+the rest of the model costs the same under every candidate), and returns the cheapest candidate at
+or above `min_psnr`.
+
+Invariants:
+- The dense reference runs the module as it was given (uncompiled), once; each candidate compiles
+  the module afresh after `torch._dynamo.reset()` (so its sessions and caches are its own), and
+  Dynamo is reset again at the end: compile your models after calibrating, not before.
+- A pipeline's module attribute is set to the candidate for its run and restored afterwards.
+- With no candidate at or above `min_psnr`, `met` is False, the most faithful candidate is
+  returned, and that is logged: never a silent pick below the bound.
+- PSNR is over the peak-to-peak range of the dense output (2 for images in [-1, 1], 1 in [0, 1];
+  latents use their own range), averaged over the batch's samples in dB.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("chipmunk_compile")
+
+# (name, config): the `default` preset, cheaper and more faithful variants of it, and each op alone
+DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
+    ("method: 5% keys refreshed every 10 steps", {"preset": "method"}),
+    ("default, 5% keys, 15% neurons", {"preset": "default", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}}),
+    ("default", {"preset": "default"}),
+    ("default, attention refreshed every 3 steps", {"preset": "default", "attn": {"full_step_every": 3}}),
+    ("default, 20% keys, refreshed every 3", {"preset": "default", "attn": {"top_keys": 0.2, "full_step_every": 3}}),
+    ("default, MLP only", {"preset": "default", "attn": {"enabled": False}}),
+    ("default, attention only", {"preset": "default", "mlp": {"enabled": False}}),
+)
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    config: dict
+    psnr: float
+    flops: float  # sites' FLOPs against the same calls dense
+    seconds: float  # compile + generation, wall clock
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` found: `config` to pass as `options={"config": ...}`."""
+    name: str
+    config: dict
+    psnr: float
+    flops: float
+    met: bool
+    min_psnr: float
+    candidates: list[CandidateResult] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'seconds':>8}"]
+        for c in sorted(self.candidates, key=lambda c: c.flops):
+            mark = " <" if c.name == self.name else ""
+            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.seconds:>8.1f}{mark}")
+        verdict = "meets" if self.met else "NO candidate meets"
+        return (f"chipmunk calibration: {self.name!r} ({verdict} {self.min_psnr:.1f} dB against dense: "
+                f"{self.psnr:.2f} dB at {self.flops:.3f} of the sites' FLOPs)\n" + "\n".join(rows))
+
+
+def psnr_against(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of `out` against `ref` over ref's peak-to-peak range, the mean over samples."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        raise ValueError(f"calibrate: a candidate's output has shape {tuple(out.shape)}, dense gave "
+                         f"{tuple(ref.shape)}: run() must return the same output for every module")
+    peak = float(ref.max() - ref.min()) or 1.0
+    mse = ((out - ref) ** 2).reshape(ref.shape[0], -1).mean(1) if ref.dim() > 1 else ((out - ref) ** 2).mean()[None]
+    vals = [math.inf if m == 0 else 10 * math.log10(peak * peak / m) for m in mse.tolist()]
+    finite = [v for v in vals if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.inf
+
+
+def _sites_flops(compiled) -> float:
+    from .flops import sites_flops_ratio
+    from .runtime import sessions_of
+
+    sites = [s for session in sessions_of(compiled) for s in session.sites]
+    return sites_flops_ratio(sites) if sites else 1.0
+
+
+def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
+              candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
+              scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor") -> Calibration:
+    """The cheapest of `candidates` (default: `DEFAULT_CANDIDATES`) whose generation stays at or
+    above `min_psnr` dB of the dense one.
+
+    target: the model, or an object that holds it as attribute `module` (default "transformer" for
+        anything but a module: a diffusers pipeline; give `module` for a module that holds it).
+    run: `run(m)` runs one whole generation with module `m` (for a pipeline, also set as its
+        `module` attribute) and returns its output (images or latents), with the same seeds every
+        time. Called once dense and once per candidate.
+    steps: the generation's step count, written into every candidate (the refresh periods scale to
+        it from the first generation, as they will in use); or `scheduler`, followed per candidate.
+    compiler: "inductor" (what you will run) or "eager" (faster to compile, for a quick look).
+    """
+    from .config import ChipmunkConfig
+    from . import follow_scheduler
+
+    if module is None and not isinstance(target, torch.nn.Module):
+        module = "transformer"
+    holder = target if module is not None else None
+    model = getattr(target, module, None) if holder is not None else target
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"calibrate: target must be an nn.Module or hold one as .{module}, got {type(target).__name__}")
+    model = getattr(model, "_orig_mod", model)
+    todo = list(candidates if candidates is not None else DEFAULT_CANDIDATES)
+    if not todo:
+        raise ValueError("calibrate: no candidates")
+
+    def use(m):
+        if holder is not None:
+            setattr(holder, module, m)
+        with torch.no_grad():
+            return run(m)
+
+    results: list[CandidateResult] = []
+    try:
+        torch._dynamo.reset()
+        ref = use(model)
+        for name, config in todo:
+            config = copy.deepcopy(config)
+            if isinstance(config, dict) and steps is not None:
+                config["steps"] = steps
+            ChipmunkConfig.from_any(config)  # a bad candidate fails here, before any compile
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            compiled = torch.compile(model, backend="chipmunk", options={"config": config, "compiler": compiler})
+            if scheduler is not None:
+                follow_scheduler(compiled, scheduler)
+            out = use(compiled)
+            results.append(CandidateResult(name, config, psnr_against(out, ref), _sites_flops(compiled),
+                                           time.perf_counter() - t0))
+            log.info("chipmunk calibration: %s: %.2f dB at %.3f of the sites' FLOPs", name, results[-1].psnr,
+                     results[-1].flops)
+    finally:
+        if holder is not None:
+            setattr(holder, module, model)
+        torch._dynamo.reset()
+    passing = [r for r in results if r.psnr >= min_psnr]
+    best = min(passing, key=lambda r: r.flops) if passing else max(results, key=lambda r: r.psnr)
+    found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results)
+    if not passing:
+        log.warning("chipmunk calibration: no candidate reaches %.1f dB against dense (best: %r, %.2f dB): "
+                    "run dense, lower the bound, or give candidates that refresh more often", min_psnr,
+                    best.name, best.psnr)
+    return found

@@ -1,0 +1,74 @@
+"""`chipmunk_compile.calibrate`: the cheapest candidate config at or above a PSNR bound against the
+dense generation, on the user's own run; the bound is never silently missed; a pipeline's module is
+restored; bad candidates fail before any compile."""
+
+import logging
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile.calibrate import psnr_against
+
+from helpers import FULL_KEYS, cfg, fresh_dynamo  # noqa: F401
+from test_numerics import Net, latents, sparse_cfg, ts
+
+STEPS = 12
+FULL = cfg(attn=dict(FULL_KEYS, group=16, full_step_every=4), mlp=dict(FULL_KEYS, block=16, full_step_every=4))
+CANDIDATES = [("full budget", FULL), ("25% budget", sparse_cfg())]
+
+
+def _generation(m) -> torch.Tensor:
+    """A 12-step Euler loop over the model's velocity, the same noise every time."""
+    x = latents(0)
+    for i in range(STEPS):
+        x = x - 0.05 * m(x, ts(i))
+    return x
+
+
+def test_the_cheapest_candidate_above_the_bound_is_picked(fresh_dynamo):
+    model = Net().eval()
+    strict = chipmunk_compile.calibrate(model, _generation, min_psnr=120.0, candidates=CANDIDATES, compiler="eager")
+    by_name = {c.name: c for c in strict.candidates}
+    assert by_name["full budget"].psnr > 120 > by_name["25% budget"].psnr  # exact up to rounding; not
+    assert by_name["25% budget"].flops < by_name["full budget"].flops <= 1.5
+    assert strict.met and strict.name == "full budget"  # the only one at 120 dB
+    loose = chipmunk_compile.calibrate(model, _generation, min_psnr=by_name["25% budget"].psnr - 1,
+                                       candidates=CANDIDATES, compiler="eager", steps=STEPS)
+    assert loose.met and loose.name == "25% budget" and loose.config["steps"] == STEPS
+    assert "25% budget" in str(loose)
+
+
+def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=1e9, candidates=CANDIDATES[1:],
+                                           compiler="eager")
+    assert not found.met and found.name == "25% budget"
+    assert any("no candidate reaches" in r.getMessage() for r in caplog.records)
+    assert "NO candidate meets" in str(found)
+
+
+def test_a_pipelines_module_is_swapped_in_and_restored(fresh_dynamo):
+    model = Net().eval()
+    pipe = SimpleNamespace(transformer=model)
+    seen = []
+
+    def run(m):
+        seen.append((m is pipe.transformer, m is model))
+        return _generation(pipe.transformer)
+
+    chipmunk_compile.calibrate(pipe, run, candidates=CANDIDATES[1:], compiler="eager")
+    assert pipe.transformer is model
+    assert seen == [(True, True), (True, False)]  # dense first, then the compiled candidate
+
+
+def test_bad_input_fails_clearly(fresh_dynamo):
+    with pytest.raises(ValueError, match="unknown keys in attn"):
+        chipmunk_compile.calibrate(Net().eval(), _generation, candidates=[("typo", {"attn": {"top_key": 0.1}})])
+    with pytest.raises(TypeError, match="nn.Module"):
+        chipmunk_compile.calibrate(SimpleNamespace(transformer=None), _generation)
+    with pytest.raises(ValueError, match="same output"):
+        psnr_against(torch.zeros(2, 3), torch.zeros(2, 4))
+    assert psnr_against(torch.ones(2, 4), torch.ones(2, 4)) == math.inf
