@@ -10,9 +10,11 @@ the rest of the model costs the same under every candidate), and returns the che
 or above `min_psnr`.
 
 Invariants:
-- The dense reference runs the module as it was given (uncompiled), once; each candidate compiles
-  the module afresh after `torch._dynamo.reset()` (so its sessions and caches are its own), and
-  Dynamo is reset again at the end: compile your models after calibrating, not before.
+- The dense reference runs once, compiled as the candidates are (plain Inductor when they run
+  through Inductor, whose rounding differs from eager in bf16; the module as given for "eager");
+  each candidate compiles the module afresh after `torch._dynamo.reset()` (so its sessions and
+  caches are its own), and Dynamo is reset again at the end: compile your models after
+  calibrating, not before.
 - A pipeline's module attribute is set to the candidate for its run and restored afterwards.
 - With no candidate at or above `min_psnr`, `met` is False, the most faithful candidate is
   returned, and that is logged: never a silent pick below the bound.
@@ -134,7 +136,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     results: list[CandidateResult] = []
     try:
         torch._dynamo.reset()
-        ref = use(model)
+        ref = use(torch.compile(model) if compiler == "inductor" else model)
         for name, config in todo:
             config = copy.deepcopy(config)
             if isinstance(config, dict) and steps is not None:
