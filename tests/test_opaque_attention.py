@@ -2,6 +2,7 @@
 one opaque node: it stays as it is, and `inspect()` lists it as a rejected attention candidate that
 says what to do, where it said only that no softmax attention was found."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,22 +35,25 @@ def _(x, a, b):
 
 
 class Block(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, packet: bool = False):
         super().__init__()
+        self.packet = packet
         self.qkv, self.o = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
         self.fc1, self.fc2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
 
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, 2, 16).unbind(2)
-        a, _ = fused_attention(q, k, v, 0.25)
+        op = torch.ops.chipmunk_tests.fused_attention if self.packet else fused_attention  # an OpOverloadPacket
+        a, _ = op(q, k, v, 0.25)
         x = x + self.o(a.reshape(b, n, c))
         x = scale_rows(x, x[:, :3], x[:, :5])
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
-def test_an_attention_kernel_in_a_custom_op_is_reported(fresh_dynamo):
-    model = Block().eval()
+@pytest.mark.parametrize("packet", [False, True])
+def test_an_attention_kernel_in_a_custom_op_is_reported(fresh_dynamo, packet):
+    model = Block(packet).eval()
     x = torch.randn(1, 64, 32)
     rep = chipmunk_compile.inspect(model, x, config=ALL_SITES)
     attn = [r for r in rep.rejected if r.kind == "attention"]

@@ -25,8 +25,10 @@ _OWN = ("aten", "prims", "chipmunk", "higher_order")
 
 
 def _namespace(target) -> Optional[str]:
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if isinstance(target, torch._ops.OpOverload):
         return target.namespace
+    if isinstance(target, torch._ops.OpOverloadPacket):  # attribute access on a packet looks up overloads
+        return str(getattr(target, "_qualified_op_name", "")).split("::")[0] or None
     return None
 
 
