@@ -17,7 +17,8 @@ Invariants:
   calibrating, not before.
 - A pipeline's module attribute is set to the candidate for its run and restored afterwards.
 - With no candidate at or above `min_psnr`, `met` is False, the most faithful candidate is
-  returned, and that is logged: never a silent pick below the bound.
+  returned, and that is logged: never a silent pick below the bound. A candidate that rewrote no
+  site (it ran dense) is never chosen; when no candidate rewrote one, that is logged.
 - PSNR is over the peak-to-peak range of the dense output (2 for images in [-1, 1], 1 in [0, 1];
   latents use their own range), averaged over the batch's samples in dB.
 """
@@ -54,6 +55,7 @@ class CandidateResult:
     psnr: float
     flops: float  # sites' FLOPs against the same calls dense
     seconds: float  # compile + generation, wall clock
+    sites: int = 0  # sites rewritten: a candidate with none runs dense and is never chosen
 
 
 @dataclass
@@ -68,10 +70,10 @@ class Calibration:
     candidates: list[CandidateResult] = field(default_factory=list)
 
     def __str__(self) -> str:
-        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'seconds':>8}"]
+        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'sites':>5} {'seconds':>8}"]
         for c in sorted(self.candidates, key=lambda c: c.flops):
             mark = " <" if c.name == self.name else ""
-            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.seconds:>8.1f}{mark}")
+            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.sites:>5} {c.seconds:>8.1f}{mark}")
         verdict = "meets" if self.met else "NO candidate meets"
         return (f"chipmunk calibration: {self.name!r} ({verdict} {self.min_psnr:.1f} dB against dense: "
                 f"{self.psnr:.2f} dB at {self.flops:.3f} of the sites' FLOPs)\n" + "\n".join(rows))
@@ -90,12 +92,13 @@ def psnr_against(out: torch.Tensor, ref: torch.Tensor) -> float:
     return sum(finite) / len(finite) if finite else math.inf
 
 
-def _sites_flops(compiled) -> float:
+def _sites_flops(compiled) -> tuple[float, int]:
+    """(the sites' FLOPs ratio, how many sites ran)."""
     from .flops import sites_flops_ratio
     from .runtime import sessions_of
 
-    sites = [s for session in sessions_of(compiled) for s in session.sites]
-    return sites_flops_ratio(sites) if sites else 1.0
+    sites = [s for session in sessions_of(compiled) for s in session.sites if s.steps]
+    return (sites_flops_ratio(sites) if sites else 1.0), len(sites)
 
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
@@ -148,18 +151,22 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
             if scheduler is not None:
                 follow_scheduler(compiled, scheduler)
             out = use(compiled)
-            results.append(CandidateResult(name, config, psnr_against(out, ref), _sites_flops(compiled),
-                                           time.perf_counter() - t0))
+            flops, n_sites = _sites_flops(compiled)
+            results.append(CandidateResult(name, config, psnr_against(out, ref), flops, time.perf_counter() - t0,
+                                           n_sites))
             log.info("chipmunk calibration: %s: %.2f dB at %.3f of the sites' FLOPs", name, results[-1].psnr,
                      results[-1].flops)
     finally:
         if holder is not None:
             setattr(holder, module, model)
         torch._dynamo.reset()
-    passing = [r for r in results if r.psnr >= min_psnr]
-    best = min(passing, key=lambda r: r.flops) if passing else max(results, key=lambda r: r.psnr)
+    if not any(r.sites for r in results):
+        log.warning("chipmunk calibration: no candidate rewrote any site of this model, so each ran dense "
+                    "(chipmunk_compile.inspect(model, *inputs) lists why: e.g. fewer tokens than min_tokens)")
+    passing = [r for r in results if r.psnr >= min_psnr and r.sites]
+    best = min(passing, key=lambda r: r.flops) if passing else max(results, key=lambda r: (r.sites > 0, r.psnr))
     found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results)
-    if not passing:
+    if not passing and any(r.sites for r in results):
         log.warning("chipmunk calibration: no candidate reaches %.1f dB against dense (best: %r, %.2f dB): "
                     "run dense, lower the bound, or give candidates that refresh more often", min_psnr,
                     best.name, best.psnr)

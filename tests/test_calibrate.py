@@ -50,6 +50,17 @@ def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):
     assert "NO candidate meets" in str(found)
 
 
+def test_a_candidate_without_sites_is_never_chosen(fresh_dynamo, caplog):
+    """Fewer tokens than min_tokens: every op stays dense, so every candidate equals dense. That is
+    no speedup, and must not read as a pass."""
+    short = cfg(attn={"min_tokens": 10 ** 6}, mlp={"min_tokens": 10 ** 6})
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        found = chipmunk_compile.calibrate(Net().eval(), _generation, candidates=[("too short", short)],
+                                           compiler="eager")
+    assert not found.met and found.candidates[0].sites == 0 and found.psnr == math.inf
+    assert any("no candidate rewrote any site" in r.getMessage() for r in caplog.records)
+
+
 def test_a_pipelines_module_is_swapped_in_and_restored(fresh_dynamo):
     model = Net().eval()
     pipe = SimpleNamespace(transformer=model)
