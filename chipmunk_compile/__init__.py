@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from .config import AttnConfig, ChipmunkConfig, GroupingConfig, MlpConfig, StepCacheConfig, list_presets
-from .calibrate import Calibration, calibrate
+from .calibration import Calibration, calibrate
 from .report import RejectedRow, Report, SiteRow
 from .runtime import sessions_of
 

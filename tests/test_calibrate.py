@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chipmunk_compile
-from chipmunk_compile.calibrate import psnr_against
+from chipmunk_compile.calibration import _sites_flops, psnr_against
 
 from helpers import FULL_KEYS, cfg, fresh_dynamo  # noqa: F401
 from test_numerics import Net, latents, sparse_cfg, ts
@@ -39,6 +39,25 @@ def test_the_cheapest_candidate_above_the_bound_is_picked(fresh_dynamo):
                                        candidates=CANDIDATES, compiler="eager", steps=STEPS)
     assert loose.met and loose.name == "25% budget" and loose.config["steps"] == STEPS
     assert "25% budget" in str(loose)
+
+
+def test_step_caching_candidates_count_their_skipped_calls(fresh_dynamo):
+    skips = dict(sparse_cfg(), step_cache={"enabled": True, "skip_steps": [4, 6, 8, 10]})
+    found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
+                                       candidates=[CANDIDATES[1], ("25% budget + 4 of 12 calls skipped", skips)])
+    plain, skipping = found.candidates
+    assert skipping.flops < plain.flops and found.name == skipping.name
+
+
+def test_skipped_calls_count_at_no_cost(monkeypatch):
+    """The sites' ratio is over the calls that ran; a step cache's skipped calls join the total."""
+    from chipmunk_compile import flops, runtime
+
+    site = SimpleNamespace(steps={"sparse": 8})
+    cache = SimpleNamespace(summary=lambda: {"skipped": 4, "computed": 8})
+    monkeypatch.setattr(flops, "sites_flops_ratio", lambda sites: 0.5)
+    monkeypatch.setattr(runtime, "sessions_of", lambda m: [SimpleNamespace(sites=[site], step_cache=cache)])
+    assert _sites_flops(object()) == (pytest.approx(0.5 * 8 / 12), 1)
 
 
 def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):

@@ -5,8 +5,9 @@ Users of every caching and sparse-attention method tune thresholds and budgets p
 (landscape: TeaCache's coefficients, SpargeAttn's hyper-parameters, FBCache's threshold, Chipmunk's
 top-k and refresh schedule). Here one call runs the generation dense once and once per candidate
 config, scores each candidate by its PSNR against the dense output and by the FLOPs ratio of the
-sites' work (`flops.sites_flops_ratio`: the work chipmunk rewrites, against the same calls dense;
-the rest of the model costs the same under every candidate), and returns the cheapest candidate at
+sites' work (`flops.sites_flops_ratio`: the work chipmunk rewrites, against the same calls dense,
+calls skipped by step caching at no cost; the rest of the model costs the same under every
+candidate without step caching), and returns the cheapest candidate at
 or above `min_psnr`.
 
 Invariants:
@@ -93,12 +94,17 @@ def psnr_against(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _sites_flops(compiled) -> tuple[float, int]:
-    """(the sites' FLOPs ratio, how many sites ran)."""
+    """(the sites' FLOPs ratio, how many sites ran). Calls that step caching skipped ran no site:
+    they count at no cost against all calls."""
     from .flops import sites_flops_ratio
     from .runtime import sessions_of
 
-    sites = [s for session in sessions_of(compiled) for s in session.sites if s.steps]
-    return (sites_flops_ratio(sites) if sites else 1.0), len(sites)
+    sessions = sessions_of(compiled)
+    sites = [s for session in sessions for s in session.sites if s.steps]
+    ratio = sites_flops_ratio(sites) if sites else 1.0
+    caches = [session.step_cache.summary() for session in sessions if session.step_cache is not None]
+    skipped, computed = sum(c["skipped"] for c in caches), sum(c["computed"] for c in caches)
+    return (ratio * computed / (computed + skipped) if skipped else ratio), len(sites)
 
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
