@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     print(found)
     print(f"{time.perf_counter() - t0:.0f} s in all ({args.device}, {args.compiler})")
     rows = [dict(candidate=c.name, psnr_db=round(c.psnr, 3), site_flops=round(c.flops, 4),
-                 seconds=round(c.seconds, 1), chosen=c.name == found.name) for c in found.candidates]
+                 seconds=round(c.seconds, 1), sites=c.sites, chosen=c.name == found.name)
+            for c in found.candidates]
     stem = os.path.join(args.out, f"calibrate{weights_tag(args.weights)}_{args.steps}steps_{args.device}")
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".csv", "w", newline="") as f:
