@@ -76,9 +76,9 @@ def cast(graph: fx.Graph, node, dtype: Optional[torch.dtype], column_major: bool
     v = val(node)
     if isinstance(v, torch.Tensor) and (v.dtype == dtype or not v.dtype.is_floating_point):
         return node
-    if column_major:
+    if column_major:  # a contiguous copy of the transpose (`to` alone would keep the view's strides)
         t = graph.call_method("t", (node,))
-        return graph.call_method("t", (graph.call_method("to", (t, dtype)),))
+        return graph.call_method("t", (graph.call_method("to", (t, dtype), {"memory_format": torch.contiguous_format}),))
     return graph.call_method("to", (node, dtype))
 
 

@@ -6,7 +6,7 @@ computed in (`chipmunk_compile.autocast_casts`). Before session 48 the MLP op ra
 import torch
 import torch.fx as fx
 
-from chipmunk_compile.autocast_casts import autocast_at
+from chipmunk_compile.autocast_casts import autocast_at, cast
 
 from helpers import FULL_KEYS, cfg, chip, fresh_dynamo, max_rel, step_counts  # noqa: F401
 from test_numerics import Block, Net, run, sparse_cfg
@@ -95,3 +95,17 @@ def test_autocast_at_follows_the_graphs_regions():
     assert at(inside, "cuda") is None
     with torch.autocast(**BF16):
         assert at(after, "cpu") == torch.bfloat16 and at(inside, "cpu") == torch.float16
+
+
+def test_the_second_weight_is_cast_column_major():
+    """The sparse mm2 reads w2 with stride(0) == 1; the cast hands it over in that layout, so the op
+    makes no column-major copy of a tensor that is new on every call."""
+    g = fx.Graph()
+    w = g.placeholder("w")
+    w.meta["val"] = torch.empty(8, 4)
+    g.output(cast(g, w, torch.bfloat16, column_major=True))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    weight = torch.randn(8, 4)  # row-major, as nn.Linear keeps it
+    out = gm(weight)
+    assert out.dtype == torch.bfloat16 and out.stride(0) == 1 and torch.equal(out, weight.to(torch.bfloat16))
+    assert cast(g, w, None) is w
