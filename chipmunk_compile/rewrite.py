@@ -8,7 +8,8 @@ Invariants:
   of a key-padding mask, the scale of a written-out form's bias, weight slices, for the parallel
   MLP form one dense linear + add, and for a first linear fused with other projections one dense
   linear per other column range; under autocast a cast of each floating input to the autocast
-  dtype at the site: `autocast_casts`), and the matched nodes are erased once they have no users. Nothing else in the graph changes.
+  dtype at the site: `autocast_casts`), and the matched nodes are erased once they have no users.
+  Nothing else in the graph changes.
 - Before matching, `rewrite_subgraphs.inline_subgraphs` inlines activation-checkpointed regions
   and nested compile regions, and `rewrite_multihead.expand_multihead` writes each `nn.MultiheadAttention` /
   `nn.TransformerEncoderLayer` call it can out as the ops it runs, so the patterns see inside them.
