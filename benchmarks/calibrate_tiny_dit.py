@@ -3,6 +3,7 @@ cheapest at or above a PSNR bound against dense, at a given step count. Prints t
 it to benchmarks/results/calibrate_<weights>_<steps>steps_<device>.{csv,json}.
 
     python benchmarks/calibrate_tiny_dit.py [--steps 50] [--images 4] [--min-psnr 30] [--compiler eager]
+    python benchmarks/calibrate_tiny_dit.py --device cuda --compiler inductor --timed   # by measured speed
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=4, help="one per class, classes 0..images-1")
     ap.add_argument("--min-psnr", type=float, default=30.0)
     ap.add_argument("--compiler", default="eager", choices=("eager", "inductor"))
+    ap.add_argument("--timed", action="store_true", help="pick by the measured speed of a second generation "
+                    "(meaningful on a GPU with --compiler inductor)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
@@ -40,13 +43,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     found = chipmunk_compile.calibrate(
         tiny, lambda m: sample_classes(tiny, labels, transformer=m, steps=args.steps, seed=0),
-        min_psnr=args.min_psnr, steps=args.steps, compiler=args.compiler, module="transformer")
+        min_psnr=args.min_psnr, steps=args.steps, compiler=args.compiler, module="transformer", timed=args.timed)
     print(found)
     print(f"{time.perf_counter() - t0:.0f} s in all ({args.device}, {args.compiler})")
     rows = [dict(candidate=c.name, psnr_db=round(c.psnr, 3), site_flops=round(c.flops, 4),
-                 seconds=round(c.seconds, 1), sites=c.sites, chosen=c.name == found.name)
+                 seconds=round(c.seconds, 1), sites=c.sites, sparse_calls=c.sparse_calls, speedup=c.speedup,
+                 chosen=c.name == found.name)
             for c in found.candidates]
-    stem = os.path.join(args.out, f"calibrate{weights_tag(args.weights)}_{args.steps}steps_{args.device}")
+    stem = os.path.join(args.out, f"calibrate{weights_tag(args.weights)}_{args.steps}steps_{args.device}"
+                        + ("_timed" if args.timed else ""))
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -18,8 +18,11 @@ Invariants:
   calibrating, not before.
 - A pipeline's module attribute is set to the candidate for its run and restored afterwards.
 - With no candidate at or above `min_psnr`, `met` is False, the most faithful candidate is
-  returned, and that is logged: never a silent pick below the bound. A candidate that rewrote no
-  site (it ran dense) is never chosen; when no candidate rewrote one, that is logged.
+  returned, and that is logged: never a silent pick below the bound. A candidate that ran no sparse
+  step (no site rewritten, or a step count whose periods scale to 1) equals dense and is never
+  chosen; when no candidate ran one, that is logged with the reason.
+- With `timed`, the cost is the measured speed of a second generation against dense (compiled as
+  the candidates are), both timed the same way; PSNR is always the first generation's.
 - PSNR is over the peak-to-peak range of the dense output (2 for images in [-1, 1], 1 in [0, 1];
   latents use their own range), averaged over the batch's samples in dB.
 """
@@ -56,7 +59,9 @@ class CandidateResult:
     psnr: float
     flops: float  # sites' FLOPs against the same calls dense
     seconds: float  # compile + generation, wall clock
-    sites: int = 0  # sites rewritten: a candidate with none runs dense and is never chosen
+    sites: int = 0  # sites that ran
+    sparse_calls: int = 0  # their calls that were not dense: a candidate with none ran dense, never chosen
+    speedup: Optional[float] = None  # timed: dense generation time / this candidate's (its second run)
 
 
 @dataclass
@@ -69,15 +74,20 @@ class Calibration:
     met: bool
     min_psnr: float
     candidates: list[CandidateResult] = field(default_factory=list)
+    speedup: Optional[float] = None  # timed runs only
 
     def __str__(self) -> str:
-        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'sites':>5} {'seconds':>8}"]
-        for c in sorted(self.candidates, key=lambda c: c.flops):
+        timed = self.speedup is not None
+        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'sites':>5} {'seconds':>8}"
+                + (f" {'speedup':>8}" if timed else "")]
+        for c in sorted(self.candidates, key=lambda c: -c.speedup if timed else c.flops):
             mark = " <" if c.name == self.name else ""
-            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.sites:>5} {c.seconds:>8.1f}{mark}")
+            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.sites:>5} {c.seconds:>8.1f}"
+                        + (f" {c.speedup:>7.3f}x" if timed else "") + mark)
         verdict = "meets" if self.met else "NO candidate meets"
+        cost = f"{self.speedup:.3f}x dense" if timed else f"{self.flops:.3f} of the sites' FLOPs"
         return (f"chipmunk calibration: {self.name!r} ({verdict} {self.min_psnr:.1f} dB against dense: "
-                f"{self.psnr:.2f} dB at {self.flops:.3f} of the sites' FLOPs)\n" + "\n".join(rows))
+                f"{self.psnr:.2f} dB at {cost})\n" + "\n".join(rows))
 
 
 def psnr_against(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -93,9 +103,19 @@ def psnr_against(out: torch.Tensor, ref: torch.Tensor) -> float:
     return sum(finite) / len(finite) if finite else math.inf
 
 
-def _sites_flops(compiled) -> tuple[float, int]:
-    """(the sites' FLOPs ratio, how many sites ran). Calls that step caching skipped ran no site:
-    they count at no cost against all calls."""
+def _timed(fn) -> float:
+    """Wall-clock seconds of `fn()`, the device drained before and after."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _sites_flops(compiled) -> tuple[float, int, int]:
+    """(the sites' FLOPs ratio, how many sites ran, their calls that were not dense). Calls that
+    step caching skipped ran no site: they count at no cost against all calls."""
     from .flops import sites_flops_ratio
     from .runtime import sessions_of
 
@@ -104,12 +124,14 @@ def _sites_flops(compiled) -> tuple[float, int]:
     ratio = sites_flops_ratio(sites) if sites else 1.0
     caches = [session.step_cache.summary() for session in sessions if session.step_cache is not None]
     skipped, computed = sum(c["skipped"] for c in caches), sum(c["computed"] for c in caches)
-    return (ratio * computed / (computed + skipped) if skipped else ratio), len(sites)
+    sparse_calls = sum(n for s in sites for kind, n in s.steps.items() if kind != "dense") + skipped
+    return (ratio * computed / (computed + skipped) if skipped else ratio), len(sites), sparse_calls
 
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
               candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
-              scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor") -> Calibration:
+              scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor",
+              timed: bool = False) -> Calibration:
     """The cheapest of `candidates` (default: `DEFAULT_CANDIDATES`) whose generation stays at or
     above `min_psnr` dB of the dense one.
 
@@ -121,6 +143,9 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     steps: the generation's step count, written into every candidate (the refresh periods scale to
         it from the first generation, as they will in use); or `scheduler`, followed per candidate.
     compiler: "inductor" (what you will run) or "eager" (faster to compile, for a quick look).
+    timed: run every generation (dense too) a second time, timed, and pick the fastest candidate at
+        the bound instead of the one with the fewest FLOPs (on the GPU you will run: what FLOPs only
+        estimate; a second run, so no compile or first-occurrence recording is timed).
     """
     from .config import ChipmunkConfig
     from . import follow_scheduler
@@ -145,7 +170,9 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     results: list[CandidateResult] = []
     try:
         torch._dynamo.reset()
-        ref = use(torch.compile(model) if compiler == "inductor" else model)
+        dense = torch.compile(model) if compiler == "inductor" else model
+        ref = use(dense)
+        dense_seconds = _timed(lambda: use(dense)) if timed else None
         for name, config in todo:
             config = copy.deepcopy(config)
             if isinstance(config, dict) and steps is not None:
@@ -157,22 +184,28 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
             if scheduler is not None:
                 follow_scheduler(compiled, scheduler)
             out = use(compiled)
-            flops, n_sites = _sites_flops(compiled)
-            results.append(CandidateResult(name, config, psnr_against(out, ref), flops, time.perf_counter() - t0,
-                                           n_sites))
+            seconds = time.perf_counter() - t0
+            flops, n_sites, sparse_calls = _sites_flops(compiled)  # of the first run: the one scored
+            speedup = dense_seconds / _timed(lambda: use(compiled)) if timed else None
+            results.append(CandidateResult(name, config, psnr_against(out, ref), flops, seconds, n_sites,
+                                           sparse_calls, speedup))
             log.info("chipmunk calibration: %s: %.2f dB at %.3f of the sites' FLOPs", name, results[-1].psnr,
                      results[-1].flops)
     finally:
         if holder is not None:
             setattr(holder, module, model)
         torch._dynamo.reset()
-    if not any(r.sites for r in results):
-        log.warning("chipmunk calibration: no candidate rewrote any site of this model, so each ran dense "
-                    "(chipmunk_compile.inspect(model, *inputs) lists why: e.g. fewer tokens than min_tokens)")
-    passing = [r for r in results if r.psnr >= min_psnr and r.sites]
-    best = min(passing, key=lambda r: r.flops) if passing else max(results, key=lambda r: (r.sites > 0, r.psnr))
-    found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results)
-    if not passing and any(r.sites for r in results):
+    if not any(r.sparse_calls for r in results):
+        log.warning("chipmunk calibration: no candidate ran a sparse step, so each ran dense: %s",
+                    "no site was rewritten (chipmunk_compile.inspect(model, *inputs) lists why: e.g. fewer tokens "
+                    "than min_tokens)" if not any(r.sites for r in results) else
+                    "the step count leaves none (the refresh periods scale to 1 step: a few-step sampler)")
+    passing = [r for r in results if r.psnr >= min_psnr and r.sparse_calls]
+    cost = (lambda r: -r.speedup) if timed else (lambda r: r.flops)
+    best = min(passing, key=cost) if passing else max(results, key=lambda r: (r.sparse_calls > 0, r.psnr))
+    found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results,
+                        best.speedup)
+    if not passing and any(r.sparse_calls for r in results):
         log.warning("chipmunk calibration: no candidate reaches %.1f dB against dense (best: %r, %.2f dB): "
                     "run dense, lower the bound, or give candidates that refresh more often", min_psnr,
                     best.name, best.psnr)

@@ -57,7 +57,20 @@ def test_skipped_calls_count_at_no_cost(monkeypatch):
     cache = SimpleNamespace(summary=lambda: {"skipped": 4, "computed": 8})
     monkeypatch.setattr(flops, "sites_flops_ratio", lambda sites: 0.5)
     monkeypatch.setattr(runtime, "sessions_of", lambda m: [SimpleNamespace(sites=[site], step_cache=cache)])
-    assert _sites_flops(object()) == (pytest.approx(0.5 * 8 / 12), 1)
+    assert _sites_flops(object()) == (pytest.approx(0.5 * 8 / 12), 1, 8 + 4)  # sparse calls + skipped ones
+
+
+def test_timed_calibration_picks_the_fastest_at_the_bound(fresh_dynamo, monkeypatch):
+    """`timed`: a second run of every generation is timed; the fastest candidate at the bound wins,
+    whatever its FLOPs (here the timer says the full budget is faster)."""
+    from chipmunk_compile import calibration
+
+    times = iter([1.0, 0.5, 0.8])  # dense, full budget, 25% budget
+    monkeypatch.setattr(calibration, "_timed", lambda fn: (fn(), next(times))[1])
+    found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, candidates=CANDIDATES,
+                                       compiler="eager", timed=True)
+    assert [c.speedup for c in found.candidates] == [2.0, 1.25]
+    assert found.name == "full budget" and found.speedup == 2.0 and "2.000x" in str(found)
 
 
 def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):
@@ -69,15 +82,22 @@ def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):
     assert "NO candidate meets" in str(found)
 
 
-def test_a_candidate_without_sites_is_never_chosen(fresh_dynamo, caplog):
-    """Fewer tokens than min_tokens: every op stays dense, so every candidate equals dense. That is
-    no speedup, and must not read as a pass."""
+def test_a_candidate_without_sparse_steps_is_never_chosen(fresh_dynamo, caplog):
+    """Fewer tokens than min_tokens, or a step count whose periods scale to 1: every op runs dense,
+    so the candidate equals dense. That is no speedup, and must not read as a pass."""
     short = cfg(attn={"min_tokens": 10 ** 6}, mlp={"min_tokens": 10 ** 6})
     with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
         found = chipmunk_compile.calibrate(Net().eval(), _generation, candidates=[("too short", short)],
                                            compiler="eager")
     assert not found.met and found.candidates[0].sites == 0 and found.psnr == math.inf
-    assert any("no candidate rewrote any site" in r.getMessage() for r in caplog.records)
+    assert any("no site was rewritten" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    few = dict(sparse_cfg(), schedule_steps=48, steps=STEPS)  # periods of 4 at 48 steps: 1 at 12
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        found = chipmunk_compile.calibrate(Net().eval(), _generation, candidates=[("few steps", few)],
+                                           compiler="eager")
+    assert not found.met and found.candidates[0].sites > 0 and found.candidates[0].sparse_calls == 0
+    assert any("the step count leaves none" in r.getMessage() for r in caplog.records)
 
 
 def test_a_pipelines_module_is_swapped_in_and_restored(fresh_dynamo):
