@@ -4,11 +4,12 @@ quality bound of dense, found on their model, prompts and step count.
 Users of every caching and sparse-attention method tune thresholds and budgets per model by hand
 (landscape: TeaCache's coefficients, SpargeAttn's hyper-parameters, FBCache's threshold, Chipmunk's
 top-k and refresh schedule). Here one call runs the generation dense once and once per candidate
-config, scores each candidate by its PSNR against the dense output and by the FLOPs ratio of the
-sites' work (`flops.sites_flops_ratio`: the work chipmunk rewrites, against the same calls dense,
-calls skipped by step caching at no cost; the rest of the model costs the same under every
-candidate without step caching), and returns the cheapest candidate at
-or above `min_psnr`.
+config, scores each candidate by its PSNR against the dense output and by its FLOPs against dense,
+and returns the cheapest candidate at or above `min_psnr`. The FLOPs are the whole model's when a
+candidate turns on step caching, which skips the rest of the model too (`flops.model_flops_ratio`,
+from one more dense generation under torch's FLOP counter); otherwise the sites' work alone
+(`flops.sites_flops_ratio`), which ranks such candidates as the whole model's would, since the rest
+of the model costs the same under each.
 
 Invariants:
 - The dense reference runs once, compiled as the candidates are (plain Inductor when they run
@@ -40,7 +41,12 @@ import torch
 
 log = logging.getLogger("chipmunk_compile")
 
-# (name, config): the `default` preset, cheaper and more faithful variants of it, and each op alone
+_OFF = {"enabled": False}
+_ADAPTIVE = {"enabled": True, "threshold": 0.2, "extrapolate": 1.0}  # skipped calls forecast (TaylorSeer's first order)
+
+# (name, config): the `default` preset, cheaper and more faithful variants of it, each op alone, and
+# whole-call step caching alone and stacked on `default` (the backend's other tool: with either of
+# these among the candidates, the whole model's FLOPs rank them)
 DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("method: 5% keys refreshed every 10 steps", {"preset": "method"}),
     ("default, 5% keys, 15% neurons", {"preset": "default", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}}),
@@ -49,6 +55,9 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("default, 20% keys, refreshed every 3", {"preset": "default", "attn": {"top_keys": 0.2, "full_step_every": 3}}),
     ("default, MLP only", {"preset": "default", "attn": {"enabled": False}}),
     ("default, attention only", {"preset": "default", "mlp": {"enabled": False}}),
+    ("step caching alone: adaptive 0.2, forecast", {"preset": "default", "attn": _OFF, "mlp": _OFF,
+                                                     "step_cache": _ADAPTIVE}),
+    ("default + step caching: adaptive 0.2, forecast", {"preset": "default", "step_cache": _ADAPTIVE}),
 )
 
 
@@ -57,11 +66,12 @@ class CandidateResult:
     name: str
     config: dict
     psnr: float
-    flops: float  # sites' FLOPs against the same calls dense
+    flops: float  # the cost ranked: the model's FLOPs against dense when counted, else the sites'
     seconds: float  # compile + generation, wall clock
     sites: int = 0  # sites that ran
     sparse_calls: int = 0  # their calls that were not dense: a candidate with none ran dense, never chosen
     speedup: Optional[float] = None  # timed: dense generation time / this candidate's (its second run)
+    site_flops: Optional[float] = None  # the sites' FLOPs against the same calls dense
 
 
 @dataclass
@@ -75,17 +85,19 @@ class Calibration:
     min_psnr: float
     candidates: list[CandidateResult] = field(default_factory=list)
     speedup: Optional[float] = None  # timed runs only
+    model_flops: bool = False  # `flops` are the whole model's (counted), else the sites'
 
     def __str__(self) -> str:
         timed = self.speedup is not None
-        rows = [f"{'candidate':<46} {'PSNR dB':>8} {'site FLOPs':>10} {'sites':>5} {'seconds':>8}"
+        what = "model FLOPs" if self.model_flops else "site FLOPs"
+        rows = [f"{'candidate':<50} {'PSNR dB':>8} {what:>11} {'sites':>5} {'seconds':>8}"
                 + (f" {'speedup':>8}" if timed else "")]
         for c in sorted(self.candidates, key=lambda c: -c.speedup if timed else c.flops):
             mark = " <" if c.name == self.name else ""
-            rows.append(f"{c.name:<46} {c.psnr:>8.2f} {c.flops:>10.3f} {c.sites:>5} {c.seconds:>8.1f}"
+            rows.append(f"{c.name:<50} {c.psnr:>8.2f} {c.flops:>11.3f} {c.sites:>5} {c.seconds:>8.1f}"
                         + (f" {c.speedup:>7.3f}x" if timed else "") + mark)
         verdict = "meets" if self.met else "NO candidate meets"
-        cost = f"{self.speedup:.3f}x dense" if timed else f"{self.flops:.3f} of the sites' FLOPs"
+        cost = f"{self.speedup:.3f}x dense" if timed else f"{self.flops:.3f} of the {what}"
         return (f"chipmunk calibration: {self.name!r} ({verdict} {self.min_psnr:.1f} dB against dense: "
                 f"{self.psnr:.2f} dB at {cost})\n" + "\n".join(rows))
 
@@ -113,10 +125,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _sites_flops(compiled) -> tuple[float, int, int]:
-    """(the sites' FLOPs ratio, how many sites ran, their calls that were not dense). Calls that
-    step caching skipped ran no site: they count at no cost against all calls."""
-    from .flops import sites_flops_ratio
+def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, int]:
+    """(the cost ranked, the sites' FLOPs ratio, how many sites ran, their calls that were not dense
+    plus the calls step caching skipped). The cost is the whole model's FLOPs ratio when the dense
+    generation was counted (`dense_total`), else the sites' ratio, where a skipped call counts at
+    no cost against all calls."""
+    from .flops import model_flops_ratio, sites_flops_ratio
     from .runtime import sessions_of
 
     sessions = sessions_of(compiled)
@@ -125,13 +139,21 @@ def _sites_flops(compiled) -> tuple[float, int, int]:
     caches = [session.step_cache.summary() for session in sessions if session.step_cache is not None]
     skipped, computed = sum(c["skipped"] for c in caches), sum(c["computed"] for c in caches)
     sparse_calls = sum(n for s in sites for kind, n in s.steps.items() if kind != "dense") + skipped
-    return (ratio * computed / (computed + skipped) if skipped else ratio), len(sites), sparse_calls
+    ratio = ratio * computed / (computed + skipped) if skipped else ratio
+    cost = model_flops_ratio(sites, dense_total, computed, skipped) if dense_total else ratio
+    return cost, ratio, len(sites), sparse_calls
+
+
+def _uses_step_caching(config) -> bool:
+    from .config import ChipmunkConfig
+
+    return ChipmunkConfig.from_any(config).step_cache.enabled  # also: a bad candidate fails here
 
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
               candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
               scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor",
-              timed: bool = False) -> Calibration:
+              timed: bool = False, model_flops: Optional[bool] = None) -> Calibration:
     """The cheapest of `candidates` (default: `DEFAULT_CANDIDATES`) whose generation stays at or
     above `min_psnr` dB of the dense one.
 
@@ -146,9 +168,12 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     timed: run every generation (dense too) a second time, timed, and pick the fastest candidate at
         the bound instead of the one with the fewest FLOPs (on the GPU you will run: what FLOPs only
         estimate; a second run, so no compile or first-occurrence recording is timed).
+    model_flops: rank by the whole model's FLOPs, from one more dense generation, eager, under
+        torch's FLOP counter (default: when a candidate turns step caching on, which skips the rest
+        of the model too; without it the sites' FLOPs rank candidates the same way).
     """
-    from .config import ChipmunkConfig
     from . import follow_scheduler
+    from .flops import count_flops
 
     if module is None and not isinstance(target, torch.nn.Module):
         module = "transformer"
@@ -157,9 +182,15 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"calibrate: target must be an nn.Module or hold one as .{module}, got {type(target).__name__}")
     model = getattr(model, "_orig_mod", model)
-    todo = list(candidates if candidates is not None else DEFAULT_CANDIDATES)
+    todo = [(name, copy.deepcopy(config)) for name, config in (candidates if candidates is not None
+                                                               else DEFAULT_CANDIDATES)]
     if not todo:
         raise ValueError("calibrate: no candidates")
+    for _, config in todo:
+        if isinstance(config, dict) and steps is not None:
+            config["steps"] = steps
+    caching = [_uses_step_caching(config) for _, config in todo]  # a bad candidate fails before any compile
+    model_flops = any(caching) if model_flops is None else model_flops
 
     def use(m):
         if holder is not None:
@@ -170,14 +201,11 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     results: list[CandidateResult] = []
     try:
         torch._dynamo.reset()
+        dense_total = count_flops(lambda: use(model)) if model_flops else None
         dense = torch.compile(model) if compiler == "inductor" else model
         ref = use(dense)
         dense_seconds = _timed(lambda: use(dense)) if timed else None
         for name, config in todo:
-            config = copy.deepcopy(config)
-            if isinstance(config, dict) and steps is not None:
-                config["steps"] = steps
-            ChipmunkConfig.from_any(config)  # a bad candidate fails here, before any compile
             torch._dynamo.reset()
             t0 = time.perf_counter()
             compiled = torch.compile(model, backend="chipmunk", options={"config": config, "compiler": compiler})
@@ -185,12 +213,12 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
                 follow_scheduler(compiled, scheduler)
             out = use(compiled)
             seconds = time.perf_counter() - t0
-            flops, n_sites, sparse_calls = _sites_flops(compiled)  # of the first run: the one scored
+            flops, site_flops, n_sites, sparse_calls = _cost(compiled, dense_total)  # the first run's: scored
             speedup = dense_seconds / _timed(lambda: use(compiled)) if timed else None
             results.append(CandidateResult(name, config, psnr_against(out, ref), flops, seconds, n_sites,
-                                           sparse_calls, speedup))
-            log.info("chipmunk calibration: %s: %.2f dB at %.3f of the sites' FLOPs", name, results[-1].psnr,
-                     results[-1].flops)
+                                           sparse_calls, speedup, site_flops))
+            log.info("chipmunk calibration: %s: %.2f dB at %.3f of the %s FLOPs", name, results[-1].psnr,
+                     results[-1].flops, "model's" if model_flops else "sites'")
     finally:
         if holder is not None:
             setattr(holder, module, model)
@@ -204,7 +232,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     cost = (lambda r: -r.speedup) if timed else (lambda r: r.flops)
     best = min(passing, key=cost) if passing else max(results, key=lambda r: (r.sparse_calls > 0, r.psnr))
     found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results,
-                        best.speedup)
+                        best.speedup, bool(model_flops))
     if not passing and any(r.sparse_calls for r in results):
         log.warning("chipmunk calibration: no candidate reaches %.1f dB against dense (best: %r, %.2f dB): "
                     "run dense, lower the bound, or give candidates that refresh more often", min_psnr,

@@ -6,6 +6,10 @@ sparse step costs its kept fraction of the dense GEMMs; the forecasts' extra spa
 old indices' residual at an attention refresh, the sparse path at an MLP dense step) are counted
 per site as they ran (`Site.extra_sparse_passes`); selection, block means and elementwise work
 are ignored (small). Used to report the FLOPs ratio of a generation against dense.
+
+`model_flops_ratio` puts the sites' work beside the rest of the model: the dense generation's FLOPs
+as torch counts them (`count_flops`), less the sites' dense FLOPs, is the work no site rewrites; it
+runs on every computed call, and a call that step caching skipped runs nothing.
 """
 
 from __future__ import annotations
@@ -53,3 +57,34 @@ def sites_flops_ratio(sites) -> float:
         ran += site_ran_flops(s)
         total += sum(s.steps.values()) * site_dense_flops(s)
     return ran / total if total else 1.0
+
+
+def count_flops(fn) -> float:
+    """FLOPs of `fn()` as torch's FlopCounterMode counts them, with SDPA's CPU flash kernel counted
+    as the GPU ones are (torch has no formula for it: attention counted 0 on the CPU)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    mapping = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        gpu_formula = flop_registry[torch.ops.aten._scaled_dot_product_flash_attention]  # takes the op's args
+
+        def cpu_formula(*args, **kwargs):
+            return gpu_formula(*args, **kwargs)
+
+        cpu_formula._get_raw = True  # already wrapped: the counter must not wrap it again
+        mapping[cpu_flash] = cpu_formula
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def model_flops_ratio(sites, dense_total: float, computed: int, skipped: int) -> float:
+    """The whole model's FLOPs over a generation against `dense_total` (the same generation dense):
+    the sites' work as they ran, plus the rest of the model on the `computed` calls of all
+    `computed + skipped` (step caching)."""
+    share = computed / (computed + skipped) if skipped else 1.0
+    sites_dense = sum(sum(s.steps.values()) * site_dense_flops(s) for s in sites) / share  # all calls
+    rest = max(dense_total - sites_dense, 0.0) * share
+    return (rest + sum(site_ran_flops(s) for s in sites)) / dense_total

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chipmunk_compile
-from chipmunk_compile.calibration import _sites_flops, psnr_against
+from chipmunk_compile.calibration import _cost, psnr_against
 
 from helpers import FULL_KEYS, cfg, fresh_dynamo  # noqa: F401
 from test_numerics import Net, latents, sparse_cfg, ts
@@ -57,7 +57,29 @@ def test_skipped_calls_count_at_no_cost(monkeypatch):
     cache = SimpleNamespace(summary=lambda: {"skipped": 4, "computed": 8})
     monkeypatch.setattr(flops, "sites_flops_ratio", lambda sites: 0.5)
     monkeypatch.setattr(runtime, "sessions_of", lambda m: [SimpleNamespace(sites=[site], step_cache=cache)])
-    assert _sites_flops(object()) == (pytest.approx(0.5 * 8 / 12), 1, 8 + 4)  # sparse calls + skipped ones
+    assert _cost(object(), None) == (pytest.approx(0.5 * 8 / 12), pytest.approx(0.5 * 8 / 12), 1, 8 + 4)
+
+
+def test_step_caching_alone_costs_its_computed_share_of_the_model(fresh_dynamo):
+    """With step caching among the candidates, the whole model's FLOPs rank them (one dense
+    generation counted): step caching alone, skipping 4 of 12 calls, costs 8/12 of the model, while
+    its sites' FLOPs alone would say nothing of the rest of the model it skips."""
+    off = {"enabled": False}
+    alone = dict(cfg(attn=off, mlp=off), step_cache={"enabled": True, "skip_steps": [4, 6, 8, 10]})
+    found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
+                                       candidates=[("step caching alone", alone), CANDIDATES[1]])
+    assert found.model_flops and "model FLOPs" in str(found)
+    by_name = {c.name: c for c in found.candidates}
+    assert by_name["step caching alone"].flops == pytest.approx(8 / 12)
+    sparse = by_name["25% budget"]  # the sites' savings diluted by the rest of the model
+    assert sparse.site_flops < sparse.flops < 1.0
+
+
+def test_count_flops_counts_attention_on_the_cpu():
+    from chipmunk_compile.flops import count_flops
+
+    q = torch.randn(1, 2, 64, 16)
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 4 * 2 * 64 * 64 * 16
 
 
 def test_timed_calibration_picks_the_fastest_at_the_bound(fresh_dynamo, monkeypatch):
