@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
         min_psnr=args.min_psnr, steps=args.steps, compiler=args.compiler, module="transformer", timed=args.timed)
     print(found)
     print(f"{time.perf_counter() - t0:.0f} s in all ({args.device}, {args.compiler})")
-    rows = [dict(candidate=c.name, psnr_db=round(c.psnr, 3), site_flops=round(c.flops, 4),
+    rows = [dict(candidate=c.name, psnr_db=round(c.psnr, 3), flops=round(c.flops, 4),
+                 site_flops=round(c.site_flops, 4),
                  seconds=round(c.seconds, 1), sites=c.sites, sparse_calls=c.sparse_calls, speedup=c.speedup,
                  chosen=c.name == found.name)
             for c in found.candidates]
@@ -58,7 +59,8 @@ def main(argv=None) -> dict:
         w.writeheader()
         w.writerows(rows)
     summary = dict(chosen=found.name, met=found.met, min_psnr=found.min_psnr, psnr_db=found.psnr,
-                   site_flops=found.flops, steps=args.steps, images=args.images, compiler=args.compiler,
+                   flops=found.flops, flops_of="model" if found.model_flops else "sites", steps=args.steps,
+                   images=args.images, compiler=args.compiler,
                    device=args.device, torch=torch.__version__, candidates=rows)
     with open(stem + ".json", "w") as f:
         json.dump(summary, f, indent=1)

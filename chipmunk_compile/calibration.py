@@ -4,12 +4,12 @@ quality bound of dense, found on their model, prompts and step count.
 Users of every caching and sparse-attention method tune thresholds and budgets per model by hand
 (landscape: TeaCache's coefficients, SpargeAttn's hyper-parameters, FBCache's threshold, Chipmunk's
 top-k and refresh schedule). Here one call runs the generation dense once and once per candidate
-config, scores each candidate by its PSNR against the dense output and by its FLOPs against dense,
-and returns the cheapest candidate at or above `min_psnr`. The FLOPs are the whole model's when a
-candidate turns on step caching, which skips the rest of the model too (`flops.model_flops_ratio`,
-from one more dense generation under torch's FLOP counter); otherwise the sites' work alone
-(`flops.sites_flops_ratio`), which ranks such candidates as the whole model's would, since the rest
-of the model costs the same under each.
+config, scores each candidate by its PSNR against the dense output and by the whole model's FLOPs
+against dense (`flops.model_flops_ratio`, from one more dense generation under torch's FLOP
+counter), and returns the cheapest candidate at or above `min_psnr`. The sites' FLOPs alone
+(`model_flops=False`) rank only candidates that rewrite the same ops: a candidate with one op off
+has fewer sites, so its sites' ratio is over less work (on the tiny DiT the MLP alone read 0.58 of
+its sites' FLOPs and is 0.83 of the model's), and step caching also skips the rest of the model.
 
 Invariants:
 - The dense reference runs once, compiled as the candidates are (plain Inductor when they run
@@ -45,8 +45,7 @@ _OFF = {"enabled": False}
 _ADAPTIVE = {"enabled": True, "threshold": 0.2, "extrapolate": 1.0}  # skipped calls forecast (TaylorSeer's first order)
 
 # (name, config): the `default` preset, cheaper and more faithful variants of it, each op alone, and
-# whole-call step caching alone and stacked on `default` (the backend's other tool: with either of
-# these among the candidates, the whole model's FLOPs rank them)
+# whole-call step caching alone and stacked on `default` (the backend's other tool)
 DEFAULT_CANDIDATES: tuple[tuple[str, dict], ...] = (
     ("method: 5% keys refreshed every 10 steps", {"preset": "method"}),
     ("default, 5% keys, 15% neurons", {"preset": "default", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}}),
@@ -144,16 +143,11 @@ def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, in
     return cost, ratio, len(sites), sparse_calls
 
 
-def _uses_step_caching(config) -> bool:
-    from .config import ChipmunkConfig
-
-    return ChipmunkConfig.from_any(config).step_cache.enabled  # also: a bad candidate fails here
-
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
               candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
               scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor",
-              timed: bool = False, model_flops: Optional[bool] = None) -> Calibration:
+              timed: bool = False, model_flops: bool = True) -> Calibration:
     """The cheapest of `candidates` (default: `DEFAULT_CANDIDATES`) whose generation stays at or
     above `min_psnr` dB of the dense one.
 
@@ -169,10 +163,11 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
         the bound instead of the one with the fewest FLOPs (on the GPU you will run: what FLOPs only
         estimate; a second run, so no compile or first-occurrence recording is timed).
     model_flops: rank by the whole model's FLOPs, from one more dense generation, eager, under
-        torch's FLOP counter (default: when a candidate turns step caching on, which skips the rest
-        of the model too; without it the sites' FLOPs rank candidates the same way).
+        torch's FLOP counter (False: by the sites' FLOPs, comparable only between candidates that
+        rewrite the same ops and skip no call).
     """
     from . import follow_scheduler
+    from .config import ChipmunkConfig
     from .flops import count_flops
 
     if module is None and not isinstance(target, torch.nn.Module):
@@ -189,8 +184,8 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     for _, config in todo:
         if isinstance(config, dict) and steps is not None:
             config["steps"] = steps
-    caching = [_uses_step_caching(config) for _, config in todo]  # a bad candidate fails before any compile
-    model_flops = any(caching) if model_flops is None else model_flops
+    for _, config in todo:
+        ChipmunkConfig.from_any(config)  # a bad candidate fails here, before any compile
 
     def use(m):
         if holder is not None:
@@ -201,9 +196,10 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     results: list[CandidateResult] = []
     try:
         torch._dynamo.reset()
-        dense_total = count_flops(lambda: use(model)) if model_flops else None
+        eager_out: list = []  # the counted generation is the eager reference itself
+        dense_total = count_flops(lambda: eager_out.append(use(model))) if model_flops else None
         dense = torch.compile(model) if compiler == "inductor" else model
-        ref = use(dense)
+        ref = eager_out[0] if eager_out and dense is model else use(dense)
         dense_seconds = _timed(lambda: use(dense)) if timed else None
         for name, config in todo:
             torch._dynamo.reset()
@@ -229,7 +225,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
                     "than min_tokens)" if not any(r.sites for r in results) else
                     "the step count leaves none (the refresh periods scale to 1 step: a few-step sampler)")
     passing = [r for r in results if r.psnr >= min_psnr and r.sparse_calls]
-    cost = (lambda r: -r.speedup) if timed else (lambda r: r.flops)
+    cost = (lambda r: (-r.speedup, -r.psnr)) if timed else (lambda r: (r.flops, -r.psnr))  # ties: the faithful one
     best = min(passing, key=cost) if passing else max(results, key=lambda r: (r.sparse_calls > 0, r.psnr))
     found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results,
                         best.speedup, bool(model_flops))

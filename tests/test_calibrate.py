@@ -61,14 +61,17 @@ def test_skipped_calls_count_at_no_cost(monkeypatch):
 
 
 def test_step_caching_alone_costs_its_computed_share_of_the_model(fresh_dynamo):
-    """With step caching among the candidates, the whole model's FLOPs rank them (one dense
-    generation counted): step caching alone, skipping 4 of 12 calls, costs 8/12 of the model, while
-    its sites' FLOPs alone would say nothing of the rest of the model it skips."""
+    """The whole model's FLOPs rank the candidates (one dense generation counted): step caching
+    alone, skipping 4 of 12 calls, costs 8/12 of the model, while its sites' FLOPs would say nothing
+    of the rest of the model it skips; a sparse candidate's savings are diluted by the rest."""
     off = {"enabled": False}
     alone = dict(cfg(attn=off, mlp=off), step_cache={"enabled": True, "skip_steps": [4, 6, 8, 10]})
     found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
                                        candidates=[("step caching alone", alone), CANDIDATES[1]])
     assert found.model_flops and "model FLOPs" in str(found)
+    sites_only = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
+                                            candidates=[CANDIDATES[1]], model_flops=False)
+    assert not sites_only.model_flops and "site FLOPs" in str(sites_only)
     by_name = {c.name: c for c in found.candidates}
     assert by_name["step caching alone"].flops == pytest.approx(8 / 12)
     sparse = by_name["25% budget"]  # the sites' savings diluted by the rest of the model
