@@ -6,7 +6,8 @@ Users of every caching and sparse-attention method tune thresholds and budgets p
 top-k and refresh schedule). Here one call runs the generation dense once and once per candidate
 config, scores each candidate by its PSNR against the dense output and by the whole model's FLOPs
 against dense (`flops.model_flops_ratio`, from one more dense generation under torch's FLOP
-counter), and returns the cheapest candidate at or above `min_psnr`. The sites' FLOPs alone
+counter, inside the model's calls only: a pipeline's text encoders and VAE cost the same under
+every candidate and are left out), and returns the cheapest candidate at or above `min_psnr`. The sites' FLOPs alone
 (`model_flops=False`) rank only candidates that rewrite the same ops: a candidate with one op off
 has fewer sites, so its sites' ratio is over less work (on the tiny DiT the MLP alone read 0.58 of
 its sites' FLOPs and is 0.83 of the model's), and step caching also skips the rest of the model.
@@ -197,7 +198,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     try:
         torch._dynamo.reset()
         eager_out: list = []  # the counted generation is the eager reference itself
-        dense_total = count_flops(lambda: eager_out.append(use(model))) if model_flops else None
+        dense_total = count_flops(lambda: eager_out.append(use(model)), model) if model_flops else None
         dense = torch.compile(model) if compiler == "inductor" else model
         ref = eager_out[0] if eager_out and dense is model else use(dense)
         dense_seconds = _timed(lambda: use(dense)) if timed else None

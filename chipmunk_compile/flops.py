@@ -59,9 +59,11 @@ def sites_flops_ratio(sites) -> float:
     return ran / total if total else 1.0
 
 
-def count_flops(fn) -> float:
+def count_flops(fn, module=None) -> float:
     """FLOPs of `fn()` as torch's FlopCounterMode counts them, with SDPA's CPU flash kernel counted
-    as the GPU ones are (torch has no formula for it: attention counted 0 on the CPU)."""
+    as the GPU ones are (torch has no formula for it: attention counted 0 on the CPU). With
+    `module`, only what runs inside its calls (a pipeline's transformer, not its text encoders or
+    VAE)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -75,9 +77,29 @@ def count_flops(fn) -> float:
 
         cpu_formula._get_raw = True  # already wrapped: the counter must not wrap it again
         mapping[cpu_flash] = cpu_formula
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    if module is None:
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            fn()
+        return float(counter.get_total_flops())
+    total, active = [0.0], []
+
+    def enter(mod, args):
+        active.append(FlopCounterMode(display=False, custom_mapping=mapping).__enter__())
+
+    def leave(mod, args, out):
+        counter = active.pop()
+        counter.__exit__(None, None, None)
+        total[0] += counter.get_total_flops()
+
+    hooks = (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))
+    try:
         fn()
-    return float(counter.get_total_flops())
+    finally:
+        for h in hooks:
+            h.remove()
+        while active:  # a call that raised
+            active.pop().__exit__(None, None, None)
+    return total[0]
 
 
 def model_flops_ratio(sites, dense_total: float, computed: int, skipped: int) -> float:

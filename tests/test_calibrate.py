@@ -69,13 +69,18 @@ def test_step_caching_alone_costs_its_computed_share_of_the_model(fresh_dynamo):
     found = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
                                        candidates=[("step caching alone", alone), CANDIDATES[1]])
     assert found.model_flops and "model FLOPs" in str(found)
-    sites_only = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
-                                            candidates=[CANDIDATES[1]], model_flops=False)
-    assert not sites_only.model_flops and "site FLOPs" in str(sites_only)
     by_name = {c.name: c for c in found.candidates}
     assert by_name["step caching alone"].flops == pytest.approx(8 / 12)
     sparse = by_name["25% budget"]  # the sites' savings diluted by the rest of the model
     assert sparse.site_flops < sparse.flops < 1.0
+    sites_only = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, compiler="eager",
+                                            candidates=[CANDIDATES[1]], model_flops=False)
+    assert not sites_only.model_flops and "site FLOPs" in str(sites_only)
+    # work outside the model (a pipeline's text encoders, its VAE) is not the model's: not counted
+    big = torch.randn(256, 256)
+    outside = chipmunk_compile.calibrate(Net().eval(), lambda m: (big @ big, _generation(m))[1], min_psnr=0.0,
+                                         compiler="eager", candidates=[CANDIDATES[1]])
+    assert outside.flops == pytest.approx(sparse.flops)
 
 
 def test_count_flops_counts_attention_on_the_cpu():
