@@ -78,7 +78,8 @@ def cast(graph: fx.Graph, node, dtype: Optional[torch.dtype], column_major: bool
         return node
     if column_major:  # a contiguous copy of the transpose (`to` alone would keep the view's strides)
         t = graph.call_method("t", (node,))
-        return graph.call_method("t", (graph.call_method("to", (t, dtype), {"memory_format": torch.contiguous_format}),))
+        copy = graph.call_method("to", (t, dtype), {"memory_format": torch.contiguous_format})
+        return graph.call_method("t", (copy,))
     return graph.call_method("to", (node, dtype))
 
 

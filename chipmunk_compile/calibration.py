@@ -144,7 +144,6 @@ def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, in
     return cost, ratio, len(sites), sparse_calls
 
 
-
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
               candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
               scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor",
@@ -176,7 +175,8 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     holder = target if module is not None else None
     model = getattr(target, module, None) if holder is not None else target
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"calibrate: target must be an nn.Module or hold one as .{module}, got {type(target).__name__}")
+        raise TypeError(f"calibrate: target must be an nn.Module or hold one as .{module}, "
+                        f"got {type(target).__name__}")
     model = getattr(model, "_orig_mod", model)
     todo = [(name, copy.deepcopy(config)) for name, config in (candidates if candidates is not None
                                                                else DEFAULT_CANDIDATES)]
@@ -185,7 +185,6 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     for _, config in todo:
         if isinstance(config, dict) and steps is not None:
             config["steps"] = steps
-    for _, config in todo:
         ChipmunkConfig.from_any(config)  # a bad candidate fails here, before any compile
 
     def use(m):

@@ -12,7 +12,8 @@ from helpers import ALL_SITES, fresh_dynamo  # noqa: F401
 
 
 @torch.library.custom_op("chipmunk_tests::fused_attention", mutates_args=())
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N, H, D) layout as flash-attn takes it; returns (output, lse) as flash kernels do."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return o.transpose(1, 2).contiguous(), torch.zeros(q.shape[0], q.shape[2], q.shape[1])

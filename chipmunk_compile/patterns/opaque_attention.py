@@ -62,4 +62,5 @@ def match_opaque_attention(node: fx.Node, ctx) -> Optional[Rejection]:
 
 
 register_pattern(Pattern("opaque", "attention", match_opaque_attention, priority=0,
-                         description="custom ops over q/k/v-shaped tensors (fused attention kernels): reported as rejected"))
+                         description="custom ops over q/k/v-shaped tensors (fused attention kernels): "
+                                     "reported as rejected"))
