@@ -7,6 +7,7 @@ Chipmunk dynamic column-sparse deltas, on any DiT, with no model edits.
     chipmunk_compile.reset(model)             # next generation (also detected automatically); caches kept
     chipmunk_compile.release(model)           # free chipmunk's memory (caches, step graphs)
     print(chipmunk_compile.inspect(model, *example_args))
+    found = chipmunk_compile.calibrate(pipe, run, min_psnr=30)  # the cheapest config at 30 dB of dense
 
 The backend is registered through the `torch_dynamo_backends` entry point; importing this
 package is only needed for the helpers below (it never registers the backend a second time).
