@@ -229,6 +229,9 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     best = min(passing, key=cost) if passing else max(results, key=lambda r: (r.sparse_calls > 0, r.psnr))
     found = Calibration(best.name, best.config, best.psnr, best.flops, bool(passing), min_psnr, results,
                         best.speedup, bool(model_flops))
+    if timed and passing and best.speedup < 1:
+        log.warning("chipmunk calibration: the fastest candidate at the bound, %r, is slower than dense (%.3fx): "
+                    "run dense", best.name, best.speedup)
     if not passing and any(r.sparse_calls for r in results):
         log.warning("chipmunk calibration: no candidate reaches %.1f dB against dense (best: %r, %.2f dB): "
                     "run dense, lower the bound, or give candidates that refresh more often", min_psnr,

@@ -90,9 +90,10 @@ def test_count_flops_counts_attention_on_the_cpu():
     assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 4 * 2 * 64 * 64 * 16
 
 
-def test_timed_calibration_picks_the_fastest_at_the_bound(fresh_dynamo, monkeypatch):
+def test_timed_calibration_picks_the_fastest_at_the_bound(fresh_dynamo, monkeypatch, caplog):
     """`timed`: a second run of every generation is timed; the fastest candidate at the bound wins,
-    whatever its FLOPs (here the timer says the full budget is faster)."""
+    whatever its FLOPs (here the timer says the full budget is faster); one slower than dense is
+    said."""
     from chipmunk_compile import calibration
 
     times = iter([1.0, 0.5, 0.8])  # dense, full budget, 25% budget
@@ -101,6 +102,11 @@ def test_timed_calibration_picks_the_fastest_at_the_bound(fresh_dynamo, monkeypa
                                        compiler="eager", timed=True)
     assert [c.speedup for c in found.candidates] == [2.0, 1.25]
     assert found.name == "full budget" and found.speedup == 2.0 and "2.000x" in str(found)
+    times = iter([1.0, 1.5, 1.2])  # every candidate slower than dense (the CPU's reference kernels)
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"):
+        slow = chipmunk_compile.calibrate(Net().eval(), _generation, min_psnr=0.0, candidates=CANDIDATES,
+                                          compiler="eager", timed=True)
+    assert slow.name == "25% budget" and any("slower than dense" in r.getMessage() for r in caplog.records)
 
 
 def test_no_candidate_at_the_bound_is_said(fresh_dynamo, caplog):
