@@ -87,8 +87,5 @@ def disabled_inside(t: torch.Tensor):
     """Context for an op's body: autocast off on `t`'s device when it is on (the rewrite cast the
     inputs already), so that the op's own fp32 work is not cast down."""
     device_type = t.device.type
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError, ValueError):
-        on = False
+    on = _ambient(device_type) is not None
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()

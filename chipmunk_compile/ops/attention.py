@@ -126,7 +126,7 @@ def _attention(q, k, v, key_mask, scale, site, bias) -> Tensor:
     if s.plain_dense(pos):  # never sparse (at all, or in this generation): no cache, no lse
         s.finish(None, DENSE, pos)
         return _sdpa(q, k, v, key_mask, scale, bias)
-    return s.cached_or_dense(lambda: _cached_attention(s, q, k, v, key_mask, scale, bias),
+    return s.cached_or_dense(lambda: _cached_attention(s, pos, q, k, v, key_mask, scale, bias),
                              lambda: _sdpa(q, k, v, key_mask, scale, bias), q)
 
 
@@ -141,15 +141,16 @@ def additive_bias(bias: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
     raise TypeError(f"chipmunk::attention: bias must be a float or boolean tensor, got {bias.dtype}")
 
 
-def _cached_attention(s, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+def _cached_attention(s, pos, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
                       bias: Optional[Tensor]) -> Tensor:
-    """A call of a site that keeps state: dense, refresh or sparse step per its schedule."""
+    """A call of a site that keeps state at step position `pos`: dense, refresh or sparse step per
+    its schedule."""
     perm = s.perm_on(q.device, q.shape[-2])
     # the always-kept keys widen each group's index list: a count that changed (another grid of
     # the same token count: ids_regrouping) needs caches of the new width
     n_keep = s.key_keep_on(q.device, q.shape[-2], k.shape[-2])[1] if s.cfg.keep_text_keys else 0
-    st, pos = s.branch_state((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None,
-                              bias is not None, n_keep))
+    st = s.branch_state((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None,
+                         bias is not None, n_keep), pos)
     d = decide(s, st, pos)
     kind, unfilled = d[0], d[2]
     if unfilled:

@@ -105,7 +105,7 @@ def _mlp(x, w_act, b_act, w_lin, b_lin, w2, b2, act, site) -> Tensor:
     if s.plain_dense(pos):  # never sparse (at all, or in this generation): no caches
         s.finish(None, DENSE, pos)
         return _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act)
-    return s.cached_or_dense(lambda: _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape),
+    return s.cached_or_dense(lambda: _cached_mlp(s, pos, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape),
                              lambda: _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act), x)
 
 
@@ -114,11 +114,11 @@ def _dense(x, w_act, b_act, w_lin, b_lin, w2, b2, act) -> Tensor:
     return F.linear(_hidden(a, b, act), w2, b2).contiguous()
 
 
-def _cached_mlp(s, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Tensor:
-    """A call of a site that keeps state: dense or sparse step per its schedule."""
+def _cached_mlp(s, pos, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -> Tensor:
+    """A call of a site that keeps state at step position `pos`: dense or sparse step per its schedule."""
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
     perm = s.perm_on(x.device, x3.shape[1])
-    st, pos = s.branch_state((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device))
+    st = s.branch_state((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device), pos)
     d = decide(s, st, pos)
     if d[2]:
         fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")

@@ -170,11 +170,10 @@ class Site:
         inst = self.graph.current if self.graph is not None else 0
         return pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
 
-    def branch_state(self, shape: tuple) -> tuple[BranchState, Any]:
-        """The state of this call's branch for `shape` (the shapes, dtype and device its caches are
-        made for), created on first use; beyond `state_shapes` shapes of the branch the least
-        recently used one is freed."""
-        pos = self.session.position()
+    def branch_state(self, shape: tuple, pos) -> BranchState:
+        """The state of the branch at `pos` (this call's step position) for `shape` (the shapes,
+        dtype and device its caches are made for), created on first use; beyond `state_shapes`
+        shapes of the branch the least recently used one is freed."""
         key = self._state_key(pos)
         st = self.states.get((key, shape))
         if st is None:
@@ -205,7 +204,7 @@ class Site:
                     raise runtime.NeedsEagerCall(f"{self.path}: this input layout gave another shape before")
                 self.layout_shapes[where] = AMBIGUOUS
                 count("graph_layout_ambiguous")
-        return st, pos
+        return st
 
     def drop_states(self) -> None:
         """Free every state of this site (`release`, out of memory). Each is emptied, not only
