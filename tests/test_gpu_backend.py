@@ -638,3 +638,86 @@ def test_alternating_sizes_replay_their_step_graphs():
     for gen_k, gen_f in zip(kept, freed):
         for a, b in zip(gen_k, gen_f):
             assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def _generations(c, steps, count=2, make_inputs=_inputs, dtype=None):
+    gens = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        for _ in range(count):
+            outs = []
+            for i in range(steps):
+                x = make_inputs(1.0 - i / steps)
+                x["hidden_states"] = x["hidden_states"] + 0.01 * i
+                outs.append(c(**x)[0].float().clone())
+            gens.append(outs)
+    return gens
+
+
+def test_few_step_generations_run_plain_dense_under_step_graphs():
+    """A 4-step sampler (default's periods, 5 and 10 of 50 steps, scale to 1): on CUDA graphs the ops run the
+    exact op with no state, recorded and replayed like any step, and the outputs equal Inductor's;
+    with attention's period long enough to keep sparse steps, only the MLP runs plain dense."""
+    model = _flux()
+    few = {**CFG, "steps": 4}
+    torch._dynamo.reset()
+    dense = _generations(torch.compile(model), 4, count=1)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    c = torch.compile(model, backend="chipmunk", options={"config": few})
+    gens = _generations(c, 4)
+    cc = counters["chipmunk"]
+    st = chipmunk_compile.stats(c)
+    print({k: v for k, v in cc.items() if k.startswith(("graph", "generation"))}, st["state_bytes"])
+    assert st["state_bytes"] == 0 and {k for s in st["sites"] for k in s["steps"]} == {"dense"}
+    assert cc["generation_all_dense"] == 2 and cc["graph_replays"] > 0
+    assert not any(k.startswith(("fallback:", "graph_record_failed", "kernel_fallback")) for k in cc), dict(cc)
+    for gen in gens:
+        for a, b in zip(gen, dense):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
+    torch._dynamo.reset()
+    counters.clear()
+    mixed = {**few, "attn": {**few["attn"], "full_step_every": 50}}  # scaled to 4: dense, then 3 sparse
+    c = torch.compile(model, backend="chipmunk", options={"config": mixed})
+    graphs = _generations(c, 4)
+    kinds = {}
+    for s in chipmunk_compile.stats(c)["sites"]:
+        kinds.setdefault(s["kind"], set()).update(s["steps"])
+    assert kinds["mlp"] == {"dense"} and "sparse" in kinds["attention"], kinds
+    assert counters["chipmunk"]["generation_all_dense"] == 0 and counters["chipmunk"]["graph_replays"] > 0
+    torch._dynamo.reset()
+    eager = _generations(torch.compile(model, backend="chipmunk",
+                                       options={"config": {**mixed, "cuda_graphs": False}}), 4, count=1)[0]
+    for gen in graphs:
+        for a, b in zip(gen, eager):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_autocast_fp32_weights_on_triton_kernels_and_step_graphs():
+    """fp32 weights under `torch.autocast("cuda", bfloat16)`: the ops take bf16 inputs (the Triton
+    kernels, not the fp32 references), record and replay their step graphs, and with every key and
+    neuron kept the outputs equal Inductor's under the same autocast up to bf16 rounding."""
+    from torch._dynamo.utils import counters as ctr
+
+    model = _flux().float()
+
+    def fp32_inputs(t):
+        return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in _inputs(t).items()}
+
+    full = {"attn": {**CFG["attn"], "top_keys": 1.0, "random_keys": 0.0},
+            "mlp": {**CFG["mlp"], "top_keys": 1.0}}
+    torch._dynamo.reset()
+    dense = _generations(torch.compile(model), 8, count=1, make_inputs=fp32_inputs, dtype=torch.bfloat16)[0]
+    torch._dynamo.reset()
+    ctr.clear()
+    c = torch.compile(model, backend="chipmunk", options={"config": full})
+    gens = _generations(c, 8, make_inputs=fp32_inputs, dtype=torch.bfloat16)
+    cc = ctr["chipmunk"]
+    print({k: v for k, v in cc.items() if k.startswith(("graph", "kernel", "fallback"))})
+    assert not any(k.startswith(("fallback:", "graph_record_failed", "kernel_fallback")) for k in cc), dict(cc)
+    assert cc["graph_replays"] > 0
+    kinds = {k for s in chipmunk_compile.stats(c)["sites"] for k in s["steps"]}
+    assert kinds == {"dense", "refresh", "sparse"}, kinds
+    for gen in gens:
+        for i, (a, b) in enumerate(zip(gen, dense)):
+            err = ((a - b).norm() / b.norm()).item()
+            assert err < 3e-2, (i, err)
