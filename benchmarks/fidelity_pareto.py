@@ -247,6 +247,9 @@ for _k, _c in {"bmc4": {"mlp": {"block_mask_cache": 4}}, "me20": {"mlp": {"full_
 # backend now does itself when it knows the step count (schedule_steps): at 28 steps ae3-me6, at 16 ae2-me3
 for _k, (_a, _m) in {"ae4-me8": (4, 8), "ae3-me6": (3, 6), "ae2-me4": (2, 4), "ae2-me3": (2, 3)}.items():
     GRID[f"cm-default-{_k}"] = {"preset": "default", "attn": {"full_step_every": _a}, "mlp": {"full_step_every": _m}}
+# the default at 5% keys and 15% neurons (session 49): the cheapest of calibrate's candidates that stays above
+# 30 dB on both trained image models, timed on FLUX.1-dev at its published depth
+GRID["cm-default-a.05-m.15"] = {"preset": "default", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 
