@@ -428,3 +428,57 @@ def test_per_frame_and_per_token_timesteps_are_a_step_signal(fresh_dynamo, name,
                     seen.append((p.generation, p.step, p.branch))
     g0 = seen[0][0]
     assert seen == [(g0 + g, s, b) for g in range(2) for s in range(3) for b in ("0", "1")]
+
+
+def test_guidance_calls_with_prompts_of_two_lengths_are_branches(fresh_dynamo):
+    """A guider's cond and uncond calls (diffusers' modular pipelines) with a prompt and a negative
+    prompt of different, unpadded lengths: Flux2's text position ids then hold few values (12 and 7
+    tokens × 4 axes), which made them look like a step signal beside the timestep, and the two calls
+    of each step, their ids of different lengths, counted as two steps (every sparse step then fell
+    back to the exact op: the branches' caches were never filled). Rotary ids reach the attention
+    before any linear, so they are no signal: the calls are branches 0 and 1 of each step."""
+    from diffusers import Flux2Transformer2DModel
+    from torch._dynamo.utils import counters
+
+    from chipmunk_compile.backend import step_signal_inputs
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                    guidance_embeds=False).eval()
+    signals = []
+
+    def keep(gm, example_inputs):  # the placeholders' sources are known only inside a backend
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        signals.extend(names[i] for i in step_signal_inputs(gm))
+        return gm.forward
+
+    h = w = 8
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))[None]
+    x = torch.randn(1, h * w, 4)
+
+    def call(fn, t, text):
+        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text))[None]
+        return fn(hidden_states=x, encoder_hidden_states=torch.randn(1, text, 32), img_ids=img_ids, txt_ids=txt_ids,
+                  timestep=torch.tensor([t]), return_dict=False)[0]
+
+    with torch.no_grad():
+        call(torch.compile(model, backend=keep), 1.0, 12)
+    assert len(signals) == 1 and "timestep" in signals[0], signals  # not img_ids (64 values) nor txt_ids (48)
+    torch._dynamo.reset()
+    counters["chipmunk"].clear()
+    cm = chip(model, cfg(attn={"full_step_every": 3}, mlp={"full_step_every": 3}))
+    seen, unfilled = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            for i in range(6):
+                for text in (12, 7):
+                    call(cm, 1.0 - i / 6, text)
+                    seen.append(_pos(model)[:3])
+            unfilled.append(counters["chipmunk"]["fallback:mlp_cache_not_filled"])
+    assert seen[:4] == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0)] and seen[-1] == (5, "1", 1), seen
+    assert counters["chipmunk"]["attention_sparse"] > 0 and counters["chipmunk"]["mlp_sparse"] > 0
+    # Dynamo's second, dynamic graph (the negative prompt's length) begins at step 0's uncond call, so its
+    # MLP sites meet step 1's cond call with no cache: counted (exact op) in the first generation only
+    assert unfilled[0] == unfilled[1] <= 3, unfilled

@@ -212,7 +212,10 @@ def signal_like(node: fx.Node) -> bool:
     prompt, and its values made a new batch size look like the same generation). A symbolic
     length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
     timestep per sample) is judged by its example value's length; until session 44 such inputs were
-    no signal, so every call of that graph was a step of its own and no later generation began."""
+    no signal, so every call of that graph was a step of its own and no later generation began.
+    Rotary position ids of few tokens (a short unpadded prompt's text ids) feed a sinusoid too, but
+    its output rotates queries and keys, reaching an attention before any linear: no signal (until
+    session 49 they were, and a negative prompt of another length made every guidance call a step)."""
     if node.op != "placeholder":
         return False
     src = source_name(node)
@@ -224,7 +227,7 @@ def signal_like(node: fx.Node) -> bool:
     numel = _hint(v.numel())
     if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (not v.is_floating_point() or v.dim() > 2)):
         return False  # (a large input of rank 3 or more is a token tensor, whatever it feeds)
-    if v.dim() >= 2 and not _feeds_sinusoid(node):
+    if v.dim() >= 2 and not _feeds_timestep_embedding(node):
         return False
     return v.dtype != torch.bool and not v.is_complex()
 
@@ -232,21 +235,49 @@ def signal_like(node: fx.Node) -> bool:
 _SINUSOID = {"sin", "cos"}
 
 
-def _feeds_sinusoid(node: fx.Node, depth: int = 8) -> bool:
-    """Whether a sin or cos is reached from `node` within `depth` ops (a timestep embedding)."""
-    frontier, seen = [node], {node}
+def _feeds_timestep_embedding(node: fx.Node, depth: int = 8) -> bool:
+    """Whether a sin or cos is reached from `node` within `depth` ops and is not a rotary table's:
+    rotary tables multiply the queries and keys, so from their sin and cos an attention comes before
+    any linear; a timestep embedding's enters a linear (sinusoid, cat, cast, linear) or no
+    attention at all."""
+    return any(not _rotary(s) for s in _reached(node, _is_sinusoid, depth))
+
+
+def _is_sinusoid(n: fx.Node) -> bool:
+    return (n.target if n.op == "call_method" else getattr(n.target, "__name__", None)) in _SINUSOID
+
+
+def _is_attention(n: fx.Node) -> bool:
+    return is_call(n, *SDPA, *SOFTMAX_FNS) or n.target in ATEN_SDPA or is_method(n, "softmax")
+
+
+def _rotary(sinusoid: fx.Node, depth: int = 16) -> bool:
+    """Whether an attention is reached from `sinusoid` before (or without) any linear."""
+    frontier, seen = [sinusoid], {sinusoid}
+    for _ in range(depth):
+        nxt = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(nxt)
+        if any(is_linear(u) for u in nxt):
+            return False
+        if any(_is_attention(u) for u in nxt):
+            return True
+        frontier = nxt
+    return False
+
+
+def _reached(node: fx.Node, hit, depth: int) -> list:
+    """The nodes within `depth` uses of `node` for which `hit` holds (the search stops at them)."""
+    frontier, seen, found = [node], {node}, []
     for _ in range(depth):
         nxt = []
         for n in frontier:
             for u in n.users:
-                name = u.target if u.op == "call_method" else getattr(u.target, "__name__", None)
-                if name in _SINUSOID:
-                    return True
-                if u not in seen:
-                    seen.add(u)
-                    nxt.append(u)
+                if u in seen:
+                    continue
+                seen.add(u)
+                (found if hit(u) else nxt).append(u)
         frontier = nxt
-    return False
+    return found
 
 
 def _hint(n) -> Optional[int]:
