@@ -482,3 +482,43 @@ def test_guidance_calls_with_prompts_of_two_lengths_are_branches(fresh_dynamo):
     # Dynamo's second, dynamic graph (the negative prompt's length) begins at step 0's uncond call, so its
     # MLP sites meet step 1's cond call with no cache: counted (exact op) in the first generation only
     assert unfilled[0] == unfilled[1] <= 3, unfilled
+
+
+def test_rotary_position_ids_of_any_rank_are_no_step_signal(fresh_dynamo):
+    """Research code's 1-D position ids (a real-valued rotary table by sin/cos, or a complex one by
+    torch.polar) beside a timestep whose sinusoid enters a linear: only the timestep is a signal."""
+    import torch.nn.functional as F
+
+    from chipmunk_compile.backend import step_signal_inputs
+
+    class Rope(torch.nn.Module):
+        def __init__(self, complex_table: bool):
+            super().__init__()
+            self.complex_table = complex_table
+            self.t_emb, self.qkv, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+        def forward(self, x, t, pos):
+            f = t[:, None] * torch.arange(1, 5.0)
+            x = x + self.t_emb(torch.cat([f.sin(), f.cos()], -1))[:, None]
+            q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            angles = pos[:, None].float() * torch.arange(1, 5.0)
+            if self.complex_table:
+                rot = torch.polar(torch.ones_like(angles), angles)
+                q, k = (torch.view_as_real(torch.view_as_complex(a.reshape(1, 2, -1, 4, 2)) * rot).flatten(3)
+                        for a in (q, k))
+            else:
+                cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+                q, k = (a * cos + a.flip(-1) * sin for a in (q, k))
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16))
+
+    for complex_table in (False, True):
+        names = []
+
+        def keep(gm, example_inputs):
+            placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+            names.append([placeholders[i] for i in step_signal_inputs(gm)])
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(Rope(complex_table), backend=keep)(torch.randn(1, 12, 16), torch.tensor([0.5]), torch.arange(12))
+        assert len(names) == 1 and len(names[0]) == 1 and "_t_" in names[0][0], names

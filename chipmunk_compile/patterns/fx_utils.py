@@ -213,8 +213,8 @@ def signal_like(node: fx.Node) -> bool:
     length (the graph Dynamo recompiles with a dynamic batch after the batch size changed: a
     timestep per sample) is judged by its example value's length; until session 44 such inputs were
     no signal, so every call of that graph was a step of its own and no later generation began.
-    Rotary position ids of few tokens (a short unpadded prompt's text ids) feed a sinusoid too, but
-    its output rotates queries and keys, reaching an attention before any linear: no signal (until
+    Rotary position ids (a short unpadded prompt's few text ids) feed a sinusoid too, but its output
+    rotates queries and keys, reaching an attention before any linear: no signal, of any rank (until
     session 49 they were, and a negative prompt of another length made every guidance call a step)."""
     if node.op != "placeholder":
         return False
@@ -227,20 +227,15 @@ def signal_like(node: fx.Node) -> bool:
     numel = _hint(v.numel())
     if numel is None or numel == 0 or (numel > SIGNAL_VALUES and (not v.is_floating_point() or v.dim() > 2)):
         return False  # (a large input of rank 3 or more is a token tensor, whatever it feeds)
-    if v.dim() >= 2 and not _feeds_timestep_embedding(node):
+    sinusoids = _reached(node, _is_sinusoid, 8)
+    if sinusoids and all(_rotary(s) for s in sinusoids):
+        return False  # rotary position ids, of any rank
+    if v.dim() >= 2 and not sinusoids:
         return False
     return v.dtype != torch.bool and not v.is_complex()
 
 
-_SINUSOID = {"sin", "cos"}
-
-
-def _feeds_timestep_embedding(node: fx.Node, depth: int = 8) -> bool:
-    """Whether a sin or cos is reached from `node` within `depth` ops and is not a rotary table's:
-    rotary tables multiply the queries and keys, so from their sin and cos an attention comes before
-    any linear; a timestep embedding's enters a linear (sinusoid, cat, cast, linear) or no
-    attention at all."""
-    return any(not _rotary(s) for s in _reached(node, _is_sinusoid, depth))
+_SINUSOID = {"sin", "cos", "polar"}  # polar: complex rotary tables (freqs_cis)
 
 
 def _is_sinusoid(n: fx.Node) -> bool:
@@ -252,7 +247,8 @@ def _is_attention(n: fx.Node) -> bool:
 
 
 def _rotary(sinusoid: fx.Node, depth: int = 16) -> bool:
-    """Whether an attention is reached from `sinusoid` before (or without) any linear."""
+    """Whether `sinusoid` builds a rotary table: from its output an attention comes before any linear
+    (the table multiplies queries and keys; a timestep embedding's sin and cos enter a linear)."""
     frontier, seen = [sinusoid], {sinusoid}
     for _ in range(depth):
         nxt = [u for n in frontier for u in n.users if u not in seen]
