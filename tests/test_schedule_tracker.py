@@ -486,7 +486,8 @@ def test_guidance_calls_with_prompts_of_two_lengths_are_branches(fresh_dynamo):
 
 def test_rotary_position_ids_of_any_rank_are_no_step_signal(fresh_dynamo):
     """Research code's 1-D position ids (a real-valued rotary table by sin/cos, or a complex one by
-    torch.polar) beside a timestep whose sinusoid enters a linear: only the timestep is a signal."""
+    torch.polar) beside a timestep whose sinusoid enters a linear (nn.Linear, or a matmul with a
+    weight written out): only the timestep is a signal."""
     import torch.nn.functional as F
 
     from chipmunk_compile.backend import step_signal_inputs
@@ -496,11 +497,14 @@ def test_rotary_position_ids_of_any_rank_are_no_step_signal(fresh_dynamo):
             super().__init__()
             self.complex_table = complex_table
             self.t_emb, self.qkv, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+            self.w_t, self.w_qkv = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(48, 16))
 
         def forward(self, x, t, pos):
             f = t[:, None] * torch.arange(1, 5.0)
-            x = x + self.t_emb(torch.cat([f.sin(), f.cos()], -1))[:, None]
-            q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            emb = torch.cat([f.sin(), f.cos()], -1)
+            x = x + (emb @ self.w_t.t() if self.complex_table else self.t_emb(emb))[:, None]
+            qkv = x @ self.w_qkv.t() if self.complex_table else self.qkv(x)  # (the timestep's next linear)
+            q, k, v = qkv.view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
             angles = pos[:, None].float() * torch.arange(1, 5.0)
             if self.complex_table:
                 rot = torch.polar(torch.ones_like(angles), angles)

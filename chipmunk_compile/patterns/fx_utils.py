@@ -253,11 +253,25 @@ def _rotary(sinusoid: fx.Node, depth: int = 16) -> bool:
     for _ in range(depth):
         nxt = [u for n in frontier for u in n.users if u not in seen]
         seen.update(nxt)
-        if any(is_linear(u) for u in nxt):
+        if any(is_linear(u) or _weight_product(u) for u in nxt):
             return False
         if any(_is_attention(u) for u in nxt):
             return True
         frontier = nxt
+    return False
+
+
+def _weight_product(n: fx.Node) -> bool:
+    """A matmul or einsum with a weight (a parameter or buffer input, or its transpose): a linear
+    written out, as research code's time embedders may be."""
+    if not (is_call(n, *MATMUL, torch.einsum) or is_method(n, "matmul", "mm", "bmm")):
+        return False
+    for a in n.all_input_nodes:
+        while isinstance(a.args[0] if a.args else None, fx.Node) and (
+                is_method(a, "t", "transpose", "permute", "to") or is_call(a, torch.t)):
+            a = a.args[0]
+        if a.op == "get_attr" or (a.op == "placeholder" and is_param_or_buffer(a)):
+            return True
     return False
 
 
