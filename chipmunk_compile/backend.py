@@ -8,7 +8,9 @@ Invariants:
   config patches, together with the options of `mode`.
 - The returned wrapper is plain Python that runs on every call, outside any CUDA graph: it advances
   the session's step tracker (entry graphs only, or the session's `step_frame` while it has none;
-  once per model call) and applies step caching;
+  once per model call; a method of the model that its forward calls after a graph break is no entry
+  beside the forward's own entry frame, and a graph of no module with no site tracks nothing) and
+  applies step caching;
   then it calls the compiled graph through a `GraphRunner` (graphs.py), which records one CUDA
   graph per step signature on CUDA inputs (config `cuda_graphs`). The ops read the step from the
   tracker; nothing syncs inside the graph.
@@ -17,7 +19,9 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
@@ -78,13 +82,34 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
     entry = not (name.startswith("torch_dynamo_resume") or name.startswith("__resume"))
     f_locals = getattr(tx, "f_locals", {}) or {}
     sources = [source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    for local, value in f_locals.items():
-        if isinstance(value, torch.nn.Module) and any(s.startswith(f"L['{local}']") for s in sources):
-            return value, entry, frame
-    for value in f_locals.values():
-        if isinstance(value, torch.nn.Module):
-            return value, entry, frame
-    return None, entry, frame
+    owner = next((v for k, v in f_locals.items()
+                  if isinstance(v, torch.nn.Module) and any(s.startswith(f"L['{k}']") for s in sources)), None)
+    if owner is None:
+        owner = next((v for v in f_locals.values() if isinstance(v, torch.nn.Module)), None)
+    return owner, entry, frame
+
+
+def _inside_own_code(owner: torch.nn.Module) -> bool:
+    """Whether `owner`'s forward (its class's, unwrapped from decorators such as diffusers'
+    `apply_lora_scale`) is running further up the Python stack: the frame Dynamo compiles now is
+    then a method that forward called, after a graph break made Dynamo run that call as a frame of
+    its own (Z-Image's `_prepare_sequence`). Beside an entry frame of the forward such a frame is
+    no entry: taken for one, it advanced the step a second time per model call, with no step signal
+    (until session 49). The frame being compiled is not on the stack yet; a decorator's wrapper above the forward is not
+    the forward (frames compare by file, first line and name: Dynamo runs a transformed copy of
+    a frame's code)."""
+    forward = inspect.unwrap(getattr(type(owner), "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return False
+    key = (code.co_filename, code.co_firstlineno, code.co_name)
+    f = sys._getframe(1)
+    while f is not None:
+        c = f.f_code
+        if (c.co_filename, c.co_firstlineno, c.co_name) == key and f.f_locals.get("self") is owner:
+            return True
+        f = f.f_back
+    return False
 
 
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
@@ -142,8 +167,13 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     install_diffusers_context_probe()
     owner, entry, frame = find_owner(gm)
     session = session_for(owner, config)
+    if entry and session.entry_frames and frame not in session.entry_frames and _inside_own_code(owner):
+        # a method of the model that its forward, an entry already, calls after a graph break (Z-Image's
+        # `_prepare_sequence`): its calls do not begin model calls. (A forward that yields no graph of
+        # its own, HiDream's, has such a method as its first frame: that one is the entry.)
+        entry = False
     if entry:
-        session.mark_entry()
+        session.mark_entry(frame)
     elif session.step_frame is None:
         # until the module has an entry graph (a forward that graph-breaks before its first op
         # makes none), the first resumed frame compiled starts its calls: else no step advances
@@ -194,6 +224,9 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     regroup = next((s.regroup[0] for s in plan.sites if s.regroup is not None), None)
     outer = outermost_session(session)
     kind = type(owner) if owner is not None else None
+    # a graph of no module with no site (a resumed frame of a hook or wrapper around the model): its
+    # session of its own reads nothing, so its calls are not counted as steps (nor warned about)
+    tracks = owner is not None or bool(plan.sites) or (step_cache is not None and entry)
 
     def locate():  # (a block's position in its model, the block, the model), on its first call here
         try:
@@ -210,7 +243,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if latent_input is not None:  # a reference only; its shape is read when a graph compiles
             outer._chipmunk_call_latent = args[latent_input]
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
-        if begins and (entry or (frame == session.step_frame and not session.has_entry)):
+        if begins and tracks and (entry or (frame == session.step_frame and not session.has_entry)):
             session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
             if session is outer:  # no earlier call's shapes stand for this one
                 outer._chipmunk_call_run_shapes = None

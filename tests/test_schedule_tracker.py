@@ -526,3 +526,46 @@ def test_rotary_position_ids_of_any_rank_are_no_step_signal(fresh_dynamo):
         torch._dynamo.reset()
         torch.compile(Rope(complex_table), backend=keep)(torch.randn(1, 12, 16), torch.tensor([0.5]), torch.arange(12))
         assert len(names) == 1 and len(names[0]) == 1 and "_t_" in names[0][0], names
+
+
+def test_a_method_called_after_a_graph_break_is_no_second_step(fresh_dynamo):
+    """A forward that calls a method of its own model which graph-breaks (Z-Image's
+    `_prepare_sequence`): Dynamo compiles that method as a frame of its own, with the model as
+    `self`. Until session 49 that frame counted as an entry graph of the model: each model call
+    advanced the step twice, the second time with no step signal (counted and warned), the sites
+    after it saw odd steps only, and every generation's first MLP step was a sparse one with no
+    cache (a counted fallback). Now one call is one step, and the outputs equal those of the same
+    model without the break."""
+    from torch._dynamo.utils import counters
+
+    from test_numerics import Net, run, sparse_cfg
+
+    class Prepared(Net):
+        def _prepare(self, x):
+            x = x * 1.0
+            torch._dynamo.graph_break()  # (Z-Image: data-dependent list handling)
+            return x + 0.0
+
+        def forward(self, x, t, mask=None):
+            x = self._prepare(x + self.t_proj(t.view(-1, 1) / 1000.0)[:, None, :])
+            for b in self.blocks:
+                x = b(x, mask)
+            return x
+
+    plain = Net().eval()  # the same weights, no graph break: the schedule as it should run
+    plain_outs = [run(plain, chip(plain, sparse_cfg()), 8)[0] for _ in range(2)]
+    torch._dynamo.reset()
+    model = Prepared().eval()
+    counters["chipmunk"].clear()
+    compiled = chip(model, sparse_cfg(), fullgraph=False)
+    steps = []
+    for gen in range(2):
+        outs, _ = run(model, compiled, 8)
+        steps.append(_pos(model)[:3])
+        for o, p in zip(outs, plain_outs[gen]):
+            torch.testing.assert_close(o, p, rtol=1e-5, atol=1e-5)
+    assert steps == [(7, "0", 0), (7, "0", 1)], steps
+    cc = counters["chipmunk"]
+    assert not cc["step_signal_none"] and not [k for k in cc if k.startswith("fallback")], dict(cc)
+    kinds = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
+    assert kinds["mlp"]["dense"] == 2 * 2 and kinds["attention"]["sparse"] > 0, kinds  # steps 0 and 4, twice
