@@ -95,9 +95,9 @@ def _inside_own_code(owner: torch.nn.Module) -> bool:
     then a method that forward called, after a graph break made Dynamo run that call as a frame of
     its own (Z-Image's `_prepare_sequence`). Beside an entry frame of the forward such a frame is
     no entry: taken for one, it advanced the step a second time per model call, with no step signal
-    (until session 49). The frame being compiled is not on the stack yet; a decorator's wrapper above the forward is not
-    the forward (frames compare by file, first line and name: Dynamo runs a transformed copy of
-    a frame's code)."""
+    (until session 49). The frame being compiled is not on the stack yet; a decorator's wrapper
+    above the forward is not the forward (frames compare by file, first line and name: Dynamo runs
+    a transformed copy of a frame's code)."""
     forward = inspect.unwrap(getattr(type(owner), "forward", None) or (lambda: None))
     code = getattr(forward, "__code__", None)
     if code is None:
@@ -167,7 +167,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     install_diffusers_context_probe()
     owner, entry, frame = find_owner(gm)
     session = session_for(owner, config)
-    if entry and session.entry_frames and frame not in session.entry_frames and _inside_own_code(owner):
+    if (entry and owner is not None and session.entry_frames and frame not in session.entry_frames
+            and _inside_own_code(owner)):
         # a method of the model that its forward, an entry already, calls after a graph break (Z-Image's
         # `_prepare_sequence`): its calls do not begin model calls. (A forward that yields no graph of
         # its own, HiDream's, has such a method as its first frame: that one is the entry.)
