@@ -569,3 +569,36 @@ def test_a_method_called_after_a_graph_break_is_no_second_step(fresh_dynamo):
     assert not cc["step_signal_none"] and not [k for k in cc if k.startswith("fallback")], dict(cc)
     kinds = {s["kind"]: s["steps"] for s in chipmunk_compile.stats(model)["sites"]}
     assert kinds["mlp"]["dense"] == 2 * 2 and kinds["attention"]["sparse"] > 0, kinds  # steps 0 and 4, twice
+
+
+def test_integer_lengths_are_no_step_signal(fresh_dynamo):
+    """ErnieImage takes the prompt's token count as a 1-D integer tensor (`text_lens`). With a
+    negative prompt of another length it was a step signal beside the timestep, so each guidance
+    call looked like a new step, the next cond call like a new generation, and no step ran sparse
+    (each 'generation' of 2 steps was all dense, warned about). An integer input that feeds no
+    sinusoid is no signal; an integer timestep, which enters a sinusoidal embedding, still is."""
+    from torch._dynamo.utils import counters
+
+    from test_numerics import Net, latents, ts
+
+    class WithLengths(Net):
+        def forward(self, x, t, text_lens, step_int):
+            f = step_int[:, None].float() * torch.arange(1, 3.0)
+            emb = self.t_proj(t.view(-1, 1) / 1000.0) + torch.cat([f.sin(), f.cos()], -1).sum() * 0
+            keep = (torch.arange(x.shape[1]) < text_lens[:, None] + x.shape[1]).to(x.dtype)  # (all kept)
+            x = (x + emb[:, None, :]) * keep[..., None]
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    model = WithLengths().eval()
+    counters["chipmunk"].clear()
+    cm = chip(model, cfg(attn={"full_step_every": 3}, mlp={"full_step_every": 3}))
+    seen = []
+    with torch.no_grad():
+        for i in range(6):
+            for n_text in (12, 7):  # cond, then uncond with a shorter negative prompt
+                cm(latents(i), ts(i), torch.tensor([n_text]), torch.tensor([999 - 50 * i]))
+                seen.append(_pos(model)[:3])
+    assert seen[:4] == [(0, "0", 0), (0, "1", 0), (1, "0", 0), (1, "1", 0)] and seen[-1] == (5, "1", 0), seen
+    assert counters["chipmunk"]["attention_sparse"] > 0 and not counters["chipmunk"]["generation_all_dense"]

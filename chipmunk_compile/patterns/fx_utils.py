@@ -215,7 +215,10 @@ def signal_like(node: fx.Node) -> bool:
     no signal, so every call of that graph was a step of its own and no later generation began.
     Rotary position ids (a short unpadded prompt's few text ids) feed a sinusoid too, but its output
     rotates queries and keys, reaching an attention before any linear: no signal, of any rank (until
-    session 49 they were, and a negative prompt of another length made every guidance call a step)."""
+    session 49 they were, and a negative prompt of another length made every guidance call a step).
+    Nor is an integer input that feeds no sinusoid: ErnieImage's `text_lens` (the prompt's and the
+    negative prompt's lengths made each guidance call look like a new step or generation), a class
+    label; integer timesteps enter a sinusoidal embedding."""
     if node.op != "placeholder":
         return False
     src = source_name(node)
@@ -230,8 +233,8 @@ def signal_like(node: fx.Node) -> bool:
     sinusoids = _reached(node, _is_sinusoid, 8)
     if sinusoids and all(_rotary(s) for s in sinusoids):
         return False  # rotary position ids, of any rank
-    if v.dim() >= 2 and not sinusoids:
-        return False
+    if not sinusoids and (v.dim() >= 2 or not v.is_floating_point()):
+        return False  # (an integer that feeds no sinusoid is a length, a label or an index)
     return v.dtype != torch.bool and not v.is_complex()
 
 
