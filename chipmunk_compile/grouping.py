@@ -1002,6 +1002,27 @@ def _largest_run(segments: tuple) -> tuple:
     return max(((g, r) for _, g, r in segments), key=lambda gr: math.prod(gr[0]))
 
 
+def _integral(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Position ids (N, c) as integers: each column that is not integral divided by its smallest
+    step between distinct values, from its smallest value (FLUX.3's modular pipeline scales the
+    image's h and w ids by its rope scale, 0.5: until session 49 such ids gave no grid); None when
+    a column has no such step or does not become integral."""
+    if not bool(torch.isfinite(x).all()):
+        return None
+    cols = []
+    for c in x.unbind(-1):
+        if not bool((c == c.round()).all()):
+            values = c.unique()
+            step = (values[1:] - values[:-1]).min() if values.numel() > 1 else None
+            if step is None or step <= 0:
+                return None
+            c = (c - values[0]) / step
+            if not bool(((c - c.round()).abs() < 1e-6).all()):
+                return None
+        cols.append(c.round())
+    return torch.stack(cols, -1).long()
+
+
 def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
     """(grid, raster index of each grid row, number of other rows, other rows first?[, segments])
     for position ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's
@@ -1015,10 +1036,9 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
         ids = ids[0]
     if ids.dim() != 2 or ids.shape[-1] not in (3, 4) or ids.shape[0] < 4:
         return None
-    x = ids.detach().cpu().double()
-    if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
+    x = _integral(ids.detach().cpu().double())
+    if x is None:
         return None
-    x = x.long()
     whole = _box(x)
     if whole is not None:
         return (*whole, 0, None)

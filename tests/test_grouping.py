@@ -258,6 +258,22 @@ def test_joint_position_ids_split_off_the_other_rows(other_first):
     assert _ids_grid(torch.cat([text, img, text])) is None  # other rows on both sides
 
 
+def test_position_ids_scaled_by_a_rope_factor_give_the_same_grid():
+    """FLUX.3's modular pipeline scales the image's h and w ids by its rope scale (0.5), text rows at
+    the origin: the same grid, order and text side as integer ids (until session 49: no grid, every
+    FLUX.3 site ungrouped). Ids that are not evenly spaced stay without one."""
+    from chipmunk_compile.grouping import _ids_grid
+
+    ids = torch.cat([torch.zeros(7, 3, dtype=torch.long), _grid_ids(6, 10)]).float()
+    scaled = ids.clone()
+    scaled[:, 1:] *= 0.5
+    a, b = _ids_grid(ids), _ids_grid(scaled)
+    assert b is not None and (a[0], a[2:]) == (b[0], b[2:]) and torch.equal(a[1], b[1])
+    uneven = scaled.clone()
+    uneven[-1, 2] = 4.75  # the last row off the half steps
+    assert _ids_grid(uneven) is None
+
+
 def test_consecutive_boxes_of_position_ids_are_runs_of_one_image_stream():
     """FLUX.1 Kontext: the generated image's ids, then a reference image's (another size, frame index
     1). Each run is tiled on its own grid, in stream order; rows that are not all boxes stay other
