@@ -98,8 +98,7 @@ def _inside_own_code(owner: torch.nn.Module) -> bool:
     (until session 49). The frame being compiled is not on the stack yet; a decorator's wrapper
     above the forward is not the forward (frames compare by file, first line and name: Dynamo runs
     a transformed copy of a frame's code)."""
-    forward = inspect.unwrap(getattr(type(owner), "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
+    code = getattr(inspect.unwrap(type(owner).forward), "__code__", None)
     if code is None:
         return False
     key = (code.co_filename, code.co_firstlineno, code.co_name)

@@ -316,8 +316,8 @@ class Session:
         self.graph_pool = None  # CUDA-graph memory pool shared by the session's recordings
         self.graph_pool_users: "weakref.WeakSet" = weakref.WeakSet()  # live graphs recorded into it
         self._device_steps: dict = {}  # device -> [int64 (1,) tensor, value it holds, its fp32 copy or None]
-        self.has_entry = False  # a graph that starts the module's forward (begin_call) was compiled
-        self.entry_frames: set = set()  # the frames (file, first line, name) of those graphs
+        # the frames (file, first line, name) of the graphs compiled that start the module's forward (begin_call)
+        self.entry_frames: set = set()
         self.step_frame: Optional[tuple] = None  # without one: the resumed frame whose graphs begin calls
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
@@ -422,14 +422,18 @@ class Session:
                 entry[2] = torch.full((), float(step), dtype=torch.float32, device=device)
         return entry[2]
 
-    def mark_entry(self, frame: tuple = ()) -> None:
+    @property
+    def has_entry(self) -> bool:
+        """Whether an entry graph of this session's module was compiled."""
+        return bool(self.entry_frames)
+
+    def mark_entry(self, frame: tuple) -> None:
         """Record that an entry graph of this session's module was compiled, from `frame` (file, first
         line, name of the code Dynamo traced)."""
         global _entry_sessions
-        self.entry_frames.add(frame)
-        if not self.has_entry:
-            self.has_entry = True
+        if not self.entry_frames:
             _entry_sessions += 1
+        self.entry_frames.add(frame)
 
     def enclosing(self) -> Optional["Session"]:
         """The outermost other session with an entry graph whose module contains this session's
