@@ -250,6 +250,15 @@ for _k, (_a, _m) in {"ae4-me8": (4, 8), "ae3-me6": (3, 6), "ae2-me4": (2, 4), "a
 # the default at 5% keys and 15% neurons (session 49): the cheapest of calibrate's candidates that stays above
 # 30 dB on both trained image models, timed on FLUX.1-dev at its published depth
 GRID["cm-default-a.05-m.15"] = {"preset": "default", "attn": {"top_keys": 0.05}, "mlp": {"top_keys": 0.15}}
+# cheaper still for FLUX.1 (session 50), each a FLUX.1-dev cost named by its profile: text keys ranked like any
+# column ("nt"; FLUX attends 512 T5 keys beside the top keys, 12% of its 4352; the tiny DiTs have 8 text tokens,
+# so they barely measure it), the MLP dense every 20 steps ("me20", +34 ms per dense MLP step), no random neurons
+# ("mr0": a quarter of the sparse GEMMs' work at 15% + 5%)
+for _k, _c in {"nt": {"attn": {"keep_text_keys": False}}, "me20": {"mlp": {"full_step_every": 20}},
+               "nt-me20": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20}},
+               "nt-me20-mr0": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "random_keys": 0.0}}}.items():
+    GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, **_c.get("attn", {})},
+                                          "mlp": {"top_keys": 0.15, **_c.get("mlp", {})}}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 

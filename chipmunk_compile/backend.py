@@ -33,7 +33,8 @@ from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import SIGNAL_VALUES, signal_like, source_name
 from .grouping import outermost_session
-from .runtime import Session, install_diffusers_context_probe, module_position, session_for
+from .runtime import (Session, install_diffusers_context_probe, module_position, session_for, stack_modules,
+                      stack_root)
 from .sequence_parallel import collective_groups
 from .step_cache import StepCache, main_input_index
 
@@ -179,7 +180,15 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         # makes none), the first resumed frame compiled starts its calls: else no step advances
         session.step_frame = frame
     signals = step_signal_inputs(gm)
+    if entry and signals:
+        session.mark_signalled()
+    # the model this graph runs in, for a session with no step signal of its own (Session.leader): a
+    # model whose forward Dynamo skips, or a module-less frame with sites (a hook's resumed frame)
+    if owner is not None:
+        session.note_root(stack_root(owner))
     plan = rewrite(gm, config, session, example_inputs=example_inputs)
+    if owner is None and plan.sites:
+        session.note_root(next(iter(stack_modules()[-1:]), None))
     counters["chipmunk"]["graphs"] += 1
     counters["chipmunk"]["attention_sites"] += sum(s.kind == "attention" for s in plan.sites)
     counters["chipmunk"]["mlp_sites"] += sum(s.kind == "mlp" for s in plan.sites)

@@ -55,6 +55,8 @@ _SCHEDULERS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKey
 _SCHEDULER_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on
 _lock = threading.Lock()
 _entry_sessions = 0  # sessions with an entry graph so far: a change makes `enclosing` look again
+_signalled_sessions = 0  # sessions whose entry graph reads a step signal: a change makes `leader` look again
+_session_order = itertools.count()  # creation order of sessions (a leader is the first one created)
 
 
 # While the graph runner records a CUDA graph: the list the ops append their deferred commits to
@@ -321,6 +323,12 @@ class Session:
         self.step_frame: Optional[tuple] = None  # without one: the resumed frame whose graphs begin calls
         self._parent: Optional["weakref.ref[Session]"] = None
         self._parent_checked_at = None  # (sessions, entry sessions) when the enclosing one was looked for
+        self.order = next(_session_order)
+        self.signalled = False  # an entry graph of this session reads a step signal (a timestep input)
+        self._root: Optional["weakref.ref[torch.nn.Module]"] = None  # the model running its module (note_root)
+        self._leader: Optional["weakref.ref[Session]"] = None
+        self._leader_checked_at = None  # (sessions, signalled sessions) when no leader was found
+        self._inside: Optional[frozenset] = None  # ids of the root's modules
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
         self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
@@ -457,8 +465,64 @@ class Session:
                      type(best.owner()).__name__ if best.owner is not None else "?")
         return best
 
-    def position(self) -> StepPosition:
+    def mark_signalled(self) -> None:
+        """Record that an entry graph of this session reads a step signal: it tracks its own steps."""
+        global _signalled_sessions
+        if not self.signalled:
+            self.signalled = True
+            _signalled_sessions += 1
+
+    def note_root(self, root: Optional[torch.nn.Module]) -> None:
+        """Record the model whose forward was running when a graph of this session's module compiled
+        (`stack_root`: the outermost module on the stack that contains it), if any."""
+        if root is not None and self._root is None:
+            self._root = weakref.ref(root)
+
+    def leader(self) -> Optional["Session"]:
+        """For a session with no step signal and no enclosing session: a session with a signalled
+        entry graph whose module lies inside the same model (`note_root`). A model whose own forward
+        Dynamo skips (a graph break inside its loop over blocks: diffusers' cache hooks, a block that
+        breaks) has no session; its time embedding, its blocks and its output norm are frames of
+        their own. The blocks then take their steps from the time embedding's session, which reads
+        the timestep: guidance branches and new generations included (until session 50 each block
+        counted its own calls, and no generation ever ended). Among several such sessions the
+        first created whose steps have moved is kept (a rotary-table frame reads position ids that
+        never change); until one has moved, the first created serves."""
+        if self.signalled or self._root is None:
+            return None
+        lead = self._leader() if self._leader is not None else None
+        if lead is not None:
+            return lead
+        checked = (len(_SESSIONS), _signalled_sessions)
+        if self._leader_checked_at == checked:
+            return None
+        root = self._root()
+        if root is None:
+            return None
+        if self._inside is None:
+            self._inside = frozenset(id(m) for m in root.modules())
+        # a leader tracks its own steps: signalled, and following no enclosing session (HiDream's
+        # model session encloses its signalled time embedding and would follow it: a cycle)
+        found = [s for m, s in list(_SESSIONS.items())
+                 if s is not self and s.signalled and s.has_entry and id(m) in self._inside and s.enclosing() is None]
+        moving = [s for s in found if s.tracker.step > 0 or s.tracker.generation > 0]
+        if not moving:  # look again on the next call, when a step may have moved
+            self._leader_checked_at = None if found else checked
+            return min(found, key=lambda s: s.order) if found else None
+        lead = min(moving, key=lambda s: s.order)
+        self._leader = weakref.ref(lead)
+        log.info("chipmunk: %s follows the steps of %s (its model's forward yields no graph)",
+                 type(self.owner()).__name__ if self.owner is not None else "?",
+                 type(lead.owner()).__name__ if lead.owner is not None else "?")
+        return lead
+
+    def step_parent(self) -> Optional["Session"]:
+        """The session whose steps this one follows: the enclosing one, else a leader, else none."""
         parent = self.enclosing()
+        return parent if parent is not None else self.leader()
+
+    def position(self) -> StepPosition:
+        parent = self.step_parent()
         return parent.position() if parent is not None else self.tracker.position
 
     def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None) -> StepPosition:
@@ -466,8 +530,8 @@ class Session:
         graph knows it) runs in: the cache context and followed scheduler set on its model come
         first, the owner's second (a second model sharing the graph runs in its own model's
         context; one scheduler followed for either model serves both)."""
-        parent = self.enclosing()
-        if parent is not None:  # the enclosing model's call already advanced the step
+        parent = self.step_parent()
+        if parent is not None:  # the enclosing model's (or the leader's) call already advanced the step
             self.calls += 1
             return parent.position()
         models = [m for m in (module, self.owner() if self.owner is not None else None) if m is not None]

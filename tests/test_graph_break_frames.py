@@ -163,3 +163,75 @@ def test_a_forward_that_breaks_before_its_first_op_still_advances(fresh_dynamo):
     (session, ) = [s for s in sessions_of(model) if s.sites]
     assert not session.has_entry and session.step_frame and session.calls == 6
     assert max(errs) < 0.05 and errs[0] < 1e-5, errs
+
+
+class SinusoidTime(nn.Module):
+    """A timestep embedding (sinusoid, then a linear): the frame that reads the step signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, C)
+        self.register_buffer("freqs", torch.exp(-torch.arange(8) / 8.0))
+
+    def forward(self, t):
+        ang = t[:, None] * self.freqs[None]
+        return self.lin(torch.cat([ang.sin(), ang.cos()], dim=-1))[:, None, :]
+
+
+class SkippedRoot(nn.Module):
+    """A model whose own forward Dynamo never traces (as when a graph break inside its loop over
+    blocks makes Dynamo skip the frame: diffusers' cache hooks on FLUX do): its time embedding, its
+    blocks and its output projection are frames of their own, and the model has no session."""
+
+    def __init__(self, depth=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.time = SinusoidTime()
+        self.blocks = nn.ModuleList([MoeBlock() for _ in range(depth)])
+        for blk in self.blocks:
+            blk.ff = FeedForwardInline()
+        self.proj_out = nn.Linear(C, C)
+
+    @torch.compiler.disable(recursive=False)
+    def forward(self, x, t):
+        temb = self.time(t)
+        for blk in self.blocks:
+            x = blk(x, temb)
+        return self.proj_out(x)
+
+
+def test_blocks_of_a_model_with_no_graph_follow_its_time_embedding(fresh_dynamo):
+    """The blocks' session takes its steps from the time embedding's, which reads the timestep:
+    both guidance calls of a step are one step (two branches), and each generation begins at step
+    0. Until session 50 the blocks counted their own calls: 12 "steps" per 6-step generation, no
+    generation ever ended, and the second generation ran on the first one's caches and indices."""
+    model = SkippedRoot().eval()
+    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4}
+    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
+    g = torch.Generator().manual_seed(0)
+    base, drift, uncond = (torch.randn(1, 64, C, generator=g) for _ in range(3))
+    gens = []
+    with torch.no_grad():
+        for _ in range(3):
+            outs = []
+            for step in range(6):
+                x, t = base + 0.02 * step * drift, torch.tensor([1.0 - 0.05 * step])
+                outs += [compiled(x, t), compiled(x + 0.1 * uncond, t)]  # two guidance calls, one timestep
+            gens.append(outs)
+    (blocks, ) = [s for s in sessions_of(model) if s.sites]
+    (time, ) = [s for s in sessions_of(model) if s.owner() is model.time]
+    assert blocks.step_parent() is time and time.signalled and not blocks.signalled
+    pos = blocks.position()
+    assert (pos.generation, pos.step) == (2, 5), pos
+    steps = {}
+    for site in chipmunk_compile.stats(model)["sites"]:
+        for kind, n in site["steps"].items():
+            steps[(site["kind"], kind)] = steps.get((site["kind"], kind), 0) + n
+    # per generation, block and branch: the MLP dense at steps 0 and 4, sparse at 1-3 and 5
+    assert steps[("mlp", "dense")] == 3 * 2 * 2 * 2 and steps[("mlp", "sparse")] == 3 * 2 * 2 * 4, steps
+    for i, (a, b) in enumerate(zip(gens[1], gens[2])):
+        assert torch.equal(a, b), i
+    with torch.no_grad():
+        ref = [model(base + 0.02 * s * drift, torch.tensor([1.0 - 0.05 * s])) for s in range(6)]
+    errs = [max_rel(o, r) for o, r in zip(gens[2][::2], ref)]
+    assert errs[0] < 1e-5 and errs[4] < 1e-5 and max(errs) < 0.05, errs

@@ -1,0 +1,77 @@
+"""diffusers' own cache hooks (`transformer.enable_cache(...)`) on a transformer compiled with
+backend="chipmunk". FirstBlockCache decides per step, on the host, whether the blocks after the
+first run; TaylorSeer replaces some attention calls by a forecast. Both graph-break inside the
+model's loop over blocks, so Dynamo skips the model's forward: its time embedding, its blocks (or
+the hooks' resumed frames around their attention) compile as frames of their own. Those frames
+follow the time embedding's steps (Session.leader): each generation starts at step 0 and runs on
+its own caches. Until session 50 every block counted its own calls as steps, no generation ended
+(a seed run twice gave two results), and the hooks' attention frames warned of no step signal."""
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile.runtime import SITES
+from helpers import cfg, chip, fresh_dynamo, max_rel  # noqa: F401
+
+STEPS, H, W = 12, 16, 16
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                  attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12)).eval()
+
+
+def _hook(kind):
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if kind == "first_block_cache":
+        return FirstBlockCacheConfig(threshold=0.3)
+    return TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=3, max_order=1)
+
+
+def _generate(model, seed):
+    """A FLUX-pipeline-like Euler loop: calls under cache_context("cond"), the hooks' state reset
+    after each generation (as the pipelines' maybe_free_model_hooks does)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, H * W, 16, generator=g)
+    txt, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    img_ids = torch.zeros(H, W, 3)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None]
+    ts = torch.linspace(1, 0, STEPS + 1)
+    for i in range(STEPS):
+        with model.cache_context("cond"):
+            v = model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled,
+                      timestep=ts[i].expand(1), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3),
+                      guidance=torch.full((1,), 3.5), return_dict=False)[0]
+        x = x + (ts[i + 1] - ts[i]) * v
+    model._reset_stateful_cache()
+    return x
+
+
+@pytest.mark.parametrize("kind", ["first_block_cache", "taylorseer"])
+def test_diffusers_cache_hooks_under_chipmunk_keep_generations_apart(fresh_dynamo, kind):
+    hooked = _flux()
+    hooked.enable_cache(_hook(kind))
+    both = _flux()
+    both.enable_cache(_hook(kind))
+    sparse = {"top_keys": 0.3, "random_keys": 0.0}
+    compiled = chip(both, cfg(attn={**sparse, "group": 64}, mlp={**sparse, "block": 64}, steps=STEPS),
+                    fullgraph=False)
+    with torch.no_grad():
+        ref = [_generate(hooked, s) for s in (1, 2)]
+        outs = [_generate(compiled, s) for s in (1, 2, 1, 2)]
+        plain = _generate(_flux(), 2)
+    assert max_rel(ref[1], plain) > 1e-4  # the hook skipped work
+    assert fresh_dynamo["chipmunk"]["attention_sparse"] > 0 and fresh_dynamo["chipmunk"]["mlp_sparse"] > 0
+    mine = {id(m) for m in compiled.modules()}  # (the wrapper holds the model)
+    sessions = [s for s in {id(x.session): x.session for x in list(SITES.values())}.values()
+                if id(s.owner() if s.owner is not None else s._root()) in mine]
+    assert sessions and all((s.position().generation, s.position().step) == (3, STEPS - 1) for s in sessions)
+    assert fresh_dynamo["chipmunk"]["step_signal_none"] == 0
+    assert torch.equal(outs[3], outs[1])  # the same seed after the warm-up generation: the same result
+    assert max_rel(outs[3], ref[1]) < 0.05
