@@ -14,7 +14,8 @@ Invariants:
   mode: guidance calls are steps then, and no generation ends). Values that repeat for more than `MAX_BRANCHES`
   calls in a row are no step signal (token ids, say, and no timestep among the small inputs): the
   further calls stay on branch 0 of that step (counted, logged) instead of each opening a branch
-  with caches of its own.
+  with caches of its own. A session that holds no site and that no session follows (a rotary
+  table's frame) tracks quietly: its missing or constant signal is neither counted nor logged.
 - A new generation bumps `generation`; caches filled in an older generation are never read.
 - A session whose module lies inside another session's module (a submodule frame compiled on its
   own after a graph break: an MoE feed-forward, say) follows that enclosing session's step: it
@@ -39,7 +40,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -108,6 +109,10 @@ class StepTracker:
         # branches (the pipeline steps copies of it: SkyReels-V2's diffusion forcing); kept across
         # generations, cleared by follow_scheduler
         self.scheduled_stalled = False
+        # () -> True while nothing reads this tracker's steps (a session with no site that no other
+        # session follows: a rotary-table frame): its missing or constant signal is then not worth a
+        # warning or a counted fallback (Session sets it)
+        self.quiet: Optional[Callable[[], bool]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -180,7 +185,7 @@ class StepTracker:
         if self.mode == "auto" and signature is not None:
             self._advance_by_signature(signature)
         else:
-            if self.mode == "auto":
+            if self.mode == "auto" and not self._quiet():
                 _no_step_signal()
             self.step += 1
             self.branch_index = 0
@@ -211,7 +216,7 @@ class StepTracker:
         elif _same_values(sig, self._last_sig):  # the same step again: another guidance branch
             self._repeats += 1
             self.branch_index = self._repeats if self._repeats < MAX_BRANCHES else 0
-            if self._repeats == MAX_BRANCHES:
+            if self._repeats == MAX_BRANCHES and not self._quiet():
                 from .ops.sites import fallback
 
                 fallback("step_signal_constant", f"the small inputs' values were the same on {MAX_BRANCHES + 1} calls "
@@ -226,6 +231,9 @@ class StepTracker:
             self.step += 1
             self.branch_index = self._repeats = 0
         self._last_sig = sig
+
+    def _quiet(self) -> bool:
+        return self.quiet is not None and self.quiet()
 
     def _moves_backwards(self, sig: tuple) -> bool:
         last = self._last_sig
@@ -310,6 +318,9 @@ class Session:
         self._last_tracked: Optional[int] = None
         self._count_used: Optional[int] = None  # the step count the last call's periods were scaled to
         self.tracker = StepTracker(config.step_signal)
+        me = weakref.ref(self)
+        self.tracker.quiet = lambda: (s := me()) is None or (not s.sites and not s.followed)
+        self.followed = False  # another session takes its steps from this one (enclosing, leader)
         self.state = ChipmunkState()
         self.sites: list[Any] = []
         self.owner = weakref.ref(owner) if owner is not None else None
@@ -460,6 +471,7 @@ class Session:
             if len(mods) > size and any(m is owner for m in mods):
                 best, size = session, len(mods)
         if best is not None:
+            best.followed = True
             self._parent = weakref.ref(best)
             log.info("chipmunk: %s follows the steps of %s", type(owner).__name__,
                      type(best.owner()).__name__ if best.owner is not None else "?")
@@ -475,8 +487,14 @@ class Session:
     def note_root(self, root: Optional[torch.nn.Module]) -> None:
         """Record the model whose forward was running when a graph of this session's module compiled
         (`stack_root`: the outermost module on the stack that contains it), if any."""
+        global _sessions_version
         if root is not None and self._root is None:
+            if self.owner is None:  # the model itself, not torch.compile's wrapper around it
+                root = getattr(root, "_orig_mod", root)
             self._root = weakref.ref(root)
+            if self.owner is None:  # listed for its model (sessions_of): stats, reset, release, set_step
+                _OWNERLESS.add(self)
+                _sessions_version += 1
 
     def leader(self) -> Optional["Session"]:
         """For a session with no step signal and no enclosing session: a session with a signalled
@@ -508,8 +526,12 @@ class Session:
         moving = [s for s in found if s.tracker.step > 0 or s.tracker.generation > 0]
         if not moving:  # look again on the next call, when a step may have moved
             self._leader_checked_at = None if found else checked
-            return min(found, key=lambda s: s.order) if found else None
+            lead = min(found, key=lambda s: s.order) if found else None
+            if lead is not None:
+                lead.followed = True
+            return lead
         lead = min(moving, key=lambda s: s.order)
+        lead.followed = True
         self._leader = weakref.ref(lead)
         log.info("chipmunk: %s follows the steps of %s (its model's forward yields no graph)",
                  type(self.owner()).__name__ if self.owner is not None else "?",
@@ -549,11 +571,30 @@ class Session:
                 self._tracked_steps = steps if steps == self._last_tracked else None
                 self._last_tracked = steps
             self._note_step_count(steps, scaled_to, told)
+            self._note_no_site()
         self._count_used = told or self._tracked_steps
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
         if t.scale is not None and t.generation != self._all_dense_generation:
             self._note_no_sparse_step(self._count_used, t.scale, t.generation)
         return t.position
+
+    def _note_no_site(self) -> None:
+        """Count and log once per model that a generation ended with no site anywhere in it: every
+        attention and MLP ran outside chipmunk's graphs (code under `torch.compiler.disable`, as
+        diffusers' MagCache hooks wrap the blocks in) or was rejected (fewer tokens than
+        `min_tokens`, an unmatched spelling). The outputs are the dense model's, with no speedup."""
+        model = self._root() if self._root is not None else (self.owner() if self.owner is not None else None)
+        if model is None or model in _NOTED_NO_SITE or any(s.sites for s in sessions_of(model)):
+            return
+        from .ops.sites import count
+
+        _NOTED_NO_SITE.add(model)
+        count("generation_no_site")
+        log.warning("chipmunk: a generation of %s ended with no attention or MLP rewritten: each ran outside "
+                    "chipmunk's graphs (code under torch.compiler.disable, as diffusers' MagCache hooks wrap "
+                    "the blocks in) or was rejected; chipmunk_compile.inspect(model, *inputs) lists the "
+                    "candidates and why. Nothing runs sparse: the outputs are the dense model's",
+                    type(getattr(model, "_orig_mod", model)).__name__)
 
     def _note_no_sparse_step(self, steps: int, scale: float, generation: int) -> None:
         """Count a generation whose step count leaves neither op a sparse step (a few-step
@@ -782,6 +823,10 @@ _sessions_version = 0  # bumped whenever a session is created or replaced (sessi
 _tree_version = 0  # bumped whenever any module registers a submodule (a global torch hook, installed once)
 _tree_hook = None
 _SESSIONS_OF: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# sessions of graphs that belong to no module but hold sites (a hook's resumed frame around an
+# attention), with the model they ran in (Session.note_root)
+_OWNERLESS: "weakref.WeakSet[Session]" = weakref.WeakSet()
+_NOTED_NO_SITE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models _note_no_site logged
 
 
 def _bump_tree_version(module, name, submodule):
@@ -834,6 +879,11 @@ def _find_sessions(model: Any) -> list[Session]:
         if isinstance(m, torch.nn.Module) and m in _SESSIONS and id(_SESSIONS[m]) not in seen:
             seen.add(id(_SESSIONS[m]))
             out.append(_SESSIONS[m])
+    ids = {id(m) for m in mods if m is not None}
+    for session in sorted(_OWNERLESS, key=lambda x: x.order):
+        root = session._root() if session._root is not None else None
+        if root is not None and id(root) in ids:
+            out.append(session)
     return out
 
 

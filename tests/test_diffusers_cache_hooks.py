@@ -5,7 +5,8 @@ model's loop over blocks, so Dynamo skips the model's forward: its time embeddin
 the hooks' resumed frames around their attention) compile as frames of their own. Those frames
 follow the time embedding's steps (Session.leader): each generation starts at step 0 and runs on
 its own caches. Until session 50 every block counted its own calls as steps, no generation ended
-(a seed run twice gave two results), and the hooks' attention frames warned of no step signal."""
+(a seed run twice gave two results), the hooks' attention frames warned of no step signal, and the
+rotary table's frame, whose ids never change, reported a fallback that no op took."""
 
 import pytest
 import torch
@@ -27,10 +28,12 @@ def _flux():
 
 
 def _hook(kind):
-    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     if kind == "first_block_cache":
         return FirstBlockCacheConfig(threshold=0.3)
+    if kind == "magcache":
+        return MagCacheConfig(threshold=0.1, num_inference_steps=STEPS, mag_ratios=[1.0] + [0.99] * (STEPS - 1))
     return TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=3, max_order=1)
 
 
@@ -72,6 +75,33 @@ def test_diffusers_cache_hooks_under_chipmunk_keep_generations_apart(fresh_dynam
     sessions = [s for s in {id(x.session): x.session for x in list(SITES.values())}.values()
                 if id(s.owner() if s.owner is not None else s._root()) in mine]
     assert sessions and all((s.position().generation, s.position().step) == (3, STEPS - 1) for s in sessions)
+    # nor warnings from frames whose steps nothing reads (the rotary table's, whose ids never change)
     assert fresh_dynamo["chipmunk"]["step_signal_none"] == 0
+    assert fresh_dynamo["chipmunk"]["fallback:step_signal_constant"] == 0
     assert torch.equal(outs[3], outs[1])  # the same seed after the warm-up generation: the same result
+    # every site is the model's, module-less hook frames' too: stats shows them, release frees them
+    stats = chipmunk_compile.stats(both)
+    ran = {site["kind"] for site in stats["sites"] if site["steps"].get("sparse")}
+    assert ran == {"attention", "mlp"} and stats["state_bytes"] > 0, stats["sites"]
+    chipmunk_compile.release(both)
+    assert chipmunk_compile.stats(both)["state_bytes"] == 0
     assert max_rel(outs[3], ref[1]) < 0.05
+
+
+def test_hooks_that_disable_compilation_leave_no_site_and_say_so(fresh_dynamo, caplog):
+    """MagCache wraps its block hooks in torch.compiler.disable: the blocks run eagerly and no
+    attention or MLP reaches chipmunk. The outputs are the hook's alone; that no site exists is
+    counted and logged once (until session 50 nothing said so)."""
+    import logging
+
+    hooked, both = _flux(), _flux()
+    for m in (hooked, both):
+        m.enable_cache(_hook("magcache"))
+    compiled = chip(both, cfg(), fullgraph=False)
+    with caplog.at_level(logging.WARNING, logger="chipmunk_compile"), torch.no_grad():
+        ref = _generate(hooked, 1)
+        outs = [_generate(compiled, 1) for _ in range(3)]
+    assert max_rel(ref, _generate(_flux(), 1)) > 1e-4  # the hook skipped work
+    assert all(max_rel(o, ref) < 1e-6 for o in outs)
+    assert not chipmunk_compile.stats(both)["sites"] and fresh_dynamo["chipmunk"]["generation_no_site"] == 1
+    assert len([r for r in caplog.records if "no attention or MLP rewritten" in r.getMessage()]) == 1
