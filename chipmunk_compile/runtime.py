@@ -26,6 +26,11 @@ Invariants:
   following it would pin every submodule at step 0. Until a session has an entry graph, the
   first resumed frame compiled for it begins its calls (`step_frame`): a forward that
   graph-breaks before its first op has its attention and MLP in resumed graphs only.
+- A model whose own forward Dynamo skips (a graph break inside its loop over blocks: diffusers'
+  FirstBlockCache and TaylorSeer hooks) has no session; the sessions of its frames with no step
+  signal follow a `leader` inside the same model: a session whose entry graph reads a signal (the
+  time embedding's), follows no one, and whose steps move. Frames of no module that hold sites (a
+  hook's resumed frame) follow it too and are listed with that model (`sessions_of`).
 - State is made of plain tensors, never inference tensors (`plain_tensors`): a call under
   `torch.inference_mode()` may be followed by one under `torch.no_grad()`, which must still update it.
 """
