@@ -105,3 +105,47 @@ def test_hooks_that_disable_compilation_leave_no_site_and_say_so(fresh_dynamo, c
     assert all(max_rel(o, ref) < 1e-6 for o in outs)
     assert not chipmunk_compile.stats(both)["sites"] and fresh_dynamo["chipmunk"]["generation_no_site"] == 1
     assert len([r for r in caplog.records if "no attention or MLP rewritten" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("text_kv", [False, True])
+def test_nucleus_moe_guidance_loop_tracks_steps_and_generations(fresh_dynamo, text_kv):
+    """NucleusMoE-Image's own forward yields no graph either (its expert routing breaks inside the
+    loop over blocks), with or without diffusers' TextKVCache, which is its own. Under a CFG loop
+    that reads the timestep, the blocks follow the time embedding's session: two branches per step
+    and a generation per loop. Until session 50 every call was a step of its own (counted as
+    `step_signal_none`) and no generation ended."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from arch_zoo_newer import nucleus_moe_image
+
+    case = nucleus_moe_image()
+    model, kw = case.model.eval(), case.kwargs
+    if text_kv:
+        from diffusers.hooks import TextKVCacheConfig
+
+        model.enable_cache(TextKVCacheConfig())
+    sparse = {"top_keys": 0.3, "random_keys": 0.0}
+    compiled = chip(model, cfg(attn=sparse, mlp=sparse, steps=6), fullgraph=False)
+    ts = torch.linspace(1, 0, 7)
+
+    def generate(seed):
+        x = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+        for i in range(6):
+            vs = []
+            for name, text in (("cond", kw["encoder_hidden_states"]), ("uncond", 0.5 * kw["encoder_hidden_states"])):
+                with model.cache_context(name):
+                    vs.append(compiled(**dict(kw, hidden_states=x, encoder_hidden_states=text,
+                                              timestep=ts[i].expand(1)))[0][..., :x.shape[-1]])
+            x = x + (ts[i + 1] - ts[i]) * (vs[1] + 2.0 * (vs[0] - vs[1]))
+        model._reset_stateful_cache()
+        return x
+
+    with torch.no_grad():
+        outs = [generate(s) for s in (1, 2, 1, 2)]
+    assert fresh_dynamo["chipmunk"]["step_signal_none"] == 0 and fresh_dynamo["chipmunk"]["mlp_sparse"] > 0
+    sessions = [s for s in chipmunk_compile.runtime.sessions_of(model) if s.sites]
+    assert sessions and all((s.position().generation, s.position().step) == (3, 5) for s in sessions)
+    assert {s.position().branch for s in sessions} == {"uncond"}
+    assert torch.equal(outs[3], outs[1])
