@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 from typing import Any, Optional
 
@@ -129,6 +130,30 @@ def read_signature(args, indices: list[int]) -> Optional[tuple]:
     return tuple(flat.cpu().tolist())  # one device→host copy per model call, outside the graph
 
 
+def local_names(gm: torch.fx.GraphModule, indices: list[int]) -> list[str]:
+    """The frame-local names (`L['timestep']`) of the given user inputs; other sources are skipped."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = (re.fullmatch(r"L\['(\w+)'\]", source_name(placeholders[i])) for i in indices)
+    return [m.group(1) for m in found if m is not None]
+
+
+def frame_signature(session: Session, depth: int = 8) -> Optional[tuple]:
+    """The step signature read from the locals (`session.late_signals`) of the session's entry frame,
+    found on the Python stack a few levels above the compiled graph's call (Dynamo runs a frame's
+    compiled code in that frame); None when the frame or its tensors are not there."""
+    f = sys._getframe(1)
+    for _ in range(depth):
+        f = f.f_back
+        if f is None:
+            return None
+        c = f.f_code
+        if (c.co_filename, c.co_firstlineno, c.co_name) in session.entry_frames:
+            values = [f.f_locals.get(name) for name in sorted(session.late_signals)]
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            return read_signature(tensors, list(range(len(tensors)))) if tensors else None
+    return None
+
+
 def _signal_values(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     return (flat if flat.numel() <= SIGNAL_VALUES else flat.amax(keepdim=True)).to(torch.float64)
@@ -182,6 +207,10 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     signals = step_signal_inputs(gm)
     if entry and signals:
         session.mark_signalled()
+    elif signals and session.has_entry and not session.signalled:
+        # a resumed graph reads the signal that the entry graph lacks (GLM-Image, Qwen-Image 2.1: the
+        # timestep is used only after the first graph break): its locals, read from the entry frame
+        session.late_signals.update(local_names(gm, signals))
     # the model this graph runs in, for a session with no step signal of its own (Session.leader): a
     # model whose forward Dynamo skips, or a module-less frame with sites (a hook's resumed frame)
     if owner is not None:
@@ -253,9 +282,16 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             outer._chipmunk_call_latent = args[latent_input]
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
         if begins and tracks and (entry or (frame == session.step_frame and not session.has_entry)):
-            session.begin_call(lambda: read_signature(args, signals), instances.module())  # once per model call
+            late = frame_signature(session) if not signals and session.late_signals else None
+            if signals or late is not None or session.step_parent() is not None:  # once per model call
+                session.begin_call(late if late is not None else (lambda: read_signature(args, signals)),
+                                   instances.module())
+            else:  # the step signal, if any, comes in a later graph of this call (HiDream)
+                session.defer_call(instances.module())
             if session is outer:  # no earlier call's shapes stand for this one
                 outer._chipmunk_call_run_shapes = None
+        elif signals and tracks:  # a resumed graph that reads the signal its call's entry graph lacked
+            session.resolve_pending(lambda: read_signature(args, signals))
         if run_inputs is not None:  # shapes only: no sync
             outer._chipmunk_call_run_shapes = tuple(tuple(args[i].shape) for i in run_inputs)
         if regroup is not None:  # reads the ids on a generation's first call only

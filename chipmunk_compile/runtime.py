@@ -118,6 +118,7 @@ class StepTracker:
         # session follows: a rotary-table frame): its missing or constant signal is then not worth a
         # warning or a counted fallback (Session sets it)
         self.quiet: Optional[Callable[[], bool]] = None
+        self._unsignalled = 0  # calls with no step signal (counted; logged from the second)
         self.reset()
 
     def reset(self) -> None:
@@ -191,7 +192,10 @@ class StepTracker:
             self._advance_by_signature(signature)
         else:
             if self.mode == "auto" and not self._quiet():
-                _no_step_signal()
+                # logged from the second such call: a model whose signal only a resumed graph reads
+                # (GLM-Image) lacks it on its first call alone, before that graph was compiled
+                self._unsignalled += 1
+                _no_step_signal(warn=self._unsignalled > 1)
             self.step += 1
             self.branch_index = 0
         self.branch = str(name) if name is not None else str(self.branch_index)
@@ -252,7 +256,7 @@ class StepTracker:
         return (sig[i] - last[i]) * sign < 0
 
 
-def _no_step_signal() -> None:
+def _no_step_signal(warn: bool = True) -> None:
     """Count a model call whose step came from counting calls in "auto" mode (no timestep-like
     input, no cache-context step index, no followed scheduler, no set_step), and say once what that
     means: a pipeline's guidance calls count as steps of their own and no later generation begins,
@@ -260,7 +264,8 @@ def _no_step_signal() -> None:
     from .ops.sites import count
 
     count("step_signal_none")
-    _warn_no_step_signal()
+    if warn:
+        _warn_no_step_signal()
 
 
 @functools.cache
@@ -345,6 +350,9 @@ class Session:
         self._leader: Optional["weakref.ref[Session]"] = None
         self._leader_checked_at = None  # (sessions, signalled sessions) when no leader was found
         self._inside: Optional[frozenset] = None  # ids of the root's modules
+        self._pending: Optional[tuple] = None  # (module,) of a call begun by defer_call, not yet advanced
+        # frame-local names of step signals that only a resumed graph reads (backend.frame_signature)
+        self.late_signals: set = set()
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
         self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
@@ -549,10 +557,37 @@ class Session:
         return parent if parent is not None else self.leader()
 
     def position(self) -> StepPosition:
+        if self._pending is not None:  # an op reads the step before any signal of this call came
+            self._resolve(None)
         parent = self.step_parent()
         return parent.position() if parent is not None else self.tracker.position
 
-    def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None) -> StepPosition:
+    def defer_call(self, module: Optional[torch.nn.Module] = None) -> None:
+        """Begin a model call whose entry graph reads no step signal, but only once a later graph of
+        the same call gives one (`begin_call` of a following session, or `resolve_pending`): GLM-Image
+        and Qwen-Image 2.1 read the timestep only in a graph after their first graph break, HiDream in
+        its timestep embedding's frame, which follows the model's session (until session 50 every
+        such call was a step of its own, with no signal). The first op that reads the step, or the
+        next call, begins it without a signal."""
+        if self._pending is not None:  # the last call never gave one
+            self._resolve(None)
+        self._pending = (module,)
+
+    def resolve_pending(self, signature: Any) -> None:
+        """Begin the deferred call of this session, or of the session it follows, with `signature`
+        (a tuple of step-signal values, or a callable giving it) when there is one."""
+        owner = next((s for s in (self, self.step_parent()) if s is not None and s._pending is not None), None)
+        if owner is None:
+            return
+        sig = signature() if callable(signature) else signature
+        if sig is not None:
+            owner._resolve(sig)
+
+    def _resolve(self, signature: Any) -> None:
+        (module,), self._pending = self._pending, None
+        self._begin(signature, module)
+
+    def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None) -> None:
         """Advance the step for a model call that `module` (the block that begins it, when the
         graph knows it) runs in: the cache context and followed scheduler set on its model come
         first, the owner's second (a second model sharing the graph runs in its own model's
@@ -560,7 +595,13 @@ class Session:
         parent = self.step_parent()
         if parent is not None:  # the enclosing model's (or the leader's) call already advanced the step
             self.calls += 1
-            return parent.position()
+            parent.resolve_pending(signature)  # unless it waits for this call's signal
+            return
+        if self._pending is not None:
+            self._resolve(None)
+        self._begin(signature, module)
+
+    def _begin(self, signature: Any, module: Optional[torch.nn.Module]) -> None:
         models = [m for m in (module, self.owner() if self.owner is not None else None) if m is not None]
         context = next((c for c in map(context_for, models) if c is not None), None)
         scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
@@ -581,7 +622,6 @@ class Session:
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
         if t.scale is not None and t.generation != self._all_dense_generation:
             self._note_no_sparse_step(self._count_used, t.scale, t.generation)
-        return t.position
 
     def _note_no_site(self) -> None:
         """Count and log once per model that a generation ended with no site anywhere in it: every

@@ -365,3 +365,16 @@ def test_cosmos3_packed_sequence_sites(fresh_dynamo):
     assert "t×h×w 3×6×6" in row["grouping"]
     assert float(row["dense_err"]) < 1e-5 and 0 < float(row["sparse_err"]) < 0.1
     assert row["sparse_steps"] > 0 and not row["fallbacks"]
+
+
+@pytest.mark.parametrize("key", ["hidream", "glm_image", "nucleus_moe_image"])
+def test_zoo_models_whose_entry_graph_lacks_the_timestep_track_steps(fresh_dynamo, key):
+    """Under timestep tracking (benchmarks/zoo_step_tracking.py) every site ends at generation 1,
+    step 3, branch 1 of two 4-step generations with two guidance calls per step. Until session 50
+    these three counted every call as a step (0/15/0): HiDream reads its timestep in a child's
+    frame, GLM-Image only after a graph break, NucleusMoE-Image's forward yields no graph."""
+    import zoo_step_tracking
+
+    row = zoo_step_tracking.track(key)
+    assert row["status"] == "ok" and row["positions"] == "1/3/1", row
+    assert row["step_signal_none"] <= 1  # GLM-Image's first call, before its resumed graph compiled

@@ -235,3 +235,96 @@ def test_blocks_of_a_model_with_no_graph_follow_its_time_embedding(fresh_dynamo)
         ref = [model(base + 0.02 * s * drift, torch.tensor([1.0 - 0.05 * s])) for s in range(6)]
     errs = [max_rel(o, r) for o, r in zip(gens[2][::2], ref)]
     assert errs[0] < 1e-5 and errs[4] < 1e-5 and max(errs) < 0.05, errs
+
+
+class TextMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class LateTimestep(nn.Module):
+    """A forward that uses its timestep only after a graph break, with an MLP site before it (as
+    GLM-Image and Qwen-Image 2.1 refine their text first): the entry graph has no step signal."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.refine = TextMlp()
+        self.time = SinusoidTime()
+        self.block = MoeBlock()
+        self.block.ff = FeedForwardInline()
+
+    def forward(self, x, t):
+        x = x + self.refine(x)
+        torch._dynamo.graph_break()
+        return self.block(x, self.time(t))
+
+
+class PrepFirst(SkippedRoot):
+    """HiDream's shape: the model's forward yields no graph, its first frame is a method of the model
+    (so the model's session has an entry graph, with no step signal), and the timestep is read in
+    the time embedding's frame, whose session follows the model's."""
+
+    @torch.compiler.disable(recursive=False)
+    def forward(self, x, t):
+        x = self.prep(x)
+        temb = self.time(t)
+        for blk in self.blocks:
+            x = blk(x, temb)
+        return self.proj_out(x)
+
+    def prep(self, x):
+        return x * 1.0
+
+
+def _guided_generations(model, n=3, steps=6):
+    """n generations of `steps` steps, two guidance calls per step with one timestep, under sparse
+    attention and MLP (refresh / dense every 4 steps): the outputs per generation."""
+    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4}
+    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
+    g = torch.Generator().manual_seed(0)
+    base, drift, uncond = (torch.randn(1, 64, C, generator=g) for _ in range(3))
+    gens = []
+    with torch.no_grad():
+        for _ in range(n):
+            outs = []
+            for step in range(steps):
+                x, t = base + 0.02 * step * drift, torch.tensor([1.0 - 0.05 * step])
+                outs += [compiled(x, t), compiled(x + 0.1 * uncond, t)]
+            gens.append(outs)
+    return gens
+
+
+def test_a_timestep_read_only_after_a_graph_break_is_the_signal(fresh_dynamo):
+    """The entry graph's call reads the timestep from its frame's locals (the name the resumed graph
+    reads it by), so an op in the entry graph already runs at the right step. Until session 50 each
+    call was a step of its own and no generation ended; now only the very first call, before the
+    resumed graph was compiled, has no signal (counted once, not logged)."""
+    model = LateTimestep().eval()
+    gens = _guided_generations(model)
+    (session, ) = [s for s in sessions_of(model) if s.sites]
+    assert session.late_signals == {"t"} and not session.signalled
+    assert (session.position().generation, session.position().step) == (2, 5)
+    assert fresh_dynamo["chipmunk"]["step_signal_none"] == 1
+    assert fresh_dynamo["chipmunk"]["mlp_sparse"] > 0
+    for i, (a, b) in enumerate(zip(gens[1], gens[2])):
+        assert torch.equal(a, b), i
+
+
+def test_a_call_begun_without_signal_waits_for_a_following_session(fresh_dynamo):
+    """The model's session (entry graph: a method with no signal) defers each call until its time
+    embedding's session, which follows it, reads the timestep; the blocks then run at that step."""
+    model = PrepFirst().eval()
+    gens = _guided_generations(model)
+    root = [s for s in sessions_of(model) if s.owner() is model]
+    (time, ) = [s for s in sessions_of(model) if s.owner() is model.time]
+    assert len(root) == 1 and root[0].has_entry and not root[0].signalled
+    assert time.signalled and time.step_parent() is root[0]
+    pos = root[0].position()
+    assert (pos.generation, pos.step) == (2, 5) and fresh_dynamo["chipmunk"]["step_signal_none"] == 0
+    for i, (a, b) in enumerate(zip(gens[1], gens[2])):
+        assert torch.equal(a, b), i
