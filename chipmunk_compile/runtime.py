@@ -31,6 +31,10 @@ Invariants:
   signal follow a `leader` inside the same model: a session whose entry graph reads a signal (the
   time embedding's), follows no one, and whose steps move. Frames of no module that hold sites (a
   hook's resumed frame) follow it too and are listed with that model (`sessions_of`).
+- A call whose entry graph reads no signal takes it from the forward frame's locals when a resumed
+  graph of the session reads it (`late_signals`, GLM-Image), else waits (`defer_call`) until a
+  following session's graph reads one (HiDream); the first op that reads the step, or the next
+  call, begins it without one.
 - State is made of plain tensors, never inference tensors (`plain_tensors`): a call under
   `torch.inference_mode()` may be followed by one under `torch.no_grad()`, which must still update it.
 """
@@ -695,6 +699,7 @@ class Session:
     def new_generation(self) -> None:
         """The next call begins a generation (a dense step refills every cache it reads); caches and
         step graphs stay, as when the tracker detects a new generation itself."""
+        self._pending = None  # a call deferred before the reset belongs to no generation
         self.tracker.reset()
 
     def release(self) -> None:
@@ -702,6 +707,7 @@ class Session:
         included), weight copy, step-cache output and recorded step graph freed."""
         from .graphs import release_recordings
 
+        self._pending = None
         self.tracker.reset()
         for device in self._offload:  # no copy on the offload stream may outlive its slots
             if device.type == "cuda":
