@@ -200,24 +200,31 @@ class SkippedRoot(nn.Module):
         return self.proj_out(x)
 
 
-def test_blocks_of_a_model_with_no_graph_follow_its_time_embedding(fresh_dynamo):
-    """The blocks' session takes its steps from the time embedding's, which reads the timestep:
-    both guidance calls of a step are one step (two branches), and each generation begins at step
-    0. Until session 50 the blocks counted their own calls: 12 "steps" per 6-step generation, no
-    generation ever ended, and the second generation ran on the first one's caches and indices."""
-    model = SkippedRoot().eval()
+def _guided_generations(model, n=3, steps=6):
+    """n generations of `steps` steps, two guidance calls per step with one timestep, under sparse
+    attention and MLP (refresh / dense every 4 steps): the outputs per generation."""
     sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4}
     compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
     g = torch.Generator().manual_seed(0)
     base, drift, uncond = (torch.randn(1, 64, C, generator=g) for _ in range(3))
     gens = []
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(n):
             outs = []
-            for step in range(6):
+            for step in range(steps):
                 x, t = base + 0.02 * step * drift, torch.tensor([1.0 - 0.05 * step])
-                outs += [compiled(x, t), compiled(x + 0.1 * uncond, t)]  # two guidance calls, one timestep
+                outs += [compiled(x, t), compiled(x + 0.1 * uncond, t)]
             gens.append(outs)
+    return gens
+
+
+def test_blocks_of_a_model_with_no_graph_follow_its_time_embedding(fresh_dynamo):
+    """The blocks' session takes its steps from the time embedding's, which reads the timestep:
+    both guidance calls of a step are one step (two branches), and each generation begins at step
+    0. Until session 50 the blocks counted their own calls: 12 "steps" per 6-step generation, no
+    generation ever ended, and the second generation ran on the first one's caches and indices."""
+    model = SkippedRoot().eval()
+    gens = _guided_generations(model)
     (blocks, ) = [s for s in sessions_of(model) if s.sites]
     (time, ) = [s for s in sessions_of(model) if s.owner() is model.time]
     assert blocks.step_parent() is time and time.signalled and not blocks.signalled
@@ -231,6 +238,8 @@ def test_blocks_of_a_model_with_no_graph_follow_its_time_embedding(fresh_dynamo)
     assert steps[("mlp", "dense")] == 3 * 2 * 2 * 2 and steps[("mlp", "sparse")] == 3 * 2 * 2 * 4, steps
     for i, (a, b) in enumerate(zip(gens[1], gens[2])):
         assert torch.equal(a, b), i
+    g = torch.Generator().manual_seed(0)  # _guided_generations' inputs
+    base, drift, _ = (torch.randn(1, 64, C, generator=g) for _ in range(3))
     with torch.no_grad():
         ref = [model(base + 0.02 * s * drift, torch.tensor([1.0 - 0.05 * s])) for s in range(6)]
     errs = [max_rel(o, r) for o, r in zip(gens[2][::2], ref)]
@@ -279,24 +288,6 @@ class PrepFirst(SkippedRoot):
 
     def prep(self, x):
         return x * 1.0
-
-
-def _guided_generations(model, n=3, steps=6):
-    """n generations of `steps` steps, two guidance calls per step with one timestep, under sparse
-    attention and MLP (refresh / dense every 4 steps): the outputs per generation."""
-    sparse = {"top_keys": 0.25, "random_keys": 0.0, "full_step_every": 4}
-    compiled = chip(model, cfg(attn={**sparse, "group": 16}, mlp={**sparse, "block": 16}), fullgraph=False)
-    g = torch.Generator().manual_seed(0)
-    base, drift, uncond = (torch.randn(1, 64, C, generator=g) for _ in range(3))
-    gens = []
-    with torch.no_grad():
-        for _ in range(n):
-            outs = []
-            for step in range(steps):
-                x, t = base + 0.02 * step * drift, torch.tensor([1.0 - 0.05 * step])
-                outs += [compiled(x, t), compiled(x + 0.1 * uncond, t)]
-            gens.append(outs)
-    return gens
 
 
 def test_a_timestep_read_only_after_a_graph_break_is_the_signal(fresh_dynamo):
