@@ -80,7 +80,7 @@ def find_owner(gm: torch.fx.GraphModule) -> tuple[Optional[torch.nn.Module], boo
         return None, True, ()
     code = getattr(tx, "f_code", None)
     name = getattr(code, "co_name", "")
-    frame = (getattr(code, "co_filename", ""), getattr(code, "co_firstlineno", 0), name)
+    frame = _code_key(code) if code is not None else ("", 0, name)
     entry = not (name.startswith("torch_dynamo_resume") or name.startswith("__resume"))
     f_locals = getattr(tx, "f_locals", {}) or {}
     sources = [source_name(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -98,19 +98,28 @@ def _inside_own_code(owner: torch.nn.Module) -> bool:
     its own (Z-Image's `_prepare_sequence`). Beside an entry frame of the forward such a frame is
     no entry: taken for one, it advanced the step a second time per model call, with no step signal
     (until session 49). The frame being compiled is not on the stack yet; a decorator's wrapper
-    above the forward is not the forward (frames compare by file, first line and name: Dynamo runs
-    a transformed copy of a frame's code)."""
+    above the forward is not the forward."""
     code = getattr(inspect.unwrap(type(owner).forward), "__code__", None)
     if code is None:
         return False
-    key = (code.co_filename, code.co_firstlineno, code.co_name)
-    f = sys._getframe(1)
-    while f is not None:
-        c = f.f_code
-        if (c.co_filename, c.co_firstlineno, c.co_name) == key and f.f_locals.get("self") is owner:
-            return True
+    return any(f.f_locals.get("self") is owner for f in _stack_frames({_code_key(code)}))
+
+
+def _code_key(code) -> tuple:
+    """A frame's code as (file, first line, name): Dynamo runs a transformed copy of a frame's code,
+    so frames compare by these rather than by code object."""
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def _stack_frames(keys, depth: Optional[int] = None):
+    """The frames above the caller's whose code is one of `keys` (`_code_key`), innermost first,
+    looking at most `depth` frames up."""
+    f = sys._getframe(2)
+    while f is not None and (depth is None or depth > 0):
+        if _code_key(f.f_code) in keys:
+            yield f
         f = f.f_back
-    return False
+        depth = None if depth is None else depth - 1
 
 
 def step_signal_inputs(gm: torch.fx.GraphModule) -> list[int]:
@@ -137,21 +146,16 @@ def local_names(gm: torch.fx.GraphModule, indices: list[int]) -> list[str]:
     return [m.group(1) for m in found if m is not None]
 
 
-def frame_signature(session: Session, depth: int = 8) -> Optional[tuple]:
+def frame_signature(session: Session, depth: int = 9) -> Optional[tuple]:
     """The step signature read from the locals (`session.late_signals`) of the session's entry frame,
     found on the Python stack a few levels above the compiled graph's call (Dynamo runs a frame's
     compiled code in that frame); None when the frame or its tensors are not there."""
-    f = sys._getframe(1)
-    for _ in range(depth):
-        f = f.f_back
-        if f is None:
-            return None
-        c = f.f_code
-        if (c.co_filename, c.co_firstlineno, c.co_name) in session.entry_frames:
-            values = [f.f_locals.get(name) for name in sorted(session.late_signals)]
-            tensors = [v for v in values if isinstance(v, torch.Tensor)]
-            return read_signature(tensors, list(range(len(tensors)))) if tensors else None
-    return None
+    f = next(_stack_frames(session.entry_frames, depth), None)
+    if f is None:
+        return None
+    values = [f.f_locals.get(name) for name in sorted(session.late_signals)]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    return read_signature(tensors, list(range(len(tensors)))) if tensors else None
 
 
 def _signal_values(t: torch.Tensor) -> torch.Tensor:
@@ -283,11 +287,9 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True
         if begins and tracks and (entry or (frame == session.step_frame and not session.has_entry)):
             late = frame_signature(session) if not signals and session.late_signals else None
-            if signals or late is not None or session.step_parent() is not None:  # once per model call
-                session.begin_call(late if late is not None else (lambda: read_signature(args, signals)),
-                                   instances.module())
-            else:  # the step signal, if any, comes in a later graph of this call (HiDream)
-                session.defer_call(instances.module())
+            # once per model call; with no signal here it may come in a later graph of the call (HiDream)
+            session.begin_call(late if late is not None else (lambda: read_signature(args, signals)),
+                               instances.module(), deferrable=not signals and late is None)
             if session is outer:  # no earlier call's shapes stand for this one
                 outer._chipmunk_call_run_shapes = None
         elif signals and tracks:  # a resumed graph that reads the signal its call's entry graph lacked

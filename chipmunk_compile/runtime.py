@@ -32,7 +32,7 @@ Invariants:
   time embedding's), follows no one, and whose steps move. Frames of no module that hold sites (a
   hook's resumed frame) follow it too and are listed with that model (`sessions_of`).
 - A call whose entry graph reads no signal takes it from the forward frame's locals when a resumed
-  graph of the session reads it (`late_signals`, GLM-Image), else waits (`defer_call`) until a
+  graph of the session reads it (`late_signals`, GLM-Image), else waits (`_defer_call`) until a
   following session's graph reads one (HiDream); the first op that reads the step, or the next
   call, begins it without one.
 - State is made of plain tensors, never inference tensors (`plain_tensors`): a call under
@@ -354,7 +354,7 @@ class Session:
         self._leader: Optional["weakref.ref[Session]"] = None
         self._leader_checked_at = None  # (sessions, signalled sessions) when no leader was found
         self._inside: Optional[frozenset] = None  # ids of the root's modules
-        self._pending: Optional[tuple] = None  # (module,) of a call begun by defer_call, not yet advanced
+        self._pending: Optional[tuple] = None  # (module,) of a call begun by _defer_call, not yet advanced
         # frame-local names of step signals that only a resumed graph reads (backend.frame_signature)
         self.late_signals: set = set()
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
@@ -566,13 +566,12 @@ class Session:
         parent = self.step_parent()
         return parent.position() if parent is not None else self.tracker.position
 
-    def defer_call(self, module: Optional[torch.nn.Module] = None) -> None:
-        """Begin a model call whose entry graph reads no step signal, but only once a later graph of
-        the same call gives one (`begin_call` of a following session, or `resolve_pending`): GLM-Image
-        and Qwen-Image 2.1 read the timestep only in a graph after their first graph break, HiDream in
-        its timestep embedding's frame, which follows the model's session (until session 50 every
-        such call was a step of its own, with no signal). The first op that reads the step, or the
-        next call, begins it without a signal."""
+    def _defer_call(self, module: Optional[torch.nn.Module]) -> None:
+        """Begin a model call whose entry graph reads no step signal only once a later graph of the
+        same call gives one (`begin_call` of a following session, or `resolve_pending`): HiDream reads
+        the timestep in its timestep embedding's frame, which follows the model's session (until
+        session 50 every such call was a step of its own, with no signal). The first op that reads
+        the step, or the next call, begins it without a signal."""
         if self._pending is not None:  # the last call never gave one
             self._resolve(None)
         self._pending = (module,)
@@ -591,15 +590,19 @@ class Session:
         (module,), self._pending = self._pending, None
         self._begin(signature, module)
 
-    def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None) -> None:
+    def begin_call(self, signature: Any, module: Optional[torch.nn.Module] = None, deferrable: bool = False) -> None:
         """Advance the step for a model call that `module` (the block that begins it, when the
         graph knows it) runs in: the cache context and followed scheduler set on its model come
         first, the owner's second (a second model sharing the graph runs in its own model's
-        context; one scheduler followed for either model serves both)."""
+        context; one scheduler followed for either model serves both). `deferrable`: the entry
+        graph reads no signal, so the call waits for a later graph's (`_defer_call`)."""
         parent = self.step_parent()
         if parent is not None:  # the enclosing model's (or the leader's) call already advanced the step
             self.calls += 1
             parent.resolve_pending(signature)  # unless it waits for this call's signal
+            return
+        if deferrable:
+            self._defer_call(module)
             return
         if self._pending is not None:
             self._resolve(None)
