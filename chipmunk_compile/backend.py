@@ -34,8 +34,8 @@ from .rewrite import Plan, rewrite
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import SIGNAL_VALUES, signal_like, source_name
 from .grouping import outermost_session
-from .runtime import (Session, install_diffusers_context_probe, module_position, session_for, stack_modules,
-                      stack_root)
+from .runtime import (Session, install_diffusers_context_probe, module_position, note_site_frame, session_for,
+                      stack_modules, stack_root)
 from .sequence_parallel import collective_groups
 from .step_cache import StepCache, main_input_index
 
@@ -220,6 +220,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     if owner is not None:
         session.note_root(stack_root(owner))
     plan = rewrite(gm, config, session, example_inputs=example_inputs)
+    if plan.sites:
+        note_site_frame(owner)
     if owner is None and plan.sites:
         session.note_root(next(iter(stack_modules()[-1:]), None))
     counters["chipmunk"]["graphs"] += 1
@@ -272,7 +274,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
 
     def locate():  # (a block's position in its model, the block, the model), on its first call here
         try:
-            return module_position(kind) if kind is not None else (None, None, None)
+            return module_position(kind)
         except Exception:  # noqa: BLE001 — an unusual stack: number the block by first sight instead
             log.debug("chipmunk: no module position from the call stack", exc_info=True)
             return None, None, None

@@ -75,9 +75,20 @@ class AttnConfig:
     # stays as the refresh left it), 1 = first-order extrapolation; values between damp it. Costs
     # one (B, N, H, D) buffer per site and branch and one slope read in the sparse kernel's epilogue.
     extrapolate: float = 1.0
+    # a site whose calls were skipped over a scheduled refresh (by a hook's step cache: cache-dit's
+    # DBCache, diffusers' FirstBlockCache or TaylorSeer; chipmunk's own never skips a refresh) and
+    # whose cache is at least catch_up refresh periods old refreshes at its next call instead of a
+    # sparse step on that cache. 1: at the first call after a missed refresh; 0: never (the sparse
+    # steps read the cache of the last refresh the site ran, however old). 2: a sparse step may read
+    # a cache up to twice as old as the schedule makes it, so a hook that computes the blocks every
+    # 3rd step still leaves sparse steps, while a block skipped for many steps refreshes
+    # (benchmarks/compose_cache_dit.py, docs/behaviour.md "Graph breaks").
+    catch_up: float = 2.0
 
     def __post_init__(self):
         _check_fraction("attn.top_keys", self.top_keys)
+        if self.catch_up < 0:
+            raise ValueError(f"attn.catch_up must be >= 0, got {self.catch_up!r}")
         _check_extrapolate("attn.extrapolate", self.extrapolate)
         _check_fraction("attn.min_mass", self.min_mass)
         _check_fraction("attn.random_keys", self.random_keys)
@@ -114,9 +125,14 @@ class MlpConfig:
     # last dense step); sparse steps add e * min(t - t_dense, span) * rate to their output. Costs
     # one output-sized buffer per site and branch, a sparse pass per dense step, an add per sparse step.
     extrapolate: float = 0.0
+    # a dense step missed by a skipped call runs at the site's next call once its caches are at
+    # least catch_up dense periods old (as attn.catch_up)
+    catch_up: float = 2.0
 
     def __post_init__(self):
         _check_extrapolate("mlp.extrapolate", self.extrapolate)
+        if self.catch_up < 0:
+            raise ValueError(f"mlp.catch_up must be >= 0, got {self.catch_up!r}")
         if self.score not in MLP_SCORES:
             raise ValueError(f"mlp.score must be one of {MLP_SCORES}, got {self.score!r}")
         _check_fraction("mlp.top_keys", self.top_keys)
@@ -195,8 +211,9 @@ class ChipmunkConfig:
     # full_step_schedule, mlp.full_step_every) are written for: a generation of S steps, when S is
     # known, runs them scaled by S / schedule_steps, so a refresh spans the same share of the
     # trajectory (schedule.py). S is known from `steps`, else from a followed scheduler
-    # (len(timesteps)); under timestep tracking it is known once a generation ended: once two in a row ran
-    # one count, the next ones are scaled to it (before: as written).
+    # (len(timesteps)), else from the pipeline on the call stack that runs the loop
+    # (runtime.pipeline_step_count); in a loop of one's own it is known once a generation ended: once
+    # two in a row ran one count, the next ones are scaled to it (before: as written).
     # null: always as written
     schedule_steps: Optional[int] = 50
     steps: Optional[int] = None  # the sampler's step count, for loops whose scheduler is not followed

@@ -434,7 +434,7 @@ class GraphRunner:
     @staticmethod
     def _commit(rec: _Recorded, pos, count_calls: bool) -> None:
         for site, st, decision in rec.commits:
-            site.commit(st, decision, pos.generation)
+            site.commit(st, decision, pos)
         if count_calls:
             counters["chipmunk"].update(rec.counted)
 

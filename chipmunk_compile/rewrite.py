@@ -129,7 +129,7 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
             site.act = m.act
         plan.sites.append(site)
         pairs.append((m, site))
-    if n_attn == 0:
+    if n_attn == 0 and not _block_relative(session):
         _layers_from_blocks([s for s in plan.sites if s.kind == "mlp"])
     if any("adapters" in s.shapes for s in plan.sites):
         _warn_per_call_folds()
@@ -166,6 +166,20 @@ def _layers_from_blocks(sites: list) -> None:
         m = _BLOCK.match(s.path)
         if m:
             s.layer = blocks.setdefault(m.group(1), len(blocks))
+
+
+def _block_relative(session: Session) -> bool:
+    """Whether the session's module is a block of the model it runs in (an indexed module in it:
+    `transformer_blocks.3`), so that its graph's paths are relative to a block (regional compilation,
+    a block compiled as a frame of its own): their indices (`ff.net.2`) are not blocks. Until session
+    51 FLUX's `ff.net.2` and `ff_context.net.2` counted as blocks 0 and 1 there, and layers collided
+    across the blocks that the graph serves."""
+    owner = session.owner() if session.owner is not None else None
+    root = session._root() if session._root is not None else None
+    if owner is None or root is None:
+        return False
+    name = next((n for n, m in root.named_modules() if m is owner), "")
+    return any(part.isdigit() for part in name.split("."))
 
 
 def _wshape(spec) -> Optional[tuple]:

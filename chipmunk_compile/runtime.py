@@ -331,6 +331,10 @@ class Session:
         self._tracked_steps: Optional[int] = None
         self._last_tracked: Optional[int] = None
         self._count_used: Optional[int] = None  # the step count the last call's periods were scaled to
+        # the step count of the pipeline whose loop runs this generation (pipeline_step_count), looked
+        # up at each generation's first call
+        self._pipeline_steps: Optional[int] = None
+        self._looked_in: Optional[int] = None  # the generation it was looked up in
         self.tracker = StepTracker(config.step_signal)
         me = weakref.ref(self)
         self.tracker.quiet = lambda: (s := me()) is None or (not s.sites and not s.followed)
@@ -616,16 +620,20 @@ class Session:
         t = self.tracker
         generation, steps, scaled_to = t.generation, max(t.step, 0) + 1, self._count_used  # the ending generation's
         told = self.config.steps or scheduled_total(scheduler)
+        given = told or self._pipeline_steps  # what gave the ending generation its count, if anything
         t.advance(signature, context, scheduled_step(scheduler))
         if t.generation != generation:  # the last one ended: its step count is known now
-            if not told and steps >= 2 and t.explicit is None and t.mode == "auto":
+            if not given and steps >= 2 and t.explicit is None and t.mode == "auto":
                 # tracked by its timesteps (not pinned, not counted calls): the next generations are
                 # scaled to a count seen twice
                 self._tracked_steps = steps if steps == self._last_tracked else None
                 self._last_tracked = steps
-            self._note_step_count(steps, scaled_to, told)
+            self._note_step_count(steps, scaled_to, given)
             self._note_no_site()
-        self._count_used = told or self._tracked_steps
+        if not told and self._looked_in != t.generation:  # a generation's first call: once per generation
+            self._looked_in = t.generation
+            self._pipeline_steps = pipeline_step_count(models)
+        self._count_used = told or self._pipeline_steps or self._tracked_steps
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
         if t.scale is not None and t.generation != self._all_dense_generation:
             self._note_no_sparse_step(self._count_used, t.scale, t.generation)
@@ -677,8 +685,8 @@ class Session:
             return
         self._noted_counts.add(steps)
         log.info("chipmunk: a generation ran %d steps; the schedule's periods are written for %d "
-                 "(schedule_steps) and ran %s. Generations tracked by their timesteps are scaled to a step "
-                 "count once two in a row ran it; give the count (config steps=%d, or "
+                 "(schedule_steps) and ran %s. Generations tracked by their timesteps outside a pipeline are "
+                 "scaled to a step count once two in a row ran it; give the count (config steps=%d, or "
                  "chipmunk_compile.follow_scheduler) to scale every generation from its first step: on the tiny "
                  "DiT the default preset gives 29.3 dB against dense at 28 steps as written, 33.4 dB scaled",
                  steps, self.config.schedule_steps,
@@ -788,6 +796,44 @@ def scheduled_total(scheduler: Any) -> Optional[int]:
         return None
 
 
+def pipeline_step_count(models: list) -> Optional[int]:
+    """The step count of the pipeline whose loop calls one of `models` now: the innermost object on
+    the call stack whose `__call__` is running and which holds a scheduler with timesteps
+    (`set_timesteps` ran before the loop: `scheduled_total`) and, among its attributes, a module
+    that is or contains one of `models` (torch.compile's wrapper around the model included). Any
+    diffusers pipeline, none named. None without one (a loop of the user's own): such generations
+    are scaled to a count once two in a row ran it. Walks the stack and the pipeline's modules: at
+    a generation's first call only. Until session 51 a pipeline's first two generations ran the
+    periods as written (FLUX's pipeline at 20 steps: a schedule for 50), and the later ones scaled,
+    so a seed gave another image in the first two generations than after."""
+    if not models:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__":
+            me = frame.f_locals.get("self")
+            try:  # any object's __call__: its attribute lookups may raise anything
+                total = scheduled_total(getattr(me, "scheduler", None)) if me is not None else None
+                if total and _holds(me, models):
+                    return total
+            except Exception:  # noqa: BLE001 — not a pipeline
+                log.debug("chipmunk: no step count from a __call__ frame", exc_info=True)
+        frame = frame.f_back
+    return None
+
+
+def _holds(pipeline: Any, models: list) -> bool:
+    """Whether one of `pipeline`'s attributes is a module that is or contains one of `models`."""
+    try:
+        parts = list(vars(pipeline).values())
+    except TypeError:
+        return False
+    for part in parts:
+        if isinstance(part, torch.nn.Module) and any(m is x for m in part.modules() for x in models):
+            return True
+    return False
+
+
 def count_scheduler_steps(scheduler: Any) -> None:
     """Count a scheduler's `step()` calls since its last `set_timesteps` in `_chipmunk_step_index`,
     as diffusers' `step_index` does, by wrapping both methods on the instance (once). For the
@@ -833,25 +879,79 @@ def stack_root(module: torch.nn.Module, stack: Optional[list] = None) -> Optiona
     return None
 
 
-def module_position(kind: type) -> tuple[Optional[int], Optional[torch.nn.Module], Optional[torch.nn.Module]]:
-    """(where, which, root): the innermost `kind` module running on the call stack, the outermost
-    module on the stack that contains it (itself when none does: a whole model), and where it sits
-    in that root (regional compilation: which block a shared graph serves, in model order): among
-    the modules compiled on their own (`module.compile()`, as compile_repeated_blocks does: FLUX's
-    19 double then 38 single blocks count 0..56, the layer numbers of whole-model compilation),
-    else among the modules of its class. The position is None when the stack shows no such pair,
-    the module and root when the stack shows none. Walks the frames and the model's module tree:
-    for a block's first call (or first call at new weight addresses) only."""
+def frame_block(module: Optional[torch.nn.Module], stack: Optional[list] = None) -> tuple:
+    """(block, root) for a graph of `module`'s forward (None: a frame of no module, a hook's resumed
+    frame around an attention) running now. `root` is the outermost module on the call stack that
+    contains `module` (for a frame of no module: the outermost one). `block` is the outermost of
+    `module` and the modules on the stack that hold it whose path in `root` has an index
+    (`transformer_blocks.3`, not the model or torch.compile's wrapper around it); `module` when none
+    has one, None for a frame of no module. (None, None) when the stack shows no root."""
+    stack = stack_modules() if stack is None else stack
+    root = stack[-1] if module is None and stack else stack_root(module, stack) if module is not None else None
+    if root is None:
+        return None, None
+    names = {id(m): n for n, m in root.named_modules()}
+    holders = [m for m in stack if m is not root and (module is None or any(x is module for x in m.modules()))]
+    if module is not None and not any(m is module for m in holders):
+        holders.insert(0, module)  # (compiling: its forward is not on the stack yet)
+    indexed = [m for m in holders if any(part.isdigit() for part in names.get(id(m), "").split("."))]
+    return (indexed[-1] if indexed else module), root
+
+
+def note_site_frame(module: Optional[torch.nn.Module]) -> None:
+    """Record that a graph with sites compiled as a frame of its own inside a model: a block Dynamo
+    compiles apart because the model's forward was skipped (a graph break in its loop over blocks,
+    as diffusers' cache hooks make), or a hook's frame around a block's attention (`module` None).
+    `module_position` numbers the blocks of the recorded classes together, in model order."""
+    block, root = frame_block(module)
+    if block is not None:
+        kinds = _SITE_FRAME_KINDS.get(root)
+        if kinds is None:
+            kinds = _SITE_FRAME_KINDS[root] = set()
+        kinds.add(type(block))
+
+
+def _outermost(mods: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """`mods` less those inside another of them."""
+    inside = {id(sub) for m in mods for sub in m.modules() if sub is not m}
+    return [m for m in mods if id(m) not in inside]
+
+
+def module_position(kind: Optional[type]) -> tuple[Optional[int], Optional[torch.nn.Module], Optional[torch.nn.Module]]:
+    """(where, which, root) for a graph of `kind`'s forward (None: a frame of no module) that serves
+    several modules: the innermost `kind` module running on the call stack (for a frame of no module,
+    its block: `frame_block`), the outermost module on the stack that contains it (itself when none
+    does: a whole model), and where it sits in that root, in model order, so that layer numbers are
+    those of whole-model compilation (FLUX's 19 double then 38 single blocks count 0..56):
+    - among the modules compiled on their own (`module.compile()`, as compile_repeated_blocks does);
+    - else its block (`frame_block`) among the blocks of the classes that compiled graphs with sites
+      as frames of their own in this root (`note_site_frame`), less those nested in another. Until
+      session 51 this tier was missing: each class counted from 0 (under FirstBlockCache FLUX's
+      `first_n_dense_layers: 2` kept two double and two single blocks dense), and the attentions of
+      TaylorSeer's hook frames were numbered per graph, by first sight;
+    - else among the modules of its class.
+    The position is None when the stack shows no such pair, the module and root when the stack
+    shows none. Walks the frames and the model's module tree: for a block's first call (or first
+    call at new weight addresses) only."""
     stack = stack_modules()
-    inner = next((m for m in stack if isinstance(m, kind)), None)
-    root = stack_root(inner, stack) if inner is not None else None
+    if kind is None:  # the block is not the module the graph's weights belong to: not returned
+        inner, (block, root) = None, frame_block(None, stack)
+    else:
+        inner = next((m for m in stack if isinstance(m, kind)), None)
+        block, root = frame_block(inner, stack) if inner is not None else (None, None)
     if root is None:
         return None, inner, inner
+    if kind is None:
+        kinds = _SITE_FRAME_KINDS.get(root, ())
+        peers = _outermost([m for m in root.modules() if type(m) in kinds])
+        return next((i for i, m in enumerate(peers) if m is block), None), None, root
     mods = list(root.modules())
-    for peers in ([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None],
-                  [m for m in mods if type(m) is type(inner)]):
-        if any(m is inner for m in peers):
-            return next(i for i, m in enumerate(peers) if m is inner), inner, root
+    kinds = _SITE_FRAME_KINDS.get(root, ())
+    for peers, me in (([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None], inner),
+                      (_outermost([m for m in mods if type(m) in kinds]), block),
+                      ([m for m in mods if type(m) is type(inner)], inner)):
+        if any(m is me for m in peers):
+            return next(i for i, m in enumerate(peers) if m is me), inner, root
     return None, inner, root
 
 
@@ -881,6 +981,8 @@ _SESSIONS_OF: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.Weak
 # attention), with the model they ran in (Session.note_root)
 _OWNERLESS: "weakref.WeakSet[Session]" = weakref.WeakSet()
 _NOTED_NO_SITE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models _note_no_site logged
+# per model: the classes of its modules whose forward compiled a graph with sites on its own (note_site_frame)
+_SITE_FRAME_KINDS: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def _bump_tree_version(module, name, submodule):

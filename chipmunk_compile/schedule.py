@@ -15,6 +15,11 @@ Invariants:
   for the default's 5 of 50) leaves no sparse step, so that op runs plain dense (`never_sparse`):
   no caches built, no block means, no state read or written. (Measured on the 1024-token tiny DiT, `default`:
   29.3 dB against dense at 28 steps as written, 33.4 dB scaled; 33.6 dB at 50.)
+- Catch-up (`catch_up`, 2 periods by default): a site whose calls were skipped over a scheduled
+  refresh or dense MLP step refreshes (runs dense) at its next call once its caches are that many
+  periods old (`attn_catches_up`, `mlp_catches_up`: the step its branch last filled its caches at).
+  An attention call that far from the branch's previous call runs plain dense instead of a refresh
+  (ops/attention.py: a refresh costs more than dense, and calls that far apart read no cache).
 """
 
 from __future__ import annotations
@@ -64,6 +69,47 @@ def mlp_step_kind(cfg: MlpConfig, step: int, layer: int, scale: Optional[float] 
     if not cfg.enabled or layer < cfg.first_n_dense_layers or step % period(cfg.full_step_every, scale) == 0:
         return DENSE
     return SPARSE
+
+
+def last_refresh_step(cfg: AttnConfig, step: int, scale: Optional[float] = None) -> int:
+    """The latest step <= `step` that the schedule makes a refresh (past the dense layers and the
+    warm-up; -1 before any): what a site's caches should be at least as new as (`catch_up`)."""
+    if step < cfg.warmup_steps:
+        return -1
+    if cfg.full_step_schedule is not None:
+        return max((s for s in scheduled_steps(cfg.full_step_schedule, scale) if s <= step), default=-1)
+    every = period(cfg.full_step_every, scale)
+    return max(cfg.warmup_steps, step - step % every)
+
+
+def last_dense_mlp_step(cfg: MlpConfig, step: int, scale: Optional[float] = None) -> int:
+    """The latest step <= `step` that the schedule makes a dense MLP step (`catch_up`)."""
+    return step - step % period(cfg.full_step_every, scale)
+
+
+def attn_catch_up_span(cfg: AttnConfig, step: int, scale: Optional[float] = None) -> float:
+    """`catch_up` refresh periods in steps at `step` (an explicit schedule's period: the gap before
+    its latest refresh up to `step`)."""
+    if cfg.full_step_schedule is not None:
+        last = last_refresh_step(cfg, step, scale)
+        gap = last - max((s for s in scheduled_steps(cfg.full_step_schedule, scale) if s < last), default=0)
+    else:
+        gap = period(cfg.full_step_every, scale)
+    return cfg.catch_up * max(gap, 1)
+
+
+def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[float] = None) -> bool:
+    """Whether a sparse step at `step` on caches a refresh filled at step `filled` refreshes instead
+    (`catch_up`): a scheduled refresh after `filled` was missed, and the caches are at least
+    `catch_up` refresh periods old (`attn_catch_up_span`)."""
+    return cfg.catch_up > 0 and filled < last_refresh_step(cfg, step, scale) \
+        and step - filled >= attn_catch_up_span(cfg, step, scale)
+
+
+def mlp_catches_up(cfg: MlpConfig, step: int, filled: int, scale: Optional[float] = None) -> bool:
+    """As `attn_catches_up`, for a sparse MLP step on caches of the dense step at `filled`."""
+    return cfg.catch_up > 0 and filled < last_dense_mlp_step(cfg, step, scale) \
+        and step - filled >= cfg.catch_up * period(cfg.full_step_every, scale)
 
 
 def mlp_recompute_indices(cfg: MlpConfig, step: int, scale: Optional[float] = None) -> bool:

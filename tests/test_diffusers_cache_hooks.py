@@ -149,3 +149,39 @@ def test_nucleus_moe_guidance_loop_tracks_steps_and_generations(fresh_dynamo, te
     assert sessions and all((s.position().generation, s.position().step) == (3, 5) for s in sessions)
     assert {s.position().branch for s in sessions} == {"uncond"}
     assert torch.equal(outs[3], outs[1])
+
+
+@pytest.mark.parametrize("kind", ["first_block_cache", "taylorseer"])
+def test_blocks_under_cache_hooks_keep_the_layer_numbers_of_the_whole_model(fresh_dynamo, kind, monkeypatch):
+    """Under these hooks each block class compiles a graph of its own that serves all of its blocks,
+    and TaylorSeer's frames around the attentions belong to no module. Layers are still numbered in
+    model order across classes, as whole-model compilation numbers them (FLUX: the double blocks,
+    then the single ones), so `first_n_dense_layers` means the model's first blocks. Until session
+    51 each class (and each hook graph) counted from 0, so that `first_n_dense_layers: 2` kept two
+    blocks of each class dense, and the two feed-forwards of one double block counted as two layers."""
+    from chipmunk_compile.ops.sites import Site
+    from chipmunk_compile.runtime import stack_modules
+
+    model = _flux()
+    model.enable_cache(_hook(kind))
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: dict = {}
+    current_layer = Site.current_layer
+
+    def recording(site):
+        layer = current_layer(site)
+        block = next(names[id(m)] for m in reversed(stack_modules()) if names.get(id(m), "").count(".") == 1)
+        seen.setdefault((site.kind, block), set()).add(layer)
+        return layer
+
+    monkeypatch.setattr(Site, "current_layer", recording)
+    sparse = {"top_keys": 0.3, "random_keys": 0.0}
+    compiled = chip(model, cfg(attn={**sparse, "group": 64}, mlp={**sparse, "block": 64}, steps=STEPS),
+                    fullgraph=False)
+    with torch.no_grad():
+        _generate(compiled, 1)
+    whole = {f"transformer_blocks.{i}": i for i in range(2)} | {f"single_transformer_blocks.{i}": 2 + i for i in range(3)}
+    assert {block for kind_, block in seen if kind_ == "attention"} == set(whole)
+    # (TaylorSeer's break around a single block's attention splits its MLP: no site there)
+    assert {block for kind_, block in seen if kind_ == "mlp"} >= {"transformer_blocks.0", "transformer_blocks.1"}
+    assert all(layers == {whole[block]} for (_, block), layers in seen.items()), seen

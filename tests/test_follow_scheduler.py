@@ -308,3 +308,45 @@ def test_tracked_generations_are_scaled_to_a_repeated_step_count(fresh_dynamo):
         scales.append({p.scale for p in positions[1:]})
     half, third = STEPS / 24, 8 / 24
     assert scales == [{None}, {None}, {None}, {half}, {half}, {None}, {third}]
+
+
+class _Pipeline:
+    """What a diffusers pipeline is to chipmunk: an object holding a scheduler and the model, whose
+    `__call__` sets the timesteps and runs the loop (no pipeline class is named anywhere)."""
+
+    def __init__(self, scheduler, transformer=None):
+        self.scheduler, self.transformer = scheduler, transformer
+
+    def __call__(self, model, steps, seed, positions):
+        self.scheduler.set_timesteps(steps)
+        x = latents(0, seed=seed)
+        with torch.no_grad():
+            for t in self.scheduler.timesteps:
+                out = model(x, t.reshape(1))
+                positions.append(sessions_of(model)[0].position())
+                x = self.scheduler.step(out, t, x).prev_sample
+        return x
+
+
+@pytest.mark.parametrize("holds_model", [True, False])
+def test_a_pipeline_on_the_stack_gives_the_step_count_from_the_first_generation(fresh_dynamo, holds_model):
+    """A pipeline's loop, tracked by its timesteps with no scheduler followed: the step count comes
+    from the pipeline that runs the loop (on the call stack, holding the model and a scheduler with
+    its timesteps set), so the periods are scaled from the first generation on, and a seed gives
+    the same result in every generation. Until session 51 the first two generations ran the
+    periods as written and the later ones scaled. An object that does not hold the model gives no
+    count (the scaling then waits for two generations of one count, as in a loop of one's own)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    compiled = chip(Net().eval(), dict(CFG, schedule_steps=24))
+    pipe = _Pipeline(FlowMatchEulerDiscreteScheduler(), compiled if holds_model else None)
+    scales, outs = [], []
+    for seed in (1, 2, 1, 2):
+        positions = []
+        outs.append(pipe(compiled, STEPS, seed, positions))
+        scales.append({p.scale for p in positions})
+    if holds_model:
+        assert scales == [{STEPS / 24}] * 4
+        assert torch.equal(outs[2], outs[0]) and torch.equal(outs[3], outs[1])
+    else:
+        assert scales == [{None}, {None}, {STEPS / 24}, {STEPS / 24}]

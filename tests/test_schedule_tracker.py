@@ -66,6 +66,44 @@ def test_periods_scale_with_the_generations_step_count():
     assert step_scale(50, 50) is None and step_scale(28, None) is None and step_scale(None, 50) is None
 
 
+def test_the_last_scheduled_refresh_is_the_latest_refresh_step_up_to_now():
+    """What a site's caches must be at least as new as (catch_up): for every step, the latest step
+    up to it that the schedule makes a refresh (attention) or dense step (MLP), as written, scaled
+    and explicit; -1 during the attention's warm-up."""
+    from chipmunk_compile.schedule import last_dense_mlp_step, last_refresh_step, step_scale
+
+    for attn, scale in ((AttnConfig(first_n_dense_layers=0), None), (AttnConfig(first_n_dense_layers=0), 28 / 50),
+                        (AttnConfig(first_n_dense_layers=0, full_step_schedule=[0, 1, 10, 40]), 25 / 50),
+                        (AttnConfig(first_n_dense_layers=0, warmup_steps=3, full_step_every=4), None)):
+        refreshes = [s for s in range(50) if attn_step_kind(attn, s, 0, scale) == REFRESH]
+        want = [max((r for r in refreshes if r <= s), default=-1) for s in range(50)]
+        assert [last_refresh_step(attn, s, scale) for s in range(50)] == want, (attn, scale)
+    mlp = MlpConfig(first_n_dense_layers=0)
+    for scale in (None, step_scale(28, 50)):
+        dense = [s for s in range(50) if mlp_step_kind(mlp, s, 0, scale) == DENSE]
+        assert [last_dense_mlp_step(mlp, s, scale) for s in range(50)] == [max(d for d in dense if d <= s)
+                                                                           for s in range(50)]
+
+
+def test_a_site_catches_up_on_a_skipped_refresh_once_its_caches_are_old_enough():
+    """catch_up: a sparse step refreshes instead when a scheduled refresh after its caches' step was
+    skipped and the caches are catch_up periods old (2 by default; 1: the next call; 0: never)."""
+    from chipmunk_compile.schedule import attn_catches_up, mlp_catches_up
+
+    a = AttnConfig(first_n_dense_layers=0, full_step_every=5)  # refreshes at 1, 5, 10, ...
+    assert not attn_catches_up(a, 7, filled=5)  # nothing missed
+    assert not attn_catches_up(a, 7, filled=1) and attn_catches_up(a, 11, filled=1)  # 6 and 10 steps old
+    assert attn_catches_up(AttnConfig(first_n_dense_layers=0, catch_up=1), 7, filled=1)
+    assert not attn_catches_up(AttnConfig(first_n_dense_layers=0, catch_up=0), 40, filled=1)
+    hv = AttnConfig(first_n_dense_layers=0, full_step_schedule=[0, 1, 10, 40])  # the gap before 10 is 9
+    assert not attn_catches_up(hv, 12, filled=1) and attn_catches_up(hv, 19, filled=1)
+    m = MlpConfig(first_n_dense_layers=0)  # dense at 0, 10, 20, ...
+    assert not mlp_catches_up(m, 15, filled=0) and mlp_catches_up(m, 21, filled=0)
+    assert not mlp_catches_up(m, 25, filled=20)
+    with pytest.raises(ValueError, match="catch_up"):
+        AttnConfig(catch_up=-1)
+
+
 # -- tracker, unit ------------------------------------------------------------------------------
 def _walk(tracker, sigs, ctx=None):
     out = []

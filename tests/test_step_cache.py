@@ -91,3 +91,57 @@ def test_forecast_extrapolates_the_last_two_computed_calls(fresh_dynamo):
         torch.testing.assert_close(outs[t], want, rtol=1e-5, atol=1e-6)
     err = lambda o: sum(float((o[t] - plain[t]).norm()) for t in (2, 3, 5, 6, 7))  # noqa: E731
     assert err(outs) < 0.5 * err(reuse), (err(outs), err(reuse))
+
+
+def _pinned(steps, catch_up):
+    """The sites see only `steps` (pinned by set_step, as when a hook skips the blocks of the other
+    steps' calls: diffusers' FirstBlockCache, cache-dit's DBCache): (outputs by step, dense outputs,
+    counters)."""
+    import chipmunk_compile
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = Net().eval()
+    cm = chip(model, sparse_cfg(attn={"catch_up": catch_up}, mlp={"catch_up": catch_up}))
+    outs, dense = {}, {}
+    with torch.no_grad():
+        for i in steps:
+            if i:  # (the first call is step 0 of automatic tracking)
+                chipmunk_compile.set_step(cm, i)
+            outs[i], dense[i] = cm(latents(i, seed=1), ts(i)), model(latents(i, seed=1), ts(i))
+    caught = {k: ccount(k) for k in ("attention_refresh_caught_up", "mlp_dense_caught_up")}
+    if ccount("attention_dense_caught_up"):
+        caught["attention_dense_caught_up"] = ccount("attention_dense_caught_up")
+    return outs, dense, caught
+
+
+def test_a_refresh_the_sites_skipped_over_runs_at_their_next_call(fresh_dynamo):
+    """Steps 4 and 8 hold the attention refreshes and the dense MLP steps (period 4). When the sites
+    do not run them, a later call runs them instead once the caches are `catch_up` periods old: at
+    catch_up 1 the next call (5 and 9), at the default 2 only 9 (the caches filled at 1 and 0 are 8
+    and 9 steps old there), at 0 none. An attention call as far from the previous one runs plain
+    dense instead. Its sparse steps then start from caches of that step: closer
+    to dense than sparse steps on caches filled 5 to 6 steps before. Until session 51 the sparse
+    steps after a missed refresh read the caches of the last one run, however old."""
+    every = list(range(STEPS))
+    _, _, caught = _pinned(every, 1)
+    assert caught == {"attention_refresh_caught_up": 0, "mlp_dense_caught_up": 0}  # nothing missed
+    seen = [0, 1, 2, 3, 5, 6, 7, 9]
+    blocks = len(Net().blocks)  # one attention and one MLP site each
+    outs, dense, caught = _pinned(seen, 1)
+    assert caught == {"attention_refresh_caught_up": 2 * blocks, "mlp_dense_caught_up": 2 * blocks}
+    _, _, caught = _pinned(seen, 2.0)
+    assert caught == {"attention_refresh_caught_up": blocks, "mlp_dense_caught_up": blocks}
+    stale, _, held = _pinned(seen, 0)
+    assert held == {"attention_refresh_caught_up": 0, "mlp_dense_caught_up": 0}
+    # skipped for a long stretch (4 and 8 missed, the previous call at 3): at step 11 attention runs
+    # plain dense (a refresh would cost more, for a cache a call as far off would not read) and the
+    # MLP its dense step; 13, close to it, refreshes (12 missed), and 14 runs sparse on that cache
+    back, dense_back, caught = _pinned([0, 1, 2, 3, 11, 13, 14], 2.0)
+    assert caught == {"attention_dense_caught_up": blocks, "attention_refresh_caught_up": blocks,
+                      "mlp_dense_caught_up": blocks}
+    assert torch.allclose(back[11], dense_back[11], rtol=1e-5, atol=1e-5)  # exact: every site dense
+    err = {i: float((outs[i] - dense[i]).norm() / dense[i].norm()) for i in (6, 7)}
+    err_stale = {i: float((stale[i] - dense[i]).norm() / dense[i].norm()) for i in (6, 7)}
+    assert all(err[i] < err_stale[i] for i in err), (err, err_stale)

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..autocast_casts import disabled_inside
-from ..schedule import DENSE, REFRESH, SPARSE, attn_step_kind
+from ..schedule import DENSE, REFRESH, SPARSE, attn_catch_up_span, attn_catches_up, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
 from .forecast import Forecast
@@ -77,27 +77,36 @@ def _sdpa(q, k, v, key_mask, scale, bias=None):
 
 
 def decide(s, st, pos) -> tuple:
-    """(kind, new indices?, cache-not-filled fallback?, residual forecast?) — host state only (the guard's verdict
-    reads its device measurement once per layer, before any graph records that layer's steps)."""
+    """(kind, new indices?, cache-not-filled fallback?, residual forecast?, a missed refresh caught
+    up: False, True (a refresh) or "dense") — host state only (the guard's verdict reads its device measurement once per layer, before
+    any graph records that layer's steps)."""
     cfg = s.cfg
     kind = attn_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
     if kind != DENSE and too_diffuse(s):
-        return DENSE, False, False, False
+        return DENSE, False, False, False, False
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
-    if unfilled:
+    # a scheduled refresh this site's calls skipped over (a hook's step cache), on caches catch_up
+    # periods old: a refresh; plain dense when the branch's previous call is that far back too (the
+    # hook skips this site for long stretches: a refresh costs a dense pass, the column sums and the
+    # cache's sparse pass, for a cache its next call, as far off, would not read either)
+    missed = kind == SPARSE and not unfilled and attn_catches_up(cfg, pos.step, st.filled_step, pos.scale)
+    if missed and pos.step - st.called_step >= attn_catch_up_span(cfg, pos.step, pos.scale):
+        return DENSE, False, False, False, "dense"
+    if unfilled or missed:
         kind = REFRESH
     need_idx = kind == REFRESH and (cfg.recompute_mask or st.index_generation != pos.generation)
     # forecast: a refresh measures the slope when an earlier refresh of this generation left a
     # cache; a sparse step applies it once a refresh has measured it
     fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation if kind == REFRESH
                                     else kind == SPARSE and st.slope_generation == pos.generation)
-    return kind, need_idx, unfilled, fore
+    return kind, need_idx, unfilled, fore, missed
 
 
-def commit(s, st, decision, generation: int) -> None:
+def commit(s, st, decision, step: int, generation: int) -> None:
     kind, need_idx, fore = decision[0], decision[1], decision[3]
+    st.called_step = step
     if kind == REFRESH:
-        st.filled_generation = generation
+        st.filled_generation, st.filled_step = generation, step
         if need_idx:
             st.index_generation = generation
         if fore:
@@ -155,6 +164,8 @@ def _cached_attention(s, pos, q: Tensor, k: Tensor, v: Tensor, key_mask: Optiona
     kind, unfilled = d[0], d[2]
     if unfilled:
         fallback("attn_cache_not_filled", "a sparse step ran before this branch's refresh step")
+    if d[4]:
+        count("attention_dense_caught_up" if d[4] == "dense" else "attention_refresh_caught_up")
     if kind == DENSE:
         if too_diffuse(s):
             fallback("attn_diffuse", "a layer's top keys hold less than attn.min_mass of its attention "
@@ -170,7 +181,7 @@ def _stateful_step(s, st, pos, d, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
                    perm: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """A refresh or sparse step (`d` = its decision) over the branch's caches."""
     cfg, group = s.cfg, s.cfg.group
-    kind, need_idx, _, fore = d
+    kind, need_idx, _, fore, _ = d
     B, H, N, D = q.shape
     n_groups = -(-N // group)
     exact_norm = cfg.delta == "exact_normalizer"

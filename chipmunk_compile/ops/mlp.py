@@ -34,7 +34,7 @@ from torch import Tensor
 from ..autocast_casts import disabled_inside
 from ..kernels.mlp_sparse_mm1_ref import apply_act
 from ..kernels.mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
-from ..schedule import DENSE, SPARSE, mlp_recompute_indices, mlp_step_kind
+from ..schedule import DENSE, SPARSE, mlp_catches_up, mlp_recompute_indices, mlp_step_kind
 from ._dispatch import chooses_triton, kernel
 from .forecast import Forecast
 from .sites import POLICIES, count, fallback, lookup
@@ -60,24 +60,26 @@ def _score_basis(xb, w_act, b_act, w_lin, b_lin):
 
 def decide(s, st, pos) -> tuple:
     """(kind, new neuron indices?, cache-not-filled fallback?, error forecast?, the generation's
-    first dense step of this branch?) — host state only."""
+    first dense step of this branch?, a missed dense step caught up?) — host state only."""
     cfg = s.cfg
     kind = mlp_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
-    if unfilled:
+    # a scheduled dense step this site's calls skipped over (a hook's step cache), on caches catch_up periods old
+    missed = kind == SPARSE and not unfilled and mlp_catches_up(cfg, pos.step, st.filled_step, pos.scale)
+    if unfilled or missed:
         kind = DENSE
     recompute = kind == SPARSE and (mlp_recompute_indices(cfg, pos.step, pos.scale) or st.index_generation != pos.generation)
     # forecast: a dense step measures the rate when this generation's caches and some neuron
     # indices exist; a sparse step applies it once a dense step has measured it
     fore = cfg.extrapolate > 0 and (st.filled_generation == pos.generation and "indices" in st.cache
                                     if kind == DENSE else st.slope_generation == pos.generation)
-    return kind, recompute, unfilled, fore, kind == DENSE and st.filled_generation != pos.generation
+    return kind, recompute, unfilled, fore, kind == DENSE and st.filled_generation != pos.generation, missed
 
 
-def commit(s, st, decision, generation: int) -> None:
+def commit(s, st, decision, step: int, generation: int) -> None:
     kind, recompute, fore = decision[0], decision[1], decision[3]
     if kind == DENSE:
-        st.filled_generation = generation
+        st.filled_generation, st.filled_step = generation, step
         st.index_generation = -1
         if fore:
             st.slope_generation = generation
@@ -122,6 +124,8 @@ def _cached_mlp(s, pos, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -
     d = decide(s, st, pos)
     if d[2]:
         fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")
+    if d[5]:
+        count("mlp_dense_caught_up")
     with s.staged(st, x.device, writes=True):  # both step kinds update the caches
         return _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm).reshape(out_shape)
 
@@ -129,7 +133,7 @@ def _cached_mlp(s, pos, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -
 def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm) -> Tensor:
     """A dense or sparse step (`d` = its decision) over the branch's caches; returns (B, M, C_out)."""
     cfg = s.cfg
-    kind, recompute, _, fore, first = d
+    kind, recompute, _, fore, first, _ = d
     B, M, _ = x3.shape
     Fh = w_act.shape[0]
     n_blocks = -(-M // cfg.block)

@@ -85,6 +85,8 @@ class BranchState:
         self.epoch = next(_epochs)
         self.used_generation = -1  # last generation that called it
         self.filled_generation = -1  # generation whose dense/refresh step filled the caches
+        self.filled_step = -1  # the step of that generation it last filled them at (catch_up)
+        self.called_step = -1  # the step of its last call (attention's catch_up)
         self.index_generation = -1
         self.slope_generation = -1  # generation whose second refresh measured the residual's slope
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
@@ -123,7 +125,7 @@ class BranchState:
         self.cache.clear()
         self.home.clear()
         self.nbytes = 0
-        self.filled_generation = self.index_generation = self.slope_generation = -1
+        self.filled_generation = self.index_generation = self.slope_generation = self.filled_step = -1
 
 
 @dataclass(eq=False)
@@ -304,16 +306,17 @@ class Site:
         kind = decision if st is None else decision[0]
         count(f"{self.kind}_{kind}")
         if runtime.RECORDING is not None:
-            runtime.RECORDING.append((self, st, decision, pos.generation))
+            runtime.RECORDING.append((self, st, decision, pos))
         else:
-            self.commit(st, decision, pos.generation)
+            self.commit(st, decision, pos)
 
-    def commit(self, st: Optional[BranchState], decision, generation: int) -> None:
+    def commit(self, st: Optional[BranchState], decision, pos) -> None:
+        """Count the call and update its branch's host state, at step position `pos`."""
         kind = decision if st is None else decision[0]
         self.steps[kind] = self.steps.get(kind, 0) + 1
         if st is not None:
-            self._use(st, generation)
-            POLICIES[self.kind][1](self, st, decision, generation)
+            self._use(st, pos.generation)
+            POLICIES[self.kind][1](self, st, decision, pos.step, pos.generation)
 
     def current_layer(self) -> int:
         """The layer index, counting earlier block instances when one graph serves many blocks."""
