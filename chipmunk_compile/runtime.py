@@ -884,8 +884,8 @@ def frame_block(module: Optional[torch.nn.Module], stack: Optional[list] = None)
     frame around an attention) running now. `root` is the outermost module on the call stack that
     contains `module` (for a frame of no module: the outermost one). `block` is the outermost of
     `module` and the modules on the stack that hold it whose path in `root` has an index
-    (`transformer_blocks.3`, not the model or torch.compile's wrapper around it); `module` when none
-    has one, None for a frame of no module. (None, None) when the stack shows no root."""
+    (`transformer_blocks.3`, not the model or torch.compile's wrapper around it); None when none has
+    one (a whole model is no block). (None, None) when the stack shows no root."""
     stack = stack_modules() if stack is None else stack
     root = stack[-1] if module is None and stack else stack_root(module, stack) if module is not None else None
     if root is None:
@@ -895,7 +895,7 @@ def frame_block(module: Optional[torch.nn.Module], stack: Optional[list] = None)
     if module is not None and not any(m is module for m in holders):
         holders.insert(0, module)  # (compiling: its forward is not on the stack yet)
     indexed = [m for m in holders if any(part.isdigit() for part in names.get(id(m), "").split("."))]
-    return (indexed[-1] if indexed else module), root
+    return (indexed[-1] if indexed else None), root
 
 
 def note_site_frame(module: Optional[torch.nn.Module]) -> None:

@@ -78,8 +78,8 @@ def _sdpa(q, k, v, key_mask, scale, bias=None):
 
 def decide(s, st, pos) -> tuple:
     """(kind, new indices?, cache-not-filled fallback?, residual forecast?, a missed refresh caught
-    up: False, True (a refresh) or "dense") — host state only (the guard's verdict reads its device measurement once per layer, before
-    any graph records that layer's steps)."""
+    up: False, True (a refresh) or "dense") — host state only (the guard's verdict reads its device
+    measurement once per layer, before any graph records that layer's steps)."""
     cfg = s.cfg
     kind = attn_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
     if kind != DENSE and too_diffuse(s):

@@ -125,7 +125,8 @@ class BranchState:
         self.cache.clear()
         self.home.clear()
         self.nbytes = 0
-        self.filled_generation = self.index_generation = self.slope_generation = self.filled_step = -1
+        self.filled_generation = self.index_generation = self.slope_generation = -1
+        self.filled_step = self.called_step = -1
 
 
 @dataclass(eq=False)
