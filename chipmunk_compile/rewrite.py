@@ -43,7 +43,7 @@ from .patterns.fx_utils import copy_provenance, module_path, shape_of, val
 from .patterns.low_rank import AdaptedWeight, adapter_count, weight_shape
 from .rewrite_subgraphs import inline_subgraphs
 from .rewrite_multihead import expand_multihead
-from .runtime import Session
+from .runtime import Session, indexed_path
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -178,8 +178,7 @@ def _block_relative(session: Session) -> bool:
     root = session._root() if session._root is not None else None
     if owner is None or root is None:
         return False
-    name = next((n for n, m in root.named_modules() if m is owner), "")
-    return any(part.isdigit() for part in name.split("."))
+    return indexed_path(next((n for n, m in root.named_modules() if m is owner), ""))
 
 
 def _wshape(spec) -> Optional[tuple]:

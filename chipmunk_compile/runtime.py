@@ -879,6 +879,12 @@ def stack_root(module: torch.nn.Module, stack: Optional[list] = None) -> Optiona
     return None
 
 
+def indexed_path(name: str) -> bool:
+    """Whether a module path has an index (`transformer_blocks.3.attn`): the module is, or lies in,
+    one of a list of blocks."""
+    return any(part.isdigit() for part in name.split("."))
+
+
 def frame_block(module: Optional[torch.nn.Module], stack: Optional[list] = None) -> tuple:
     """(block, root) for a graph of `module`'s forward (None: a frame of no module, a hook's resumed
     frame around an attention) running now. `root` is the outermost module on the call stack that
@@ -894,7 +900,7 @@ def frame_block(module: Optional[torch.nn.Module], stack: Optional[list] = None)
     holders = [m for m in stack if m is not root and (module is None or any(x is module for x in m.modules()))]
     if module is not None and not any(m is module for m in holders):
         holders.insert(0, module)  # (compiling: its forward is not on the stack yet)
-    indexed = [m for m in holders if any(part.isdigit() for part in names.get(id(m), "").split("."))]
+    indexed = [m for m in holders if indexed_path(names.get(id(m), ""))]
     return (indexed[-1] if indexed else None), root
 
 
@@ -905,10 +911,7 @@ def note_site_frame(module: Optional[torch.nn.Module]) -> None:
     `module_position` numbers the blocks of the recorded classes together, in model order."""
     block, root = frame_block(module)
     if block is not None:
-        kinds = _SITE_FRAME_KINDS.get(root)
-        if kinds is None:
-            kinds = _SITE_FRAME_KINDS[root] = set()
-        kinds.add(type(block))
+        _SITE_FRAME_KINDS.setdefault(root, set()).add(type(block))
 
 
 def _outermost(mods: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -941,11 +944,7 @@ def module_position(kind: Optional[type]) -> tuple[Optional[int], Optional[torch
         block, root = frame_block(inner, stack) if inner is not None else (None, None)
     if root is None:
         return None, inner, inner
-    if kind is None:
-        kinds = _SITE_FRAME_KINDS.get(root, ())
-        peers = _outermost([m for m in root.modules() if type(m) in kinds])
-        return next((i for i, m in enumerate(peers) if m is block), None), None, root
-    mods = list(root.modules())
+    mods = list(root.modules())  # (for a frame of no module, inner is None: only its block is placed)
     kinds = _SITE_FRAME_KINDS.get(root, ())
     for peers, me in (([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None], inner),
                       (_outermost([m for m in mods if type(m) in kinds]), block),

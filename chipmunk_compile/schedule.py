@@ -98,12 +98,15 @@ def attn_catch_up_span(cfg: AttnConfig, step: int, scale: Optional[float] = None
     return cfg.catch_up * max(gap, 1)
 
 
-def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[float] = None) -> bool:
+def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[float] = None) -> Optional[float]:
     """Whether a sparse step at `step` on caches a refresh filled at step `filled` refreshes instead
     (`catch_up`): a scheduled refresh after `filled` was missed, and the caches are at least
-    `catch_up` refresh periods old (`attn_catch_up_span`)."""
-    return cfg.catch_up > 0 and filled < last_refresh_step(cfg, step, scale) \
-        and step - filled >= attn_catch_up_span(cfg, step, scale)
+    `catch_up` refresh periods old. The span in steps (`attn_catch_up_span`, > 0) when it does, for
+    the caller's next test; None when it does not."""
+    if cfg.catch_up <= 0 or filled >= last_refresh_step(cfg, step, scale):
+        return None
+    span = attn_catch_up_span(cfg, step, scale)
+    return span if step - filled >= span else None
 
 
 def mlp_catches_up(cfg: MlpConfig, step: int, filled: int, scale: Optional[float] = None) -> bool:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .. import runtime
 from ..autocast_casts import disabled_inside
-from ..schedule import DENSE, REFRESH, SPARSE, attn_catch_up_span, attn_catches_up, attn_step_kind
+from ..schedule import DENSE, REFRESH, SPARSE, attn_catches_up, attn_step_kind
 from ._dispatch import kernel
 from .exact_attention import exact_attention_lse, in_bnhd
 from .forecast import Forecast
@@ -89,8 +89,9 @@ def decide(s, st, pos) -> tuple:
     # periods old: a refresh; plain dense when the branch's previous call is that far back too (the
     # hook skips this site for long stretches: a refresh costs a dense pass, the column sums and the
     # cache's sparse pass, for a cache its next call, as far off, would not read either)
-    missed = kind == SPARSE and not unfilled and attn_catches_up(cfg, pos.step, st.filled_step, pos.scale)
-    if missed and pos.step - st.called_step >= attn_catch_up_span(cfg, pos.step, pos.scale):
+    span = attn_catches_up(cfg, pos.step, st.filled_step, pos.scale) if kind == SPARSE and not unfilled else None
+    missed = span is not None
+    if missed and pos.step - st.called_step >= span:
         return DENSE, False, False, False, "dense"
     if unfilled or missed:
         kind = REFRESH
