@@ -247,6 +247,15 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
         compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances,
                                max_bytes=config.cuda_graphs_max_gib * 2**30)
+    runner = compiled if isinstance(compiled, GraphRunner) else None
+
+    def forget(ordinals):  # freed modules' caches, and the step graphs that hold their weights
+        for site in plan.sites:
+            site.drop_instances(ordinals)
+        if runner is not None:
+            runner.drop_instances(ordinals)
+
+    instances.on_forget = forget
     step_cache = None
     if config.step_cache.enabled:
         if session.step_cache is None:

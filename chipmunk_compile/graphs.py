@@ -35,6 +35,9 @@ Invariants:
   every block under regional compilation: 57 blocks x a few step kinds must not cycle through a
   fixed number of slots, which re-recorded on every call), and any not used for that many calls
   when the memory budget below is short.
+- A recording holds its static inputs, the module's weights: when the module is freed
+  (ops/sites.py `GraphInstances` forgets it), its recordings are dropped (`drop_instances`), or a
+  model built again in the same process would keep the freed one's weights allocated.
 - Input buffers are shared by every recording of one input layout (shapes, strides, dtypes and
   scalars of the non-static inputs), allocated outside the pool at the layout's first recording:
   a replay copies the call's inputs into them, and recordings never run concurrently. Outputs
@@ -336,6 +339,15 @@ class GraphRunner:
         self.inputs.clear()
         self.refused.clear()
         self.seen.clear()
+
+    def drop_instances(self, ordinals: set) -> None:
+        """Forget the recordings and signatures of the module instances `ordinals` (freed: their
+        recordings hold those modules' weights, which would otherwise stay allocated)."""
+        for key in [k for k in self.graphs if k[1] in ordinals]:
+            self._drop(key)
+        self.seen.difference_update([k for k in self.seen if k[1] in ordinals])  # (failed ones stay eager)
+        for key in [k for k in self.refused if k[1] in ordinals]:
+            del self.refused[key]
 
     def _release(self, layout) -> None:
         if all(r.layout != layout for r in self.graphs.values()):

@@ -79,8 +79,9 @@ AMBIGUOUS = object()  # Site.layout_shapes: an input layout that gave a site two
 class BranchState:
     """Caches of one site for one guidance branch."""
 
-    def __init__(self, site: "Site", branch: str, key: tuple, name: str):
+    def __init__(self, site: "Site", branch: str, key: tuple, name: str, instance: int = 0):
         self.site, self.branch, self.key = site, branch, key  # key: the shapes, dtype and device it holds
+        self.instance = instance  # the ordinal of the module it serves (GraphInstances)
         self.name = name  # its caches' prefix in the session's state module
         self.epoch = next(_epochs)
         self.used_generation = -1  # last generation that called it
@@ -195,7 +196,8 @@ class Site:
             serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
             serial = serials[key] = serials.get(key, -1) + 1
             name = f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
-            st = self.states[(key, shape)] = BranchState(self, key, shape, name)
+            inst = self.graph.current if self.graph is not None else 0
+            st = self.states[(key, shape)] = BranchState(self, key, shape, name, inst)
         if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
             self._use(st, pos.generation)
         layout = self.session.call_layout
@@ -217,6 +219,17 @@ class Site:
         self.states.clear()
         self.layout_shapes.clear()
         self.__dict__.pop("_last_used", None)
+
+    def drop_instances(self, ordinals: set) -> None:
+        """Free the states of the module instances `ordinals` (GraphInstances forgot them: freed)."""
+        gone = [k for k, st in self.states.items() if st.instance in ordinals]
+        for k in gone:
+            st = self.states.pop(k)
+            st.drop()
+            self.__dict__.get("_last_used", {}).pop(st.branch, None)
+        keys = {k[0] for k in gone}
+        for where in [w for w in self.layout_shapes if w[0] in keys]:
+            del self.layout_shapes[where]
 
     def state_of(self, branch: str) -> Optional[BranchState]:
         """The most recently used state of branch key `branch` (any shape), or None."""
@@ -473,7 +486,15 @@ class GraphInstances:
     graph when Dynamo reuses it for both (Wan 2.2's two experts). Each model's blocks count their
     positions, and so their layers, from 0, and each model's first block begins its calls; their
     ordinals (caches) stay apart. Until session 40 the second model was a further block of the
-    first: its calls never advanced the step, and its layers counted on from the first model's."""
+    first: its calls never advanced the step, and its layers counted on from the first model's.
+
+    Models and blocks are known by reusable numbers (`id(model)`, a weight's address), so each is
+    kept beside a weak reference to what it was seen for. A key or model id seen again whose module
+    or model was freed is another object's now: before placing a new key, every freed module and
+    model is forgotten (`_forget_freed`), its ordinals' caches freed (`on_forget`, counted as
+    `instances_freed`). Until session 52 a new model given a freed model's id was placed after that
+    model's blocks, so its calls never began a model call (no step advanced: a silently wrong
+    result), and every freed model's caches stayed allocated."""
 
     def __init__(self, attention_sites: int):
         self.attention_sites = attention_sites
@@ -481,7 +502,10 @@ class GraphInstances:
         self.modules: dict[int, Any] = {}  # key -> weak reference to the module it was seen for
         self.places: dict[int, tuple] = {}  # ordinal -> (its model's id or None, position in that model)
         self.first: dict[Any, int] = {}  # model id -> the lowest position seen in it
+        self.roots: dict[int, Any] = {}  # model id -> weak reference to the model
+        self.models_seen = 0  # located models ever placed (a freed first model's successor is adopted too)
         self.on_new_model: Optional[Callable[[Any], None]] = None  # with the first block seen of each model after the first
+        self.on_forget: Optional[Callable[[set], None]] = None  # with the ordinals of freed modules
         self.current_key: Optional[int] = None
         self.current = 0
         self.position = 0  # of `current` in its model: what layer numbers count from
@@ -490,7 +514,12 @@ class GraphInstances:
         """Set `current` for the block of `key` (`locate()`: (its position or None, the module or
         None, its model or None)); True when this call begins a model call."""
         ordinal = self.keys.get(key)
+        if ordinal is not None:
+            ref = self.modules[key]
+            if ref is not None and ref() is None:  # a freed module's weight address, reused
+                ordinal = None
         if ordinal is None:
+            self._forget_freed()
             position, module, root = locate() if locate is not None else (None, None, None)
             moved = self._key_of(module)
             if moved is not None:
@@ -500,8 +529,11 @@ class GraphInstances:
                 log.info("chipmunk: %s's weights moved: its caches and steps carry on", type(module).__name__)
             else:
                 new_model = root is not None and id(root) not in self.first
+                if new_model:
+                    self.models_seen += 1
+                    self.roots[id(root)] = _weak(root)
                 ordinal = self._place(position, None if root is None else id(root))
-                if new_model and sum(m is not None for m in self.first) > 1 and module is not None \
+                if new_model and self.models_seen > 1 and module is not None \
                         and self.on_new_model is not None:  # a located model after the first
                     self.on_new_model(module)
             self.keys[key] = ordinal
@@ -529,11 +561,44 @@ class GraphInstances:
         self.first[model] = min(position, self.first.get(model, position))
         return ordinal
 
+    def _forget_freed(self) -> None:
+        """Forget every module and model that was freed: their keys, places and caches."""
+        dead_models = {m for m, ref in self.roots.items() if ref is not None and ref() is None}
+        dead_keys = [k for k, ref in self.modules.items() if ref is not None and ref() is None]
+        if not dead_models and not dead_keys:
+            return
+        ordinals = {self.keys[k] for k in dead_keys}
+        ordinals |= {o for o, (m, _) in self.places.items() if m in dead_models}
+        for k in [k for k, o in self.keys.items() if o in ordinals]:
+            del self.keys[k], self.modules[k]
+        touched = {self.places.pop(o)[0] for o in ordinals}
+        for m in touched:  # a model that lost blocks only (replaced ones) keeps its lowest left
+            left = [pos for mm, pos in self.places.values() if mm == m]
+            if left and m not in dead_models:
+                self.first[m] = min(left)
+            else:
+                self.first.pop(m, None)
+                self.roots.pop(m, None)
+        for m in dead_models:
+            self.roots.pop(m, None)
+        count("instances_freed", len(ordinals))
+        log.info("chipmunk: %d module instance(s) of a compiled graph were freed: their caches too", len(ordinals))
+        if self.on_forget is not None and ordinals:
+            self.on_forget(ordinals)
+
     def _key_of(self, module) -> Optional[int]:
         """The key `module` was seen under, if any."""
         if module is None:
             return None
         return next((k for k, ref in self.modules.items() if ref is not None and ref() is module), None)
+
+
+def _weak(obj) -> Any:
+    """A weak reference to `obj`, or None where it takes none (it is then never taken for freed)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
 
 
 def capturing(t: torch.Tensor) -> bool:
