@@ -23,6 +23,7 @@ import inspect
 import logging
 import re
 import sys
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -247,11 +248,16 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         # Inductor's own cudagraphs (reduce-overhead) partition around the ops instead
         compiled = GraphRunner(compiled, static, blockers, plan.sites, session, instances,
                                max_bytes=config.cuda_graphs_max_gib * 2**30)
-    runner = compiled if isinstance(compiled, GraphRunner) else None
+    # weak: the instances must not keep the sites (caches) or the runner alive through a cycle,
+    # which only the cyclic collector would free (torch._dynamo.reset() frees them at once)
+    sites_ref = [weakref.ref(site) for site in plan.sites]
+    runner_ref = weakref.ref(compiled) if isinstance(compiled, GraphRunner) else None
 
     def forget(ordinals):  # freed modules' caches, and the step graphs that hold their weights
-        for site in plan.sites:
-            site.drop_instances(ordinals)
+        for site in (ref() for ref in sites_ref):
+            if site is not None:
+                site.drop_instances(ordinals)
+        runner = runner_ref() if runner_ref is not None else None
         if runner is not None:
             runner.drop_instances(ordinals)
 
