@@ -357,7 +357,8 @@ class Session:
         self._root: Optional["weakref.ref[torch.nn.Module]"] = None  # the model running its module (note_root)
         self._leader: Optional["weakref.ref[Session]"] = None
         self._leader_checked_at = None  # (sessions, signalled sessions) when no leader was found
-        self._inside: Optional[frozenset] = None  # ids of the root's modules
+        # (_tree_version, the root's modules held weakly): a freed module's reused id is no member
+        self._inside: Optional[tuple] = None
         self._pending: Optional[tuple] = None  # (module,) of a call begun by _defer_call, not yet advanced
         # frame-local names of step signals that only a resumed graph reads (backend.frame_signature)
         self.late_signals: set = set()
@@ -538,12 +539,13 @@ class Session:
         root = self._root()
         if root is None:
             return None
-        if self._inside is None:
-            self._inside = frozenset(id(m) for m in root.modules())
+        _ensure_tree_hook()
+        if self._inside is None or self._inside[0] != _tree_version:
+            self._inside = (_tree_version, weakref.WeakSet(root.modules()))
         # a leader tracks its own steps: signalled, and following no enclosing session (HiDream's
         # model session encloses its signalled time embedding and would follow it: a cycle)
         found = [s for m, s in list(_SESSIONS.items())
-                 if s is not self and s.signalled and s.has_entry and id(m) in self._inside and s.enclosing() is None]
+                 if s is not self and s.signalled and s.has_entry and m in self._inside[1] and s.enclosing() is None]
         moving = [s for s in found if s.tracker.step > 0 or s.tracker.generation > 0]
         if not moving:  # look again on the next call, when a step may have moved
             self._leader_checked_at = None if found else checked
