@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 import sys
 import weakref
@@ -173,6 +174,16 @@ def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:
     return None
 
 
+def _frame_name(frame: tuple) -> str:
+    """`<function in file:line>` for a frame's (file, first line, name); Dynamo's resumed frames
+    (`torch_dynamo_resume_in_<fn>_at_<line>`) as `<fn in file, resumed at line N>`."""
+    file, line, name = frame
+    resumed = re.fullmatch(r"torch_dynamo_resume_in_(.+)_at_(\d+)", name or "")
+    if resumed:
+        return f"<{resumed.group(1)} in {os.path.basename(file)}, resumed at line {resumed.group(2)}>"
+    return f"<{name} in {os.path.basename(file)}:{line}>"
+
+
 def _inner_compile(gm, example_inputs, compiler: str, patches: dict):
     if compiler == "eager":
         return gm.forward
@@ -220,7 +231,9 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # model whose forward Dynamo skips, or a module-less frame with sites (a hook's resumed frame)
     if owner is not None:
         session.note_root(stack_root(owner))
-    plan = rewrite(gm, config, session, example_inputs=example_inputs)
+    # a frame of no module (a hook's function) names its sites by its code: else their path is ''
+    frame_name = _frame_name(frame) if owner is None and frame else ""
+    plan = rewrite(gm, config, session, example_inputs=example_inputs, frame_name=frame_name)
     if plan.sites:
         note_site_frame(owner)
     if owner is None and plan.sites:

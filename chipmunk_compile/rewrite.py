@@ -83,7 +83,9 @@ def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
     return matches, rejections
 
 
-def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list]:
+def plan_sites(gm: fx.GraphModule, config, session: Session, frame_name: str = "") -> tuple[Plan, list]:
+    """The sites of `gm`'s matches, named by module path; `frame_name` names those of a frame that
+    runs in no module (a hook's function: TaylorSeer's attention frames), which have no path."""
     matches, rejections = find_matches(gm, config)
     plan = Plan(rejections=rejections)
     n_attn = 0
@@ -95,7 +97,7 @@ def plan_sites(gm: fx.GraphModule, config, session: Session) -> tuple[Plan, list
     disabled = [r for r in rejections if r.kind == "attention" and r.reason == "disabled by config"]
     calls: dict = {}
     for m in sorted([*matches, *disabled], key=lambda item: order[item.anchor]):
-        module = module_path(m.anchor)
+        module = module_path(m.anchor) or frame_name
         if isinstance(m, Rejection) or m.kind == "attention":
             block = _innermost_block(module)
             n_attn += block is None or block != last_block
@@ -352,8 +354,8 @@ def _replace_mlp(graph: fx.Graph, m, site: Site, amp: Optional[torch.dtype] = No
 
 
 def rewrite(gm: fx.GraphModule, config, session: Session, *, apply_changes: bool = True,
-            example_inputs=None) -> Plan:
-    plan, pairs = plan_sites(gm, config, session)
+            example_inputs=None, frame_name: str = "") -> Plan:
+    plan, pairs = plan_sites(gm, config, session, frame_name)
     plan.grouping = assign_grouping(gm, example_inputs, pairs, config, session)
     if apply_changes and pairs:
         apply(gm, pairs)

@@ -185,3 +185,7 @@ def test_blocks_under_cache_hooks_keep_the_layer_numbers_of_the_whole_model(fres
     # (TaylorSeer's break around a single block's attention splits its MLP: no site there)
     assert {block for kind_, block in seen if kind_ == "mlp"} >= {"transformer_blocks.0", "transformer_blocks.1"}
     assert all(layers == {whole[block]} for (_, block), layers in seen.items()), seen
+    # every site is named: a frame of no module by its code (until session 52 its path was '')
+    paths = [row["path"] for row in chipmunk_compile.stats(compiled)["sites"]]
+    assert paths and all(paths), paths
+    assert (kind == "taylorseer") == any(p.startswith("<") and ".py" in p for p in paths), paths
