@@ -26,26 +26,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import chipmunk_compile  # noqa: E402
 from chipmunk_compile import graphs  # noqa: E402
-from helpers import TinyBlock  # noqa: E402
+from test_two_models_one_graph import TimedBlocks  # noqa: E402
 
 CONFIG = {"schedule_steps": None,  # the periods as written (3): sparse steps within 12 steps
           "attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3, "full_step_every": 3},
           "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "full_step_every": 3}}
 
 
-class Timed(torch.nn.Module):
+def timed_blocks() -> torch.nn.Module:
     """Three pre-norm blocks (head dim 64: the Triton kernels' size) after a timestep embedding."""
-
-    def __init__(self):
-        super().__init__()
-        self.t = torch.nn.Linear(1, 128)
-        self.blocks = torch.nn.ModuleList([TinyBlock(128, heads=2, mult=4) for _ in range(3)])
-
-    def forward(self, x, timestep):
-        x = x + self.t(timestep[:, None])[:, None]
-        for b in self.blocks:
-            x = b(x)
-        return x
+    return TimedBlocks(width=128, heads=2, mult=4, blocks=3)
 
 
 def main() -> None:
@@ -59,13 +49,13 @@ def main() -> None:
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     options = {"config": CONFIG, "compiler": args.compiler or ("inductor" if cuda else "eager")}
     torch.manual_seed(0)
-    state = Timed().to(dev, dt).eval().state_dict()
+    state = timed_blocks().to(dev, dt).eval().state_dict()
     x, drift = (torch.randn(2, 1000, 128, device=dev, dtype=dt) for _ in range(2))
     first = None
     print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, {options['compiler']}, "
           f"{args.models} models x 3 generations x {args.steps} steps")
     for n in range(args.models):
-        model = Timed().to(dev, dt).eval()
+        model = timed_blocks().to(dev, dt).eval()
         model.load_state_dict(state)
         compiled = torch.compile(model, backend="chipmunk", options=options)
         with torch.no_grad():

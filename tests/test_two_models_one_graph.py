@@ -17,10 +17,10 @@ CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3, "gr
 
 
 class TimedBlocks(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = 64, heads: int = 2, mult: int = 2, blocks: int = 2):
         super().__init__()
-        self.t = torch.nn.Linear(1, 64)
-        self.blocks = torch.nn.ModuleList([TinyBlock(64, heads=2, mult=2) for _ in range(2)])
+        self.t = torch.nn.Linear(1, width)
+        self.blocks = torch.nn.ModuleList([TinyBlock(width, heads=heads, mult=mult) for _ in range(blocks)])
 
     def forward(self, x, timestep):
         x = x + self.t(timestep[:, None])[:, None]
