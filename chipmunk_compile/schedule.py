@@ -87,11 +87,10 @@ def last_dense_mlp_step(cfg: MlpConfig, step: int, scale: Optional[float] = None
     return step - step % period(cfg.full_step_every, scale)
 
 
-def attn_catch_up_span(cfg: AttnConfig, step: int, scale: Optional[float] = None) -> float:
-    """`catch_up` refresh periods in steps at `step` (an explicit schedule's period: the gap before
-    its latest refresh up to `step`)."""
+def attn_catch_up_span(cfg: AttnConfig, last: int, scale: Optional[float] = None) -> float:
+    """`catch_up` refresh periods in steps, at a step whose latest scheduled refresh is `last`
+    (an explicit schedule's period: the gap before that refresh)."""
     if cfg.full_step_schedule is not None:
-        last = last_refresh_step(cfg, step, scale)
         gap = last - max((s for s in scheduled_steps(cfg.full_step_schedule, scale) if s < last), default=0)
     else:
         gap = period(cfg.full_step_every, scale)
@@ -103,9 +102,12 @@ def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[flo
     (`catch_up`): a scheduled refresh after `filled` was missed, and the caches are at least
     `catch_up` refresh periods old. The span in steps (`attn_catch_up_span`, > 0) when it does, for
     the caller's next test; None when it does not."""
-    if cfg.catch_up <= 0 or filled >= last_refresh_step(cfg, step, scale):
+    if cfg.catch_up <= 0:
         return None
-    span = attn_catch_up_span(cfg, step, scale)
+    last = last_refresh_step(cfg, step, scale)
+    if filled >= last:
+        return None
+    span = attn_catch_up_span(cfg, last, scale)
     return span if step - filled >= span else None
 
 

@@ -571,16 +571,14 @@ class GraphInstances:
         ordinals |= {o for o, (m, _) in self.places.items() if m in dead_models}
         for k in [k for k, o in self.keys.items() if o in ordinals]:
             del self.keys[k], self.modules[k]
-        touched = {self.places.pop(o)[0] for o in ordinals}
+        touched = {self.places.pop(o)[0] for o in ordinals}  # every dead model (all its places) included
         for m in touched:  # a model that lost blocks only (replaced ones) keeps its lowest left
             left = [pos for mm, pos in self.places.values() if mm == m]
-            if left and m not in dead_models:
+            if left:
                 self.first[m] = min(left)
             else:
                 self.first.pop(m, None)
                 self.roots.pop(m, None)
-        for m in dead_models:
-            self.roots.pop(m, None)
         count("instances_freed", len(ordinals))
         log.info("chipmunk: %d module instance(s) of a compiled graph were freed: their caches too", len(ordinals))
         if self.on_forget is not None and ordinals:
