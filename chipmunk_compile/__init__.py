@@ -159,6 +159,7 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
         raise TypeError("chipmunk_compile.inspect(model, *args, config=None, **kwargs) traces one call of the "
                         "model: give that call's inputs (e.g. the tensors a pipeline passes the transformer at one "
                         "step)")
+    from .backend import find_owner, frame_site_name
     from .rewrite import rewrite
     from .runtime import Session
 
@@ -168,7 +169,9 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     session = Session(cfg, None)  # one for all graphs: a grid seen before a graph break carries over
 
     def inspect_backend(gm, example_inputs, **_):
-        plan = rewrite(gm, cfg, session, apply_changes=False, example_inputs=example_inputs)
+        owner, _, frame = find_owner(gm)  # a frame of no module names its rows by its code, as the backend does
+        plan = rewrite(gm, cfg, session, apply_changes=False, example_inputs=example_inputs,
+                       frame_name=frame_site_name(owner, frame))
         report.graphs += 1
         report.sites += [SiteRow(s.kind, s.pattern, s.path, s.layer, s.shapes, s.grouping) for s in plan.sites]
         report.rejected += [RejectedRow(r.kind, r.pattern, r.path, r.reason, r.shapes) for r in plan.rejections]

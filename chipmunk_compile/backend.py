@@ -174,6 +174,13 @@ def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:
     return None
 
 
+def frame_site_name(owner: Optional[torch.nn.Module], frame: tuple) -> str:
+    """The name of the sites and rejected candidates of a frame that runs in no module (a hook's
+    function: TaylorSeer's attention frames), which have no module path: the frame's code. '' for
+    a module's frame, whose sites are named by their module paths."""
+    return _frame_name(frame) if owner is None and frame else ""
+
+
 def _frame_name(frame: tuple) -> str:
     """`<function in file:line>` for a frame's (file, first line, name); Dynamo's resumed frames
     (`torch_dynamo_resume_in_<fn>_at_<line>`) as `<fn in file, resumed at line N>`."""
@@ -231,9 +238,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # model whose forward Dynamo skips, or a module-less frame with sites (a hook's resumed frame)
     if owner is not None:
         session.note_root(stack_root(owner))
-    # a frame of no module (a hook's function) names its sites by its code: else their path is ''
-    frame_name = _frame_name(frame) if owner is None and frame else ""
-    plan = rewrite(gm, config, session, example_inputs=example_inputs, frame_name=frame_name)
+    plan = rewrite(gm, config, session, example_inputs=example_inputs, frame_name=frame_site_name(owner, frame))
     if plan.sites:
         note_site_frame(owner)
     if owner is None and plan.sites:

@@ -84,9 +84,12 @@ def find_matches(gm: fx.GraphModule, config) -> tuple[list, list[Rejection]]:
 
 
 def plan_sites(gm: fx.GraphModule, config, session: Session, frame_name: str = "") -> tuple[Plan, list]:
-    """The sites of `gm`'s matches, named by module path; `frame_name` names those of a frame that
-    runs in no module (a hook's function: TaylorSeer's attention frames), which have no path."""
+    """The sites of `gm`'s matches, named by module path; `frame_name` names those (and the rejected
+    candidates) of a frame that runs in no module (a hook's function: TaylorSeer's attention
+    frames), which have no path."""
     matches, rejections = find_matches(gm, config)
+    for r in rejections:
+        r.path = r.path or frame_name
     plan = Plan(rejections=rejections)
     n_attn = 0
     last_block = None  # innermost indexed module of the previous attention site

@@ -189,3 +189,26 @@ def test_blocks_under_cache_hooks_keep_the_layer_numbers_of_the_whole_model(fres
     paths = [row["path"] for row in chipmunk_compile.stats(compiled)["sites"]]
     assert paths and all(paths), paths
     assert (kind == "taylorseer") == any(p.startswith("<") and ".py" in p for p in paths), paths
+
+
+def test_inspect_names_the_rows_of_frames_of_no_module_by_their_code(fresh_dynamo):
+    """inspect() names the sites and the rejected candidates of TaylorSeer's module-less attention
+    frames by the frame's code, as the backend names its sites. Until session 53 inspect() named
+    neither (its table showed '<top>') and the backend named only sites, not rejections."""
+    model = _flux()
+    model.enable_cache(_hook("taylorseer"))
+    g = torch.Generator().manual_seed(0)
+    img_ids = torch.zeros(H, W, 3)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None]
+    kw = dict(hidden_states=torch.randn(1, H * W, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.ones(1),
+              img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3), guidance=torch.full((1,), 3.5), return_dict=False)
+    hook_frame = "<new_forward in taylorseer_cache.py, resumed at line"
+    with model.cache_context("cond"):
+        rejected = chipmunk_compile.inspect(model, **kw).rejected  # 264 tokens: below min_tokens
+        sites = chipmunk_compile.inspect(model, config=cfg(attn={"top_keys": 0.3}), **kw).sites
+    too_short = [r for r in rejected if r.kind == "attention"]
+    assert too_short and all(r.path.startswith(hook_frame) for r in too_short), rejected
+    attention = [s for s in sites if s.kind == "attention"]
+    assert attention and all(s.path.startswith(hook_frame) for s in attention), sites
+    assert all(r.path for r in rejected) and all(s.path for s in sites)
