@@ -27,7 +27,7 @@ import torch
 
 from chipmunk_compile.config import list_presets
 from bench_e2e import (StepPin, apply_text_mask, build, compile_variant, inputs, resolve_text_mask, text_mask_text,
-                       timestep, uncompile_blocks)
+                       timestep, uncompile_blocks, with_overrides)
 
 
 def steps(compiled, name, kw, n, start=0, total=50, pin=None):
@@ -219,6 +219,8 @@ def main():
                     help="hunyuan-video/mochi: as in bench_e2e.py ('none': attention with attn_mask=None)")
     ap.add_argument("--regional", action="store_true",
                     help="regional compilation for both variants, as bench_e2e.py --regional")
+    ap.add_argument("--set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
+                    help="override a preset key, as bench_e2e.py --set (e.g. attn.top_keys=0.05)")
     args = ap.parse_args()
     try:
         args.text_mask = resolve_text_mask(args.model, args.text_mask)
@@ -228,13 +230,13 @@ def main():
         starts = step_windows(args.at or [], args.window)
     except ValueError as e:
         ap.error(str(e))
-    print(f"# {args.model}, {args.blocks} blocks, preset {args.config or 'of the model'}, "
+    print(f"# {args.model}, {args.blocks} blocks, preset {args.config or 'of the model'}{' ' + str(args.set) if args.set else ''}, "
           f"{text_mask_text(args.model, args.text_mask)}{'; regional compilation' if args.regional else ''}")
     model = build(args.model, args.blocks)
     kw = apply_text_mask(args.model, model, inputs(args.model, model), args.text_mask)
     preset = args.config or (args.model if args.model in list_presets() else "default")  # as bench_e2e.py
-    cfg = preset if args.preset_as_is else \
-        {"preset": preset, "attn": {"first_n_dense_layers": 0}, "mlp": {"first_n_dense_layers": 0}}
+    every_layer = [] if args.preset_as_is else ["attn.first_n_dense_layers=0", "mlp.first_n_dense_layers=0"]
+    cfg = with_overrides(preset, [*every_layer, *args.set])
     for label in ("chipmunk",) if args.no_baseline else ("inductor", "chipmunk"):
         torch._dynamo.reset()
         uncompile_blocks(model)
