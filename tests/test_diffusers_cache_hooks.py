@@ -37,19 +37,23 @@ def _hook(kind):
     return TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=3, max_order=1)
 
 
+def _img_ids():
+    ids = torch.zeros(H, W, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None]
+    return ids.reshape(-1, 3)
+
+
 def _generate(model, seed):
     """A FLUX-pipeline-like Euler loop: calls under cache_context("cond"), the hooks' state reset
     after each generation (as the pipelines' maybe_free_model_hooks does)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, H * W, 16, generator=g)
     txt, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
-    img_ids = torch.zeros(H, W, 3)
-    img_ids[..., 1], img_ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None]
     ts = torch.linspace(1, 0, STEPS + 1)
     for i in range(STEPS):
         with model.cache_context("cond"):
             v = model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled,
-                      timestep=ts[i].expand(1), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3),
+                      timestep=ts[i].expand(1), img_ids=_img_ids(), txt_ids=torch.zeros(8, 3),
                       guidance=torch.full((1,), 3.5), return_dict=False)[0]
         x = x + (ts[i + 1] - ts[i]) * v
     model._reset_stateful_cache()
@@ -198,11 +202,9 @@ def test_inspect_names_the_rows_of_frames_of_no_module_by_their_code(fresh_dynam
     model = _flux()
     model.enable_cache(_hook("taylorseer"))
     g = torch.Generator().manual_seed(0)
-    img_ids = torch.zeros(H, W, 3)
-    img_ids[..., 1], img_ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None]
     kw = dict(hidden_states=torch.randn(1, H * W, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
               pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.ones(1),
-              img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3), guidance=torch.full((1,), 3.5), return_dict=False)
+              img_ids=_img_ids(), txt_ids=torch.zeros(8, 3), guidance=torch.full((1,), 3.5), return_dict=False)
     hook_frame = "<new_forward in taylorseer_cache.py, resumed at line"
     with model.cache_context("cond"):
         rejected = chipmunk_compile.inspect(model, **kw).rejected  # 264 tokens: below min_tokens
