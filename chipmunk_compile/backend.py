@@ -176,14 +176,12 @@ def first_parameter_input(gm: torch.fx.GraphModule) -> Optional[int]:
 
 def frame_site_name(owner: Optional[torch.nn.Module], frame: tuple) -> str:
     """The name of the sites and rejected candidates of a frame that runs in no module (a hook's
-    function: TaylorSeer's attention frames), which have no module path: the frame's code. '' for
-    a module's frame, whose sites are named by their module paths."""
-    return _frame_name(frame) if owner is None and frame else ""
-
-
-def _frame_name(frame: tuple) -> str:
-    """`<function in file:line>` for a frame's (file, first line, name); Dynamo's resumed frames
-    (`torch_dynamo_resume_in_<fn>_at_<line>`) as `<fn in file, resumed at line N>`."""
+    function: TaylorSeer's attention frames), which have no module path: the frame's code,
+    `<function in file:line>` for its (file, first line, name), and Dynamo's resumed frames
+    (`torch_dynamo_resume_in_<fn>_at_<line>`) as `<fn in file, resumed at line N>`. '' for a
+    module's frame, whose sites are named by their module paths."""
+    if owner is not None or not frame:
+        return ""
     file, line, name = frame
     resumed = re.fullmatch(r"torch_dynamo_resume_in_(.+)_at_(\d+)", name or "")
     if resumed:
