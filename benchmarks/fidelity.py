@@ -75,7 +75,7 @@ def dense_call_flops(fn) -> float:
 class TinyRunner:
     """The shipped tiny DiT: class-conditional generation through a given transformer."""
 
-    def __init__(self, device, dtype, classes, guidance, weights=None):
+    def __init__(self, device, dtype, classes, guidance, weights=None, shift=1.0):
         sys.path.insert(0, ROOT)
         from examples.tiny_dit.model import WEIGHTS_PATH, load_pretrained
         from examples.tiny_dit.sampler import sample_classes
@@ -83,7 +83,7 @@ class TinyRunner:
         self.model = load_pretrained(device, dtype, weights or WEIGHTS_PATH)
         self.sample = sample_classes
         self.labels = torch.tensor(classes, device=device)
-        self.guidance = guidance
+        self.guidance, self.shift = guidance, shift  # shift: the sampler's flow shift (1: equal steps in t)
         self.transformer = self.model.transformer
         c = self.model.config
         self.name = "tiny-dit" if c.image_size == 64 else f"tiny-dit-{c.image_size}"
@@ -92,7 +92,7 @@ class TinyRunner:
 
     def generate(self, transformer, steps, seed):
         tokens = self.sample(self.model, self.labels, transformer=transformer, steps=steps, seed=seed,
-                             guidance_scale=self.guidance, return_tokens=True)
+                             guidance_scale=self.guidance, shift=self.shift, return_tokens=True)
         return self.model.unpatchify(tokens).clamp(-1, 1), tokens
 
     def one_dense_call(self):

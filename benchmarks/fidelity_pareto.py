@@ -282,9 +282,26 @@ GRID.update({
     # refreshes 231 s of 438; each refresh fewer saves ~18 s there
     **{f"vcm-hv-e{p}-k-x1": _video(_HV, {"full_step_schedule": None, "full_step_every": p, "recompute_mask": False,
                                           **_X1}) for p in (6, 7, 8)},
+    # fewer refreshes than every 5's 10 (session 54: one fewer is what 2.5x on HunyuanVideo needs), placed early
+    # ("front"), late ("back"), evenly ("even"), as every 5 without its last or second one ("drop45", "drop5");
+    # early ones won, so also earlier still ("front2") and 8 or 7 of them
+    **{f"vcm-hv-{k}-k-x1": _video(_HV, {"full_step_schedule": s, "recompute_mask": False, **_X1})
+       for k, s in {"s9front": [1, 4, 8, 13, 19, 25, 31, 38, 45], "s9back": [1, 8, 15, 21, 27, 32, 37, 41, 45],
+                    "s9even": [1, 7, 13, 19, 24, 29, 34, 39, 44], "s9drop45": [1, 5, 10, 15, 20, 25, 30, 35, 40],
+                    "s9drop5": [1, 10, 15, 20, 25, 30, 35, 40, 45], "s9front2": [1, 3, 6, 10, 15, 21, 28, 36, 45],
+                    "s8front": [1, 4, 8, 13, 19, 26, 34, 43], "s8front2": [1, 3, 6, 10, 15, 22, 30, 40],
+                    "s7front": [1, 4, 9, 15, 22, 31, 41], "s7front2": [1, 3, 6, 11, 18, 27, 38],
+                    # for --shift 7 (HunyuanVideo's sampler: small steps in t first, large ones last), where
+                    # the early placements lose: "s9sig" puts s8front2's refreshes at the same t as under
+                    # equal steps, "s9late" and "s8late" in between
+                    "s9sig": [1, 6, 15, 24, 32, 38, 42, 46, 48], "s9late": [1, 10, 18, 25, 31, 36, 40, 44, 47],
+                    "s8late": [1, 10, 20, 28, 35, 40, 44, 47]}.items()},
     "vcm-wan": _video(_WAN),
     "vcm-wan-x1": _video(_WAN, _X1),
     "vcm-wan-e5": _video(_WAN, {"full_step_every": 5}),
+    # the preset's 5 refreshes (1, 10, 20, 30, 40) placed early, as the HunyuanVideo sweep above favours (session 54)
+    **{f"vcm-wan-{k}": _video(_WAN, {"full_step_schedule": s})
+       for k, s in {"s5front": [1, 4, 9, 17, 30], "s5front2": [1, 3, 6, 12, 24]}.items()},
     "vcm-wan-e5-x1": _video(_WAN, {"full_step_every": 5, **_X1}),
     "vcm-a.20": _video(_WAN, {"top_keys": 0.2}),
     "vcm-a.20-x1": _video(_WAN, {"top_keys": 0.2, **_X1}),
@@ -614,6 +631,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--shift", type=float, default=1.0,
+                    help="the sampler's flow shift (>1: smaller steps near t = 1, as SD3/FLUX/HunyuanVideo sample)")
     ap.add_argument("--settings", nargs="*", default=None, help="names or globs of GRID (default: all)")
     ap.add_argument("--target", type=float, default=30.0, help="PSNR goal in dB (issue 4: 30)")
     ap.add_argument("--compiler", default=None, help="inner compiler: inductor (GPU default) or eager (CPU default)")
@@ -658,19 +677,20 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.compiler = args.compiler or ("inductor" if device == "cuda" else "eager")
-    runner = TinyRunner(device, dtype, args.classes, args.guidance, args.weights)
+    runner = TinyRunner(device, dtype, args.classes, args.guidance, args.weights, args.shift)
     meta = {"model": runner.name, "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
             "steps": args.steps, "seed": args.seed, "classes": args.classes, "guidance": args.guidance,
+            "shift": args.shift,
             "compiler": args.compiler, "torch": torch.__version__, "git": git_state()}
-    if old and (saved["meta"]["classes"], saved["meta"]["steps"], saved["meta"]["seed"]) != \
-            (args.classes, args.steps, args.seed):
-        sys.exit("--resume: the saved rows used other classes/steps/seed")
+    if old and (saved["meta"]["classes"], saved["meta"]["steps"], saved["meta"]["seed"],
+                saved["meta"].get("shift", 1.0)) != (args.classes, args.steps, args.seed, args.shift):
+        sys.exit("--resume: the saved rows used other classes/steps/seed/shift")
     todo = [n for n in names if n not in old or args.rerun]
     rows = [r for r in old.values() if r["setting"] not in todo]
     dense_flops = dense_call_flops(runner.one_dense_call())
     print(f"# pareto sweep on {runner.name}, {device}, {len(args.classes)} images, {args.steps} steps, "
           f"{len(todo)} settings to run", flush=True)
-    key = {k: meta[k] for k in ("classes", "steps", "seed", "guidance", "device")}
+    key = {k: meta[k] for k in ("classes", "steps", "seed", "guidance", "device", "shift")}
     cached = torch.load(args.dense_cache) if args.dense_cache and os.path.exists(args.dense_cache) else None
     if cached is not None and cached["key"] == key:
         ref_img, ref_tok, ref_s = cached["images"], cached["tokens"], cached["seconds"]
@@ -699,7 +719,8 @@ def main(argv=None):
 
 
 def _title(meta):
-    return (f"{meta['model']} on {meta['device']}: {len(meta['classes'])} images, {meta['steps']} steps, "
+    shift = f" (flow shift {meta['shift']:g})" if meta.get("shift", 1.0) != 1.0 else ""
+    return (f"{meta['model']} on {meta['device']}: {len(meta['classes'])} images, {meta['steps']} steps{shift}, "
             f"PSNR vs dense against FLOPs; lines = Pareto fronts")
 
 

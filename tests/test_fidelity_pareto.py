@@ -1,4 +1,4 @@
-"""Pure helpers of benchmarks/fidelity_pareto.py: families, Pareto fronts, front look-ups, paired noise."""
+"""benchmarks/fidelity_pareto.py: families, Pareto fronts, front look-ups, paired noise, and the sampler shift."""
 
 import math
 import os
@@ -107,3 +107,23 @@ def test_dense_call_flops_counts_cpu_attention():
     w = torch.randn(D, D)
     flops = dense_call_flops(lambda: F.scaled_dot_product_attention(q, q, q) @ w)
     assert flops == 4 * B * H * N * N * D + 2 * B * H * N * D * D
+
+
+def test_shift_reaches_the_sampler_and_resume_refuses_rows_of_another_shift(tmp_path):
+    # --shift spaces the steps as a pipeline's flow shift does (HunyuanVideo: 7); a refresh schedule
+    # in steps means other noise levels under another shift, so rows of two shifts never mix
+    import json
+
+    import torch
+
+    from benchmarks.fidelity import TinyRunner
+
+    equal, shifted = (TinyRunner("cpu", torch.float32, [0], None, shift=s) for s in (1.0, 7.0))
+    a, _ = equal.generate(equal.transformer, steps=3, seed=0)
+    b, _ = shifted.generate(shifted.transformer, steps=3, seed=0)
+    assert (a - b).abs().max().item() > 1e-2
+    meta = {"model": "tiny-dit", "classes": [0], "steps": 3, "seed": 0, "shift": 1.0}
+    (tmp_path / "fidelity_pareto.json").write_text(json.dumps({"meta": meta, "rows": [{"setting": "cm-method"}]}))
+    with pytest.raises(SystemExit, match="shift"):
+        fp.main(["--classes", "0", "--steps", "3", "--shift", "7", "--settings", "cm-default",
+                 "--resume", "--out", str(tmp_path)])
