@@ -299,7 +299,8 @@ GRID.update({
     "vcm-wan": _video(_WAN),
     "vcm-wan-x1": _video(_WAN, _X1),
     "vcm-wan-e5": _video(_WAN, {"full_step_every": 5}),
-    # the preset's 5 refreshes (1, 10, 20, 30, 40) placed early, as the HunyuanVideo sweep above favours (session 54)
+    # the preset's 5 refreshes (1, 10, 20, 30, 40) placed early, as the HunyuanVideo sweep above favours with equal
+    # steps (session 54: +3 dB there; with Wan's own --shift 5, -3.7 dB: early in t is late in steps)
     **{f"vcm-wan-{k}": _video(_WAN, {"full_step_schedule": s})
        for k, s in {"s5front": [1, 4, 9, 17, 30], "s5front2": [1, 3, 6, 12, 24]}.items()},
     "vcm-wan-e5-x1": _video(_WAN, {"full_step_every": 5, **_X1}),
