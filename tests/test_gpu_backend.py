@@ -163,6 +163,10 @@ def _research_inputs(t: float):
 
 CFG = {"attn": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.2},
        "mlp": {"min_tokens": 0, "first_n_dense_layers": 1, "top_keys": 0.3}}
+# for tests that run three or more generations of one step count: the periods as written. Scaled to
+# the count that two generations in a row ran (a few steps here), the next ones would run attention
+# dense throughout: other step counts, and no grouping of a new resolution
+CFG_AS_WRITTEN = {**CFG, "schedule_steps": None}
 # the text embedders' few-token MLPs of HunyuanVideo 1.5 stay out (not what this test is about)
 MODELS = {"flux": (_flux, _inputs, CFG), "flux2": (_flux2, _flux2_inputs, CFG),
           "hunyuan_video15": (_hunyuan15, _hunyuan15_inputs, {**CFG, "mlp": {**CFG["mlp"], "min_tokens": 64}}),
@@ -404,12 +408,11 @@ def test_three_resolutions_group_each_count_under_step_graphs(monkeypatch):
     """FLUX.2 at three resolutions in one process (Inductor, step graphs): the third reuses the
     graph recompiled with symbolic counts and is grouped on the grid of its own call's ids, read
     on that count's first call (eager: never while a step graph records). Every resolution's
-    generation matches the reference path, and the third one's joint attention is grouped.
-    The periods run as written: scaled to the 6 steps that two generations in a row ran, the third
-    would run dense throughout and never group."""
+    generation matches the reference path, and the third one's joint attention is grouped
+    (`CFG_AS_WRITTEN`)."""
     def generations():
         torch._dynamo.reset()
-        c = torch.compile(_flux2(), backend="chipmunk", options={"config": {**CFG, "schedule_steps": None}})
+        c = torch.compile(_flux2(), backend="chipmunk", options={"config": CFG_AS_WRITTEN})
         outs = []
         with torch.no_grad():
             for h, w in ((32, 32), (24, 40), (16, 16)):
@@ -439,13 +442,10 @@ def test_step_graphs_follow_weights_written_or_moved_between_generations():
     version change) must reach the replayed sparse steps through the copy the dense step's graph
     refreshes, and weights moved to new addresses must keep the model's steps and caches
     (`instance_weights_moved`). Same outputs and step kinds as the ops run eagerly, per generation.
-    The periods run as written (`schedule_steps: null`): scaled to the 8 steps that two generations
-    in a row ran, the third generation's attention would be all dense and the counts below unequal.
-    (tests/test_weights_in_place.py checks both on the CPU.)"""
+    Three generations of one count: `CFG_AS_WRITTEN`. (tests/test_weights_in_place.py checks both on the CPU.)"""
     import copy
 
     base = _flux()
-    cfg = {**CFG, "schedule_steps": None}
 
     def change(model, g):
         with torch.no_grad():
@@ -459,7 +459,7 @@ def test_step_graphs_follow_weights_written_or_moved_between_generations():
         torch._dynamo.reset()
         counters.clear()
         model = copy.deepcopy(base)
-        c = torch.compile(model, backend="chipmunk", options={"config": {**cfg, "cuda_graphs": cuda_graphs}})
+        c = torch.compile(model, backend="chipmunk", options={"config": {**CFG_AS_WRITTEN, "cuda_graphs": cuda_graphs}})
         gens, sparse = [], []
         with torch.no_grad():
             for g in range(3):
