@@ -11,7 +11,10 @@
 
 What is measured, and how:
 - Random weights built directly on the GPU in bf16 (no downloads), inputs at the published
-  resolution; the timestep of step s is that of an `--steps`-step sampler (decreasing).
+  resolution; the timestep of step s is that of an `--steps`-step sampler (decreasing; `--shift`
+  spaces them as a flow-matching sampler of that shift does). Refreshes written as noise levels
+  (attn.full_step_levels) are resolved to the steps that sampler gives them, printed, and run as a
+  step schedule (pinned steps carry no timestep; the kinds of the steps are what is timed).
 - Step kinds: every step s has a label, the attention and MLP step kinds of the chipmunk schedule
   at layer 10 (a representative sparse layer), plus "+fore" on steps that run a forecast
   (attn.extrapolate, mlp.extrapolate), and "+sel" / "+reuse" on sparse MLP steps that pick
@@ -81,7 +84,7 @@ import torch
 import chipmunk_compile as cc
 from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.schedule import (DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind,
-                                        step_scale)
+                                        step_scale, steps_at_levels)
 
 # published sizes (diffusers configs) and resolutions
 MODELS = {
@@ -320,15 +323,37 @@ def apply_text_mask(name: str, model, kw: dict, text_mask: str | None) -> dict:
     return kw
 
 
-def timestep(name, i, steps, device, dtype):
-    t = 1.0 - i / steps
+def flow_level(i: int, steps: int, shift: float = 1.0) -> float:
+    """Step i's noise level under a flow-matching sampler of `steps` steps and flow `shift` (1: equal steps)."""
+    s = 1.0 - i / steps
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def timestep(name, i, steps, device, dtype, shift: float = 1.0):
     scale = 1.0 if name in FLOW_TIME else 1000.0
-    return torch.full((1,), t * scale, device=device, dtype=dtype)
+    return torch.full((1,), flow_level(i, steps, shift) * scale, device=device, dtype=dtype)
 
 
-def timestep_inputs(name: str, kw: dict, i: int, steps: int, device="cuda", dtype=torch.bfloat16) -> dict:
+def levels_as_steps(preset, steps: int, shift: float):
+    """(preset, resolved): a config whose attention refreshes are written as noise levels
+    (attn.full_step_levels) with them resolved to the steps this sampler (`steps`, `shift`) gives
+    them, as the backend resolves them from the timesteps, and those steps; else (preset, None).
+    Step kinds are what the timing depends on: pinned steps (set_step) carry no timestep, so the
+    pinned and tracked generations run this step schedule alike."""
+    cfg = ChipmunkConfig.from_any(preset)
+    if cfg.attn.full_step_levels is None:
+        return preset, None
+    levels = tuple(flow_level(i, steps, shift) for i in range(steps))
+    resolved = sorted(steps_at_levels(levels, tuple(cfg.attn.full_step_levels), cfg.attn.warmup_steps))
+    spec = dict(preset) if isinstance(preset, dict) else {"preset": preset}
+    spec["attn"] = {**spec.get("attn", {}), "full_step_levels": None, "full_step_schedule": resolved}
+    return spec, resolved
+
+
+def timestep_inputs(name: str, kw: dict, i: int, steps: int, device="cuda", dtype=torch.bfloat16,
+                    shift: float = 1.0) -> dict:
     """The step's timestep input: `timestep`, or for cosmos3 `vision_timesteps`, one per vision token."""
-    t = timestep(name, i, steps, device, dtype)
+    t = timestep(name, i, steps, device, dtype, shift)
     if name == "cosmos3":
         return dict(vision_timesteps=t.float().expand(kw["vision_sequence_indexes"].numel()).contiguous())
     return dict(timestep=t)
@@ -712,7 +737,7 @@ def measure(args, variants, blocks, preset, seq, labels) -> dict:
     cfg_calls = MODELS[args.model].get("cfg_calls", 1)
 
     def step_kwargs(s):
-        return dict(kw, **timestep_inputs(args.model, kw, s, args.steps), return_dict=False)
+        return dict(kw, **timestep_inputs(args.model, kw, s, args.steps, shift=args.shift), return_dict=False)
 
     out = {}
     for variant in variants:
@@ -835,7 +860,8 @@ def json_row(args, counts, preset, measured, final, labels, seq, gpu) -> dict:
     return dict(model=args.model, gpu=gpu, torch=torch.__version__, blocks=counts, frames=args.frames,
                 lora_rank=args.lora, freezing=args.freezing, regional=args.regional,
                 text_mask=args.text_mask, baseline_attention=baseline_text(args.model),
-                steps=args.steps, preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
+                steps=args.steps, shift=getattr(args, "shift", 1.0), refresh_levels=getattr(args, "refresh_levels", None),
+                preset=preset, reps=args.reps, coverage=seq, kind_counts=dict(Counter(labels)),
                 extrapolated=counts is not None and len(counts) == 2, published_units=published_units(args.model),
                 medians_ms={v: r["medians_ms"] for v, r in final.items()},
                 total_ms={v: r["total_ms"] for v, r in final.items()}, **speedups(final),
@@ -851,6 +877,9 @@ def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="flux", choices=sorted(MODELS))
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--shift", type=float, default=1.0,
+                    help="the sampler's flow shift (HunyuanVideo 7, Wan 720p 5): the timesteps' spacing, and where "
+                         "refreshes written as noise levels (attn.full_step_levels) fall")
     ap.add_argument("--blocks", default=None,
                     help="reduced depth: 'n' (measured) or 'n1,n2' (extrapolated to the published depth); "
                          "a unit = one layer, or for flux/hunyuan-video one double + two single blocks")
@@ -896,6 +925,11 @@ def main():
     # the step count in the config: every way of running the steps (pinned, tracked, a followed
     # scheduler) scales the schedule's periods alike (ChipmunkConfig.schedule_steps)
     preset = with_overrides(args.config or spec["preset"], [f"steps={args.steps}", *args.set])
+    args.refresh_levels = ChipmunkConfig.from_any(preset).attn.full_step_levels
+    preset, resolved = levels_as_steps(preset, args.steps, args.shift)
+    if resolved is not None:
+        print(f"# attn.full_step_levels at {args.steps} steps of flow shift {args.shift}: refreshes at steps {resolved}",
+              flush=True)
     labels = step_labels(preset, args.steps)
     seq = coverage(preset, args.steps, args.reps)
     variants = [BASELINE] + ([DEFAULT_SDPA] if args.default_sdpa else []) + [CHIPMUNK]

@@ -296,6 +296,13 @@ GRID.update({
                     # equal steps, "s9late" and "s8late" in between
                     "s9sig": [1, 6, 15, 24, 32, 38, 42, 46, 48], "s9late": [1, 10, 18, 25, 31, 36, 40, 44, 47],
                     "s8late": [1, 10, 20, 28, 35, 40, 44, 47]}.items()},
+    # the refreshes written as noise levels (attn.full_step_levels, session 55), so that one list places them
+    # at the same noise under any --shift: "l8" puts s8front2's last 7 at its equal-step levels (1 - step/50),
+    # "l9" also its first (0.98: step 1 at equal steps, step 6 under shift 7, as "s9sig")
+    **{f"vcm-hv-{k}-k-x1": _video(_HV, {"full_step_schedule": None, "full_step_levels": lv, "recompute_mask": False,
+                                        **_X1})
+       for k, lv in {"l8": [0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20],
+                     "l9": [0.98, 0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20]}.items()},
     "vcm-wan": _video(_WAN),
     "vcm-wan-x1": _video(_WAN, _X1),
     "vcm-wan-e5": _video(_WAN, {"full_step_every": 5}),

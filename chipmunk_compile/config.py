@@ -50,6 +50,15 @@ class AttnConfig:
     warmup_steps: int = 1  # plain dense steps before the first refresh
     full_step_every: int = 5  # refresh (dense + new indices + cache) period
     full_step_schedule: Optional[list[int]] = None  # explicit refresh steps; overrides the period
+    # refreshes written as noise levels instead of steps (overrides the period; not with
+    # full_step_schedule): the first step after warm-up and the first step at or below each level,
+    # a step's level being its timestep over the generation's first (1 = the first step's noise; a
+    # flow-matching sampler from pure noise: sigma). The same list then refreshes at the same noise
+    # under any flow shift or step count, where a schedule in steps suits one shift only (on the tiny
+    # video DiT the 8 refreshes best at equal steps lose 8.8 dB under HunyuanVideo's shift 7; docs/
+    # results.md "A video model"). Levels come from the step signal's timesteps or the pipeline's
+    # scheduler; a generation without either runs the period (counted `attn_levels_unknown`).
+    full_step_levels: Optional[list[float]] = None
     # False: indices picked at the first refresh only, later refreshes rebuild the cache with them (as the
     # published FLUX; the method's base and its video presets: True). presets/default.yaml: why False.
     recompute_mask: bool = False
@@ -102,6 +111,15 @@ class AttnConfig:
             raise ValueError(f"attn.delta must be one of {DELTA_MODES}, got {self.delta!r}")
         if self.full_step_schedule is not None:
             self.full_step_schedule = sorted(int(s) for s in self.full_step_schedule)
+        if self.full_step_levels is not None:
+            if self.full_step_schedule is not None:
+                raise ValueError("attn.full_step_levels and attn.full_step_schedule both place the refreshes: "
+                                 "give one (set the other to null)")
+            levels = [float(v) for v in self.full_step_levels]
+            if not levels or any(not 0.0 <= v <= 1.0 for v in levels):
+                raise ValueError("attn.full_step_levels must be a non-empty list of noise levels in [0, 1] "
+                                 f"(1 = the first step's), got {self.full_step_levels!r}")
+            self.full_step_levels = sorted(set(levels), reverse=True)
 
 
 @dataclass
@@ -212,7 +230,7 @@ class ChipmunkConfig:
     # known, runs them scaled by S / schedule_steps, so a refresh spans the same share of the
     # trajectory (schedule.py). S is known from `steps`, else from a followed scheduler
     # (len(timesteps)), else from the pipeline on the call stack that runs the loop
-    # (runtime.pipeline_step_count); in a loop of one's own it is known once a generation ended: once
+    # (runtime.pipeline_scheduler); in a loop of one's own it is known once a generation ended: once
     # two in a row ran one count, the next ones are scaled to it (before: as written).
     # null: always as written
     schedule_steps: Optional[int] = 50

@@ -104,6 +104,8 @@ class StepPosition:
     branch: str
     generation: int
     scale: Optional[float] = None  # the generation's step count over schedule_steps (schedule.step_scale)
+    # the generation's noise level per step so far (schedule.steps_at_levels), None when unknown
+    levels: Optional[tuple] = None
 
 
 MAX_BRANCHES = 8  # guidance branches one step may have, by its repeated signal values
@@ -123,6 +125,7 @@ class StepTracker:
         # warning or a counted fallback (Session sets it)
         self.quiet: Optional[Callable[[], bool]] = None
         self._unsignalled = 0  # calls with no step signal (counted; logged from the second)
+        self.from_context = False  # the last call's step came from a cache context or a scheduler
         self.reset()
 
     def reset(self) -> None:
@@ -137,10 +140,14 @@ class StepTracker:
         self._pinned_calls = False  # a call ran at a pinned step since the last reset
         self._repeats = 0  # calls in a row with the last signal values, after the first
         self._scheduled_repeats = 0  # calls in a row at the last followed-scheduler step, after the first
+        # noise level of each step so far (its timestep over the first step's), from the signal's
+        # values; None when they give none (rising, another batch, no signal): see `_level`. A step
+        # from a scheduler or a cache context takes the session's (`Session._place_levels`).
+        self.levels: Optional[tuple] = None
 
     @property
     def position(self) -> StepPosition:
-        return StepPosition(max(self.step, 0), self.branch, self.generation, self.scale)
+        return StepPosition(max(self.step, 0), self.branch, self.generation, self.scale, self.levels)
 
     def _new_generation(self) -> None:
         explicit = self.explicit
@@ -153,7 +160,9 @@ class StepTracker:
         device values costs a device→host copy). `scheduled`: the step of a followed scheduler
         (`follow_scheduler`), used when the context carries no step index."""
         name = getattr(context, "name", None) if context is not None else None
+        self.from_context = False
         if self.explicit is not None:
+            self.levels = None  # pinned steps carry no timestep
             step, branch = self.explicit
             if step < self.step:  # the pinned step went back: a new generation
                 self._new_generation()
@@ -174,7 +183,9 @@ class StepTracker:
                 ctx_step = scheduled
             else:
                 self._stop_following()
-        if self.mode == "auto" and ctx_step is not None:
+        self.from_context = self.mode == "auto" and ctx_step is not None
+        if self.from_context:
+            self.levels = None  # the session's, from the scheduler (`Session._place_levels`)
             if self._last_ctx_step is not None:  # back to an earlier step: a new generation
                 back = ctx_step < self._last_ctx_step
             else:  # the first step index after calls tracked otherwise, before their step (a
@@ -195,6 +206,7 @@ class StepTracker:
         if self.mode == "auto" and signature is not None:
             self._advance_by_signature(signature)
         else:
+            self.levels = None
             if self.mode == "auto" and not self._quiet():
                 # logged from the second such call: a model whose signal only a resumed graph reads
                 # (GLM-Image) lacks it on its first call alone, before that graph was compiled
@@ -225,7 +237,7 @@ class StepTracker:
             if self.step > 0:  # after steps pinned or followed (set_step, follow_scheduler, then
                 self._new_generation()  # cleared): a generation of its own (until session 44 it went
                 # on in the last one's number, its forecasts reading that generation's slopes)
-            self.step, self.branch_index, self._first_sig = 0, 0, sig
+            self.step, self.branch_index, self._first_sig, self.levels = 0, 0, sig, (1.0,)
         elif _same_values(sig, self._last_sig):  # the same step again: another guidance branch
             self._repeats += 1
             self.branch_index = self._repeats if self._repeats < MAX_BRANCHES else 0
@@ -237,13 +249,32 @@ class StepTracker:
                          "Give the steps with chipmunk_compile.follow_scheduler / set_step, or step_signal='calls'")
         elif sig == self._first_sig or self._moves_backwards(sig):
             self._new_generation()
-            self.step, self.branch_index, self._first_sig = 0, 0, sig
+            self.step, self.branch_index, self._first_sig, self.levels = 0, 0, sig, (1.0,)
         else:
             if self._direction is None:
                 self._direction = _direction(self._last_sig, sig)
             self.step += 1
             self.branch_index = self._repeats = 0
+            level = self._level(sig) if self.levels is not None else None
+            self.levels = None if level is None else self.levels + (level,)
         self._last_sig = sig
+
+    def _level(self, sig: tuple) -> Optional[float]:
+        """This step's noise level: the moving signal value over the generation's first (timesteps
+        of any scale: FLUX's t/1000 as HunyuanVideo's t). None when the values do not fall from a
+        positive first one (a timestep that rises towards the clean image: its scale is unknown) or
+        the batch size changed."""
+        first, direction = self._first_sig, self._direction
+        if direction is None or len(sig) != len(first) or direction[0] >= len(sig):
+            return None
+        i, sign = direction
+        try:
+            value, start = float(sig[i]), float(first[i])
+        except (TypeError, ValueError):
+            return None
+        if sign > 0 or not start > 0 or not value >= 0:
+            return None
+        return value / start
 
     def _quiet(self) -> bool:
         return self.quiet is not None and self.quiet()
@@ -331,10 +362,16 @@ class Session:
         self._tracked_steps: Optional[int] = None
         self._last_tracked: Optional[int] = None
         self._count_used: Optional[int] = None  # the step count the last call's periods were scaled to
-        # the step count of the pipeline whose loop runs this generation (pipeline_step_count), looked
+        # the step count of the pipeline whose loop runs this generation (pipeline_scheduler), looked
         # up at each generation's first call
         self._pipeline_steps: Optional[int] = None
         self._looked_in: Optional[int] = None  # the generation it was looked up in
+        self._pipeline_levels: Optional[tuple] = None  # its scheduler's levels, when the config wants them
+        # refreshes written as noise levels somewhere in the config: the steps' levels are needed
+        self._wants_levels = config.attn.full_step_levels is not None or any(
+            (patch.get("attn") or {}).get("full_step_levels") is not None for patch in config.overrides.values())
+        self._levels: tuple = (None, None)  # (generation, the followed scheduler's levels or None)
+        self._levels_unknown_noted: Optional[int] = None  # the last generation counted attn_levels_unknown
         self.tracker = StepTracker(config.step_signal)
         me = weakref.ref(self)
         self.tracker.quiet = lambda: (s := me()) is None or (not s.sites and not s.followed)
@@ -632,13 +669,39 @@ class Session:
                 self._last_tracked = steps
             self._note_step_count(steps, scaled_to, given)
             self._note_no_site()
-        if not told and self._looked_in != t.generation:  # a generation's first call: once per generation
+        if (not told or self._wants_levels) and self._looked_in != t.generation:  # once per generation
             self._looked_in = t.generation
-            self._pipeline_steps = pipeline_step_count(models)
+            found = pipeline_scheduler(models)
+            self._pipeline_steps = scheduled_total(found)
+            if self._wants_levels:
+                self._pipeline_levels = scheduler_levels(found)
         self._count_used = told or self._pipeline_steps or self._tracked_steps
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
+        if self._wants_levels:
+            self._place_levels(scheduler)
         if t.scale is not None and t.generation != self._all_dense_generation:
             self._note_no_sparse_step(self._count_used, t.scale, t.generation)
+
+    def _place_levels(self, scheduler: Any) -> None:
+        """The steps' noise levels for refreshes written as levels: a step from a cache context or a
+        scheduler takes them from the followed scheduler, else the pipeline's on the call stack
+        (`scheduler_levels`, read once per generation); a step from the timestep signal has its own
+        (`StepTracker._level`). A generation with none runs the period: counted once and logged."""
+        t = self.tracker
+        if t.from_context:
+            if scheduler is None:
+                t.levels = self._pipeline_levels
+            else:
+                if self._levels[0] != t.generation:
+                    self._levels = (t.generation, scheduler_levels(scheduler))
+                t.levels = self._levels[1]
+        if t.levels is None and self._levels_unknown_noted != t.generation and not t._quiet():
+            from .ops.sites import fallback
+
+            self._levels_unknown_noted = t.generation
+            fallback("attn_levels_unknown", "attn.full_step_levels needs the steps' timesteps (a falling "
+                     "timestep input, or a diffusers scheduler: follow_scheduler or the pipeline's); this "
+                     "generation has none, so its attention refreshes every full_step_every steps")
 
     def _note_no_site(self) -> None:
         """Count and log once per model that a generation ended with no site anywhere in it: every
@@ -798,16 +861,16 @@ def scheduled_total(scheduler: Any) -> Optional[int]:
         return None
 
 
-def pipeline_step_count(models: list) -> Optional[int]:
-    """The step count of the pipeline whose loop calls one of `models` now: the innermost object on
+def pipeline_scheduler(models: list) -> Any:
+    """The scheduler of the pipeline whose loop calls one of `models` now: the innermost object on
     the call stack whose `__call__` is running and which holds a scheduler with timesteps
     (`set_timesteps` ran before the loop: `scheduled_total`) and, among its attributes, a module
     that is or contains one of `models` (torch.compile's wrapper around the model included). Any
-    diffusers pipeline, none named. None without one (a loop of the user's own): such generations
-    are scaled to a count once two in a row ran it. Walks the stack and the pipeline's modules: at
-    a generation's first call only. Until session 51 a pipeline's first two generations ran the
-    periods as written (FLUX's pipeline at 20 steps: a schedule for 50), and the later ones scaled,
-    so a seed gave another image in the first two generations than after."""
+    diffusers pipeline, none named. Walks the stack and the pipeline's modules: at a generation's
+    first call only. Without one (a loop of the user's own) generations are scaled to a count once
+    two in a row ran it. Until session 51 a pipeline's first two generations ran the periods as
+    written (FLUX's pipeline at 20 steps: a schedule for 50), and the later ones scaled, so a seed
+    gave another image in the first two generations than after."""
     if not models:
         return None
     frame = sys._getframe(1)
@@ -815,13 +878,31 @@ def pipeline_step_count(models: list) -> Optional[int]:
         if frame.f_code.co_name == "__call__":
             me = frame.f_locals.get("self")
             try:  # any object's __call__: its attribute lookups may raise anything
-                total = scheduled_total(getattr(me, "scheduler", None)) if me is not None else None
-                if total and _holds(me, models):
-                    return total
+                scheduler = getattr(me, "scheduler", None) if me is not None else None
+                if scheduled_total(scheduler) and _holds(me, models):
+                    return scheduler
             except Exception:  # noqa: BLE001 — not a pipeline
-                log.debug("chipmunk: no step count from a __call__ frame", exc_info=True)
+                log.debug("chipmunk: no scheduler from a __call__ frame", exc_info=True)
         frame = frame.f_back
     return None
+
+
+def scheduler_levels(scheduler: Any) -> Optional[tuple]:
+    """A scheduler's noise level per step of its loop: its timesteps from `begin_index` on, over the
+    first of them (schedule.steps_at_levels). One read of `timesteps` (a device→host copy where the
+    scheduler keeps them on the GPU), once per generation, outside any graph. None without a
+    scheduler, or for timesteps that do not fall from a positive first one."""
+    timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+    if timesteps is None:
+        return None
+    try:
+        values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+        values = values[int(getattr(scheduler, "begin_index", None) or 0):]
+    except (TypeError, ValueError):
+        return None
+    if not values or not values[0] > 0 or any(b > a for a, b in zip(values, values[1:])):
+        return None
+    return tuple(v / values[0] for v in values)
 
 
 def _holds(pipeline: Any, models: list) -> bool:

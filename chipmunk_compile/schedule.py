@@ -20,10 +20,17 @@ Invariants:
   periods old (`attn_catches_up`, `mlp_catches_up`: the step its branch last filled its caches at).
   An attention call that far from the branch's previous call runs plain dense instead of a refresh
   (ops/attention.py: a refresh costs more than dense, and calls that far apart read no cache).
+- Refreshes written as noise levels (`attn.full_step_levels`): `levels` is the generation's noise
+  level per step so far (step k's timestep over its first step's, on the host: `runtime`), and the
+  refreshes are the first step after warm-up and the first step at or below each level. Known
+  causally (step k's kind needs levels 0..k only), so the same list places its refreshes at the
+  same noise levels under any sampler shift or step count (no `scale`). Unknown levels (None:
+  nothing gave the generation's timesteps) run the period (`full_step_every`, scaled) instead.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from .config import AttnConfig, MlpConfig
@@ -44,19 +51,52 @@ def scheduled_steps(steps, scale: Optional[float] = None):
     return frozenset(s if s < 2 else max(2, round(s * scale)) for s in steps)
 
 
+# a step's level within this of a written level counts as reaching it: timesteps reach the host
+# rounded to the model's input dtype (bfloat16: 2**-8 relative), so a level written as a step's
+# exact noise level must still refresh at that step
+LEVEL_TOLERANCE = 2.0**-8
+
+
+@functools.lru_cache(maxsize=256)
+def steps_at_levels(levels: tuple, written: tuple, warmup: int) -> frozenset:
+    """The refresh steps of a generation whose steps so far have noise levels `levels` (1 = its
+    first step's timestep, falling towards 0), for the levels `written`: the first step at or past
+    `warmup`, and each later step that reaches a written level the step before it had not."""
+    out = set()
+    for k in range(warmup, len(levels)):
+        if k == warmup:
+            out.add(k)
+            continue
+        now, before = levels[k] * (1 - LEVEL_TOLERANCE), levels[k - 1] * (1 - LEVEL_TOLERANCE)
+        if any(now <= lv < before for lv in written):
+            out.add(k)
+    return frozenset(out)
+
+
+def refresh_steps(cfg: AttnConfig, scale: Optional[float] = None, levels: Optional[tuple] = None):
+    """A generation's explicit refresh steps (those known so far, for levels), None for the period."""
+    if cfg.full_step_levels is not None and levels is not None:
+        return steps_at_levels(levels, tuple(cfg.full_step_levels), cfg.warmup_steps)
+    if cfg.full_step_schedule is not None:
+        return scheduled_steps(cfg.full_step_schedule, scale)
+    return None
+
+
 def never_sparse(kind: str, cfg, scale: Optional[float]) -> bool:
     """A generation at `scale` runs no sparse step of this op (`kind` "attention" or "mlp"): its
-    period scales to 1. An explicit attention schedule keeps its sparse steps."""
-    if kind == "attention" and cfg.full_step_schedule is not None:
+    period scales to 1. An explicit attention schedule (of steps or levels) keeps its sparse steps."""
+    if kind == "attention" and (cfg.full_step_schedule is not None or cfg.full_step_levels is not None):
         return False
     return period(cfg.full_step_every, scale) == 1
 
 
-def attn_step_kind(cfg: AttnConfig, step: int, layer: int, scale: Optional[float] = None) -> str:
+def attn_step_kind(cfg: AttnConfig, step: int, layer: int, scale: Optional[float] = None,
+                   levels: Optional[tuple] = None) -> str:
     if not cfg.enabled or layer < cfg.first_n_dense_layers or step < cfg.warmup_steps:
         return DENSE
-    if cfg.full_step_schedule is not None:
-        return REFRESH if step in scheduled_steps(cfg.full_step_schedule, scale) else SPARSE
+    steps = refresh_steps(cfg, scale, levels)
+    if steps is not None:
+        return REFRESH if step in steps else SPARSE
     every = period(cfg.full_step_every, scale)
     if every == 1:  # no sparse step would read a refresh's cache: plain dense attention
         return DENSE
@@ -71,13 +111,15 @@ def mlp_step_kind(cfg: MlpConfig, step: int, layer: int, scale: Optional[float] 
     return SPARSE
 
 
-def last_refresh_step(cfg: AttnConfig, step: int, scale: Optional[float] = None) -> int:
+def last_refresh_step(cfg: AttnConfig, step: int, scale: Optional[float] = None,
+                      levels: Optional[tuple] = None) -> int:
     """The latest step <= `step` that the schedule makes a refresh (past the dense layers and the
     warm-up; -1 before any): what a site's caches should be at least as new as (`catch_up`)."""
     if step < cfg.warmup_steps:
         return -1
-    if cfg.full_step_schedule is not None:
-        return max((s for s in scheduled_steps(cfg.full_step_schedule, scale) if s <= step), default=-1)
+    steps = refresh_steps(cfg, scale, levels)
+    if steps is not None:
+        return max((s for s in steps if s <= step), default=-1)
     every = period(cfg.full_step_every, scale)
     return max(cfg.warmup_steps, step - step % every)
 
@@ -87,27 +129,30 @@ def last_dense_mlp_step(cfg: MlpConfig, step: int, scale: Optional[float] = None
     return step - step % period(cfg.full_step_every, scale)
 
 
-def attn_catch_up_span(cfg: AttnConfig, last: int, scale: Optional[float] = None) -> float:
+def attn_catch_up_span(cfg: AttnConfig, last: int, scale: Optional[float] = None,
+                       levels: Optional[tuple] = None) -> float:
     """`catch_up` refresh periods in steps, at a step whose latest scheduled refresh is `last`
     (an explicit schedule's period: the gap before that refresh)."""
-    if cfg.full_step_schedule is not None:
-        gap = last - max((s for s in scheduled_steps(cfg.full_step_schedule, scale) if s < last), default=0)
+    steps = refresh_steps(cfg, scale, levels)
+    if steps is not None:
+        gap = last - max((s for s in steps if s < last), default=0)
     else:
         gap = period(cfg.full_step_every, scale)
     return cfg.catch_up * max(gap, 1)
 
 
-def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[float] = None) -> Optional[float]:
+def attn_catches_up(cfg: AttnConfig, step: int, filled: int, scale: Optional[float] = None,
+                    levels: Optional[tuple] = None) -> Optional[float]:
     """Whether a sparse step at `step` on caches a refresh filled at step `filled` refreshes instead
     (`catch_up`): a scheduled refresh after `filled` was missed, and the caches are at least
     `catch_up` refresh periods old. The span in steps (`attn_catch_up_span`, > 0) when it does, for
     the caller's next test; None when it does not."""
     if cfg.catch_up <= 0:
         return None
-    last = last_refresh_step(cfg, step, scale)
+    last = last_refresh_step(cfg, step, scale, levels)
     if filled >= last:
         return None
-    span = attn_catch_up_span(cfg, last, scale)
+    span = attn_catch_up_span(cfg, last, scale, levels)
     return span if step - filled >= span else None
 
 

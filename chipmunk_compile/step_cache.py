@@ -40,13 +40,13 @@ from .sequence_parallel import agree_max, covering_group
 _PAST_DENSE_LAYERS = 1 << 30  # a layer number past every first_n_dense_layers
 
 
-def refreshes_at(sites, step: int, scale=None) -> bool:
+def refreshes_at(sites, step: int, scale=None, levels=None) -> bool:
     """True when a site that can be sparse runs its refresh (attention) or dense step (MLP) at `step`."""
     for s in sites:
         cfg = s.cfg
         if not cfg.enabled:
             continue
-        if s.kind == "attention" and attn_step_kind(cfg, step, _PAST_DENSE_LAYERS, scale) == REFRESH:
+        if s.kind == "attention" and attn_step_kind(cfg, step, _PAST_DENSE_LAYERS, scale, levels) == REFRESH:
             return True
         if s.kind == "mlp" and mlp_step_kind(cfg, step, _PAST_DENSE_LAYERS, scale) == DENSE:
             return True
@@ -122,7 +122,7 @@ class StepCache:
         x = args[input_index] if input_index is not None else None
         entry = self.entries.get(pos.branch)
         skip = self._should_skip(entry, pos.step, pos.generation, x)
-        if skip and refreshes_at(session.sites, pos.step, pos.scale):
+        if skip and refreshes_at(session.sites, pos.step, pos.scale, pos.levels):
             count("step_cache_kept_refresh")
             skip = False
         self._record(pos.branch, pos.generation, pos.step, skip)

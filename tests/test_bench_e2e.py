@@ -128,6 +128,27 @@ def test_set_overrides_lay_keys_over_the_preset():
             be.with_overrides("flux", bad)
 
 
+def test_refreshes_written_as_levels_are_timed_at_the_steps_the_shift_gives_them():
+    """--shift spaces the timesteps as that flow-matching sampler; a config with attn.full_step_levels
+    runs (pinned) the step schedule those timesteps resolve the levels to, the same steps the backend
+    resolves from the timesteps."""
+    levels = "attn.full_step_levels=[0.98, 0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20]"
+    cfg = be.with_overrides("hunyuan-video", ["attn.full_step_schedule=null", levels])
+    assert be.levels_as_steps("hunyuan-video", 50, 7.0) == ("hunyuan-video", None)
+    equal, at1 = be.levels_as_steps(cfg, 50, 1.0)
+    shifted, at7 = be.levels_as_steps(cfg, 50, 7.0)
+    assert at1 == [1, 3, 6, 10, 15, 22, 30, 40] and at7 == [1, 6, 15, 25, 32, 38, 43, 46, 49]
+    refreshes = [s for s, label in enumerate(be.step_labels(shifted, 50)) if label.startswith("attn:refresh")]
+    assert refreshes == at7
+    # the timesteps the benchmark feeds give the backend the same levels
+    ts = [be.timestep("hunyuan-video", i, 50, "cpu", torch.float64, 7.0).item() for i in range(50)]
+    from chipmunk_compile.schedule import steps_at_levels
+
+    written = tuple(be.ChipmunkConfig.from_any(cfg).attn.full_step_levels)
+    assert sorted(steps_at_levels(tuple(t / ts[0] for t in ts), written, 1)) == at7
+    assert ts[0] == pytest.approx(1000.0) and ts[6] < ts[5] < ts[0]
+
+
 def test_block_units_follow_each_models_published_ratio():
     """One --blocks unit is one double block and the published number of singles per double."""
     assert be.depth_text("flux", 2) == "2 double + 4 single blocks"

@@ -81,7 +81,7 @@ def decide(s, st, pos) -> tuple:
     up: False, True (a refresh) or "dense") — host state only (the guard's verdict reads its device
     measurement once per layer, before any graph records that layer's steps)."""
     cfg = s.cfg
-    kind = attn_step_kind(cfg, pos.step, s.current_layer(), pos.scale)
+    kind = attn_step_kind(cfg, pos.step, s.current_layer(), pos.scale, pos.levels)
     if kind != DENSE and too_diffuse(s):
         return DENSE, False, False, False, False
     unfilled = kind == SPARSE and st.filled_generation != pos.generation
@@ -89,7 +89,7 @@ def decide(s, st, pos) -> tuple:
     # periods old: a refresh; plain dense when the branch's previous call is that far back too (the
     # hook skips this site for long stretches: a refresh costs a dense pass, the column sums and the
     # cache's sparse pass, for a cache its next call, as far off, would not read either)
-    span = attn_catches_up(cfg, pos.step, st.filled_step, pos.scale) if kind == SPARSE and not unfilled else None
+    span = attn_catches_up(cfg, pos.step, st.filled_step, pos.scale, pos.levels) if kind == SPARSE and not unfilled else None
     missed = span is not None
     if missed and pos.step - st.called_step >= span:
         return DENSE, False, False, False, "dense"

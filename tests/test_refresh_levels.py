@@ -1,0 +1,200 @@
+"""Attention refreshes written as noise levels (`attn.full_step_levels`): resolved from each step's
+timestep over the generation's first, so one list refreshes at the same noise under any flow shift,
+step count and timestep scale; from the timestep signal, a followed scheduler or the pipeline's
+scheduler; a generation with no levels runs the period, counted."""
+
+import pytest
+import torch
+
+import chipmunk_compile
+from chipmunk_compile.config import AttnConfig, ChipmunkConfig
+from chipmunk_compile.schedule import LEVEL_TOLERANCE, REFRESH, attn_step_kind, last_refresh_step, steps_at_levels
+
+from helpers import ccount, chip, fresh_dynamo, step_counts  # noqa: F401
+from test_numerics import Net, latents, sparse_cfg
+
+LEVELS = [0.98, 0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20]
+
+
+def flow_sigmas(steps: int, shift: float) -> list:
+    """A flow-matching sampler's noise level per step (as SD3/FLUX/HunyuanVideo shift them)."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:steps]
+    return (shift * s / (1 + (shift - 1) * s)).tolist()
+
+
+def refreshes(cfg: AttnConfig, levels: tuple) -> list:
+    return [k for k in range(len(levels)) if attn_step_kind(cfg, k, 0, None, levels) == REFRESH]
+
+
+def test_levels_place_the_refreshes_by_noise_under_any_shift():
+    c = AttnConfig(first_n_dense_layers=0, full_step_levels=LEVELS)
+    # equal steps in t: level k = 1 - k/50; the first step after warm-up reaches 0.98
+    assert refreshes(c, tuple(flow_sigmas(50, 1.0))) == [1, 3, 6, 10, 15, 22, 30, 40]
+    # HunyuanVideo's shift 7 spends its first steps near t = 1: the same levels come later in steps
+    shifted = tuple(flow_sigmas(50, 7.0))
+    got = refreshes(c, shifted)
+    assert got == [1, 6, 15, 25, 32, 38, 43, 46, 49]
+    near = [v * (1 - LEVEL_TOLERANCE) for v in shifted]  # within bfloat16 rounding of a level counts
+    for k in got[1:]:  # each refresh is the first step at or below one of the levels
+        assert any(near[k] <= lv < near[k - 1] for lv in LEVELS), k
+    # a schedule in steps would have stayed where equal steps put it
+    steps = AttnConfig(first_n_dense_layers=0, full_step_schedule=[1, 3, 6, 10, 15, 22, 30, 40])
+    assert refreshes(steps, shifted) == [1, 3, 6, 10, 15, 22, 30, 40]
+    # 25 steps of the same sampler: the same levels, half the steps apart
+    assert refreshes(c, tuple(flow_sigmas(25, 1.0))) == [1, 2, 3, 5, 8, 11, 15, 20]
+    assert last_refresh_step(c, 37, None, shifted) == 32
+
+
+def test_levels_reach_a_step_at_its_exact_noise_through_bfloat16_rounding():
+    """A level written as a step's exact noise still refreshes at that step when the timestep comes
+    to the host rounded to bfloat16 (0.94 reads 0.9414)."""
+    exact = tuple(flow_sigmas(50, 1.0))
+    rounded = tuple(torch.tensor(exact).bfloat16().double().tolist())
+    assert rounded[3] > 0.94  # the step's level, rounded up past the written one
+    written = (0.94, 0.88, 0.80)
+    assert steps_at_levels(rounded, written, 1) == steps_at_levels(exact, written, 1) == {1, 3, 6, 10}
+
+
+def test_levels_config_is_validated():
+    c = ChipmunkConfig.from_any({"attn": {"full_step_levels": [0.2, 0.9, 0.9, 0.5]}})
+    assert c.attn.full_step_levels == [0.9, 0.5, 0.2]
+    with pytest.raises(ValueError, match="both place the refreshes"):
+        ChipmunkConfig.from_any({"preset": "hunyuan-video", "attn": {"full_step_levels": [0.5]}})
+    ok = ChipmunkConfig.from_any({"preset": "hunyuan-video", "attn": {"full_step_levels": [0.5],
+                                                                      "full_step_schedule": None}})
+    assert ok.attn.full_step_levels == [0.5]
+    for bad in ([], [1.5], [-0.1]):
+        with pytest.raises(ValueError, match="noise levels in"):
+            ChipmunkConfig.from_any({"attn": {"full_step_levels": bad}})
+
+
+def _refresh_steps_of(model, call, steps: int) -> list:
+    """Run `call(i)` for steps 0..steps-1 and return the steps at which `model`'s attention refreshed."""
+    out, before = [], step_counts(model).get("attention_refresh", 0)
+    with torch.no_grad():
+        for i in range(steps):
+            call(i)
+            now = step_counts(model).get("attention_refresh", 0)
+            if now > before:
+                out.append(i)
+            before = now
+    return out
+
+
+STEPS = 16
+LEVEL_CFG = sparse_cfg(attn={"full_step_levels": [0.9, 0.6, 0.3], "extrapolate": 0.0})
+
+
+def _expected(shift: float = 1.0, levels: tuple = None) -> list:
+    c = ChipmunkConfig.from_any(LEVEL_CFG).attn
+    levels = levels or tuple(flow_sigmas(STEPS, shift))
+    return sorted(steps_at_levels(levels, tuple(c.full_step_levels), c.warmup_steps))
+
+
+@pytest.mark.parametrize("scale", [1000.0, 1.0])
+def test_the_timestep_signal_gives_the_levels_at_any_scale(fresh_dynamo, scale):
+    """Steps tracked by their timesteps: the same refreshes for timesteps in [0, 1000] (HunyuanVideo)
+    and in [0, 1] (FLUX's t / 1000); a second generation under another shift moves them."""
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    for shift in (1.0, 4.0):
+        sig = flow_sigmas(STEPS, shift)
+        got = _refresh_steps_of(m, lambda i: cm(latents(i), torch.tensor([sig[i] * scale])), STEPS)
+        assert got == _expected(shift), (shift, got)
+        assert chipmunk_compile.stats(m)["noise_level"] == pytest.approx(sig[-1] / sig[0], rel=1e-6)
+    assert _expected(1.0) != _expected(4.0)
+    assert ccount("fallback:attn_levels_unknown") == 0
+
+
+def test_a_followed_scheduler_gives_the_levels_without_reading_timesteps(fresh_dynamo, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from chipmunk_compile import backend
+
+    reads = []
+    real = backend.read_signature
+    monkeypatch.setattr(backend, "read_signature", lambda *a: reads.append(1) or real(*a))
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=4.0)
+    chipmunk_compile.follow_scheduler(cm, sched)
+    sched.set_timesteps(STEPS)
+    timesteps = list(sched.timesteps)
+
+    def call(i):
+        cm(latents(i), timesteps[i].reshape(1))
+        sched.step(torch.zeros(1, 64, 16), timesteps[i], torch.zeros(1, 64, 16))
+
+    got = _refresh_steps_of(m, call, STEPS)
+    assert reads == []
+    assert got == _expected(levels=tuple(float(t / timesteps[0]) for t in timesteps)) != _expected(1.0)
+
+
+def test_a_pipelines_scheduler_gives_the_levels_to_steps_of_a_cache_context(fresh_dynamo):
+    """Steps from a cache context's step index (no timestep read) inside a pipeline's __call__:
+    the levels come from that pipeline's scheduler; outside any pipeline there are none (the period
+    runs, counted once per generation)."""
+    pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from diffusers import ModelMixin
+    from diffusers.models.cache_utils import CacheMixin
+
+    class ContextNet(ModelMixin, CacheMixin):
+        def __init__(self):
+            super().__init__()
+            self.net = Net(depth=1)
+
+        def forward(self, x, t):
+            return self.net(x, t)
+
+    m = ContextNet().eval()
+    cm = chip(m, LEVEL_CFG)
+    sig = flow_sigmas(STEPS, 4.0)
+
+    def call(i):
+        with cm.cache_context("cond", step_index=i):
+            cm(latents(i), torch.tensor([sig[i] * 1000]))
+
+    class Pipeline:
+        def __init__(self, transformer):
+            self.transformer, self.scheduler = transformer, SimpleNamespace(timesteps=torch.tensor(sig) * 1000)
+
+        def __call__(self):
+            return _refresh_steps_of(m, call, STEPS)
+
+    assert Pipeline(m)() == _expected(4.0)
+    assert ccount("fallback:attn_levels_unknown") == 0
+    chipmunk_compile.reset(m)
+    every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
+    assert _refresh_steps_of(m, call, STEPS) == [1] + list(range(every, STEPS, every))
+    assert ccount("fallback:attn_levels_unknown") == 1
+
+
+def test_rising_timesteps_give_no_levels_and_run_the_period_counted(fresh_dynamo):
+    """A timestep that rises towards the clean image has no known scale: the period runs, counted
+    once per generation, and the output stays the compiled model's."""
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    got = _refresh_steps_of(m, lambda i: cm(latents(i), torch.tensor([10.0 + 50.0 * i])), STEPS)
+    every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
+    assert got == [1] + list(range(every, STEPS, every))
+    assert ccount("fallback:attn_levels_unknown") == 1
+
+
+def test_pinned_steps_carry_no_levels_after_tracked_ones(fresh_dynamo):
+    """Steps pinned by set_step after a generation tracked by its timesteps: no level reaches them, so
+    the pinned generation runs the period (counted), not the levels the last generation left."""
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    sig = flow_sigmas(STEPS, 4.0)
+    assert _refresh_steps_of(m, lambda i: cm(latents(i), torch.tensor([sig[i]])), STEPS) == _expected(4.0)
+    assert ccount("fallback:attn_levels_unknown") == 0
+
+    def pinned(i):
+        chipmunk_compile.set_step(cm, i)
+        cm(latents(i), torch.tensor([sig[i]]))
+
+    every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
+    assert _refresh_steps_of(m, pinned, STEPS) == [1] + list(range(every, STEPS, every))
+    assert ccount("fallback:attn_levels_unknown") == 1
+    assert chipmunk_compile.stats(m)["noise_level"] is None
