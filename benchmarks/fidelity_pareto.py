@@ -259,6 +259,14 @@ for _k, _c in {"nt": {"attn": {"keep_text_keys": False}}, "me20": {"mlp": {"full
                "nt-me20-mr0": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "random_keys": 0.0}}}.items():
     GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, **_c.get("attn", {})},
                                           "mlp": {"top_keys": 0.15, **_c.get("mlp", {})}}
+# the default's refreshes written as noise levels (session 55; FLUX.1 samples 1280x768 with a flow shift of about
+# 3): "l10" every 5 steps' levels with equal steps in t (1 - step/50), "l9" the video rows' vcm-hv-l9 levels,
+# bunched at high noise (8 refreshes with equal steps, 9 under a shift)
+for _k, _lv in {"l10": [round(1 - k / 50, 2) for k in range(5, 50, 5)],
+                "l9": [0.98, 0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20]}.items():
+    GRID[f"cm-default-{_k}"] = {"preset": "default", "attn": {"full_step_levels": _lv}}
+    GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, "full_step_levels": _lv},
+                                         "mlp": {"top_keys": 0.15}}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 
