@@ -336,6 +336,17 @@ GRID.update({
 })
 
 # -- pure helpers (tests/test_fidelity_pareto.py) ---------------------------------------------------
+# what the images of a sweep depend on besides the setting: rows resumed (--resume) and a dense reference
+# reused (--dense-cache, which also keys on the device) must agree on all of them; a meta written before a
+# field existed holds its default
+SAMPLING = ("classes", "steps", "seed", "guidance", "shift")
+_SAMPLING_DEFAULTS = {"guidance": None, "shift": 1.0}
+
+
+def sampling(meta: dict) -> tuple:
+    return tuple(meta.get(k, _SAMPLING_DEFAULTS.get(k)) for k in SAMPLING)
+
+
 def family_of(config: dict) -> str:
     """stepcache / chipmunk / chipmunk+stepcache, from which of sparse ops and step caching are on."""
     sparse = any((config.get(op) or {}).get("enabled", True) for op in ("attn", "mlp"))
@@ -698,15 +709,15 @@ def main(argv=None):
             "steps": args.steps, "seed": args.seed, "classes": args.classes, "guidance": args.guidance,
             "shift": args.shift,
             "compiler": args.compiler, "torch": torch.__version__, "git": git_state()}
-    if old and (saved["meta"]["classes"], saved["meta"]["steps"], saved["meta"]["seed"],
-                saved["meta"].get("shift", 1.0)) != (args.classes, args.steps, args.seed, args.shift):
-        sys.exit("--resume: the saved rows used other classes/steps/seed/shift")
+    if old and sampling(saved["meta"]) != sampling(meta):
+        sys.exit(f"--resume: the saved rows were sampled with other {'/'.join(SAMPLING)}: "
+                 f"{sampling(saved['meta'])} against {sampling(meta)}")
     todo = [n for n in names if n not in old or args.rerun]
     rows = [r for r in old.values() if r["setting"] not in todo]
     dense_flops = dense_call_flops(runner.one_dense_call())
     print(f"# pareto sweep on {runner.name}, {device}, {len(args.classes)} images, {args.steps} steps, "
           f"{len(todo)} settings to run", flush=True)
-    key = {k: meta[k] for k in ("classes", "steps", "seed", "guidance", "device", "shift")}
+    key = {**dict(zip(SAMPLING, sampling(meta))), "device": meta["device"]}
     cached = torch.load(args.dense_cache) if args.dense_cache and os.path.exists(args.dense_cache) else None
     if cached is not None and cached["key"] == key:
         ref_img, ref_tok, ref_s = cached["images"], cached["tokens"], cached["seconds"]

@@ -127,3 +127,17 @@ def test_shift_reaches_the_sampler_and_resume_refuses_rows_of_another_shift(tmp_
     with pytest.raises(SystemExit, match="shift"):
         fp.main(["--classes", "0", "--steps", "3", "--shift", "7", "--settings", "cm-default",
                  "--resume", "--out", str(tmp_path)])
+
+
+def test_resume_refuses_rows_of_another_guidance_and_reads_old_metas_with_defaults(tmp_path):
+    # --resume and the dense cache compare one list of sampling fields (until session 55 --resume
+    # left out the guidance scale, so rows of two guidance scales could land in one table)
+    import json
+
+    meta = {"model": "tiny-dit", "classes": [0], "steps": 3, "seed": 0, "guidance": 2.5, "shift": 1.0}
+    (tmp_path / "fidelity_pareto.json").write_text(json.dumps({"meta": meta, "rows": [{"setting": "cm-method"}]}))
+    with pytest.raises(SystemExit, match="guidance"):
+        fp.main(["--classes", "0", "--steps", "3", "--settings", "cm-default", "--resume", "--out", str(tmp_path)])
+    # a meta written before shift (session 54) or guidance existed: their defaults
+    assert fp.sampling({"classes": [0], "steps": 3, "seed": 0}) == ([0], 3, 0, None, 1.0)
+    assert fp.sampling(meta) != fp.sampling({**meta, "guidance": None})
