@@ -23,6 +23,7 @@ from .config import AttnConfig, ChipmunkConfig, GroupingConfig, MlpConfig, StepC
 from .calibration import Calibration, calibrate
 from .report import RejectedRow, Report, SiteRow
 from .runtime import sessions_of
+from .schedule import refresh_steps
 
 __all__ = [
     "AttnConfig", "ChipmunkConfig", "GroupingConfig", "MlpConfig", "StepCacheConfig", "Report",
@@ -124,14 +125,18 @@ def stats(model: Any) -> dict:
     has not used, which is freed first when memory runs short, and by `release`); for
     attention sites under the `attn.min_mass` guard also the share of the attention mass their kept
     keys held at each layer's first selection (`attn_mass`) and the layers it keeps dense; with
-    `attn.full_step_levels`, the current step's noise level (`noise_level`, None when unknown)."""
+    `attn.full_step_levels`, the current step's noise level (`noise_level`) and the generation's
+    refresh steps up to it (`refresh_steps`; both None when the levels are unknown)."""
     out = {"sites": [], "state_bytes": 0, "weight_copy_bytes": 0, "idle_state_bytes": 0}
     for session in sessions_of(model):
         session.prune()
         pos = session.position()
         out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
-        if session._wants_levels:  # refreshes written as noise levels: the step's level (None: unknown)
-            out["noise_level"] = pos.levels[pos.step] if pos.levels and pos.step < len(pos.levels) else None
+        if session._wants_levels:  # refreshes written as noise levels: the step's level and the refresh
+            known = bool(pos.levels) and pos.step < len(pos.levels)  # steps they gave so far (None: unknown)
+            out["noise_level"] = pos.levels[pos.step] if known else None
+            steps = refresh_steps(session.config.attn, pos.scale, pos.levels) if known else None
+            out["refresh_steps"] = sorted(s for s in steps if s <= pos.step) if steps is not None else None
         out["state_bytes"] += session.state.nbytes()
         out["weight_copy_bytes"] += sum(s.weight_copy_bytes() for s in session.sites)
         out["idle_state_bytes"] += sum(st.nbytes for _, _, st in session.idle_states())

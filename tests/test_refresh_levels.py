@@ -101,7 +101,9 @@ def test_the_timestep_signal_gives_the_levels_at_any_scale(fresh_dynamo, scale):
         sig = flow_sigmas(STEPS, shift)
         got = _refresh_steps_of(m, lambda i: cm(latents(i), torch.tensor([sig[i] * scale])), STEPS)
         assert got == _expected(shift), (shift, got)
-        assert chipmunk_compile.stats(m)["noise_level"] == pytest.approx(sig[-1] / sig[0], rel=1e-6)
+        stats = chipmunk_compile.stats(m)
+        assert stats["noise_level"] == pytest.approx(sig[-1] / sig[0], rel=1e-6)
+        assert stats["refresh_steps"] == got
     assert _expected(1.0) != _expected(4.0)
     assert ccount("fallback:attn_levels_unknown") == 0
 
@@ -197,4 +199,4 @@ def test_pinned_steps_carry_no_levels_after_tracked_ones(fresh_dynamo):
     every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
     assert _refresh_steps_of(m, pinned, STEPS) == [1] + list(range(every, STEPS, every))
     assert ccount("fallback:attn_levels_unknown") == 1
-    assert chipmunk_compile.stats(m)["noise_level"] is None
+    assert chipmunk_compile.stats(m)["noise_level"] is None and chipmunk_compile.stats(m)["refresh_steps"] is None
