@@ -366,11 +366,11 @@ class Session:
         # up at each generation's first call
         self._pipeline_steps: Optional[int] = None
         self._looked_in: Optional[int] = None  # the generation it was looked up in
-        self._pipeline_levels: Optional[tuple] = None  # its scheduler's levels, when the config wants them
+        # the levels of the generation's scheduler (followed, else the pipeline's), when the config wants them
+        self._scheduler_levels: Optional[tuple] = None
         # refreshes written as noise levels somewhere in the config: the steps' levels are needed
         self._wants_levels = config.attn.full_step_levels is not None or any(
             (patch.get("attn") or {}).get("full_step_levels") is not None for patch in config.overrides.values())
-        self._levels: tuple = (None, None)  # (generation, the followed scheduler's levels or None)
         self._levels_unknown_noted: Optional[int] = None  # the last generation counted attn_levels_unknown
         self.tracker = StepTracker(config.step_signal)
         me = weakref.ref(self)
@@ -674,27 +674,23 @@ class Session:
             found = pipeline_scheduler(models)
             self._pipeline_steps = scheduled_total(found)
             if self._wants_levels:
-                self._pipeline_levels = scheduler_levels(found)
+                self._scheduler_levels = scheduler_levels(scheduler if scheduler is not None else found)
         self._count_used = told or self._pipeline_steps or self._tracked_steps
         t.scale = step_scale(self._count_used, self.config.schedule_steps)
         if self._wants_levels:
-            self._place_levels(scheduler)
+            self._place_levels()
         if t.scale is not None and t.generation != self._all_dense_generation:
             self._note_no_sparse_step(self._count_used, t.scale, t.generation)
 
-    def _place_levels(self, scheduler: Any) -> None:
+    def _place_levels(self) -> None:
         """The steps' noise levels for refreshes written as levels: a step from a cache context or a
         scheduler takes them from the followed scheduler, else the pipeline's on the call stack
-        (`scheduler_levels`, read once per generation); a step from the timestep signal has its own
-        (`StepTracker._level`). A generation with none runs the period: counted once and logged."""
+        (`scheduler_levels`, read once per generation, at its first call); a step from the timestep
+        signal has its own (`StepTracker._level`). A generation with none runs the period: counted
+        once and logged."""
         t = self.tracker
         if t.from_context:
-            if scheduler is None:
-                t.levels = self._pipeline_levels
-            else:
-                if self._levels[0] != t.generation:
-                    self._levels = (t.generation, scheduler_levels(scheduler))
-                t.levels = self._levels[1]
+            t.levels = self._scheduler_levels
         if t.levels is None and self._levels_unknown_noted != t.generation and not t._quiet():
             from .ops.sites import fallback
 
