@@ -10,6 +10,7 @@ import chipmunk_compile
 from chipmunk_compile.config import AttnConfig, ChipmunkConfig
 from chipmunk_compile.schedule import LEVEL_TOLERANCE, REFRESH, attn_step_kind, last_refresh_step, steps_at_levels
 
+from examples.tiny_dit.sampler import flow_sigmas as sampler_sigmas
 from helpers import ccount, chip, fresh_dynamo, step_counts  # noqa: F401
 from test_numerics import Net, latents, sparse_cfg
 
@@ -17,9 +18,8 @@ LEVELS = [0.98, 0.94, 0.88, 0.80, 0.70, 0.56, 0.40, 0.20]
 
 
 def flow_sigmas(steps: int, shift: float) -> list:
-    """A flow-matching sampler's noise level per step (as SD3/FLUX/HunyuanVideo shift them)."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:steps]
-    return (shift * s / (1 + (shift - 1) * s)).tolist()
+    """The tiny DiT sampler's noise level per step (as SD3/FLUX/HunyuanVideo shift them)."""
+    return sampler_sigmas(steps, shift)[:steps].tolist()
 
 
 def refreshes(cfg: AttnConfig, levels: tuple) -> list:
