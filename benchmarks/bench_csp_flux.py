@@ -1,6 +1,7 @@
 """Column-sparse attention at FLUX 1280x768 as the model runs it: every kernel, every epilogue.
 
     python benchmarks/bench_csp_flux.py        # H100/H200 (the Gluon kernels need sm_90)
+    python benchmarks/bench_csp_flux.py --keeps 0.05 0.08   # other key budgets (fractions of N)
 
 Shape 1x24x4352x128, G=128, bf16, the backend's FLUX query order (512 text tokens, the 48x80 image
 grid in 8x8 tiles), one sorted key set per (head, group) as bench_kernels draws them (one key in
@@ -21,6 +22,7 @@ and cuDNN dense attention on the same q, k, v. Prints a table and the relative e
 against Triton; rows go to benchmarks/results/bench_csp_flux_<chip>.csv and .json (and $OUT).
 Results of session 28: benchmarks/results/csp_flux_pingpong_h200_session28.txt.
 """
+import argparse
 import math
 import os
 import sys
@@ -40,6 +42,9 @@ KEEPS = (0.15, 0.23, 0.30, 0.16)
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keeps", type=float, nargs="+", default=KEEPS, help="key budgets, fractions of the tokens")
+    keeps = ap.parse_args().keeps
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         sys.exit("bench_csp_flux.py needs an sm_90 GPU (H100/H200)")
     dev, dt = "cuda", torch.bfloat16
@@ -61,7 +66,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}: cuDNN dense {cudnn:.4f} ms", flush=True)
     rows = []
-    for keep in KEEPS:
+    for keep in keeps:
         n_keys = round(keep * N)
         idx = sorted_random_subsets((B, H, n_groups), N, n_keys, dev)
         cnt = torch.full((B, H, n_groups), n_keys, device=dev, dtype=torch.int32)
