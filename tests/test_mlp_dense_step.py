@@ -44,6 +44,35 @@ def test_dense_step_fills_cache_in_grouped_order(act, gated, permuted, layout):
     assert y.is_contiguous() and y.shape == (B, M, Co)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_dense_step_with_the_triton_bias_act_kernel(monkeypatch, gated):
+    """The neuron-major path's bias, activation and gate run in the mlp_bias_act Triton kernel (the
+    interpreter here, fp32): the cache and the output are the eager MLP's, and the kernel did run."""
+    import chipmunk_compile.kernels.mlp_bias_act as triton_bias_act
+    from chipmunk_compile.ops import _dispatch
+
+    monkeypatch.setenv("CHIPMUNK_KERNELS", "triton")
+    monkeypatch.setattr(_dispatch, "_memo", {})  # a fresh lookup finds the counting wrapper below
+    calls = []
+    real = triton_bias_act.mlp_bias_act
+    monkeypatch.setattr(triton_bias_act, "mlp_bias_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(11)
+    B, M, C, Fh, Co = 2, 37, 16, 24, 8
+    x = torch.randn(B, M, C, generator=g)
+    w_act, b_act = torch.randn(Fh, C, generator=g), torch.randn(Fh, generator=g)
+    w_lin, b_lin = (torch.randn(Fh, C, generator=g), torch.randn(Fh, generator=g)) if gated else (None, None)
+    w2, b2 = torch.randn(Co, Fh, generator=g), torch.randn(Co, generator=g)
+    perm = torch.randperm(M, generator=g).int()
+    hc = mlp_alloc_h_cache(B, M, Fh, torch.float32, "cpu").fill_(float("nan"))
+    y = _dense_into_cache(x, w_act, b_act, w_lin, b_lin, w2, b2, "gelu_tanh", perm, hc)
+    assert len(calls) == B
+    h = F.gelu(F.linear(x, w_act, b_act), approximate="tanh")
+    if gated:
+        h = h * F.linear(x, w_lin, b_lin)
+    torch.testing.assert_close(hc, h[:, perm.long()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, F.linear(h, w2, b2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [4161, 4352])
 def test_dense_step_at_an_odd_token_count_matches_eager_bf16(M):

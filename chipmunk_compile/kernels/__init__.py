@@ -59,6 +59,12 @@ to (B, Hq, Nq, Nk), read through ``_common.bias_view`` (no copy), added to every
   tensor, or HashDraws with n_draws per block. Triton: one launch, the row in registers, the K-th
   largest key found bit by bit (32 block-wide counts), compaction by one scan, hashed draws made in
   the program.
+- mlp_bias_act(h, bias, *, act, gate=None, gate_bias=None) -> h: in place over the dense MLP step's
+  neuron-major fc1 product (F, M), h = act(h + bias) · (gate + gate_bias) in fp32, rounded once.
+  Triton: one read and one write (addmm's broadcast bias fill, its read-back and the activation
+  made three passes).
+- transpose_copy(dst, src) -> dst: a 2-D copy between memory orders (a row-major w2 into its
+  column-major copy for mm2). Triton: tiled, both sides coalesced (torch's strided copy: 0.53 TB/s).
 - mlp_alloc_h_cache(B, M, F, dtype, device): (B, M, F) view of a (B, F, M_pad) buffer (M_pad: M rounded up
   to 64 elements, so that every neuron row is 128-byte aligned).
 
@@ -85,16 +91,19 @@ import torch
 from .attn_colsum_sampled_ref import attn_colsum_sampled_ref
 from .attn_column_sparse_ref import attn_column_sparse_ref
 from .attn_dense_colsum_ref import attn_dense_colsum_ref
+from .mlp_bias_act_ref import mlp_bias_act_ref
 from .mlp_block_means_ref import mlp_block_means_ref
 from .mlp_h_cache import mlp_alloc_h_cache
 from .mlp_select_neurons_ref import mlp_select_neurons_ref
 from .mlp_sparse_mm1_ref import mlp_sparse_mm1_ref
 from .mlp_sparse_mm2_ref import mlp_sparse_mm2_ref
 from .select_columns_ref import select_columns_ref
+from .transpose_copy_ref import transpose_copy_ref
 
 __all__ = [
     "attn_colsum_sampled_ref", "attn_column_sparse_ref", "attn_dense_colsum_ref", "mlp_block_means_ref", "mlp_sparse_mm1_ref",
-    "mlp_sparse_mm2_ref", "mlp_select_neurons_ref", "select_columns_ref", "mlp_alloc_h_cache",
+    "mlp_sparse_mm2_ref", "mlp_select_neurons_ref", "select_columns_ref", "mlp_bias_act_ref", "transpose_copy_ref",
+    "mlp_alloc_h_cache",
     "get_kernel", "REFS",
 ]
 
@@ -109,9 +118,11 @@ REFS = {
     "mlp_sparse_mm2": mlp_sparse_mm2_ref,
     "mlp_block_means": mlp_block_means_ref,
     "mlp_select_neurons": mlp_select_neurons_ref,
+    "mlp_bias_act": mlp_bias_act_ref,
+    "transpose_copy": transpose_copy_ref,
 }
 _TRITON_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled", "select_columns", "mlp_sparse_mm1",
-               "mlp_sparse_mm2", "mlp_select_neurons", "mlp_block_means"}
+               "mlp_sparse_mm2", "mlp_select_neurons", "mlp_block_means", "mlp_bias_act", "transpose_copy"}
 _ATTN_OPS = {"attn_dense_colsum", "attn_column_sparse", "attn_colsum_sampled"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set = set()

@@ -186,13 +186,6 @@ def _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache,
     return mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
 
 
-def _linear_t(x2, w, bias, out=None) -> Tensor:
-    """(x2 wᵀ + bias)ᵀ = w x2ᵀ + bias[:, None], shape (F, M), optionally into `out`."""
-    if bias is None:
-        return torch.mm(w, x2.t(), out=out)
-    return torch.addmm(bias[:, None], w, x2.t(), out=out)
-
-
 def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache) -> Tensor:
     """Exact MLP of a dense step that leaves h in h_cache (rows in grouped order) and returns y.
 
@@ -200,7 +193,10 @@ def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache
     read-modify-write is contiguous. With the neuron-major cache (`mlp_alloc_h_cache`), fc1 runs
     transposed, hᵀ = w_act · x_gᵀ, straight into the cache and the activation is applied in place:
     no temporary h, no gather or transposing copy of the (M, F) activation, which is the largest
-    tensor of the step. Rounding is the same as the plain path (fc1 rounded, activation rounded).
+    tensor of the step. The GEMMs run without a bias: along the rows of a transposed product a bias
+    is no cuBLAS epilogue, and addmm wrote it over the whole output first and read it back (92 µs
+    per FLUX site on an H100, beside the activation's own pass); `mlp_bias_act` then adds the bias,
+    applies the activation and the gate in one pass, in fp32 from the rounded product, rounded once.
 
     Both GEMMs run over the cache's padded rows (M_pad, a multiple of 64): in the transposed
     product the token count is the contiguous dimension, and at an odd count (OmniGen's 4161
@@ -221,10 +217,11 @@ def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache
         xg = x3 if order is None else x3.index_select(1, order)
         h_rows = h_cache.as_strided((B, m_pad, h_cache.shape[2]), h_cache.stride(), h_cache.storage_offset())
         hT = h_rows.transpose(1, 2)  # (B, F, M_pad), each batch contiguous
-        for b in range(B):
-            apply_act(_linear_t(xg[b], w_act, b_act, out=hT[b]), act, inplace=True)
-            if w_lin is not None:
-                hT[b].mul_(_linear_t(xg[b], w_lin, b_lin))
+        bias_act = kernel("mlp_bias_act", hT)
+        for b in range(B):  # hᵀ = w_act · x_gᵀ with no bias, then bias, activation and gate in one pass
+            torch.mm(w_act, xg[b].t(), out=hT[b])
+            gate = torch.mm(w_lin, xg[b].t()) if w_lin is not None else None
+            bias_act(hT[b], b_act, act=act, gate=gate, gate_bias=b_lin)
     ys = [F.linear(h_rows[b], w2, b2) for b in range(B)]  # h_rows[b]: a transposed operand, no copy
     yg = (ys[0].unsqueeze(0) if B == 1 else torch.stack(ys))[:, :M]
     if perm is None:

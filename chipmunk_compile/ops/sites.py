@@ -49,6 +49,7 @@ from .. import runtime
 from ..kernels.random_draws_ref import HashDraws
 from ..runtime import SITES, Session, new_site_id
 from ..schedule import DENSE, never_sparse
+from ._dispatch import kernel
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -371,9 +372,10 @@ class Site:
                     st.epoch = next(_epochs)
                 count("w2_column_major_evicted")
             count("w2_column_major_copy")
-            hit = copies[key] = w.t().contiguous().t()
-        elif refresh:
-            hit.copy_(w)
+            hit = copies[key] = torch.empty_strided(w.shape, (1, w.shape[0]), dtype=w.dtype, device=w.device)
+            refresh = True
+        if refresh:  # torch's strided copy ran at 0.53 TB/s (282 µs per FLUX w2 on an H100): a tiled kernel
+            kernel("transpose_copy", hit, w)(hit, w)
         return hit
 
     def weight_copy_bytes(self) -> int:
