@@ -50,3 +50,24 @@ def compile_for_hopper(script: str, *args) -> str:
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
+
+
+_COMPILE_ONE = """
+import importlib, json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, name, types, consts, warps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+k = getattr(importlib.import_module(module), name)
+sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
+out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": warps})
+assert ".entry" in out.asm["ptx"]
+"""
+
+
+def compile_kernel_for_hopper(module: str, name: str, types: list, constexprs: dict, warps: int) -> None:
+    """``compile_for_hopper`` for one @triton.jit kernel `module.name`: its leading arguments typed by
+    `types` (Triton signature strings), the rest constexprs given by `constexprs`."""
+    import json
+
+    compile_for_hopper(_COMPILE_ONE, module, name, json.dumps(types), json.dumps(constexprs), warps)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testutils import DEV, compile_for_hopper, rel_err
+from kernel_testutils import DEV, compile_kernel_for_hopper, rel_err
 
 from chipmunk_compile.kernels import get_kernel, mlp_bias_act_ref
 from chipmunk_compile.kernels._common import ACTS
@@ -61,26 +61,15 @@ def test_triton_leaves_the_padding_of_a_wider_buffer_alone(triton_mode):
     assert torch.equal(buf[:, 70:], keep)
 
 
-_COMPILE_FOR_HOPPER = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from chipmunk_compile.kernels.mlp_bias_act import TILE, _mlp_bias_act_kernel as k
-gated = bool(int(sys.argv[1]))
-types = ["*bf16"] * 4 + ["i32"] * 2 + ["i64"] * 4
-sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-block_f, block_m, warps = TILE
-consts = {"ACT": 1, "HAS_BIAS": True, "HAS_GATE": gated, "HAS_GATE_BIAS": gated, "BLOCK_F": block_f,
-          "BLOCK_M": block_m}
-out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": warps})
-assert ".entry" in out.asm["ptx"]
-"""
-
-
-@pytest.mark.parametrize("gated", [0, 1])
+@pytest.mark.parametrize("gated", [False, True])
 def test_compiles_for_hopper_without_a_gpu(gated):
-    compile_for_hopper(_COMPILE_FOR_HOPPER, gated)
+    from chipmunk_compile.kernels.mlp_bias_act import TILE
+
+    block_f, block_m, warps = TILE
+    compile_kernel_for_hopper("chipmunk_compile.kernels.mlp_bias_act", "_mlp_bias_act_kernel",
+                              ["*bf16"] * 4 + ["i32"] * 2 + ["i64"] * 4,
+                              {"ACT": 1, "HAS_BIAS": True, "HAS_GATE": gated, "HAS_GATE_BIAS": gated,
+                               "BLOCK_F": block_f, "BLOCK_M": block_m}, warps)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testutils import DEV, compile_for_hopper, rel_err
+from kernel_testutils import DEV, compile_kernel_for_hopper, rel_err
 
 from chipmunk_compile.kernels import get_kernel, mlp_block_means_ref
 
@@ -43,26 +43,15 @@ def test_triton_reads_strided_input(triton_mode):
     assert rel_err(mlp_block_means(x, block=16, perm=perm), mlp_block_means_ref(x, block=16, perm=perm)) < 1e-6
 
 
-_COMPILE_FOR_HOPPER = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from chipmunk_compile.kernels.mlp_block_means import TILE, _mlp_block_means_kernel as k
-has_perm = bool(int(sys.argv[1]))
-types = ["*bf16", "*i32", "*bf16"] + ["i64"] * 6 + ["i32"] * 3
-sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-rows, block_c, warps = TILE  # the tile the launcher uses on a GPU
-consts = {"BLK": 128, "HAS_PERM": has_perm, "ROWS": rows, "BLOCK_C": block_c}
-out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": warps})
-assert ".entry" in out.asm["ptx"]
-"""
-
-
-@pytest.mark.parametrize("has_perm", [0, 1])
+@pytest.mark.parametrize("has_perm", [False, True])
 def test_compiles_for_hopper_without_a_gpu(has_perm):
     """What the interpreter accepts the GPU compiler may reject: compile for sm_90 here (no GPU)."""
-    compile_for_hopper(_COMPILE_FOR_HOPPER, has_perm)
+    from chipmunk_compile.kernels.mlp_block_means import TILE
+
+    rows, block_c, warps = TILE  # the tile the launcher uses on a GPU
+    compile_kernel_for_hopper("chipmunk_compile.kernels.mlp_block_means", "_mlp_block_means_kernel",
+                              ["*bf16", "*i32", "*bf16"] + ["i64"] * 6 + ["i32"] * 3,
+                              {"BLK": 128, "HAS_PERM": has_perm, "ROWS": rows, "BLOCK_C": block_c}, warps)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testutils import DEV, compile_for_hopper
+from kernel_testutils import DEV, compile_kernel_for_hopper
 
 from chipmunk_compile.kernels import get_kernel, transpose_copy_ref
 
@@ -45,22 +45,13 @@ def test_shape_or_dtype_mismatch_is_an_error(triton_mode):
         transpose_copy_ref(torch.empty(4, 5), torch.empty(4, 5, dtype=torch.float16))
 
 
-_COMPILE_FOR_HOPPER = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from chipmunk_compile.kernels.transpose_copy import TILE, _transpose_copy_kernel as k
-types = ["*bf16", "*bf16", "i32", "i32", "i64", "i64", "i64", "i64"]
-sig = {**dict(zip(k.arg_names, types)), **{n: "constexpr" for n in k.arg_names[len(types):]}}
-block_r, block_c, warps = TILE
-out = triton.compile(ASTSource(fn=k, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c}),
-                     target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-assert ".entry" in out.asm["ptx"]
-"""
-
-
 def test_compiles_for_hopper_without_a_gpu():
-    compile_for_hopper(_COMPILE_FOR_HOPPER)
+    from chipmunk_compile.kernels.transpose_copy import TILE
+
+    block_r, block_c, warps = TILE
+    compile_kernel_for_hopper("chipmunk_compile.kernels.transpose_copy", "_transpose_copy_kernel",
+                              ["*bf16", "*bf16", "i32", "i32"] + ["i64"] * 4, {"BLOCK_R": block_r, "BLOCK_C": block_c},
+                              warps)
 
 
 @pytest.mark.gpu
