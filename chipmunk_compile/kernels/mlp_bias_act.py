@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACT_CODE, cdiv, interpreting
+from .mlp_bias_act_ref import check_shapes
 from .mlp_sparse_mm1 import _act
 
 TILE = (16, 256, 4)  # BLOCK_F, BLOCK_M, warps on a GPU: 4096 elements, 16-byte vectors along M
@@ -50,9 +51,7 @@ def _mlp_bias_act_kernel(H, BIAS, G, GB, F, M, s_hf, s_hm, s_gf, s_gm,
 
 
 def mlp_bias_act(h, bias, *, act: str, gate=None, gate_bias=None):
-    if h.dim() != 2 or (gate is not None and gate.shape != h.shape):
-        raise ValueError(f"mlp_bias_act takes h (F, M) and a gate of the same shape, got {tuple(h.shape)} and "
-                         f"{None if gate is None else tuple(gate.shape)}")
+    check_shapes(h, gate)
     F_, M = h.shape
     block_f, block_m, warps = _INTERP_TILE if interpreting() else TILE
     g = gate if gate is not None else h

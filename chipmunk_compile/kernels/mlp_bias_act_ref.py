@@ -18,7 +18,15 @@ import torch
 from .mlp_sparse_mm1_ref import apply_act
 
 
+def check_shapes(h, gate) -> None:
+    """The contract's shapes (the Triton launcher checks the same): a gate is never broadcast."""
+    if h.dim() != 2 or (gate is not None and gate.shape != h.shape):
+        raise ValueError(f"mlp_bias_act takes h (F, M) and a gate of the same shape, got {tuple(h.shape)} and "
+                         f"{None if gate is None else tuple(gate.shape)}")
+
+
 def mlp_bias_act_ref(h, bias, *, act: str, gate=None, gate_bias=None):
+    check_shapes(h, gate)
     wide = torch.promote_types(h.dtype, torch.float32)
     z = h.to(wide, copy=True)
     if bias is not None:

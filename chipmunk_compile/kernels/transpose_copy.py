@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting
-from .transpose_copy_ref import transpose_copy_ref
+from .transpose_copy_ref import check_pair
 
 TILE = (64, 64, 4)  # BLOCK_R, BLOCK_C, warps on a GPU
 _INTERP_TILE = (16, 16, 1)
@@ -32,8 +32,7 @@ def _transpose_copy_kernel(DST, SRC, R, C, s_dr, s_dc, s_sr, s_sc, BLOCK_R: tl.c
 
 
 def transpose_copy(dst, src):
-    if dst.shape != src.shape or dst.dim() != 2 or dst.dtype != src.dtype:
-        return transpose_copy_ref(dst, src)  # raises the reference's error
+    check_pair(dst, src)
     R, C = dst.shape
     block_r, block_c, warps = _INTERP_TILE if interpreting() else TILE
     _transpose_copy_kernel[(cdiv(R, block_r), cdiv(C, block_c))](

@@ -10,8 +10,13 @@ an H100 (0.53 TB/s), once per site and generation.
 from __future__ import annotations
 
 
-def transpose_copy_ref(dst, src):
+def check_pair(dst, src) -> None:
+    """The contract's shapes and dtypes (the Triton launcher checks the same)."""
     if dst.shape != src.shape or dst.dim() != 2 or dst.dtype != src.dtype:
         raise ValueError(f"transpose_copy takes two 2-D tensors of one shape and dtype, got {tuple(dst.shape)} "
                          f"{dst.dtype} and {tuple(src.shape)} {src.dtype}")
+
+
+def transpose_copy_ref(dst, src):
+    check_pair(dst, src)
     return dst.copy_(src)

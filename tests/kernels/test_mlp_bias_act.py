@@ -61,6 +61,16 @@ def test_triton_leaves_the_padding_of_a_wider_buffer_alone(triton_mode):
     assert torch.equal(buf[:, 70:], keep)
 
 
+def test_both_refuse_a_gate_of_another_shape(triton_mode):
+    """A (1, M) gate would broadcast in torch's ops: both implementations refuse it instead."""
+    from chipmunk_compile.kernels.mlp_bias_act import mlp_bias_act
+
+    h, gate = torch.randn(8, 16).to(DEV), torch.randn(1, 16).to(DEV)
+    for fn in (mlp_bias_act, mlp_bias_act_ref):
+        with pytest.raises(ValueError, match="gate of the same shape"):
+            fn(h, None, act="silu", gate=gate)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_compiles_for_hopper_without_a_gpu(gated):
     from chipmunk_compile.kernels.mlp_bias_act import TILE
