@@ -84,7 +84,7 @@ import torch
 import chipmunk_compile as cc
 from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.schedule import (DENSE, REFRESH, SPARSE, attn_step_kind, mlp_recompute_indices, mlp_step_kind,
-                                        step_scale, steps_at_levels)
+                                        period, refresh_steps, step_scale)
 
 # published sizes (diffusers configs) and resolutions
 MODELS = {
@@ -339,14 +339,25 @@ def levels_as_steps(preset, steps: int, shift: float):
     (attn.full_step_levels) with them resolved to the steps this sampler (`steps`, `shift`) gives
     them, as the backend resolves them from the timesteps, and those steps; else (preset, None).
     Step kinds are what the timing depends on: pinned steps (set_step) carry no timestep, so the
-    pinned and tracked generations run this step schedule alike."""
+    pinned and tracked generations run this step schedule alike. The resolved steps are this
+    generation's own, so the returned config runs them unscaled (`schedule_steps: null`) with the
+    MLP period already scaled to `steps` (the backend scales a schedule in steps by steps /
+    schedule_steps, which would move steps that levels and `max_refresh_gap` already placed)."""
     cfg = ChipmunkConfig.from_any(preset)
     if cfg.attn.full_step_levels is None:
         return preset, None
+    scale = step_scale(steps, cfg.schedule_steps)
     levels = tuple(flow_level(i, steps, shift) for i in range(steps))
-    resolved = sorted(steps_at_levels(levels, tuple(cfg.attn.full_step_levels), cfg.attn.warmup_steps))
+    resolved = sorted(refresh_steps(cfg.attn, scale, levels))
     spec = dict(preset) if isinstance(preset, dict) else {"preset": preset}
-    spec["attn"] = {**spec.get("attn", {}), "full_step_levels": None, "full_step_schedule": resolved}
+    spec["attn"] = {**spec.get("attn", {}), "full_step_levels": None, "max_refresh_gap": None,
+                    "full_step_schedule": resolved}
+    if scale is not None:
+        if cfg.overrides:
+            raise SystemExit("bench_e2e: refreshes written as noise levels at --steps other than schedule_steps "
+                             "with per-layer overrides: resolve them by hand (--steps 50, or a full_step_schedule)")
+        spec["mlp"] = {**spec.get("mlp", {}), "full_step_every": period(cfg.mlp.full_step_every, scale)}
+        spec["schedule_steps"] = None
     return spec, resolved
 
 

@@ -59,6 +59,11 @@ class AttnConfig:
     # results.md "A video model"). Levels come from the step signal's timesteps or the pipeline's
     # scheduler; a generation without either runs the period (counted `attn_levels_unknown`).
     full_step_levels: Optional[list[float]] = None
+    # with full_step_levels: also refresh once this many steps have passed since the last refresh (in
+    # steps of a `schedule_steps`-long generation, scaled like the periods), so that a sampler whose
+    # noise falls slowly in some stretch cannot leave the cache stale there (levels 0.9, 0.8, ..., 0.1
+    # under a flow shift of 3 leave steps 2-12 without a refresh). None: the levels alone.
+    max_refresh_gap: Optional[int] = None
     # False: indices picked at the first refresh only, later refreshes rebuild the cache with them (as the
     # published FLUX; the method's base and its video presets: True). presets/default.yaml: why False.
     recompute_mask: bool = False
@@ -120,6 +125,15 @@ class AttnConfig:
                 raise ValueError("attn.full_step_levels must be a non-empty list of noise levels in [0, 1] "
                                  f"(1 = the first step's), got {self.full_step_levels!r}")
             self.full_step_levels = sorted(set(levels), reverse=True)
+        if self.max_refresh_gap is not None:
+            if self.full_step_levels is None:
+                raise ValueError("attn.max_refresh_gap caps the gaps between refreshes written as noise levels: "
+                                 "give attn.full_step_levels with it (refreshes in steps: full_step_every or "
+                                 "full_step_schedule)")
+            if isinstance(self.max_refresh_gap, bool) or int(self.max_refresh_gap) != self.max_refresh_gap \
+                    or self.max_refresh_gap < 1:
+                raise ValueError(f"attn.max_refresh_gap must be a whole number of steps >= 1, got {self.max_refresh_gap!r}")
+            self.max_refresh_gap = int(self.max_refresh_gap)
 
 
 @dataclass

@@ -24,8 +24,9 @@ Invariants:
   level per step so far (step k's timestep over its first step's, on the host: `runtime`), and the
   refreshes are the first step after warm-up and the first step at or below each level. Known
   causally (step k's kind needs levels 0..k only), so the same list places its refreshes at the
-  same noise levels under any sampler shift or step count (no `scale`). Unknown levels (None:
-  nothing gave the generation's timesteps) run the period (`full_step_every`, scaled) instead.
+  same noise levels under any sampler shift or step count (no `scale`). With `max_refresh_gap`, a
+  step that many steps (scaled) after the last refresh refreshes too, still causally. Unknown levels
+  (None: nothing gave the generation's timesteps) run the period (`full_step_every`, scaled) instead.
 """
 
 from __future__ import annotations
@@ -58,25 +59,25 @@ LEVEL_TOLERANCE = 2.0**-8
 
 
 @functools.lru_cache(maxsize=256)
-def steps_at_levels(levels: tuple, written: tuple, warmup: int) -> frozenset:
+def steps_at_levels(levels: tuple, written: tuple, warmup: int, gap: Optional[int] = None) -> frozenset:
     """The refresh steps of a generation whose steps so far have noise levels `levels` (1 = its
     first step's timestep, falling towards 0), for the levels `written`: the first step at or past
-    `warmup`, and each later step that reaches a written level the step before it had not."""
-    out = set()
+    `warmup`, each later step that reaches a written level the step before it had not, and (`gap`)
+    each step `gap` steps after the last refresh."""
+    out, last = set(), warmup
     for k in range(warmup, len(levels)):
-        if k == warmup:
-            out.add(k)
-            continue
         now, before = levels[k] * (1 - LEVEL_TOLERANCE), levels[k - 1] * (1 - LEVEL_TOLERANCE)
-        if any(now <= lv < before for lv in written):
+        if k == warmup or any(now <= lv < before for lv in written) or (gap is not None and k - last >= gap):
             out.add(k)
+            last = k
     return frozenset(out)
 
 
 def refresh_steps(cfg: AttnConfig, scale: Optional[float] = None, levels: Optional[tuple] = None):
     """A generation's explicit refresh steps (those known so far, for levels), None for the period."""
     if cfg.full_step_levels is not None and levels is not None:
-        return steps_at_levels(levels, tuple(cfg.full_step_levels), cfg.warmup_steps)
+        gap = None if cfg.max_refresh_gap is None else period(cfg.max_refresh_gap, scale)
+        return steps_at_levels(levels, tuple(cfg.full_step_levels), cfg.warmup_steps, gap)
     if cfg.full_step_schedule is not None:
         return scheduled_steps(cfg.full_step_schedule, scale)
     return None

@@ -149,6 +149,25 @@ def test_refreshes_written_as_levels_are_timed_at_the_steps_the_shift_gives_them
     assert ts[0] == pytest.approx(1000.0) and ts[6] < ts[5] < ts[0]
 
 
+def test_levels_at_another_step_count_run_the_steps_they_resolve_to():
+    """At 28 steps the resolved refreshes are the generation's own steps: the timed schedule runs them
+    as printed (not scaled by 28/50 a second time), a gap cap included, and the MLP's period is the
+    scaled one the backend would run."""
+    cfg = be.with_overrides("default", ["steps=28", "attn.full_step_levels=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]",
+                                        "attn.max_refresh_gap=6"])
+    spec, resolved = be.levels_as_steps(cfg, 28, 3.0)
+    refreshes = [s for s, label in enumerate(be.step_labels(spec, 28)) if label.startswith("attn:refresh")]
+    assert refreshes == resolved
+    from chipmunk_compile.schedule import steps_at_levels
+
+    written = tuple(be.ChipmunkConfig.from_any(cfg).attn.full_step_levels)
+    levels = tuple(be.flow_level(i, 28, 3.0) for i in range(28))
+    assert resolved == sorted(steps_at_levels(levels, written, 1, 3))  # the cap of 6 at 28 of 50 steps
+    assert max(b - a for a, b in zip(resolved, resolved[1:])) <= 3
+    mlp_dense = [s for s, label in enumerate(be.step_labels(spec, 28)) if "mlp:dense" in label]
+    assert mlp_dense == [s for s, label in enumerate(be.step_labels(cfg, 28)) if "mlp:dense" in label] == [0, 6, 12, 18, 24]
+
+
 def test_block_units_follow_each_models_published_ratio():
     """One --blocks unit is one double block and the published number of singles per double."""
     assert be.depth_text("flux", 2) == "2 double + 4 single blocks"

@@ -68,6 +68,39 @@ def test_levels_config_is_validated():
             ChipmunkConfig.from_any({"attn": {"full_step_levels": bad}})
 
 
+def test_a_gap_cap_adds_refreshes_where_the_noise_falls_slowly():
+    """`attn.max_refresh_gap`: every level's refresh stays, and no two refreshes are further apart
+    than the cap (in steps of a schedule_steps-long generation, scaled like the periods)."""
+    l10 = [round(1 - k / 50, 2) for k in range(5, 50, 5)]
+    shifted = tuple(flow_sigmas(50, 3.0))
+    plain = AttnConfig(first_n_dense_layers=0, full_step_levels=l10)
+    capped = AttnConfig(first_n_dense_layers=0, full_step_levels=l10, max_refresh_gap=6)
+    # under a flow shift of 3 the noise reaches 0.9 only at step 13: twelve steps on one cache
+    assert refreshes(plain, shifted) == [1, 13, 22, 28, 34, 38, 41, 44, 47, 49]
+    got = refreshes(capped, shifted)
+    assert got == [1, 7, 13, 19, 22, 28, 34, 38, 41, 44, 47, 49]
+    assert set(refreshes(plain, shifted)) <= set(got)
+    assert max(b - a for a, b in zip(got, got[1:])) <= 6
+    assert last_refresh_step(capped, 12, None, shifted) == 7
+    # equal steps already refresh every 5: the cap adds nothing
+    assert refreshes(capped, tuple(flow_sigmas(50, 1.0))) == refreshes(plain, tuple(flow_sigmas(50, 1.0)))
+    # 25 steps of a 50-step schedule: the cap scales to 3 steps, as the periods do
+    half = tuple(flow_sigmas(25, 3.0))
+    got25 = [k for k in range(25) if attn_step_kind(capped, k, 0, 0.5, half) == REFRESH]
+    assert max(b - a for a, b in zip(got25, got25[1:])) <= 3
+    assert set(refreshes(plain, half)) <= set(got25)
+
+
+def test_a_gap_cap_needs_levels_and_a_whole_number_of_steps():
+    ok = ChipmunkConfig.from_any({"attn": {"full_step_levels": [0.5], "max_refresh_gap": 4.0}})
+    assert ok.attn.max_refresh_gap == 4 and isinstance(ok.attn.max_refresh_gap, int)
+    with pytest.raises(ValueError, match="give attn.full_step_levels"):
+        ChipmunkConfig.from_any({"attn": {"max_refresh_gap": 4}})
+    for bad in (0, 2.5, True, -3):
+        with pytest.raises(ValueError, match="whole number of steps"):
+            ChipmunkConfig.from_any({"attn": {"full_step_levels": [0.5], "max_refresh_gap": bad}})
+
+
 def _refresh_steps_of(model, call, steps: int) -> list:
     """Run `call(i)` for steps 0..steps-1 and return the steps at which `model`'s attention refreshed."""
     out, before = [], step_counts(model).get("attention_refresh", 0)
@@ -106,6 +139,22 @@ def test_the_timestep_signal_gives_the_levels_at_any_scale(fresh_dynamo, scale):
         assert stats["refresh_steps"] == got
     assert _expected(1.0) != _expected(4.0)
     assert ccount("fallback:attn_levels_unknown") == 0
+
+
+def test_a_capped_generation_refreshes_where_the_schedule_says(fresh_dynamo):
+    """The model's refreshes under a gap cap: the levels' steps plus the capped ones, as the schedule
+    computes them from the timesteps."""
+    cfg = sparse_cfg(attn={"full_step_levels": [0.9, 0.6, 0.3], "extrapolate": 0.0, "max_refresh_gap": 3})
+    m = Net(depth=1).eval()
+    cm = chip(m, cfg)
+    sig = flow_sigmas(STEPS, 4.0)
+    got = _refresh_steps_of(m, lambda i: cm(latents(i), torch.tensor([sig[i]])), STEPS)
+    c = ChipmunkConfig.from_any(cfg).attn
+    levels = tuple(v / sig[0] for v in sig)
+    assert got == sorted(steps_at_levels(levels, tuple(c.full_step_levels), c.warmup_steps, 3))
+    assert set(_expected(4.0)) < set(got)
+    assert max(b - a for a, b in zip(got, got[1:])) <= 3
+    assert chipmunk_compile.stats(m)["refresh_steps"] == got
 
 
 def test_a_followed_scheduler_gives_the_levels_without_reading_timesteps(fresh_dynamo, monkeypatch):
