@@ -9,7 +9,9 @@
 
     python benchmarks/bench_dense_mlp_pieces.py   # H100/H200; a table and bench_dense_mlp_pieces_<gpu>.csv
 
-Session 56 (H100): `benchmarks/results/bench_dense_mlp_pieces_h100_session56.txt`.
+Each piece is timed two ways: back-to-back calls between CUDA events (``median_ms``; what session 56
+recorded, `benchmarks/results/bench_dense_mlp_pieces_h100_session56.txt`) and replayed from one CUDA
+graph (``bench_kernels.graph_ms``: no launch cost, as the step graphs run them; since session 57).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from chipmunk_compile.kernels.mlp_bias_act import mlp_bias_act  # noqa: E402
 from chipmunk_compile.kernels.transpose_copy import transpose_copy  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import graph_ms  # noqa: E402
 from csv_rows import write_rows  # noqa: E402
 
 
@@ -60,23 +63,29 @@ def main():
     new()
     err = ((hT.float() - ref.float()).norm() / ref.float().norm()).item()
     gpu = torch.cuda.get_device_name()
-    t = {"old": median_ms(old), "addmm": median_ms(lambda: torch.addmm(b[:, None], w, x.t(), out=hT)),
-         "gelu_": median_ms(lambda: torch.ops.aten.gelu_(hT, approximate="tanh")), "new": median_ms(new),
-         "mm": median_ms(lambda: torch.mm(w, x.t(), out=hT)),
-         "mlp_bias_act": median_ms(lambda: mlp_bias_act(hT, b, act="gelu_tanh"))}
-    print(f"{gpu}: fc1 + bias + gelu_tanh into the neuron-major cache, {M}x{C}->{Fh} bf16")
-    print(f"  old  addmm(bias[:, None]) + gelu_: {t['old']:.4f} ms (addmm {t['addmm']:.4f}, gelu_ {t['gelu_']:.4f})")
-    print(f"  new  mm + mlp_bias_act:            {t['new']:.4f} ms (mm {t['mm']:.4f}, mlp_bias_act "
-          f"{t['mlp_bias_act']:.4f}); rel. diff {err:.1e}")
+    pieces = {"old": old, "addmm": lambda: torch.addmm(b[:, None], w, x.t(), out=hT),
+              "gelu_": lambda: torch.ops.aten.gelu_(hT, approximate="tanh"), "new": new,
+              "mm": lambda: torch.mm(w, x.t(), out=hT), "mlp_bias_act": lambda: mlp_bias_act(hT, b, act="gelu_tanh")}
     w2 = torch.randn(C, Fh, **kw)
     col = torch.empty_strided(w2.shape, (1, C), **kw)
-    t["copy_"] = median_ms(lambda: col.copy_(w2))
-    t["transpose_copy"] = median_ms(lambda: transpose_copy(col, w2))
-    print(f"w2 {C}x{Fh} bf16 into its column-major copy: copy_ {t['copy_']:.4f} ms, transpose_copy "
-          f"{t['transpose_copy']:.4f} ms, equal {torch.equal(col, w2)}")
+    pieces.update({"copy_": lambda: col.copy_(w2), "transpose_copy": lambda: transpose_copy(col, w2)})
+    t = {k: (median_ms(fn), graph_ms(fn)) for k, fn in pieces.items()}
+
+    def ms(k):
+        ev, rp = t[k]
+        return f"{ev:.4f} / {rp:.4f}" if rp is not None else f"{ev:.4f} / -"
+
+    print(f"{gpu}: ms as events / replayed")
+    print(f"fc1 + bias + gelu_tanh into the neuron-major cache, {M}x{C}->{Fh} bf16")
+    print(f"  old  addmm(bias[:, None]) + gelu_: {ms('old')} (addmm {ms('addmm')}, gelu_ {ms('gelu_')})")
+    print(f"  new  mm + mlp_bias_act:            {ms('new')} (mm {ms('mm')}, mlp_bias_act {ms('mlp_bias_act')}); "
+          f"rel. diff {err:.1e}")
+    print(f"w2 {C}x{Fh} bf16 into its column-major copy: copy_ {ms('copy_')}, transpose_copy "
+          f"{ms('transpose_copy')}, equal {torch.equal(col, w2)}")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     chip = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
-    rows = [dict(gpu=gpu, piece=k, ms=round(v, 4)) for k, v in t.items()]
+    rows = [dict(gpu=gpu, piece=k, ms=round(ev, 4), replayed_ms=None if rp is None else round(rp, 4))
+            for k, (ev, rp) in t.items()]
     print(f"wrote {write_rows(os.path.join(out_dir, f'bench_dense_mlp_pieces_{chip}.csv'), rows)}")
 
 

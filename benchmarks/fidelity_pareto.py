@@ -256,7 +256,10 @@ GRID["cm-default-a.05-m.15"] = {"preset": "default", "attn": {"top_keys": 0.05},
 # ("mr0": a quarter of the sparse GEMMs' work at 15% + 5%)
 for _k, _c in {"nt": {"attn": {"keep_text_keys": False}}, "me20": {"mlp": {"full_step_every": 20}},
                "nt-me20": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20}},
-               "nt-me20-mr0": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "random_keys": 0.0}}}.items():
+               "nt-me20-mr0": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "random_keys": 0.0}},
+               # session 57: MLP blocks of 256 tokens, each gathered weight row serving twice the tokens in the
+               # sparse GEMMs (at 15% + 5% neurons they wait on those gathered loads)
+               "nt-me20-mb256": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "block": 256}}}.items():
     GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, **_c.get("attn", {})},
                                           "mlp": {"top_keys": 0.15, **_c.get("mlp", {})}}
 # the default's refreshes written as noise levels (session 55; FLUX.1 samples 1280x768 with a flow shift of about
@@ -267,6 +270,10 @@ for _k, _lv in {"l10": [round(1 - k / 50, 2) for k in range(5, 50, 5)],
     GRID[f"cm-default-{_k}"] = {"preset": "default", "attn": {"full_step_levels": _lv}}
     GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, "full_step_levels": _lv},
                                          "mlp": {"top_keys": 0.15}}
+    # session 57: the same levels, and a refresh at most 6 steps after the last (`attn.max_refresh_gap`)
+    GRID[f"cm-default-{_k}-g6"] = {"preset": "default", "attn": {"full_step_levels": _lv, "max_refresh_gap": 6}}
+    GRID[f"cm-default-a.05-m.15-{_k}-g6"] = {"preset": "default", "mlp": {"top_keys": 0.15},
+                                            "attn": {"top_keys": 0.05, "full_step_levels": _lv, "max_refresh_gap": 6}}
 GRID["dflt-a.10-e5-x1-me5"] = {"preset": "method", "attn": {"top_keys": 0.10, "full_step_every": 5, **_X1},
                                "mlp": {"full_step_every": 5}}
 
