@@ -130,9 +130,10 @@ class AttnConfig:
                 raise ValueError("attn.max_refresh_gap caps the gaps between refreshes written as noise levels: "
                                  "give attn.full_step_levels with it (refreshes in steps: full_step_every or "
                                  "full_step_schedule)")
-            if isinstance(self.max_refresh_gap, bool) or int(self.max_refresh_gap) != self.max_refresh_gap \
-                    or self.max_refresh_gap < 1:
-                raise ValueError(f"attn.max_refresh_gap must be a whole number of steps >= 1, got {self.max_refresh_gap!r}")
+            gap = self.max_refresh_gap
+            # a YAML 4.0 is 4 steps; a string, a bool, NaN or inf is refused with this message, not int()'s
+            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not float(gap).is_integer() or gap < 1:
+                raise ValueError(f"attn.max_refresh_gap must be a whole number of steps >= 1, got {gap!r}")
             self.max_refresh_gap = int(self.max_refresh_gap)
 
 

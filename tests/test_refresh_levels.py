@@ -96,7 +96,7 @@ def test_a_gap_cap_needs_levels_and_a_whole_number_of_steps():
     assert ok.attn.max_refresh_gap == 4 and isinstance(ok.attn.max_refresh_gap, int)
     with pytest.raises(ValueError, match="give attn.full_step_levels"):
         ChipmunkConfig.from_any({"attn": {"max_refresh_gap": 4}})
-    for bad in (0, 2.5, True, -3):
+    for bad in (0, 2.5, True, -3, "6", float("inf"), float("nan")):
         with pytest.raises(ValueError, match="whole number of steps"):
             ChipmunkConfig.from_any({"attn": {"full_step_levels": [0.5], "max_refresh_gap": bad}})
 
