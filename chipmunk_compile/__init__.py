@@ -62,18 +62,40 @@ def release(model: Any) -> None:
         session.release()
 
 
-def set_step(model: Any, step: int, branch: Optional[str] = None) -> None:
+def set_step(model: Any, step: int, branch: Optional[str] = None, *, timesteps: Any = None) -> None:
     """Pin the step (and guidance branch) that the next calls of `model` run as. Without a branch,
     the calls at one pinned step are its guidance branches, named by diffusers' cache context
     (`cache_context("cond")`) or else numbered in call order.
 
+    `timesteps`: the generation's timesteps or sigmas, one per step from step 0 (any scale, falling:
+    e.g. `scheduler.timesteps`), for refreshes written as noise levels (`attn.full_step_levels`),
+    which pinned steps otherwise take from a followed scheduler or the calling pipeline's, else run
+    the period (counted `fallback:attn_levels_unknown`). Kept for the later pinned steps until
+    given again or `clear_step`.
+
     Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking (which
     then begins a new generation)."""
+    from .runtime import levels_of
+
     sessions = sessions_of(model)
     if not sessions:
         raise ValueError("set_step: this model has not been compiled with backend='chipmunk' and called yet")
+    step = int(step)
+    levels = None
+    if timesteps is not None:
+        levels = levels_of(timesteps)
+        if levels is None:
+            raise ValueError("set_step: timesteps must be numbers falling from a positive first one (the "
+                             f"generation's timesteps or sigmas, step 0's first), got {timesteps!r}")
     for session in sessions:
-        session.tracker.explicit = (int(step), branch)
+        known = levels if levels is not None else session.tracker.pinned_levels
+        if known is not None and not 0 <= step < len(known):
+            raise ValueError(f"set_step: step {step} is outside the {len(known)} timesteps given for this "
+                             "generation (set_step(..., timesteps=...) with the new ones, or clear_step)")
+    for session in sessions:
+        session.tracker.explicit = (step, branch)
+        if levels is not None:
+            session.tracker.pinned_levels = levels
 
 
 def follow_scheduler(model: Any, scheduler: Any) -> None:
@@ -112,6 +134,7 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
 def clear_step(model: Any) -> None:
     for session in sessions_of(model):
         session.tracker.explicit = None
+        session.tracker.pinned_levels = None
 
 
 def stats(model: Any) -> dict:

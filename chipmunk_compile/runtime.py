@@ -115,6 +115,8 @@ class StepTracker:
     def __init__(self, mode: str = "auto"):
         self.mode = mode
         self.explicit: Optional[tuple[int, Optional[str]]] = None
+        # the pinned steps' noise levels (set_step's timesteps, `levels_of`), kept until clear_step
+        self.pinned_levels: Optional[tuple] = None
         self.scale: Optional[float] = None  # set per call by Session.begin_call (schedule.step_scale)
         # a followed scheduler whose step index stood still over more calls than one step has
         # branches (the pipeline steps copies of it: SkyReels-V2's diffusion forcing); kept across
@@ -162,10 +164,11 @@ class StepTracker:
         name = getattr(context, "name", None) if context is not None else None
         self.from_context = False
         if self.explicit is not None:
-            self.levels = None  # pinned steps carry no timestep
             step, branch = self.explicit
             if step < self.step:  # the pinned step went back: a new generation
                 self._new_generation()
+            # pinned steps carry the levels set_step was given, else the scheduler's (Session._place_levels)
+            self.levels = self.pinned_levels
             # no branch pinned: the cache context's name, else the calls at one step in call order
             # (until session 44 every call was branch "0": a pipeline's two guidance calls shared
             # one branch's caches, and its forecast divided by a zero step span: NaN)
@@ -686,10 +689,11 @@ class Session:
         """The steps' noise levels for refreshes written as levels: a step from a cache context or a
         scheduler takes them from the followed scheduler, else the pipeline's on the call stack
         (`scheduler_levels`, read once per generation, at its first call); a step from the timestep
-        signal has its own (`StepTracker._level`). A generation with none runs the period: counted
+        signal has its own (`StepTracker._level`); a pinned step those given to `set_step`, else
+        the scheduler's as a cache context's step. A generation with none runs the period: counted
         once and logged."""
         t = self.tracker
-        if t.from_context:
+        if t.from_context or (t.explicit is not None and t.levels is None):
             t.levels = self._scheduler_levels
         if t.levels is None and self._levels_unknown_noted != t.generation and not t._quiet():
             from .ops.sites import fallback
@@ -891,9 +895,15 @@ def scheduler_levels(scheduler: Any) -> Optional[tuple]:
     timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
     if timesteps is None:
         return None
+    return levels_of(timesteps, int(getattr(scheduler, "begin_index", None) or 0))
+
+
+def levels_of(timesteps: Any, begin: int = 0) -> Optional[tuple]:
+    """Noise levels of a generation's steps from its timesteps (or sigmas, any scale), from step
+    `begin` on: each over the first. None for values that are not numbers or do not fall from a
+    positive first one (a rising timestep: its scale is unknown)."""
     try:
-        values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
-        values = values[int(getattr(scheduler, "begin_index", None) or 0):]
+        values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)][begin:]
     except (TypeError, ValueError):
         return None
     if not values or not values[0] > 0 or any(b > a for a, b in zip(values, values[1:])):

@@ -249,3 +249,86 @@ def test_pinned_steps_carry_no_levels_after_tracked_ones(fresh_dynamo):
     assert _refresh_steps_of(m, pinned, STEPS) == [1] + list(range(every, STEPS, every))
     assert ccount("fallback:attn_levels_unknown") == 1
     assert chipmunk_compile.stats(m)["noise_level"] is None and chipmunk_compile.stats(m)["refresh_steps"] is None
+
+
+def test_pinned_steps_given_timesteps_refresh_at_their_levels(fresh_dynamo):
+    """set_step(..., timesteps=...): the pinned steps refresh where those timesteps put the levels,
+    given once at step 0 and kept for the later steps; a generation pinned with another shift moves
+    them; clear_step drops them (the next pinned generation runs the period, counted)."""
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    with torch.no_grad():
+        cm(latents(0), torch.tensor([1.0]))  # set_step needs the compiled model called once
+    for shift in (1.0, 4.0):
+        sig = flow_sigmas(STEPS, shift)
+
+        def pinned(i, sig=sig):
+            if i == 0:  # a timestep scale unlike the signal's: levels are relative to step 0
+                chipmunk_compile.set_step(cm, 0, timesteps=torch.tensor(sig) * 1000)
+            else:
+                chipmunk_compile.set_step(cm, i)
+            cm(latents(i), torch.tensor([0.5]))  # a constant timestep input: no signal of its own
+
+        got = _refresh_steps_of(m, pinned, STEPS)
+        assert got == _expected(shift), (shift, got)
+        stats = chipmunk_compile.stats(m)
+        assert stats["noise_level"] == pytest.approx(sig[-1] / sig[0], rel=1e-6)
+        assert stats["refresh_steps"] == got
+    assert ccount("fallback:attn_levels_unknown") == 0
+    chipmunk_compile.clear_step(m)
+    every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
+
+    def plain(i):
+        chipmunk_compile.set_step(cm, i)
+        cm(latents(i), torch.tensor([0.5]))
+
+    assert _refresh_steps_of(m, plain, STEPS) == [1] + list(range(every, STEPS, every))
+    assert ccount("fallback:attn_levels_unknown") == 1
+
+
+def test_set_step_refuses_timesteps_that_give_no_levels(fresh_dynamo):
+    """Rising or non-numeric timesteps, and a step past the timesteps given, are clear errors that
+    leave the pinned step and its levels as they were."""
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    with torch.no_grad():
+        cm(latents(0), torch.tensor([1.0]))
+    sig = flow_sigmas(STEPS, 4.0)
+    chipmunk_compile.set_step(cm, 3, timesteps=sig)
+    for bad in ([10.0, 20.0, 30.0], [0.0, 0.0], ["a", "b"], []):
+        with pytest.raises(ValueError, match="falling from a positive first one"):
+            chipmunk_compile.set_step(cm, 4, timesteps=bad)
+    with pytest.raises(ValueError, match=f"outside the {STEPS} timesteps"):
+        chipmunk_compile.set_step(cm, STEPS)
+    with pytest.raises(ValueError, match="outside the 2 timesteps"):
+        chipmunk_compile.set_step(cm, 2, timesteps=[1.0, 0.5])
+    (session,) = chipmunk_compile.runtime.sessions_of(m)
+    assert session.tracker.explicit == (3, None)
+    assert session.tracker.pinned_levels == pytest.approx(tuple(v / sig[0] for v in sig))
+
+
+def test_pinned_steps_in_a_pipeline_take_its_schedulers_levels(fresh_dynamo):
+    """Steps pinned with no timesteps inside a pipeline's __call__: the levels come from that
+    pipeline's scheduler, as for a cache context's steps."""
+    from types import SimpleNamespace
+
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    sig = flow_sigmas(STEPS, 4.0)
+    with torch.no_grad():  # set_step needs the compiled model called once: a generation of 2 steps
+        cm(latents(0), torch.tensor([1.0]))  # outside the pipeline, before the pinned one in it
+        cm(latents(1), torch.tensor([0.5]))
+
+    def pinned(i):
+        chipmunk_compile.set_step(cm, i)
+        cm(latents(i), torch.tensor([0.5]))
+
+    class Pipeline:
+        def __init__(self, transformer):
+            self.transformer, self.scheduler = transformer, SimpleNamespace(timesteps=torch.tensor(sig) * 1000)
+
+        def __call__(self):
+            return _refresh_steps_of(m, pinned, STEPS)
+
+    assert Pipeline(m)() == _expected(4.0)
+    assert ccount("fallback:attn_levels_unknown") == 0
