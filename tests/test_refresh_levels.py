@@ -114,6 +114,21 @@ def _refresh_steps_of(model, call, steps: int) -> list:
     return out
 
 
+def _in_a_pipeline(model, call, sigmas) -> list:
+    """`_refresh_steps_of` run inside a pipeline's __call__ whose scheduler has timesteps `sigmas` * 1000."""
+    from types import SimpleNamespace
+
+    class Pipeline:
+        def __init__(self, transformer):
+            self.transformer = transformer
+            self.scheduler = SimpleNamespace(timesteps=torch.tensor(sigmas) * 1000)
+
+        def __call__(self):
+            return _refresh_steps_of(model, call, STEPS)
+
+    return Pipeline(model)()
+
+
 STEPS = 16
 LEVEL_CFG = sparse_cfg(attn={"full_step_levels": [0.9, 0.6, 0.3], "extrapolate": 0.0})
 
@@ -185,7 +200,6 @@ def test_a_pipelines_scheduler_gives_the_levels_to_steps_of_a_cache_context(fres
     the levels come from that pipeline's scheduler; outside any pipeline there are none (the period
     runs, counted once per generation)."""
     pytest.importorskip("diffusers")
-    from types import SimpleNamespace
 
     from diffusers import ModelMixin
     from diffusers.models.cache_utils import CacheMixin
@@ -206,14 +220,7 @@ def test_a_pipelines_scheduler_gives_the_levels_to_steps_of_a_cache_context(fres
         with cm.cache_context("cond", step_index=i):
             cm(latents(i), torch.tensor([sig[i] * 1000]))
 
-    class Pipeline:
-        def __init__(self, transformer):
-            self.transformer, self.scheduler = transformer, SimpleNamespace(timesteps=torch.tensor(sig) * 1000)
-
-        def __call__(self):
-            return _refresh_steps_of(m, call, STEPS)
-
-    assert Pipeline(m)() == _expected(4.0)
+    assert _in_a_pipeline(m, call, sig) == _expected(4.0)
     assert ccount("fallback:attn_levels_unknown") == 0
     chipmunk_compile.reset(m)
     every = ChipmunkConfig.from_any(LEVEL_CFG).attn.full_step_every
@@ -310,7 +317,6 @@ def test_set_step_refuses_timesteps_that_give_no_levels(fresh_dynamo):
 def test_pinned_steps_in_a_pipeline_take_its_schedulers_levels(fresh_dynamo):
     """Steps pinned with no timesteps inside a pipeline's __call__: the levels come from that
     pipeline's scheduler, as for a cache context's steps."""
-    from types import SimpleNamespace
 
     m = Net(depth=1).eval()
     cm = chip(m, LEVEL_CFG)
@@ -323,12 +329,5 @@ def test_pinned_steps_in_a_pipeline_take_its_schedulers_levels(fresh_dynamo):
         chipmunk_compile.set_step(cm, i)
         cm(latents(i), torch.tensor([0.5]))
 
-    class Pipeline:
-        def __init__(self, transformer):
-            self.transformer, self.scheduler = transformer, SimpleNamespace(timesteps=torch.tensor(sig) * 1000)
-
-        def __call__(self):
-            return _refresh_steps_of(m, pinned, STEPS)
-
-    assert Pipeline(m)() == _expected(4.0)
+    assert _in_a_pipeline(m, pinned, sig) == _expected(4.0)
     assert ccount("fallback:attn_levels_unknown") == 0
