@@ -20,7 +20,9 @@ What is measured, and how:
   (attn.extrapolate, mlp.extrapolate), and "+sel" / "+reuse" on sparse MLP steps that pick
   new neuron indices / reuse the last ones. Steps of one kind cost the same, so not all `--steps`
   steps are timed: the coverage sequence is the real step indices s = 0, 1, ... kept while their
-  label has been kept fewer than `--reps` times (default 2).
+  label has been kept fewer than `--reps` times (default 2), plus the steps that make each kept
+  MLP step select or reuse neurons as in a whole generation (`index_state_steps`; until session 58
+  a "+reuse" step run right after a dense one was timed while it selected).
 - Variants: "inductor+cudnn" = torch.compile(model) with SDPA priority cuDNN > Flash > efficient >
   math; "chipmunk" = torch.compile(model, backend="chipmunk", options={"config": preset}) under the
   same SDPA priority; with --default-sdpa also "inductor+default-sdpa" = plain torch.compile(model)
@@ -424,8 +426,18 @@ def step_label(cfg: ChipmunkConfig, step: int, layer: int = LAYER) -> str:
     label += "+fore" if _forecasts(attn_step_kind, cfg.attn, step, layer, REFRESH, scale) else ""
     label += f"/mlp:{mlp}" + ("+fore" if _forecasts(mlp_step_kind, cfg.mlp, step, layer, DENSE, scale) else "")
     if mlp == SPARSE:
-        label += "+sel" if mlp_recompute_indices(cfg.mlp, step, scale) else "+reuse"
+        label += "+sel" if selects_neurons(cfg, step, layer, scale) else "+reuse"
     return label
+
+
+def selects_neurons(cfg: ChipmunkConfig, step: int, layer: int = LAYER, scale=None) -> bool:
+    """Whether a sparse MLP step of a whole generation picks new neuron indices: where the schedule
+    says so, and at the first sparse step after a dense one, whose reference means the dense step
+    moved (the backend drops the indices there: ops/mlp.py `commit`). Until session 58 the labels
+    missed the second rule: FLUX's "+reuse" steps were timed at step 11, which selects."""
+    if mlp_recompute_indices(cfg.mlp, step, scale):
+        return True
+    return step > 0 and mlp_step_kind(cfg.mlp, step - 1, layer, scale) == DENSE
 
 
 def step_labels(preset, steps: int, layer: int = LAYER) -> list[str]:
@@ -434,13 +446,42 @@ def step_labels(preset, steps: int, layer: int = LAYER) -> list[str]:
 
 
 def coverage(preset, steps: int, reps: int = 2) -> list[int]:
-    """Step indices, in order, each kept while its label has been kept fewer than `reps` times."""
+    """Step indices, in order, each kept while its label has been kept fewer than `reps` times;
+    then each kept step's neuron-index state made the whole generation's (`index_state_steps`)."""
     kept, seq = Counter(), []
     for s, label in enumerate(step_labels(preset, steps)):
         if kept[label] < reps:
             kept[label] += 1
             seq.append(s)
-    return seq
+    return index_state_steps(ChipmunkConfig.from_any(preset), seq)
+
+
+def index_state_steps(cfg: ChipmunkConfig, seq: list[int], layer: int = LAYER) -> list[int]:
+    """`seq` plus the steps that make each of its sparse MLP steps select or reuse neurons as in a
+    whole generation, when only these steps run (pinned). The backend drops the indices at a dense
+    MLP step, so a step that selects because its step before is dense gets that step, and a step
+    that reuses gets a sparse step between it and the last dense one run before it (the first after
+    that dense one: it selects, as in a whole generation)."""
+    scale = step_scale(cfg.steps, cfg.schedule_steps)
+
+    def kind(t):
+        return mlp_step_kind(cfg.mlp, t, layer, scale)
+
+    out = set(seq)
+    while True:
+        needed = set()
+        for s in sorted(out):
+            if kind(s) != SPARSE or mlp_recompute_indices(cfg.mlp, s, scale):
+                continue
+            if selects_neurons(cfg, s, layer, scale):
+                needed.add(s - 1)
+                continue
+            dense = max(t for t in out | {0} if t < s and kind(t) == DENSE)
+            if not any(dense < t < s and kind(t) == SPARSE for t in out):
+                needed.add(dense + 1)
+        if needed <= out:
+            return sorted(out)
+        out |= needed
 
 
 def medians_by_label(times: dict[int, float], labels: list[str]) -> dict[str, float]:

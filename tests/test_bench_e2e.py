@@ -18,28 +18,69 @@ def test_coverage_holds_every_kind_up_to_reps():
         for reps in (1, 2, 3):
             seq = be.coverage(preset, 50, reps)
             assert seq == sorted(seq)
-            for label in set(labels):
-                assert sum(labels[s] == label for s in seq) == min(reps, labels.count(label)), (preset, label)
+            for label in set(labels):  # more only where a step must run for another's neuron indices
+                assert sum(labels[s] == label for s in seq) >= min(reps, labels.count(label)), (preset, label)
+            firsts = [s for i, s in enumerate(range(50)) if labels[:s].count(labels[s]) < reps]
+            assert set(firsts) <= set(seq) and set(seq) == set(be.index_state_steps(be.ChipmunkConfig.from_any(preset),
+                                                                                     firsts))
 
 
 def test_flux_labels_split_index_reuse():
     labels = be.step_labels("flux", 50)
     assert labels[0] == "attn:dense/mlp:dense" and labels[1].startswith("attn:refresh")
-    assert labels[11].endswith("+reuse") and labels[12].endswith("+sel") and labels[3].endswith("+sel")
+    # 11 selects: the first sparse step after a dense one (the backend drops the indices there)
+    assert labels[13].endswith("+reuse") and labels[12].endswith("+sel") and labels[3].endswith("+sel")
+    assert labels[11] == "attn:sparse+fore/mlp:sparse+sel"
     # the preset refreshes attention every 5 steps; MLP dense steps stay every 10; the residual
     # forecast runs from the second refresh (step 5, which measures the slope) on
     assert labels[5] == "attn:refresh+fore/mlp:sparse+sel" and labels[15] == "attn:refresh+fore/mlp:sparse+reuse"
     assert labels[10] == "attn:refresh+fore/mlp:dense"
     assert labels[4] == "attn:sparse/mlp:sparse+sel" and labels[6] == "attn:sparse+fore/mlp:sparse+sel"
-    assert be.coverage("flux", 50) == [0, 1, 2, 3, 5, 6, 7, 10, 11, 13, 15, 20, 25]
+    # 11 runs so that 13 reuses (17: the second "+reuse", 21 so that 25 reuses... after 20's dense step)
+    assert be.coverage("flux", 50) == [0, 1, 2, 3, 5, 6, 7, 10, 11, 13, 15, 17, 20, 21, 25]
     published = be.with_overrides("flux", ["attn.full_step_every=10", "attn.extrapolate=0"])  # the published schedule
     assert be.step_labels(published, 50)[5] == "attn:sparse/mlp:sparse+sel"
-    assert be.coverage(published, 50) == [0, 1, 2, 3, 10, 11, 13, 20]
+    assert be.coverage(published, 50) == [0, 1, 2, 3, 10, 11, 13, 15, 20]
     # the MLP error forecast: measured at the second dense step (10), applied from step 11 on
     mlp_fore = be.with_overrides("flux", ["mlp.extrapolate=1"])
     mlp_labels = be.step_labels(mlp_fore, 21)
     assert mlp_labels[0].endswith("mlp:dense") and mlp_labels[9].endswith("mlp:sparse+sel")
-    assert mlp_labels[10].endswith("mlp:dense+fore") and mlp_labels[11].endswith("mlp:sparse+fore+reuse")
+    assert mlp_labels[10].endswith("mlp:dense+fore") and mlp_labels[11].endswith("mlp:sparse+fore+sel")
+    assert mlp_labels[13].endswith("mlp:sparse+fore+reuse")
+
+
+@pytest.mark.parametrize("every", [4, 6])
+def test_labels_say_which_steps_select_neurons_as_the_backend_runs_them(fresh_dynamo, monkeypatch, every):
+    """The backend's selecting steps are those labelled "+sel", in a whole generation and when only
+    the coverage steps run pinned (as bench_e2e.py times them): the coverage adds the steps that
+    keep each step's neuron indices as in a whole generation."""
+    import importlib
+
+    import chipmunk_compile as cc
+    from helpers import chip
+    from test_numerics import Net, latents, sparse_cfg, ts
+
+    mlp_op = importlib.import_module("chipmunk_compile.ops.mlp")
+    selected, real = [], mlp_op._select_neurons
+    monkeypatch.setattr(mlp_op, "_select_neurons", lambda st, s, b, bm, fh, g, step, act: (
+        selected.append(step), real(st, s, b, bm, fh, g, step, act)))
+    cfg = sparse_cfg(mlp={"full_step_every": every, "block_mask_cache": 2, "first_n_dense_layers": 0},
+                     attn={"first_n_dense_layers": 0})
+    m = Net(depth=1).eval()
+    compiled = chip(m, cfg)
+    labels = be.step_labels(cfg, 20)
+    with torch.no_grad():
+        for s in range(20):  # a whole generation
+            compiled(latents(s), ts(s))
+        assert sorted(set(selected)) == [s for s in range(20) if labels[s].endswith("+sel")]
+        for reps in (1, 2):
+            seq = be.coverage(cfg, 20, reps)
+            assert any(labels[s].endswith("+reuse") for s in seq)
+            selected.clear()
+            for s in seq:  # the coverage pass, pinned (each pass a generation of its own)
+                cc.set_step(compiled, s)
+                compiled(latents(s), ts(s))
+            assert sorted(set(selected)) == [s for s in seq if labels[s].endswith("+sel")], (reps, seq)
 
 
 def test_total_and_extrapolation_exact_on_linear_data():
