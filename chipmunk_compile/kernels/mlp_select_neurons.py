@@ -97,6 +97,10 @@ def _mlp_select_neurons_kernel(BASIS, BM, SCORE, DRAWS, SCRATCH, IDX, STEP, Fh, 
         tl.store(mp + Fh + offs, x2, mask=take)
 
 
+# Bench hook: num_warps for the launch (None: by the row width, as below).
+_force_warps = None
+
+
 def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=None, draws=None,
                        n_draws: int = 0) -> None:
     B, nb, Fb = basis.shape
@@ -122,7 +126,7 @@ def mlp_select_neurons(basis, bm_cache, indices, *, gated: bool = False, score=N
     dr = draws if draws is not None and not hashed else indices
     dr = dr if dr.stride(-1) == 1 else dr.contiguous()
     step, salt_term = (draws.step, draws.salt_term) if hashed else (dr, 0)
-    warps = 4 if interpreting() else max(4, min(16, BLOCK // 1024))
+    warps = 4 if interpreting() else _force_warps or max(4, min(16, BLOCK // 1024))
     _mlp_select_neurons_kernel[(B * nb,)](
         basis, bm_cache, sc, dr, scratch, indices, step, Fh, K, r, nb, salt_term,
         basis.stride(0), basis.stride(1), bm_cache.stride(0), bm_cache.stride(1), sc.stride(0), sc.stride(1),
