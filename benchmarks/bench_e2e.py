@@ -513,20 +513,14 @@ def min_dense_layers(preset) -> int:
 
 # -- running ---------------------------------------------------------------------------------------
 class StepPin:
-    """Pins chipmunk's step and CFG branch before every call. The very first call of a fresh
-    compile has no session yet (set_step raises); it must be step 0, branch "0", which is what
-    automatic tracking gives that call."""
+    """Pins chipmunk's step and CFG branch before every call (also the first call of a fresh
+    compile: its sessions take the pin)."""
 
     def __init__(self, compiled):
-        self.compiled, self.first = compiled, True
+        self.compiled = compiled
 
     def __call__(self, step: int, call: int) -> None:
-        first, self.first = self.first, False
-        try:
-            cc.set_step(self.compiled, step, branch=str(call))
-        except ValueError:
-            if not (first and step == 0 and call == 0):
-                raise
+        cc.set_step(self.compiled, step, branch=str(call))
 
 
 def time_step(fn) -> float:

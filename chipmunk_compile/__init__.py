@@ -74,12 +74,13 @@ def set_step(model: Any, step: int, branch: Optional[str] = None, *, timesteps: 
     given again or `clear_step`.
 
     Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking (which
-    then begins a new generation)."""
-    from .runtime import levels_of
+    then begins a new generation). Works before the first compile: the sessions it creates take the
+    pin (until session 58 that raised, so a loop pinning from step 0 failed at its first call)."""
+    from .runtime import _PINS, levels_of
 
     sessions = sessions_of(model)
-    if not sessions:
-        raise ValueError("set_step: this model has not been compiled with backend='chipmunk' and called yet")
+    if not sessions and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"set_step: expected the (compiled) model, got {type(model).__name__}")
     step = int(step)
     levels = None
     if timesteps is not None:
@@ -87,11 +88,14 @@ def set_step(model: Any, step: int, branch: Optional[str] = None, *, timesteps: 
         if levels is None:
             raise ValueError("set_step: timesteps must be numbers falling from a positive first one (the "
                              f"generation's timesteps or sigmas, step 0's first), got {timesteps!r}")
-    for session in sessions:
-        known = levels if levels is not None else session.tracker.pinned_levels
+    kept = _PINS.get(model) if isinstance(model, torch.nn.Module) else None
+    given = [levels] if levels is not None else [kept[1] if kept else None, *(s.tracker.pinned_levels for s in sessions)]
+    for known in given:
         if known is not None and not 0 <= step < len(known):
             raise ValueError(f"set_step: step {step} is outside the {len(known)} timesteps given for this "
                              "generation (set_step(..., timesteps=...) with the new ones, or clear_step)")
+    if isinstance(model, torch.nn.Module):  # also for sessions a later compile creates
+        _PINS[model] = ((step, branch), levels if levels is not None else kept[1] if kept else None)
     for session in sessions:
         session.tracker.explicit = (step, branch)
         if levels is not None:
@@ -132,9 +136,16 @@ def follow_scheduler(model: Any, scheduler: Any) -> None:
 
 
 def clear_step(model: Any) -> None:
+    """Undo `set_step` (the pin and its timesteps), given the model or its compiled wrapper: the
+    next call is tracked automatically, and begins a new generation."""
+    from .runtime import _PINS
+
     for session in sessions_of(model):
         session.tracker.explicit = None
         session.tracker.pinned_levels = None
+    inner = getattr(model, "_orig_mod", None)
+    for key in [m for m in list(_PINS.keys()) if m is model or m is inner or getattr(m, "_orig_mod", None) is model]:
+        del _PINS[key]
 
 
 def stats(model: Any) -> dict:

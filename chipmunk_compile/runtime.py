@@ -63,6 +63,9 @@ _CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDi
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
 _SCHEDULERS: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SCHEDULER_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on
+# set_step's pin per model ((step, branch), levels), for the sessions its first compile creates after it
+_PINS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PIN_ROOTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _set_on
 _lock = threading.Lock()
 _entry_sessions = 0  # sessions with an entry graph so far: a change makes `enclosing` look again
 _signalled_sessions = 0  # sessions whose entry graph reads a step signal: a change makes `leader` look again
@@ -1056,6 +1059,9 @@ def session_for(owner: Optional[torch.nn.Module], config) -> Session:
             if session is not None:
                 log.info("chipmunk: new config for %s: caches dropped", type(owner).__name__)
             session = Session(config, owner)
+            pin = _set_on(_PINS, _PIN_ROOTS, owner)  # set_step before the compile that made this session
+            if pin is not None:
+                session.tracker.explicit, session.tracker.pinned_levels = pin
             _SESSIONS[owner] = session
             _sessions_version += 1
         return session

@@ -263,9 +263,7 @@ def test_pinned_steps_given_timesteps_refresh_at_their_levels(fresh_dynamo):
     given once at step 0 and kept for the later steps; a generation pinned with another shift moves
     them; clear_step drops them (the next pinned generation runs the period, counted)."""
     m = Net(depth=1).eval()
-    cm = chip(m, LEVEL_CFG)
-    with torch.no_grad():
-        cm(latents(0), torch.tensor([1.0]))  # set_step needs the compiled model called once
+    cm = chip(m, LEVEL_CFG)  # pinned from its first call: the compile's session takes the pin
     for shift in (1.0, 4.0):
         sig = flow_sigmas(STEPS, shift)
 
@@ -321,8 +319,8 @@ def test_pinned_steps_in_a_pipeline_take_its_schedulers_levels(fresh_dynamo):
     m = Net(depth=1).eval()
     cm = chip(m, LEVEL_CFG)
     sig = flow_sigmas(STEPS, 4.0)
-    with torch.no_grad():  # set_step needs the compiled model called once: a generation of 2 steps
-        cm(latents(0), torch.tensor([1.0]))  # outside the pipeline, before the pinned one in it
+    with torch.no_grad():  # a generation of 2 steps outside the pipeline, before the pinned one in it
+        cm(latents(0), torch.tensor([1.0]))
         cm(latents(1), torch.tensor([0.5]))
 
     def pinned(i):

@@ -215,8 +215,7 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
         for _ in range(3):
             outs = []
             for i in range(6):
-                if chipmunk_compile.sessions_of(model):  # (none before the very first call)
-                    chipmunk_compile.set_step(model, i)
+                chipmunk_compile.set_step(model, i)  # also before the very first call: its blocks' sessions take it
                 before = dict(counters["chipmunk"])
                 outs.append(model(**dict(kw, hidden_states=kw["hidden_states"] + 0.05 * i, timestep=torch.full((1,), 1 - i / 6)))[0])
                 ran = {k for k, v in counters["chipmunk"].items() if v != before.get(k, 0)}
@@ -256,8 +255,7 @@ def test_regional_flux_numbers_blocks_as_the_whole_model(fresh_dynamo, grouping)
         outs = []
         with torch.no_grad():
             for i in range(6):
-                if chipmunk_compile.sessions_of(model):
-                    chipmunk_compile.set_step(model, i)
+                chipmunk_compile.set_step(model, i)
                 x = dict(kw, hidden_states=kw["hidden_states"] + 0.05 * i, timestep=torch.full((1,), 1 - i / 6))
                 outs.append(model(**x)[0])
         return outs

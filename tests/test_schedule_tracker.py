@@ -416,11 +416,13 @@ def test_compiled_model_diffusers_cache_context(fresh_dynamo):
 
 def test_compiled_model_set_step(fresh_dynamo):
     m = TimeNet()
-    with pytest.raises(ValueError):
-        chipmunk_compile.set_step(m, 3)
+    with pytest.raises(TypeError, match="expected the \\(compiled\\) model"):
+        chipmunk_compile.set_step(object(), 3)
     cm = chip(m, cfg())
     x = torch.randn(1, 4, 8)
+    chipmunk_compile.set_step(cm, 3)  # before the first call (that compiles): its session takes the pin
     cm(x, torch.tensor([1.0]))
+    assert _pos(m)[:2] == (3, "0")
     chipmunk_compile.set_step(m, 7, "cond")
     cm(x, torch.tensor([2.0]))
     assert _pos(m)[:2] == (7, "cond")
