@@ -3,6 +3,7 @@
     python benchmarks/bench_select.py                       # GPU: table + benchmarks/results/bench_select.csv
     python benchmarks/bench_select.py --sizes 1,34,12288 2,256,12288
     python benchmarks/bench_select.py --check               # CPU (or GPU): all variants agree, small sizes
+    python benchmarks/bench_select.py --warps 8 16 32       # also the fused kernel at each num_warps
 
 Every variant returns the indices of the K largest entries of each row, sorted ascending (the order
 the sparse MLP kernels want), shape (B, nb, K), int32 by default:
@@ -291,6 +292,29 @@ def bench_full_select(B, nb, F, names, iters, warmup) -> list[dict]:
     return rows
 
 
+def bench_fused_warps(B, nb, F, warps, iters, warmup) -> list[dict]:
+    """full_select_fused at each num_warps in `warps` (the kernel's `_force_warps` hook; by default
+    it takes the row width / 1024, 16 at FLUX's 12288 neurons)."""
+    import importlib
+
+    kernel_module = importlib.import_module("chipmunk_compile.kernels.mlp_select_neurons")
+    K, rnd = k_of(F)
+    basis, bm0 = select_inputs(B, nb, F, DEVICE)
+    bm = bm0.clone()
+    idx = torch.empty(B, nb, K, dtype=torch.int32, device=DEVICE)
+    setup = lambda: bm.copy_(bm0)
+    call = lambda: fused_select(basis, bm, idx, K, rnd)
+    rows = []
+    try:
+        for w in warps:
+            kernel_module._force_warps = w
+            rows.append(row(B, nb, F, K, f"full_select_fused_w{w}", time_eager(call, setup, iters, warmup),
+                            time_graph(call, setup, iters, warmup)))
+    finally:
+        kernel_module._force_warps = None
+    return rows
+
+
 def _noop():
     pass
 
@@ -346,6 +370,8 @@ def main():
     ap.add_argument("--sizes", nargs="+", type=parse_size, default=DEFAULT_SIZES, help="B,nb,F triples")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warps", type=int, nargs="*", default=[],
+                    help="also time the fused select kernel at these num_warps (e.g. 8 16 32)")
     args = ap.parse_args()
     if args.check:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,6 +385,7 @@ def main():
     for B, nb, F in args.sizes:
         vr = bench_variants(B, nb, F, args.iters, args.warmup)
         rows += vr + bench_full_select(B, nb, F, [CURRENT, *fastest_alternatives(vr)], args.iters, args.warmup)
+        rows += bench_fused_warps(B, nb, F, args.warps, args.iters, args.warmup)
     print()
     print_table(rows)
     print(f"GPU {gpu}, torch {torch.__version__}; eager = launch overhead included, graph = CUDA-graph replay")
