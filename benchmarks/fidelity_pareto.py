@@ -259,7 +259,11 @@ for _k, _c in {"nt": {"attn": {"keep_text_keys": False}}, "me20": {"mlp": {"full
                "nt-me20-mr0": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "random_keys": 0.0}},
                # session 57: MLP blocks of 256 tokens, each gathered weight row serving twice the tokens in the
                # sparse GEMMs (at 15% + 5% neurons they wait on those gathered loads)
-               "nt-me20-mb256": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "block": 256}}}.items():
+               "nt-me20-mb256": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "block": 256}},
+               # session 58: neurons re-selected every 4th step instead of every 2nd after the first period (a
+               # selection costs FLUX.1 5.5 ms of a 76 ms sparse step; 7 fewer of them at this schedule)
+               "nt-me20-bmc4": {"attn": {"keep_text_keys": False}, "mlp": {"full_step_every": 20, "block_mask_cache": 4}}
+               }.items():
     GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, **_c.get("attn", {})},
                                           "mlp": {"top_keys": 0.15, **_c.get("mlp", {})}}
 # the default's refreshes written as noise levels (session 55; FLUX.1 samples 1280x768 with a flow shift of about
