@@ -71,12 +71,13 @@ def set_step(model: Any, step: int, branch: Optional[str] = None, *, timesteps: 
     e.g. `scheduler.timesteps`), for refreshes written as noise levels (`attn.full_step_levels`),
     which pinned steps otherwise take from a followed scheduler or the calling pipeline's, else run
     the period (counted `fallback:attn_levels_unknown`). Kept for the later pinned steps until
-    given again or `clear_step`.
+    given again or `clear_step`; the same tensor given again, unchanged, is not read again (a read of
+    device timesteps waits for the GPU).
 
     Use when a pipeline gives no usable signal; `clear_step` returns to automatic tracking (which
     then begins a new generation). Works before the first compile: the sessions it creates take the
     pin (until session 58 that raised, so a loop pinning from step 0 failed at its first call)."""
-    from .runtime import _PINS, levels_of
+    from .runtime import _PINS, pinned_levels_of
 
     sessions = sessions_of(model)
     if not sessions and not isinstance(model, torch.nn.Module):
@@ -84,7 +85,7 @@ def set_step(model: Any, step: int, branch: Optional[str] = None, *, timesteps: 
     step = int(step)
     levels = None
     if timesteps is not None:
-        levels = levels_of(timesteps)
+        levels = pinned_levels_of(timesteps)
         if levels is None:
             raise ValueError("set_step: timesteps must be numbers falling from a positive first one (the "
                              f"generation's timesteps or sigmas, step 0's first), got {timesteps!r}")

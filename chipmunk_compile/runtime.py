@@ -901,6 +901,26 @@ def scheduler_levels(scheduler: Any) -> Optional[tuple]:
     return levels_of(timesteps, int(getattr(scheduler, "begin_index", None) or 0))
 
 
+_PINNED_READ: Optional[tuple] = None  # (weak reference to the timesteps tensor set_step read last, its version, levels)
+
+
+def pinned_levels_of(timesteps: Any) -> Optional[tuple]:
+    """`levels_of` for `set_step`, which a loop may give the same timesteps on every step: a tensor
+    read before and unchanged since (its version counter) is not read again, since each read of a
+    device tensor is a device→host copy that waits for the GPU (the sync set_step exists to avoid).
+    Inference tensors keep no version: read every time."""
+    global _PINNED_READ
+    if not isinstance(timesteps, torch.Tensor):
+        return levels_of(timesteps)
+    version = None if timesteps.is_inference() else timesteps._version
+    hit = _PINNED_READ
+    if hit is not None and version is not None and hit[0]() is timesteps and hit[1] == version:
+        return hit[2]
+    levels = levels_of(timesteps)
+    _PINNED_READ = (weakref.ref(timesteps), version, levels)
+    return levels
+
+
 def levels_of(timesteps: Any, begin: int = 0) -> Optional[tuple]:
     """Noise levels of a generation's steps from its timesteps (or sigmas, any scale), from step
     `begin` on: each over the first. None for values that are not numbers or do not fall from a

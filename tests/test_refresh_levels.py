@@ -329,3 +329,29 @@ def test_pinned_steps_in_a_pipeline_take_its_schedulers_levels(fresh_dynamo):
 
     assert _in_a_pipeline(m, pinned, sig) == _expected(4.0)
     assert ccount("fallback:attn_levels_unknown") == 0
+
+
+def test_set_step_reads_the_same_timesteps_once(fresh_dynamo, monkeypatch):
+    """A loop that gives set_step the scheduler's timesteps on every step: the tensor is read (a
+    device→host copy on a GPU) once, and again only after it changed (its version) or for another
+    tensor; the pinned steps still refresh at their levels."""
+    from chipmunk_compile import runtime
+
+    reads = []
+    real = runtime.levels_of
+    monkeypatch.setattr(runtime, "levels_of", lambda t, begin=0: reads.append(1) or real(t, begin))
+    m = Net(depth=1).eval()
+    cm = chip(m, LEVEL_CFG)
+    timesteps = torch.tensor(flow_sigmas(STEPS, 4.0)) * 1000
+
+    def pinned(i):
+        chipmunk_compile.set_step(cm, i, timesteps=timesteps)
+        cm(latents(i), torch.tensor([0.5]))
+
+    assert _refresh_steps_of(m, pinned, STEPS) == _expected(4.0)
+    assert len(reads) == 1
+    timesteps.copy_(torch.tensor(flow_sigmas(STEPS, 1.0)) * 1000)  # changed in place: read again
+    assert _refresh_steps_of(m, pinned, STEPS) == _expected(1.0)
+    assert len(reads) == 2
+    chipmunk_compile.set_step(cm, 0, timesteps=timesteps.clone())  # another tensor
+    assert len(reads) == 3
