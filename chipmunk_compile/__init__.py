@@ -9,8 +9,10 @@ Chipmunk dynamic column-sparse deltas, on any DiT, with no model edits.
     print(chipmunk_compile.inspect(model, *example_args))
     found = chipmunk_compile.calibrate(pipe, run, min_psnr=30)  # the cheapest config at 30 dB of dense
 
-The backend is registered through the `torch_dynamo_backends` entry point; importing this
-package is only needed for the helpers below (it never registers the backend a second time).
+The backend is registered through the `torch_dynamo_backends` entry point, so an installed package
+needs no import for `backend="chipmunk"`. Where that entry point is missing (a source tree on
+PYTHONPATH, or a pip that installed into another interpreter), importing this package registers the
+backend by name instead; it never registers it a second time.
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ def register() -> None:
         from .backend import chipmunk_backend
 
         register_backend(compiler_fn=chipmunk_backend, name="chipmunk")
+
+
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(e.name == "chipmunk" for e in entry_points(group="torch_dynamo_backends"))
+
+
+# Without the entry point, torch.compile(backend="chipmunk") raised InvalidBackend even after this
+# import (seen on the GPU machine, whose plain `pip` installed the package into another Python).
+# Registering imports torch._dynamo (~1 s), so it happens only where the entry point is missing.
+if not _entry_point_installed():
+    register()
 
 
 def reset(model: Any) -> None:
