@@ -268,9 +268,10 @@ def sweep_variants():
     """(section, label, module name, Config|None) — None: the module's autotuned launcher."""
     # 128-row tiles of BLOCK_N neurons / channels, K step 64, one program per SM; EPI_SUB 2: the
     # epilogue in two column halves (fewer live registers; see the modules)
-    def mm(warps, stages, bn, sp=2, es=1, gm=64, bm=128, tma=None):
+    def mm(warps, stages, bn, sp=2, es=1, gm=64, bm=128, tma=None, occ=1):
         extra = {} if tma is None else {"A_TMA": tma}
-        return _cfg(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=gm, OCC=1, SPLIT=sp, EPI_SUB=es, **extra)
+        return _cfg(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=gm, OCC=occ, SPLIT=sp, EPI_SUB=es,
+                    **extra)
 
     mm1 = [("B 256x64 s3 epi2", mm(8, 3, 256, es=2)), ("C 256x64 s4 epi2", mm(8, 4, 256, es=2)),
            ("D 256x64 s4 epi1", mm(8, 4, 256)), ("E 128x64 s5 epi2", mm(8, 5, 128, es=2)),
@@ -278,7 +279,12 @@ def sweep_variants():
            ("H 128x64 w4 s4 epi2", mm(4, 4, 128, es=2)),
            # 256-row tiles: only with --sweep-mlp-block >= 256 (a tile never spans two token blocks)
            ("I m256 128x64 s4 epi2", mm(8, 4, 128, es=2, bm=256)), ("J m256 128x64 s3 epi2", mm(8, 3, 128, es=2, bm=256)),
-           ("K m256 64x64 s5 epi1", mm(8, 5, 64, bm=256))]
+           ("K m256 64x64 s5 epi1", mm(8, 5, 64, bm=256)),
+           # two programs per SM (96 KB of shared memory, <= 128 / 255 registers on 8 / 4 warps for
+           # sm_90): one program's epilogue runs beside the other's K loop
+           ("L 128x64 w8 s3 occ2", mm(8, 3, 128, occ=2)), ("M 128x64 w8 s3 occ2 epi2", mm(8, 3, 128, es=2, occ=2)),
+           ("N 128x64 w4 s3 occ2 epi2", mm(4, 3, 128, es=2, occ=2)), ("O 128x64 w4 s2 occ2 epi2", mm(4, 2, 128, es=2, occ=2)),
+           ("P 128x64 w8 s3 occ2 gm8", mm(8, 3, 128, gm=8, occ=2))]
     mm2 = [("A 128x64 w4 s5 epi1", mm(4, 5, 128)), ("B 128x64 w4 s5 epi2", mm(4, 5, 128, es=2)),
            ("C 256x64 s4 sp4 epi2", mm(8, 4, 256, sp=4, es=2)), ("D 256x64 s3 sp4 epi2", mm(8, 3, 256, sp=4, es=2)),
            ("E 256x64 s4 sp4 epi1", mm(8, 4, 256, sp=4)), ("F 128x64 w4 s6 epi1", mm(4, 6, 128)),
@@ -287,7 +293,8 @@ def sweep_variants():
            ("H 128x64 w4 s5 tma", mm(4, 5, 128, tma=True)), ("I 128x64 w4 s6 tma", mm(4, 6, 128, tma=True)),
            ("J 128x64 w4 s4 tma", mm(4, 4, 128, tma=True)), ("K 128x64 w8 s5 tma", mm(8, 5, 128, tma=True)),
            ("L 256x64 s4 sp4 epi2 tma", mm(8, 4, 256, sp=4, es=2, tma=True)),
-           ("M 256x64 s3 sp4 epi2 tma", mm(8, 3, 256, sp=4, es=2, tma=True))]
+           ("M 256x64 s3 sp4 epi2 tma", mm(8, 3, 256, sp=4, es=2, tma=True)),
+           ("N 128x64 w4 s5 tma occ2", mm(4, 5, 128, tma=True, occ=2)), ("O 128x64 w8 s3 tma occ2", mm(8, 3, 128, tma=True, occ=2))]
     att = [("A m128 n64 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),
            ("B m128 n128 t16 s3 sp2", _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, TAIL_N=16, OCC=1, SPLIT=2)),
            ("C m128 n64 t16 s4 sp2", _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, TAIL_N=16, OCC=1, SPLIT=2)),

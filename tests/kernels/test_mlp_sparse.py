@@ -328,7 +328,10 @@ sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in k.arg_name
 div16 = [i for i, n in enumerate(k.arg_names) if (n in ptrs and ptrs[n][0] == "*") or (n in ints and ints[n] % 16 == 0 and ints[n] != 1)]
 out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div16}),
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-print("SPILL_STORES", ptxas_resources(out.asm["ptx"])[0])
+spills, regs = ptxas_resources(out.asm["ptx"])
+print("SPILL_STORES", spills)
+# OCC programs must fit one SM together (sm_90: 64K registers, 227 KB of shared memory per block's SM)
+print("FITS_OCC", regs * 32 * warps * meta["OCC"] <= 65536 and out.metadata.shared * meta["OCC"] <= 227 * 1024)
 """
 
 
@@ -339,16 +342,20 @@ print("SPILL_STORES", ptxas_resources(out.asm["ptx"])[0])
     ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1), 4, 5),
     # 256-row tiles (token blocks of 256): the accumulator is as large as 128x256's
     ("mm1", dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=2), 8, 4),
+    # two programs per SM: 255 registers and 96 KB of shared memory at most
+    ("mm1", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2, EPI_SUB=2), 4, 3),
     ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1, A_TMA=True), 4, 5),
 ])
 def test_fast_configs_compile_for_hopper_without_spills(mod, meta, warps, stages):
     """The H200's chosen tiles keep their epilogue in registers (no local-memory spills): a
-    whole-tile pointer tensor or a one-piece 128x256 epilogue spilled 88-380 bytes per thread.
+    whole-tile pointer tensor or a one-piece 128x256 epilogue spilled 88-380 bytes per thread. A
+    config that claims OCC programs per SM fits them (registers, shared memory).
     Compiled for sm_90 here, with no GPU."""
     import json
 
     out = compile_for_hopper(_SPILLS_ON_HOPPER, mod, json.dumps(meta), warps, stages)
     assert "SPILL_STORES 0" in out, out
+    assert "FITS_OCC True" in out, out  # the grid's wave-tail split counts OCC programs per SM
 
 
 def test_w2_rows_caches_one_copy_per_weight_by_identity():
