@@ -5,8 +5,6 @@ interpreter, since a registration cannot be undone inside one."""
 import subprocess
 import sys
 
-import pytest
-
 # hides the package's entry point from importlib.metadata, as a source tree on PYTHONPATH (or a pip
 # that installed into another interpreter) leaves it
 _HIDE_ENTRY_POINT = """

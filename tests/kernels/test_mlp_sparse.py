@@ -330,7 +330,7 @@ out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 spills, regs = ptxas_resources(out.asm["ptx"])
 print("SPILL_STORES", spills)
-# OCC programs must fit one SM together (sm_90: 64K registers, 227 KB of shared memory per block's SM)
+# OCC programs must fit one SM together (sm_90: 64K registers and up to 227 KB of shared memory per SM)
 print("FITS_OCC", regs * 32 * warps * meta["OCC"] <= 65536 and out.metadata.shared * meta["OCC"] <= 227 * 1024)
 """
 
