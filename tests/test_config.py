@@ -10,7 +10,7 @@ from chipmunk_compile.backend import split_options
 
 def test_presets_listed_and_load():
     names = list_presets()
-    assert {"default", "method", "flux", "hunyuan-video", "mochi", "wan"} <= set(names)
+    assert {"default", "method", "flux", "flux-fast", "hunyuan-video", "mochi", "wan"} <= set(names)
     for name in names:
         c = ChipmunkConfig.from_any(name)
         assert c.name == name
@@ -26,6 +26,16 @@ def test_preset_values():
     assert hv.attn.full_step_schedule == [1, 10, 40]
     assert hv.mlp.enabled is False
     assert ChipmunkConfig.from_any("wan").attn.full_step_every == 10
+
+
+def test_flux_fast_is_default_with_the_end_to_end_runs_keys():
+    """`flux-fast` is the setting FLUX.1-dev ran at 1.594x in session 59 (`default` plus five keys given by
+    --set), so its fidelity rows and timings stay attached to it."""
+    fast = ChipmunkConfig.from_any("flux-fast")
+    run = ChipmunkConfig.from_any({"preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
+                                   "mlp": {"top_keys": 0.15, "full_step_every": 20, "block_mask_cache": 4}})
+    assert dataclasses.replace(fast, name="x") == dataclasses.replace(run, name="x")
+    assert dataclasses.replace(fast, name="x") != dataclasses.replace(ChipmunkConfig.from_any("default"), name="x")
 
 
 def test_default_preset_is_the_dataclass_defaults():
