@@ -178,6 +178,37 @@ def test_epilogue_slices_match_ref(triton_mode, epi_sub):
     assert rel_err(y, y_r) < TOL[torch.float32] and rel_err(yc, y_r) < TOL[torch.float32]
 
 
+def test_mm1_reads_no_index_past_a_blocks_count(triton_mode):
+    """A block's last tile runs columns past its count; they gather rows of the block's own selection
+    (session 60: not all w1 row 0, which slowed FLUX's mm1 by 13%). Entries past the count are
+    garbage in the backend's buffers: here rows far outside w1, which a read would fault on or pull
+    into the result. Counts of 0, 1, partial and full tiles."""
+    import triton
+
+    from chipmunk_compile.kernels import mlp_sparse_mm1 as k1
+
+    B, M, C, Fh, blk = 1, 128, 32, 96, 32
+    g = torch.Generator().manual_seed(5)
+    w_act, b_act, _, _, _ = _weights(C, Fh, 8, torch.float32, False, True, g)
+    x = torch.randn(B, M, C, generator=g).to(DEV)
+    idx, _ = _indices(B, M // blk, Fh, 0.5, g, full=True)
+    idx = idx[..., :40].contiguous()
+    cnt = torch.tensor([[0, 1, 37, 40]], dtype=torch.int32, device=DEV)
+    for i, c in enumerate(cnt[0].tolist()):
+        idx[0, i, c:] = 2 ** 30
+    hc = mlp_alloc_h_cache(B, M, Fh, torch.float32, DEV)
+    hc.copy_(torch.randn(B, M, Fh, generator=g))
+    hc_r = hc.clone()
+    k1._force_config = triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2),
+                                     num_warps=4, num_stages=2)
+    try:
+        d = k1.mlp_sparse_mm1(x, w_act, b_act, None, None, idx, cnt, hc, act="gelu_tanh", block=blk)
+    finally:
+        k1._force_config = None
+    d_r = mlp_sparse_mm1_ref(x, w_act, b_act, None, None, idx, cnt, hc_r, act="gelu_tanh", block=blk)
+    assert rel_err(d, d_r) < TOL[torch.float32] and rel_err(hc, hc_r) < TOL[torch.float32]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True])
 def test_gpu_bf16_real_shapes(gated):
