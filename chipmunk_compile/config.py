@@ -148,6 +148,9 @@ class MlpConfig:
     first_n_dense_layers: int = 2
     full_step_every: int = 10  # dense MLP period (steps 0, 10, 20, ...)
     block_mask_cache: int = 2  # after the first period, new indices every this many steps
+    # new indices on every sparse step before this step (scaled like the period), then every
+    # block_mask_cache-th; None: the first dense period (the published rule: its period is 10)
+    select_every_step_until: Optional[int] = None
     min_tokens: int = 1024
     # neuron ranking per token block: "preact" = |change of the block-mean pre-activation| (the
     # published rule); "output" = |change of act(block mean)| x ||w2[:, j]||, the neuron's estimated
@@ -172,6 +175,9 @@ class MlpConfig:
         _check_fraction("mlp.random_keys", self.random_keys)
         if self.block < 1 or self.full_step_every < 1 or self.block_mask_cache < 1:
             raise ValueError("mlp.block, mlp.full_step_every and mlp.block_mask_cache must be >= 1")
+        until = self.select_every_step_until
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
+            raise ValueError(f"mlp.select_every_step_until must be a step >= 0 or null, got {until!r}")
 
 
 @dataclass

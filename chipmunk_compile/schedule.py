@@ -7,7 +7,8 @@ Invariants:
   refresh steps (explicit schedule, else the first step after warm-up and every
   `full_step_every`-th) are REFRESH; the rest SPARSE.
 - MLP: steps that are multiples of `full_step_every` are DENSE (steps 0, 10, ...), the rest SPARSE.
-  New neuron indices on every sparse step of the first period, then every `block_mask_cache`.
+  New neuron indices on every sparse step of the first period (or before `select_every_step_until`,
+  scaled like a period), then every `block_mask_cache`.
 - `scale` (a generation's step count over `schedule_steps`, None when unknown or equal): the
   periods become max(1, round(period * scale)) and a schedule's steps from 2 on round(step * scale),
   so a refresh spans the same share of the sampling trajectory at 28 steps as at 50. Warm-up
@@ -164,7 +165,8 @@ def mlp_catches_up(cfg: MlpConfig, step: int, filled: int, scale: Optional[float
 
 
 def mlp_recompute_indices(cfg: MlpConfig, step: int, scale: Optional[float] = None) -> bool:
-    return step < period(cfg.full_step_every, scale) or step % cfg.block_mask_cache == 0
+    until = cfg.full_step_every if cfg.select_every_step_until is None else cfg.select_every_step_until
+    return step < period(until, scale) or step % cfg.block_mask_cache == 0
 
 
 def step_scale(steps: Optional[int], schedule_steps: Optional[int]) -> Optional[float]:

@@ -44,6 +44,27 @@ def test_mlp_schedule():
     assert [mlp_recompute_indices(c, s) for s in (11, 12, 13, 14)] == [False, True, False, True]
 
 
+def test_mlp_selects_every_step_until_the_given_step_then_every_block_mask_cache():
+    """`select_every_step_until` ends the every-step selection before the first dense period does
+    (flux-fast's period is 20: new neurons at each of steps 1-19 unless told otherwise); scaled like
+    a period at other step counts; None keeps the period; bad values are refused."""
+    from chipmunk_compile.schedule import step_scale
+
+    def selecting(c, steps=50, scale=None):
+        return [s for s in range(steps) if mlp_step_kind(c, s, 5, scale) == SPARSE and mlp_recompute_indices(c, s, scale)]
+
+    period_rule = MlpConfig(full_step_every=20, block_mask_cache=4)
+    assert selecting(period_rule) == list(range(1, 20)) + [24, 28, 32, 36, 44, 48]
+    early = MlpConfig(full_step_every=20, block_mask_cache=4, select_every_step_until=10)
+    assert selecting(early) == list(range(1, 10)) + [12, 16, 24, 28, 32, 36, 44, 48]
+    assert selecting(MlpConfig(full_step_every=20, block_mask_cache=4, select_every_step_until=20)) == selecting(period_rule)
+    # at 28 steps: the period 20 -> 11, the every-step window 10 -> 6
+    assert selecting(early, 28, step_scale(28, 50)) == [1, 2, 3, 4, 5, 8, 12, 16, 20, 24]
+    for bad in (-1, True, 2.5, "10"):
+        with pytest.raises(ValueError, match="select_every_step_until"):
+            MlpConfig(select_every_step_until=bad)
+
+
 def test_periods_scale_with_the_generations_step_count():
     """A schedule is written for `schedule_steps` (50): at 28 steps the default's refresh every 5 and
     dense MLP every 10 become every 3 and 6, at 16 steps every 2 and 3; at 4 every step is a refresh;
