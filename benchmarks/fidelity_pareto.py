@@ -273,6 +273,14 @@ for _k, _c in {"nt": {"attn": {"keep_text_keys": False}}, "me20": {"mlp": {"full
                }.items():
     GRID[f"cm-default-a.05-m.15-{_k}"] = {"preset": "default", "attn": {"top_keys": 0.05, **_c.get("attn", {})},
                                           "mlp": {"top_keys": 0.15, **_c.get("mlp", {})}}
+# session 60: flux-fast's schedule with fewer neurons at a count FLUX.1's sparse GEMMs run in fewer waves (at most
+# 7 tiles of 256 per 128-token block: 1792 of 12288 neurons, 14.6%; mlp_mm1_masked_tail_h100_session60.txt:
+# mm1 + mm2 ~0.23 against ~0.32 ms at flux-fast's 2457), with more attention keys to pay for them
+for _an, _a in (("a.075", 0.075), ("a.10", 0.10)):
+    for _mn, _t, _r in (("m.10r.045", 0.10, 0.045), ("m.12r.025", 0.12, 0.025)):
+        GRID[f"cm-default-{_an}-{_mn}-nt-me20-bmc4"] = {
+            "preset": "default", "attn": {"top_keys": _a, "keep_text_keys": False},
+            "mlp": {"top_keys": _t, "random_keys": _r, "full_step_every": 20, "block_mask_cache": 4}}
 # the default's refreshes written as noise levels (session 55; FLUX.1 samples 1280x768 with a flow shift of about
 # 3): "l10" every 5 steps' levels with equal steps in t (1 - step/50), "l9" the video rows' vcm-hv-l9 levels,
 # bunched at high noise (8 refreshes with equal steps, 9 under a shift)
