@@ -48,7 +48,8 @@ to (B, Hq, Nq, Nk), read through ``_common.bias_view`` (no copy), added to every
 - mlp_sparse_mm1(x, w_act, b_act, w_lin, b_lin, indices, counts, h_cache, *, act, block, perm=None)
   -> delta_packed (B, M, K); updates h_cache in place. h_cache and delta_packed rows are positions
   in the grouped order (row p = token perm[p]); x and mm2's y_cache rows are tokens.
-- mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None) -> fresh y; updates
+- mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None, slope=None,
+  slope_coef=None) -> fresh y (+ slope_coef · slope: the MLP's error forecast, output only); updates
   y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
   once); a row-major w2 is transposed once per weight and cached.
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C). Triton: one read of x (the

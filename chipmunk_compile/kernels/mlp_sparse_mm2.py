@@ -18,7 +18,10 @@ Kernel invariants:
   invalidated when the weight's version counter moves) and counted under
   counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"].
 - Epilogue: y = y_cache + acc in fp32, rounded once; stored to y_cache (in place) and to the fresh
-  output from the same registers; in two column halves with EPI_SUB = 2 (128x256 tiles: no
+  output from the same registers (with the error forecast, HAS_SLOPE: the output is y + coef · slope
+  in fp32 from the rounded y, rounded once, as ``torch.addcmul(y, slope, coef)``; slope shares the
+  output's strides, coef is a device scalar, so recorded graphs stay valid; one read of slope in
+  place of the separate pass that read y and slope and wrote the output again); in two column halves with EPI_SUB = 2 (128x256 tiles: no
   spills, against 88 bytes per thread in one piece). W2ᵀ loads are unmasked when the output width
   is a multiple of the tile (NALIGN). Programs write disjoint (row, channel) tiles: race free.
 - Program order is grouped with the token tiles fastest, so the concurrently running programs of
@@ -38,16 +41,17 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._tiles import block_rows, column_halves, num_sms, pow2_align, token_block_tile, wave_grid
 from ._common import autotune, cdiv, dot_precision, launch, new_empty
+from .mlp_sparse_mm2_ref import check_slope
 
 
 @triton.jit
 def _mm2_tile(
-    DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM,  #
+    DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM, SLOPE, COEF,  #
     sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
     M, NOUT, b, mb, t, col0,  #
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr, EPI_SUB: tl.constexpr,
-    A_TMA: tl.constexpr,
+    A_TMA: tl.constexpr, HAS_SLOPE: tl.constexpr,
 ):
     pos, row_ok, ri = block_rows(PERM, mb, t * BLOCK_M, BLK, M, BLOCK_M, HAS_PERM)
     cnt = tl.load(CNT + b * scb + mb)
@@ -83,48 +87,58 @@ def _mm2_tile(
         w = tl.load(W2T + j[:, None] * swf + n[None, :] * swn, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     if EPI_SUB == 1:
-        _mm2_epilogue(acc, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, BLOCK_N)
+        _mm2_epilogue(acc, YC, OUT, SLOPE, COEF, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, BLOCK_N,
+                      HAS_SLOPE)
     else:  # two column halves: fewer temporaries live beside the accumulator
         H: tl.constexpr = BLOCK_N // 2
         a0, a1 = column_halves(acc, BLOCK_M, H)
-        _mm2_epilogue(a0, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, H)
-        _mm2_epilogue(a1, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0 + H, NOUT, H)
+        _mm2_epilogue(a0, YC, OUT, SLOPE, COEF, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, H,
+                      HAS_SLOPE)
+        _mm2_epilogue(a1, YC, OUT, SLOPE, COEF, syb, sym, syn, sob, som, son, b, ri, row_ok, col0 + H, NOUT, H,
+                      HAS_SLOPE)
 
 
 @triton.jit
-def _mm2_epilogue(acc, YC, OUT, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT, BLOCK_N: tl.constexpr):
-    """Channels [col0, col0 + BLOCK_N): y = y_cache + acc, into the cache and the fresh output."""
+def _mm2_epilogue(acc, YC, OUT, SLOPE, COEF, syb, sym, syn, sob, som, son, b, ri, row_ok, col0, NOUT,
+                  BLOCK_N: tl.constexpr, HAS_SLOPE: tl.constexpr):
+    """Channels [col0, col0 + BLOCK_N): y = y_cache + acc into the cache; y (+ coef · slope) into the
+    fresh output."""
     n = col0 + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (n < NOUT)[None, :]
     y_off = ri[:, None] * sym + n[None, :] * syn  # offsets, not a tile of 64-bit pointers
     y = (tl.load(YC + b * syb + y_off, mask=mask, other=0.0).to(tl.float32) + acc).to(YC.dtype.element_ty)
     tl.store(YC + b * syb + y_off, y, mask=mask)
-    tl.store(OUT + b * sob + ri[:, None] * som + n[None, :] * son, y, mask=mask)
+    o_off = b * sob + ri[:, None] * som + n[None, :] * son
+    if HAS_SLOPE:  # slope shares the output's strides (the launcher checks)
+        sl = tl.load(SLOPE + o_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + o_off, (y.to(tl.float32) + tl.load(COEF) * sl).to(OUT.dtype.element_ty), mask=mask)
+    else:
+        tl.store(OUT + o_off, y, mask=mask)
 
 
 @triton.jit
 def _mlp_sparse_mm2_kernel(
-    DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM,  #
+    DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM, SLOPE, COEF,  #
     sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,  #
     M, NOUT, NB, NBATCH, NUM_SMS,  #
     BLK: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, OCC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    NALIGN: tl.constexpr, EPI_SUB: tl.constexpr, A_TMA: tl.constexpr,
+    NALIGN: tl.constexpr, EPI_SUB: tl.constexpr, A_TMA: tl.constexpr, HAS_SLOPE: tl.constexpr,
 ):
     EVEN_N: tl.constexpr = NALIGN % BLOCK_N == 0
     pid, t_main, b, mb, t, col0 = token_block_tile(NB, NOUT, NBATCH, NUM_SMS, BLK, BLOCK_M, BLOCK_N, GROUP_M, OCC,
                                                    SPLIT)
     if pid < t_main:
-        _mm2_tile(DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM,
+        _mm2_tile(DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM, SLOPE, COEF,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
                   M, NOUT, b, mb, t, col0,
-                  BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB, A_TMA)
+                  BLK, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB, A_TMA, HAS_SLOPE)
     else:
         SUB: tl.constexpr = BLOCK_N // SPLIT
-        _mm2_tile(DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM,
+        _mm2_tile(DP, DP_DESC, W2T, IDX, CNT, YC, OUT, PERM, SLOPE, COEF,
                   sdb, sdm, sdk, swf, swn, syb, sym, syn, sob, som, son, sib, sim, scb,
                   M, NOUT, b, mb, t, col0 + ((pid - t_main) % SPLIT) * SUB,
-                  BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB, A_TMA)
+                  BLK, HAS_PERM, BLOCK_M, SUB, BLOCK_K, DOT_PREC, EVEN_N, EPI_SUB, A_TMA, HAS_SLOPE)
 
 
 def _configs():
@@ -181,7 +195,7 @@ def _delta_descriptor(delta_packed):
 _force_config = None
 _INTERP_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=2, A_TMA=True)
 
-_tuned = autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS"],
+_tuned = autotune(configs=_configs(), key=["M", "NOUT", "BLK", "DOT_PREC", "NUM_SMS", "HAS_SLOPE"],
                   restore_value=["YC"], prune_configs_by={"early_config_prune": _prune})(_mlp_sparse_mm2_kernel)
 
 # Keyed by tensor identity: a weakref.WeakKeyDictionary compares colliding keys with Tensor.__eq__
@@ -206,13 +220,17 @@ def w2_rows(w2: torch.Tensor) -> torch.Tensor:
     return w2t
 
 
-def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, perm=None):
+def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, perm=None, slope=None,
+                   slope_coef=None):
     B, M, _ = delta_packed.shape
     NB = indices.shape[1]
     NOUT = w2.shape[0]
     assert NB == cdiv(M, block) and y_cache.shape == (B, M, NOUT)
+    check_slope(slope, slope_coef, y_cache)
     w2t = w2_rows(w2)
     out = new_empty(B, M, NOUT, dtype=y_cache.dtype, device=y_cache.device)
+    if slope is not None and not slope.is_contiguous():  # the epilogue reads it at the output's offsets
+        slope = slope.contiguous()
     idx = indices.to(torch.int32)
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     cnt = counts.to(torch.int32).contiguous()
@@ -221,12 +239,13 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
     desc = _delta_descriptor(delta_packed)
     args = (
         delta_packed, desc, w2t, idx, cnt, y_cache, out, pm if pm is not None else cnt,
+        slope if slope is not None else out, slope_coef if slope is not None else cnt,
         *delta_packed.stride(), *w2t.stride(), *y_cache.stride(), *out.stride(), idx.stride(0), idx.stride(1),
         cnt.stride(0),
         M, NOUT, NB, B, nsm,
     )
     flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype),
-                 NALIGN=pow2_align(NOUT))
+                 NALIGN=pow2_align(NOUT), HAS_SLOPE=slope is not None)
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
 

@@ -13,8 +13,9 @@ Error forecast (`mlp.extrapolate` = e > 0): the neurons a sparse step does not r
 stale activations, so the output error grows over a dense period. A dense step after the first of
 a generation also runs the sparse path first and stores rate = (y_dense − y_sparse) / (steps since
 the previous dense step); sparse steps return `y + e·min(t − t_dense, span)·rate` (span = that
-distance; counted `mlp_forecast`). Steps come from the session's device step and t_dense/span are
-device scalars, so recorded CUDA graphs forecast at every step they replay. The caches keep the
+distance; counted `mlp_forecast`), added in mm2's epilogue (no pass of its own). Steps come from the
+session's device step and t_dense/span are device scalars, so recorded CUDA graphs forecast at every
+step they replay. The caches keep the
 invariant below: the forecast is added to the returned output only.
 
 Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache), with
@@ -166,24 +167,25 @@ def _stateful_step(s, st, pos, d, x3, w_act, b_act, w_lin, b_lin, w2, b2, act, p
         basis = _score_basis(xb, w_act, b_act, w_lin, b_lin)  # the kernel reads bf16/fp16 as fp32
         basis = basis.float() if cfg.score == "output" else basis  # the output score's activations in fp32
         _select_neurons(st, s, basis, bm_cache, Fh, w_lin is not None, pos.step, act)
-    y = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache)
-    if fore:
+    if fore:  # added in mm2's epilogue: y_cache stays the plain rolling cache
         count("mlp_forecast")
-        y = torch.addcmul(y, fc.slope, fc.coef(cfg.extrapolate))
+    y = _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache,
+                      forecast=(fc.slope, fc.coef(cfg.extrapolate)) if fore else None)
     s.finish(st, d, pos)
     return y
 
 
-def _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache) -> Tensor:
+def _sparse_delta(s, st, x3, w_act, b_act, w_lin, b_lin, w2, act, perm, h_cache, y_cache, forecast=None) -> Tensor:
     """The sparse step over the stored neuron indices: h_cache[S] and y_cache move by the selected
-    neurons' change; returns a fresh copy of y_cache."""
+    neurons' change; returns a fresh copy of y_cache, plus coef · slope with `forecast` = (slope, coef)."""
     cfg = s.cfg
     idx_buf, cnt_buf = st.get("indices"), st.get("counts")
     delta = kernel("mlp_sparse_mm1", x3, w_act)(
         x3, w_act, b_act, w_lin, b_lin, idx_buf, cnt_buf, h_cache, act=act, block=cfg.block, perm=perm)
     mm2 = kernel("mlp_sparse_mm2", delta, w2)
     w2k = w2 if mm2 is mlp_sparse_mm2_ref else s.column_major(w2)  # the Triton mm2 gathers rows of w2ᵀ
-    return mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm)
+    slope, coef = forecast if forecast is not None else (None, None)
+    return mm2(delta, w2k, idx_buf, cnt_buf, y_cache, block=cfg.block, perm=perm, slope=slope, slope_coef=coef)
 
 
 def _dense_into_cache(x3, w_act, b_act, w_lin, b_lin, w2, b2, act, perm, h_cache) -> Tensor:

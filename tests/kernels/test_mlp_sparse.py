@@ -209,6 +209,71 @@ def test_mm1_reads_no_index_past_a_blocks_count(triton_mode):
     assert rel_err(d, d_r) < TOL[torch.float32] and rel_err(hc, hc_r) < TOL[torch.float32]
 
 
+def _mm2_operands(seed, B=2, M=77, Fh=96, Co=40, blk=32):
+    g = torch.Generator().manual_seed(seed)
+    w2 = (torch.randn(Co, Fh, generator=g) / math.sqrt(Fh)).to(DEV)
+    idx, cnt = _indices(B, math.ceil(M / blk), Fh, 0.5, g)
+    d = torch.randn(B, M, idx.shape[-1], generator=g).to(DEV)
+    perm = torch.randperm(M, generator=g).int().to(DEV)
+    return d, w2, idx, cnt, torch.randn(B, M, Co, generator=g).to(DEV), perm, blk
+
+
+def test_ref_forecast_reaches_the_output_only():
+    """With the error forecast's slope the reference returns y + coef · slope (addcmul of the rounded
+    cache), and the cache is what it is without: the forecast never enters the rolling cache."""
+    d, w2, idx, cnt, yc, perm, blk = _mm2_operands(5)
+    yc_plain = yc.clone()
+    slope, coef = torch.randn_like(yc), torch.tensor(0.75, device=DEV)
+    y_plain = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc_plain, block=blk, perm=perm)
+    y = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc, block=blk, perm=perm, slope=slope, slope_coef=coef)
+    assert torch.equal(yc, yc_plain) and torch.equal(y, torch.addcmul(y_plain, slope, coef))
+    assert not torch.equal(y, y_plain)
+
+
+@pytest.mark.parametrize("epi_sub", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_mm2_forecast_in_the_epilogue_matches_ref(triton_mode, epi_sub, layout):
+    """The Triton epilogue adds coef · slope to the output only, in one piece or in two column halves
+    and in the split wave tail's narrower tiles; a slope of other strides is read at the output's
+    offsets after a copy. Output and cache match the reference's."""
+    import triton
+
+    from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
+
+    d, w2, idx, cnt, yc, perm, blk = _mm2_operands(6 + epi_sub)
+    yc_r = yc.clone()
+    B, M, Co = yc.shape
+    slope = torch.randn(B, Co, M, device=DEV).transpose(1, 2) if layout == "strided" else torch.randn_like(yc)
+    coef = torch.tensor(-1.5, device=DEV)
+    meta = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, OCC=1, SPLIT=2, EPI_SUB=epi_sub, A_TMA=False)
+    k2._force_config = triton.Config(meta, num_warps=4, num_stages=2)
+    try:
+        y = k2.mlp_sparse_mm2(d, w2, idx, cnt, yc, block=blk, perm=perm, slope=slope, slope_coef=coef)
+    finally:
+        k2._force_config = None
+    y_r = mlp_sparse_mm2_ref(d, w2, idx, cnt, yc_r, block=blk, perm=perm, slope=slope, slope_coef=coef)
+    assert rel_err(y, y_r) < TOL[torch.float32] and rel_err(yc, yc_r) < TOL[torch.float32]
+    assert rel_err(y, yc) > 0.1  # the slope is in the output, not in the cache
+
+
+@pytest.mark.parametrize("bad", ["slope_alone", "coef_alone", "shape", "dtype", "coef_not_scalar"])
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_mm2_forecast_operands_are_checked(monkeypatch, bad, impl):
+    from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
+
+    d, w2, idx, cnt, yc, perm, blk = _mm2_operands(9)
+    slope, coef = torch.randn_like(yc), torch.tensor(1.0, device=DEV)
+    kw = {"slope_alone": dict(slope=slope), "coef_alone": dict(slope_coef=coef),
+          "shape": dict(slope=slope[:, :-1], slope_coef=coef), "dtype": dict(slope=slope.double(), slope_coef=coef),
+          "coef_not_scalar": dict(slope=slope, slope_coef=coef.reshape(1))}[bad]
+    before = yc.clone()
+    mm2 = mlp_sparse_mm2_ref if impl == "ref" else k2.mlp_sparse_mm2
+    monkeypatch.setattr(k2, "launch", lambda *a, **k: pytest.fail("launched with bad forecast operands"))
+    with pytest.raises(ValueError, match="slope"):
+        mm2(d, w2, idx, cnt, yc, block=blk, perm=perm, **kw)
+    assert torch.equal(yc, before)  # checked before the cache moves
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True])
 def test_gpu_bf16_real_shapes(gated):
@@ -234,6 +299,10 @@ def test_gpu_bf16_real_shapes(gated):
     y = get_kernel("mlp_sparse_mm2", d_r)(d_r, w2, idx, cnt, yc, block=blk, perm=perm)
     y_r = mlp_sparse_mm2_ref(d_r, w2, idx, cnt, yc_r, block=blk, perm=perm)
     assert rel_err(y, y_r) < TOL[dt]
+    slope, coef = torch.randn_like(yc), torch.tensor(2.5, device=DEV)  # the error forecast in the epilogue
+    y = get_kernel("mlp_sparse_mm2", d_r)(d_r, w2, idx, cnt, yc, block=blk, perm=perm, slope=slope, slope_coef=coef)
+    y_r = mlp_sparse_mm2_ref(d_r, w2, idx, cnt, yc_r, block=blk, perm=perm, slope=slope, slope_coef=coef)
+    assert rel_err(y, y_r) < TOL[dt] and rel_err(yc, yc_r) < TOL[dt]
 
 
 @pytest.mark.gpu
@@ -349,8 +418,9 @@ if mod == "mm1":
 else:
     from chipmunk_compile.kernels.mlp_sparse_mm2 import _mlp_sparse_mm2_kernel as k
     ptrs = dict(DP="*bf16", W2T="*bf16", IDX="*i32", CNT="*i32", YC="*bf16", OUT="*bf16", PERM="*i32",
-                DP_DESC=f"tensordesc<bf16[{meta['BLOCK_M']}, {meta['BLOCK_K']}]>")
+                SLOPE="*bf16", COEF="*fp32", DP_DESC=f"tensordesc<bf16[{meta['BLOCK_M']}, {meta['BLOCK_K']}]>")
     meta.setdefault("A_TMA", False)
+    meta.setdefault("HAS_SLOPE", False)
     ints = dict(common, swf=C, swn=1, syb=M * C, sym=C, syn=1, sob=M * C, som=C, son=1, NOUT=C)
     flags = dict(BLK=BLK, HAS_PERM=True, DOT_PREC="tf32", NALIGN=256)
 assert set(k.arg_names) == set(ptrs) | set(ints) | set(flags) | set(meta), set(k.arg_names) ^ (set(ptrs) | set(ints) | set(flags) | set(meta))
@@ -376,6 +446,10 @@ print("FITS_OCC", regs * 32 * warps * meta["OCC"] <= 65536 and out.metadata.shar
     # two programs per SM: 255 registers and 96 KB of shared memory at most
     ("mm1", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=2, SPLIT=2, EPI_SUB=2), 4, 3),
     ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1, A_TMA=True), 4, 5),
+    # the error forecast's slope read in the epilogue
+    ("mm2", dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=4, EPI_SUB=2, HAS_SLOPE=True), 8, 4),
+    ("mm2", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=64, OCC=1, SPLIT=2, EPI_SUB=1, A_TMA=True,
+                 HAS_SLOPE=True), 4, 5),
 ])
 def test_fast_configs_compile_for_hopper_without_spills(mod, meta, warps, stages):
     """The H200's chosen tiles keep their epilogue in registers (no local-memory spills): a
