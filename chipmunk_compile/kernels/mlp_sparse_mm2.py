@@ -18,12 +18,14 @@ Kernel invariants:
   invalidated when the weight's version counter moves) and counted under
   counters["chipmunk"]["kernel_note:mlp_sparse_mm2:w2_transposed_copy"].
 - Epilogue: y = y_cache + acc in fp32, rounded once; stored to y_cache (in place) and to the fresh
-  output from the same registers (with the error forecast, HAS_SLOPE: the output is y + coef · slope
-  in fp32 from the rounded y, rounded once, as ``torch.addcmul(y, slope, coef)``; slope shares the
-  output's strides, coef is a device scalar, so recorded graphs stay valid; one read of slope in
-  place of the separate pass that read y and slope and wrote the output again); in two column halves with EPI_SUB = 2 (128x256 tiles: no
-  spills, against 88 bytes per thread in one piece). W2ᵀ loads are unmasked when the output width
-  is a multiple of the tile (NALIGN). Programs write disjoint (row, channel) tiles: race free.
+  output from the same registers; in two column halves with EPI_SUB = 2 (128x256 tiles: no
+  spills, against 88 bytes per thread in one piece). With the error forecast (HAS_SLOPE) the output
+  is y + coef · slope in fp32 from the rounded y, rounded once, as ``torch.addcmul(y, slope, coef)``
+  computes it; the cache stays y. slope is read at the output's offsets (made contiguous like the
+  output when it is not), coef is a device scalar, so recorded graphs stay valid. One read of slope
+  replaces a pass of its own that read y and slope and wrote the output again.
+- W2ᵀ loads are unmasked when the output width is a multiple of the tile (NALIGN). Programs write
+  disjoint (row, channel) tiles: race free.
 - Program order is grouped with the token tiles fastest, so the concurrently running programs of
   one output-channel slab share the gathered w2ᵀ rows in L2.
 - Wave tail: with P = NUM_SMS * OCC resident programs and T tiles, when (T % P) * SPLIT <= P the

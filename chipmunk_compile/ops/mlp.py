@@ -15,8 +15,8 @@ a generation also runs the sparse path first and stores rate = (y_dense − y_sp
 the previous dense step); sparse steps return `y + e·min(t − t_dense, span)·rate` (span = that
 distance; counted `mlp_forecast`), added in mm2's epilogue (no pass of its own). Steps come from the
 session's device step and t_dense/span are device scalars, so recorded CUDA graphs forecast at every
-step they replay. The caches keep the
-invariant below: the forecast is added to the returned output only.
+step they replay. The caches keep the invariant below: the forecast is added to the returned output
+only.
 
 Invariants: `y_cache == h_cache w2ᵀ + b2` up to rounding after every call (the rolling cache), with
 h_cache's rows in the grouped token order (row p holds token perm[p]) and y_cache's in model order;
