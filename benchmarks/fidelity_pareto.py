@@ -289,6 +289,9 @@ for _mn, _t in (("m.15", 0.15), ("m.12", 0.12), ("m.10", 0.10), ("m.0959", 0.095
     GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
         "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
         "mlp": {"top_keys": _t, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
+# session 61: the default with the MLP's error forecast, at its neurons and at fewer (20% + 5%)
+GRID["cm-default-mx1"] = {"preset": "default", "mlp": {"extrapolate": 1.0}}
+GRID["cm-default-m.20-mx1"] = {"preset": "default", "mlp": {"top_keys": 0.20, "extrapolate": 1.0}}
 # the default's refreshes written as noise levels (session 55; FLUX.1 samples 1280x768 with a flow shift of about
 # 3): "l10" every 5 steps' levels with equal steps in t (1 - step/50), "l9" the video rows' vcm-hv-l9 levels,
 # bunched at high noise (8 refreshes with equal steps, 9 under a shift)
