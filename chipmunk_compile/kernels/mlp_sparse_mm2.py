@@ -111,7 +111,7 @@ def _mm2_epilogue(acc, YC, OUT, SLOPE, COEF, syb, sym, syn, sob, som, son, b, ri
     y = (tl.load(YC + b * syb + y_off, mask=mask, other=0.0).to(tl.float32) + acc).to(YC.dtype.element_ty)
     tl.store(YC + b * syb + y_off, y, mask=mask)
     o_off = b * sob + ri[:, None] * som + n[None, :] * son
-    if HAS_SLOPE:  # slope shares the output's strides (the launcher checks)
+    if HAS_SLOPE:  # slope is read at the output's offsets (the launcher makes it contiguous like the output)
         sl = tl.load(SLOPE + o_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + o_off, (y.to(tl.float32) + tl.load(COEF) * sl).to(OUT.dtype.element_ty), mask=mask)
     else:
