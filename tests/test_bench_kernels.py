@@ -55,3 +55,22 @@ def test_mlp_rows_name_a_block_other_than_128(monkeypatch):
                           "mm2 keep=0.50" + (" block=256" if tagged else ""),
                           "mm1+mm2 keep=0.50" + (" block=256" if tagged else "")]
     bk.ROWS.clear()
+
+
+def test_mlp_forecast_rows_time_the_epilogue_against_a_pass_of_its_own(monkeypatch):
+    """At 15% of the neurons (flux-fast's 1843 of FLUX's 12288) the section times mm2 with the error
+    forecast's slope in its epilogue against mm2 followed by an addcmul, the speedup read against the
+    latter (timings stubbed: 2 ms for the addcmul row, 1 ms otherwise)."""
+    import torch
+
+    def fake_bench(fn, **kw):
+        return bk.Timing(2.0 if "addcmul" in fn.__code__.co_names else 1.0)
+
+    monkeypatch.setattr(bk, "bench", fake_bench)
+    bk.ROWS.clear()
+    bk.mlp_section(300, 64, 256, [0.15, 0.5], torch.float32, "cpu")
+    rows = {r["name"]: r for r in bk.ROWS}
+    assert rows["mm2 keep=0.15 then addcmul"]["ms"] == 2.0
+    assert rows["mm2 keep=0.15 +slope"]["speedup_vs_baseline"] == 2.0
+    assert not any("slope" in n or "addcmul" in n for n in rows if "keep=0.50" in n)
+    bk.ROWS.clear()
