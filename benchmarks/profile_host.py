@@ -42,14 +42,15 @@ def marked(marks: dict):
     pc = time.perf_counter
     begin, call, replay = runtime.Session.begin_call, graphs.GraphRunner.__call__, graphs._CudaGraph.replay
 
-    def begin_call(self, signature):
+    # the patched methods pass through whatever the runtime passes (begin_call grew keywords since)
+    def begin_call(self, *args, **kwargs):
         marks.setdefault("begin_call", pc())
-        return begin(self, signature)
+        return begin(self, *args, **kwargs)
 
-    def runner_call(self, *args):
+    def runner_call(self, *args, **kwargs):
         marks.setdefault("runner", pc())
         marks["_runner"], marks["_args"] = self, args
-        return call(self, *args)
+        return call(self, *args, **kwargs)
 
     def graph_replay(self):
         marks.setdefault("launch", pc())
