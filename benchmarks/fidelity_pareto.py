@@ -298,6 +298,12 @@ for _k, _m in {"me25": {"full_step_every": 25}, "me25-s20": {"full_step_every": 
     GRID[f"cm-default-a.05-m.10-nt-{_k}-bmc4-mx1"] = {
         "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
         "mlp": {"top_keys": 0.10, "block_mask_cache": 4, "extrapolate": 1.0, **_m}}
+# session 62: flux-fast's 1843 neurons per block split otherwise between the top-ranked and the random draws
+# (the draws refresh stale neurons; without them flux-fast's ancestor lost 1.2 dB): the split costs nothing
+for _mn, _t, _r in (("m.08r.07", 0.08, 0.07), ("m.06r.09", 0.06, 0.09), ("m.12r.03", 0.12, 0.03)):
+    GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
+        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
+        "mlp": {"top_keys": _t, "random_keys": _r, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
 # session 61: the default with the MLP's error forecast, at its neurons and at fewer (20% + 5%)
 GRID["cm-default-mx1"] = {"preset": "default", "mlp": {"extrapolate": 1.0}}
 GRID["cm-default-m.20-mx1"] = {"preset": "default", "mlp": {"top_keys": 0.20, "extrapolate": 1.0}}
