@@ -304,6 +304,11 @@ for _mn, _t, _r in (("m.08r.07", 0.08, 0.07), ("m.06r.09", 0.06, 0.09), ("m.12r.
     GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
         "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
         "mlp": {"top_keys": _t, "random_keys": _r, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
+# session 62: flux-fast's forecast at half and 1.5x its rate (mlp.extrapolate 0.5 / 1.5)
+for _e in (0.5, 1.5):
+    GRID[f"cm-default-a.05-m.10-nt-me20-bmc4-mx{_e:g}"] = {
+        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
+        "mlp": {"top_keys": 0.10, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": _e}}
 # session 61: the default with the MLP's error forecast, at its neurons and at fewer (20% + 5%)
 GRID["cm-default-mx1"] = {"preset": "default", "mlp": {"extrapolate": 1.0}}
 GRID["cm-default-m.20-mx1"] = {"preset": "default", "mlp": {"top_keys": 0.20, "extrapolate": 1.0}}
