@@ -284,8 +284,9 @@ for _an, _a in (("a.075", 0.075), ("a.10", 0.10)):
 # session 61: flux-fast with the MLP's error forecast ("mx1": the stale neurons' error rate measured at each dense
 # step, added on the sparse ones), and with it fewer neurons (12% / 10% + 5% random: 2089 / 1843 of FLUX.1's 12288
 # per 128-token block, against 2457), each a candidate only if the forecast buys back what the neurons cost;
-# "m.0959": 1178 + 614 = 1792, 7 full tiles of 256 (mm1 0.106 against 0.121 ms at 1843 on an H100, session 60)
-for _mn, _t in (("m.15", 0.15), ("m.12", 0.12), ("m.10", 0.10), ("m.0959", 0.0959)):
+# "m.0959": 1178 + 614 = 1792, 7 full tiles of 256 (mm1 0.106 against 0.121 ms at 1843 on an H100, session 60);
+# session 62: "m.07" / "m.05", 1474 / 1228 neurons (6 / 5 tiles)
+for _mn, _t in (("m.15", 0.15), ("m.12", 0.12), ("m.10", 0.10), ("m.0959", 0.0959), ("m.07", 0.07), ("m.05", 0.05)):
     GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
         "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
         "mlp": {"top_keys": _t, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
