@@ -127,7 +127,7 @@ def main():
             print(f"set_step alone            {per(lambda: cc.set_step(compiled, at[-1], branch='0')):.3f} ms")
             print(f"runner signature          {per(lambda: runner._signature(a)):.3f} ms ({len(runner.sites)} sites)")
             if rec is not None:
-                print(f"parameter-address check   {per(lambda: [a[i].data_ptr() for i in rec.static_idx] == rec.static_ptrs):.3f} ms "
+                print(f"parameter-address check   {per(lambda: rec.static_inputs_in_place(a)):.3f} ms "
                       f"({len(rec.static_idx)} parameters)")
         if args.cprofile:
             prof = cProfile.Profile()

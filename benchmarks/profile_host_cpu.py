@@ -28,53 +28,40 @@ from torch._dynamo.utils import counters
 
 import chipmunk_compile as cc
 from chipmunk_compile import graphs
+from profile_host import marked
+from zoo_common import _build, _flux_inputs, _r
 
 
 def build(double: int, single: int) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=double, num_single_layers=single,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
+    return _build("FluxTransformer2DModel", patch_size=1, in_channels=4, num_layers=double, num_single_layers=single,
+                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                  axes_dims_rope=(4, 4, 8))
 
 
-def inputs(t: float, side: int = 16, text: int = 8) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.zeros(side * side, 3)
-    ids[:, 1] = torch.arange(side).repeat_interleave(side).float()
-    ids[:, 2] = torch.arange(side).repeat(side).float()
-    return dict(hidden_states=torch.randn(1, side * side, 4, generator=g),
-                encoder_hidden_states=torch.randn(1, text, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.full((1,), t),
-                img_ids=ids, txt_ids=torch.zeros(text, 3), return_dict=False)
+def inputs(t: float, side: int = 16) -> dict:
+    return {**_flux_inputs(side, side, pooled_projections=_r(1, 32, seed=3)), "timestep": torch.full((1,), t)}
 
 
 def measure(double: int = 19, single: int = 38, steps: int = 24, calls: int = 20, config="flux-fast") -> dict:
     """ms per call of the host path at step `steps - 1` (median of `calls`), and the runner's pieces."""
     cfg = {"preset": config, "attn": {"min_tokens": 0}, "mlp": {"min_tokens": 0}} if isinstance(config, str) else config
-    saved = graphs.EMULATE, graphs._EmulatedGraph.replay, graphs.GraphRunner.__call__
+    saved = graphs.EMULATE, graphs._EmulatedGraph.replay
     graphs.EMULATE = True
     try:
         torch._dynamo.reset()
         model = torch.compile(build(double, single), backend="chipmunk", options={"config": cfg, "compiler": "eager"})
         ins = [inputs(1 - s / 50) for s in range(steps)]
-        seen: dict = {}
-
-        def runner_call(self, *args):
-            seen["runner"], seen["args"] = self, args
-            return saved[2](self, *args)
-
-        graphs.GraphRunner.__call__ = runner_call
+        seen: dict = {}  # profile_host's marks: the graph runner and its last call's arguments
 
         def call(s):
             cc.set_step(model, s, branch="0")
             with torch.no_grad():
                 return model(**ins[s])
 
-        for _ in range(3):  # compile, record, replay
-            for s in range(steps):
-                call(s)
+        with marked(seen):  # compile, record, replay
+            for _ in range(3):
+                for s in range(steps):
+                    call(s)
         replays = counters["chipmunk"]["graph_replays"]  # before the stub: real (emulated) replays
         graphs._EmulatedGraph.replay = lambda self: None  # the host path alone from here on
         last, times = steps - 1, []
@@ -84,7 +71,7 @@ def measure(double: int = 19, single: int = 38, steps: int = 24, calls: int = 20
             t0 = time.perf_counter()
             call(last)
             times.append(1e3 * (time.perf_counter() - t0))
-        runner, args = seen["runner"], seen["args"]
+        runner, args = seen["_runner"], seen["_args"]
         key = runner._signature(args)
         rec = runner.graphs.get(key)
         if rec is None:
@@ -92,10 +79,10 @@ def measure(double: int = 19, single: int = 38, steps: int = 24, calls: int = 20
         per = lambda fn, n=200: timeit.timeit(fn, number=n) / n * 1e3  # noqa: E731
         return dict(call_ms=statistics.median(times), call_min_ms=min(times),
                     signature_ms=per(lambda: runner._signature(args)),
-                    address_check_ms=per(lambda: [args[i].data_ptr() for i in rec.static_idx] == rec.static_ptrs),
+                    address_check_ms=per(lambda: rec.static_inputs_in_place(args)),
                     sites=len(runner.sites), parameters=len(rec.static_idx), inputs=len(args), replays=replays)
     finally:
-        graphs.EMULATE, graphs._EmulatedGraph.replay, graphs.GraphRunner.__call__ = saved
+        graphs.EMULATE, graphs._EmulatedGraph.replay = saved
         torch._dynamo.reset()
 
 

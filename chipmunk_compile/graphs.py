@@ -161,6 +161,10 @@ class _Recorded:
         self.static_idx, self.static_ptrs = static_idx, static_ptrs  # parameters' addresses at the recording
         self.last_used = 0  # the runner's call count at its last recording or replay
 
+    def static_inputs_in_place(self, args) -> bool:
+        """Whether the call's static inputs (the parameters) are at the addresses the graph recorded."""
+        return [args[i].data_ptr() for i in self.static_idx] == self.static_ptrs
+
 
 class _CudaGraph:
     def __init__(self, pool):
@@ -278,7 +282,7 @@ class GraphRunner:
         self.calls += 1
         rec = self.graphs.get(key)
         if rec is not None:
-            if [args[i].data_ptr() for i in rec.static_idx] == rec.static_ptrs:
+            if rec.static_inputs_in_place(args):
                 rec.last_used = self.calls
                 return self._replay(rec, args)
             self._drop(key)
