@@ -246,7 +246,7 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
                    flops=2 * sf, target=">=2.8x dense" if flux_keep else None, note=note)
             if not suffix and keep in (0.3, 0.15):  # the MLP's error forecast (mlp.extrapolate): + coef * slope
                 slope, coef = torch.randn_like(yc), torch.tensor(0.5, device=dev)  # 0-dim on the device, as the op passes it
-                apart = bench(lambda: torch.addcmul(mm2(dp), slope, coef.to(dt)))
+                apart = bench(lambda: torch.addcmul(mm2(dp), slope, coef))  # as the op's pass was, no cast per call
                 record("mlp", f"mm2 {tag} then addcmul", shape, apart, flops=sf, note="the forecast as a pass of its own")
                 record("mlp", f"mm2 {tag} +slope", shape,
                        bench(lambda: mlp_sparse_mm2(dp, w2v, idx, cnt, yc, block=block, slope=slope, slope_coef=coef)),
