@@ -286,30 +286,30 @@ for _an, _a in (("a.075", 0.075), ("a.10", 0.10)):
 # per 128-token block, against 2457), each a candidate only if the forecast buys back what the neurons cost;
 # "m.0959": 1178 + 614 = 1792, 7 full tiles of 256 (mm1 0.106 against 0.121 ms at 1843 on an H100, session 60);
 # session 62: "m.07" / "m.05", 1474 / 1228 neurons (6 / 5 tiles)
+
+
+def _flux_fast(**mlp) -> dict:
+    """flux-fast's setting as of session 61 (`default` with these keys), the given MLP keys changed."""
+    return {"preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
+            "mlp": {"top_keys": 0.10, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0, **mlp}}
+
+
 for _mn, _t in (("m.15", 0.15), ("m.12", 0.12), ("m.10", 0.10), ("m.0959", 0.0959), ("m.07", 0.07), ("m.05", 0.05)):
-    GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
-        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
-        "mlp": {"top_keys": _t, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
+    GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = _flux_fast(top_keys=_t)
 # session 62: flux-fast with one dense MLP step fewer (FLUX.1: a dense MLP step with the forecast costs ~90 ms
 # more than a sparse one): dense every 25 steps (steps 0 and 25) instead of 20 (0, 20, 40), neurons picked on
 # every step of the first period ("me25", 5 more selections at ~5.5 ms) or only until step 20 as now ("s20"),
 # then every 4th; "me30-s20": dense at 0 and 30
 for _k, _m in {"me25": {"full_step_every": 25}, "me25-s20": {"full_step_every": 25, "select_every_step_until": 20},
                "me30-s20": {"full_step_every": 30, "select_every_step_until": 20}}.items():
-    GRID[f"cm-default-a.05-m.10-nt-{_k}-bmc4-mx1"] = {
-        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
-        "mlp": {"top_keys": 0.10, "block_mask_cache": 4, "extrapolate": 1.0, **_m}}
+    GRID[f"cm-default-a.05-m.10-nt-{_k}-bmc4-mx1"] = _flux_fast(**_m)
 # session 62: flux-fast's 1843 neurons per block split otherwise between the top-ranked and the random draws
 # (the draws refresh stale neurons; without them flux-fast's ancestor lost 1.2 dB): the split costs nothing
 for _mn, _t, _r in (("m.08r.07", 0.08, 0.07), ("m.06r.09", 0.06, 0.09), ("m.12r.03", 0.12, 0.03)):
-    GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = {
-        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
-        "mlp": {"top_keys": _t, "random_keys": _r, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": 1.0}}
+    GRID[f"cm-default-a.05-{_mn}-nt-me20-bmc4-mx1"] = _flux_fast(top_keys=_t, random_keys=_r)
 # session 62: flux-fast's forecast at half and 1.5x its rate (mlp.extrapolate 0.5 / 1.5)
 for _e in (0.5, 1.5):
-    GRID[f"cm-default-a.05-m.10-nt-me20-bmc4-mx{_e:g}"] = {
-        "preset": "default", "attn": {"top_keys": 0.05, "keep_text_keys": False},
-        "mlp": {"top_keys": 0.10, "full_step_every": 20, "block_mask_cache": 4, "extrapolate": _e}}
+    GRID[f"cm-default-a.05-m.10-nt-me20-bmc4-mx{_e:g}"] = _flux_fast(extrapolate=_e)
 # session 61: the default with the MLP's error forecast, at its neurons and at fewer (20% + 5%)
 GRID["cm-default-mx1"] = {"preset": "default", "mlp": {"extrapolate": 1.0}}
 GRID["cm-default-m.20-mx1"] = {"preset": "default", "mlp": {"top_keys": 0.20, "extrapolate": 1.0}}
