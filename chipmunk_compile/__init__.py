@@ -166,7 +166,10 @@ def clear_step(model: Any) -> None:
 
 def stats(model: Any) -> dict:
     """Per-site step-type counts and token grouping (`grouping_now` when this generation's position
-    ids or rotary tables give another grid than the compiled one), the current step position and the cache memory of `model`
+    ids or rotary tables give another grid than the compiled one), the current step position and
+    where the last call's step came from (`step_source`: "set_step", "cache_context",
+    "followed_scheduler", "pipeline_scheduler", "timestep" or "calls"; "timestep" reads the device,
+    a wait for the GPU on every call), and the cache memory of `model`
     (`state_bytes`: device caches plus the host homes of offloaded branches, also per site with its
     `offloaded_branches`; `offload_slot_bytes`: the device slots those are staged into;
     `weight_copy_bytes`: the column-major copies of the MLPs' second weights that the Triton sparse
@@ -181,7 +184,8 @@ def stats(model: Any) -> dict:
     for session in sessions_of(model):
         session.prune()
         pos = session.position()
-        out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls)
+        out.update(step=pos.step, branch=pos.branch, generation=pos.generation, calls=session.calls,
+                   step_source=session.tracker.source)
         if session._wants_levels:  # refreshes written as noise levels: the step's level and the refresh
             known = bool(pos.levels) and pos.step < len(pos.levels)  # steps they gave so far (None: unknown)
             out["noise_level"] = pos.levels[pos.step] if known else None

@@ -228,6 +228,11 @@ class ChipmunkConfig:
     # "auto": pipeline signals (diffusers cache context, timestep value), else one call = one step;
     # "calls": every call is a new step; "explicit": only chipmunk_compile.set_step().
     step_signal: str = "auto"
+    # "auto" steps inside a pipeline's call (an object on the call stack whose __call__ runs the loop,
+    # holding the model and a scheduler with timesteps): from that scheduler's host-side step_index,
+    # as chipmunk_compile.follow_scheduler gives them, instead of reading each call's timestep from
+    # the device, a read that waits for the GPU (pipeline_loop.py). false: read the timestep
+    follow_pipeline: bool = True
     # record each step kind of a compiled graph as one CUDA graph and replay it (graphs.py); only
     # for CUDA inputs, and off when Inductor's own cudagraphs (mode="reduce-overhead") are on
     cuda_graphs: bool = True
@@ -272,6 +277,8 @@ class ChipmunkConfig:
                 raise ValueError(f"{key} must be an integer >= 1 or null, got {value!r}")
         if not self.cuda_graphs_max_gib >= 0:
             raise ValueError(f"cuda_graphs_max_gib must be >= 0, got {self.cuda_graphs_max_gib!r}")
+        if not isinstance(self.follow_pipeline, bool):
+            raise ValueError(f"follow_pipeline must be true or false, got {self.follow_pipeline!r}")
         if self.step_signal not in ("auto", "calls", "explicit"):
             raise ValueError(f"step_signal must be auto, calls or explicit, got {self.step_signal!r}")
         for glob, patch in self.overrides.items():

@@ -53,6 +53,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .pipeline_loop import PipelineLoop, pipeline_scheduler, scheduled_total
 from .schedule import never_sparse, step_scale
 
 log = logging.getLogger("chipmunk_compile")
@@ -125,12 +126,18 @@ class StepTracker:
         # branches (the pipeline steps copies of it: SkyReels-V2's diffusion forcing); kept across
         # generations, cleared by follow_scheduler
         self.scheduled_stalled = False
+        # the scheduler of this call's step is the running pipeline's (pipeline_loop.PipelineLoop),
+        # not one given to follow_scheduler
+        self.scheduled_by_pipeline = False
         # () -> True while nothing reads this tracker's steps (a session with no site that no other
         # session follows: a rotary-table frame): its missing or constant signal is then not worth a
         # warning or a counted fallback (Session sets it)
         self.quiet: Optional[Callable[[], bool]] = None
         self._unsignalled = 0  # calls with no step signal (counted; logged from the second)
         self.from_context = False  # the last call's step came from a cache context or a scheduler
+        # where the last call's step came from (`stats`): "set_step", "cache_context",
+        # "followed_scheduler", "pipeline_scheduler", "timestep" or "calls"
+        self.source: Optional[str] = None
         self.reset()
 
     def reset(self) -> None:
@@ -180,13 +187,16 @@ class StepTracker:
             self._pinned_calls = True
             self.step = step
             self.branch = branch or (str(name) if name is not None else str(self.branch_index))
+            self.source = "set_step"
             return self.position
         ctx_step = getattr(context, "step_index", None) if context is not None else None
+        self.source = "cache_context"
         if ctx_step is None and scheduled is not None and not self.scheduled_stalled:
             same = scheduled == self._last_ctx_step
             self._scheduled_repeats = self._scheduled_repeats + 1 if same else 0
             if self._scheduled_repeats < MAX_BRANCHES:
                 ctx_step = scheduled
+                self.source = "pipeline_scheduler" if self.scheduled_by_pipeline else "followed_scheduler"
             else:
                 self._stop_following()
         self.from_context = self.mode == "auto" and ctx_step is not None
@@ -210,8 +220,10 @@ class StepTracker:
         if callable(signature):
             signature = signature() if self.mode == "auto" else None
         if self.mode == "auto" and signature is not None:
+            self.source = "timestep"
             self._advance_by_signature(signature)
         else:
+            self.source = "calls"
             self.levels = None
             if self.mode == "auto" and not self._quiet():
                 # logged from the second such call: a model whose signal only a resumed graph reads
@@ -234,9 +246,10 @@ class StepTracker:
         self.scheduled_stalled = True
         self._last_ctx_step = None
         count("fallback:scheduler_not_advancing")
-        log.warning("chipmunk: the followed scheduler's step index stayed the same over %d model calls (the "
-                    "pipeline steps copies of it?): following it stops, and the steps are read from the "
-                    "timesteps instead", MAX_BRANCHES + 1)
+        whose = "the pipeline's scheduler" if self.scheduled_by_pipeline else "the followed scheduler"
+        log.warning("chipmunk: %s's step index stayed the same over %d model calls (the pipeline steps copies "
+                    "of it?): following it stops, and the steps are read from the timesteps instead", whose,
+                    MAX_BRANCHES + 1)
 
     def _advance_by_signature(self, sig: tuple) -> None:
         if self._last_sig is None:
@@ -378,6 +391,7 @@ class Session:
         self._wants_levels = config.attn.full_step_levels is not None or any(
             (patch.get("attn") or {}).get("full_step_levels") is not None for patch in config.overrides.values())
         self._levels_unknown_noted: Optional[int] = None  # the last generation counted attn_levels_unknown
+        self._pipeline_loop = PipelineLoop()  # the pipeline whose loop runs the calls, when one does
         self.tracker = StepTracker(config.step_signal)
         me = weakref.ref(self)
         self.tracker.quiet = lambda: (s := me()) is None or (not s.sites and not s.followed)
@@ -660,9 +674,13 @@ class Session:
     def _begin(self, signature: Any, module: Optional[torch.nn.Module]) -> None:
         models = [m for m in (module, self.owner() if self.owner is not None else None) if m is not None]
         context = next((c for c in map(context_for, models) if c is not None), None)
-        scheduler = next((s for s in map(scheduler_for, models) if s is not None), None)
+        scheduler = followed = next((s for s in map(scheduler_for, models) if s is not None), None)
         self.calls += 1
         t = self.tracker
+        if followed is None and self.config.follow_pipeline and t.mode == "auto" and t.explicit is None \
+                and not t.scheduled_stalled:
+            scheduler = self._pipeline_loop.scheduler(models)  # the running pipeline's: no timestep read
+        t.scheduled_by_pipeline = followed is None and scheduler is not None
         generation, steps, scaled_to = t.generation, max(t.step, 0) + 1, self._count_used  # the ending generation's
         told = self.config.steps or scheduled_total(scheduler)
         given = told or self._pipeline_steps  # what gave the ending generation its count, if anything
@@ -854,42 +872,6 @@ def scheduled_step(scheduler: Any) -> Optional[int]:
     return max(int(index) - int(begin or 0), 0)
 
 
-def scheduled_total(scheduler: Any) -> Optional[int]:
-    """A followed scheduler's step count: the length of its `timesteps` (host metadata, no read;
-    the whole schedule, also when an img2img loop begins part-way through it), None without one."""
-    timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
-    try:
-        return len(timesteps) or None
-    except TypeError:
-        return None
-
-
-def pipeline_scheduler(models: list) -> Any:
-    """The scheduler of the pipeline whose loop calls one of `models` now: the innermost object on
-    the call stack whose `__call__` is running and which holds a scheduler with timesteps
-    (`set_timesteps` ran before the loop: `scheduled_total`) and, among its attributes, a module
-    that is or contains one of `models` (torch.compile's wrapper around the model included). Any
-    diffusers pipeline, none named. Walks the stack and the pipeline's modules: at a generation's
-    first call only. Without one (a loop of the user's own) generations are scaled to a count once
-    two in a row ran it. Until session 51 a pipeline's first two generations ran the periods as
-    written (FLUX's pipeline at 20 steps: a schedule for 50), and the later ones scaled, so a seed
-    gave another image in the first two generations than after."""
-    if not models:
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__call__":
-            me = frame.f_locals.get("self")
-            try:  # any object's __call__: its attribute lookups may raise anything
-                scheduler = getattr(me, "scheduler", None) if me is not None else None
-                if scheduled_total(scheduler) and _holds(me, models):
-                    return scheduler
-            except Exception:  # noqa: BLE001 — not a pipeline
-                log.debug("chipmunk: no scheduler from a __call__ frame", exc_info=True)
-        frame = frame.f_back
-    return None
-
-
 def scheduler_levels(scheduler: Any) -> Optional[tuple]:
     """A scheduler's noise level per step of its loop: its timesteps from `begin_index` on, over the
     first of them (schedule.steps_at_levels). One read of `timesteps` (a device→host copy where the
@@ -932,18 +914,6 @@ def levels_of(timesteps: Any, begin: int = 0) -> Optional[tuple]:
     if not values or not values[0] > 0 or any(b > a for a, b in zip(values, values[1:])):
         return None
     return tuple(v / values[0] for v in values)
-
-
-def _holds(pipeline: Any, models: list) -> bool:
-    """Whether one of `pipeline`'s attributes is a module that is or contains one of `models`."""
-    try:
-        parts = list(vars(pipeline).values())
-    except TypeError:
-        return False
-    for part in parts:
-        if isinstance(part, torch.nn.Module) and any(m is x for m in part.modules() for x in models):
-            return True
-    return False
 
 
 def count_scheduler_steps(scheduler: Any) -> None:
