@@ -47,9 +47,11 @@ What is measured, and how:
   there the host time before a step's first kernel adds in full (Dynamo's guards, the graph runner,
   the graph launch: ~3 ms per chipmunk step at FLUX's depth, benchmarks/profile_host.py). chipmunk
   runs them pinned (set_step, as above), then with automatic step tracking, whose timestep read
-  waits for the GPU once per call. Printed per measured depth, never extrapolated; JSON:
-  generation_ms (and chipmunk's generation_auto_ms) per variant under "measured", and
-  generation_speedups.
+  waits for the GPU once per call; then every variant in a loop that steps a diffusers scheduler
+  (chipmunk following it), and chipmunk once more with that loop inside a pipeline-shaped call
+  (no follow_scheduler: the backend finds the pipeline's scheduler itself). Printed per measured
+  depth, never extrapolated; JSON: generation_ms, generation_sched_ms (and chipmunk's
+  generation_auto_ms, generation_pipe_ms) per variant under "measured", and generation_speedups.
 - Depth: `--blocks n` builds n layers, or for FLUX / HunyuanVideo n double + 2n single blocks (the
   published 1:2 ratio of 19/38 and 20/40); the result is the reduced model's, as measured.
   `--blocks n1,n2` measures both depths and extrapolates each label's median linearly to the
@@ -561,19 +563,35 @@ def first_tensor(out) -> torch.Tensor:
     return out
 
 
+class PipelineShaped:
+    """What a diffusers pipeline is to the backend: an object holding the model and a scheduler whose
+    `__call__` runs the loop (`chipmunk_compile.pipeline_loop`), without the text encoders and VAE that
+    a real pipeline would need weights for."""
+
+    def __init__(self, transformer, scheduler):
+        self.transformer, self.scheduler = transformer, scheduler
+
+    def __call__(self, kws: list, cfg_calls: int) -> None:
+        run_generation(self.transformer, kws, cfg_calls, None, self.scheduler)
+
+
 def run_generations(model, step_kwargs, steps: int, cfg_calls: int, n: int, pin=None, timer=None,
-                    scheduler=None) -> list[float]:
+                    scheduler=None, pipeline: bool = False) -> list[float]:
     """`n` whole generations of `steps` steps back to back, each timed as one span (CUDA events, one
     synchronize at its end): the wall time a pipeline sees, the host's work overlapping the GPU's
     except where a call waits for the GPU itself (chipmunk's automatic step tracking reads the
     timestep). Untimed generations first (`warm_up`). The step inputs are built before any of them.
     With a diffusers `scheduler`, each generation calls its set_timesteps and, after each step's
-    calls, its step() on the prediction, as a pipeline's loop does (the model inputs stay fixed)."""
+    calls, its step() on the prediction, as a pipeline's loop does (the model inputs stay fixed);
+    with `pipeline`, that loop runs inside a `PipelineShaped` call holding the model and the scheduler."""
     timer = timer or time_step
     kws = [step_kwargs(s) for s in range(steps)]
 
     def generation():
-        run_generation(model, kws, cfg_calls, pin, scheduler)
+        if pipeline:
+            PipelineShaped(model, scheduler)(kws, cfg_calls)
+        else:
+            run_generation(model, kws, cfg_calls, pin, scheduler)
 
     with torch.no_grad():
         warm_up(generation)
@@ -604,8 +622,10 @@ def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, p
     `auto` is False (regional compilation: a block sees no timestep) as a diffusers pipeline's loop
     runs them ("generation_sched_ms": each step ends with a FlowMatchEulerDiscreteScheduler step,
     for every variant; chipmunk follows that scheduler, `follow_scheduler`) and for chipmunk with
-    automatic step tracking (no pin: the backend reads each call's timestep, as under a pipeline
-    that gives no step index)."""
+    automatic step tracking (no pin, nothing followed, no pipeline on the stack: the backend reads each
+    call's timestep), and once more for chipmunk with that scheduler's loop inside a pipeline's call
+    ("generation_pipe_ms", `PipelineShaped`; nothing followed: the backend finds the pipeline's
+    scheduler, as under a diffusers pipeline)."""
     median = statistics.median
     out = {"generation_ms": median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, pin, timer))}
     if not auto:
@@ -625,6 +645,9 @@ def generation_runs(compiled, step_kwargs, steps: int, cfg_calls: int, n: int, p
             cc.follow_scheduler(compiled, None)
     if pin is not None:
         out["generation_auto_ms"] = median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer))
+    if chipmunk:  # the same loop inside a pipeline's call, nothing followed: its scheduler gives the steps
+        out["generation_pipe_ms"] = median(run_generations(compiled, step_kwargs, steps, cfg_calls, n, None, timer,
+                                                           scheduler=FlowMatchEulerDiscreteScheduler(), pipeline=True))
     return out
 
 
@@ -865,6 +888,8 @@ def generation_speedups(res: dict) -> dict | None:
         out["auto"] = base["generation_ms"] / chip["generation_auto_ms"]
     if "generation_sched_ms" in chip and "generation_sched_ms" in base:
         out["scheduler"] = base["generation_sched_ms"] / chip["generation_sched_ms"]
+    if "generation_pipe_ms" in chip and "generation_sched_ms" in base:
+        out["pipeline"] = base["generation_sched_ms"] / chip["generation_pipe_ms"]
     return out
 
 
@@ -881,6 +906,9 @@ def generation_text(res: dict, depth: str) -> str | None:
     if "scheduler" in sp:
         text += (f"; in a scheduler's loop (follow_scheduler): {BASELINE} {res[BASELINE]['generation_sched_ms']:.0f} ms, "
                  f"chipmunk {chip['generation_sched_ms']:.0f} ms ({sp['scheduler']:.3f}x)")
+    if "pipeline" in sp:
+        text += (f"; that loop inside a pipeline's call, nothing followed (the backend finds its scheduler): "
+                 f"chipmunk {chip['generation_pipe_ms']:.0f} ms ({sp['pipeline']:.3f}x)")
     return text
 
 

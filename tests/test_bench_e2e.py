@@ -278,13 +278,15 @@ def test_hunyuan15_published_inputs():
     assert "prefix" in be.baseline_text("hunyuan-video-1.5") and be.baseline_attention("flux", None, {}) is None
 
 
-def test_whole_generations_run_the_pinned_schedule_under_automatic_tracking(fresh_dynamo):
+def test_whole_generations_run_the_pinned_schedule_under_automatic_tracking(fresh_dynamo, monkeypatch):
     """--generations: a generation with automatic step tracking (the backend reads each call's
     timestep) runs the same step kinds as a pinned one, after the pinned passes that bench_e2e.py
-    times per step; each generation is one timer span, after one untimed generation."""
+    times per step; each generation is one timer span, after one untimed generation. So do the
+    generations in a followed scheduler's loop and in that loop inside a pipeline-shaped call."""
     from collections import Counter
 
     import chipmunk_compile as cc
+    from chipmunk_compile import backend
     from helpers import chip, step_counts
     from test_numerics import Net, latents, sparse_cfg, ts
 
@@ -323,8 +325,20 @@ def test_whole_generations_run_the_pinned_schedule_under_automatic_tracking(fres
     assert +followed == pinned and sched.step_index == 12
     cc.follow_scheduler(compiled, None)
 
+    # the same loop inside a pipeline-shaped call, nothing followed: the same kinds, no timestep read
+    reads, real_read = [], backend.read_signature
+    monkeypatch.setattr(backend, "read_signature", lambda *a: reads.append(1) or real_read(*a))
+    before = Counter(step_counts(m))
+    be.run_generations(compiled, step_kwargs, 12, 1, 2, None, timer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       pipeline=True)
+    in_pipeline = Counter(step_counts(m))
+    in_pipeline.subtract(before)
+    assert +in_pipeline == pinned and reads == []
+    monkeypatch.undo()
+
     res = be.generation_runs(compiled, step_kwargs, 12, 1, 1, pin, timer, chipmunk=True)
-    assert res == {"generation_ms": 7.0, "generation_sched_ms": 7.0, "generation_auto_ms": 7.0}
+    assert res == {"generation_ms": 7.0, "generation_sched_ms": 7.0, "generation_auto_ms": 7.0,
+                   "generation_pipe_ms": 7.0}
     assert be.generation_runs(compiled, step_kwargs, 12, 1, 1, None, timer) == {"generation_ms": 7.0,
                                                                                 "generation_sched_ms": 7.0}
 
@@ -335,6 +349,10 @@ def test_generation_speedups_and_text():
     both = {be.BASELINE: {**res[be.BASELINE], "generation_sched_ms": 6660.0},
             be.CHIPMUNK: {**res[be.CHIPMUNK], "generation_sched_ms": 4440.0}}
     assert be.generation_speedups(both)["scheduler"] == 1.5
+    piped = {**both, be.CHIPMUNK: {**both[be.CHIPMUNK], "generation_pipe_ms": 4500.0}}
+    assert be.generation_speedups(piped)["pipeline"] == 1.48
+    assert "inside a pipeline's call, nothing followed (the backend finds its scheduler): chipmunk 4500 ms (1.480x)" \
+        in be.generation_text(piped, "x")
     assert "in a scheduler's loop (follow_scheduler): inductor+cudnn 6660 ms, chipmunk 4440 ms (1.500x)" in \
         be.generation_text(both, "x")
     text = be.generation_text(res, "published depth")
