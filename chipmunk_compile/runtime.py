@@ -8,7 +8,8 @@ Invariants:
 - Step and branch come from the pipeline's own signals, in this order: an explicit
   `set_step()`, the diffusers cache context (`transformer.cache_context("cond", step_index=...)`),
   a followed scheduler's `step_index` (`follow_scheduler`; the context's name, if any, still names
-  the branch), the values of the timestep-like inputs (same values again = another CFG branch of the same step;
+  the branch), else the scheduler of the pipeline whose `__call__` runs the call (`follow_pipeline`,
+  pipeline_loop.py), the values of the timestep-like inputs (same values again = another CFG branch of the same step;
   back at the generation's first values, or moving against the schedule = a new generation), and
   only without any signal one call = one step (counted `step_signal_none`, logged once in "auto"
   mode: guidance calls are steps then, and no generation ends). Values that repeat for more than `MAX_BRANCHES`
