@@ -191,3 +191,36 @@ def test_a_pipeline_stepping_a_copy_stops_being_followed(fresh_dynamo, monkeypat
     positions.clear()
     pipe(compiled, STEPS, 1, positions)
     assert [p.step for p in positions] == list(range(STEPS)) and len(reads) == 2 * STEPS - MAX_BRANCHES
+
+
+def test_regional_compilation_inside_a_pipeline_gets_steps_and_branches(fresh_dynamo):
+    """Per-block compilation (diffusers' compile_repeated_blocks): a block sees no timestep, so in a
+    loop of one's own every call counts as a step (guidance calls too, counted `step_signal_none`).
+    Inside a pipeline's call the pipeline's scheduler gives the steps, and the calls at one step are
+    its guidance branches."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from test_regional_compile import OPTIONS, Stack
+
+    options = {**OPTIONS, "config": {k: v for k, v in OPTIONS["config"].items() if k != "step_signal"}}
+    torch.manual_seed(0)
+    model = Stack().eval()
+    for block in model.blocks:
+        block.compile(backend="chipmunk", options=options)
+
+    class Guided(_Pipeline):
+        def __call__(self, steps, positions):
+            self.scheduler.set_timesteps(steps)
+            x = torch.randn(2, 200, 64, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                for t in self.scheduler.timesteps:
+                    for _ in range(2):
+                        out = self.transformer(x)
+                        positions.append(sessions_of(self.transformer)[0].position())
+                    x = self.scheduler.step(out, t, x).prev_sample
+
+    positions = []
+    Guided(FlowMatchEulerDiscreteScheduler(), model)(4, positions)
+    assert [(p.step, p.branch) for p in positions] == [(s, b) for s in range(4) for b in ("0", "1")]
+    assert ccount("step_signal_none") == 0
+    assert chipmunk_compile.stats(model)["step_source"] == "pipeline_scheduler"
