@@ -127,9 +127,6 @@ class StepTracker:
         # branches (the pipeline steps copies of it: SkyReels-V2's diffusion forcing); kept across
         # generations, cleared by follow_scheduler
         self.scheduled_stalled = False
-        # the scheduler of this call's step is the running pipeline's (pipeline_loop.PipelineLoop),
-        # not one given to follow_scheduler
-        self.scheduled_by_pipeline = False
         # () -> True while nothing reads this tracker's steps (a session with no site that no other
         # session follows: a rotary-table frame): its missing or constant signal is then not worth a
         # warning or a counted fallback (Session sets it)
@@ -167,11 +164,13 @@ class StepTracker:
         self.reset()
         self.explicit = explicit
 
-    def advance(self, signature: Any = None, context: Any = None, scheduled: Optional[int] = None) -> StepPosition:
+    def advance(self, signature: Any = None, context: Any = None, scheduled: Optional[int] = None,
+                by_pipeline: bool = False) -> StepPosition:
         """Advance by one model call. `signature` is a tuple of step-signal values, or a
         zero-argument callable producing it (read only when no better signal exists: reading
         device values costs a device→host copy). `scheduled`: the step of a followed scheduler
-        (`follow_scheduler`), used when the context carries no step index."""
+        (`follow_scheduler`, or with `by_pipeline` the running pipeline's: pipeline_loop.py), used
+        when the context carries no step index."""
         name = getattr(context, "name", None) if context is not None else None
         self.from_context = False
         if self.explicit is not None:
@@ -197,9 +196,9 @@ class StepTracker:
             self._scheduled_repeats = self._scheduled_repeats + 1 if same else 0
             if self._scheduled_repeats < MAX_BRANCHES:
                 ctx_step = scheduled
-                self.source = "pipeline_scheduler" if self.scheduled_by_pipeline else "followed_scheduler"
+                self.source = "pipeline_scheduler" if by_pipeline else "followed_scheduler"
             else:
-                self._stop_following()
+                self._stop_following(by_pipeline)
         self.from_context = self.mode == "auto" and ctx_step is not None
         if self.from_context:
             self.levels = None  # the session's, from the scheduler (`Session._place_levels`)
@@ -236,7 +235,7 @@ class StepTracker:
         self.branch = str(name) if name is not None else str(self.branch_index)
         return self.position
 
-    def _stop_following(self) -> None:
+    def _stop_following(self, by_pipeline: bool) -> None:
         """The followed scheduler's step index stood still over MAX_BRANCHES + 1 calls: no pipeline
         gives one step that many guidance calls, so it is not the loop's scheduler (SkyReels-V2's
         diffusion forcing steps a copy per frame; until session 47 every call then ran as step 0,
@@ -247,7 +246,7 @@ class StepTracker:
         self.scheduled_stalled = True
         self._last_ctx_step = None
         count("fallback:scheduler_not_advancing")
-        whose = "the pipeline's scheduler" if self.scheduled_by_pipeline else "the followed scheduler"
+        whose = "the pipeline's scheduler" if by_pipeline else "the followed scheduler"
         log.warning("chipmunk: %s's step index stayed the same over %d model calls (the pipeline steps copies "
                     "of it?): following it stops, and the steps are read from the timesteps instead", whose,
                     MAX_BRANCHES + 1)
@@ -681,11 +680,11 @@ class Session:
         if followed is None and self.config.follow_pipeline and t.mode == "auto" and t.explicit is None \
                 and not t.scheduled_stalled:
             scheduler = self._pipeline_loop.scheduler(models)  # the running pipeline's: no timestep read
-        t.scheduled_by_pipeline = followed is None and scheduler is not None
+        by_pipeline = followed is None and scheduler is not None
         generation, steps, scaled_to = t.generation, max(t.step, 0) + 1, self._count_used  # the ending generation's
         told = self.config.steps or scheduled_total(scheduler)
         given = told or self._pipeline_steps  # what gave the ending generation its count, if anything
-        t.advance(signature, context, scheduled_step(scheduler))
+        t.advance(signature, context, scheduled_step(scheduler), by_pipeline)
         if t.generation != generation:  # the last one ended: its step count is known now
             if not given and steps >= 2 and t.explicit is None and t.mode == "auto":
                 # tracked by its timesteps (not pinned, not counted calls): the next generations are
@@ -696,7 +695,7 @@ class Session:
             self._note_no_site()
         if (not told or self._wants_levels) and self._looked_in != t.generation:  # once per generation
             self._looked_in = t.generation
-            found = pipeline_scheduler(models)
+            found = scheduler if by_pipeline else pipeline_scheduler(models)  # (found already: no walk)
             self._pipeline_steps = scheduled_total(found)
             if self._wants_levels:
                 self._scheduler_levels = scheduler_levels(scheduler if scheduler is not None else found)
