@@ -242,6 +242,7 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
 
             record("mlp", f"mm1 {tag}{suffix}", shape, bench(mm1), flops=sf)
             record("mlp", f"mm2 {tag}{suffix}", shape, bench(lambda: mm2(dp)), flops=sf)
+            _mm2_kernels_apart(tag + suffix, shape, dp, w2v, idx, cnt, yc, block, perm, sf)
             record("mlp", f"mm1+mm2 {tag}{suffix}", shape, bench(lambda: mm2(mm1())), baseline_ms=base,
                    flops=2 * sf, target=">=2.8x dense" if flux_keep else None, note=note)
             if not suffix and keep in (0.3, 0.15):  # the MLP's error forecast (mlp.extrapolate): + coef * slope
@@ -260,6 +261,26 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
         record("mlp", f"block_means (torch){suffix}", shape, ref_ms)
         record("mlp", f"block_means (triton){suffix}", shape, bench(lambda: mlp_block_means(x, block=block, perm=perm)),
                baseline_ms=ref_ms)
+
+
+def _mm2_kernels_apart(tag, shape, dp, w2v, idx, cnt, yc, block, perm, flops):
+    """On sm_90: the Gluon ping-pong mm2 (not dispatched: slower, see its module) against the Triton
+    kernel that mm2 runs, on the same prepared operands."""
+    from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
+    from chipmunk_compile.kernels import mlp_sparse_mm2_pingpong as pp
+
+    w2t = w2v.t()
+    if pp.supported(dp, w2t, yc) is not None:
+        return
+    idx32, cnt32 = idx.to(torch.int32), cnt.to(torch.int32)
+    pm = None if perm is None else perm.to(torch.int32)
+    out = torch.empty_like(yc)
+    kw = dict(block=block, perm=pm, slope=None, slope_coef=None)
+    tri = bench(lambda: k2.mlp_sparse_mm2_prepared(dp, w2t, idx32, cnt32, yc, out, **kw))
+    record("mlp", f"mm2 {tag} triton", shape, tri, flops=flops)
+    record("mlp", f"mm2 {tag} gluon ping-pong", shape,
+           bench(lambda: pp.mlp_sparse_mm2_pingpong(dp, w2t, idx32, cnt32, yc, out, **kw)), baseline_ms=tri,
+           flops=flops, note="against the Triton kernel")
 
 
 # ----------------------------------------------------------------------------------------------

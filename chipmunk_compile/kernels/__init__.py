@@ -51,7 +51,9 @@ to (B, Hq, Nq, Nk), read through ``_common.bias_view`` (no copy), added to every
 - mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block, perm=None, slope=None,
   slope_coef=None) -> fresh y (+ slope_coef · slope: the MLP's error forecast, output only); updates
   y_cache in place. Fast when w2.stride(0) == 1 (pass ``w2t.t()`` of a contiguous (F, Cout) copy made
-  once); a row-major w2 is transposed once per weight and cached.
+  once); a row-major w2 is transposed once per weight and cached. ``mlp_sparse_mm2_pingpong.py`` holds a
+  warp-specialized Gluon variant for sm_90 (correct, twice as slow on the H200: not dispatched; timed
+  beside the Triton kernel by ``benchmarks/bench_kernels.py``).
 - mlp_block_means(x, *, block, perm=None) -> (B, ceil(M/block), C). Triton: one read of x (the
   torch chain of gather, fp32 copy, reduction and cast made four passes).
 - mlp_select_neurons(basis, bm_cache, indices, *, gated=False, score=None, draws=None, n_draws=0) -> None:

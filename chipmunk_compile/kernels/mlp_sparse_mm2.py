@@ -237,16 +237,26 @@ def mlp_sparse_mm2(delta_packed, w2, indices, counts, y_cache, *, block: int, pe
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     cnt = counts.to(torch.int32).contiguous()
     pm = None if perm is None else perm.to(torch.int32).contiguous()
+    return mlp_sparse_mm2_prepared(delta_packed, w2t, idx, cnt, y_cache, out, block=int(block), perm=pm,
+                                   slope=slope, slope_coef=slope_coef)
+
+
+def mlp_sparse_mm2_prepared(delta_packed, w2t, idx, cnt, y_cache, out, *, block, perm, slope, slope_coef):
+    """The kernel on prepared operands (``mlp_sparse_mm2`` makes them: w2t the (F, Cout) rows, int32
+    indices / counts / perm, slope contiguous like out); writes y_cache and out."""
+    B, M, _ = delta_packed.shape
+    NB = idx.shape[1]
+    NOUT = y_cache.shape[-1]
     nsm = num_sms(y_cache.device)
     desc = _delta_descriptor(delta_packed)
     args = (
-        delta_packed, desc, w2t, idx, cnt, y_cache, out, pm if pm is not None else cnt,
+        delta_packed, desc, w2t, idx, cnt, y_cache, out, perm if perm is not None else cnt,
         slope if slope is not None else out, slope_coef if slope is not None else cnt,
         *delta_packed.stride(), *w2t.stride(), *y_cache.stride(), *out.stride(), idx.stride(0), idx.stride(1),
         cnt.stride(0),
         M, NOUT, NB, B, nsm,
     )
-    flags = dict(BLK=int(block), HAS_PERM=pm is not None, DOT_PREC=dot_precision(delta_packed.dtype),
+    flags = dict(BLK=int(block), HAS_PERM=perm is not None, DOT_PREC=dot_precision(delta_packed.dtype),
                  NALIGN=pow2_align(NOUT), HAS_SLOPE=slope is not None)
 
     grid = wave_grid(lambda meta: B * NB * cdiv(block, meta["BLOCK_M"]) * cdiv(NOUT, meta["BLOCK_N"]), nsm)
