@@ -9,10 +9,14 @@ Status: correct (bit-identical outputs to the Triton kernel at FLUX's shape, H20
 so nothing dispatches to it. H200, FLUX's MLP (4352 tokens, 12288 -> 3072), CUDA-graph replayed
 (benchmarks/results/mm2_pingpong_h200_session64.txt): 30% of the neurons 0.409-0.412 ms against the
 Triton kernel's 0.201 ms, 15% 0.223-0.233 against 0.117-0.123 ms; 64-row and 64x256 tiles and 2-4
-stages per ring were slower still. Not profiled; the suspects are that only one warpgroup issues
-MMAs at a time here (each waits on every K tile's copies) and that one 128-thread producer issues
-all the gathers that the Triton kernel spreads over its 256 threads. ``benchmarks/bench_kernels.py``
-times it beside the Triton kernel on sm_90 so that a next version is measured the same way.
+stages per ring were slower still. Not profiled. The likeliest cause is the copies in flight: the
+producer fills one consumer's ring at a time, so 3 stages of 32 KB (96 KB, 6.3 MFLOP of work) are in
+flight against the Triton kernel's 4 stages of 48 KB (128x256 tiles: 192 KB, 16.8 MFLOP), and the
+time follows the depth (2 stages per ring: 0.500 ms, 3: 0.412). A cooperative variant (both
+consumers on 64-row halves of every 128x256 tile, one ring of 4 stages, as the column-sparse
+ping-pong kernel shares its K/V tiles) would hold as much in flight as the Triton kernel with a
+producer warpgroup besides; not built yet. ``benchmarks/bench_kernels.py`` times this kernel beside
+the Triton one on sm_90 so that a next version is measured the same way.
 
 Why it was tried: the Triton kernel gathers w2ᵀ rows by pointer loads, which keep its K loop in one
 warpgroup on cp.async (Hopper's TMA has no row gather): latency-bound, ~55% tensor-pipe use (ncu,
@@ -89,6 +93,14 @@ if HAVE_WS:
         return b, mt // TPB, mt % TPB, (r // n_mt) * BLOCK_N
 
     @gluon.jit
+    def _tile_positions(rows, mb, t, M, BLK: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Grouped positions of row tile t of token block mb (``rows`` = arange(BLOCK_M) in the caller's
+        layout), and which of them exist (inside the block and below M); as ``_tiles.block_rows``."""
+        loc = t * BLOCK_M + rows
+        pos = mb * BLK + loc
+        return pos, (loc < BLK) & (pos < M)
+
+    @gluon.jit
     def _n_k(CNT, scb, b, mb, BLOCK_K: gl.constexpr):
         return gl.cdiv(gl.load(CNT + b * scb + mb), BLOCK_K)
 
@@ -110,9 +122,7 @@ if HAVE_WS:
             b, mb, t, col0 = _item(item, n_mt, NT_N, TPB, BLOCK_N)
             cnt = gl.load(CNT + b * scb + mb)
             n_k = gl.cdiv(cnt, BLOCK_K)
-            loc = t * BLOCK_M + rows
-            pos = mb * BLK + loc
-            row_ok = (loc < BLK) & (pos < M)
+            pos, row_ok = _tile_positions(rows, mb, t, M, BLK, BLOCK_M)
             a_rows = DP + b.to(gl.int64) * sdb + pos[:, None].to(gl.int64) * sdm
             w_cols = W2T + col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, b_layout))
             idx_base = IDX + b.to(gl.int64) * sib + mb.to(gl.int64) * sim
@@ -209,9 +219,7 @@ if HAVE_WS:
                 if n_k > 0:
                     mbarrier.arrive(empty_w.index((base + n_k - 1) % STAGES))
                 base += n_k
-                loc = t * BLOCK_M + rows
-                pos = mb * BLK + loc
-                row_ok = (loc < BLK) & (pos < M)
+                pos, row_ok = _tile_positions(rows, mb, t, M, BLK, BLOCK_M)
                 if HAS_PERM:
                     ri = gl.load(PERM + pos, mask=row_ok, other=0)
                 else:
