@@ -241,8 +241,9 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
                 return mlp_sparse_mm2(d, w2v, idx, cnt, yc, block=block, perm=perm)
 
             record("mlp", f"mm1 {tag}{suffix}", shape, bench(mm1), flops=sf)
-            record("mlp", f"mm2 {tag}{suffix}", shape, bench(lambda: mm2(dp)), flops=sf)
-            _mm2_kernels_apart(tag + suffix, shape, dp, w2v, idx, cnt, yc, block, perm, sf)
+            m2 = bench(lambda: mm2(dp))
+            record("mlp", f"mm2 {tag}{suffix}", shape, m2, flops=sf)
+            _mm2_gluon_row(tag + suffix, shape, dp, w2v, idx, cnt, yc, block, perm, sf, m2)
             record("mlp", f"mm1+mm2 {tag}{suffix}", shape, bench(lambda: mm2(mm1())), baseline_ms=base,
                    flops=2 * sf, target=">=2.8x dense" if flux_keep else None, note=note)
             if not suffix and keep in (0.3, 0.15):  # the MLP's error forecast (mlp.extrapolate): + coef * slope
@@ -263,24 +264,19 @@ def mlp_section(M, C, Fh, keeps, dt, dev, block=128):
                baseline_ms=ref_ms)
 
 
-def _mm2_kernels_apart(tag, shape, dp, w2v, idx, cnt, yc, block, perm, flops):
-    """On sm_90: the Gluon ping-pong mm2 (not dispatched: slower, see its module) against the Triton
-    kernel that mm2 runs, on the same prepared operands."""
-    from chipmunk_compile.kernels import mlp_sparse_mm2 as k2
+def _mm2_gluon_row(tag, shape, dp, w2v, idx, cnt, yc, block, perm, flops, triton_ms):
+    """On sm_90: the Gluon ping-pong mm2 (not dispatched: slower, see its module) on mm2's operands,
+    against the row above (the Triton kernel that mm2 runs)."""
     from chipmunk_compile.kernels import mlp_sparse_mm2_pingpong as pp
 
     w2t = w2v.t()
     if pp.supported(dp, w2t, yc) is not None:
         return
-    idx32, cnt32 = idx.to(torch.int32), cnt.to(torch.int32)
-    pm = None if perm is None else perm.to(torch.int32)
+    kw = dict(block=block, perm=None if perm is None else perm.to(torch.int32), slope=None, slope_coef=None)
     out = torch.empty_like(yc)
-    kw = dict(block=block, perm=pm, slope=None, slope_coef=None)
-    tri = bench(lambda: k2.mlp_sparse_mm2_prepared(dp, w2t, idx32, cnt32, yc, out, **kw))
-    record("mlp", f"mm2 {tag} triton", shape, tri, flops=flops)
-    record("mlp", f"mm2 {tag} gluon ping-pong", shape,
-           bench(lambda: pp.mlp_sparse_mm2_pingpong(dp, w2t, idx32, cnt32, yc, out, **kw)), baseline_ms=tri,
-           flops=flops, note="against the Triton kernel")
+    ms = bench(lambda: pp.mlp_sparse_mm2_pingpong(dp, w2t, idx.to(torch.int32), cnt.to(torch.int32), yc, out, **kw))
+    record("mlp", f"mm2 {tag} gluon ping-pong", shape, ms, baseline_ms=triton_ms, flops=flops,
+           note="against the row above (Triton)")
 
 
 # ----------------------------------------------------------------------------------------------
