@@ -332,6 +332,9 @@ def mlp_sparse_mm2_pingpong(delta_packed, w2t, idx, cnt, y_cache, out, *, block:
     ``programs``: how many programs share the work items (None: one per SM)."""
     reason = supported(delta_packed, w2t, y_cache, block_n=block_n)
     assert reason is None, reason
+    # the epilogue addresses out (and slope, at out's offsets) by int32 offsets beside a batch base
+    assert out.shape == y_cache.shape and out.dtype == y_cache.dtype and _int32_rows(out), "out like y_cache"
+    assert slope is None or (slope.shape == out.shape and slope.stride() == out.stride()), "slope at out's strides"
     B, M, _ = delta_packed.shape
     NOUT = y_cache.shape[-1]
     NB = idx.shape[1]

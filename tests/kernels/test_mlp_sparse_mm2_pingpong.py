@@ -70,6 +70,7 @@ def test_supported_gives_reasons():
     assert not pingpong._vectors_in_storage(torch.zeros(2, 5, 61))
     assert pingpong._vectors_in_storage(torch.zeros(2, 5, 64))
     assert not pingpong._int32_rows(torch.empty_strided((1, 2 ** 20, 4096), (0, 4096, 1), device="meta"))
+    assert pingpong._int32_rows(torch.empty_strided((4, 2 ** 10, 4096), (2 ** 22, 4096, 1), device="meta"))
     if not _sm90():
         return
     g = torch.zeros(1, 300, 64, device="cuda", dtype=torch.bfloat16)
