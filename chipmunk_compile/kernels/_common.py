@@ -73,6 +73,20 @@ def new_empty(*shape, dtype, device) -> torch.Tensor:
     return t
 
 
+def cp_async_rows_reason(*ts, inner: str = "inner dim") -> str | None:
+    """cp.async copies 16-byte vectors of rows: each tensor (None skipped) needs a unit-stride last
+    dim (named ``inner`` in the reason), a 16-byte aligned base and row strides of whole 16-byte
+    units, else the compiler would reject the copies. The reason, or None."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.stride(-1) != 1:
+            return f"{inner} not contiguous"
+        if t.data_ptr() % 16 or any(st % (16 // t.element_size()) for st in t.stride()[:-1]):
+            return "rows not 16-byte aligned"
+    return None
+
+
 def empty_bnhd(B: int, H: int, N: int, D: int, *, dtype, device) -> torch.Tensor:
     """(B, H, N, D) view of a (B, N, H, D) buffer: the attention output layout of design.md."""
     return new_empty(B, N, H, D, dtype=dtype, device=device).transpose(1, 2)

@@ -58,7 +58,7 @@ try:  # Gluon ships with Triton >= 3.5; without it every call takes the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from ._common import LOG2E, empty_bnhd, int32_index_args
+from ._common import LOG2E, cp_async_rows_reason, empty_bnhd, int32_index_args
 
 # What ``ablate`` may skip (timing only): exponentials, the index gather (consecutive rows are copied
 # instead), the P·V or the QKᵀ product.
@@ -257,16 +257,8 @@ if HAVE_GLUON:
 
 
 def layout_reason(*ts) -> str | None:
-    """cp.async gathers 16-byte rows: each tensor needs a unit-stride head dim, a 16-byte aligned base
-    and row strides of whole 16-byte units (else the compiler would reject the copies)."""
-    for t in ts:
-        if t is None:
-            continue
-        if t.stride(-1) != 1:
-            return "head dim not contiguous"
-        if t.data_ptr() % 16 or any(st % (16 // t.element_size()) for st in t.stride()[:-1]):
-            return "rows not 16-byte aligned"
-    return None
+    """Why cp.async cannot gather rows of these tensors (``_common.cp_async_rows_reason``), or None."""
+    return cp_async_rows_reason(*ts, inner="head dim")
 
 
 def supported(q, k, v, *, group: int, scale: float, lse=None, o_base=None) -> str | None:

@@ -60,6 +60,7 @@ import inspect
 
 import torch
 
+from ._common import cp_async_rows_reason
 from ._tiles import num_sms
 
 try:  # Gluon's warp specialization (Triton >= 3.6's list form)
@@ -168,7 +169,7 @@ if HAVE_WS:
         y = (gl.load(y_ptr, mask=mask, other=0.0).to(gl.float32) + acc).to(YC.dtype.element_ty)
         gl.store(y_ptr, y, mask=mask)
         o_off = o_row[:, None] + (n * son)[None, :]  # int32
-        if HAS_SLOPE:  # slope at the output's offsets (the launcher makes it contiguous like the output)
+        if HAS_SLOPE:  # slope at the output's offsets (the launcher asserts its strides are the output's)
             sl = gl.load(SLOPE + o_off, mask=mask, other=0.0).to(gl.float32)
             gl.store(OUT + o_off, (y.to(gl.float32) + gl.load(COEF) * sl).to(OUT.dtype.element_ty), mask=mask)
         else:
@@ -187,7 +188,7 @@ if HAVE_WS:
                         gl.convert_layout(row_ok, rl), col0, syn, son, HAS_SLOPE, WIDTH)
 
     @gluon.jit
-    def _consumer(YC, OUT, SLOPE, COEF, PERM, CNT, a_smem, b_smem, full, empty,
+    def _consumer(YC, OUT, SLOPE, COEF, PERM, CNT, a_ring, b_ring, full, empty,
                   syb, sym, syn, sob, som, son, scb, M, n_mt, NT_N, TOTAL, NPROG,
                   W: gl.constexpr, BLK: gl.constexpr, TPB: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, EPI: gl.constexpr,
@@ -196,10 +197,6 @@ if HAVE_WS:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        a_ring = a_smem  # this consumer's own ring
-        b_ring = b_smem
-        full_w = full
-        empty_w = empty
         base = 0  # K tiles of this consumer's earlier items: its ring's position
         k = 0
         for item in range(gl.program_id(0), TOTAL, NPROG):
@@ -210,14 +207,14 @@ if HAVE_WS:
                 for kt in range(n_k):
                     tt = base + kt
                     s = tt % STAGES
-                    mbarrier.wait(full_w.index(s), (tt // STAGES) & 1)
+                    mbarrier.wait(full.index(s), (tt // STAGES) & 1)
                     acc = warpgroup_mma(a_ring.index(s), b_ring.index(s), acc, is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                     if kt > 0:  # the product that read the previous slot has completed
-                        mbarrier.arrive(empty_w.index((tt - 1) % STAGES))
+                        mbarrier.arrive(empty.index((tt - 1) % STAGES))
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 if n_k > 0:
-                    mbarrier.arrive(empty_w.index((base + n_k - 1) % STAGES))
+                    mbarrier.arrive(empty.index((base + n_k - 1) % STAGES))
                 base += n_k
                 pos, row_ok = _tile_positions(rows, mb, t, M, BLK, BLOCK_M)
                 if HAS_PERM:
@@ -285,11 +282,6 @@ if HAVE_WS:
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _aligned(t: torch.Tensor, *strides: int) -> bool:
-    esz = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * esz) % 16 == 0 for s in strides)
-
-
 def _vectors_in_storage(t: torch.Tensor) -> bool:
     """Whether the last row's final 16-byte vector (read whole, see the module docstring) lies in t's storage."""
     B, M, K = t.shape
@@ -311,10 +303,9 @@ def supported(delta_packed, w2t, y_cache, *, block_n: int = BLOCK_N) -> str | No
         return "not an sm_90 device"
     if delta_packed.dtype not in (torch.float16, torch.bfloat16) or w2t.dtype != delta_packed.dtype:
         return "dtype"
-    if delta_packed.stride(-1) != 1 or w2t.stride(-1) != 1:
-        return "inner stride"
-    if not (_aligned(delta_packed, delta_packed.stride(0), delta_packed.stride(1)) and _aligned(w2t, w2t.stride(0))):
-        return "rows not 16-byte aligned"
+    reason = cp_async_rows_reason(delta_packed, w2t)
+    if reason is not None:
+        return reason
     if not _vectors_in_storage(delta_packed):
         return "delta's last 16-byte vector past its storage"
     if y_cache.shape[-1] % block_n:
