@@ -1,6 +1,6 @@
 """Which diffusers transformers chipmunk understands, and how exactly: a zoo of tiny random models.
 
-    python benchmarks/arch_zoo.py                          # all 84 rows (here, arch_zoo_newer.py, arch_zoo_research.py, arch_zoo_spellings.py; CPU, ~3-8 min)
+    python benchmarks/arch_zoo.py                          # all 88 rows (here, arch_zoo_newer.py, arch_zoo_research.py, arch_zoo_spellings.py; CPU, ~3-8 min)
     python benchmarks/arch_zoo.py --models flux wan sana   # a few (names: keys of MODELS)
     python benchmarks/arch_zoo.py --out /tmp/zoo           # results elsewhere
 

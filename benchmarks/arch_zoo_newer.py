@@ -729,6 +729,34 @@ def rfd4_proteina():
                 latent="local_latents", timestep="bb_ca_time")
 
 
+# ---------------------------------------------------------------------------------------------
+# U-Nets: attention and feed-forwards at several resolutions (session 65)
+# ---------------------------------------------------------------------------------------------
+def unet2d():
+    # SD-style U-Net: conv_in (3x3, stride 1) on the 16x16 latent, cross-attention transformers at 16x16 and, after a
+    # stride-2 downsample, 8x8 tokens (merged from NCHW by each transformer's reshape); GEGLU feed-forwards. Widths
+    # 32/48, so that no channel count equals a token count (a coincidence the grid guards refuse)
+    m = _build("UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+               block_out_channels=(32, 48), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=16,
+               norm_num_groups=8)
+    return Case(m, dict(sample=_r(1, 4, 16, 16), timestep=torch.tensor([500.0]),
+                        encoder_hidden_states=_r(1, 8, 32, seed=2), return_dict=False), latent="sample")
+
+
+def unet_svd():
+    # Stable Video Diffusion's spatio-temporal U-Net: spatial attention per frame at 16x16 and 8x8, temporal attention
+    # over the 3 frames of each position; one image-embedding token of context
+    m = _build("UNetSpatioTemporalConditionModel", sample_size=16, in_channels=8, out_channels=4,
+               down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+               up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+               block_out_channels=(32, 96), layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
+               addition_time_embed_dim=8, projection_class_embeddings_input_dim=24)
+    return Case(m, dict(sample=_r(1, 3, 8, 16, 16), timestep=torch.tensor([500.0]),
+                        encoder_hidden_states=_r(1, 1, 32, seed=2), added_time_ids=_r(1, 3, seed=4),
+                        return_dict=False), latent="sample")
+
+
 NEWER_MODELS = {
     "flux3": ("Flux3Transformer2DModel", flux3),
     "qwen_image21": ("QwenImage21Transformer2DModel", qwen_image21),
@@ -773,4 +801,6 @@ NEWER_MODELS = {
     "stable_audio3": ("StableAudio3DiTModel", stable_audio3),
     "longcat_audio_dit": ("LongCatAudioDiTTransformer", longcat_audio_dit),
     "rfd4_proteina": ("RFD4ProteinaTransformer", rfd4_proteina),
+    "unet2d": ("UNet2DConditionModel", unet2d),
+    "unet_svd": ("UNetSpatioTemporalConditionModel", unet_svd),
 }

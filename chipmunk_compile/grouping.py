@@ -1577,6 +1577,12 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
     regroup = None  # ids_regrouping.IdsRegrouping, when a site's grid came from this graph's ids
     shards = functools.cache(lambda: sequence_parallel.graph_sharding(gm, n_img))  # scans the graph once, if asked
     shard_sides: dict = {}  # text sides inside the shards, per token count (the first site's concat)
+    # grids of their own for the counts the graph's grid does not explain (scans the graph once, if asked)
+    levels = functools.cache(lambda: _level_grids(gm, counts, n_img, sides_by_count, info.grid))
+
+    def level_tile(level):
+        return _effective_tile(gcfg.tile, level.grid)
+
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
     shape_input = None
     if info.conv is not None and info.input_index is None:
@@ -1633,6 +1639,11 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             perm, keep, note = _decide_shard(m, n, n_img, img_order, sharding, info, gcfg, cache, key, shard_sides)
         else:
             perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
+            if perm is None and n is not None and (level := levels().get(n)) is not None:
+                s.perm, s.always_keep = _level_perm(level, n, group, gcfg, cache), None
+                s.grouping = f"{level.describe()} (a level of its own), tile {'×'.join(map(str, level_tile(level)))}"
+                decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
+                continue
             if perm is not None and (info.input_index is not None or info.rotary is not None):
                 if regroup is None:  # ids or rotary tables of this graph: re-read per generation
                     from .ids_regrouping import IdsRegrouping
@@ -1648,6 +1659,51 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+
+
+def _a_level_of(grid: tuple, level: tuple) -> bool:
+    """Whether `level` is `grid` scaled down or up by 2^k (k != 0) on its last two (spatial) axes,
+    rounded either way (a stride-2 conv of an odd side), with the frame axis of a 3-D level kept or
+    scaled: what a U-Net's downsampling gives. A text or pooling merge that happens to have a
+    site's count (Mochi's 16 caption tokens as an 8×2 merge) is no level."""
+    if len(level) > len(grid) or len(level) < 2:
+        return False
+
+    def scaled(a, b, s):  # b is a scaled by 2^s
+        return b in (a >> s, -(-a >> s)) if s > 0 else a in (b >> -s, -(-b >> -s))
+
+    for s in (k for k in range(-4, 5) if k):
+        if all(scaled(a, b, s) for a, b in zip(grid[-2:], level[-2:])):
+            return len(level) == 2 or any(level[0] == grid[0] or scaled(grid[0], level[0], t) for t in range(-4, 5))
+    return False
+
+
+def _level_grids(gm: fx.GraphModule, counts: list[int], n_img: int, sides_by_count: dict, grid: tuple) -> dict:
+    """{token count: GridInfo} for site counts that the graph's grid of `n_img` tokens does not
+    explain but a reshape of the graph merges into exactly (`_merged_grids`): the lower levels of a
+    U-Net or an hourglass DiT, each an (h, w) or (t, h, w) grid of its own in raster order, the
+    graph's `grid` scaled by a power of two (`_a_level_of`). Only exact counts, and only where no
+    concat joins other tokens to them (text on the main grid keeps its own rules); a count with two
+    different such grids gets none (which one is unknown)."""
+    others = {c for c in counts if c != n_img and c > 0}
+    if not others or sequence_parallel.graph_sharding(gm, n_img) is not None:
+        return {}
+    # (all the sites' counts, so that the guards against tokens beside a merge see the grid's too)
+    cands = [g for g in _merged_grids(gm, sorted(set(counts)))
+             if g.segments is None and g.n in others and not sides_by_count.get(g.n) and _a_level_of(grid, g.grid)]
+    out = {}
+    for g in cands:
+        if len({c.grid for c in cands if c.n == g.n}) == 1:
+            out.setdefault(g.n, g)
+    return out
+
+
+def _level_perm(level: GridInfo, n: int, group, gcfg, cache: dict) -> torch.Tensor:
+    key = ("level", n, level.grid, group)
+    if key not in cache:
+        order, _ = image_order(level, gcfg.tile, group)
+        cache[key] = site_perm(n, order, 0, True)
+    return cache[key]
 
 
 def _effective_tile(tile_cfg, grid: tuple) -> tuple:
