@@ -1,6 +1,7 @@
 """Grouping of multi-resolution denoisers (U-Nets, hourglass DiTs): sites whose token count the
 graph's grid does not explain take the grid of the reshape that merges their level's (h, w) into
-tokens, when exactly one such grid gives their count; otherwise they stay ungrouped."""
+tokens, when that grid is the graph's scaled by a power of two and the only one of their count;
+otherwise they stay ungrouped."""
 
 from __future__ import annotations
 
