@@ -1594,8 +1594,13 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
     outer = outermost_session(session)
     remembered_sides = getattr(outer, "_chipmunk_text_sides", {}) if outer is not None else {}
     remembered_text = getattr(outer, "_chipmunk_text_counts", {}) if outer is not None else {}
+    # each level site's (scale, axes): a recompile with symbolic counts finds no merge of a known
+    # count, and the module stays on its level at every resolution
+    remembered_levels = getattr(outer, "_chipmunk_levels", {}) if outer is not None else {}
     if outer is not None:
         outer._chipmunk_text_sides, outer._chipmunk_text_counts = remembered_sides, remembered_text
+        outer._chipmunk_levels = remembered_levels
+    level_found = False
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
@@ -1611,7 +1616,7 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
                                            shape_input=shape_input, conv=info.conv, img_grid=info.grid,
                                            call_latent=call_latent, run_inputs=info.run_inputs,
-                                           run_rules=info.run_rules)
+                                           run_rules=info.run_rules, level=remembered_levels.get(s.path))
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1619,6 +1624,9 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
                         if shape_input is not None else
                         "; grid of each new count from the call's latent (an earlier graph's input)"
                         if call_latent else "")
+            if s.call_grouping.level is not None and (shape_input is not None or call_latent):
+                where, per_call = "", (f"; a level of its own of each new count (the call's grid scaled by "
+                                       f"2^-{s.call_grouping.level[0]})")
             s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
@@ -1641,6 +1649,8 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             perm, keep, note = _decide(n, n_img, img_order, sides, info, gcfg, cache, key)
             if perm is None and n is not None and (level := levels().get(n)) is not None:
                 s.perm, s.always_keep = _level_perm(level, n, group, gcfg, cache), None
+                remembered_levels[s.path] = (_level_scale(info.grid, level.grid), len(level.grid))
+                level_found = True
                 s.grouping = f"{level.describe()} (a level of its own), tile {'×'.join(map(str, level_tile(level)))}"
                 decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
                 continue
@@ -1658,24 +1668,45 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             note += side_note
         s.grouping = f"{desc}{boxes}{note}" if perm is not None else f"none: {note}"
         decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
+    if level_found and outer is not None and info.conv is not None and info.input_index is None \
+            and "earlier graph" not in info.source and getattr(outer, "_chipmunk_latent_recipe", None) is None \
+            and _latent_index(gm, info) is not None:
+        # a multi-resolution model: a recompile for another resolution sees symbolic conv sizes and
+        # would score this resolution's grids (its levels among them) against its new counts; the
+        # latent's recipe gives it the grid of its own latent instead, and its levels from that
+        outer._chipmunk_latent_recipe = info
     return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
 
 
-def _a_level_of(grid: tuple, level: tuple) -> bool:
-    """Whether `level` is `grid` scaled down or up by 2^k (k != 0) on its last two (spatial) axes,
+def _level_scale(grid: tuple, level: tuple) -> Optional[int]:
+    """k when `level` is `grid` scaled by 2^-k (k != 0, either sign) on its last two (spatial) axes,
     rounded either way (a stride-2 conv of an odd side), with the frame axis of a 3-D level kept or
-    scaled: what a U-Net's downsampling gives. A text or pooling merge that happens to have a
-    site's count (Mochi's 16 caption tokens as an 8×2 merge) is no level."""
+    scaled: what a U-Net's downsampling gives; else None. A text or pooling merge that happens to
+    have a site's count (Mochi's 16 caption tokens as an 8×2 merge) is no level."""
     if len(level) > len(grid) or len(level) < 2:
-        return False
+        return None
 
-    def scaled(a, b, s):  # b is a scaled by 2^s
+    def scaled(a, b, s):  # b is a scaled by 2^-s
         return b in (a >> s, -(-a >> s)) if s > 0 else a in (b >> -s, -(-b >> -s))
 
     for s in (k for k in range(-4, 5) if k):
         if all(scaled(a, b, s) for a, b in zip(grid[-2:], level[-2:])):
-            return len(level) == 2 or any(level[0] == grid[0] or scaled(grid[0], level[0], t) for t in range(-4, 5))
-    return False
+            if len(level) == 2 or any(level[0] == grid[0] or scaled(grid[0], level[0], t) for t in range(-4, 5)):
+                return s
+            return None
+    return None
+
+
+def _a_level_of(grid: tuple, level: tuple) -> bool:
+    return _level_scale(grid, level) is not None
+
+
+def _scaled_levels(grid: tuple, k: int, dims: int) -> set:
+    """The grids that level k (`_level_scale`) of `grid` may be, with `dims` axes: each spatial side
+    rounded down or up; a 3-D level keeps the frames (a level that scaled them is not followed)."""
+    sides = [{a >> k, -(-a >> k)} if k > 0 else {a << -k} for a in grid[-2:]]
+    lead = tuple(grid[:-2]) if dims == len(grid) else ()
+    return {lead + (h, w) for h in sides[0] for w in sides[1]}
 
 
 def _level_grids(gm: fx.GraphModule, counts: list[int], n_img: int, sides_by_count: dict, grid: tuple) -> dict:
@@ -1767,14 +1798,18 @@ class CallGrouping:
     not in this graph's step-graph signatures). The caches a call reads were filled in its
     generation, which begins with a dense step, so a perm that changes with the size between
     generations rebuilds them in its order.
+    A site that was on a level of its own at an earlier resolution (`_level_grids`; remembered per
+    module path with its scale) takes that level of the grid of the call's input size.
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
     def __init__(self, n_img: int, img_order, text_first: Optional[bool], keep_text: bool, text_tokens,
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
                  shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
-                 call_latent: bool = False, run_inputs: Optional[tuple] = None, run_rules: Optional[tuple] = None):
+                 call_latent: bool = False, run_inputs: Optional[tuple] = None, run_rules: Optional[tuple] = None,
+                 level: Optional[tuple] = None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
+        self.level = level  # (scale k, axes) of a site on a level of its own (`_level_scale`)
         self.run_inputs, self.run_rules = run_inputs, run_rules
         self.run_shapes = tuple(sh for _, sh in run_inputs) if run_inputs else None
         self.keep_text, self.text_tokens, self.text_conflict = keep_text, text_tokens, text_conflict
@@ -1854,6 +1889,12 @@ class CallGrouping:
         grid = _conv_grid(self.conv, size, self.grid_axes)
         if grid is None:
             return None
+        if self.level is not None:  # this call's level: the one scaled grid of n tokens, if one
+            fits = [g for g in _scaled_levels(grid, *self.level) if math.prod(g) == n]
+            if len(fits) != 1:
+                return None
+            order, _ = image_order(GridInfo(fits[0], "level of the conv input size"), self.tile, self.group)
+            return site_perm(n, order, 0, True), None
         order, _ = image_order(GridInfo(grid, "conv input size"), self.tile, self.group)
         hit = self._build(n, math.prod(grid), order, self.text_first, session, exact=True)
         return hit if hit[0] is not None else None

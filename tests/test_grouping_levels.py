@@ -10,7 +10,7 @@ import torch
 import chipmunk_compile
 from helpers import plan_sites
 
-from chipmunk_compile.grouping import _a_level_of, _effective_tile, site_perm, tile_order
+from chipmunk_compile.grouping import GridInfo, _a_level_of, _effective_tile, image_order, site_perm, tile_order
 
 LOOSE = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0}, "mlp": {"min_tokens": 1, "first_n_dense_layers": 0},
          "step_signal": "calls"}
@@ -32,8 +32,9 @@ class _Block(torch.nn.Module):
 
 
 class Hourglass(torch.nn.Module):
-    """A conv patch embedding (the graph's grid), a block on it, a stride-2 conv down to a level of a
-    quarter of the tokens, a block there, and a transposed conv back up. `rival`: a table of as many
+    """A conv patch embedding (the graph's grid), a block on it, a stride-2 conv (3×3, as a U-Net's
+    downsampler) down to a level of a quarter of the tokens, a block there, and a transposed conv
+    back up. `rival`: a table of as many
     rows as the lower level, merged from a (4, 12) layout, is added to its tokens (no scaling of the
     16×12 grid: not a level). `text`: a feed-forward on 16 caption tokens that a reshape merges
     from (8, 2) (Mochi's caption layout in the zoo), a count of no level either."""
@@ -43,7 +44,7 @@ class Hourglass(torch.nn.Module):
         self.rival, self.text = rival, text
         self.txt_fc1, self.txt_fc2 = torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
         self.embed = torch.nn.Conv2d(4, c, 2, stride=2)
-        self.down = torch.nn.Conv2d(c, c, 2, stride=2)
+        self.down = torch.nn.Conv2d(c, c, 3, stride=2, padding=1)
         self.up = torch.nn.ConvTranspose2d(c, c, 2, stride=2)
         self.blocks = torch.nn.ModuleList(_Block(c) for _ in range(3))
 
@@ -128,3 +129,46 @@ def test_lower_level_grouping_runs_end_to_end():
     lower = [s for s in chipmunk_compile.stats(compiled)["sites"] if s["path"].startswith("blocks.1")]
     assert len(lower) == 2 and all("8×6 (a level of its own)" in s["grouping"] for s in lower), lower
     assert all(s["steps"].get("sparse", 0) >= 2 for s in lower), lower
+
+
+def test_levels_follow_a_new_resolution_under_dynamic_shapes():
+    """At a second and third resolution Dynamo recompiles with symbolic token counts: every site is
+    grouped per call, the main level on its latent's grid and the lower one on that grid scaled by
+    the level's power of two (remembered per module); nothing runs ungrouped."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Hourglass().eval()
+    cfg = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "group": 16, "full_step_every": 4},
+           "mlp": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "block": 16, "full_step_every": 4},
+           "step_signal": "calls"}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="chipmunk", options={"config": cfg, "compiler": "eager"})
+    with torch.no_grad():
+        for size in ((32, 24), (48, 32), (32, 48)):
+            latent, drift = torch.randn(1, 4, *size), torch.randn(1, 4, *size)
+            for step in range(4):
+                x = latent + 0.01 * step * drift
+                ref, out = model(x), compiled(x)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                assert err < (1e-5 if step == 0 else 0.1), (size, step, err)
+    assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
+    per_call = [s for s in chipmunk_compile.stats(compiled)["sites"] if "per call" in s["grouping"]]
+    lower = [s for s in per_call if s["path"].startswith("blocks.1")]
+    assert len(per_call) == 6 and len(lower) == 2, [s["grouping"] for s in per_call]
+    assert all("a level of its own of each new count (the call's grid scaled by 2^-1)" in s["grouping"]
+               for s in lower), [s["grouping"] for s in lower]
+    # the level of each latent: 12×8 tokens at 48×32 and 8×12 at 32×48 (one count, two grids: the
+    # per-call cache is keyed by the input's size), in the tile order of query groups and token
+    # blocks of 16 (4×4 boxes of the 8×8 tiles, as `image_order` lays them)
+    from chipmunk_compile.runtime import sessions_of
+
+    groupings = [site.call_grouping for sess in sessions_of(compiled) for site in sess.sites
+                 if site.path.startswith("blocks.1") and getattr(site, "call_grouping", None) is not None]
+    assert len(groupings) == 2
+    for g in groupings:
+        for latent_size, grid in (((48, 32), (12, 8)), ((32, 48), (8, 12))):
+            perm, keep = g.cache[(96, latent_size)]
+            expected = site_perm(96, image_order(GridInfo(grid, ""), None, 16)[0], 0, True)
+            assert torch.equal(perm.long(), expected.long()) and keep is None, (latent_size, perm)
