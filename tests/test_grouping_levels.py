@@ -108,16 +108,22 @@ def test_a_level_is_the_grid_scaled_by_a_power_of_two():
     assert not _a_level_of((3, 8, 8), (8, 2)) and not _a_level_of((16, 12), (4, 12))
 
 
-def test_lower_level_grouping_runs_end_to_end():
-    """Compiled (eager inner compiler): the dense first call matches eager, and the sparse calls after
-    it run on the level's permutation and stay close to eager."""
+def _compiled_hourglass():
+    """(eager model, compiled with backend="chipmunk" and the eager inner compiler): sparse steps at
+    half the keys / neurons, query groups and token blocks of 16, a refresh every 4 calls."""
     torch.manual_seed(0)
     model = Hourglass().eval()
     cfg = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "group": 16, "full_step_every": 4},
            "mlp": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "block": 16, "full_step_every": 4},
            "step_signal": "calls"}
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="chipmunk", options={"config": cfg, "compiler": "eager"})
+    return model, torch.compile(model, backend="chipmunk", options={"config": cfg, "compiler": "eager"})
+
+
+def test_lower_level_grouping_runs_end_to_end():
+    """Compiled (eager inner compiler): the dense first call matches eager, and the sparse calls after
+    it run on the level's permutation and stay close to eager."""
+    model, compiled = _compiled_hourglass()
     latent = torch.randn(1, 4, 32, 24)
     drift = torch.randn(1, 4, 32, 24)
     with torch.no_grad():
@@ -137,14 +143,8 @@ def test_levels_follow_a_new_resolution_under_dynamic_shapes():
     the level's power of two (remembered per module); nothing runs ungrouped."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = Hourglass().eval()
-    cfg = {"attn": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "group": 16, "full_step_every": 4},
-           "mlp": {"min_tokens": 1, "first_n_dense_layers": 0, "top_keys": 0.5, "block": 16, "full_step_every": 4},
-           "step_signal": "calls"}
-    torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="chipmunk", options={"config": cfg, "compiler": "eager"})
+    model, compiled = _compiled_hourglass()
     with torch.no_grad():
         for size in ((32, 24), (48, 32), (32, 48)):
             latent, drift = torch.randn(1, 4, *size), torch.randn(1, 4, *size)
