@@ -723,6 +723,17 @@ def _merged_grids(gm: fx.GraphModule, counts: list[int]) -> list[GridInfo]:
     return _merged_runs(gm, merges, sizes | joined) + out
 
 
+def _merged_grids_once(gm: fx.GraphModule, counts: list[int], memo: Optional[dict]) -> list[GridInfo]:
+    """`_merged_grids`, computed once per set of counts with a `memo` (one per `assign_grouping`
+    call: `infer_grid` and `_level_grids` both scan the graph's merges)."""
+    if memo is None:
+        return _merged_grids(gm, counts)
+    key = ("merged", frozenset(counts))
+    if key not in memo:
+        memo[key] = _merged_grids(gm, counts)
+    return memo[key]
+
+
 def _merged_runs(gm: fx.GraphModule, merges: dict, sizes: set) -> list[GridInfo]:
     """Grids of torch.cats that join two or more merges (`_merged_grids`) along their merged axis
     into a site's token count (or the image part of one): the rotary tables of an image and its
@@ -1334,7 +1345,7 @@ def infer_grid(gm: fx.GraphModule, example_inputs, config, counts: list[int],
                memo: Optional[dict] = None) -> tuple[Optional[GridInfo], str]:
     """(grid info, why not) for the graph; `counts` are the sites' token counts."""
     gcfg = config.grouping
-    for source in (*_graph_sources(gm, example_inputs, memo), lambda: _merged_grids(gm, counts)):
+    for source in (*_graph_sources(gm, example_inputs, memo), lambda: _merged_grids_once(gm, counts, memo)):
         info = _pick(source(), counts)
         if info is not None:
             return info, ""
@@ -1578,11 +1589,9 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
     shards = functools.cache(lambda: sequence_parallel.graph_sharding(gm, n_img))  # scans the graph once, if asked
     shard_sides: dict = {}  # text sides inside the shards, per token count (the first site's concat)
     # grids of their own for the counts the graph's grid does not explain (scans the graph once, if asked)
-    levels = functools.cache(lambda: _level_grids(gm, counts, n_img, sides_by_count, info.grid))
-
-    def level_tile(level):
-        return _effective_tile(gcfg.tile, level.grid)
-
+    # (none in a sequence-parallel graph: its sites see shards of the image stream)
+    levels = functools.cache(lambda: {} if shards() is not None else
+                             _level_grids(gm, counts, n_img, sides_by_count, info.grid, memo))
     # a conv-embedded grid: a symbolic count's grid follows the size of the conv's input per call
     shape_input = None
     if info.conv is not None and info.input_index is None:
@@ -1651,7 +1660,8 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
                 s.perm, s.always_keep = _level_perm(level, n, group, gcfg, cache), None
                 remembered_levels[s.path] = (_level_scale(info.grid, level.grid), len(level.grid))
                 level_found = True
-                s.grouping = f"{level.describe()} (a level of its own), tile {'×'.join(map(str, level_tile(level)))}"
+                level_tile = _effective_tile(gcfg.tile, level.grid)
+                s.grouping = f"{level.describe()} (a level of its own), tile {'×'.join(map(str, level_tile))}"
                 decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
                 continue
             if perm is not None and (info.input_index is not None or info.rotary is not None):
@@ -1709,18 +1719,20 @@ def _scaled_levels(grid: tuple, k: int, dims: int) -> set:
     return {lead + (h, w) for h in sides[0] for w in sides[1]}
 
 
-def _level_grids(gm: fx.GraphModule, counts: list[int], n_img: int, sides_by_count: dict, grid: tuple) -> dict:
+def _level_grids(gm: fx.GraphModule, counts: list[int], n_img: int, sides_by_count: dict, grid: tuple,
+                 memo: Optional[dict] = None) -> dict:
     """{token count: GridInfo} for site counts that the graph's grid of `n_img` tokens does not
     explain but a reshape of the graph merges into exactly (`_merged_grids`): the lower levels of a
     U-Net or an hourglass DiT, each an (h, w) or (t, h, w) grid of its own in raster order, the
     graph's `grid` scaled by a power of two (`_a_level_of`). Only exact counts, and only where no
     concat joins other tokens to them (text on the main grid keeps its own rules); a count with two
-    different such grids gets none (which one is unknown)."""
+    different such grids gets none (which one is unknown). The caller asks only of graphs that are not
+    sequence-parallel."""
     others = {c for c in counts if c != n_img and c > 0}
-    if not others or sequence_parallel.graph_sharding(gm, n_img) is not None:
+    if not others:
         return {}
     # (all the sites' counts, so that the guards against tokens beside a merge see the grid's too)
-    cands = [g for g in _merged_grids(gm, sorted(set(counts)))
+    cands = [g for g in _merged_grids_once(gm, sorted(set(counts)), memo)
              if g.segments is None and g.n in others and not sides_by_count.get(g.n) and _a_level_of(grid, g.grid)]
     out = {}
     for g in cands:
