@@ -39,6 +39,7 @@ from .grouping import outermost_session
 from .runtime import (Session, install_diffusers_context_probe, module_position, note_site_frame, session_for,
                       stack_modules, stack_root)
 from .sequence_parallel import collective_groups
+from .symbolic_grid import read_symbols
 from .step_cache import StepCache, main_input_index
 
 log = logging.getLogger("chipmunk_compile")
@@ -295,6 +296,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     latent_input = (plan.grouping or {}).get("latent_input")
     # the inputs of a conv-embedded image stream of runs (FramePack's latents): their shapes per call
     run_inputs = (plan.grouping or {}).get("run_inputs")
+    # the size symbols of a grid read from a symbolic merge (symbolic_grid.py): host ints per call
+    symbol_readers = (plan.grouping or {}).get("symbol_readers")
     # a static grid from this graph's position ids: another grid of the same count per generation
     regroup = next((s.regroup[0] for s in plan.sites if s.regroup is not None), None)
     outer = outermost_session(session)
@@ -315,6 +318,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             session._chipmunk_call_ids = args[ids_input]
         if conv_input is not None:
             session._chipmunk_call_conv_input = args[conv_input]
+        if symbol_readers is not None:
+            session._chipmunk_call_symbols = read_symbols(symbol_readers, args)
         if latent_input is not None:  # a reference only; its shape is read when a graph compiles
             outer._chipmunk_call_latent = args[latent_input]
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True

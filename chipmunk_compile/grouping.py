@@ -28,7 +28,8 @@ Where the token grid comes from, in this order:
    channels-last token tensor flattened (Cosmos, Kandinsky 5), or a rotary table / coordinate
    tensor built on the grid in the graph and flattened to one row per token (Qwen-Image, LTX-Video);
    such tables of several images joined along the token axis (Qwen-Image-Edit) are one image
-   stream of runs, each tiled on its own grid.
+   stream of runs, each tiled on its own grid. In a graph with symbolic sizes such a merge is read
+   symbolically (`symbolic_grid.py`), and each call's grid is evaluated from its size symbols.
 5. the candidates of 1-3 seen in an earlier graph of the same model that found no grid for its
    own sites (a patchify or position-id computation before a graph break: Lumina2, Z-Image,
    HiDream, HunyuanVideo 1.5), kept on the outermost model's session, which the sessions of its
@@ -90,7 +91,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import runtime, sequence_parallel
+from . import runtime, sequence_parallel, symbolic_grid
 from .patterns.fx_utils import IDENTITY_METHODS, RESHAPE_METHODS, source_name
 
 log = logging.getLogger("chipmunk_compile")
@@ -1518,6 +1519,11 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             s.perm, s.always_keep, s.grouping = None, None, "none: grouping disabled"
         return {"source": "none: grouping disabled"}
     counts = [c for c in (_site_tokens(s) for s in sites) if c is not None]
+    # symbolic counts (dynamic shapes): merges of symbolic grid axes give a grid per call
+    sym_counts = [d for d in (_site_token_dim(s) for s in sites) if isinstance(d, torch.SymInt)]
+    readable = functools.cache(lambda: symbolic_grid.placeholder_symbols(gm))
+    sym_cands = functools.cache(lambda: symbolic_grid.symbolic_grids(gm, sym_counts, set(readable()))
+                                if sym_counts else [])
     # symbolic counts (a recompile after the resolution changed) count with the sizes of the call that
     # compiled the graph, so its own grid is picked before an earlier graph's of another resolution
     info, why = infer_grid(gm, example_inputs, config, counts + _site_token_hints(sites), memo)
@@ -1546,13 +1552,18 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         info = dataclasses.replace(earlier, source=earlier.source + " (earlier graph)", input_index=None, rotary=None)
     if info is None:  # last: the rotary tables a block is passed (regional compilation), read as ids
         info = _pick(_rotary_grids(gm, example_inputs), sized)
+    sym_only = False
+    if info is None and sym_cands():  # compiled with dynamic shapes from the start: only a symbolic merge
+        found = tuple(h for h in sym_cands()[0].hint if h > 1)  # shows the grid (its sizes at this call)
+        info = GridInfo(found, sym_cands()[0].source) if len(found) in (2, 3) else None
+        sym_only = info is not None  # then a site that fits no symbolic merge has no grid at all
     if info is None:
         for s in sites:
             s.perm, s.always_keep, s.grouping = None, None, f"none: {why}"
         return {"source": f"none: {why}"}
     # (a grid from rotary tables is not handed on: a later graph of another resolution would take
     # it for its own, without the latent sizes the other sources follow per call)
-    if session is not None and "earlier graph" not in info.source and info.rotary is None:
+    if session is not None and "earlier graph" not in info.source and info.rotary is None and not sym_only:
         session._chipmunk_grid = info
     eff_tile = _effective_tile(gcfg.tile, info.grid)
     orders: dict = {}
@@ -1610,6 +1621,7 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         outer._chipmunk_text_sides, outer._chipmunk_text_counts = remembered_sides, remembered_text
         outer._chipmunk_levels = remembered_levels
     level_found = False
+    sym_used: set = set()  # the size symbols the sites' symbolic grids read per call
     for m, s in pairs:
         n = _site_tokens(s)
         group = getattr(s.cfg, "group" if s.kind == "attention" else "block", None)
@@ -1620,12 +1632,24 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             side, conflict = _text_side(sides_by_count.get(None, set()), info, gcfg, "text tokens")
             if side is None and not conflict:  # the side this site's text took in an earlier graph
                 side = remembered_sides.get(s.path)
+            elif side is not None and "earlier graph" not in info.source and symbolic_grid.beyond(
+                    _site_token_dim(s), n_img):  # text beside this graph's own grid: kept for a recompile
+                remembered_sides.setdefault(s.path, side)  # (Mochi's valid text tokens, an unbacked count)
             s.perm, s.always_keep = None, None
+            sym = None  # a symbolic merge of this site's tokens, where no other source follows the call
+            if info.input_index is None and shape_input is None and not call_latent and info.run_rules is None:
+                sym = symbolic_grid.grid_for(_site_token_dim(s), sym_cands())
+                sym_used.update(sym.grid.symbols if sym is not None else ())
+            if sym is None and sym_only:  # (a text encoder's block: no grid holds its tokens)
+                s.grouping = "none: its symbolic token count fits no merge of grid axes"
+                decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
+                continue
             s.call_grouping = CallGrouping(n_img, img_order, side, keep_text, gcfg.text_tokens, bool(conflict),
                                            ids_input=info.input_index, tile=gcfg.tile, group=group,
                                            shape_input=shape_input, conv=info.conv, img_grid=info.grid,
                                            call_latent=call_latent, run_inputs=info.run_inputs,
-                                           run_rules=info.run_rules, level=remembered_levels.get(s.path))
+                                           run_rules=info.run_rules, level=remembered_levels.get(s.path),
+                                           sym_grid=sym)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1636,7 +1660,13 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             if s.call_grouping.level is not None and (shape_input is not None or call_latent):
                 where, per_call = "", (f"; a level of its own of each new count (the call's grid scaled by "
                                        f"2^-{s.call_grouping.level[0]})")
-            s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
+            if sym is not None:  # (a site of image tokens alone has no text side to tell)
+                where = "" if sym.no_other else where
+                by_sizes = f", {sym.other} other tokens" if sym.other else ""
+                s.grouping = (f"{sym.grid.describe()}, tile per call's grid{boxes}, per call (symbolic token count)"
+                              f"{where}{by_sizes}; grid of each call from its sizes")
+            else:
+                s.grouping = f"{desc}{boxes}, per call (symbolic token count){where}{per_call}"
             decisions.append({"path": s.path, "kind": s.kind, "tokens": None, "grouping": s.grouping})
             continue
         sides = sides_by_count.get(n, set())
@@ -1685,7 +1715,10 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         # would score this resolution's grids (its levels among them) against its new counts; the
         # latent's recipe gives it the grid of its own latent instead, and its levels from that
         outer._chipmunk_latent_recipe = info
-    return {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+    summary = {"source": info.source, "grid": list(info.grid), "tile": list(eff_tile), "sites": decisions}
+    if sym_used:  # where the backend reads them from each call's inputs (host ints)
+        summary["symbol_readers"] = tuple((sym, *readable()[sym]) for sym in sorted(sym_used, key=str))
+    return summary
 
 
 def _level_scale(grid: tuple, level: tuple) -> Optional[int]:
@@ -1812,6 +1845,10 @@ class CallGrouping:
     generations rebuilds them in its order.
     A site that was on a level of its own at an earlier resolution (`_level_grids`; remembered per
     module path with its scale) takes that level of the grid of the call's input size.
+    Where none of these follows the call, a merge of grid axes with symbolic sizes whose tokens
+    are the site's (`sym_grid`, a `symbolic_grid.Fit`) gives the grid of each call: its sizes at the
+    call's size symbols (`session._chipmunk_call_symbols`, host ints the backend reads from the
+    call's inputs), cached per (count, symbol values).
     A count that fits neither gives (None, None): those calls run ungrouped, as any unknown layout
     does, counted as `grouping_ungrouped_count` and logged once per count."""
 
@@ -1819,8 +1856,9 @@ class CallGrouping:
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
                  shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
                  call_latent: bool = False, run_inputs: Optional[tuple] = None, run_rules: Optional[tuple] = None,
-                 level: Optional[tuple] = None):
+                 level: Optional[tuple] = None, sym_grid=None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
+        self.sym_grid = sym_grid  # symbolic_grid.Fit: the grid of each call from its size symbols
         self.level = level  # (scale k, axes) of a site on a level of its own (`_level_scale`)
         self.run_inputs, self.run_rules = run_inputs, run_rules
         self.run_shapes = tuple(sh for _, sh in run_inputs) if run_inputs else None
@@ -1831,6 +1869,15 @@ class CallGrouping:
         self.cache: dict = {}
 
     def for_count(self, n: int, session) -> tuple:
+        if self.sym_grid is not None:  # per call's size symbols (`session._chipmunk_call_symbols`)
+            values = getattr(session, "_chipmunk_call_symbols", None) or {}
+            key = (n, tuple(values.get(sym) for sym in self.sym_grid.grid.symbols))
+            hit = self.cache.get(key)
+            if hit is None:
+                hit = self.cache[key] = self._from_symbols(n, values, session)
+                if hit[0] is None:
+                    _ungrouped(n, self.n_img)
+            return hit
         # 8×10 and 10×8 latents: one count, two grids. Only for a conv input of this very graph:
         # its shape is part of every step graph's signature, so no recording made for one size
         # replays for the other (a latent an earlier graph took is not: read on a miss only)
@@ -1883,6 +1930,17 @@ class CallGrouping:
         first = self.text_first if self.text_first is not None else info.text_first
         hit = self._build(n, info.n, order, first, session)
         return hit if hit[0] is not None else None
+
+    def _from_symbols(self, n: int, values: dict, session) -> tuple:
+        """(perm, keep) on the symbolic merge's grid at this call's size symbols, or (None, None)."""
+        fit = self.sym_grid
+        if not all(sym in values for sym in fit.grid.symbols):
+            return None, None
+        grid = fit.grid.at({sym: values[sym] for sym in fit.grid.symbols})
+        if grid is None or fit.other is not None and n - math.prod(grid) != fit.other:
+            return None, None
+        order, _ = image_order(GridInfo(grid, "symbolic merge"), self.tile, self.group)
+        return self._build(n, math.prod(grid), order, self.text_first, session, exact=True)
 
     def _from_run_shapes(self, n: int, shapes: Optional[tuple], session) -> tuple:
         """(perm, keep) on the runs of this call's input shapes, or (None, None)."""
