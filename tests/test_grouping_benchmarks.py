@@ -42,3 +42,15 @@ def test_regional_grouping(tmp_path, fresh_dynamo):
     assert rows["whole"]["grouping"].startswith("position ids input img_ids")
     assert all(r["sparse_attention_calls"] > 0 for r in rows.values())
     assert (tmp_path / "regional_grouping_tiny_flux.csv").exists()
+
+
+def test_zoo_resolutions(fresh_dynamo):
+    """benchmarks/zoo_resolutions.py on three rows: a conv-embedded DiT and a per-frame conv video DiT run
+    at three sizes with nothing ungrouped (CogVideoX on t×h×w, per call), a packed-token latent is
+    skipped, and a model whose other inputs are tied to its size says so."""
+    import zoo_resolutions
+
+    sd3, cog, flux, dit = (zoo_resolutions.measure(k) for k in ("sd3", "cogvideox", "flux", "dit"))
+    assert sd3["status"] == cog["status"] == "ok" and sd3["ungrouped"] == cog["ungrouped"] == "0 0 0"
+    assert cog["no_grid"] == "0/4 0/4 0/4" and "t×h×w (symbolic) 3×" in cog["grids"], cog
+    assert flux["status"].startswith("skipped") and dit["status"].startswith("eager fails at 16×24 too"), (flux, dit)
