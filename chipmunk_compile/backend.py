@@ -298,6 +298,9 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     run_inputs = (plan.grouping or {}).get("run_inputs")
     # the size symbols of a grid read from a symbolic merge (symbolic_grid.py): host ints per call
     symbol_readers = (plan.grouping or {}).get("symbol_readers")
+    # the rotary tables whose decoded positions give a new token count its grid (regional blocks)
+    rotary = next((s.call_grouping.rotary for s in plan.sites
+                   if s.call_grouping is not None and s.call_grouping.rotary is not None), None)
     # a static grid from this graph's position ids: another grid of the same count per generation
     regroup = next((s.regroup[0] for s in plan.sites if s.regroup is not None), None)
     outer = outermost_session(session)
@@ -320,6 +323,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
             session._chipmunk_call_conv_input = args[conv_input]
         if symbol_readers is not None:
             session._chipmunk_call_symbols = read_symbols(symbol_readers, args)
+        if rotary is not None:  # references only; decoded on a new count's first call
+            session._chipmunk_call_rotary = rotary.sources(args)
         if latent_input is not None:  # a reference only; its shape is read when a graph compiles
             outer._chipmunk_call_latent = args[latent_input]
         begins = instances.enter(args[param_input].data_ptr(), locate) if param_input is not None else True

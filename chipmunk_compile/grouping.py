@@ -1649,7 +1649,15 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
                                            shape_input=shape_input, conv=info.conv, img_grid=info.grid,
                                            call_latent=call_latent, run_inputs=info.run_inputs,
                                            run_rules=info.run_rules, level=remembered_levels.get(s.path),
-                                           sym_grid=sym)
+                                           sym_grid=sym, rotary=info.rotary)
+            if info.input_index is not None or info.rotary is not None:
+                # ids or rotary tables of this graph: each generation's grid from its first call (the
+                # per-count grid is the first call's of that count: 12×8 after 8×12 kept 8×12)
+                if regroup is None:
+                    from .ids_regrouping import IdsRegrouping
+
+                    regroup = IdsRegrouping(info, gcfg.tile)
+                s.regroup = (regroup, group, side, keep_text)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1856,9 +1864,10 @@ class CallGrouping:
                  text_conflict: bool = False, *, ids_input: Optional[int] = None, tile=None, group=None,
                  shape_input: Optional[int] = None, conv: Optional[tuple] = None, img_grid: Optional[tuple] = None,
                  call_latent: bool = False, run_inputs: Optional[tuple] = None, run_rules: Optional[tuple] = None,
-                 level: Optional[tuple] = None, sym_grid=None):
+                 level: Optional[tuple] = None, sym_grid=None, rotary=None):
         self.n_img, self.img_order, self.text_first = n_img, img_order, text_first
         self.sym_grid = sym_grid  # symbolic_grid.Fit: the grid of each call from its size symbols
+        self.rotary = rotary  # rotary_grid.RotaryDecoder: a new count's grid from its call's tables
         self.level = level  # (scale k, axes) of a site on a level of its own (`_level_scale`)
         self.run_inputs, self.run_rules = run_inputs, run_rules
         self.run_shapes = tuple(sh for _, sh in run_inputs) if run_inputs else None
@@ -1916,12 +1925,21 @@ class CallGrouping:
         return tuple(x.shape[x.dim() - len(self.conv[0]):])
 
     def _from_call_ids(self, n: int, session) -> Optional[tuple]:
-        """(perm, keep) on the grid of this call's position ids, or None (no ids, no grid in them)."""
+        """(perm, keep) on the grid of this call's position ids (or of the positions its rotary tables
+        decode to), or None (no ids, no grid in them)."""
         ids = getattr(session, "_chipmunk_call_ids", None) if self.ids_input is not None else None
-        if not isinstance(ids, torch.Tensor):
+        tables = getattr(session, "_chipmunk_call_rotary", None) if self.rotary is not None else None
+        if not isinstance(ids, torch.Tensor) and tables is None:
             return None
         if runtime.RECORDING is not None:  # reading values syncs: the count's first call runs eagerly
             raise runtime.NeedsEagerCall("grid of a new token count not read yet")
+        if tables is not None:  # the rotary tables a block is passed (regional compilation), decoded
+            try:
+                ids = self.rotary.ids_of(tables)
+            except Exception:  # noqa: BLE001 — tables that decode to no positions: no grid from them
+                ids = None
+            if ids is None:
+                return None
         res = _ids_grid(ids)
         if res is None:
             return None

@@ -1,4 +1,4 @@
-"""The token grid of each generation, for static graphs whose grid came from a position-id input.
+"""The token grid of each generation, for graphs whose grid came from a position-id input.
 
 Dynamo guards on shapes, not on values: FLUX at 768×1280 after 1280×768 (one token count, img_ids
 of one shape) runs the graph compiled for the first, whose sites were grouped on the first grid.
@@ -8,7 +8,10 @@ and MLP token blocks were strips across the image, not tiles, with no error, cou
 The same holds for the rotary tables a block is passed under regional compilation, from which
 `rotary_grid.py` decodes the positions. `IdsRegrouping` belongs to one compiled graph. The backend
 hands it every call's inputs (`update`); it reads the ids (or the tables' decoding columns) on the
-first call of each generation only.
+first call of each generation only. A graph with symbolic token counts has one too (since session
+66): its sites' per-count grids (`grouping.CallGrouping`, read at a count's first call) would keep
+8×12 for a later 12×8 of the same count; with a generation's grid other than the compiled one, the
+sites take this one's.
 
 Invariants:
 - One device→host copy of the ids (or the decoding columns of the tables) per generation, at its

@@ -44,7 +44,11 @@ class RotaryDecoder:
 
     def ids(self, args) -> Optional[torch.Tensor]:
         """(N, 3|4) float64 positions from a call's tables (a device→host copy of the columns), or None."""
-        angles = _angles([args[i] for i in self.inputs], list(self.columns))
+        return self.ids_of(self.sources(args))
+
+    def ids_of(self, tables: tuple) -> Optional[torch.Tensor]:
+        """`ids` from the tables themselves (`sources` of a call)."""
+        angles = _angles(list(tables), list(self.columns))
         if angles is None:
             return None
         return _positions(angles, torch.tensor(self.steps, dtype=torch.float64))
