@@ -9,7 +9,7 @@ it makes must be a site's own token count, exactly or plus a constant (text toke
 is those expressions evaluated at the call's symbol values.
 
 The backend reads the symbol values per call from the graph inputs that carry them
-(`symbol_readers`): an int input (Dynamo lifts each size symbol as a SymInt placeholder) or a size
+(`placeholder_symbols`, handed to it as the plan's `symbol_readers`): an int input (Dynamo lifts each size symbol as a SymInt placeholder) or a size
 of a tensor input. These are host ints, so no device read and no sync.
 
 Invariants:
@@ -32,9 +32,6 @@ import torch
 import torch.fx as fx
 
 from . import sequence_parallel
-
-MERGES = ("view", "reshape", "flatten")
-
 
 def _val(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
