@@ -1596,7 +1596,13 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             from_earlier.add(n)
     cache: dict = {}
     decisions = []
-    regroup = None  # ids_regrouping.IdsRegrouping, when a site's grid came from this graph's ids
+
+    @functools.cache
+    def regrouping():  # ids_regrouping.IdsRegrouping of this graph's ids or rotary tables, made once if asked
+        from .ids_regrouping import IdsRegrouping
+
+        return IdsRegrouping(info, gcfg.tile)
+
     shards = functools.cache(lambda: sequence_parallel.graph_sharding(gm, n_img))  # scans the graph once, if asked
     shard_sides: dict = {}  # text sides inside the shards, per token count (the first site's concat)
     # grids of their own for the counts the graph's grid does not explain (scans the graph once, if asked)
@@ -1653,11 +1659,7 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
             if info.input_index is not None or info.rotary is not None:
                 # ids or rotary tables of this graph: each generation's grid from its first call (the
                 # per-count grid is the first call's of that count: 12×8 after 8×12 kept 8×12)
-                if regroup is None:
-                    from .ids_regrouping import IdsRegrouping
-
-                    regroup = IdsRegrouping(info, gcfg.tile)
-                s.regroup = (regroup, group, side, keep_text)
+                s.regroup = (regrouping(), group, side, keep_text)
             where = (f", text {'first' if side else 'last'}" if side is not None else
                      f" (text: {conflict})" if conflict else " (text side from earlier concats of the call's count)")
             per_call = ("; grid of each new count from its call's ids" if info.input_index is not None else
@@ -1703,11 +1705,8 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
                 decisions.append({"path": s.path, "kind": s.kind, "tokens": n, "grouping": s.grouping})
                 continue
             if perm is not None and (info.input_index is not None or info.rotary is not None):
-                if regroup is None:  # ids or rotary tables of this graph: re-read per generation
-                    from .ids_regrouping import IdsRegrouping
-
-                    regroup = IdsRegrouping(info, gcfg.tile)
-                s.regroup = (regroup, group, None if keep is None else bool(keep[0]), keep_text)
+                # ids or rotary tables of this graph: re-read per generation
+                s.regroup = (regrouping(), group, None if keep is None else bool(keep[0]), keep_text)
         if keep is not None and 0 < int(keep.sum()) < keep.numel():  # text found: first or last
             remembered_sides[s.path], remembered_text[s.path] = bool(keep[0]), int(keep.sum())
         s.perm = perm

@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -164,7 +165,7 @@ class SymGrid:
     source: str  # for reports
     tokens: sympy.Expr  # the merged token axis: the product of `axes`
 
-    @property
+    @functools.cached_property  # (read on every call of its sites: computed once)
     def symbols(self) -> tuple:
         return tuple(sorted(set().union(*(e.free_symbols for e in self.axes)), key=str))
 

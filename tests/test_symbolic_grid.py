@@ -59,22 +59,6 @@ def _expected(site, n: int, grid: tuple, n_text: int):
     return site_perm(n, order, n_text, False)
 
 
-def test_merge_groups_reads_symbolic_merges_only():
-    """A flatten of symbolic axes gives its groups; a static merge and a split give None."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
-    f = torch.compile(lambda x: x.flatten(1, 3).reshape(x.shape[0], -1, 2, 2) * 2, backend=backend, dynamic=True)
-    f(torch.randn(2, 3, 4, 5, 4))
-    merges = [n for n in seen[0].graph.nodes if n.op == "call_method" and n.target in ("flatten", "reshape")]
-    flat = symbolic_grid.merge_groups(merges[0])
-    assert flat is not None and flat[1] == [[0], [1, 2, 3], [4]]
-    assert symbolic_grid.merge_groups(merges[1]) is None  # a split (more axes out than in)
-
-
 def _graph_of(fn, *inputs):
     seen = []
 
@@ -84,6 +68,15 @@ def _graph_of(fn, *inputs):
 
     torch.compile(fn, backend=backend, dynamic=True)(*inputs)
     return seen[0]
+
+
+def test_merge_groups_reads_symbolic_merges_only():
+    """A flatten of symbolic axes gives its groups; a split gives None."""
+    gm = _graph_of(lambda x: x.flatten(1, 3).reshape(x.shape[0], -1, 2, 2) * 2, torch.randn(2, 3, 4, 5, 4))
+    merges = [n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("flatten", "reshape")]
+    flat = symbolic_grid.merge_groups(merges[0])
+    assert flat is not None and flat[1] == [[0], [1, 2, 3], [4]]
+    assert symbolic_grid.merge_groups(merges[1]) is None  # a split (more axes out than in)
 
 
 def test_axis_atoms_see_through_an_earlier_merge():
