@@ -109,7 +109,7 @@ def run_variant(variant: str, model, sizes, steps: int, rounds: int, warmup: int
     if config is not None:
         now = counters["chipmunk"]
         res["counters"] = {k: now[k] - before.get(k, 0) for k in ("realloc", "state_shape_reused", "state_shape_evicted",
-                                                                  "graph_recorded", "graph_replays", "graph_eager_calls")}
+                                                                  "state_followed_module", "graph_recorded", "graph_replays", "graph_eager_calls")}
         st = cc.stats(compiled)
         res["state_gib"], res["idle_state_gib"] = st["state_bytes"] / 2**30, st["idle_state_bytes"] / 2**30
         cc.follow_scheduler(compiled, None)

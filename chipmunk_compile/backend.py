@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 from .config import ChipmunkConfig
 from .graphs import GraphRunner, graph_blockers, static_input_indices
 from .rewrite import Plan, rewrite
+from .ops import twin_states
 from .ops.sites import GraphInstances
 from .patterns.fx_utils import SIGNAL_VALUES, signal_like, source_name
 from .grouping import outermost_session
@@ -256,8 +257,9 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     _remember(session, plan)
     instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
     instances.on_new_model = session.adopt
-    for site in plan.sites:
+    for index, site in enumerate(plan.sites):
         site.graph = instances
+        twin_states.register(site, frame, index)  # its state of a module follows it to a recompile
     if config.cuda_graphs and config.offload_state is True and plan.sites:
         counters["chipmunk"]["graph_disabled:offload_state"] += 1  # its copies are host-ordered, call by call
     if config.cuda_graphs and config.offload_state is not True and not patches.get("triton.cudagraphs"):

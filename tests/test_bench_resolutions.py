@@ -91,5 +91,7 @@ def test_alternating_run_on_a_tiny_flux(fresh_dynamo, monkeypatch, tmp_path):
     assert set(res) == set(br.VARIANTS) and all(len(t) == 2 for v in res.values() for t in v["generation_ms"].values())
     kept, one = res[br.CHIPMUNK], res[br.SHAPES1]
     assert kept["timed_graph_work"] == 0 and kept["counters"]["state_shape_reused"] > 0
+    # the first size's caches moved from the static first graph into the symbolic one, not copied
+    assert kept["counters"]["state_followed_module"] > 0 and one["counters"]["state_followed_module"] > 0
     assert one["timed_graph_work"] > 0 and one["counters"]["state_shape_evicted"] > 0
     assert "speedup" in kept and "speedup" in one

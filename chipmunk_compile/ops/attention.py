@@ -160,7 +160,7 @@ def _cached_attention(s, pos, q: Tensor, k: Tensor, v: Tensor, key_mask: Optiona
     # the same token count: ids_regrouping) needs caches of the new width
     n_keep = s.key_keep_on(q.device, q.shape[-2], k.shape[-2])[1] if s.cfg.keep_text_keys else 0
     st = s.branch_state((tuple(q.shape), tuple(k.shape), q.dtype, q.device, key_mask is not None,
-                         bias is not None, n_keep), pos)
+                         bias is not None, n_keep), pos, q.shape[-2])
     d = decide(s, st, pos)
     kind, unfilled = d[0], d[2]
     if unfilled:

@@ -121,7 +121,7 @@ def _cached_mlp(s, pos, x, w_act, b_act, w_lin, b_lin, w2, b2, act, out_shape) -
     """A call of a site that keeps state at step position `pos`: dense or sparse step per its schedule."""
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
     perm = s.perm_on(x.device, x3.shape[1])
-    st = s.branch_state((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device), pos)
+    st = s.branch_state((tuple(x3.shape), tuple(w2.shape), x.dtype, x.device), pos, x3.shape[1])
     d = decide(s, st, pos)
     if d[2]:
         fallback("mlp_cache_not_filled", "a sparse MLP step ran before this branch's dense step")

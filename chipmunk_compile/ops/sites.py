@@ -14,6 +14,9 @@ Invariants:
   later call needs but memory: it is freed first when memory runs short (`Session.drop_idle_states`).
   When a branch changes shape, its other states' caches filled in this generation count as not
   filled (`Site._use`): a shape that returns within a generation refills them first.
+- A new state is first sought in the twin sites of other graphs of the same code (a recompile that
+  now serves the module): moved within the session, freed in another (twin_states.py). No two
+  graphs hold one module's caches for one site, branch and shape.
 - A cache is read only if it was filled in the current generation (`filled`); otherwise the op
   runs the exact path and counts the fallback.
 - Every host decision of an op is `decide(site, state, position)` (a pure function of host state)
@@ -49,6 +52,7 @@ from .. import runtime
 from ..kernels.random_draws_ref import HashDraws
 from ..runtime import SITES, Session, new_site_id
 from ..schedule import DENSE, never_sparse
+from . import twin_states
 from ._dispatch import kernel
 
 log = logging.getLogger("chipmunk_compile")
@@ -160,6 +164,9 @@ class Site:
     # refresh, the sparse path at an MLP dense step), for FLOP accounting
     extra_sparse_passes: int = 0
     graph: Any = None  # GraphInstances of the compiled graph this site belongs to
+    # (frame, place in the plan, kind, pattern, path): the same site in another graph of the same
+    # code, whose state of a module this one takes over (twin_states.py); None: no frame known
+    twin: Optional[tuple] = None
     # attention quality guard, per layer (one site serves many layers under regional compilation):
     attn_mass: dict = field(default_factory=dict)  # layer -> 0-dim device tensor (ops/attention.py)
     attn_diffuse: dict = field(default_factory=dict)  # layer -> bool verdict, once read
@@ -172,13 +179,14 @@ class Site:
         self.session.sites.append(self)
 
     def _state_key(self, pos) -> str:
-        inst = self.graph.current if self.graph is not None else 0
-        return pos.branch if inst == 0 else f"i{inst}_{pos.branch}"
+        return twin_states.state_key(self.graph.current if self.graph is not None else 0, pos.branch)
 
-    def branch_state(self, shape: tuple, pos) -> BranchState:
+    def branch_state(self, shape: tuple, pos, tokens: Optional[int] = None) -> BranchState:
         """The state of the branch at `pos` (this call's step position) for `shape` (the shapes,
-        dtype and device its caches are made for), created on first use; beyond `state_shapes`
-        shapes of the branch the least recently used one is freed."""
+        dtype and device its caches are made for), created on first use, or taken from a twin site
+        of another graph of the same code that ran this module before (twin_states.py; `tokens`:
+        the call's token count, whose order both must share); beyond `state_shapes` shapes of the
+        branch the least recently used one is freed."""
         key = self._state_key(pos)
         st = self.states.get((key, shape))
         if st is None:
@@ -194,11 +202,14 @@ class Site:
             for old in evict + [k for k in others if k not in evict and self.states[k].offloaded]:
                 self.states.pop(old).drop()
                 count("state_shape_evicted")
-            serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
-            serial = serials[key] = serials.get(key, -1) + 1
-            name = f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
-            inst = self.graph.current if self.graph is not None else 0
-            st = self.states[(key, shape)] = BranchState(self, key, shape, name, inst)
+            st = twin_states.take(self, shape, pos.branch, tokens) if self.twin is not None else None
+            if st is None:
+                serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
+                serial = serials[key] = serials.get(key, -1) + 1
+                name = f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
+                inst = self.graph.current if self.graph is not None else 0
+                st = BranchState(self, key, shape, name, inst)
+            self.states[(key, shape)] = st
         if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
             self._use(st, pos.generation)
         layout = self.session.call_layout

@@ -1,0 +1,142 @@
+"""Caches that follow a module from one compiled graph of its code to another.
+
+Dynamo compiles a frame again when a guard fails (a second resolution under automatic dynamic
+shapes; under regional compilation, FLUX's second single block, whose input has other strides), and
+from then on tries the newest graph first. A module that the earlier graph served then runs in the
+later one, whose sites hold no state for it. Until session 67 the earlier graph's states stayed
+allocated for the life of the session: a resolution generated again after another one held its
+caches twice (FLUX.1 at 1024² at full depth: GBs of device memory). Within a generation the
+module's next sparse step also ran the exact path, counted as `*_cache_not_filled`.
+
+Invariants:
+- Sites are twins when they come from the same frame's code at the same place of its plan (same
+  kind, pattern and path): `Site.twin`, set by the backend (`register`). Their configs must be equal.
+- A site's new state (a branch and shape it holds none for) takes its twin's state of the same
+  module, branch and shape. The module is the same object (or, for a graph of a whole model, the
+  same first-parameter key), never merely the same ordinal.
+- Within one session the state moves: its caches, and its fill marks where one step tracker gives
+  them the same meaning in both graphs and both sites order that token count alike (the twin's
+  compile-time permutation and always-kept keys equal to this call's, compared on the host; the
+  joint key layouts equal). Otherwise its marks are cleared: refilled at its branch's next dense
+  step like any unfilled cache (counted). Its epoch is kept: the step graphs each graph recorded
+  against it capture its own tensors, and a graph finds them again only once the state is back in
+  its site.
+- A twin's state in another session (regional blocks compiled by another instance get one each)
+  is freed, its caches owned by that session's state module; the new one starts empty.
+- A state kept in host memory (`offload_state`) stays where it is: its slots name its site.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("chipmunk_compile")
+
+# twin key -> the live sites compiled with it
+_TWINS: dict[tuple, "weakref.WeakSet[Any]"] = {}
+
+
+def register(site: Any, frame: tuple, index: int) -> None:
+    """Give `site` its twin key: the frame its graph was compiled from and its place in the plan."""
+    if not frame:
+        return
+    site.twin = (frame, index, site.kind, site.pattern, site.path)
+    _TWINS.setdefault(site.twin, weakref.WeakSet()).add(site)
+
+
+def state_key(ordinal: int, branch: str) -> str:
+    """The key of a site's state for module `ordinal` of its graph and guidance branch `branch`."""
+    return branch if ordinal == 0 else f"i{ordinal}_{branch}"
+
+
+def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optional[Any]:
+    """The state of the module `site` runs for now, branch `branch`, shape `shape`, moved from a
+    twin site of another graph of the session; None when no twin holds one that can move (a twin
+    that holds one of another session, or grouped otherwise, has it freed)."""
+    from .sites import count
+
+    twins = _TWINS.get(getattr(site, "twin", None) or ())
+    me = identity(site.graph, site.graph.current) if site.graph is not None else None
+    if not twins or me is None:
+        return None
+    for other in list(twins):
+        if other is site or other.graph is site.graph or other.graph is None or other.cfg != site.cfg:
+            continue
+        ordinal = ordinal_of(other.graph, me)
+        if ordinal is None:
+            continue
+        key = state_key(ordinal, branch)
+        st = other.states.get((key, shape))
+        if st is None or st.offloaded:
+            continue
+        if other.session is site.session:
+            _release(other, key, shape)
+            st.site, st.instance, st.branch = site, site.graph.current, state_key(site.graph.current, branch)
+            if not _same_order(site, other, tokens):  # its caches, in another token order, refill
+                st.filled_generation = st.index_generation = st.slope_generation = -1
+                st.filled_step = st.called_step = -1
+            for layer, verdict in other.attn_diffuse.items():
+                site.attn_diffuse.setdefault(layer, verdict)
+            for layer, mass in other.attn_mass.items():
+                site.attn_mass.setdefault(layer, mass)
+            count("state_followed_module")
+            log.info("chipmunk: %s: a module's caches moved to a newer graph of the same code", site.path)
+            return st
+        _release(other, key, shape).drop()
+        count("state_twin_freed")
+        log.info("chipmunk: %s: a module's caches in an older graph of the same code were freed: it runs in a "
+                 "newer one", site.path)
+    return None
+
+
+def identity(graph: Any, ordinal: int) -> Optional[Any]:
+    """What module instance `ordinal` of `graph` (ops.sites.GraphInstances) is: the module itself,
+    else ("key", its first parameter's address); None when the graph never saw one."""
+    for key, o in graph.keys.items():
+        if o == ordinal:
+            ref = graph.modules.get(key)
+            module = ref() if ref is not None else None
+            return module if module is not None else ("key", key)
+    return None
+
+
+def ordinal_of(graph: Any, ident: Any) -> Optional[int]:
+    """The ordinal `graph` gave the module `ident` (see `identity`), or None."""
+    for key, o in graph.keys.items():
+        ref = graph.modules.get(key)
+        module = ref() if ref is not None else None
+        if (module is ident) if module is not None else (ident == ("key", key)):
+            return o
+    return None
+
+
+def _release(other: Any, key: str, shape: tuple) -> Any:
+    """Take the state (key, shape) out of `other`, with what the site kept about it."""
+    st = other.states.pop((key, shape))
+    last = other.__dict__.get("_last_used", {})
+    if last.get(key) is st:
+        del last[key]
+    for where in [w for w, s in other.layout_shapes.items() if w[0] == key and s == shape]:
+        del other.layout_shapes[where]
+    return st
+
+
+def _same_order(site: Any, other: Any, tokens: Optional[int]) -> bool:
+    """Whether both sites order a call of `tokens` tokens alike (their caches are in that order).
+    Proven only against a twin of compile-time order: one that orders per call (a symbolic count's
+    grid, position ids read per generation) is not asked for a call of another graph (it reads
+    that call's sizes from the session, and counts a count it cannot group)."""
+    if site.key_layout != other.key_layout or other.call_grouping is not None or other.regroup is not None:
+        return False
+    mine, theirs = site._for_count(tokens), other._for_count(tokens)
+    return all(_equal(a, b) for a, b in zip(mine, theirs))
+
+
+def _equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu())))
