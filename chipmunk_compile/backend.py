@@ -214,7 +214,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     install_diffusers_context_probe()
     owner, entry, frame = find_owner(gm)
-    session = session_for(owner, config)
+    session = session_for(owner, config, frame if entry else (), stack_root(owner) if owner is not None else None)
     if (entry and owner is not None and session.entry_frames and frame not in session.entry_frames
             and _inside_own_code(owner)):
         # a method of the model that its forward, an entry already, calls after a graph break (Z-Image's
@@ -255,7 +255,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     groups = collective_groups(gm)
     compiled = _inner_compile(gm, example_inputs, compiler, patches)
     _remember(session, plan)
-    instances = GraphInstances(sum(s.kind == "attention" for s in plan.sites))
+    instances = shared_instances(session, frame if entry else (), sum(s.kind == "attention" for s in plan.sites))
     instances.on_new_model = session.adopt
     for index, site in enumerate(plan.sites):
         site.graph = instances
@@ -280,7 +280,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         if runner is not None:
             runner.drop_instances(ordinals)
 
-    instances.on_forget = forget
+    earlier = instances.on_forget  # another graph of the frame, sharing these instances
+    instances.on_forget = forget if earlier is None else (lambda ordinals: (earlier(ordinals), forget(ordinals)))
     step_cache = None
     if config.step_cache.enabled:
         if session.step_cache is None:
@@ -353,6 +354,19 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     chipmunk_call._chipmunk_session = session
     session.watch(chipmunk_call, plan.sites)
     return chipmunk_call
+
+
+def shared_instances(session: Session, frame: tuple, attention_sites: int) -> GraphInstances:
+    """The block numbering of a graph: shared by the graphs of one entry frame in a session (a
+    recompile serves the blocks the earlier graph served; each block keeps its ordinal, caches and
+    layers, and only the model's first block begins a call), new where their attention counts
+    differ (the layers count by them) or the frame is not known."""
+    instances = session.frame_instances.get(frame) if frame else None
+    if instances is None or instances.attention_sites != attention_sites:
+        instances = GraphInstances(attention_sites)
+        if frame:
+            session.frame_instances[frame] = instances
+    return instances
 
 
 def _remember(session: Session, plan: Plan) -> None:

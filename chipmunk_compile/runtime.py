@@ -361,6 +361,12 @@ class ChipmunkState(torch.nn.Module):
     def nbytes(self) -> int:
         return sum(b.untyped_storage().nbytes() for b in self.buffers())  # padded layouts: their pad too
 
+    def rename(self, old_prefix: str, new_prefix: str) -> None:
+        """Give the buffers named `old_prefix...` the names `new_prefix...` (a state that moved to
+        another site: ops/twin_states.py)."""
+        for name in [n for n in self._buffers if n.startswith(old_prefix)]:
+            self._buffers[new_prefix + name[len(old_prefix):]] = self._buffers.pop(name)
+
     def clear(self, prefixes: tuple = ("",)) -> None:
         """Drop the buffers whose names start with one of `prefixes` (default: all)."""
         for name in [n for n in self._buffers if n.startswith(prefixes)]:
@@ -422,6 +428,9 @@ class Session:
         self._dead_sites: list[int] = []  # ids of sites whose compiled graph was freed (see watch)
         self._offload: dict = {}  # device -> ops.offload.StateOffload (config offload_state)
         self.call_layout: Any = None  # input layout of the step graph being called (graphs.GraphRunner)
+        # entry frame -> the GraphInstances its graphs share (backend): one numbering of the blocks,
+        # and one first block that begins a model call, however many graphs Dynamo compiled for it
+        self.frame_instances: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
 
     def idle_states(self) -> list[tuple]:
         """(site, state key, state) of every site state that the current generation has not called
@@ -1036,8 +1045,17 @@ def module_position(kind: Optional[type]) -> tuple[Optional[int], Optional[torch
     return None, inner, root
 
 
-def session_for(owner: Optional[torch.nn.Module], config) -> Session:
-    """The session of `owner`, created on first use; the config of the first compile wins."""
+def session_for(owner: Optional[torch.nn.Module], config, frame: tuple = (),
+                root: Optional[torch.nn.Module] = None) -> Session:
+    """The session of `owner`, created on first use; the config of the first compile wins.
+
+    `frame`, `root`: an entry frame of `owner`'s forward being compiled and the model running it.
+    A module with no session yet joins the session of another module of its class in the same model
+    that compiled that frame: a recompile for a later block under regional compilation (FLUX's
+    second single block, whose input strides differ from the first's) serves the earlier blocks from
+    then on too, and in one session their steps and caches carry on across the two graphs
+    (twin_states.py). Until session 67 it was a session of its own: the first block's caches were
+    left behind in the first graph, and it refilled them in the middle of a generation."""
     global _sessions_version
     if owner is None:
         return Session(config, None)
@@ -1045,6 +1063,17 @@ def session_for(owner: Optional[torch.nn.Module], config) -> Session:
         session = _SESSIONS.get(owner)
         if session is not None:
             session.prune()
+        if session is None and frame and root is not None:
+            session = next((s for m, s in _SESSIONS.items()
+                            if m is not owner and type(m) is type(owner) and frame in s.entry_frames
+                            and s._root is not None and s._root() is root
+                            and s.config.to_dict() == config.to_dict()), None)
+            if session is not None:
+                _SESSIONS[owner] = session
+                _sessions_version += 1
+                log.info("chipmunk: %s joins the session of another of its class: a graph compiled again for it "
+                         "serves the same blocks", type(owner).__name__)
+                return session
         if session is None or session.config.to_dict() != config.to_dict():
             if session is not None:
                 log.info("chipmunk: new config for %s: caches dropped", type(owner).__name__)

@@ -270,7 +270,7 @@ def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo, key):
     counters["chipmunk"].clear()
     lead = (kw[name][0] if key == "z_image" else kw[name]).shape[:-2]
     for size in ((16, 16), (12, 16), (12, 12)):
-        before = sum(len(ses.sites) for ses in chipmunk_compile.runtime.sessions_of(c))
+        before = max((s.id for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites), default=-1)
         latent = _r(*lead, *size)
         kw[name] = [latent] if key == "z_image" else latent
         with torch.no_grad():
@@ -283,7 +283,7 @@ def test_resolution_change_groups_sites_after_a_graph_break(fresh_dynamo, key):
             n, first = n_img + kw["encoder_hidden_states"].shape[1], True
         else:  # image padded to a multiple of 32, then the prompt padded to 32
             n, first = -(-n_img // 32) * 32 + 32, False
-        new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites][before:]
+        new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites if s.id > before]
         blocks = [s for s in new if s.kind == "attention" and s.path.startswith("layers.")]
         assert blocks, (size, [s.path for s in new])
         for s in blocks:  # image + text tokens: the joint blocks
@@ -308,12 +308,12 @@ def test_symbolic_sites_take_the_grid_of_the_calls_latent(fresh_dynamo):
     case = arch_zoo.MODELS["hidream"][1]()
     c = torch.compile(case.model, backend="chipmunk", options={"config": arch_zoo.CFG, "compiler": "eager"})
     kw = dict(case.kwargs)
-    for size in ((16, 16), (12, 16), (12, 12)):
-        before = sum(len(ses.sites) for ses in chipmunk_compile.runtime.sessions_of(c))
+    for size in ((16, 16), (12, 16), (12, 12)):  # site ids grow: the last size's graphs made those above `before`
+        before = max((s.id for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites), default=-1)
         kw["hidden_states"] = _r(1, 4, *size)
         with torch.no_grad():
             c(**kw)
-    new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites][before:]
+    new = [s for ses in chipmunk_compile.runtime.sessions_of(c) for s in ses.sites if s.id > before]
     attn = [s for s in new if s.kind == "attention"]
     assert attn and all(s.call_grouping is not None and s.call_grouping.call_latent for s in attn), \
         [s.grouping for s in attn]

@@ -204,11 +204,8 @@ class Site:
                 count("state_shape_evicted")
             st = twin_states.take(self, shape, pos.branch, tokens) if self.twin is not None else None
             if st is None:
-                serials = self.__dict__.setdefault("_serials", {})  # branch key -> states made for it
-                serial = serials[key] = serials.get(key, -1) + 1
-                name = f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
                 inst = self.graph.current if self.graph is not None else 0
-                st = BranchState(self, key, shape, name, inst)
+                st = BranchState(self, key, shape, self.state_name(key), inst)
             self.states[(key, shape)] = st
         if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
             self._use(st, pos.generation)
@@ -222,6 +219,12 @@ class Site:
                 self.layout_shapes[where] = AMBIGUOUS
                 count("graph_layout_ambiguous")
         return st
+
+    def state_name(self, key: str) -> str:
+        """A new state's buffer-name prefix in the session's state module, for branch key `key`."""
+        serials = self.__dict__.setdefault("_serials", {})  # branch key -> states named for it
+        serial = serials[key] = serials.get(key, -1) + 1
+        return f"s{self.id}__{key}{f'_v{serial}' if serial else ''}__"  # the first keeps the plain name
 
     def drop_states(self) -> None:
         """Free every state of this site (`release`, out of memory). Each is emptied, not only

@@ -17,12 +17,15 @@ Invariants:
 - Within one session the state moves: its caches, and its fill marks where one step tracker gives
   them the same meaning in both graphs and both sites order that token count alike (the twin's
   compile-time permutation and always-kept keys equal to this call's, compared on the host; the
-  joint key layouts equal). Otherwise its marks are cleared: refilled at its branch's next dense
+  joint key layouts equal; a twin that groups each call by its symbolic sizes proves nothing).
+  Otherwise its marks are cleared: refilled at its branch's next dense
   step like any unfilled cache (counted). Its epoch is kept: the step graphs each graph recorded
   against it capture its own tensors, and a graph finds them again only once the state is back in
   its site.
 - A twin's state in another session (regional blocks compiled by another instance get one each)
   is freed, its caches owned by that session's state module; the new one starts empty.
+- A moved state's buffers are renamed to the new site's prefix, so that freeing the old graph's
+  sites (`Session.prune`, by name) keeps them. A twin whose graph was freed is never asked.
 - A state kept in host memory (`offload_state`) stays where it is: its slots name its site.
 """
 
@@ -33,6 +36,8 @@ import weakref
 from typing import Any, Optional
 
 import torch
+
+from ..runtime import SITES
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -64,8 +69,8 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
     if not twins or me is None:
         return None
     for other in list(twins):
-        if other is site or other.graph is site.graph or other.graph is None or other.cfg != site.cfg:
-            continue
+        if other is site or other.graph is None or other.cfg != site.cfg or SITES.get(other.id) is not other:
+            continue  # (a site of a freed graph, not collected yet, holds nothing: Session.prune)
         ordinal = ordinal_of(other.graph, me)
         if ordinal is None:
             continue
@@ -76,6 +81,9 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
         if other.session is site.session:
             _release(other, key, shape)
             st.site, st.instance, st.branch = site, site.graph.current, state_key(site.graph.current, branch)
+            name = site.state_name(st.branch)  # its buffers go by this site's name: pruning the other keeps them
+            site.session.state.rename(st.name, name)
+            st.name = name
             if not _same_order(site, other, tokens):  # its caches, in another token order, refill
                 st.filled_generation = st.index_generation = st.slope_generation = -1
                 st.filled_step = st.called_step = -1
@@ -127,10 +135,11 @@ def _release(other: Any, key: str, shape: tuple) -> Any:
 
 def _same_order(site: Any, other: Any, tokens: Optional[int]) -> bool:
     """Whether both sites order a call of `tokens` tokens alike (their caches are in that order).
-    Proven only against a twin of compile-time order: one that orders per call (a symbolic count's
-    grid, position ids read per generation) is not asked for a call of another graph (it reads
-    that call's sizes from the session, and counts a count it cannot group)."""
-    if site.key_layout != other.key_layout or other.call_grouping is not None or other.regroup is not None:
+    A twin whose grid comes from position ids read per generation gives the order of its last
+    generation: the one its fill marks name, when they name the current one. A twin that orders each
+    call by its symbolic sizes is not asked for a call of another graph (it would read that call's
+    sizes, and count a count it cannot group): not proven."""
+    if site.key_layout != other.key_layout or other.call_grouping is not None:
         return False
     mine, theirs = site._for_count(tokens), other._for_count(tokens)
     return all(_equal(a, b) for a, b in zip(mine, theirs))
