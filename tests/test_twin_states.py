@@ -89,3 +89,28 @@ def test_a_moved_state_outlives_the_graph_it_came_from():
     session.prune()
     late = _site(session, GraphInstances(0), block)  # `new` is pruned, not collected: nothing to take
     assert late.branch_state(SHAPE, session.position(), 8) is not st
+
+
+class _PerCall:
+    """A stand-in for grouping.CallGrouping: the orders a symbolic site cached per count."""
+
+    def __init__(self, *orders):
+        self.cache = {(8, i): (order, None) for i, order in enumerate(orders)}
+
+    def for_count(self, n, session):
+        return next(iter(self.cache.values()))
+
+
+def test_a_twin_grouping_each_call_proves_its_order_by_the_one_it_cached():
+    """A symbolic twin is not asked to group another graph's call: the order it cached for the
+    count stands for its caches' order, if it cached one; two orders prove nothing."""
+    ident, flipped = torch.arange(8), torch.arange(8).flip(0)
+    for cached, kept in (((ident,), True), ((ident, ident.clone()), True), ((ident, flipped), False)):
+        session, block = Session(CONFIG, None), nn.Linear(2, 2)
+        old = _site(session, GraphInstances(0), block)
+        old.call_grouping = _PerCall(*cached)
+        st = _filled_state(old, session)
+        new = _site(session, GraphInstances(0), block)
+        new.call_grouping = _PerCall(ident)
+        assert new.branch_state(SHAPE, session.position(), 8) is st
+        assert (st.filled_generation == 0) == kept, cached

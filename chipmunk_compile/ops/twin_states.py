@@ -16,14 +16,14 @@ Invariants:
   same first-parameter key), never merely the same ordinal.
 - Within one session the state moves: its caches, and its fill marks where one step tracker gives
   them the same meaning in both graphs and both sites order that token count alike (the twin's
-  compile-time permutation and always-kept keys equal to this call's, compared on the host; the
-  joint key layouts equal; a twin that groups each call by its symbolic sizes proves nothing).
-  Otherwise its marks are cleared: refilled at its branch's next dense
-  step like any unfilled cache (counted). Its epoch is kept: the step graphs each graph recorded
+  permutation and always-kept keys for that count equal to this call's, compared on the host; a
+  twin that groups each call by its symbolic sizes gives the one order it cached for the count;
+  the joint key layouts equal). Otherwise its marks are cleared: refilled at its branch's next
+  dense step like any unfilled cache (counted). Its epoch is kept: the step graphs each graph recorded
   against it capture its own tensors, and a graph finds them again only once the state is back in
   its site.
-- A twin's state in another session (regional blocks compiled by another instance get one each)
-  is freed, its caches owned by that session's state module; the new one starts empty.
+- A twin's state in another session (one the module did not join: runtime.session_for) is
+  freed, its caches owned by that session's state module; the new one starts empty.
 - A moved state's buffers are renamed to the new site's prefix, so that freeing the old graph's
   sites (`Session.prune`, by name) keeps them. A twin whose graph was freed is never asked.
 - A state kept in host memory (`offload_state`) stays where it is: its slots name its site.
@@ -134,15 +134,27 @@ def _release(other: Any, key: str, shape: tuple) -> Any:
 
 
 def _same_order(site: Any, other: Any, tokens: Optional[int]) -> bool:
-    """Whether both sites order a call of `tokens` tokens alike (their caches are in that order).
-    A twin whose grid comes from position ids read per generation gives the order of its last
-    generation: the one its fill marks name, when they name the current one. A twin that orders each
-    call by its symbolic sizes is not asked for a call of another graph (it would read that call's
-    sizes, and count a count it cannot group): not proven."""
-    if site.key_layout != other.key_layout or other.call_grouping is not None:
+    """Whether both sites order a call of `tokens` tokens alike (their caches are in that order)."""
+    if site.key_layout != other.key_layout:
         return False
-    mine, theirs = site._for_count(tokens), other._for_count(tokens)
-    return all(_equal(a, b) for a, b in zip(mine, theirs))
+    theirs = _order_of(other, tokens)
+    return theirs is not None and all(_equal(a, b) for a, b in zip(site._for_count(tokens), theirs))
+
+
+def _order_of(other: Any, tokens: Optional[int]) -> Optional[tuple]:
+    """(perm, always_keep) the twin gave calls of `tokens` tokens, None when not one order.
+    A grid from position ids read per generation gives the order of the twin's last generation:
+    the one its fill marks name, when they name the current one. A twin that groups each call
+    (symbolic counts) is not asked to group this call, which is another graph's (it would read
+    this call's sizes with its own symbols, and count a count it cannot group): the orders it
+    cached for that count are read instead, and must be one."""
+    if other.call_grouping is None or tokens is None or (other.regroup is not None and other.regroup[0].key):
+        return other._for_count(tokens)
+    cached = [hit for key, hit in other.call_grouping.cache.items()
+              if (key if isinstance(key, int) else key[0]) == tokens]
+    if not cached or not all(_equal(a, b) for hit in cached[1:] for a, b in zip(hit, cached[0])):
+        return None
+    return cached[0]
 
 
 def _equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
