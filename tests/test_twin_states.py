@@ -114,3 +114,22 @@ def test_a_twin_grouping_each_call_proves_its_order_by_the_one_it_cached():
         new.call_grouping = _PerCall(ident)
         assert new.branch_state(SHAPE, session.position(), 8) is st
         assert (st.filled_generation == 0) == kept, cached
+
+
+def test_a_branch_named_with_a_dot_moves_and_frees_its_buffers():
+    """Buffer names replace dots (`BranchState.tensor`): the rename of a moved state and the
+    freeing of a state go by the same names, so nothing is left behind in the state module."""
+    import dataclasses
+
+    session, block = Session(CONFIG, None), nn.Linear(2, 2)
+    pos = dataclasses.replace(session.position(), branch="cfg.cond")
+    old = _site(session, GraphInstances(0), block)
+    st = old.branch_state(SHAPE, pos, 8)
+    st.tensor("h", (8, 16), torch.float32, "cpu")
+    new = _site(session, GraphInstances(0), block)
+    assert new.branch_state(SHAPE, pos, 8) is st
+    session._dead_sites.append(old.id)
+    session.prune()
+    assert session.state.nbytes() > 0
+    st.drop()
+    assert session.state.nbytes() == 0

@@ -126,7 +126,7 @@ class BranchState:
 
     def drop(self) -> None:
         """Free its caches (and offloaded homes); a recorded graph that used them never replays again."""
-        self.site.session.state.clear((self.name,))
+        self.site.session.state.clear((self.name.replace(".", "_"),))  # as `tensor` names them
         self.epoch = next(_epochs)
         self.cache.clear()
         self.home.clear()

@@ -61,7 +61,7 @@ def state_key(ordinal: int, branch: str) -> str:
 def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optional[Any]:
     """The state of the module `site` runs for now, branch `branch`, shape `shape`, moved from a
     twin site of another graph of the session; None when no twin holds one that can move (a twin
-    that holds one of another session, or grouped otherwise, has it freed)."""
+    in another session that holds one has it freed)."""
     from .sites import count
 
     twins = _TWINS.get(getattr(site, "twin", None) or ())
@@ -82,7 +82,7 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
             _release(other, key, shape)
             st.site, st.instance, st.branch = site, site.graph.current, state_key(site.graph.current, branch)
             name = site.state_name(st.branch)  # its buffers go by this site's name: pruning the other keeps them
-            site.session.state.rename(st.name, name)
+            site.session.state.rename(st.name.replace(".", "_"), name.replace(".", "_"))  # as BranchState.tensor names them
             st.name = name
             if not _same_order(site, other, tokens):  # its caches, in another token order, refill
                 st.filled_generation = st.index_generation = st.slope_generation = -1
