@@ -214,7 +214,8 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     install_diffusers_context_probe()
     owner, entry, frame = find_owner(gm)
-    session = session_for(owner, config, frame if entry else (), stack_root(owner) if owner is not None else None)
+    root = stack_root(owner) if owner is not None else None  # the model running the owner
+    session = session_for(owner, config, frame if entry else (), root)
     if (entry and owner is not None and session.entry_frames and frame not in session.entry_frames
             and _inside_own_code(owner)):
         # a method of the model that its forward, an entry already, calls after a graph break (Z-Image's
@@ -237,7 +238,7 @@ def chipmunk_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional
     # the model this graph runs in, for a session with no step signal of its own (Session.leader): a
     # model whose forward Dynamo skips, or a module-less frame with sites (a hook's resumed frame)
     if owner is not None:
-        session.note_root(stack_root(owner))
+        session.note_root(root)
     plan = rewrite(gm, config, session, example_inputs=example_inputs, frame_name=frame_site_name(owner, frame))
     if plan.sites:
         note_site_frame(owner)

@@ -1063,18 +1063,18 @@ def session_for(owner: Optional[torch.nn.Module], config, frame: tuple = (),
         session = _SESSIONS.get(owner)
         if session is not None:
             session.prune()
+        wanted = config.to_dict()
         if session is None and frame and root is not None:
             session = next((s for m, s in _SESSIONS.items()
                             if m is not owner and type(m) is type(owner) and frame in s.entry_frames
-                            and s._root is not None and s._root() is root
-                            and s.config.to_dict() == config.to_dict()), None)
+                            and s._root is not None and s._root() is root and s.config.to_dict() == wanted), None)
             if session is not None:
                 _SESSIONS[owner] = session
                 _sessions_version += 1
                 log.info("chipmunk: %s joins the session of another of its class: a graph compiled again for it "
                          "serves the same blocks", type(owner).__name__)
                 return session
-        if session is None or session.config.to_dict() != config.to_dict():
+        if session is None or session.config.to_dict() != wanted:
             if session is not None:
                 log.info("chipmunk: new config for %s: caches dropped", type(owner).__name__)
             session = Session(config, owner)

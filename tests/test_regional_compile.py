@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import chipmunk_compile
-from chipmunk_compile.ops import twin_states
 from helpers import TinyBlock, fresh_dynamo  # noqa: F401
 
 
@@ -233,7 +232,7 @@ def test_regional_flux_blocks_run_the_pinned_step(fresh_dynamo):
     for session in chipmunk_compile.runtime.sessions_of(model):
         for site in session.sites:
             for st in site.states.values():
-                holders.setdefault((site.twin, twin_states.identity(site.graph, st.instance)), set()).add(site.id)
+                holders.setdefault((site.twin, site.graph.identity(st.instance)), set()).add(site.id)
     assert holders and all(len(ids) == 1 for ids in holders.values()), holders
     for i, (a, b, c) in enumerate(zip(*gens)):
         assert torch.equal(a, b) and torch.equal(b, c), i

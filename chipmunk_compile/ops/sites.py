@@ -220,6 +220,17 @@ class Site:
                 count("graph_layout_ambiguous")
         return st
 
+    def pop_state(self, key: str, shape: tuple) -> BranchState:
+        """Take the state (key, shape) out of this site, with what the site kept about it (a twin
+        site of another graph takes it over, or frees it: twin_states.py)."""
+        st = self.states.pop((key, shape))
+        last = self.__dict__.get("_last_used", {})
+        if last.get(key) is st:
+            del last[key]
+        for where in [w for w, s in self.layout_shapes.items() if w[0] == key and s == shape]:
+            del self.layout_shapes[where]
+        return st
+
     def state_name(self, key: str) -> str:
         """A new state's buffer-name prefix in the session's state module, for branch key `key`."""
         serials = self.__dict__.setdefault("_serials", {})  # branch key -> states named for it
@@ -599,6 +610,25 @@ class GraphInstances:
         log.info("chipmunk: %d module instance(s) of a compiled graph were freed: their caches too", len(ordinals))
         if self.on_forget is not None and ordinals:
             self.on_forget(ordinals)
+
+    def identity(self, ordinal: int) -> Optional[Any]:
+        """What module instance `ordinal` is: the module itself, else ("key", its first parameter's
+        address) (a whole model's graph locates no module); None when no module was seen for it."""
+        for key, o in self.keys.items():
+            if o == ordinal:
+                ref = self.modules.get(key)
+                module = ref() if ref is not None else None
+                return module if module is not None else ("key", key)
+        return None
+
+    def ordinal_of(self, ident: Any) -> Optional[int]:
+        """The ordinal this graph gave the module instance `ident` (see `identity`), or None."""
+        if isinstance(ident, tuple):
+            ref = self.modules.get(ident[1])
+            free = ref is None or ref() is None  # the key stands for no live located module
+            return self.keys.get(ident[1]) if free else None
+        key = self._key_of(ident)
+        return self.keys[key] if key is not None else None
 
     def _key_of(self, module) -> Optional[int]:
         """The key `module` was seen under, if any."""

@@ -65,13 +65,13 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
     from .sites import count
 
     twins = _TWINS.get(getattr(site, "twin", None) or ())
-    me = identity(site.graph, site.graph.current) if site.graph is not None else None
+    me = site.graph.identity(site.graph.current) if site.graph is not None else None
     if not twins or me is None:
         return None
     for other in list(twins):
         if other is site or other.graph is None or other.cfg != site.cfg or SITES.get(other.id) is not other:
             continue  # (a site of a freed graph, not collected yet, holds nothing: Session.prune)
-        ordinal = ordinal_of(other.graph, me)
+        ordinal = other.graph.ordinal_of(me)
         if ordinal is None:
             continue
         key = state_key(ordinal, branch)
@@ -79,7 +79,7 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
         if st is None or st.offloaded:
             continue
         if other.session is site.session:
-            _release(other, key, shape)
+            other.pop_state(key, shape)
             st.site, st.instance, st.branch = site, site.graph.current, state_key(site.graph.current, branch)
             name = site.state_name(st.branch)  # its buffers go by this site's name: pruning the other keeps them
             site.session.state.rename(st.name.replace(".", "_"), name.replace(".", "_"))  # as BranchState.tensor names them
@@ -94,43 +94,11 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
             count("state_followed_module")
             log.info("chipmunk: %s: a module's caches moved to a newer graph of the same code", site.path)
             return st
-        _release(other, key, shape).drop()
+        other.pop_state(key, shape).drop()
         count("state_twin_freed")
         log.info("chipmunk: %s: a module's caches in an older graph of the same code were freed: it runs in a "
                  "newer one", site.path)
     return None
-
-
-def identity(graph: Any, ordinal: int) -> Optional[Any]:
-    """What module instance `ordinal` of `graph` (ops.sites.GraphInstances) is: the module itself,
-    else ("key", its first parameter's address); None when the graph never saw one."""
-    for key, o in graph.keys.items():
-        if o == ordinal:
-            ref = graph.modules.get(key)
-            module = ref() if ref is not None else None
-            return module if module is not None else ("key", key)
-    return None
-
-
-def ordinal_of(graph: Any, ident: Any) -> Optional[int]:
-    """The ordinal `graph` gave the module `ident` (see `identity`), or None."""
-    for key, o in graph.keys.items():
-        ref = graph.modules.get(key)
-        module = ref() if ref is not None else None
-        if (module is ident) if module is not None else (ident == ("key", key)):
-            return o
-    return None
-
-
-def _release(other: Any, key: str, shape: tuple) -> Any:
-    """Take the state (key, shape) out of `other`, with what the site kept about it."""
-    st = other.states.pop((key, shape))
-    last = other.__dict__.get("_last_used", {})
-    if last.get(key) is st:
-        del last[key]
-    for where in [w for w, s in other.layout_shapes.items() if w[0] == key and s == shape]:
-        del other.layout_shapes[where]
-    return st
 
 
 def _same_order(site: Any, other: Any, tokens: Optional[int]) -> bool:
