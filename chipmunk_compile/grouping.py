@@ -1912,6 +1912,11 @@ class CallGrouping:
                 _ungrouped(n, self.n_img)
         return hit
 
+    def orders_cached(self, n: int) -> list:
+        """The (perm, always_keep) pairs this grouping built for calls of n tokens so far (one per
+        grid or size it met at that count), without grouping anything."""
+        return [hit for key, hit in self.cache.items() if (key if isinstance(key, int) else key[0]) == n]
+
     def _input_size(self, session) -> Optional[tuple]:
         """The spatial size of this call's conv-embedded or patchified latent (shapes only), when the
         grid comes from it; else None."""

@@ -118,8 +118,7 @@ def _order_of(other: Any, tokens: Optional[int]) -> Optional[tuple]:
     cached for that count are read instead, and must be one."""
     if other.call_grouping is None or tokens is None or (other.regroup is not None and other.regroup[0].key):
         return other._for_count(tokens)
-    cached = [hit for key, hit in other.call_grouping.cache.items()
-              if (key if isinstance(key, int) else key[0]) == tokens]
+    cached = other.call_grouping.orders_cached(tokens)
     if not cached or not all(_equal(a, b) for hit in cached[1:] for a, b in zip(hit, cached[0])):
         return None
     return cached[0]
