@@ -451,6 +451,8 @@ class GraphRunner:
     def _commit(rec: _Recorded, pos, count_calls: bool) -> None:
         for site, st, decision in rec.commits:
             site.commit(st, decision, pos)
+            if st is not None:
+                site.replayed(st, rec.layout)
         if count_calls:
             counters["chipmunk"].update(rec.counted)
 

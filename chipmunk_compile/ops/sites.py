@@ -13,7 +13,9 @@ Invariants:
   had another). A shape not used in the current generation holds nothing a
   later call needs but memory: it is freed first when memory runs short (`Session.drop_idle_states`).
   When a branch changes shape, its other states' caches filled in this generation count as not
-  filled (`Site._use`): a shape that returns within a generation refills them first.
+  filled (`Site._use`): a shape that returns within a generation refills them first. So do caches
+  of one shape met in another token order (a site grouping per call: 8×12 then 12×8 latents,
+  `Site._track_order`); a step graph's signature runs such a call eagerly.
 - A new state is first sought in the twin sites of other graphs of the same code (a recompile that
   now serves the module): moved within the session, freed in another (twin_states.py). No two
   graphs hold one module's caches for one site, branch and shape.
@@ -95,6 +97,10 @@ class BranchState:
         self.called_step = -1  # the step of its last call (attention's catch_up)
         self.index_generation = -1
         self.slope_generation = -1  # generation whose second refresh measured the residual's slope
+        # (perm, always_keep) of the call that last used it: the token order its caches are in,
+        # tracked only for a site whose order is per call (`Site._track_order`), else None
+        self.order: Optional[tuple] = None
+        self.order_of: dict = {}  # (input layout, grid) -> the order its eager call had (step graphs)
         self.cache: dict[str, torch.Tensor] = {}  # name -> tensor, valid for `key`
         self.home: dict[str, tuple] = {}  # offload_state: name -> (slot key, host home), valid for `key`
         self.offloaded: Optional[bool] = None  # caches in host memory (decided before the first one)
@@ -133,6 +139,7 @@ class BranchState:
         self.nbytes = 0
         self.filled_generation = self.index_generation = self.slope_generation = -1
         self.filled_step = self.called_step = -1
+        self.order, self.order_of = None, {}
 
 
 @dataclass(eq=False)
@@ -207,11 +214,14 @@ class Site:
                 inst = self.graph.current if self.graph is not None else 0
                 st = BranchState(self, key, shape, self.state_name(key), inst)
             self.states[(key, shape)] = st
+        layout = self.session.call_layout
+        grid = self.regroup[0].key if self.regroup is not None else 0
+        if tokens is not None and (self.call_grouping is not None or grid):
+            self._track_order(st, pos, tokens, (layout, grid))
         if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
             self._use(st, pos.generation)
-        layout = self.session.call_layout
         if layout is not None:
-            where = (key, layout, self.regroup[0].key if self.regroup is not None else 0)
+            where = (key, layout, grid)
             known = self.layout_shapes.setdefault(where, shape)
             if known is not AMBIGUOUS and known != shape:
                 if runtime.RECORDING is not None:  # the signature named another state: not recorded
@@ -219,6 +229,32 @@ class Site:
                 self.layout_shapes[where] = AMBIGUOUS
                 count("graph_layout_ambiguous")
         return st
+
+    def _track_order(self, st: BranchState, pos, tokens: int, here: tuple) -> None:
+        """A site whose token order is per call (a grid per call's sizes or per generation's
+        position ids) can meet the same shape in another order: 8×12 then 12×8 latents, one token
+        count. Caches filled in this generation in the other order are then counted not filled,
+        so the call runs the exact path and refills them (`state_order_changed`); before, it read
+        them as if each token were where another had been. `here`: (input layout, grid), under
+        which step graphs find the order again (`signature`, `replayed`)."""
+        cur = self._for_count(tokens)
+        if st.order is not None and st.filled_generation == pos.generation and not twin_states.orders_equal(st.order, cur):
+            if runtime.RECORDING is not None:  # (the signature saw the change: not reached in practice)
+                raise runtime.NeedsEagerCall(f"{self.path}: token order changed")
+            st.filled_generation = st.index_generation = st.slope_generation = -1
+            count("state_order_changed")
+            log.info("chipmunk: %s: the same shape in another token order (another grid of the count): "
+                     "its caches refill", self.path)
+        st.order = cur
+        if here[0] is not None:
+            if len(st.order_of) >= 64 and here not in st.order_of:
+                del st.order_of[next(iter(st.order_of))]
+            st.order_of[here] = cur
+
+    def replayed(self, st: BranchState, layout) -> None:
+        """A recorded call of `layout` ran (graphs.py): `st` now holds that layout's token order."""
+        if st.order is not None:
+            st.order = st.order_of.get((layout, self.regroup[0].key if self.regroup is not None else 0), st.order)
 
     def pop_state(self, key: str, shape: tuple) -> BranchState:
         """Take the state (key, shape) out of this site, with what the site kept about it (a twin
@@ -338,6 +374,10 @@ class Site:
         st = self.states.get((key, shape)) if shape is not None and shape is not AMBIGUOUS else None
         if st is None or st.offloaded:  # offloaded: host-ordered copies, never recorded
             return None
+        if st.order is not None and st.filled_generation == pos.generation:
+            order = st.order_of.get((layout, grid))
+            if order is None or not twin_states.orders_equal(order, st.order):
+                return None  # another token order: its eager call counts the caches not filled
         return (st.epoch, POLICIES[self.kind][0](self, st, pos), grid)
 
     def finish(self, st: Optional[BranchState], decision, pos) -> None:

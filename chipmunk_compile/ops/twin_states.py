@@ -84,6 +84,7 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
             name = site.state_name(st.branch)  # its buffers go by this site's name: pruning the other keeps them
             site.session.state.rename(st.name.replace(".", "_"), name.replace(".", "_"))  # as BranchState.tensor names them
             st.name = name
+            st.order_of = {}  # input layouts of the other graph
             if not _same_order(site, other, tokens):  # its caches, in another token order, refill
                 st.filled_generation = st.index_generation = st.slope_generation = -1
                 st.filled_step = st.called_step = -1
@@ -106,7 +107,7 @@ def _same_order(site: Any, other: Any, tokens: Optional[int]) -> bool:
     if site.key_layout != other.key_layout:
         return False
     theirs = _order_of(other, tokens)
-    return theirs is not None and all(_equal(a, b) for a, b in zip(site._for_count(tokens), theirs))
+    return theirs is not None and orders_equal(site._for_count(tokens), theirs)
 
 
 def _order_of(other: Any, tokens: Optional[int]) -> Optional[tuple]:
@@ -119,9 +120,14 @@ def _order_of(other: Any, tokens: Optional[int]) -> Optional[tuple]:
     if other.call_grouping is None or tokens is None or (other.regroup is not None and other.regroup[0].key):
         return other._for_count(tokens)
     cached = other.call_grouping.orders_cached(tokens)
-    if not cached or not all(_equal(a, b) for hit in cached[1:] for a, b in zip(hit, cached[0])):
+    if not cached or not all(orders_equal(hit, cached[0]) for hit in cached[1:]):
         return None
     return cached[0]
+
+
+def orders_equal(a: tuple, b: tuple) -> bool:
+    """Whether two (perm, always_keep) pairs order tokens alike (the same objects, or equal values)."""
+    return a is b or all(_equal(x, y) for x, y in zip(a, b))
 
 
 def _equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
