@@ -273,12 +273,22 @@ def _shape(node: Any) -> Optional[tuple]:
     return tuple(v.shape)
 
 
-def _dims(node: Any) -> Optional[tuple]:
-    """Shape with None for each symbolic size (read without specializing it), or None."""
+def _dims(node: Any, hints: bool = False) -> Optional[tuple]:
+    """Shape with None for each symbolic size (read without specializing it), or None. `hints`:
+    a symbolic size as its value at the call that compiled the graph instead (no guard either)."""
     v = _val(node)
     if not isinstance(v, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else None for d in v.shape)
+    return tuple(d if isinstance(d, int) else _hint(d) if hints else None for d in v.shape)
+
+
+def _hint(d: Any) -> Optional[int]:
+    """A SymInt's value at the compiling call (its hint), None when it has none (unbacked)."""
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    try:
+        return None if hint is None else int(hint)
+    except (TypeError, ValueError):  # (a symbolic expression, not a number)
+        return None
 
 
 def _static(shape) -> bool:
@@ -1143,16 +1153,17 @@ def _token_of_raster(raster: torch.Tensor) -> Optional[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Text side from the graph
 # ---------------------------------------------------------------------------------------------
-def _cat_sides(node: fx.Node, n_site: int, n_img: int, limit: int = 200_000) -> set:
+def _cat_sides(node: fx.Node, n_site: int, n_img: int, limit: int = 200_000, own_grid: bool = False) -> set:
     """Sides ("first"/"last"/"mixed") of the non-image tokens seen in torch.cat nodes upstream of
-    `node` that join an n_img-token part with others into n_site tokens along a token axis."""
+    `node` that join an n_img-token part with others into n_site tokens along a token axis.
+    `own_grid`: n_img is the image of the call that compiled this graph (not an earlier graph's)."""
     sides: set = set()
     seen = {node}
     stack = [node]
     while stack and len(seen) < limit:
         n = stack.pop()
         if n.op == "call_function" and n.target in _CAT:
-            side = _cat_side(n, n_site, n_img)
+            side = _cat_side(n, n_site, n_img, own_grid)
             if side is not None:
                 sides.add(side)
                 continue  # the join is found on this path
@@ -1186,9 +1197,10 @@ def _setitem_side(u: fx.Node, buf: fx.Node, n_site: int, n_img: int) -> Optional
     return "last" if a == 0 else "first" if b == n_site else "mixed"
 
 
-def _token_cat(n: fx.Node) -> Optional[tuple[Optional[int], list]]:
-    """(joined token count, each part's token count; None where unknown or symbolic) when `n` is a torch.cat
-    along a token axis (not the last axis of a rank > 2 tensor: channel concats), else None."""
+def _token_cat(n: fx.Node, hints: bool = False) -> Optional[tuple[Optional[int], list]]:
+    """(joined token count, each part's token count; None where unknown or symbolic, or with `hints`
+    a symbolic one's value at the compiling call) when `n` is a torch.cat along a token axis (not the
+    last axis of a rank > 2 tensor: channel concats), else None."""
     axis = _cat_axis(n)
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     if axis is None or not isinstance(parts, (list, tuple)):
@@ -1196,8 +1208,8 @@ def _token_cat(n: fx.Node) -> Optional[tuple[Optional[int], list]]:
     dim, rank = axis
     if dim == rank - 1 and rank > 2:
         return None
-    out = _dims(n)
-    shapes = [_dims(p) for p in parts]
+    out = _dims(n, hints)
+    shapes = [_dims(p, hints) for p in parts]
     return out[dim], [s[dim] if s is not None and len(s) == rank else None for s in shapes]
 
 
@@ -1213,16 +1225,16 @@ def _cat_axis(n: Any) -> Optional[tuple[int, int]]:
     return dim % len(out), len(out)
 
 
-def _flat_token_cat(n: fx.Node, depth: int = 4) -> Optional[tuple[int, list]]:
+def _flat_token_cat(n: fx.Node, depth: int = 4, hints: bool = False) -> Optional[tuple[int, list]]:
     """`_token_cat` with parts that are themselves token concats (of the same rank and axis)
     replaced by their parts: HiDream joins cat([cat([image, text_a]), text_b])."""
-    cat = _token_cat(n)
+    cat = _token_cat(n, hints)
     if cat is None or depth == 0:
         return cat
     parts = n.args[0] if n.args else n.kwargs.get("tensors")
     out: list = []
     for p, size in zip(parts, cat[1]):
-        inner = _flat_token_cat(p, depth - 1) if _cat_axis(p) == _cat_axis(n) else None
+        inner = _flat_token_cat(p, depth - 1, hints) if _cat_axis(p) == _cat_axis(n) else None
         out.extend(inner[1] if inner is not None and inner[0] == size else [size])
     return cat[0], out
 
@@ -1263,17 +1275,27 @@ def _earlier_sides(session, n_site: int, n_img: int) -> set:
             if total == n_site and (side := _side_of(list(sizes), n_img)) is not None}
 
 
-def _cat_side(n: fx.Node, n_site: Optional[int], n_img: int) -> Optional[str]:
+def _cat_side(n: fx.Node, n_site: Optional[int], n_img: int, own_grid: bool = False) -> Optional[str]:
     """Side of a concat that joins the n_img image tokens with others into n_site tokens; with
     n_site None (a symbolic site count), of a symbolic-length concat whose one part is the image."""
     cat = _flat_token_cat(n)
     if cat is None or cat[0] != n_site or (n_site is not None and None in cat[1]):
         return None
     side = _side_of(cat[1], n_img)
-    if n_site is None and side in (None, "mixed") and cat[1].count(None) == 1:
-        # the one part of symbolic length is the image (a recompile after the resolution changed);
-        # a static part of the old image size (FLUX.2's cached reference keys) is not
-        side = _side_of([-1 if size is None else 0 for size in cat[1]], -1)
+    if n_site is None and side in (None, "mixed") and len(cat[1]) >= 2 and None in cat[1]:
+        # the part of the grid's size at the call that compiled the graph is the image, as a static
+        # graph of that call sees it (where the grid is that call's: `own_grid`): with dynamic=True
+        # the text length is symbolic too
+        hinted = _flat_token_cat(n, hints=True)
+        hinted = hinted[1] if hinted is not None and None not in hinted[1] else None
+        known = hinted is not None and own_grid
+        if cat[1].count(None) == 1 and not (known and hinted[cat[1].index(None)] != n_img):
+            # the one part of symbolic length is the image (a recompile after the resolution changed);
+            # a static part of the old image size (FLUX.2's cached reference keys) is not
+            side = _side_of([-1 if size is None else 0 for size in cat[1]], -1)
+        elif known:  # (two streams of the grid, text on both sides: not read here)
+            side = _side_of(hinted, n_img)
+            side = side if side in ("first", "last") else None
     return side
 
 
@@ -1586,7 +1608,7 @@ def _assign_grouping(gm: fx.GraphModule, example_inputs, pairs: list, config, se
         if (n is None or n > n_img) and looked.get(n, 0) < 3:
             node = _token_node(m)
             if isinstance(node, fx.Node):
-                found = _cat_sides(node, n, n_img)
+                found = _cat_sides(node, n, n_img, own_grid="earlier graph" not in info.source)
                 sides_by_count.setdefault(n, set()).update(found)
                 looked[n] = looked.get(n, 0) + bool(found)
     from_earlier = set()  # counts whose side comes from an earlier graph's concat

@@ -136,6 +136,34 @@ def test_dynamic_true_groups_every_call_on_its_grid(fresh_dynamo):
                for s in chipmunk_compile.stats(compiled)["sites"])
 
 
+
+def test_dynamic_true_groups_a_joint_attention_whose_text_length_is_symbolic_too(fresh_dynamo):
+    """SD3 compiled with dynamic=True from the first call: the text length is a symbol as well, so
+    no part of the joint attention's cat([image, text]) has a static size. The image part is the
+    one of the grid's size at the compiling call: the text is last, and each aspect ratio's joint
+    attention is grouped on its own grid with the 8 text keys kept (it ran ungrouped)."""
+    from helpers import sd3
+
+    model = sd3()
+    compiled = torch.compile(model, backend="chipmunk", dynamic=True, options={"config": CFG, "compiler": "eager"})
+    counters.clear()
+    with torch.no_grad():
+        for i, (h, w) in enumerate(((16, 24), (24, 16))):
+            x = dict(hidden_states=_r(1, 4, h, w), encoder_hidden_states=_r(1, 8, 32),
+                     pooled_projections=_r(1, 64), timestep=torch.tensor([0.5]), return_dict=False)
+            out, ref = compiled(**x)[0], model(**x)[0]
+            if i == 0:
+                assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+            n = (h // 2) * (w // 2) + 8
+            joint = [s for ses in sessions_of(compiled) for s in ses.sites if s.kind == "attention"]
+            assert joint, [s.grouping for ses in sessions_of(compiled) for s in ses.sites]
+            for s in joint:
+                perm, keep = s.call_grouping.for_count(n, s.session)
+                assert torch.equal(perm, _expected(s, n, (h // 2, w // 2), 8)), ((h, w), s.path)
+                assert keep[-8:].all() and not keep[:-8].any()
+    assert counters["chipmunk"]["grouping_ungrouped_count"] == 0
+
+
 def _set_size(key: str, kw: dict, size: tuple) -> None:
     if key == "ltx_video":  # tokens + the sizes as ints (its coordinate table is built from them)
         f, h, w = size
