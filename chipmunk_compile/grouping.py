@@ -1287,7 +1287,7 @@ def _cat_side(n: fx.Node, n_site: Optional[int], n_img: int, own_grid: bool = Fa
         # graph of that call sees it (where the grid is that call's: `own_grid`): with dynamic=True
         # the text length is symbolic too
         hinted = _flat_token_cat(n, hints=True)
-        hinted = hinted[1] if hinted is not None and None not in hinted[1] else None
+        hinted = hinted[1] if hinted is not None and None not in hinted[1] and len(hinted[1]) == len(cat[1]) else None
         known = hinted is not None and own_grid
         if cat[1].count(None) == 1 and not (known and hinted[cat[1].index(None)] != n_img):
             # the one part of symbolic length is the image (a recompile after the resolution changed);
