@@ -137,9 +137,15 @@ class BranchState:
         self.cache.clear()
         self.home.clear()
         self.nbytes = 0
-        self.filled_generation = self.index_generation = self.slope_generation = -1
-        self.filled_step = self.called_step = -1
+        self.unfill(steps=True)
         self.order, self.order_of = None, {}
+
+    def unfill(self, steps: bool = False) -> None:
+        """Count its caches, indices and forecast slope as filled by no generation (the next call
+        refills them, or runs the exact path); `steps`: also forget the steps it filled and was called at."""
+        self.filled_generation = self.index_generation = self.slope_generation = -1
+        if steps:
+            self.filled_step = self.called_step = -1
 
 
 @dataclass(eq=False)
@@ -215,7 +221,7 @@ class Site:
                 st = BranchState(self, key, shape, self.state_name(key), inst)
             self.states[(key, shape)] = st
         layout = self.session.call_layout
-        grid = self.regroup[0].key if self.regroup is not None else 0
+        grid = self._grid_key()
         if tokens is not None and (self.call_grouping is not None or grid):
             self._track_order(st, pos, tokens, (layout, grid))
         if runtime.RECORDING is None:  # else at the recorded commit, which every replay applies
@@ -241,7 +247,7 @@ class Site:
         if st.order is not None and st.filled_generation == pos.generation and not twin_states.orders_equal(st.order, cur):
             if runtime.RECORDING is not None:  # (the signature saw the change: not reached in practice)
                 raise runtime.NeedsEagerCall(f"{self.path}: token order changed")
-            st.filled_generation = st.index_generation = st.slope_generation = -1
+            st.unfill()
             count("state_order_changed")
             log.info("chipmunk: %s: the same shape in another token order (another grid of the count): "
                      "its caches refill", self.path)
@@ -254,7 +260,12 @@ class Site:
     def replayed(self, st: BranchState, layout) -> None:
         """A recorded call of `layout` ran (graphs.py): `st` now holds that layout's token order."""
         if st.order is not None:
-            st.order = st.order_of.get((layout, self.regroup[0].key if self.regroup is not None else 0), st.order)
+            st.order = st.order_of.get((layout, self._grid_key()), st.order)
+
+    def _grid_key(self):
+        """The grid this graph's position ids gave the current generation (`regroup`), else 0: with
+        the input layout, what names a token order under step graphs."""
+        return self.regroup[0].key if self.regroup is not None else 0
 
     def pop_state(self, key: str, shape: tuple) -> BranchState:
         """Take the state (key, shape) out of this site, with what the site kept about it (a twin
@@ -307,7 +318,7 @@ class Site:
             last[st.branch] = st  # shape's; one filled in this generation must not serve it again
             for (k, _), o in self.states.items():  # (a batch 2 -> 1 -> 2 in one generation): unfilled
                 if k == st.branch and o is not st and o.filled_generation == generation:
-                    o.filled_generation = o.index_generation = o.slope_generation = -1
+                    o.unfill()
         if st.used_generation == generation:
             return
         if st.used_generation >= 0 and any(o.used_generation > st.used_generation for (k, _), o in self.states.items()
@@ -369,7 +380,7 @@ class Site:
         if self.plain_dense(pos):
             return (ALWAYS_DENSE,)
         key = self._state_key(pos)
-        grid = self.regroup[0].key if self.regroup is not None else 0
+        grid = self._grid_key()
         shape = self.layout_shapes.get((key, layout, grid))
         st = self.states.get((key, shape)) if shape is not None and shape is not AMBIGUOUS else None
         if st is None or st.offloaded:  # offloaded: host-ordered copies, never recorded

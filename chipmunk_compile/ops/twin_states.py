@@ -86,8 +86,7 @@ def take(site: Any, shape: tuple, branch: str, tokens: Optional[int]) -> Optiona
             st.name = name
             st.order_of = {}  # input layouts of the other graph
             if not _same_order(site, other, tokens):  # its caches, in another token order, refill
-                st.filled_generation = st.index_generation = st.slope_generation = -1
-                st.filled_step = st.called_step = -1
+                st.unfill(steps=True)
             for layer, verdict in other.attn_diffuse.items():
                 site.attn_diffuse.setdefault(layer, verdict)
             for layer, mass in other.attn_mass.items():
