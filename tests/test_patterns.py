@@ -290,6 +290,72 @@ def test_explicit_attention_of_mixed_dtypes_is_rejected(fresh_dynamo):
         assert max_rel(cm(*qkv(1)), mod(*qkv(1))) < 1e-6
 
 
+class ExplicitMaskedFill(nn.Module):
+    """Research code's masking: the scores' masked_fill(~keep, -inf) (or a large negative), with
+    `keep` a (B, 1, 1, N) key-padding mask (`form="keys"`), a (N, N) banded mask (`form="band"`:
+    a bias) or, on (B*H, N, N) baddbmm scores, a (B*H, 1, N) one (`form="3d"`); the softmax
+    written out (`e / e.sum(-1, keepdim=True)`) with `written=True`."""
+
+    def __init__(self, form="keys", written=False, value=float("-inf")):
+        super().__init__()
+        self.form, self.written, self.value = form, written, value
+
+    def forward(self, q, k, v, t):
+        b, h, n, d = q.shape
+        keep = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        keep[1, ..., n - 3:] = False  # the second item's last three keys are padding
+        if self.form == "band":
+            idx = torch.arange(n)
+            keep = (idx[:, None] - idx[None, :]).abs() < n // 2
+        if self.form == "3d":
+            q, k, v = (x.reshape(b * h, n, d) for x in (q, k, v))
+            keep = keep.expand(b, h, 1, n).reshape(b * h, 1, n)
+            s = torch.baddbmm(torch.empty(b * h, n, n), q, k.transpose(1, 2), beta=0, alpha=0.3)
+        else:
+            s = q @ k.transpose(-1, -2) * 0.3
+        s = s.masked_fill(~keep, self.value)
+        if self.written:
+            e = (s - s.amax(dim=-1, keepdim=True)).exp()
+            p = e / e.sum(dim=-1, keepdim=True)
+        else:
+            p = s.softmax(dim=-1)
+        o = p @ v
+        return o.reshape(b, h, n, d)
+
+
+@pytest.mark.parametrize("form, written, value", [
+    ("keys", False, float("-inf")), ("keys", True, float("-inf")), ("keys", False, -1e9),
+    ("band", False, float("-inf")), ("3d", True, torch.finfo(torch.float32).min),
+])
+def test_explicit_attention_masked_fill_and_written_out_softmax(fresh_dynamo, form, written, value):
+    """Before: a masked_fill between the scores and the softmax, or a softmax written out as
+    exp / sum, left the attention unmatched (no site, nothing in inspect's rejected list)."""
+    rep = check(ExplicitMaskedFill(form, written, value), qkv, attention=1, pattern="explicit")
+    assert rep.sites[0].shapes["q"] == ((B, H, N, D) if form != "3d" else (B * H, N, D))
+
+
+class ExplicitMaskedFillAndBias(nn.Module):
+    def forward(self, q, k, v, t):
+        s = q @ k.transpose(-1, -2) * 0.3 + torch.ones(N, N)
+        keep = torch.ones(q.shape[0], 1, 1, N, dtype=torch.bool)
+        return s.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
+
+
+class ExplicitSmallFill(nn.Module):
+    """A fill of -1 is no mask: exp(-1) is not 0."""
+
+    def forward(self, q, k, v, t):
+        keep = torch.ones(q.shape[0], 1, 1, N, dtype=torch.bool)
+        return (q @ k.transpose(-1, -2) * 0.3).masked_fill(~keep, -1.0).softmax(dim=-1) @ v
+
+
+def test_explicit_attention_masked_fill_not_matched(fresh_dynamo):
+    rep = rejected(ExplicitMaskedFillAndBias(), qkv(0))
+    assert [r for r in rep.rejected if "masked fill and an added bias" in r.reason], str(rep)
+    rep = rejected(ExplicitSmallFill(), qkv(0))
+    assert not rep.rejected, str(rep)
+
+
 @pytest.mark.parametrize("qk, pv, stabilize", [
     ("bhid,bhjd->bhji", "bhji,bhjd->bhid", None),  # scores transposed: softmax over the queries
     ("bhid,bhjd->bhij", "bhij,bhid->bhjd", None),  # not P·V

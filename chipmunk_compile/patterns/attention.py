@@ -16,10 +16,12 @@ Invariants:
   biases, banded or block masks; the op adds it to every score it computes, so dense steps are
   exact and sparse steps see it on their selected keys). Anything else that computes softmax
   attention becomes a `Rejection` with the reason.
-- The explicit form: softmax over the last axis of (casts, constant scales, a subtracted
-  `.amax(-1, keepdim=True)` / `.max(...)` row max, optionally detached: softmax is shift invariant,
-  added constants, one added float tensor that broadcasts to the scores: the bias, scaled by the
-  scales applied after it) of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by
+- The explicit form: softmax over the last axis (or written out, `e / e.sum(-1, keepdim=True)` of
+  `e = x.exp()`) of (casts, constant scales, a subtracted `.amax(-1, keepdim=True)` / `.max(...)`
+  row max, optionally detached: softmax is shift invariant, added constants, one added float tensor
+  that broadcasts to the scores: the bias, scaled by the scales applied after it, or one
+  `masked_fill` by a boolean mask with -inf or a value ≤ -1e4: a key-padding mask or a forbidding
+  mask that broadcasts to the scores, which the op takes inverted) of Q Kᵀ, then P V; each product as matmul/bmm (Kᵀ by
   transpose/permute/mT), baddbmm with beta 0, or a two-operand `torch.einsum` whose subscripts say
   exactly that product. q and k upcast exactly to float32 from v's half precision are taken before
   the cast; q, k and v of different dtypes otherwise are a `Rejection` (the op takes one dtype).
@@ -369,7 +371,7 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
     parts = _explicit_parts(node)
     if not isinstance(parts, tuple):
         return parts
-    chain, pv, q, k, v, scale, bias, bias_scale = parts
+    chain, pv, q, k, v, scale, bias, bias_scale, forbid = parts
     shapes = {"q": shape_of(q), "k": shape_of(k), "v": shape_of(v)}
     dtypes = {getattr(val(t), "dtype", None) for t in (q, k, v)}
     if len(dtypes) != 1:
@@ -386,9 +388,24 @@ def match_explicit(node: fx.Node, ctx: MatchContext) -> Union[AttentionMatch, Re
             return _reject("explicit", node, why, shapes)
         if not val(bias).is_floating_point():  # adds 0 / 1, not a mask
             return _reject("explicit", node, f"a {val(bias).dtype} tensor added to the scores", shapes)
+    key_mask = None
+    if forbid is not None:  # the op takes what is attended: the rewrite inverts the mask
+        shapes["mask"] = shape_of(forbid)
+        full = (*shapes["q"][:-1], shapes["k"][-2])
+        if bias is not None:
+            return _reject("explicit", node, "a masked fill and an added bias on the attention scores", shapes)
+        if getattr(val(forbid), "dtype", None) != torch.bool:
+            return _reject("explicit", node, "masked fill of the scores by a non-boolean mask", shapes)
+        if len(full) == 4 and _key_mask_ok(forbid, full[0], full[-1]) is None:
+            key_mask = forbid
+        elif (why := _bias_ok(forbid, full)) is None:
+            bias = forbid
+        else:
+            return _reject("explicit", node, why, shapes)
     return AttentionMatch(
         pattern="explicit", anchor=node, output=pv, q=q, k=k, v=v, nodes=chain[::-1], scale=scale,
         squeeze_head=len(shapes["q"]) == 3, key_layout=key_layout, bias=bias, bias_scale=bias_scale,
+        key_mask=key_mask, mask_inverted=forbid is not None,
     )
 
 
@@ -404,23 +421,59 @@ def attention_queries(graph: fx.Graph) -> list:
     return out
 
 
-def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
-    """(chain, P·V product, q, k, v, scale) of the softmax(QKᵀ)V anchored at softmax `node`; a
-    Rejection or None where the spelling is not one."""
-    if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)):
-        return None
+def _last_dim(node: Any, dim: Any) -> bool:
     shape = shape_of(node)
-    dim = arg(node, 1, "dim", None)
-    if shape is None or dim is None or int(dim) % len(shape) != len(shape) - 1:
+    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
+
+
+def _written_out_softmax(node: fx.Node) -> Optional[tuple[fx.Node, list]]:
+    """(x, [the sum, the exp]) when `node` is `e / e.sum(-1, keepdim=True)` for `e = x.exp()`, the
+    exp used by those two alone: softmax(x) written out (its row max, if any, is subtracted in x)."""
+    if not is_call(node, *_DIV) or len(node.args) != 2 or node.kwargs:
         return None
-    chain = [node]
+    e, total = node.args
+    if not (is_method(e, "exp") or is_call(e, torch.exp)) or set(e.users) != {node, total}:
+        return None
+    if not (is_method(total, "sum") or is_call(total, torch.sum)) or total.args[0] is not e:
+        return None
+    dim, keep = arg(total, 1, "dim", None), arg(total, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not _last_dim(e, dim) or keep is not True or not single_user(total):
+        return None
+    return e.args[0], [total, e]
+
+
+def _masked_fill(s: Any) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(scores, mask) when `s` is `scores.masked_fill(mask, value)` for a value of -inf or at most
+    -1e4 (exp gives 0 there in every float type): the mask's True entries are keys not attended."""
+    if not (is_method(s, "masked_fill") or is_call(s, torch.masked_fill)):
+        return None
+    scores, mask = arg(s, 0, "input", None), arg(s, 1, "mask", None)
+    value = _const(arg(s, 2, "value", None))
+    if not isinstance(mask, fx.Node) or value is None or value > -1e4:
+        return None
+    return scores, mask
+
+
+def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
+    """(chain, P·V product, q, k, v, scale, bias, bias_scale, forbid) of the softmax(QKᵀ)V anchored
+    at `node`, a softmax or one written out (`_written_out_softmax`); `forbid` the mask of a
+    `masked_fill` of the scores (True: not attended); a Rejection or None where the spelling is not
+    one."""
+    written = _written_out_softmax(node)
+    if written is None:
+        if not (is_method(node, "softmax") or is_call(node, *SOFTMAX_FNS)) or not _last_dim(node, arg(node, 1, "dim", None)):
+            return None
+    shape = shape_of(node)
+    chain = [node, *(written[1] if written else ())]
 
     def only_feeds_chain(n: fx.Node) -> bool:  # every user of n is part of the match
         return all(u in chain for u in n.users)
 
     # -- walk up from the softmax: casts, constant scales, a subtracted row max, one added bias,
-    # then QKᵀ ---------------------------------------------------------------------------------
-    s, scale, bias, bias_scale = node.args[0], 1.0, None, 1.0
+    # one masked fill, then QKᵀ ----------------------------------------------------------------
+    s, scale, bias, bias_scale, forbid = written[0] if written else node.args[0], 1.0, None, 1.0, None
     while True:
         if is_cast(s) and only_feeds_chain(s):
             chain.append(s)
@@ -438,6 +491,9 @@ def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
                 and all(single_user(n) for n in row_max):
             chain.extend([s, *row_max])
             s = s.args[0]
+        elif forbid is None and (filled := _masked_fill(s)) is not None and only_feeds_chain(s):
+            chain.append(s)
+            s, forbid = filled
         elif is_call(s, *_ADD) and only_feeds_chain(s) and len(s.args) == 2 and not s.kwargs:
             side = _scores_side(s)
             if side is None or (bias is not None and _const(s.args[1 - side]) is None):
@@ -490,7 +546,7 @@ def _explicit_parts(node: fx.Node) -> Union[tuple, Rejection, None]:
     chain.append(pv)
     v_dtype = getattr(val(v), "dtype", None)
     q, k = (_exact_upcast_input(t, v_dtype, chain) for t in (q, k))
-    return chain, pv, q, k, v, scale, bias, bias_scale
+    return chain, pv, q, k, v, scale, bias, bias_scale, forbid
 
 
 def _scores_side(add: fx.Node) -> Optional[int]:

@@ -274,6 +274,9 @@ def match_mlp(node: fx.Node, ctx: MatchContext) -> Union[MlpMatch, Rejection, No
         # (S, B, C), sequence first (ERNIE-Image): the op sees its (B, S, C) transpose.
         tokens, token_axis = x_shape[0], 0
     if guard_or_false(tokens == 1):  # (B, 1, C): a conditioning MLP that keeps a size-1 token axis
+        if len(x_shape) == 3 and guard_or_false(x_shape[0] > 1):
+            return _reject(node, f"no token dimension (one token; read as sequence-first (S, B, C) only from "
+                           f"{max(mlp_cfg.min_tokens, SEQ_FIRST_MIN_TOKENS)} tokens)", shapes)
         return _reject(node, "no token dimension (one token)", shapes)
     if not _from_token_input(x, ctx):
         # SkyReels-V2's diffusion forcing embeds a timestep per frame: (B, F, C) looks like tokens, but

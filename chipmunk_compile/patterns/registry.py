@@ -51,6 +51,9 @@ class AttentionMatch:
     # op takes it as an additive bias
     bias: Optional[fx.Node] = None
     bias_scale: float = 1.0  # the written-out form's scales applied after the bias was added: they scale it too
+    # key_mask / bias hold a boolean mask whose True entries are NOT attended (the explicit form's
+    # masked_fill(mask, -inf)): the rewrite passes its inversion
+    mask_inverted: bool = False
     scale: Optional[float] = None  # None: 1/sqrt(D)
     squeeze_head: bool = False  # 3-D (B*H, N, D) attention, given to the op as (B*H, 1, N, D)
     # joint keys (PRX: image queries over cat(text keys, image keys)): the key concatenation's parts

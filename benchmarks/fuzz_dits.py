@@ -1,0 +1,569 @@
+"""Structural fuzzing: random DiTs assembled from the spellings real code uses, each checked for sites
+and for exactness with every key and neuron kept.
+
+    python benchmarks/fuzz_dits.py                     # seeds 0-99, a table and benchmarks/results/fuzz_dits.csv
+    python benchmarks/fuzz_dits.py --seeds 17 --show   # one seed: its spec, inspect()'s table, the outcome
+    python benchmarks/fuzz_dits.py --seeds cover       # the few seeds that take every value of every axis
+
+The arch zoos hold one hand-written model per architecture; here a seed picks one choice per axis of
+`Spec` (token layout, patch embedding, text stream, q/k/v projection and head layout, attention
+spelling, q/k norm, rotary, MLP form and activation, parallel block, modulation, norm, depth, batch,
+grid) and builds a small model from them, so the combinations nobody wrote by hand get matched too.
+
+What a seed must satisfy (`check`), or it is a bug in the backend:
+- `inspect()` finds one attention site per block and one MLP site per feed-forward (every spelling
+  here is one the README lists as supported; the timestep embedding's and the modulation's linears
+  are rejected candidates, as in any DiT);
+- compiled with `backend="chipmunk"` (eager inner compiler) under `FULL`: every key and neuron kept,
+  no forecast, every call a step, refreshes every 3rd call: each call equals eager within `TOL`
+  (sparse steps recompute everything, so the deltas are exact: a cache read in the wrong place or
+  order shows), and sparse steps did run; the calls switch to a second resolution (a recompile
+  under automatic dynamic shapes) and back;
+- no fallback counted.
+
+Invariant: a spec is a pure function of its seed (`spec_for`), and a model and its inputs are a pure
+function of the spec (`build`: seeded, float32, CPU, eval mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import math
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+AXES = {
+    "layout": ["bnc", "nbc"],  # batch-first tokens, or sequence-first (N, B, C) inside the blocks
+    "embed": ["conv", "unfold", "tokens"],  # Conv2d patchify / reshape-permute patchify / packed tokens + ids
+    "text": ["none", "prefix", "suffix", "mmdit", "registers"],  # joint tokens in one stream, a second
+    # stream, or learned register tokens in front of the image's
+    "text_mask": ["none", "pad"],  # the last text token is padding, masked out of every key set
+    "qkv": ["fused_chunk", "fused_heads", "separate"],
+    "attn": ["sdpa", "sdpa_scale", "matmul", "einsum", "baddbmm", "max_sub", "manual_exp", "fp32_softmax"],
+    "kv_heads": ["all", "half"],  # grouped-query attention: half as many k/v heads, repeated
+    "qk_norm": ["none", "rms", "layer"],
+    "rope": ["none", "half", "complex"],
+    "mlp": ["gelu", "gelu_tanh", "silu", "relu", "relu2", "swiglu_chunk", "swiglu_two", "geglu_slice"],
+    "mlp_bias": [True, False],
+    "parallel": [False, True],  # cat(attn, mlp hidden) -> one linear (single-stream blocks only)
+    "modulation": ["adaln", "none"],
+    "norm": ["layer", "rms"],
+    "depth": [2, 3],
+    "batch": [1, 2],
+    "grid": [(6, 8), (7, 5), (8, 8)],
+    "heads": [(2, 16), (4, 8)],  # (heads, head dim)
+    "compile": ["whole", "dynamic", "regional"],  # torch.compile(model), dynamic=True, each block's .compile()
+    "dtype": ["float32", "float32", "bfloat16"],
+}
+SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
+CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
+TOL = {"float32": 2e-4, "bfloat16": 3e-2}  # bf16: eager and the op round at different places
+FULL = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "random_keys": 0.0,
+                 "full_step_every": 3, "group": 8, "extrapolate": 0},
+        "mlp": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "random_keys": 0.0,
+                "full_step_every": 3, "block": 8},
+        "step_signal": "calls", "schedule_steps": None}
+CALLS = 6
+
+
+@dataclass(frozen=True)
+class Spec:
+    seed: int
+    layout: str
+    embed: str
+    text: str
+    text_mask: str
+    qkv: str
+    attn: str
+    kv_heads: str
+    qk_norm: str
+    rope: str
+    mlp: str
+    mlp_bias: bool
+    parallel: bool
+    modulation: str
+    norm: str
+    depth: int
+    batch: int
+    grid: tuple
+    heads: tuple
+    compile: str
+    dtype: str
+
+    @property
+    def dim(self) -> int:
+        return self.heads[0] * self.heads[1]
+
+    def short(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name != "seed")
+
+
+def spec_for(seed: int) -> Spec:
+    rng = random.Random(seed)
+    pick = {k: v[rng.randrange(len(v))] for k, v in AXES.items()}
+    if pick["text"] == "mmdit":
+        pick["parallel"] = False  # a two-stream block has its own feed-forward per stream
+    if pick["text"] in ("none", "registers"):
+        pick["text_mask"] = "none"
+    if pick["layout"] == "nbc":  # (S, B, C) is read as sequence-first from 256 tokens (patterns/mlp.py)
+        pick["grid"] = SEQ_FIRST_GRIDS[rng.randrange(len(SEQ_FIRST_GRIDS))]
+    return Spec(seed=seed, **pick)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks, one spelling per choice
+# ----------------------------------------------------------------------------------------------
+def _norm(spec: Spec, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if spec.norm == "layer" else nn.RMSNorm(dim, eps=1e-6)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, kind: str, d: int):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d)) if kind != "none" else None
+
+    def forward(self, x):
+        if self.kind == "rms":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, None, 1e-6)
+        return x
+
+
+def rope_tables(pos: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) positions -> cos, sin of shape (N, d): half the frequencies per axis."""
+    quarter = d // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32, device=pos.device) / quarter))
+    ang = torch.cat([pos[:, :1] * freqs, pos[:, 1:2] * freqs], dim=-1)  # (N, d/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(kind: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D); cos/sin (N, D/2)."""
+    if kind == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    if kind == "complex":
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
+    return x
+
+
+def attention(spec: Spec, q, k, v, keep=None) -> torch.Tensor:
+    """(B, H, N, D) each -> (B, H, N, D), spelled as `spec.attn` says; `keep` (B, 1, 1, N) boolean: the
+    keys every query may attend (a text padding mask), applied as each spelling's code would."""
+    scale = q.shape[-1] ** -0.5
+    if spec.kv_heads == "half":  # k/v carry every other head, repeated to the query heads
+        k, v = (t[:, ::2].repeat_interleave(2, dim=1) for t in (k, v))
+    if spec.attn in ("sdpa", "sdpa_scale"):
+        extra = {"scale": scale} if spec.attn == "sdpa_scale" else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **extra)
+    b, h, n, d = q.shape
+    if spec.attn == "baddbmm":  # (B*H, N, D) batches, as diffusers' older processors wrote it
+        q, k, v = (t.reshape(b * h, -1, d) for t in (q, k, v))
+        empty = torch.empty(b * h, n, k.shape[1], dtype=q.dtype, device=q.device)
+        s = torch.baddbmm(empty, q, k.transpose(1, 2), beta=0, alpha=scale)
+        if keep is not None:
+            keep = keep.expand(b, h, 1, -1).reshape(b * h, 1, -1)
+    elif spec.attn == "einsum":
+        s = torch.einsum("bhid,bhjd->bhij", q * scale, k)
+    else:
+        s = q @ k.transpose(-2, -1) * scale
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    if spec.attn == "max_sub":
+        p = (s - s.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
+    elif spec.attn == "manual_exp":
+        e = (s - s.amax(dim=-1, keepdim=True)).exp()
+        p = e / e.sum(dim=-1, keepdim=True)
+    elif spec.attn == "fp32_softmax":
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    else:
+        p = s.softmax(dim=-1)
+    if spec.attn == "einsum":
+        return torch.einsum("bhij,bhjd->bhid", p, v)
+    if spec.attn == "baddbmm":
+        return torch.bmm(p, v).reshape(b, h, n, d)
+    return p @ v
+
+
+class Projection(nn.Module):
+    """tokens (B, N, C), or (N, B, C) when `seq_first` -> q, k, v (B, H, N, D), spelled as `spec.qkv`
+    says, with q/k norms."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.spec, (self.h, self.d) = spec, spec.heads
+        self.seq_first = spec.layout == "nbc"
+        c = spec.dim
+        if spec.qkv == "separate":
+            self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        else:
+            self.qkv = nn.Linear(c, 3 * c)
+        self.nq, self.nk = QKNorm(spec.qk_norm, self.d), QKNorm(spec.qk_norm, self.d)
+
+    def forward(self, x):
+        perm = (1, 2, 0, 3) if self.seq_first else (0, 2, 1, 3)
+        if self.spec.qkv == "fused_heads":
+            q, k, v = self.qkv(x).unflatten(-1, (3, self.h, self.d)).unbind(-3)
+        elif self.spec.qkv == "fused_chunk":
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = (t.unflatten(-1, (self.h, self.d)) if t.dim() == 3 else t for t in (q, k, v))
+        q, k, v = (t.permute(*perm) for t in (q, k, v))
+        return self.nq(q), self.nk(k), v
+
+
+def heads_out(o: torch.Tensor, seq_first: bool) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, C), or (N, B, C) when `seq_first`."""
+    return (o.permute(2, 0, 1, 3) if seq_first else o.transpose(1, 2)).flatten(2)
+
+
+class FeedForward(nn.Module):
+    """linear -> activation -> linear, or a gated form, as `spec.mlp` says. `hidden` alone returns
+    the activation (a parallel block's second linear takes it)."""
+
+    def __init__(self, spec: Spec, dim: int, out: bool = True):
+        super().__init__()
+        self.kind, bias, hid = spec.mlp, spec.mlp_bias, 2 * dim
+        if self.kind == "swiglu_two":
+            self.w1, self.w3 = nn.Linear(dim, hid, bias=bias), nn.Linear(dim, hid, bias=bias)
+        else:
+            self.w1 = nn.Linear(dim, 2 * hid if self.kind in ("swiglu_chunk", "geglu_slice") else hid, bias=bias)
+        self.w2 = nn.Linear(hid, dim, bias=bias) if out else None
+        self.hid = hid
+
+    def hidden(self, x):
+        k = self.kind
+        if k == "swiglu_two":
+            return F.silu(self.w1(x)) * self.w3(x)
+        h = self.w1(x)
+        if k == "swiglu_chunk":
+            a, g = h.chunk(2, dim=-1)
+            return F.silu(a) * g
+        if k == "geglu_slice":
+            return h[..., :self.hid] * F.gelu(h[..., self.hid:])
+        return {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+                "relu": F.relu, "relu2": lambda t: F.relu(t).square()}[k](h)
+
+    def forward(self, x):
+        return self.w2(self.hidden(x))
+
+
+class Block(nn.Module):
+    """One transformer block over tokens (B, N, C), or (N, B, C) under the nbc layout, with an optional
+    second (text) stream of its own weights whose tokens join the attention in front of the image's."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.spec, c = spec, spec.dim
+        self.tok = 0 if spec.layout == "nbc" else 1  # the token axis
+        self.n1, self.n2 = _norm(spec, c), _norm(spec, c)
+        self.proj = Projection(spec)
+        self.ff = FeedForward(spec, c, out=not spec.parallel)
+        self.out = nn.Linear(c + self.ff.hid, c) if spec.parallel else nn.Linear(c, c)
+        self.mod = nn.Linear(c, 6 * c) if spec.modulation == "adaln" else None
+        if spec.text == "mmdit":
+            self.tn1, self.tn2 = _norm(spec, c), _norm(spec, c)
+            self.tproj, self.tout, self.tff = Projection(spec), nn.Linear(c, c), FeedForward(spec, c)
+            self.tmod = nn.Linear(c, 6 * c) if spec.modulation == "adaln" else None
+
+    def _mods(self, lin, cond):
+        if lin is None:
+            return (0.0, 0.0, 1.0, 0.0, 0.0, 1.0)
+        return lin(F.silu(cond)).unsqueeze(self.tok).chunk(6, dim=-1)
+
+    def forward(self, x, txt, cond, cos, sin, keep):
+        seq_first = self.tok == 0
+        s1, c1, g1, s2, c2, g2 = self._mods(self.mod, cond)
+        h = self.n1(x) * (1 + c1) + s1
+        q, k, v = self.proj(h)
+        if txt is not None:
+            ts1, tc1, tg1, ts2, tc2, tg2 = self._mods(self.tmod, cond)
+            tq, tk, tv = self.tproj(self.tn1(txt) * (1 + tc1) + ts1)
+            q, k, v = (torch.cat([a, b], dim=2) for a, b in ((tq, q), (tk, k), (tv, v)))
+        if cos is not None:
+            q, k = apply_rope(self.spec.rope, q, cos, sin), apply_rope(self.spec.rope, k, cos, sin)
+        o = heads_out(attention(self.spec, q, k, v, keep), seq_first)
+        if txt is not None:
+            n_txt = txt.shape[self.tok]
+            to, o = o.split([n_txt, o.shape[self.tok] - n_txt], dim=self.tok)
+            txt = txt + tg1 * self.tout(to)
+            txt = txt + tg2 * self.tff(self.tn2(txt) * (1 + tc2) + ts2)
+        if self.spec.parallel:
+            x = x + g1 * self.out(torch.cat([o, self.ff.hidden(h)], dim=-1))
+        else:
+            x = x + g1 * self.out(o)
+            x = x + g2 * self.ff(self.n2(x) * (1 + c2) + s2)
+        return x, txt
+
+
+class FuzzDiT(nn.Module):
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.spec, c = spec, spec.dim
+        if spec.embed == "conv":
+            self.embed = nn.Conv2d(CH, c, PATCH, PATCH)
+        else:
+            self.embed = nn.Linear(CH * PATCH * PATCH, c)
+        self.t1, self.t2 = nn.Linear(32, c), nn.Linear(c, c)
+        self.txt = nn.Linear(TEXT_DIM, c) if spec.text in ("prefix", "suffix", "mmdit") else None
+        self.registers = nn.Parameter(torch.randn(1, REGISTERS, c)) if spec.text == "registers" else None
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.depth))
+        self.final = nn.Linear(c, CH * PATCH * PATCH)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, img_ids=None):
+        spec, dev = self.spec, hidden_states.device
+        if spec.embed == "tokens":
+            b, n, _ = hidden_states.shape
+            x, pos = self.embed(hidden_states), img_ids
+        else:
+            b, _, hh, ww = hidden_states.shape
+            gh, gw = hh // PATCH, ww // PATCH
+            if spec.embed == "conv":
+                x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            else:
+                p = hidden_states.reshape(b, CH, gh, PATCH, gw, PATCH).permute(0, 2, 4, 1, 3, 5)
+                x = self.embed(p.reshape(b, gh * gw, CH * PATCH * PATCH))
+            ys, xs = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev), indexing="ij")
+            pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()
+        half = 16
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=dev) / half)
+        ang = timestep.float()[:, None] * freqs[None]
+        cond = self.t2(F.silu(self.t1(torch.cat([ang.cos(), ang.sin()], dim=-1).to(self.t1.weight.dtype))))
+        n_img = x.shape[1]
+        txt = self.txt(encoder_hidden_states) if self.txt is not None else None
+        if self.registers is not None:
+            txt = self.registers.expand(b, -1, -1)
+        if txt is not None:
+            pos = torch.cat([torch.zeros(txt.shape[1], 2, device=dev), pos], dim=0)  # text at position 0, as Flux
+        keep = None
+        if spec.text_mask == "pad":  # the last text token is padding; text keys first, as the rotary table
+            keep = torch.ones(b, 1, 1, txt.shape[1] + n_img, dtype=torch.bool, device=dev)
+            keep[..., TEXT - 1] = False
+            if spec.text == "suffix":
+                keep = torch.cat([keep[..., TEXT:], keep[..., :TEXT]], dim=-1)
+        cos = sin = None
+        if spec.rope != "none":
+            cos, sin = rope_tables(pos, spec.heads[1])
+        n_txt = txt.shape[1] if txt is not None else 0
+        if spec.text in ("prefix", "suffix", "registers"):  # one joint stream
+            x = torch.cat([x, txt], dim=1) if spec.text == "suffix" else torch.cat([txt, x], dim=1)
+            if spec.text == "suffix" and cos is not None:  # positions follow the tokens' order
+                cos, sin = (torch.cat([t[n_txt:], t[:n_txt]], dim=0) for t in (cos, sin))
+        stream2 = txt if spec.text == "mmdit" else None
+        if spec.layout == "nbc":
+            x = x.transpose(0, 1)
+            stream2 = stream2.transpose(0, 1) if stream2 is not None else None
+        for blk in self.blocks:
+            x, stream2 = blk(x, stream2, cond, cos, sin, keep)
+        if spec.layout == "nbc":
+            x = x.transpose(0, 1)
+        if spec.text in ("prefix", "registers"):
+            x = x[:, n_txt:]
+        elif spec.text == "suffix":
+            x = x[:, :n_img]
+        out = self.final(x)
+        if spec.embed == "tokens":
+            return out
+        out = out.reshape(b, gh, gw, CH, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, CH, hh, ww)
+
+
+DEVICE = "cpu"  # --device cuda: the Triton kernels and step graphs (`for_gpu` sizes the specs for them)
+
+
+def for_gpu(spec: Spec) -> Spec:
+    """The spec at sizes the GPU kernels take: head dim 64, three times the grid's rows and columns
+    (432 to 1440 tokens), bfloat16."""
+    return dataclasses.replace(spec, heads=(spec.heads[0], 64), grid=(3 * spec.grid[0], 3 * spec.grid[1]),
+                               dtype="bfloat16")
+
+
+def build(spec: Spec) -> tuple[nn.Module, dict]:
+    torch.manual_seed(spec.seed)
+    return FuzzDiT(spec).eval().to(DEVICE, getattr(torch, spec.dtype)), inputs(spec, spec.grid)
+
+
+def inputs(spec: Spec, grid: tuple) -> dict:
+    """The model's inputs at a latent grid of `grid` patches (seeded by the spec and the grid)."""
+    g = torch.Generator().manual_seed(spec.seed + 1000 * grid[0] + grid[1])
+    gh, gw = grid
+    kw: dict = {"timestep": torch.full((spec.batch,), 900.0)}
+    if spec.embed == "tokens":
+        kw["hidden_states"] = torch.randn(spec.batch, gh * gw, CH * PATCH * PATCH, generator=g)
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        kw["img_ids"] = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()
+    else:
+        kw["hidden_states"] = torch.randn(spec.batch, CH, gh * PATCH, gw * PATCH, generator=g)
+    if spec.text in ("prefix", "suffix", "mmdit"):
+        kw["encoder_hidden_states"] = torch.randn(spec.batch, TEXT, TEXT_DIM, generator=g)
+    dtype = getattr(torch, spec.dtype)
+    return {k: v.to(DEVICE, dtype) if k in ("hidden_states", "encoder_hidden_states") else v.to(DEVICE)
+            for k, v in kw.items()}
+
+
+def other_grid(spec: Spec) -> tuple:
+    """A second resolution: the grid transposed, or two rows more where it is square."""
+    gh, gw = spec.grid
+    return (gh + 2, gw) if gh == gw else (gw, gh)
+
+
+def expected_sites(spec: Spec) -> tuple[int, int]:
+    """(attention, MLP) sites: one attention per block; one feed-forward per block and stream. A
+    sequence-first text stream of one prompt, (5, 1, C), is read as one token of a batch of 5
+    (patterns/mlp.py reads (S, B, C) as sequence-first from 256 tokens): no site."""
+    text_ff = spec.text == "mmdit" and not (spec.layout == "nbc" and spec.batch == 1)
+    return spec.depth, spec.depth * (2 if text_ff else 1)
+
+
+def _calls(kw: dict, n: int) -> list[dict]:
+    """The latent drifts 2% a call and the timestep goes down, as a sampler's would."""
+    latent = kw["hidden_states"]
+    drift = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7)).to(latent.device, latent.dtype)
+    return [{**kw, "hidden_states": kw["hidden_states"] + 0.02 * i * drift, "timestep": kw["timestep"] * (1 - 0.05 * i)}
+            for i in range(n)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check(spec: Spec, *, show: bool = False) -> dict:
+    """Runs the seed's checks; returns its row (status "ok", "mismatch" or "error", and why)."""
+    import chipmunk_compile
+
+    row = {"seed": spec.seed, "status": "error", "attn": "", "mlp": "", "rejected": "", "max_err": "",
+           "sparse_steps": "", "fallbacks": "", "note": "", "spec": spec.short()}
+    model, kw = build(spec)
+    want_attn, want_mlp = expected_sites(spec)
+    phase = "inspect"
+    try:
+        torch._dynamo.reset()
+        rep = chipmunk_compile.inspect(model, **kw, config=FULL)
+        if show:
+            print(rep)
+        row.update(attn=f"{rep.count('attention')}/{want_attn}", mlp=f"{rep.count('mlp')}/{want_mlp}",
+                   rejected=len(rep.rejected))
+        problems = []
+        if (rep.count("attention"), rep.count("mlp")) != (want_attn, want_mlp):
+            reasons = dict.fromkeys(f"{r.kind} {r.path}: {r.reason}" for r in rep.rejected)
+            problems.append("sites; rejected " + "; ".join(reasons))
+        phase = "compile+run"
+        torch._dynamo.reset()
+        counters.clear()
+        config = FULL if DEVICE == "cpu" else {**FULL, "attn": {**FULL["attn"], "group": 64},
+                                                "mlp": {**FULL["mlp"], "block": 64}}
+        options = {"config": config, "compiler": "eager"}
+        if spec.compile == "regional":  # as diffusers' compile_repeated_blocks: each block on its own
+            eager = copy.deepcopy(model)
+            for blk in model.blocks:
+                blk.compile(backend="chipmunk", options=options)
+            compiled, model = model, eager
+        else:
+            compiled = torch.compile(model, backend="chipmunk", options=options,
+                                     dynamic=True if spec.compile == "dynamic" else None)
+        errs = []
+        # a generation's calls at the spec's grid, three at another resolution (a recompile), two
+        # back at the first: each size keeps its own caches
+        second = inputs(spec, other_grid(spec))
+        calls = _calls(kw, CALLS) + _calls(second, 3) + _calls(kw, CALLS)[-2:]
+        with torch.no_grad():
+            for call in calls:
+                errs.append(_rel(compiled(**call), model(**call)))
+        steps: dict[str, int] = {}
+        for s in chipmunk_compile.stats(compiled)["sites"]:
+            for k, v in s["steps"].items():
+                steps[k] = steps.get(k, 0) + v
+        fb = {k: v for k, v in counters["chipmunk"].items()
+              if k.startswith("fallback") or (DEVICE != "cpu" and k.startswith("kernel_fallback"))}
+        row.update(max_err=f"{max(errs):.1e}", sparse_steps=steps.get("sparse", 0),
+                   fallbacks=" ".join(f"{k}={v}" for k, v in fb.items()))
+        if max(errs) > TOL[spec.dtype]:
+            problems.append(f"error {max(errs):.1e} at call {errs.index(max(errs))} (errors {' '.join(f'{e:.0e}' for e in errs)})")
+        if not steps.get("sparse", 0):
+            problems.append("no sparse step ran")
+        if fb:
+            problems.append("fallbacks " + row["fallbacks"])
+        row["status"] = "mismatch" if problems else "ok"
+        row["note"] = "; ".join(problems)
+    except Exception as e:  # one seed's failure never stops the sweep
+        row["note"] = f"{phase}: " + " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        if show:
+            traceback.print_exc()
+    finally:
+        torch._dynamo.reset()
+    return row
+
+
+def covering_seeds(n: int = 300) -> list[int]:
+    """Few seeds among the first `n` whose specs together take every value of every axis (greedy:
+    the seed adding the most unseen values first, the lowest seed on ties)."""
+    specs = {seed: spec_for(seed) for seed in range(n)}
+    values = {seed: {(f, repr(getattr(sp, f))) for f in AXES} for seed, sp in specs.items()}
+    todo = {(f, repr(v)) for f, vs in AXES.items() for v in vs}
+    todo &= set().union(*values.values())  # values a pick rule never leaves (e.g. nbc's grids) drop out
+    out = []
+    while todo:
+        seed = max(values, key=lambda s: (len(values[s] & todo), -s))
+        out.append(seed)
+        todo -= values[seed]
+    return sorted(out)
+
+
+def _seeds(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0-99", help="e.g. 0-99, 3,17,40-45, or cover (covering_seeds())")
+    ap.add_argument("--show", action="store_true", help="print each seed's spec and inspect() table")
+    ap.add_argument("--device", default="cpu", help="cuda: the specs at GPU sizes (`for_gpu`), Triton kernels, "
+                    "step graphs; a kernel fallback fails the seed")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "fuzz_dits.csv"))
+    a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    torch.set_num_threads(1)
+    rows = []
+    for seed in covering_seeds() if a.seeds == "cover" else _seeds(a.seeds):
+        spec = spec_for(seed) if DEVICE == "cpu" else for_gpu(spec_for(seed))
+        if a.show:
+            print(f"# seed {seed}: {spec.short()}")
+        t0 = time.perf_counter()
+        row = check(spec, show=a.show)
+        row["seconds"] = f"{time.perf_counter() - t0:.1f}"
+        rows.append(row)
+        print(f"{seed:4d} {row['status']:8s} attn {row['attn']:5s} mlp {row['mlp']:5s} err {row['max_err']:7s} "
+              f"{row['note'][:150]}", flush=True)
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} seeds ok" + (f"; not ok: {[r['seed'] for r in bad]}" if bad else ""))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
