@@ -1,28 +1,35 @@
-"""Structural fuzzing: random DiTs assembled from the spellings real code uses, each checked for sites
-and for exactness with every key and neuron kept.
+"""Structural fuzzing: random DiTs assembled from the spellings real code uses, each checked for its
+sites and for exact outputs where the method is exact.
 
     python benchmarks/fuzz_dits.py                     # seeds 0-99, a table and benchmarks/results/fuzz_dits.csv
     python benchmarks/fuzz_dits.py --seeds 17 --show   # one seed: its spec, inspect()'s table, the outcome
     python benchmarks/fuzz_dits.py --seeds cover       # the few seeds that take every value of every axis
+    python benchmarks/fuzz_dits.py --device cuda       # GPU sizes (`for_gpu`): Triton kernels, step graphs
 
-The arch zoos hold one hand-written model per architecture; here a seed picks one choice per axis of
-`Spec` (token layout, patch embedding, text stream, q/k/v projection and head layout, attention
-spelling, q/k norm, rotary, MLP form and activation, parallel block, modulation, norm, depth, batch,
-grid) and builds a small model from them, so the combinations nobody wrote by hand get matched too.
+The arch zoos hold one hand-written model per architecture; here a seed picks one value per axis
+(`AXES`: token layout, patch embedding, text stream, text padding, q/k/v projection and head layout,
+attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
+norm, depth, batch, grid, heads, compilation mode, dtype) and builds a small model from them, so the
+combinations nobody wrote by hand get matched too.
 
 What a seed must satisfy (`check`), or it is a bug in the backend:
 - `inspect()` finds one attention site per block and one MLP site per feed-forward (every spelling
   here is one the README lists as supported; the timestep embedding's and the modulation's linears
   are rejected candidates, as in any DiT);
-- compiled with `backend="chipmunk"` (eager inner compiler) under `FULL`: every key and neuron kept,
-  no forecast, every call a step, refreshes every 3rd call: each call equals eager within `TOL`
-  (sparse steps recompute everything, so the deltas are exact: a cache read in the wrong place or
-  order shows), and sparse steps did run; the calls switch to a second resolution (a recompile
-  under automatic dynamic shapes) and back;
-- no fallback counted.
+- compiled with `backend="chipmunk"` (eager inner compiler; every call a step, refreshes every 3rd
+  call, no forecast), each call equals eager within `TOL`, in two runs of six calls at the spec's
+  grid, three at another resolution (a recompile) and two back at the first:
+  - `FULL`, every key and neuron kept, inputs drifting as a sampler's: the sparse steps recompute
+    everything, so they are exact whatever the caches hold (this checks the ops' arithmetic,
+    layouts, masks and shapes);
+  - `FROZEN`, a quarter of the keys and neurons, the inputs of each size repeated: a sparse step's
+    delta is then zero, so it is exact only if every cache is read where, in the order and at the
+    size it was written;
+  sparse steps ran in both;
+- no fallback counted (on the GPU, no kernel fallback either).
 
 Invariant: a spec is a pure function of its seed (`spec_for`), and a model and its inputs are a pure
-function of the spec (`build`: seeded, float32, CPU, eval mode).
+function of the spec (`build`: seeded, eval mode, on `DEVICE`).
 """
 
 from __future__ import annotations
@@ -74,6 +81,10 @@ FULL = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "r
         "mlp": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "random_keys": 0.0,
                 "full_step_every": 3, "block": 8},
         "step_signal": "calls", "schedule_steps": None}
+# a quarter of the keys and neurons: sparse steps are exact only while the inputs do not move, and
+# then only if every cache is read where and in the order it was written
+FROZEN = {"attn": {**FULL["attn"], "top_keys": 0.25}, "mlp": {**FULL["mlp"], "top_keys": 0.25},
+          "step_signal": "calls", "schedule_steps": None}
 CALLS = 6
 
 
@@ -443,12 +454,55 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _compiled(spec: Spec, model: nn.Module, config: dict) -> tuple[nn.Module, nn.Module]:
+    """(the model compiled as the spec says, an uncompiled twin for the eager reference)."""
+    if DEVICE != "cpu":
+        config = {**config, "attn": {**config["attn"], "group": 64}, "mlp": {**config["mlp"], "block": 64}}
+    options = {"config": config, "compiler": "eager"}
+    if spec.compile == "regional":  # as diffusers' compile_repeated_blocks: each block on its own
+        eager = copy.deepcopy(model)
+        for blk in model.blocks:
+            blk.compile(backend="chipmunk", options=options)
+        return model, eager
+    return torch.compile(model, backend="chipmunk", options=options,
+                         dynamic=True if spec.compile == "dynamic" else None), model
+
+
+def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict]:
+    """A fresh model compiled under `config`: six calls at the spec's grid, three at another resolution
+    (a recompile), two back at the first (each size keeps its own caches); returns each call's error
+    against eager, the sites' step counts and the fallbacks counted. `drift`: the latent and timestep
+    move from call to call; else every call at a size repeats the first."""
+    import chipmunk_compile
+
+    model, kw = build(spec)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, eager = _compiled(spec, model, config)
+    second = inputs(spec, other_grid(spec))
+    if drift:
+        calls = _calls(kw, CALLS) + _calls(second, 3) + _calls(kw, CALLS)[-2:]
+    else:
+        calls = [kw] * CALLS + [second] * 3 + [kw] * 2
+    errs = []
+    with torch.no_grad():
+        for call in calls:
+            errs.append(_rel(compiled(**call), eager(**call)))
+    steps: dict[str, int] = {}
+    for site in chipmunk_compile.stats(compiled)["sites"]:
+        for k, v in site["steps"].items():
+            steps[k] = steps.get(k, 0) + v
+    fb = {k: v for k, v in counters["chipmunk"].items()
+          if k.startswith("fallback") or (DEVICE != "cpu" and k.startswith("kernel_fallback"))}
+    return errs, steps, fb
+
+
 def check(spec: Spec, *, show: bool = False) -> dict:
     """Runs the seed's checks; returns its row (status "ok", "mismatch" or "error", and why)."""
     import chipmunk_compile
 
     row = {"seed": spec.seed, "status": "error", "attn": "", "mlp": "", "rejected": "", "max_err": "",
-           "sparse_steps": "", "fallbacks": "", "note": "", "spec": spec.short()}
+           "frozen_err": "", "sparse_steps": "", "fallbacks": "", "note": "", "spec": spec.short()}
     model, kw = build(spec)
     want_attn, want_mlp = expected_sites(spec)
     phase = "inspect"
@@ -463,41 +517,21 @@ def check(spec: Spec, *, show: bool = False) -> dict:
         if (rep.count("attention"), rep.count("mlp")) != (want_attn, want_mlp):
             reasons = dict.fromkeys(f"{r.kind} {r.path}: {r.reason}" for r in rep.rejected)
             problems.append("sites; rejected " + "; ".join(reasons))
-        phase = "compile+run"
-        torch._dynamo.reset()
-        counters.clear()
-        config = FULL if DEVICE == "cpu" else {**FULL, "attn": {**FULL["attn"], "group": 64},
-                                                "mlp": {**FULL["mlp"], "block": 64}}
-        options = {"config": config, "compiler": "eager"}
-        if spec.compile == "regional":  # as diffusers' compile_repeated_blocks: each block on its own
-            eager = copy.deepcopy(model)
-            for blk in model.blocks:
-                blk.compile(backend="chipmunk", options=options)
-            compiled, model = model, eager
-        else:
-            compiled = torch.compile(model, backend="chipmunk", options=options,
-                                     dynamic=True if spec.compile == "dynamic" else None)
-        errs = []
-        # a generation's calls at the spec's grid, three at another resolution (a recompile), two
-        # back at the first: each size keeps its own caches
-        second = inputs(spec, other_grid(spec))
-        calls = _calls(kw, CALLS) + _calls(second, 3) + _calls(kw, CALLS)[-2:]
-        with torch.no_grad():
-            for call in calls:
-                errs.append(_rel(compiled(**call), model(**call)))
-        steps: dict[str, int] = {}
-        for s in chipmunk_compile.stats(compiled)["sites"]:
-            for k, v in s["steps"].items():
-                steps[k] = steps.get(k, 0) + v
-        fb = {k: v for k, v in counters["chipmunk"].items()
-              if k.startswith("fallback") or (DEVICE != "cpu" and k.startswith("kernel_fallback"))}
-        row.update(max_err=f"{max(errs):.1e}", sparse_steps=steps.get("sparse", 0),
-                   fallbacks=" ".join(f"{k}={v}" for k, v in fb.items()))
-        if max(errs) > TOL[spec.dtype]:
-            problems.append(f"error {max(errs):.1e} at call {errs.index(max(errs))} (errors {' '.join(f'{e:.0e}' for e in errs)})")
-        if not steps.get("sparse", 0):
-            problems.append("no sparse step ran")
-        if fb:
+        fallbacks: dict = {}
+        for phase, config, drift, col in (("full keys", FULL, True, "max_err"),
+                                           ("frozen inputs", FROZEN, False, "frozen_err")):
+            errs, steps, fb = _run(spec, config, drift)
+            fallbacks.update(fb)
+            row[col] = f"{max(errs):.1e}"
+            if max(errs) > TOL[spec.dtype]:
+                problems.append(f"{phase}: error {max(errs):.1e} at call {errs.index(max(errs))} "
+                                f"(errors {' '.join(f'{e:.0e}' for e in errs)})")
+            if not steps.get("sparse", 0):
+                problems.append(f"{phase}: no sparse step ran")
+            if phase == "full keys":
+                row["sparse_steps"] = steps.get("sparse", 0)
+        row["fallbacks"] = " ".join(f"{k}={v}" for k, v in fallbacks.items())
+        if fallbacks:
             problems.append("fallbacks " + row["fallbacks"])
         row["status"] = "mismatch" if problems else "ok"
         row["note"] = "; ".join(problems)

@@ -1,7 +1,8 @@
 """benchmarks/fuzz_dits.py on the few seeds that together take every value of every axis: random DiTs
 assembled from the spellings real code uses are matched in full and, with every key and neuron
 kept, reproduce eager exactly, across a switch of resolution, under whole-model, dynamic and
-regional compilation. Found with it (session 69): explicit attention that masks its scores with
+regional compilation; with a quarter kept and each size's inputs repeated, too (what shows a
+cache read in the wrong place). Found with it (session 69): explicit attention that masks its scores with
 `masked_fill`, and softmax written out as exp / sum, were never matched."""
 
 import os
@@ -30,9 +31,30 @@ def test_covering_seeds_take_every_value():
 
 
 def test_check_catches_an_inexact_sparse_step(fresh_dynamo, monkeypatch):
-    """The exactness check has teeth: with a quarter of the keys and neurons the sparse steps are
-    approximate, and `check` says so."""
+    """The exactness check has teeth: with a quarter of the keys and neurons, inputs drifting, the
+    sparse steps are approximate, and `check` says so."""
     partial = {kind: {**cfg, "top_keys": 0.25} for kind, cfg in fuzz_dits.FULL.items() if kind in ("attn", "mlp")}
     monkeypatch.setattr(fuzz_dits, "FULL", {**fuzz_dits.FULL, **partial})
     row = fuzz_dits.check(fuzz_dits.spec_for(fuzz_dits.covering_seeds()[0]))
-    assert row["status"] == "mismatch" and row["note"].startswith("error"), row
+    assert row["status"] == "mismatch" and row["note"].startswith("full keys: error"), row
+
+
+def test_frozen_inputs_catch_a_misplaced_cache(fresh_dynamo, monkeypatch):
+    """With every key kept a sparse step is exact whatever its cache holds: a cache read one token
+    off passes the full-key run unseen. The frozen-input run (a quarter of the keys, each size's
+    inputs repeated) is what sees it."""
+    from chipmunk_compile import kernels
+    from chipmunk_compile.ops import _dispatch
+
+    ref = kernels.REFS["attn_column_sparse"]
+
+    def misplaced(*args, o_base=None, sign=1.0, out=None, **kw):
+        if o_base is not None and sign == 1.0 and out is None:  # a sparse step's read of o_cache
+            o_base = o_base.roll(1, -2)
+        return ref(*args, o_base=o_base, sign=sign, out=out, **kw)
+
+    monkeypatch.setitem(kernels.REFS, "attn_column_sparse", misplaced)
+    monkeypatch.setattr(_dispatch, "_memo", {})  # the ops' memoized lookup would keep the reference
+    row = fuzz_dits.check(fuzz_dits.spec_for(fuzz_dits.covering_seeds()[0]))
+    assert row["status"] == "mismatch" and row["note"].startswith("frozen inputs: error"), row
+    assert float(row["max_err"]) < 1e-5, row  # the full-key run saw nothing
