@@ -9,7 +9,8 @@ sites and for exact outputs where the method is exact.
 The arch zoos hold one hand-written model per architecture; here a seed picks one value per axis
 (`AXES`: token layout, patch embedding, text stream, text padding, q/k/v projection and head layout,
 attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
-norm, depth, batch, grid, heads, compilation mode, dtype) and builds a small model from them, so the
+norm, depth, batch, grid, heads, compilation mode, dtype, guidance as a batch or two calls) and
+builds a small model from them, so the
 combinations nobody wrote by hand get matched too.
 
 What a seed must satisfy (`check`), or it is a bug in the backend:
@@ -72,6 +73,10 @@ AXES = {
     "heads": [(2, 16), (4, 8)],  # (heads, head dim)
     "compile": ["whole", "dynamic", "regional"],  # torch.compile(model), dynamic=True, each block's .compile()
     "dtype": ["float32", "float32", "bfloat16"],
+    # classifier-free guidance as a batch of the pipeline's, or two calls per step (the prompt's, then
+    # zeros for the text), steps then read from the timestep (drifting run, whole-model compiles) or
+    # set with set_step
+    "cfg": ["batched", "two_calls"],
 }
 SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
 CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
@@ -111,6 +116,7 @@ class Spec:
     heads: tuple
     compile: str
     dtype: str
+    cfg: str
 
     @property
     def dim(self) -> int:
@@ -126,7 +132,7 @@ def spec_for(seed: int) -> Spec:
     if pick["text"] == "mmdit":
         pick["parallel"] = False  # a two-stream block has its own feed-forward per stream
     if pick["text"] in ("none", "registers"):
-        pick["text_mask"] = "none"
+        pick["text_mask"], pick["cfg"] = "none", "batched"  # no text to drop for the second branch
     if pick["layout"] == "nbc":  # (S, B, C) is read as sequence-first from 256 tokens (patterns/mlp.py)
         pick["grid"] = SEQ_FIRST_GRIDS[rng.randrange(len(SEQ_FIRST_GRIDS))]
     return Spec(seed=seed, **pick)
@@ -450,6 +456,18 @@ def _calls(kw: dict, n: int) -> list[dict]:
             for i in range(n)]
 
 
+def _branches(spec: Spec, calls: list[dict]) -> list[tuple[dict, int, str | None]]:
+    """(inputs, step, branch) per call: each of `calls` a step; under two-call guidance two calls, the
+    prompt's and one with zeros for the text (the unconditional branch)."""
+    if spec.cfg != "two_calls":
+        return [(c, i, None) for i, c in enumerate(calls)]
+    out = []
+    for i, c in enumerate(calls):
+        out.append((c, i, "cond"))
+        out.append(({**c, "encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"])}, i, "uncond"))
+    return out
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
@@ -478,6 +496,11 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
     model, kw = build(spec)
     torch._dynamo.reset()
     counters.clear()
+    # a step is two calls: the timestep tells them apart, or set_step does (blocks compiled alone see
+    # no timestep: the user gives the steps, as the backend's warning says)
+    auto = drift and spec.compile != "regional"
+    if spec.cfg == "two_calls":
+        config = {**config, "step_signal": "auto" if auto else "explicit"}
     compiled, eager = _compiled(spec, model, config)
     second = inputs(spec, other_grid(spec))
     if drift:
@@ -486,7 +509,9 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
         calls = [kw] * CALLS + [second] * 3 + [kw] * 2
     errs = []
     with torch.no_grad():
-        for call in calls:
+        for call, step, branch in _branches(spec, calls):
+            if branch is not None and not auto:
+                chipmunk_compile.set_step(compiled, step, branch=branch)
             errs.append(_rel(compiled(**call), eager(**call)))
     steps: dict[str, int] = {}
     for site in chipmunk_compile.stats(compiled)["sites"]:

@@ -227,17 +227,15 @@ def _replace_attention(graph: fx.Graph, m, site: Site, amp: Optional[torch.dtype
         q, k, v = (cast(graph, t, amp) for t in (m.q, m.k, m.v))
         if m.squeeze_head:
             q, k, v = (graph.call_method("unsqueeze", (t, 1)) for t in (q, k, v))
-        key_src, bias_src = m.key_mask, m.bias
-        if m.mask_inverted:  # masked_fill's mask says what is not attended; the op takes what is
-            if key_src is not None:
-                key_src = graph.call_function(operator.invert, (key_src,))
-            if bias_src is not None:
-                bias_src = graph.call_function(operator.invert, (bias_src,))
+        key_src = m.key_mask
         if key_src is None and m.query_mask is None and m.bias is None:
             key_src = m.mask_node  # a pattern that only names the mask: a (B, 1, 1, Nk) key mask
+        bias = cast(graph, m.bias, amp)  # SDPA under autocast casts a float mask as well (not a boolean one)
+        if m.mask_inverted:  # masked_fill's boolean mask says what is not attended; the op takes what is
+            key_src, bias = (graph.call_function(operator.invert, (t,)) if t is not None else None
+                             for t in (key_src, bias))
         batch = graph.call_method("size", (q, 0)) if key_src is not None or m.query_mask is not None else None
         key_mask = _padding_vector(graph, key_src, batch) if key_src is not None else None
-        bias = cast(graph, bias_src, amp)  # SDPA under autocast casts a float mask as well
         if bias is not None and m.bias_scale != 1.0:  # (QKᵀ + bias)·c: the op adds c·bias to c·QKᵀ
             bias = graph.call_function(operator.mul, (bias, m.bias_scale))
         if bias is not None and m.squeeze_head and len(shape_of(m.bias)) == 3:  # (B*H, Nq, Nk) → (B*H, 1, Nq, Nk)

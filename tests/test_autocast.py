@@ -109,3 +109,32 @@ def test_the_second_weight_is_cast_column_major():
     out = gm(weight)
     assert out.dtype == torch.bfloat16 and out.stride(0) == 1 and torch.equal(out, weight.to(torch.bfloat16))
     assert cast(g, w, None) is w
+
+
+class MaskedFillBand(torch.nn.Module):
+    """Explicit attention that masks its scores with `masked_fill(~band, -inf)` (a boolean mask the
+    op takes as a bias, inverted), on q/k/v projected under autocast."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.qkv, self.heads = torch.nn.Linear(c, 3 * c), heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        idx = torch.arange(n, device=x.device)
+        band = (idx[:, None] - idx[None, :]).abs() < n // 4
+        s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~band, float("-inf"))
+        return x + (s.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c).float()
+
+
+def test_masked_fill_mask_stays_boolean_under_autocast(fresh_dynamo):
+    """The rewrite inverts the fill's mask after the autocast cast (which leaves booleans alone):
+    an inverted node cast to bf16 would have turned the mask into a bias of 0s and 1s."""
+    model = MaskedFillBand().eval()
+    xs = [torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(0)) * (1 + 0.02 * i) for i in range(5)]
+    compiled = chip(model, cfg(attn=dict(FULL_KEYS, group=8, full_step_every=3), mlp={"enabled": False}))
+    with torch.no_grad(), torch.autocast(**BF16):
+        outs, refs = [compiled(x) for x in xs], [model(x) for x in xs]
+    assert _bf16_rel(outs, refs) < 2e-2
+    assert step_counts(model)["attention_sparse"] > 0
