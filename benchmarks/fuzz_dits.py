@@ -9,8 +9,8 @@ sites and for exact outputs where the method is exact.
 The arch zoos hold one hand-written model per architecture; here a seed picks one value per axis
 (`AXES`: token layout, patch embedding, text stream, text padding, q/k/v projection and head layout,
 attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
-norm, depth, batch, grid, heads, compilation mode, dtype, guidance as a batch or two calls) and
-builds a small model from them, so the
+norm, depth, batch, grid, heads, compilation mode, dtype, autocast, guidance as a batch or two calls)
+and builds a small model from them, so the
 combinations nobody wrote by hand get matched too.
 
 What a seed must satisfy (`check`), or it is a bug in the backend:
@@ -77,6 +77,7 @@ AXES = {
     # zeros for the text), steps then read from the timestep (drifting run, whole-model compiles) or
     # set with set_step
     "cfg": ["batched", "two_calls"],
+    "autocast": [False, False, True],  # float32 weights called under torch.autocast(bfloat16)
 }
 SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
 CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
@@ -117,6 +118,7 @@ class Spec:
     compile: str
     dtype: str
     cfg: str
+    autocast: bool
 
     @property
     def dim(self) -> int:
@@ -131,6 +133,8 @@ def spec_for(seed: int) -> Spec:
     pick = {k: v[rng.randrange(len(v))] for k, v in AXES.items()}
     if pick["text"] == "mmdit":
         pick["parallel"] = False  # a two-stream block has its own feed-forward per stream
+    if pick["dtype"] != "float32":
+        pick["autocast"] = False
     if pick["text"] in ("none", "registers"):
         pick["text_mask"], pick["cfg"] = "none", "batched"  # no text to drop for the second branch
     if pick["layout"] == "nbc":  # (S, B, C) is read as sequence-first from 256 tokens (patterns/mlp.py)
@@ -508,11 +512,12 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
     else:
         calls = [kw] * CALLS + [second] * 3 + [kw] * 2
     errs = []
-    with torch.no_grad():
+    amp = torch.autocast(torch.device(DEVICE).type, torch.bfloat16, enabled=spec.autocast)
+    with torch.no_grad(), amp:
         for call, step, branch in _branches(spec, calls):
             if branch is not None and not auto:
                 chipmunk_compile.set_step(compiled, step, branch=branch)
-            errs.append(_rel(compiled(**call), eager(**call)))
+            errs.append(_rel(compiled(**call).float(), eager(**call).float()))
     steps: dict[str, int] = {}
     for site in chipmunk_compile.stats(compiled)["sites"]:
         for k, v in site["steps"].items():
@@ -548,7 +553,7 @@ def check(spec: Spec, *, show: bool = False) -> dict:
             errs, steps, fb = _run(spec, config, drift)
             fallbacks.update(fb)
             row[col] = f"{max(errs):.1e}"
-            if max(errs) > TOL[spec.dtype]:
+            if max(errs) > TOL["bfloat16" if spec.autocast else spec.dtype]:
                 problems.append(f"{phase}: error {max(errs):.1e} at call {errs.index(max(errs))} "
                                 f"(errors {' '.join(f'{e:.0e}' for e in errs)})")
             if not steps.get("sparse", 0):
