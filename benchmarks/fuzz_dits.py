@@ -19,7 +19,7 @@ What a seed must satisfy (`check`), or it is a bug in the backend:
   are rejected candidates, as in any DiT);
 - compiled with `backend="chipmunk"` (eager inner compiler; every call a step, refreshes every 3rd
   call, no forecast), each call equals eager within `TOL`, in two runs of six calls at the spec's
-  grid, three at another resolution (a recompile) and two back at the first:
+  grid, three at another resolution and batch (a recompile) and two back at the first:
   - `FULL`, every key and neuron kept, inputs drifting as a sampler's: the sparse steps recompute
     everything, so they are exact whatever the caches hold (this checks the ops' arithmetic,
     layouts, masks and shapes);
@@ -492,7 +492,7 @@ def _compiled(spec: Spec, model: nn.Module, config: dict) -> tuple[nn.Module, nn
 
 def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict]:
     """A fresh model compiled under `config`: six calls at the spec's grid, three at another resolution
-    (a recompile), two back at the first (each size keeps its own caches); returns each call's error
+    and batch (a recompile), two back at the first (each size keeps its own caches); returns each call's error
     against eager, the sites' step counts and the fallbacks counted. `drift`: the latent and timestep
     move from call to call; else every call at a size repeats the first."""
     import chipmunk_compile
@@ -506,7 +506,7 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
     if spec.cfg == "two_calls":
         config = {**config, "step_signal": "auto" if auto else "explicit"}
     compiled, eager = _compiled(spec, model, config)
-    second = inputs(spec, other_grid(spec))
+    second = inputs(dataclasses.replace(spec, batch=3 - spec.batch), other_grid(spec))  # batch 1 <-> 2 too
     if drift:
         calls = _calls(kw, CALLS) + _calls(second, 3) + _calls(kw, CALLS)[-2:]
     else:
