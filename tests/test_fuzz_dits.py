@@ -15,6 +15,10 @@ import fuzz_dits  # noqa: E402
 from helpers import fresh_dynamo  # noqa: E402,F401
 
 
+# a float32 seed without autocast: the teeth tests below need float32's tolerance
+FP32_SEED = next(s for s in range(100) if fuzz_dits.spec_for(s).dtype == "float32" and not fuzz_dits.spec_for(s).autocast)
+
+
 @pytest.mark.parametrize("seed", fuzz_dits.covering_seeds())
 def test_fuzzed_dit_is_matched_and_exact(fresh_dynamo, seed):
     spec = fuzz_dits.spec_for(seed)
@@ -35,7 +39,7 @@ def test_check_catches_an_inexact_sparse_step(fresh_dynamo, monkeypatch):
     sparse steps are approximate, and `check` says so."""
     partial = {kind: {**cfg, "top_keys": 0.25} for kind, cfg in fuzz_dits.FULL.items() if kind in ("attn", "mlp")}
     monkeypatch.setattr(fuzz_dits, "FULL", {**fuzz_dits.FULL, **partial})
-    row = fuzz_dits.check(fuzz_dits.spec_for(fuzz_dits.covering_seeds()[0]))
+    row = fuzz_dits.check(fuzz_dits.spec_for(FP32_SEED))
     assert row["status"] == "mismatch" and row["note"].startswith("full keys: error"), row
 
 
@@ -55,6 +59,6 @@ def test_frozen_inputs_catch_a_misplaced_cache(fresh_dynamo, monkeypatch):
 
     monkeypatch.setitem(kernels.REFS, "attn_column_sparse", misplaced)
     monkeypatch.setattr(_dispatch, "_memo", {})  # the ops' memoized lookup would keep the reference
-    row = fuzz_dits.check(fuzz_dits.spec_for(fuzz_dits.covering_seeds()[0]))
+    row = fuzz_dits.check(fuzz_dits.spec_for(FP32_SEED))
     assert row["status"] == "mismatch" and row["note"].startswith("frozen inputs: error"), row
     assert float(row["max_err"]) < 1e-5, row  # the full-key run saw nothing
