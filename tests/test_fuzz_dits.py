@@ -1,9 +1,10 @@
 """benchmarks/fuzz_dits.py on the few seeds that together take every value of every axis: random DiTs
-assembled from the spellings real code uses are matched in full and, with every key and neuron
-kept, reproduce eager exactly, across a switch of resolution, under whole-model, dynamic and
-regional compilation; with a quarter kept and each size's inputs repeated, too (what shows a
-cache read in the wrong place). Found with it (session 69): explicit attention that masks its scores with
-`masked_fill`, and softmax written out as exp / sum, were never matched."""
+assembled from the spellings real code uses are matched in full and reproduce eager exactly, across a
+switch of resolution and batch, under whole-model, dynamic and per-block compilation, in float32,
+bfloat16 and under autocast, with guidance batched or as two calls: with every key and neuron kept,
+and with a quarter kept and each size's inputs repeated (what shows a cache read in the wrong
+place). Found with it (session 69): explicit attention that masks its scores with `masked_fill`, and
+softmax written out as exp / sum, were never matched."""
 
 import os
 import sys
