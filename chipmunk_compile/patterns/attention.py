@@ -344,13 +344,16 @@ def _row_max_of(m: Any, x: fx.Node) -> list:
         m, reduce = m.args[0], "max"  # torch.max with a dim returns (values, indices)
     if not (is_method(m, reduce) or is_call(m, getattr(torch, reduce))) or m.args[0] is not x:
         return []
-    dim, keep = arg(m, 1, "dim", None), arg(m, 2, "keepdim", False)
-    shape = shape_of(x)
+    return [*nodes, m] if _keeps_last_axis(m, x) else []
+
+
+def _keeps_last_axis(r: fx.Node, x: Any) -> bool:
+    """Whether the reduction `r` (amax / max / sum, its dim and keepdim positional or by keyword)
+    reduces `x` over its last axis with keepdim=True."""
+    dim, keep = arg(r, 1, "dim", None), arg(r, 2, "keepdim", False)
     if isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
-    if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1 or keep is not True:
-        return []
-    return [*nodes, m]
+    return keep is True and _last_dim(x, dim)
 
 
 def _exact_upcast_input(x: Any, dtype, chain: list) -> Any:
@@ -422,6 +425,7 @@ def attention_queries(graph: fx.Graph) -> list:
 
 
 def _last_dim(node: Any, dim: Any) -> bool:
+    """Whether `dim` (an int) names the last axis of `node`."""
     shape = shape_of(node)
     return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
 
@@ -436,10 +440,7 @@ def _written_out_softmax(node: fx.Node) -> Optional[tuple[fx.Node, list]]:
         return None
     if not (is_method(total, "sum") or is_call(total, torch.sum)) or total.args[0] is not e:
         return None
-    dim, keep = arg(total, 1, "dim", None), arg(total, 2, "keepdim", False)
-    if isinstance(dim, (list, tuple)) and len(dim) == 1:
-        dim = dim[0]
-    if not _last_dim(e, dim) or keep is not True or not single_user(total):
+    if not _keeps_last_axis(total, e) or not single_user(total):
         return None
     return e.args[0], [total, e]
 
