@@ -6,12 +6,14 @@ only while the lengths differ: 8 text tokens attending to 8 audio tokens look li
 
 Rule: from q (and from k) walk up the graph through ops whose output is one of their inputs
 rearranged or rescaled (views, transposes, casts, norms, rotary products, chunks, concatenations:
-`_upstream`) to the first linear projection on every path; from each projection's input walk on up
-the same way to collect the chain of tensors it was made from. Queries and keys come from different
-streams when both walks reached a projection on every path and the two chains share no node.
+`_upstream`; on the way to the projection also repeats, `_REPEATS`: grouped-query heads repeated to
+the query heads) to the first linear projection on every path; from each projection's input walk on
+up the same way to collect the chain of tensors it was made from. Queries and keys come from
+different streams when both walks reached a projection on every path and the two chains share no
+node.
 
-Invariant: conservative. Any path that cannot be followed (q or k is a graph input, an indexing or
-expanding op, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
+Invariant: conservative. Any path that cannot be followed (q or k is a graph input, an indexing by
+tensors, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
 length rule alone.
 
 Queries cut from their keys' sequence (`token_slice_of`, `projected_from`): the prefill of a KV
@@ -78,10 +80,26 @@ def _upstream(node: fx.Node) -> Optional[list]:
     return same or None
 
 
+# ops whose output is copies of their first input (grouped-query heads repeated to the query heads:
+# `k.repeat_interleave(2, dim=1)`, `k[:, :, None].expand(...)`): what they are projected from is
+# what that input is projected from
+_REPEATS = frozenset({"repeat_interleave", "expand", "expand_as", "repeat", "tile", "broadcast_to"})
+
+
+def _repeated_from(node: fx.Node) -> Optional[list]:
+    """[the repeated input] when `node` is one of `_REPEATS`; else None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    first = node.args[0] if node.args else None
+    return [first] if name in _REPEATS and isinstance(first, fx.Node) else None
+
+
 def _projection_inputs(start, every_path: bool = True) -> Optional[set]:
     """Inputs of the first linear projection on every path up from `start` (None: a path without
-    one). With every_path False, paths that cannot be followed (a rotary table computed from
-    position ids) are dropped: the projections reached on the others."""
+    one), also through repeats (`_REPEATS`: more tokens or heads, each a copy of one projected
+    from that input). With every_path False, paths that cannot be followed (a rotary table
+    computed from position ids) are dropped: the projections reached on the others."""
     found, todo, seen = set(), [start], set()
     while todo:
         n = todo.pop()
@@ -93,7 +111,7 @@ def _projection_inputs(start, every_path: bool = True) -> Optional[set]:
         if is_linear(n):
             found.add(linear_parts(n)[0])
             continue
-        ups = _upstream(n)
+        ups = _upstream(n) or _repeated_from(n)
         if ups is None:
             if every_path:
                 return None
