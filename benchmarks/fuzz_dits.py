@@ -21,7 +21,7 @@ What a seed must satisfy (`check`), or it is a bug in the backend:
 - compiled with `backend="chipmunk"` (eager inner compiler; every call a step, refreshes every 3rd
   call, no forecast), each call equals eager within `TOL`, in two runs of 17 calls at the sizes of
   `SEGMENTS` (the spec's grid; another resolution and batch, a recompile; the first again; another
-  grid of the same token count; the first again), each switch on a sparse step:
+  grid of the same token count; the first again), three of the four switches on sparse steps:
   - `FULL`, every key and neuron kept, inputs drifting as a sampler's: the sparse steps recompute
     everything, so they are exact whatever the caches hold (this checks the ops' arithmetic,
     layouts, masks and shapes);
@@ -95,8 +95,8 @@ FULL = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "r
 # then only if every cache is read where and in the order it was written
 FROZEN = {"attn": {**FULL["attn"], "top_keys": 0.25}, "mlp": {**FULL["mlp"], "top_keys": 0.25},
           "step_signal": "calls", "schedule_steps": None}
-# (size, calls) in order. Every call is a step and every 3rd step (0, 3, 6, ...) a refresh, so each
-# switch lands on a sparse step (7, 10, 13, 15): "first" the spec's grid, "other" another grid and
+# (size, calls) in order. Every call is a step, steps 1, 3, 6, 9, ... refreshes, so the switches at
+# steps 7, 10 and 13 land on sparse steps (15 on a refresh): "first" the spec's grid, "other" another grid and
 # batch (a recompile), "reordered" another grid of the first's token count at its batch (the same
 # shapes, other positions). In the frozen run "reordered" calls are "first" ones: there a sparse
 # step is exact only over caches of the same inputs, and "reordered" shares "first"'s caches (one
