@@ -12,9 +12,9 @@ up the same way to collect the chain of tensors it was made from. Queries and ke
 different streams when both walks reached a projection on every path and the two chains share no
 node.
 
-Invariant: conservative. Any path that cannot be followed (q or k is a graph input, an indexing by
-tensors, a matmul) makes the answer "not known to differ" (False), and the caller keeps its
-length rule alone.
+Invariant: conservative. Any path that cannot be followed (q or k is a graph input, or made by a
+matmul, a reduction or another op whose element count matches none of its inputs') makes the
+answer "not known to differ" (False), and the caller keeps its length rule alone.
 
 Queries cut from their keys' sequence (`token_slice_of`, `projected_from`): the prefill of a KV
 cache attends the last tokens' queries to every token's keys; q is a slice of a projection whose
