@@ -95,10 +95,10 @@ FULL = {"attn": {"min_tokens": 0, "first_n_dense_layers": 0, "top_keys": 1.0, "r
 # then only if every cache is read where and in the order it was written
 FROZEN = {"attn": {**FULL["attn"], "top_keys": 0.25}, "mlp": {**FULL["mlp"], "top_keys": 0.25},
           "step_signal": "calls", "schedule_steps": None}
-# (size, calls) in order. Every call is a step, steps 1, 3, 6, 9, ... refreshes, so the switches at
-# steps 7, 10 and 13 land on sparse steps (15 on a refresh): "first" the spec's grid, "other" another grid and
-# batch (a recompile), "reordered" another grid of the first's token count at its batch (the same
-# shapes, other positions). In the frozen run "reordered" calls are "first" ones: there a sparse
+# (size, calls) in order. Every call is a step, steps 1, 3, 6, 9, ... refreshes, so the switches
+# at steps 7, 10 and 13 land on sparse steps (15 on a refresh): "first" the spec's grid, "other"
+# another grid and batch (a recompile), "reordered" another grid of the first's token count at its
+# batch (the same shapes, other positions). In the frozen run "reordered" calls are "first" ones: there a sparse
 # step is exact only over caches of the same inputs, and "reordered" shares "first"'s caches (one
 # shape), whose other content a sparse step reads as it reads any earlier step's, approximately.
 SEGMENTS = (("first", 7), ("other", 3), ("first", 3), ("reordered", 2), ("first", 2))

@@ -92,7 +92,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import runtime, sequence_parallel, symbolic_grid
-from .patterns.fx_utils import IDENTITY_METHODS, RESHAPE_METHODS, source_name
+from .patterns.fx_utils import IDENTITY_METHODS, RESHAPE_METHODS, op_name, source_name
 
 log = logging.getLogger("chipmunk_compile")
 
@@ -327,14 +327,9 @@ def _dims_arg(node: fx.Node, first: int) -> list:
     return rest
 
 
-def _op_name(node: fx.Node) -> Optional[str]:
-    """The method or function name of a call node."""
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-
-
 def _step_layout(node: fx.Node, src: fx.Node, layout: list) -> Optional[list]:
     """Layout of `node`'s output when it is a view-like op of `src`, else None."""
-    name = _op_name(node)
+    name = op_name(node)
     if not node.args or node.args[0] is not src:
         return None
     nd = len(layout)
@@ -781,7 +776,7 @@ def _through(node: Any, names, limit: Optional[int] = None) -> Any:
     following at most `limit` of them."""
     steps = 0
     while (isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.args
-           and isinstance(node.args[0], fx.Node) and _op_name(node) in names and (limit is None or steps < limit)):
+           and isinstance(node.args[0], fx.Node) and op_name(node) in names and (limit is None or steps < limit)):
         node, steps = node.args[0], steps + 1
     return node
 

@@ -31,6 +31,11 @@ def is_method(node: Any, *names: str) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 
 
+def op_name(node: fx.Node) -> Optional[str]:
+    """The method or function name of a call node (None for a target without one)."""
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+
+
 def fn_kwargs(node: fx.Node) -> Optional[dict[str, Any]]:
     """All arguments of a call_function node by name, or None when it cannot be normalized."""
     try:

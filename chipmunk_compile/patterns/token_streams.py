@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import is_call, is_linear, linear_parts, val
+from .fx_utils import is_call, is_linear, linear_parts, op_name, val
 
 _CAT = (torch.cat, torch.concat, torch.stack)
 _LIMIT = 256  # nodes visited per walk
@@ -88,11 +88,8 @@ _REPEATS = frozenset({"repeat_interleave", "expand", "expand_as", "repeat", "til
 
 def _repeated_from(node: fx.Node) -> Optional[list]:
     """[the repeated input] when `node` is one of `_REPEATS`; else None."""
-    if node.op not in ("call_function", "call_method"):
-        return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     first = node.args[0] if node.args else None
-    return [first] if name in _REPEATS and isinstance(first, fx.Node) else None
+    return [first] if op_name(node) in _REPEATS and isinstance(first, fx.Node) else None
 
 
 def _projection_inputs(start, every_path: bool = True) -> Optional[set]:
@@ -159,8 +156,7 @@ def _moves_rows(node) -> bool:
     if node.target is operator.getitem:  # indexing by a tensor (advanced indexing, a boolean mask)
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         return any(isinstance(i, fx.Node) and isinstance(val(i), torch.Tensor) for i in idx)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return name in _MOVES_ROWS
+    return op_name(node) in _MOVES_ROWS
 
 
 def attention_rows(queries) -> set:
