@@ -869,6 +869,17 @@ def test_source_to_path_spellings():
     assert source_to_path("L['self']") == ""
 
 
+def _repeat_kv(y, how):
+    """Grouped-query keys or values (B, H // 2, n, D) repeated to the H query heads, as `how` spells it
+    (None: y has H heads already)."""
+    if how == "repeat_interleave":
+        return y.repeat_interleave(2, dim=1)
+    if how == "expand":  # transformers' repeat_kv
+        b, hkv, n, d = y.shape
+        return y[:, :, None].expand(b, hkv, 2, n, d).reshape(b, 2 * hkv, n, d)
+    return y
+
+
 class CrossSameLength(nn.Module):
     """Cross-attention whose context happens to have as many tokens as the queries (8 audio tokens
     attending to 8 text tokens): queries from x, keys and values from another sequence."""
@@ -887,10 +898,7 @@ class CrossSameLength(nn.Module):
         src = ctx if self.from_context else h
         q, k, v = (y.view(b, -1, y.shape[-1] // D, D).transpose(1, 2)
                    for y in (self.to_q(h), self.to_k(src), self.to_v(src)))
-        if self.kv_repeat == "repeat_interleave":
-            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-        elif self.kv_repeat == "expand":  # transformers' repeat_kv
-            k, v = (y[:, :, None].expand(b, H // 2, 2, y.shape[2], D).reshape(b, H, y.shape[2], D) for y in (k, v))
+        k, v = _repeat_kv(k, self.kv_repeat), _repeat_kv(v, self.kv_repeat)
         return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
 
 
@@ -975,51 +983,71 @@ def test_mlp_layers_count_blocks_when_every_attention_is_rejected(fresh_dynamo):
 class JointKeys(nn.Module):
     """PRX: image queries attend to cat(text keys, image keys); the text has its own projections."""
 
-    def __init__(self, text_first=True, own_keys=True, rope=False):
+    def __init__(self, text_first=True, own_keys=True, rope=False, kv_repeat=None):
         super().__init__()
-        self.text_first, self.own_keys, self.rope = text_first, own_keys, rope
-        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(C, C) for _ in range(4))
-        self.txt_k, self.txt_v = nn.Linear(C, C), nn.Linear(C, C)
+        self.text_first, self.own_keys, self.rope, self.kv_repeat = text_first, own_keys, rope, kv_repeat
+        kv = C // 2 if kv_repeat else C  # grouped-query heads, repeated after the concatenation
+        self.to_q, self.out = nn.Linear(C, C), nn.Linear(C, C)
+        self.to_k, self.to_v, self.txt_k, self.txt_v = (nn.Linear(C, kv) for _ in range(4))
 
     def forward(self, x, ctx, t):
         b, n, _ = x.shape
-        heads = lambda y: y.view(b, -1, H, D).transpose(1, 2)  # noqa: E731
+        heads = lambda y: y.view(b, -1, y.shape[-1] // D, D).transpose(1, 2)  # noqa: E731
         q = heads(self.to_q(x))
         src = x if self.own_keys else ctx.flip(1)  # not own keys: a second context stream
         ki, vi = heads(self.to_k(src)), heads(self.to_v(src))
         kt, vt = heads(self.txt_k(ctx)), heads(self.txt_v(ctx))
         k = torch.cat((kt, ki) if self.text_first else (ki, kt), dim=2)
         v = torch.cat((vt, vi) if self.text_first else (vi, vt), dim=2)
-        if self.rope:  # complex rotary product applied to the joint keys after the concatenation
-            q, k = _rope(q), _rope(k)
+        k, v = _repeat_kv(k, self.kv_repeat), _repeat_kv(v, self.kv_repeat)
+        if self.rope:  # rotary product applied to the joint keys after the concatenation
+            spelled = _rope_half if self.rope == "half" else _rope
+            q, k = spelled(q), spelled(k)
         return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, C))
 
 
+def _angles(x):
+    return torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, x.shape[-1] // 2)
+
+
 def _rope(x):
-    angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * torch.linspace(0.1, 1.0, x.shape[-1] // 2)
+    angles = _angles(x)
     table = torch.polar(torch.ones_like(angles), angles)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * table).flatten(3).type_as(x)
 
 
-@pytest.mark.parametrize("text_first,rope", [(True, False), (False, False), (True, True)])
-def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first, rope):
+def _rope_half(x):
+    """The rotate-half spelling: the halves of the head dim rotated, concatenated on the last axis."""
+    c, s = _angles(x).cos(), _angles(x).sin()
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+
+
+@pytest.mark.parametrize("text_first,rope,kv_repeat", [
+    (True, None, None), (False, None, None), (True, "complex", None), (True, "half", None),
+    (True, None, "repeat_interleave"), (False, "complex", "expand"), (False, "half", "repeat_interleave")])
+def test_joint_keys_queries_over_text_and_own_keys(fresh_dynamo, text_first, rope, kv_repeat):
     """Queries over cat(text keys, own keys) are matched (exact at full keys); the text keys are
-    always kept, the own keys ranked; a concatenation of other streams only stays cross-attention."""
+    always kept, the own keys ranked; a concatenation of other streams only stays cross-attention.
+    Also with grouped-query keys repeated to the query heads after the concatenation, or a rotary
+    product spelled rotate-half on the joint keys (until session 71 either hid the concatenation, and
+    such a joint attention was rejected as cross-attention; benchmarks/fuzz_dits.py found the second)."""
     n_txt = 8
 
     def args(i):
         x, t = tokens(i)
         return x, torch.randn(B, n_txt, C, generator=torch.Generator().manual_seed(7)), t
 
-    mod = JointKeys(text_first, rope=rope)
+    mod = JointKeys(text_first, rope=rope, kv_repeat=kv_repeat)
     check(mod, args, attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
     offset = n_txt if text_first else 0
     assert site.key_runs(N, N + n_txt) == ((0, offset, N),)
     keep, count = site.key_keep_on("cpu", N, N + n_txt)
     assert count == n_txt and not keep[offset:offset + N].any() and keep.sum() == n_txt
-    other = chipmunk_compile.inspect(JointKeys(text_first, own_keys=False).eval(), *args(0), config=SMALL)
+    other = chipmunk_compile.inspect(JointKeys(text_first, own_keys=False, kv_repeat=kv_repeat).eval(), *args(0),
+                                     config=SMALL)
     assert other.count("attention") == 0 and "cross-attention" in _reason(other), str(other)
 
 
@@ -1054,7 +1082,7 @@ class _QKVOut(nn.Module):
 
     @staticmethod
     def heads(y):
-        return y.view(y.shape[0], -1, H, D).transpose(1, 2)
+        return y.view(y.shape[0], -1, y.shape[-1] // D, D).transpose(1, 2)
 
     def attend(self, q, k, v):
         b, _, n, _ = q.shape
@@ -1185,9 +1213,12 @@ class TailQueriesOverAllKeys(_QKVOut):
     """Qwen-Image 2.1's prefill (its steps without a KV cache): every token's keys, the last tokens'
     queries, cut from the same projection (before or after the head split)."""
 
-    def __init__(self, n_prefix, cut="heads", stop=None, other_stream=False, drop_key=False):
+    def __init__(self, n_prefix, cut="heads", stop=None, other_stream=False, drop_key=False, kv_repeat=None):
         super().__init__()
         self.n_prefix, self.cut, self.stop, self.other_stream, self.drop_key = n_prefix, cut, stop, other_stream, drop_key
+        self.kv_repeat = kv_repeat
+        if kv_repeat:  # grouped-query heads: half as many k/v heads, repeated to the query heads
+            self.to_k, self.to_v = nn.Linear(C, C // 2), nn.Linear(C, C // 2)
 
     def forward(self, x, t):
         P, heads = self.n_prefix, self.heads
@@ -1199,14 +1230,17 @@ class TailQueriesOverAllKeys(_QKVOut):
         k, v = heads(self.to_k(x)), heads(self.to_v(x))
         if self.drop_key:
             k, v = k[:, :, 1:], v[:, :, 1:]
-        return self.attend(q, k, v)
+        return self.attend(q, _repeat_kv(k, self.kv_repeat), _repeat_kv(v, self.kv_repeat))
 
 
-@pytest.mark.parametrize("cut,n_prefix", [("heads", 8), ("tokens", 8), ("heads", 20)])
-def test_tail_queries_over_all_keys(fresh_dynamo, cut, n_prefix):
+@pytest.mark.parametrize("cut,n_prefix,kv_repeat", [("heads", 8, None), ("tokens", 8, None), ("heads", 20, None),
+                                                    ("heads", 8, "repeat_interleave"), ("tokens", 8, "expand")])
+def test_tail_queries_over_all_keys(fresh_dynamo, cut, n_prefix, kv_repeat):
     """Queries cut as the tail of the keys' own sequence are matched, exact at full keys, with the
-    prefix placed before their own keys: kept like text when short, ranked when long."""
-    mod = TailQueriesOverAllKeys(n_prefix, cut)
+    prefix placed before their own keys: kept like text when short, ranked when long. Also with
+    grouped-query keys repeated to the query heads (until session 71 the repeat ended the walk from
+    the keys to their projection, and the prefill was rejected as cross-attention)."""
+    mod = TailQueriesOverAllKeys(n_prefix, cut, kv_repeat=kv_repeat)
     check(mod, tokens, attention=1)
     (site,) = chipmunk_compile.runtime.sessions_of(mod)[0].sites
     n_q = N - n_prefix
@@ -1219,7 +1253,8 @@ def test_tail_queries_over_all_keys(fresh_dynamo, cut, n_prefix):
         assert keep is None and count == 0
 
 
-@pytest.mark.parametrize("variant", [dict(stop=N - 4), dict(other_stream=True), dict(drop_key=True)])
+@pytest.mark.parametrize("variant", [dict(stop=N - 4), dict(other_stream=True), dict(drop_key=True),
+                                     dict(other_stream=True, kv_repeat="expand")])
 def test_tail_queries_rejected_when_not_shown(fresh_dynamo, variant):
     """A slice that is not the tail, queries projected from another stream of the same length, or
     keys missing a token of the queries' sequence: not the keys' own tail, so cross-attention."""

@@ -20,7 +20,8 @@ Queries cut from their keys' sequence (`token_slice_of`, `projected_from`): the 
 cache attends the last tokens' queries to every token's keys; q is a slice of a projection whose
 input also makes k, token for token.
 
-Joint keys (`joint_key_streams`): k = cat(parts) with one or more parts from q's stream (the
+Joint keys (`joint_key_streams`): k = cat(parts), possibly repeated to the query heads after the
+concatenation (`key_concat`), with one or more parts from q's stream (the
 caller checks that they are its whole sequence, in order); every other
 part is projected from another stream or is precomputed, i.e. made of graph inputs by
 token-preserving ops with no projection on the way and no input in q's chain (a KV cache filled by
@@ -194,24 +195,41 @@ def distinct_streams(q, k) -> bool:
     return not (_chain(qs) & _chain(ks))
 
 
-def _up_token_ops(node, steps: int = 16):
+def _up_token_ops(node, steps: int = 16, repeats: bool = False):
     """node, then what it is made of through token-preserving single-input ops (casts, views, axis
-    swaps, a rotary product with a table: the data operand), nearest first, at most `steps`."""
+    swaps, a rotary product with a table: the data operand), nearest first, at most `steps`; with
+    `repeats` also through `_REPEATS` (keys of grouped-query heads repeated to the query heads: each
+    token stays where it is, so a caller that checks the token count finds a repeat along the token
+    axis by its count)."""
     for _ in range(steps):
         yield node
-        ups = _upstream(node)
+        ups = _upstream(node) or (_repeated_from(node) if repeats else None)
         if not ups:
             return
+        if _feature_cat(node):  # a rotary product spelled rotate-half: every part holds every token
+            node = ups[0]
+            continue
         first = node.args[0] if node.args else None
         if len(ups) > 1 and first not in ups:  # follow the data operand (type_as(x, ref): x)
             return
         node = first if len(ups) > 1 else ups[0]
 
 
+def _feature_cat(node) -> bool:
+    """node concatenates or stacks along its output's last axis (a rotary product's halves or pairs,
+    `cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)`): each part has the tokens of the output, in place."""
+    if not is_call(node, *_CAT):
+        return False
+    v = val(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return isinstance(v, torch.Tensor) and isinstance(dim, int) and v.dim() > 1 and dim % v.dim() == v.dim() - 1
+
+
 def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
     """(the concatenated parts, the axis) when k is, through token-preserving single-input ops (casts, views, axis
-    swaps, a rotary product with a table), a concatenation of n_k tokens along one axis; else None."""
-    for node in _up_token_ops(k):
+    swaps, a rotary product with a table, grouped-query repeats), a concatenation of n_k tokens along one axis;
+    else None."""
+    for node in _up_token_ops(k, repeats=True):
         if is_call(node, torch.cat, torch.concat):
             shape = val(node).shape if isinstance(val(node), torch.Tensor) else None
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -219,7 +237,10 @@ def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
             if shape is None or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
                 return None
             dim %= len(shape)
-            return (list(parts), dim) if shape[dim] == n_k else None
+            if shape[dim] == n_k:
+                return list(parts), dim
+            if not _feature_cat(node):
+                return None
     return None
 
 
@@ -239,8 +260,8 @@ def token_slice_of(q) -> Optional[fx.Node]:
 
 def projected_from(node) -> Optional[fx.Node]:
     """The input of the linear projection `node` is made of through token-preserving single-input
-    ops that keep every token (no indexing that drops any), or None."""
-    for n in _up_token_ops(node):
+    ops that keep every token (no indexing that drops any) and grouped-query repeats, or None."""
+    for n in _up_token_ops(node, repeats=True):
         if is_linear(n):
             return linear_parts(n)[0]
         if _indexes_tensor(n) and not statically_known_true(_numel(n.args[0]) == _numel(n)):
