@@ -14,7 +14,7 @@ Where the token grid comes from, in this order:
    the token axis (FramePack's 4× / 2× history, clean frames and current latent; Helios) are one
    image stream of runs, each on its own conv's grid (`_conv_runs`), valid for the input shapes
    they were read at (a call with others runs ungrouped, counted: `CallGrouping`).
-2. a position-id input (Flux style): a graph input of shape (N, 3|4) or (B, N, 3|4) whose rows
+2. a position-id input (Flux style): a graph input of shape (N, 2|3|4) or (B, N, 2|3|4) whose rows
    are distinct integer positions filling a box, or whose rows at one end do, after or before a
    minority of other rows (a joint text + image table, Krea 2; the side of those rows is then the
    text side the grid knows); or whose rows are consecutive runs that each fill a box (an image and
@@ -1040,6 +1040,11 @@ def _integral(x: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.stack(cols, -1).long()
 
 
+# columns of a position-id input: (h, w) pairs as research code passes them, Flux's (0, h, w),
+# FLUX.2's (t, h, w, l); the constant ones are ignored (`_box`)
+ID_COLUMNS = (2, 3, 4)
+
+
 def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
     """(grid, raster index of each grid row, number of other rows, other rows first?[, segments])
     for position ids (N, c) / (B, N, c) with identical batch rows: all rows fill a box (Flux's
@@ -1051,7 +1056,7 @@ def _ids_grid(ids: torch.Tensor) -> Optional[tuple]:
         if not bool((ids == ids[:1]).all()):
             return None
         ids = ids[0]
-    if ids.dim() != 2 or ids.shape[-1] not in (3, 4) or ids.shape[0] < 4:
+    if ids.dim() != 2 or ids.shape[-1] not in ID_COLUMNS or ids.shape[0] < 4:
         return None
     x = _integral(ids.detach().cpu().double())
     if x is None:
@@ -1092,7 +1097,7 @@ def _id_grids(gm: fx.GraphModule, example_inputs) -> list[GridInfo]:
     out = []
     places = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (node, value) in enumerate(zip(places, example_inputs)):
-        if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.shape[-1] not in (3, 4):
+        if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.shape[-1] not in ID_COLUMNS:
             continue
         if isinstance(value, torch._subclasses.FakeTensor) or value.is_meta or _is_param(node):
             continue

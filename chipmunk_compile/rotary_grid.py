@@ -88,7 +88,7 @@ def _positions(angles: torch.Tensor, steps: torch.Tensor) -> Optional[torch.Tens
         return None
     if r.shape[1] > 4:
         return None
-    if r.shape[1] < 3:  # the position-id search wants 3 or 4 columns: constant ones are ignored
+    if r.shape[1] < 3:  # padded with constant columns, which the position-id search ignores
         r = torch.cat([r, torch.zeros(r.shape[0], 3 - r.shape[1], dtype=r.dtype)], dim=1)
     return r
 

@@ -258,6 +258,23 @@ def test_joint_position_ids_split_off_the_other_rows(other_first):
     assert _ids_grid(torch.cat([text, img, text])) is None  # other rows on both sides
 
 
+def test_two_column_position_ids_give_the_grid():
+    """(h, w) pairs, as research code passes its packed tokens' positions, fill the same box as Flux's
+    (0, h, w) rows: the same grid and order, also shuffled and with text rows at the origin (until
+    session 71 only 3 or 4 columns were read, and such a model ran ungrouped; benchmarks/fuzz_dits.py
+    found it). Two columns of which one is constant are no grid."""
+    from chipmunk_compile.grouping import _ids_grid
+
+    three = _grid_ids(6, 10).float()
+    two = three[:, 1:]
+    a, b = _ids_grid(three), _ids_grid(two)
+    assert b is not None and (a[0], a[2:]) == (b[0], b[2:]) == ((6, 10), (0, None)) and torch.equal(a[1], b[1])
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_ids_grid(two[perm])[1], a[1][perm])
+    assert _ids_grid(torch.cat([torch.zeros(5, 2), two]))[2:] == (5, True)
+    assert _ids_grid(torch.stack([torch.arange(60.0), torch.zeros(60)], -1)) is None
+
+
 def test_position_ids_scaled_by_a_rope_factor_give_the_same_grid():
     """FLUX.3's modular pipeline scales the image's h and w ids by its rope scale (0.5), text rows at
     the origin: the same grid, order and text side as integer ids (until session 49: no grid, every
