@@ -7,7 +7,8 @@ sites and for exact outputs where the method is exact.
     python benchmarks/fuzz_dits.py --device cuda       # GPU sizes (`for_gpu`): Triton kernels, step graphs
 
 The arch zoos hold one hand-written model per architecture; here a seed picks one value per axis
-(`AXES`: token layout, patch embedding, text (joint, a second stream, registers or cross-attention),
+(`AXES`: image or video, token layout, patch embedding, text (joint, a second stream, registers or cross-attention;
+a second stream's tokens as queries too or as keys and values only),
 text padding, q/k/v projection and head layout,
 attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
 norm, depth, batch, grid, heads, compilation mode, dtype, autocast, guidance as a batch or two calls)
@@ -17,7 +18,8 @@ combinations nobody wrote by hand get matched too.
 What a seed must satisfy (`check`), or it is a bug in the backend:
 - `inspect()` finds one attention site per block and one MLP site per feed-forward (every spelling
   here is one the README lists as supported; the timestep embedding's and the modulation's linears,
-  and a cross-attention to the text, are rejected candidates, as in any DiT);
+  and a cross-attention to the text, are rejected candidates, as in any DiT), each grouped on the
+  spec's grid with the text where the model shows the grid (`expected_grouping`);
 - compiled with `backend="chipmunk"` (eager inner compiler; every call a step, refreshes every 3rd
   call, no forecast), each call equals eager within `TOL`, in two runs of 17 calls at the sizes of
   `SEGMENTS` (the spec's grid; another resolution and batch, a recompile; the first again; another
@@ -82,6 +84,14 @@ AXES = {
     # set with set_step
     "cfg": ["batched", "two_calls"],
     "autocast": [False, False, True],  # float32 weights called under torch.autocast(bfloat16)
+    # mmdit's text tokens as queries too (a stream updated by each block), or only as keys and values
+    # in front of the image's keys (PRX: image queries over cat(text keys, image keys))
+    "text_queries": [True, False],
+    # an image, or a video of 3 latent frames (Conv3d patch embedding, a patchify over t×h×w, or
+    # packed tokens with (t, h, w) ids). This axis and the one above are drawn after the others
+    # (session 71), which kept each seed's other values; only sequence-first seeds, whose grid is
+    # drawn after every axis, got another grid
+    "frames": [1, 3],
 }
 SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
 CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
@@ -132,6 +142,8 @@ class Spec:
     dtype: str
     cfg: str
     autocast: bool
+    text_queries: bool
+    frames: int
 
     @property
     def dim(self) -> int:
@@ -146,6 +158,8 @@ def spec_for(seed: int) -> Spec:
     pick = {k: v[rng.randrange(len(v))] for k, v in AXES.items()}
     if pick["text"] == "mmdit":
         pick["parallel"] = False  # a two-stream block has its own feed-forward per stream
+    else:
+        pick["text_queries"] = True  # only a second stream can attend with its keys alone
     if pick["dtype"] != "float32":
         pick["autocast"] = False
     if pick["text"] in ("none", "registers"):
@@ -177,10 +191,14 @@ class QKNorm(nn.Module):
 
 
 def rope_tables(pos: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 2) positions -> cos, sin of shape (N, d): half the frequencies per axis."""
+    """(N, 2) (h, w) or (N, 3) (t, h, w) positions -> cos, sin of shape (N, d): half the frequencies
+    per spatial axis, the frame index added to the first half at a slower rate."""
     quarter = d // 4
     freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32, device=pos.device) / quarter))
-    ang = torch.cat([pos[:, :1] * freqs, pos[:, 1:2] * freqs], dim=-1)  # (N, d/2)
+    first = pos[:, -2:-1] * freqs
+    if pos.shape[1] == 3:
+        first = first + pos[:, :1] * (0.37 * freqs)
+    ang = torch.cat([first, pos[:, -1:] * freqs], dim=-1)  # (N, d/2)
     return ang.cos(), ang.sin()
 
 
@@ -330,7 +348,10 @@ class Block(nn.Module):
         self.ff = FeedForward(spec, c, out=not spec.parallel)
         self.out = nn.Linear(c + self.ff.hid, c) if spec.parallel else nn.Linear(c, c)
         self.mod = nn.Linear(c, 6 * c) if spec.modulation == "adaln" else None
-        if spec.text == "mmdit":
+        self.tkv = None
+        if spec.text == "mmdit" and not spec.text_queries:  # the text's keys and values only
+            self.tn1, self.tkv, self.tnk = _norm(spec, c), nn.Linear(c, 2 * c), QKNorm(spec.qk_norm, spec.heads[1])
+        elif spec.text == "mmdit":
             self.tn1, self.tn2 = _norm(spec, c), _norm(spec, c)
             self.tproj, self.tout, self.tff = Projection(spec), nn.Linear(c, c), FeedForward(spec, c)
             self.tmod = nn.Linear(c, 6 * c) if spec.modulation == "adaln" else None
@@ -348,6 +369,15 @@ class Block(nn.Module):
         q, k, v = self.proj(h)
         if self.cross is not None:  # txt is the context of the cross-attention, not a stream
             ctx, txt, keep_ctx, keep = txt, None, keep, None
+        if self.tkv is not None:  # image queries over cat(text keys, image keys); the text stays as it is
+            ctx, txt = txt, None
+            perm = (1, 2, 0, 3) if seq_first else (0, 2, 1, 3)
+            tk, tv = (t.unflatten(-1, self.spec.heads).permute(*perm) for t in self.tkv(self.tn1(ctx)).chunk(2, dim=-1))
+            k, v = torch.cat([self.tnk(tk), k], dim=2), torch.cat([tv, v], dim=2)
+            if cos is not None:  # the joint keys take the whole table (text first), the queries the image's rows
+                n_txt = tk.shape[2]
+                q, k = apply_rope(self.spec.rope, q, cos[n_txt:], sin[n_txt:]), apply_rope(self.spec.rope, k, cos, sin)
+                cos = None
         if txt is not None:
             ts1, tc1, tg1, ts2, tc2, tg2 = self._mods(self.tmod, cond)
             tq, tk, tv = self.tproj(self.tn1(txt) * (1 + tc1) + ts1)
@@ -367,6 +397,8 @@ class Block(nn.Module):
             x = x + g2 * self.ff(self.n2(x) * (1 + c2) + s2)
         if self.cross is not None:
             x, txt = x + self.cross(x, ctx, keep_ctx), ctx
+        if self.tkv is not None:
+            txt = ctx
         return x, txt
 
 
@@ -374,7 +406,9 @@ class FuzzDiT(nn.Module):
     def __init__(self, spec: Spec):
         super().__init__()
         self.spec, c = spec, spec.dim
-        if spec.embed == "conv":
+        if spec.embed == "conv" and spec.frames > 1:
+            self.embed = nn.Conv3d(CH, c, (1, PATCH, PATCH), (1, PATCH, PATCH))
+        elif spec.embed == "conv":
             self.embed = nn.Conv2d(CH, c, PATCH, PATCH)
         else:
             self.embed = nn.Linear(CH * PATCH * PATCH, c)
@@ -389,6 +423,17 @@ class FuzzDiT(nn.Module):
         if spec.embed == "tokens":
             b, n, _ = hidden_states.shape
             x, pos = self.embed(hidden_states), img_ids
+        elif spec.frames > 1:  # (B, C, T, H, W)
+            b, _, t, hh, ww = hidden_states.shape
+            gh, gw = hh // PATCH, ww // PATCH
+            if spec.embed == "conv":
+                x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            else:
+                p = hidden_states.reshape(b, CH, t, gh, PATCH, gw, PATCH).permute(0, 2, 3, 5, 1, 4, 6)
+                x = self.embed(p.reshape(b, t * gh * gw, CH * PATCH * PATCH))
+            ts, ys, xs = torch.meshgrid(torch.arange(t, device=dev), torch.arange(gh, device=dev),
+                                        torch.arange(gw, device=dev), indexing="ij")
+            pos = torch.stack([ts.flatten(), ys.flatten(), xs.flatten()], dim=-1).float()
         else:
             b, _, hh, ww = hidden_states.shape
             gh, gw = hh // PATCH, ww // PATCH
@@ -408,7 +453,7 @@ class FuzzDiT(nn.Module):
         if self.registers is not None:
             txt = self.registers.expand(b, -1, -1)
         if txt is not None and spec.text != "cross":
-            pos = torch.cat([torch.zeros(txt.shape[1], 2, device=dev), pos], dim=0)  # text at position 0, as Flux
+            pos = torch.cat([torch.zeros(txt.shape[1], pos.shape[1], device=dev), pos], dim=0)  # text at 0, as Flux
         keep = None
         if spec.text_mask == "pad":  # the last text token is padding; text keys first, as the rotary table
             keep = torch.ones(b, 1, 1, txt.shape[1] + (0 if spec.text == "cross" else n_img), dtype=torch.bool,
@@ -439,6 +484,9 @@ class FuzzDiT(nn.Module):
         out = self.final(x)
         if spec.embed == "tokens":
             return out
+        if spec.frames > 1:
+            out = out.reshape(b, t, gh, gw, CH, PATCH, PATCH).permute(0, 4, 1, 2, 5, 3, 6)
+            return out.reshape(b, CH, t, hh, ww)
         out = out.reshape(b, gh, gw, CH, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(b, CH, hh, ww)
 
@@ -462,11 +510,15 @@ def inputs(spec: Spec, grid: tuple) -> dict:
     """The model's inputs at a latent grid of `grid` patches (seeded by the spec and the grid)."""
     g = torch.Generator().manual_seed(spec.seed + 1000 * grid[0] + grid[1])
     gh, gw = grid
+    t = spec.frames
     kw: dict = {"timestep": torch.full((spec.batch,), 900.0)}
     if spec.embed == "tokens":
-        kw["hidden_states"] = torch.randn(spec.batch, gh * gw, CH * PATCH * PATCH, generator=g)
-        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        kw["img_ids"] = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()
+        kw["hidden_states"] = torch.randn(spec.batch, t * gh * gw, CH * PATCH * PATCH, generator=g)
+        ts, ys, xs = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        cols = [ts, ys, xs] if t > 1 else [ys, xs]  # (h, w) ids for an image, (t, h, w) for a video
+        kw["img_ids"] = torch.stack([c.flatten() for c in cols], dim=-1).float()
+    elif t > 1:
+        kw["hidden_states"] = torch.randn(spec.batch, CH, t, gh * PATCH, gw * PATCH, generator=g)
     else:
         kw["hidden_states"] = torch.randn(spec.batch, CH, gh * PATCH, gw * PATCH, generator=g)
     if spec.text in ("prefix", "suffix", "mmdit", "cross"):
@@ -493,8 +545,24 @@ def expected_sites(spec: Spec) -> tuple[int, int]:
     """(attention, MLP) sites: one attention per block; one feed-forward per block and stream. A
     sequence-first text stream of one prompt, (5, 1, C), is read as one token of a batch of 5
     (patterns/mlp.py reads (S, B, C) as sequence-first from 256 tokens): no site."""
-    text_ff = spec.text == "mmdit" and not (spec.layout == "nbc" and spec.batch == 1)
+    text_ff = spec.text == "mmdit" and spec.text_queries and not (spec.layout == "nbc" and spec.batch == 1)
     return spec.depth, spec.depth * (2 if text_ff else 1)
+
+
+def expected_grouping(spec: Spec, site) -> list[str]:
+    """What `inspect()`'s grouping column must say of `site` (substrings; [] when nothing is known): the
+    spec's grid wherever the model shows it (a patch embedding, or position ids its rotary reads; packed
+    tokens without rotary never read their ids), and the text tokens' count and side where they share
+    the site's tokens. A text stream's own feed-forward has no grid."""
+    if ".tff." in site.path or (spec.embed == "tokens" and spec.rope == "none"):
+        return []
+    want = ["t×h×w {}×{}×{}".format(spec.frames, *spec.grid) if spec.frames > 1 else "h×w {}×{}".format(*spec.grid)]
+    joint = spec.text in ("prefix", "suffix", "registers") or (spec.text == "mmdit" and spec.text_queries
+                                                                and site.kind == "attention")
+    if joint:
+        n = REGISTERS if spec.text == "registers" else TEXT
+        want.append(f"text {n} {'last' if spec.text == 'suffix' else 'first'}")
+    return want
 
 
 def _calls(kw: dict, n: int) -> list[dict]:
@@ -596,6 +664,10 @@ def check(spec: Spec, *, show: bool = False) -> dict:
         if (rep.count("attention"), rep.count("mlp")) != (want_attn, want_mlp):
             reasons = dict.fromkeys(f"{r.kind} {r.path}: {r.reason}" for r in rep.rejected)
             problems.append("sites; rejected " + "; ".join(reasons))
+        ungrouped = [f"{s.kind} {s.path}: {s.grouping}" for s in rep.sites
+                     if not all(w in str(s.grouping) for w in expected_grouping(spec, s))]
+        if ungrouped:
+            problems.append(f"grouping ({len(ungrouped)} sites) " + "; ".join(ungrouped[:2]))
         fallbacks: dict = {}
         for phase, config, drift, col in (("full keys", FULL, True, "max_err"),
                                            ("frozen inputs", FROZEN, False, "frozen_err")):

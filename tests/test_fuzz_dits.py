@@ -1,5 +1,6 @@
-"""benchmarks/fuzz_dits.py on the few seeds that together take every value of every axis: random DiTs
-assembled from the spellings real code uses are matched in full and reproduce eager exactly, across
+"""benchmarks/fuzz_dits.py on the few seeds that together take every value of every axis: random image and
+video DiTs assembled from the spellings real code uses are matched in full, grouped on their latent grid
+where they show it, and reproduce eager exactly, across
 switches of resolution and batch (and, with every key kept, of grid at one token count) that land on
 sparse steps, under whole-model, dynamic and per-block compilation, in float32, bfloat16 and under
 autocast, with guidance batched or as two calls: with every key and neuron kept, and with a quarter
@@ -7,7 +8,10 @@ kept and each size's inputs repeated (what shows a cache read in the wrong place
 (session 69): explicit attention that masks its scores with `masked_fill`, and softmax written out
 as exp / sum, were never matched; (session 70, its cross-attention axis run with a context as long
 as the image) a cross-attention of equal lengths became a site where its keys were grouped-query
-heads repeated to the query heads (test_patterns.py::test_reject_cross_attention_of_equal_lengths)."""
+heads repeated to the query heads (test_patterns.py::test_reject_cross_attention_of_equal_lengths);
+(session 71, its text-keys-only axis value) image queries over cat(text keys, image keys) were
+rejected as cross-attention where the joint keys went through a rotate-half rotary or a grouped-query
+repeat after the concatenation (test_patterns.py::test_joint_keys_queries_over_text_and_own_keys)."""
 
 import os
 import sys
@@ -36,6 +40,21 @@ def test_covering_seeds_take_every_value():
     assert {("attn", repr(a)) for a in fuzz_dits.AXES["attn"]} <= seen
     assert {("compile", repr(c)) for c in fuzz_dits.AXES["compile"]} <= seen
     assert {("text", repr(t)) for t in fuzz_dits.AXES["text"]} <= seen
+    assert {("text_queries", repr(t)) for t in fuzz_dits.AXES["text_queries"]} <= seen
+    assert {("frames", repr(t)) for t in fuzz_dits.AXES["frames"]} <= seen
+
+
+def test_check_catches_an_ungrouped_site(fresh_dynamo, monkeypatch):
+    """The grouping check has teeth: packed tokens whose (h, w) position ids the rotary reads are
+    grouped on the spec's grid; with two-column ids unread (as before session 71) every site runs
+    ungrouped, exact all the same, and `check` says so."""
+    from chipmunk_compile import grouping
+
+    seed = next(s for s in range(100) if (sp := fuzz_dits.spec_for(s)).embed == "tokens" and sp.rope != "none"
+                and sp.frames == 1 and sp.dtype == "float32" and not sp.autocast and sp.compile == "whole")
+    monkeypatch.setattr(grouping, "ID_COLUMNS", (3, 4))
+    row = fuzz_dits.check(fuzz_dits.spec_for(seed))
+    assert row["status"] == "mismatch" and row["note"].startswith("grouping"), row
 
 
 def test_check_catches_an_inexact_sparse_step(fresh_dynamo, monkeypatch):
