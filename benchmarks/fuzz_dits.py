@@ -316,6 +316,11 @@ class FeedForward(nn.Module):
         return self.w2(self.hidden(x))
 
 
+def heads_in(t: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """(B, N, C), or (N, B, C) under the nbc layout -> (B, H, N, D)."""
+    return t.unflatten(-1, spec.heads).permute(*((1, 2, 0, 3) if spec.layout == "nbc" else (0, 2, 1, 3)))
+
+
 class CrossAttention(nn.Module):
     """Queries from the image tokens, keys and values from the text tokens (same layout as x), in the
     spec's attention spelling; `keep` (B, 1, 1, T) masks the padded text key."""
@@ -326,12 +331,9 @@ class CrossAttention(nn.Module):
         self.norm, self.q, self.kv, self.out = _norm(spec, c), nn.Linear(c, c), nn.Linear(c, 2 * c), nn.Linear(c, c)
 
     def forward(self, x, ctx, keep):
-        seq_first = self.spec.layout == "nbc"
-        perm = (1, 2, 0, 3) if seq_first else (0, 2, 1, 3)
-        heads = lambda t: t.unflatten(-1, self.spec.heads).permute(*perm)  # noqa: E731
-        q = heads(self.q(self.norm(x)))
-        k, v = (heads(t) for t in self.kv(ctx).chunk(2, dim=-1))
-        return self.out(heads_out(attention(self.spec, q, k, v, keep), seq_first))
+        q = heads_in(self.q(self.norm(x)), self.spec)
+        k, v = (heads_in(t, self.spec) for t in self.kv(ctx).chunk(2, dim=-1))
+        return self.out(heads_out(attention(self.spec, q, k, v, keep), self.spec.layout == "nbc"))
 
 
 class Block(nn.Module):
@@ -371,8 +373,7 @@ class Block(nn.Module):
             ctx, txt, keep_ctx, keep = txt, None, keep, None
         if self.tkv is not None:  # image queries over cat(text keys, image keys); the text stays as it is
             ctx, txt = txt, None
-            perm = (1, 2, 0, 3) if seq_first else (0, 2, 1, 3)
-            tk, tv = (t.unflatten(-1, self.spec.heads).permute(*perm) for t in self.tkv(self.tn1(ctx)).chunk(2, dim=-1))
+            tk, tv = (heads_in(t, self.spec) for t in self.tkv(self.tn1(ctx)).chunk(2, dim=-1))
             k, v = torch.cat([self.tnk(tk), k], dim=2), torch.cat([tv, v], dim=2)
             if cos is not None:  # the joint keys take the whole table (text first), the queries the image's rows
                 n_txt = tk.shape[2]

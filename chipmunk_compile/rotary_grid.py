@@ -88,8 +88,6 @@ def _positions(angles: torch.Tensor, steps: torch.Tensor) -> Optional[torch.Tens
         return None
     if r.shape[1] > 4:
         return None
-    if r.shape[1] < 3:  # padded with constant columns, which the position-id search ignores
-        r = torch.cat([r, torch.zeros(r.shape[0], 3 - r.shape[1], dtype=r.dtype)], dim=1)
     return r
 
 

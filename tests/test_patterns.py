@@ -992,7 +992,7 @@ class JointKeys(nn.Module):
 
     def forward(self, x, ctx, t):
         b, n, _ = x.shape
-        heads = lambda y: y.view(b, -1, y.shape[-1] // D, D).transpose(1, 2)  # noqa: E731
+        heads = _QKVOut.heads
         q = heads(self.to_q(x))
         src = x if self.own_keys else ctx.flip(1)  # not own keys: a second context stream
         ki, vi = heads(self.to_k(src)), heads(self.to_v(src))

@@ -215,14 +215,20 @@ def _up_token_ops(node, steps: int = 16, repeats: bool = False):
         node = first if len(ups) > 1 else ups[0]
 
 
+def _cat_dim(node) -> Optional[int]:
+    """The output axis a cat / stack node joins along (non-negative), or None when it is not known."""
+    v = val(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % v.dim() if isinstance(v, torch.Tensor) and isinstance(dim, int) and v.dim() else None
+
+
 def _feature_cat(node) -> bool:
     """node concatenates or stacks along its output's last axis (a rotary product's halves or pairs,
     `cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)`): each part has the tokens of the output, in place."""
     if not is_call(node, *_CAT):
         return False
-    v = val(node)
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return isinstance(v, torch.Tensor) and isinstance(dim, int) and v.dim() > 1 and dim % v.dim() == v.dim() - 1
+    dim = _cat_dim(node)
+    return dim is not None and dim > 0 and dim == val(node).dim() - 1
 
 
 def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
@@ -231,13 +237,11 @@ def key_concat(k, n_k: int) -> Optional[tuple[list, int]]:
     else None."""
     for node in _up_token_ops(k, repeats=True):
         if is_call(node, torch.cat, torch.concat):
-            shape = val(node).shape if isinstance(val(node), torch.Tensor) else None
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if shape is None or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+            dim = _cat_dim(node)
+            if dim is None or not isinstance(parts, (list, tuple)):
                 return None
-            dim %= len(shape)
-            if shape[dim] == n_k:
+            if val(node).shape[dim] == n_k:
                 return list(parts), dim
             if not _feature_cat(node):
                 return None
