@@ -17,6 +17,7 @@ backend by name instead; it never registers it a second time.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -213,10 +214,36 @@ def stats(model: Any) -> dict:
     return out
 
 
+def _inspect_config(model: Any, config: Any) -> tuple[ChipmunkConfig, str]:
+    """The config `inspect` traces with, and where it came from."""
+    if config is not None:
+        return ChipmunkConfig.from_any(config), "config="
+    sessions = sessions_of(model)
+    if sessions:  # what the compiled model runs (several sessions: regional blocks, frames of one model)
+        return copy.deepcopy(sessions[0].config), "the compiled model's"
+    from .backend import split_options
+    from .compiled_options import compiled_options
+
+    options = compiled_options(model)
+    if options is not None:
+        return split_options(options)[0], "the compiled model's options"
+    return ChipmunkConfig(), "not compiled with chipmunk: config= sets another"
+
+
+def _config_label(cfg: ChipmunkConfig) -> str:
+    """The preset's name, with "changed" where the config is not that preset as written."""
+    if cfg.name not in list_presets():
+        return cfg.name  # a YAML file's own name
+    same = ChipmunkConfig.from_any(cfg.name).to_dict() == {**cfg.to_dict(), "name": cfg.name}
+    return cfg.name if same else f"{cfg.name}, changed"
+
+
 def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     """Trace `model(*args, **kwargs)` and report every matched site and rejected candidate.
 
-    The model runs once through Dynamo with its original ops (no chipmunk op, no Inductor)."""
+    The model runs once through Dynamo with its original ops (no chipmunk op, no Inductor). The config
+    is `config` when given, else the one a model compiled with chipmunk runs (its sessions' once it
+    has run, else its torch.compile options), else `default`; the report names it."""
     if not args and not kwargs:  # else the model's own "missing argument" error, from deep in Dynamo
         raise TypeError("chipmunk_compile.inspect(model, *args, config=None, **kwargs) traces one call of the "
                         "model: give that call's inputs (e.g. the tensors a pipeline passes the transformer at one "
@@ -225,8 +252,8 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
     from .rewrite import rewrite
     from .runtime import Session
 
-    cfg = ChipmunkConfig.from_any(config)
-    report = Report()
+    cfg, source = _inspect_config(model, config)
+    report = Report(config=f"{_config_label(cfg)} ({source})")
 
     session = Session(cfg, None)  # one for all graphs: a grid seen before a graph break carries over
 
@@ -240,6 +267,10 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
         return gm.forward
 
     target = getattr(model, "_orig_mod", model)
+    if getattr(target, "_compiled_call_impl", None) is not None:
+        # compiled in place (`module.compile(...)`): its __call__ would run that compilation (a model
+        # call: a step of its generation) and leave nothing to trace; trace what it compiled instead
+        target = target._call_impl
     compiled = torch.compile(target, backend=inspect_backend, dynamic=False)
     with torch.no_grad():
         compiled(*args, **kwargs)

@@ -32,6 +32,7 @@ class Report:
     sites: list[SiteRow] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
     graphs: int = 0
+    config: str = ""  # the config traced with and its source ("flux (the compiled model's options)")
 
     def count(self, kind: str) -> int:
         return sum(s.kind == kind for s in self.sites)
@@ -39,6 +40,8 @@ class Report:
     def __str__(self) -> str:
         lines = [f"chipmunk: {len(self.sites)} sites ({self.count('attention')} attention, "
                  f"{self.count('mlp')} mlp) in {self.graphs} graph(s); {len(self.rejected)} rejected"]
+        if self.config:
+            lines.append(f"config: {self.config}")
         if self.sites:
             lines.append(_table(["kind", "pattern", "layer", "module", "shapes", "grouping"],
                                 [[s.kind, s.pattern, str(s.layer), s.path or "<top>", _fmt(s.shapes), s.grouping]
