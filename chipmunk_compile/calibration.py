@@ -19,6 +19,9 @@ Invariants:
   caches are its own), and Dynamo is reset again at the end: compile your models after
   calibrating, not before.
 - A pipeline's module attribute is set to the candidate for its run and restored afterwards.
+- A module compiled in place (`module.compile(...)`, itself or its blocks) is calibrated as the
+  module it compiled: its compiled calls are set aside while calibrating and put back afterwards
+  (else the dense reference and every candidate would run that compilation instead).
 - With no candidate at or above `min_psnr`, `met` is False, the most faithful candidate is
   returned, and that is logged: never a silent pick below the bound. A candidate that ran no sparse
   step (no site rewritten, or a step count whose periods scale to 1) equals dense and is never
@@ -31,6 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -144,6 +148,21 @@ def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, in
     return cost, ratio, len(sites), sparse_calls
 
 
+@contextlib.contextmanager
+def _in_place_compilations_set_aside(model: torch.nn.Module):
+    """`model` and its submodules run their own forwards (not what `module.compile()` made of them)
+    inside the block; the compiled calls are put back on exit."""
+    held = [(m, m._compiled_call_impl) for m in model.modules()
+            if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in held:
+        m._compiled_call_impl = None
+    try:
+        yield len(held)
+    finally:
+        for m, fn in held:
+            m._compiled_call_impl = fn
+
+
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
               candidates: Optional[Sequence[tuple[str, Any]]] = None, steps: Optional[int] = None,
               scheduler: Any = None, module: Optional[str] = None, compiler: str = "inductor",
@@ -194,6 +213,9 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
             return run(m)
 
     results: list[CandidateResult] = []
+    set_aside = _in_place_compilations_set_aside(model)
+    if set_aside.__enter__():
+        log.info("chipmunk calibration: the module's in-place compilations are set aside while calibrating")
     try:
         torch._dynamo.reset()
         eager_out: list = []  # the counted generation is the eager reference itself
@@ -218,6 +240,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     finally:
         if holder is not None:
             setattr(holder, module, model)
+        set_aside.__exit__(None, None, None)
         torch._dynamo.reset()
     if not any(r.sparse_calls for r in results):
         log.warning("chipmunk calibration: no candidate ran a sparse step, so each ran dense: %s",

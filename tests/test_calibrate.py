@@ -150,6 +150,27 @@ def test_a_pipelines_module_is_swapped_in_and_restored(fresh_dynamo):
     assert seen == [(True, True), (True, False)]  # dense first, then the compiled candidate
 
 
+@pytest.mark.parametrize("where", ["model", "blocks"])
+@pytest.mark.parametrize("model_flops", [True, False])
+def test_a_module_compiled_in_place_is_calibrated_as_the_module(fresh_dynamo, where, model_flops):
+    """`module.compile(backend="chipmunk", ...)` before calibrating: the dense reference and each
+    candidate ran that compilation instead (session 72: both candidates 57.92 dB, the 25% budget's),
+    so the picks were silently wrong. Its compiled calls are set aside, then put back."""
+    model = Net().eval()
+    compiled = [model] if where == "model" else list(model.blocks)[:2]
+    for m in compiled:
+        m.compile(backend="chipmunk", options={"config": CANDIDATES[1][1], "compiler": "eager"})
+    impls = [m._compiled_call_impl for m in compiled]
+    found = chipmunk_compile.calibrate(model, _generation, min_psnr=120.0, candidates=CANDIDATES, compiler="eager",
+                                       model_flops=model_flops)  # without the FLOP count the reference runs plainly
+    by_name = {c.name: c for c in found.candidates}
+    assert by_name["full budget"].psnr > 120 > by_name["25% budget"].psnr and found.name == "full budget"
+    assert [m._compiled_call_impl for m in compiled] == impls  # put back, and they still run chipmunk
+    with torch.no_grad():
+        _generation(model)
+    assert chipmunk_compile.stats(model)["sites"]
+
+
 def test_bad_input_fails_clearly(fresh_dynamo):
     with pytest.raises(ValueError, match="unknown keys in attn"):
         chipmunk_compile.calibrate(Net().eval(), _generation, candidates=[("typo", {"attn": {"top_key": 0.1}})])
