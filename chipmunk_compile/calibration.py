@@ -34,7 +34,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -148,19 +147,19 @@ def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, in
     return cost, ratio, len(sites), sparse_calls
 
 
-@contextlib.contextmanager
-def _in_place_compilations_set_aside(model: torch.nn.Module):
-    """`model` and its submodules run their own forwards (not what `module.compile()` made of them)
-    inside the block; the compiled calls are put back on exit."""
+def _set_aside_in_place_compilations(model: torch.nn.Module) -> list:
+    """Makes `model` and its submodules run their own forwards, not what `module.compile()` made of
+    them; returns what `_put_back` restores."""
     held = [(m, m._compiled_call_impl) for m in model.modules()
             if getattr(m, "_compiled_call_impl", None) is not None]
     for m, _ in held:
         m._compiled_call_impl = None
-    try:
-        yield len(held)
-    finally:
-        for m, fn in held:
-            m._compiled_call_impl = fn
+    return held
+
+
+def _put_back(held: list) -> None:
+    for m, fn in held:
+        m._compiled_call_impl = fn
 
 
 def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, min_psnr: float = 30.0,
@@ -213,8 +212,8 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
             return run(m)
 
     results: list[CandidateResult] = []
-    set_aside = _in_place_compilations_set_aside(model)
-    if set_aside.__enter__():
+    set_aside = _set_aside_in_place_compilations(model)
+    if set_aside:
         log.info("chipmunk calibration: the module's in-place compilations are set aside while calibrating")
     try:
         torch._dynamo.reset()
@@ -240,7 +239,7 @@ def calibrate(target: Any, run: Callable[[torch.nn.Module], torch.Tensor], *, mi
     finally:
         if holder is not None:
             setattr(holder, module, model)
-        set_aside.__exit__(None, None, None)
+        _put_back(set_aside)
         torch._dynamo.reset()
     if not any(r.sparse_calls for r in results):
         log.warning("chipmunk calibration: no candidate ran a sparse step, so each ran dense: %s",
