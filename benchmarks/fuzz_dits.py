@@ -7,11 +7,12 @@ sites and for exact outputs where the method is exact.
     python benchmarks/fuzz_dits.py --device cuda       # GPU sizes (`for_gpu`): Triton kernels, step graphs
 
 The arch zoos hold one hand-written model per architecture; here a seed picks one value per axis
-(`AXES`: image or video, token layout, patch embedding, text (joint, a second stream, registers or cross-attention;
+(`AXES`: image or video of 3 or 5 latent frames, token layout, patch embedding, text (joint, a second stream, registers or cross-attention;
 a second stream's tokens as queries too or as keys and values only),
 text padding, q/k/v projection and head layout,
 attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
-norm, depth, batch, grid, heads, compilation mode, dtype, autocast, guidance as a batch or two calls)
+norm, depth, batch, grid, heads, compilation mode (and the whole model's through a wrapper or in place),
+dtype, autocast, guidance as a batch or two calls)
 and builds a small model from them, so the
 combinations nobody wrote by hand get matched too.
 
@@ -31,6 +32,8 @@ What a seed must satisfy (`check`), or it is a bug in the backend:
     delta is then zero, so it is exact only if every cache is read where, in the order and at the
     size it was written (here the same-count grid is left out: `SEGMENTS`);
   sparse steps ran in both;
+- `inspect()` of the compiled model, after those calls, reports the same sites at the compiled config
+  and takes no step;
 - no fallback counted but the exact path of a new size's first call on a sparse step
   (`EXPECTED_FALLBACKS`; on the GPU, no kernel fallback either).
 
@@ -90,9 +93,17 @@ AXES = {
     # an image, or a video of 3 latent frames (Conv3d patch embedding, a patchify over t×h×w, or
     # packed tokens with (t, h, w) ids). This axis and the one above are drawn after the others
     # (session 71), which kept each seed's other values; only sequence-first seeds, whose grid is
-    # drawn after every axis, got another grid
+    # drawn after every axis, got another grid. A video's count is redrawn by `video_frames` below
     "frames": [1, 3],
+    # how the whole model is compiled: a torch.compile wrapper, or in place (`model.compile(...)`, as the
+    # README says for pipelines that check isinstance; blocks compiled alone are in place anyway). Drawn
+    # last, after a sequence-first seed's grid (session 72), so every other value of a seed stays
+    "compile_call": ["wrapper", "in_place"],
+    # a video's latent frames: 3, or 5 (the 4-frame voxel then leaves a 1-frame remainder); drawn
+    # last too (session 72), and `frames` takes it where it drew a video
+    "video_frames": [3, 5],
 }
+LATE_AXES = ("compile_call", "video_frames")  # drawn after the sequence-first grid
 SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
 CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
 TOL = {"float32": 2e-4, "bfloat16": 3e-2}  # bf16: eager and the op round at different places
@@ -144,6 +155,8 @@ class Spec:
     autocast: bool
     text_queries: bool
     frames: int
+    compile_call: str
+    video_frames: int
 
     @property
     def dim(self) -> int:
@@ -155,7 +168,7 @@ class Spec:
 
 def spec_for(seed: int) -> Spec:
     rng = random.Random(seed)
-    pick = {k: v[rng.randrange(len(v))] for k, v in AXES.items()}
+    pick = {k: v[rng.randrange(len(v))] for k, v in AXES.items() if k not in LATE_AXES}
     if pick["text"] == "mmdit":
         pick["parallel"] = False  # a two-stream block has its own feed-forward per stream
     else:
@@ -166,6 +179,14 @@ def spec_for(seed: int) -> Spec:
         pick["text_mask"], pick["cfg"] = "none", "batched"  # no text to drop for the second branch
     if pick["layout"] == "nbc":  # (S, B, C) is read as sequence-first from 256 tokens (patterns/mlp.py)
         pick["grid"] = SEQ_FIRST_GRIDS[rng.randrange(len(SEQ_FIRST_GRIDS))]
+    for k in LATE_AXES:
+        pick[k] = AXES[k][rng.randrange(len(AXES[k]))]
+    if pick["compile"] == "regional":
+        pick["compile_call"] = "blocks"  # each block's .compile() (in place, but not the whole model's)
+    if pick["frames"] > 1:
+        pick["frames"] = pick["video_frames"]
+    else:
+        pick["video_frames"] = 0  # an image
     return Spec(seed=seed, **pick)
 
 
@@ -595,21 +616,25 @@ def _compiled(spec: Spec, model: nn.Module, config: dict) -> tuple[nn.Module, nn
     if DEVICE != "cpu":
         config = {**config, "attn": {**config["attn"], "group": 64}, "mlp": {**config["mlp"], "block": 64}}
     options = {"config": config, "compiler": "eager"}
+    dynamic = True if spec.compile == "dynamic" else None
+    if spec.compile_call == "wrapper":
+        return torch.compile(model, backend="chipmunk", options=options, dynamic=dynamic), model
+    eager = copy.deepcopy(model)
     if spec.compile == "regional":  # as diffusers' compile_repeated_blocks: each block on its own
-        eager = copy.deepcopy(model)
         for blk in model.blocks:
             blk.compile(backend="chipmunk", options=options)
-        return model, eager
-    return torch.compile(model, backend="chipmunk", options=options,
-                         dynamic=True if spec.compile == "dynamic" else None), model
+    else:
+        model.compile(backend="chipmunk", options=options, dynamic=dynamic)
+    return model, eager
 
 
-def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict]:
+def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict, list[str]]:
     """A fresh model compiled under `config`, called at the sizes of `SEGMENTS` (the spec's grid, another
     resolution and batch, the first again, another grid of the same token count, the first again: each
     size keeps its own caches, and a token order its own fill); returns each call's error against
-    eager, the sites' step counts and the fallbacks counted. `drift`: the latent and timestep move from
-    call to call; else every call at a size repeats its first."""
+    eager, the sites' step counts, the fallbacks counted, and what `inspect()` of the compiled model
+    got wrong (it must report the spec's sites at the compiled config, and take no step).
+    `drift`: the latent and timestep move from call to call; else every call at a size repeats its first."""
     import chipmunk_compile
 
     model, kw = build(spec)
@@ -642,7 +667,26 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
     fb = {k: v for k, v in counters["chipmunk"].items()
           if (k.startswith("fallback") and k not in EXPECTED_FALLBACKS)
           or (DEVICE != "cpu" and k.startswith("kernel_fallback"))}
-    return errs, steps, fb
+    return errs, steps, fb, _inspect_compiled(spec, compiled, kw)
+
+
+def _inspect_compiled(spec: Spec, compiled: nn.Module, kw: dict) -> list[str]:
+    """What `inspect()` of the compiled model gets wrong: its sites, its config, a step taken."""
+    import chipmunk_compile
+
+    before = chipmunk_compile.stats(compiled)
+    amp = torch.autocast(torch.device(DEVICE).type, torch.bfloat16, enabled=spec.autocast)
+    with amp:
+        rep = chipmunk_compile.inspect(compiled, **kw)
+    after = chipmunk_compile.stats(compiled)
+    problems = []
+    if (rep.count("attention"), rep.count("mlp")) != expected_sites(spec):
+        problems.append(f"inspect of the compiled model: {rep.count('attention')} attention, {rep.count('mlp')} mlp")
+    if not rep.config.endswith("(the compiled model's)"):
+        problems.append(f"inspect of the compiled model: config {rep.config}")
+    if (after["calls"], after["step"]) != (before["calls"], before["step"]):
+        problems.append("inspect of the compiled model took a step")
+    return problems
 
 
 def check(spec: Spec, *, show: bool = False) -> dict:
@@ -672,7 +716,8 @@ def check(spec: Spec, *, show: bool = False) -> dict:
         fallbacks: dict = {}
         for phase, config, drift, col in (("full keys", FULL, True, "max_err"),
                                            ("frozen inputs", FROZEN, False, "frozen_err")):
-            errs, steps, fb = _run(spec, config, drift)
+            errs, steps, fb, inspected = _run(spec, config, drift)
+            problems += inspected
             fallbacks.update(fb)
             row[col] = f"{max(errs):.1e}"
             if max(errs) > TOL["bfloat16" if spec.autocast else spec.dtype]:

@@ -11,7 +11,10 @@ as the image) a cross-attention of equal lengths became a site where its keys we
 heads repeated to the query heads (test_patterns.py::test_reject_cross_attention_of_equal_lengths);
 (session 71, its text-keys-only axis value) image queries over cat(text keys, image keys) were
 rejected as cross-attention where the joint keys went through a rotate-half rotary or a grouped-query
-repeat after the concatenation (test_patterns.py::test_joint_keys_queries_over_text_and_own_keys)."""
+repeat after the concatenation (test_patterns.py::test_joint_keys_queries_over_text_and_own_keys);
+(session 72, its in-place compilation axis and the check of `inspect()` on the compiled model)
+`inspect` of a model compiled in place traced nothing and ran that compilation, a step of its
+generation (tests/test_inspect_config.py)."""
 
 import os
 import sys
@@ -41,7 +44,9 @@ def test_covering_seeds_take_every_value():
     assert {("compile", repr(c)) for c in fuzz_dits.AXES["compile"]} <= seen
     assert {("text", repr(t)) for t in fuzz_dits.AXES["text"]} <= seen
     assert {("text_queries", repr(t)) for t in fuzz_dits.AXES["text_queries"]} <= seen
-    assert {("frames", repr(t)) for t in fuzz_dits.AXES["frames"]} <= seen
+    assert {("frames", repr(t)) for t in (1, 3, 5)} <= seen  # an image, a video of 3 and of 5 latent frames
+    seen_modes = {(fuzz_dits.spec_for(s).compile, fuzz_dits.spec_for(s).compile_call) for s in fuzz_dits.covering_seeds()}
+    assert ("whole", "in_place") in seen_modes or ("dynamic", "in_place") in seen_modes  # model.compile(...)
 
 
 def test_check_catches_an_ungrouped_site(fresh_dynamo, monkeypatch):
@@ -55,6 +60,25 @@ def test_check_catches_an_ungrouped_site(fresh_dynamo, monkeypatch):
     monkeypatch.setattr(grouping, "ID_COLUMNS", (3, 4))
     row = fuzz_dits.check(fuzz_dits.spec_for(seed))
     assert row["status"] == "mismatch" and row["note"].startswith("grouping"), row
+
+
+def test_check_catches_an_inspect_that_steps_the_compiled_model(fresh_dynamo, monkeypatch):
+    """The compiled-model inspect check has teeth: an `inspect` that runs the model's own
+    compilation (as it did for `model.compile(...)` before session 72: a step taken, nothing traced)
+    is caught."""
+    import chipmunk_compile
+
+    seed = next(s for s in range(100) if (sp := fuzz_dits.spec_for(s)).compile == "whole"
+                and sp.compile_call == "in_place" and sp.dtype == "float32" and not sp.autocast)
+    inspect = chipmunk_compile.inspect
+
+    def stepping(model, *args, config=None, **kw):
+        model(*args, **kw)  # what running the in-place compilation did
+        return inspect(model, *args, config=config, **kw)
+
+    monkeypatch.setattr(chipmunk_compile, "inspect", stepping)
+    row = fuzz_dits.check(fuzz_dits.spec_for(seed))
+    assert row["status"] == "mismatch" and "inspect of the compiled model took a step" in row["note"], row
 
 
 def test_check_catches_an_inexact_sparse_step(fresh_dynamo, monkeypatch):

@@ -70,14 +70,21 @@ def _tracked(config=CFG, steps=STEPS):
     return step_counts(model), x
 
 
-def test_a_pipeline_call_runs_the_tracked_schedule_without_reads(fresh_dynamo, monkeypatch):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_pipeline_call_runs_the_tracked_schedule_without_reads(fresh_dynamo, monkeypatch, in_place):
+    """Also with the transformer compiled in place (`pipe.transformer.compile(...)`, as the README
+    gives for pipelines that check isinstance)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     want_counts, want_x = _tracked()
     assert want_counts["attention_sparse"] > 0 and want_counts["mlp_sparse"] > 0
     torch._dynamo.reset()
     model = Net().eval()
-    compiled = chip(model, CFG)
+    if in_place:
+        model.compile(backend="chipmunk", options={"config": CFG, "compiler": "eager"})
+        compiled = model
+    else:
+        compiled = chip(model, CFG)
     pipe = _Pipeline(FlowMatchEulerDiscreteScheduler(), compiled)
     reads, positions = _reads(monkeypatch), []
     x = pipe(compiled, STEPS, 1, positions)
