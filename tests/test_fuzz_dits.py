@@ -2,7 +2,7 @@
 video DiTs assembled from the spellings real code uses are matched in full, grouped on their latent grid
 where they show it, and reproduce eager exactly, across
 switches of resolution and batch (and, with every key kept, of grid at one token count) that land on
-sparse steps, under whole-model, dynamic and per-block compilation, in float32, bfloat16 and under
+sparse steps, under whole-model (wrapped or in place), dynamic and per-block compilation, in float32, bfloat16 and under
 autocast, with guidance batched or as two calls: with every key and neuron kept, and with a quarter
 kept and each size's inputs repeated (what shows a cache read in the wrong place). Found with it
 (session 69): explicit attention that masks its scores with `masked_fill`, and softmax written out
