@@ -628,6 +628,11 @@ def _compiled(spec: Spec, model: nn.Module, config: dict) -> tuple[nn.Module, nn
     return model, eager
 
 
+def _autocast(spec: Spec):
+    """torch.autocast to bfloat16 around a call where the spec says so (float32 weights), else off."""
+    return torch.autocast(torch.device(DEVICE).type, torch.bfloat16, enabled=spec.autocast)
+
+
 def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict, list[str]]:
     """A fresh model compiled under `config`, called at the sizes of `SEGMENTS` (the spec's grid, another
     resolution and batch, the first again, another grid of the same token count, the first again: each
@@ -654,8 +659,7 @@ def _run(spec: Spec, config: dict, drift: bool) -> tuple[list[float], dict, dict
         calls += _calls(sizes[size], done[size] + n)[done[size]:] if drift else [sizes[size]] * n
         done[size] += n
     errs = []
-    amp = torch.autocast(torch.device(DEVICE).type, torch.bfloat16, enabled=spec.autocast)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), _autocast(spec):
         for call, step, branch in _branches(spec, calls):
             if branch is not None and not auto:
                 chipmunk_compile.set_step(compiled, step, branch=branch)
@@ -675,8 +679,7 @@ def _inspect_compiled(spec: Spec, compiled: nn.Module, kw: dict) -> list[str]:
     import chipmunk_compile
 
     before = chipmunk_compile.stats(compiled)
-    amp = torch.autocast(torch.device(DEVICE).type, torch.bfloat16, enabled=spec.autocast)
-    with amp:
+    with _autocast(spec):
         rep = chipmunk_compile.inspect(compiled, **kw)
     after = chipmunk_compile.stats(compiled)
     problems = []

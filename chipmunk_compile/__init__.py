@@ -17,7 +17,6 @@ backend by name instead; it never registers it a second time.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
@@ -220,7 +219,7 @@ def _inspect_config(model: Any, config: Any) -> tuple[ChipmunkConfig, str]:
         return ChipmunkConfig.from_any(config), "config="
     sessions = sessions_of(model)
     if sessions:  # what the compiled model runs (several sessions: regional blocks, frames of one model)
-        return copy.deepcopy(sessions[0].config), "the compiled model's"
+        return ChipmunkConfig.from_any(sessions[0].config), "the compiled model's"  # (a copy)
     from .backend import split_options
     from .compiled_options import compiled_options
 
