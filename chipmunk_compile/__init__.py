@@ -23,6 +23,7 @@ import torch
 
 from .config import AttnConfig, ChipmunkConfig, GroupingConfig, MlpConfig, StepCacheConfig, list_presets
 from .calibration import Calibration, calibrate
+from .compiled_options import compiled_in_place, compiled_options
 from .report import RejectedRow, Report, SiteRow
 from .runtime import sessions_of
 from .schedule import refresh_steps
@@ -221,7 +222,6 @@ def _inspect_config(model: Any, config: Any) -> tuple[ChipmunkConfig, str]:
     if sessions:  # what the compiled model runs (several sessions: regional blocks, frames of one model)
         return ChipmunkConfig.from_any(sessions[0].config), "the compiled model's"  # (a copy)
     from .backend import split_options
-    from .compiled_options import compiled_options
 
     options = compiled_options(model)
     if options is not None:
@@ -266,7 +266,7 @@ def inspect(model: Any, *args, config: Any = None, **kwargs) -> Report:
         return gm.forward
 
     target = getattr(model, "_orig_mod", model)
-    if getattr(target, "_compiled_call_impl", None) is not None:
+    if compiled_in_place(target):
         # compiled in place (`module.compile(...)`): its __call__ would run that compilation (a model
         # call: a step of its generation) and leave nothing to trace; trace what it compiled instead
         target = target._call_impl

@@ -43,6 +43,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .compiled_options import compiled_in_place
+
 log = logging.getLogger("chipmunk_compile")
 
 _OFF = {"enabled": False}
@@ -150,8 +152,7 @@ def _cost(compiled, dense_total: Optional[float]) -> tuple[float, float, int, in
 def _set_aside_in_place_compilations(model: torch.nn.Module) -> list:
     """Makes `model` and its submodules run their own forwards, not what `module.compile()` made of
     them; returns what `_put_back` restores."""
-    held = [(m, m._compiled_call_impl) for m in model.modules()
-            if getattr(m, "_compiled_call_impl", None) is not None]
+    held = [(m, m._compiled_call_impl) for m in model.modules() if compiled_in_place(m)]
     for m, _ in held:
         m._compiled_call_impl = None
     return held

@@ -22,6 +22,12 @@ _LINKS = ("callback", "_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
 _MAX_OBJECTS = 64  # a compile wrapper chain is 3-6 objects deep; the bound keeps a foreign chain cheap
 
 
+def compiled_in_place(module: Any) -> bool:
+    """Whether `module.compile(...)` compiled `module` in place: its `__call__` then runs that
+    compilation (torch keeps it in `_compiled_call_impl`), not `module._call_impl`."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def _is_chipmunk_backend(fn: Any) -> bool:
     from .backend import chipmunk_backend
 

@@ -54,6 +54,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .compiled_options import compiled_in_place
 from .pipeline_loop import PipelineLoop, pipeline_scheduler, scheduled_total
 from .schedule import never_sparse, step_scale
 
@@ -1037,7 +1038,7 @@ def module_position(kind: Optional[type]) -> tuple[Optional[int], Optional[torch
         return None, inner, inner
     mods = list(root.modules())  # (for a frame of no module, inner is None: only its block is placed)
     kinds = _SITE_FRAME_KINDS.get(root, ())
-    for peers, me in (([m for m in mods if getattr(m, "_compiled_call_impl", None) is not None], inner),
+    for peers, me in (([m for m in mods if compiled_in_place(m)], inner),
                       (_outermost([m for m in mods if type(m) in kinds]), block),
                       ([m for m in mods if type(m) is type(inner)], inner)):
         if any(m is me for m in peers):
