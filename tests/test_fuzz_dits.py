@@ -2,7 +2,7 @@
 video DiTs assembled from the spellings real code uses are matched in full, grouped on their latent grid
 where they show it, and reproduce eager exactly, across
 switches of resolution and batch (and, with every key kept, of grid at one token count) that land on
-sparse steps, under whole-model (wrapped or in place), dynamic and per-block compilation, in float32, bfloat16 and under
+sparse steps, under whole-model (wrapped or in place), dynamic and per-block compilation, in float32, bfloat16, float16 and under
 autocast, with guidance batched or as two calls: with every key and neuron kept, and with a quarter
 kept and each size's inputs repeated (what shows a cache read in the wrong place). Found with it
 (session 69): explicit attention that masks its scores with `masked_fill`, and softmax written out
@@ -45,6 +45,7 @@ def test_covering_seeds_take_every_value():
     assert {("text", repr(t)) for t in fuzz_dits.AXES["text"]} <= seen
     assert {("text_queries", repr(t)) for t in fuzz_dits.AXES["text_queries"]} <= seen
     assert {("frames", repr(t)) for t in (1, 3, 5)} <= seen  # an image, a video of 3 and of 5 latent frames
+    assert {("dtype", repr(d)) for d in ("float32", "bfloat16", "float16")} <= seen
     seen_modes = {(fuzz_dits.spec_for(s).compile, fuzz_dits.spec_for(s).compile_call) for s in fuzz_dits.covering_seeds()}
     assert ("whole", "in_place") in seen_modes or ("dynamic", "in_place") in seen_modes  # model.compile(...)
 
