@@ -12,7 +12,7 @@ a second stream's tokens as queries too or as keys and values only),
 text padding, q/k/v projection and head layout,
 attention spelling, grouped-query heads, q/k norm, rotary, feed-forward, parallel block, modulation,
 norm, depth, batch, grid, heads, compilation mode (and the whole model's through a wrapper or in place),
-dtype (float32, bfloat16 or float16), autocast, guidance as a batch or two calls)
+dtype (float32, bfloat16 or float16), autocast, guidance as a batch or two or three calls)
 and builds a small model from them, so the
 combinations nobody wrote by hand get matched too.
 
@@ -82,9 +82,9 @@ AXES = {
     "heads": [(2, 16), (4, 8)],  # (heads, head dim)
     "compile": ["whole", "dynamic", "regional"],  # torch.compile(model), dynamic=True, each block's .compile()
     "dtype": ["float32", "float32", "bfloat16"],
-    # classifier-free guidance as a batch of the pipeline's, or two calls per step (the prompt's, then
-    # zeros for the text), steps then read from the timestep (drifting run, whole-model compiles) or
-    # set with set_step
+    # classifier-free guidance as a batch of the pipeline's, or calls per step (the prompt's, then
+    # zeros for the text; `guidance_calls` says two or three), steps then read from the timestep
+    # (drifting run, whole-model compiles) or set with set_step
     "cfg": ["batched", "two_calls"],
     "autocast": [False, False, True],  # float32 weights called under torch.autocast(bfloat16)
     # mmdit's text tokens as queries too (a stream updated by each block), or only as keys and values
@@ -105,8 +105,11 @@ AXES = {
     # a 16-bit seed's dtype: bfloat16, or float16 (fp16 checkpoints: SD3, PixArt, Sana); drawn last
     # too (session 73), and `dtype` takes it where it drew bfloat16 (autocast stays bfloat16)
     "half_dtype": ["bfloat16", "float16"],
+    # guidance as calls: two a step (the prompt's, the unconditional), or three (a second condition
+    # between them, as image-conditioned editing pipelines run); drawn last too (session 73)
+    "guidance_calls": [2, 3],
 }
-LATE_AXES = ("compile_call", "video_frames", "half_dtype")  # drawn after the sequence-first grid
+LATE_AXES = ("compile_call", "video_frames", "half_dtype", "guidance_calls")  # drawn after the sequence-first grid
 SEQ_FIRST_GRIDS = [(16, 16), (18, 15), (16, 20)]
 CH, PATCH, TEXT, TEXT_DIM, REGISTERS = 4, 2, 5, 12, 4
 TOL = {"float32": 2e-4, "bfloat16": 3e-2, "float16": 5e-3}  # 16 bits: eager and the op round at different places
@@ -161,6 +164,7 @@ class Spec:
     compile_call: str
     video_frames: int
     half_dtype: str
+    guidance_calls: int
 
     @property
     def dim(self) -> int:
@@ -195,6 +199,8 @@ def spec_for(seed: int) -> Spec:
         pick["dtype"] = pick["half_dtype"]
     else:
         pick["half_dtype"] = ""  # float32 weights
+    if pick["cfg"] != "two_calls":
+        pick["guidance_calls"] = 1  # guidance batched, or none
     return Spec(seed=seed, **pick)
 
 
@@ -604,14 +610,18 @@ def _calls(kw: dict, n: int) -> list[dict]:
 
 
 def _branches(spec: Spec, calls: list[dict]) -> list[tuple[dict, int, str | None]]:
-    """(inputs, step, branch) per call: each of `calls` a step; under two-call guidance two calls, the
-    prompt's and one with zeros for the text (the unconditional branch)."""
+    """(inputs, step, branch) per call: each of `calls` a step; under guidance as calls two or three
+    calls a step: the prompt's, then (of three) the prompt at half strength (a second condition), then
+    one with zeros for the text (the unconditional branch)."""
     if spec.cfg != "two_calls":
         return [(c, i, None) for i, c in enumerate(calls)]
     out = []
     for i, c in enumerate(calls):
+        text = c["encoder_hidden_states"]
         out.append((c, i, "cond"))
-        out.append(({**c, "encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"])}, i, "uncond"))
+        if spec.guidance_calls == 3:
+            out.append(({**c, "encoder_hidden_states": 0.5 * text}, i, "cond_2"))
+        out.append(({**c, "encoder_hidden_states": torch.zeros_like(text)}, i, "uncond"))
     return out
 
 

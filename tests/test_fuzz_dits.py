@@ -3,7 +3,7 @@ video DiTs assembled from the spellings real code uses are matched in full, grou
 where they show it, and reproduce eager exactly, across
 switches of resolution and batch (and, with every key kept, of grid at one token count) that land on
 sparse steps, under whole-model (wrapped or in place), dynamic and per-block compilation, in float32, bfloat16, float16 and under
-autocast, with guidance batched or as two calls: with every key and neuron kept, and with a quarter
+autocast, with guidance batched or as two or three calls a step: with every key and neuron kept, and with a quarter
 kept and each size's inputs repeated (what shows a cache read in the wrong place). Found with it
 (session 69): explicit attention that masks its scores with `masked_fill`, and softmax written out
 as exp / sum, were never matched; (session 70, its cross-attention axis run with a context as long
@@ -46,6 +46,7 @@ def test_covering_seeds_take_every_value():
     assert {("text_queries", repr(t)) for t in fuzz_dits.AXES["text_queries"]} <= seen
     assert {("frames", repr(t)) for t in (1, 3, 5)} <= seen  # an image, a video of 3 and of 5 latent frames
     assert {("dtype", repr(d)) for d in ("float32", "bfloat16", "float16")} <= seen
+    assert {("guidance_calls", repr(n)) for n in (2, 3)} <= seen  # guidance as two and as three calls a step
     seen_modes = {(fuzz_dits.spec_for(s).compile, fuzz_dits.spec_for(s).compile_call) for s in fuzz_dits.covering_seeds()}
     assert ("whole", "in_place") in seen_modes or ("dynamic", "in_place") in seen_modes  # model.compile(...)
 
@@ -110,3 +111,19 @@ def test_frozen_inputs_catch_a_misplaced_cache(fresh_dynamo, monkeypatch):
     row = fuzz_dits.check(fuzz_dits.spec_for(FP32_SEED))
     assert row["status"] == "mismatch" and row["note"].startswith("frozen inputs: error"), row
     assert float(row["max_err"]) < 1e-5, row  # the full-key run saw nothing
+
+
+def test_frozen_inputs_catch_a_guidance_branch_sharing_another_s_caches(fresh_dynamo, monkeypatch):
+    """The branch checks have teeth: where three guidance calls a step run as two branches (the
+    second condition's call pinned to the prompt's branch), the frozen-input run sees the prompt's
+    sparse steps read the second condition's caches (float32; 16-bit tolerances are too loose to)."""
+    seed = next(s for s in range(100) if (sp := fuzz_dits.spec_for(s)).guidance_calls == 3
+                and sp.compile == "regional" and sp.dtype == "float32" and not sp.autocast)
+    branches = fuzz_dits._branches
+
+    def shared(spec, calls):
+        return [(c, step, "cond" if b == "cond_2" else b) for c, step, b in branches(spec, calls)]
+
+    monkeypatch.setattr(fuzz_dits, "_branches", shared)
+    row = fuzz_dits.check(fuzz_dits.spec_for(seed))
+    assert row["status"] == "mismatch" and row["note"].startswith("frozen inputs: error"), row
