@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from chipmunk_compile.compiled_options import compiled_in_place
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_e2e as be  # noqa: E402
 from helpers import fresh_dynamo  # noqa: E402,F401
@@ -386,7 +388,7 @@ def test_regional_variants_compile_the_blocks_and_undo_it():
                                    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
     def compiled_blocks():
-        return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+        return sum(compiled_in_place(m) for m in model.modules())
 
     for variant in (be.BASELINE, be.CHIPMUNK):
         assert be.compile_variant(variant, model, "flux", regional=True) is model
